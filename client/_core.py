@@ -1,0 +1,329 @@
+"""The client's protocol logic, shared by `KVClient` and `AsyncKVClient`.
+
+Each operation is a generator (`Op`) that yields the gRPC calls it needs as `Call` objects
+and receives their results; it never does I/O itself. The sync client drives it with
+blocking stubs, the async client with `grpc.aio` stubs, so request building, streaming in
+pieces, checksums and tensor reassembly exist once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from kvstore.codecs.container import checksum
+from kvstore.dtypes import BY_NAME, expected_nbytes
+from kvstore.errors import DataLoss, InvalidArgument
+from kvstore.keys import chunk_keys
+from kvstore.v1 import kvstore_pb2 as pb
+
+PIECE_BYTES = 4 << 20
+MAX_MESSAGE_BYTES = PIECE_BYTES + (1 << 20)
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+
+T = TypeVar("T")
+
+
+@dataclass
+class Call:
+    """One RPC an operation needs: unary or client-streaming unless `sink` is set."""
+
+    method: str
+    request: Any
+    sink: Callable[[Any], None] | None = None
+
+
+Op = Generator[Call, Any, T]
+
+
+def target_of(address: str) -> str:
+    """gRPC target for `unix:///path`, `unix:path`, a bare `/path`, or `host:port`."""
+    if address.startswith("unix:"):
+        return address
+    if address.startswith(("/", "./", "../")):
+        return "unix:" + address
+    return address
+
+
+@dataclass
+class TierStats:
+    name: str
+    entries: int
+    used_bytes: int
+    capacity_bytes: int
+    hits: int
+    misses: int
+    evictions: int
+    promotions: int
+    demotions: int
+
+
+@dataclass
+class ServerStats:
+    version: str
+    chunk_tokens: int
+    max_value_bytes: int
+    max_keys_per_request: int
+    entries: int
+    pinned: int
+    leases: int
+    uptime_seconds: float
+    host_arena_path: str
+    tiers: dict[str, TierStats] = field(default_factory=dict)
+
+    @classmethod
+    def from_proto(cls, m: pb.StatsResponse) -> ServerStats:
+        tiers = {
+            t.name: TierStats(
+                t.name,
+                t.entries,
+                t.used_bytes,
+                t.capacity_bytes,
+                t.hits,
+                t.misses,
+                t.evictions,
+                t.promotions,
+                t.demotions,
+            )
+            for t in m.tiers
+        }
+        return cls(
+            m.version,
+            m.chunk_tokens,
+            m.max_value_bytes,
+            m.max_keys_per_request,
+            m.entries,
+            m.pinned,
+            m.leases,
+            m.uptime_seconds,
+            m.host_arena_path,
+            tiers,
+        )
+
+
+@dataclass
+class _Outgoing:
+    key: bytes
+    dtype: str
+    shape: tuple[int, ...]
+    data: memoryview
+    checksum: int
+    keepalive: Any  # the tensor whose memory `data` views
+
+
+def _outgoing(key: bytes, tensor: torch.Tensor) -> _Outgoing:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(tensor).__name__}")
+    if not isinstance(key, bytes | bytearray | memoryview):
+        raise TypeError(f"keys are bytes, got {type(key).__name__}")
+    name = str(tensor.dtype).removeprefix("torch.")
+    if name not in BY_NAME:
+        raise InvalidArgument(
+            f"dtype {name} cannot be stored; use one of {', '.join(sorted(BY_NAME))}"
+        )
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.to("cpu")
+    t = t.contiguous()
+    flat = t.reshape(-1).view(torch.uint8)
+    data = memoryview(flat.numpy()) if flat.numel() else memoryview(b"")
+    return _Outgoing(bytes(key), name, tuple(t.shape), data, checksum(data), flat)
+
+
+def _put_pieces(namespace: str, values: Sequence[_Outgoing]) -> Iterator[pb.PutPiece]:
+    for i, v in enumerate(values):
+        n = len(v.data)
+        first = min(n, PIECE_BYTES)
+        yield pb.PutPiece(
+            namespace=namespace if i == 0 else "",
+            header=pb.ValueHeader(
+                key=v.key, dtype=v.dtype, shape=v.shape, nbytes=n, checksum=v.checksum
+            ),
+            data=v.data[:first].tobytes(),
+        )
+        for off in range(first, n, PIECE_BYTES):
+            yield pb.PutPiece(data=v.data[off : off + PIECE_BYTES].tobytes())
+
+
+class _Assembler:
+    """Collects a `BatchGet` stream into tensors, verifying sizes and checksums."""
+
+    def __init__(self, count: int) -> None:
+        self.values: list[torch.Tensor | None] = [None] * count
+        self.tiers: list[str | None] = [None] * count
+        self._index = -1
+        self._buf: np.ndarray | None = None
+        self._filled = 0
+        self._header: pb.ValueHeader | None = None
+
+    def __call__(self, piece: pb.GetPiece) -> None:
+        if piece.index != self._index:
+            self._finish()
+            if not 0 <= piece.index < len(self.values):
+                raise DataLoss(f"server sent a value for key #{piece.index} it was not asked for")
+            self._index = piece.index
+            if not piece.found:
+                return
+            h = piece.header
+            want = expected_nbytes(h.dtype, h.shape)
+            if want != h.nbytes:
+                raise DataLoss(f"server header for key #{piece.index} is inconsistent")
+            self._header = h
+            self._buf = np.empty(h.nbytes, dtype=np.uint8)
+            self._filled = 0
+            self.tiers[piece.index] = piece.tier
+        if self._buf is None:
+            raise DataLoss(f"server sent data for missing key #{piece.index}")
+        n = len(piece.data)
+        if self._filled + n > len(self._buf):
+            raise DataLoss(f"server sent too many bytes for key #{piece.index}")
+        self._buf[self._filled : self._filled + n] = np.frombuffer(piece.data, dtype=np.uint8)
+        self._filled += n
+
+    def _finish(self) -> None:
+        if self._buf is None or self._header is None:
+            return
+        h, buf = self._header, self._buf
+        self._buf, self._header = None, None
+        if self._filled != len(buf):
+            raise DataLoss(f"value for key #{self._index} ended after {self._filled} bytes")
+        if checksum(buf) != h.checksum:
+            raise DataLoss(f"value for key #{self._index} failed its checksum in transit")
+        dtype = getattr(torch, h.dtype)
+        shape = tuple(h.shape)
+        self.values[self._index] = (
+            torch.from_numpy(buf).view(dtype).reshape(shape)
+            if len(buf)
+            else torch.empty(shape, dtype=dtype)
+        )
+
+    def result(self) -> list[torch.Tensor | None]:
+        self._finish()
+        return self.values
+
+
+def _keys(keys: Sequence[bytes]) -> list[bytes]:
+    out = []
+    for k in keys:
+        if not isinstance(k, bytes | bytearray | memoryview):
+            raise TypeError(f"keys are bytes, got {type(k).__name__}")
+        out.append(bytes(k))
+    return out
+
+
+class ClientCore:
+    """Builds every operation of the client for one namespace."""
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self.chunk_tokens: int | None = None
+
+    def _req(self, keys: Sequence[bytes]) -> pb.KeysRequest:
+        return pb.KeysRequest(namespace=self.namespace, keys=_keys(keys))
+
+    def put(self, key: bytes, tensor: torch.Tensor) -> Op[str]:
+        values = [_outgoing(key, tensor)]
+        resp = yield Call("Put", _put_pieces(self.namespace, values))
+        return str(resp.tiers[0])
+
+    def batch_put(self, keys: Sequence[bytes], tensors: Sequence[torch.Tensor]) -> Op[list[str]]:
+        if len(keys) != len(tensors):
+            raise ValueError(f"{len(keys)} keys but {len(tensors)} tensors")
+        if not keys:
+            return []
+        values = [_outgoing(k, t) for k, t in zip(keys, tensors, strict=True)]
+        resp = yield Call("BatchPut", _put_pieces(self.namespace, values))
+        return list(resp.tiers)
+
+    def get(self, key: bytes) -> Op[torch.Tensor | None]:
+        sink = _Assembler(1)
+        yield Call("Get", pb.GetRequest(namespace=self.namespace, key=_keys([key])[0]), sink)
+        return sink.result()[0]
+
+    def batch_get(self, keys: Sequence[bytes]) -> Op[list[torch.Tensor | None]]:
+        if not keys:
+            return []
+        sink = _Assembler(len(keys))
+        yield Call("BatchGet", self._req(keys), sink)
+        return sink.result()
+
+    def lookup(self, keys: Sequence[bytes]) -> Op[int]:
+        resp = yield Call("Lookup", self._req(keys))
+        return int(resp.length)
+
+    def exists(self, keys: Sequence[bytes]) -> Op[list[bool]]:
+        resp = yield Call("Exists", self._req(keys))
+        return list(resp.present)
+
+    def delete(self, keys: Sequence[bytes]) -> Op[int]:
+        resp = yield Call("Delete", self._req(keys))
+        return int(resp.count)
+
+    def pin(self, keys: Sequence[bytes]) -> Op[int]:
+        resp = yield Call("Pin", self._req(keys))
+        return int(resp.count)
+
+    def unpin(self, keys: Sequence[bytes]) -> Op[int]:
+        resp = yield Call("Unpin", self._req(keys))
+        return int(resp.count)
+
+    def stats(self) -> Op[ServerStats]:
+        resp = yield Call("Stats", pb.StatsRequest())
+        stats = ServerStats.from_proto(resp)
+        self.chunk_tokens = stats.chunk_tokens
+        return stats
+
+    def list(self, namespace: str | None, limit: int) -> Op[list[pb.ListResponse]]:
+        out: list[pb.ListResponse] = []
+        yield Call("List", pb.ListRequest(namespace=namespace or "", limit=limit), out.append)
+        return out
+
+    def _chunking(self) -> Op[int]:
+        if self.chunk_tokens is None:
+            yield from self.stats()
+        assert self.chunk_tokens is not None
+        return self.chunk_tokens
+
+    def prefix_keys(self, token_ids: Sequence[int] | np.ndarray) -> Op[list[bytes]]:
+        ct = yield from self._chunking()
+        return chunk_keys(token_ids, ct, self.namespace, include_partial=True)
+
+    def put_prefix(self, token_ids: Sequence[int] | np.ndarray, kv: torch.Tensor) -> Op[int]:
+        """Store `kv` ([layers, 2, tokens, heads, head_dim]) chunk by chunk; returns chunks."""
+        n_tokens = len(token_ids)
+        if not isinstance(kv, torch.Tensor) or kv.dim() != 5 or kv.shape[1] != 2:
+            shape = tuple(kv.shape) if isinstance(kv, torch.Tensor) else type(kv).__name__
+            raise InvalidArgument(
+                f"kv must be a [layers, 2, tokens, kv_heads, head_dim] tensor, got {shape}"
+            )
+        if kv.shape[2] != n_tokens:
+            raise InvalidArgument(f"kv holds {kv.shape[2]} tokens but {n_tokens} token ids given")
+        keys = yield from self.prefix_keys(token_ids)
+        ct = self.chunk_tokens
+        assert ct is not None
+        chunks = [kv[:, :, i * ct : (i + 1) * ct] for i in range(len(keys))]
+        yield from self.batch_put(keys, chunks)
+        return len(keys)
+
+    def get_prefix(self, token_ids: Sequence[int] | np.ndarray) -> Op[torch.Tensor | None]:
+        """KV of the longest stored prefix of `token_ids`, or None when nothing matches."""
+        keys = yield from self.prefix_keys(token_ids)
+        n = yield from self.lookup(keys)
+        if n == 0:
+            return None
+        values = yield from self.batch_get(keys[:n])
+        present: list[torch.Tensor] = []
+        for v in values:  # a chunk evicted between lookup and get ends the prefix
+            if v is None:
+                break
+            present.append(v)
+        if not present:
+            return None
+        return torch.cat(present, dim=2) if len(present) > 1 else present[0]

@@ -1,0 +1,107 @@
+"""`AsyncKVClient`: the asyncio client. It drives `ClientCore` operations with `grpc.aio`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+import torch
+
+from kvstore.client._core import CHANNEL_OPTIONS, Call, ClientCore, Op, ServerStats, target_of
+from kvstore.errors import error_for_status
+from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+
+
+class AsyncKVClient:
+    """asyncio client for one namespace; the same methods as `KVClient`, awaitable."""
+
+    def __init__(self, address: str, namespace: str, *, timeout: float | None = 60.0) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._core = ClientCore(namespace)
+        self._channel = grpc.aio.insecure_channel(target_of(address), options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.KVStoreStub(self._channel)
+
+    @property
+    def namespace(self) -> str:
+        return self._core.namespace
+
+    async def _run(self, op: Op[T]) -> T:
+        try:
+            call = next(op)
+            while True:
+                call = op.send(await self._invoke(call))
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+    async def _invoke(self, call: Call) -> Any:
+        method = getattr(self._stub, call.method)
+        try:
+            if call.sink is None:
+                return await method(call.request, timeout=self.timeout)
+            stream = method(call.request, timeout=self.timeout)
+            try:
+                async for message in stream:
+                    call.sink(message)
+            except BaseException:
+                stream.cancel()
+                raise
+            return None
+        except grpc.RpcError as exc:
+            raise error_for_status(exc.code(), exc.details() or "") from None
+
+    async def put(self, key: bytes, tensor: torch.Tensor) -> str:
+        return await self._run(self._core.put(key, tensor))
+
+    async def get(self, key: bytes) -> torch.Tensor | None:
+        return await self._run(self._core.get(key))
+
+    async def batch_put(self, keys: Sequence[bytes], tensors: Sequence[torch.Tensor]) -> list[str]:
+        return await self._run(self._core.batch_put(keys, tensors))
+
+    async def batch_get(self, keys: Sequence[bytes]) -> list[torch.Tensor | None]:
+        return await self._run(self._core.batch_get(keys))
+
+    async def lookup(self, keys: Sequence[bytes]) -> int:
+        return await self._run(self._core.lookup(keys))
+
+    async def exists(self, keys: Sequence[bytes]) -> list[bool]:
+        return await self._run(self._core.exists(keys))
+
+    async def delete(self, keys: Sequence[bytes]) -> int:
+        return await self._run(self._core.delete(keys))
+
+    async def pin(self, keys: Sequence[bytes]) -> int:
+        return await self._run(self._core.pin(keys))
+
+    async def unpin(self, keys: Sequence[bytes]) -> int:
+        return await self._run(self._core.unpin(keys))
+
+    async def stats(self) -> ServerStats:
+        return await self._run(self._core.stats())
+
+    async def list(self, namespace: str | None = None, limit: int = 0) -> list[pb.ListResponse]:
+        return await self._run(self._core.list(namespace, limit))
+
+    async def prefix_keys(self, token_ids: Sequence[int] | np.ndarray) -> list[bytes]:
+        return await self._run(self._core.prefix_keys(token_ids))
+
+    async def put_prefix(self, token_ids: Sequence[int] | np.ndarray, kv: torch.Tensor) -> int:
+        return await self._run(self._core.put_prefix(token_ids, kv))
+
+    async def get_prefix(self, token_ids: Sequence[int] | np.ndarray) -> torch.Tensor | None:
+        return await self._run(self._core.get_prefix(token_ids))
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncKVClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

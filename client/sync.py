@@ -1,0 +1,117 @@
+"""`KVClient`: the blocking client. It drives `ClientCore` operations with blocking stubs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+import torch
+
+from kvstore.client._core import CHANNEL_OPTIONS, Call, ClientCore, Op, ServerStats, target_of
+from kvstore.errors import error_for_status
+from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+
+
+class KVClient:
+    """Blocking client for one namespace of a kvstore server.
+
+    `address` is `unix:///path/to/kvstore.sock` (same host) or `host:port`; `namespace`
+    names the model and layout the values belong to and salts the prefix keys.
+    """
+
+    def __init__(self, address: str, namespace: str, *, timeout: float | None = 60.0) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._core = ClientCore(namespace)
+        self._channel = grpc.insecure_channel(target_of(address), options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.KVStoreStub(self._channel)
+
+    @property
+    def namespace(self) -> str:
+        return self._core.namespace
+
+    def _run(self, op: Op[T]) -> T:
+        try:
+            call = next(op)
+            while True:
+                call = op.send(self._invoke(call))
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+    def _invoke(self, call: Call) -> Any:
+        method = getattr(self._stub, call.method)
+        try:
+            if call.sink is None:
+                return method(call.request, timeout=self.timeout)
+            stream = method(call.request, timeout=self.timeout)
+            try:
+                for message in stream:
+                    call.sink(message)
+            except BaseException:
+                stream.cancel()
+                raise
+            return None
+        except grpc.RpcError as exc:
+            raise error_for_status(exc.code(), exc.details()) from None
+
+    def put(self, key: bytes, tensor: torch.Tensor) -> str:
+        """Store `tensor` under `key`; returns the tier it landed in."""
+        return self._run(self._core.put(key, tensor))
+
+    def get(self, key: bytes) -> torch.Tensor | None:
+        """The tensor stored under `key`, or None."""
+        return self._run(self._core.get(key))
+
+    def batch_put(self, keys: Sequence[bytes], tensors: Sequence[torch.Tensor]) -> list[str]:
+        return self._run(self._core.batch_put(keys, tensors))
+
+    def batch_get(self, keys: Sequence[bytes]) -> list[torch.Tensor | None]:
+        return self._run(self._core.batch_get(keys))
+
+    def lookup(self, keys: Sequence[bytes]) -> int:
+        """How many leading keys are stored: the longest cached prefix, in chunks."""
+        return self._run(self._core.lookup(keys))
+
+    def exists(self, keys: Sequence[bytes]) -> list[bool]:
+        return self._run(self._core.exists(keys))
+
+    def delete(self, keys: Sequence[bytes]) -> int:
+        return self._run(self._core.delete(keys))
+
+    def pin(self, keys: Sequence[bytes]) -> int:
+        return self._run(self._core.pin(keys))
+
+    def unpin(self, keys: Sequence[bytes]) -> int:
+        return self._run(self._core.unpin(keys))
+
+    def stats(self) -> ServerStats:
+        return self._run(self._core.stats())
+
+    def list(self, namespace: str | None = None, limit: int = 0) -> list[pb.ListResponse]:
+        """Stored entries of `namespace` (all namespaces when None), at most `limit` if set."""
+        return self._run(self._core.list(namespace, limit))
+
+    def prefix_keys(self, token_ids: Sequence[int] | np.ndarray) -> list[bytes]:
+        return self._run(self._core.prefix_keys(token_ids))
+
+    def put_prefix(self, token_ids: Sequence[int] | np.ndarray, kv: torch.Tensor) -> int:
+        """Store the KV of `token_ids` chunk by chunk; returns the number of chunks."""
+        return self._run(self._core.put_prefix(token_ids, kv))
+
+    def get_prefix(self, token_ids: Sequence[int] | np.ndarray) -> torch.Tensor | None:
+        """KV of the longest stored prefix of `token_ids` (its token dim says how long)."""
+        return self._run(self._core.get_prefix(token_ids))
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> KVClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

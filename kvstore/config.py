@@ -1,0 +1,239 @@
+"""Server configuration: one typed, validated dataclass.
+
+`ServerConfig.load()` merges, from highest precedence to lowest: command-line flags, a TOML
+file (`--config`), `KVSTORE_*` environment variables, then the defaults below. Sizes are
+parsed strictly (`"64GiB"`, `"512MB"`, `"1048576"`); anything else is a clear error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+KNOWN_TIERS = ("gpu", "cpu", "ssd")
+MAX_PIECE_BYTES = 4 << 20
+# sun_path is 108 bytes on Linux, including the terminating NUL.
+_MAX_SOCKET_PATH = 107
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+class ConfigError(ValueError):
+    """A setting is missing, malformed or out of range; the message says which and why."""
+
+
+def parse_size(value: str | int, what: str = "size") -> int:
+    """Bytes from `"64GiB"`, `"1.5 GB"`, `"4096"` or an int; rejects anything vaguer."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what}: expected a size like 64GiB, got {value!r}")
+    if isinstance(value, int):
+        n = value
+    else:
+        m = _SIZE_RE.match(str(value))
+        unit = m.group(2).lower() if m else ""
+        if not m or unit not in _UNITS:
+            raise ConfigError(
+                f"{what}: cannot read {value!r} as a size; write e.g. 512MiB, 64GiB, 2TB or "
+                "a plain number of bytes"
+            )
+        n = int(float(m.group(1)) * _UNITS[unit])
+    if n < 0:
+        raise ConfigError(f"{what}: must not be negative, got {value!r}")
+    return n
+
+
+def format_size(n: float) -> str:
+    """Readable binary size: 1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class ServerConfig:
+    """Everything `kvstore-server` needs to start."""
+
+    tiers: tuple[str, ...] = ("cpu", "ssd")
+    """Tiers to run, fastest first; any of gpu, cpu, ssd."""
+    data_dir: Path = Path("kvstore-data")
+    """Directory for the ssd tier's LMDB environment and, by default, the socket."""
+    socket: Path | None = None
+    """Unix socket to listen on (mode 0600); default `<data_dir>/kvstore.sock`."""
+    listen: str | None = None
+    """Optional TCP address HOST:PORT to listen on as well as the socket."""
+    cpu_bytes: int = 1 << 30
+    """Size of the shared-memory host arena (cpu tier)."""
+    ssd_bytes: int = 16 << 30
+    """Bytes of values the ssd tier may hold."""
+    chunk_tokens: int = 256
+    """Tokens per chunk for prefix keys; clients read it from the server."""
+    max_value_bytes: int = 256 << 20
+    """Largest single value a put may carry."""
+    max_keys_per_request: int = 16384
+    """Most keys one Lookup, Exists, Delete, Pin or BatchGet may name."""
+    staging_bytes: int = 1 << 30
+    """Bound on buffers for values in flight that do not pass through the cpu arena."""
+    grace_seconds: float = 10.0
+    """On SIGTERM/SIGINT, how long in-flight calls may take to finish."""
+    log_level: str = "info"
+    """One of debug, info, warning, error."""
+    _sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tiers, str):
+            self.tiers = tuple(t for t in self.tiers.split(",") if t.strip())
+        tiers = tuple(t.strip().lower() for t in self.tiers)
+        unknown = [t for t in tiers if t not in KNOWN_TIERS]
+        if unknown:
+            raise ConfigError(
+                f"tiers: unknown tier {unknown[0]!r}; choose from {', '.join(KNOWN_TIERS)}"
+            )
+        if not tiers:
+            raise ConfigError("tiers: name at least one tier, e.g. cpu,ssd")
+        if len(set(tiers)) != len(tiers):
+            raise ConfigError(f"tiers: {','.join(tiers)} names a tier twice")
+        # The hierarchy is fixed (gpu above cpu above ssd); order in the flag does not matter.
+        self.tiers = tuple(t for t in KNOWN_TIERS if t in tiers)
+
+        self.data_dir = Path(self.data_dir).expanduser()
+        self.socket = Path(self.socket).expanduser() if self.socket else None
+        for name in ("cpu_bytes", "ssd_bytes", "max_value_bytes", "staging_bytes"):
+            setattr(self, name, parse_size(getattr(self, name), name.replace("_", "-")))
+        if "cpu" in self.tiers and self.cpu_bytes < (1 << 20):
+            raise ConfigError(f"cpu-bytes: at least 1MiB, got {self.cpu_bytes}")
+        if "ssd" in self.tiers and self.ssd_bytes < (1 << 20):
+            raise ConfigError(f"ssd-bytes: at least 1MiB, got {self.ssd_bytes}")
+        if self.max_value_bytes < 1:
+            raise ConfigError("max-value-bytes: must be at least 1 byte")
+        if self.staging_bytes < self.max_value_bytes:
+            raise ConfigError(
+                f"staging-bytes ({self.staging_bytes}) must be at least max-value-bytes "
+                f"({self.max_value_bytes}), or a large value could never be received"
+            )
+        self.chunk_tokens = _as_int(self.chunk_tokens, "chunk-tokens", 1, 1 << 20)
+        self.max_keys_per_request = _as_int(
+            self.max_keys_per_request, "max-keys-per-request", 1, 1 << 22
+        )
+        try:
+            self.grace_seconds = float(self.grace_seconds)
+        except (TypeError, ValueError):
+            raise ConfigError(f"grace-seconds: not a number: {self.grace_seconds!r}") from None
+        if self.grace_seconds < 0:
+            raise ConfigError("grace-seconds: must not be negative")
+        self.log_level = str(self.log_level).lower()
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ConfigError(f"log-level: {self.log_level!r} is not debug/info/warning/error")
+        if self.listen is not None:
+            host, sep, port = self.listen.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+                raise ConfigError(f"listen: expected HOST:PORT, got {self.listen!r}")
+        if len(os.fsencode(str(self.socket_path))) > _MAX_SOCKET_PATH:
+            raise ConfigError(
+                f"socket: path {self.socket_path} is longer than {_MAX_SOCKET_PATH} bytes, "
+                "the Unix limit; pass a shorter --socket"
+            )
+
+    @property
+    def socket_path(self) -> Path:
+        return self.socket if self.socket is not None else self.data_dir / "kvstore.sock"
+
+    @property
+    def ssd_path(self) -> Path:
+        return self.data_dir / "ssd"
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")]
+
+    @classmethod
+    def load(
+        cls,
+        flags: Mapping[str, Any] | None = None,
+        config_file: Path | str | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> ServerConfig:
+        """Merge flags > file > KVSTORE_* environment > defaults into one validated config."""
+        names = cls.field_names()
+        merged: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        env = os.environ if environ is None else environ
+        for name in names:
+            value = env.get("KVSTORE_" + name.upper())
+            if value is not None and value != "":
+                merged[name], sources[name] = value, "environment"
+        if config_file is None:
+            config_file = env.get("KVSTORE_CONFIG") or None
+        if config_file is not None:
+            for name, value in _read_toml(Path(config_file), names).items():
+                merged[name], sources[name] = value, f"file {config_file}"
+        for name, value in (flags or {}).items():
+            if value is not None and name in names:
+                merged[name], sources[name] = value, "flag"
+        try:
+            cfg = cls(**merged)
+        except ConfigError as exc:
+            bad = str(exc).split(":", 1)[0].replace("-", "_")
+            where = sources.get(bad)
+            raise ConfigError(f"{exc} (from {where})" if where else str(exc)) from None
+        cfg._sources = sources
+        return cfg
+
+    def describe(self) -> dict[str, Any]:
+        """The effective settings, for --check-config and logs."""
+        out: dict[str, Any] = {}
+        for name in self.field_names():
+            value = getattr(self, name)
+            out[name] = ",".join(value) if isinstance(value, tuple) else value
+        out["socket"] = str(self.socket_path)
+        out["data_dir"] = str(self.data_dir)
+        return out
+
+
+def _as_int(value: Any, what: str, lo: int, hi: int) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what}: not an integer: {value!r}") from None
+    if not lo <= n <= hi:
+        raise ConfigError(f"{what}: must be between {lo} and {hi}, got {n}")
+    return n
+
+
+def _read_toml(path: Path, names: list[str]) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config: file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config: {path} is not valid TOML: {exc}") from None
+    table = raw.get("server", raw)
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if name not in names:
+            raise ConfigError(
+                f"config: {path} sets unknown setting {key!r}; known: {', '.join(names)}"
+            )
+        out[name] = tuple(value) if isinstance(value, list) else value
+    return out

@@ -1,0 +1,388 @@
+"""The gRPC daemon: `KVStoreServicer` over a `Store`, and `serve()` to run it.
+
+`serve(config)` runs a `grpc.aio` server on uvloop, listening on a Unix socket (mode 0600) and
+optionally on TCP, with the standard health and reflection services. SIGTERM or SIGINT stops
+it: health turns NOT_SERVING, new calls are refused, in-flight calls get `grace_seconds` to
+finish, the cpu tier's values are copied to ssd while time remains, LMDB is flushed, and the
+socket and the shared-memory arena are removed.
+
+Store calls that can block (eviction to ssd, LMDB reads, checksums of large values) run on
+worker threads so the event loop keeps streaming other calls' bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kvstore import __version__
+from kvstore.config import MAX_PIECE_BYTES, ServerConfig, format_size
+from kvstore.errors import InvalidArgument, KVStoreError
+from kvstore.store import PutReservation, Store, check_namespace
+from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+
+log = logging.getLogger("kvstore.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KVStore"].full_name
+# Room for one data piece plus its header and framing.
+MAX_MESSAGE_BYTES = MAX_PIECE_BYTES + (1 << 20)
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+SYNC_INTERVAL_S = 1.0
+
+T = TypeVar("T")
+
+
+async def _fail(context: grpc.aio.ServicerContext, exc: Exception) -> Any:
+    if isinstance(exc, KVStoreError):
+        await context.abort(exc.code, str(exc))
+    log.exception("internal error in %s", type(exc).__name__, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _unary(
+    fn: Callable[[KVStoreServicer, Any, grpc.aio.ServicerContext], Awaitable[T]],
+) -> Callable[[KVStoreServicer, Any, grpc.aio.ServicerContext], Awaitable[T]]:
+    """Turn store errors raised by a unary handler into gRPC statuses."""
+
+    async def wrapper(self: KVStoreServicer, request: Any, context: grpc.aio.ServicerContext) -> T:
+        try:
+            return await fn(self, request, context)
+        except Exception as exc:  # aborting raises too; _fail re-raises it
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            return await _fail(context, exc)  # type: ignore[no-any-return]
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+class KVStoreServicer(pb_grpc.KVStoreServicer):
+    """Implements `kvstore.v1.KVStore` over a `Store`."""
+
+    def __init__(self, store: Store, config: ServerConfig) -> None:
+        self.store = store
+        self.config = config
+        self.started = time.monotonic()
+
+    # --------------------------------------------------------------- puts
+
+    async def Put(self, request_iterator: AsyncIterator[pb.PutPiece], context: Any) -> Any:
+        return await self._put(request_iterator, context, max_values=1)
+
+    async def BatchPut(self, request_iterator: AsyncIterator[pb.PutPiece], context: Any) -> Any:
+        return await self._put(request_iterator, context, max_values=None)
+
+    async def _put(
+        self,
+        pieces: AsyncIterator[pb.PutPiece],
+        context: grpc.aio.ServicerContext,
+        max_values: int | None,
+    ) -> pb.PutResponse:
+        tiers: list[str] = []
+        res: PutReservation | None = None
+        namespace: str | None = None
+        try:
+            async for piece in pieces:
+                if namespace is None:
+                    namespace = piece.namespace
+                    check_namespace(namespace)
+                if piece.HasField("header"):
+                    if res is not None:
+                        tiers.append(await asyncio.to_thread(res.commit))
+                        res = None
+                    if max_values is not None and len(tiers) >= max_values:
+                        raise InvalidArgument("Put carries one value; use BatchPut for several")
+                    h = piece.header
+                    res = await asyncio.to_thread(
+                        self.store.begin_put,
+                        namespace,
+                        h.key,
+                        h.dtype,
+                        list(h.shape),
+                        h.nbytes,
+                        h.checksum,
+                    )
+                elif res is None:
+                    raise InvalidArgument(
+                        "the first piece of a value must carry its header"
+                        if not tiers
+                        else "data after a complete value without a new header"
+                    )
+                if piece.data:
+                    res.write(piece.data)
+            if res is not None:
+                tiers.append(await asyncio.to_thread(res.commit))
+                res = None
+            if not tiers:
+                raise InvalidArgument("put stream carried no value")
+            return pb.PutResponse(stored=len(tiers), tiers=tiers)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            return await _fail(context, exc)  # type: ignore[no-any-return]
+        finally:
+            # A stream that ended early, failed or was cancelled leaves nothing behind.
+            if res is not None:
+                res.abort()
+
+    # --------------------------------------------------------------- gets
+
+    async def Get(self, request: pb.GetRequest, context: Any) -> AsyncIterator[pb.GetPiece]:
+        async for piece in self._get(request.namespace, [request.key], context):
+            yield piece
+
+    async def BatchGet(self, request: pb.KeysRequest, context: Any) -> AsyncIterator[pb.GetPiece]:
+        try:
+            self.store.check_keys(request.namespace, request.keys)
+        except KVStoreError as exc:
+            await _fail(context, exc)
+        async for piece in self._get(request.namespace, request.keys, context):
+            yield piece
+
+    async def _get(
+        self, namespace: str, keys: Sequence[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GetPiece]:
+        for index, key in enumerate(keys):
+            try:
+                lease = await asyncio.to_thread(self.store.get, namespace, key)
+            except Exception as exc:
+                await _fail(context, exc)
+            if lease is None:
+                yield pb.GetPiece(index=index, found=False)
+                continue
+            try:
+                h, view = lease.header, lease.view
+                first = min(len(view), MAX_PIECE_BYTES)
+                yield pb.GetPiece(
+                    index=index,
+                    found=True,
+                    header=pb.ValueHeader(
+                        key=key,
+                        dtype=h.dtype,
+                        shape=h.shape,
+                        nbytes=h.payload_len,
+                        checksum=h.payload_checksum,
+                    ),
+                    tier=lease.tier,
+                    data=bytes(view[:first]),
+                )
+                for off in range(first, len(view), MAX_PIECE_BYTES):
+                    yield pb.GetPiece(index=index, data=bytes(view[off : off + MAX_PIECE_BYTES]))
+            finally:
+                lease.release()
+
+    # --------------------------------------------------------------- key queries
+
+    @_unary
+    async def Lookup(self, request: pb.KeysRequest, context: Any) -> pb.LookupResponse:
+        # Index reads take no worker thread: they are dict lookups, and the lowest latency
+        # call an engine makes on its critical path.
+        return pb.LookupResponse(length=self.store.lookup(request.namespace, request.keys))
+
+    @_unary
+    async def Exists(self, request: pb.KeysRequest, context: Any) -> pb.ExistsResponse:
+        return pb.ExistsResponse(present=self.store.exists(request.namespace, request.keys))
+
+    @_unary
+    async def Delete(self, request: pb.KeysRequest, context: Any) -> pb.CountResponse:
+        n = await asyncio.to_thread(self.store.delete, request.namespace, list(request.keys))
+        return pb.CountResponse(count=n)
+
+    @_unary
+    async def Pin(self, request: pb.KeysRequest, context: Any) -> pb.CountResponse:
+        n = await asyncio.to_thread(self.store.pin, request.namespace, list(request.keys), 1)
+        return pb.CountResponse(count=n)
+
+    @_unary
+    async def Unpin(self, request: pb.KeysRequest, context: Any) -> pb.CountResponse:
+        n = await asyncio.to_thread(self.store.pin, request.namespace, list(request.keys), -1)
+        return pb.CountResponse(count=n)
+
+    @_unary
+    async def Stats(self, request: pb.StatsRequest, context: Any) -> pb.StatsResponse:
+        s = await asyncio.to_thread(self.store.stats)
+        cfg = self.config
+        return pb.StatsResponse(
+            version=__version__,
+            chunk_tokens=cfg.chunk_tokens,
+            max_value_bytes=cfg.max_value_bytes,
+            max_keys_per_request=cfg.max_keys_per_request,
+            max_piece_bytes=MAX_PIECE_BYTES,
+            tiers=[
+                pb.TierStats(
+                    name=t.name,
+                    entries=t.entries,
+                    used_bytes=t.used_bytes,
+                    capacity_bytes=t.capacity_bytes,
+                    **vars(t.counters),
+                )
+                for t in s.tiers
+            ],
+            entries=s.entries,
+            uptime_seconds=time.monotonic() - self.started,
+            host_arena_path=str(self.store.cpu.path) if self.store.cpu else "",
+            pinned=s.pinned,
+            leases=s.leases,
+        )
+
+    async def List(self, request: pb.ListRequest, context: Any) -> AsyncIterator[pb.ListResponse]:
+        if request.namespace:
+            try:
+                check_namespace(request.namespace)
+            except KVStoreError as exc:
+                await _fail(context, exc)
+        entries = await asyncio.to_thread(self.store.entries, request.namespace, request.limit)
+        for e in entries:
+            yield pb.ListResponse(
+                namespace=e.namespace,
+                header=pb.ValueHeader(
+                    key=e.key, dtype=e.dtype, shape=e.shape, nbytes=e.nbytes, checksum=e.checksum
+                ),
+                tier=e.tier,
+                pins=e.pins,
+                hits=e.hits,
+            )
+
+
+class DataDirLock:
+    """An exclusive lock on the data directory: one server per directory."""
+
+    def __init__(self, data_dir: Path) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.path = data_dir / "kvstore.lock"
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(self._fd, 32, 0).decode(errors="replace").strip()
+            os.close(self._fd)
+            raise RuntimeError(
+                f"another kvstore-server (pid {other or '?'}) is using data directory {data_dir}"
+            ) from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        os.close(self._fd)
+
+
+def _prepare_socket(path: Path) -> None:
+    """Remove a stale socket file, refusing if a live server still answers on it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()
+        return
+    finally:
+        probe.close()
+    raise RuntimeError(f"another server is already listening on {path}")
+
+
+async def serve(config: ServerConfig, ready: Callable[[str], None] | None = None) -> None:
+    """Run the daemon until SIGTERM or SIGINT."""
+    lock = DataDirLock(config.data_dir)
+    try:
+        await _serve_locked(config, ready)
+    finally:
+        lock.release()
+
+
+async def _serve_locked(config: ServerConfig, ready: Callable[[str], None] | None) -> None:
+    sock = config.socket_path
+    _prepare_socket(sock)
+    store = await asyncio.to_thread(Store, config)
+    try:
+        server = grpc.aio.server(options=GRPC_OPTIONS)
+        pb_grpc.add_KVStoreServicer_to_server(KVStoreServicer(store, config), server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        old_umask = os.umask(0o177)  # the socket is created 0600: only this user may connect
+        try:
+            server.add_insecure_port(f"unix://{sock}")
+        finally:
+            os.umask(old_umask)
+        addresses = [f"unix://{sock}"]
+        if config.listen:
+            server.add_insecure_port(config.listen)
+            addresses.append(config.listen)
+        await server.start()
+        os.chmod(sock, 0o600)
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        log.info(
+            "kvstore-server %s serving on %s; %s; %d entries restored",
+            __version__,
+            " and ".join(addresses),
+            _describe_tiers(store),
+            len(store.entries()),
+        )
+        if ready is not None:
+            ready(addresses[0])
+        syncer = asyncio.create_task(_sync_forever(store))
+        await stop.wait()
+
+        log.info("shutting down: draining in-flight calls (grace %.1fs)", config.grace_seconds)
+        deadline = time.monotonic() + config.grace_seconds
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.stop(config.grace_seconds)
+        syncer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await syncer
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        persisted = await asyncio.to_thread(store.persist, max(deadline, time.monotonic() + 1))
+        if persisted:
+            log.info("shutdown: copied %d cpu-tier values to the ssd tier", persisted)
+    finally:
+        await asyncio.to_thread(store.close)
+        sock.unlink(missing_ok=True)
+        log.info("kvstore-server stopped")
+
+
+async def _sync_forever(store: Store) -> None:
+    while True:
+        await asyncio.sleep(SYNC_INTERVAL_S)
+        try:
+            await asyncio.to_thread(store.sync)
+        except Exception:
+            log.exception("periodic ssd flush failed")
+
+
+def _describe_tiers(store: Store) -> str:
+    parts = []
+    if store.cpu is not None:
+        parts.append(f"cpu {format_size(store.cpu.capacity_bytes)} at {store.cpu.path}")
+    if store.ssd is not None:
+        parts.append(f"ssd {format_size(store.ssd.capacity_bytes)} in {store.ssd.path}")
+    return ", ".join(parts)

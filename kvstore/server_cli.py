@@ -1,0 +1,120 @@
+"""`kvstore-server`: parse flags, build the config, run the daemon."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+import uvloop
+
+from kvstore import __version__
+from kvstore.config import ConfigError, ServerConfig
+from kvstore.gpu import cuda_device_count
+
+EPILOG = """\
+Settings come from, highest precedence first: these flags, the TOML file given by --config
+(keys as the flag names, e.g. cpu-bytes = "8GiB", optionally under [server]), KVSTORE_*
+environment variables (KVSTORE_CPU_BYTES=8GiB, KVSTORE_TIERS=cpu,ssd, ...), then defaults.
+Sizes take B, KB, MB, GB, TB, KiB, MiB, GiB or TiB.
+
+examples:
+  kvstore-server                                  # cpu,ssd tiers under ./kvstore-data
+  kvstore-server --cpu-bytes 32GiB --ssd-bytes 1TiB --data-dir /var/lib/kvstore
+  kvstore-server --listen 0.0.0.0:50051           # also serve remote clients over TCP
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kvstore-server",
+        description="Serve a tiered KV-cache store (GPU, shared host memory, SSD) over gRPC.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    d = ServerConfig()
+    p.add_argument(
+        "--tiers",
+        help=f"comma-separated tiers, fastest first: gpu, cpu, ssd (default {','.join(d.tiers)})",
+    )
+    p.add_argument(
+        "--data-dir",
+        help=f"directory for the ssd tier and the default socket (default ./{d.data_dir})",
+    )
+    p.add_argument("--socket", help="Unix socket path (default <data-dir>/kvstore.sock)")
+    p.add_argument(
+        "--listen", metavar="HOST:PORT", help="also listen on this TCP address (default: off)"
+    )
+    p.add_argument("--cpu-bytes", help="size of the shared-memory cpu tier (default 1GiB)")
+    p.add_argument("--ssd-bytes", help="bytes of values the ssd tier may hold (default 16GiB)")
+    p.add_argument(
+        "--chunk-tokens", type=int, help=f"tokens per prefix chunk (default {d.chunk_tokens})"
+    )
+    p.add_argument("--max-value-bytes", help="largest single value accepted (default 256MiB)")
+    p.add_argument(
+        "--max-keys-per-request",
+        type=int,
+        help=f"most keys one request may name (default {d.max_keys_per_request})",
+    )
+    p.add_argument(
+        "--staging-bytes",
+        help="bound on buffers for values that bypass the cpu tier (default 1GiB)",
+    )
+    p.add_argument(
+        "--grace-seconds",
+        type=float,
+        help=f"time in-flight calls get to finish on shutdown (default {d.grace_seconds:g})",
+    )
+    p.add_argument("--log-level", help="debug, info, warning or error (default info)")
+    p.add_argument("--config", metavar="FILE", help="TOML file with any of the settings above")
+    p.add_argument(
+        "--check-config",
+        action="store_true",
+        help="print the effective settings as JSON and exit without serving",
+    )
+    p.add_argument("--version", action="version", version=f"kvstore-server {__version__}")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "check_config")}
+    try:
+        config = ServerConfig.load(flags, args.config)
+    except ConfigError as exc:
+        print(f"kvstore-server: {exc}", file=sys.stderr)
+        return 2
+    if "gpu" in config.tiers:
+        count, why = cuda_device_count()
+        if count == 0:
+            print(f"kvstore-server: --tiers gpu needs a CUDA GPU, but {why}.", file=sys.stderr)
+        else:
+            print(
+                "kvstore-server: the gpu tier is not available in this version; "
+                "run with --tiers cpu,ssd.",
+                file=sys.stderr,
+            )
+        return 2
+    if args.check_config:
+        print(json.dumps(config.describe(), indent=2, default=str))
+        return 0
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from kvstore.server import serve  # grpc import is slow; keep --help and errors fast
+
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(serve(config))
+    except (RuntimeError, OSError) as exc:
+        print(f"kvstore-server: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,689 @@
+"""The tier manager: one index over the cpu and ssd tiers, and the rules that move values.
+
+Primitives:
+- `begin_put` reserves room for a value and returns a `PutReservation`; the caller fills it
+  piece by piece and `commit()`s. Nothing is visible before commit, and a commit whose bytes
+  do not match the announced length and checksum is refused.
+- `get` returns a `ReadLease`: a view of the value that stays valid (its slot is neither
+  evicted nor reused) until `release()`.
+- `lookup`, `exists`, `delete`, `pin`, `unpin`, `stats`, `entries`.
+
+Placement: a put lands in the fastest tier with room. A full memory tier evicts by its
+policy (LRU), demoting each victim to the next tier unless a copy is already there; the last
+tier drops its victims. Reading a value that is only on ssd promotes it to cpu and keeps the
+ssd copy, so evicting it again costs nothing. Pinned and leased values are never evicted.
+When nothing can make room, the caller gets `ResourceExhausted`.
+
+Every value carries its xxh3-64 checksum from the client; it is verified when the value
+arrives, on every read from the cpu tier and on every read from the ssd tier. A mismatch
+drops the entry and raises `DataLoss`.
+
+Thread safety: one lock guards the index, the allocator and the tiers. Bytes move outside
+it: a reservation's slot and a lease's slot belong to their holder until commit/release.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from kvstore.codecs.container import ValueHeader, checksum
+from kvstore.config import ServerConfig
+from kvstore.dtypes import expected_nbytes
+from kvstore.errors import DataLoss, InvalidArgument, ResourceExhausted
+from kvstore.keys import KEY_BYTES
+from kvstore.policy import POLICIES, EvictionPolicy
+from kvstore.tiers.base import TierFull
+from kvstore.tiers.host import HostArena, default_arena_path
+from kvstore.tiers.slab import Slot
+from kvstore.tiers.ssd import LmdbTier
+
+log = logging.getLogger(__name__)
+
+NAMESPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@=+-]{0,254}$")
+
+EntryId = tuple[str, bytes]
+
+
+def check_namespace(namespace: str) -> None:
+    if not NAMESPACE_RE.match(namespace):
+        raise InvalidArgument(
+            f"namespace {namespace[:80]!r} is not valid: 1-255 characters from letters, digits "
+            "and . _ : / @ = + -, starting with a letter or digit "
+            "(e.g. 'llama-3-8b/bf16/tp0of1')"
+        )
+
+
+def check_key(key: bytes) -> None:
+    if len(key) != KEY_BYTES:
+        raise InvalidArgument(f"key must be {KEY_BYTES} bytes, got {len(key)}")
+
+
+@dataclass(eq=False, slots=True)
+class Entry:
+    namespace: str
+    key: bytes
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    checksum: int
+    created_ns: int
+    slot: Slot | None = None  # the cpu copy, if any
+    on_ssd: bool = False  # whether the ssd tier holds a copy
+    pins: int = 0
+    readers: int = 0  # leases on the cpu slot
+    hits: int = 0
+    dead: bool = False  # removed while leased: free the slot when the last lease ends
+
+    @property
+    def eid(self) -> EntryId:
+        return (self.namespace, self.key)
+
+    @property
+    def tier(self) -> str:
+        return "cpu" if self.slot is not None else "ssd"
+
+    def header(self) -> ValueHeader:
+        return ValueHeader(
+            self.dtype, self.shape, self.nbytes, self.checksum, created_ns=self.created_ns
+        )
+
+
+@dataclass
+class TierCounters:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    promotions: int = 0
+    demotions: int = 0
+
+
+@dataclass
+class TierStats:
+    name: str
+    entries: int
+    used_bytes: int
+    capacity_bytes: int
+    counters: TierCounters
+
+
+@dataclass
+class StoreStats:
+    tiers: list[TierStats]
+    entries: int
+    pinned: int
+    leases: int
+
+
+class PutReservation:
+    """Room for one value; fill `buffer` (or call `write`) and then `commit` or `abort`."""
+
+    def __init__(
+        self, store: Store, entry: Entry, slot: Slot | None, buffer: memoryview, staged: int
+    ) -> None:
+        self._store = store
+        self.entry = entry
+        self.slot = slot
+        self.buffer = buffer
+        self.filled = 0
+        self._staged = staged
+        self._done = False
+
+    @property
+    def tier(self) -> str:
+        return "cpu" if self.slot is not None else "ssd"
+
+    def write(self, data: bytes | memoryview) -> None:
+        end = self.filled + len(data)
+        if end > len(self.buffer):
+            raise InvalidArgument(
+                f"value {self.entry.key.hex()[:16]}... sent more than the {len(self.buffer)} "
+                "bytes its header announced"
+            )
+        self.buffer[self.filled : end] = data
+        self.filled = end
+
+    def commit(self) -> str:
+        """Make the value visible; returns the tier it landed in."""
+        if self.filled != len(self.buffer):
+            self.abort()
+            raise InvalidArgument(
+                f"value {self.entry.key.hex()[:16]}... ended after {self.filled} of "
+                f"{len(self.buffer)} bytes; nothing was stored"
+            )
+        if checksum(self.buffer) != self.entry.checksum:
+            self.abort()
+            raise DataLoss(
+                f"value {self.entry.key.hex()[:16]}... arrived with a different checksum than "
+                "its header announced; nothing was stored"
+            )
+        try:
+            return self._store._commit(self)
+        finally:
+            self._done = True
+            self._release_staging()
+
+    def abort(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._store._abort(self)
+        self._release_staging()
+
+    def _release_staging(self) -> None:
+        if self._staged:
+            self._store._unstage(self._staged)
+            self._staged = 0
+
+
+class ReadLease:
+    """A stored value held readable until `release()`."""
+
+    def __init__(
+        self, store: Store, entry: Entry | None, view: memoryview, header: ValueHeader, tier: str
+    ) -> None:
+        self._store = store
+        self._entry = entry  # set when the view is a cpu slot
+        self.view = view
+        self.header = header
+        self.tier = tier
+        self._staged = 0 if entry is not None else len(view)
+        self._released = False
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        self._store._release(self._entry, self._staged)
+
+    def __enter__(self) -> ReadLease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class Store:
+    """Index plus tiers; see the module docstring for the rules."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self._lock = threading.RLock()
+        self._index: dict[EntryId, Entry] = {}
+        self.cpu: HostArena | None = None
+        self.ssd: LmdbTier | None = None
+        self._policy: dict[str, EvictionPolicy] = {}
+        self._counters: dict[str, TierCounters] = {}
+        self._page_entries: dict[int, set[EntryId]] = {}
+        self._staging_used = 0
+        self._dirty = False
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        if "cpu" in config.tiers:
+            self.cpu = HostArena(default_arena_path(config.data_dir), config.cpu_bytes)
+            self._add_tier("cpu")
+        if "ssd" in config.tiers:
+            try:
+                self.ssd = LmdbTier(config.ssd_path, config.ssd_bytes)
+            except BaseException:
+                self.close()
+                raise
+            self._add_tier("ssd")
+            self._rebuild_from_ssd()
+
+    def _add_tier(self, name: str) -> None:
+        self._policy[name] = POLICIES["lru"]()
+        self._counters[name] = TierCounters()
+
+    def _rebuild_from_ssd(self) -> None:
+        assert self.ssd is not None
+        started = time.monotonic()
+        found: list[Entry] = []
+        last_report = started
+        for namespace, key, header in self.ssd.scan():
+            found.append(
+                Entry(
+                    namespace,
+                    key,
+                    header.dtype,
+                    header.shape,
+                    header.payload_len,
+                    header.payload_checksum,
+                    header.created_ns,
+                    on_ssd=True,
+                )
+            )
+            if time.monotonic() - last_report > 2.0:
+                last_report = time.monotonic()
+                log.info("rebuilding index from ssd tier: %d entries so far", len(found))
+        found.sort(key=lambda e: e.created_ns)  # oldest first: the LRU end
+        for e in found:
+            self._index[e.eid] = e
+            self._policy["ssd"].insert(e.eid)
+        if found:
+            log.info(
+                "index rebuilt from ssd tier: %d entries in %.2fs",
+                len(found),
+                time.monotonic() - started,
+            )
+
+    # ----------------------------------------------------------------- validation
+
+    def validate_value(self, dtype: str, shape: Sequence[int], nbytes: int) -> None:
+        want = expected_nbytes(dtype, shape)
+        if want != nbytes:
+            raise InvalidArgument(
+                f"shape {list(shape)} of {dtype} is {want} bytes but the value says {nbytes}"
+            )
+        if nbytes > self.config.max_value_bytes:
+            raise InvalidArgument(
+                f"value of {nbytes} bytes exceeds the server's max-value-bytes "
+                f"({self.config.max_value_bytes}); split it into smaller chunks"
+            )
+
+    def check_keys(self, namespace: str, keys: Sequence[bytes]) -> None:
+        check_namespace(namespace)
+        if len(keys) > self.config.max_keys_per_request:
+            raise InvalidArgument(
+                f"{len(keys)} keys in one request; the server allows at most "
+                f"{self.config.max_keys_per_request} (max-keys-per-request), so split it"
+            )
+        for k in keys:
+            check_key(k)
+
+    # ----------------------------------------------------------------- put
+
+    def begin_put(
+        self,
+        namespace: str,
+        key: bytes,
+        dtype: str,
+        shape: Sequence[int],
+        nbytes: int,
+        value_checksum: int,
+    ) -> PutReservation:
+        check_namespace(namespace)
+        check_key(key)
+        self.validate_value(dtype, shape, nbytes)
+        entry = Entry(
+            namespace, bytes(key), dtype, tuple(shape), nbytes, value_checksum, time.time_ns()
+        )
+        with self._lock:
+            slot = self._alloc_cpu(nbytes) if self.cpu is not None else None
+            if slot is not None:
+                assert self.cpu is not None
+                return PutReservation(self, entry, slot, self.cpu.view(slot, nbytes), 0)
+            if self.ssd is None:
+                raise ResourceExhausted(self._why_no_room(nbytes))
+            self._stage(nbytes)
+        return PutReservation(self, entry, None, memoryview(bytearray(nbytes)), nbytes)
+
+    def _commit(self, res: PutReservation) -> str:
+        e = res.entry
+        with self._lock:
+            old = self._index.get(e.eid)
+            if old is not None:
+                self._remove(old)
+            if res.slot is not None:
+                e.slot = res.slot
+                self._index[e.eid] = e
+                self._page_entries.setdefault(res.slot.page, set()).add(e.eid)
+                self._policy["cpu"].insert(e.eid)
+                return "cpu"
+            self._write_ssd(e, res.buffer)
+            self._index[e.eid] = e
+            return "ssd"
+
+    def _abort(self, res: PutReservation) -> None:
+        if res.slot is not None:
+            with self._lock:
+                assert self.cpu is not None
+                self.cpu.free(res.slot)
+
+    # ----------------------------------------------------------------- get
+
+    def get(self, namespace: str, key: bytes) -> ReadLease | None:
+        """A lease on the value, or None if absent. Raises `DataLoss` on a bad checksum."""
+        check_namespace(namespace)
+        check_key(key)
+        with self._lock:
+            e = self._index.get((namespace, bytes(key)))
+            if e is None:
+                for c in self._counters.values():
+                    c.misses += 1
+                return None
+            if e.slot is None:
+                if self.cpu is not None:
+                    self._counters["cpu"].misses += 1
+                lease = self._read_from_ssd(e)
+                if lease is not None:
+                    return lease
+                tier = "ssd"  # promoted: verified on the way up, now leased from cpu
+            else:
+                tier = "cpu"
+                e.hits += 1
+                self._counters["cpu"].hits += 1
+                self._policy["cpu"].access(e.eid)
+            e.readers += 1
+            view = self._cpu_view(e)
+        if tier == "cpu" and checksum(view) != e.checksum:
+            with self._lock:
+                e.readers -= 1
+                self._drop(e)
+            raise DataLoss(
+                f"cpu tier: checksum mismatch for {e.key.hex()[:16]}...; the value was dropped"
+            )
+        return ReadLease(self, e, view, e.header(), tier)
+
+    def _read_from_ssd(self, e: Entry) -> ReadLease | None:
+        """Promote `e` to cpu (returns None: caller leases the slot) or stage a copy."""
+        assert self.ssd is not None
+        self._counters["ssd"].hits += 1
+        e.hits += 1
+        self._policy["ssd"].access(e.eid)
+        slot = self._alloc_cpu(e.nbytes, keep=e) if self.cpu is not None else None
+        if slot is None:
+            self._stage(e.nbytes)
+        try:
+            with self.ssd.read(e.namespace, e.key) as (_, data):
+                if slot is not None:
+                    assert self.cpu is not None
+                    self.cpu.view(slot, e.nbytes)[:] = data
+                else:
+                    copy = bytearray(data)
+        except (DataLoss, KeyError) as exc:
+            if slot is not None:
+                assert self.cpu is not None
+                self.cpu.free(slot)
+            else:
+                self._unstage(e.nbytes)
+            self._drop(e)
+            if isinstance(exc, KeyError):
+                raise DataLoss(f"ssd tier lost {e.key.hex()[:16]}...; entry dropped") from None
+            raise
+        if slot is None:
+            return ReadLease(self, None, memoryview(copy), e.header(), "ssd")
+        e.slot = slot
+        self._page_entries.setdefault(slot.page, set()).add(e.eid)
+        self._policy["cpu"].insert(e.eid)
+        self._counters["cpu"].promotions += 1
+        return None
+
+    def _release(self, e: Entry | None, staged: int) -> None:
+        with self._lock:
+            if e is not None:
+                e.readers -= 1
+                if e.dead and e.readers == 0 and e.slot is not None:
+                    assert self.cpu is not None
+                    self.cpu.free(e.slot)
+                    e.slot = None
+            if staged:
+                self._unstage(staged)
+
+    # ----------------------------------------------------------------- queries
+
+    def lookup(self, namespace: str, keys: Sequence[bytes]) -> int:
+        self.check_keys(namespace, keys)
+        with self._lock:
+            n = 0
+            for k in keys:
+                if (namespace, k) not in self._index:
+                    break
+                n += 1
+            return n
+
+    def exists(self, namespace: str, keys: Sequence[bytes]) -> list[bool]:
+        self.check_keys(namespace, keys)
+        with self._lock:
+            return [(namespace, k) in self._index for k in keys]
+
+    def delete(self, namespace: str, keys: Sequence[bytes]) -> int:
+        self.check_keys(namespace, keys)
+        n = 0
+        with self._lock:
+            for k in keys:
+                e = self._index.get((namespace, k))
+                if e is not None:
+                    self._remove(e)
+                    n += 1
+        return n
+
+    def pin(self, namespace: str, keys: Sequence[bytes], delta: int) -> int:
+        self.check_keys(namespace, keys)
+        n = 0
+        with self._lock:
+            for k in keys:
+                e = self._index.get((namespace, k))
+                if e is None or (delta < 0 and e.pins == 0):
+                    continue
+                e.pins += delta
+                n += 1
+        return n
+
+    def entries(self, namespace: str | None = None, limit: int = 0) -> list[Entry]:
+        with self._lock:
+            out = [e for e in self._index.values() if namespace in (None, "", e.namespace)]
+        out.sort(key=lambda e: (e.namespace, e.key))
+        return out[:limit] if limit else out
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            tiers = []
+            for name in self._policy:
+                tier = self.cpu if name == "cpu" else self.ssd
+                assert tier is not None
+                count = sum(
+                    1
+                    for e in self._index.values()
+                    if (e.slot is not None if name == "cpu" else e.on_ssd)
+                )
+                tiers.append(
+                    TierStats(
+                        name,
+                        count,
+                        tier.used_bytes,
+                        tier.capacity_bytes,
+                        TierCounters(**vars(self._counters[name])),
+                    )
+                )
+            return StoreStats(
+                tiers,
+                len(self._index),
+                sum(1 for e in self._index.values() if e.pins),
+                sum(e.readers for e in self._index.values()),
+            )
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def sync(self) -> None:
+        """Flush the ssd tier if anything was written since the last flush."""
+        with self._lock:
+            if self.ssd is not None and self._dirty:
+                self._dirty = False
+                self.ssd.sync()
+
+    def persist(self, deadline: float) -> int:
+        """Copy cpu-only values to ssd, newest first, while ssd has free room and time is left.
+
+        Called at shutdown so a restart serves what the cpu arena held. Never evicts.
+        """
+        if self.ssd is None or self.cpu is None:
+            return 0
+        n = 0
+        with self._lock:
+            order = list(self._policy["cpu"].candidates())
+            for eid in reversed(order):
+                if time.monotonic() > deadline:
+                    log.warning("shutdown: stopped persisting cpu tier at the grace deadline")
+                    break
+                e = self._index.get(eid)
+                if e is None or e.on_ssd or e.slot is None:
+                    continue
+                try:
+                    self.ssd.put(e.namespace, e.key, e.header(), self.cpu.view(e.slot, e.nbytes))
+                except TierFull:
+                    break
+                e.on_ssd = True
+                self._policy["ssd"].insert(e.eid)
+                n += 1
+            self.ssd.sync()
+        return n
+
+    def close(self) -> None:
+        with self._lock:
+            if self.ssd is not None:
+                self.ssd.close()
+                self.ssd = None
+            if self.cpu is not None:
+                self.cpu.close()
+                self.cpu = None
+
+    # ----------------------------------------------------------------- internals
+
+    def _stage(self, nbytes: int) -> None:
+        if self._staging_used + nbytes > self.config.staging_bytes:
+            raise ResourceExhausted(
+                f"server staging buffers are full ({self._staging_used} of "
+                f"{self.config.staging_bytes} bytes in flight); retry shortly"
+            )
+        self._staging_used += nbytes
+
+    def _unstage(self, nbytes: int) -> None:
+        with self._lock:
+            self._staging_used -= nbytes
+
+    def _why_no_room(self, nbytes: int) -> str:
+        if self.cpu is not None and nbytes > self.cpu.max_value_bytes and self.ssd is None:
+            return (
+                f"value of {nbytes} bytes is larger than the cpu tier's largest slot "
+                f"({self.cpu.max_value_bytes} bytes) and there is no ssd tier"
+            )
+        return (
+            f"no room for {nbytes} bytes: every tier is full and nothing can be evicted "
+            "(values are pinned or being read)"
+        )
+
+    def _evictable(self, e: Entry) -> bool:
+        return e.pins == 0 and e.readers == 0
+
+    def _alloc_cpu(self, nbytes: int, keep: Entry | None = None) -> Slot | None:
+        """A cpu slot for `nbytes`, evicting LRU entries as needed; None if impossible."""
+        cpu = self.cpu
+        assert cpu is not None
+        slot = cpu.alloc(nbytes)
+        if slot is not None or nbytes > cpu.max_value_bytes:
+            return slot
+        size_class = cpu.allocator.class_of(nbytes)
+        # First choice: the least recently used entry of the same size class frees a slot
+        # that fits exactly.
+        for eid in self._policy["cpu"].candidates():
+            e = self._index[eid]
+            if e is not keep and self._evictable(e) and e.slot and e.slot.size_class == size_class:
+                self._evict_cpu([e])
+                return cpu.alloc(nbytes)
+        # Otherwise free a whole page: the one holding the least recently used entry whose
+        # every slot is evictable.
+        seen: set[int] = set()
+        for eid in self._policy["cpu"].candidates():
+            e = self._index[eid]
+            assert e.slot is not None
+            page = e.slot.page
+            if page in seen:
+                continue
+            seen.add(page)
+            members = [self._index[m] for m in self._page_entries.get(page, ())]
+            if len(members) != cpu.allocator.page_live(page):
+                continue  # a reservation or a dead-but-leased slot lives there
+            if all(m is not keep and self._evictable(m) for m in members):
+                self._evict_cpu(members)
+                return cpu.alloc(nbytes)
+        return None
+
+    def _evict_cpu(self, victims: Iterable[Entry]) -> None:
+        for e in victims:
+            counters = self._counters["cpu"]
+            counters.evictions += 1
+            if self.ssd is not None and not e.on_ssd:
+                try:
+                    self._write_ssd(e, self._cpu_view(e))
+                    counters.demotions += 1
+                except ResourceExhausted as exc:
+                    log.warning("evicting %s from cpu with no room on ssd: %s", e.key.hex(), exc)
+            self._free_cpu_copy(e)
+            if not e.on_ssd:
+                self._index.pop(e.eid, None)
+
+    def _cpu_view(self, e: Entry) -> memoryview:
+        assert self.cpu is not None and e.slot is not None
+        return self.cpu.view(e.slot, e.nbytes)
+
+    def _free_cpu_copy(self, e: Entry) -> None:
+        assert self.cpu is not None and e.slot is not None
+        self._policy["cpu"].remove(e.eid)
+        members = self._page_entries.get(e.slot.page)
+        if members is not None:
+            members.discard(e.eid)
+        if e.readers:
+            e.dead = True  # freed by the last lease's release
+        else:
+            self.cpu.free(e.slot)
+            e.slot = None
+
+    def _write_ssd(self, e: Entry, payload: memoryview) -> None:
+        """Put `e` on ssd, evicting ssd LRU entries for room; ResourceExhausted if none."""
+        ssd = self.ssd
+        assert ssd is not None
+        header = e.header()
+        if ssd.record_bytes(header) > ssd.capacity_bytes:
+            raise ResourceExhausted(
+                f"value of {e.nbytes} bytes does not fit the ssd tier ({ssd.capacity_bytes} bytes)"
+            )
+        while True:
+            try:
+                ssd.put(e.namespace, e.key, header, payload)
+                break
+            except TierFull:
+                victim = next(
+                    (
+                        self._index[eid]
+                        for eid in self._policy["ssd"].candidates()
+                        if eid != e.eid and self._evictable(self._index[eid])
+                    ),
+                    None,
+                )
+                if victim is None:
+                    raise ResourceExhausted(self._why_no_room(e.nbytes)) from None
+                self._counters["ssd"].evictions += 1
+                self._drop_ssd_copy(victim)
+        e.on_ssd = True
+        self._dirty = True
+        self._policy["ssd"].insert(e.eid)
+
+    def _drop_ssd_copy(self, e: Entry) -> None:
+        assert self.ssd is not None
+        self.ssd.delete(e.namespace, e.key)
+        e.on_ssd = False
+        self._dirty = True
+        self._policy["ssd"].remove(e.eid)
+        if e.slot is None or e.dead:
+            self._index.pop(e.eid, None)
+
+    def _remove(self, e: Entry) -> None:
+        """Take `e` out of the index and every tier (delete or replace)."""
+        self._index.pop(e.eid, None)
+        if e.slot is not None and not e.dead:
+            self._free_cpu_copy(e)
+        if e.on_ssd:
+            assert self.ssd is not None
+            self.ssd.delete(e.namespace, e.key)
+            e.on_ssd = False
+            self._dirty = True
+            self._policy["ssd"].remove(e.eid)
+
+    def _drop(self, e: Entry) -> None:
+        """Remove an entry whose bytes proved corrupt."""
+        log.error("dropping %s/%s after a checksum failure", e.namespace, e.key.hex())
+        self._remove(e)

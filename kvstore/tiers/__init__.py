@@ -1,0 +1,1 @@
+"""Storage tiers: `base` defines the interfaces, one module per tier implements them."""

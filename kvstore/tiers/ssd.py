@@ -1,0 +1,165 @@
+"""The ssd tier: containers in one LMDB environment under the data directory.
+
+Each value is two records under the same LMDB key (namespace length, namespace, 32-byte
+key): its container header in the `meta` database and its payload in the `data` database,
+so a large payload goes from the host arena to LMDB without being copied to glue on a
+header, and the index is rebuilt on start by reading headers alone. Every read verifies the
+payload's xxh3-64 against the header; a mismatch raises `DataLoss`.
+
+Commits are not fsynced one by one (LMDB `sync=False`): the server calls `sync()` every
+second and at shutdown. A process crash loses nothing LMDB committed; a machine crash may
+lose the last second of puts, which for a cache is a miss, not wrong data.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import lmdb
+
+from kvstore.codecs.container import (
+    ContainerError,
+    ValueHeader,
+    checksum,
+    decode_header,
+    encode_header,
+)
+from kvstore.errors import DataLoss
+from kvstore.tiers.base import Buffer, StorageTier, TierFull
+
+log = logging.getLogger(__name__)
+
+_PAGE = 4096
+
+
+def record_key(namespace: str, key: bytes) -> bytes:
+    ns = namespace.encode()
+    return bytes([len(ns)]) + ns + key
+
+
+def split_record_key(rkey: bytes) -> tuple[str, bytes]:
+    n = rkey[0]
+    return rkey[1 : 1 + n].decode(), bytes(rkey[1 + n :])
+
+
+class LmdbTier(StorageTier):
+    """LMDB-backed tier holding at most `capacity_bytes` of values."""
+
+    name = "ssd"
+
+    def __init__(self, path: Path, capacity_bytes: int) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.capacity_bytes = capacity_bytes
+        # LMDB needs room beyond the values: B-tree pages, and free pages it cannot reuse
+        # while a reader holds an old snapshot. Our own accounting enforces capacity_bytes.
+        map_size = capacity_bytes + capacity_bytes // 4 + (64 << 20)
+        self.env = lmdb.open(
+            str(self.path),
+            map_size=map_size,
+            max_dbs=2,
+            sync=False,
+            metasync=False,
+            readahead=False,
+            max_readers=256,
+        )
+        self._meta = self.env.open_db(b"meta")
+        self._data = self.env.open_db(b"data")
+        self._used = 0
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    def record_bytes(self, header: ValueHeader) -> int:
+        # Values live in page-aligned overflow pages; the header costs about a page of B-tree.
+        return -(-header.payload_len // _PAGE) * _PAGE + _PAGE
+
+    def put(self, namespace: str, key: bytes, header: ValueHeader, payload: Buffer) -> None:
+        size = self.record_bytes(header)
+        rkey = record_key(namespace, key)
+        old = self._stored_size(rkey)
+        if self._used - old + size > self.capacity_bytes:
+            raise TierFull(f"ssd tier full ({self._used} of {self.capacity_bytes} bytes used)")
+        try:
+            with self.env.begin(write=True) as txn:
+                txn.put(rkey, encode_header(header), db=self._meta)
+                txn.put(rkey, payload, db=self._data)
+        except lmdb.MapFullError:
+            raise TierFull("ssd tier's LMDB map is full") from None
+        self._used += size - old
+
+    def _stored_size(self, rkey: bytes) -> int:
+        with self.env.begin(buffers=True) as txn:
+            raw = txn.get(rkey, db=self._meta)
+            if raw is None:
+                return 0
+            try:
+                return self.record_bytes(decode_header(raw)[0])
+            except ContainerError:
+                return 0
+
+    @contextmanager
+    def read(self, namespace: str, key: bytes) -> Iterator[tuple[ValueHeader, memoryview]]:
+        rkey = record_key(namespace, key)
+        with self.env.begin(buffers=True) as txn:
+            raw = txn.get(rkey, db=self._meta)
+            if raw is None:
+                raise KeyError(key)
+            try:
+                header, _ = decode_header(raw)
+            except ContainerError as exc:
+                raise DataLoss(f"ssd tier: header of {key.hex()} is unreadable: {exc}") from None
+            data = txn.get(rkey, db=self._data)
+            if data is None or len(data) != header.payload_len:
+                got = "no payload" if data is None else f"{len(data)} bytes"
+                raise DataLoss(
+                    f"ssd tier: payload of {key.hex()} is {got}, header says "
+                    f"{header.payload_len} bytes"
+                )
+            if checksum(data) != header.payload_checksum:
+                raise DataLoss(f"ssd tier: checksum mismatch for {key.hex()}; value dropped")
+            yield header, data
+
+    def delete(self, namespace: str, key: bytes) -> None:
+        rkey = record_key(namespace, key)
+        size = self._stored_size(rkey)
+        with self.env.begin(write=True) as txn:
+            txn.delete(rkey, db=self._meta)
+            txn.delete(rkey, db=self._data)
+        self._used -= size
+
+    def scan(self) -> Iterator[tuple[str, bytes, ValueHeader]]:
+        """Yield stored values' headers; deletes records whose header is unreadable."""
+        bad: list[bytes] = []
+        self._used = 0
+        with self.env.begin() as txn:
+            for rkey, raw in txn.cursor(db=self._meta):
+                try:
+                    header, _ = decode_header(raw)
+                    namespace, key = split_record_key(rkey)
+                except (ContainerError, UnicodeDecodeError, IndexError) as exc:
+                    log.warning("ssd tier: dropping unreadable record %s: %s", rkey.hex(), exc)
+                    bad.append(rkey)
+                    continue
+                self._used += self.record_bytes(header)
+                yield namespace, key, header
+        if bad:
+            with self.env.begin(write=True) as txn:
+                for rkey in bad:
+                    txn.delete(rkey, db=self._meta)
+                    txn.delete(rkey, db=self._data)
+
+    def count(self) -> int:
+        with self.env.begin() as txn:
+            return int(txn.stat(self._meta)["entries"])
+
+    def sync(self) -> None:
+        self.env.sync(True)
+
+    def close(self) -> None:
+        self.env.sync(True)
+        self.env.close()
