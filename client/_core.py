@@ -20,13 +20,7 @@ from kvstore.dtypes import BY_NAME, expected_nbytes
 from kvstore.errors import DataLoss, InvalidArgument
 from kvstore.keys import chunk_keys
 from kvstore.v1 import kvstore_pb2 as pb
-
-PIECE_BYTES = 4 << 20
-MAX_MESSAGE_BYTES = PIECE_BYTES + (1 << 20)
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-]
+from kvstore.wire import PIECE_BYTES, Piece
 
 T = TypeVar("T")
 
@@ -137,19 +131,18 @@ def _outgoing(key: bytes, tensor: torch.Tensor) -> _Outgoing:
     return _Outgoing(bytes(key), name, tuple(t.shape), data, checksum(data), flat)
 
 
-def _put_pieces(namespace: str, values: Sequence[_Outgoing]) -> Iterator[pb.PutPiece]:
+def _put_pieces(namespace: str, values: Sequence[_Outgoing]) -> Iterator[Piece]:
     for i, v in enumerate(values):
         n = len(v.data)
         first = min(n, PIECE_BYTES)
-        yield pb.PutPiece(
-            namespace=namespace if i == 0 else "",
-            header=pb.ValueHeader(
-                key=v.key, dtype=v.dtype, shape=v.shape, nbytes=n, checksum=v.checksum
-            ),
-            data=v.data[:first].tobytes(),
+        header = pb.ValueHeader(
+            key=v.key, dtype=v.dtype, shape=v.shape, nbytes=n, checksum=v.checksum
+        )
+        yield Piece(
+            pb.PutPiece(namespace=namespace if i == 0 else "", header=header), v.data[:first]
         )
         for off in range(first, n, PIECE_BYTES):
-            yield pb.PutPiece(data=v.data[off : off + PIECE_BYTES].tobytes())
+            yield Piece(pb.PutPiece(), v.data[off : off + PIECE_BYTES])
 
 
 class _Assembler:
@@ -163,7 +156,8 @@ class _Assembler:
         self._filled = 0
         self._header: pb.ValueHeader | None = None
 
-    def __call__(self, piece: pb.GetPiece) -> None:
+    def __call__(self, received: Piece) -> None:
+        piece, data = received
         if piece.index != self._index:
             self._finish()
             if not 0 <= piece.index < len(self.values):
@@ -181,10 +175,10 @@ class _Assembler:
             self.tiers[piece.index] = piece.tier
         if self._buf is None:
             raise DataLoss(f"server sent data for missing key #{piece.index}")
-        n = len(piece.data)
+        n = len(data)
         if self._filled + n > len(self._buf):
             raise DataLoss(f"server sent too many bytes for key #{piece.index}")
-        self._buf[self._filled : self._filled + n] = np.frombuffer(piece.data, dtype=np.uint8)
+        self._buf[self._filled : self._filled + n] = np.frombuffer(data, dtype=np.uint8)
         self._filled += n
 
     def _finish(self) -> None:

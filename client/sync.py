@@ -9,10 +9,10 @@ import grpc
 import numpy as np
 import torch
 
-from kvstore.client._core import CHANNEL_OPTIONS, Call, ClientCore, Op, ServerStats, target_of
+from kvstore.client._core import Call, ClientCore, Op, ServerStats, target_of
 from kvstore.errors import error_for_status
 from kvstore.v1 import kvstore_pb2 as pb
-from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+from kvstore.wire import GRPC_OPTIONS, client_stubs
 
 T = TypeVar("T")
 
@@ -28,8 +28,8 @@ class KVClient:
         self.address = address
         self.timeout = timeout
         self._core = ClientCore(namespace)
-        self._channel = grpc.insecure_channel(target_of(address), options=CHANNEL_OPTIONS)
-        self._stub = pb_grpc.KVStoreStub(self._channel)
+        self._channel = grpc.insecure_channel(target_of(address), options=GRPC_OPTIONS)
+        self._stubs = client_stubs(self._channel)
 
     @property
     def namespace(self) -> str:
@@ -44,7 +44,7 @@ class KVClient:
             return done.value  # type: ignore[no-any-return]
 
     def _invoke(self, call: Call) -> Any:
-        method = getattr(self._stub, call.method)
+        method = self._stubs[call.method]
         try:
             if call.sink is None:
                 return method(call.request, timeout=self.timeout)

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 KNOWN_TIERS = ("gpu", "cpu", "ssd")
-MAX_PIECE_BYTES = 4 << 20
 # sun_path is 108 bytes on Linux, including the terminating NUL.
 _MAX_SOCKET_PATH = 107
 

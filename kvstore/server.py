@@ -29,21 +29,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvstore import __version__
-from kvstore.config import MAX_PIECE_BYTES, ServerConfig, format_size
+from kvstore.config import ServerConfig, format_size
 from kvstore.errors import InvalidArgument, KVStoreError
 from kvstore.store import PutReservation, Store, check_namespace
 from kvstore.v1 import kvstore_pb2 as pb
-from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+from kvstore.wire import GRPC_OPTIONS, PIECE_BYTES, SERVICE, Piece, server_handler
 
 log = logging.getLogger("kvstore.server")
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KVStore"].full_name
-# Room for one data piece plus its header and framing.
-MAX_MESSAGE_BYTES = MAX_PIECE_BYTES + (1 << 20)
-GRPC_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-]
 SYNC_INTERVAL_S = 1.0
 
 T = TypeVar("T")
@@ -74,7 +67,7 @@ def _unary(
     return wrapper
 
 
-class KVStoreServicer(pb_grpc.KVStoreServicer):
+class KVStoreServicer:
     """Implements `kvstore.v1.KVStore` over a `Store`."""
 
     def __init__(self, store: Store, config: ServerConfig) -> None:
@@ -84,15 +77,15 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     # --------------------------------------------------------------- puts
 
-    async def Put(self, request_iterator: AsyncIterator[pb.PutPiece], context: Any) -> Any:
+    async def Put(self, request_iterator: AsyncIterator[Piece], context: Any) -> Any:
         return await self._put(request_iterator, context, max_values=1)
 
-    async def BatchPut(self, request_iterator: AsyncIterator[pb.PutPiece], context: Any) -> Any:
+    async def BatchPut(self, request_iterator: AsyncIterator[Piece], context: Any) -> Any:
         return await self._put(request_iterator, context, max_values=None)
 
     async def _put(
         self,
-        pieces: AsyncIterator[pb.PutPiece],
+        pieces: AsyncIterator[Piece],
         context: grpc.aio.ServicerContext,
         max_values: int | None,
     ) -> pb.PutResponse:
@@ -100,7 +93,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         res: PutReservation | None = None
         namespace: str | None = None
         try:
-            async for piece in pieces:
+            async for piece, data in pieces:
                 if namespace is None:
                     namespace = piece.namespace
                     check_namespace(namespace)
@@ -126,8 +119,8 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                         if not tiers
                         else "data after a complete value without a new header"
                     )
-                if piece.data:
-                    res.write(piece.data)
+                if len(data):
+                    res.write(data)
             if res is not None:
                 tiers.append(await asyncio.to_thread(res.commit))
                 res = None
@@ -145,11 +138,11 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     # --------------------------------------------------------------- gets
 
-    async def Get(self, request: pb.GetRequest, context: Any) -> AsyncIterator[pb.GetPiece]:
+    async def Get(self, request: pb.GetRequest, context: Any) -> AsyncIterator[Piece]:
         async for piece in self._get(request.namespace, [request.key], context):
             yield piece
 
-    async def BatchGet(self, request: pb.KeysRequest, context: Any) -> AsyncIterator[pb.GetPiece]:
+    async def BatchGet(self, request: pb.KeysRequest, context: Any) -> AsyncIterator[Piece]:
         try:
             self.store.check_keys(request.namespace, request.keys)
         except KVStoreError as exc:
@@ -159,33 +152,35 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     async def _get(
         self, namespace: str, keys: Sequence[bytes], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.GetPiece]:
+    ) -> AsyncIterator[Piece]:
         for index, key in enumerate(keys):
             try:
                 lease = await asyncio.to_thread(self.store.get, namespace, key)
             except Exception as exc:
                 await _fail(context, exc)
             if lease is None:
-                yield pb.GetPiece(index=index, found=False)
+                yield Piece(pb.GetPiece(index=index, found=False), b"")
                 continue
             try:
                 h, view = lease.header, lease.view
-                first = min(len(view), MAX_PIECE_BYTES)
-                yield pb.GetPiece(
-                    index=index,
-                    found=True,
-                    header=pb.ValueHeader(
-                        key=key,
-                        dtype=h.dtype,
-                        shape=h.shape,
-                        nbytes=h.payload_len,
-                        checksum=h.payload_checksum,
+                first = min(len(view), PIECE_BYTES)
+                yield Piece(
+                    pb.GetPiece(
+                        index=index,
+                        found=True,
+                        header=pb.ValueHeader(
+                            key=key,
+                            dtype=h.dtype,
+                            shape=h.shape,
+                            nbytes=h.payload_len,
+                            checksum=h.payload_checksum,
+                        ),
+                        tier=lease.tier,
                     ),
-                    tier=lease.tier,
-                    data=bytes(view[:first]),
+                    view[:first],
                 )
-                for off in range(first, len(view), MAX_PIECE_BYTES):
-                    yield pb.GetPiece(index=index, data=bytes(view[off : off + MAX_PIECE_BYTES]))
+                for off in range(first, len(view), PIECE_BYTES):
+                    yield Piece(pb.GetPiece(index=index), view[off : off + PIECE_BYTES])
             finally:
                 lease.release()
 
@@ -225,7 +220,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             chunk_tokens=cfg.chunk_tokens,
             max_value_bytes=cfg.max_value_bytes,
             max_keys_per_request=cfg.max_keys_per_request,
-            max_piece_bytes=MAX_PIECE_BYTES,
+            max_piece_bytes=PIECE_BYTES,
             tiers=[
                 pb.TierStats(
                     name=t.name,
@@ -315,11 +310,11 @@ async def _serve_locked(config: ServerConfig, ready: Callable[[str], None] | Non
     store = await asyncio.to_thread(Store, config)
     try:
         server = grpc.aio.server(options=GRPC_OPTIONS)
-        pb_grpc.add_KVStoreServicer_to_server(KVStoreServicer(store, config), server)
+        server.add_generic_rpc_handlers((server_handler(KVStoreServicer(store, config)),))
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         old_umask = os.umask(0o177)  # the socket is created 0600: only this user may connect
         try:
@@ -332,7 +327,7 @@ async def _serve_locked(config: ServerConfig, ready: Callable[[str], None] | Non
             addresses.append(config.listen)
         await server.start()
         os.chmod(sock, 0o600)
-        for name in ("", SERVICE_NAME):
+        for name in ("", SERVICE):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
         stop = asyncio.Event()
@@ -353,7 +348,7 @@ async def _serve_locked(config: ServerConfig, ready: Callable[[str], None] | Non
 
         log.info("shutting down: draining in-flight calls (grace %.1fs)", config.grace_seconds)
         deadline = time.monotonic() + config.grace_seconds
-        for name in ("", SERVICE_NAME):
+        for name in ("", SERVICE):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.stop(config.grace_seconds)
         syncer.cancel()

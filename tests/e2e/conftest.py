@@ -1,0 +1,108 @@
+"""Fixtures that run a real `kvstore-server` process and talk to it only over its socket."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kvstore.client import KVClient
+from kvstore.errors import KVStoreError
+
+NAMESPACE = "test/model-a"
+
+
+class ServerProcess:
+    """One `kvstore-server` on a data directory; can be stopped and started again."""
+
+    def __init__(self, data_dir: Path, *flags: str) -> None:
+        self.data_dir = data_dir
+        self.flags = list(flags)
+        self.socket = data_dir / "kvstore.sock"
+        self.address = f"unix://{self.socket}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
+
+    def start(self, timeout: float = 30.0) -> ServerProcess:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kvstore.server_cli",
+                "--data-dir",
+                str(self.data_dir),
+                "--grace-seconds",
+                "5",
+                *self.flags,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            if self.socket.exists():
+                try:
+                    with KVClient(self.address, NAMESPACE, timeout=2) as c:
+                        c.stats()
+                    return self
+                except KVStoreError:
+                    pass
+            time.sleep(0.05)
+        raise RuntimeError(f"server did not come up in {timeout}s:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout)
+        self.proc = None
+        return rc
+
+    def restart(self) -> ServerProcess:
+        self.stop()
+        return self.start()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def client(self, namespace: str = NAMESPACE, **kw: object) -> KVClient:
+        return KVClient(self.address, namespace, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator:
+    """`start_server(*flags, name="srv")` starts a server; all are stopped at teardown."""
+    started: list[ServerProcess] = []
+
+    def start(*flags: str, name: str = "srv") -> ServerProcess:
+        srv = ServerProcess(tmp_path / name, *flags)
+        started.append(srv)
+        return srv.start()
+
+    yield start
+    for srv in started:
+        if srv.alive():
+            srv.stop()
+
+
+@pytest.fixture
+def server(start_server) -> ServerProcess:  # type: ignore[no-untyped-def]
+    """A server with small tiers: 64 MiB cpu, 256 MiB ssd."""
+    return start_server("--cpu-bytes", "64MiB", "--ssd-bytes", "256MiB")
+
+
+@pytest.fixture
+def client(server: ServerProcess) -> Iterator[KVClient]:
+    with server.client() as c:
+        yield c
