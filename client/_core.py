@@ -127,7 +127,7 @@ def _outgoing(key: bytes, tensor: torch.Tensor) -> _Outgoing:
         t = t.to("cpu")
     t = t.contiguous()
     flat = t.reshape(-1).view(torch.uint8)
-    data = memoryview(flat.numpy()) if flat.numel() else memoryview(b"")
+    data = flat.numpy().data if flat.numel() else memoryview(b"")
     return _Outgoing(bytes(key), name, tuple(t.shape), data, checksum(data), flat)
 
 
@@ -188,7 +188,7 @@ class _Assembler:
         self._buf, self._header = None, None
         if self._filled != len(buf):
             raise DataLoss(f"value for key #{self._index} ended after {self._filled} bytes")
-        if checksum(buf) != h.checksum:
+        if checksum(buf.data) != h.checksum:
             raise DataLoss(f"value for key #{self._index} failed its checksum in transit")
         dtype = getattr(torch, h.dtype)
         shape = tuple(h.shape)
@@ -274,7 +274,7 @@ class ClientCore:
         self.chunk_tokens = stats.chunk_tokens
         return stats
 
-    def list(self, namespace: str | None, limit: int) -> Op[list[pb.ListResponse]]:
+    def entries(self, namespace: str | None, limit: int) -> Op[list[pb.ListResponse]]:
         out: list[pb.ListResponse] = []
         yield Call("List", pb.ListRequest(namespace=namespace or "", limit=limit), out.append)
         return out

@@ -85,8 +85,8 @@ class AsyncKVClient:
     async def stats(self) -> ServerStats:
         return await self._run(self._core.stats())
 
-    async def list(self, namespace: str | None = None, limit: int = 0) -> list[pb.ListResponse]:
-        return await self._run(self._core.list(namespace, limit))
+    async def entries(self, namespace: str | None = None, limit: int = 0) -> list[pb.ListResponse]:
+        return await self._run(self._core.entries(namespace, limit))
 
     async def prefix_keys(self, token_ids: Sequence[int] | np.ndarray) -> list[bytes]:
         return await self._run(self._core.prefix_keys(token_ids))

@@ -92,9 +92,9 @@ class KVClient:
     def stats(self) -> ServerStats:
         return self._run(self._core.stats())
 
-    def list(self, namespace: str | None = None, limit: int = 0) -> list[pb.ListResponse]:
+    def entries(self, namespace: str | None = None, limit: int = 0) -> list[pb.ListResponse]:
         """Stored entries of `namespace` (all namespaces when None), at most `limit` if set."""
-        return self._run(self._core.list(namespace, limit))
+        return self._run(self._core.entries(namespace, limit))
 
     def prefix_keys(self, token_ids: Sequence[int] | np.ndarray) -> list[bytes]:
         return self._run(self._core.prefix_keys(token_ids))

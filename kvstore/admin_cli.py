@@ -80,7 +80,7 @@ def cmd_stats(client: KVClient, as_json: bool, console: Console) -> None:
 def cmd_ls(
     client: KVClient, namespace: str | None, limit: int, as_json: bool, console: Console
 ) -> None:
-    entries = client.list(namespace, limit)
+    entries = client.entries(namespace, limit)
     if as_json:
         for e in entries:
             h = e.header

@@ -13,6 +13,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,8 @@ def parse_size(value: str | int, what: str = "size") -> int:
                 f"{what}: cannot read {value!r} as a size; write e.g. 512MiB, 64GiB, 2TB or "
                 "a plain number of bytes"
             )
-        n = int(float(m.group(1)) * _UNITS[unit])
+        # Decimal, not float: "4.1MB" is 4100000 bytes, not 4099999.
+        n = int(Decimal(m.group(1)) * _UNITS[unit])
     if n < 0:
         raise ConfigError(f"{what}: must not be negative, got {value!r}")
     return n
@@ -114,8 +116,9 @@ class ServerConfig:
         # The hierarchy is fixed (gpu above cpu above ssd); order in the flag does not matter.
         self.tiers = tuple(t for t in KNOWN_TIERS if t in tiers)
 
-        self.data_dir = Path(self.data_dir).expanduser()
-        self.socket = Path(self.socket).expanduser() if self.socket else None
+        # Absolute, so the socket's gRPC address is unix:///... wherever the server was started.
+        self.data_dir = Path(self.data_dir).expanduser().absolute()
+        self.socket = Path(self.socket).expanduser().absolute() if self.socket else None
         for name in ("cpu_bytes", "ssd_bytes", "max_value_bytes", "staging_bytes"):
             setattr(self, name, parse_size(getattr(self, name), name.replace("_", "-")))
         if "cpu" in self.tiers and self.cpu_bytes < (1 << 20):
@@ -144,7 +147,8 @@ class ServerConfig:
             raise ConfigError(f"log-level: {self.log_level!r} is not debug/info/warning/error")
         if self.listen is not None:
             host, sep, port = self.listen.rpartition(":")
-            if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            digits = port.isascii() and port.isdigit()
+            if not sep or not host or not digits or not 0 <= int(port) < 65536:
                 raise ConfigError(f"listen: expected HOST:PORT, got {self.listen!r}")
         if len(os.fsencode(str(self.socket_path))) > _MAX_SOCKET_PATH:
             raise ConfigError(

@@ -216,7 +216,7 @@ class Store:
         self._index: dict[EntryId, Entry] = {}
         self.cpu: HostArena | None = None
         self.ssd: LmdbTier | None = None
-        self._policy: dict[str, EvictionPolicy] = {}
+        self._policy: dict[str, EvictionPolicy[EntryId]] = {}
         self._counters: dict[str, TierCounters] = {}
         self._page_entries: dict[int, set[EntryId]] = {}
         self._staging_used = 0

@@ -9,23 +9,26 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Iterator
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
 
 
-class EvictionPolicy(ABC):
+class EvictionPolicy(ABC, Generic[K]):
     @abstractmethod
-    def insert(self, item: Hashable) -> None:
+    def insert(self, item: K) -> None:
         """A new entry arrived in the tier."""
 
     @abstractmethod
-    def access(self, item: Hashable) -> None:
+    def access(self, item: K) -> None:
         """An entry of the tier was read."""
 
     @abstractmethod
-    def remove(self, item: Hashable) -> None:
+    def remove(self, item: K) -> None:
         """An entry left the tier (evicted, demoted, promoted or deleted)."""
 
     @abstractmethod
-    def candidates(self) -> Iterator[Hashable]:
+    def candidates(self) -> Iterator[K]:
         """Entries in eviction order, first the one to evict first.
 
         The caller may not insert or remove while iterating; it collects, then acts.

@@ -3,27 +3,27 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator
+from collections.abc import Iterator
 
-from kvstore.policy.base import EvictionPolicy
+from kvstore.policy.base import EvictionPolicy, K
 
 
-class LRUPolicy(EvictionPolicy):
+class LRUPolicy(EvictionPolicy[K]):
     def __init__(self) -> None:
-        self._order: OrderedDict[Hashable, None] = OrderedDict()
+        self._order: OrderedDict[K, None] = OrderedDict()
 
-    def insert(self, item: Hashable) -> None:
+    def insert(self, item: K) -> None:
         self._order[item] = None
         self._order.move_to_end(item)
 
-    def access(self, item: Hashable) -> None:
+    def access(self, item: K) -> None:
         if item in self._order:
             self._order.move_to_end(item)
 
-    def remove(self, item: Hashable) -> None:
+    def remove(self, item: K) -> None:
         self._order.pop(item, None)
 
-    def candidates(self) -> Iterator[Hashable]:
+    def candidates(self) -> Iterator[K]:
         return iter(self._order)
 
     def __len__(self) -> int:

@@ -35,7 +35,8 @@ class _Page:
     capacity: int = 0  # slots the page holds in its current class
     bumped: int = 0  # slots handed out at least once since the page joined the class
     live: int = 0
-    free: list[int] = field(default_factory=list)  # slot indexes freed and not reused
+    # Slot indexes freed and not reused; a dict so a double free is caught in O(1).
+    free: dict[int, None] = field(default_factory=dict)
 
 
 def size_classes(min_size: int, max_size: int) -> list[int]:
@@ -112,7 +113,7 @@ class SlabAllocator:
             return None
         page = self._pages[pidx]
         if page.free:
-            idx = page.free.pop()
+            idx = page.free.popitem()[0]
         else:
             idx = page.bumped
             page.bumped += 1
@@ -124,12 +125,16 @@ class SlabAllocator:
         return Slot(pidx * self.page_bytes + idx * page.slot_size, page.slot_size, pidx, c)
 
     def free(self, slot: Slot) -> None:
+        if not 0 <= slot.page < self.num_pages:
+            raise ValueError(f"slot at offset {slot.offset} is not allocated")
         page = self._pages[slot.page]
         if page.size_class != slot.size_class or page.live <= 0:
             raise ValueError(f"slot at offset {slot.offset} is not allocated")
+        idx, rem = divmod(slot.offset - slot.page * self.page_bytes, page.slot_size)
+        if rem or not 0 <= idx < page.bumped or idx in page.free:
+            raise ValueError(f"slot at offset {slot.offset} is not allocated")
         was_full = not page.free and page.bumped == page.capacity
-        idx = (slot.offset - slot.page * self.page_bytes) // page.slot_size
-        page.free.append(idx)
+        page.free[idx] = None
         page.live -= 1
         self.used_bytes -= page.slot_size
         self.live_slots -= 1

@@ -23,7 +23,7 @@ def value(i: int, nbytes: int = MiB) -> torch.Tensor:
 
 
 def tiers_of(client) -> dict[bytes, str]:  # type: ignore[no-untyped-def]
-    return {e.header.key: e.tier for e in client.list(client.namespace)}
+    return {e.header.key: e.tier for e in client.entries(client.namespace)}
 
 
 def test_full_cpu_tier_demotes_lru_to_ssd_and_get_promotes(start_server) -> None:  # type: ignore[no-untyped-def]

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Create ./.venv and install kvstore into it (editable). Safe to run again.
+#   scripts/setup.sh          runtime only
+#   scripts/setup.sh test     plus the test and lint tools
+# torch is installed first and pinned: an unpinned torch pulls a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras=${1:-}
+python=${PYTHON:-}
+if [ -z "$python" ]; then
+    for candidate in python3.11 python3.12 python3.13 python3; do
+        if command -v "$candidate" >/dev/null 2>&1; then python=$candidate; break; fi
+    done
+fi
+if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    echo "kvstore needs Python 3.11 or newer; found ${python:-none}. Set PYTHON=/path/to/python3.11." >&2
+    exit 1
+fi
+if [ ! -x .venv/bin/python ]; then
+    echo "==> creating .venv with $("$python" --version)"
+    "$python" -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+python -m pip install --quiet --upgrade pip
+if ! python -c 'import torch' >/dev/null 2>&1; then
+    echo "==> installing torch ${KVSTORE_TORCH_VERSION:-2.13.0}"
+    python -m pip install --quiet "torch==${KVSTORE_TORCH_VERSION:-2.13.0}"
+fi
+echo "==> installing kvstore${extras:+[$extras]} and its dependencies"
+python -m pip install --quiet -e ".${extras:+[$extras]}"
