@@ -50,7 +50,7 @@ EntryId = tuple[str, bytes]
 
 
 def check_namespace(namespace: str) -> None:
-    if not NAMESPACE_RE.match(namespace):
+    if not NAMESPACE_RE.fullmatch(namespace):
         raise InvalidArgument(
             f"namespace {namespace[:80]!r} is not valid: 1-255 characters from letters, digits "
             "and . _ : / @ = + -, starting with a letter or digit "
@@ -131,7 +131,7 @@ class PutReservation:
         self.buffer = buffer
         self.filled = 0
         self._staged = staged
-        self._done = False
+        self._state = "open"  # open -> committing -> done, or open -> done (abort)
 
     @property
     def tier(self) -> str:
@@ -148,29 +148,39 @@ class PutReservation:
         self.filled = end
 
     def commit(self) -> str:
-        """Make the value visible; returns the tier it landed in."""
-        if self.filled != len(self.buffer):
-            self.abort()
-            raise InvalidArgument(
-                f"value {self.entry.key.hex()[:16]}... ended after {self.filled} of "
-                f"{len(self.buffer)} bytes; nothing was stored"
-            )
-        if checksum(self.buffer) != self.entry.checksum:
-            self.abort()
-            raise DataLoss(
-                f"value {self.entry.key.hex()[:16]}... arrived with a different checksum than "
-                "its header announced; nothing was stored"
-            )
+        """Make the value visible; returns the tier it landed in.
+
+        On any failure the reserved room is freed and nothing becomes visible.
+        """
+        with self._store._lock:
+            if self._state != "open":
+                raise RuntimeError(f"reservation already {self._state}")
+            self._state = "committing"  # abort() from another thread now leaves it alone
         try:
+            if self.filled != len(self.buffer):
+                raise InvalidArgument(
+                    f"value {self.entry.key.hex()[:16]}... ended after {self.filled} of "
+                    f"{len(self.buffer)} bytes; nothing was stored"
+                )
+            if checksum(self.buffer) != self.entry.checksum:
+                raise DataLoss(
+                    f"value {self.entry.key.hex()[:16]}... arrived with a different checksum "
+                    "than its header announced; nothing was stored"
+                )
             return self._store._commit(self)
+        except BaseException:
+            self._store._abort(self)
+            raise
         finally:
-            self._done = True
+            self._state = "done"
             self._release_staging()
 
     def abort(self) -> None:
-        if self._done:
-            return
-        self._done = True
+        """Give the room back; a no-op once committed, committing or aborted."""
+        with self._store._lock:
+            if self._state != "open":
+                return
+            self._state = "done"
         self._store._abort(self)
         self._release_staging()
 
@@ -218,7 +228,7 @@ class Store:
         self.ssd: LmdbTier | None = None
         self._policy: dict[str, EvictionPolicy[EntryId]] = {}
         self._counters: dict[str, TierCounters] = {}
-        self._page_entries: dict[int, set[EntryId]] = {}
+        self._page_entries: dict[int, set[Entry]] = {}
         self._staging_used = 0
         self._dirty = False
         config.data_dir.mkdir(parents=True, exist_ok=True)
@@ -325,15 +335,20 @@ class Store:
         e = res.entry
         with self._lock:
             old = self._index.get(e.eid)
-            if old is not None:
-                self._remove(old)
             if res.slot is not None:
+                if old is not None:
+                    self._remove(old)
                 e.slot = res.slot
                 self._index[e.eid] = e
-                self._page_entries.setdefault(res.slot.page, set()).add(e.eid)
+                self._page_entries.setdefault(res.slot.page, set()).add(e)
                 self._policy["cpu"].insert(e.eid)
                 return "cpu"
+            # Written before the old value is retired, so a failure leaves the old one intact.
+            # The new LMDB record replaces the old one's in place, under the same key.
             self._write_ssd(e, res.buffer)
+            if old is not None:
+                old.on_ssd = False
+                self._remove(old)
             self._index[e.eid] = e
             return "ssd"
 
@@ -371,8 +386,8 @@ class Store:
             view = self._cpu_view(e)
         if tier == "cpu" and checksum(view) != e.checksum:
             with self._lock:
-                e.readers -= 1
                 self._drop(e)
+                self._unlease(e)
             raise DataLoss(
                 f"cpu tier: checksum mismatch for {e.key.hex()[:16]}...; the value was dropped"
             )
@@ -384,7 +399,12 @@ class Store:
         self._counters["ssd"].hits += 1
         e.hits += 1
         self._policy["ssd"].access(e.eid)
-        slot = self._alloc_cpu(e.nbytes, keep=e) if self.cpu is not None else None
+        # Held as read while room is made, so demotions cannot evict its own ssd copy.
+        e.readers += 1
+        try:
+            slot = self._alloc_cpu(e.nbytes) if self.cpu is not None else None
+        finally:
+            e.readers -= 1
         if slot is None:
             self._stage(e.nbytes)
         try:
@@ -407,7 +427,7 @@ class Store:
         if slot is None:
             return ReadLease(self, None, memoryview(copy), e.header(), "ssd")
         e.slot = slot
-        self._page_entries.setdefault(slot.page, set()).add(e.eid)
+        self._page_entries.setdefault(slot.page, set()).add(e)
         self._policy["cpu"].insert(e.eid)
         self._counters["cpu"].promotions += 1
         return None
@@ -415,13 +435,16 @@ class Store:
     def _release(self, e: Entry | None, staged: int) -> None:
         with self._lock:
             if e is not None:
-                e.readers -= 1
-                if e.dead and e.readers == 0 and e.slot is not None:
-                    assert self.cpu is not None
-                    self.cpu.free(e.slot)
-                    e.slot = None
+                self._unlease(e)
             if staged:
                 self._unstage(staged)
+
+    def _unlease(self, e: Entry) -> None:
+        e.readers -= 1
+        if e.dead and e.readers == 0 and e.slot is not None:
+            assert self.cpu is not None
+            self.cpu.free(e.slot)
+            e.slot = None
 
     # ----------------------------------------------------------------- queries
 
@@ -569,7 +592,7 @@ class Store:
     def _evictable(self, e: Entry) -> bool:
         return e.pins == 0 and e.readers == 0
 
-    def _alloc_cpu(self, nbytes: int, keep: Entry | None = None) -> Slot | None:
+    def _alloc_cpu(self, nbytes: int) -> Slot | None:
         """A cpu slot for `nbytes`, evicting LRU entries as needed; None if impossible."""
         cpu = self.cpu
         assert cpu is not None
@@ -581,7 +604,7 @@ class Store:
         # that fits exactly.
         for eid in self._policy["cpu"].candidates():
             e = self._index[eid]
-            if e is not keep and self._evictable(e) and e.slot and e.slot.size_class == size_class:
+            if self._evictable(e) and e.slot and e.slot.size_class == size_class:
                 self._evict_cpu([e])
                 return cpu.alloc(nbytes)
         # Otherwise free a whole page: the one holding the least recently used entry whose
@@ -594,10 +617,10 @@ class Store:
             if page in seen:
                 continue
             seen.add(page)
-            members = [self._index[m] for m in self._page_entries.get(page, ())]
+            members = list(self._page_entries.get(page, ()))
             if len(members) != cpu.allocator.page_live(page):
                 continue  # a reservation or a dead-but-leased slot lives there
-            if all(m is not keep and self._evictable(m) for m in members):
+            if all(self._evictable(m) for m in members):
                 self._evict_cpu(members)
                 return cpu.alloc(nbytes)
         return None
@@ -613,8 +636,8 @@ class Store:
                 except ResourceExhausted as exc:
                     log.warning("evicting %s from cpu with no room on ssd: %s", e.key.hex(), exc)
             self._free_cpu_copy(e)
-            if not e.on_ssd:
-                self._index.pop(e.eid, None)
+            if not e.on_ssd and self._index.get(e.eid) is e:
+                del self._index[e.eid]
 
     def _cpu_view(self, e: Entry) -> memoryview:
         assert self.cpu is not None and e.slot is not None
@@ -625,7 +648,7 @@ class Store:
         self._policy["cpu"].remove(e.eid)
         members = self._page_entries.get(e.slot.page)
         if members is not None:
-            members.discard(e.eid)
+            members.discard(e)
         if e.readers:
             e.dead = True  # freed by the last lease's release
         else:
@@ -668,12 +691,13 @@ class Store:
         e.on_ssd = False
         self._dirty = True
         self._policy["ssd"].remove(e.eid)
-        if e.slot is None or e.dead:
-            self._index.pop(e.eid, None)
+        if (e.slot is None or e.dead) and self._index.get(e.eid) is e:
+            del self._index[e.eid]
 
     def _remove(self, e: Entry) -> None:
         """Take `e` out of the index and every tier (delete or replace)."""
-        self._index.pop(e.eid, None)
+        if self._index.get(e.eid) is e:
+            del self._index[e.eid]
         if e.slot is not None and not e.dead:
             self._free_cpu_copy(e)
         if e.on_ssd:
