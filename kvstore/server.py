@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -98,11 +99,12 @@ class KVStoreServicer:
                     namespace = piece.namespace
                     check_namespace(namespace)
                 if piece.HasField("header"):
+                    # Checked before committing the pending value: a refused Put stores nothing.
+                    if max_values is not None and len(tiers) + (res is not None) >= max_values:
+                        raise InvalidArgument("Put carries one value; use BatchPut for several")
                     if res is not None:
                         tiers.append(await asyncio.to_thread(res.commit))
                         res = None
-                    if max_values is not None and len(tiers) >= max_values:
-                        raise InvalidArgument("Put carries one value; use BatchPut for several")
                     h = piece.header
                     res = await asyncio.to_thread(
                         self.store.begin_put,
@@ -129,6 +131,8 @@ class KVStoreServicer:
             return pb.PutResponse(stored=len(tiers), tiers=tiers)
         except grpc.aio.AbortError:
             raise
+        except DecodeError as exc:
+            return await _fail(context, InvalidArgument(f"malformed PutPiece: {exc}"))  # type: ignore[no-any-return]
         except Exception as exc:
             return await _fail(context, exc)  # type: ignore[no-any-return]
         finally:

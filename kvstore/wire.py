@@ -146,15 +146,48 @@ def client_stubs(channel: Any) -> dict[str, Any]:
 
 
 def server_handler(servicer: Any) -> Any:
-    """A generic handler routing every method to `servicer.<Method>`."""
+    """A generic handler routing every method to `servicer.<Method>` (grpc.aio coroutines).
+
+    Requests of unary calls are parsed here rather than by gRPC, so a malformed message gets
+    INVALID_ARGUMENT instead of gRPC's UNKNOWN.
+    """
     import grpc
 
-    handlers = {
-        name: getattr(grpc, f"{kind}_rpc_method_handler")(
-            getattr(servicer, name),
-            request_deserializer=_deserializer(req),
-            response_serializer=_serializer(resp),
+    handlers = {}
+    for name, (kind, req, resp) in METHODS.items():
+        behavior = getattr(servicer, name)
+        if req in _DATA_FIELD:
+            deserialize = _deserializer(req)  # the servicer maps its DecodeError itself
+        else:
+            behavior = (_parse_unary if kind == "unary_unary" else _parse_stream)(behavior, req)
+            deserialize = None  # raw bytes reach the wrapper
+        handlers[name] = getattr(grpc, f"{kind}_rpc_method_handler")(
+            behavior, request_deserializer=deserialize, response_serializer=_serializer(resp)
         )
-        for name, (kind, req, resp) in METHODS.items()
-    }
     return grpc.method_handlers_generic_handler(SERVICE, handlers)
+
+
+async def _parse_or_abort(cls: type[Message], raw: bytes, context: Any) -> Any:
+    import grpc
+
+    try:
+        return cls.FromString(raw)
+    except DecodeError as exc:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, f"malformed {cls.__name__} message: {exc}"
+        )
+
+
+def _parse_unary(behavior: Any, cls: type[Message]) -> Any:
+    async def unary(raw: bytes, context: Any) -> Any:
+        return await behavior(await _parse_or_abort(cls, raw, context), context)
+
+    return unary
+
+
+def _parse_stream(behavior: Any, cls: type[Message]) -> Any:
+    async def stream(raw: bytes, context: Any) -> Any:
+        async for item in behavior(await _parse_or_abort(cls, raw, context), context):
+            yield item
+
+    return stream
