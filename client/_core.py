@@ -102,17 +102,8 @@ class ServerStats:
         )
 
 
-@dataclass
-class _Outgoing:
-    key: bytes
-    dtype: str
-    shape: tuple[int, ...]
-    data: memoryview
-    checksum: int
-    keepalive: Any  # the tensor whose memory `data` views
-
-
-def _outgoing(key: bytes, tensor: torch.Tensor) -> _Outgoing:
+def _check_outgoing(key: bytes, tensor: torch.Tensor) -> str:
+    """Validate one value before any byte is sent; returns its wire dtype name."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(tensor).__name__}")
     if not isinstance(key, bytes | bytearray | memoryview):
@@ -122,27 +113,27 @@ def _outgoing(key: bytes, tensor: torch.Tensor) -> _Outgoing:
         raise InvalidArgument(
             f"dtype {name} cannot be stored; use one of {', '.join(sorted(BY_NAME))}"
         )
-    t = tensor.detach()
-    if t.device.type != "cpu":
-        t = t.to("cpu")
-    t = t.contiguous()
-    flat = t.reshape(-1).view(torch.uint8)
-    data = flat.numpy().data if flat.numel() else memoryview(b"")
-    return _Outgoing(bytes(key), name, tuple(t.shape), data, checksum(data), flat)
+    return name
 
 
-def _put_pieces(namespace: str, values: Sequence[_Outgoing]) -> Iterator[Piece]:
-    for i, v in enumerate(values):
-        n = len(v.data)
+def _put_pieces(
+    namespace: str, values: Sequence[tuple[bytes, torch.Tensor, str]]
+) -> Iterator[Piece]:
+    """The pieces of a (Batch)Put of checked (key, tensor, dtype name) triples. Each tensor
+    is made contiguous on the host only when its turn comes, so a batch never holds more
+    than one extra copy."""
+    for i, (key, tensor, name) in enumerate(values):
+        t = tensor.detach().to("cpu").contiguous()
+        flat = t.reshape(-1).view(torch.uint8)
+        data = flat.numpy().data if flat.numel() else memoryview(b"")
+        n = len(data)
         first = min(n, PIECE_BYTES)
         header = pb.ValueHeader(
-            key=v.key, dtype=v.dtype, shape=v.shape, nbytes=n, checksum=v.checksum
+            key=bytes(key), dtype=name, shape=t.shape, nbytes=n, checksum=checksum(data)
         )
-        yield Piece(
-            pb.PutPiece(namespace=namespace if i == 0 else "", header=header), v.data[:first]
-        )
+        yield Piece(pb.PutPiece(namespace=namespace if i == 0 else "", header=header), data[:first])
         for off in range(first, n, PIECE_BYTES):
-            yield Piece(pb.PutPiece(), v.data[off : off + PIECE_BYTES])
+            yield Piece(pb.PutPiece(), data[off : off + PIECE_BYTES])
 
 
 class _Assembler:
@@ -223,7 +214,7 @@ class ClientCore:
         return pb.KeysRequest(namespace=self.namespace, keys=_keys(keys))
 
     def put(self, key: bytes, tensor: torch.Tensor) -> Op[str]:
-        values = [_outgoing(key, tensor)]
+        values = [(key, tensor, _check_outgoing(key, tensor))]
         resp = yield Call("Put", _put_pieces(self.namespace, values))
         return str(resp.tiers[0])
 
@@ -232,7 +223,7 @@ class ClientCore:
             raise ValueError(f"{len(keys)} keys but {len(tensors)} tensors")
         if not keys:
             return []
-        values = [_outgoing(k, t) for k, t in zip(keys, tensors, strict=True)]
+        values = [(k, t, _check_outgoing(k, t)) for k, t in zip(keys, tensors, strict=True)]
         resp = yield Call("BatchPut", _put_pieces(self.namespace, values))
         return list(resp.tiers)
 
@@ -290,7 +281,11 @@ class ClientCore:
         return chunk_keys(token_ids, ct, self.namespace, include_partial=True)
 
     def put_prefix(self, token_ids: Sequence[int] | np.ndarray, kv: torch.Tensor) -> Op[int]:
-        """Store `kv` ([layers, 2, tokens, heads, head_dim]) chunk by chunk; returns chunks."""
+        """Store `kv` ([layers, 2, tokens, heads, head_dim]) chunk by chunk.
+
+        Chunks of a prefix the store already holds are not sent again. Returns the number of
+        chunks the prompt spans, all of them now stored.
+        """
         n_tokens = len(token_ids)
         if not isinstance(kv, torch.Tensor) or kv.dim() != 5 or kv.shape[1] != 2:
             shape = tuple(kv.shape) if isinstance(kv, torch.Tensor) else type(kv).__name__
@@ -302,8 +297,9 @@ class ClientCore:
         keys = yield from self.prefix_keys(token_ids)
         ct = self.chunk_tokens
         assert ct is not None
-        chunks = [kv[:, :, i * ct : (i + 1) * ct] for i in range(len(keys))]
-        yield from self.batch_put(keys, chunks)
+        held = yield from self.lookup(keys)
+        chunks = [kv[:, :, i * ct : (i + 1) * ct] for i in range(held, len(keys))]
+        yield from self.batch_put(keys[held:], chunks)
         return len(keys)
 
     def get_prefix(self, token_ids: Sequence[int] | np.ndarray) -> Op[torch.Tensor | None]:

@@ -23,6 +23,9 @@ def default_address() -> str:
     env = os.environ.get("KVSTORE_ADDRESS")
     if env:
         return env
+    socket = os.environ.get("KVSTORE_SOCKET")
+    if socket:
+        return f"unix://{Path(socket).resolve()}"
     data_dir = Path(os.environ.get("KVSTORE_DATA_DIR", "kvstore-data")).resolve()
     return f"unix://{data_dir / 'kvstore.sock'}"
 
@@ -31,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kvstore",
         description="Inspect a running kvstore-server.",
-        epilog="The server address defaults to $KVSTORE_ADDRESS, else the socket under "
-        "$KVSTORE_DATA_DIR (default ./kvstore-data).",
+        epilog="The server address defaults to $KVSTORE_ADDRESS, else $KVSTORE_SOCKET, else the "
+        "socket under $KVSTORE_DATA_DIR (default ./kvstore-data), as the server chooses it.",
     )
     p.add_argument(
         "--address",

@@ -55,7 +55,10 @@ def parse_size(value: str | int, what: str = "size") -> int:
                 "a plain number of bytes"
             )
         # Decimal, not float: "4.1MB" is 4100000 bytes, not 4099999.
-        n = int(Decimal(m.group(1)) * _UNITS[unit])
+        exact = Decimal(m.group(1)) * _UNITS[unit]
+        if exact != exact.to_integral_value():
+            raise ConfigError(f"{what}: {value!r} is not a whole number of bytes")
+        n = int(exact)
     if n < 0:
         raise ConfigError(f"{what}: must not be negative, got {value!r}")
     return n
@@ -129,12 +132,13 @@ class ServerConfig:
             raise ConfigError("max-value-bytes: must be at least 1 byte")
         if self.staging_bytes < self.max_value_bytes:
             raise ConfigError(
-                f"staging-bytes ({self.staging_bytes}) must be at least max-value-bytes "
-                f"({self.max_value_bytes}), or a large value could never be received"
+                f"staging-bytes: {self.staging_bytes} is less than max-value-bytes "
+                f"({self.max_value_bytes}), so a large value could never be received"
             )
         self.chunk_tokens = _as_int(self.chunk_tokens, "chunk-tokens", 1, 1 << 20)
+        # A key costs 34 bytes in a request, and a request is at most 5 MiB.
         self.max_keys_per_request = _as_int(
-            self.max_keys_per_request, "max-keys-per-request", 1, 1 << 22
+            self.max_keys_per_request, "max-keys-per-request", 1, 1 << 17
         )
         try:
             self.grace_seconds = float(self.grace_seconds)

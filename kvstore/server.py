@@ -15,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import signal
 import socket
+import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -32,7 +34,7 @@ from grpc_reflection.v1alpha import reflection
 from kvstore import __version__
 from kvstore.config import ServerConfig, format_size
 from kvstore.errors import InvalidArgument, KVStoreError
-from kvstore.store import PutReservation, Store, check_namespace
+from kvstore.store import PutReservation, ReadLease, Store, check_namespace
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire import GRPC_OPTIONS, PIECE_BYTES, SERVICE, Piece, server_handler
 
@@ -66,6 +68,22 @@ def _unary(
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
     return wrapper
+
+
+async def _in_thread_owned(fn: Callable[..., T], *args: Any, release: Callable[[Any], object]) -> T:
+    """`fn(*args)` on a worker thread; if the call is cancelled meanwhile (client deadline,
+    disconnect), what `fn` returns once it finishes is handed to `release`, never leaked."""
+    future = asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+
+        def orphaned(f: asyncio.Future[T]) -> None:
+            if not f.cancelled() and f.exception() is None and f.result() is not None:
+                release(f.result())
+
+        future.add_done_callback(orphaned)
+        raise
 
 
 class KVStoreServicer:
@@ -106,7 +124,7 @@ class KVStoreServicer:
                         tiers.append(await asyncio.to_thread(res.commit))
                         res = None
                     h = piece.header
-                    res = await asyncio.to_thread(
+                    res = await _in_thread_owned(
                         self.store.begin_put,
                         namespace,
                         h.key,
@@ -114,6 +132,7 @@ class KVStoreServicer:
                         list(h.shape),
                         h.nbytes,
                         h.checksum,
+                        release=PutReservation.abort,
                     )
                 elif res is None:
                     raise InvalidArgument(
@@ -159,7 +178,9 @@ class KVStoreServicer:
     ) -> AsyncIterator[Piece]:
         for index, key in enumerate(keys):
             try:
-                lease = await asyncio.to_thread(self.store.get, namespace, key)
+                lease: ReadLease | None = await _in_thread_owned(
+                    self.store.get, namespace, key, release=ReadLease.release
+                )
             except Exception as exc:
                 await _fail(context, exc)
             if lease is None:
@@ -286,8 +307,10 @@ class DataDirLock:
 def _prepare_socket(path: Path) -> None:
     """Remove a stale socket file, refusing if a live server still answers on it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return
+    if not stat.S_ISSOCK(path.lstat().st_mode):
+        raise RuntimeError(f"{path} exists and is not a socket; choose another --socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(str(path))
@@ -308,65 +331,98 @@ async def serve(config: ServerConfig, ready: Callable[[str], None] | None = None
         lock.release()
 
 
+class _ShutdownSignals:
+    """SIGTERM/SIGINT handlers that set `stop`; a second signal cuts shutdown short."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.stop = asyncio.Event()
+        self.count = 0
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self.count += 1
+        if self.count == 2:
+            log.warning("%s again: skipping what is left of the graceful shutdown", sig.name)
+        self.stop.set()
+
+    def remove(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.remove_signal_handler(sig)
+
+
 async def _serve_locked(config: ServerConfig, ready: Callable[[str], None] | None) -> None:
-    sock = config.socket_path
-    _prepare_socket(sock)
-    store = await asyncio.to_thread(Store, config)
+    # Signals are handled before anything is built, so one that arrives during a long
+    # start-up (populating the arena, rebuilding the index) still ends in a clean shutdown.
+    signals = _ShutdownSignals(asyncio.get_running_loop())
     try:
-        server = grpc.aio.server(options=GRPC_OPTIONS)
-        server.add_generic_rpc_handlers((server_handler(KVStoreServicer(store, config)),))
-        health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
-        old_umask = os.umask(0o177)  # the socket is created 0600: only this user may connect
+        sock = config.socket_path
+        _prepare_socket(sock)
+        store = await asyncio.to_thread(Store, config)
         try:
-            server.add_insecure_port(f"unix://{sock}")
+            if not signals.stop.is_set():
+                await _run(config, store, sock, signals, ready)
         finally:
-            os.umask(old_umask)
-        addresses = [f"unix://{sock}"]
-        if config.listen:
-            server.add_insecure_port(config.listen)
-            addresses.append(config.listen)
-        await server.start()
-        os.chmod(sock, 0o600)
-        for name in ("", SERVICE):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        log.info(
-            "kvstore-server %s serving on %s; %s; %d entries restored",
-            __version__,
-            " and ".join(addresses),
-            _describe_tiers(store),
-            len(store.entries()),
-        )
-        if ready is not None:
-            ready(addresses[0])
-        syncer = asyncio.create_task(_sync_forever(store))
-        await stop.wait()
-
-        log.info("shutting down: draining in-flight calls (grace %.1fs)", config.grace_seconds)
-        deadline = time.monotonic() + config.grace_seconds
-        for name in ("", SERVICE):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await server.stop(config.grace_seconds)
-        syncer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await syncer
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-        persisted = await asyncio.to_thread(store.persist, max(deadline, time.monotonic() + 1))
-        if persisted:
-            log.info("shutdown: copied %d cpu-tier values to the ssd tier", persisted)
+            await asyncio.to_thread(store.close)
+            sock.unlink(missing_ok=True)
+            log.info("kvstore-server stopped")
     finally:
-        await asyncio.to_thread(store.close)
-        sock.unlink(missing_ok=True)
-        log.info("kvstore-server stopped")
+        signals.remove()
+
+
+async def _run(
+    config: ServerConfig,
+    store: Store,
+    sock: Path,
+    signals: _ShutdownSignals,
+    ready: Callable[[str], None] | None,
+) -> None:
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    server.add_generic_rpc_handlers((server_handler(KVStoreServicer(store, config)),))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    old_umask = os.umask(0o177)  # the socket is created 0600: only this user may connect
+    try:
+        server.add_insecure_port(f"unix://{sock}")
+    finally:
+        os.umask(old_umask)
+    addresses = [f"unix://{sock}"]
+    if config.listen:
+        server.add_insecure_port(config.listen)
+        addresses.append(config.listen)
+    await server.start()
+    os.chmod(sock, 0o600)
+    for name in ("", SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "kvstore-server %s serving on %s; %s; %d entries restored",
+        __version__,
+        " and ".join(addresses),
+        _describe_tiers(store),
+        len(store.entries()),
+    )
+    if ready is not None:
+        ready(addresses[0])
+    syncer = asyncio.create_task(_sync_forever(store))
+    await signals.stop.wait()
+
+    log.info("shutting down: draining in-flight calls (grace %.1fs)", config.grace_seconds)
+    deadline = time.monotonic() + config.grace_seconds
+    for name in ("", SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.stop(config.grace_seconds if signals.count < 2 else 0)
+    syncer.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await syncer
+    persist_until = max(deadline, time.monotonic() + 1)
+    persisted = await asyncio.to_thread(
+        store.persist, lambda: time.monotonic() > persist_until or signals.count > 1
+    )
+    if persisted:
+        log.info("shutdown: copied %d cpu-tier values to the ssd tier", persisted)
 
 
 async def _sync_forever(store: Store) -> None:

@@ -28,7 +28,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from kvstore.codecs.container import ValueHeader, checksum
@@ -37,7 +37,7 @@ from kvstore.dtypes import expected_nbytes
 from kvstore.errors import DataLoss, InvalidArgument, ResourceExhausted
 from kvstore.keys import KEY_BYTES
 from kvstore.policy import POLICIES, EvictionPolicy
-from kvstore.tiers.base import TierFull
+from kvstore.tiers.base import TierError, TierFull
 from kvstore.tiers.host import HostArena, default_arena_path
 from kvstore.tiers.slab import Slot
 from kvstore.tiers.ssd import LmdbTier
@@ -203,6 +203,7 @@ class ReadLease:
         self.tier = tier
         self._staged = 0 if entry is not None else len(view)
         self._released = False
+        store._leases += 1
 
     def release(self) -> None:
         if self._released:
@@ -230,19 +231,24 @@ class Store:
         self._counters: dict[str, TierCounters] = {}
         self._page_entries: dict[int, set[Entry]] = {}
         self._staging_used = 0
+        self._leases = 0
         self._dirty = False
         config.data_dir.mkdir(parents=True, exist_ok=True)
-        if "cpu" in config.tiers:
-            self.cpu = HostArena(default_arena_path(config.data_dir), config.cpu_bytes)
-            self._add_tier("cpu")
-        if "ssd" in config.tiers:
-            try:
+        try:
+            if "cpu" in config.tiers:
+                self.cpu = HostArena(default_arena_path(config.data_dir), config.cpu_bytes)
+                self._add_tier("cpu")
+            if "ssd" in config.tiers:
                 self.ssd = LmdbTier(config.ssd_path, config.ssd_bytes)
-            except BaseException:
-                self.close()
-                raise
-            self._add_tier("ssd")
-            self._rebuild_from_ssd()
+                self._add_tier("ssd")
+                self._rebuild_from_ssd()
+        except BaseException:
+            self.close()  # never leave an arena behind in /dev/shm
+            raise
+        self.max_value_bytes = config.max_value_bytes
+        if self.ssd is None and self.cpu is not None:
+            # Without a disk tier nothing larger than one cpu slot can ever be stored.
+            self.max_value_bytes = min(self.max_value_bytes, self.cpu.max_value_bytes)
 
     def _add_tier(self, name: str) -> None:
         self._policy[name] = POLICIES["lru"]()
@@ -288,10 +294,11 @@ class Store:
             raise InvalidArgument(
                 f"shape {list(shape)} of {dtype} is {want} bytes but the value says {nbytes}"
             )
-        if nbytes > self.config.max_value_bytes:
+        if nbytes > self.max_value_bytes:
             raise InvalidArgument(
-                f"value of {nbytes} bytes exceeds the server's max-value-bytes "
-                f"({self.config.max_value_bytes}); split it into smaller chunks"
+                f"value of {nbytes} bytes exceeds the server's limit of {self.max_value_bytes} "
+                "bytes (max-value-bytes, or the largest cpu slot when there is no ssd tier); "
+                "split it into smaller chunks"
             )
 
     def check_keys(self, namespace: str, keys: Sequence[bytes]) -> None:
@@ -335,6 +342,8 @@ class Store:
         e = res.entry
         with self._lock:
             old = self._index.get(e.eid)
+            if old is not None:
+                e.pins = old.pins  # a pinned key stays pinned when its value is replaced
             if res.slot is not None:
                 if old is not None:
                     self._remove(old)
@@ -386,8 +395,19 @@ class Store:
             view = self._cpu_view(e)
         if tier == "cpu" and checksum(view) != e.checksum:
             with self._lock:
-                self._drop(e)
                 self._unlease(e)
+                current = self._index.get(e.eid) is e
+                if current and e.on_ssd and e.readers == 0:
+                    # Only the cpu copy is bad: drop it and serve the ssd copy instead.
+                    log.error("cpu copy of %s failed its checksum; reading ssd", e.key.hex())
+                    self._free_cpu_copy(e)
+                    retry = True
+                else:
+                    if current and not e.on_ssd:
+                        self._drop(e)
+                    retry = False
+            if retry:
+                return self.get(namespace, key)
             raise DataLoss(
                 f"cpu tier: checksum mismatch for {e.key.hex()[:16]}...; the value was dropped"
             )
@@ -434,6 +454,7 @@ class Store:
 
     def _release(self, e: Entry | None, staged: int) -> None:
         with self._lock:
+            self._leases -= 1
             if e is not None:
                 self._unlease(e)
             if staged:
@@ -448,20 +469,20 @@ class Store:
 
     # ----------------------------------------------------------------- queries
 
+    # lookup and exists take no lock: each membership test is atomic under the GIL, and they
+    # must not wait behind a thread that holds the lock for an LMDB write.
     def lookup(self, namespace: str, keys: Sequence[bytes]) -> int:
         self.check_keys(namespace, keys)
-        with self._lock:
-            n = 0
-            for k in keys:
-                if (namespace, k) not in self._index:
-                    break
-                n += 1
-            return n
+        n = 0
+        for k in keys:
+            if (namespace, k) not in self._index:
+                break
+            n += 1
+        return n
 
     def exists(self, namespace: str, keys: Sequence[bytes]) -> list[bool]:
         self.check_keys(namespace, keys)
-        with self._lock:
-            return [(namespace, k) in self._index for k in keys]
+        return [(namespace, k) in self._index for k in keys]
 
     def delete(self, namespace: str, keys: Sequence[bytes]) -> int:
         self.check_keys(namespace, keys)
@@ -516,7 +537,7 @@ class Store:
                 tiers,
                 len(self._index),
                 sum(1 for e in self._index.values() if e.pins),
-                sum(e.readers for e in self._index.values()),
+                self._leases,
             )
 
     # ----------------------------------------------------------------- lifecycle
@@ -524,11 +545,11 @@ class Store:
     def sync(self) -> None:
         """Flush the ssd tier if anything was written since the last flush."""
         with self._lock:
-            if self.ssd is not None and self._dirty:
-                self._dirty = False
-                self.ssd.sync()
+            ssd, dirty, self._dirty = self.ssd, self._dirty, False
+        if ssd is not None and dirty:
+            ssd.sync()  # outside the lock: an fsync must not stall every other call
 
-    def persist(self, deadline: float) -> int:
+    def persist(self, expired: Callable[[], bool]) -> int:
         """Copy cpu-only values to ssd, newest first, while ssd has free room and time is left.
 
         Called at shutdown so a restart serves what the cpu arena held. Never evicts.
@@ -539,15 +560,16 @@ class Store:
         with self._lock:
             order = list(self._policy["cpu"].candidates())
             for eid in reversed(order):
-                if time.monotonic() > deadline:
-                    log.warning("shutdown: stopped persisting cpu tier at the grace deadline")
+                if expired():
+                    log.warning("shutdown: stopped copying the cpu tier to ssd (out of time)")
                     break
                 e = self._index.get(eid)
                 if e is None or e.on_ssd or e.slot is None:
                     continue
                 try:
                     self.ssd.put(e.namespace, e.key, e.header(), self.cpu.view(e.slot, e.nbytes))
-                except TierFull:
+                except (TierFull, TierError) as exc:
+                    log.warning("shutdown: ssd tier takes no more values: %s", exc)
                     break
                 e.on_ssd = True
                 self._policy["ssd"].insert(e.eid)
@@ -668,6 +690,8 @@ class Store:
             try:
                 ssd.put(e.namespace, e.key, header, payload)
                 break
+            except TierError as exc:
+                raise ResourceExhausted(f"the ssd tier cannot take writes: {exc}") from None
             except TierFull:
                 victim = next(
                     (

@@ -65,10 +65,11 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
 def encode(piece: Piece) -> bytes:
     """Serialize `piece.message` with `piece.data` as its data field, copying data once."""
     head = piece.message.SerializeToString()
-    if not len(piece.data):
+    size = memoryview(piece.data).nbytes
+    if not size:
         return bytes(head)
     tag = (_DATA_FIELD[type(piece.message)] << 3) | 2
-    return b"".join((head, _varint(tag), _varint(len(piece.data)), piece.data))
+    return b"".join((head, _varint(tag), _varint(size), piece.data))
 
 
 def decoder(cls: type[M]) -> Any:
@@ -79,7 +80,7 @@ def decoder(cls: type[M]) -> Any:
         buf = memoryview(raw)
         pos, n = 0, len(buf)
         data: memoryview = buf[0:0]
-        cut: tuple[int, int] | None = None
+        cuts: list[tuple[int, int]] = []  # byte ranges of data fields, left out of the parse
         while pos < n:
             start = pos
             tag, pos = _read_varint(buf, pos)
@@ -90,10 +91,9 @@ def decoder(cls: type[M]) -> Any:
                 pos += 8
             elif wire_type == 2:
                 length, pos = _read_varint(buf, pos)
-                if tag >> 3 == field:
-                    if cut is not None:
-                        raise DecodeError("data field appears twice")
-                    data, cut = buf[pos : pos + length], (start, pos + length)
+                if tag >> 3 == field:  # repeated: the last one wins, as in protobuf
+                    data = buf[pos : pos + length]
+                    cuts.append((start, pos + length))
                 pos += length
             elif wire_type == 5:
                 pos += 4
@@ -101,8 +101,10 @@ def decoder(cls: type[M]) -> Any:
                 raise DecodeError(f"unsupported wire type {wire_type}")
             if pos > n:
                 raise DecodeError("truncated message")
-        rest = raw if cut is None else b"".join((buf[: cut[0]], buf[cut[1] :]))
-        return Piece(cls.FromString(rest), data)
+        if cuts:
+            bounds = [0, *(i for cut in cuts for i in cut), n]
+            raw = b"".join(buf[bounds[i] : bounds[i + 1]] for i in range(0, len(bounds), 2))
+        return Piece(cls.FromString(raw), data)
 
     return decode
 

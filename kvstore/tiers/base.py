@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager
 
 from kvstore.codecs.container import ValueHeader
+from kvstore.errors import Unavailable
 from kvstore.tiers.slab import Slot
 
 Buffer = bytes | bytearray | memoryview
@@ -25,6 +26,10 @@ Buffer = bytes | bytearray | memoryview
 
 class TierFull(Exception):
     """The tier has no room for this value until something is evicted."""
+
+
+class TierError(Unavailable):
+    """The tier failed for a reason eviction cannot fix (an I/O error, a full disk)."""
 
 
 class Tier(ABC):
@@ -67,7 +72,10 @@ class StorageTier(Tier):
 
     @abstractmethod
     def put(self, namespace: str, key: bytes, header: ValueHeader, payload: Buffer) -> None:
-        """Store a value (replacing any old one); raises `TierFull` when out of room."""
+        """Store a value (replacing any old one).
+
+        Raises `TierFull` when out of room and `TierError` when the medium fails.
+        """
 
     @abstractmethod
     def read(

@@ -61,7 +61,10 @@ class SlabAllocator:
     """Allocates slots of `capacity` bytes cut into pages of `page_bytes`."""
 
     def __init__(self, capacity: int, page_bytes: int = 64 << 20, min_size: int = 4096) -> None:
-        page_bytes = min(page_bytes, capacity)
+        # Pages of at most `page_bytes`, as many as needed to use the whole capacity: 100 MiB
+        # becomes two 50 MiB pages rather than one 64 MiB page and 36 MiB never used.
+        pages = max(1, -(-capacity // page_bytes))
+        page_bytes = capacity // pages
         page_bytes -= page_bytes % ALIGN
         if page_bytes < min_size:
             raise ValueError(f"capacity {capacity} is too small for one {min_size}-byte slot")
@@ -72,7 +75,9 @@ class SlabAllocator:
         self._free_pages = list(range(self.num_pages - 1, -1, -1))
         # Per class, pages with a free or never-used slot; dict keeps insertion order (O(1)).
         self._partial: list[dict[int, None]] = [{} for _ in self.classes]
-        self.used_bytes = 0  # bytes of slots handed out (slot sizes, not request sizes)
+        # Bytes that cannot be handed out now: live slots (their class size, not the request
+        # size) plus the tail of each page that its class's slots do not fill.
+        self.used_bytes = 0
         self.live_slots = 0
 
     @property
@@ -106,6 +111,7 @@ class SlabAllocator:
             page = self._pages[pidx]
             page.size_class, page.slot_size = c, self.classes[c]
             page.capacity = self.page_bytes // page.slot_size
+            self.used_bytes += self.page_bytes - page.capacity * page.slot_size
             page.bumped, page.live = 0, 0
             page.free.clear()
             partial[pidx] = None
@@ -140,6 +146,7 @@ class SlabAllocator:
         self.live_slots -= 1
         partial = self._partial[page.size_class]
         if page.live == 0:
+            self.used_bytes -= self.page_bytes - page.capacity * page.slot_size
             partial.pop(slot.page, None)
             page.size_class = -1
             page.free.clear()

@@ -28,7 +28,7 @@ from kvstore.codecs.container import (
     encode_header,
 )
 from kvstore.errors import DataLoss
-from kvstore.tiers.base import Buffer, StorageTier, TierFull
+from kvstore.tiers.base import Buffer, StorageTier, TierError, TierFull
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,8 @@ class LmdbTier(StorageTier):
                 txn.put(rkey, payload, db=self._data)
         except lmdb.MapFullError:
             raise TierFull("ssd tier's LMDB map is full") from None
+        except lmdb.Error as exc:  # ENOSPC, EIO: the transaction was rolled back
+            raise TierError(f"LMDB write failed in {self.path}: {exc}") from None
         self._used += size - old
 
     def _stored_size(self, rkey: bytes) -> int:
@@ -127,9 +129,12 @@ class LmdbTier(StorageTier):
     def delete(self, namespace: str, key: bytes) -> None:
         rkey = record_key(namespace, key)
         size = self._stored_size(rkey)
-        with self.env.begin(write=True) as txn:
-            txn.delete(rkey, db=self._meta)
-            txn.delete(rkey, db=self._data)
+        try:
+            with self.env.begin(write=True) as txn:
+                txn.delete(rkey, db=self._meta)
+                txn.delete(rkey, db=self._data)
+        except lmdb.Error as exc:
+            raise TierError(f"LMDB delete failed in {self.path}: {exc}") from None
         self._used -= size
 
     def scan(self) -> Iterator[tuple[str, bytes, ValueHeader]]:

@@ -29,11 +29,16 @@ def test_file_is_created_with_capacity_and_private_mode(arena: HostArena) -> Non
     assert arena.name == "cpu"
 
 
-def test_capacity_rounds_down_to_whole_pages(tmp_path: Path) -> None:
+def test_capacity_is_split_into_equal_pages_no_larger_than_asked(tmp_path: Path) -> None:
+    # 5 MiB with pages of at most 2 MiB: three pages of 5/3 MiB (64-byte aligned), so
+    # almost all of the flag is usable instead of 4 MiB in two whole 2 MiB pages.
     a = HostArena(tmp_path / "arena", 5 * MiB, page_bytes=2 * MiB)
     try:
-        assert a.capacity_bytes == 4 * MiB
-        assert os.stat(a.path).st_size == 4 * MiB
+        page = (5 * MiB // 3) // 64 * 64
+        assert a.allocator.num_pages == 3 and a.allocator.page_bytes == page
+        assert a.capacity_bytes == 3 * page and 5 * MiB - a.capacity_bytes < 3 * 64
+        assert os.stat(a.path).st_size == a.capacity_bytes
+        assert a.max_value_bytes == page
     finally:
         a.close()
 

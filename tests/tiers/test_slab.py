@@ -12,6 +12,12 @@ from kvstore.tiers.slab import ALIGN, SlabAllocator, Slot, size_classes
 KiB, MiB = 1 << 10, 1 << 20
 
 
+def page_tails(a: SlabAllocator, slots: list[Slot]) -> int:
+    """Bytes at the end of each page in use that its class's slots cannot fill."""
+    pages = {s.page: a.classes[s.size_class] for s in slots}
+    return sum(a.page_bytes - a.page_bytes // size * size for size in pages.values())
+
+
 @pytest.mark.parametrize(("lo", "hi"), [(4096, 64 * MiB), (4096, 4 * MiB), (4096, 1 * MiB)])
 def test_size_classes_shape(lo: int, hi: int) -> None:
     classes = size_classes(lo, hi)
@@ -38,11 +44,15 @@ def test_class_of_picks_smallest_fitting_class() -> None:
 
 
 def test_geometry() -> None:
+    # As few pages as the limit allows, equal and aligned, covering nearly all the capacity.
     a = SlabAllocator(10 * MiB + 123, page_bytes=4 * MiB)
-    assert a.page_bytes == 4 * MiB
-    assert a.num_pages == 2
-    assert a.capacity == 8 * MiB
-    assert a.free_pages == 2
+    assert a.num_pages == 3
+    assert a.page_bytes == (10 * MiB + 123) // 3 // ALIGN * ALIGN <= 4 * MiB
+    assert a.capacity == 3 * a.page_bytes
+    assert 10 * MiB + 123 - a.capacity < 3 * ALIGN
+    assert a.free_pages == 3
+    exact = SlabAllocator(8 * MiB, page_bytes=4 * MiB)
+    assert (exact.num_pages, exact.page_bytes) == (2, 4 * MiB)
     small = SlabAllocator(1_000_000, page_bytes=64 * MiB)  # page shrinks to the capacity
     assert small.page_bytes == 1_000_000 - 1_000_000 % ALIGN
     assert small.num_pages == 1
@@ -57,7 +67,7 @@ def test_alloc_is_aligned_sized_and_accounted() -> None:
     assert slot.offset % ALIGN == 0
     assert slot.size >= 5000
     assert slot.size == a.classes[slot.size_class]
-    assert a.used_bytes == slot.size
+    assert a.used_bytes == slot.size + page_tails(a, [slot])
     assert a.live_slots == 1
     assert a.page_live(slot.page) == 1
     assert slot.page * a.page_bytes <= slot.offset
@@ -91,7 +101,7 @@ def test_fill_one_class_exactly() -> None:
     while (s := a.alloc(64 * KiB)) is not None:
         slots.append(s)
     assert len(slots) == 2 * per_page
-    assert a.used_bytes == len(slots) * a.classes[c] <= a.capacity
+    assert a.used_bytes == len(slots) * a.classes[c] + page_tails(a, slots) <= a.capacity
 
 
 def test_pages_move_between_size_classes_after_fully_freed() -> None:
@@ -142,7 +152,7 @@ def test_freeing_unallocated_slots_raises() -> None:
         a.free(s1)
     assert a.page_live(s2.page) == 1
     assert a.live_slots == 1
-    assert a.used_bytes == s2.size
+    assert a.used_bytes == s2.size + page_tails(a, [s2])
     other = a.alloc(8192)
     assert other is not None
     assert other.page != s2.page
@@ -173,7 +183,8 @@ def test_random_churn_no_overlap_no_leak() -> None:
             assert s.size >= n
             assert s.offset not in live
             live[s.offset] = s
-        assert a.used_bytes == sum(s.size for s in live.values()) <= a.capacity
+        in_use = list(live.values())
+        assert a.used_bytes == sum(s.size for s in in_use) + page_tails(a, in_use) <= a.capacity
         assert a.live_slots == len(live)
     # No two live slots overlap, and none crosses its page.
     spans = sorted((s.offset, s.offset + s.size, s.page) for s in live.values())
