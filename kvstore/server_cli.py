@@ -14,6 +14,7 @@ import uvloop
 from kvstore import __version__
 from kvstore.config import ConfigError, ServerConfig
 from kvstore.gpu import cuda_device_count
+from kvstore.memtune import keep_freed_buffers
 
 EPILOG = """\
 Settings come from, highest precedence first: these flags, the TOML file given by --config
@@ -106,6 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     from kvstore.server import serve  # grpc import is slow; keep --help and errors fast
+
+    keep_freed_buffers()
 
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

@@ -26,10 +26,6 @@ MAX_MESSAGE_BYTES = PIECE_BYTES + (1 << 20)
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    # HTTP/2 flow control starts each stream at a 64 KiB window and grows it slowly; a value
-    # stream needs several pieces in flight from its first byte.
-    ("grpc.http2.lookahead_bytes", 4 * PIECE_BYTES),
-    ("grpc.http2.max_frame_size", 1 << 20),
 ]
 
 _DATA_FIELD = {pb.PutPiece: 3, pb.GetPiece: 5}
