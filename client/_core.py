@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from kvstore.client._shared import ArenaMap
 from kvstore.codecs.container import checksum
 from kvstore.dtypes import BY_NAME, expected_nbytes
 from kvstore.errors import DataLoss, InvalidArgument
@@ -27,14 +28,22 @@ T = TypeVar("T")
 
 @dataclass
 class Call:
-    """One RPC an operation needs: unary or client-streaming unless `sink` is set."""
+    """One RPC an operation needs: unary or client-streaming unless `sink` is set.
+
+    A call with `wait=False` is started and not waited for; the operation gets None.
+    """
 
     method: str
     request: Any
     sink: Callable[[Any], None] | None = None
+    wait: bool = True
 
 
 Op = Generator[Call, Any, T]
+
+
+def is_unix_address(address: str) -> bool:
+    return target_of(address).startswith("unix:")
 
 
 def target_of(address: str) -> str:
@@ -70,6 +79,9 @@ class ServerStats:
     leases: int
     uptime_seconds: float
     host_arena_path: str
+    host_arena_dev: int
+    host_arena_ino: int
+    lease_seconds: float
     tiers: dict[str, TierStats] = field(default_factory=dict)
 
     @classmethod
@@ -98,6 +110,9 @@ class ServerStats:
             m.leases,
             m.uptime_seconds,
             m.host_arena_path,
+            m.host_arena_dev,
+            m.host_arena_ino,
+            m.lease_seconds,
             tiers,
         )
 
@@ -137,9 +152,17 @@ def _put_pieces(
 
 
 class _Assembler:
-    """Collects a `BatchGet` stream into tensors, verifying sizes and checksums."""
+    """Collects a `BatchGet` stream into tensors, verifying sizes and checksums.
 
-    def __init__(self, count: int) -> None:
+    Values sent as SharedSlices are copied out of `arena`; their leases are collected in
+    `leases` for the caller to release. One from an arena other than `arena` (the server
+    restarted) sets `stale`.
+    """
+
+    def __init__(self, count: int, arena: ArenaMap | None = None) -> None:
+        self.arena = arena
+        self.leases: list[int] = []
+        self.stale = False
         self.values: list[torch.Tensor | None] = [None] * count
         self.tiers: list[str | None] = [None] * count
         self._index = -1
@@ -161,9 +184,19 @@ class _Assembler:
             if want != h.nbytes:
                 raise DataLoss(f"server header for key #{piece.index} is inconsistent")
             self._header = h
+            self.tiers[piece.index] = piece.tier
+            if piece.HasField("shared"):
+                ref = piece.shared
+                self.leases.append(ref.lease)
+                if self.arena is None or not self.arena.matches(ref.arena_dev, ref.arena_ino):
+                    self.stale = True
+                    self._header = None
+                    return
+                self._buf = self.arena.copy(ref.offset, h.nbytes)
+                self._filled = h.nbytes
+                return
             self._buf = np.empty(h.nbytes, dtype=np.uint8)
             self._filled = 0
-            self.tiers[piece.index] = piece.tier
         if self._buf is None:
             raise DataLoss(f"server sent data for missing key #{piece.index}")
         n = len(data)
@@ -204,11 +237,18 @@ def _keys(keys: Sequence[bytes]) -> list[bytes]:
 
 
 class ClientCore:
-    """Builds every operation of the client for one namespace."""
+    """Builds every operation of the client for one namespace.
 
-    def __init__(self, namespace: str) -> None:
+    With `same_host`, gets read values in place from the server's host arena when they are
+    there (see `kvstore.client._shared`), falling back to streamed bytes otherwise.
+    """
+
+    def __init__(self, namespace: str, same_host: bool = False) -> None:
         self.namespace = namespace
         self.chunk_tokens: int | None = None
+        self.same_host = same_host
+        self._arena: ArenaMap | None = None
+        self._arena_checked = False
 
     def _req(self, keys: Sequence[bytes]) -> pb.KeysRequest:
         return pb.KeysRequest(namespace=self.namespace, keys=_keys(keys))
@@ -228,16 +268,56 @@ class ClientCore:
         return list(resp.tiers)
 
     def get(self, key: bytes) -> Op[torch.Tensor | None]:
-        sink = _Assembler(1)
-        yield Call("Get", pb.GetRequest(namespace=self.namespace, key=_keys([key])[0]), sink)
-        return sink.result()[0]
+        values = yield from self._read("Get", _keys([key]))
+        return values[0]
 
     def batch_get(self, keys: Sequence[bytes]) -> Op[list[torch.Tensor | None]]:
         if not keys:
             return []
-        sink = _Assembler(len(keys))
-        yield Call("BatchGet", self._req(keys), sink)
+        return (yield from self._read("BatchGet", _keys(keys)))
+
+    def _read(self, method: str, keys: list[bytes]) -> Op[list[torch.Tensor | None]]:
+        arena = yield from self._mapped_arena()
+        sink = _Assembler(len(keys), arena)
+        shared = arena is not None
+        if method == "Get":
+            request: Any = pb.GetRequest(namespace=self.namespace, key=keys[0], shared=shared)
+        else:
+            request = pb.KeysRequest(namespace=self.namespace, keys=keys, shared=shared)
+        abandoned = False
+        try:
+            yield Call(method, request, sink)
+        except GeneratorExit:  # the driver gave up on this operation: nothing more to yield
+            abandoned = True
+            raise
+        finally:
+            if sink.leases and not abandoned:  # released in the background, unwaited
+                yield Call("Release", pb.ReleaseRequest(leases=sink.leases), wait=False)
+        if sink.stale:  # the server restarted since we mapped its arena: map the new one
+            self._drop_arena()
+            return (yield from self._read(method, keys))
         return sink.result()
+
+    def _mapped_arena(self) -> Op[ArenaMap | None]:
+        if self.same_host and not self._arena_checked:
+            stats = yield from self.stats()
+            self._arena_checked = True
+            if stats.host_arena_path:
+                try:
+                    self._arena = ArenaMap(
+                        stats.host_arena_path, stats.host_arena_dev, stats.host_arena_ino
+                    )
+                except OSError:
+                    self._arena = None  # another host or mount namespace: stream bytes
+        return self._arena
+
+    def _drop_arena(self) -> None:
+        if self._arena is not None:
+            self._arena.close()
+        self._arena, self._arena_checked = None, False
+
+    def close(self) -> None:
+        self._drop_arena()
 
     def lookup(self, keys: Sequence[bytes]) -> Op[int]:
         resp = yield Call("Lookup", self._req(keys))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -9,12 +10,18 @@ import grpc
 import numpy as np
 import torch
 
-from kvstore.client._core import Call, ClientCore, Op, ServerStats, target_of
+from kvstore.client._core import Call, ClientCore, Op, ServerStats, is_unix_address, target_of
 from kvstore.errors import error_for_status
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire import GRPC_OPTIONS, client_stubs
 
 T = TypeVar("T")
+
+
+def _forget(task: asyncio.Future[Any]) -> None:
+    """Retrieve a background call's outcome: a failed release is reclaimed by the server."""
+    if not task.cancelled():
+        task.exception()
 
 
 class AsyncKVClient:
@@ -23,8 +30,9 @@ class AsyncKVClient:
     def __init__(self, address: str, namespace: str, *, timeout: float | None = 60.0) -> None:
         self.address = address
         self.timeout = timeout
-        self._core = ClientCore(namespace)
+        self._core = ClientCore(namespace, same_host=is_unix_address(address))
         self._channel = grpc.aio.insecure_channel(target_of(address), options=GRPC_OPTIONS)
+        self._background: set[asyncio.Future[Any]] = set()  # calls started with wait=False
         self._stubs = client_stubs(self._channel)
 
     @property
@@ -35,13 +43,24 @@ class AsyncKVClient:
         try:
             call = next(op)
             while True:
-                call = op.send(await self._invoke(call))
+                try:
+                    result = await self._invoke(call)
+                except Exception as exc:  # the operation may clean up (release leases)
+                    call = op.throw(exc)
+                    continue
+                call = op.send(result)
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
 
     async def _invoke(self, call: Call) -> Any:
         method = self._stubs[call.method]
         try:
+            if not call.wait:
+                task = asyncio.ensure_future(method(call.request, timeout=self.timeout))
+                self._background.add(task)
+                task.add_done_callback(_forget)
+                task.add_done_callback(self._background.discard)
+                return None
             if call.sink is None:
                 return await method(call.request, timeout=self.timeout)
             stream = method(call.request, timeout=self.timeout)
@@ -98,6 +117,9 @@ class AsyncKVClient:
         return await self._run(self._core.get_prefix(token_ids))
 
     async def close(self) -> None:
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=5)
+        self._core.close()
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncKVClient:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -9,7 +10,7 @@ import grpc
 import numpy as np
 import torch
 
-from kvstore.client._core import Call, ClientCore, Op, ServerStats, target_of
+from kvstore.client._core import Call, ClientCore, Op, ServerStats, is_unix_address, target_of
 from kvstore.errors import error_for_status
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire import GRPC_OPTIONS, client_stubs
@@ -27,8 +28,9 @@ class KVClient:
     def __init__(self, address: str, namespace: str, *, timeout: float | None = 60.0) -> None:
         self.address = address
         self.timeout = timeout
-        self._core = ClientCore(namespace)
+        self._core = ClientCore(namespace, same_host=is_unix_address(address))
         self._channel = grpc.insecure_channel(target_of(address), options=GRPC_OPTIONS)
+        self._background: set[Any] = set()  # calls started with wait=False
         self._stubs = client_stubs(self._channel)
 
     @property
@@ -39,13 +41,23 @@ class KVClient:
         try:
             call = next(op)
             while True:
-                call = op.send(self._invoke(call))
+                try:
+                    result = self._invoke(call)
+                except Exception as exc:  # the operation may clean up (release leases)
+                    call = op.throw(exc)
+                    continue
+                call = op.send(result)
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
 
     def _invoke(self, call: Call) -> Any:
         method = self._stubs[call.method]
         try:
+            if not call.wait:
+                future = method.future(call.request, timeout=self.timeout)
+                self._background.add(future)
+                future.add_done_callback(self._background.discard)
+                return None
             if call.sink is None:
                 return method(call.request, timeout=self.timeout)
             stream = method(call.request, timeout=self.timeout)
@@ -108,6 +120,10 @@ class KVClient:
         return self._run(self._core.get_prefix(token_ids))
 
     def close(self) -> None:
+        for future in list(self._background):
+            with contextlib.suppress(grpc.RpcError, grpc.FutureTimeoutError):
+                future.result(timeout=5)
+        self._core.close()
         self._channel.close()
 
     def __enter__(self) -> KVClient:

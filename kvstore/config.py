@@ -99,6 +99,8 @@ class ServerConfig:
     """Bound on buffers for values in flight that do not pass through the cpu arena."""
     grace_seconds: float = 10.0
     """On SIGTERM/SIGINT, how long in-flight calls may take to finish."""
+    lease_seconds: float = 30.0
+    """How long a same-host client may hold a shared slice before it is reclaimed."""
     log_level: str = "info"
     """One of debug, info, warning, error."""
     _sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
@@ -140,12 +142,8 @@ class ServerConfig:
         self.max_keys_per_request = _as_int(
             self.max_keys_per_request, "max-keys-per-request", 1, 1 << 17
         )
-        try:
-            self.grace_seconds = float(self.grace_seconds)
-        except (TypeError, ValueError):
-            raise ConfigError(f"grace-seconds: not a number: {self.grace_seconds!r}") from None
-        if self.grace_seconds < 0:
-            raise ConfigError("grace-seconds: must not be negative")
+        self.grace_seconds = _as_seconds(self.grace_seconds, "grace-seconds", 0.0)
+        self.lease_seconds = _as_seconds(self.lease_seconds, "lease-seconds", 0.01)
         self.log_level = str(self.log_level).lower()
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"log-level: {self.log_level!r} is not debug/info/warning/error")
@@ -214,6 +212,16 @@ class ServerConfig:
         out["socket"] = str(self.socket_path)
         out["data_dir"] = str(self.data_dir)
         return out
+
+
+def _as_seconds(value: Any, what: str, lo: float) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what}: not a number of seconds: {value!r}") from None
+    if not lo <= x < float("inf"):
+        raise ConfigError(f"{what}: must be at least {lo:g} seconds, got {value!r}")
+    return x
 
 
 def _as_int(value: Any, what: str, lo: int, hi: int) -> int:

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import fcntl
 import functools
+import itertools
 import logging
 import os
 import signal
@@ -86,6 +87,40 @@ async def _in_thread_owned(fn: Callable[..., T], *args: Any, release: Callable[[
         raise
 
 
+class SharedLeases:
+    """Read leases handed to same-host clients as SharedSlices, until Release or timeout.
+
+    Used from the event loop only. A client that dies holding leases loses them after
+    `seconds`; until then the values they cover are neither evicted nor overwritten in place.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._held: dict[int, tuple[ReadLease, float]] = {}
+        self._ids = itertools.count(1)
+
+    def hand_out(self, lease: ReadLease) -> int:
+        lease_id = next(self._ids)
+        self._held[lease_id] = (lease, time.monotonic() + self.seconds)
+        return lease_id
+
+    def release(self, ids: Sequence[int]) -> int:
+        leases = [item[0] for i in ids if (item := self._held.pop(i, None)) is not None]
+        for lease in leases:
+            lease.release()
+        return len(leases)
+
+    def reclaim_expired(self) -> int:
+        now = time.monotonic()
+        expired = [i for i, (_, deadline) in self._held.items() if deadline < now]
+        if expired:
+            log.warning("reclaimed %d shared leases their clients did not release", len(expired))
+        return self.release(expired)
+
+    def release_all(self) -> int:
+        return self.release(list(self._held))
+
+
 class KVStoreServicer:
     """Implements `kvstore.v1.KVStore` over a `Store`."""
 
@@ -93,6 +128,7 @@ class KVStoreServicer:
         self.store = store
         self.config = config
         self.started = time.monotonic()
+        self.shared = SharedLeases(config.lease_seconds)
 
     # --------------------------------------------------------------- puts
 
@@ -162,7 +198,7 @@ class KVStoreServicer:
     # --------------------------------------------------------------- gets
 
     async def Get(self, request: pb.GetRequest, context: Any) -> AsyncIterator[Piece]:
-        async for piece in self._get(request.namespace, [request.key], context):
+        async for piece in self._get(request.namespace, [request.key], request.shared, context):
             yield piece
 
     async def BatchGet(self, request: pb.KeysRequest, context: Any) -> AsyncIterator[Piece]:
@@ -170,12 +206,17 @@ class KVStoreServicer:
             self.store.check_keys(request.namespace, request.keys)
         except KVStoreError as exc:
             await _fail(context, exc)
-        async for piece in self._get(request.namespace, request.keys, context):
+        async for piece in self._get(request.namespace, request.keys, request.shared, context):
             yield piece
 
     async def _get(
-        self, namespace: str, keys: Sequence[bytes], context: grpc.aio.ServicerContext
+        self,
+        namespace: str,
+        keys: Sequence[bytes],
+        shared: bool,
+        context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[Piece]:
+        arena = self.store.cpu
         for index, key in enumerate(keys):
             try:
                 lease: ReadLease | None = await _in_thread_owned(
@@ -186,28 +227,41 @@ class KVStoreServicer:
             if lease is None:
                 yield Piece(pb.GetPiece(index=index, found=False), b"")
                 continue
+            handed_out = False
             try:
                 h, view = lease.header, lease.view
-                first = min(len(view), PIECE_BYTES)
-                yield Piece(
-                    pb.GetPiece(
-                        index=index,
-                        found=True,
-                        header=pb.ValueHeader(
-                            key=key,
-                            dtype=h.dtype,
-                            shape=h.shape,
-                            nbytes=h.payload_len,
-                            checksum=h.payload_checksum,
-                        ),
-                        tier=lease.tier,
+                first_piece = pb.GetPiece(
+                    index=index,
+                    found=True,
+                    header=pb.ValueHeader(
+                        key=key,
+                        dtype=h.dtype,
+                        shape=h.shape,
+                        nbytes=h.payload_len,
+                        checksum=h.payload_checksum,
                     ),
-                    view[:first],
+                    tier=lease.tier,
                 )
+                if shared and arena is not None and lease.offset is not None:
+                    # The client reads the value in place; the lease now belongs to it.
+                    first_piece.shared.CopyFrom(
+                        pb.SharedSlice(
+                            lease=self.shared.hand_out(lease),
+                            offset=lease.offset,
+                            arena_dev=arena.dev,
+                            arena_ino=arena.ino,
+                        )
+                    )
+                    handed_out = True
+                    yield Piece(first_piece, b"")
+                    continue
+                first = min(len(view), PIECE_BYTES)
+                yield Piece(first_piece, view[:first])
                 for off in range(first, len(view), PIECE_BYTES):
                     yield Piece(pb.GetPiece(index=index), view[off : off + PIECE_BYTES])
             finally:
-                lease.release()
+                if not handed_out:
+                    lease.release()
 
     # --------------------------------------------------------------- key queries
 
@@ -237,6 +291,10 @@ class KVStoreServicer:
         return pb.CountResponse(count=n)
 
     @_unary
+    async def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.CountResponse:
+        return pb.CountResponse(count=self.shared.release(request.leases))
+
+    @_unary
     async def Stats(self, request: pb.StatsRequest, context: Any) -> pb.StatsResponse:
         s = await asyncio.to_thread(self.store.stats)
         cfg = self.config
@@ -259,6 +317,9 @@ class KVStoreServicer:
             entries=s.entries,
             uptime_seconds=time.monotonic() - self.started,
             host_arena_path=str(self.store.cpu.path) if self.store.cpu else "",
+            host_arena_dev=self.store.cpu.dev if self.store.cpu else 0,
+            host_arena_ino=self.store.cpu.ino if self.store.cpu else 0,
+            lease_seconds=cfg.lease_seconds,
             pinned=s.pinned,
             leases=s.leases,
         )
@@ -379,7 +440,8 @@ async def _run(
     ready: Callable[[str], None] | None,
 ) -> None:
     server = grpc.aio.server(options=GRPC_OPTIONS)
-    server.add_generic_rpc_handlers((server_handler(KVStoreServicer(store, config)),))
+    servicer = KVStoreServicer(store, config)
+    server.add_generic_rpc_handlers((server_handler(servicer),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
@@ -406,7 +468,10 @@ async def _run(
     )
     if ready is not None:
         ready(addresses[0])
-    syncer = asyncio.create_task(_sync_forever(store))
+    background = [
+        asyncio.create_task(_sync_forever(store)),
+        asyncio.create_task(_reclaim_forever(servicer.shared)),
+    ]
     await signals.stop.wait()
 
     log.info("shutting down: draining in-flight calls (grace %.1fs)", config.grace_seconds)
@@ -414,9 +479,11 @@ async def _run(
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.stop(config.grace_seconds if signals.count < 2 else 0)
-    syncer.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await syncer
+    for task in background:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    servicer.shared.release_all()
     persist_until = max(deadline, time.monotonic() + 1)
     persisted = await asyncio.to_thread(
         store.persist, lambda: time.monotonic() > persist_until or signals.count > 1
@@ -432,6 +499,12 @@ async def _sync_forever(store: Store) -> None:
             await asyncio.to_thread(store.sync)
         except Exception:
             log.exception("periodic ssd flush failed")
+
+
+async def _reclaim_forever(shared: SharedLeases) -> None:
+    while True:
+        await asyncio.sleep(min(1.0, shared.seconds / 2))
+        shared.reclaim_expired()
 
 
 def _describe_tiers(store: Store) -> str:

@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help=f"time in-flight calls get to finish on shutdown (default {d.grace_seconds:g})",
     )
+    p.add_argument(
+        "--lease-seconds",
+        type=float,
+        help="how long a same-host client may hold a value it reads in place before the "
+        f"server reclaims it (default {d.lease_seconds:g})",
+    )
     p.add_argument("--log-level", help="debug, info, warning or error (default info)")
     p.add_argument("--config", metavar="FILE", help="TOML file with any of the settings above")
     p.add_argument(

@@ -199,6 +199,8 @@ class ReadLease:
         self._store = store
         self._entry = entry  # set when the view is a cpu slot
         self.view = view
+        # Where the value lies in the host arena; None for a staged copy.
+        self.offset = entry.slot.offset if entry is not None and entry.slot is not None else None
         self.header = header
         self.tier = tier
         self._staged = 0 if entry is not None else len(view)

@@ -118,6 +118,7 @@ METHODS: dict[str, tuple[str, type[Message], type[Message]]] = {
     "Delete": ("unary_unary", pb.KeysRequest, pb.CountResponse),
     "Pin": ("unary_unary", pb.KeysRequest, pb.CountResponse),
     "Unpin": ("unary_unary", pb.KeysRequest, pb.CountResponse),
+    "Release": ("unary_unary", pb.ReleaseRequest, pb.CountResponse),
     "Stats": ("unary_unary", pb.StatsRequest, pb.StatsResponse),
     "List": ("unary_stream", pb.ListRequest, pb.ListResponse),
 }

@@ -52,6 +52,9 @@ class HostArena(MemoryTier):
             self._mmap = mmap.mmap(
                 fd, self.capacity_bytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE
             )
+            st = os.fstat(fd)
+            # Identify this arena file to clients that map it by path (see SharedSlice).
+            self.dev, self.ino = st.st_dev, st.st_ino
         finally:
             os.close(fd)
         self._view = memoryview(self._mmap)

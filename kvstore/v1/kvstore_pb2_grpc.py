@@ -79,6 +79,11 @@ class KVStoreStub:
                 request_serializer=kvstore_dot_v1_dot_kvstore__pb2.KeysRequest.SerializeToString,
                 response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.CountResponse.FromString,
                 _registered_method=True)
+        self.Release = channel.unary_unary(
+                '/kvstore.v1.KVStore/Release',
+                request_serializer=kvstore_dot_v1_dot_kvstore__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.CountResponse.FromString,
+                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/kvstore.v1.KVStore/Stats',
                 request_serializer=kvstore_dot_v1_dot_kvstore__pb2.StatsRequest.SerializeToString,
@@ -110,6 +115,8 @@ class KVStoreServicer:
 
     def Get(self, request, context):
         """Read one value; a missing key answers with a single piece, found = false.
+        With `shared`, a value in the host arena comes back as a SharedSlice under a lease
+        instead of bytes (same-host clients that map the arena); see Release.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -152,6 +159,14 @@ class KVStoreServicer:
 
     def Unpin(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Release(self, request, context):
+        """End leases handed out as SharedSlices. Leases not released within the server's
+        lease time are reclaimed.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -216,6 +231,11 @@ def add_KVStoreServicer_to_server(servicer, server):
             'Unpin': grpc.unary_unary_rpc_method_handler(
                     servicer.Unpin,
                     request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.KeysRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_kvstore__pb2.CountResponse.SerializeToString,
+            ),
+            'Release': grpc.unary_unary_rpc_method_handler(
+                    servicer.Release,
+                    request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.ReleaseRequest.FromString,
                     response_serializer=kvstore_dot_v1_dot_kvstore__pb2.CountResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
@@ -471,6 +491,33 @@ class KVStore:
             target,
             '/kvstore.v1.KVStore/Unpin',
             kvstore_dot_v1_dot_kvstore__pb2.KeysRequest.SerializeToString,
+            kvstore_dot_v1_dot_kvstore__pb2.CountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Release(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/Release',
+            kvstore_dot_v1_dot_kvstore__pb2.ReleaseRequest.SerializeToString,
             kvstore_dot_v1_dot_kvstore__pb2.CountResponse.FromString,
             options,
             channel_credentials,

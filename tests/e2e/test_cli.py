@@ -43,6 +43,7 @@ SERVER_FLAGS = [
     "--max-keys-per-request",
     "--staging-bytes",
     "--grace-seconds",
+    "--lease-seconds",
     "--log-level",
     "--config",
     "--check-config",
@@ -133,6 +134,7 @@ BAD_SETTINGS = {
     "max-keys-zero": (["--max-keys-per-request", "0"], "max-keys-per-request"),
     "staging-below-max-value": (["--max-value-bytes", "2GiB"], "staging-bytes"),
     "negative-grace": (["--grace-seconds=-1"], "grace-seconds"),
+    "zero-lease": (["--lease-seconds=0"], "lease-seconds"),
     "unknown-log-level": (["--log-level", "loud"], "log-level"),
     "socket-path-too-long": (["--socket", "/tmp/" + "s" * 200 + ".sock"], "socket"),
 }
@@ -257,6 +259,8 @@ def test_check_config_reads_every_flag_and_kvstore_config(tmp_path: Path) -> Non
         "4.1MB",
         "--grace-seconds",
         "2.5",
+        "--lease-seconds",
+        "7",
         "--log-level",
         "WARNING",
     )
@@ -272,6 +276,7 @@ def test_check_config_reads_every_flag_and_kvstore_config(tmp_path: Path) -> Non
         "max_keys_per_request": 99,
         "staging_bytes": 4_100_000,
         "grace_seconds": 2.5,
+        "lease_seconds": 7.0,
         "log_level": "warning",
     }
     # KVSTORE_CONFIG names the file when --config does not.

@@ -1,0 +1,137 @@
+"""Same-host reads in place from the host arena: SharedSlices, leases, release, reclaim."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from kvstore.client import KVClient
+from kvstore.v1 import kvstore_pb2 as pb
+from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
+from kvstore.wire import GRPC_OPTIONS
+
+NS = "test/shared"
+MiB = 1 << 20
+
+
+def key(i: int) -> bytes:
+    return b"S" + i.to_bytes(4, "little") + bytes(27)
+
+
+def value(i: int, nbytes: int = MiB) -> torch.Tensor:
+    g = torch.Generator().manual_seed(500 + i)
+    return torch.randint(0, 256, (nbytes,), generator=g, dtype=torch.uint8)
+
+
+def wait_for(predicate, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+@pytest.fixture
+def stub(server):  # type: ignore[no-untyped-def]
+    with grpc.insecure_channel(server.address) as channel:
+        yield pb_grpc.KVStoreStub(channel)
+
+
+def read_arena(path: str, offset: int, nbytes: int) -> bytes:
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        return fh.read(nbytes)
+
+
+def test_shared_get_hands_out_a_slice_under_a_lease(server, stub) -> None:  # type: ignore[no-untyped-def]
+    with server.client(NS) as c:
+        c.put(key(1), value(1))
+        stats = c.stats()
+    pieces = list(stub.Get(pb.GetRequest(namespace=NS, key=key(1), shared=True)))
+    assert len(pieces) == 1
+    piece = pieces[0]
+    assert piece.found and piece.HasField("shared") and not piece.data
+    ref = piece.shared
+    assert (ref.arena_dev, ref.arena_ino) == (stats.host_arena_dev, stats.host_arena_ino)
+    assert read_arena(stats.host_arena_path, ref.offset, MiB) == value(1).numpy().tobytes()
+    with server.client(NS) as c:
+        assert c.stats().leases == 1
+        # While the lease is held, replacing the key leaves the leased bytes untouched.
+        c.put(key(1), value(2))
+        assert read_arena(stats.host_arena_path, ref.offset, MiB) == value(1).numpy().tobytes()
+        assert stub.Release(pb.ReleaseRequest(leases=[ref.lease])).count == 1
+        assert stub.Release(pb.ReleaseRequest(leases=[ref.lease])).count == 0  # once only
+        assert c.stats().leases == 0
+        assert torch.equal(c.get(key(1)), value(2))
+
+
+def test_unreleased_leases_are_reclaimed(start_server) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server("--cpu-bytes", "8MiB", "--ssd-bytes", "64MiB", "--lease-seconds", "0.5")
+    with srv.client(NS) as c, grpc.insecure_channel(srv.address) as channel:
+        c.put(key(1), value(1))
+        stub = pb_grpc.KVStoreStub(channel)
+        piece = next(iter(stub.Get(pb.GetRequest(namespace=NS, key=key(1), shared=True))))
+        assert piece.HasField("shared")
+        assert c.stats().leases == 1  # a client that died holding it...
+        assert wait_for(lambda: c.stats().leases == 0, timeout=5)  # ...loses it
+        for i in range(2, 12):  # and the value is evictable again
+            c.put(key(i), value(i))
+        assert c.stats().tiers["cpu"].evictions > 0
+        assert torch.equal(c.get(key(1)), value(1))
+
+
+def test_client_reads_in_place_and_releases(server) -> None:  # type: ignore[no-untyped-def]
+    with server.client(NS) as c:
+        ts = [value(i, (i + 1) * 300_000) for i in range(4)]
+        c.batch_put([key(i) for i in range(4)], ts)
+        got = c.batch_get([key(i) for i in range(4)] + [key(99)])
+        assert all(torch.equal(g, t) for g, t in zip(got, ts, strict=False))
+        assert got[4] is None
+        assert c._core._arena is not None  # the same-host path was taken
+        assert wait_for(lambda: c.stats().leases == 0)
+
+
+def test_client_remaps_after_a_server_restart(start_server) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server("--cpu-bytes", "64MiB", "--ssd-bytes", "64MiB")
+    with srv.client(NS) as c:
+        c.put(key(1), value(1))
+        assert torch.equal(c.get(key(1)), value(1))
+        old = c._core._arena
+        assert old is not None
+        srv.restart()  # a new arena file: the client's mapping is of the old one
+        c.put(key(2), value(2))
+        assert torch.equal(c.get(key(2)), value(2))
+        assert torch.equal(c.get(key(1)), value(1))  # persisted at shutdown, promoted again
+        assert c._core._arena is not None and c._core._arena is not old
+        assert wait_for(lambda: c.stats().leases == 0)
+
+
+def test_tcp_clients_and_ssd_values_get_streamed_bytes(start_server) -> None:  # type: ignore[no-untyped-def]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = start_server(
+        "--cpu-bytes", "4MiB", "--ssd-bytes", "64MiB", "--listen", f"127.0.0.1:{port}"
+    )
+    with KVClient(f"127.0.0.1:{port}", NS) as remote:
+        remote.put(key(1), value(1))
+        assert torch.equal(remote.get(key(1)), value(1))
+        assert remote._core._arena is None  # not same-host: bytes on the wire
+    big = value(3, 6 * MiB)  # larger than a cpu page: lives on ssd only, served staged
+    with srv.client(NS) as c:
+        c.put(key(3), big)
+        pieces = list(
+            pb_grpc.KVStoreStub(grpc.insecure_channel(srv.address, options=GRPC_OPTIONS)).Get(
+                pb.GetRequest(namespace=NS, key=key(3), shared=True)
+            )
+        )
+        assert not pieces[0].HasField("shared") and pieces[0].tier == "ssd"
+        data = b"".join(p.data for p in pieces)
+        assert np.array_equal(np.frombuffer(data, np.uint8), big.numpy())
+        assert torch.equal(c.get(key(3)), big)
