@@ -15,6 +15,7 @@ from kvstore.config import ServerConfig
 from kvstore.errors import DataLoss, InvalidArgument, ResourceExhausted
 from kvstore.keys import chunk_keys
 from kvstore.store import Entry, Store
+from kvstore.tiers.base import TierError
 from kvstore.tiers.host import default_arena_path
 from kvstore.tiers.ssd import record_key
 
@@ -683,3 +684,117 @@ def test_corrupt_get_racing_a_replace_keeps_the_new_value(
     store.delete(NS, [key(1)])
     assert store.cpu is not None
     assert store.cpu.allocator.live_slots == 0
+
+
+# ---------------------------------------------------------------- review regressions
+
+
+def test_corrupt_cpu_copy_is_served_from_the_ssd_copy(store: Store) -> None:
+    vals = fill(store, CPU_SLOTS + 1)
+    assert entry(store, key(0)).tier == "ssd"
+    assert read(store, key(0)) == vals[key(0)]  # promoted: now on both tiers
+    e = entry(store, key(0))
+    assert e.slot is not None and e.on_ssd
+    assert store.cpu is not None
+    view = store.cpu.view(e.slot, e.nbytes)
+    view[1234] ^= 0xFF  # a stray write into the shared arena
+    lease = store.get(NS, key(0))
+    assert lease is not None
+    with lease:
+        assert bytes(lease.view) == vals[key(0)]
+    assert store.stats().leases == 0
+    assert store.exists(NS, [key(0)]) == [True]
+    assert entry(store, key(0)).on_ssd
+    assert on_ssd_disk(store, key(0))
+    assert read(store, key(0)) == vals[key(0)]
+    # The bad cpu slot was given back, not leaked.
+    assert store.cpu.allocator.live_slots == tier_stats(store, "cpu").entries
+    for i in range(1, CPU_SLOTS + 1):
+        assert read(store, key(i)) == vals[key(i)]
+
+
+def test_replacing_a_pinned_value_keeps_it_pinned(store: Store) -> None:
+    put(store, key(0), value(0))
+    assert store.pin(NS, [key(0)], 1) == 1
+    new = value(100)
+    put(store, key(0), new)
+    assert entry(store, key(0)).pins == 1
+    assert store.stats().pinned == 1
+    fill(store, 3 * CPU_SLOTS, start=1)
+    assert entry(store, key(0)).tier == "cpu"
+    assert read(store, key(0)) == new
+    assert store.pin(NS, [key(0)], -1) == 1
+    assert entry(store, key(0)).pins == 0
+
+
+def test_replacing_a_pinned_value_on_ssd_keeps_it_pinned(make_store: MakeStore) -> None:
+    s = make_store(tiers="ssd")
+    put(s, key(0), value(0))
+    s.pin(NS, [key(0)], 1)
+    new = value(100)
+    put(s, key(0), new)
+    assert entry(s, key(0)).pins == 1
+    fill(s, 2 * SSD_SLOTS, start=1)
+    assert read(s, key(0)) == new
+
+
+def test_failing_ssd_writes_never_break_puts_gets_or_persist(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vals = fill(store, CPU_SLOTS + 2)  # key(0), key(1) on ssd
+    assert store.ssd is not None
+
+    def broken_put(*args: Any, **kwargs: Any) -> None:
+        raise TierError("simulated LMDB failure")
+
+    monkeypatch.setattr(store.ssd, "put", broken_put)
+    # A put that has to demote a value: the victim cannot reach ssd, so it is dropped (a
+    # cache may lose values) or the put is refused; nothing else.
+    for i in range(10, 10 + CPU_SLOTS + 1):
+        data = value(i)
+        try:
+            assert put(store, key(i), data) == "cpu"
+            vals[key(i)] = data
+        except ResourceExhausted:
+            pass
+    # A value too large for a cpu slot can only go to ssd.
+    with pytest.raises(ResourceExhausted):
+        put(store, key(50), value(50, 5 * MiB))
+    assert store.exists(NS, [key(50)]) == [False]
+    for k, v in vals.items():
+        got = read(store, k)
+        assert got is None or got == v
+    # The values that were on ssd before the failure are still there.
+    assert read(store, key(0)) == vals[key(0)]
+    assert store.persist(lambda: False) == 0
+    assert store.stats().leases == 0
+    assert store.cpu is not None
+    assert store.cpu.allocator.live_slots == tier_stats(store, "cpu").entries
+
+
+def test_staged_leases_are_counted(make_store: MakeStore) -> None:
+    s = make_store(tiers="ssd")
+    data = value(1)
+    put(s, key(1), data)
+    lease = s.get(NS, key(1))
+    assert lease is not None
+    assert lease.tier == "ssd"
+    assert s.stats().leases == 1
+    assert bytes(lease.view) == data
+    lease.release()
+    assert s.stats().leases == 0
+    lease.release()  # idempotent: counted once
+    assert s.stats().leases == 0
+
+
+def test_staged_lease_without_room_in_cpu_is_counted(store: Store) -> None:
+    vals = fill(store, CPU_SLOTS + 1)
+    assert entry(store, key(0)).tier == "ssd"
+    store.pin(NS, [key(i) for i in range(1, CPU_SLOTS + 1)], 1)  # nothing can leave cpu
+    lease = store.get(NS, key(0))
+    assert lease is not None
+    assert entry(store, key(0)).tier == "ssd"  # served from a staging copy, not promoted
+    assert store.stats().leases == 1
+    assert bytes(lease.view) == vals[key(0)]
+    lease.release()
+    assert store.stats().leases == 0

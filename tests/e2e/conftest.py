@@ -28,7 +28,8 @@ class ServerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
 
-    def start(self, timeout: float = 30.0) -> ServerProcess:
+    def launch(self) -> subprocess.Popen[bytes]:
+        """Start the process without waiting for it to serve (see `start`)."""
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [
@@ -44,6 +45,12 @@ class ServerProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+        log.close()  # the child holds its own copy
+        return self.proc
+
+    def start(self, timeout: float = 30.0) -> ServerProcess:
+        self.launch()
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -10,8 +10,8 @@ import lmdb
 import pytest
 
 from kvstore.codecs.container import ValueHeader, checksum
-from kvstore.errors import DataLoss
-from kvstore.tiers.base import TierFull
+from kvstore.errors import DataLoss, Unavailable
+from kvstore.tiers.base import TierError, TierFull
 from kvstore.tiers.ssd import LmdbTier, record_key, split_record_key
 
 MiB = 1 << 20
@@ -227,3 +227,56 @@ def test_sync_and_close(tmp_path: Path) -> None:
         assert read(t2, "ns", key(1))[1] == b"d" * 10
     finally:
         t2.close()
+
+
+class _TxnFailingPuts:
+    """A write transaction whose `put` fails as LMDB does on an I/O error."""
+
+    def __init__(self, txn: lmdb.Transaction) -> None:
+        self._txn = txn
+
+    def __enter__(self) -> _TxnFailingPuts:
+        self._txn.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> object:
+        return self._txn.__exit__(*exc)
+
+    def put(self, *args: object, **kwargs: object) -> bool:
+        raise lmdb.DiskError("simulated")
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._txn, name)
+
+
+class _EnvFailingWrites:
+    def __init__(self, env: lmdb.Environment) -> None:
+        self._env = env
+
+    def begin(self, *args: object, write: bool = False, **kwargs: object) -> object:
+        txn = self._env.begin(*args, write=write, **kwargs)  # type: ignore[arg-type]
+        return _TxnFailingPuts(txn) if write else txn
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._env, name)
+
+
+def test_lmdb_error_on_put_raises_tier_error(
+    tier: LmdbTier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    put(tier, "ns", key(1), b"a" * 5000)
+    used, count = tier.used_bytes, tier.count()
+    monkeypatch.setattr(tier, "env", _EnvFailingWrites(tier.env))
+    with pytest.raises(TierError, match="simulated") as info:
+        put(tier, "ns", key(2), b"b" * 5000)
+    assert isinstance(info.value, Unavailable)
+    with pytest.raises(TierError):
+        put(tier, "ns", key(1), b"c" * 5000)  # a failed replacement keeps the old value
+    assert tier.used_bytes == used
+    assert tier.count() == count
+    assert read(tier, "ns", key(1))[1] == b"a" * 5000
+    with pytest.raises(KeyError), tier.read("ns", key(2)):
+        pass
+    monkeypatch.undo()
+    put(tier, "ns", key(2), b"b" * 5000)  # writable again once the medium recovers
+    assert read(tier, "ns", key(2))[1] == b"b" * 5000
