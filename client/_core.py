@@ -154,14 +154,17 @@ def _put_pieces(
 class _Assembler:
     """Collects a `BatchGet` stream into tensors, verifying sizes and checksums.
 
-    Values sent as SharedSlices are copied out of `arena`; their leases are collected in
-    `leases` for the caller to release. One from an arena other than `arena` (the server
-    restarted) sets `stale`.
+    Values sent as SharedSlices are copied out of `arena` and checked here, since the server
+    leaves that check to the reader; their leases are collected in `leases` for the caller
+    to release, and those whose bytes failed the check in `corrupt`. A slice of an arena
+    other than `arena` (the server restarted) sets `stale`.
     """
 
     def __init__(self, count: int, arena: ArenaMap | None = None) -> None:
         self.arena = arena
         self.leases: list[int] = []
+        self.corrupt: list[int] = []
+        self.corrupt_keys: list[int] = []  # request positions of those
         self.stale = False
         self.values: list[torch.Tensor | None] = [None] * count
         self.tiers: list[str | None] = [None] * count
@@ -192,8 +195,13 @@ class _Assembler:
                     self.stale = True
                     self._header = None
                     return
-                self._buf = self.arena.copy(ref.offset, h.nbytes)
-                self._filled = h.nbytes
+                buf = self.arena.copy(ref.offset, h.nbytes)
+                if checksum(buf.data) != h.checksum:
+                    self.corrupt.append(ref.lease)
+                    self.corrupt_keys.append(piece.index)
+                    self._header = None
+                    return
+                self._buf, self._filled = buf, h.nbytes
                 return
             self._buf = np.empty(h.nbytes, dtype=np.uint8)
             self._filled = 0
@@ -276,8 +284,10 @@ class ClientCore:
             return []
         return (yield from self._read("BatchGet", _keys(keys)))
 
-    def _read(self, method: str, keys: list[bytes]) -> Op[list[torch.Tensor | None]]:
-        arena = yield from self._mapped_arena()
+    def _read(
+        self, method: str, keys: list[bytes], shared: bool = True
+    ) -> Op[list[torch.Tensor | None]]:
+        arena = (yield from self._mapped_arena()) if shared else None
         sink = _Assembler(len(keys), arena)
         shared = arena is not None
         if method == "Get":
@@ -291,11 +301,22 @@ class ClientCore:
             abandoned = True
             raise
         finally:
-            if sink.leases and not abandoned:  # released in the background, unwaited
-                yield Call("Release", pb.ReleaseRequest(leases=sink.leases), wait=False)
+            if sink.leases and not abandoned:
+                # In the background, unless a corrupt copy must be dropped before re-reading.
+                release = pb.ReleaseRequest(leases=sink.leases, corrupt=sink.corrupt)
+                yield Call("Release", release, wait=bool(sink.corrupt))
         if sink.stale:  # the server restarted since we mapped its arena: map the new one
             self._drop_arena()
             return (yield from self._read(method, keys))
+        if sink.corrupt:  # the server has checked and dropped the bad copy: read again
+            values = yield from self._read(method, keys, shared=False)
+            lost = [i for i in sink.corrupt_keys if values[i] is None]
+            if lost:
+                raise DataLoss(
+                    f"value for key #{lost[0]} failed its checksum in the host arena and had "
+                    "no other copy; it was dropped"
+                )
+            return values
         return sink.result()
 
     def _mapped_arena(self) -> Op[ArenaMap | None]:

@@ -104,11 +104,21 @@ class SharedLeases:
         self._held[lease_id] = (lease, time.monotonic() + self.seconds)
         return lease_id
 
-    def release(self, ids: Sequence[int]) -> int:
-        leases = [item[0] for i in ids if (item := self._held.pop(i, None)) is not None]
-        for lease in leases:
-            lease.release()
-        return len(leases)
+    def release(self, ids: Sequence[int], corrupt: Sequence[int] = ()) -> int:
+        """End the leases `ids`; those also in `corrupt` are checked and dropped if bad."""
+        reported = set(corrupt)
+        n = 0
+        for i in ids:
+            item = self._held.pop(i, None)
+            if item is None:
+                continue
+            n += 1
+            if i in reported:
+                if item[0].release_reported_corrupt():
+                    log.error("a client found a corrupt cpu copy; it was dropped")
+            else:
+                item[0].release()
+        return n
 
     def reclaim_expired(self) -> int:
         now = time.monotonic()
@@ -219,8 +229,13 @@ class KVStoreServicer:
         arena = self.store.cpu
         for index, key in enumerate(keys):
             try:
+                # A same-host reader checks the bytes it copies itself (and reports failures).
                 lease: ReadLease | None = await _in_thread_owned(
-                    self.store.get, namespace, key, release=ReadLease.release
+                    self.store.get,
+                    namespace,
+                    key,
+                    not (shared and arena is not None),
+                    release=ReadLease.release,
                 )
             except Exception as exc:
                 await _fail(context, exc)
@@ -292,7 +307,7 @@ class KVStoreServicer:
 
     @_unary
     async def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.CountResponse:
-        return pb.CountResponse(count=self.shared.release(request.leases))
+        return pb.CountResponse(count=self.shared.release(request.leases, request.corrupt))
 
     @_unary
     async def Stats(self, request: pb.StatsRequest, context: Any) -> pb.StatsResponse:

@@ -213,6 +213,16 @@ class ReadLease:
         self._released = True
         self._store._release(self._entry, self._staged)
 
+    def release_reported_corrupt(self) -> bool:
+        """Release a lease whose reader found the bytes corrupt: check them, and drop the
+        copy if they are. Returns whether they were corrupt."""
+        if self._released:
+            return False
+        corrupt = checksum(self.view) != self.header.payload_checksum
+        self._released = True
+        self._store._release(self._entry, self._staged, corrupt=corrupt)
+        return corrupt
+
     def __enter__(self) -> ReadLease:
         return self
 
@@ -371,8 +381,13 @@ class Store:
 
     # ----------------------------------------------------------------- get
 
-    def get(self, namespace: str, key: bytes) -> ReadLease | None:
-        """A lease on the value, or None if absent. Raises `DataLoss` on a bad checksum."""
+    def get(self, namespace: str, key: bytes, verify: bool = True) -> ReadLease | None:
+        """A lease on the value, or None if absent. Raises `DataLoss` on a bad checksum.
+
+        `verify=False` skips checking a cpu-tier value's checksum, for a reader that checks
+        the bytes itself (and reports failures through `report_corrupt`). Values read from
+        ssd are always checked.
+        """
         check_namespace(namespace)
         check_key(key)
         with self._lock:
@@ -395,19 +410,9 @@ class Store:
                 self._policy["cpu"].access(e.eid)
             e.readers += 1
             view = self._cpu_view(e)
-        if tier == "cpu" and checksum(view) != e.checksum:
+        if verify and tier == "cpu" and checksum(view) != e.checksum:
             with self._lock:
-                self._unlease(e)
-                current = self._index.get(e.eid) is e
-                if current and e.on_ssd and e.readers == 0:
-                    # Only the cpu copy is bad: drop it and serve the ssd copy instead.
-                    log.error("cpu copy of %s failed its checksum; reading ssd", e.key.hex())
-                    self._free_cpu_copy(e)
-                    retry = True
-                else:
-                    if current and not e.on_ssd:
-                        self._drop(e)
-                    retry = False
+                retry = self._unlease_corrupt(e)
             if retry:
                 return self.get(namespace, key)
             raise DataLoss(
@@ -454,13 +459,33 @@ class Store:
         self._counters["cpu"].promotions += 1
         return None
 
-    def _release(self, e: Entry | None, staged: int) -> None:
+    def _release(self, e: Entry | None, staged: int, corrupt: bool = False) -> None:
         with self._lock:
             self._leases -= 1
             if e is not None:
-                self._unlease(e)
+                if corrupt:
+                    self._unlease_corrupt(e)
+                else:
+                    self._unlease(e)
             if staged:
                 self._unstage(staged)
+
+    def _unlease_corrupt(self, e: Entry) -> bool:
+        """End a lease on `e` whose cpu bytes failed their checksum, dropping the bad copy.
+
+        Returns True when an intact-looking ssd copy remains to be read instead.
+        """
+        self._unlease(e)
+        if self._index.get(e.eid) is not e:
+            return False  # already replaced or deleted
+        if e.on_ssd:
+            if e.readers:
+                return False  # other readers hold the slot; a later verified read drops it
+            log.error("cpu copy of %s failed its checksum; the ssd copy stays", e.key.hex())
+            self._free_cpu_copy(e)
+            return True
+        self._drop(e)
+        return False
 
     def _unlease(self, e: Entry) -> None:
         e.readers -= 1

@@ -71,10 +71,12 @@ class SharedSlice(_message.Message):
     def __init__(self, lease: _Optional[int] = ..., offset: _Optional[int] = ..., arena_dev: _Optional[int] = ..., arena_ino: _Optional[int] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
-    __slots__ = ("leases",)
+    __slots__ = ("leases", "corrupt")
     LEASES_FIELD_NUMBER: _ClassVar[int]
+    CORRUPT_FIELD_NUMBER: _ClassVar[int]
     leases: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, leases: _Optional[_Iterable[int]] = ...) -> None: ...
+    corrupt: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, leases: _Optional[_Iterable[int]] = ..., corrupt: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GetPiece(_message.Message):
     __slots__ = ("index", "found", "header", "tier", "data", "shared")

@@ -116,7 +116,8 @@ class KVStoreServicer:
     def Get(self, request, context):
         """Read one value; a missing key answers with a single piece, found = false.
         With `shared`, a value in the host arena comes back as a SharedSlice under a lease
-        instead of bytes (same-host clients that map the arena); see Release.
+        instead of bytes (same-host clients that map the arena); see Release. The server does
+        not checksum such a value: the client checks the bytes it copied and reports failures.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -135,3 +135,45 @@ def test_tcp_clients_and_ssd_values_get_streamed_bytes(start_server) -> None:  #
         data = b"".join(p.data for p in pieces)
         assert np.array_equal(np.frombuffer(data, np.uint8), big.numpy())
         assert torch.equal(c.get(key(3)), big)
+
+
+def corrupt_in_arena(srv, k: bytes) -> None:  # type: ignore[no-untyped-def]
+    """Flip a byte of a cpu-resident value in the arena file, as bit rot in RAM would."""
+    with srv.client(NS) as c, grpc.insecure_channel(srv.address, options=GRPC_OPTIONS) as ch:
+        path = c.stats().host_arena_path
+        stub = pb_grpc.KVStoreStub(ch)
+        piece = next(iter(stub.Get(pb.GetRequest(namespace=NS, key=k, shared=True))))
+        assert piece.HasField("shared")
+        with open(path, "r+b") as fh:
+            fh.seek(piece.shared.offset + 1234)
+            byte = fh.read(1)
+            fh.seek(piece.shared.offset + 1234)
+            fh.write(bytes([byte[0] ^ 0xFF]))
+        stub.Release(pb.ReleaseRequest(leases=[piece.shared.lease]))
+
+
+def test_corrupt_shared_copy_is_reported_and_the_ssd_copy_served(start_server) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server("--cpu-bytes", "8MiB", "--ssd-bytes", "64MiB")
+    with srv.client(NS) as c:
+        for i in range(12):  # key 0..3 demoted to ssd
+            c.put(key(i), value(i))
+        assert torch.equal(c.get(key(0)), value(0))  # promoted: now on cpu and on ssd
+        corrupt_in_arena(srv, key(0))
+        assert torch.equal(c.get(key(0)), value(0))  # reported, dropped, re-read from ssd
+        assert c.stats().tiers["cpu"].promotions == 2
+        assert wait_for(lambda: c.stats().leases == 0)
+
+
+def test_corrupt_only_copy_is_data_loss_then_gone(start_server) -> None:  # type: ignore[no-untyped-def]
+    from kvstore.errors import DataLoss
+
+    srv = start_server("--tiers", "cpu", "--cpu-bytes", "8MiB")
+    with srv.client(NS) as c:
+        c.put(key(1), value(1))
+        c.put(key(2), value(2))
+        corrupt_in_arena(srv, key(1))
+        with pytest.raises(DataLoss):
+            c.get(key(1))
+        assert c.get(key(1)) is None
+        assert torch.equal(c.get(key(2)), value(2))
+        assert wait_for(lambda: c.stats().leases == 0)
