@@ -246,6 +246,30 @@ def _log_tail(path: Path, lines: int = 20) -> str:
     return "\n".join(text[-lines:]) or "(empty log)"
 
 
+def _wait_until_serving(
+    proc: subprocess.Popen[bytes],
+    name: str,
+    socket_path: Path,
+    log_path: Path,
+    answers: Callable[[], bool],
+) -> None:
+    """Poll until `answers()` succeeds on `socket_path`; fail clearly if `proc` dies or stalls."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not (socket_path.exists() and answers()):
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"{name} exited with status {proc.returncode} before serving:\n"
+                + _log_tail(log_path)
+            )
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"{name} did not answer on {socket_path} within {START_TIMEOUT_S:g}s:\n"
+                + _log_tail(log_path)
+            )
+        time.sleep(0.05)
+    progress(f"{name} pid {proc.pid} answers on {socket_path}")
+
+
 def _stop(proc: subprocess.Popen[bytes], name: str) -> None:
     """SIGTERM, wait, then SIGKILL if it has not exited."""
     if proc.poll() is not None:
@@ -287,28 +311,17 @@ def kvstore_server(workdir: Path, largest: int) -> Iterator[str]:
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     address = f"unix://{socket_path}"
+
+    def answers() -> bool:
+        try:
+            with KVClient(address, NAMESPACE, timeout=2.0) as probe:
+                probe.stats()
+            return True
+        except KVStoreError:
+            return False
+
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"kvstore-server exited with status {proc.returncode} before serving:\n"
-                    + _log_tail(log_path)
-                )
-            if socket_path.exists():
-                try:
-                    with KVClient(address, NAMESPACE, timeout=2.0) as probe:
-                        probe.stats()
-                    break
-                except KVStoreError:
-                    pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"kvstore-server did not answer on {socket_path} within "
-                    f"{START_TIMEOUT_S:g}s:\n" + _log_tail(log_path)
-                )
-            time.sleep(0.05)
-        progress(f"kvstore-server pid {proc.pid} answers on {socket_path}")
+        _wait_until_serving(proc, "kvstore-server", socket_path, log_path, answers)
         yield address
     finally:
         _stop(proc, "kvstore-server")
@@ -333,28 +346,17 @@ def redis_server(binary: str, workdir: Path) -> Iterator[str]:
     progress(f"starting {binary} on {socket_path}")
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+    def answers() -> bool:
+        try:
+            with redis.Redis(unix_socket_path=str(socket_path)) as probe:
+                probe.ping()
+            return True
+        except redis.ConnectionError:
+            return False
+
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"redis-server exited with status {proc.returncode} before serving:\n"
-                    + _log_tail(log_path)
-                )
-            if socket_path.exists():
-                try:
-                    with redis.Redis(unix_socket_path=str(socket_path)) as probe:
-                        probe.ping()
-                    break
-                except redis.ConnectionError:
-                    pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"redis-server did not answer on {socket_path} within "
-                    f"{START_TIMEOUT_S:g}s:\n" + _log_tail(log_path)
-                )
-            time.sleep(0.05)
-        progress(f"redis-server pid {proc.pid} answers on {socket_path}")
+        _wait_until_serving(proc, "redis-server", socket_path, log_path, answers)
         yield str(socket_path)
     finally:
         _stop(proc, "redis-server")

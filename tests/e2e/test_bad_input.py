@@ -32,22 +32,13 @@ from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc
 
 from .conftest import NAMESPACE, ServerProcess
+from .helpers import key, random_tensor
 
 pytestmark = pytest.mark.timeout(120)
 
 RPC_TIMEOUT = 10.0
 KNOWN_KEY = bytes(range(32))
 PROBE_KEY = b"\xee" * 32
-
-
-def key(i: int) -> bytes:
-    return i.to_bytes(4, "little") * 8
-
-
-def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    raw = torch.randint(0, 256, (int(torch.Size(shape).numel()) * dtype.itemsize,), generator=g)
-    return raw.to(torch.uint8).view(dtype).reshape(shape)
 
 
 def as_bytes(t: torch.Tensor) -> bytes:

@@ -10,6 +10,8 @@ import torch
 from kvstore.client import AsyncKVClient, KVClient
 from kvstore.keys import chunk_keys
 
+from .helpers import key, random_tensor
+
 DTYPES = [
     torch.float16,
     torch.bfloat16,
@@ -18,16 +20,6 @@ DTYPES = [
     torch.float8_e5m2,
     torch.int8,
 ]
-
-
-def key(i: int) -> bytes:
-    return i.to_bytes(4, "little") * 8
-
-
-def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    raw = torch.randint(0, 256, (int(torch.Size(shape).numel()) * dtype.itemsize,), generator=g)
-    return raw.to(torch.uint8).view(dtype).reshape(shape)
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:

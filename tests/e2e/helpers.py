@@ -1,0 +1,16 @@
+"""Values for end-to-end tests: keys and random tensors whose bytes depend on a seed."""
+
+from __future__ import annotations
+
+import torch
+
+
+def key(i: int) -> bytes:
+    return i.to_bytes(4, "little") * 8
+
+
+def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Random bit patterns (NaNs and negative zeros included): compare as bytes."""
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.randint(0, 256, (int(torch.Size(shape).numel()) * dtype.itemsize,), generator=g)
+    return raw.to(torch.uint8).view(dtype).reshape(shape)
