@@ -24,13 +24,16 @@ from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire import PIECE_BYTES, Piece
 
 T = TypeVar("T")
+BACKGROUND_TIMEOUT_S = 30.0
 
 
 @dataclass
 class Call:
     """One RPC an operation needs: unary or client-streaming unless `sink` is set.
 
-    A call with `wait=False` is started and not waited for; the operation gets None.
+    A call with `wait=False` is started and not waited for; the operation gets None. It
+    runs under `BACKGROUND_TIMEOUT_S`, not the client's timeout: releasing leases must not
+    fail because the call that took them ran out of time.
     """
 
     method: str
@@ -171,6 +174,7 @@ class _Assembler:
         self._index = -1
         self._buf: np.ndarray | None = None
         self._filled = 0
+        self._verified = False  # a shared copy is checked as soon as it is made
         self._header: pb.ValueHeader | None = None
 
     def __call__(self, received: Piece) -> None:
@@ -191,20 +195,23 @@ class _Assembler:
             if piece.HasField("shared"):
                 ref = piece.shared
                 self.leases.append(ref.lease)
-                if self.arena is None or not self.arena.matches(ref.arena_dev, ref.arena_ino):
-                    self.stale = True
+                arena = self.arena
+                if arena is None or not arena.holds(
+                    ref.arena_dev, ref.arena_ino, ref.offset, h.nbytes
+                ):
+                    self.stale = True  # mapped before the server restarted
                     self._header = None
                     return
-                buf = self.arena.copy(ref.offset, h.nbytes)
+                buf = arena.copy(ref.offset, h.nbytes)
                 if checksum(buf.data) != h.checksum:
                     self.corrupt.append(ref.lease)
                     self.corrupt_keys.append(piece.index)
                     self._header = None
                     return
-                self._buf, self._filled = buf, h.nbytes
+                self._buf, self._filled, self._verified = buf, h.nbytes, True
                 return
             self._buf = np.empty(h.nbytes, dtype=np.uint8)
-            self._filled = 0
+            self._filled, self._verified = 0, False
         if self._buf is None:
             raise DataLoss(f"server sent data for missing key #{piece.index}")
         n = len(data)
@@ -220,7 +227,7 @@ class _Assembler:
         self._buf, self._header = None, None
         if self._filled != len(buf):
             raise DataLoss(f"value for key #{self._index} ended after {self._filled} bytes")
-        if checksum(buf.data) != h.checksum:
+        if not self._verified and checksum(buf.data) != h.checksum:
             raise DataLoss(f"value for key #{self._index} failed its checksum in transit")
         dtype = getattr(torch, h.dtype)
         shape = tuple(h.shape)
@@ -306,18 +313,20 @@ class ClientCore:
                 release = pb.ReleaseRequest(leases=sink.leases, corrupt=sink.corrupt)
                 yield Call("Release", release, wait=bool(sink.corrupt))
         if sink.stale:  # the server restarted since we mapped its arena: map the new one
-            self._drop_arena()
+            self._forget_arena(sink.arena)
             return (yield from self._read(method, keys))
-        if sink.corrupt:  # the server has checked and dropped the bad copy: read again
-            values = yield from self._read(method, keys, shared=False)
-            lost = [i for i in sink.corrupt_keys if values[i] is None]
-            if lost:
-                raise DataLoss(
-                    f"value for key #{lost[0]} failed its checksum in the host arena and had "
-                    "no other copy; it was dropped"
-                )
-            return values
-        return sink.result()
+        values = sink.result()
+        if sink.corrupt_keys:  # the server has checked and dropped the bad copies: read again
+            again = [keys[i] for i in sink.corrupt_keys]
+            fresh = yield from self._read("BatchGet", again, shared=False)
+            for i, v in zip(sink.corrupt_keys, fresh, strict=True):
+                if v is None:
+                    raise DataLoss(
+                        f"value for key #{i} failed its checksum in the host arena and could "
+                        "not be read again (no other copy, or evicted since)"
+                    )
+                values[i] = v
+        return values
 
     def _mapped_arena(self) -> Op[ArenaMap | None]:
         if self.same_host and not self._arena_checked:
@@ -332,13 +341,14 @@ class ClientCore:
                     self._arena = None  # another host or mount namespace: stream bytes
         return self._arena
 
-    def _drop_arena(self) -> None:
-        if self._arena is not None:
-            self._arena.close()
-        self._arena, self._arena_checked = None, False
+    def _forget_arena(self, stale: ArenaMap | None) -> None:
+        # Only the mapping this read used: another operation may already have mapped the
+        # new arena, or be copying from it. A forgotten map closes when its last user is done.
+        if self._arena is stale:
+            self._arena, self._arena_checked = None, False
 
     def close(self) -> None:
-        self._drop_arena()
+        self._forget_arena(self._arena)
 
     def lookup(self, keys: Sequence[bytes]) -> Op[int]:
         resp = yield Call("Lookup", self._req(keys))

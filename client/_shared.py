@@ -35,8 +35,9 @@ class ArenaMap:
         self.size = st.st_size
         self._populate = True
 
-    def matches(self, dev: int, ino: int) -> bool:
-        return (self.dev, self.ino) == (dev, ino)
+    def holds(self, dev: int, ino: int, offset: int, nbytes: int) -> bool:
+        """Whether a slice of the arena file (dev, ino) lies within this mapping."""
+        return (self.dev, self.ino) == (dev, ino) and 0 <= offset <= self.size - nbytes
 
     def copy(self, offset: int, nbytes: int) -> np.ndarray:
         """A private copy of `nbytes` at `offset`."""
@@ -49,6 +50,3 @@ class ArenaMap:
             except OSError:
                 self._populate = False  # older kernel: fault pages in on first touch
         return np.frombuffer(self._mm, np.uint8, nbytes, offset).copy()
-
-    def close(self) -> None:
-        self._mm.close()

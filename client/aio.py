@@ -10,7 +10,15 @@ import grpc
 import numpy as np
 import torch
 
-from kvstore.client._core import Call, ClientCore, Op, ServerStats, is_unix_address, target_of
+from kvstore.client._core import (
+    BACKGROUND_TIMEOUT_S,
+    Call,
+    ClientCore,
+    Op,
+    ServerStats,
+    is_unix_address,
+    target_of,
+)
 from kvstore.errors import error_for_status
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire import GRPC_OPTIONS, client_stubs
@@ -45,7 +53,7 @@ class AsyncKVClient:
             while True:
                 try:
                     result = await self._invoke(call)
-                except Exception as exc:  # the operation may clean up (release leases)
+                except BaseException as exc:  # cancelled too: the op releases its leases
                     call = op.throw(exc)
                     continue
                 call = op.send(result)
@@ -56,7 +64,7 @@ class AsyncKVClient:
         method = self._stubs[call.method]
         try:
             if not call.wait:
-                task = asyncio.ensure_future(method(call.request, timeout=self.timeout))
+                task = asyncio.ensure_future(method(call.request, timeout=BACKGROUND_TIMEOUT_S))
                 self._background.add(task)
                 task.add_done_callback(_forget)
                 task.add_done_callback(self._background.discard)

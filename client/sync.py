@@ -10,7 +10,15 @@ import grpc
 import numpy as np
 import torch
 
-from kvstore.client._core import Call, ClientCore, Op, ServerStats, is_unix_address, target_of
+from kvstore.client._core import (
+    BACKGROUND_TIMEOUT_S,
+    Call,
+    ClientCore,
+    Op,
+    ServerStats,
+    is_unix_address,
+    target_of,
+)
 from kvstore.errors import error_for_status
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire import GRPC_OPTIONS, client_stubs
@@ -43,7 +51,7 @@ class KVClient:
             while True:
                 try:
                     result = self._invoke(call)
-                except Exception as exc:  # the operation may clean up (release leases)
+                except BaseException as exc:  # cancelled too: the op releases its leases
                     call = op.throw(exc)
                     continue
                 call = op.send(result)
@@ -54,7 +62,7 @@ class KVClient:
         method = self._stubs[call.method]
         try:
             if not call.wait:
-                future = method.future(call.request, timeout=self.timeout)
+                future = method.future(call.request, timeout=BACKGROUND_TIMEOUT_S)
                 self._background.add(future)
                 future.add_done_callback(self._background.discard)
                 return None

@@ -16,9 +16,9 @@ import asyncio
 import contextlib
 import fcntl
 import functools
-import itertools
 import logging
 import os
+import secrets
 import signal
 import socket
 import stat
@@ -36,6 +36,7 @@ from kvstore import __version__
 from kvstore.config import ServerConfig, format_size
 from kvstore.errors import InvalidArgument, KVStoreError
 from kvstore.store import PutReservation, ReadLease, Store, check_namespace
+from kvstore.tiers.host import HostArena
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire import GRPC_OPTIONS, PIECE_BYTES, SERVICE, Piece, server_handler
 
@@ -97,28 +98,24 @@ class SharedLeases:
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self._held: dict[int, tuple[ReadLease, float]] = {}
-        self._ids = itertools.count(1)
 
     def hand_out(self, lease: ReadLease) -> int:
-        lease_id = next(self._ids)
+        # Random, so one client cannot end another's leases by counting.
+        lease_id = secrets.randbits(63)
+        while lease_id in self._held:
+            lease_id = secrets.randbits(63)
         self._held[lease_id] = (lease, time.monotonic() + self.seconds)
         return lease_id
 
-    def release(self, ids: Sequence[int], corrupt: Sequence[int] = ()) -> int:
-        """End the leases `ids`; those also in `corrupt` are checked and dropped if bad."""
-        reported = set(corrupt)
-        n = 0
-        for i in ids:
-            item = self._held.pop(i, None)
-            if item is None:
-                continue
-            n += 1
-            if i in reported:
-                if item[0].release_reported_corrupt():
-                    log.error("a client found a corrupt cpu copy; it was dropped")
-            else:
-                item[0].release()
-        return n
+    def take(self, ids: Sequence[int]) -> list[tuple[int, ReadLease]]:
+        """Remove the leases `ids` from the table (unknown ids are skipped)."""
+        return [(i, item[0]) for i in ids if (item := self._held.pop(i, None)) is not None]
+
+    def release(self, ids: Sequence[int]) -> int:
+        taken = self.take(ids)
+        for _, lease in taken:
+            lease.release()
+        return len(taken)
 
     def reclaim_expired(self) -> int:
         now = time.monotonic()
@@ -129,6 +126,14 @@ class SharedLeases:
 
     def release_all(self) -> int:
         return self.release(list(self._held))
+
+
+def _release_checking(taken: list[tuple[int, ReadLease]], corrupt: set[int]) -> None:
+    for lease_id, lease in taken:
+        if lease_id not in corrupt:
+            lease.release()
+        elif lease.release_reported_corrupt():
+            log.error("a client found a corrupt cpu copy; it was dropped")
 
 
 class KVStoreServicer:
@@ -226,7 +231,27 @@ class KVStoreServicer:
         shared: bool,
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[Piece]:
-        arena = self.store.cpu
+        # Shared slices only over the Unix socket: a TCP peer cannot map the arena.
+        arena = self.store.cpu if str(context.peer()).startswith("unix:") else None
+        handed: list[int] = []
+        try:
+            async for piece in self._get_pieces(namespace, keys, shared, arena, handed, context):
+                yield piece
+        except BaseException:
+            # Cut off (cancelled, client gone) or failed: the client may never have seen
+            # these slices. One it is still copying is caught by its checksum.
+            self.shared.release(handed)
+            raise
+
+    async def _get_pieces(
+        self,
+        namespace: str,
+        keys: Sequence[bytes],
+        shared: bool,
+        arena: HostArena | None,
+        handed: list[int],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[Piece]:
         for index, key in enumerate(keys):
             try:
                 # A same-host reader checks the bytes it copies itself (and reports failures).
@@ -259,15 +284,17 @@ class KVStoreServicer:
                 )
                 if shared and arena is not None and lease.offset is not None:
                     # The client reads the value in place; the lease now belongs to it.
+                    lease_id = self.shared.hand_out(lease)
+                    handed_out = True
+                    handed.append(lease_id)
                     first_piece.shared.CopyFrom(
                         pb.SharedSlice(
-                            lease=self.shared.hand_out(lease),
+                            lease=lease_id,
                             offset=lease.offset,
                             arena_dev=arena.dev,
                             arena_ino=arena.ino,
                         )
                     )
-                    handed_out = True
                     yield Piece(first_piece, b"")
                     continue
                 first = min(len(view), PIECE_BYTES)
@@ -307,7 +334,13 @@ class KVStoreServicer:
 
     @_unary
     async def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.CountResponse:
-        return pb.CountResponse(count=self.shared.release(request.leases, request.corrupt))
+        if not request.corrupt:
+            return pb.CountResponse(count=self.shared.release(request.leases))
+        # Reported corruption is checked again here before anything is dropped, on a worker
+        # thread: a checksum of large values must not stall the event loop.
+        taken = self.shared.take(request.leases)
+        await asyncio.to_thread(_release_checking, taken, set(request.corrupt))
+        return pb.CountResponse(count=len(taken))
 
     @_unary
     async def Stats(self, request: pb.StatsRequest, context: Any) -> pb.StatsResponse:

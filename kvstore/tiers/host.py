@@ -34,7 +34,11 @@ class HostArena(MemoryTier):
         self.path = Path(path)
         self.allocator = SlabAllocator(capacity_bytes, page_bytes=page_bytes)
         self.capacity_bytes = self.allocator.capacity
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        # A new file (new inode) every start, never a reused one: a client still mapping the
+        # file of a crashed predecessor must see that its mapping is stale, and truncating a
+        # mapped file would fault its readers.
+        self.path.unlink(missing_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, self.capacity_bytes)
             try:
