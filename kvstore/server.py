@@ -253,15 +253,15 @@ class KVStoreServicer:
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[Piece]:
         for index, key in enumerate(keys):
+            # A same-host reader checks the bytes it copies itself (and reports failures), so
+            # a cpu-resident value is leased right here; anything else goes to a worker.
+            in_place = shared and arena is not None
             try:
-                # A same-host reader checks the bytes it copies itself (and reports failures).
-                lease: ReadLease | None = await _in_thread_owned(
-                    self.store.get,
-                    namespace,
-                    key,
-                    not (shared and arena is not None),
-                    release=ReadLease.release,
-                )
+                lease = self.store.lease_resident(namespace, key) if in_place else None
+                if lease is None:
+                    lease = await _in_thread_owned(
+                        self.store.get, namespace, key, not in_place, release=ReadLease.release
+                    )
             except Exception as exc:
                 await _fail(context, exc)
             if lease is None:

@@ -205,7 +205,8 @@ class ReadLease:
         self.tier = tier
         self._staged = 0 if entry is not None else len(view)
         self._released = False
-        store._leases += 1
+        with store._lock:
+            store._leases += 1
 
     def release(self) -> None:
         if self._released:
@@ -405,9 +406,7 @@ class Store:
                 tier = "ssd"  # promoted: verified on the way up, now leased from cpu
             else:
                 tier = "cpu"
-                e.hits += 1
-                self._counters["cpu"].hits += 1
-                self._policy["cpu"].access(e.eid)
+                self._count_cpu_hit(e)
             e.readers += 1
             view = self._cpu_view(e)
         if verify and tier == "cpu" and checksum(view) != e.checksum:
@@ -419,6 +418,33 @@ class Store:
                 f"cpu tier: checksum mismatch for {e.key.hex()[:16]}...; the value was dropped"
             )
         return ReadLease(self, e, view, e.header(), tier)
+
+    def lease_resident(self, namespace: str, key: bytes) -> ReadLease | None:
+        """A lease on a cpu-resident value, taken without waiting and without checking the
+        bytes (for a reader that checks what it copies), or None when that is not possible
+        right now: the value is absent or not in cpu, or another thread holds the lock.
+
+        Cheap enough for the event loop, which must never wait behind an LMDB write.
+        """
+        check_namespace(namespace)
+        check_key(key)
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            e = self._index.get((namespace, bytes(key)))
+            if e is None or e.slot is None:
+                return None
+            self._count_cpu_hit(e)
+            e.readers += 1
+            view = self._cpu_view(e)
+        finally:
+            self._lock.release()
+        return ReadLease(self, e, view, e.header(), "cpu")
+
+    def _count_cpu_hit(self, e: Entry) -> None:
+        e.hits += 1
+        self._counters["cpu"].hits += 1
+        self._policy["cpu"].access(e.eid)
 
     def _read_from_ssd(self, e: Entry) -> ReadLease | None:
         """Promote `e` to cpu (returns None: caller leases the slot) or stage a copy."""

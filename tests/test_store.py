@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -797,4 +798,32 @@ def test_staged_lease_without_room_in_cpu_is_counted(store: Store) -> None:
     assert store.stats().leases == 1
     assert bytes(lease.view) == vals[key(0)]
     lease.release()
+    assert store.stats().leases == 0
+
+
+def test_lease_resident_never_waits(store: Store) -> None:
+    data = value(1)
+    res = store.begin_put(NS, key(1), "uint8", [MiB], MiB, checksum(data))
+    res.write(data)
+    res.commit()
+    assert store.lease_resident(NS, key(2)) is None  # absent: the caller takes the slow path
+    lease = store.lease_resident(NS, key(1))
+    assert lease is not None and lease.tier == "cpu" and bytes(lease.view) == data
+    assert store.stats().leases == 1 and store.stats().tiers[0].counters.hits == 1
+    lease.release()
+    holder_ready, done = threading.Event(), threading.Event()
+
+    def hold_lock() -> None:
+        with store._lock:
+            holder_ready.set()
+            done.wait(5)
+
+    t = threading.Thread(target=hold_lock)
+    t.start()
+    holder_ready.wait(5)
+    try:
+        assert store.lease_resident(NS, key(1)) is None  # busy: refuses instead of waiting
+    finally:
+        done.set()
+        t.join()
     assert store.stats().leases == 0
