@@ -179,6 +179,29 @@ def _as_stream(stream: Any) -> Any:
     return cupy.cuda.ExternalStream(stream.cuda_stream)  # a torch.cuda.Stream
 
 
+# Per (device, stream), a device buffer the slot ids are copied into. Reusing it is safe:
+# the copy of the next call is ordered on the same stream after the kernel that read it.
+# The stream object is kept with it so its handle cannot be reused by another stream.
+_id_buffers: dict[tuple[int, int], tuple[Any, Any]] = {}
+
+
+def _upload_ids(ids: np.ndarray, s: Any) -> Any:
+    import cupy
+
+    slot = (cupy.cuda.runtime.getDevice(), s.ptr)
+    held = _id_buffers.get(slot)
+    buf = held[1] if held is not None else None
+    if buf is None or buf.size < ids.size:
+        with s:
+            buf = cupy.empty(max(ids.size, 4096), cupy.int64)
+        _id_buffers[slot] = (s, buf)
+    # From pageable memory: the driver has taken the bytes when the call returns.
+    cupy.cuda.runtime.memcpyAsync(
+        buf.data.ptr, ids.ctypes.data, ids.nbytes, cupy.cuda.runtime.memcpyHostToDevice, s.ptr
+    )
+    return buf
+
+
 def _launch(
     name: str, pooled: Any, dense: Any, ids: np.ndarray, block_bytes: int, stream: Any
 ) -> Any:
@@ -187,17 +210,16 @@ def _launch(
     s = _as_stream(stream)
     event = cupy.cuda.Event(block=False, disable_timing=True)
     if ids.size:
-        with s:
-            dev_ids = cupy.asarray(ids)  # the copy is ordered on `s` before the kernel
-            vecs = block_bytes // VECTOR_BYTES
-            threads = min(_THREADS, max(32, -(-vecs // 32) * 32))
-            grid = min(ids.size, 65535 * 16)
-            args = (
-                (pooled, dev_ids, dense, np.int64(vecs), np.int64(ids.size))
-                if name == "gather_blocks"
-                else (dense, dev_ids, pooled, np.int64(vecs), np.int64(ids.size))
-            )
-            _kernel(name)((grid,), (threads,), args, stream=s)
+        dev_ids = _upload_ids(ids, s)
+        vecs = block_bytes // VECTOR_BYTES
+        threads = min(_THREADS, max(32, -(-vecs // 32) * 32))
+        grid = min(ids.size, 65535 * 16)
+        args = (
+            (pooled, dev_ids, dense, np.int64(vecs), np.int64(ids.size))
+            if name == "gather_blocks"
+            else (dense, dev_ids, pooled, np.int64(vecs), np.int64(ids.size))
+        )
+        _kernel(name)((grid,), (threads,), args, stream=s)
     event.record(s)
     return event
 

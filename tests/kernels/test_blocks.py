@@ -186,3 +186,26 @@ def test_gpu_refusals_launch_nothing() -> None:
     cupy.cuda.get_current_stream().synchronize()
     assert bool((out == 7).all())
     assert bool((pool == cupy.arange(16 * 64, dtype=cupy.uint8)).all())
+
+
+@gpu
+def test_gpu_back_to_back_gathers_on_two_streams_each_see_their_own_ids() -> None:
+    # The slot ids go through one device buffer per stream, reused call after call: every
+    # gather must still read the ids it was given, not the next call's.
+    import cupy
+
+    block, slots = 4096, 1024
+    pool_host = np.random.default_rng(5).integers(0, 256, block * slots, dtype=np.uint8)
+    pool = cupy.asarray(pool_host)
+    streams = [cupy.cuda.Stream(non_blocking=True) for _ in range(2)]
+    rng = np.random.default_rng(6)
+    jobs = []
+    for i in range(60):
+        ids = rng.integers(0, slots, int(rng.integers(1, 300)))
+        out = cupy.empty(ids.size * block, cupy.uint8)
+        gather_blocks(pool, ids, out, block, streams[i % 2])
+        jobs.append((ids, out))
+    for s in streams:
+        s.synchronize()
+    for ids, out in jobs:
+        assert np.array_equal(cupy.asnumpy(out), reference_gather(pool_host, ids, block))
