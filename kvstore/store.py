@@ -386,8 +386,8 @@ class Store:
         """A lease on the value, or None if absent. Raises `DataLoss` on a bad checksum.
 
         `verify=False` skips checking a cpu-tier value's checksum, for a reader that checks
-        the bytes itself (and reports failures through `report_corrupt`). Values read from
-        ssd are always checked.
+        the bytes itself and reports failures (`ReadLease.release_reported_corrupt`).
+        Values read from ssd are always checked.
         """
         check_namespace(namespace)
         check_key(key)
