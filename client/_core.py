@@ -8,6 +8,7 @@ pieces, checksums and tensor reassembly exist once.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -134,6 +135,18 @@ def _check_outgoing(key: bytes, tensor: torch.Tensor) -> str:
     return name
 
 
+def _host_value(key: bytes, tensor: torch.Tensor, name: str) -> tuple[pb.ValueHeader, memoryview]:
+    """A checked value's header and its bytes, contiguous in host memory (the memoryview
+    keeps the host copy alive)."""
+    t = tensor.detach().to("cpu").contiguous()
+    flat = t.reshape(-1).view(torch.uint8)
+    data = flat.numpy().data if flat.numel() else memoryview(b"")
+    header = pb.ValueHeader(
+        key=bytes(key), dtype=name, shape=t.shape, nbytes=len(data), checksum=checksum(data)
+    )
+    return header, data
+
+
 def _put_pieces(
     namespace: str, values: Sequence[tuple[bytes, torch.Tensor, str]]
 ) -> Iterator[Piece]:
@@ -141,14 +154,9 @@ def _put_pieces(
     is made contiguous on the host only when its turn comes, so a batch never holds more
     than one extra copy."""
     for i, (key, tensor, name) in enumerate(values):
-        t = tensor.detach().to("cpu").contiguous()
-        flat = t.reshape(-1).view(torch.uint8)
-        data = flat.numpy().data if flat.numel() else memoryview(b"")
+        header, data = _host_value(key, tensor, name)
         n = len(data)
         first = min(n, PIECE_BYTES)
-        header = pb.ValueHeader(
-            key=bytes(key), dtype=name, shape=t.shape, nbytes=n, checksum=checksum(data)
-        )
         yield Piece(pb.PutPiece(namespace=namespace if i == 0 else "", header=header), data[:first])
         for off in range(first, n, PIECE_BYTES):
             yield Piece(pb.PutPiece(), data[off : off + PIECE_BYTES])
@@ -269,9 +277,8 @@ class ClientCore:
         return pb.KeysRequest(namespace=self.namespace, keys=_keys(keys))
 
     def put(self, key: bytes, tensor: torch.Tensor) -> Op[str]:
-        values = [(key, tensor, _check_outgoing(key, tensor))]
-        resp = yield Call("Put", _put_pieces(self.namespace, values))
-        return str(resp.tiers[0])
+        tiers = yield from self._write([(key, tensor, _check_outgoing(key, tensor))])
+        return tiers[0]
 
     def batch_put(self, keys: Sequence[bytes], tensors: Sequence[torch.Tensor]) -> Op[list[str]]:
         if len(keys) != len(tensors):
@@ -279,8 +286,52 @@ class ClientCore:
         if not keys:
             return []
         values = [(k, t, _check_outgoing(k, t)) for k, t in zip(keys, tensors, strict=True)]
-        resp = yield Call("BatchPut", _put_pieces(self.namespace, values))
-        return list(resp.tiers)
+        return (yield from self._write(values))
+
+    def _write(self, values: list[tuple[bytes, torch.Tensor, str]]) -> Op[list[str]]:
+        """Put values: written in place into reserved arena slots when this client maps
+        the arena, streamed (Put/BatchPut) otherwise and for those that get no slot."""
+        arena = yield from self._mapped_arena()
+        tiers: list[str] = [""] * len(values)
+        rest = list(range(len(values)))
+        if arena is not None and arena.writable:
+            prepared = [_host_value(k, t, name) for k, t, name in values]
+            resp = yield Call(
+                "Reserve",
+                pb.ReserveRequest(namespace=self.namespace, values=[h for h, _ in prepared]),
+            )
+            ids, placed, unused, rest = [], [], [], []
+            try:
+                for i, ((h, data), r) in enumerate(zip(prepared, resp.reservations, strict=True)):
+                    if r.id and arena.holds(r.arena_dev, r.arena_ino, r.offset, h.nbytes):
+                        arena.write(r.offset, data)
+                        ids.append(r.id)
+                        placed.append(i)
+                    else:
+                        unused.extend([r.id] if r.id else [])
+                        rest.append(i)
+            except BaseException:
+                every = [r.id for r in resp.reservations if r.id]
+                yield Call("Commit", pb.CommitRequest(abort=every), wait=False)
+                raise
+            if unused:  # slices of another arena: the server restarted since we mapped it
+                self._forget_arena(arena)
+            if ids or unused:
+                try:
+                    done = yield Call("Commit", pb.CommitRequest(ids=ids, abort=unused))
+                except BaseException:
+                    # Whatever did not commit (the call may never have reached the server)
+                    # is given back now rather than at the lease timeout.
+                    yield Call("Commit", pb.CommitRequest(abort=ids + unused), wait=False)
+                    raise
+                for i, tier in zip(placed, done.tiers, strict=True):
+                    tiers[i] = tier
+        if rest:
+            method = "Put" if len(values) == 1 else "BatchPut"
+            streamed = yield Call(method, _put_pieces(self.namespace, [values[i] for i in rest]))
+            for i, tier in zip(rest, streamed.tiers, strict=True):
+                tiers[i] = tier
+        return tiers
 
     def get(self, key: bytes) -> Op[torch.Tensor | None]:
         values = yield from self._read("Get", _keys([key]))
@@ -297,21 +348,25 @@ class ClientCore:
         arena = (yield from self._mapped_arena()) if shared else None
         sink = _Assembler(len(keys), arena)
         shared = arena is not None
+        call = secrets.randbits(63) or 1 if shared else 0
         if method == "Get":
-            request: Any = pb.GetRequest(namespace=self.namespace, key=keys[0], shared=shared)
+            request: Any = pb.GetRequest(
+                namespace=self.namespace, key=keys[0], shared=shared, call=call
+            )
         else:
-            request = pb.KeysRequest(namespace=self.namespace, keys=keys, shared=shared)
-        abandoned = False
+            request = pb.KeysRequest(namespace=self.namespace, keys=keys, shared=shared, call=call)
         try:
             yield Call(method, request, sink)
         except GeneratorExit:  # the driver gave up on this operation: nothing more to yield
-            abandoned = True
             raise
-        finally:
-            if sink.leases and not abandoned:
-                # In the background, unless a corrupt copy must be dropped before re-reading.
-                release = pb.ReleaseRequest(leases=sink.leases, corrupt=sink.corrupt)
-                yield Call("Release", release, wait=bool(sink.corrupt))
+        except BaseException:
+            if shared:  # cut off: end every lease of the call, seen by the sink or not
+                yield Call("Release", pb.ReleaseRequest(calls=[call]), wait=False)
+            raise
+        if sink.leases:
+            # In the background, unless a corrupt copy must be dropped before re-reading.
+            release = pb.ReleaseRequest(leases=sink.leases, corrupt=sink.corrupt)
+            yield Call("Release", release, wait=bool(sink.corrupt))
         if sink.stale:  # the server restarted since we mapped its arena: map the new one
             self._forget_arena(sink.arena)
             return (yield from self._read(method, keys))

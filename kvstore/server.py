@@ -25,7 +25,7 @@ import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -34,7 +34,7 @@ from grpc_reflection.v1alpha import reflection
 
 from kvstore import __version__
 from kvstore.config import ServerConfig, format_size
-from kvstore.errors import InvalidArgument, KVStoreError
+from kvstore.errors import InvalidArgument, KVStoreError, NotFound
 from kvstore.store import PutReservation, ReadLease, Store, check_namespace
 from kvstore.tiers.host import HostArena
 from kvstore.v1 import kvstore_pb2 as pb
@@ -88,40 +88,65 @@ async def _in_thread_owned(fn: Callable[..., T], *args: Any, release: Callable[[
         raise
 
 
-class SharedLeases:
-    """Read leases handed to same-host clients as SharedSlices, until Release or timeout.
+H = TypeVar("H")
 
-    Used from the event loop only. A client that dies holding leases loses them after
-    `seconds`; until then the values they cover are neither evicted nor overwritten in place.
+
+class HandOuts(Generic[H]):
+    """Things handed to same-host clients by id until they return them or time runs out:
+    read leases (SharedSlices) and put reservations.
+
+    Used from the event loop only. Ids are random, so one client cannot end another's by
+    counting. What a client that died still holds is ended after `seconds` by `end`.
     """
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, end: Callable[[H], object], what: str) -> None:
         self.seconds = seconds
-        self._held: dict[int, tuple[ReadLease, float]] = {}
+        self._end = end
+        self._what = what
+        self._held: dict[int, tuple[H, float, int]] = {}
+        self._groups: dict[int, set[int]] = {}  # the client's call number -> ids
 
-    def hand_out(self, lease: ReadLease) -> int:
-        # Random, so one client cannot end another's leases by counting.
-        lease_id = secrets.randbits(63)
-        while lease_id in self._held:
-            lease_id = secrets.randbits(63)
-        self._held[lease_id] = (lease, time.monotonic() + self.seconds)
-        return lease_id
+    def hand_out(self, thing: H, group: int = 0) -> int:
+        """Hold `thing` under a new id, as part of the client's call `group` if not 0."""
+        ident = secrets.randbits(63) or 1  # 0 means "none" on the wire
+        while ident in self._held:
+            ident = secrets.randbits(63) or 1
+        self._held[ident] = (thing, time.monotonic() + self.seconds, group)
+        if group:
+            self._groups.setdefault(group, set()).add(ident)
+        return ident
 
-    def take(self, ids: Sequence[int]) -> list[tuple[int, ReadLease]]:
-        """Remove the leases `ids` from the table (unknown ids are skipped)."""
-        return [(i, item[0]) for i in ids if (item := self._held.pop(i, None)) is not None]
+    def take(self, ids: Sequence[int]) -> list[tuple[int, H]]:
+        """Remove `ids` from the table and return what they held (unknown ids are skipped)."""
+        taken = []
+        for i in ids:
+            item = self._held.pop(i, None)
+            if item is None:
+                continue
+            thing, _, group = item
+            if group:
+                members = self._groups[group]
+                members.discard(i)
+                if not members:
+                    del self._groups[group]
+            taken.append((i, thing))
+        return taken
+
+    def release_groups(self, groups: Sequence[int]) -> int:
+        ids = [i for g in groups for i in self._groups.get(g, ())]
+        return self.release(ids)
 
     def release(self, ids: Sequence[int]) -> int:
         taken = self.take(ids)
-        for _, lease in taken:
-            lease.release()
+        for _, thing in taken:
+            self._end(thing)
         return len(taken)
 
     def reclaim_expired(self) -> int:
         now = time.monotonic()
-        expired = [i for i, (_, deadline) in self._held.items() if deadline < now]
+        expired = [i for i, (_, deadline, _) in self._held.items() if deadline < now]
         if expired:
-            log.warning("reclaimed %d shared leases their clients did not release", len(expired))
+            log.warning("reclaimed %d %s their clients did not return", len(expired), self._what)
         return self.release(expired)
 
     def release_all(self) -> int:
@@ -143,7 +168,12 @@ class KVStoreServicer:
         self.store = store
         self.config = config
         self.started = time.monotonic()
-        self.shared = SharedLeases(config.lease_seconds)
+        self.shared: HandOuts[ReadLease] = HandOuts(
+            config.lease_seconds, ReadLease.release, "shared read leases"
+        )
+        self.reserved: HandOuts[PutReservation] = HandOuts(
+            config.lease_seconds, PutReservation.abort, "put reservations"
+        )
 
     # --------------------------------------------------------------- puts
 
@@ -213,7 +243,10 @@ class KVStoreServicer:
     # --------------------------------------------------------------- gets
 
     async def Get(self, request: pb.GetRequest, context: Any) -> AsyncIterator[Piece]:
-        async for piece in self._get(request.namespace, [request.key], request.shared, context):
+        keys = [request.key]
+        async for piece in self._get(
+            request.namespace, keys, request.shared, request.call, context
+        ):
             yield piece
 
     async def BatchGet(self, request: pb.KeysRequest, context: Any) -> AsyncIterator[Piece]:
@@ -221,7 +254,9 @@ class KVStoreServicer:
             self.store.check_keys(request.namespace, request.keys)
         except KVStoreError as exc:
             await _fail(context, exc)
-        async for piece in self._get(request.namespace, request.keys, request.shared, context):
+        async for piece in self._get(
+            request.namespace, request.keys, request.shared, request.call, context
+        ):
             yield piece
 
     async def _get(
@@ -229,13 +264,16 @@ class KVStoreServicer:
         namespace: str,
         keys: Sequence[bytes],
         shared: bool,
+        call: int,
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[Piece]:
         # Shared slices only over the Unix socket: a TCP peer cannot map the arena.
         arena = self.store.cpu if str(context.peer()).startswith("unix:") else None
         handed: list[int] = []
         try:
-            async for piece in self._get_pieces(namespace, keys, shared, arena, handed, context):
+            async for piece in self._get_pieces(
+                namespace, keys, shared, call, arena, handed, context
+            ):
                 yield piece
         except BaseException:
             # Cut off (cancelled, client gone) or failed: the client may never have seen
@@ -248,6 +286,7 @@ class KVStoreServicer:
         namespace: str,
         keys: Sequence[bytes],
         shared: bool,
+        call: int,
         arena: HostArena | None,
         handed: list[int],
         context: grpc.aio.ServicerContext,
@@ -284,7 +323,7 @@ class KVStoreServicer:
                 )
                 if shared and arena is not None and lease.offset is not None:
                     # The client reads the value in place; the lease now belongs to it.
-                    lease_id = self.shared.hand_out(lease)
+                    lease_id = self.shared.hand_out(lease, call)
                     handed_out = True
                     handed.append(lease_id)
                     first_piece.shared.CopyFrom(
@@ -333,14 +372,74 @@ class KVStoreServicer:
         return pb.CountResponse(count=n)
 
     @_unary
+    async def Reserve(self, request: pb.ReserveRequest, context: Any) -> pb.ReserveResponse:
+        arena = self.store.cpu if str(context.peer()).startswith("unix:") else None
+        self.store.check_keys(request.namespace, [h.key for h in request.values])
+        out: list[pb.Reservation] = []
+        try:
+            for h in request.values:
+                out.append(await self._reserve(request.namespace, h, arena))
+        except BaseException:
+            self.reserved.release([r.id for r in out if r.id])  # the client never sees them
+            raise
+        return pb.ReserveResponse(reservations=out)
+
+    async def _reserve(
+        self, namespace: str, h: pb.ValueHeader, arena: HostArena | None
+    ) -> pb.Reservation:
+        if arena is None:
+            return pb.Reservation()
+        res = await _in_thread_owned(
+            self.store.begin_put,
+            namespace,
+            h.key,
+            h.dtype,
+            list(h.shape),
+            h.nbytes,
+            h.checksum,
+            release=PutReservation.abort,
+        )
+        if res.slot is None:  # no room in the arena: the client streams this one
+            res.abort()
+            return pb.Reservation()
+        return pb.Reservation(
+            id=self.reserved.hand_out(res),
+            offset=res.slot.offset,
+            arena_dev=arena.dev,
+            arena_ino=arena.ino,
+        )
+
+    @_unary
+    async def Commit(self, request: pb.CommitRequest, context: Any) -> pb.PutResponse:
+        self.reserved.release(request.abort)
+        taken = self.reserved.take(request.ids)
+        if len(taken) != len(request.ids):
+            for _, res in taken:
+                res.abort()
+            raise NotFound(
+                "a reservation is unknown, committed already or expired "
+                f"(--lease-seconds {self.config.lease_seconds:g}); nothing was stored"
+            )
+        tiers = []
+        try:
+            for _, res in taken:
+                res.written()  # the client wrote every byte through its mapping
+                tiers.append(await asyncio.to_thread(res.commit))
+        finally:
+            for _, res in taken[len(tiers) :]:
+                res.abort()  # a failed commit leaves the rest unstored, as BatchPut does
+        return pb.PutResponse(stored=len(tiers), tiers=tiers)
+
+    @_unary
     async def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.CountResponse:
+        ended = self.shared.release_groups(request.calls)
         if not request.corrupt:
-            return pb.CountResponse(count=self.shared.release(request.leases))
+            return pb.CountResponse(count=ended + self.shared.release(request.leases))
         # Reported corruption is checked again here before anything is dropped, on a worker
         # thread: a checksum of large values must not stall the event loop.
         taken = self.shared.take(request.leases)
         await asyncio.to_thread(_release_checking, taken, set(request.corrupt))
-        return pb.CountResponse(count=len(taken))
+        return pb.CountResponse(count=ended + len(taken))
 
     @_unary
     async def Stats(self, request: pb.StatsRequest, context: Any) -> pb.StatsResponse:
@@ -518,7 +617,7 @@ async def _run(
         ready(addresses[0])
     background = [
         asyncio.create_task(_sync_forever(store)),
-        asyncio.create_task(_reclaim_forever(servicer.shared)),
+        asyncio.create_task(_reclaim_forever(servicer.shared, servicer.reserved)),
     ]
     await signals.stop.wait()
 
@@ -532,6 +631,7 @@ async def _run(
         with contextlib.suppress(asyncio.CancelledError):
             await task
     servicer.shared.release_all()
+    servicer.reserved.release_all()
     persist_until = max(deadline, time.monotonic() + 1)
     persisted = await asyncio.to_thread(
         store.persist, lambda: time.monotonic() > persist_until or signals.count > 1
@@ -549,10 +649,11 @@ async def _sync_forever(store: Store) -> None:
             log.exception("periodic ssd flush failed")
 
 
-async def _reclaim_forever(shared: SharedLeases) -> None:
+async def _reclaim_forever(*tables: HandOuts[Any]) -> None:
     while True:
-        await asyncio.sleep(min(1.0, shared.seconds / 2))
-        shared.reclaim_expired()
+        await asyncio.sleep(min(1.0, tables[0].seconds / 2))
+        for table in tables:
+            table.reclaim_expired()
 
 
 def _describe_tiers(store: Store) -> str:

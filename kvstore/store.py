@@ -147,6 +147,10 @@ class PutReservation:
         self.buffer[self.filled : end] = data
         self.filled = end
 
+    def written(self) -> None:
+        """Mark `buffer` as filled by someone else (a same-host client through its mapping)."""
+        self.filled = len(self.buffer)
+
     def commit(self) -> str:
         """Make the value visible; returns the tier it landed in.
 

@@ -118,6 +118,8 @@ METHODS: dict[str, tuple[str, type[Message], type[Message]]] = {
     "Delete": ("unary_unary", pb.KeysRequest, pb.CountResponse),
     "Pin": ("unary_unary", pb.KeysRequest, pb.CountResponse),
     "Unpin": ("unary_unary", pb.KeysRequest, pb.CountResponse),
+    "Reserve": ("unary_unary", pb.ReserveRequest, pb.ReserveResponse),
+    "Commit": ("unary_unary", pb.CommitRequest, pb.PutResponse),
     "Release": ("unary_unary", pb.ReleaseRequest, pb.CountResponse),
     "Stats": ("unary_unary", pb.StatsRequest, pb.StatsResponse),
     "List": ("unary_stream", pb.ListRequest, pb.ListResponse),

@@ -39,24 +39,28 @@ class PutResponse(_message.Message):
     def __init__(self, stored: _Optional[int] = ..., tiers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("namespace", "key", "shared")
+    __slots__ = ("namespace", "key", "shared", "call")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
     SHARED_FIELD_NUMBER: _ClassVar[int]
+    CALL_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     key: bytes
     shared: bool
-    def __init__(self, namespace: _Optional[str] = ..., key: _Optional[bytes] = ..., shared: _Optional[bool] = ...) -> None: ...
+    call: int
+    def __init__(self, namespace: _Optional[str] = ..., key: _Optional[bytes] = ..., shared: _Optional[bool] = ..., call: _Optional[int] = ...) -> None: ...
 
 class KeysRequest(_message.Message):
-    __slots__ = ("namespace", "keys", "shared")
+    __slots__ = ("namespace", "keys", "shared", "call")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     SHARED_FIELD_NUMBER: _ClassVar[int]
+    CALL_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     keys: _containers.RepeatedScalarFieldContainer[bytes]
     shared: bool
-    def __init__(self, namespace: _Optional[str] = ..., keys: _Optional[_Iterable[bytes]] = ..., shared: _Optional[bool] = ...) -> None: ...
+    call: int
+    def __init__(self, namespace: _Optional[str] = ..., keys: _Optional[_Iterable[bytes]] = ..., shared: _Optional[bool] = ..., call: _Optional[int] = ...) -> None: ...
 
 class SharedSlice(_message.Message):
     __slots__ = ("lease", "offset", "arena_dev", "arena_ino")
@@ -70,13 +74,49 @@ class SharedSlice(_message.Message):
     arena_ino: int
     def __init__(self, lease: _Optional[int] = ..., offset: _Optional[int] = ..., arena_dev: _Optional[int] = ..., arena_ino: _Optional[int] = ...) -> None: ...
 
+class ReserveRequest(_message.Message):
+    __slots__ = ("namespace", "values")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    values: _containers.RepeatedCompositeFieldContainer[ValueHeader]
+    def __init__(self, namespace: _Optional[str] = ..., values: _Optional[_Iterable[_Union[ValueHeader, _Mapping]]] = ...) -> None: ...
+
+class Reservation(_message.Message):
+    __slots__ = ("id", "offset", "arena_dev", "arena_ino")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    ARENA_DEV_FIELD_NUMBER: _ClassVar[int]
+    ARENA_INO_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    offset: int
+    arena_dev: int
+    arena_ino: int
+    def __init__(self, id: _Optional[int] = ..., offset: _Optional[int] = ..., arena_dev: _Optional[int] = ..., arena_ino: _Optional[int] = ...) -> None: ...
+
+class ReserveResponse(_message.Message):
+    __slots__ = ("reservations",)
+    RESERVATIONS_FIELD_NUMBER: _ClassVar[int]
+    reservations: _containers.RepeatedCompositeFieldContainer[Reservation]
+    def __init__(self, reservations: _Optional[_Iterable[_Union[Reservation, _Mapping]]] = ...) -> None: ...
+
+class CommitRequest(_message.Message):
+    __slots__ = ("ids", "abort")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ABORT_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    abort: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ..., abort: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class ReleaseRequest(_message.Message):
-    __slots__ = ("leases", "corrupt")
+    __slots__ = ("leases", "corrupt", "calls")
     LEASES_FIELD_NUMBER: _ClassVar[int]
     CORRUPT_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
     leases: _containers.RepeatedScalarFieldContainer[int]
     corrupt: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, leases: _Optional[_Iterable[int]] = ..., corrupt: _Optional[_Iterable[int]] = ...) -> None: ...
+    calls: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, leases: _Optional[_Iterable[int]] = ..., corrupt: _Optional[_Iterable[int]] = ..., calls: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GetPiece(_message.Message):
     __slots__ = ("index", "found", "header", "tier", "data", "shared")

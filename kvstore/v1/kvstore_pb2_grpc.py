@@ -79,6 +79,16 @@ class KVStoreStub:
                 request_serializer=kvstore_dot_v1_dot_kvstore__pb2.KeysRequest.SerializeToString,
                 response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.CountResponse.FromString,
                 _registered_method=True)
+        self.Reserve = channel.unary_unary(
+                '/kvstore.v1.KVStore/Reserve',
+                request_serializer=kvstore_dot_v1_dot_kvstore__pb2.ReserveRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.ReserveResponse.FromString,
+                _registered_method=True)
+        self.Commit = channel.unary_unary(
+                '/kvstore.v1.KVStore/Commit',
+                request_serializer=kvstore_dot_v1_dot_kvstore__pb2.CommitRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.PutResponse.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/kvstore.v1.KVStore/Release',
                 request_serializer=kvstore_dot_v1_dot_kvstore__pb2.ReleaseRequest.SerializeToString,
@@ -164,6 +174,22 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reserve(self, request, context):
+        """Same-host puts: reserve room in the host arena for each value, write the bytes through
+        the client's own mapping of the arena, then Commit (or abort) the reservations. Nothing
+        is visible before Commit, which checks every value's checksum. Reservations neither
+        committed nor aborted within the server's lease time are given back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Commit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Release(self, request, context):
         """End leases handed out as SharedSlices. Leases not released within the server's
         lease time are reclaimed.
@@ -233,6 +259,16 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.Unpin,
                     request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.KeysRequest.FromString,
                     response_serializer=kvstore_dot_v1_dot_kvstore__pb2.CountResponse.SerializeToString,
+            ),
+            'Reserve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reserve,
+                    request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.ReserveRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_kvstore__pb2.ReserveResponse.SerializeToString,
+            ),
+            'Commit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Commit,
+                    request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.CommitRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_kvstore__pb2.PutResponse.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
@@ -493,6 +529,60 @@ class KVStore:
             '/kvstore.v1.KVStore/Unpin',
             kvstore_dot_v1_dot_kvstore__pb2.KeysRequest.SerializeToString,
             kvstore_dot_v1_dot_kvstore__pb2.CountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reserve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/Reserve',
+            kvstore_dot_v1_dot_kvstore__pb2.ReserveRequest.SerializeToString,
+            kvstore_dot_v1_dot_kvstore__pb2.ReserveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Commit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/Commit',
+            kvstore_dot_v1_dot_kvstore__pb2.CommitRequest.SerializeToString,
+            kvstore_dot_v1_dot_kvstore__pb2.PutResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -272,3 +272,76 @@ def test_tcp_peers_never_get_shared_slices(start_server) -> None:  # type: ignor
         ]
         assert len(set(ids)) == 4 and max(ids) > 1 << 32  # not a counter another can guess
         assert stub.Release(pb.ReleaseRequest(leases=ids)).count == 4
+
+
+def reserve(stub, k: bytes, data: bytes, checksum_of: bytes | None = None):  # type: ignore[no-untyped-def]
+    import xxhash
+
+    header = pb.ValueHeader(
+        key=k,
+        dtype="uint8",
+        shape=[len(data)],
+        nbytes=len(data),
+        checksum=xxhash.xxh3_64_intdigest(checksum_of if checksum_of is not None else data),
+    )
+    return stub.Reserve(pb.ReserveRequest(namespace=NS, values=[header])).reservations[0]
+
+
+def test_same_host_put_writes_in_place_and_commits(server) -> None:  # type: ignore[no-untyped-def]
+    data = value(7).numpy().tobytes()
+    with server.client(NS) as c, grpc.insecure_channel(server.address, options=GRPC_OPTIONS) as ch:
+        stub = pb_grpc.KVStoreStub(ch)
+        path = c.stats().host_arena_path
+        r = reserve(stub, key(7), data)
+        assert r.id and c.exists([key(7)]) == [False]  # nothing visible before Commit
+        with open(path, "r+b") as fh:
+            fh.seek(r.offset)
+            fh.write(data)
+        assert list(stub.Commit(pb.CommitRequest(ids=[r.id])).tiers) == ["cpu"]
+        assert torch.equal(c.get(key(7)), value(7))
+        with pytest.raises(grpc.RpcError) as err:  # a reservation commits once
+            stub.Commit(pb.CommitRequest(ids=[r.id]))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        # The client does the same by itself: its puts land in place too.
+        assert c._core._arena is not None and c._core._arena.writable
+        assert c.put(key(8), value(8)) == "cpu"
+        assert torch.equal(c.get(key(8)), value(8))
+
+
+def test_commit_of_bytes_that_do_not_match_stores_nothing(server) -> None:  # type: ignore[no-untyped-def]
+    data = value(9).numpy().tobytes()
+    with server.client(NS) as c, grpc.insecure_channel(server.address, options=GRPC_OPTIONS) as ch:
+        stub = pb_grpc.KVStoreStub(ch)
+        before = c.stats().tiers["cpu"].used_bytes
+        r = reserve(stub, key(9), data, checksum_of=b"something else")
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Commit(pb.CommitRequest(ids=[r.id]))
+        assert err.value.code() == grpc.StatusCode.DATA_LOSS
+        assert c.exists([key(9)]) == [False]
+        assert c.stats().tiers["cpu"].used_bytes == before
+        r = reserve(stub, key(9), data)
+        stub.Commit(pb.CommitRequest(abort=[r.id]))  # given back unused
+        assert c.stats().tiers["cpu"].used_bytes == before
+
+
+def test_uncommitted_reservations_are_reclaimed(start_server) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server("--cpu-bytes", "8MiB", "--ssd-bytes", "64MiB", "--lease-seconds", "0.5")
+    with srv.client(NS) as c, grpc.insecure_channel(srv.address, options=GRPC_OPTIONS) as ch:
+        before = c.stats().tiers["cpu"].used_bytes
+        r = reserve(pb_grpc.KVStoreStub(ch), key(1), value(1).numpy().tobytes())
+        assert r.id and c.stats().tiers["cpu"].used_bytes > before  # a client that died
+        assert wait_for(lambda: c.stats().tiers["cpu"].used_bytes == before, timeout=5)
+        assert c.exists([key(1)]) == [False]
+
+
+def test_tcp_peers_get_no_reservations(start_server) -> None:  # type: ignore[no-untyped-def]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    listen = f"127.0.0.1:{port}"
+    start_server("--cpu-bytes", "8MiB", "--ssd-bytes", "64MiB", "--listen", listen)
+    with grpc.insecure_channel(listen, options=GRPC_OPTIONS) as ch:
+        assert reserve(pb_grpc.KVStoreStub(ch), key(1), b"x" * 64).id == 0
+    with KVClient(listen, NS) as remote:
+        assert remote.put(key(1), value(1)) == "cpu"  # streamed instead
+        assert torch.equal(remote.get(key(1)), value(1))
