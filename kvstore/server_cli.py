@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--data-dir",
-        help=f"directory for the ssd tier and the default socket (default ./{d.data_dir})",
+        help="directory for the ssd tier and the default socket "
+        f"(default ./{ServerConfig.__dataclass_fields__['data_dir'].default})",
     )
     p.add_argument("--socket", help="Unix socket path (default <data-dir>/kvstore.sock)")
     p.add_argument(
@@ -72,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--lease-seconds",
         type=float,
-        help="how long a same-host client may hold a value it reads in place before the "
-        f"server reclaims it (default {d.lease_seconds:g})",
+        help="how long a same-host client may hold a value it reads in place, or a slot it "
+        f"reserved for a put, before the server takes it back (default {d.lease_seconds:g})",
     )
     p.add_argument("--log-level", help="debug, info, warning or error (default info)")
     p.add_argument("--config", metavar="FILE", help="TOML file with any of the settings above")
