@@ -9,6 +9,7 @@ pieces, checksums and tensor reassembly exist once.
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -272,6 +273,7 @@ class ClientCore:
         self.same_host = same_host
         self._arena: ArenaMap | None = None
         self._arena_checked = False
+        self.lease_seconds = 30.0  # the server's, read with its arena
 
     def _req(self, keys: Sequence[bytes]) -> pb.KeysRequest:
         return pb.KeysRequest(namespace=self.namespace, keys=_keys(keys))
@@ -290,48 +292,72 @@ class ClientCore:
 
     def _write(self, values: list[tuple[bytes, torch.Tensor, str]]) -> Op[list[str]]:
         """Put values: written in place into reserved arena slots when this client maps
-        the arena, streamed (Put/BatchPut) otherwise and for those that get no slot."""
+        the arena, streamed (Put/BatchPut) otherwise and for those that get no slot.
+
+        A batch naming a key twice is streamed whole, so the later value wins as in BatchPut.
+        """
         arena = yield from self._mapped_arena()
         tiers: list[str] = [""] * len(values)
         rest = list(range(len(values)))
-        if arena is not None and arena.writable:
-            prepared = [_host_value(k, t, name) for k, t, name in values]
-            resp = yield Call(
-                "Reserve",
-                pb.ReserveRequest(namespace=self.namespace, values=[h for h, _ in prepared]),
-            )
-            ids, placed, unused, rest = [], [], [], []
-            try:
-                for i, ((h, data), r) in enumerate(zip(prepared, resp.reservations, strict=True)):
-                    if r.id and arena.holds(r.arena_dev, r.arena_ino, r.offset, h.nbytes):
-                        arena.write(r.offset, data)
-                        ids.append(r.id)
-                        placed.append(i)
-                    else:
-                        unused.extend([r.id] if r.id else [])
-                        rest.append(i)
-            except BaseException:
-                every = [r.id for r in resp.reservations if r.id]
-                yield Call("Commit", pb.CommitRequest(abort=every), wait=False)
-                raise
-            if unused:  # slices of another arena: the server restarted since we mapped it
-                self._forget_arena(arena)
-            if ids or unused:
-                try:
-                    done = yield Call("Commit", pb.CommitRequest(ids=ids, abort=unused))
-                except BaseException:
-                    # Whatever did not commit (the call may never have reached the server)
-                    # is given back now rather than at the lease timeout.
-                    yield Call("Commit", pb.CommitRequest(abort=ids + unused), wait=False)
-                    raise
-                for i, tier in zip(placed, done.tiers, strict=True):
-                    tiers[i] = tier
+        distinct = len({bytes(k) for k, _, _ in values}) == len(values)
+        if arena is not None and arena.writable and distinct:
+            rest = yield from self._write_in_place(arena, values, tiers)
         if rest:
             method = "Put" if len(values) == 1 else "BatchPut"
             streamed = yield Call(method, _put_pieces(self.namespace, [values[i] for i in rest]))
             for i, tier in zip(rest, streamed.tiers, strict=True):
                 tiers[i] = tier
         return tiers
+
+    def _write_in_place(
+        self, arena: ArenaMap, values: list[tuple[bytes, torch.Tensor, str]], tiers: list[str]
+    ) -> Op[list[int]]:
+        """Reserve, write and commit; fills `tiers` and returns the positions left to stream."""
+        prepared = [_host_value(k, t, name) for k, t, name in values]
+        call = secrets.randbits(63) or 1
+        reserve = pb.ReserveRequest(
+            namespace=self.namespace, values=[h for h, _ in prepared], call=call
+        )
+        started = time.monotonic()
+        try:
+            resp = yield Call("Reserve", reserve)
+        except BaseException:  # the answer may have been lost: give back all it reserved
+            yield Call("Commit", pb.CommitRequest(abort_calls=[call]), wait=False)
+            raise
+        # Write only well inside the lease: a slot whose reservation expired may be handed
+        # to another put, and a late write would corrupt that value.
+        deadline = started + self.lease_seconds / 2
+        ids: list[int] = []
+        placed: list[int] = []
+        unused: list[int] = []
+        rest: list[int] = []
+        try:
+            for i, ((h, data), r) in enumerate(zip(prepared, resp.reservations, strict=True)):
+                fits = r.id and arena.holds(r.arena_dev, r.arena_ino, r.offset, h.nbytes)
+                if fits and time.monotonic() < deadline:
+                    arena.write(r.offset, data)
+                    ids.append(r.id)
+                    placed.append(i)
+                else:
+                    unused.extend([r.id] if r.id else [])
+                    rest.append(i)
+        except BaseException:
+            yield Call("Commit", pb.CommitRequest(abort_calls=[call]), wait=False)
+            raise
+        if any(r.id and not arena.holds(r.arena_dev, r.arena_ino, r.offset, 0)
+               for r in resp.reservations):  # fmt: skip
+            self._forget_arena(arena)  # slices of another arena: the server restarted
+        if ids or unused:
+            try:
+                done = yield Call("Commit", pb.CommitRequest(ids=ids, abort=unused))
+            except BaseException:
+                # Whatever did not commit (the call may never have reached the server) is
+                # given back now rather than at the lease timeout.
+                yield Call("Commit", pb.CommitRequest(abort_calls=[call]), wait=False)
+                raise
+            for i, tier in zip(placed, done.tiers, strict=True):
+                tiers[i] = tier
+        return rest
 
     def get(self, key: bytes) -> Op[torch.Tensor | None]:
         values = yield from self._read("Get", _keys([key]))
@@ -387,6 +413,7 @@ class ClientCore:
         if self.same_host and not self._arena_checked:
             stats = yield from self.stats()
             self._arena_checked = True
+            self.lease_seconds = stats.lease_seconds
             if stats.host_arena_path:
                 try:
                     self._arena = ArenaMap(

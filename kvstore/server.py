@@ -99,10 +99,17 @@ class HandOuts(Generic[H]):
     counting. What a client that died still holds is ended after `seconds` by `end`.
     """
 
-    def __init__(self, seconds: float, end: Callable[[H], object], what: str) -> None:
+    def __init__(
+        self, seconds: float, end: Callable[[H], object], what: str, hold_expired: bool = False
+    ) -> None:
         self.seconds = seconds
         self._end = end
         self._what = what
+        # With `hold_expired`, what times out is kept one more period before it is ended: a
+        # put reservation's slot must not be reused while a stalled client may still write
+        # into it through its mapping.
+        self._hold_expired = hold_expired
+        self._expired: list[tuple[H, float]] = []
         self._held: dict[int, tuple[H, float, int]] = {}
         self._groups: dict[int, set[int]] = {}  # the client's call number -> ids
 
@@ -144,12 +151,22 @@ class HandOuts(Generic[H]):
 
     def reclaim_expired(self) -> int:
         now = time.monotonic()
+        due = [thing for thing, until in self._expired if until < now]
+        self._expired = [(thing, until) for thing, until in self._expired if until >= now]
+        for thing in due:
+            self._end(thing)
         expired = [i for i, (_, deadline, _) in self._held.items() if deadline < now]
         if expired:
             log.warning("reclaimed %d %s their clients did not return", len(expired), self._what)
-        return self.release(expired)
+        if not self._hold_expired:
+            return self.release(expired)
+        self._expired.extend((thing, now + self.seconds) for _, thing in self.take(expired))
+        return len(expired)
 
     def release_all(self) -> int:
+        for thing, _ in self._expired:
+            self._end(thing)
+        self._expired = []
         return self.release(list(self._held))
 
 
@@ -172,7 +189,7 @@ class KVStoreServicer:
             config.lease_seconds, ReadLease.release, "shared read leases"
         )
         self.reserved: HandOuts[PutReservation] = HandOuts(
-            config.lease_seconds, PutReservation.abort, "put reservations"
+            config.lease_seconds, PutReservation.abort, "put reservations", hold_expired=True
         )
 
     # --------------------------------------------------------------- puts
@@ -378,19 +395,19 @@ class KVStoreServicer:
         out: list[pb.Reservation] = []
         try:
             for h in request.values:
-                out.append(await self._reserve(request.namespace, h, arena))
+                out.append(await self._reserve(request.namespace, h, arena, request.call))
         except BaseException:
             self.reserved.release([r.id for r in out if r.id])  # the client never sees them
             raise
         return pb.ReserveResponse(reservations=out)
 
     async def _reserve(
-        self, namespace: str, h: pb.ValueHeader, arena: HostArena | None
+        self, namespace: str, h: pb.ValueHeader, arena: HostArena | None, call: int
     ) -> pb.Reservation:
         if arena is None:
             return pb.Reservation()
         res = await _in_thread_owned(
-            self.store.begin_put,
+            self.store.reserve_in_arena,
             namespace,
             h.key,
             h.dtype,
@@ -399,11 +416,10 @@ class KVStoreServicer:
             h.checksum,
             release=PutReservation.abort,
         )
-        if res.slot is None:  # no room in the arena: the client streams this one
-            res.abort()
+        if res is None or res.slot is None:  # no room in the arena: the client streams it
             return pb.Reservation()
         return pb.Reservation(
-            id=self.reserved.hand_out(res),
+            id=self.reserved.hand_out(res, call),
             offset=res.slot.offset,
             arena_dev=arena.dev,
             arena_ino=arena.ino,
@@ -412,6 +428,7 @@ class KVStoreServicer:
     @_unary
     async def Commit(self, request: pb.CommitRequest, context: Any) -> pb.PutResponse:
         self.reserved.release(request.abort)
+        self.reserved.release_groups(request.abort_calls)
         taken = self.reserved.take(request.ids)
         if len(taken) != len(request.ids):
             for _, res in taken:

@@ -339,6 +339,34 @@ class Store:
         nbytes: int,
         value_checksum: int,
     ) -> PutReservation:
+        """Room for a value: a cpu slot, else a staging buffer bound for ssd."""
+        res = self._begin(namespace, key, dtype, shape, nbytes, value_checksum, False)
+        assert res is not None
+        return res
+
+    def reserve_in_arena(
+        self,
+        namespace: str,
+        key: bytes,
+        dtype: str,
+        shape: Sequence[int],
+        nbytes: int,
+        value_checksum: int,
+    ) -> PutReservation | None:
+        """A cpu slot for a value a same-host client writes itself, or None when there is
+        none to be had (the client then streams it); never stages."""
+        return self._begin(namespace, key, dtype, shape, nbytes, value_checksum, True)
+
+    def _begin(
+        self,
+        namespace: str,
+        key: bytes,
+        dtype: str,
+        shape: Sequence[int],
+        nbytes: int,
+        value_checksum: int,
+        arena_only: bool,
+    ) -> PutReservation | None:
         check_namespace(namespace)
         check_key(key)
         self.validate_value(dtype, shape, nbytes)
@@ -350,6 +378,8 @@ class Store:
             if slot is not None:
                 assert self.cpu is not None
                 return PutReservation(self, entry, slot, self.cpu.view(slot, nbytes), 0)
+            if arena_only:
+                return None
             if self.ssd is None:
                 raise ResourceExhausted(self._why_no_room(nbytes))
             self._stage(nbytes)

@@ -75,12 +75,14 @@ class SharedSlice(_message.Message):
     def __init__(self, lease: _Optional[int] = ..., offset: _Optional[int] = ..., arena_dev: _Optional[int] = ..., arena_ino: _Optional[int] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
-    __slots__ = ("namespace", "values")
+    __slots__ = ("namespace", "values", "call")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    CALL_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     values: _containers.RepeatedCompositeFieldContainer[ValueHeader]
-    def __init__(self, namespace: _Optional[str] = ..., values: _Optional[_Iterable[_Union[ValueHeader, _Mapping]]] = ...) -> None: ...
+    call: int
+    def __init__(self, namespace: _Optional[str] = ..., values: _Optional[_Iterable[_Union[ValueHeader, _Mapping]]] = ..., call: _Optional[int] = ...) -> None: ...
 
 class Reservation(_message.Message):
     __slots__ = ("id", "offset", "arena_dev", "arena_ino")
@@ -101,12 +103,14 @@ class ReserveResponse(_message.Message):
     def __init__(self, reservations: _Optional[_Iterable[_Union[Reservation, _Mapping]]] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
-    __slots__ = ("ids", "abort")
+    __slots__ = ("ids", "abort", "abort_calls")
     IDS_FIELD_NUMBER: _ClassVar[int]
     ABORT_FIELD_NUMBER: _ClassVar[int]
+    ABORT_CALLS_FIELD_NUMBER: _ClassVar[int]
     ids: _containers.RepeatedScalarFieldContainer[int]
     abort: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, ids: _Optional[_Iterable[int]] = ..., abort: _Optional[_Iterable[int]] = ...) -> None: ...
+    abort_calls: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ..., abort: _Optional[_Iterable[int]] = ..., abort_calls: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("leases", "corrupt", "calls")

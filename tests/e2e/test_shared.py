@@ -345,3 +345,55 @@ def test_tcp_peers_get_no_reservations(start_server) -> None:  # type: ignore[no
     with KVClient(listen, NS) as remote:
         assert remote.put(key(1), value(1)) == "cpu"  # streamed instead
         assert torch.equal(remote.get(key(1)), value(1))
+
+
+def test_an_expired_reservation_slot_is_held_back_from_reuse(
+    start_server,
+) -> None:  # type: ignore[no-untyped-def]
+    # Lease 2 s, reaped within 1 s of expiring, then held back 2 s more: at 3.3 s the late
+    # reservation is surely reclaimed and surely not yet reusable.
+    srv = start_server("--tiers", "cpu", "--cpu-bytes", "8MiB", "--lease-seconds", "2")
+    data = value(1).numpy().tobytes()
+    with srv.client(NS) as c, grpc.insecure_channel(srv.address, options=GRPC_OPTIONS) as ch:
+        stub = pb_grpc.KVStoreStub(ch)
+        path = c.stats().host_arena_path
+        late = reserve(stub, key(1), data)  # a client that stalls past its lease
+        time.sleep(3.3)  # expired and reclaimed; the slot is held back one more lease period
+        assert c.put(key(2), value(2)) == "cpu"
+        with open(path, "r+b") as fh:  # the stalled client wakes up and writes anyway
+            fh.seek(late.offset)
+            fh.write(b"\xff" * len(data))
+        assert torch.equal(c.get(key(2)), value(2))  # another value was not hit
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Commit(pb.CommitRequest(ids=[late.id]))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert c.exists([key(1)]) == [False]
+
+
+def test_abort_by_call_number_and_no_staging_for_reservations(start_server) -> None:  # type: ignore[no-untyped-def]
+    import xxhash
+
+    srv = start_server(
+        "--cpu-bytes", "4MiB", "--ssd-bytes", "64MiB",
+        "--max-value-bytes", "8MiB", "--staging-bytes", "8MiB",
+    )  # fmt: skip
+    with srv.client(NS) as c, grpc.insecure_channel(srv.address, options=GRPC_OPTIONS) as ch:
+        stub = pb_grpc.KVStoreStub(ch)
+        before = c.stats().tiers["cpu"].used_bytes
+        small = pb.ValueHeader(key=key(1), dtype="uint8", shape=[4096], nbytes=4096)
+        big = pb.ValueHeader(key=key(2), dtype="uint8", shape=[6 << 20], nbytes=6 << 20)
+        big.checksum = xxhash.xxh3_64_intdigest(bytes(6 << 20))
+        got = stub.Reserve(pb.ReserveRequest(namespace=NS, values=[small, big], call=77))
+        assert got.reservations[0].id and not got.reservations[1].id  # big: stream it
+        stub.Commit(pb.CommitRequest(abort_calls=[77]))  # an answer the client lost
+        assert c.stats().tiers["cpu"].used_bytes == before
+        # Reserving never took staging room: the 6 MiB value still streams in.
+        assert c.put(key(2), torch.zeros(6 << 20, dtype=torch.uint8)) == "ssd"
+
+
+def test_a_batch_naming_a_key_twice_keeps_the_later_value(start_server) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server("--cpu-bytes", "4MiB", "--ssd-bytes", "64MiB")
+    with srv.client(NS) as c:
+        big, small = value(1, 6 * MiB), value(2, 4096)
+        c.batch_put([key(1), key(1)], [big, small])
+        assert torch.equal(c.get(key(1)), small)
