@@ -221,17 +221,7 @@ class KVStoreServicer:
                     if res is not None:
                         tiers.append(await asyncio.to_thread(res.commit))
                         res = None
-                    h = piece.header
-                    res = await _in_thread_owned(
-                        self.store.begin_put,
-                        namespace,
-                        h.key,
-                        h.dtype,
-                        list(h.shape),
-                        h.nbytes,
-                        h.checksum,
-                        release=PutReservation.abort,
-                    )
+                    res = await self._room_for(self.store.begin_put, namespace, piece.header)
                 elif res is None:
                     raise InvalidArgument(
                         "the first piece of a value must carry its header"
@@ -256,6 +246,20 @@ class KVStoreServicer:
             # A stream that ended early, failed or was cancelled leaves nothing behind.
             if res is not None:
                 res.abort()
+
+    async def _room_for(self, begin: Callable[..., T], namespace: str, h: pb.ValueHeader) -> T:
+        """`begin` (Store.begin_put or reserve_in_arena) for the value `h` announces, on a
+        worker thread; a reservation the caller is no longer there to take is aborted."""
+        return await _in_thread_owned(
+            begin,
+            namespace,
+            h.key,
+            h.dtype,
+            list(h.shape),
+            h.nbytes,
+            h.checksum,
+            release=PutReservation.abort,
+        )
 
     # --------------------------------------------------------------- gets
 
@@ -406,16 +410,7 @@ class KVStoreServicer:
     ) -> pb.Reservation:
         if arena is None:
             return pb.Reservation()
-        res = await _in_thread_owned(
-            self.store.reserve_in_arena,
-            namespace,
-            h.key,
-            h.dtype,
-            list(h.shape),
-            h.nbytes,
-            h.checksum,
-            release=PutReservation.abort,
-        )
+        res = await self._room_for(self.store.reserve_in_arena, namespace, h)
         if res is None or res.slot is None:  # no room in the arena: the client streams it
             return pb.Reservation()
         return pb.Reservation(
