@@ -23,6 +23,7 @@ where the index lives.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numba
@@ -31,29 +32,48 @@ import numpy as np
 VECTOR_BYTES = 16
 _THREADS = 256
 
+_UNROLL = 4  # vectors each thread loads before it stores: independent reads in flight
+
 _CUDA_SOURCE = r"""
-extern "C" __global__ void gather_blocks(const uint4* __restrict__ src,
+// One CTA per block at a time (grid-stride over blocks); each thread issues UNROLL 16-byte
+// loads before its first store. `slots` may be pinned host memory read through UVA, so a
+// launch needs no separate copy of the ids. Slot b starts at slots[b] * pitch vectors.
+#define UNROLL @UNROLL@
+#define COPY_BLOCK(SRC, DST)                                                             \
+    for (long long v0 = threadIdx.x; v0 < vecs; v0 += (long long)blockDim.x * UNROLL) { \
+        uint4 r[UNROLL];                                                                 \
+        _Pragma("unroll") for (int u = 0; u < UNROLL; ++u) {                             \
+            long long v = v0 + (long long)u * blockDim.x;                                \
+            if (v < vecs) r[u] = (SRC)[v];                                               \
+        }                                                                                \
+        _Pragma("unroll") for (int u = 0; u < UNROLL; ++u) {                             \
+            long long v = v0 + (long long)u * blockDim.x;                                \
+            if (v < vecs) (DST)[v] = r[u];                                               \
+        }                                                                                \
+    }
+
+extern "C" __global__ void gather_blocks(const uint4* __restrict__ pool,
                                          const long long* __restrict__ slots,
-                                         uint4* __restrict__ out,
-                                         long long vecs_per_block, long long k) {
+                                         uint4* __restrict__ dense, long long vecs,
+                                         long long pitch, long long k) {
     for (long long b = blockIdx.x; b < k; b += gridDim.x) {
-        const uint4* s = src + slots[b] * vecs_per_block;
-        uint4* d = out + b * vecs_per_block;
-        for (long long v = threadIdx.x; v < vecs_per_block; v += blockDim.x) d[v] = s[v];
+        const uint4* s = pool + __ldg(slots + b) * pitch;
+        uint4* d = dense + b * vecs;
+        COPY_BLOCK(s, d)
     }
 }
 
-extern "C" __global__ void scatter_blocks(const uint4* __restrict__ src,
+extern "C" __global__ void scatter_blocks(uint4* __restrict__ pool,
                                           const long long* __restrict__ slots,
-                                          uint4* __restrict__ dst,
-                                          long long vecs_per_block, long long k) {
+                                          const uint4* __restrict__ dense, long long vecs,
+                                          long long pitch, long long k) {
     for (long long b = blockIdx.x; b < k; b += gridDim.x) {
-        const uint4* s = src + b * vecs_per_block;
-        uint4* d = dst + slots[b] * vecs_per_block;
-        for (long long v = threadIdx.x; v < vecs_per_block; v += blockDim.x) d[v] = s[v];
+        const uint4* s = dense + b * vecs;
+        uint4* d = pool + __ldg(slots + b) * pitch;
+        COPY_BLOCK(s, d)
     }
 }
-"""
+""".replace("@UNROLL@", str(_UNROLL))
 
 
 class BlockError(ValueError):
@@ -66,23 +86,30 @@ def check_blocks(
     dense_bytes: int,
     block_bytes: int,
     *,
+    slot_bytes: int | None = None,
     unique: bool = False,
 ) -> np.ndarray:
     """Validate a gather/scatter; returns the slot ids as a contiguous int64 array.
 
     `pool_bytes` is the size of the slotted buffer, `dense_bytes` of the contiguous one.
+    Slot i starts at byte i * `slot_bytes` (default `block_bytes`) of the pool.
     """
     if not isinstance(block_bytes, int | np.integer) or block_bytes <= 0:
         raise BlockError(f"block_bytes must be a positive integer, got {block_bytes!r}")
     if block_bytes % VECTOR_BYTES:
         raise BlockError(f"block_bytes must be a multiple of {VECTOR_BYTES}, got {block_bytes}")
+    pitch = block_bytes if slot_bytes is None else slot_bytes
+    if not isinstance(pitch, int | np.integer) or pitch <= 0 or pitch % VECTOR_BYTES:
+        raise BlockError(f"slot_bytes must be a positive multiple of {VECTOR_BYTES}, got {pitch}")
+    if unique and pitch < block_bytes:
+        raise BlockError("a scatter needs slots at least one block apart")
     ids = np.asarray(slot_ids)
     if ids.ndim != 1:
         raise BlockError(f"slot ids must be one-dimensional, got shape {ids.shape}")
     if ids.size and not np.issubdtype(ids.dtype, np.integer):
         raise BlockError(f"slot ids must be integers, got {ids.dtype}")
     ids = np.ascontiguousarray(ids, dtype=np.int64)
-    slots = pool_bytes // block_bytes
+    slots = (pool_bytes - block_bytes) // pitch + 1 if pool_bytes >= block_bytes else 0
     if ids.size and (ids.min() < 0 or ids.max() >= slots):
         bad = int(ids[(ids < 0) | (ids >= slots)][0])
         raise BlockError(f"slot id {bad} is outside the pool of {slots} slots")
@@ -100,17 +127,21 @@ def check_blocks(
 
 
 @numba.njit(parallel=True, cache=True)
-def _gather_cpu(src: np.ndarray, slots: np.ndarray, out: np.ndarray, block: int) -> None:
+def _gather_cpu(
+    pool: np.ndarray, slots: np.ndarray, dense: np.ndarray, block: int, pitch: int
+) -> None:
     for b in numba.prange(slots.size):
-        s = slots[b] * block
-        out[b * block : (b + 1) * block] = src[s : s + block]
+        s = slots[b] * pitch
+        dense[b * block : (b + 1) * block] = pool[s : s + block]
 
 
 @numba.njit(parallel=True, cache=True)
-def _scatter_cpu(src: np.ndarray, slots: np.ndarray, dst: np.ndarray, block: int) -> None:
+def _scatter_cpu(
+    pool: np.ndarray, slots: np.ndarray, dense: np.ndarray, block: int, pitch: int
+) -> None:
     for b in numba.prange(slots.size):
-        d = slots[b] * block
-        dst[d : d + block] = src[b * block : (b + 1) * block]
+        d = slots[b] * pitch
+        pool[d : d + block] = dense[b * block : (b + 1) * block]
 
 
 def _host_bytes(buf: Any, what: str) -> np.ndarray:
@@ -121,50 +152,82 @@ def _host_bytes(buf: Any, what: str) -> np.ndarray:
 
 
 def gather_blocks_cpu(
-    src: Any, slot_ids: Sequence[int] | np.ndarray, out: Any, block_bytes: int
+    src: Any,
+    slot_ids: Sequence[int] | np.ndarray,
+    out: Any,
+    block_bytes: int,
+    *,
+    slot_bytes: int | None = None,
 ) -> None:
     """CPU twin of `gather_blocks`."""
     s, o = _host_bytes(src, "src"), _host_bytes(out, "out")
-    ids = check_blocks(s.size, slot_ids, o.size, block_bytes)
+    ids = check_blocks(s.size, slot_ids, o.size, block_bytes, slot_bytes=slot_bytes)
     if ids.size:
-        _gather_cpu(s, ids, o, block_bytes)
+        _gather_cpu(s, ids, o, block_bytes, slot_bytes or block_bytes)
 
 
 def scatter_blocks_cpu(
-    src: Any, slot_ids: Sequence[int] | np.ndarray, dst: Any, block_bytes: int
+    src: Any,
+    slot_ids: Sequence[int] | np.ndarray,
+    dst: Any,
+    block_bytes: int,
+    *,
+    slot_bytes: int | None = None,
 ) -> None:
     """CPU twin of `scatter_blocks`."""
     s, d = _host_bytes(src, "src"), _host_bytes(dst, "dst")
-    ids = check_blocks(d.size, slot_ids, s.size, block_bytes, unique=True)
+    ids = check_blocks(d.size, slot_ids, s.size, block_bytes, slot_bytes=slot_bytes, unique=True)
     if ids.size:
-        _scatter_cpu(s, ids, d, block_bytes)
+        _scatter_cpu(d, ids, s, block_bytes, slot_bytes or block_bytes)
 
 
 # ------------------------------------------------------------------------------ GPU
 
 
-_kernels: dict[str, Any] = {}
+@dataclass(frozen=True)
+class DeviceBuffer:
+    """A flat byte range a kernel can address: device memory of `device`, or pinned host
+    memory (`device` None) addressed through UVA."""
+
+    ptr: int
+    nbytes: int
+    device: int | None
 
 
-def _kernel(name: str) -> Any:
-    if name not in _kernels:
+def device_buffer(buf: Any, what: str) -> DeviceBuffer:
+    """The byte range of a contiguous CuPy array, CUDA torch tensor, or a `DeviceBuffer`."""
+    if isinstance(buf, DeviceBuffer):
+        ptr, nbytes, device = buf.ptr, buf.nbytes, buf.device
+    elif hasattr(buf, "data_ptr"):  # torch.Tensor
+        if not buf.is_cuda:
+            raise BlockError(f"{what} is a CPU tensor; the GPU kernels need CUDA memory")
+        if not buf.is_contiguous():
+            raise BlockError(f"{what} must be contiguous")
+        ptr, nbytes, device = buf.data_ptr(), buf.numel() * buf.element_size(), buf.device.index
+    elif hasattr(buf, "data") and hasattr(buf.data, "ptr"):  # cupy.ndarray
+        if not buf.flags.c_contiguous:
+            raise BlockError(f"{what} must be contiguous")
+        ptr, nbytes, device = buf.data.ptr, buf.nbytes, buf.device.id
+    else:
+        raise BlockError(f"{what} must be a CuPy array or a CUDA tensor, got {type(buf).__name__}")
+    if ptr % VECTOR_BYTES:
+        raise BlockError(f"{what} must be {VECTOR_BYTES}-byte aligned")
+    return DeviceBuffer(ptr, nbytes, device)
+
+
+_kernels: dict[tuple[int, str], Any] = {}
+
+
+def _kernel(device: int, name: str) -> Any:
+    fn = _kernels.get((device, name))
+    if fn is None:
         import cupy
 
         module = cupy.RawModule(code=_CUDA_SOURCE, options=("-std=c++17",))
         for n in ("gather_blocks", "scatter_blocks"):
-            _kernels[n] = module.get_function(n)
-    return _kernels[name]
-
-
-def _device_bytes(buf: Any, what: str) -> Any:
-    import cupy
-
-    arr = cupy.asarray(buf)  # CuPy arrays as they are; CUDA tensors through their interface
-    if not arr.flags.c_contiguous:
-        raise BlockError(f"{what} must be contiguous")
-    if arr.data.ptr % VECTOR_BYTES:
-        raise BlockError(f"{what} must be {VECTOR_BYTES}-byte aligned")
-    return arr.reshape(-1).view(cupy.uint8)
+            _kernels[(device, n)] = module.get_function(n)
+        fn = _kernels[(device, name)]
+    return fn
 
 
 def _as_stream(stream: Any) -> Any:
@@ -179,64 +242,125 @@ def _as_stream(stream: Any) -> Any:
     return cupy.cuda.ExternalStream(stream.cuda_stream)  # a torch.cuda.Stream
 
 
-# Per (device, stream), a device buffer the slot ids are copied into. Reusing it is safe:
-# the copy of the next call is ordered on the same stream after the kernel that read it.
-# The stream object is kept with it so its handle cannot be reused by another stream.
-_id_buffers: dict[tuple[int, int], tuple[Any, Any]] = {}
+class _IdRing:
+    """Pinned host buffers the slot ids are written to and the kernel reads through UVA:
+    a launch is one kernel, with no copy ahead of it. A buffer is reused only after the
+    event of the kernel that read it has completed, so `_RING` launches can be in flight
+    on a stream before one waits. The events alone make reuse safe, whichever stream a
+    buffer was last read on; one ring per stream only keeps streams from waiting on each
+    other."""
+
+    _RING = 8
+
+    def __init__(self) -> None:
+        self.buffers: list[np.ndarray | None] = [None] * self._RING
+        self.owners: list[Any] = [None] * self._RING
+        self.events: list[Any] = [None] * self._RING
+        self.next = 0
+
+    def put(self, ids: np.ndarray) -> tuple[int, int]:
+        """Stage `ids`; returns (address, ring position) for `done` once launched."""
+        import cupy
+
+        i = self.next
+        self.next = (i + 1) % self._RING
+        event = self.events[i]
+        if event is not None and not event.done:
+            event.synchronize()
+        buf = self.buffers[i]
+        if buf is None or buf.size < ids.size:
+            n = max(ids.size, 4096)
+            self.owners[i] = mem = cupy.cuda.alloc_pinned_memory(n * 8)
+            self.buffers[i] = buf = np.frombuffer(mem, np.int64, n)
+        buf[: ids.size] = ids
+        return buf.ctypes.data, i
+
+    def done(self, i: int, event: Any) -> None:
+        self.events[i] = event
 
 
-def _upload_ids(ids: np.ndarray, s: Any) -> Any:
-    import cupy
-
-    slot = (cupy.cuda.runtime.getDevice(), s.ptr)
-    held = _id_buffers.get(slot)
-    buf = held[1] if held is not None else None
-    if buf is None or buf.size < ids.size:
-        with s:
-            buf = cupy.empty(max(ids.size, 4096), cupy.int64)
-        _id_buffers[slot] = (s, buf)
-    # From pageable memory: the driver has taken the bytes when the call returns.
-    cupy.cuda.runtime.memcpyAsync(
-        buf.data.ptr, ids.ctypes.data, ids.nbytes, cupy.cuda.runtime.memcpyHostToDevice, s.ptr
-    )
-    return buf
+_rings: dict[tuple[int, int], _IdRing] = {}
 
 
 def _launch(
-    name: str, pooled: Any, dense: Any, ids: np.ndarray, block_bytes: int, stream: Any
+    name: str,
+    pool: DeviceBuffer,
+    dense: DeviceBuffer,
+    ids: np.ndarray,
+    block: int,
+    pitch: int,
+    stream: Any,
 ) -> Any:
     import cupy
 
-    s = _as_stream(stream)
-    event = cupy.cuda.Event(block=False, disable_timing=True)
-    if ids.size:
-        dev_ids = _upload_ids(ids, s)
-        vecs = block_bytes // VECTOR_BYTES
-        threads = min(_THREADS, max(32, -(-vecs // 32) * 32))
-        grid = min(ids.size, 65535 * 16)
-        args = (
-            (pooled, dev_ids, dense, np.int64(vecs), np.int64(ids.size))
-            if name == "gather_blocks"
-            else (dense, dev_ids, pooled, np.int64(vecs), np.int64(ids.size))
+    device = dense.device
+    assert device is not None
+    if pool.device is not None and pool.device != device:
+        raise BlockError(
+            f"the pool is on GPU {pool.device} and the contiguous buffer on GPU {device}"
         )
-        _kernel(name)((grid,), (threads,), args, stream=s)
-    event.record(s)
+    with cupy.cuda.Device(device):
+        s = _as_stream(stream)
+        event = cupy.cuda.Event(block=False, disable_timing=True)
+        if ids.size:
+            ring = _rings.get((device, s.ptr))
+            if ring is None:
+                ring = _rings[(device, s.ptr)] = _IdRing()
+            addr, pos = ring.put(ids)
+            vecs = block // VECTOR_BYTES
+            threads = min(_THREADS, max(32, -(-vecs // (32 * _UNROLL)) * 32))
+            grid = min(ids.size, 65535 * 16)
+            _kernel(device, name)(
+                (grid,),
+                (threads,),
+                (
+                    np.uint64(pool.ptr),
+                    np.uint64(addr),
+                    np.uint64(dense.ptr),
+                    np.int64(vecs),
+                    np.int64(pitch // VECTOR_BYTES),
+                    np.int64(ids.size),
+                ),
+                stream=s,
+            )
+            event.record(s)
+            ring.done(pos, event)
+        else:
+            event.record(s)
     return event
 
 
 def gather_blocks(
-    src: Any, slot_ids: Sequence[int] | np.ndarray, out: Any, block_bytes: int, stream: Any = None
+    src: Any,
+    slot_ids: Sequence[int] | np.ndarray,
+    out: Any,
+    block_bytes: int,
+    stream: Any = None,
+    *,
+    slot_bytes: int | None = None,
 ) -> Any:
-    """out[i] = src[slot_ids[i]] for blocks of `block_bytes`, on the GPU; returns an event."""
-    s, o = _device_bytes(src, "src"), _device_bytes(out, "out")
-    ids = check_blocks(s.size, slot_ids, o.size, block_bytes)
-    return _launch("gather_blocks", s, o, ids, block_bytes, stream)
+    """out[i] = src[slot_ids[i]] for blocks of `block_bytes`, on the GPU; returns an event.
+
+    `src` may be device memory on `out`'s GPU or pinned host memory (a `DeviceBuffer` with
+    device None, or a CuPy view of it); `out` is device memory.
+    """
+    s, o = device_buffer(src, "src"), device_buffer(out, "out")
+    ids = check_blocks(s.nbytes, slot_ids, o.nbytes, block_bytes, slot_bytes=slot_bytes)
+    return _launch("gather_blocks", s, o, ids, block_bytes, slot_bytes or block_bytes, stream)
 
 
 def scatter_blocks(
-    src: Any, slot_ids: Sequence[int] | np.ndarray, dst: Any, block_bytes: int, stream: Any = None
+    src: Any,
+    slot_ids: Sequence[int] | np.ndarray,
+    dst: Any,
+    block_bytes: int,
+    stream: Any = None,
+    *,
+    slot_bytes: int | None = None,
 ) -> Any:
     """dst[slot_ids[i]] = src[i] for blocks of `block_bytes`, on the GPU; returns an event."""
-    s, d = _device_bytes(src, "src"), _device_bytes(dst, "dst")
-    ids = check_blocks(d.size, slot_ids, s.size, block_bytes, unique=True)
-    return _launch("scatter_blocks", d, s, ids, block_bytes, stream)
+    s, d = device_buffer(src, "src"), device_buffer(dst, "dst")
+    ids = check_blocks(
+        d.nbytes, slot_ids, s.nbytes, block_bytes, slot_bytes=slot_bytes, unique=True
+    )
+    return _launch("scatter_blocks", d, s, ids, block_bytes, slot_bytes or block_bytes, stream)

@@ -80,6 +80,31 @@ def test_cpu_twins_take_torch_tensors_and_round_trip() -> None:
     assert torch.equal(back.view(32, 256)[ids], pool.view(32, 256)[ids])
 
 
+@pytest.mark.parametrize(("block", "pitch"), [(64, 64), (64, 128), (48, 16), (4096, 64)])
+def test_cpu_twins_address_slots_by_pitch(block: int, pitch: int) -> None:
+    # Values of a slab allocator start at 64-byte aligned offsets, not at multiples of
+    # their size: a gather by offset passes offset // pitch with the alignment as pitch.
+    rng = np.random.default_rng(block + pitch)
+    pool = rng.integers(0, 256, 64 * 1024, dtype=np.uint8)
+    slots = (pool.size - block) // pitch + 1
+    ids = rng.integers(0, slots, 50)
+    out = np.zeros(ids.size * block, np.uint8)
+    gather_blocks_cpu(pool, ids, out, block, slot_bytes=pitch)
+    want = np.concatenate([pool[i * pitch : i * pitch + block] for i in ids])
+    assert np.array_equal(out, want)
+    with pytest.raises(BlockError, match="outside the pool"):
+        gather_blocks_cpu(pool, [slots], out, block, slot_bytes=pitch)
+    if pitch >= block:
+        uniq = rng.permutation(slots)[:20]
+        dense = rng.integers(0, 256, uniq.size * block, dtype=np.uint8)
+        scatter_blocks_cpu(dense, uniq, pool, block, slot_bytes=pitch)
+        got = np.concatenate([pool[i * pitch : i * pitch + block] for i in uniq])
+        assert np.array_equal(got, dense)
+    else:
+        with pytest.raises(BlockError, match="one block apart"):
+            scatter_blocks_cpu(out, [0], pool, block, slot_bytes=pitch)
+
+
 BAD = {
     "block not a multiple of 16": (24, [0], "multiple of 16"),
     "zero block": (0, [0], "positive"),
@@ -186,6 +211,37 @@ def test_gpu_refusals_launch_nothing() -> None:
     cupy.cuda.get_current_stream().synchronize()
     assert bool((out == 7).all())
     assert bool((pool == cupy.arange(16 * 64, dtype=cupy.uint8)).all())
+
+
+@gpu
+def test_gpu_gather_by_pitch_matches_the_cpu_twin() -> None:
+    import cupy
+
+    rng = np.random.default_rng(11)
+    pool = rng.integers(0, 256, 1 << 20, dtype=np.uint8)
+    block, pitch = 4096 + 64, 64
+    ids = rng.integers(0, (pool.size - block) // pitch + 1, 333)
+    want = np.zeros(ids.size * block, np.uint8)
+    gather_blocks_cpu(pool, ids, want, block, slot_bytes=pitch)
+    out = cupy.zeros(want.size, cupy.uint8)
+    gather_blocks(cupy.asarray(pool), ids, out, block, slot_bytes=pitch).synchronize()
+    assert np.array_equal(cupy.asnumpy(out), want)
+
+
+@gpu
+def test_gpu_refuses_host_tensors_and_buffers_on_another_device() -> None:
+    torch = pytest.importorskip("torch")
+    import cupy
+
+    pool = cupy.zeros(1 << 16, cupy.uint8)
+    with pytest.raises(BlockError, match="CPU tensor"):
+        gather_blocks(pool, [0], torch.zeros(64, dtype=torch.uint8), 64)
+    if cupy.cuda.runtime.getDeviceCount() > 1:
+        with cupy.cuda.Device(1):
+            out = cupy.full(64, 7, cupy.uint8)
+        with pytest.raises(BlockError, match="GPU 0"):
+            gather_blocks(pool, [0], out, 64)
+        assert bool((out == 7).all())
 
 
 @gpu
