@@ -436,6 +436,12 @@ class KVStoreServicer:
         try:
             for _, res in taken:
                 res.written()  # the client wrote every byte through its mapping
+            # Checksums of a large batch on several workers at once; then commit in order.
+            compute = request.compute_checksums
+            await asyncio.gather(
+                *(asyncio.to_thread(res.check, compute=compute) for _, res in taken)
+            )
+            for _, res in taken:
                 tiers.append(await asyncio.to_thread(res.commit))
         finally:
             for _, res in taken[len(tiers) :]:

@@ -132,6 +132,7 @@ class PutReservation:
         self.filled = 0
         self._staged = staged
         self._state = "open"  # open -> committing -> done, or open -> done (abort)
+        self._checked = False
 
     @property
     def tier(self) -> str:
@@ -151,6 +152,21 @@ class PutReservation:
         """Mark `buffer` as filled by someone else (a same-host client through its mapping)."""
         self.filled = len(self.buffer)
 
+    def check(self, *, compute: bool = False) -> None:
+        """Checksum the filled buffer ahead of `commit`, which then does not hash it again;
+        safe to run for many reservations in parallel. With `compute`, the value takes the
+        checksum of its bytes, for a writer that could not hash them (a GPU copy);
+        otherwise a mismatch with the announced checksum raises `DataLoss`."""
+        digest = checksum(self.buffer)
+        if compute:
+            self.entry.checksum = digest
+        elif digest != self.entry.checksum:
+            raise DataLoss(
+                f"value {self.entry.key.hex()[:16]}... arrived with a different checksum "
+                "than its header announced; nothing was stored"
+            )
+        self._checked = True
+
     def commit(self) -> str:
         """Make the value visible; returns the tier it landed in.
 
@@ -166,11 +182,8 @@ class PutReservation:
                     f"value {self.entry.key.hex()[:16]}... ended after {self.filled} of "
                     f"{len(self.buffer)} bytes; nothing was stored"
                 )
-            if checksum(self.buffer) != self.entry.checksum:
-                raise DataLoss(
-                    f"value {self.entry.key.hex()[:16]}... arrived with a different checksum "
-                    "than its header announced; nothing was stored"
-                )
+            if not self._checked:
+                self.check()
             return self._store._commit(self)
         except BaseException:
             self._store._abort(self)

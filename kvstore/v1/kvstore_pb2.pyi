@@ -103,14 +103,16 @@ class ReserveResponse(_message.Message):
     def __init__(self, reservations: _Optional[_Iterable[_Union[Reservation, _Mapping]]] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
-    __slots__ = ("ids", "abort", "abort_calls")
+    __slots__ = ("ids", "abort", "abort_calls", "compute_checksums")
     IDS_FIELD_NUMBER: _ClassVar[int]
     ABORT_FIELD_NUMBER: _ClassVar[int]
     ABORT_CALLS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     ids: _containers.RepeatedScalarFieldContainer[int]
     abort: _containers.RepeatedScalarFieldContainer[int]
     abort_calls: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, ids: _Optional[_Iterable[int]] = ..., abort: _Optional[_Iterable[int]] = ..., abort_calls: _Optional[_Iterable[int]] = ...) -> None: ...
+    compute_checksums: bool
+    def __init__(self, ids: _Optional[_Iterable[int]] = ..., abort: _Optional[_Iterable[int]] = ..., abort_calls: _Optional[_Iterable[int]] = ..., compute_checksums: _Optional[bool] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("leases", "corrupt", "calls")
