@@ -18,6 +18,18 @@ import numpy as np
 import torch
 
 from kvstore.client._shared import ArenaMap
+from kvstore.client._transfer import (
+    LEASE_MARGIN,
+    BlockRefs,
+    GetLanding,
+    PutLanding,
+    Slice,
+    hash_pool,
+    private_buffer,
+    raise_unrecoverable,
+    tensors_of,
+    torch_stream,
+)
 from kvstore.codecs.container import checksum
 from kvstore.dtypes import BY_NAME, expected_nbytes
 from kvstore.errors import DataLoss, InvalidArgument
@@ -44,7 +56,15 @@ class Call:
     wait: bool = True
 
 
-Op = Generator[Call, Any, T]
+@dataclass
+class Block:
+    """Local blocking work an operation needs done between calls (waiting for a GPU copy,
+    checksums of large values): the async client runs it on a worker thread."""
+
+    fn: Callable[[], Any]
+
+
+Op = Generator[Call | Block, Any, T]
 
 
 def is_unix_address(address: str) -> bool:
@@ -172,8 +192,15 @@ class _Assembler:
     other than `arena` (the server restarted) sets `stale`.
     """
 
-    def __init__(self, count: int, arena: ArenaMap | None = None) -> None:
+    def __init__(
+        self, count: int, arena: ArenaMap | None = None, keep_shared: bool = False
+    ) -> None:
         self.arena = arena
+        # With keep_shared, shared slices are recorded in `shared` (position -> slice), not
+        # copied or checked: the caller reads them in place.
+        self.keep_shared = keep_shared
+        self.shared: dict[int, Slice] = {}
+        self.headers: list[pb.ValueHeader | None] = [None] * count
         self.leases: list[int] = []
         self.corrupt: list[int] = []
         self.corrupt_keys: list[int] = []  # request positions of those
@@ -200,6 +227,7 @@ class _Assembler:
             if want != h.nbytes:
                 raise DataLoss(f"server header for key #{piece.index} is inconsistent")
             self._header = h
+            self.headers[piece.index] = h
             self.tiers[piece.index] = piece.tier
             if piece.HasField("shared"):
                 ref = piece.shared
@@ -209,6 +237,10 @@ class _Assembler:
                     ref.arena_dev, ref.arena_ino, ref.offset, h.nbytes
                 ):
                     self.stale = True  # mapped before the server restarted
+                    self._header = None
+                    return
+                if self.keep_shared:
+                    self.shared[piece.index] = Slice(h, ref.offset, ref.lease)
                     self._header = None
                     return
                 buf = arena.copy(ref.offset, h.nbytes)
@@ -249,6 +281,23 @@ class _Assembler:
     def result(self) -> list[torch.Tensor | None]:
         self._finish()
         return self.values
+
+
+def _failed_checksums(arena: ArenaMap | None, slices: dict[int, Slice]) -> list[int]:
+    """Leases of the slices whose arena bytes fail their checksum (hashed in parallel)."""
+    assert arena is not None
+    view = arena.array()
+    futures = [
+        (s, hash_pool().submit(checksum, view[s.offset : s.offset + s.header.nbytes].data))
+        for s in slices.values()
+    ]
+    return [s.lease for s, f in futures if f.result() != s.header.checksum]
+
+
+def _stream_of(srcs: list[torch.Tensor], stream: Any) -> Any:
+    """The stream a put's GPU values are produced on, to wait for before reading them."""
+    cuda = [t for t in srcs if t.is_cuda]
+    return torch_stream(stream, cuda[0].device) if cuda else None
 
 
 def _keys(keys: Sequence[bytes]) -> list[bytes]:
@@ -408,6 +457,182 @@ class ClientCore:
                     )
                 values[i] = v
         return values
+
+    # ------------------------------------------------------------------ tensors in place
+
+    def acquire(
+        self, keys: Sequence[bytes], verify: bool = True, shared: bool = True
+    ) -> Op[BlockRefs]:
+        """Hold `keys` readable in place (see `BlockRefs`); absent keys are marked not found.
+
+        Same-host values stay in the arena under leases; anything streamed (another host, a
+        value the arena had no room for) is packed into one private host buffer, and then
+        so is everything else, so that one buffer holds all blocks a gather may select.
+        With `verify`, arena bytes are checked now (once, not at every gather).
+        """
+        keys = _keys(keys)
+        arena = (yield from self._mapped_arena()) if shared else None
+        in_place = arena is not None
+        call = (secrets.randbits(63) or 1) if in_place else 0
+        sink = _Assembler(len(keys), arena, keep_shared=True)
+        request = pb.KeysRequest(namespace=self.namespace, keys=keys, shared=in_place, call=call)
+        started = time.monotonic()
+        try:
+            yield Call("BatchGet", request, sink)
+            values = sink.result()
+        except GeneratorExit:
+            raise
+        except BaseException:
+            if in_place:
+                yield Call("Release", pb.ReleaseRequest(calls=[call]), wait=False)
+            raise
+        if sink.stale:  # the server restarted since we mapped its arena
+            yield Call("Release", pb.ReleaseRequest(leases=sink.leases), wait=False)
+            self._forget_arena(sink.arena)
+            return (yield from self.acquire(keys, verify))
+        mixed = bool(sink.shared) and any(v is not None for v in values)
+        if verify and sink.shared and not mixed:
+            bad = yield Block(lambda: _failed_checksums(arena, sink.shared))
+            if bad:  # reported, checked and dropped by the server; read everything again
+                release = pb.ReleaseRequest(leases=sink.leases, corrupt=bad)
+                yield Call("Release", release, wait=True)
+                return (yield from self.acquire(keys, verify, shared=False))
+        slices: list[Slice | None] = [None] * len(keys)
+        if sink.shared and not mixed:
+            for i, sl in sink.shared.items():
+                slices[i] = sl
+            expires = started + self.lease_seconds * LEASE_MARGIN
+            return BlockRefs(keys, slices, arena, None, expires)
+        if mixed:  # the arena ones are copied out too, checked, and their leases ended
+            for i, sl in sink.shared.items():
+                assert arena is not None
+                buf = arena.copy(sl.offset, sl.header.nbytes)
+                if checksum(buf.data) != sl.header.checksum:
+                    yield Call("Release", pb.ReleaseRequest(leases=sink.leases), wait=False)
+                    return (yield from self.acquire(keys, verify, shared=False))
+                values[i] = torch.from_numpy(buf)
+            yield Call("Release", pb.ReleaseRequest(leases=sink.leases), wait=False)
+        private, offsets = private_buffer(values, pin=torch.cuda.is_available())
+        for i, v in enumerate(values):
+            h = sink.headers[i]
+            if v is not None and h is not None:
+                slices[i] = Slice(h, offsets[i])
+        return BlockRefs(keys, slices, None, private, float("inf"))
+
+    def release(self, refs: BlockRefs, corrupt: Sequence[int] = (), wait: bool = False) -> Op[None]:
+        """End the leases of `refs` (every selection of them too)."""
+        leases = refs.leases
+        already = refs._root.released
+        refs.mark_released()
+        if leases and not already:
+            yield Call("Release", pb.ReleaseRequest(leases=leases, corrupt=corrupt), wait=wait)
+
+    def get_into(
+        self, keys: Sequence[bytes], out: torch.Tensor | Sequence[torch.Tensor], stream: Any
+    ) -> Op[GetLanding]:
+        """Start copying the values of `keys` into `out` (one tensor per key, or one tensor
+        with a first dimension per key); `settle_get` finishes. Every destination is checked
+        against its value (dtype, size) before anything is copied."""
+        dests = tensors_of(out, len(keys), "out")
+        refs = yield from self.acquire(keys, verify=False)
+        landing = GetLanding(refs, dests)
+        try:
+            landing.launch(stream)
+        except BaseException:
+            yield from self.release(refs)
+            raise
+        return landing
+
+    def settle_get(self, landing: GetLanding) -> Op[list[bool]]:
+        """Wait for a `get_into`'s copies and checksums, end its leases, and re-read any
+        value whose arena bytes were corrupt. Returns which keys were found."""
+        refs = landing.refs
+        try:
+            bad = yield Block(landing.wait)
+        except BaseException:
+            yield from self.release(refs)
+            raise
+        corrupt = [refs.slices[i].lease for i in bad]  # type: ignore[union-attr]
+        yield from self.release(refs, corrupt, wait=bool(bad))
+        if bad:
+            fresh = yield from self._read("BatchGet", [refs.keys[i] for i in bad], shared=False)
+            missing = [i for i, v in zip(bad, fresh, strict=True) if v is None]
+            if missing:
+                raise_unrecoverable(missing)
+            for i, v in zip(bad, fresh, strict=True):
+                assert v is not None
+                landing.refill(i, v)
+        return refs.found
+
+    def put_from(
+        self, keys: Sequence[bytes], values: torch.Tensor | Sequence[torch.Tensor], stream: Any
+    ) -> Op[PutLanding]:
+        """Start copying `values` (GPU or CPU tensors) into reserved arena slots; the copies
+        run on `stream` and `settle_put` commits them. Values that get no slot, or a client
+        that cannot write the arena, stream their bytes when the put settles."""
+        keys = _keys(keys)
+        srcs = tensors_of(values, len(keys), "values")
+        checked = [(k, t, _check_outgoing(k, t)) for k, t in zip(keys, srcs, strict=True)]
+        landing = PutLanding(checked)
+        arena = yield from self._mapped_arena()
+        if arena is None or not arena.writable or len(set(keys)) != len(keys):
+            landing.rest = list(range(len(keys)))
+            landing.stream = _stream_of(srcs, stream)
+            return landing
+        headers = [
+            pb.ValueHeader(key=k, dtype=name, shape=t.shape, nbytes=t.numel() * t.element_size())
+            for k, t, name in checked
+        ]
+        landing.call = secrets.randbits(63) or 1
+        landing.started = time.monotonic()
+        reserve = pb.ReserveRequest(namespace=self.namespace, values=headers, call=landing.call)
+        try:
+            resp = yield Call("Reserve", reserve)
+            landing.launch(arena, resp.reservations, stream)
+        except BaseException:
+            yield Call("Commit", pb.CommitRequest(abort_calls=[landing.call]), wait=False)
+            raise
+        return landing
+
+    def settle_put(self, landing: PutLanding) -> Op[list[str]]:
+        """Commit a `put_from`'s slots group by group as their copies land (the server
+        checksums each group meanwhile), then stream what got no slot. Returns the tiers."""
+        tiers = [""] * len(landing.values)
+        rest = list(landing.rest)
+        unused = list(landing.unused)
+        # A copy that lands late may have missed its reservation: those values stream too.
+        deadline = landing.started + self.lease_seconds * LEASE_MARGIN / 2
+        try:
+            for positions, ids, event in landing.groups:
+                if event is not None:
+                    yield Block(event.synchronize)
+                if time.monotonic() > deadline:
+                    unused.extend(ids)
+                    rest.extend(positions)
+                    continue
+                commit = pb.CommitRequest(ids=ids, abort=unused, compute_checksums=True)
+                unused = []
+                done = yield Call("Commit", commit)
+                for p, tier in zip(positions, done.tiers, strict=True):
+                    tiers[p] = tier
+            if unused:
+                yield Call("Commit", pb.CommitRequest(abort=unused), wait=False)
+        except GeneratorExit:
+            raise
+        except BaseException:
+            if landing.call:
+                yield Call("Commit", pb.CommitRequest(abort_calls=[landing.call]), wait=False)
+            raise
+        if rest:
+            if landing.stream is not None:  # the values may still be in the making
+                yield Block(landing.stream.synchronize)
+            rest.sort()
+            method = "Put" if len(landing.values) == 1 else "BatchPut"
+            pieces = _put_pieces(self.namespace, [landing.values[i] for i in rest])
+            streamed = yield Call(method, pieces)
+            for i, tier in zip(rest, streamed.tiers, strict=True):
+                tiers[i] = tier
+        return tiers
 
     def _mapped_arena(self) -> Op[ArenaMap | None]:
         if self.same_host and not self._arena_checked:

@@ -12,6 +12,7 @@ import torch
 
 from kvstore.client._core import (
     BACKGROUND_TIMEOUT_S,
+    Block,
     Call,
     ClientCore,
     Op,
@@ -19,6 +20,7 @@ from kvstore.client._core import (
     is_unix_address,
     target_of,
 )
+from kvstore.client._transfer import BlockRefs, Transfer, gather
 from kvstore.errors import error_for_status
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire import GRPC_OPTIONS, client_stubs
@@ -30,6 +32,19 @@ def _forget(task: asyncio.Future[Any]) -> None:
     """Retrieve a background call's outcome: a failed release is reclaimed by the server."""
     if not task.cancelled():
         task.exception()
+
+
+class AsyncTransfer:
+    """A `get_into` or `put_from` of the asyncio client in flight; see `Transfer`."""
+
+    def __init__(self, task: asyncio.Future[Any]) -> None:
+        self._task = task
+
+    async def wait(self) -> Any:
+        return await asyncio.shield(self._task)
+
+    def is_done(self) -> bool:
+        return self._task.done()
 
 
 class AsyncKVClient:
@@ -60,7 +75,9 @@ class AsyncKVClient:
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
 
-    async def _invoke(self, call: Call) -> Any:
+    async def _invoke(self, call: Call | Block) -> Any:
+        if isinstance(call, Block):
+            return await asyncio.to_thread(call.fn)
         method = self._stubs[call.method]
         try:
             if not call.wait:
@@ -123,6 +140,38 @@ class AsyncKVClient:
 
     async def get_prefix(self, token_ids: Sequence[int] | np.ndarray) -> torch.Tensor | None:
         return await self._run(self._core.get_prefix(token_ids))
+
+    async def acquire(self, keys: Sequence[bytes], *, verify: bool = True) -> BlockRefs:
+        return await self._run(self._core.acquire(keys, verify))
+
+    async def release(self, refs: BlockRefs) -> None:
+        await self._run(self._core.release(refs))
+
+    def gather(self, refs: BlockRefs, out: torch.Tensor, stream: Any = None) -> Transfer:
+        """As `KVClient.gather`: a local kernel launch, nothing to await."""
+        return Transfer(event=gather(refs, out, stream))
+
+    async def get_into(
+        self, keys: Sequence[bytes], out: torch.Tensor | Sequence[torch.Tensor], stream: Any = None
+    ) -> AsyncTransfer:
+        landing = await self._run(self._core.get_into(keys, out, stream))
+        return self._settle(self._core.settle_get(landing))
+
+    async def put_from(
+        self,
+        keys: Sequence[bytes],
+        values: torch.Tensor | Sequence[torch.Tensor],
+        stream: Any = None,
+    ) -> AsyncTransfer:
+        landing = await self._run(self._core.put_from(keys, values, stream))
+        return self._settle(self._core.settle_put(landing))
+
+    def _settle(self, op: Op[T]) -> AsyncTransfer:
+        task = asyncio.ensure_future(self._run(op))
+        self._background.add(task)
+        task.add_done_callback(_forget)  # a failure not waited for is not logged as lost
+        task.add_done_callback(self._background.discard)
+        return AsyncTransfer(task)
 
     async def close(self) -> None:
         if self._background:

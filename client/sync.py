@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 from collections.abc import Sequence
 from typing import Any, TypeVar
@@ -13,6 +14,7 @@ import torch
 
 from kvstore.client._core import (
     BACKGROUND_TIMEOUT_S,
+    Block,
     Call,
     ClientCore,
     Op,
@@ -20,6 +22,7 @@ from kvstore.client._core import (
     is_unix_address,
     target_of,
 )
+from kvstore.client._transfer import BlockRefs, Transfer, gather
 from kvstore.errors import error_for_status
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire import GRPC_OPTIONS, client_stubs
@@ -44,6 +47,11 @@ class KVClient:
         self._channel = grpc.insecure_channel(target_of(address), options=options)
         self._background: set[Any] = set()  # calls started with wait=False
         self._stubs = client_stubs(self._channel)
+        # Settles get_into/put_from transfers (wait for copies, commit, release) whether or
+        # not the caller waits for them.
+        self._settler = concurrent.futures.ThreadPoolExecutor(
+            4, thread_name_prefix="kvstore-settle"
+        )
 
     @property
     def namespace(self) -> str:
@@ -62,7 +70,9 @@ class KVClient:
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
 
-    def _invoke(self, call: Call) -> Any:
+    def _invoke(self, call: Call | Block) -> Any:
+        if isinstance(call, Block):
+            return call.fn()
         method = self._stubs[call.method]
         try:
             if not call.wait:
@@ -131,7 +141,47 @@ class KVClient:
         """KV of the longest stored prefix of `token_ids` (its token dim says how long)."""
         return self._run(self._core.get_prefix(token_ids))
 
+    def acquire(self, keys: Sequence[bytes], *, verify: bool = True) -> BlockRefs:
+        """Hold the values of `keys` readable in place for `gather`, until `release(refs)`
+        or the server's lease time (`--lease-seconds`) runs out; checks them once, now."""
+        return self._run(self._core.acquire(keys, verify))
+
+    def release(self, refs: BlockRefs) -> None:
+        """End the leases of `refs` (in the background)."""
+        self._run(self._core.release(refs))
+
+    def gather(self, refs: BlockRefs, out: torch.Tensor, stream: Any = None) -> Transfer:
+        """Copy the selected blocks (`refs[top_k]`, each of the same size and dtype) into
+        `out`, back to back: one kernel on `stream` for a GPU tensor, reading the arena over
+        PCIe; a CPU tensor is filled before this returns."""
+        return Transfer(event=gather(refs, out, stream))
+
+    def get_into(
+        self, keys: Sequence[bytes], out: torch.Tensor | Sequence[torch.Tensor], stream: Any = None
+    ) -> Transfer:
+        """Copy the values of `keys` into `out` (one tensor per key, or a tensor with one entry
+        per key along dim 0; GPU or CPU), enqueued on `stream` (default: the current one).
+
+        `wait()` returns which keys were found (absent ones leave their `out` untouched) once
+        the checksums, computed while the bytes copy, have passed.
+        """
+        landing = self._run(self._core.get_into(keys, out, stream))
+        return Transfer(self._settler.submit(self._run, self._core.settle_get(landing)))
+
+    def put_from(
+        self,
+        keys: Sequence[bytes],
+        values: torch.Tensor | Sequence[torch.Tensor],
+        stream: Any = None,
+    ) -> Transfer:
+        """Store `values` (GPU or CPU tensors, as for `get_into`) under `keys`: copied into
+        the arena on `stream` and committed as the copies land. `wait()` returns the tiers.
+        The tensors must not change until then."""
+        landing = self._run(self._core.put_from(keys, values, stream))
+        return Transfer(self._settler.submit(self._run, self._core.settle_put(landing)))
+
     def close(self) -> None:
+        self._settler.shutdown(wait=True)
         for future in list(self._background):
             with contextlib.suppress(grpc.RpcError, grpc.FutureTimeoutError):
                 future.result(timeout=5)

@@ -139,12 +139,12 @@ def test_tcp_clients_and_ssd_values_get_streamed_bytes(start_server) -> None:  #
         assert torch.equal(c.get(key(3)), big)
 
 
-def corrupt_in_arena(srv, k: bytes) -> None:  # type: ignore[no-untyped-def]
+def corrupt_in_arena(srv, k: bytes, ns: str = NS) -> None:  # type: ignore[no-untyped-def]
     """Flip a byte of a cpu-resident value in the arena file, as bit rot in RAM would."""
-    with srv.client(NS) as c, grpc.insecure_channel(srv.address, options=GRPC_OPTIONS) as ch:
+    with srv.client(ns) as c, grpc.insecure_channel(srv.address, options=GRPC_OPTIONS) as ch:
         path = c.stats().host_arena_path
         stub = pb_grpc.KVStoreStub(ch)
-        piece = next(iter(stub.Get(pb.GetRequest(namespace=NS, key=k, shared=True))))
+        piece = next(iter(stub.Get(pb.GetRequest(namespace=ns, key=k, shared=True))))
         assert piece.HasField("shared")
         with open(path, "r+b") as fh:
             fh.seek(piece.shared.offset + 1234)
