@@ -1,7 +1,10 @@
 """GPU kernels (CuPy) and their numba CPU twins.
 
-`blocks`: gather and scatter of fixed-size KV blocks by slot id, the primitive behind
-pulling top-k retrieved blocks into one contiguous buffer and offloading them again.
+- `blocks`: gather and scatter of fixed-size KV blocks by slot id, the primitive behind
+  pulling top-k retrieved blocks into one contiguous buffer and offloading them again.
+- `checksum`: XXH3-64 of many buffers at once on the GPU, identical to `xxhash.xxh3_64`,
+  so values moved at PCIe speed are checked where they are.
+
 CuPy is imported only when a GPU function is first called, so the CPU twins work on
 machines without CUDA.
 """
@@ -10,18 +13,23 @@ from __future__ import annotations
 
 from kvstore.kernels.blocks import (
     BlockError,
+    DeviceBuffer,
     check_blocks,
     gather_blocks,
     gather_blocks_cpu,
     scatter_blocks,
     scatter_blocks_cpu,
 )
+from kvstore.kernels.checksum import xxh3_64_gpu, xxh3_64_phased
 
 __all__ = [
     "BlockError",
+    "DeviceBuffer",
     "check_blocks",
     "gather_blocks",
     "gather_blocks_cpu",
     "scatter_blocks",
     "scatter_blocks_cpu",
+    "xxh3_64_gpu",
+    "xxh3_64_phased",
 ]

@@ -29,6 +29,8 @@ from typing import Any
 import numba
 import numpy as np
 
+from kvstore.kernels._cuda import KernelModule
+
 VECTOR_BYTES = 16
 _THREADS = 256
 
@@ -215,19 +217,7 @@ def device_buffer(buf: Any, what: str) -> DeviceBuffer:
     return DeviceBuffer(ptr, nbytes, device)
 
 
-_kernels: dict[tuple[int, str], Any] = {}
-
-
-def _kernel(device: int, name: str) -> Any:
-    fn = _kernels.get((device, name))
-    if fn is None:
-        import cupy
-
-        module = cupy.RawModule(code=_CUDA_SOURCE, options=("-std=c++17",))
-        for n in ("gather_blocks", "scatter_blocks"):
-            _kernels[(device, n)] = module.get_function(n)
-        fn = _kernels[(device, name)]
-    return fn
+_module = KernelModule(_CUDA_SOURCE, ("gather_blocks", "scatter_blocks"))
 
 
 def _as_stream(stream: Any) -> Any:
@@ -310,7 +300,7 @@ def _launch(
             vecs = block // VECTOR_BYTES
             threads = min(_THREADS, max(32, -(-vecs // (32 * _UNROLL)) * 32))
             grid = min(ids.size, 65535 * 16)
-            _kernel(device, name)(
+            _module.get(device, name)(
                 (grid,),
                 (threads,),
                 (
