@@ -8,8 +8,10 @@ pieces, checksums and tensor reassembly exist once.
 
 from __future__ import annotations
 
+import functools
 import secrets
 import time
+import weakref
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -39,6 +41,7 @@ from kvstore.wire import PIECE_BYTES, Piece
 
 T = TypeVar("T")
 BACKGROUND_TIMEOUT_S = 30.0
+_PARALLEL_HASH = 1 << 20  # values from this size are hashed beside their copy
 
 
 @dataclass
@@ -215,6 +218,10 @@ class _Assembler:
 
     def __call__(self, received: Piece) -> None:
         piece, data = received
+        if piece.batch:
+            for entry in piece.batch:
+                self(Piece(entry, b""))
+            return
         if piece.index != self._index:
             self._finish()
             if not 0 <= piece.index < len(self.values):
@@ -243,8 +250,11 @@ class _Assembler:
                     self.shared[piece.index] = Slice(h, ref.offset, ref.lease)
                     self._header = None
                     return
+                # A large value is hashed in place on another core while this one copies it.
+                src = arena.array()[ref.offset : ref.offset + h.nbytes].data
+                digest = hash_pool().submit(checksum, src) if h.nbytes >= _PARALLEL_HASH else None
                 buf = arena.copy(ref.offset, h.nbytes)
-                if checksum(buf.data) != h.checksum:
+                if (digest.result() if digest else checksum(buf.data)) != h.checksum:
                     self.corrupt.append(ref.lease)
                     self.corrupt_keys.append(piece.index)
                     self._header = None
@@ -294,6 +304,20 @@ def _failed_checksums(arena: ArenaMap | None, slices: dict[int, Slice]) -> list[
     return [s.lease for s, f in futures if f.result() != s.header.checksum]
 
 
+def _shifted(sink: Callable[[Piece], None], base: int) -> Callable[[Piece], None]:
+    """`sink` for a request that covers keys from position `base` of a larger list."""
+    if not base:
+        return sink
+
+    def shifted(received: Piece) -> None:
+        piece = received[0]
+        for entry in piece.batch or (piece,):
+            entry.index += base
+        sink(received)
+
+    return shifted
+
+
 def _stream_of(srcs: list[torch.Tensor], stream: Any) -> Any:
     """The stream a put's GPU values are produced on, to wait for before reading them."""
     cuda = [t for t in srcs if t.is_cuda]
@@ -319,6 +343,9 @@ class ClientCore:
     def __init__(self, namespace: str, same_host: bool = False) -> None:
         self.namespace = namespace
         self.chunk_tokens: int | None = None
+        self.max_keys: int | None = None
+        # BlockRefs handed to the caller and not yet collected: their leases are renewed.
+        self.held: weakref.WeakSet[BlockRefs] = weakref.WeakSet()
         self.same_host = same_host
         self._arena: ArenaMap | None = None
         self._arena_checked = False
@@ -475,10 +502,17 @@ class ClientCore:
         in_place = arena is not None
         call = (secrets.randbits(63) or 1) if in_place else 0
         sink = _Assembler(len(keys), arena, keep_shared=True)
-        request = pb.KeysRequest(namespace=self.namespace, keys=keys, shared=in_place, call=call)
+        limit = yield from self._max_keys()
         started = time.monotonic()
         try:
-            yield Call("BatchGet", request, sink)
+            for base in range(0, len(keys), limit):  # one lease group across the requests
+                request = pb.KeysRequest(
+                    namespace=self.namespace,
+                    keys=keys[base : base + limit],
+                    shared=in_place,
+                    call=call,
+                )
+                yield Call("BatchGet", request, _shifted(sink, base))
             values = sink.result()
         except GeneratorExit:
             raise
@@ -502,7 +536,9 @@ class ClientCore:
             for i, sl in sink.shared.items():
                 slices[i] = sl
             expires = started + self.lease_seconds * LEASE_MARGIN
-            return BlockRefs(keys, slices, arena, None, expires)
+            refs = BlockRefs(keys, slices, arena, None, expires, call)
+            self.held.add(refs)
+            return refs
         if mixed:  # the arena ones are copied out too, checked, and their leases ended
             for i, sl in sink.shared.items():
                 assert arena is not None
@@ -518,6 +554,21 @@ class ClientCore:
             if v is not None and h is not None:
                 slices[i] = Slice(h, offsets[i])
         return BlockRefs(keys, slices, None, private, float("inf"))
+
+    def renew_held(self) -> Op[int]:
+        """Renew the leases of every `BlockRefs` still held; returns how many sets. A set
+        whose leases the server no longer holds all of is marked expired."""
+        live = [r for r in list(self.held) if not r.released and r.call]
+        if not live:
+            return 0
+        sent = time.monotonic()
+        resp = yield Call("Renew", pb.RenewRequest(calls=[r.call for r in live]))
+        for refs, count in zip(live, resp.counts, strict=True):
+            if count == len(refs.leases):
+                refs.expires = sent + self.lease_seconds * LEASE_MARGIN
+            else:
+                refs.expires = 0.0  # some expired before this renewal: gathers must stop
+        return len(live)
 
     def release(self, refs: BlockRefs, corrupt: Sequence[int] = (), wait: bool = False) -> Op[None]:
         """End the leases of `refs` (every selection of them too)."""
@@ -585,35 +636,47 @@ class ClientCore:
         ]
         landing.call = secrets.randbits(63) or 1
         landing.started = time.monotonic()
-        reserve = pb.ReserveRequest(namespace=self.namespace, values=headers, call=landing.call)
+        limit = yield from self._max_keys()
         try:
-            resp = yield Call("Reserve", reserve)
-            landing.launch(arena, resp.reservations, stream)
+            reservations: list[pb.Reservation] = []
+            for base in range(0, len(headers), limit):
+                part = headers[base : base + limit]
+                reserve = pb.ReserveRequest(
+                    namespace=self.namespace, values=part, call=landing.call
+                )
+                reservations.extend((yield Call("Reserve", reserve)).reservations)
+            landing.launch(arena, reservations, stream)
         except BaseException:
             yield Call("Commit", pb.CommitRequest(abort_calls=[landing.call]), wait=False)
             raise
         return landing
 
     def settle_put(self, landing: PutLanding) -> Op[list[str]]:
-        """Commit a `put_from`'s slots group by group as their copies land (the server
-        checksums each group meanwhile), then stream what got no slot. Returns the tiers."""
+        """Commit a `put_from`'s slots group by group as their copies land, then stream what
+        got no slot. Returns the tiers."""
         tiers = [""] * len(landing.values)
         rest = list(landing.rest)
         unused = list(landing.unused)
         # A copy that lands late may have missed its reservation: those values stream too.
         deadline = landing.started + self.lease_seconds * LEASE_MARGIN / 2
         try:
-            for positions, ids, event in landing.groups:
-                if event is not None:
-                    yield Block(event.synchronize)
+            for group in landing.groups:
+                commit = pb.CommitRequest(ids=group.ids, abort=unused)
+                if landing.gpu:  # waits for the copies and the GPU's checksums
+                    commit.checksums.extend(
+                        (yield Block(functools.partial(landing.checksums, group)))
+                    )
+                else:  # the server hashes the slots
+                    if group.event is not None:
+                        yield Block(group.event.synchronize)
+                    commit.compute_checksums = True
                 if time.monotonic() > deadline:
-                    unused.extend(ids)
-                    rest.extend(positions)
+                    unused.extend(group.ids)
+                    rest.extend(group.positions)
                     continue
-                commit = pb.CommitRequest(ids=ids, abort=unused, compute_checksums=True)
                 unused = []
                 done = yield Call("Commit", commit)
-                for p, tier in zip(positions, done.tiers, strict=True):
+                for p, tier in zip(group.positions, done.tiers, strict=True):
                     tiers[p] = tier
             if unused:
                 yield Call("Commit", pb.CommitRequest(abort=unused), wait=False)
@@ -681,12 +744,20 @@ class ClientCore:
         resp = yield Call("Stats", pb.StatsRequest())
         stats = ServerStats.from_proto(resp)
         self.chunk_tokens = stats.chunk_tokens
+        self.max_keys = stats.max_keys_per_request
         return stats
 
     def entries(self, namespace: str | None, limit: int) -> Op[list[pb.ListResponse]]:
         out: list[pb.ListResponse] = []
         yield Call("List", pb.ListRequest(namespace=namespace or "", limit=limit), out.append)
         return out
+
+    def _max_keys(self) -> Op[int]:
+        """The server's limit on keys in one request."""
+        if self.max_keys is None:
+            yield from self.stats()
+        assert self.max_keys is not None
+        return self.max_keys
 
     def _chunking(self) -> Op[int]:
         if self.chunk_tokens is None:

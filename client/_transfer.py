@@ -29,6 +29,7 @@ import torch
 from kvstore.client._shared import ArenaMap
 from kvstore.codecs.container import checksum
 from kvstore.errors import DataLoss, InvalidArgument
+from kvstore.kernels import checksum as checksum_kernels
 from kvstore.kernels.blocks import VECTOR_BYTES, DeviceBuffer, gather_blocks, gather_blocks_cpu
 from kvstore.v1 import kvstore_pb2 as pb
 
@@ -100,11 +101,13 @@ class Slice:
 
 
 class BlockRefs:
-    """Values held readable in place until `release()` or the lease expiry.
+    """Values held readable in place until released (the client renews their leases in the
+    background while they are held).
 
     Index with a list or array of positions (the top-k of a retrieval) to select blocks for
     `KVClient.gather`; a selection shares the leases of the whole set. `found[i]` says
-    whether key i was stored; an absent key cannot be selected.
+    whether key i was stored; an absent key cannot be selected. Selecting and checking are
+    array operations, so a gather of thousands of blocks costs no Python loop.
     """
 
     def __init__(
@@ -114,14 +117,22 @@ class BlockRefs:
         arena: ArenaMap | None,
         private: torch.Tensor | None,
         expires: float,
+        call: int = 0,
     ) -> None:
         self.keys = keys
+        self.call = call  # the call number the leases were taken under, for renewal
         self.slices = slices
         self.found = [s is not None for s in slices]
         self.arena = arena
         self.private = private  # streamed copies, for a client without the arena
         self.expires = expires
         self.released = False
+        self.dtypes = sorted({s.header.dtype for s in slices if s is not None})
+        code = {name: i for i, name in enumerate(self.dtypes)}
+        n = len(slices)
+        self.offsets = np.fromiter((s.offset if s else -1 for s in slices), np.int64, n)
+        self.nbytes = np.fromiter((s.header.nbytes if s else 0 for s in slices), np.int64, n)
+        self.kinds = np.fromiter((code[s.header.dtype] if s else -1 for s in slices), np.int16, n)
         self._positions: np.ndarray | None = None  # set on a selection
         self._root: BlockRefs = self
 
@@ -133,17 +144,21 @@ class BlockRefs:
         return len(self.keys) if self._positions is None else int(self._positions.size)
 
     def __getitem__(self, positions: Sequence[int] | np.ndarray | slice) -> BlockRefs:
-        all_ = np.arange(len(self._root.keys))
-        base = all_ if self._positions is None else self._positions
-        picked = np.asarray(
-            base[positions]
-            if isinstance(positions, slice)
-            else base[np.asarray(positions, np.int64)]
-        )
+        root = self._root
+        base = np.arange(len(root.keys)) if self._positions is None else self._positions
+        if isinstance(positions, slice):
+            picked = base[positions]
+        else:
+            pos = np.asarray(positions)
+            if pos.ndim != 1 or (pos.size and not np.issubdtype(pos.dtype, np.integer)):
+                raise InvalidArgument("select blocks with a 1-D list or array of integer positions")
+            if pos.size and (pos.min() < -base.size or pos.max() >= base.size):
+                raise InvalidArgument(f"block positions must lie within the {base.size} refs")
+            picked = base[pos]
         view = BlockRefs.__new__(BlockRefs)
-        view.__dict__.update(self._root.__dict__)
-        view._positions = np.atleast_1d(picked).astype(np.int64)
-        view._root = self._root
+        view.__dict__.update(root.__dict__)
+        view._positions = np.ascontiguousarray(picked, np.int64)
+        view._root = root
         return view
 
     def host(self) -> tuple[torch.Tensor, np.ndarray]:
@@ -154,26 +169,36 @@ class BlockRefs:
         assert root.private is not None
         return root.private, root.private.numpy()
 
-    def selected(self) -> list[Slice]:
-        """The slices of the selection, checked to be usable now."""
+    def check_usable(self) -> None:
         root = self._root
         if root.released:
             raise InvalidArgument("these block refs were released; acquire the keys again")
         if time.monotonic() > root.expires:
             raise InvalidArgument(
-                "the leases of these block refs have expired (the server's --lease-seconds); "
-                "acquire the keys again"
+                "the leases of these block refs have expired (not renewed within the "
+                "server's --lease-seconds); acquire the keys again"
             )
-        positions = range(len(root.keys)) if self._positions is None else self._positions
-        out = []
-        for p in positions:
-            if not 0 <= p < len(root.slices):
-                raise InvalidArgument(f"block position {p} is outside the {len(root.slices)} refs")
-            s = root.slices[p]
-            if s is None:
-                raise InvalidArgument(f"key #{p} is not stored; it cannot be gathered")
-            out.append(s)
-        return out
+
+    def selection(self) -> tuple[np.ndarray, int, str]:
+        """(offsets, block bytes, dtype) of the selected blocks, checked to be gatherable."""
+        self.check_usable()
+        root = self._root
+        pos = slice(None) if self._positions is None else self._positions
+        offsets, nbytes, kinds = root.offsets[pos], root.nbytes[pos], root.kinds[pos]
+        if not offsets.size:
+            return offsets, VECTOR_BYTES, ""
+        if (kinds < 0).any():
+            p = int(np.flatnonzero(kinds < 0)[0])
+            raise InvalidArgument(f"key #{p} of the selection is not stored; it cannot be gathered")
+        if (nbytes != nbytes[0]).any() or (kinds != kinds[0]).any():
+            raise InvalidArgument("blocks of one gather must share size and dtype")
+        block = int(nbytes[0])
+        if block % VECTOR_BYTES or block == 0:
+            raise InvalidArgument(
+                f"blocks of {block} bytes cannot be gathered: the size must be a positive "
+                f"multiple of {VECTOR_BYTES}"
+            )
+        return offsets, block, root.dtypes[int(kinds[0])]
 
     def mark_released(self) -> None:
         self._root.released = True
@@ -184,29 +209,14 @@ def gather(refs: BlockRefs, out: torch.Tensor, stream: Any = None) -> Any:
     when `out` is a CPU tensor (copied by the time this returns)."""
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
-    blocks = refs.selected()
+    offsets, block, dtype = refs.selection()
     if not out.is_contiguous():
         raise InvalidArgument("out must be contiguous")
-    if blocks:
-        h = blocks[0].header
-        for b in blocks:
-            if b.header.nbytes != h.nbytes or b.header.dtype != h.dtype:
-                raise InvalidArgument(
-                    "blocks of one gather must share size and dtype: "
-                    f"{h.nbytes} bytes of {h.dtype} and {b.header.nbytes} bytes of {b.header.dtype}"
-                )
-        want = str(out.dtype).removeprefix("torch.")
-        if want != h.dtype:
-            raise InvalidArgument(f"out is {want} but the blocks hold {h.dtype}")
-        if h.nbytes % VECTOR_BYTES or h.nbytes == 0:
-            raise InvalidArgument(
-                f"blocks of {h.nbytes} bytes cannot be gathered: the size must be a positive "
-                f"multiple of {VECTOR_BYTES}"
-            )
-        block = int(h.nbytes)
-    else:
-        block = VECTOR_BYTES
-    ids = np.fromiter((b.offset for b in blocks), np.int64, len(blocks)) // VECTOR_BYTES
+    if dtype and str(out.dtype).removeprefix("torch.") != dtype:
+        raise InvalidArgument(
+            f"out is {str(out.dtype).removeprefix('torch.')} but the blocks hold {dtype}"
+        )
+    ids = offsets // VECTOR_BYTES
     host_tensor, host_array = refs.host()
     dense = flat_bytes(out)
     if not out.is_cuda:
@@ -230,6 +240,24 @@ def check_destination(i: int, h: pb.ValueHeader, dst: torch.Tensor) -> None:
         )
 
 
+_checksum_streams: dict[int, Any] = {}
+
+
+def digest_on_side(tensors: list[torch.Tensor], after: Any) -> Any:
+    """XXH3-64 of GPU `tensors` on a per-device side stream that first waits for `after`
+    (the caller's stream), so that neither stream waits for the other's work. The tensors
+    are marked in use by the side stream: torch's allocator keeps them until it is done."""
+    device = tensors[0].device
+    side = _checksum_streams.get(device.index)
+    if side is None:
+        side = _checksum_streams[device.index] = torch.cuda.Stream(device)
+    side.wait_stream(after)
+    for t in tensors:
+        t.record_stream(side)
+    buffers = [_device_buffer(t) for t in tensors]
+    return checksum_kernels.xxh3_64_gpu(buffers, device.index, side)
+
+
 @dataclass
 class GetLanding:
     """A `get_into` whose copies are enqueued: `wait` finishes them and the checksums."""
@@ -238,29 +266,39 @@ class GetLanding:
     dests: list[torch.Tensor]
     event: Any = None  # torch.cuda.Event after the last GPU copy
     hashes: list[tuple[int, concurrent.futures.Future[int]]] = field(default_factory=list)
+    digests: Any = None  # kvstore.kernels.checksum.Digests of the GPU destinations
+    digested: list[int] = field(default_factory=list)  # the positions those are of
 
     def launch(self, stream: Any) -> None:
         """Check every destination, then enqueue every copy (nothing is copied if any
-        destination is wrong)."""
+        destination is wrong).
+
+        Arena bytes are checked as they are copied: on the GPU, from the destination after
+        its copy, for GPU tensors (the CPU could not hash them at PCIe speed); on a thread
+        pool, from the arena, for the rest. A private copy was checked on arrival.
+        """
         slices = self.refs.slices
         for i, (s, dst) in enumerate(zip(slices, self.dests, strict=True)):
             if s is not None:
                 check_destination(i, s.header, dst)
         host_tensor, host_array = self.refs.host()
-        cuda = [d for d, s in zip(self.dests, slices, strict=True) if s is not None and d.is_cuda]
+        found = [i for i, s in enumerate(slices) if s is not None]
+        cuda = [self.dests[i] for i in found if self.dests[i].is_cuda]
         devices = {d.device for d in cuda}
         if len(devices) > 1:
             raise InvalidArgument(f"out spans several GPUs ({sorted(map(str, devices))})")
         arena = self.refs.arena
         if cuda and arena is not None:
             arena.register_cuda()
-        pool = hash_pool()
-        if arena is not None:  # checked while they copy; a private copy was checked on arrival
-            self.hashes = [
-                (i, pool.submit(checksum, host_array[s.offset : s.offset + s.header.nbytes].data))
-                for i, s in enumerate(slices)
-                if s is not None
-            ]
+        if arena is not None:
+            on_gpu = gpu_hashing() and bool(cuda)
+            self.digested = [i for i in found if on_gpu and _gpu_hashable(self.dests[i])]
+            pool, skip = hash_pool(), set(self.digested)
+            for i in found:
+                s = slices[i]
+                if i not in skip and s is not None:
+                    view = host_array[s.offset : s.offset + s.header.nbytes].data
+                    self.hashes.append((i, pool.submit(checksum, view)))
         s_ = torch_stream(stream, next(iter(devices))) if cuda else None
         with torch.cuda.stream(s_) if s_ is not None else contextlib.nullcontext():
             for s, dst in zip(slices, self.dests, strict=True):
@@ -270,81 +308,150 @@ class GetLanding:
         if s_ is not None:
             self.event = torch.cuda.Event()
             self.event.record(s_)
+        if self.digested:  # from the destinations, once their copies are done
+            self.digests = digest_on_side([self.dests[i] for i in self.digested], s_)
 
     def wait(self) -> list[int]:
         """Block until the copies and checksums are done; returns the positions whose
         bytes failed their checksum."""
-        slices = self.refs.slices
-        bad = [i for i, f in self.hashes if f.result() != slices[i].header.checksum]  # type: ignore[union-attr]
+        want = [s.header.checksum if s is not None else 0 for s in self.refs.slices]
+        bad = [i for i, f in self.hashes if f.result() != want[i]]
+        if self.digests is not None:
+            got = self.digests.result()
+            bad += [i for i, d in zip(self.digested, got, strict=True) if d != want[i]]
         if self.event is not None:
             self.event.synchronize()
-        return bad
+        return sorted(bad)
 
     def refill(self, i: int, value: torch.Tensor) -> None:
         """Copy a value read again (after a checksum failure) into its destination."""
         flat_bytes(self.dests[i]).copy_(flat_bytes(value))
 
 
-# A put's copies are committed in groups of about this many bytes, so the server checksums
-# one group while the copy engine still moves the next.
+# A put's copies are committed in groups of about this many bytes, so one group commits
+# while the copy engine still moves the next.
 COMMIT_GROUP_BYTES = 256 << 20
+
+
+def gpu_hashing() -> bool:
+    """Whether checksums of GPU tensors can be computed on their GPU (needs CuPy)."""
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _gpu_hashable(t: torch.Tensor) -> bool:
+    n = t.numel() * t.element_size()
+    return bool(t.is_cuda and not checksum_kernels.needs_cpu(n) and t.data_ptr() % 8 == 0)
+
+
+def _device_buffer(t: torch.Tensor) -> DeviceBuffer:
+    return DeviceBuffer(t.data_ptr(), t.numel() * t.element_size(), t.device.index)
+
+
+@dataclass
+class PutGroup:
+    """Values of a `put_from` committed together once their copies are done."""
+
+    positions: list[int]
+    ids: list[int]
+    slices: list[tuple[int, int]]  # (arena offset, bytes) of each
+    event: Any = None
 
 
 @dataclass
 class PutLanding:
     """A `put_from` whose copies into reserved arena slots are enqueued.
 
-    `groups` are (positions, reservation ids, event after their copies); `rest` are the
-    positions that got no slot and are streamed when the put settles.
+    `groups` commit in order as they land; `rest` are the positions that got no slot and
+    are streamed when the put settles. With `gpu`, the writer supplies every checksum
+    (`checksums`): GPU values are hashed on their GPU from the source tensors while the
+    copy engine moves them; otherwise the server computes checksums from the slots.
     """
 
     values: list[tuple[bytes, torch.Tensor, str]]
     call: int = 0
     started: float = 0.0
     stream: Any = None
-    groups: list[tuple[list[int], list[int], Any]] = field(default_factory=list)
+    arena: ArenaMap | None = None
+    gpu: bool = False
+    groups: list[PutGroup] = field(default_factory=list)
     rest: list[int] = field(default_factory=list)
     unused: list[int] = field(default_factory=list)  # reservations given back at commit
+    digests: Any = None  # kvstore.kernels.checksum.Digests of the positions in `digested`
+    digested: dict[int, int] = field(default_factory=dict)  # position -> index in digests
+    _digest_values: list[int] | None = None
 
     def launch(self, arena: ArenaMap, reservations: Sequence[pb.Reservation], stream: Any) -> None:
         srcs = [t for _, t, _ in self.values]
         cuda = {t.device for t in srcs if t.is_cuda}
         if len(cuda) > 1:
             raise InvalidArgument(f"values span several GPUs ({sorted(map(str, cuda))})")
+        self.arena = arena
+        placed: list[tuple[int, pb.Reservation]] = []
+        for i, (t, r) in enumerate(zip(srcs, reservations, strict=True)):
+            if r.id and arena.holds(
+                r.arena_dev, r.arena_ino, r.offset, t.numel() * t.element_size()
+            ):
+                placed.append((i, r))
+            else:
+                self.unused.extend([r.id] if r.id else [])
+                self.rest.append(i)
         if cuda:
             arena.register_cuda()
             self.stream = torch_stream(stream, next(iter(cuda)))
+            self.gpu = gpu_hashing()
+        if self.gpu:
+            hashed = [i for i, _ in placed if _gpu_hashable(srcs[i])]
+            if hashed:
+                self.digested = {p: j for j, p in enumerate(hashed)}
+                self.digests = digest_on_side([srcs[i] for i in hashed], self.stream)
         host = arena.tensor()
-        positions: list[int] = []
-        ids: list[int] = []
+        group = PutGroup([], [], [])
         pending = 0
         with (
             torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
         ):
-            for i, (t, r) in enumerate(zip(srcs, reservations, strict=True)):
+            for i, r in placed:
+                t = srcs[i]
                 n = t.numel() * t.element_size()
-                if not r.id or not arena.holds(r.arena_dev, r.arena_ino, r.offset, n):
-                    if r.id:
-                        self.unused.append(r.id)
-                    self.rest.append(i)
-                    continue
                 if n:
                     host[r.offset : r.offset + n].copy_(flat_bytes(t), non_blocking=t.is_cuda)
-                positions.append(i)
-                ids.append(r.id)
+                group.positions.append(i)
+                group.ids.append(r.id)
+                group.slices.append((r.offset, n))
                 pending += n
                 if pending >= COMMIT_GROUP_BYTES:
-                    self._close_group(positions, ids)
-                    positions, ids, pending = [], [], 0
-            if positions:
-                self._close_group(positions, ids)
+                    self._close(group)
+                    group, pending = PutGroup([], [], []), 0
+            if group.positions:
+                self._close(group)
 
-    def _close_group(self, positions: list[int], ids: list[int]) -> None:
-        event = None
+    def _close(self, group: PutGroup) -> None:
         if self.stream is not None:
-            event = torch.cuda.Event()
-            event.record(self.stream)
-        self.groups.append((positions, ids, event))
+            group.event = torch.cuda.Event()
+            group.event.record(self.stream)
+        self.groups.append(group)
+
+    def checksums(self, group: PutGroup) -> list[int]:
+        """Wait for `group`'s copies; every value's checksum, from the GPU's digests or
+        hashed from its slot."""
+        if group.event is not None:
+            group.event.synchronize()
+        if self.digests is not None and self._digest_values is None:
+            self._digest_values = self.digests.result()
+        assert self.arena is not None
+        view = self.arena.array()
+        sums = []
+        for p, (offset, n) in zip(group.positions, group.slices, strict=True):
+            j = self.digested.get(p)
+            if j is not None and self._digest_values is not None:
+                sums.append(self._digest_values[j])
+            else:
+                sums.append(checksum(view[offset : offset + n].data))
+        return sums
 
 
 def private_buffer(values: list[torch.Tensor | None], pin: bool) -> tuple[torch.Tensor, list[int]]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -26,6 +28,7 @@ from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire import GRPC_OPTIONS, client_stubs
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def _forget(task: asyncio.Future[Any]) -> None:
@@ -56,6 +59,7 @@ class AsyncKVClient:
         self._core = ClientCore(namespace, same_host=is_unix_address(address))
         self._channel = grpc.aio.insecure_channel(target_of(address), options=GRPC_OPTIONS)
         self._background: set[asyncio.Future[Any]] = set()  # calls started with wait=False
+        self._renewer: asyncio.Future[None] | None = None  # renews held BlockRefs' leases
         self._stubs = client_stubs(self._channel)
 
     @property
@@ -142,7 +146,18 @@ class AsyncKVClient:
         return await self._run(self._core.get_prefix(token_ids))
 
     async def acquire(self, keys: Sequence[bytes], *, verify: bool = True) -> BlockRefs:
-        return await self._run(self._core.acquire(keys, verify))
+        refs = await self._run(self._core.acquire(keys, verify))
+        if refs.call and self._renewer is None:
+            self._renewer = asyncio.ensure_future(self._renew_loop())
+        return refs
+
+    async def _renew_loop(self) -> None:
+        while True:  # four renewals per lease time, until the client closes
+            await asyncio.sleep(self._core.lease_seconds / 4)
+            try:
+                await self._run(self._core.renew_held())
+            except Exception:  # the server is away: the refs expire and gathers refuse them
+                log.warning("renewing block leases failed", exc_info=True)
 
     async def release(self, refs: BlockRefs) -> None:
         await self._run(self._core.release(refs))
@@ -174,6 +189,10 @@ class AsyncKVClient:
         return AsyncTransfer(task)
 
     async def close(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
         if self._background:
             await asyncio.wait(list(self._background), timeout=5)
         self._core.close()

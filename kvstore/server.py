@@ -139,6 +139,18 @@ class HandOuts(Generic[H]):
             taken.append((i, thing))
         return taken
 
+    def renew_groups(self, groups: Sequence[int]) -> list[int]:
+        """Restart the time of everything held under each group; returns counts per group."""
+        until = time.monotonic() + self.seconds
+        counts = []
+        for g in groups:
+            ids = self._groups.get(g, ()) if g else ()
+            for i in ids:
+                thing, _, group = self._held[i]
+                self._held[i] = (thing, until, group)
+            counts.append(len(ids))
+        return counts
+
     def release_groups(self, groups: Sequence[int]) -> int:
         ids = [i for g in groups for i in self._groups.get(g, ())]
         return self.release(ids)
@@ -168,6 +180,21 @@ class HandOuts(Generic[H]):
             self._end(thing)
         self._expired = []
         return self.release(list(self._held))
+
+
+_BATCH_PIECES = 1024  # answers without bytes sent in one GetPiece
+
+
+def _abort_all(reservations: Sequence[PutReservation | None]) -> None:
+    for res in reservations:
+        if res is not None:
+            res.abort()
+
+
+def _commit_in_order(reservations: Sequence[PutReservation], tiers: list[str]) -> None:
+    """Commit each; stops at the first failure (the caller aborts the rest)."""
+    for res in reservations:
+        tiers.append(res.commit())
 
 
 def _release_checking(taken: list[tuple[int, ReadLease]], corrupt: set[int]) -> None:
@@ -312,7 +339,13 @@ class KVStoreServicer:
         handed: list[int],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[Piece]:
+        # Answers without bytes (shared slices, misses) go out many to a message: one gRPC
+        # message per key would cost more than the rest of the work of a large request.
+        batch: list[pb.GetPiece] = []
         for index, key in enumerate(keys):
+            if len(batch) >= _BATCH_PIECES:
+                yield Piece(pb.GetPiece(batch=batch), b"")
+                batch = []
             # A same-host reader checks the bytes it copies itself (and reports failures), so
             # a cpu-resident value is leased right here; anything else goes to a worker.
             in_place = shared and arena is not None
@@ -325,7 +358,7 @@ class KVStoreServicer:
             except Exception as exc:
                 await _fail(context, exc)
             if lease is None:
-                yield Piece(pb.GetPiece(index=index, found=False), b"")
+                batch.append(pb.GetPiece(index=index, found=False))
                 continue
             handed_out = False
             try:
@@ -355,8 +388,11 @@ class KVStoreServicer:
                             arena_ino=arena.ino,
                         )
                     )
-                    yield Piece(first_piece, b"")
+                    batch.append(first_piece)
                     continue
+                if batch:  # in order: the batch holds earlier keys
+                    yield Piece(pb.GetPiece(batch=batch), b"")
+                    batch = []
                 first = min(len(view), PIECE_BYTES)
                 yield Piece(first_piece, view[:first])
                 for off in range(first, len(view), PIECE_BYTES):
@@ -364,6 +400,8 @@ class KVStoreServicer:
             finally:
                 if not handed_out:
                     lease.release()
+        if batch:
+            yield Piece(pb.GetPiece(batch=batch), b"")
 
     # --------------------------------------------------------------- key queries
 
@@ -396,29 +434,44 @@ class KVStoreServicer:
     async def Reserve(self, request: pb.ReserveRequest, context: Any) -> pb.ReserveResponse:
         arena = self.store.cpu if str(context.peer()).startswith("unix:") else None
         self.store.check_keys(request.namespace, [h.key for h in request.values])
-        out: list[pb.Reservation] = []
-        try:
-            for h in request.values:
-                out.append(await self._reserve(request.namespace, h, arena, request.call))
-        except BaseException:
-            self.reserved.release([r.id for r in out if r.id])  # the client never sees them
-            raise
+        if arena is None:
+            return pb.ReserveResponse(reservations=[pb.Reservation() for _ in request.values])
+        # All slots in one worker call: a thread hop per value would cost more than the
+        # allocation for a request of thousands of small blocks.
+        reservations = await _in_thread_owned(
+            self._reserve_all, request.namespace, request.values, release=_abort_all
+        )
+        out = []
+        for res in reservations:
+            if res is None or res.slot is None:  # no room in the arena: the client streams it
+                out.append(pb.Reservation())
+                continue
+            out.append(
+                pb.Reservation(
+                    id=self.reserved.hand_out(res, request.call),
+                    offset=res.slot.offset,
+                    arena_dev=arena.dev,
+                    arena_ino=arena.ino,
+                )
+            )
         return pb.ReserveResponse(reservations=out)
 
-    async def _reserve(
-        self, namespace: str, h: pb.ValueHeader, arena: HostArena | None, call: int
-    ) -> pb.Reservation:
-        if arena is None:
-            return pb.Reservation()
-        res = await self._room_for(self.store.reserve_in_arena, namespace, h)
-        if res is None or res.slot is None:  # no room in the arena: the client streams it
-            return pb.Reservation()
-        return pb.Reservation(
-            id=self.reserved.hand_out(res, call),
-            offset=res.slot.offset,
-            arena_dev=arena.dev,
-            arena_ino=arena.ino,
-        )
+    def _reserve_all(
+        self, namespace: str, headers: Sequence[pb.ValueHeader]
+    ) -> list[PutReservation | None]:
+        """Arena slots for `headers` (None where there is no room); all or nothing on error."""
+        out: list[PutReservation | None] = []
+        try:
+            for h in headers:
+                out.append(
+                    self.store.reserve_in_arena(
+                        namespace, h.key, h.dtype, list(h.shape), h.nbytes, h.checksum
+                    )
+                )
+        except BaseException:
+            _abort_all(out)
+            raise
+        return out
 
     @_unary
     async def Commit(self, request: pb.CommitRequest, context: Any) -> pb.PutResponse:
@@ -432,17 +485,24 @@ class KVStoreServicer:
                 "a reservation is unknown, committed already or expired "
                 f"(--lease-seconds {self.config.lease_seconds:g}); nothing was stored"
             )
-        tiers = []
+        tiers: list[str] = []
         try:
             for _, res in taken:
                 res.written()  # the client wrote every byte through its mapping
-            # Checksums of a large batch on several workers at once; then commit in order.
-            compute = request.compute_checksums
-            await asyncio.gather(
-                *(asyncio.to_thread(res.check, compute=compute) for _, res in taken)
-            )
-            for _, res in taken:
-                tiers.append(await asyncio.to_thread(res.commit))
+            if request.checksums:
+                if len(request.checksums) != len(taken):
+                    raise InvalidArgument(
+                        f"{len(request.checksums)} checksums for {len(taken)} reservations"
+                    )
+                for (_, res), digest in zip(taken, request.checksums, strict=True):
+                    res.declare(digest)
+            else:  # hashed here, a large batch on several workers at once
+                compute = request.compute_checksums
+                await asyncio.gather(
+                    *(asyncio.to_thread(res.check, compute=compute) for _, res in taken)
+                )
+            # In order, in one worker call; `tiers` grows as they commit.
+            await asyncio.to_thread(_commit_in_order, [res for _, res in taken], tiers)
         finally:
             for _, res in taken[len(tiers) :]:
                 res.abort()  # a failed commit leaves the rest unstored, as BatchPut does
@@ -458,6 +518,10 @@ class KVStoreServicer:
         taken = self.shared.take(request.leases)
         await asyncio.to_thread(_release_checking, taken, set(request.corrupt))
         return pb.CountResponse(count=ended + len(taken))
+
+    @_unary
+    async def Renew(self, request: pb.RenewRequest, context: Any) -> pb.RenewResponse:
+        return pb.RenewResponse(counts=self.shared.renew_groups(request.calls))
 
     @_unary
     async def Stats(self, request: pb.StatsRequest, context: Any) -> pb.StatsResponse:

@@ -167,6 +167,12 @@ class PutReservation:
             )
         self._checked = True
 
+    def declare(self, digest: int) -> None:
+        """Take `digest` as the value's checksum, as computed by the writer where its bytes
+        were (a GPU); readers check it, so a wrong one costs the value, not correctness."""
+        self.entry.checksum = digest
+        self._checked = True
+
     def commit(self) -> str:
         """Make the value visible; returns the tier it landed in.
 

@@ -121,6 +121,7 @@ METHODS: dict[str, tuple[str, type[Message], type[Message]]] = {
     "Reserve": ("unary_unary", pb.ReserveRequest, pb.ReserveResponse),
     "Commit": ("unary_unary", pb.CommitRequest, pb.PutResponse),
     "Release": ("unary_unary", pb.ReleaseRequest, pb.CountResponse),
+    "Renew": ("unary_unary", pb.RenewRequest, pb.RenewResponse),
     "Stats": ("unary_unary", pb.StatsRequest, pb.StatsResponse),
     "List": ("unary_stream", pb.ListRequest, pb.ListResponse),
 }

@@ -103,16 +103,18 @@ class ReserveResponse(_message.Message):
     def __init__(self, reservations: _Optional[_Iterable[_Union[Reservation, _Mapping]]] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
-    __slots__ = ("ids", "abort", "abort_calls", "compute_checksums")
+    __slots__ = ("ids", "abort", "abort_calls", "compute_checksums", "checksums")
     IDS_FIELD_NUMBER: _ClassVar[int]
     ABORT_FIELD_NUMBER: _ClassVar[int]
     ABORT_CALLS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     ids: _containers.RepeatedScalarFieldContainer[int]
     abort: _containers.RepeatedScalarFieldContainer[int]
     abort_calls: _containers.RepeatedScalarFieldContainer[int]
     compute_checksums: bool
-    def __init__(self, ids: _Optional[_Iterable[int]] = ..., abort: _Optional[_Iterable[int]] = ..., abort_calls: _Optional[_Iterable[int]] = ..., compute_checksums: _Optional[bool] = ...) -> None: ...
+    checksums: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ..., abort: _Optional[_Iterable[int]] = ..., abort_calls: _Optional[_Iterable[int]] = ..., compute_checksums: _Optional[bool] = ..., checksums: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("leases", "corrupt", "calls")
@@ -124,21 +126,35 @@ class ReleaseRequest(_message.Message):
     calls: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, leases: _Optional[_Iterable[int]] = ..., corrupt: _Optional[_Iterable[int]] = ..., calls: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class RenewRequest(_message.Message):
+    __slots__ = ("calls",)
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    calls: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, calls: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class RenewResponse(_message.Message):
+    __slots__ = ("counts",)
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, counts: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class GetPiece(_message.Message):
-    __slots__ = ("index", "found", "header", "tier", "data", "shared")
+    __slots__ = ("index", "found", "header", "tier", "data", "shared", "batch")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     FOUND_FIELD_NUMBER: _ClassVar[int]
     HEADER_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     SHARED_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     index: int
     found: bool
     header: ValueHeader
     tier: str
     data: bytes
     shared: SharedSlice
-    def __init__(self, index: _Optional[int] = ..., found: _Optional[bool] = ..., header: _Optional[_Union[ValueHeader, _Mapping]] = ..., tier: _Optional[str] = ..., data: _Optional[bytes] = ..., shared: _Optional[_Union[SharedSlice, _Mapping]] = ...) -> None: ...
+    batch: _containers.RepeatedCompositeFieldContainer[GetPiece]
+    def __init__(self, index: _Optional[int] = ..., found: _Optional[bool] = ..., header: _Optional[_Union[ValueHeader, _Mapping]] = ..., tier: _Optional[str] = ..., data: _Optional[bytes] = ..., shared: _Optional[_Union[SharedSlice, _Mapping]] = ..., batch: _Optional[_Iterable[_Union[GetPiece, _Mapping]]] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("length",)

@@ -94,6 +94,11 @@ class KVStoreStub:
                 request_serializer=kvstore_dot_v1_dot_kvstore__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.CountResponse.FromString,
                 _registered_method=True)
+        self.Renew = channel.unary_unary(
+                '/kvstore.v1.KVStore/Renew',
+                request_serializer=kvstore_dot_v1_dot_kvstore__pb2.RenewRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.RenewResponse.FromString,
+                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/kvstore.v1.KVStore/Stats',
                 request_serializer=kvstore_dot_v1_dot_kvstore__pb2.StatsRequest.SerializeToString,
@@ -198,6 +203,14 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Renew(self, request, context):
+        """Restart the lease time of every lease of the given calls: a client holding blocks
+        for a long decode renews them before they expire.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Stats(self, request, context):
         """Server settings and per-tier counters.
         """
@@ -274,6 +287,11 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.ReleaseRequest.FromString,
                     response_serializer=kvstore_dot_v1_dot_kvstore__pb2.CountResponse.SerializeToString,
+            ),
+            'Renew': grpc.unary_unary_rpc_method_handler(
+                    servicer.Renew,
+                    request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.RenewRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_kvstore__pb2.RenewResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
@@ -610,6 +628,33 @@ class KVStore:
             '/kvstore.v1.KVStore/Release',
             kvstore_dot_v1_dot_kvstore__pb2.ReleaseRequest.SerializeToString,
             kvstore_dot_v1_dot_kvstore__pb2.CountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Renew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/Renew',
+            kvstore_dot_v1_dot_kvstore__pb2.RenewRequest.SerializeToString,
+            kvstore_dot_v1_dot_kvstore__pb2.RenewResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,12 @@ def stub(server):  # type: ignore[no-untyped-def]
         yield pb_grpc.KVStoreStub(channel)
 
 
+def answers(stream):  # type: ignore[no-untyped-def]
+    """The GetPieces of a Get/BatchGet stream, with batched answers taken apart."""
+    for piece in stream:
+        yield from piece.batch or (piece,)
+
+
 def read_arena(path: str, offset: int, nbytes: int) -> bytes:
     with open(path, "rb") as fh:
         fh.seek(offset)
@@ -55,7 +61,7 @@ def test_shared_get_hands_out_a_slice_under_a_lease(server, stub) -> None:  # ty
     with server.client(NS) as c:
         c.put(key(1), value(1))
         stats = c.stats()
-    pieces = list(stub.Get(pb.GetRequest(namespace=NS, key=key(1), shared=True)))
+    pieces = list(answers(stub.Get(pb.GetRequest(namespace=NS, key=key(1), shared=True))))
     assert len(pieces) == 1
     piece = pieces[0]
     assert piece.found and piece.HasField("shared") and not piece.data
@@ -78,7 +84,7 @@ def test_unreleased_leases_are_reclaimed(start_server) -> None:  # type: ignore[
     with srv.client(NS) as c, grpc.insecure_channel(srv.address) as channel:
         c.put(key(1), value(1))
         stub = pb_grpc.KVStoreStub(channel)
-        piece = next(iter(stub.Get(pb.GetRequest(namespace=NS, key=key(1), shared=True))))
+        piece = next(answers(stub.Get(pb.GetRequest(namespace=NS, key=key(1), shared=True))))
         assert piece.HasField("shared")
         assert c.stats().leases == 1  # a client that died holding it...
         assert wait_for(lambda: c.stats().leases == 0, timeout=5)  # ...loses it
@@ -144,7 +150,7 @@ def corrupt_in_arena(srv, k: bytes, ns: str = NS) -> None:  # type: ignore[no-un
     with srv.client(ns) as c, grpc.insecure_channel(srv.address, options=GRPC_OPTIONS) as ch:
         path = c.stats().host_arena_path
         stub = pb_grpc.KVStoreStub(ch)
-        piece = next(iter(stub.Get(pb.GetRequest(namespace=ns, key=k, shared=True))))
+        piece = next(answers(stub.Get(pb.GetRequest(namespace=ns, key=k, shared=True))))
         assert piece.HasField("shared")
         with open(path, "r+b") as fh:
             fh.seek(piece.shared.offset + 1234)
@@ -267,7 +273,9 @@ def test_tcp_peers_never_get_shared_slices(start_server) -> None:  # type: ignor
     with grpc.insecure_channel(srv.address, options=GRPC_OPTIONS) as ch:
         stub = pb_grpc.KVStoreStub(ch)
         ids = [
-            next(iter(stub.Get(pb.GetRequest(namespace=NS, key=key(1), shared=True)))).shared.lease
+            next(
+                answers(stub.Get(pb.GetRequest(namespace=NS, key=key(1), shared=True)))
+            ).shared.lease
             for _ in range(4)
         ]
         assert len(set(ids)) == 4 and max(ids) > 1 << 32  # not a counter another can guess
@@ -397,3 +405,30 @@ def test_a_batch_naming_a_key_twice_keeps_the_later_value(start_server) -> None:
         big, small = value(1, 6 * MiB), value(2, 4096)
         c.batch_put([key(1), key(1)], [big, small])
         assert torch.equal(c.get(key(1)), small)
+
+
+def test_many_keys_come_back_batched_and_in_order(start_server) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server("--cpu-bytes", "8MiB", "--ssd-bytes", "64MiB")
+    small = {i: value(i, 1024) for i in range(0, 2600, 2)}  # arena-resident
+    big = {i: value(i, 5 * MiB) for i in (7, 1501)}  # ssd only: streamed among the slices
+    with srv.client(NS) as c:
+        c.batch_put([key(i) for i in small], list(small.values()))
+        for i, v in big.items():
+            c.put(key(i), v)
+        wanted = list(range(2600))
+        with grpc.insecure_channel(srv.address, options=GRPC_OPTIONS) as ch:
+            stream = pb_grpc.KVStoreStub(ch).BatchGet(
+                pb.KeysRequest(namespace=NS, keys=[key(i) for i in wanted], shared=True)
+            )
+            messages = list(stream)
+            got = list(answers(messages))
+            leases = [p.shared.lease for p in got if p.HasField("shared")]
+            pb_grpc.KVStoreStub(ch).Release(pb.ReleaseRequest(leases=leases))
+        assert len(messages) < 50  # 2600 answers, batched
+        order = [p.index for p in got]
+        assert order == sorted(order) and set(order) == set(wanted)
+        values = c.batch_get([key(i) for i in wanted])
+        for i, v in zip(wanted, values, strict=True):
+            want = small.get(i, big.get(i))
+            assert (v is None) if want is None else torch.equal(v, want), i
+        assert wait_for(lambda: c.stats().leases == 0)

@@ -151,16 +151,31 @@ def test_gather_refuses_blocks_of_different_sizes(both) -> None:  # type: ignore
     local.release(refs)
 
 
-def test_refs_expire_with_their_leases(start_server) -> None:  # type: ignore[no-untyped-def]
+def test_held_refs_are_renewed_past_the_lease_time(start_server) -> None:  # type: ignore[no-untyped-def]
     srv = start_server("--cpu-bytes", "16MiB", "--lease-seconds", "0.5")
     with srv.client(NS) as c:
         c.put(key(1), chunk(1, (16, 64)))
         refs = c.acquire([key(1)])
-        c.gather(refs, torch.empty((1, 16, 64), dtype=torch.bfloat16))
-        time.sleep(0.6)
-        with pytest.raises(InvalidArgument, match="expired"):
-            c.gather(refs, torch.empty((1, 16, 64), dtype=torch.bfloat16))
+        time.sleep(1.6)  # three lease times: renewed in the background meanwhile
+        out = torch.empty((1, 16, 64), dtype=torch.bfloat16)
+        c.gather(refs, out).wait()
+        assert torch.equal(out[0], chunk(1, (16, 64)))
+        assert c.stats().leases == 1
+        c.release(refs)
         assert wait_for(lambda: c.stats().leases == 0, timeout=5)
+
+
+def test_refs_lost_by_the_server_are_refused(start_server) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server("--cpu-bytes", "16MiB", "--lease-seconds", "0.5")
+    with srv.client(NS) as c:
+        c.put(key(1), chunk(1, (16, 64)))
+        refs = c.acquire([key(1)])
+        srv.restart()  # the new server holds none of these leases: renewal reports that
+        out = torch.full((1, 16, 64), 7, dtype=torch.bfloat16)
+        assert wait_for(lambda: refs.expires == 0.0, timeout=5)
+        with pytest.raises(InvalidArgument, match="expired"):
+            c.gather(refs, out)
+        assert (out == 7).all()
 
 
 def test_leases_of_a_killed_client_are_reclaimed(start_server) -> None:  # type: ignore[no-untyped-def]
@@ -214,3 +229,20 @@ def test_async_client_transfers(both) -> None:  # type: ignore[no-untyped-def]
             await c.release(refs)
 
     asyncio.run(main())
+
+
+def test_more_keys_than_one_request_takes(start_server) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server("--cpu-bytes", "16MiB", "--max-keys-per-request", "4")
+    values = torch.stack([chunk(i, (16, 64)) for i in range(10)])
+    keys = [key(i) for i in range(10)]
+    with srv.client(NS) as c:
+        assert c.put_from(keys, values).wait(timeout=30) == ["cpu"] * 10
+        out = torch.empty_like(values)
+        assert c.get_into(keys, out).wait(timeout=30) == [True] * 10
+        assert torch.equal(out, values)
+        refs = c.acquire(keys)
+        dense = torch.empty_like(values[:5])
+        c.gather(refs[[9, 0, 5, 4, 3]], dense).wait()
+        assert torch.equal(dense, values[[9, 0, 5, 4, 3]])
+        c.release(refs)
+        assert wait_for(lambda: c.stats().leases == 0)

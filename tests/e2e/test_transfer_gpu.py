@@ -1,0 +1,107 @@
+"""get_into / put_from / gather with CUDA tensors against a real server (needs a GPU).
+
+The CPU twins of every path here run in tests/e2e/test_transfer.py on any machine.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kvstore.client import KVClient
+from kvstore.errors import InvalidArgument
+from tests.e2e.test_shared import wait_for
+from tests.e2e.test_transfer import NS, chunk, free_port, key
+
+
+def _gpu_ready() -> bool:
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+pytestmark = pytest.mark.skipif(not _gpu_ready(), reason="needs a CUDA GPU, torch and CuPy")
+
+
+@pytest.fixture
+def both(start_server):  # type: ignore[no-untyped-def]
+    port = free_port()
+    srv = start_server("--cpu-bytes", "256MiB", "--listen", f"127.0.0.1:{port}")
+    with srv.client(NS) as local, KVClient(f"127.0.0.1:{port}", NS) as remote:
+        yield local, remote
+
+
+@pytest.mark.parametrize("path", ["arena", "bytes"])
+def test_gpu_put_from_and_get_into_on_a_side_stream(both, path: str) -> None:  # type: ignore[no-untyped-def]
+    local, remote = both
+    c = local if path == "arena" else remote
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        values = torch.randn((8, 4, 2, 64, 8, 64), device="cuda").to(torch.bfloat16)
+    keys = [key(i) for i in range(8)]
+    assert c.put_from(keys, values, stream=stream).wait(timeout=60) == ["cpu"] * 8
+    out = torch.full_like(values, float("nan"))
+    handle = c.get_into(keys, out, stream=stream)
+    stream.synchronize()  # the bytes are there for work on the stream, before the handle ends
+    assert torch.equal(out, values)
+    assert handle.wait(timeout=60) == [True] * 8
+    assert torch.equal(local.get(key(5)), values[5].cpu())
+    assert wait_for(lambda: local.stats().leases == 0)
+
+
+def test_gpu_gather_matches_the_cpu_gather(both) -> None:  # type: ignore[no-untyped-def]
+    local, remote = both
+    blocks = [chunk(i, (32, 128)) for i in range(300)]  # 8 KiB blocks
+    keys = [key(i) for i in range(300)]
+    local.batch_put(keys, blocks)
+    rng = np.random.default_rng(3)
+    for c in (local, remote):
+        refs = c.acquire(keys)
+        top = rng.integers(0, 300, 1000)  # unsorted, with repeats
+        want = torch.empty((top.size, 32, 128), dtype=torch.bfloat16)
+        c.gather(refs[top], want).wait()
+        out = torch.full((top.size, 32, 128), float("nan"), dtype=torch.bfloat16, device="cuda")
+        handle = c.gather(refs[top], out, stream=torch.cuda.Stream())
+        handle.wait()
+        assert handle.is_done()
+        assert torch.equal(out.cpu(), want)
+        assert torch.equal(want, torch.stack([blocks[i] for i in top]))
+        c.release(refs)
+
+
+def test_gpu_refusals_come_before_any_copy(both) -> None:  # type: ignore[no-untyped-def]
+    local, _ = both
+    local.batch_put([key(1), key(2)], [chunk(1, (16, 64)), chunk(2, (16, 64))])
+    refs = local.acquire([key(1), key(2)])
+    out = torch.full((2, 16, 64), 7, dtype=torch.float16, device="cuda")
+    with pytest.raises(InvalidArgument, match="float16"):
+        local.gather(refs, out)
+    small = torch.full((1, 16, 64), 7, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(Exception, match="need"):
+        local.gather(refs, small)
+    with pytest.raises(InvalidArgument, match="float16"):
+        local.get_into([key(1), key(2)], out)
+    torch.cuda.synchronize()
+    assert (out == 7).all() and (small == 7).all()
+    local.release(refs)
+    with pytest.raises(InvalidArgument, match="released"):
+        local.gather(refs, torch.empty((2, 16, 64), dtype=torch.bfloat16, device="cuda"))
+
+
+def test_gpu_get_into_catches_a_corrupt_arena_copy_and_repairs_it(start_server) -> None:  # type: ignore[no-untyped-def]
+    from tests.e2e.test_shared import corrupt_in_arena
+
+    srv = start_server("--cpu-bytes", "8MiB", "--ssd-bytes", "64MiB")
+    values = [chunk(i, (1 << 19,)) for i in range(3)]  # 1 MiB each
+    with srv.client(NS) as c:
+        c.put_from([key(i) for i in range(3)], [v.cuda() for v in values]).wait(timeout=60)
+        for i in range(12):  # push them down to ssd
+            c.put(key(100 + i), chunk(100 + i, (1 << 19,)))
+        assert torch.equal(c.get(key(0)), values[0])  # promoted: on cpu and on ssd
+        corrupt_in_arena(srv, key(0), NS)
+        out = torch.empty((3, 1 << 19), dtype=torch.bfloat16, device="cuda")
+        assert c.get_into([key(i) for i in range(3)], out).wait(timeout=60) == [True] * 3
+        assert torch.equal(out.cpu(), torch.stack(values))  # caught on the GPU, re-read
