@@ -1,137 +1,445 @@
-"""GPU block gather: the kernel against the copy engine, measured in one run.
+"""GPU data path against the hardware, measured in one run on one GPU.
 
-Figures (each beside its limit, as a ratio):
-- pinned H2D and D2D bandwidth with one large `cudaMemcpyAsync` (the limits);
-- `gather_blocks` of k blocks from pinned host memory through UVA, vs pinned H2D;
-- the same k blocks as one `cudaMemcpyAsync` per block, vs the kernel (launch-bound);
-- `gather_blocks` from a device pool, vs D2D (read + write counted once, as bytes moved);
-- launch-to-event latency for k = 64 small blocks.
+Every figure is printed beside its limit, measured here, and as a ratio:
 
-    python benchmarks/bench_gpu.py [--arena 4GiB] [--json out.json]
+- **limits**: pinned H2D and D2H of 1 GiB with one `cudaMemcpyAsync`, and a device-to-device
+  copy (bytes copied once);
+- **offload / load**: `KVClient.put_from` / `get_into` of `--kv` bytes (default 2 GiB) of
+  KV in 256-token chunks (Llama-3-8B shaped: 32 layers, 8 KV heads of 128, bf16: 32 MiB a
+  chunk) between GPU tensors and a real `kvstore-server`'s host arena, timed from the call
+  until `wait()` returns (checksums, commit and lease release included), vs D2H / H2D;
+- **top-k gather**: `KVClient.gather` of k blocks of 16 KiB and 64 KiB picked at random
+  from a full 4 GiB arena, vs H2D and vs a loop of one `cudaMemcpyAsync` per block (how an
+  engine without a gather kernel does it; timed as the caller waits for it);
+- **pool gather**: `gather_blocks` from a 4 GiB device buffer, vs the device copy;
+- **launch to event**: wall time of `KVClient.gather` of k = 64 small blocks, from the
+  call until its event has completed;
+- **overlap**: a bf16 matmul on the compute stream, alone and while a gather (kernel) and
+  a get_into (copy engine) run on a copy stream: the matmul's time with them over alone.
 
-Needs a CUDA GPU and CuPy. Timing uses CUDA events; each figure is the median of runs
-after a warm-up.
+GPU times of single operations come from CUDA events with the stream held by a short
+spin kernel while the operation is enqueued, so that Python's launch time is not counted
+as GPU time (it is measured separately, above). Each figure is a median after a warm-up.
+
+    python benchmarks/bench_gpu.py [--kv 2GiB] [--arena 4GiB] [--json out.json] [--plot out.png]
+
+Needs a CUDA GPU, CuPy, and room for the arena in /dev/shm. Prints a table last.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
 import statistics
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import cupy
 import numpy as np
+import torch
+from _procs import progress, running_kvstore
 
-from kvstore.kernels import gather_blocks
+from kvstore.client import KVClient
+from kvstore.config import parse_size
+from kvstore.kernels import DeviceBuffer, gather_blocks, xxh3_64_gpu
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+NAMESPACE = "bench/gpu"
+CHUNK_SHAPE = (32, 2, 256, 8, 128)  # Llama-3-8B, one 256-token chunk: 32 MiB of bf16
+TARGETS = {"offload": 0.85, "load": 0.85, "gather_h2d": 0.90, "gather_loop": 5.0}
+POOL_TARGET, LAUNCH_TARGET_US, OVERLAP_TARGET = 0.60, 30.0, 1.2
+
+_HOLD = cupy.RawKernel(
+    r"""
+extern "C" __global__ void hold(unsigned long long ns) {
+    unsigned long long start, now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+    do {
+        __nanosleep(1000);
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    } while (now - start < ns);
+}
+""",
+    "hold",
+)
 
 
-def timed(fn: Callable[[], object], stream: cupy.cuda.Stream, runs: int = 10) -> float:
-    """Median seconds of `fn` enqueued on `stream`, by CUDA events."""
+def cupy_stream(stream: Any) -> Any:
+    """A CuPy view of a torch stream."""
+    if hasattr(cupy.cuda.Stream, "from_external"):  # CuPy 14
+        return cupy.cuda.Stream.from_external(stream)
+    return cupy.cuda.ExternalStream(stream.cuda_stream)
+
+
+def gpu_seconds(fn: Callable[[], object], stream: Any, runs: int = 15, hold_us: int = 300) -> float:
+    """Median GPU time of what `fn` enqueues on `stream` (a torch stream)."""
+    cs = cupy_stream(stream)
     for _ in range(2):
         fn()
     stream.synchronize()
     times = []
     for _ in range(runs):
-        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        _HOLD((1,), (1,), (np.uint64(hold_us * 1000),), stream=cs)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record(stream)
         fn()
         end.record(stream)
         end.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, end) / 1e3)
+        times.append(start.elapsed_time(end) / 1e3)
     return statistics.median(times)
 
 
-def uva_view(host: np.ndarray, owner: object) -> cupy.ndarray:
-    """A device array addressing pinned host memory through UVA (no copy): with unified
-    addressing, pinned host memory has the same address on the device."""
-    mem = cupy.cuda.UnownedMemory(host.ctypes.data, host.size, owner)
-    return cupy.ndarray(host.size, cupy.uint8, cupy.cuda.MemoryPointer(mem, 0))
+def wall_seconds(fn: Callable[[], object], runs: int = 5, warmup: int = 1) -> float:
+    """Median wall time of `fn`, which must return only when its work is done."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
-def gather_row(
-    host: np.ndarray,
-    uva: cupy.ndarray,
-    pool: cupy.ndarray,
-    block: int,
-    k: int,
-    stream: cupy.cuda.Stream,
-    rng: np.random.Generator,
-) -> dict[str, float]:
-    """GB/s of k blocks: kernel over UVA, one memcpy per block, kernel over a device pool."""
-    ids = rng.integers(0, host.size // block, k)
-    pids = rng.integers(0, pool.size // block, k)
-    out = cupy.empty(k * block, cupy.uint8)
-    base = host.ctypes.data
+def keys_for(tag: str, n: int) -> list[bytes]:
+    return [hashlib.blake2b(f"{tag}/{i}".encode(), digest_size=32).digest() for i in range(n)]
 
-    def per_block() -> None:
-        for i, slot in enumerate(ids):
-            (out.data + i * block).copy_from_host_async(base + int(slot) * block, block, stream)
 
-    moved = k * block
+@contextlib.contextmanager
+def server(arena: int, kv: int) -> Iterator[str]:
+    with tempfile.TemporaryDirectory(prefix="kvbench-gpu-") as tmp:
+        progress(f"starting kvstore-server with a {arena / GiB:.1f} GiB arena")
+        with running_kvstore(
+            Path(tmp),
+            "--tiers", "cpu",
+            "--cpu-bytes", str(arena),
+            "--max-keys-per-request", str(1 << 17),
+            "--max-value-bytes", str(max(256 * MiB, kv // 8)),
+            "--staging-bytes", str(max(256 * MiB, kv // 8)),
+        ) as address:  # fmt: skip
+            yield address
+
+
+def limits(stream: Any) -> dict[str, float]:
+    n = GiB
+    host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    host.random_(0, 255)
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    with torch.cuda.stream(stream):
+        h2d = n / gpu_seconds(lambda: a.copy_(host, non_blocking=True), stream)
+        d2h = n / gpu_seconds(lambda: host.copy_(a, non_blocking=True), stream)
+        d2d = n / gpu_seconds(lambda: b.copy_(a), stream)
+    return {"h2d_GBps": h2d / 1e9, "d2h_GBps": d2h / 1e9, "d2d_GBps": d2d / 1e9}
+
+
+def offload_load(c: KVClient, kv_bytes: int, stream: Any) -> dict[str, float]:
+    chunk = int(np.prod(CHUNK_SHAPE)) * 2
+    n = max(1, kv_bytes // chunk)
+    kv = torch.randn((n, *CHUNK_SHAPE), device="cuda", dtype=torch.bfloat16)
+    keys = keys_for("chunk", n)
+    progress(f"offload/load: {n} chunks of {chunk // MiB} MiB")
+
+    def offload() -> None:
+        c.delete(keys)
+        t0 = time.perf_counter()
+        tiers = c.put_from(keys, kv, stream=stream).wait()
+        offload.seconds.append(time.perf_counter() - t0)  # type: ignore[attr-defined]
+        if set(tiers) != {"cpu"}:
+            raise RuntimeError(f"chunks landed in {set(tiers)}, not all in the arena")
+
+    offload.seconds = []  # type: ignore[attr-defined]
+    for _ in range(5):
+        offload()
+    out = torch.empty_like(kv)
+    load = wall_seconds(lambda: c.get_into(keys, out, stream=stream).wait(), runs=5)
+    if not torch.equal(out, kv):
+        raise RuntimeError("get_into did not return the KV put_from stored")
+    c.delete(keys)
+    nbytes = n * chunk
+    buffers = [DeviceBuffer(t.data_ptr(), chunk, t.device.index) for t in kv.unbind(0)]
+    with torch.cuda.stream(stream):
+        t_hash = gpu_seconds(lambda: xxh3_64_gpu(buffers, kv.device.index, stream), stream)
     return {
-        "uva_GBps": moved
-        / timed(lambda: gather_blocks(uva, ids, out, block, stream), stream)
-        / 1e9,
-        "memcpy_loop_GBps": moved / timed(per_block, stream, runs=5) / 1e9,
-        "pool_GBps": moved
-        / timed(lambda: gather_blocks(pool, pids, out, block, stream), stream)
-        / 1e9,
+        "checksum_GBps": nbytes / t_hash / 1e9,
+        "kv_bytes": nbytes,
+        "offload_GBps": nbytes / statistics.median(offload.seconds[1:]) / 1e9,  # type: ignore[attr-defined]
+        "load_GBps": nbytes / load / 1e9,
     }
+
+
+def memcpy_per_block(
+    host: torch.Tensor, offsets: list[int], flat: torch.Tensor, block: int, stream: Any
+) -> None:
+    """The gather as one cudaMemcpyAsync per block, until the copies are done."""
+    with torch.cuda.stream(stream):
+        for i, o in enumerate(offsets):
+            flat[i * block : (i + 1) * block].copy_(host[o : o + block], non_blocking=True)
+    stream.synchronize()
+
+
+def fill_blocks(c: KVClient, block: int, arena: int, stream: Any) -> tuple[list[bytes], Any]:
+    """Fill the arena with blocks of `block` bytes; returns their keys and refs."""
+    n = int(arena * 0.9) // block  # what the slab pages hold, with room to spare
+    keys = keys_for(f"block{block}", n)
+    batch = max(1, (512 * MiB) // block)
+    src = torch.randint(-8, 8, (batch, block // 2), device="cuda", dtype=torch.bfloat16)
+    progress(f"filling the arena with {n} blocks of {block // KiB} KiB")
+    t0 = time.perf_counter()
+    for i in range(0, n, batch):
+        part = keys[i : i + batch]
+        tiers = c.put_from(part, src[: len(part)], stream=stream).wait()
+        if set(tiers) != {"cpu"}:
+            raise RuntimeError(f"blocks landed in {set(tiers)}, not all in the arena")
+    t1 = time.perf_counter()
+    refs = c.acquire(keys)
+    progress(f"filled in {t1 - t0:.1f} s, acquired in {time.perf_counter() - t1:.1f} s")
+    return keys, refs
+
+
+def gather_rows(
+    c: KVClient, arena: int, limit: dict[str, float], stream: Any
+) -> list[dict[str, Any]]:
+    rows = []
+    rng = np.random.default_rng(0)
+    pool = torch.empty(4 * GiB, dtype=torch.uint8, device="cuda")
+    for block in (16 * KiB, 64 * KiB):
+        keys, refs = fill_blocks(c, block, arena, stream)
+        host, _ = refs.host()
+        for k in (64, 256, 4096):
+            top = rng.choice(len(keys), k, replace=False)
+            sel = refs[top]
+            out = torch.empty((k, block // 2), dtype=torch.bfloat16, device="cuda")
+            with torch.cuda.stream(stream):
+                t_kernel = gpu_seconds(lambda sel=sel, out=out: c.gather(sel, out, stream), stream)
+            want = torch.stack(
+                [host[o : o + block].view(torch.bfloat16) for o in refs.offsets[top]]
+            )
+            if not torch.equal(out.cpu(), want):
+                raise RuntimeError(f"gather of {k} blocks of {block} bytes returned wrong bytes")
+            offsets = refs.offsets[top].tolist()
+            flat = out.view(torch.uint8).view(-1)
+            t_loop = wall_seconds(
+                lambda o=offsets, f=flat, h=host, b=block: memcpy_per_block(h, o, f, b, stream),
+                runs=5,
+            )
+            pids = rng.integers(0, pool.numel() // block, k)
+            with torch.cuda.stream(stream):
+                t_pool = gpu_seconds(
+                    lambda p=pids, o=out, b=block: gather_blocks(pool, p, o, b, stream), stream
+                )
+            moved = k * block
+            rows.append(
+                {
+                    "block": block,
+                    "k": k,
+                    "gather_GBps": moved / t_kernel / 1e9,
+                    "loop_GBps": moved / t_loop / 1e9,
+                    "pool_GBps": moved / t_pool / 1e9,
+                    "gather_over_h2d": moved / t_kernel / 1e9 / limit["h2d_GBps"],
+                    "gather_over_loop": t_loop / t_kernel,
+                    "pool_over_d2d": moved / t_pool / 1e9 / limit["d2d_GBps"],
+                }
+            )
+            progress(
+                f"{block // KiB} KiB k={k}: gather {rows[-1]['gather_GBps']:.1f} GB/s, "
+                f"loop {rows[-1]['loop_GBps']:.1f}, pool {rows[-1]['pool_GBps']:.0f}"
+            )
+        if block == 16 * KiB:
+            small = torch.empty((64, block // 2), dtype=torch.bfloat16, device="cuda")
+            sel64 = refs[rng.choice(len(keys), 64, replace=False)]
+            lat = []
+            for _ in range(300):
+                stream.synchronize()
+                t0 = time.perf_counter()
+                c.gather(sel64, small, stream).wait()
+                lat.append(time.perf_counter() - t0)
+            rows.append({"launch_to_event_us": statistics.median(lat[50:]) * 1e6})
+            overlap = measure_overlap(c, refs, len(keys), block, rng)
+            rows.append(overlap)
+        c.release(refs)
+        c.delete(keys)
+    return rows
+
+
+def measure_overlap(
+    c: KVClient, refs: Any, n: int, block: int, rng: np.random.Generator
+) -> dict[str, float]:
+    """A matmul alone, then beside a gather and beside a get_into on a copy stream."""
+    compute, copy = torch.cuda.Stream(), torch.cuda.Stream()
+    a = torch.randn((8192, 8192), device="cuda", dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    sel = refs[rng.choice(n, 4096, replace=False)]  # 64 MiB from the arena per gather
+    dense = torch.empty((4096, block // 2), dtype=torch.bfloat16, device="cuda")
+    chunks = torch.randn((8, *CHUNK_SHAPE), device="cuda", dtype=torch.bfloat16)  # 256 MiB
+    chunk_keys = keys_for("overlap", 8)
+    c.put_from(chunk_keys, chunks).wait()
+    into = torch.empty_like(chunks)
+
+    def matmuls() -> tuple[Any, Any]:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(compute):
+            start.record(compute)
+            for _ in range(10):
+                torch.mm(a, b)
+            end.record(compute)
+        return start, end
+
+    def run(side: Callable[[], object] | None) -> float:
+        torch.cuda.synchronize()
+        cs = cupy_stream(compute)
+        _HOLD((1,), (1,), (np.uint64(2_000_000),), stream=cs)  # both start together
+        if side is not None:
+            copy.wait_stream(compute)
+            side()
+        start, end = matmuls()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+    def gathers() -> None:
+        for _ in range(4):
+            c.gather(sel, dense, copy)
+
+    def get_into() -> None:
+        c.get_into(chunk_keys, into, stream=copy)
+
+    for _ in range(2):
+        run(None)
+    alone = statistics.median(run(None) for _ in range(5))
+    with_gather = statistics.median(run(gathers) for _ in range(5))
+    with_get = statistics.median(run(get_into) for _ in range(5))
+    torch.cuda.synchronize()
+    c.delete(chunk_keys)
+    return {
+        "matmul_ms": alone * 1e3,
+        "matmul_with_gather_ratio": with_gather / alone,
+        "matmul_with_get_into_ratio": with_get / alone,
+    }
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def render(fig: dict[str, Any]) -> str:
+    lim = fig["limits"]
+    lines = [
+        f"{fig['device']}: pinned H2D {lim['h2d_GBps']:.1f} GB/s, D2H {lim['d2h_GBps']:.1f} GB/s,"
+        f" device copy {lim['d2d_GBps']:.0f} GB/s",
+        "",
+        "measure                               figure        limit        ratio   target",
+    ]
+    o = fig["offload_load"]
+    for name, lim_key in (("offload", "d2h_GBps"), ("load", "h2d_GBps")):
+        r = o[f"{name}_GBps"] / lim[lim_key]
+        lines.append(
+            f"{name + ' (' + str(o['kv_bytes'] // MiB) + ' MiB, 32 MiB chunks)':<36} "
+            f"{o[name + '_GBps']:>7.1f} GB/s {lim[lim_key]:>7.1f} GB/s {r:>8.0%}   "
+            f">= {TARGETS[name]:.0%} {verdict(r >= TARGETS[name])}"
+        )
+    lines.append(
+        f"{'GPU XXH3-64 of the same KV':<36} {o['checksum_GBps']:>7.0f} GB/s "
+        f"{lim['d2d_GBps']:>7.0f} GB/s {o['checksum_GBps'] / lim['d2d_GBps']:>8.0%}   (reads once)"
+    )
+    for row in fig["gather"]:
+        if "k" not in row:
+            continue
+        label = f"gather {row['block'] // KiB} KiB k={row['k']}"
+        ok = row["gather_over_h2d"] >= TARGETS["gather_h2d"] if row["k"] >= 256 else None
+        lines.append(
+            f"{label:<36} {row['gather_GBps']:>7.1f} GB/s {lim['h2d_GBps']:>7.1f} GB/s "
+            f"{row['gather_over_h2d']:>8.0%}   "
+            + (f">= 90% {verdict(bool(ok))}" if ok is not None else "(k < 256: no target)")
+        )
+        r = row["gather_over_loop"]
+        lines.append(
+            f"{'  vs cudaMemcpyAsync per block':<36} {row['gather_GBps']:>7.1f} GB/s "
+            f"{row['loop_GBps']:>7.1f} GB/s {r:>7.1f}x   >= 5x {verdict(r >= 5)}"
+        )
+        r = row["pool_over_d2d"]
+        lines.append(
+            f"{'  from a GPU pool':<36} {row['pool_GBps']:>7.0f} GB/s {lim['d2d_GBps']:>7.0f} GB/s "
+            f"{r:>8.0%}   >= 60% {verdict(r >= POOL_TARGET)}"
+        )
+    for row in fig["gather"]:
+        if "launch_to_event_us" in row:
+            us = row["launch_to_event_us"]
+            lines.append(
+                f"{'launch to event, k=64 x 16 KiB':<36} {us:>8.1f} us {'':>12} {'':>8}   "
+                f"< {LAUNCH_TARGET_US:g} us {verdict(us < LAUNCH_TARGET_US)}"
+            )
+        if "matmul_ms" in row:
+            for side in ("gather", "get_into"):
+                r = row[f"matmul_with_{side}_ratio"]
+                lines.append(
+                    f"{'matmul beside ' + side + ' (copy stream)':<36} "
+                    f"{r * row['matmul_ms']:>8.2f} ms "
+                    f"{row['matmul_ms']:>8.2f} ms {r:>8.2f}x   < {OVERLAP_TARGET}x "
+                    f"{verdict(r < OVERLAP_TARGET)}"
+                )
+    return "\n".join(lines)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    p.add_argument("--arena", type=int, default=4, help="pinned host arena, GiB (default 4)")
-    p.add_argument("--json", help="write the figures here")
+    p.add_argument("--kv", default="2GiB", help="KV moved by offload/load (default 2GiB)")
+    p.add_argument("--arena", default="4GiB", help="arena the top-k blocks fill (default 4GiB)")
+    p.add_argument("--json", type=Path, help="write every figure here")
+    p.add_argument("--plot", type=Path, help="write a PNG of the gather figures (matplotlib)")
     args = p.parse_args()
-    stream = cupy.cuda.Stream(non_blocking=True)
-    arena_bytes = args.arena * GiB
-    name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
-    pinned = cupy.cuda.alloc_pinned_memory(arena_bytes)
-    host = np.frombuffer(pinned, np.uint8, arena_bytes)
-    host[::4096] = 1  # touch every page
-    uva = uva_view(host, pinned)
-    figures: dict[str, float] = {}
-    big = 1 * GiB
-    a, b = cupy.empty(big, cupy.uint8), cupy.empty(big, cupy.uint8)
-    t = timed(lambda: a.data.copy_from_host_async(host.ctypes.data, big, stream), stream)
-    figures["pinned_h2d_GBps"] = h2d = big / t / 1e9
-    t = timed(lambda: b.data.copy_from_device_async(a.data, big, stream), stream)
-    figures["d2d_GBps"] = d2d = big / t / 1e9  # bytes copied (each read once, written once)
-    print(f"{name}: pinned H2D {h2d:.1f} GB/s, device-to-device copy {d2d:.0f} GB/s")
-    print("block       k   UVA gather  /H2D   memcpy/block  kernel/loop  pool gather  /D2D")
-    rng = np.random.default_rng(0)
-    pool = cupy.empty(4 * GiB, cupy.uint8)
-    for block in (16 * KiB, 64 * KiB):
-        for k in (64, 256, 4096):
-            row = gather_row(host, uva, pool, block, k, stream, rng)
-            for key, v in row.items():
-                figures[f"{block // KiB}KiB_k{k}_{key}"] = v
-            print(
-                f"{block // KiB:>3}KiB {k:>6} {row['uva_GBps']:>7.1f} GB/s "
-                f"{row['uva_GBps'] / h2d:>5.0%} {row['memcpy_loop_GBps']:>9.1f} GB/s "
-                f"{row['uva_GBps'] / row['memcpy_loop_GBps']:>10.1f}x "
-                f"{row['pool_GBps']:>7.0f} GB/s {row['pool_GBps'] / d2d:>5.0%}"
-            )
-    small = cupy.empty(64 * 4 * KiB, cupy.uint8)
-    ids = rng.integers(0, arena_bytes // (4 * KiB), 64)
-    latencies = []
-    for _ in range(200):
-        stream.synchronize()
-        t0 = time.perf_counter()
-        gather_blocks(uva, ids, small, 4 * KiB, stream).synchronize()
-        latencies.append(time.perf_counter() - t0)
-    figures["launch_to_event_us_p50"] = statistics.median(latencies[20:]) * 1e6
-    print(f"launch to event, k=64 blocks of 4 KiB: p50 {figures['launch_to_event_us_p50']:.1f} us")
+    kv_bytes, arena = parse_size(args.kv, "--kv"), parse_size(args.arena, "--arena")
+    if not torch.cuda.is_available():
+        print("bench_gpu: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    stream = torch.cuda.Stream()
+    fig: dict[str, Any] = {"device": torch.cuda.get_device_name()}
+    fig["limits"] = limits(stream)
+    progress(f"limits: {fig['limits']}")
+    with server(max(arena, kv_bytes) + GiB, kv_bytes) as address, KVClient(address, NAMESPACE) as c:
+        fig["offload_load"] = offload_load(c, kv_bytes, stream)
+        progress(f"offload/load: {fig['offload_load']}")
+        torch.cuda.empty_cache()
+        fig["gather"] = gather_rows(c, arena, fig["limits"], stream)
+    print(render(fig))
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(figures, fh, indent=2)
+        args.json.write_text(json.dumps(fig, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if args.plot:
+        write_plot(fig, args.plot)
     return 0
+
+
+def write_plot(fig: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"note: --plot {path} skipped: matplotlib is not installed")
+        return
+    rows = [r for r in fig["gather"] if "k" in r]
+    f, ax = plt.subplots(figsize=(7, 4))
+    for block in sorted({r["block"] for r in rows}):
+        sel = [r for r in rows if r["block"] == block]
+        ks = [r["k"] for r in sel]
+        ax.plot(ks, [r["gather_GBps"] for r in sel], "o-", label=f"gather {block // KiB} KiB")
+        ax.plot(ks, [r["loop_GBps"] for r in sel], "x--", label=f"memcpy/block {block // KiB} KiB")
+    ax.axhline(fig["limits"]["h2d_GBps"], color="gray", ls=":", label="pinned H2D")
+    ax.set_xscale("log")
+    ax.set_xlabel("k (blocks gathered)")
+    ax.set_ylabel("GB/s")
+    ax.set_title(f"top-k gather from the host arena, {fig['device']}")
+    ax.legend(fontsize=8)
+    f.tight_layout()
+    f.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

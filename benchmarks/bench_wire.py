@@ -38,7 +38,7 @@ import json
 import os
 import platform
 import shutil
-import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 import redis
 import torch
+from _procs import progress, running_kvstore, stop, wait_until_serving
 from redis.utils import HIREDIS_AVAILABLE
 
 import kvstore
@@ -67,8 +68,7 @@ QUICK_SIZES = "64KiB,1MiB"
 LOOKUP_KEYS = 64
 GET_TARGET_RATIO = 2.0
 LOOKUP_P99_TARGET_MS = 1.0
-START_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 20.0
+ARENA_TARGET_SHARE = 0.5
 
 
 # --------------------------------------------------------------------------- results
@@ -127,6 +127,35 @@ class Row:
 
 
 @dataclass
+class PathRow:
+    """Reads of one value over kvstore's two data paths, beside memcpy."""
+
+    size: str
+    nbytes: int
+    memcpy_gbps: float
+    arena_get: Throughput  # KVClient.get on the Unix socket: a copy out of the arena
+    arena_get_into: Throughput  # get_into a preallocated tensor: what an engine does
+    tcp_get: Throughput  # KVClient.get over loopback TCP: streamed bytes
+
+    @property
+    def best_arena(self) -> Throughput:
+        return max(self.arena_get, self.arena_get_into, key=lambda t: t.gbps)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "size": self.size,
+            "nbytes": self.nbytes,
+            "memcpy_gbps": self.memcpy_gbps,
+            "arena_get_gbps": self.arena_get.gbps,
+            "arena_get_into_gbps": self.arena_get_into.gbps,
+            "tcp_get_gbps": self.tcp_get.gbps,
+            "arena_get_over_memcpy": self.arena_get.gbps / self.memcpy_gbps,
+            "arena_get_into_over_memcpy": self.arena_get_into.gbps / self.memcpy_gbps,
+            "tcp_get_over_memcpy": self.tcp_get.gbps / self.memcpy_gbps,
+        }
+
+
+@dataclass
 class LookupLatency:
     keys: int
     seconds: list[float]
@@ -160,6 +189,7 @@ class Report:
     meta: dict[str, Any]
     memcpy_gbps: dict[str, float] = field(default_factory=dict)
     rows: list[Row] = field(default_factory=list)
+    paths: list[PathRow] = field(default_factory=list)
     lookup: LookupLatency | None = None
     verdicts: list[Verdict] = field(default_factory=list)
 
@@ -168,16 +198,13 @@ class Report:
             "meta": self.meta,
             "memcpy_gbps": self.memcpy_gbps,
             "throughput": [r.to_json() for r in self.rows],
+            "paths": [p.to_json() for p in self.paths],
             "lookup": self.lookup.to_json() if self.lookup else None,
             "targets": [asdict(v) for v in self.verdicts],
         }
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def progress(message: str) -> None:
-    print(f"[bench_wire] {message}", file=sys.stderr, flush=True)
 
 
 def size_label(n: int) -> str:
@@ -200,6 +227,12 @@ def parse_sizes(text: str) -> list[int]:
     if not sizes:
         raise ConfigError("--sizes: give at least one size, e.g. 4MiB,64MiB")
     return sizes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def bench_key(tag: str) -> bytes:
@@ -238,93 +271,27 @@ def time_alternating(
     return out_a, out_b
 
 
-def _log_tail(path: Path, lines: int = 20) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return "(no log)"
-    return "\n".join(text[-lines:]) or "(empty log)"
-
-
-def _wait_until_serving(
-    proc: subprocess.Popen[bytes],
-    name: str,
-    socket_path: Path,
-    log_path: Path,
-    answers: Callable[[], bool],
-) -> None:
-    """Poll until `answers()` succeeds on `socket_path`; fail clearly if `proc` dies or stalls."""
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not (socket_path.exists() and answers()):
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"{name} exited with status {proc.returncode} before serving:\n"
-                + _log_tail(log_path)
-            )
-        if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"{name} did not answer on {socket_path} within {START_TIMEOUT_S:g}s:\n"
-                + _log_tail(log_path)
-            )
-        time.sleep(0.05)
-    progress(f"{name} pid {proc.pid} answers on {socket_path}")
-
-
-def _stop(proc: subprocess.Popen[bytes], name: str) -> None:
-    """SIGTERM, wait, then SIGKILL if it has not exited."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        progress(f"{name} (pid {proc.pid}) ignored SIGTERM for {STOP_TIMEOUT_S:g}s; killing it")
-        proc.kill()
-        proc.wait()
-
-
 # --------------------------------------------------------------------------- servers
 
 
 @contextlib.contextmanager
-def kvstore_server(workdir: Path, largest: int) -> Iterator[str]:
-    """Run `kvstore-server` with cpu,ssd tiers under `workdir`; yields its address."""
-    data_dir = workdir / "kvstore"
-    socket_path = data_dir / "kvstore.sock"
-    log_path = workdir / "kvstore-server.log"
+def kvstore_server(workdir: Path, largest: int, port: int) -> Iterator[str]:
+    """Run `kvstore-server` with cpu,ssd tiers under `workdir`, also listening on loopback
+    TCP `port`; yields its Unix-socket address."""
     # Room for a value and its replacement while an overwrite commits, with margin.
     cpu_bytes = max(GiB, 4 * largest)
     max_value = max(256 * MiB, largest)
-    cmd = [
-        sys.executable,
-        "-m",
-        "kvstore.server_cli",
-        "--data-dir", str(data_dir),
+    progress(f"starting kvstore-server (cpu tier {size_label(cpu_bytes)})")
+    with running_kvstore(
+        workdir,
         "--tiers", "cpu,ssd",
         "--cpu-bytes", str(cpu_bytes),
         "--ssd-bytes", str(4 * GiB),
         "--max-value-bytes", str(max_value),
         "--staging-bytes", str(max(GiB, max_value)),
-        "--log-level", "warning",
-    ]  # fmt: skip
-    progress(f"starting kvstore-server (cpu tier {size_label(cpu_bytes)}) in {data_dir}")
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    address = f"unix://{socket_path}"
-
-    def answers() -> bool:
-        try:
-            with KVClient(address, NAMESPACE, timeout=2.0) as probe:
-                probe.stats()
-            return True
-        except KVStoreError:
-            return False
-
-    try:
-        _wait_until_serving(proc, "kvstore-server", socket_path, log_path, answers)
+        "--listen", f"127.0.0.1:{port}",
+    ) as address:  # fmt: skip
         yield address
-    finally:
-        _stop(proc, "kvstore-server")
 
 
 @contextlib.contextmanager
@@ -356,10 +323,10 @@ def redis_server(binary: str, workdir: Path) -> Iterator[str]:
             return False
 
     try:
-        _wait_until_serving(proc, "redis-server", socket_path, log_path, answers)
+        wait_until_serving(proc, "redis-server", socket_path, log_path, answers)
         yield str(socket_path)
     finally:
-        _stop(proc, "redis-server")
+        stop(proc, "redis-server")
 
 
 def redis_version(binary: str) -> str:
@@ -383,9 +350,17 @@ def measure_memcpy(nbytes: int, repeats: int) -> float:
 
 
 def measure_size(
-    kv: KVClient, rds: redis.Redis, nbytes: int, iters: int, warmup: int, memcpy_gbps: float
+    kv: KVClient,
+    tcp: KVClient,
+    rds: redis.Redis,
+    nbytes: int,
+    iters: int,
+    warmup: int,
+    memcpy_gbps: float,
+    paths: list[PathRow],
 ) -> list[Row]:
-    """put and get of one value of `nbytes` through both systems.
+    """put and get of one value of `nbytes` through both systems; kvstore's data paths
+    (arena get, get_into, get over TCP) go to `paths`.
 
     The runs of the two systems alternate, so that a slow spell of the machine (other
     tenants, frequency changes) lands on both rather than on whichever ran at the time.
@@ -421,6 +396,27 @@ def measure_size(
     )
     report("kvstore", "get", kv_get_runs)
     report("redis", "get", redis_get_runs)
+
+    out = torch.empty_like(tensor)
+    if kv.get_into([key], [out]).wait() != [True] or not torch.equal(out, tensor):
+        raise RuntimeError(f"kvstore get_into of a {label} value did not fill the tensor put")
+    if not torch.equal(tcp.get(key), tensor):
+        raise RuntimeError(f"kvstore get over TCP of a {label} value did not return the tensor")
+    into_runs, tcp_runs = time_alternating(
+        lambda: kv.get_into([key], [out]).wait(), lambda: tcp.get(key), iters, warmup
+    )
+    report("kvstore", "get_into", into_runs)
+    report("kvstore", "get over TCP", tcp_runs)
+    paths.append(
+        PathRow(
+            label,
+            nbytes,
+            memcpy_gbps,
+            Throughput(nbytes, kv_get_runs),
+            Throughput(nbytes, into_runs),
+            Throughput(nbytes, tcp_runs),
+        )
+    )
 
     kv.delete([key])
     rds.delete(key)
@@ -466,8 +462,11 @@ def measure_lookup(kv: KVClient, calls: int) -> LookupLatency:
     return result
 
 
-def judge(rows: Sequence[Row], lookup: LookupLatency) -> list[Verdict]:
+def judge(rows: Sequence[Row], paths: Sequence[PathRow], lookup: LookupLatency) -> list[Verdict]:
     gets = [r for r in rows if r.op == "get"]
+    # Bandwidth is judged on the largest value: smaller ones measure the call's latency.
+    big = max(paths, key=lambda p: p.nbytes)
+    arena_share = big.best_arena.gbps / big.memcpy_gbps
     worst = min(gets, key=lambda r: r.ratio)
     per_size = ", ".join(f"{r.size} {r.ratio:.2f}x" for r in gets)
     p99 = lookup.percentile_ms(99)
@@ -476,6 +475,13 @@ def judge(rows: Sequence[Row], lookup: LookupLatency) -> list[Verdict]:
             f"get >= {GET_TARGET_RATIO:g}x redis-py",
             all(r.ratio >= GET_TARGET_RATIO for r in gets),
             f"worst {worst.ratio:.2f}x at {worst.size}; {per_size}",
+        ),
+        Verdict(
+            f"same-host get >= {ARENA_TARGET_SHARE:.0%} of memcpy",
+            arena_share >= ARENA_TARGET_SHARE,
+            f"{arena_share:.0%} at {big.size} (get {big.arena_get.gbps:.2f}, get_into "
+            f"{big.arena_get_into.gbps:.2f}, memcpy {big.memcpy_gbps:.2f} GB/s; "
+            f"bytes path over TCP {big.tcp_get.gbps:.2f} GB/s)",
         ),
         Verdict(
             f"lookup p99 < {LOOKUP_P99_TARGET_MS:g} ms",
@@ -505,6 +511,18 @@ def render(report: Report) -> str:
             f"{r.size:>7} {r.op:>4} {r.kvstore.gbps:>13.3f} {r.redis.gbps:>11.3f} "
             f"{r.ratio:>13.2f}x {r.of_memcpy:>14.1%} {r.memcpy_gbps:>12.2f}"
         )
+    if report.paths:
+        lines += [
+            "",
+            "kvstore data paths (get of one value, GB/s and share of memcpy):",
+            f"{'size':>7} {'arena get':>15} {'arena get_into':>17} {'TCP get (bytes)':>18}",
+        ]
+        for p in report.paths:
+            cells = [
+                f"{t.gbps:.3f} {t.gbps / p.memcpy_gbps:>5.0%}"
+                for t in (p.arena_get, p.arena_get_into, p.tcp_get)
+            ]
+            lines.append(f"{p.size:>7} {cells[0]:>15} {cells[1]:>17} {cells[2]:>18}")
     if report.lookup is not None:
         lk = report.lookup.to_json()
         lines += [
@@ -561,14 +579,15 @@ def run_systems(
     """Start both servers, fill `report.rows` and `report.lookup`, stop both servers."""
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kvbench-")))
-        address = stack.enter_context(kvstore_server(workdir, max(sizes)))
+        port = free_port()
+        address = stack.enter_context(kvstore_server(workdir, max(sizes), port))
         redis_socket = stack.enter_context(redis_server(redis_binary, workdir))
         kv = stack.enter_context(KVClient(address, NAMESPACE))
+        tcp = stack.enter_context(KVClient(f"127.0.0.1:{port}", NAMESPACE))
         rds = stack.enter_context(redis.Redis(unix_socket_path=redis_socket))
         for n in sizes:
-            report.rows += measure_size(
-                kv, rds, n, iters, warmup, report.memcpy_gbps[size_label(n)]
-            )
+            memcpy = report.memcpy_gbps[size_label(n)]
+            report.rows += measure_size(kv, tcp, rds, n, iters, warmup, memcpy, report.paths)
         report.lookup = measure_lookup(kv, lookup_calls)
 
 
@@ -639,7 +658,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench_wire: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     assert report.lookup is not None
-    report.verdicts = judge(report.rows, report.lookup)
+    report.verdicts = judge(report.rows, report.paths, report.lookup)
     print(render(report))
     if args.json:
         args.json.write_text(json.dumps(report.to_json(), indent=2) + "\n")

@@ -58,6 +58,13 @@ def test_quick_run_reports_both_systems(tmp_path: Path) -> None:
     assert report["lookup"]["p50_ms"] <= report["lookup"]["p99_ms"]
     assert [t["target"] for t in report["targets"]] == [
         "get >= 2x redis-py",
+        "same-host get >= 50% of memcpy",
         "lookup p99 < 1 ms",
     ]
+    paths = report["paths"]
+    assert [p["size"] for p in paths] == report["meta"]["sizes"]
+    for p in paths:
+        for name in ("arena_get", "arena_get_into", "tcp_get"):
+            assert p[f"{name}_gbps"] > 0, p
+            assert p[f"{name}_over_memcpy"] == pytest.approx(p[f"{name}_gbps"] / p["memcpy_gbps"])
     assert "targets:" in proc.stdout

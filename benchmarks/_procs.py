@@ -1,0 +1,99 @@
+"""Server processes for the benchmarks: start one, wait until it answers, stop it.
+
+Shared by `bench_wire.py` and `bench_gpu.py` (run as scripts, so this directory is on
+`sys.path`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from kvstore.client import KVClient
+from kvstore.errors import KVStoreError
+
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 20.0
+
+
+def progress(message: str) -> None:
+    """One progress line on stderr, named after the running benchmark."""
+    print(f"[{Path(sys.argv[0]).stem}] {message}", file=sys.stderr, flush=True)
+
+
+def log_tail(path: Path, lines: int = 20) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(text[-lines:]) or "(empty log)"
+
+
+def wait_until_serving(
+    proc: subprocess.Popen[bytes],
+    name: str,
+    socket_path: Path,
+    log_path: Path,
+    answers: Callable[[], bool],
+) -> None:
+    """Poll until `answers()` succeeds on `socket_path`; fail clearly if `proc` dies or stalls."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not (socket_path.exists() and answers()):
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"{name} exited with status {proc.returncode} before serving:\n"
+                + log_tail(log_path)
+            )
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"{name} did not answer on {socket_path} within {START_TIMEOUT_S:g}s:\n"
+                + log_tail(log_path)
+            )
+        time.sleep(0.05)
+    progress(f"{name} pid {proc.pid} answers on {socket_path}")
+
+
+def stop(proc: subprocess.Popen[bytes], name: str) -> None:
+    """SIGTERM, wait, then SIGKILL if it has not exited."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        progress(f"{name} (pid {proc.pid}) ignored SIGTERM for {STOP_TIMEOUT_S:g}s; killing it")
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def running_kvstore(workdir: Path, *flags: str) -> Iterator[str]:
+    """Run `kvstore-server` on a data directory under `workdir` with `flags`; yields its
+    Unix-socket address. Its log is `workdir/kvstore-server.log`."""
+    data_dir = workdir / "kvstore"
+    socket_path = data_dir / "kvstore.sock"
+    log_path = workdir / "kvstore-server.log"
+    cmd = [sys.executable, "-m", "kvstore.server_cli", "--data-dir", str(data_dir)]
+    cmd += ["--log-level", "warning", *flags]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    address = f"unix://{socket_path}"
+
+    def answers() -> bool:
+        try:
+            with KVClient(address, "bench/probe", timeout=2.0) as probe:
+                probe.stats()
+            return True
+        except KVStoreError:
+            return False
+
+    try:
+        wait_until_serving(proc, "kvstore-server", socket_path, log_path, answers)
+        yield address
+    finally:
+        stop(proc, "kvstore-server")
