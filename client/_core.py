@@ -391,12 +391,9 @@ class ClientCore:
         """Reserve, write and commit; fills `tiers` and returns the positions left to stream."""
         prepared = [_host_value(k, t, name) for k, t, name in values]
         call = secrets.randbits(63) or 1
-        reserve = pb.ReserveRequest(
-            namespace=self.namespace, values=[h for h, _ in prepared], call=call
-        )
         started = time.monotonic()
         try:
-            resp = yield Call("Reserve", reserve)
+            reservations = yield from self._reserve([h for h, _ in prepared], call)
         except BaseException:  # the answer may have been lost: give back all it reserved
             yield Call("Commit", pb.CommitRequest(abort_calls=[call]), wait=False)
             raise
@@ -408,7 +405,7 @@ class ClientCore:
         unused: list[int] = []
         rest: list[int] = []
         try:
-            for i, ((h, data), r) in enumerate(zip(prepared, resp.reservations, strict=True)):
+            for i, ((h, data), r) in enumerate(zip(prepared, reservations, strict=True)):
                 fits = r.id and arena.holds(r.arena_dev, r.arena_ino, r.offset, h.nbytes)
                 if fits and time.monotonic() < deadline:
                     arena.write(r.offset, data)
@@ -421,7 +418,7 @@ class ClientCore:
             yield Call("Commit", pb.CommitRequest(abort_calls=[call]), wait=False)
             raise
         if any(r.id and not arena.holds(r.arena_dev, r.arena_ino, r.offset, 0)
-               for r in resp.reservations):  # fmt: skip
+               for r in reservations):  # fmt: skip
             self._forget_arena(arena)  # slices of another arena: the server restarted
         if ids or unused:
             try:
@@ -451,14 +448,18 @@ class ClientCore:
         sink = _Assembler(len(keys), arena)
         shared = arena is not None
         call = secrets.randbits(63) or 1 if shared else 0
-        if method == "Get":
-            request: Any = pb.GetRequest(
-                namespace=self.namespace, key=keys[0], shared=shared, call=call
-            )
-        else:
-            request = pb.KeysRequest(namespace=self.namespace, keys=keys, shared=shared, call=call)
         try:
-            yield Call(method, request, sink)
+            if method == "Get":
+                get = pb.GetRequest(namespace=self.namespace, key=keys[0], shared=shared, call=call)
+                yield Call(method, get, sink)
+            else:
+                limit = yield from self._max_keys()
+                for base in range(0, len(keys), limit):  # one lease group across the parts
+                    part = keys[base : base + limit]
+                    request = pb.KeysRequest(
+                        namespace=self.namespace, keys=part, shared=shared, call=call
+                    )
+                    yield Call(method, request, _shifted(sink, base))
         except GeneratorExit:  # the driver gave up on this operation: nothing more to yield
             raise
         except BaseException:
@@ -636,15 +637,8 @@ class ClientCore:
         ]
         landing.call = secrets.randbits(63) or 1
         landing.started = time.monotonic()
-        limit = yield from self._max_keys()
         try:
-            reservations: list[pb.Reservation] = []
-            for base in range(0, len(headers), limit):
-                part = headers[base : base + limit]
-                reserve = pb.ReserveRequest(
-                    namespace=self.namespace, values=part, call=landing.call
-                )
-                reservations.extend((yield Call("Reserve", reserve)).reservations)
+            reservations = yield from self._reserve(headers, landing.call)
             landing.launch(arena, reservations, stream)
         except BaseException:
             yield Call("Commit", pb.CommitRequest(abort_calls=[landing.call]), wait=False)
@@ -720,25 +714,44 @@ class ClientCore:
     def close(self) -> None:
         self._forget_arena(self._arena)
 
+    def _split(self, keys: Sequence[bytes]) -> Op[list[pb.KeysRequest]]:
+        """Requests of at most the server's key limit each, covering `keys` in order."""
+        keys = _keys(keys)
+        step = yield from self._max_keys()  # asked once per client
+        return [
+            pb.KeysRequest(namespace=self.namespace, keys=keys[i : i + step])
+            for i in range(0, max(len(keys), 1), step)
+        ]
+
     def lookup(self, keys: Sequence[bytes]) -> Op[int]:
-        resp = yield Call("Lookup", self._req(keys))
-        return int(resp.length)
+        n = 0
+        for request in (yield from self._split(keys)):
+            resp = yield Call("Lookup", request)
+            n += int(resp.length)
+            if resp.length < len(request.keys):  # the prefix ends in this part
+                break
+        return n
 
     def exists(self, keys: Sequence[bytes]) -> Op[list[bool]]:
-        resp = yield Call("Exists", self._req(keys))
-        return list(resp.present)
+        present: list[bool] = []
+        for request in (yield from self._split(keys)):
+            present += (yield Call("Exists", request)).present
+        return present
+
+    def _count(self, method: str, keys: Sequence[bytes]) -> Op[int]:
+        n = 0
+        for request in (yield from self._split(keys)):
+            n += int((yield Call(method, request)).count)
+        return n
 
     def delete(self, keys: Sequence[bytes]) -> Op[int]:
-        resp = yield Call("Delete", self._req(keys))
-        return int(resp.count)
+        return (yield from self._count("Delete", keys))
 
     def pin(self, keys: Sequence[bytes]) -> Op[int]:
-        resp = yield Call("Pin", self._req(keys))
-        return int(resp.count)
+        return (yield from self._count("Pin", keys))
 
     def unpin(self, keys: Sequence[bytes]) -> Op[int]:
-        resp = yield Call("Unpin", self._req(keys))
-        return int(resp.count)
+        return (yield from self._count("Unpin", keys))
 
     def stats(self) -> Op[ServerStats]:
         resp = yield Call("Stats", pb.StatsRequest())
@@ -750,6 +763,16 @@ class ClientCore:
     def entries(self, namespace: str | None, limit: int) -> Op[list[pb.ListResponse]]:
         out: list[pb.ListResponse] = []
         yield Call("List", pb.ListRequest(namespace=namespace or "", limit=limit), out.append)
+        return out
+
+    def _reserve(self, headers: list[pb.ValueHeader], call: int) -> Op[list[pb.Reservation]]:
+        """Arena slots for `headers`, in requests of at most the server's key limit."""
+        limit = yield from self._max_keys()
+        out: list[pb.Reservation] = []
+        for base in range(0, len(headers), limit):
+            part = headers[base : base + limit]
+            reserve = pb.ReserveRequest(namespace=self.namespace, values=part, call=call)
+            out.extend((yield Call("Reserve", reserve)).reservations)
         return out
 
     def _max_keys(self) -> Op[int]:

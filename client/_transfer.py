@@ -30,7 +30,7 @@ from kvstore.client._shared import ArenaMap
 from kvstore.codecs.container import checksum
 from kvstore.errors import DataLoss, InvalidArgument
 from kvstore.kernels import checksum as checksum_kernels
-from kvstore.kernels.blocks import VECTOR_BYTES, DeviceBuffer, gather_blocks, gather_blocks_cpu
+from kvstore.kernels.blocks import VECTOR_BYTES, DeviceBuffer, gather_blocks_cpu, launch_blocks
 from kvstore.v1 import kvstore_pb2 as pb
 
 # Checksums of arena bytes run on these threads while the copy engine moves the same bytes
@@ -206,7 +206,11 @@ class BlockRefs:
 
 def gather(refs: BlockRefs, out: torch.Tensor, stream: Any = None) -> Any:
     """Launch the gather of `refs` (a selection) into `out`; returns a CUDA event, or None
-    when `out` is a CPU tensor (copied by the time this returns)."""
+    when `out` is a CPU tensor (copied by the time this returns).
+
+    Everything is checked before the launch; the offsets come from the server's slices, so
+    the kernel is launched without checking them again (this is a per-decode-step call).
+    """
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
     offsets, block, dtype = refs.selection()
@@ -216,17 +220,22 @@ def gather(refs: BlockRefs, out: torch.Tensor, stream: Any = None) -> Any:
         raise InvalidArgument(
             f"out is {str(out.dtype).removeprefix('torch.')} but the blocks hold {dtype}"
         )
+    nbytes, k = out.numel() * out.element_size(), offsets.size
+    if nbytes < k * block:
+        raise InvalidArgument(f"out holds {nbytes} bytes; {k} blocks of {block} need {k * block}")
     ids = offsets // VECTOR_BYTES
     host_tensor, host_array = refs.host()
-    dense = flat_bytes(out)
     if not out.is_cuda:
-        gather_blocks_cpu(host_array, ids, dense.numpy(), block, slot_bytes=VECTOR_BYTES)
+        gather_blocks_cpu(host_array, ids, flat_bytes(out).numpy(), block, slot_bytes=VECTOR_BYTES)
         return None
     root = refs._root
     if root.arena is not None:
         root.arena.register_cuda()
     src = DeviceBuffer(host_tensor.data_ptr(), host_tensor.numel(), None)
-    return gather_blocks(src, ids, dense, block, stream, slot_bytes=VECTOR_BYTES)
+    dense = DeviceBuffer(out.data_ptr(), nbytes, out.device.index)
+    if dense.ptr % VECTOR_BYTES:
+        raise InvalidArgument(f"out must be {VECTOR_BYTES}-byte aligned")
+    return launch_blocks("gather_blocks", src, dense, ids, block, VECTOR_BYTES, stream)
 
 
 def check_destination(i: int, h: pb.ValueHeader, dst: torch.Tensor) -> None:

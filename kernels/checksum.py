@@ -274,17 +274,31 @@ _module = KernelModule(_CUDA_SOURCE, ("xxh3_block_sums", "xxh3_merge"))
 _KEYS = np.concatenate([STRIPE_KEYS, SCRAMBLE_KEYS, LAST_KEYS, MERGE_KEYS, INIT_ACC])
 
 
+_device_key_arrays: dict[int, Any] = {}
+
+
+def _device_keys(device: int) -> Any:
+    """The secret-derived words the kernels read, uploaded once per device."""
+    keys = _device_key_arrays.get(device)
+    if keys is None:
+        import cupy
+
+        keys = _device_key_arrays[device] = cupy.asarray(_KEYS)
+        cupy.cuda.runtime.deviceSynchronize()
+    return keys
+
+
 class Digests:
     """XXH3-64 digests being computed on the GPU; `result()` waits and returns them."""
 
-    def __init__(self, out: Any, event: Any, keep: tuple[Any, ...]) -> None:
-        self._out = out
+    def __init__(self, out: np.ndarray, event: Any, keep: tuple[Any, ...]) -> None:
+        self._out = out  # pinned host memory the merge kernel writes through UVA
         self.event = event
-        self._keep = keep  # device buffers the kernels use until the event completes
+        self._keep = keep  # buffers the kernels use until the event completes
 
     def result(self) -> list[int]:
         self.event.synchronize()
-        return [int(x) for x in self._out.get()]
+        return [int(x) for x in self._out]
 
 
 def xxh3_64_gpu(buffers: Sequence[DeviceBuffer], device: int, stream: Any = None) -> Digests:
@@ -304,30 +318,51 @@ def xxh3_64_gpu(buffers: Sequence[DeviceBuffer], device: int, stream: Any = None
         if b.device is not None and b.device != device:
             raise BlockError(f"a buffer to hash is on GPU {b.device}, not GPU {device}")
     entries = (lens - 1) // BLOCK + 1
-    first = np.concatenate([[0], np.cumsum(entries)[:-1]]).astype(np.int64)
+    n = len(buffers)
+    # Per-buffer pointers, lengths and scratch offsets, then the digests: all in pinned host
+    # memory the kernels read and write through UVA. Copies would queue on the copy engines
+    # behind whatever transfer these buffers are part of.
+    pinned = cupy.cuda.alloc_pinned_memory(8 * 4 * n)
+    meta = np.frombuffer(pinned, np.uint64, 4 * n)
+    meta[:n] = ptrs
+    meta[n : 2 * n] = lens
+    meta[2 * n : 3 * n] = np.concatenate([[0], np.cumsum(entries)[:-1]])
+    out = meta[3 * n :]
+    base = meta.ctypes.data
     with cupy.cuda.Device(device):
         s = _as_stream(stream)
+        d_keys = _device_keys(device)
         with s:
-            d_ptrs, d_lens, d_first = cupy.asarray(ptrs), cupy.asarray(lens), cupy.asarray(first)
-            d_keys = cupy.asarray(_KEYS)
             sums = cupy.empty(int(entries.sum()) * 8, cupy.uint64)
-            out = cupy.empty(len(buffers), cupy.uint64)
         threads = 256
         per_buffer = min(-(-int(entries.max()) * 8 // threads), 4096)
-        for start in range(0, len(buffers), 65535):
-            count = min(65535, len(buffers) - start)
+        for start in range(0, n, 65535):
+            count = min(65535, n - start)
             _module.get(device, "xxh3_block_sums")(
                 (per_buffer, count),
                 (threads,),
-                (d_ptrs[start:], d_lens[start:], d_first[start:], d_keys, sums),
+                (
+                    np.uint64(base + 8 * start),
+                    np.uint64(base + 8 * (n + start)),
+                    np.uint64(base + 8 * (2 * n + start)),
+                    d_keys,
+                    sums,
+                ),
                 stream=s,
             )
         _module.get(device, "xxh3_merge")(
-            (-(-len(buffers) * 8 // threads),),
+            (-(-n * 8 // threads),),
             (threads,),
-            (d_lens, d_first, d_keys, sums, out, np.int32(len(buffers))),
+            (
+                np.uint64(base + 8 * n),
+                np.uint64(base + 16 * n),
+                d_keys,
+                sums,
+                np.uint64(base + 24 * n),
+                np.int32(n),
+            ),
             stream=s,
         )
         event = cupy.cuda.Event(block=False, disable_timing=True)
         event.record(s)
-    return Digests(out, event, (d_ptrs, d_lens, d_first, d_keys, sums))
+    return Digests(out, event, (sums, pinned))

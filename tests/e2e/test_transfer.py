@@ -246,3 +246,15 @@ def test_more_keys_than_one_request_takes(start_server) -> None:  # type: ignore
         assert torch.equal(dense, values[[9, 0, 5, 4, 3]])
         c.release(refs)
         assert wait_for(lambda: c.stats().leases == 0)
+
+
+def test_key_queries_split_by_the_server_limit(start_server) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server("--cpu-bytes", "16MiB", "--max-keys-per-request", "3")
+    keys = [key(i) for i in range(10)]
+    with srv.client(NS) as c:
+        c.batch_put(keys[:7], [chunk(i, (4,)) for i in range(7)])
+        assert c.lookup(keys) == 7
+        assert c.exists(keys) == [True] * 7 + [False] * 3
+        assert c.pin(keys) == 7 and c.unpin(keys) == 7
+        assert c.delete(keys) == 7
+        assert c.lookup(keys) == 0 and c.exists([]) == []
