@@ -311,9 +311,14 @@ class GetLanding:
         s_ = torch_stream(stream, next(iter(devices))) if cuda else None
         with torch.cuda.stream(s_) if s_ is not None else contextlib.nullcontext():
             for s, dst in zip(slices, self.dests, strict=True):
-                if s is not None and s.header.nbytes:
+                if not s or not s.header.nbytes:
+                    continue
+                if dst.is_cuda:
                     src = host_tensor[s.offset : s.offset + s.header.nbytes]
-                    flat_bytes(dst).copy_(src, non_blocking=dst.is_cuda)
+                    flat_bytes(dst).copy_(src, non_blocking=True)
+                else:  # one thread: the checksum threads have the other cores
+                    src_array = host_array[s.offset : s.offset + s.header.nbytes]
+                    np.copyto(flat_bytes(dst).numpy(), src_array)
         if s_ is not None:
             self.event = torch.cuda.Event()
             self.event.record(s_)
