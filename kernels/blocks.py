@@ -38,6 +38,8 @@ _HOST_CTAS = 32  # CTAs of a large gather or scatter whose pool is pinned host m
 _HOST_SMALL_BYTES = 4 << 20  # up to this many bytes, one CTA per block instead
 
 _UNROLL = 4  # vectors each thread loads before it stores: independent reads in flight
+_FEW = 128  # launches of at most this many slot ids pass them as a kernel parameter
+_FEW_DTYPE = np.dtype(f"V{8 * _FEW}")
 
 _CUDA_SOURCE = r"""
 // One CTA per block at a time (grid-stride over blocks); each thread issues UNROLL 16-byte
@@ -78,7 +80,32 @@ extern "C" __global__ void scatter_blocks(uint4* __restrict__ pool,
         COPY_BLOCK(s, d)
     }
 }
-""".replace("@UNROLL@", str(_UNROLL))
+
+// Up to FEW slot ids travel in the launch itself, by value: no ring to fill and no PCIe
+// round trip for them before the data loads (the latency of a small gather).
+#define FEW @FEW@
+struct FewSlots { long long v[FEW]; };
+
+extern "C" __global__ void gather_few(const uint4* __restrict__ pool, uint4* __restrict__ dense,
+                                      long long vecs, long long pitch, long long k,
+                                      FewSlots slots) {
+    for (long long b = blockIdx.x; b < k; b += gridDim.x) {
+        const uint4* s = pool + slots.v[b] * pitch;
+        uint4* d = dense + b * vecs;
+        COPY_BLOCK(s, d)
+    }
+}
+
+extern "C" __global__ void scatter_few(uint4* __restrict__ pool, const uint4* __restrict__ dense,
+                                       long long vecs, long long pitch, long long k,
+                                       FewSlots slots) {
+    for (long long b = blockIdx.x; b < k; b += gridDim.x) {
+        const uint4* s = dense + b * vecs;
+        uint4* d = pool + slots.v[b] * pitch;
+        COPY_BLOCK(s, d)
+    }
+}
+""".replace("@UNROLL@", str(_UNROLL)).replace("@FEW@", str(_FEW))
 
 
 class BlockError(ValueError):
@@ -221,7 +248,9 @@ def device_buffer(buf: Any, what: str) -> DeviceBuffer:
     return DeviceBuffer(ptr, nbytes, device)
 
 
-_module = KernelModule(_CUDA_SOURCE, ("gather_blocks", "scatter_blocks"))
+_module = KernelModule(
+    _CUDA_SOURCE, ("gather_blocks", "scatter_blocks", "gather_few", "scatter_few")
+)
 
 
 _external_streams: dict[int, Any] = {}
@@ -310,36 +339,50 @@ def launch_blocks(
     with cupy.cuda.Device(device) if current != device else contextlib.nullcontext():
         s = _as_stream(stream)
         event = cupy.cuda.Event(block=False, disable_timing=True)
-        if ids.size:
-            ring = _rings.get((device, s.ptr))
-            if ring is None:
-                ring = _rings[(device, s.ptr)] = _IdRing()
-            addr, pos = ring.put(ids)
-            vecs = block // VECTOR_BYTES
-            threads = min(_THREADS, max(32, -(-vecs // (32 * _UNROLL)) * 32))
-            # From host memory PCIe is the limit, reached with a few dozen CTAs; more would
-            # only take SMs from the caller's compute (H100: 1.36x on a concurrent matmul
-            # with one CTA per block, 1.12x with 32, at the same gather bandwidth). A small
-            # gather is over in microseconds: one CTA per block keeps its latency down.
-            few = pool.device is None and ids.size * block > _HOST_SMALL_BYTES
-            grid = min(ids.size, _HOST_CTAS if few else 65535 * 16)
-            _module.get(device, name)(
+        if not ids.size:
+            event.record(s)
+            return event
+        vecs = block // VECTOR_BYTES
+        threads = min(_THREADS, max(32, -(-vecs // (32 * _UNROLL)) * 32))
+        # From host memory PCIe is the limit, reached with a few dozen CTAs; more would only
+        # take SMs from the caller's compute (H100: 1.36x on a concurrent matmul with one
+        # CTA per block, 1.12x with 32, at the same gather bandwidth). A small gather is over
+        # in microseconds: one CTA per block keeps its latency down.
+        few_ctas = pool.device is None and ids.size * block > _HOST_SMALL_BYTES
+        grid = min(ids.size, _HOST_CTAS if few_ctas else 65535 * 16)
+        head = (np.uint64(pool.ptr), np.uint64(dense.ptr), np.int64(vecs))
+        if ids.size <= _FEW:
+            slots = np.zeros(_FEW, np.int64)
+            slots[: ids.size] = ids
+            kernel = _module.get(device, name.replace("_blocks", "_few"))
+            kernel(
                 (grid,),
                 (threads,),
-                (
-                    np.uint64(pool.ptr),
-                    np.uint64(addr),
-                    np.uint64(dense.ptr),
-                    np.int64(vecs),
-                    np.int64(pitch // VECTOR_BYTES),
-                    np.int64(ids.size),
-                ),
+                (*head, np.int64(pitch // VECTOR_BYTES), np.int64(ids.size),
+                 slots.view(_FEW_DTYPE)[0]),
                 stream=s,
-            )
+            )  # fmt: skip
             event.record(s)
-            ring.done(pos, event)
-        else:
-            event.record(s)
+            return event
+        ring = _rings.get((device, s.ptr))
+        if ring is None:
+            ring = _rings[(device, s.ptr)] = _IdRing()
+        addr, pos = ring.put(ids)
+        _module.get(device, name)(
+            (grid,),
+            (threads,),
+            (
+                np.uint64(pool.ptr),
+                np.uint64(addr),
+                np.uint64(dense.ptr),
+                np.int64(vecs),
+                np.int64(pitch // VECTOR_BYTES),
+                np.int64(ids.size),
+            ),
+            stream=s,
+        )
+        event.record(s)
+        ring.done(pos, event)
     return event
 
 
