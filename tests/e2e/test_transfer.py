@@ -152,11 +152,11 @@ def test_gather_refuses_blocks_of_different_sizes(both) -> None:  # type: ignore
 
 
 def test_held_refs_are_renewed_past_the_lease_time(start_server) -> None:  # type: ignore[no-untyped-def]
-    srv = start_server("--cpu-bytes", "16MiB", "--lease-seconds", "0.5")
+    srv = start_server("--cpu-bytes", "16MiB", "--lease-seconds", "1")
     with srv.client(NS) as c:
         c.put(key(1), chunk(1, (16, 64)))
         refs = c.acquire([key(1)])
-        time.sleep(1.6)  # three lease times: renewed in the background meanwhile
+        time.sleep(3.2)  # three lease times: renewed in the background meanwhile
         out = torch.empty((1, 16, 64), dtype=torch.bfloat16)
         c.gather(refs, out).wait()
         assert torch.equal(out[0], chunk(1, (16, 64)))
