@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import secrets
+import threading
 import time
 import weakref
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -346,6 +347,7 @@ class ClientCore:
         self.max_keys: int | None = None
         # BlockRefs handed to the caller and not yet collected: their leases are renewed.
         self.held: weakref.WeakSet[BlockRefs] = weakref.WeakSet()
+        self._held_lock = threading.Lock()
         self.same_host = same_host
         self._arena: ArenaMap | None = None
         self._arena_checked = False
@@ -525,6 +527,26 @@ class ClientCore:
             yield Call("Release", pb.ReleaseRequest(leases=sink.leases), wait=False)
             self._forget_arena(sink.arena)
             return (yield from self.acquire(keys, verify))
+        try:
+            return (yield from self._hold(keys, sink, values, arena, verify, call, started))
+        except GeneratorExit:
+            raise
+        except BaseException:  # whatever failed after the leases were taken ends them
+            if in_place:
+                yield Call("Release", pb.ReleaseRequest(calls=[call]), wait=False)
+            raise
+
+    def _hold(
+        self,
+        keys: list[bytes],
+        sink: _Assembler,
+        values: list[torch.Tensor | None],
+        arena: ArenaMap | None,
+        verify: bool,
+        call: int,
+        started: float,
+    ) -> Op[BlockRefs]:
+        """The `BlockRefs` of an acquire whose answers `sink` collected."""
         mixed = bool(sink.shared) and any(v is not None for v in values)
         if verify and sink.shared and not mixed:
             bad = yield Block(lambda: _failed_checksums(arena, sink.shared))
@@ -538,7 +560,8 @@ class ClientCore:
                 slices[i] = sl
             expires = started + self.lease_seconds * LEASE_MARGIN
             refs = BlockRefs(keys, slices, arena, None, expires, call)
-            self.held.add(refs)
+            with self._held_lock:
+                self.held.add(refs)
             return refs
         if mixed:  # the arena ones are copied out too, checked, and their leases ended
             for i, sl in sink.shared.items():
@@ -559,7 +582,8 @@ class ClientCore:
     def renew_held(self) -> Op[int]:
         """Renew the leases of every `BlockRefs` still held; returns how many sets. A set
         whose leases the server no longer holds all of is marked expired."""
-        live = [r for r in list(self.held) if not r.released and r.call]
+        with self._held_lock:  # callers add refs from other threads meanwhile
+            live = [r for r in list(self.held) if not r.released and r.call]
         if not live:
             return 0
         sent = time.monotonic()
@@ -572,10 +596,14 @@ class ClientCore:
         return len(live)
 
     def release(self, refs: BlockRefs, corrupt: Sequence[int] = (), wait: bool = False) -> Op[None]:
-        """End the leases of `refs` (every selection of them too)."""
+        """End the leases of `refs` (every selection of them too), once the gathers already
+        launched from them are done."""
         leases = refs.leases
         already = refs._root.released
         refs.mark_released()
+        pending = refs._root.last_gather
+        if pending is not None and not already:
+            yield Block(pending.synchronize)
         if leases and not already:
             yield Call("Release", pb.ReleaseRequest(leases=leases, corrupt=corrupt), wait=wait)
 
@@ -590,7 +618,11 @@ class ClientCore:
         landing = GetLanding(refs, dests)
         try:
             landing.launch(stream)
+        except GeneratorExit:
+            raise
         except BaseException:
+            if landing.event is not None:  # some copies may be enqueued: let them finish
+                yield Block(landing.event.synchronize)
             yield from self.release(refs)
             raise
         return landing
@@ -601,11 +633,21 @@ class ClientCore:
         refs = landing.refs
         try:
             bad = yield Block(landing.wait)
+        except GeneratorExit:
+            raise
         except BaseException:
             yield from self.release(refs)
             raise
         corrupt = [refs.slices[i].lease for i in bad]  # type: ignore[union-attr]
         yield from self.release(refs, corrupt, wait=bool(bad))
+        on_gpu = [i for i in bad if landing.dests[i].is_cuda]
+        if on_gpu:
+            # Work on the caller's stream may already have read or overwritten those
+            # tensors: writing them again behind its back would be worse than saying so.
+            raise DataLoss(
+                f"values for keys {on_gpu} failed their checksum in the host arena; their "
+                "copies were dropped and the tensors hold bad bytes: get them again"
+            )
         if bad:
             fresh = yield from self._read("BatchGet", [refs.keys[i] for i in bad], shared=False)
             missing = [i for i, v in zip(bad, fresh, strict=True) if v is None]
@@ -640,7 +682,11 @@ class ClientCore:
         try:
             reservations = yield from self._reserve(headers, landing.call)
             landing.launch(arena, reservations, stream)
+        except GeneratorExit:
+            raise
         except BaseException:
+            if landing.stream is not None:  # copies already enqueued must land first
+                yield Block(landing.stream.synchronize)
             yield Call("Commit", pb.CommitRequest(abort_calls=[landing.call]), wait=False)
             raise
         return landing
@@ -678,6 +724,8 @@ class ClientCore:
             raise
         except BaseException:
             if landing.call:
+                if landing.stream is not None:  # no slot is given back under a running copy
+                    yield Block(landing.stream.synchronize)
                 yield Call("Commit", pb.CommitRequest(abort_calls=[landing.call]), wait=False)
             raise
         if rest:

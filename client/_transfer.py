@@ -127,6 +127,7 @@ class BlockRefs:
         self.private = private  # streamed copies, for a client without the arena
         self.expires = expires
         self.released = False
+        self.last_gather: Any = None  # event of the latest gather launched from these refs
         self.dtypes = sorted({s.header.dtype for s in slices if s is not None})
         code = {name: i for i, name in enumerate(self.dtypes)}
         n = len(slices)
@@ -235,7 +236,10 @@ def gather(refs: BlockRefs, out: torch.Tensor, stream: Any = None) -> Any:
     dense = DeviceBuffer(out.data_ptr(), nbytes, out.device.index)
     if dense.ptr % VECTOR_BYTES:
         raise InvalidArgument(f"out must be {VECTOR_BYTES}-byte aligned")
-    return launch_blocks("gather_blocks", src, dense, ids, block, VECTOR_BYTES, stream)
+    stream = torch_stream(stream, out.device)  # torch's current stream, not CuPy's
+    event = launch_blocks("gather_blocks", src, dense, ids, block, VECTOR_BYTES, stream)
+    root.last_gather = event  # release() waits for it before the leases end
+    return event
 
 
 def check_destination(i: int, h: pb.ValueHeader, dst: torch.Tensor) -> None:
@@ -252,10 +256,12 @@ def check_destination(i: int, h: pb.ValueHeader, dst: torch.Tensor) -> None:
 _checksum_streams: dict[int, Any] = {}
 
 
-def digest_on_side(tensors: list[torch.Tensor], after: Any) -> Any:
+def digest_on_side(tensors: list[torch.Tensor], after: Any) -> tuple[Any, Any]:
     """XXH3-64 of GPU `tensors` on a per-device side stream that first waits for `after`
-    (the caller's stream), so that neither stream waits for the other's work. The tensors
-    are marked in use by the side stream: torch's allocator keeps them until it is done."""
+    (the caller's stream); returns the digests and the side stream. The caller's stream is
+    not held back: the caller makes it wait for the side stream (`wait_stream`) once it has
+    enqueued what may run beside the hash. The tensors are marked in use by the side stream,
+    so torch's allocator keeps them until it is done."""
     device = tensors[0].device
     side = _checksum_streams.get(device.index)
     if side is None:
@@ -264,7 +270,7 @@ def digest_on_side(tensors: list[torch.Tensor], after: Any) -> Any:
     for t in tensors:
         t.record_stream(side)
     buffers = [_device_buffer(t) for t in tensors]
-    return checksum_kernels.xxh3_64_gpu(buffers, device.index, side)
+    return checksum_kernels.xxh3_64_gpu(buffers, device.index, side), side
 
 
 @dataclass
@@ -323,7 +329,9 @@ class GetLanding:
             self.event = torch.cuda.Event()
             self.event.record(s_)
         if self.digested:  # from the destinations, once their copies are done
-            self.digests = digest_on_side([self.dests[i] for i in self.digested], s_)
+            assert s_ is not None
+            self.digests, side = digest_on_side([self.dests[i] for i in self.digested], s_)
+            s_.wait_stream(side)  # what the caller does next to them waits for the hash
 
     def wait(self) -> list[int]:
         """Block until the copies and checksums are done; returns the positions whose
@@ -417,11 +425,12 @@ class PutLanding:
             arena.register_cuda()
             self.stream = torch_stream(stream, next(iter(cuda)))
             self.gpu = gpu_hashing()
+        side = None
         if self.gpu:
             hashed = [i for i, _ in placed if _gpu_hashable(srcs[i])]
             if hashed:
                 self.digested = {p: j for j, p in enumerate(hashed)}
-                self.digests = digest_on_side([srcs[i] for i in hashed], self.stream)
+                self.digests, side = digest_on_side([srcs[i] for i in hashed], self.stream)
         host = arena.tensor()
         group = PutGroup([], [], [])
         pending = 0
@@ -442,6 +451,8 @@ class PutLanding:
                     group, pending = PutGroup([], [], []), 0
             if group.positions:
                 self._close(group)
+        if side is not None:  # the caller may overwrite the sources after the hash
+            self.stream.wait_stream(side)
 
     def _close(self, group: PutGroup) -> None:
         if self.stream is not None:
@@ -498,9 +509,15 @@ class Transfer:
     Work enqueued on the same stream after the call sees the copied bytes without waiting.
     """
 
-    def __init__(self, future: concurrent.futures.Future[Any] | None = None, event: Any = None):
+    def __init__(
+        self,
+        future: concurrent.futures.Future[Any] | None = None,
+        event: Any = None,
+        keep: Any = None,
+    ):
         self._future = future
         self._event = event
+        self._keep = keep  # what the copy reads from (a gather's refs) lives as long
 
     def wait(self, timeout: float | None = None) -> Any:
         if self._future is not None:

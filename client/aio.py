@@ -164,12 +164,14 @@ class AsyncKVClient:
 
     def gather(self, refs: BlockRefs, out: torch.Tensor, stream: Any = None) -> Transfer:
         """As `KVClient.gather`: a local kernel launch, nothing to await."""
-        return Transfer(event=gather(refs, out, stream))
+        return Transfer(event=gather(refs, out, stream), keep=refs)
 
     async def get_into(
         self, keys: Sequence[bytes], out: torch.Tensor | Sequence[torch.Tensor], stream: Any = None
     ) -> AsyncTransfer:
         landing = await self._run(self._core.get_into(keys, out, stream))
+        if self._renewer is None:  # the leases outlive a copy stuck behind a long queue
+            self._renewer = asyncio.ensure_future(self._renew_loop())
         return self._settle(self._core.settle_get(landing))
 
     async def put_from(

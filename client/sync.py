@@ -212,7 +212,7 @@ class KVClient:
         """Copy the selected blocks (`refs[top_k]`, each of the same size and dtype) into
         `out`, back to back: one kernel on `stream` for a GPU tensor, reading the arena over
         PCIe; a CPU tensor is filled before this returns."""
-        return Transfer(event=gather(refs, out, stream))
+        return Transfer(event=gather(refs, out, stream), keep=refs)
 
     def get_into(
         self, keys: Sequence[bytes], out: torch.Tensor | Sequence[torch.Tensor], stream: Any = None
@@ -223,7 +223,9 @@ class KVClient:
         `wait()` returns which keys were found (absent ones leave their `out` untouched) once
         the checksums, computed while the bytes copy, have passed.
         """
+        self._check_open()
         landing = self._run(self._core.get_into(keys, out, stream))
+        self._start_renewing()  # the leases outlive a copy stuck behind a long queue
         return Transfer(self._settler.submit(self._run, self._core.settle_get(landing)))
 
     def put_from(
@@ -235,8 +237,13 @@ class KVClient:
         """Store `values` (GPU or CPU tensors, as for `get_into`) under `keys`: copied into
         the arena on `stream` and committed as the copies land. `wait()` returns the tiers.
         The tensors must not change until then."""
+        self._check_open()
         landing = self._run(self._core.put_from(keys, values, stream))
         return Transfer(self._settler.submit(self._run, self._core.settle_put(landing)))
+
+    def _check_open(self) -> None:
+        if self._closing.is_set():
+            raise RuntimeError("this KVClient is closed")
 
     def close(self) -> None:
         self._closing.set()

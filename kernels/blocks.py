@@ -23,6 +23,7 @@ where the index lives.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -287,6 +288,7 @@ class _IdRing:
     _RING = 8
 
     def __init__(self) -> None:
+        self.lock = threading.Lock()
         self.buffers: list[np.ndarray | None] = [None] * self._RING
         self.owners: list[Any] = [None] * self._RING
         self.events: list[Any] = [None] * self._RING
@@ -366,24 +368,41 @@ def launch_blocks(
             return event
         ring = _rings.get((device, s.ptr))
         if ring is None:
-            ring = _rings[(device, s.ptr)] = _IdRing()
-        addr, pos = ring.put(ids)
-        _module.get(device, name)(
-            (grid,),
-            (threads,),
-            (
-                np.uint64(pool.ptr),
-                np.uint64(addr),
-                np.uint64(dense.ptr),
-                np.int64(vecs),
-                np.int64(pitch // VECTOR_BYTES),
-                np.int64(ids.size),
-            ),
-            stream=s,
-        )
-        event.record(s)
-        ring.done(pos, event)
+            ring = _rings.setdefault((device, s.ptr), _IdRing())
+        with ring.lock:  # threads launching on one stream must not share a buffer
+            args = (pool, dense, vecs, pitch, ids)
+            _launch_ring(ring, name, device, args, grid, threads, s, event)
     return event
+
+
+def _launch_ring(
+    ring: _IdRing,
+    name: str,
+    device: int,
+    args: tuple[Any, ...],
+    grid: int,
+    threads: int,
+    s: Any,
+    event: Any,
+) -> None:
+    """Stage the ids (the last of `args`) in `ring`, launch, and record `event`."""
+    pool, dense, vecs, pitch, ids = args
+    addr, pos = ring.put(ids)
+    _module.get(device, name)(
+        (grid,),
+        (threads,),
+        (
+            np.uint64(pool.ptr),
+            np.uint64(addr),
+            np.uint64(dense.ptr),
+            np.int64(vecs),
+            np.int64(pitch // VECTOR_BYTES),
+            np.int64(ids.size),
+        ),
+        stream=s,
+    )
+    event.record(s)
+    ring.done(pos, event)
 
 
 def gather_blocks(

@@ -258,3 +258,12 @@ def test_key_queries_split_by_the_server_limit(start_server) -> None:  # type: i
         assert c.pin(keys) == 7 and c.unpin(keys) == 7
         assert c.delete(keys) == 7
         assert c.lookup(keys) == 0 and c.exists([]) == []
+
+
+def test_a_closed_client_refuses_transfers_before_touching_the_server(server) -> None:  # type: ignore[no-untyped-def]
+    c = server.client(NS)
+    c.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        c.put_from([key(1)], [chunk(1)])
+    with pytest.raises(RuntimeError, match="closed"):
+        c.get_into([key(1)], [torch.empty_like(chunk(1))])
