@@ -253,6 +253,10 @@ def check_destination(i: int, h: pb.ValueHeader, dst: torch.Tensor) -> None:
         )
 
 
+# Copies are checked (gets) or committed (puts) in groups of about this many bytes, so one
+# group is hashed or committed while the copy engine still moves the next.
+COMMIT_GROUP_BYTES = 256 << 20
+
 _checksum_streams: dict[int, Any] = {}
 
 
@@ -281,8 +285,8 @@ class GetLanding:
     dests: list[torch.Tensor]
     event: Any = None  # torch.cuda.Event after the last GPU copy
     hashes: list[tuple[int, concurrent.futures.Future[int]]] = field(default_factory=list)
-    digests: Any = None  # kvstore.kernels.checksum.Digests of the GPU destinations
-    digested: list[int] = field(default_factory=list)  # the positions those are of
+    # Digests of GPU destinations, a batch per ~256 MiB of copies, with their positions.
+    digests: list[tuple[list[int], Any]] = field(default_factory=list)
 
     def launch(self, stream: Any) -> None:
         """Check every destination, then enqueue every copy (nothing is copied if any
@@ -305,18 +309,22 @@ class GetLanding:
         arena = self.refs.arena
         if cuda and arena is not None:
             arena.register_cuda()
+        digested: set[int] = set()
         if arena is not None:
             on_gpu = gpu_hashing() and bool(cuda)
-            self.digested = [i for i in found if on_gpu and _gpu_hashable(self.dests[i])]
-            pool, skip = hash_pool(), set(self.digested)
+            digested = {i for i in found if on_gpu and _gpu_hashable(self.dests[i])}
+            pool, skip = hash_pool(), digested
             for i in found:
                 s = slices[i]
                 if i not in skip and s is not None:
                     view = host_array[s.offset : s.offset + s.header.nbytes].data
                     self.hashes.append((i, pool.submit(checksum, view)))
         s_ = torch_stream(stream, next(iter(devices))) if cuda else None
+        batch: list[int] = []  # GPU destinations copied and not yet hashed
+        pending = 0
+        side = None
         with torch.cuda.stream(s_) if s_ is not None else contextlib.nullcontext():
-            for s, dst in zip(slices, self.dests, strict=True):
+            for i, (s, dst) in enumerate(zip(slices, self.dests, strict=True)):
                 if not s or not s.header.nbytes:
                     continue
                 if dst.is_cuda:
@@ -325,22 +333,34 @@ class GetLanding:
                 else:  # one thread: the checksum threads have the other cores
                     src_array = host_array[s.offset : s.offset + s.header.nbytes]
                     np.copyto(flat_bytes(dst).numpy(), src_array)
+                if i in digested:
+                    batch.append(i)
+                    pending += s.header.nbytes
+                if pending >= COMMIT_GROUP_BYTES:  # hashed while later copies run
+                    side = self._digest(batch, s_)
+                    batch, pending = [], 0
+        if batch:
+            side = self._digest(batch, s_)
         if s_ is not None:
             self.event = torch.cuda.Event()
             self.event.record(s_)
-        if self.digested:  # from the destinations, once their copies are done
-            assert s_ is not None
-            self.digests, side = digest_on_side([self.dests[i] for i in self.digested], s_)
-            s_.wait_stream(side)  # what the caller does next to them waits for the hash
+            if side is not None:
+                s_.wait_stream(side)  # what the caller does next to them waits for the hash
+
+    def _digest(self, positions: list[int], stream: Any) -> Any:
+        """Hash these destinations, once their copies (enqueued on `stream`) are done."""
+        digests, side = digest_on_side([self.dests[i] for i in positions], stream)
+        self.digests.append((positions, digests))
+        return side
 
     def wait(self) -> list[int]:
         """Block until the copies and checksums are done; returns the positions whose
         bytes failed their checksum."""
         want = [s.header.checksum if s is not None else 0 for s in self.refs.slices]
         bad = [i for i, f in self.hashes if f.result() != want[i]]
-        if self.digests is not None:
-            got = self.digests.result()
-            bad += [i for i, d in zip(self.digested, got, strict=True) if d != want[i]]
+        for positions, digests in self.digests:
+            got = digests.result()
+            bad += [i for i, d in zip(positions, got, strict=True) if d != want[i]]
         if self.event is not None:
             self.event.synchronize()
         return sorted(bad)
@@ -348,11 +368,6 @@ class GetLanding:
     def refill(self, i: int, value: torch.Tensor) -> None:
         """Copy a value read again (after a checksum failure) into its destination."""
         flat_bytes(self.dests[i]).copy_(flat_bytes(value))
-
-
-# A put's copies are committed in groups of about this many bytes, so one group commits
-# while the copy engine still moves the next.
-COMMIT_GROUP_BYTES = 256 << 20
 
 
 def gpu_hashing() -> bool:

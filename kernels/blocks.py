@@ -137,11 +137,11 @@ def check_blocks(
     if unique and pitch < block_bytes:
         raise BlockError("a scatter needs slots at least one block apart")
     ids = slot_ids if isinstance(slot_ids, np.ndarray) else np.asarray(slot_ids)
-    if ids.ndim != 1:
-        raise BlockError(f"slot ids must be one-dimensional, got shape {ids.shape}")
-    if ids.size and not np.issubdtype(ids.dtype, np.integer):
-        raise BlockError(f"slot ids must be integers, got {ids.dtype}")
-    if ids.dtype != np.int64 or not ids.flags.c_contiguous:
+    if ids.dtype != np.int64 or ids.ndim != 1 or not ids.flags.c_contiguous:
+        if ids.ndim != 1:
+            raise BlockError(f"slot ids must be one-dimensional, got shape {ids.shape}")
+        if ids.size and not np.issubdtype(ids.dtype, np.integer):
+            raise BlockError(f"slot ids must be integers, got {ids.dtype}")
         ids = np.ascontiguousarray(ids, dtype=np.int64)
     slots = (pool_bytes - block_bytes) // pitch + 1 if pool_bytes >= block_bytes else 0
     if ids.size and (ids.min() < 0 or ids.max() >= slots):
@@ -237,7 +237,7 @@ def device_buffer(buf: Any, what: str) -> DeviceBuffer:
             raise BlockError(f"{what} is a CPU tensor; the GPU kernels need CUDA memory")
         if not buf.is_contiguous():
             raise BlockError(f"{what} must be contiguous")
-        ptr, nbytes, device = buf.data_ptr(), buf.numel() * buf.element_size(), buf.device.index
+        ptr, nbytes, device = buf.data_ptr(), buf.nbytes, buf.get_device()
     elif hasattr(buf, "data") and hasattr(buf.data, "ptr"):  # cupy.ndarray
         if not buf.flags.c_contiguous:
             raise BlockError(f"{what} must be contiguous")
@@ -252,6 +252,17 @@ def device_buffer(buf: Any, what: str) -> DeviceBuffer:
 _module = KernelModule(
     _CUDA_SOURCE, ("gather_blocks", "scatter_blocks", "gather_few", "scatter_few")
 )
+
+
+_per_thread = threading.local()
+
+
+def _few_slots() -> np.ndarray:
+    """This thread's buffer for the ids of a small launch (the launch copies them)."""
+    buf: np.ndarray | None = getattr(_per_thread, "few", None)
+    if buf is None:
+        buf = _per_thread.few = np.zeros(_FEW, np.int64)
+    return buf
 
 
 _external_streams: dict[int, Any] = {}
@@ -354,7 +365,7 @@ def launch_blocks(
         grid = min(ids.size, _HOST_CTAS if few_ctas else 65535 * 16)
         head = (np.uint64(pool.ptr), np.uint64(dense.ptr), np.int64(vecs))
         if ids.size <= _FEW:
-            slots = np.zeros(_FEW, np.int64)
+            slots = _few_slots()  # its bytes are copied into the launch
             slots[: ids.size] = ids
             kernel = _module.get(device, name.replace("_blocks", "_few"))
             kernel(
