@@ -21,6 +21,7 @@ hash those few bytes on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -299,6 +300,13 @@ class Digests:
     def result(self) -> list[int]:
         self.event.synchronize()
         return [int(x) for x in self._out]
+
+    def __del__(self) -> None:
+        # The kernels write into `_keep`'s pinned memory: it must not go back to the pool
+        # (and to another allocation) before they are done, even if nobody asked for the
+        # result (a transfer that failed part-way).
+        with contextlib.suppress(Exception):  # at shutdown the context may be gone
+            self.event.synchronize()
 
 
 def xxh3_64_gpu(buffers: Sequence[DeviceBuffer], device: int, stream: Any = None) -> Digests:

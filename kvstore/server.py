@@ -191,6 +191,14 @@ def _abort_all(reservations: Sequence[PutReservation | None]) -> None:
             res.abort()
 
 
+_CHECK_WORKERS = max(1, min(8, os.cpu_count() or 1))  # workers hashing one Commit
+
+
+def _check_all(reservations: Sequence[PutReservation], compute: bool) -> None:
+    for res in reservations:
+        res.check(compute=compute)
+
+
 def _commit_in_order(reservations: Sequence[PutReservation], tiers: list[str]) -> None:
     """Commit each; stops at the first failure (the caller aborts the rest)."""
     for res in reservations:
@@ -496,10 +504,15 @@ class KVStoreServicer:
                     )
                 for (_, res), digest in zip(taken, request.checksums, strict=True):
                     res.declare(digest)
-            else:  # hashed here, a large batch on several workers at once
+            else:  # hashed here: a large batch on several workers, a share each
                 compute = request.compute_checksums
+                reservations = [res for _, res in taken]
+                shares = min(len(reservations), _CHECK_WORKERS)
                 await asyncio.gather(
-                    *(asyncio.to_thread(res.check, compute=compute) for _, res in taken)
+                    *(
+                        asyncio.to_thread(_check_all, reservations[i::shares], compute)
+                        for i in range(shares)
+                    )
                 )
             # In order, in one worker call; `tiers` grows as they commit.
             await asyncio.to_thread(_commit_in_order, [res for _, res in taken], tiers)
