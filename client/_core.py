@@ -448,26 +448,7 @@ class ClientCore:
     ) -> Op[list[torch.Tensor | None]]:
         arena = (yield from self._mapped_arena()) if shared else None
         sink = _Assembler(len(keys), arena)
-        shared = arena is not None
-        call = secrets.randbits(63) or 1 if shared else 0
-        try:
-            if method == "Get":
-                get = pb.GetRequest(namespace=self.namespace, key=keys[0], shared=shared, call=call)
-                yield Call(method, get, sink)
-            else:
-                limit = yield from self._max_keys()
-                for base in range(0, len(keys), limit):  # one lease group across the parts
-                    part = keys[base : base + limit]
-                    request = pb.KeysRequest(
-                        namespace=self.namespace, keys=part, shared=shared, call=call
-                    )
-                    yield Call(method, request, _shifted(sink, base))
-        except GeneratorExit:  # the driver gave up on this operation: nothing more to yield
-            raise
-        except BaseException:
-            if shared:  # cut off: end every lease of the call, seen by the sink or not
-                yield Call("Release", pb.ReleaseRequest(calls=[call]), wait=False)
-            raise
+        yield from self._fetch(method, keys, sink)
         if sink.leases:
             # In the background, unless a corrupt copy must be dropped before re-reading.
             release = pb.ReleaseRequest(leases=sink.leases, corrupt=sink.corrupt)
@@ -479,14 +460,39 @@ class ClientCore:
         if sink.corrupt_keys:  # the server has checked and dropped the bad copies: read again
             again = [keys[i] for i in sink.corrupt_keys]
             fresh = yield from self._read("BatchGet", again, shared=False)
+            missing = [i for i, v in zip(sink.corrupt_keys, fresh, strict=True) if v is None]
+            if missing:
+                raise_unrecoverable(missing)
             for i, v in zip(sink.corrupt_keys, fresh, strict=True):
-                if v is None:
-                    raise DataLoss(
-                        f"value for key #{i} failed its checksum in the host arena and could "
-                        "not be read again (no other copy, or evicted since)"
-                    )
                 values[i] = v
         return values
+
+    def _fetch(self, method: str, keys: list[bytes], sink: _Assembler) -> Op[int]:
+        """Get or BatchGet `keys` into `sink`, asking for shared slices when it has an arena;
+        a long key list goes in several requests under one call number, so that one lease
+        group covers them. Returns the call number (0 without slices). A call cut off ends
+        every lease of that number, seen by the sink or not."""
+        shared = sink.arena is not None
+        call = (secrets.randbits(63) or 1) if shared else 0
+        try:
+            if method == "Get":
+                get = pb.GetRequest(namespace=self.namespace, key=keys[0], shared=shared, call=call)
+                yield Call(method, get, sink)
+            else:
+                limit = yield from self._max_keys()
+                for base in range(0, len(keys), limit):
+                    part = keys[base : base + limit]
+                    request = pb.KeysRequest(
+                        namespace=self.namespace, keys=part, shared=shared, call=call
+                    )
+                    yield Call(method, request, _shifted(sink, base))
+        except GeneratorExit:  # the driver gave up on this operation: nothing more to yield
+            raise
+        except BaseException:
+            if shared:
+                yield Call("Release", pb.ReleaseRequest(calls=[call]), wait=False)
+            raise
+        return call
 
     # ------------------------------------------------------------------ tensors in place
 
@@ -503,31 +509,15 @@ class ClientCore:
         keys = _keys(keys)
         arena = (yield from self._mapped_arena()) if shared else None
         in_place = arena is not None
-        call = (secrets.randbits(63) or 1) if in_place else 0
         sink = _Assembler(len(keys), arena, keep_shared=True)
-        limit = yield from self._max_keys()
         started = time.monotonic()
+        call = yield from self._fetch("BatchGet", keys, sink)
         try:
-            for base in range(0, len(keys), limit):  # one lease group across the requests
-                request = pb.KeysRequest(
-                    namespace=self.namespace,
-                    keys=keys[base : base + limit],
-                    shared=in_place,
-                    call=call,
-                )
-                yield Call("BatchGet", request, _shifted(sink, base))
             values = sink.result()
-        except GeneratorExit:
-            raise
-        except BaseException:
-            if in_place:
-                yield Call("Release", pb.ReleaseRequest(calls=[call]), wait=False)
-            raise
-        if sink.stale:  # the server restarted since we mapped its arena
-            yield Call("Release", pb.ReleaseRequest(leases=sink.leases), wait=False)
-            self._forget_arena(sink.arena)
-            return (yield from self.acquire(keys, verify))
-        try:
+            if sink.stale:  # the server restarted since we mapped its arena
+                yield Call("Release", pb.ReleaseRequest(leases=sink.leases), wait=False)
+                self._forget_arena(sink.arena)
+                return (yield from self.acquire(keys, verify))
             return (yield from self._hold(keys, sink, values, arena, verify, call, started))
         except GeneratorExit:
             raise
