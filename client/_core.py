@@ -298,10 +298,7 @@ def _failed_checksums(arena: ArenaMap | None, slices: dict[int, Slice]) -> list[
     """Leases of the slices whose arena bytes fail their checksum (hashed in parallel)."""
     assert arena is not None
     view = arena.array()
-    futures = [
-        (s, hash_pool().submit(checksum, view[s.offset : s.offset + s.header.nbytes].data))
-        for s in slices.values()
-    ]
+    futures = [(s, hash_pool().submit(checksum, view[s.span].data)) for s in slices.values()]
     return [s.lease for s, f in futures if f.result() != s.header.checksum]
 
 

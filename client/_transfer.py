@@ -99,6 +99,11 @@ class Slice:
     offset: int
     lease: int = 0  # 0: a private copy, no lease
 
+    @property
+    def span(self) -> slice:
+        """Where the bytes are, as an index into the host buffer."""
+        return slice(self.offset, self.offset + self.header.nbytes)
+
 
 class BlockRefs:
     """Values held readable in place until released (the client renews their leases in the
@@ -317,8 +322,7 @@ class GetLanding:
             for i in found:
                 s = slices[i]
                 if i not in skip and s is not None:
-                    view = host_array[s.offset : s.offset + s.header.nbytes].data
-                    self.hashes.append((i, pool.submit(checksum, view)))
+                    self.hashes.append((i, pool.submit(checksum, host_array[s.span].data)))
         s_ = torch_stream(stream, next(iter(devices))) if cuda else None
         batch: list[int] = []  # GPU destinations copied and not yet hashed
         pending = 0
@@ -328,11 +332,9 @@ class GetLanding:
                 if not s or not s.header.nbytes:
                     continue
                 if dst.is_cuda:
-                    src = host_tensor[s.offset : s.offset + s.header.nbytes]
-                    flat_bytes(dst).copy_(src, non_blocking=True)
+                    flat_bytes(dst).copy_(host_tensor[s.span], non_blocking=True)
                 else:  # one thread: the checksum threads have the other cores
-                    src_array = host_array[s.offset : s.offset + s.header.nbytes]
-                    np.copyto(flat_bytes(dst).numpy(), src_array)
+                    np.copyto(flat_bytes(dst).numpy(), host_array[s.span])
                 if i in digested:
                     batch.append(i)
                     pending += s.header.nbytes
