@@ -185,6 +185,11 @@ class HandOuts(Generic[H]):
 _BATCH_PIECES = 1024  # answers without bytes sent in one GetPiece
 
 
+def _value_args(h: pb.ValueHeader) -> tuple[bytes, str, list[int], int, int]:
+    """What `Store.begin_put` / `reserve_in_arena` take after the namespace, from a header."""
+    return h.key, h.dtype, list(h.shape), h.nbytes, h.checksum
+
+
 def _abort_all(reservations: Sequence[PutReservation | None]) -> None:
     for res in reservations:
         if res is not None:
@@ -256,7 +261,13 @@ class KVStoreServicer:
                     if res is not None:
                         tiers.append(await asyncio.to_thread(res.commit))
                         res = None
-                    res = await self._room_for(self.store.begin_put, namespace, piece.header)
+                    # On a worker; a reservation the stream is gone for is aborted.
+                    res = await _in_thread_owned(
+                        self.store.begin_put,
+                        namespace,
+                        *_value_args(piece.header),
+                        release=PutReservation.abort,
+                    )
                 elif res is None:
                     raise InvalidArgument(
                         "the first piece of a value must carry its header"
@@ -281,20 +292,6 @@ class KVStoreServicer:
             # A stream that ended early, failed or was cancelled leaves nothing behind.
             if res is not None:
                 res.abort()
-
-    async def _room_for(self, begin: Callable[..., T], namespace: str, h: pb.ValueHeader) -> T:
-        """`begin` (Store.begin_put or reserve_in_arena) for the value `h` announces, on a
-        worker thread; a reservation the caller is no longer there to take is aborted."""
-        return await _in_thread_owned(
-            begin,
-            namespace,
-            h.key,
-            h.dtype,
-            list(h.shape),
-            h.nbytes,
-            h.checksum,
-            release=PutReservation.abort,
-        )
 
     # --------------------------------------------------------------- gets
 
@@ -471,11 +468,7 @@ class KVStoreServicer:
         out: list[PutReservation | None] = []
         try:
             for h in headers:
-                out.append(
-                    self.store.reserve_in_arena(
-                        namespace, h.key, h.dtype, list(h.shape), h.nbytes, h.checksum
-                    )
-                )
+                out.append(self.store.reserve_in_arena(namespace, *_value_args(h)))
         except BaseException:
             _abort_all(out)
             raise
@@ -494,19 +487,19 @@ class KVStoreServicer:
                 f"(--lease-seconds {self.config.lease_seconds:g}); nothing was stored"
             )
         tiers: list[str] = []
+        reservations = [res for _, res in taken]
         try:
-            for _, res in taken:
+            for res in reservations:
                 res.written()  # the client wrote every byte through its mapping
             if request.checksums:
-                if len(request.checksums) != len(taken):
+                if len(request.checksums) != len(reservations):
                     raise InvalidArgument(
-                        f"{len(request.checksums)} checksums for {len(taken)} reservations"
+                        f"{len(request.checksums)} checksums for {len(reservations)} reservations"
                     )
-                for (_, res), digest in zip(taken, request.checksums, strict=True):
+                for res, digest in zip(reservations, request.checksums, strict=True):
                     res.declare(digest)
             else:  # hashed here: a large batch on several workers, a share each
                 compute = request.compute_checksums
-                reservations = [res for _, res in taken]
                 shares = min(len(reservations), _CHECK_WORKERS)
                 await asyncio.gather(
                     *(
@@ -515,9 +508,9 @@ class KVStoreServicer:
                     )
                 )
             # In order, in one worker call; `tiers` grows as they commit.
-            await asyncio.to_thread(_commit_in_order, [res for _, res in taken], tiers)
+            await asyncio.to_thread(_commit_in_order, reservations, tiers)
         finally:
-            for _, res in taken[len(tiers) :]:
+            for res in reservations[len(tiers) :]:
                 res.abort()  # a failed commit leaves the rest unstored, as BatchPut does
         return pb.PutResponse(stored=len(tiers), tiers=tiers)
 
