@@ -27,6 +27,7 @@ from kvstore.client._transfer import (
     GetLanding,
     PutLanding,
     Slice,
+    dtype_name,
     hash_pool,
     private_buffer,
     raise_unrecoverable,
@@ -152,7 +153,7 @@ def _check_outgoing(key: bytes, tensor: torch.Tensor) -> str:
         raise TypeError(f"expected a torch.Tensor, got {type(tensor).__name__}")
     if not isinstance(key, bytes | bytearray | memoryview):
         raise TypeError(f"keys are bytes, got {type(key).__name__}")
-    name = str(tensor.dtype).removeprefix("torch.")
+    name = dtype_name(tensor)
     if name not in BY_NAME:
         raise InvalidArgument(
             f"dtype {name} cannot be stored; use one of {', '.join(sorted(BY_NAME))}"

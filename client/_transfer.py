@@ -87,6 +87,11 @@ def torch_stream(stream: Any, device: torch.device) -> Any:
     return torch.cuda.ExternalStream(handle, device=device)
 
 
+def dtype_name(t: torch.Tensor) -> str:
+    """The wire name of a tensor's dtype (torch's name without `torch.`)."""
+    return str(t.dtype).removeprefix("torch.")
+
+
 def flat_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8) if t.numel() else t.new_empty(0, dtype=torch.uint8)
 
@@ -222,10 +227,8 @@ def gather(refs: BlockRefs, out: torch.Tensor, stream: Any = None) -> Any:
     offsets, block, dtype = refs.selection()
     if not out.is_contiguous():
         raise InvalidArgument("out must be contiguous")
-    if dtype and str(out.dtype).removeprefix("torch.") != dtype:
-        raise InvalidArgument(
-            f"out is {str(out.dtype).removeprefix('torch.')} but the blocks hold {dtype}"
-        )
+    if dtype and dtype_name(out) != dtype:
+        raise InvalidArgument(f"out is {dtype_name(out)} but the blocks hold {dtype}")
     nbytes, k = out.numel() * out.element_size(), offsets.size
     if nbytes < k * block:
         raise InvalidArgument(f"out holds {nbytes} bytes; {k} blocks of {block} need {k * block}")
@@ -248,7 +251,7 @@ def gather(refs: BlockRefs, out: torch.Tensor, stream: Any = None) -> Any:
 
 
 def check_destination(i: int, h: pb.ValueHeader, dst: torch.Tensor) -> None:
-    name = str(dst.dtype).removeprefix("torch.")
+    name = dtype_name(dst)
     if name != h.dtype:
         raise InvalidArgument(f"out[{i}] is {name} but the stored value is {h.dtype}")
     if dst.numel() * dst.element_size() != h.nbytes:
