@@ -241,7 +241,7 @@ def gather(refs: BlockRefs, out: torch.Tensor, stream: Any = None) -> Any:
     if root.arena is not None:
         root.arena.register_cuda()
     src = DeviceBuffer(host_tensor.data_ptr(), host_tensor.numel(), None)
-    dense = DeviceBuffer(out.data_ptr(), nbytes, out.device.index)
+    dense = _device_buffer(out)
     if dense.ptr % VECTOR_BYTES:
         raise InvalidArgument(f"out must be {VECTOR_BYTES}-byte aligned")
     stream = torch_stream(stream, out.device)  # torch's current stream, not CuPy's

@@ -44,68 +44,59 @@ _FEW_DTYPE = np.dtype(f"V{8 * _FEW}")
 
 _CUDA_SOURCE = r"""
 // One CTA per block at a time (grid-stride over blocks); each thread issues UNROLL 16-byte
-// loads before its first store. `slots` may be pinned host memory read through UVA, so a
-// launch needs no separate copy of the ids. Slot b starts at slots[b] * pitch vectors.
+// loads before its first store. Slot b starts at slot(b) * pitch vectors of the pool.
+// The ids come either in pinned host memory the kernel reads through UVA (a ring filled by
+// the host, so a launch needs no separate copy of them), or, up to FEW of them, by value in
+// the launch itself: no ring to fill and no PCIe round trip before the data loads.
 #define UNROLL @UNROLL@
-#define COPY_BLOCK(SRC, DST)                                                             \
-    for (long long v0 = threadIdx.x; v0 < vecs; v0 += (long long)blockDim.x * UNROLL) { \
-        uint4 r[UNROLL];                                                                 \
-        _Pragma("unroll") for (int u = 0; u < UNROLL; ++u) {                             \
-            long long v = v0 + (long long)u * blockDim.x;                                \
-            if (v < vecs) r[u] = (SRC)[v];                                               \
-        }                                                                                \
-        _Pragma("unroll") for (int u = 0; u < UNROLL; ++u) {                             \
-            long long v = v0 + (long long)u * blockDim.x;                                \
-            if (v < vecs) (DST)[v] = r[u];                                               \
-        }                                                                                \
-    }
-
-extern "C" __global__ void gather_blocks(const uint4* __restrict__ pool,
-                                         const long long* __restrict__ slots,
-                                         uint4* __restrict__ dense, long long vecs,
-                                         long long pitch, long long k) {
-    for (long long b = blockIdx.x; b < k; b += gridDim.x) {
-        const uint4* s = pool + __ldg(slots + b) * pitch;
-        uint4* d = dense + b * vecs;
-        COPY_BLOCK(s, d)
-    }
-}
-
-extern "C" __global__ void scatter_blocks(uint4* __restrict__ pool,
-                                          const long long* __restrict__ slots,
-                                          const uint4* __restrict__ dense, long long vecs,
-                                          long long pitch, long long k) {
-    for (long long b = blockIdx.x; b < k; b += gridDim.x) {
-        const uint4* s = dense + b * vecs;
-        uint4* d = pool + __ldg(slots + b) * pitch;
-        COPY_BLOCK(s, d)
-    }
-}
-
-// Up to FEW slot ids travel in the launch itself, by value: no ring to fill and no PCIe
-// round trip for them before the data loads (the latency of a small gather).
 #define FEW @FEW@
-struct FewSlots { long long v[FEW]; };
 
-extern "C" __global__ void gather_few(const uint4* __restrict__ pool, uint4* __restrict__ dense,
-                                      long long vecs, long long pitch, long long k,
-                                      FewSlots slots) {
+__device__ __forceinline__ void copy_block(const uint4* __restrict__ src,
+                                           uint4* __restrict__ dst, long long vecs) {
+    for (long long v0 = threadIdx.x; v0 < vecs; v0 += (long long)blockDim.x * UNROLL) {
+        uint4 r[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            long long v = v0 + (long long)u * blockDim.x;
+            if (v < vecs) r[u] = src[v];
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            long long v = v0 + (long long)u * blockDim.x;
+            if (v < vecs) dst[v] = r[u];
+        }
+    }
+}
+
+struct RingSlots {
+    const long long* ids;
+    __device__ long long operator()(long long b) const { return __ldg(ids + b); }
+};
+struct FewSlots {
+    long long v[FEW];
+    __device__ long long operator()(long long b) const { return v[b]; }
+};
+
+// GATHER: dense[b] = pool[slot(b)]; otherwise (scatter) pool[slot(b)] = dense[b].
+template <bool GATHER, typename Slots>
+__device__ __forceinline__ void move_blocks(uint4* pool, uint4* dense, long long vecs,
+                                            long long pitch, long long k, const Slots& slot) {
     for (long long b = blockIdx.x; b < k; b += gridDim.x) {
-        const uint4* s = pool + slots.v[b] * pitch;
+        uint4* p = pool + slot(b) * pitch;
         uint4* d = dense + b * vecs;
-        COPY_BLOCK(s, d)
+        if (GATHER) copy_block(p, d, vecs); else copy_block(d, p, vecs);
     }
 }
 
-extern "C" __global__ void scatter_few(uint4* __restrict__ pool, const uint4* __restrict__ dense,
-                                       long long vecs, long long pitch, long long k,
-                                       FewSlots slots) {
-    for (long long b = blockIdx.x; b < k; b += gridDim.x) {
-        const uint4* s = dense + b * vecs;
-        uint4* d = pool + slots.v[b] * pitch;
-        COPY_BLOCK(s, d)
+#define ENTRY(NAME, GATHER, SLOTS, PARAM)                                                 \
+    extern "C" __global__ void NAME(uint4* pool, uint4* dense, long long vecs,           \
+                                    long long pitch, long long k, PARAM) {               \
+        move_blocks<GATHER>(pool, dense, vecs, pitch, k, SLOTS);                         \
     }
-}
+ENTRY(gather_blocks, true, RingSlots{ids}, const long long* ids)
+ENTRY(scatter_blocks, false, RingSlots{ids}, const long long* ids)
+ENTRY(gather_few, true, slots, FewSlots slots)
+ENTRY(scatter_few, false, slots, FewSlots slots)
 """.replace("@UNROLL@", str(_UNROLL)).replace("@FEW@", str(_FEW))
 
 
@@ -363,57 +354,29 @@ def launch_blocks(
         # in microseconds: one CTA per block keeps its latency down.
         few_ctas = pool.device is None and ids.size * block > _HOST_SMALL_BYTES
         grid = min(ids.size, _HOST_CTAS if few_ctas else 65535 * 16)
-        head = (np.uint64(pool.ptr), np.uint64(dense.ptr), np.int64(vecs))
+        head = (
+            np.uint64(pool.ptr),
+            np.uint64(dense.ptr),
+            np.int64(vecs),
+            np.int64(pitch // VECTOR_BYTES),
+            np.int64(ids.size),
+        )
         if ids.size <= _FEW:
             slots = _few_slots()  # its bytes are copied into the launch
             slots[: ids.size] = ids
             kernel = _module.get(device, name.replace("_blocks", "_few"))
-            kernel(
-                (grid,),
-                (threads,),
-                (*head, np.int64(pitch // VECTOR_BYTES), np.int64(ids.size),
-                 slots.view(_FEW_DTYPE)[0]),
-                stream=s,
-            )  # fmt: skip
+            kernel((grid,), (threads,), (*head, slots.view(_FEW_DTYPE)[0]), stream=s)
             event.record(s)
             return event
         ring = _rings.get((device, s.ptr))
         if ring is None:
             ring = _rings.setdefault((device, s.ptr), _IdRing())
         with ring.lock:  # threads launching on one stream must not share a buffer
-            args = (pool, dense, vecs, pitch, ids)
-            _launch_ring(ring, name, device, args, grid, threads, s, event)
+            addr, pos = ring.put(ids)
+            _module.get(device, name)((grid,), (threads,), (*head, np.uint64(addr)), stream=s)
+            event.record(s)
+            ring.done(pos, event)
     return event
-
-
-def _launch_ring(
-    ring: _IdRing,
-    name: str,
-    device: int,
-    args: tuple[Any, ...],
-    grid: int,
-    threads: int,
-    s: Any,
-    event: Any,
-) -> None:
-    """Stage the ids (the last of `args`) in `ring`, launch, and record `event`."""
-    pool, dense, vecs, pitch, ids = args
-    addr, pos = ring.put(ids)
-    _module.get(device, name)(
-        (grid,),
-        (threads,),
-        (
-            np.uint64(pool.ptr),
-            np.uint64(addr),
-            np.uint64(dense.ptr),
-            np.int64(vecs),
-            np.int64(pitch // VECTOR_BYTES),
-            np.int64(ids.size),
-        ),
-        stream=s,
-    )
-    event.record(s)
-    ring.done(pos, event)
 
 
 def gather_blocks(
