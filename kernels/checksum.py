@@ -21,7 +21,7 @@ hash those few bytes on the CPU.
 
 from __future__ import annotations
 
-import contextlib
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -292,21 +292,26 @@ def _device_keys(device: int) -> Any:
 class Digests:
     """XXH3-64 digests being computed on the GPU; `result()` waits and returns them."""
 
-    def __init__(self, out: np.ndarray, event: Any, keep: tuple[Any, ...]) -> None:
+    def __init__(self, out: np.ndarray, event: Any) -> None:
         self._out = out  # pinned host memory the merge kernel writes through UVA
         self.event = event
-        self._keep = keep  # buffers the kernels use until the event completes
 
     def result(self) -> list[int]:
         self.event.synchronize()
         return [int(x) for x in self._out]
 
-    def __del__(self) -> None:
-        # The kernels write into `_keep`'s pinned memory: it must not go back to the pool
-        # (and to another allocation) before they are done, even if nobody asked for the
-        # result (a transfer that failed part-way).
-        with contextlib.suppress(Exception):  # at shutdown the context may be gone
-            self.event.synchronize()
+
+# Buffers of launches not yet known to be done, with their events: dropping a `Digests`
+# (a transfer that failed part-way) must not hand its pinned tables back to the pool, and
+# to another allocation, while its kernels may still write into them.
+_in_flight: list[tuple[Any, tuple[Any, ...]]] = []
+_in_flight_lock = threading.Lock()
+
+
+def _keep_until_done(event: Any, keep: tuple[Any, ...]) -> None:
+    with _in_flight_lock:
+        _in_flight[:] = [(e, k) for e, k in _in_flight if not e.done]
+        _in_flight.append((event, keep))
 
 
 def xxh3_64_gpu(buffers: Sequence[DeviceBuffer], device: int, stream: Any = None) -> Digests:
@@ -373,4 +378,5 @@ def xxh3_64_gpu(buffers: Sequence[DeviceBuffer], device: int, stream: Any = None
         )
         event = cupy.cuda.Event(block=False, disable_timing=True)
         event.record(s)
-    return Digests(out, event, (sums, pinned))
+    _keep_until_done(event, (sums, pinned))
+    return Digests(out, event)
