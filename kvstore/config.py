@@ -85,6 +85,11 @@ class ServerConfig:
     """Unix socket to listen on (mode 0600); default `<data_dir>/kvstore.sock`."""
     listen: str | None = None
     """Optional TCP address HOST:PORT to listen on as well as the socket."""
+    gpu_bytes: int = 4 << 30
+    """Size of the gpu tier's pool on each visible GPU."""
+    gpu_twin: bool = False
+    """Run the gpu tier as one pool of shared host memory standing in for a GPU, on a
+    machine without one: for testing the gpu tier's protocol, never faster than cpu."""
     cpu_bytes: int = 1 << 30
     """Size of the shared-memory host arena (cpu tier)."""
     ssd_bytes: int = 16 << 30
@@ -124,8 +129,15 @@ class ServerConfig:
         # Absolute, so the socket's gRPC address is unix:///... wherever the server was started.
         self.data_dir = Path(self.data_dir).expanduser().absolute()
         self.socket = Path(self.socket).expanduser().absolute() if self.socket else None
-        for name in ("cpu_bytes", "ssd_bytes", "max_value_bytes", "staging_bytes"):
+        if "gpu" in self.tiers and "cpu" not in self.tiers:
+            raise ConfigError(
+                "tiers: the gpu tier demotes to the cpu tier; add cpu (e.g. --tiers gpu,cpu,ssd)"
+            )
+        self.gpu_twin = _as_bool(self.gpu_twin, "gpu-twin")
+        for name in ("gpu_bytes", "cpu_bytes", "ssd_bytes", "max_value_bytes", "staging_bytes"):
             setattr(self, name, parse_size(getattr(self, name), name.replace("_", "-")))
+        if "gpu" in self.tiers and self.gpu_bytes < (1 << 20):
+            raise ConfigError(f"gpu-bytes: at least 1MiB, got {self.gpu_bytes}")
         if "cpu" in self.tiers and self.cpu_bytes < (1 << 20):
             raise ConfigError(f"cpu-bytes: at least 1MiB, got {self.cpu_bytes}")
         if "ssd" in self.tiers and self.ssd_bytes < (1 << 20):
@@ -222,6 +234,17 @@ def _as_seconds(value: Any, what: str, lo: float) -> float:
     if not lo <= x < float("inf"):
         raise ConfigError(f"{what}: must be at least {lo:g} seconds, got {value!r}")
     return x
+
+
+def _as_bool(value: Any, what: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{what}: expected true or false, got {value!r}")
 
 
 def _as_int(value: Any, what: str, lo: int, hi: int) -> int:

@@ -225,6 +225,7 @@ class KVStoreServicer:
         self.store = store
         self.config = config
         self.started = time.monotonic()
+        self.exports = {n: p.export() for n, p in store.pools.items()}
         self.shared: HandOuts[ReadLease] = HandOuts(
             config.lease_seconds, ReadLease.release, "shared read leases"
         )
@@ -298,7 +299,7 @@ class KVStoreServicer:
     async def Get(self, request: pb.GetRequest, context: Any) -> AsyncIterator[Piece]:
         keys = [request.key]
         async for piece in self._get(
-            request.namespace, keys, request.shared, request.call, context
+            request.namespace, keys, request.shared, request.call, request.gpu_pools, context
         ):
             yield piece
 
@@ -308,7 +309,12 @@ class KVStoreServicer:
         except KVStoreError as exc:
             await _fail(context, exc)
         async for piece in self._get(
-            request.namespace, request.keys, request.shared, request.call, context
+            request.namespace,
+            request.keys,
+            request.shared,
+            request.call,
+            request.gpu_pools,
+            context,
         ):
             yield piece
 
@@ -318,14 +324,16 @@ class KVStoreServicer:
         keys: Sequence[bytes],
         shared: bool,
         call: int,
+        gpu_pools: Sequence[int],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[Piece]:
         # Shared slices only over the Unix socket: a TCP peer cannot map the arena.
         arena = self.store.cpu if str(context.peer()).startswith("unix:") else None
+        pools = frozenset(gpu_pools) if shared and arena is not None else frozenset()
         handed: list[int] = []
         try:
             async for piece in self._get_pieces(
-                namespace, keys, shared, call, arena, handed, context
+                namespace, keys, shared, call, arena, pools, handed, context
             ):
                 yield piece
         except BaseException:
@@ -341,6 +349,7 @@ class KVStoreServicer:
         shared: bool,
         call: int,
         arena: HostArena | None,
+        pools: frozenset[int],
         handed: list[int],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[Piece]:
@@ -355,10 +364,15 @@ class KVStoreServicer:
             # a cpu-resident value is leased right here; anything else goes to a worker.
             in_place = shared and arena is not None
             try:
-                lease = self.store.lease_resident(namespace, key) if in_place else None
+                lease = self.store.lease_resident(namespace, key, pools) if in_place else None
                 if lease is None:
                     lease = await _in_thread_owned(
-                        self.store.get, namespace, key, not in_place, release=ReadLease.release
+                        self.store.get,
+                        namespace,
+                        key,
+                        not in_place,
+                        pools,
+                        release=ReadLease.release,
                     )
             except Exception as exc:
                 await _fail(context, exc)
@@ -385,16 +399,19 @@ class KVStoreServicer:
                     lease_id = self.shared.hand_out(lease, call)
                     handed_out = True
                     handed.append(lease_id)
+                    dev, ino = self._identity(lease.pool)
                     first_piece.shared.CopyFrom(
                         pb.SharedSlice(
                             lease=lease_id,
                             offset=lease.offset,
-                            arena_dev=arena.dev,
-                            arena_ino=arena.ino,
+                            arena_dev=dev,
+                            arena_ino=ino,
+                            gpu_pool=lease.pool,
                         )
                     )
                     batch.append(first_piece)
                     continue
+                assert view is not None  # only leases handed out in place have no view
                 if batch:  # in order: the batch holds earlier keys
                     yield Piece(pb.GetPiece(batch=batch), b"")
                     batch = []
@@ -435,40 +452,56 @@ class KVStoreServicer:
         n = await asyncio.to_thread(self.store.pin, request.namespace, list(request.keys), -1)
         return pb.CountResponse(count=n)
 
+    def _identity(self, pool: int) -> tuple[int, int]:
+        """What slices of the host arena (0) or gpu pool `pool` carry as arena_dev/ino."""
+        if pool:
+            x = self.exports[pool]
+            return x.arena_dev, x.arena_ino
+        assert self.store.cpu is not None
+        return self.store.cpu.dev, self.store.cpu.ino
+
     @_unary
     async def Reserve(self, request: pb.ReserveRequest, context: Any) -> pb.ReserveResponse:
         arena = self.store.cpu if str(context.peer()).startswith("unix:") else None
         self.store.check_keys(request.namespace, [h.key for h in request.values])
+        if request.gpu_pool:
+            self.store.pool(request.gpu_pool)  # a clear error for a pool that does not exist
         if arena is None:
             return pb.ReserveResponse(reservations=[pb.Reservation() for _ in request.values])
         # All slots in one worker call: a thread hop per value would cost more than the
         # allocation for a request of thousands of small blocks.
         reservations = await _in_thread_owned(
-            self._reserve_all, request.namespace, request.values, release=_abort_all
+            self._reserve_all,
+            request.namespace,
+            request.values,
+            request.gpu_pool,
+            release=_abort_all,
         )
         out = []
         for res in reservations:
             if res is None or res.slot is None:  # no room in the arena: the client streams it
                 out.append(pb.Reservation())
                 continue
+            dev, ino = self._identity(res.place)
             out.append(
                 pb.Reservation(
                     id=self.reserved.hand_out(res, request.call),
                     offset=res.slot.offset,
-                    arena_dev=arena.dev,
-                    arena_ino=arena.ino,
+                    arena_dev=dev,
+                    arena_ino=ino,
+                    gpu_pool=res.place,
                 )
             )
         return pb.ReserveResponse(reservations=out)
 
     def _reserve_all(
-        self, namespace: str, headers: Sequence[pb.ValueHeader]
+        self, namespace: str, headers: Sequence[pb.ValueHeader], pool: int
     ) -> list[PutReservation | None]:
-        """Arena slots for `headers` (None where there is no room); all or nothing on error."""
+        """Slots for `headers` (None where there is no room); all or nothing on error."""
         out: list[PutReservation | None] = []
         try:
             for h in headers:
-                out.append(self.store.reserve_in_arena(namespace, *_value_args(h)))
+                out.append(self.store.reserve_in_arena(namespace, *_value_args(h), pool))
         except BaseException:
             _abort_all(out)
             raise
@@ -557,6 +590,7 @@ class KVStoreServicer:
             lease_seconds=cfg.lease_seconds,
             pinned=s.pinned,
             leases=s.leases,
+            gpu_pools=[pb.GpuPool(**vars(x)) for x in self.exports.values()],
         )
 
     async def List(self, request: pb.ListRequest, context: Any) -> AsyncIterator[pb.ListResponse]:
@@ -746,6 +780,9 @@ async def _reclaim_forever(*tables: HandOuts[Any]) -> None:
 
 def _describe_tiers(store: Store) -> str:
     parts = []
+    for p in store.pools.values():
+        where = "host twin" if p.uuid == "host-twin" else p.uuid
+        parts.append(f"gpu pool {p.pool} {format_size(p.capacity_bytes)} on {where}")
     if store.cpu is not None:
         parts.append(f"cpu {format_size(store.cpu.capacity_bytes)} at {store.cpu.path}")
     if store.ssd is not None:

@@ -1,4 +1,4 @@
-"""The tier manager: one index over the cpu and ssd tiers, and the rules that move values.
+"""The tier manager: one index over the gpu, cpu and ssd tiers, and the rules that move values.
 
 Primitives:
 - `begin_put` reserves room for a value and returns a `PutReservation`; the caller fills it
@@ -14,6 +14,15 @@ tier drops its victims. Reading a value that is only on ssd promotes it to cpu a
 ssd copy, so evicting it again costs nothing. Pinned and leased values are never evicted.
 When nothing can make room, the caller gets `ResourceExhausted`.
 
+The gpu tier (one pool per GPU) holds values that same-host clients write from their GPU
+into the pool of that GPU (`reserve_in_arena(..., pool=n)`); values that arrive as bytes
+start in cpu. A full pool makes puts land in cpu instead of waiting: a demoter thread keeps
+every pool below `GPU_HIGH_WATER` by copying its least recently used values to cpu on the
+pool's own stream, checking each copy against its checksum, and only then swapping the
+entry over. Reads are not promoted into a pool: a GPU reader already holds its own copy.
+
+An entry has at most one memory copy: at `place` 0 (the cpu arena) or n (gpu pool n).
+
 Every value carries its xxh3-64 checksum from the client; it is verified when the value
 arrives, on every read from the cpu tier and on every read from the ssd tier. A mismatch
 drops the entry and raises `DataLoss`.
@@ -28,16 +37,25 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from kvstore.codecs.container import ValueHeader, checksum
 from kvstore.config import ServerConfig
 from kvstore.dtypes import expected_nbytes
 from kvstore.errors import DataLoss, InvalidArgument, ResourceExhausted
+from kvstore.gpu import cuda_device_count
 from kvstore.keys import KEY_BYTES
 from kvstore.policy import POLICIES, EvictionPolicy
-from kvstore.tiers.base import TierError, TierFull
+from kvstore.tiers.base import MemoryTier, Tier, TierError, TierFull
+from kvstore.tiers.gpu import (
+    CudaPool,
+    GpuPool,
+    TwinPool,
+    register_host_memory,
+    unregister_host_memory,
+)
 from kvstore.tiers.host import HostArena, default_arena_path
 from kvstore.tiers.slab import Slot
 from kvstore.tiers.ssd import LmdbTier
@@ -72,12 +90,14 @@ class Entry:
     nbytes: int
     checksum: int
     created_ns: int
-    slot: Slot | None = None  # the cpu copy, if any
+    slot: Slot | None = None  # the memory copy, if any, in `place`
+    place: int = 0  # 0: the cpu arena; n: gpu pool n
     on_ssd: bool = False  # whether the ssd tier holds a copy
     pins: int = 0
-    readers: int = 0  # leases on the cpu slot
+    readers: int = 0  # leases on the memory copy (and the demoter while it copies)
     hits: int = 0
-    dead: bool = False  # removed while leased: free the slot when the last lease ends
+    # Memory copies dropped while leased, as (place, slot): freed when the last lease ends.
+    retired: list[tuple[int, Slot]] | None = None
 
     @property
     def eid(self) -> EntryId:
@@ -85,7 +105,9 @@ class Entry:
 
     @property
     def tier(self) -> str:
-        return "cpu" if self.slot is not None else "ssd"
+        if self.slot is None:
+            return "ssd"
+        return "gpu" if self.place else "cpu"
 
     def header(self) -> ValueHeader:
         return ValueHeader(
@@ -120,14 +142,25 @@ class StoreStats:
 
 
 class PutReservation:
-    """Room for one value; fill `buffer` (or call `write`) and then `commit` or `abort`."""
+    """Room for one value; fill `buffer` (or call `write`) and then `commit` or `abort`.
+
+    A slot in a gpu pool (`pool` set) has no host `buffer`: a same-host client fills it
+    through its own mapping of the pool.
+    """
 
     def __init__(
-        self, store: Store, entry: Entry, slot: Slot | None, buffer: memoryview, staged: int
+        self,
+        store: Store,
+        entry: Entry,
+        slot: Slot | None,
+        buffer: memoryview | None,
+        staged: int,
+        place: int = 0,
     ) -> None:
         self._store = store
         self.entry = entry
         self.slot = slot
+        self.place = place  # of the slot: 0 the cpu arena, n gpu pool n
         self.buffer = buffer
         self.filled = 0
         self._staged = staged
@@ -136,9 +169,13 @@ class PutReservation:
 
     @property
     def tier(self) -> str:
-        return "cpu" if self.slot is not None else "ssd"
+        if self.slot is None:
+            return "ssd"
+        return "gpu" if self.place else "cpu"
 
     def write(self, data: bytes | memoryview) -> None:
+        if self.buffer is None:
+            raise InvalidArgument("a gpu pool slot is written by the client, not sent")
         end = self.filled + len(data)
         if end > len(self.buffer):
             raise InvalidArgument(
@@ -149,15 +186,21 @@ class PutReservation:
         self.filled = end
 
     def written(self) -> None:
-        """Mark `buffer` as filled by someone else (a same-host client through its mapping)."""
-        self.filled = len(self.buffer)
+        """Mark the slot as filled by someone else (a same-host client through its mapping)."""
+        self.filled = self.entry.nbytes
+
+    def _bytes(self) -> memoryview:
+        if self.buffer is not None:
+            return self.buffer
+        assert self.slot is not None
+        return memoryview(self._store.pool(self.place).read(self.slot, self.entry.nbytes))
 
     def check(self, *, compute: bool = False) -> None:
         """Checksum the filled buffer ahead of `commit`, which then does not hash it again;
         safe to run for many reservations in parallel. With `compute`, the value takes the
         checksum of its bytes, for a writer that could not hash them (a GPU copy);
         otherwise a mismatch with the announced checksum raises `DataLoss`."""
-        digest = checksum(self.buffer)
+        digest = checksum(self._bytes())
         if compute:
             self.entry.checksum = digest
         elif digest != self.entry.checksum:
@@ -183,10 +226,10 @@ class PutReservation:
                 raise RuntimeError(f"reservation already {self._state}")
             self._state = "committing"  # abort() from another thread now leaves it alone
         try:
-            if self.filled != len(self.buffer):
+            if self.filled != self.entry.nbytes:
                 raise InvalidArgument(
                     f"value {self.entry.key.hex()[:16]}... ended after {self.filled} of "
-                    f"{len(self.buffer)} bytes; nothing was stored"
+                    f"{self.entry.nbytes} bytes; nothing was stored"
                 )
             if not self._checked:
                 self.check()
@@ -214,19 +257,31 @@ class PutReservation:
 
 
 class ReadLease:
-    """A stored value held readable until `release()`."""
+    """A stored value held readable until `release()`.
+
+    `view` is its bytes in host memory: its cpu slot or a staged copy. A lease on a gpu pool
+    slot has no `view`; `offset` and `pool` say where the value lies for a client that maps
+    the pool.
+    """
 
     def __init__(
-        self, store: Store, entry: Entry | None, view: memoryview, header: ValueHeader, tier: str
+        self,
+        store: Store,
+        entry: Entry | None,
+        view: memoryview | None,
+        header: ValueHeader,
+        tier: str,
     ) -> None:
         self._store = store
-        self._entry = entry  # set when the view is a cpu slot
+        self._entry = entry  # set when the lease holds the entry's memory slot
         self.view = view
-        # Where the value lies in the host arena; None for a staged copy.
-        self.offset = entry.slot.offset if entry is not None and entry.slot is not None else None
+        # Where the value lies in the host arena (pool 0) or a gpu pool; None for a copy.
+        self._slot = entry.slot if entry is not None else None
+        self.offset = self._slot.offset if self._slot is not None else None
+        self.pool = entry.place if entry is not None else 0
         self.header = header
         self.tier = tier
-        self._staged = 0 if entry is not None else len(view)
+        self._staged = 0 if entry is not None or view is None else len(view)
         self._released = False
         with store._lock:
             store._leases += 1
@@ -242,7 +297,11 @@ class ReadLease:
         copy if they are. Returns whether they were corrupt."""
         if self._released:
             return False
-        corrupt = checksum(self.view) != self.header.payload_checksum
+        data: memoryview | bytearray | None = self.view
+        if data is None:
+            assert self._slot is not None
+            data = self._store.pool(self.pool).read(self._slot, self.header.payload_len)
+        corrupt = checksum(data) != self.header.payload_checksum
         self._released = True
         self._store._release(self._entry, self._staged, corrupt=corrupt)
         return corrupt
@@ -254,6 +313,23 @@ class ReadLease:
         self.release()
 
 
+@dataclass(eq=False)
+class _Slots:
+    """One memory tier's (or gpu pool's) bookkeeping: its memory, its entries' recency, and
+    which entries live on each page (a page is freed whole when all of them are evictable)."""
+
+    mem: MemoryTier
+    policy: EvictionPolicy[EntryId]
+    pages: dict[int, set[Entry]] = field(default_factory=dict)
+
+
+# The demoter keeps each gpu pool at most this full, so puts from GPU clients find room
+# without waiting for a copy, and copies in batches of about DEMOTE_BATCH_BYTES.
+GPU_HIGH_WATER = 0.85
+GPU_LOW_WATER = 0.70
+DEMOTE_BATCH_BYTES = 256 << 20
+
+
 class Store:
     """Index plus tiers; see the module docstring for the rules."""
 
@@ -263,21 +339,38 @@ class Store:
         self._index: dict[EntryId, Entry] = {}
         self.cpu: HostArena | None = None
         self.ssd: LmdbTier | None = None
+        self.pools: dict[int, GpuPool] = {}
         self._policy: dict[str, EvictionPolicy[EntryId]] = {}
         self._counters: dict[str, TierCounters] = {}
-        self._page_entries: dict[int, set[Entry]] = {}
+        self._mem: dict[int, _Slots] = {}  # by place: 0 the cpu arena, n gpu pool n
         self._staging_used = 0
         self._leases = 0
         self._dirty = False
+        self._registered: list[int] = []  # host memory pinned for copies from gpu pools
+        self._demoter: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._closing = False
         config.data_dir.mkdir(parents=True, exist_ok=True)
         try:
+            if "gpu" in config.tiers:
+                self._open_gpu_pools()
             if "cpu" in config.tiers:
                 self.cpu = HostArena(default_arena_path(config.data_dir), config.cpu_bytes)
                 self._add_tier("cpu")
+                self._mem[0] = _Slots(self.cpu, self._policy["cpu"])
             if "ssd" in config.tiers:
                 self.ssd = LmdbTier(config.ssd_path, config.ssd_bytes)
                 self._add_tier("ssd")
                 self._rebuild_from_ssd()
+            if self.pools:
+                assert self.cpu is not None  # the config requires cpu below gpu
+                cuda = [p for p in self.pools.values() if isinstance(p, CudaPool)]
+                if cuda:  # demotions copy into the arena asynchronously only if it is pinned
+                    self._registered.append(register_host_memory(self.cpu.whole(), cuda[0].ordinal))
+                self._demoter = threading.Thread(
+                    target=self._demote_forever, name="kvstore-demoter", daemon=True
+                )
+                self._demoter.start()
         except BaseException:
             self.close()  # never leave an arena behind in /dev/shm
             raise
@@ -285,6 +378,35 @@ class Store:
         if self.ssd is None and self.cpu is not None:
             # Without a disk tier nothing larger than one cpu slot can ever be stored.
             self.max_value_bytes = min(self.max_value_bytes, self.cpu.max_value_bytes)
+
+    def _open_gpu_pools(self) -> None:
+        cfg = self.config
+        self._add_tier("gpu")
+        if cfg.gpu_twin:
+            twin = Path(f"{default_arena_path(cfg.data_dir)}-gpu1")
+            pools: list[GpuPool] = [TwinPool(1, twin, cfg.gpu_bytes)]
+        else:
+            count, why = cuda_device_count()
+            if count == 0:
+                raise RuntimeError(f"--tiers gpu needs a CUDA GPU, but {why}")
+            pools = []
+            for ordinal in range(count):
+                pools.append(CudaPool(ordinal + 1, ordinal, cfg.gpu_bytes))
+                self.pools[ordinal + 1] = pools[-1]  # closed by close() if a later one fails
+        for p in pools:
+            self.pools[p.pool] = p
+            # One recency order per pool: each pool is demoted on its own.
+            self._mem[p.pool] = _Slots(p, POLICIES["lru"]())
+
+    def pool(self, place: int) -> GpuPool:
+        """Gpu pool number `place`; InvalidArgument if there is none."""
+        p = self.pools.get(place)
+        if p is None:
+            raise InvalidArgument(
+                f"gpu pool {place} does not exist; this server has "
+                + (f"pools {sorted(self.pools)}" if self.pools else "no gpu tier")
+            )
+        return p
 
     def _add_tier(self, name: str) -> None:
         self._policy[name] = POLICIES["lru"]()
@@ -371,10 +493,12 @@ class Store:
         shape: Sequence[int],
         nbytes: int,
         value_checksum: int,
+        pool: int = 0,
     ) -> PutReservation | None:
-        """A cpu slot for a value a same-host client writes itself, or None when there is
-        none to be had (the client then streams it); never stages."""
-        return self._begin(namespace, key, dtype, shape, nbytes, value_checksum, True)
+        """A slot for a value a same-host client writes itself: in gpu pool `pool` (when
+        given) if it has room now, else in the cpu arena; None when there is none to be
+        had (the client then streams it). Never stages, never waits for a demotion."""
+        return self._begin(namespace, key, dtype, shape, nbytes, value_checksum, True, pool)
 
     def _begin(
         self,
@@ -385,14 +509,24 @@ class Store:
         nbytes: int,
         value_checksum: int,
         arena_only: bool,
+        pool: int = 0,
     ) -> PutReservation | None:
         check_namespace(namespace)
         check_key(key)
         self.validate_value(dtype, shape, nbytes)
+        gpu = self.pool(pool) if pool else None
         entry = Entry(
             namespace, bytes(key), dtype, tuple(shape), nbytes, value_checksum, time.time_ns()
         )
         with self._lock:
+            if gpu is not None:
+                slot = gpu.alloc(nbytes)
+                if slot is not None and gpu.used_bytes > GPU_HIGH_WATER * gpu.capacity_bytes:
+                    self._wake.set()
+                if slot is not None:
+                    return PutReservation(self, entry, slot, None, 0, place=pool)
+                if nbytes <= gpu.max_value_bytes:
+                    self._wake.set()  # full: make room for the next ones
             slot = self._alloc_cpu(nbytes) if self.cpu is not None else None
             if slot is not None:
                 assert self.cpu is not None
@@ -413,14 +547,12 @@ class Store:
             if res.slot is not None:
                 if old is not None:
                     self._remove(old)
-                e.slot = res.slot
                 self._index[e.eid] = e
-                self._page_entries.setdefault(res.slot.page, set()).add(e)
-                self._policy["cpu"].insert(e.eid)
-                return "cpu"
+                self._settle(e, res.place, res.slot)
+                return res.tier
             # Written before the old value is retired, so a failure leaves the old one intact.
             # The new LMDB record replaces the old one's in place, under the same key.
-            self._write_ssd(e, res.buffer)
+            self._write_ssd(e, res._bytes())
             if old is not None:
                 old.on_ssd = False
                 self._remove(old)
@@ -430,17 +562,31 @@ class Store:
     def _abort(self, res: PutReservation) -> None:
         if res.slot is not None:
             with self._lock:
-                assert self.cpu is not None
-                self.cpu.free(res.slot)
+                self._mem[res.place].mem.free(res.slot)
+
+    def _settle(self, e: Entry, place: int, slot: Slot) -> None:
+        """Make `slot` in `place` the memory copy of `e` (which has none)."""
+        e.slot, e.place = slot, place
+        slots = self._mem[place]
+        slots.pages.setdefault(slot.page, set()).add(e)
+        slots.policy.insert(e.eid)
 
     # ----------------------------------------------------------------- get
 
-    def get(self, namespace: str, key: bytes, verify: bool = True) -> ReadLease | None:
+    def get(
+        self,
+        namespace: str,
+        key: bytes,
+        verify: bool = True,
+        pools: Collection[int] = (),
+    ) -> ReadLease | None:
         """A lease on the value, or None if absent. Raises `DataLoss` on a bad checksum.
 
         `verify=False` skips checking a cpu-tier value's checksum, for a reader that checks
         the bytes itself and reports failures (`ReadLease.release_reported_corrupt`).
-        Values read from ssd are always checked.
+        Values read from ssd are always checked. A value in a gpu pool listed in `pools`
+        (pools the reader maps) is leased in place, without a `view`; one in another pool
+        is copied to host memory and checked.
         """
         check_namespace(namespace)
         check_key(key)
@@ -450,18 +596,28 @@ class Store:
                 for c in self._counters.values():
                     c.misses += 1
                 return None
+            self._count_misses_above(e.tier)
             if e.slot is None:
-                if self.cpu is not None:
-                    self._counters["cpu"].misses += 1
                 lease = self._read_from_ssd(e)
                 if lease is not None:
                     return lease
                 tier = "ssd"  # promoted: verified on the way up, now leased from cpu
             else:
-                tier = "cpu"
-                self._count_cpu_hit(e)
-            e.readers += 1
-            view = self._cpu_view(e)
+                tier = e.tier
+                self._count_hit(e)
+            if tier == "gpu":
+                if e.place in pools:
+                    e.readers += 1
+                    return ReadLease(self, e, None, e.header(), tier)
+                self._stage(e.nbytes)
+                e.readers += 1
+                pool, slot = self.pools[e.place], e.slot
+            else:
+                e.readers += 1
+                view = self._cpu_view(e)
+        if tier == "gpu":
+            assert slot is not None
+            return self._read_from_pool(e, pool, slot, pools)
         if verify and tier == "cpu" and checksum(view) != e.checksum:
             with self._lock:
                 retry = self._unlease_corrupt(e)
@@ -472,10 +628,38 @@ class Store:
             )
         return ReadLease(self, e, view, e.header(), tier)
 
-    def lease_resident(self, namespace: str, key: bytes) -> ReadLease | None:
-        """A lease on a cpu-resident value, taken without waiting and without checking the
-        bytes (for a reader that checks what it copies), or None when that is not possible
-        right now: the value is absent or not in cpu, or another thread holds the lock.
+    def _read_from_pool(
+        self, e: Entry, pool: GpuPool, slot: Slot, pools: Collection[int]
+    ) -> ReadLease | None:
+        """A checked host copy of `e`'s slot in `pool` (leased and staged by the caller)."""
+        try:
+            data = pool.read(slot, e.nbytes)
+            good = checksum(data) == e.checksum
+        except BaseException:
+            with self._lock:
+                self._unlease(e)
+                self._unstage(e.nbytes)
+            raise
+        with self._lock:
+            retry = False if good else self._unlease_corrupt(e)
+            if good:
+                self._unlease(e)
+        if good:
+            return ReadLease(self, None, memoryview(data), e.header(), "gpu")
+        self._unstage(e.nbytes)
+        if retry:
+            return self.get(e.namespace, e.key, pools=pools)
+        raise DataLoss(
+            f"gpu tier: checksum mismatch for {e.key.hex()[:16]}...; the value was dropped"
+        )
+
+    def lease_resident(
+        self, namespace: str, key: bytes, pools: Collection[int] = ()
+    ) -> ReadLease | None:
+        """A lease on a value resident in cpu (or in one of the gpu `pools` the reader maps),
+        taken without waiting and without checking the bytes (for a reader that checks what
+        it copies), or None when that is not possible right now: the value is absent or
+        elsewhere, or another thread holds the lock.
 
         Cheap enough for the event loop, which must never wait behind an LMDB write.
         """
@@ -485,19 +669,27 @@ class Store:
             return None
         try:
             e = self._index.get((namespace, bytes(key)))
-            if e is None or e.slot is None:
+            if e is None or e.slot is None or (e.place and e.place not in pools):
                 return None
-            self._count_cpu_hit(e)
+            self._count_misses_above(e.tier)
+            self._count_hit(e)
             e.readers += 1
-            view = self._cpu_view(e)
+            view = None if e.place else self._cpu_view(e)
         finally:
             self._lock.release()
-        return ReadLease(self, e, view, e.header(), "cpu")
+        return ReadLease(self, e, view, e.header(), e.tier)
 
-    def _count_cpu_hit(self, e: Entry) -> None:
+    def _count_hit(self, e: Entry) -> None:
         e.hits += 1
-        self._counters["cpu"].hits += 1
-        self._policy["cpu"].access(e.eid)
+        self._counters[e.tier].hits += 1
+        self._mem[e.place].policy.access(e.eid)
+
+    def _count_misses_above(self, tier: str) -> None:
+        for name in ("gpu", "cpu"):
+            if name == tier:
+                return
+            if name in self._counters:
+                self._counters[name].misses += 1
 
     def _read_from_ssd(self, e: Entry) -> ReadLease | None:
         """Promote `e` to cpu (returns None: caller leases the slot) or stage a copy."""
@@ -532,9 +724,7 @@ class Store:
             raise
         if slot is None:
             return ReadLease(self, None, memoryview(copy), e.header(), "ssd")
-        e.slot = slot
-        self._page_entries.setdefault(slot.page, set()).add(e)
-        self._policy["cpu"].insert(e.eid)
+        self._settle(e, 0, slot)
         self._counters["cpu"].promotions += 1
         return None
 
@@ -550,28 +740,28 @@ class Store:
                 self._unstage(staged)
 
     def _unlease_corrupt(self, e: Entry) -> bool:
-        """End a lease on `e` whose cpu bytes failed their checksum, dropping the bad copy.
+        """End a lease on `e` whose memory copy failed its checksum, dropping the bad copy.
 
         Returns True when an intact-looking ssd copy remains to be read instead.
         """
         self._unlease(e)
-        if self._index.get(e.eid) is not e:
-            return False  # already replaced or deleted
+        if self._index.get(e.eid) is not e or e.slot is None:
+            return False  # already replaced, deleted or moved
         if e.on_ssd:
             if e.readers:
                 return False  # other readers hold the slot; a later verified read drops it
-            log.error("cpu copy of %s failed its checksum; the ssd copy stays", e.key.hex())
-            self._free_cpu_copy(e)
+            log.error("%s copy of %s failed its checksum; the ssd copy stays", e.tier, e.key.hex())
+            self._free_copy(e)
             return True
         self._drop(e)
         return False
 
     def _unlease(self, e: Entry) -> None:
         e.readers -= 1
-        if e.dead and e.readers == 0 and e.slot is not None:
-            assert self.cpu is not None
-            self.cpu.free(e.slot)
-            e.slot = None
+        if e.readers == 0 and e.retired:
+            for place, slot in e.retired:
+                self._mem[place].mem.free(slot)
+            e.retired = None
 
     # ----------------------------------------------------------------- queries
 
@@ -623,19 +813,19 @@ class Store:
         with self._lock:
             tiers = []
             for name in self._policy:
-                tier = self.cpu if name == "cpu" else self.ssd
-                assert tier is not None
-                count = sum(
-                    1
-                    for e in self._index.values()
-                    if (e.slot is not None if name == "cpu" else e.on_ssd)
-                )
+                if name == "ssd":
+                    assert self.ssd is not None
+                    members: list[Tier] = [self.ssd]
+                    count = sum(1 for e in self._index.values() if e.on_ssd)
+                else:
+                    members = [s.mem for s in self._mem.values() if s.mem.name == name]
+                    count = sum(1 for e in self._index.values() if e.slot and e.tier == name)
                 tiers.append(
                     TierStats(
                         name,
                         count,
-                        tier.used_bytes,
-                        tier.capacity_bytes,
+                        sum(t.used_bytes for t in members),
+                        sum(t.capacity_bytes for t in members),
                         TierCounters(**vars(self._counters[name])),
                     )
                 )
@@ -656,24 +846,28 @@ class Store:
             ssd.sync()  # outside the lock: an fsync must not stall every other call
 
     def persist(self, expired: Callable[[], bool]) -> int:
-        """Copy cpu-only values to ssd, newest first, while ssd has free room and time is left.
+        """Copy memory-only values (gpu pools, then cpu) to ssd, newest first, while ssd has
+        free room and time is left.
 
-        Called at shutdown so a restart serves what the cpu arena held. Never evicts.
+        Called at shutdown so a restart serves what the memory tiers held. Never evicts.
         """
-        if self.ssd is None or self.cpu is None:
+        if self.ssd is None:
             return 0
         n = 0
         with self._lock:
-            order = list(self._policy["cpu"].candidates())
-            for eid in reversed(order):
+            order = [e for s in self._mem.values() for e in reversed(list(s.policy.candidates()))]
+            for eid in order:
                 if expired():
-                    log.warning("shutdown: stopped copying the cpu tier to ssd (out of time)")
+                    log.warning("shutdown: stopped copying memory tiers to ssd (out of time)")
                     break
                 e = self._index.get(eid)
                 if e is None or e.on_ssd or e.slot is None:
                     continue
+                data = self.pools[e.place].read(e.slot, e.nbytes) if e.place else self._cpu_view(e)
+                if checksum(data) != e.checksum:
+                    continue  # a corrupt copy is not worth keeping
                 try:
-                    self.ssd.put(e.namespace, e.key, e.header(), self.cpu.view(e.slot, e.nbytes))
+                    self.ssd.put(e.namespace, e.key, e.header(), data)
                 except (TierFull, TierError) as exc:
                     log.warning("shutdown: ssd tier takes no more values: %s", exc)
                     break
@@ -684,13 +878,89 @@ class Store:
         return n
 
     def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+        if self._demoter is not None:
+            self._demoter.join()
+            self._demoter = None
         with self._lock:
             if self.ssd is not None:
                 self.ssd.close()
                 self.ssd = None
+            for ptr in self._registered:
+                unregister_host_memory(ptr)
+            self._registered.clear()
+            for p in self.pools.values():
+                p.close()
             if self.cpu is not None:
                 self.cpu.close()
                 self.cpu = None
+
+    # ----------------------------------------------------------------- gpu demotion
+
+    def _demote_forever(self) -> None:
+        while not self._closing:
+            self._wake.wait(0.5)
+            self._wake.clear()
+            for place in list(self.pools):
+                while not self._closing and self.demote(place):
+                    pass
+
+    def demote(self, place: int, *, force: bool = False) -> int:
+        """Move one batch of gpu pool `place`'s least recently used values to cpu if the pool
+        is fuller than `GPU_HIGH_WATER` (or, with `force`, regardless), copying on the pool's
+        stream outside the lock; returns how many moved. The demoter thread calls this."""
+        pool = self.pools[place]
+        slots = self._mem[place]
+        with self._lock:
+            cpu = self.cpu
+            assert cpu is not None
+            used = pool.used_bytes
+            if not force and used <= GPU_HIGH_WATER * pool.capacity_bytes:
+                return 0
+            target = used - GPU_LOW_WATER * pool.capacity_bytes
+            batch: list[tuple[Entry, Slot, Slot]] = []  # (entry, pool slot, cpu slot)
+            moved = 0
+            for eid in slots.policy.candidates():
+                e = self._index[eid]
+                if not self._evictable(e) or e.slot is None:
+                    continue
+                dst = self._alloc_cpu(e.nbytes)
+                if dst is None:
+                    log.warning("gpu pool %d is full and the cpu tier has no room for it", place)
+                    break
+                e.readers += 1  # the slot stays put while it is copied
+                batch.append((e, e.slot, dst))
+                moved += e.nbytes
+                if moved >= (DEMOTE_BATCH_BYTES if force else min(DEMOTE_BATCH_BYTES, target)):
+                    break
+            if not batch:
+                return 0
+            pool.copy_out([(src, e.nbytes, cpu.view(dst, e.nbytes)) for e, src, dst in batch])
+        try:
+            pool.wait()
+            good = [checksum(cpu.view(dst, e.nbytes)) == e.checksum for e, _, dst in batch]
+        except BaseException:
+            with self._lock:
+                for e, _, dst in batch:
+                    cpu.free(dst)
+                    self._unlease(e)
+            raise
+        done = 0
+        with self._lock:
+            for (e, src, dst), ok in zip(batch, good, strict=True):
+                self._unlease(e)
+                if self._index.get(e.eid) is not e or e.slot is not src or not ok:
+                    cpu.free(dst)  # replaced or deleted meanwhile, or a corrupt copy
+                    if not ok and e.slot is src and self._index.get(e.eid) is e:
+                        self._drop(e)
+                    continue
+                self._free_copy(e)
+                self._settle(e, 0, dst)
+                self._counters["gpu"].evictions += 1
+                self._counters["gpu"].demotions += 1
+                done += 1
+        return done
 
     # ----------------------------------------------------------------- internals
 
@@ -730,7 +1000,8 @@ class Store:
         size_class = cpu.allocator.class_of(nbytes)
         # First choice: the least recently used entry of the same size class frees a slot
         # that fits exactly.
-        for eid in self._policy["cpu"].candidates():
+        slots = self._mem[0]
+        for eid in slots.policy.candidates():
             e = self._index[eid]
             if self._evictable(e) and e.slot and e.slot.size_class == size_class:
                 self._evict_cpu([e])
@@ -738,16 +1009,16 @@ class Store:
         # Otherwise free a whole page: the one holding the least recently used entry whose
         # every slot is evictable.
         seen: set[int] = set()
-        for eid in self._policy["cpu"].candidates():
+        for eid in slots.policy.candidates():
             e = self._index[eid]
             assert e.slot is not None
             page = e.slot.page
             if page in seen:
                 continue
             seen.add(page)
-            members = list(self._page_entries.get(page, ()))
+            members = list(slots.pages.get(page, ()))
             if len(members) != cpu.allocator.page_live(page):
-                continue  # a reservation or a dead-but-leased slot lives there
+                continue  # a reservation or a retired-but-leased slot lives there
             if all(self._evictable(m) for m in members):
                 self._evict_cpu(members)
                 return cpu.alloc(nbytes)
@@ -763,25 +1034,27 @@ class Store:
                     counters.demotions += 1
                 except ResourceExhausted as exc:
                     log.warning("evicting %s from cpu with no room on ssd: %s", e.key.hex(), exc)
-            self._free_cpu_copy(e)
+            self._free_copy(e)
             if not e.on_ssd and self._index.get(e.eid) is e:
                 del self._index[e.eid]
 
     def _cpu_view(self, e: Entry) -> memoryview:
-        assert self.cpu is not None and e.slot is not None
+        assert self.cpu is not None and e.slot is not None and e.place == 0
         return self.cpu.view(e.slot, e.nbytes)
 
-    def _free_cpu_copy(self, e: Entry) -> None:
-        assert self.cpu is not None and e.slot is not None
-        self._policy["cpu"].remove(e.eid)
-        members = self._page_entries.get(e.slot.page)
+    def _free_copy(self, e: Entry) -> None:
+        """Drop `e`'s memory copy; a leased slot is freed when its last lease ends."""
+        assert e.slot is not None
+        slots = self._mem[e.place]
+        slots.policy.remove(e.eid)
+        members = slots.pages.get(e.slot.page)
         if members is not None:
             members.discard(e)
         if e.readers:
-            e.dead = True  # freed by the last lease's release
+            e.retired = (e.retired or []) + [(e.place, e.slot)]
         else:
-            self.cpu.free(e.slot)
-            e.slot = None
+            slots.mem.free(e.slot)
+        e.slot = None
 
     def _write_ssd(self, e: Entry, payload: memoryview) -> None:
         """Put `e` on ssd, evicting ssd LRU entries for room; ResourceExhausted if none."""
@@ -821,15 +1094,15 @@ class Store:
         e.on_ssd = False
         self._dirty = True
         self._policy["ssd"].remove(e.eid)
-        if (e.slot is None or e.dead) and self._index.get(e.eid) is e:
+        if e.slot is None and self._index.get(e.eid) is e:
             del self._index[e.eid]
 
     def _remove(self, e: Entry) -> None:
         """Take `e` out of the index and every tier (delete or replace)."""
         if self._index.get(e.eid) is e:
             del self._index[e.eid]
-        if e.slot is not None and not e.dead:
-            self._free_cpu_copy(e)
+        if e.slot is not None:
+            self._free_copy(e)
         if e.on_ssd:
             assert self.ssd is not None
             self.ssd.delete(e.namespace, e.key)

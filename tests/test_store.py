@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,6 @@ import pytest
 
 import kvstore.store as store_mod
 from kvstore.codecs.container import checksum
-from kvstore.config import ServerConfig
 from kvstore.errors import DataLoss, InvalidArgument, ResourceExhausted
 from kvstore.keys import chunk_keys
 from kvstore.store import Entry, Store
@@ -69,26 +68,6 @@ def on_ssd_disk(store: Store, k: bytes, ns: str = NS) -> bool:
 
 def tier_stats(store: Store, name: str) -> Any:
     return next(t for t in store.stats().tiers if t.name == name)
-
-
-@pytest.fixture
-def make_store(tmp_path: Path) -> Iterator[MakeStore]:
-    opened: list[Store] = []
-
-    def make(**overrides: Any) -> Store:
-        settings: dict[str, Any] = {
-            "data_dir": tmp_path / "data",
-            "cpu_bytes": "4MiB",
-            "ssd_bytes": "16MiB",
-        }
-        settings.update(overrides)
-        s = Store(ServerConfig(**settings))
-        opened.append(s)
-        return s
-
-    yield make
-    for s in opened:
-        s.close()
 
 
 @pytest.fixture

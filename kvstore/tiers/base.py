@@ -2,8 +2,9 @@
 
 Two kinds of tier sit under the tier manager (`kvstore.store`):
 
-- `MemoryTier`: byte-addressable memory cut into slots (`SlabAllocator`). The manager writes
-  and reads values in place through `view()`; values are only reachable through the index.
+- `MemoryTier`: memory cut into slots (`SlabAllocator`); values are only reachable through
+  the index. Host memory (`HostArena`) is read and written in place through `view()`; a
+  GPU pool (`kvstore.tiers.gpu`) copies to and from host memory on a stream of its own.
 - `StorageTier`: a keyed store of containers (`kvstore.codecs.container`); `put` copies a
   value in, `read` hands back a checksum-verified view of it.
 
@@ -19,7 +20,7 @@ from contextlib import AbstractContextManager
 
 from kvstore.codecs.container import ValueHeader
 from kvstore.errors import Unavailable
-from kvstore.tiers.slab import Slot
+from kvstore.tiers.slab import SlabAllocator, Slot
 
 Buffer = bytes | bytearray | memoryview
 
@@ -47,20 +48,22 @@ class Tier(ABC):
 class MemoryTier(Tier):
     """Slots of memory; see `SlabAllocator` for the allocation rules."""
 
+    allocator: SlabAllocator
+
     @property
-    @abstractmethod
+    def used_bytes(self) -> int:
+        return self.allocator.used_bytes
+
+    @property
     def max_value_bytes(self) -> int:
         """Largest value a single slot can hold."""
+        return self.allocator.max_alloc
 
-    @abstractmethod
-    def alloc(self, nbytes: int) -> Slot | None: ...
+    def alloc(self, nbytes: int) -> Slot | None:
+        return self.allocator.alloc(nbytes)
 
-    @abstractmethod
-    def free(self, slot: Slot) -> None: ...
-
-    @abstractmethod
-    def view(self, slot: Slot, nbytes: int) -> memoryview:
-        """Writable view of the first `nbytes` of a slot."""
+    def free(self, slot: Slot) -> None:
+        self.allocator.free(slot)
 
 
 class StorageTier(Tier):

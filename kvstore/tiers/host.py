@@ -63,21 +63,12 @@ class HostArena(MemoryTier):
             os.close(fd)
         self._view = memoryview(self._mmap)
 
-    @property
-    def used_bytes(self) -> int:
-        return self.allocator.used_bytes
-
-    @property
-    def max_value_bytes(self) -> int:
-        return self.allocator.max_alloc
-
-    def alloc(self, nbytes: int) -> Slot | None:
-        return self.allocator.alloc(nbytes)
-
-    def free(self, slot: Slot) -> None:
-        self.allocator.free(slot)
+    def whole(self) -> memoryview:
+        """The whole arena (to register it with CUDA)."""
+        return self._view
 
     def view(self, slot: Slot, nbytes: int) -> memoryview:
+        """Writable view of the first `nbytes` of a slot."""
         return self._view[slot.offset : slot.offset + nbytes]
 
     def close(self) -> None:

@@ -39,62 +39,72 @@ class PutResponse(_message.Message):
     def __init__(self, stored: _Optional[int] = ..., tiers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("namespace", "key", "shared", "call")
+    __slots__ = ("namespace", "key", "shared", "call", "gpu_pools")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
     SHARED_FIELD_NUMBER: _ClassVar[int]
     CALL_FIELD_NUMBER: _ClassVar[int]
+    GPU_POOLS_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     key: bytes
     shared: bool
     call: int
-    def __init__(self, namespace: _Optional[str] = ..., key: _Optional[bytes] = ..., shared: _Optional[bool] = ..., call: _Optional[int] = ...) -> None: ...
+    gpu_pools: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, namespace: _Optional[str] = ..., key: _Optional[bytes] = ..., shared: _Optional[bool] = ..., call: _Optional[int] = ..., gpu_pools: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class KeysRequest(_message.Message):
-    __slots__ = ("namespace", "keys", "shared", "call")
+    __slots__ = ("namespace", "keys", "shared", "call", "gpu_pools")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     SHARED_FIELD_NUMBER: _ClassVar[int]
     CALL_FIELD_NUMBER: _ClassVar[int]
+    GPU_POOLS_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     keys: _containers.RepeatedScalarFieldContainer[bytes]
     shared: bool
     call: int
-    def __init__(self, namespace: _Optional[str] = ..., keys: _Optional[_Iterable[bytes]] = ..., shared: _Optional[bool] = ..., call: _Optional[int] = ...) -> None: ...
+    gpu_pools: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, namespace: _Optional[str] = ..., keys: _Optional[_Iterable[bytes]] = ..., shared: _Optional[bool] = ..., call: _Optional[int] = ..., gpu_pools: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SharedSlice(_message.Message):
-    __slots__ = ("lease", "offset", "arena_dev", "arena_ino")
+    __slots__ = ("lease", "offset", "arena_dev", "arena_ino", "gpu_pool")
     LEASE_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     ARENA_DEV_FIELD_NUMBER: _ClassVar[int]
     ARENA_INO_FIELD_NUMBER: _ClassVar[int]
+    GPU_POOL_FIELD_NUMBER: _ClassVar[int]
     lease: int
     offset: int
     arena_dev: int
     arena_ino: int
-    def __init__(self, lease: _Optional[int] = ..., offset: _Optional[int] = ..., arena_dev: _Optional[int] = ..., arena_ino: _Optional[int] = ...) -> None: ...
+    gpu_pool: int
+    def __init__(self, lease: _Optional[int] = ..., offset: _Optional[int] = ..., arena_dev: _Optional[int] = ..., arena_ino: _Optional[int] = ..., gpu_pool: _Optional[int] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
-    __slots__ = ("namespace", "values", "call")
+    __slots__ = ("namespace", "values", "call", "gpu_pool")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     CALL_FIELD_NUMBER: _ClassVar[int]
+    GPU_POOL_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     values: _containers.RepeatedCompositeFieldContainer[ValueHeader]
     call: int
-    def __init__(self, namespace: _Optional[str] = ..., values: _Optional[_Iterable[_Union[ValueHeader, _Mapping]]] = ..., call: _Optional[int] = ...) -> None: ...
+    gpu_pool: int
+    def __init__(self, namespace: _Optional[str] = ..., values: _Optional[_Iterable[_Union[ValueHeader, _Mapping]]] = ..., call: _Optional[int] = ..., gpu_pool: _Optional[int] = ...) -> None: ...
 
 class Reservation(_message.Message):
-    __slots__ = ("id", "offset", "arena_dev", "arena_ino")
+    __slots__ = ("id", "offset", "arena_dev", "arena_ino", "gpu_pool")
     ID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     ARENA_DEV_FIELD_NUMBER: _ClassVar[int]
     ARENA_INO_FIELD_NUMBER: _ClassVar[int]
+    GPU_POOL_FIELD_NUMBER: _ClassVar[int]
     id: int
     offset: int
     arena_dev: int
     arena_ino: int
-    def __init__(self, id: _Optional[int] = ..., offset: _Optional[int] = ..., arena_dev: _Optional[int] = ..., arena_ino: _Optional[int] = ...) -> None: ...
+    gpu_pool: int
+    def __init__(self, id: _Optional[int] = ..., offset: _Optional[int] = ..., arena_dev: _Optional[int] = ..., arena_ino: _Optional[int] = ..., gpu_pool: _Optional[int] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
     __slots__ = ("reservations",)
@@ -201,7 +211,7 @@ class TierStats(_message.Message):
     def __init__(self, name: _Optional[str] = ..., entries: _Optional[int] = ..., used_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., promotions: _Optional[int] = ..., demotions: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("version", "chunk_tokens", "max_value_bytes", "max_keys_per_request", "max_piece_bytes", "tiers", "entries", "uptime_seconds", "host_arena_path", "pinned", "leases", "host_arena_dev", "host_arena_ino", "lease_seconds")
+    __slots__ = ("version", "chunk_tokens", "max_value_bytes", "max_keys_per_request", "max_piece_bytes", "tiers", "entries", "uptime_seconds", "host_arena_path", "pinned", "leases", "host_arena_dev", "host_arena_ino", "lease_seconds", "gpu_pools")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_VALUE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -216,6 +226,7 @@ class StatsResponse(_message.Message):
     HOST_ARENA_DEV_FIELD_NUMBER: _ClassVar[int]
     HOST_ARENA_INO_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    GPU_POOLS_FIELD_NUMBER: _ClassVar[int]
     version: str
     chunk_tokens: int
     max_value_bytes: int
@@ -230,7 +241,26 @@ class StatsResponse(_message.Message):
     host_arena_dev: int
     host_arena_ino: int
     lease_seconds: float
-    def __init__(self, version: _Optional[str] = ..., chunk_tokens: _Optional[int] = ..., max_value_bytes: _Optional[int] = ..., max_keys_per_request: _Optional[int] = ..., max_piece_bytes: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., entries: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., host_arena_path: _Optional[str] = ..., pinned: _Optional[int] = ..., leases: _Optional[int] = ..., host_arena_dev: _Optional[int] = ..., host_arena_ino: _Optional[int] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
+    gpu_pools: _containers.RepeatedCompositeFieldContainer[GpuPool]
+    def __init__(self, version: _Optional[str] = ..., chunk_tokens: _Optional[int] = ..., max_value_bytes: _Optional[int] = ..., max_keys_per_request: _Optional[int] = ..., max_piece_bytes: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., entries: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., host_arena_path: _Optional[str] = ..., pinned: _Optional[int] = ..., leases: _Optional[int] = ..., host_arena_dev: _Optional[int] = ..., host_arena_ino: _Optional[int] = ..., lease_seconds: _Optional[float] = ..., gpu_pools: _Optional[_Iterable[_Union[GpuPool, _Mapping]]] = ...) -> None: ...
+
+class GpuPool(_message.Message):
+    __slots__ = ("pool", "device_uuid", "ipc_handle", "capacity_bytes", "twin_path", "arena_dev", "arena_ino")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TWIN_PATH_FIELD_NUMBER: _ClassVar[int]
+    ARENA_DEV_FIELD_NUMBER: _ClassVar[int]
+    ARENA_INO_FIELD_NUMBER: _ClassVar[int]
+    pool: int
+    device_uuid: str
+    ipc_handle: bytes
+    capacity_bytes: int
+    twin_path: str
+    arena_dev: int
+    arena_ino: int
+    def __init__(self, pool: _Optional[int] = ..., device_uuid: _Optional[str] = ..., ipc_handle: _Optional[bytes] = ..., capacity_bytes: _Optional[int] = ..., twin_path: _Optional[str] = ..., arena_dev: _Optional[int] = ..., arena_ino: _Optional[int] = ...) -> None: ...
 
 class ListRequest(_message.Message):
     __slots__ = ("namespace", "limit")
