@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from kvstore.client._shared import ArenaMap
+from kvstore.client._shared import ArenaMap, PoolMap, Region, open_pools
 from kvstore.client._transfer import (
     LEASE_MARGIN,
     BlockRefs,
@@ -37,6 +37,8 @@ from kvstore.client._transfer import (
 from kvstore.codecs.container import checksum
 from kvstore.dtypes import BY_NAME, expected_nbytes
 from kvstore.errors import DataLoss, InvalidArgument
+from kvstore.kernels import checksum as checksum_kernels
+from kvstore.kernels.blocks import DeviceBuffer
 from kvstore.keys import chunk_keys
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire import PIECE_BYTES, Piece
@@ -113,6 +115,8 @@ class ServerStats:
     host_arena_ino: int
     lease_seconds: float
     tiers: dict[str, TierStats] = field(default_factory=dict)
+    # The gpu tier's pools (kvstore.v1.GpuPool), for same-host clients to map.
+    gpu_pools: list[pb.GpuPool] = field(default_factory=list)
 
     @classmethod
     def from_proto(cls, m: pb.StatsResponse) -> ServerStats:
@@ -144,6 +148,7 @@ class ServerStats:
             m.host_arena_ino,
             m.lease_seconds,
             tiers,
+            list(m.gpu_pools),
         )
 
 
@@ -198,9 +203,14 @@ class _Assembler:
     """
 
     def __init__(
-        self, count: int, arena: ArenaMap | None = None, keep_shared: bool = False
+        self,
+        count: int,
+        arena: ArenaMap | None = None,
+        keep_shared: bool = False,
+        pools: dict[int, Region] | None = None,
     ) -> None:
         self.arena = arena
+        self.pools = pools or {}  # gpu pools mapped here (slices kept, never copied)
         # With keep_shared, shared slices are recorded in `shared` (position -> slice), not
         # copied or checked: the caller reads them in place.
         self.keep_shared = keep_shared
@@ -241,17 +251,20 @@ class _Assembler:
             if piece.HasField("shared"):
                 ref = piece.shared
                 self.leases.append(ref.lease)
-                arena = self.arena
-                if arena is None or not arena.holds(
+                region = self.pools.get(ref.gpu_pool) if ref.gpu_pool else self.arena
+                if region is None or not region.holds(
                     ref.arena_dev, ref.arena_ino, ref.offset, h.nbytes
                 ):
                     self.stale = True  # mapped before the server restarted
                     self._header = None
                     return
                 if self.keep_shared:
-                    self.shared[piece.index] = Slice(h, ref.offset, ref.lease)
+                    self.shared[piece.index] = Slice(h, ref.offset, ref.lease, ref.gpu_pool)
                     self._header = None
                     return
+                arena = self.arena
+                if ref.gpu_pool or arena is None:
+                    raise DataLoss("server sent a gpu pool slice to a read that maps none")
                 # A large value is hashed in place on another core while this one copies it.
                 src = arena.array()[ref.offset : ref.offset + h.nbytes].data
                 digest = hash_pool().submit(checksum, src) if h.nbytes >= _PARALLEL_HASH else None
@@ -295,12 +308,32 @@ class _Assembler:
         return self.values
 
 
-def _failed_checksums(arena: ArenaMap | None, slices: dict[int, Slice]) -> list[int]:
-    """Leases of the slices whose arena bytes fail their checksum (hashed in parallel)."""
-    assert arena is not None
-    view = arena.array()
-    futures = [(s, hash_pool().submit(checksum, view[s.span].data)) for s in slices.values()]
-    return [s.lease for s, f in futures if f.result() != s.header.checksum]
+def _failed_checksums(regions: dict[int, Region], slices: dict[int, Slice]) -> list[int]:
+    """Leases of the slices whose bytes fail their checksum: hashed in parallel on host
+    threads, or on their GPU for slices of a gpu pool."""
+    futures = []
+    on_gpu: dict[int, list[Slice]] = {}
+    for s in slices.values():
+        view = regions[s.pool].array()
+        if view is not None:
+            futures.append((s, hash_pool().submit(checksum, view[s.span].data)))
+        else:
+            on_gpu.setdefault(s.pool, []).append(s)
+    bad = []
+    for pool, group in on_gpu.items():
+        m = regions[pool]
+        assert isinstance(m, PoolMap)
+        small = [s for s in group if checksum_kernels.needs_cpu(s.header.nbytes)]
+        large = [s for s in group if not checksum_kernels.needs_cpu(s.header.nbytes)]
+        for s in small:
+            if checksum(m.copy(s.offset, s.header.nbytes).data) != s.header.checksum:
+                bad.append(s.lease)
+        if large:
+            ordinal = m.device.index
+            buffers = [DeviceBuffer(m.address + s.offset, s.header.nbytes, ordinal) for s in large]
+            got = checksum_kernels.xxh3_64_gpu(buffers, ordinal).result()
+            bad += [s.lease for s, d in zip(large, got, strict=True) if d != s.header.checksum]
+    return bad + [s.lease for s, f in futures if f.result() != s.header.checksum]
 
 
 def _shifted(sink: Callable[[Piece], None], base: int) -> Callable[[Piece], None]:
@@ -348,6 +381,7 @@ class ClientCore:
         self._held_lock = threading.Lock()
         self.same_host = same_host
         self._arena: ArenaMap | None = None
+        self._pools: dict[int, Region] = {}  # gpu pools mapped here, by pool number
         self._arena_checked = False
         self.lease_seconds = 30.0  # the server's, read with its arena
 
@@ -472,16 +506,23 @@ class ClientCore:
         every lease of that number, seen by the sink or not."""
         shared = sink.arena is not None
         call = (secrets.randbits(63) or 1) if shared else 0
+        pools = sorted(sink.pools)
         try:
             if method == "Get":
-                get = pb.GetRequest(namespace=self.namespace, key=keys[0], shared=shared, call=call)
+                get = pb.GetRequest(
+                    namespace=self.namespace, key=keys[0], shared=shared, call=call, gpu_pools=pools
+                )
                 yield Call(method, get, sink)
             else:
                 limit = yield from self._max_keys()
                 for base in range(0, len(keys), limit):
                     part = keys[base : base + limit]
                     request = pb.KeysRequest(
-                        namespace=self.namespace, keys=part, shared=shared, call=call
+                        namespace=self.namespace,
+                        keys=part,
+                        shared=shared,
+                        call=call,
+                        gpu_pools=pools,
                     )
                     yield Call(method, request, _shifted(sink, base))
         except GeneratorExit:  # the driver gave up on this operation: nothing more to yield
@@ -507,7 +548,8 @@ class ClientCore:
         keys = _keys(keys)
         arena = (yield from self._mapped_arena()) if shared else None
         in_place = arena is not None
-        sink = _Assembler(len(keys), arena, keep_shared=True)
+        pools = self._pools if in_place else {}
+        sink = _Assembler(len(keys), arena, keep_shared=True, pools=pools)
         started = time.monotonic()
         call = yield from self._fetch("BatchGet", keys, sink)
         try:
@@ -536,8 +578,9 @@ class ClientCore:
     ) -> Op[BlockRefs]:
         """The `BlockRefs` of an acquire whose answers `sink` collected."""
         mixed = bool(sink.shared) and any(v is not None for v in values)
+        regions: dict[int, Region] = {**sink.pools, **({0: arena} if arena is not None else {})}
         if verify and sink.shared and not mixed:
-            bad = yield Block(lambda: _failed_checksums(arena, sink.shared))
+            bad = yield Block(lambda: _failed_checksums(regions, sink.shared))
             if bad:  # reported, checked and dropped by the server; read everything again
                 release = pb.ReleaseRequest(leases=sink.leases, corrupt=bad)
                 yield Call("Release", release, wait=True)
@@ -547,14 +590,13 @@ class ClientCore:
             for i, sl in sink.shared.items():
                 slices[i] = sl
             expires = started + self.lease_seconds * LEASE_MARGIN
-            refs = BlockRefs(keys, slices, arena, None, expires, call)
+            refs = BlockRefs(keys, slices, arena, None, expires, call, sink.pools)
             with self._held_lock:
                 self.held.add(refs)
             return refs
-        if mixed:  # the arena ones are copied out too, checked, and their leases ended
+        if mixed:  # the in-place ones are copied out too, checked, and their leases ended
             for i, sl in sink.shared.items():
-                assert arena is not None
-                buf = arena.copy(sl.offset, sl.header.nbytes)
+                buf = regions[sl.pool].copy(sl.offset, sl.header.nbytes)
                 if checksum(buf.data) != sl.header.checksum:
                     yield Call("Release", pb.ReleaseRequest(leases=sink.leases), wait=False)
                     return (yield from self.acquire(keys, verify, shared=False))
@@ -661,6 +703,7 @@ class ClientCore:
             landing.rest = list(range(len(keys)))
             landing.stream = _stream_of(srcs, stream)
             return landing
+        pool = self._pool_for(srcs)
         headers = [
             pb.ValueHeader(key=k, dtype=name, shape=t.shape, nbytes=t.numel() * t.element_size())
             for k, t, name in checked
@@ -668,8 +711,8 @@ class ClientCore:
         landing.call = secrets.randbits(63) or 1
         landing.started = time.monotonic()
         try:
-            reservations = yield from self._reserve(headers, landing.call)
-            landing.launch(arena, reservations, stream)
+            reservations = yield from self._reserve(headers, landing.call, pool)
+            landing.launch({**self._pools, 0: arena}, reservations, stream)
         except GeneratorExit:
             raise
         except BaseException:
@@ -739,13 +782,30 @@ class ClientCore:
                     )
                 except OSError:
                     self._arena = None  # another host or mount namespace: stream bytes
+            # Pools only beside the arena: a client that cannot map one cannot the other.
+            self._pools = open_pools(stats.gpu_pools) if self._arena is not None else {}
         return self._arena
+
+    def _pool_for(self, srcs: list[torch.Tensor]) -> int:
+        """The gpu pool to put `srcs` in: that of their GPU (the host twin's for CPU
+        tensors), or 0 (the host arena) when this client maps none for them."""
+        devices = {t.device for t in srcs}
+        if len(devices) != 1 or not self._pools:
+            return 0
+        device = next(iter(devices))
+        for n, m in self._pools.items():
+            if isinstance(m, PoolMap):
+                if m.device == device:
+                    return n
+            elif device.type == "cpu":  # the host twin takes host tensors
+                return n
+        return 0
 
     def _forget_arena(self, stale: ArenaMap | None) -> None:
         # Only the mapping this read used: another operation may already have mapped the
         # new arena, or be copying from it. A forgotten map closes when its last user is done.
         if self._arena is stale:
-            self._arena, self._arena_checked = None, False
+            self._arena, self._arena_checked, self._pools = None, False, {}
 
     def close(self) -> None:
         self._forget_arena(self._arena)
@@ -801,13 +861,18 @@ class ClientCore:
         yield Call("List", pb.ListRequest(namespace=namespace or "", limit=limit), out.append)
         return out
 
-    def _reserve(self, headers: list[pb.ValueHeader], call: int) -> Op[list[pb.Reservation]]:
-        """Arena slots for `headers`, in requests of at most the server's key limit."""
+    def _reserve(
+        self, headers: list[pb.ValueHeader], call: int, pool: int = 0
+    ) -> Op[list[pb.Reservation]]:
+        """Slots for `headers` (in gpu pool `pool` while it has room, else the arena), in
+        requests of at most the server's key limit."""
         limit = yield from self._max_keys()
         out: list[pb.Reservation] = []
         for base in range(0, len(headers), limit):
             part = headers[base : base + limit]
-            reserve = pb.ReserveRequest(namespace=self.namespace, values=part, call=call)
+            reserve = pb.ReserveRequest(
+                namespace=self.namespace, values=part, call=call, gpu_pool=pool
+            )
             out.extend((yield Call("Reserve", reserve)).reservations)
         return out
 

@@ -8,6 +8,9 @@ way: the server reserves a slot, the client writes the value into it, and commit
 The mapping is writable when the file is (same user); otherwise gets still read in place
 and puts stream.
 
+The gpu tier's pools are mapped the same way through CUDA IPC (`PoolMap`, `open_pools`):
+a value in the pool of the client's GPU is copied or gathered device to device.
+
 With CUDA, the mapping is registered as pinned memory in this process on first GPU use
 (`cudaHostRegister`, read-only when the mapping is), so copies between the arena and a GPU
 run at full PCIe speed and kernels read the arena directly through unified addressing.
@@ -20,6 +23,7 @@ import os
 import threading
 import warnings
 import weakref
+from typing import Any
 
 import numpy as np
 import torch
@@ -116,3 +120,93 @@ class ArenaMap:
             except OSError:
                 self._populate = False  # older kernel: fault pages in on first touch
         return np.frombuffer(self._mm, np.uint8, nbytes, offset)
+
+
+class PoolMap:
+    """A gpu tier pool of the server, opened here through its CUDA IPC handle.
+
+    `tensor()` is the whole pool as a flat uint8 tensor on `device`: values are copied in
+    and out with `copy_` and gathered with the block kernels, device to device. The handle
+    is closed when the map is collected (no `BlockRefs` uses it any more).
+    """
+
+    writable = True
+
+    def __init__(self, handle: bytes, ordinal: int, size: int, dev: int, ino: int) -> None:
+        import cupy
+
+        rt = cupy.cuda.runtime
+        with cupy.cuda.Device(ordinal):
+            ptr = rt.ipcOpenMemHandle(handle, rt.cudaIpcMemLazyEnablePeerAccess)
+        weakref.finalize(self, _close_ipc, ptr, ordinal)
+        mem = cupy.cuda.UnownedMemory(ptr, size, None, ordinal)
+        array = cupy.ndarray((size,), cupy.uint8, cupy.cuda.MemoryPointer(mem, 0))
+        self.device = torch.device("cuda", ordinal)
+        self._tensor = torch.as_tensor(array, device=self.device)
+        self.address, self.size, self.dev, self.ino = ptr, size, dev, ino
+
+    def tensor(self) -> torch.Tensor:
+        return self._tensor
+
+    def array(self) -> None:
+        """No host view: the pool is device memory."""
+        return None
+
+    def register_cuda(self) -> None:
+        pass
+
+    def holds(self, dev: int, ino: int, offset: int, nbytes: int) -> bool:
+        return (self.dev, self.ino) == (dev, ino) and 0 <= offset <= self.size - nbytes
+
+    def copy(self, offset: int, nbytes: int) -> np.ndarray:
+        """A host copy of `nbytes` at `offset`."""
+        if offset < 0 or offset + nbytes > self.size:
+            raise DataLoss(f"server pointed outside its pool ({offset}+{nbytes} > {self.size})")
+        return self._tensor[offset : offset + nbytes].cpu().numpy()
+
+
+def _close_ipc(ptr: int, ordinal: int) -> None:
+    import cupy
+
+    with cupy.cuda.Device(ordinal):
+        cupy.cuda.runtime.ipcCloseMemHandle(ptr)
+
+
+# A place values live in, mapped here: the host arena (or a gpu pool's host twin), or a
+# gpu pool on one of this process's GPUs.
+Region = ArenaMap | PoolMap
+
+
+def open_pools(pools: list[Any]) -> dict[int, Region]:
+    """Map the server's gpu pools (`StatsResponse.gpu_pools`) this process can reach: each
+    CUDA pool on the local GPU with its UUID (needs CuPy), a host twin by its file."""
+    out: dict[int, Region] = {}
+    local: dict[str, int] | None = None
+    for p in pools:
+        try:
+            if p.twin_path:
+                out[p.pool] = ArenaMap(p.twin_path, p.arena_dev, p.arena_ino)
+                continue
+            if local is None:
+                local = _local_gpus()
+            ordinal = local.get(p.device_uuid)
+            if ordinal is not None:
+                out[p.pool] = PoolMap(
+                    p.ipc_handle, ordinal, p.capacity_bytes, p.arena_dev, p.arena_ino
+                )
+        except (OSError, RuntimeError, ImportError):
+            continue  # not reachable from here: its values come as bytes
+    return out
+
+
+def _local_gpus() -> dict[str, int]:
+    """UUID -> ordinal of the GPUs this process sees, if it can use them through CuPy."""
+    if not torch.cuda.is_available():
+        return {}
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return {}
+    from kvstore.gpu import device_uuid
+
+    return {device_uuid(i): i for i in range(torch.cuda.device_count())}

@@ -1,9 +1,10 @@
 """Moving values between the store and tensors the caller owns, GPU tensors above all.
 
 - `BlockRefs`: values held readable in place under leases (`acquire`), each known by its
-  offset in a host buffer: the server's arena, mapped here, or for a client that cannot
-  map it a private buffer holding streamed copies. `gather` pulls a selection of them into
-  one contiguous tensor with one kernel (`kvstore.kernels.gather_blocks`).
+  offset in a region: the server's host arena or one of its gpu pools, mapped here, or for
+  a client that cannot map them a private buffer holding streamed copies. `gather` pulls a
+  selection of them into one contiguous tensor with one kernel per region
+  (`kvstore.kernels.gather_blocks`).
 - `GetLanding` / `PutLanding`: a `get_into` or `put_from` whose copies are enqueued and
   not yet finished; the client settles them (checksums, Commit, Release) in the background
   and hands the caller a handle.
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kvstore.client._shared import ArenaMap
+from kvstore.client._shared import ArenaMap, Region
 from kvstore.codecs.container import checksum
 from kvstore.errors import DataLoss, InvalidArgument
 from kvstore.kernels import checksum as checksum_kernels
@@ -103,6 +104,7 @@ class Slice:
     header: pb.ValueHeader
     offset: int
     lease: int = 0  # 0: a private copy, no lease
+    pool: int = 0  # the region: 0 the host arena (or private buffer), n gpu pool n
 
     @property
     def span(self) -> slice:
@@ -128,12 +130,14 @@ class BlockRefs:
         private: torch.Tensor | None,
         expires: float,
         call: int = 0,
+        pools: dict[int, Region] | None = None,
     ) -> None:
         self.keys = keys
         self.call = call  # the call number the leases were taken under, for renewal
         self.slices = slices
         self.found = [s is not None for s in slices]
         self.arena = arena
+        self.pools = pools or {}  # the gpu pools slices may lie in
         self.private = private  # streamed copies, for a client without the arena
         self.expires = expires
         self.released = False
@@ -144,6 +148,7 @@ class BlockRefs:
         self.offsets = np.fromiter((s.offset if s else -1 for s in slices), np.int64, n)
         self.nbytes = np.fromiter((s.header.nbytes if s else 0 for s in slices), np.int64, n)
         self.kinds = np.fromiter((code[s.header.dtype] if s else -1 for s in slices), np.int16, n)
+        self.regions = np.fromiter((s.pool if s else 0 for s in slices), np.int32, n)
         self._positions: np.ndarray | None = None  # set on a selection
         self._root: BlockRefs = self
 
@@ -173,12 +178,21 @@ class BlockRefs:
         return view
 
     def host(self) -> tuple[torch.Tensor, np.ndarray]:
-        """The host buffer the blocks live in, as a tensor and as an array."""
+        """The host buffer of region 0, as a tensor and as an array."""
         root = self._root
         if root.arena is not None:
             return root.arena.tensor(), root.arena.array()
         assert root.private is not None
         return root.private, root.private.numpy()
+
+    def region(self, pool: int) -> tuple[torch.Tensor, np.ndarray | None, Region | None]:
+        """Region `pool`'s buffer as a tensor, as a host array (None for GPU memory), and
+        its mapping (None for a private buffer)."""
+        if pool == 0:
+            tensor, array = self.host()
+            return tensor, array, self._root.arena
+        m = self._root.pools[pool]
+        return m.tensor(), m.array(), m
 
     def check_usable(self) -> None:
         root = self._root
@@ -190,14 +204,16 @@ class BlockRefs:
                 "server's --lease-seconds); acquire the keys again"
             )
 
-    def selection(self) -> tuple[np.ndarray, int, str]:
-        """(offsets, block bytes, dtype) of the selected blocks, checked to be gatherable."""
+    def selection(self) -> tuple[np.ndarray, np.ndarray, int, str]:
+        """(offsets, regions, block bytes, dtype) of the selected blocks, checked to be
+        gatherable."""
         self.check_usable()
         root = self._root
         pos = slice(None) if self._positions is None else self._positions
         offsets, nbytes, kinds = root.offsets[pos], root.nbytes[pos], root.kinds[pos]
+        regions = root.regions[pos]
         if not offsets.size:
-            return offsets, VECTOR_BYTES, ""
+            return offsets, regions, VECTOR_BYTES, ""
         if (kinds < 0).any():
             p = int(np.flatnonzero(kinds < 0)[0])
             raise InvalidArgument(f"key #{p} of the selection is not stored; it cannot be gathered")
@@ -209,7 +225,7 @@ class BlockRefs:
                 f"blocks of {block} bytes cannot be gathered: the size must be a positive "
                 f"multiple of {VECTOR_BYTES}"
             )
-        return offsets, block, root.dtypes[int(kinds[0])]
+        return offsets, regions, block, root.dtypes[int(kinds[0])]
 
     def mark_released(self) -> None:
         self._root.released = True
@@ -221,10 +237,13 @@ def gather(refs: BlockRefs, out: torch.Tensor, stream: Any = None) -> Any:
 
     Everything is checked before the launch; the offsets come from the server's slices, so
     the kernel is launched without checking them again (this is a per-decode-step call).
+    Blocks that all lie in one region take one kernel; a selection spread over the host
+    arena and gpu pools takes one per region, each into scratch on `out`'s device, then
+    one placement.
     """
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
-    offsets, block, dtype = refs.selection()
+    offsets, regions, block, dtype = refs.selection()
     if not out.is_contiguous():
         raise InvalidArgument("out must be contiguous")
     if dtype and dtype_name(out) != dtype:
@@ -232,22 +251,68 @@ def gather(refs: BlockRefs, out: torch.Tensor, stream: Any = None) -> Any:
     nbytes, k = out.numel() * out.element_size(), offsets.size
     if nbytes < k * block:
         raise InvalidArgument(f"out holds {nbytes} bytes; {k} blocks of {block} need {k * block}")
-    ids = offsets // VECTOR_BYTES
-    host_tensor, host_array = refs.host()
-    if not out.is_cuda:
-        gather_blocks_cpu(host_array, ids, flat_bytes(out).numpy(), block, slot_bytes=VECTOR_BYTES)
-        return None
-    root = refs._root
-    if root.arena is not None:
-        root.arena.register_cuda()
-    src = DeviceBuffer(host_tensor.data_ptr(), host_tensor.numel(), None)
-    dense = _device_buffer(out)
-    if dense.ptr % VECTOR_BYTES:
+    dense = flat_bytes(out)
+    if out.is_cuda and dense.data_ptr() % VECTOR_BYTES:
         raise InvalidArgument(f"out must be {VECTOR_BYTES}-byte aligned")
-    stream = torch_stream(stream, out.device)  # torch's current stream, not CuPy's
-    event = launch_blocks("gather_blocks", src, dense, ids, block, VECTOR_BYTES, stream)
-    root.last_gather = event  # release() waits for it before the leases end
+    stream = torch_stream(stream, out.device) if out.is_cuda else None  # torch's, not CuPy's
+    used = np.unique(regions) if k else np.zeros(1, np.int32)
+    if used.size == 1:
+        event = _gather_region(refs, int(used[0]), offsets, block, dense, stream)
+    else:
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            rows = dense[: k * block].view(k, block)
+            for r in used:
+                picked = np.flatnonzero(regions == r)
+                scratch = torch.empty(picked.size * block, dtype=torch.uint8, device=out.device)
+                _gather_region(refs, int(r), offsets[picked], block, scratch, stream)
+                where = torch.from_numpy(picked).to(out.device, non_blocking=True)
+                rows.index_copy_(0, where, scratch.view(-1, block))
+        event = _recorded(stream)
+    if event is not None:
+        refs._root.last_gather = event  # release() waits for it before the leases end
     return event
+
+
+def _recorded(stream: Any) -> Any:
+    """A CuPy event recorded on torch `stream` (None without one), like a kernel's."""
+    if stream is None:
+        return None
+    import cupy
+
+    event = cupy.cuda.Event()
+    event.record(cupy.cuda.ExternalStream(stream.cuda_stream, stream.device.index))
+    return event
+
+
+def _gather_region(
+    refs: BlockRefs, pool: int, offsets: np.ndarray, block: int, dense: torch.Tensor, stream: Any
+) -> Any:
+    """Gather blocks at `offsets` of one region into the flat byte tensor `dense`: the
+    numba twin for a host region into host memory, else one kernel; through scratch on the
+    pool's GPU when the region is a pool of another device than `dense`'s."""
+    src, host_array, mapping = refs.region(pool)
+    ids = offsets // VECTOR_BYTES
+    if not dense.is_cuda and host_array is not None:
+        gather_blocks_cpu(host_array, ids, dense.numpy(), block, slot_bytes=VECTOR_BYTES)
+        return None
+    if src.is_cuda and src.device != dense.device:
+        scratch = torch.empty(offsets.size * block, dtype=torch.uint8, device=src.device)
+        side = torch.cuda.current_stream(src.device)
+        if stream is not None:
+            side.wait_stream(stream)
+        _gather_region(refs, pool, offsets, block, scratch, side)
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            if stream is not None:
+                stream.wait_stream(side)
+            dense[: scratch.numel()].copy_(scratch, non_blocking=dense.is_cuda)
+        return _recorded(stream)
+    if mapping is not None:
+        mapping.register_cuda()
+    device = src.device.index if src.is_cuda else None
+    buffer = DeviceBuffer(src.data_ptr(), src.numel(), device)
+    return launch_blocks(
+        "gather_blocks", buffer, _device_buffer(dense), ids, block, VECTOR_BYTES, stream
+    )
 
 
 def check_destination(i: int, h: pb.ValueHeader, dst: torch.Tensor) -> None:
@@ -308,23 +373,31 @@ class GetLanding:
         for i, (s, dst) in enumerate(zip(slices, self.dests, strict=True)):
             if s is not None:
                 check_destination(i, s.header, dst)
-        host_tensor, host_array = self.refs.host()
         found = [i for i, s in enumerate(slices) if s is not None]
         cuda = [self.dests[i] for i in found if self.dests[i].is_cuda]
         devices = {d.device for d in cuda}
         if len(devices) > 1:
             raise InvalidArgument(f"out spans several GPUs ({sorted(map(str, devices))})")
-        arena = self.refs.arena
-        if cuda and arena is not None:
-            arena.register_cuda()
+        regions = {s.pool: self.refs.region(s.pool) for s in slices if s is not None}
+        if cuda:
+            for _, _, mapping in regions.values():
+                if mapping is not None:
+                    mapping.register_cuda()
         digested: set[int] = set()
-        if arena is not None:
+        late: list[int] = []  # CPU destinations filled from GPU memory: hashed once copied
+        if self.refs.arena is not None or self.refs.pools:  # a private copy was checked
             on_gpu = gpu_hashing() and bool(cuda)
             digested = {i for i in found if on_gpu and _gpu_hashable(self.dests[i])}
-            pool, skip = hash_pool(), digested
+            pool = hash_pool()
             for i in found:
                 s = slices[i]
-                if i not in skip and s is not None:
+                assert s is not None
+                host_array = regions[s.pool][1]
+                if i in digested:
+                    continue
+                if host_array is None:
+                    late.append(i)
+                else:
                     self.hashes.append((i, pool.submit(checksum, host_array[s.span].data)))
         s_ = torch_stream(stream, next(iter(devices))) if cuda else None
         batch: list[int] = []  # GPU destinations copied and not yet hashed
@@ -334,10 +407,13 @@ class GetLanding:
             for i, (s, dst) in enumerate(zip(slices, self.dests, strict=True)):
                 if not s or not s.header.nbytes:
                     continue
+                src, host_array, _ = regions[s.pool]
                 if dst.is_cuda:
-                    flat_bytes(dst).copy_(host_tensor[s.span], non_blocking=True)
-                else:  # one thread: the checksum threads have the other cores
+                    flat_bytes(dst).copy_(src[s.span], non_blocking=True)
+                elif host_array is not None:  # one thread: the checksum threads have the rest
                     np.copyto(flat_bytes(dst).numpy(), host_array[s.span])
+                else:  # from a gpu pool into host memory
+                    flat_bytes(dst).copy_(src[s.span])
                 if i in digested:
                     batch.append(i)
                     pending += s.header.nbytes
@@ -346,6 +422,9 @@ class GetLanding:
                     batch, pending = [], 0
         if batch:
             side = self._digest(batch, s_)
+        for i in late:
+            data = flat_bytes(self.dests[i]).numpy().data
+            self.hashes.append((i, hash_pool().submit(checksum, data)))
         if s_ is not None:
             self.event = torch.cuda.Event()
             self.event.record(s_)
@@ -399,7 +478,7 @@ class PutGroup:
 
     positions: list[int]
     ids: list[int]
-    slices: list[tuple[int, int]]  # (arena offset, bytes) of each
+    slices: list[tuple[int, int, int]]  # (region, offset, bytes) of each
     event: Any = None
 
 
@@ -417,7 +496,7 @@ class PutLanding:
     call: int = 0
     started: float = 0.0
     stream: Any = None
-    arena: ArenaMap | None = None
+    regions: dict[int, Region] = field(default_factory=dict)
     gpu: bool = False
     groups: list[PutGroup] = field(default_factory=list)
     rest: list[int] = field(default_factory=list)
@@ -426,23 +505,28 @@ class PutLanding:
     digested: dict[int, int] = field(default_factory=dict)  # position -> index in digests
     _digest_values: list[int] | None = None
 
-    def launch(self, arena: ArenaMap, reservations: Sequence[pb.Reservation], stream: Any) -> None:
+    def launch(
+        self, regions: dict[int, Region], reservations: Sequence[pb.Reservation], stream: Any
+    ) -> None:
+        """Enqueue the copies into the reserved slots: `regions` maps each reservation's
+        region (0 the host arena, n gpu pool n) to its mapping here."""
         srcs = [t for _, t, _ in self.values]
         cuda = {t.device for t in srcs if t.is_cuda}
         if len(cuda) > 1:
             raise InvalidArgument(f"values span several GPUs ({sorted(map(str, cuda))})")
-        self.arena = arena
+        self.regions = regions
         placed: list[tuple[int, pb.Reservation]] = []
         for i, (t, r) in enumerate(zip(srcs, reservations, strict=True)):
-            if r.id and arena.holds(
-                r.arena_dev, r.arena_ino, r.offset, t.numel() * t.element_size()
-            ):
+            m = regions.get(r.gpu_pool)
+            n = t.numel() * t.element_size()
+            if r.id and m is not None and m.holds(r.arena_dev, r.arena_ino, r.offset, n):
                 placed.append((i, r))
             else:
                 self.unused.extend([r.id] if r.id else [])
                 self.rest.append(i)
         if cuda:
-            arena.register_cuda()
+            for mapping in regions.values():
+                mapping.register_cuda()
             self.stream = torch_stream(stream, next(iter(cuda)))
             self.gpu = gpu_hashing()
         side = None
@@ -451,7 +535,6 @@ class PutLanding:
             if hashed:
                 self.digested = {p: j for j, p in enumerate(hashed)}
                 self.digests, side = digest_on_side([srcs[i] for i in hashed], self.stream)
-        host = arena.tensor()
         group = PutGroup([], [], [])
         pending = 0
         with (
@@ -461,10 +544,11 @@ class PutLanding:
                 t = srcs[i]
                 n = t.numel() * t.element_size()
                 if n:
-                    host[r.offset : r.offset + n].copy_(flat_bytes(t), non_blocking=t.is_cuda)
+                    dst = regions[r.gpu_pool].tensor()[r.offset : r.offset + n]
+                    dst.copy_(flat_bytes(t), non_blocking=t.is_cuda or dst.is_cuda)
                 group.positions.append(i)
                 group.ids.append(r.id)
-                group.slices.append((r.offset, n))
+                group.slices.append((r.gpu_pool, r.offset, n))
                 pending += n
                 if pending >= COMMIT_GROUP_BYTES:
                     self._close(group)
@@ -487,15 +571,16 @@ class PutLanding:
             group.event.synchronize()
         if self.digests is not None and self._digest_values is None:
             self._digest_values = self.digests.result()
-        assert self.arena is not None
-        view = self.arena.array()
         sums = []
-        for p, (offset, n) in zip(group.positions, group.slices, strict=True):
+        for p, (pool, offset, n) in zip(group.positions, group.slices, strict=True):
             j = self.digested.get(p)
             if j is not None and self._digest_values is not None:
                 sums.append(self._digest_values[j])
-            else:
-                sums.append(checksum(view[offset : offset + n].data))
+                continue
+            mapping = self.regions[pool]
+            view = mapping.array()
+            data = view[offset : offset + n] if view is not None else mapping.copy(offset, n)
+            sums.append(checksum(data.data))
         return sums
 
 
