@@ -12,6 +12,9 @@ Every figure is printed beside its limit, measured here, and as a ratio:
   from a full 4 GiB arena, vs H2D and vs a loop of one `cudaMemcpyAsync` per block (how an
   engine without a gather kernel does it; timed as the caller waits for it);
 - **pool gather**: `gather_blocks` from a 4 GiB device buffer, vs the device copy;
+- **gpu tier**: the same offload / load against a server running `--tiers gpu,cpu`, whose
+  pool on this GPU the client maps by CUDA IPC, and `KVClient.gather` of k = 4096 blocks of
+  16 KiB from that pool: each vs the device copy (no target: the issue sets none);
 - **launch to event**: wall time of `KVClient.gather` of k = 64 small blocks, from the
   call until its event has completed;
 - **overlap**: a bf16 matmul on the compute stream, alone and while a gather (kernel) and
@@ -139,7 +142,7 @@ def limits(stream: Any) -> dict[str, float]:
     return {"h2d_GBps": h2d / 1e9, "d2h_GBps": d2h / 1e9, "d2d_GBps": d2d / 1e9}
 
 
-def offload_load(c: KVClient, kv_bytes: int, stream: Any) -> dict[str, float]:
+def offload_load(c: KVClient, kv_bytes: int, stream: Any, tier: str = "cpu") -> dict[str, float]:
     chunk = int(np.prod(CHUNK_SHAPE)) * 2
     n = max(1, kv_bytes // chunk)
     kv = torch.randn((n, *CHUNK_SHAPE), device="cuda", dtype=torch.bfloat16)
@@ -151,8 +154,8 @@ def offload_load(c: KVClient, kv_bytes: int, stream: Any) -> dict[str, float]:
         t0 = time.perf_counter()
         tiers = c.put_from(keys, kv, stream=stream).wait()
         offload.seconds.append(time.perf_counter() - t0)  # type: ignore[attr-defined]
-        if set(tiers) != {"cpu"}:
-            raise RuntimeError(f"chunks landed in {set(tiers)}, not all in the arena")
+        if set(tiers) != {tier}:
+            raise RuntimeError(f"chunks landed in {set(tiers)}, not all in {tier}")
 
     offload.seconds = []  # type: ignore[attr-defined]
     for _ in range(5):
@@ -184,8 +187,10 @@ def memcpy_per_block(
     stream.synchronize()
 
 
-def fill_blocks(c: KVClient, block: int, arena: int, stream: Any) -> tuple[list[bytes], Any]:
-    """Fill the arena with blocks of `block` bytes; returns their keys and refs."""
+def fill_blocks(
+    c: KVClient, block: int, arena: int, stream: Any, tier: str = "cpu"
+) -> tuple[list[bytes], Any]:
+    """Fill `arena` bytes of `tier` with blocks of `block` bytes; returns keys and refs."""
     n = int(arena * 0.9) // block  # what the slab pages hold, with room to spare
     keys = keys_for(f"block{block}", n)
     batch = max(1, (512 * MiB) // block)
@@ -195,8 +200,8 @@ def fill_blocks(c: KVClient, block: int, arena: int, stream: Any) -> tuple[list[
     for i in range(0, n, batch):
         part = keys[i : i + batch]
         tiers = c.put_from(part, src[: len(part)], stream=stream).wait()
-        if set(tiers) != {"cpu"}:
-            raise RuntimeError(f"blocks landed in {set(tiers)}, not all in the arena")
+        if set(tiers) != {tier}:
+            raise RuntimeError(f"blocks landed in {set(tiers)}, not all in {tier}")
     t1 = time.perf_counter()
     refs = c.acquire(keys)
     progress(f"filled in {t1 - t0:.1f} s, acquired in {time.perf_counter() - t1:.1f} s")
@@ -349,6 +354,48 @@ def measure_overlap(
     }
 
 
+def gpu_tier(kv_bytes: int, limit: dict[str, float], stream: Any) -> dict[str, float]:
+    """Offload, load and gather against a server's gpu pool on this GPU."""
+    pool = kv_bytes + 2 * GiB
+    with (
+        tempfile.TemporaryDirectory(prefix="kvbench-gpu-tier-") as tmp,
+        running_kvstore(
+            Path(tmp),
+            "--tiers",
+            "gpu,cpu",
+            "--gpu-bytes",
+            str(pool),
+            "--cpu-bytes",
+            str(GiB),
+            "--max-keys-per-request",
+            str(1 << 17),
+            "--max-value-bytes",
+            str(max(256 * MiB, kv_bytes // 8)),
+            "--staging-bytes",
+            str(max(256 * MiB, kv_bytes // 8)),
+        ) as address,  # fmt: skip
+        KVClient(address, NAMESPACE) as c,
+    ):
+        progress(f"gpu tier: a {pool / GiB:.0f} GiB pool on this GPU")
+        out = offload_load(c, kv_bytes, stream, tier="gpu")
+        block, k = 16 * KiB, 4096
+        keys, refs = fill_blocks(c, block, GiB, stream, tier="gpu")
+        top = np.random.default_rng(1).choice(len(keys), k, replace=False)
+        sel = refs[top]
+        dense = torch.empty((k, block // 2), dtype=torch.bfloat16, device="cuda")
+        with torch.cuda.stream(stream):
+            t = gpu_seconds(lambda: c.gather(sel, dense, stream), stream)
+        want = torch.empty_like(dense)
+        c.get_into([keys[i] for i in top], want, stream=stream).wait()
+        if not torch.equal(dense, want):
+            raise RuntimeError("gather from the gpu tier returned wrong bytes")
+        c.release(refs)
+        out["gather_GBps"] = k * block / t / 1e9
+    for name in ("offload", "load", "gather"):
+        out[f"{name}_over_d2d"] = out[f"{name}_GBps"] / limit["d2d_GBps"]
+    return out
+
+
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
@@ -398,6 +445,17 @@ def render(fig: dict[str, Any]) -> str:
                 else "(a few us of work: launch-bound)"
             )
         )
+    g = fig.get("gpu_tier")
+    for name, what in (
+        ("offload", "gpu tier offload (put_from)"),
+        ("load", "gpu tier load (get_into)"),
+        ("gather", "gpu tier gather 16 KiB k=4096"),
+    ):
+        if g is not None:
+            lines.append(
+                f"{what:<36} {g[name + '_GBps']:>7.0f} GB/s {lim['d2d_GBps']:>7.0f} GB/s "
+                f"{g[name + '_over_d2d']:>8.0%}   (no target)"
+            )
     for row in fig["gather"]:
         if "launch_to_event_us" in row:
             us = row["launch_to_event_us"]
@@ -441,6 +499,9 @@ def main() -> int:
         fig["gather"] = gather_rows(c, arena, fig["limits"], stream)
         fig["gather"].append(launch_latency(c, stream))
         progress(f"launch to event: {fig['gather'][-1]}")
+    torch.cuda.empty_cache()
+    fig["gpu_tier"] = gpu_tier(kv_bytes, fig["limits"], stream)
+    progress(f"gpu tier: {fig['gpu_tier']}")
     print(render(fig))
     if args.json:
         args.json.write_text(json.dumps(fig, indent=2) + "\n")

@@ -31,7 +31,13 @@ from kvstore.client._shared import ArenaMap, Region
 from kvstore.codecs.container import checksum
 from kvstore.errors import DataLoss, InvalidArgument
 from kvstore.kernels import checksum as checksum_kernels
-from kvstore.kernels.blocks import VECTOR_BYTES, DeviceBuffer, gather_blocks_cpu, launch_blocks
+from kvstore.kernels.blocks import (
+    VECTOR_BYTES,
+    DeviceBuffer,
+    as_cupy_stream,
+    gather_blocks_cpu,
+    launch_blocks,
+)
 from kvstore.v1 import kvstore_pb2 as pb
 
 # Checksums of arena bytes run on these threads while the copy engine moves the same bytes
@@ -280,7 +286,8 @@ def _recorded(stream: Any) -> Any:
     import cupy
 
     event = cupy.cuda.Event()
-    event.record(cupy.cuda.ExternalStream(stream.cuda_stream, stream.device.index))
+    with cupy.cuda.Device(stream.device.index):
+        event.record(as_cupy_stream(stream))
     return event
 
 

@@ -259,7 +259,7 @@ def _few_slots() -> np.ndarray:
 _external_streams: dict[int, Any] = {}
 
 
-def _as_stream(stream: Any) -> Any:
+def as_cupy_stream(stream: Any) -> Any:
     """A CuPy stream for `stream`: a CuPy stream, a torch stream (its wrapper is kept per
     handle: making one costs more than the launch it is for), or None for the current."""
     import cupy
@@ -341,7 +341,7 @@ def launch_blocks(
         )
     current = cupy.cuda.runtime.getDevice()
     with cupy.cuda.Device(device) if current != device else contextlib.nullcontext():
-        s = _as_stream(stream)
+        s = as_cupy_stream(stream)
         event = cupy.cuda.Event(block=False, disable_timing=True)
         if not ids.size:
             event.record(s)

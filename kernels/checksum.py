@@ -29,7 +29,7 @@ import numba
 import numpy as np
 
 from kvstore.kernels._cuda import KernelModule
-from kvstore.kernels.blocks import BlockError, DeviceBuffer, _as_stream
+from kvstore.kernels.blocks import BlockError, DeviceBuffer, as_cupy_stream
 
 SHORT_MAX = 240
 STRIPE, BLOCK, STRIPES_PER_BLOCK = 64, 1024, 16
@@ -343,7 +343,7 @@ def xxh3_64_gpu(buffers: Sequence[DeviceBuffer], device: int, stream: Any = None
     out = meta[3 * n :]
     base = meta.ctypes.data
     with cupy.cuda.Device(device):
-        s = _as_stream(stream)
+        s = as_cupy_stream(stream)
         d_keys = _device_keys(device)
         with s:
             sums = cupy.empty(int(entries.sum()) * 8, cupy.uint64)
