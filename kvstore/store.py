@@ -903,8 +903,14 @@ class Store:
             self._wake.wait(0.5)
             self._wake.clear()
             for place in list(self.pools):
-                while not self._closing and self.demote(place):
-                    pass
+                try:
+                    while not self._closing and self.demote(place):
+                        pass
+                except Exception:
+                    # A failed copy leaves every entry where it was (see demote); puts
+                    # keep landing in cpu meanwhile. Try again on the next round.
+                    log.exception("demoting gpu pool %d failed; retrying shortly", place)
+                    self._wake.wait(1.0)
 
     def demote(self, place: int, *, force: bool = False) -> int:
         """Move one batch of gpu pool `place`'s least recently used values to cpu if the pool

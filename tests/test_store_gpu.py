@@ -9,6 +9,7 @@ a CUDA pool; the CUDA pool itself is tested on the device (tests/e2e/test_transf
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -161,6 +162,33 @@ def test_demoter_thread_keeps_the_pool_below_high_water(make_gpu_store: MakeStor
         time.sleep(0.01)
     assert tier_stats(store, "gpu").counters.demotions >= 1
     assert [read(store, key(i)) for i in range(POOL_SLOTS)] == datas
+
+
+def test_demoter_survives_a_failed_copy(
+    make_gpu_store: MakeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = make_gpu_store(demoter=True)
+    pool = twin(store)
+    real_wait = pool.wait
+    failures = []
+
+    def wait_once_failing() -> None:  # the demoter's first copy fails, nothing else
+        if not failures and threading.current_thread().name == "kvstore-demoter":
+            failures.append(1)
+            raise RuntimeError("copy engine fault")
+        real_wait()
+
+    monkeypatch.setattr(pool, "wait", wait_once_failing)
+    datas = [value(i) for i in range(POOL_SLOTS)]
+    for i, d in enumerate(datas):
+        put_gpu(store, key(i), d)
+    deadline = time.monotonic() + 10
+    while tier_stats(store, "gpu").counters.demotions == 0:
+        assert time.monotonic() < deadline, "the demoter gave up after one failure"
+        time.sleep(0.02)
+    assert failures == [1]
+    assert [read(store, key(i)) for i in range(POOL_SLOTS)] == datas
+    assert store_cpu_live(store) == tier_stats(store, "cpu").entries  # nothing leaked
 
 
 def test_leased_and_pinned_values_stay_in_the_pool(store: Store) -> None:

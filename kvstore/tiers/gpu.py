@@ -20,7 +20,6 @@ from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -58,7 +57,7 @@ class GpuPool(MemoryTier):
     @abstractmethod
     def copy_out(self, moves: Sequence[Move]) -> None:
         """Start copying slots to host buffers; done, and the buffers safe to use, after
-        the next `wait()`."""
+        the next `wait()`. The caller keeps the buffers alive until then."""
 
     @abstractmethod
     def wait(self) -> None:
@@ -103,7 +102,6 @@ class CudaPool(GpuPool):
         # Slices name the pool by this number, new at every start, so a client's mapping
         # of an earlier server's pool is noticed rather than read.
         self._ident = secrets.randbits(63) | 1
-        self._held: list[Any] = []  # host arrays of copies in flight
 
     def copy_out(self, moves: Sequence[Move]) -> None:
         rt = self._cupy.cuda.runtime
@@ -111,7 +109,6 @@ class CudaPool(GpuPool):
             for slot, nbytes, dst in moves:
                 if nbytes:
                     host = np.frombuffer(dst, np.uint8, nbytes)
-                    self._held.append(host)
                     rt.memcpyAsync(
                         host.ctypes.data, self.ptr + slot.offset, nbytes, _D2H, self._stream
                     )
@@ -119,7 +116,6 @@ class CudaPool(GpuPool):
     def wait(self) -> None:
         with self._cupy.cuda.Device(self.ordinal):
             self._cupy.cuda.runtime.streamSynchronize(self._stream)
-        self._held.clear()
 
     def export(self) -> PoolExport:
         return PoolExport(
