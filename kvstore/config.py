@@ -94,6 +94,11 @@ class ServerConfig:
     """Size of the shared-memory host arena (cpu tier)."""
     ssd_bytes: int = 16 << 30
     """Bytes of values the ssd tier may hold."""
+    codec: tuple[str, ...] = ()
+    """How the ssd tier encodes values, as rules `ssd=SPEC` (every namespace) and
+    `ssd[GLOB]=SPEC` (namespaces matching a shell-style glob, checked first, in order);
+    e.g. `ssd=zstd`, `ssd[llama-3-8b/*]=kivi:bits=4`. Unmatched namespaces: raw. Lossy codecs
+    should be opted into per namespace: readers get the decoded approximation."""
     chunk_tokens: int = 256
     """Tokens per chunk for prefix keys; clients read it from the server."""
     max_value_bytes: int = 256 << 20
@@ -134,6 +139,11 @@ class ServerConfig:
                 "tiers: the gpu tier demotes to the cpu tier; add cpu (e.g. --tiers gpu,cpu,ssd)"
             )
         self.gpu_twin = _as_bool(self.gpu_twin, "gpu-twin")
+        if isinstance(self.codec, str):
+            self.codec = tuple(r for r in self.codec.split(";") if r.strip())
+        self.codec = tuple(r.strip() for r in self.codec)
+        for rule in self.codec:
+            codec_rule(rule)  # a clear error now rather than at the first demotion
         for name in ("gpu_bytes", "cpu_bytes", "ssd_bytes", "max_value_bytes", "staging_bytes"):
             setattr(self, name, parse_size(getattr(self, name), name.replace("_", "-")))
         if "gpu" in self.tiers and self.gpu_bytes < (1 << 20):
@@ -220,7 +230,8 @@ class ServerConfig:
         out: dict[str, Any] = {}
         for name in self.field_names():
             value = getattr(self, name)
-            out[name] = ",".join(value) if isinstance(value, tuple) else value
+            sep = ";" if name == "codec" else ","  # codec specs contain commas
+            out[name] = sep.join(value) if isinstance(value, tuple) else value
         out["socket"] = str(self.socket_path)
         out["data_dir"] = str(self.data_dir)
         return out
@@ -234,6 +245,39 @@ def _as_seconds(value: Any, what: str, lo: float) -> float:
     if not lo <= x < float("inf"):
         raise ConfigError(f"{what}: must be at least {lo:g} seconds, got {value!r}")
     return x
+
+
+CODEC_TIERS = ("ssd",)  # tiers that store encoded values; memory tiers hold them raw
+
+
+def codec_rule(rule: str) -> tuple[str, str | None, str]:
+    """(tier, namespace glob or None, codec spec) of a `--codec` rule; ConfigError if bad."""
+    head, sep, spec = rule.partition("]=") if "[" in rule.partition("=")[0] else ("", "", "")
+    if sep:
+        tier, _, glob = head.partition("[")
+    else:
+        tier, sep, spec = rule.partition("=")
+        glob = None
+    tier = tier.strip().lower()
+    if not sep or not spec.strip() or (glob is not None and not glob.strip()):
+        raise ConfigError(
+            f"codec: {rule!r} is not TIER=SPEC or TIER[GLOB]=SPEC (e.g. ssd=zstd, "
+            "ssd[llama-*]=kivi:bits=4)"
+        )
+    if tier not in CODEC_TIERS:
+        raise ConfigError(
+            f"codec: tier {tier!r} cannot hold encoded values; codecs apply to "
+            f"{', '.join(CODEC_TIERS)} (memory tiers keep values raw so clients read them "
+            "in place)"
+        )
+    from kvstore.codecs import codec_from_spec  # imports torch: only when rules are given
+    from kvstore.errors import InvalidArgument
+
+    try:
+        codec_from_spec(spec)
+    except InvalidArgument as exc:
+        raise ConfigError(f"codec: {exc}") from None
+    return tier, glob.strip() if glob is not None else None, spec.strip()
 
 
 def _as_bool(value: Any, what: str) -> bool:

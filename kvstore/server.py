@@ -389,8 +389,8 @@ class KVStoreServicer:
                         key=key,
                         dtype=h.dtype,
                         shape=h.shape,
-                        nbytes=h.payload_len,
-                        checksum=h.payload_checksum,
+                        nbytes=h.value_len,
+                        checksum=h.value_checksum,
                     ),
                     tier=lease.tier,
                 )

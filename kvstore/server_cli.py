@@ -67,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-bytes", help="size of the shared-memory cpu tier (default 1GiB)")
     p.add_argument("--ssd-bytes", help="bytes of values the ssd tier may hold (default 16GiB)")
     p.add_argument(
+        "--codec",
+        action="append",
+        metavar="TIER[GLOB]=SPEC",
+        help="how the ssd tier encodes values; repeatable, namespace rules first: "
+        "ssd=zstd (lossless), ssd[llama-3-8b/*]=kivi:bits=4 (lossy, opt in per namespace); "
+        "default raw. Codecs: raw, zstd:level=N,shuffle=0|1, int8, fp8, kivi:bits=2|4",
+    )
+    p.add_argument(
         "--chunk-tokens", type=int, help=f"tokens per prefix chunk (default {d.chunk_tokens})"
     )
     p.add_argument("--max-value-bytes", help="largest single value accepted (default 256MiB)")

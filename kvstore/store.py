@@ -33,6 +33,7 @@ it: a reservation's slot and a lease's slot belong to their holder until commit/
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import re
 import threading
@@ -41,14 +42,15 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvstore.codecs.container import ValueHeader, checksum
-from kvstore.config import ServerConfig
+from kvstore.codecs import Codec, ContainerError, codec_from_spec
+from kvstore.codecs.container import ValueHeader, checksum, decode_stored, encode_stored
+from kvstore.config import ServerConfig, codec_rule
 from kvstore.dtypes import expected_nbytes
 from kvstore.errors import DataLoss, InvalidArgument, ResourceExhausted
 from kvstore.gpu import cuda_device_count
 from kvstore.keys import KEY_BYTES
 from kvstore.policy import POLICIES, EvictionPolicy
-from kvstore.tiers.base import MemoryTier, Tier, TierError, TierFull
+from kvstore.tiers.base import Buffer, MemoryTier, Tier, TierError, TierFull
 from kvstore.tiers.gpu import (
     CudaPool,
     GpuPool,
@@ -98,6 +100,9 @@ class Entry:
     hits: int = 0
     # Memory copies dropped while leased, as (place, slot): freed when the last lease ends.
     retired: list[tuple[int, Slot]] | None = None
+    # Checksum of the value the ssd copy decodes to: `checksum` unless a lossy codec wrote
+    # it; the entry takes it when the ssd copy becomes its only one (`_only_on_ssd`).
+    ssd_sum: int = 0
 
     @property
     def eid(self) -> EntryId:
@@ -300,8 +305,8 @@ class ReadLease:
         data: memoryview | bytearray | None = self.view
         if data is None:
             assert self._slot is not None
-            data = self._store.pool(self.pool).read(self._slot, self.header.payload_len)
-        corrupt = checksum(data) != self.header.payload_checksum
+            data = self._store.pool(self.pool).read(self._slot, self.header.value_len)
+        corrupt = checksum(data) != self.header.value_checksum
         self._released = True
         self._store._release(self._entry, self._staged, corrupt=corrupt)
         return corrupt
@@ -350,6 +355,13 @@ class Store:
         self._demoter: threading.Thread | None = None
         self._wake = threading.Event()
         self._closing = False
+        # (namespace glob or None for every namespace, codec) of the ssd tier, globs first.
+        rules = [codec_rule(r) for r in config.codec]
+        self._ssd_codecs: list[tuple[str | None, Codec]] = [
+            (glob, codec_from_spec(spec))
+            for _, glob, spec in sorted(rules, key=lambda r: r[1] is None)
+        ]
+        self._codec_refused: set[str] = set()  # namespaces a codec could not take (logged)
         config.data_dir.mkdir(parents=True, exist_ok=True)
         try:
             if "gpu" in config.tiers:
@@ -424,10 +436,11 @@ class Store:
                     key,
                     header.dtype,
                     header.shape,
-                    header.payload_len,
-                    header.payload_checksum,
+                    header.value_len,
+                    header.value_checksum,
                     header.created_ns,
                     on_ssd=True,
+                    ssd_sum=header.value_checksum,
                 )
             )
             if time.monotonic() - last_report > 2.0:
@@ -553,6 +566,7 @@ class Store:
             # Written before the old value is retired, so a failure leaves the old one intact.
             # The new LMDB record replaces the old one's in place, under the same key.
             self._write_ssd(e, res._bytes())
+            self._only_on_ssd(e)
             if old is not None:
                 old.on_ssd = False
                 self._remove(old)
@@ -706,12 +720,18 @@ class Store:
         if slot is None:
             self._stage(e.nbytes)
         try:
-            with self.ssd.read(e.namespace, e.key) as (_, data):
+            with self.ssd.read(e.namespace, e.key) as (header, data):
                 if slot is not None:
                     assert self.cpu is not None
-                    self.cpu.view(slot, e.nbytes)[:] = data
+                    dst = self.cpu.view(slot, e.nbytes)
                 else:
-                    copy = bytearray(data)
+                    copy = bytearray(e.nbytes)
+                    dst = memoryview(copy)
+                try:
+                    decode_stored(header, data, dst)
+                except ContainerError as exc:
+                    msg = f"ssd tier: {e.key.hex()[:16]}... does not decode: {exc}"
+                    raise DataLoss(msg) from None
         except (DataLoss, KeyError) as exc:
             if slot is not None:
                 assert self.cpu is not None
@@ -752,6 +772,7 @@ class Store:
                 return False  # other readers hold the slot; a later verified read drops it
             log.error("%s copy of %s failed its checksum; the ssd copy stays", e.tier, e.key.hex())
             self._free_copy(e)
+            self._only_on_ssd(e)
             return True
         self._drop(e)
         return False
@@ -866,12 +887,13 @@ class Store:
                 data = self.pools[e.place].read(e.slot, e.nbytes) if e.place else self._cpu_view(e)
                 if checksum(data) != e.checksum:
                     continue  # a corrupt copy is not worth keeping
+                header, payload = self._encoded(e, memoryview(data))
                 try:
-                    self.ssd.put(e.namespace, e.key, e.header(), data)
+                    self.ssd.put(e.namespace, e.key, header, payload)
                 except (TierFull, TierError) as exc:
                     log.warning("shutdown: ssd tier takes no more values: %s", exc)
                     break
-                e.on_ssd = True
+                e.on_ssd, e.ssd_sum = True, header.value_checksum
                 self._policy["ssd"].insert(e.eid)
                 n += 1
             self.ssd.sync()
@@ -1041,6 +1063,7 @@ class Store:
                 except ResourceExhausted as exc:
                     log.warning("evicting %s from cpu with no room on ssd: %s", e.key.hex(), exc)
             self._free_copy(e)
+            self._only_on_ssd(e)
             if not e.on_ssd and self._index.get(e.eid) is e:
                 del self._index[e.eid]
 
@@ -1062,11 +1085,36 @@ class Store:
             slots.mem.free(e.slot)
         e.slot = None
 
-    def _write_ssd(self, e: Entry, payload: memoryview) -> None:
+    def _ssd_codec(self, namespace: str) -> Codec | None:
+        """The codec the ssd tier stores `namespace`'s values with (None: raw)."""
+        for glob, codec in self._ssd_codecs:
+            if glob is None or fnmatch.fnmatchcase(namespace, glob):
+                return codec
+        return None
+
+    def _encoded(self, e: Entry, value: memoryview) -> tuple[ValueHeader, Buffer]:
+        """`e`'s value as the ssd tier stores it: through its namespace's codec, or raw
+        when there is none or the codec does not take this value (its shape or dtype)."""
+        codec = self._ssd_codec(e.namespace)
+        if codec is not None:
+            try:
+                return encode_stored(codec, e.header(), value)
+            except InvalidArgument as exc:
+                if e.namespace not in self._codec_refused:
+                    self._codec_refused.add(e.namespace)
+                    log.warning("ssd stores %s raw: %s", e.namespace, exc)
+        return e.header(), value
+
+    def _only_on_ssd(self, e: Entry) -> None:
+        """`e` has just lost its memory copy: readers now get what the ssd copy decodes to."""
+        if e.on_ssd and e.slot is None:
+            e.checksum = e.ssd_sum
+
+    def _write_ssd(self, e: Entry, value: memoryview) -> None:
         """Put `e` on ssd, evicting ssd LRU entries for room; ResourceExhausted if none."""
         ssd = self.ssd
         assert ssd is not None
-        header = e.header()
+        header, payload = self._encoded(e, value)
         if ssd.record_bytes(header) > ssd.capacity_bytes:
             raise ResourceExhausted(
                 f"value of {e.nbytes} bytes does not fit the ssd tier ({ssd.capacity_bytes} bytes)"
@@ -1091,6 +1139,7 @@ class Store:
                 self._counters["ssd"].evictions += 1
                 self._drop_ssd_copy(victim)
         e.on_ssd = True
+        e.ssd_sum = header.value_checksum
         self._dirty = True
         self._policy["ssd"].insert(e.eid)
 

@@ -1,4 +1,5 @@
-"""The stored-value container header: round trip, and rejection of anything damaged."""
+"""The stored-value container header: round trip, version 1 still read, and rejection of
+anything damaged."""
 
 from __future__ import annotations
 
@@ -41,7 +42,24 @@ def test_round_trip(dtype: str, shape: tuple[int, ...]) -> None:
     raw = encode_header(header)
     got, length = decode_header(raw)
     assert got == header
-    assert length == len(raw) == 32 + 8 * len(shape) + 4
+    assert length == len(raw) == 50 + 8 * len(shape) + 4
+
+
+def test_round_trip_with_codec_parameters_and_a_separate_payload() -> None:
+    header = ValueHeader("bfloat16", (2, 3), 12, 7, 4, 99, 5, 8, "bits=2;group=32")
+    got, length = decode_header(encode_header(header))
+    assert got == header
+    assert (got.payload_len, got.payload_checksum) == (5, 8)
+    assert got.param_dict() == {"bits": "2", "group": "32"}
+
+
+def test_version_1_containers_are_still_read() -> None:
+    """Records written before codecs existed: raw payload, no parameters."""
+    raw = _reseal(_fields(version=1))
+    header, length = decode_header(raw)
+    assert length == len(raw)
+    assert (header.dtype, header.shape, header.value_len, header.codec) == ("float16", (1,), 2, 0)
+    assert (header.payload_len, header.payload_checksum) == (2, header.value_checksum)
 
 
 def test_decode_ignores_payload_after_header() -> None:
@@ -99,8 +117,8 @@ def _fields(**over: int) -> bytes:
 
 def test_sealed_but_invalid_fields_are_rejected() -> None:
     assert decode_header(_reseal(_fields()))[0].shape == (1,)
-    with pytest.raises(ContainerError, match="version 2"):
-        decode_header(_reseal(_fields(version=2)))
+    with pytest.raises(ContainerError, match="version 3"):
+        decode_header(_reseal(_fields(version=3)))
     with pytest.raises(ContainerError, match="codec id 200"):
         decode_header(_reseal(_fields(codec=200)))
     with pytest.raises(ContainerError, match="dtype code 0"):
@@ -111,13 +129,19 @@ def test_sealed_but_invalid_fields_are_rejected() -> None:
 
 def test_encode_rejects_what_it_cannot_describe() -> None:
     with pytest.raises(ContainerError, match="codec"):
-        encode_header(ValueHeader("float16", (1,), 2, 0, codec=99))
+        encode_header(ValueHeader("float16", (1,), 2, 0, codec=300))
+    with pytest.raises(ContainerError, match="parameters"):
+        encode_header(ValueHeader("float16", (1,), 2, 0, params="x=" + "1" * 2000))
     with pytest.raises(ContainerError, match="dimensions"):
         encode_header(ValueHeader("float16", (1,) * 9, 2, 0))
     with pytest.raises(ValueError, match="dtype"):
         encode_header(ValueHeader("complex64", (1,), 8, 0))
 
 
-def test_no_pickle() -> None:
-    source = Path(container.__file__).read_text()
-    assert "pickle" not in source
+def test_no_pickle_in_any_codec() -> None:
+    """Nothing that reads stored bytes may unpickle them (torch.load and np.load can)."""
+    folder = Path(container.__file__).parent
+    for path in folder.glob("*.py"):
+        source = path.read_text()
+        for banned in ("import pickle", "pickle.load", "torch.load(", "allow_pickle=True"):
+            assert banned not in source, f"{path.name} uses {banned}"

@@ -1,0 +1,153 @@
+"""The codec interface, the registry of codecs by name, and the KV layout codecs assume.
+
+- `Codec`: `encode(tensor) -> bytes` (a whole container: header, parameters, payload) and
+  `decode(data, out=None) -> tensor`. A subclass implements `encode_payload` and
+  `decode_payload` and declares `name`, `codec_id` (a stable byte in containers; never
+  reused), `lossless` and `PARAMS` (its parameters with defaults).
+- `register`, `codec_from_spec("cachegen:level=1")`, `codec_by_id(id, params)`.
+- `kv_view(tensor)`: the `[layers, 2, tokens, heads, head_dim]` KV layout lossy codecs
+  need, as K and V views, or a clear error.
+
+Parameters are integers, floats or short names, written into the container as text
+(`group=32;level=1`), so a container says everything needed to decode it. No pickle.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from kvstore.errors import InvalidArgument
+
+ParamValue = int | float | str
+
+
+class ContainerError(ValueError):
+    """Bytes a decoder refuses: truncated, corrupted, foreign, or inconsistent with what
+    their header says."""
+
+
+class Codec(ABC):
+    """One way to turn a tensor into bytes and back; instances carry their parameters."""
+
+    name: ClassVar[str]
+    codec_id: ClassVar[int]
+    lossless: ClassVar[bool]
+    # Parameter name -> default; the type of the default is the parameter's type.
+    PARAMS: ClassVar[Mapping[str, ParamValue]] = {}
+
+    def __init__(self, **params: Any) -> None:
+        unknown = sorted(set(params) - set(self.PARAMS))
+        if unknown:
+            known = ", ".join(sorted(self.PARAMS)) or "none"
+            raise InvalidArgument(
+                f"codec {self.name!r} has no parameter {unknown[0]!r} (parameters: {known})"
+            )
+        self.params: dict[str, ParamValue] = {}
+        for key, default in self.PARAMS.items():
+            raw = params.get(key, default)
+            try:
+                value: ParamValue = type(default)(raw)
+            except (TypeError, ValueError):
+                raise InvalidArgument(
+                    f"codec {self.name!r}: {key}={raw!r} is not a {type(default).__name__}"
+                ) from None
+            self.params[key] = value
+        self.check_params()
+
+    def check_params(self) -> None:  # noqa: B027  (optional hook, not abstract)
+        """Raise InvalidArgument for parameter values out of range (by default, none are)."""
+
+    def spec(self) -> str:
+        """The spec that selects this codec with these parameters: 'kivi:bits=2,group=32'."""
+        if not self.params:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+
+    def __repr__(self) -> str:
+        return f"<codec {self.spec()}>"
+
+    def encode(self, tensor: torch.Tensor) -> bytes:
+        """The whole container for `tensor` (on any device; encoded on the CPU here)."""
+        from kvstore.codecs.container import encode_value
+
+        return encode_value(self, tensor)
+
+    def decode(
+        self, data: bytes | bytearray | memoryview, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Decode a container made by this codec (`kvstore.codecs.decode` takes any)."""
+        from kvstore.codecs.container import decode_value
+
+        return decode_value(data, out, expect=self)
+
+    @abstractmethod
+    def encode_payload(self, tensor: torch.Tensor) -> bytes:
+        """The payload for a contiguous CPU `tensor`; raise InvalidArgument when this codec
+        cannot take it (a shape or dtype it does not handle)."""
+
+    @abstractmethod
+    def decode_payload(self, payload: memoryview, out: torch.Tensor) -> None:
+        """Fill the contiguous CPU tensor `out` (the dtype and shape the container names)
+        from `payload`; raise ContainerError when the payload does not fit them."""
+
+
+_REGISTRY: dict[str, type[Codec]] = {}
+_BY_ID: dict[int, type[Codec]] = {}
+
+
+def register(cls: type[Codec]) -> type[Codec]:
+    """Class decorator adding a codec to the registry."""
+    if cls.name in _REGISTRY or cls.codec_id in _BY_ID:
+        raise RuntimeError(f"codec {cls.name} (id {cls.codec_id}) registered twice")
+    if not 0 <= cls.codec_id < 256:
+        raise RuntimeError(f"codec id {cls.codec_id} does not fit a byte")
+    _REGISTRY[cls.name] = cls
+    _BY_ID[cls.codec_id] = cls
+    return cls
+
+
+def codec_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def codec_from_spec(spec: str) -> Codec:
+    """A codec from 'name' or 'name:key=value,key=value' (as on the command line)."""
+    name, _, rest = spec.strip().partition(":")
+    cls = _REGISTRY.get(name.strip())
+    if cls is None:
+        raise InvalidArgument(f"unknown codec {name!r}; known: {', '.join(codec_names())}")
+    params: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise InvalidArgument(f"codec spec {spec!r}: expected key=value, got {item!r}")
+        params[key.strip()] = value.strip()
+    return cls(**params)
+
+
+def codec_by_id(codec_id: int, params: Mapping[str, str]) -> Codec:
+    """The codec a container names, with its recorded parameters."""
+    cls = _BY_ID.get(codec_id)
+    if cls is None:
+        raise ContainerError(f"container uses unknown codec id {codec_id}")
+    try:
+        return cls(**params)
+    except InvalidArgument as exc:
+        raise ContainerError(f"container has bad parameters for codec {cls.name}: {exc}") from None
+
+
+def kv_view(tensor: torch.Tensor, codec: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of a `[layers, 2, tokens, heads, head_dim]` tensor, each
+    `[layers, tokens, heads, head_dim]`; InvalidArgument for any other layout."""
+    if tensor.dim() != 5 or tensor.shape[1] != 2:
+        raise InvalidArgument(
+            f"codec {codec!r} needs KV laid out [layers, 2, tokens, heads, head_dim]; "
+            f"got shape {tuple(tensor.shape)}"
+        )
+    if not tensor.is_floating_point():
+        raise InvalidArgument(f"codec {codec!r} needs a floating-point tensor, got {tensor.dtype}")
+    return tensor[:, 0], tensor[:, 1]

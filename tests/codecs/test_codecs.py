@@ -1,0 +1,147 @@
+"""Every registered codec through one contract: round trips, `out`, specs, and decoders fed
+random, truncated and bit-flipped containers (property-based, with hypothesis).
+
+Codec-specific accuracy lives in each codec's own test file; this one holds them all to
+the same rules: the container says everything needed to decode it, a lossless codec is
+byte-exact, a lossy one returns the same tensor every time, and nothing damaged decodes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvstore import codecs
+from kvstore.codecs import ContainerError, codec_from_spec, codec_names, decode
+from kvstore.errors import InvalidArgument
+
+KV_SHAPE = (2, 2, 40, 3, 16)  # [layers, 2, tokens, heads, head_dim]: small, odd token count
+
+
+def kv(seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(KV_SHAPE, generator=g) * 2).to(dtype)
+
+
+CODECS = codec_names()
+
+
+@pytest.mark.parametrize("name", CODECS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_round_trip_keeps_shape_and_dtype(name: str, dtype: torch.dtype) -> None:
+    codec = codec_from_spec(name)
+    t = kv(1, dtype)
+    data = codec.encode(t)
+    got = decode(data)
+    assert got.dtype == t.dtype and got.shape == t.shape
+    if codec.lossless:
+        assert torch.equal(got, t)
+    else:
+        assert torch.isfinite(got).all()
+        assert torch.equal(decode(data), got)  # deterministic
+        err = (got.float() - t.float()).norm() / t.float().norm()
+        assert err < 0.5, f"{name}: relative error {err:.3f}"
+
+
+@pytest.mark.parametrize("name", CODECS)
+def test_decode_into_out_and_refusals(name: str) -> None:
+    codec = codec_from_spec(name)
+    t = kv(2)
+    data = codec.encode(t)
+    out = torch.empty_like(t)
+    assert decode(data, out) is out
+    assert torch.equal(out, decode(data))
+    flat = torch.empty(t.numel(), dtype=t.dtype)  # same size, other shape: fine
+    assert torch.equal(decode(data, flat).view(t.shape), out)
+    with pytest.raises(InvalidArgument, match="out is"):
+        decode(data, torch.empty(t.shape, dtype=torch.float32))
+    with pytest.raises(InvalidArgument, match="out is"):
+        decode(data, torch.empty(3, dtype=t.dtype))
+
+
+@pytest.mark.parametrize("name", CODECS)
+def test_codec_decodes_only_its_own_containers(name: str) -> None:
+    other = "raw" if name != "raw" else "zstd"
+    data = codec_from_spec(other).encode(kv(3))
+    with pytest.raises(ContainerError, match=f"made by codec {other}"):
+        codec_from_spec(name).decode(data)
+
+
+def test_specs_are_parsed_strictly() -> None:
+    assert codec_from_spec("zstd:level=5").spec() == "zstd:level=5,shuffle=1"
+    assert codec_from_spec(" zstd : level = 7 ").params["level"] == 7
+    with pytest.raises(InvalidArgument, match="unknown codec 'lz4'"):
+        codec_from_spec("lz4")
+    with pytest.raises(InvalidArgument, match="no parameter 'speed'"):
+        codec_from_spec("zstd:speed=1")
+    with pytest.raises(InvalidArgument, match="not a int"):
+        codec_from_spec("zstd:level=high")
+    with pytest.raises(InvalidArgument, match="1-19"):
+        codec_from_spec("zstd:level=40")
+    with pytest.raises(InvalidArgument, match="key=value"):
+        codec_from_spec("zstd:level")
+
+
+def test_zstd_shuffle_helps_on_real_looking_kv() -> None:
+    """Nearby KV values share their high bytes; the shuffle lets zstd see that."""
+    t = (torch.randn(KV_SHAPE) * 0.5).to(torch.bfloat16)
+    plain = len(codec_from_spec("zstd:shuffle=0").encode(t))
+    shuffled = len(codec_from_spec("zstd:shuffle=1").encode(t))
+    assert shuffled < plain < len(codec_from_spec("raw").encode(t)) * 1.01
+
+
+def test_every_codec_is_exported() -> None:
+    assert {"raw", "zstd"} <= set(CODECS)
+    assert codecs.decode is codecs.decode_value
+
+
+# ------------------------------------------------------------ damaged containers
+
+_CONTAINERS = {name: codec_from_spec(name).encode(kv(4)) for name in CODECS}
+_FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _decodes_right_or_refuses(data: bytes, original: bytes) -> None:
+    """A damaged container is refused; the only acceptable success is the right tensor."""
+    try:
+        got = decode(data)
+    except ContainerError:
+        return
+    assert torch.equal(got, decode(original))
+
+
+@pytest.mark.parametrize("name", CODECS)
+@_FUZZ
+@given(cut=st.integers(min_value=0))
+def test_truncated_containers_are_refused(name: str, cut: int) -> None:
+    data = _CONTAINERS[name]
+    n = cut % len(data)
+    with pytest.raises(ContainerError):
+        decode(data[:n])
+
+
+@pytest.mark.parametrize("name", CODECS)
+@_FUZZ
+@given(flips=st.lists(st.tuples(st.integers(min_value=0), st.integers(0, 7)), min_size=1))
+def test_bit_flipped_containers_are_refused(name: str, flips: list[tuple[int, int]]) -> None:
+    data = bytearray(_CONTAINERS[name])
+    for pos, bit in flips:
+        data[pos % len(data)] ^= 1 << bit
+    _decodes_right_or_refuses(bytes(data), _CONTAINERS[name])
+
+
+@_FUZZ
+@given(junk=st.binary(max_size=4096))
+def test_random_bytes_are_refused(junk: bytes) -> None:
+    with pytest.raises(ContainerError):
+        decode(junk)
+
+
+@pytest.mark.parametrize("name", CODECS)
+@_FUZZ
+@given(extra=st.binary(min_size=1, max_size=64))
+def test_trailing_bytes_are_refused(name: str, extra: bytes) -> None:
+    with pytest.raises(ContainerError, match="trailing"):
+        decode(_CONTAINERS[name] + extra)

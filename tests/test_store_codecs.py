@@ -1,0 +1,122 @@
+"""The ssd tier storing values through codecs: `--codec` rules by namespace, demotion
+encodes, promotion decodes, the index rebuilt from encoded records, damage detected."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvstore.codecs import decode_header
+from kvstore.codecs.container import checksum, tensor_bytes
+from kvstore.config import ConfigError, ServerConfig
+from kvstore.errors import DataLoss
+from kvstore.store import Store
+from kvstore.tiers.ssd import record_key
+from tests.conftest import MakeStore
+
+MiB = 1 << 20
+NS = "llama-3-8b/bf16/tp0of1"
+OTHER = "mistral-7b/bf16/tp0of1"
+CPU_SLOTS = 4  # cpu_bytes=4MiB holds four 1 MiB values
+
+
+def key(i: int) -> bytes:
+    return i.to_bytes(32, "big")
+
+
+def kv_value(i: int) -> torch.Tensor:
+    """1 MiB of bf16 KV, [layers, 2, tokens, heads, head_dim], smooth enough to compress."""
+    g = torch.Generator().manual_seed(i)
+    base = torch.randn(4, 2, 1, 4, 64, generator=g)
+    return (base + 0.01 * torch.randn(4, 2, 256, 4, 64, generator=g)).to(torch.bfloat16)
+
+
+def put(store: Store, k: bytes, t: torch.Tensor, ns: str = NS) -> str:
+    data = bytes(tensor_bytes(t))
+    dtype = str(t.dtype).removeprefix("torch.")
+    res = store.begin_put(ns, k, dtype, list(t.shape), len(data), checksum(data))
+    res.write(data)
+    return res.commit()
+
+
+def read(store: Store, k: bytes, ns: str = NS) -> torch.Tensor | None:
+    lease = store.get(ns, k)
+    if lease is None:
+        return None
+    with lease:
+        assert lease.view is not None
+        dt = getattr(torch, lease.header.dtype)
+        return torch.frombuffer(bytearray(lease.view), dtype=dt).view(lease.header.shape)
+
+
+def stored_header(store: Store, k: bytes, ns: str = NS):  # type: ignore[no-untyped-def]
+    assert store.ssd is not None
+    with store.ssd.env.begin(db=store.ssd._meta) as txn:
+        raw = txn.get(record_key(ns, k))
+    assert raw is not None
+    return decode_header(raw)[0]
+
+
+def fill_past_cpu(store: Store, ns: str = NS) -> dict[int, torch.Tensor]:
+    """Put CPU_SLOTS + 2 values: the first two are demoted to ssd."""
+    values = {i: kv_value(i) for i in range(CPU_SLOTS + 2)}
+    for i, t in values.items():
+        put(store, key(i), t, ns)
+    return values
+
+
+def test_zstd_rule_encodes_demoted_values_and_they_read_back_exact(
+    make_store: MakeStore,
+) -> None:
+    store = make_store(codec=("ssd=zstd",))
+    values = fill_past_cpu(store)
+    h = stored_header(store, key(0))
+    assert h.codec == 1 and h.param_dict() == {"level": "3", "shuffle": "1"}
+    assert h.payload_len < 0.8 * h.value_len  # smaller on disk than in memory
+    assert h.value_checksum == checksum(tensor_bytes(values[0]))  # lossless: same value
+    for i, t in values.items():
+        assert torch.equal(read(store, key(i)), t)
+
+
+def test_rules_pick_the_codec_by_namespace(make_store: MakeStore) -> None:
+    store = make_store(codec=("ssd=raw", "ssd[llama-*]=zstd:level=1"))
+    fill_past_cpu(store, NS)
+    fill_past_cpu(store, OTHER)  # evicts the rest of NS too
+    assert stored_header(store, key(0), NS).codec == 1
+    assert stored_header(store, key(0), OTHER).codec == 0
+
+
+def test_index_rebuilds_from_encoded_records(make_store: MakeStore) -> None:
+    store = make_store(codec=("ssd=zstd",))
+    values = fill_past_cpu(store)
+    store.persist(lambda: False)
+    store.close()
+    again = make_store(codec=())  # decoding needs no rule: the record names its codec
+    for i, t in values.items():
+        assert torch.equal(read(again, key(i)), t)
+
+
+def test_corrupt_encoded_record_is_dropped_not_served(make_store: MakeStore) -> None:
+    store = make_store(codec=("ssd=zstd",))
+    fill_past_cpu(store)
+    assert store.ssd is not None
+    rkey = record_key(NS, key(0))
+    with store.ssd.env.begin(write=True, db=store.ssd._data) as txn:
+        data = bytearray(txn.get(rkey))
+        data[len(data) // 2] ^= 0x40
+        txn.put(rkey, bytes(data))
+    with pytest.raises(DataLoss):
+        read(store, key(0))
+    assert store.exists(NS, [key(0)]) == [False]
+    assert torch.equal(read(store, key(1)), kv_value(1))
+
+
+def test_bad_rules_are_refused_at_start(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    for rule, match in (
+        ("cpu=zstd", "memory tiers keep values raw"),
+        ("ssd=lz4", "unknown codec"),
+        ("ssd=zstd:level=99", "1-19"),
+        ("ssd", "TIER=SPEC"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            ServerConfig(data_dir=tmp_path, codec=(rule,))
