@@ -4,7 +4,9 @@ The bytes of 16-bit floats are not alike: the high byte (sign, exponent, top of 
 mantissa) of nearby KV values repeats, the low byte is close to noise. Grouping byte j of
 every element together (a byte-plane shuffle, as Blosc does) hands the compressor one
 compressible plane and one it can store nearly as is, instead of the two interleaved.
-Parameters: `level` (Zstandard level, 1-19), `shuffle` (1 on, 0 off).
+Parameters: `level` (Zstandard level, 1-19; on bf16 KV level 1 both compresses better after
+the shuffle and runs faster than 3), `shuffle` (1 on, 0 off). The shuffle is a parallel
+numba kernel: numpy's strided transpose of 32 MiB took longer than compressing it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import ClassVar
 
+import numba
 import numpy as np
 import torch
 import zstandard
@@ -26,7 +29,7 @@ class Zstd(Codec):
     name = "zstd"
     codec_id = 1
     lossless = True
-    PARAMS: ClassVar[Mapping[str, ParamValue]] = {"level": 3, "shuffle": 1}
+    PARAMS: ClassVar[Mapping[str, ParamValue]] = {"level": 1, "shuffle": 1}
 
     def check_params(self) -> None:
         if not 1 <= int(self.params["level"]) <= 19:
@@ -38,7 +41,9 @@ class Zstd(Codec):
         data = np.frombuffer(tensor_bytes(tensor), np.uint8)
         k = tensor.element_size()
         if self.params["shuffle"] and k > 1 and data.size:
-            data = np.ascontiguousarray(data.reshape(-1, k).T)  # plane j: byte j of each
+            planes = np.empty_like(data)
+            _shuffle(data, planes, k)
+            data = planes
         level = int(self.params["level"])
         return zstandard.ZstdCompressor(level=level).compress(data.data)
 
@@ -53,6 +58,28 @@ class Zstd(Codec):
         planes = np.frombuffer(raw, np.uint8)
         k = out.element_size()
         if self.params["shuffle"] and k > 1 and dst.size:
-            dst.reshape(-1, k)[:] = planes.reshape(k, -1).T
+            _unshuffle(planes, dst, k)
         else:
             dst[:] = planes
+
+
+_BLOCK = 1 << 16  # elements per parallel task
+
+
+@numba.njit(parallel=True, cache=True)
+def _shuffle(src: np.ndarray, planes: np.ndarray, k: int) -> None:
+    """planes[j * n + i] = src[i * k + j]: byte j of every element, plane after plane."""
+    n = src.size // k
+    for b in numba.prange((n + _BLOCK - 1) // _BLOCK):
+        for i in range(b * _BLOCK, min(n, (b + 1) * _BLOCK)):
+            for j in range(k):
+                planes[j * n + i] = src[i * k + j]
+
+
+@numba.njit(parallel=True, cache=True)
+def _unshuffle(planes: np.ndarray, dst: np.ndarray, k: int) -> None:
+    n = dst.size // k
+    for b in numba.prange((n + _BLOCK - 1) // _BLOCK):
+        for i in range(b * _BLOCK, min(n, (b + 1) * _BLOCK)):
+            for j in range(k):
+                dst[i * k + j] = planes[j * n + i]
