@@ -14,20 +14,17 @@ Parameters are integers, floats or short names, written into the container as te
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 
+from kvstore.codecs.container import ContainerError
 from kvstore.errors import InvalidArgument
 
 ParamValue = int | float | str
-
-
-class ContainerError(ValueError):
-    """Bytes a decoder refuses: truncated, corrupted, foreign, or inconsistent with what
-    their header says."""
 
 
 class Codec(ABC):
@@ -72,7 +69,7 @@ class Codec(ABC):
 
     def encode(self, tensor: torch.Tensor) -> bytes:
         """The whole container for `tensor` (on any device; encoded on the CPU here)."""
-        from kvstore.codecs.container import encode_value
+        from kvstore.codecs.values import encode_value
 
         return encode_value(self, tensor)
 
@@ -80,7 +77,7 @@ class Codec(ABC):
         self, data: bytes | bytearray | memoryview, out: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Decode a container made by this codec (`kvstore.codecs.decode` takes any)."""
-        from kvstore.codecs.container import decode_value
+        from kvstore.codecs.values import decode_value
 
         return decode_value(data, out, expect=self)
 
@@ -110,12 +107,24 @@ def register(cls: type[Codec]) -> type[Codec]:
     return cls
 
 
+# Every codec module, imported (and so registered) the first time the registry is asked.
+CODEC_MODULES = ("raw", "zstd", "quant", "kivi")
+
+
+def _load_codecs() -> None:
+    if len(_REGISTRY) < len(CODEC_MODULES):
+        for name in CODEC_MODULES:
+            importlib.import_module(f"kvstore.codecs.{name}")
+
+
 def codec_names() -> list[str]:
+    _load_codecs()
     return sorted(_REGISTRY)
 
 
 def codec_from_spec(spec: str) -> Codec:
     """A codec from 'name' or 'name:key=value,key=value' (as on the command line)."""
+    _load_codecs()
     name, _, rest = spec.strip().partition(":")
     cls = _REGISTRY.get(name.strip())
     if cls is None:
@@ -131,6 +140,7 @@ def codec_from_spec(spec: str) -> Codec:
 
 def codec_by_id(codec_id: int, params: Mapping[str, str]) -> Codec:
     """The codec a container names, with its recorded parameters."""
+    _load_codecs()
     cls = _BY_ID.get(codec_id)
     if cls is None:
         raise ContainerError(f"container uses unknown codec id {codec_id}")

@@ -16,24 +16,21 @@ still read.
 
 `encode_header` / `decode_header` handle everything before the payload, so a tier can store
 the header and the payload in separate records (no copy of a large payload to glue them)
-and read headers alone when it rebuilds its index. `encode_value` / `decode_value` make and
-read whole containers through a codec. Every decoder rejects a truncated, corrupted or
-foreign container with `ContainerError`, never with garbage. No pickle.
+and read headers alone when it rebuilds its index; they need neither torch nor a codec, so
+the server starts without importing either. `kvstore.codecs.values` makes and reads whole
+containers through a codec. Every decoder rejects a truncated, corrupted or foreign
+container with `ContainerError`, never with garbage. No pickle.
 """
 
 from __future__ import annotations
 
-import math
 import struct
 import time
 from dataclasses import dataclass
 
-import torch
 import xxhash
 
-from kvstore.codecs.base import Codec, ContainerError, codec_by_id
 from kvstore.dtypes import BY_CODE, MAX_NDIM, dtype_by_name
-from kvstore.errors import InvalidArgument
 
 MAGIC = b"KVSC"
 VERSION = 2
@@ -47,7 +44,10 @@ _FIXED_V1 = struct.Struct("<4sBBBBQQQ")
 _FIXED = struct.Struct("<4sBBBBQQQQQH")
 _CRC = struct.Struct("<I")
 
-__all__ = ["CODEC_RAW", "ContainerError", "ValueHeader", "checksum"]
+
+class ContainerError(ValueError):
+    """Bytes a decoder refuses: truncated, corrupted, foreign, or inconsistent with what
+    their header says."""
 
 
 def checksum(data: bytes | bytearray | memoryview) -> int:
@@ -172,154 +172,3 @@ def _decode_v1(view: memoryview) -> tuple[ValueHeader, int]:
         raise ContainerError(f"container uses unknown dtype code {dcode}")
     shape = struct.unpack_from(f"<{ndim}q", view, _FIXED_V1.size)
     return ValueHeader(BY_CODE[dcode].name, tuple(shape), plen, psum, codec, created), end + 4
-
-
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The bytes of a contiguous CPU tensor, without a copy."""
-    flat = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
-    return memoryview(flat.numpy().data).cast("B")
-
-
-def dtype_name(t: torch.Tensor) -> str:
-    return str(t.dtype).removeprefix("torch.")
-
-
-def _check_value(header: ValueHeader) -> torch.dtype:
-    """The value's torch dtype, once its length is known to match its shape and bound."""
-    dt: torch.dtype = getattr(torch, header.dtype)
-    numel = math.prod(header.shape)
-    if numel * torch.empty(0, dtype=dt).element_size() != header.value_len:
-        raise ContainerError("corrupted container header (value length and shape disagree)")
-    if header.value_len > MAX_VALUE_BYTES:
-        raise ContainerError(f"container names a value of {header.value_len} bytes; too large")
-    return dt
-
-
-def encode_stored(
-    codec: Codec, header: ValueHeader, value: memoryview
-) -> tuple[ValueHeader, memoryview | bytes]:
-    """A value's bytes (described by `header`) as a tier stores them: the header with the
-    codec, its parameters, the payload's length and checksum, and the payload. The raw codec
-    stores the bytes as they are, without a copy. A lossy codec's header carries the
-    checksum of the value as it will decode, which then differs from `header`'s.
-
-    Raises InvalidArgument when the codec cannot take this value (its shape or dtype)."""
-    if codec.codec_id == CODEC_RAW:
-        return header, value
-    dt = _check_value(header)
-    t = torch.frombuffer(value, dtype=dt) if len(value) else torch.empty(0, dtype=dt)
-    t = t.view(header.shape)
-    payload = codec.encode_payload(t)
-    value_sum = header.value_checksum
-    if not codec.lossless:
-        back = torch.empty_like(t)
-        codec.decode_payload(memoryview(payload), back)
-        value_sum = checksum(tensor_bytes(back))
-    params = ";".join(f"{k}={v}" for k, v in sorted(codec.params.items()))
-    stored = ValueHeader(
-        header.dtype,
-        header.shape,
-        header.value_len,
-        value_sum,
-        codec.codec_id,
-        header.created_ns,
-        len(payload),
-        checksum(payload),
-        params,
-    )
-    return stored, payload
-
-
-def decode_stored(header: ValueHeader, payload: memoryview, dst: memoryview) -> None:
-    """Fill `dst` (the value's bytes) from a stored payload whose checksum the tier has
-    already verified; checks the decoded value's checksum. ContainerError on any mismatch."""
-    if len(dst) != header.value_len:
-        raise ContainerError(f"value of {header.value_len} bytes does not fit {len(dst)}")
-    if header.codec == CODEC_RAW:
-        if len(payload) != header.value_len:
-            raise ContainerError("raw payload and value lengths disagree")
-        dst[:] = payload
-        return
-    dt = _check_value(header)
-    codec = codec_by_id(header.codec, header.param_dict())
-    out = torch.frombuffer(dst, dtype=dt) if len(dst) else torch.empty(0, dtype=dt)
-    try:
-        codec.decode_payload(payload, out.view(header.shape))
-    except (ValueError, IndexError) as exc:
-        if isinstance(exc, ContainerError):
-            raise
-        raise ContainerError(f"codec {codec.name} could not decode the payload: {exc}") from None
-    if checksum(dst) != header.value_checksum:
-        raise ContainerError(f"codec {codec.name} decoded a value that fails its checksum")
-
-
-def encode_value(codec: Codec, tensor: torch.Tensor) -> bytes:
-    """A whole container of `tensor` encoded by `codec`."""
-    if not isinstance(tensor, torch.Tensor):
-        raise InvalidArgument(f"codecs encode torch tensors, not {type(tensor).__name__}")
-    t = tensor.detach().to("cpu").contiguous()
-    payload = codec.encode_payload(t)
-    if codec.lossless:
-        value_sum = checksum(tensor_bytes(t))
-    else:  # the checksum of what readers will get back: decode once now
-        back = torch.empty_like(t)
-        codec.decode_payload(memoryview(payload), back)
-        value_sum = checksum(tensor_bytes(back))
-    header = ValueHeader(
-        dtype_name(t),
-        tuple(t.shape),
-        t.numel() * t.element_size(),
-        value_sum,
-        codec.codec_id,
-        0,
-        len(payload),
-        checksum(payload),
-        ";".join(f"{k}={v}" for k, v in sorted(codec.params.items())),
-    )
-    return encode_header(header) + payload
-
-
-def decode_value(
-    data: bytes | bytearray | memoryview,
-    out: torch.Tensor | None = None,
-    expect: Codec | None = None,
-) -> torch.Tensor:
-    """The tensor in a container (into `out` when given: any device, matching dtype and
-    size). Raises ContainerError for anything damaged, truncated or foreign."""
-    header, start = decode_header(data)
-    payload = memoryview(data)[start:]
-    if len(payload) != header.payload_len:
-        what = "truncated" if len(payload) < header.payload_len else "has trailing bytes"
-        raise ContainerError(
-            f"container {what}: payload of {len(payload)} bytes, header says {header.payload_len}"
-        )
-    if checksum(payload) != header.payload_checksum:
-        raise ContainerError("corrupted container payload (checksum mismatch)")
-    codec = codec_by_id(header.codec, header.param_dict())
-    if expect is not None and type(codec) is not type(expect):
-        raise ContainerError(f"container was made by codec {codec.name}, not {expect.name}")
-    dt = _check_value(header)
-    numel = header.value_len // torch.empty(0, dtype=dt).element_size()
-    if out is not None and (out.dtype != dt or out.numel() != numel or not out.is_contiguous()):
-        raise InvalidArgument(
-            f"out is {dtype_name(out)} {tuple(out.shape)}; the value is {header.dtype} "
-            f"{header.shape} (out must be contiguous)"
-        )
-    direct = out is not None and out.device.type == "cpu"
-    if out is not None and direct:
-        target = out.view(header.shape)
-    else:
-        target = torch.empty(header.shape, dtype=dt)
-    try:
-        codec.decode_payload(payload, target)
-    except ContainerError:
-        raise
-    except (ValueError, IndexError) as exc:
-        raise ContainerError(f"codec {codec.name} could not decode the payload: {exc}") from None
-    if checksum(tensor_bytes(target)) != header.value_checksum:
-        raise ContainerError(f"codec {codec.name} decoded a value that fails its checksum")
-    if out is None:
-        return target
-    if not direct:
-        out.view(header.shape).copy_(target)
-    return out

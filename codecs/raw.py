@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from kvstore.codecs.base import Codec, ContainerError, register
-from kvstore.codecs.container import CODEC_RAW, tensor_bytes
+from kvstore.codecs.container import CODEC_RAW
+from kvstore.codecs.values import tensor_bytes
 
 
 @register

@@ -20,7 +20,7 @@ import torch
 import zstandard
 
 from kvstore.codecs.base import Codec, ContainerError, ParamValue, register
-from kvstore.codecs.container import tensor_bytes
+from kvstore.codecs.values import tensor_bytes
 from kvstore.errors import InvalidArgument
 
 

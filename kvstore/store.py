@@ -41,9 +41,9 @@ import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from kvstore.codecs import Codec, ContainerError, codec_from_spec
-from kvstore.codecs.container import ValueHeader, checksum, decode_stored, encode_stored
+from kvstore.codecs.container import CODEC_RAW, ContainerError, ValueHeader, checksum
 from kvstore.config import ServerConfig, codec_rule
 from kvstore.dtypes import expected_nbytes
 from kvstore.errors import DataLoss, InvalidArgument, ResourceExhausted
@@ -51,6 +51,9 @@ from kvstore.gpu import cuda_device_count
 from kvstore.keys import KEY_BYTES
 from kvstore.policy import POLICIES, EvictionPolicy
 from kvstore.tiers.base import Buffer, MemoryTier, Tier, TierError, TierFull
+
+if TYPE_CHECKING:
+    from kvstore.codecs.base import Codec
 from kvstore.tiers.gpu import (
     CudaPool,
     GpuPool,
@@ -357,6 +360,8 @@ class Store:
         self._closing = False
         # (namespace glob or None for every namespace, codec) of the ssd tier, globs first.
         rules = [codec_rule(r) for r in config.codec]
+        if rules:
+            from kvstore.codecs.base import codec_from_spec  # torch: only with codec rules
         self._ssd_codecs: list[tuple[str | None, Codec]] = [
             (glob, codec_from_spec(spec))
             for _, glob, spec in sorted(rules, key=lambda r: r[1] is None)
@@ -728,7 +733,12 @@ class Store:
                     copy = bytearray(e.nbytes)
                     dst = memoryview(copy)
                 try:
-                    decode_stored(header, data, dst)
+                    if header.codec == CODEC_RAW and len(data) == len(dst):
+                        dst[:] = data
+                    else:
+                        from kvstore.codecs.values import decode_stored  # imports torch
+
+                        decode_stored(header, data, dst)
                 except ContainerError as exc:
                     msg = f"ssd tier: {e.key.hex()[:16]}... does not decode: {exc}"
                     raise DataLoss(msg) from None
@@ -1097,6 +1107,8 @@ class Store:
         when there is none or the codec does not take this value (its shape or dtype)."""
         codec = self._ssd_codec(e.namespace)
         if codec is not None:
+            from kvstore.codecs.values import encode_stored
+
             try:
                 return encode_stored(codec, e.header(), value)
             except InvalidArgument as exc:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from kvstore.codecs import decode_header
-from kvstore.codecs.container import checksum, tensor_bytes
+from kvstore.codecs.container import checksum
+from kvstore.codecs.values import tensor_bytes
 from kvstore.config import ConfigError, ServerConfig
 from kvstore.errors import DataLoss
 from kvstore.store import Store
@@ -71,7 +72,7 @@ def test_zstd_rule_encodes_demoted_values_and_they_read_back_exact(
     store = make_store(codec=("ssd=zstd",))
     values = fill_past_cpu(store)
     h = stored_header(store, key(0))
-    assert h.codec == 1 and h.param_dict() == {"level": "3", "shuffle": "1"}
+    assert h.codec == 1 and h.param_dict() == {"level": "1", "shuffle": "1"}
     assert h.payload_len < 0.8 * h.value_len  # smaller on disk than in memory
     assert h.value_checksum == checksum(tensor_bytes(values[0]))  # lossless: same value
     for i, t in values.items():
@@ -120,3 +121,30 @@ def test_bad_rules_are_refused_at_start(tmp_path) -> None:  # type: ignore[no-un
     ):
         with pytest.raises(ConfigError, match=match):
             ServerConfig(data_dir=tmp_path, codec=(rule,))
+
+
+def test_lossy_rule_serves_the_decoded_value_and_checks_it(make_store: MakeStore) -> None:
+    store = make_store(codec=("ssd[llama-*]=int8",))
+    values = fill_past_cpu(store)
+    h = stored_header(store, key(0))
+    assert h.codec == 2 and h.payload_len < 0.6 * h.value_len
+    assert h.value_checksum != checksum(tensor_bytes(values[0]))  # the decoded value's
+    for i in (0, 1):  # demoted: what int8 gives back, checked against its own checksum
+        got = read(store, key(i))
+        assert got is not None and not torch.equal(got, values[i])
+        err = (got.float() - values[i].float()).norm() / values[i].float().norm()
+        assert err < 0.02
+    store.persist(lambda: False)
+    store.close()
+    again = make_store(codec=("ssd[llama-*]=int8",))
+    assert read(again, key(5)) is not None  # rebuilt entries carry the decoded checksum
+
+
+def test_values_a_lossy_codec_cannot_take_are_stored_raw(make_store: MakeStore) -> None:
+    store = make_store(codec=("ssd=kivi:bits=2",))
+    flat = {i: torch.arange(MiB // 2, dtype=torch.int16) + i for i in range(CPU_SLOTS + 2)}
+    for i, t in flat.items():
+        put(store, key(i), t)
+    assert stored_header(store, key(0)).codec == 0
+    for i, t in flat.items():
+        assert torch.equal(read(store, key(i)), t)
