@@ -108,7 +108,7 @@ def register(cls: type[Codec]) -> type[Codec]:
 
 
 # Every codec module, imported (and so registered) the first time the registry is asked.
-CODEC_MODULES = ("raw", "zstd", "quant", "kivi")
+CODEC_MODULES = ("raw", "zstd", "quant", "kivi", "cachegen")
 
 
 def _load_codecs() -> None:

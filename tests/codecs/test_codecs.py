@@ -86,10 +86,11 @@ def test_specs_are_parsed_strictly() -> None:
 
 def test_zstd_shuffle_helps_on_real_looking_kv() -> None:
     """Nearby KV values share their high bytes; the shuffle lets zstd see that."""
-    t = (torch.randn(KV_SHAPE) * 0.5).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(5)
+    t = (torch.randn(8, 2, 256, 4, 64, generator=g) * 0.5).to(torch.bfloat16)  # 1 MiB
     plain = len(codec_from_spec("zstd:shuffle=0").encode(t))
     shuffled = len(codec_from_spec("zstd:shuffle=1").encode(t))
-    assert shuffled < plain < len(codec_from_spec("raw").encode(t)) * 1.01
+    assert shuffled < 0.95 * plain
 
 
 def test_every_codec_is_exported() -> None:
