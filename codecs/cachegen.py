@@ -1,39 +1,44 @@
-"""`cachegen`: lossy, CacheGen-style anchors, deltas and entropy coding of a KV chunk.
+"""`cachegen`: lossy, CacheGen-style prediction, per-channel quantization and rANS coding of
+a KV chunk.
 
-CacheGen (Liu et al., SIGCOMM 2024) observed that KV changes little between nearby tokens,
-that early layers are more sensitive to loss than later ones, and that each (layer,
-channel) has its own value distribution. This codec (`cachegen:level=1,anchor=16`) uses
-all three:
+CacheGen (Liu et al., SIGCOMM 2024) codes KV as small residuals from a prediction, with
+coarser quantization for less sensitive layers and one probability model per (layer,
+channel group) for an arithmetic coder. What real KV looks like decided the predictor
+here (measured on SmolLM2's KV, `benchmarks/NOTES-codecs.md`): K changes slowly along the
+tokens, so each K value is predicted by the previous token's *decoded* value (closed-loop
+DPCM: errors never accumulate); V has no such locality, and its channel's mean predicts it
+best. So, per channel (layer, K/V, head, head_dim index) over the chunk's tokens:
 
-- Tokens come in groups of `anchor`; the first of each group is an *anchor*, quantized to
-  8 bits per channel (symmetric, one float16 scale per (layer, K/V, head, channel)). Every
-  other token is coded as its *delta* from its group's decoded anchor, so errors do not
-  accumulate along the chunk and groups decode independently.
-- Deltas are quantized uniformly to an odd number of bins whose step is per (layer, K/V,
-  head, channel), from that channel's largest delta: scaled this way the channels of one
-  head share a distribution. The number of bins falls with depth: the first third of the
-  layers gets the most (`LEVELS[level]`), as the early layers matter most.
-- The delta symbols of each (layer, K/V, head) form one stream, coded with rANS
-  (`kvstore.codecs.rans`) against that stream's own frequency table; tables are packed in
-  a few bits per symbol instead of CacheGen's 16-bit CDFs. Streams decode independently
-  (in parallel here; one GPU thread each later).
+- a float16 start value (K: the first token's prediction; V: the channel mean) and a
+  float16 quantization step, the spread of the channel's residuals divided by the level's
+  resolution for that layer third and K or V (`LEVELS`): finer for the first third of the
+  layers, which matter most;
+- each token's residual quantized to q = round(residual / step), coded as symbol q + 127
+  for |q| <= 126; a value further from its prediction (an attention-sink token, an
+  outlier) is an *escape*: symbol 0, its value stored as float16 beside the streams. Every
+  value decodes within step / 2, or exactly as float16 for an escape;
+- the symbols of each (layer, K/V, head) form one stream, coded with rANS
+  (`kvstore.codecs.rans`) against its own frequency table; tables are packed in a few bits
+  per symbol. Streams decode independently (in parallel here; one GPU thread each later).
 
-Input: `[layers, 2, tokens, heads, head_dim]` float16, bfloat16 or float32, finite, with
-magnitudes within float16's range (scales are float16). Decoding computes every value in
-float32 as `anchor_code * anchor_scale` plus `(symbol - bins // 2) * step`, then rounds it
-to the value's dtype to nearest even; the container checksums the result, so any other
-decoder must reproduce these bits.
+Input: `[layers, 2, tokens, heads, head_dim]` float16, bfloat16 or float32, finite, within
+float16's range. Decoding computes values in float32 (K: x = x_prev + (symbol - 127) *
+step, starting from the start value; V: x = mean + (symbol - 127) * step; an escape: its
+stored value, which for K then predicts the next token) and rounds them to the value's
+dtype to nearest even; the container checksums the result, so any other decoder must
+reproduce these bits.
 
 Payload, little-endian:
 
-    anchor scales  f16  [layers, 2, heads, head_dim]
-    delta steps    f16  [layers, 2, heads, head_dim]
-    anchor codes   i8   [layers, 2, anchors, heads, head_dim]
-    tables_len     u32, then the packed rANS tables (one model per stream)
-    offsets        u32  [streams + 1], then the streams' bytes
+    starts   f16  [layers, 2, heads, head_dim]
+    steps    f16  [layers, 2, heads, head_dim]
+    escapes  u32  [streams]: how many escapes each stream has
+    tables_len u32, then the packed rANS tables (one model per stream)
+    offsets  u32  [streams + 1], then the streams' bytes
+    escaped  f16  the escapes' values, stream by stream, in token order
 
-with anchors = ceil(tokens / anchor), streams = layers * 2 * heads (in that order), each
-of (tokens - anchors) * head_dim symbols, token-major.
+with streams = layers * 2 * heads (in that order), each of tokens * head_dim symbols,
+token-major.
 """
 
 from __future__ import annotations
@@ -51,20 +56,26 @@ from kvstore.codecs import rans
 from kvstore.codecs.base import Codec, ContainerError, ParamValue, kv_view, register
 from kvstore.errors import InvalidArgument
 
-# Delta bins for the first, second and last third of the layers, by level: lower levels
-# keep more.
-LEVELS: Mapping[int, tuple[int, int, int]] = {
-    0: (127, 63, 63),
-    1: (63, 31, 31),
-    2: (31, 15, 15),
-    3: (15, 7, 7),
+# Residual spread / step for (K, V) in the first, middle and last third of the layers, by
+# level: lower levels keep more. A Gaussian residual costs about log2(resolution) + 2 bits.
+# On SmolLM2's KV, V's error moved the model's predictions more than K's, and the later
+# layers mattered as much as the first (benchmarks/NOTES-codecs.md): V gets the finer steps.
+LEVELS: Mapping[int, tuple[tuple[float, float], tuple[float, float], tuple[float, float]]] = {
+    0: ((12.0, 16.0), (8.0, 12.0), (8.0, 12.0)),
+    1: ((8.0, 12.0), (6.0, 9.0), (6.0, 9.0)),
+    2: ((6.0, 8.0), (4.0, 6.0), (4.0, 6.0)),
+    3: ((4.0, 5.0), (3.0, 4.0), (3.0, 4.0)),
 }
+ALPHABET = 254  # 0: escape; 1..253: residuals of -126..126 steps
+CENTER = 127
+REACH = 126
+# A residual beyond this many spreads of its channel escapes to an exact float16 value:
+# such tokens (attention sinks, delimiters) draw much of the attention, so their error
+# costs far more than their share, and storing them exactly costs little.
+OUTLIER_SPREADS = 4.0
 PRECISION = 12  # rANS frequency bits: tables small, coding within ~0.1% of the entropy
 LANES = 4
 F16_MAX = 65504.0
-# Scales are rounded to float16; dividing by a little more than the code range keeps every
-# code within it after that rounding.
-_ANCHOR_DIV = 126.9
 
 
 @dataclass(frozen=True)
@@ -73,26 +84,18 @@ class _Layout:
     tokens: int
     heads: int
     head_dim: int
-    anchor: int
-
-    @property
-    def anchors(self) -> int:
-        return -(-self.tokens // self.anchor) if self.tokens else 0
-
-    @property
-    def per_stream(self) -> int:
-        return (self.tokens - self.anchors) * self.head_dim
 
     @property
     def streams(self) -> int:
         return self.layers * 2 * self.heads
 
     @property
-    def channels(self) -> int:
-        return self.layers * 2 * self.heads * self.head_dim
+    def per_stream(self) -> int:
+        return self.tokens * self.head_dim
 
-    def fixed_bytes(self) -> int:
-        return 2 * 2 * self.channels + self.anchors * self.channels
+    @property
+    def channels(self) -> int:
+        return self.streams * self.head_dim
 
 
 @register
@@ -100,25 +103,23 @@ class CacheGen(Codec):
     name = "cachegen"
     codec_id = 5
     lossless = False
-    PARAMS: ClassVar[Mapping[str, ParamValue]] = {"level": 1, "anchor": 16}
+    # k=1: K predicted by the previous token; k=0: by its channel's mean, like V.
+    PARAMS: ClassVar[Mapping[str, ParamValue]] = {"level": 1, "k": 1}
 
     def check_params(self) -> None:
         if self.params["level"] not in LEVELS:
             raise InvalidArgument(
                 f"cachegen level must be one of {sorted(LEVELS)}, got {self.params['level']}"
             )
-        if not 2 <= int(self.params["anchor"]) <= 256:
-            raise InvalidArgument(f"cachegen anchor must be 2-256, got {self.params['anchor']}")
+        if self.params["k"] not in (0, 1):
+            raise InvalidArgument(f"cachegen k must be 0 or 1, got {self.params['k']}")
 
-    def _layout(self, shape: tuple[int, ...]) -> _Layout:
-        layers, _, tokens, heads, head_dim = shape
-        return _Layout(layers, tokens, heads, head_dim, int(self.params["anchor"]))
-
-    def _bins(self, layers: int) -> np.ndarray:
-        """Delta bins of each layer: thirds of the depth take the level's three counts."""
-        first, middle, last = LEVELS[int(self.params["level"])]
+    def resolution(self, layers: int) -> np.ndarray:
+        """[layers, 2] residual spread over step, K then V: each third of the depth takes
+        the level's setting for it."""
+        per_third = np.array(LEVELS[int(self.params["level"])], np.float32)  # [3, 2]
         third = np.arange(layers) * 3 // max(layers, 1)
-        return np.array([first, middle, last], np.int32)[third]
+        return per_third[third]
 
     def encode_payload(self, tensor: torch.Tensor) -> bytes:
         kv_view(tensor, self.name)  # the layout check
@@ -128,135 +129,152 @@ class CacheGen(Codec):
                 "cachegen needs finite values within float16's range; store this value with "
                 "a lossless codec (raw or zstd)"
             )
-        lay = self._layout(tuple(tensor.shape))
-        xs = x.permute(0, 1, 3, 4, 2).contiguous().numpy()  # [L, 2, H, D, T]: tokens inner
-        anchors = xs[..., :: lay.anchor]
-        a_scale = _f16_scales(np.abs(anchors).max(axis=-1, initial=0.0) / _ANCHOR_DIV)
-        a_codes = np.empty(anchors.shape, np.int8)
-        deltas_max = np.empty(xs.shape[:-1], np.float32)
-        _anchor_codes(xs, lay.anchor, a_scale, a_codes, deltas_max)
-        bins = self._bins(lay.layers)
-        half = (bins // 2).astype(np.float32)[:, None, None, None]
-        steps = _f16_scales(deltas_max / (half * 1.001))
-        symbols = np.empty(
-            (lay.layers, 2, lay.heads, lay.tokens - lay.anchors, lay.head_dim), np.uint8
-        )
-        _delta_symbols(xs, lay.anchor, a_scale, a_codes, steps, bins, symbols)
+        layers, _, tokens, heads, head_dim = tensor.shape
+        lay = _Layout(layers, tokens, heads, head_dim)
+        xs = x.permute(0, 1, 3, 2, 4).contiguous().numpy()  # [L, 2, H, T, D]
+        dpcm = bool(self.params["k"])
+        starts, spread = _predictions(xs, dpcm)
+        starts = _to_f16(starts)
+        res = self.resolution(layers)[:, :, None, None]
+        steps = _to_f16(spread / res)
+        symbols = np.empty(xs.shape, np.uint8)
+        exact = _to_f16(xs)  # what an escape decodes to
+        reach = np.minimum(np.ceil(self.resolution(layers) * OUTLIER_SPREADS), REACH)
+        _quantize(xs, exact, starts, steps, reach.astype(np.int32), symbols, dpcm)
         streams = symbols.reshape(lay.streams, lay.per_stream)
-        counts = _histograms(streams, int(bins.max()))
-        freqs = rans.quantize_freqs(counts, PRECISION)
+        escapes = (streams == 0).sum(axis=1).astype("<u4")
+        escaped = exact.reshape(lay.streams, lay.per_stream)[streams == 0]
+        freqs = rans.quantize_freqs(_histograms(streams), PRECISION)
         tables = rans.pack_tables(freqs, PRECISION)
         models = np.arange(lay.streams, dtype=np.int32)
         data, offsets = rans.encode_streams(streams, models, freqs, PRECISION, LANES)
         return b"".join(
             [
-                a_scale.astype("<f2").tobytes(),
+                starts.astype("<f2").tobytes(),
                 steps.astype("<f2").tobytes(),
-                # anchors stored [L, 2, anchors, H, D], as the module docstring says
-                np.ascontiguousarray(a_codes.transpose(0, 1, 4, 2, 3)).tobytes(),
+                escapes.tobytes(),
                 struct.pack("<I", len(tables)),
                 tables,
                 offsets.astype("<u4").tobytes(),
                 data,
+                escaped.astype("<f2").tobytes(),
             ]
         )
 
     def decode_payload(self, payload: memoryview, out: torch.Tensor) -> None:
         if out.dim() != 5 or out.shape[1] != 2:
             raise ContainerError(f"cachegen cannot decode into shape {tuple(out.shape)}")
-        lay = self._layout(tuple(out.shape))
+        layers, _, tokens, heads, head_dim = out.shape
+        lay = _Layout(layers, tokens, heads, head_dim)
         buf = np.frombuffer(payload, np.uint8)
-        fixed = lay.fixed_bytes()
-        if buf.size < fixed + 4:
+        ch, n = lay.channels, lay.streams
+        head = 4 * ch + 4 * n
+        if buf.size < head + 4:
             raise ContainerError("cachegen payload is truncated")
-        ch = lay.channels
-        shape4 = (lay.layers, 2, lay.heads, lay.head_dim)
-        a_scale = buf[: 2 * ch].view("<f2").astype(np.float32).reshape(shape4)
+        shape4 = (layers, 2, heads, head_dim)
+        starts = buf[: 2 * ch].view("<f2").astype(np.float32).reshape(shape4)
         steps = buf[2 * ch : 4 * ch].view("<f2").astype(np.float32).reshape(shape4)
-        a_codes = (
-            buf[4 * ch : fixed]
-            .view(np.int8)
-            .reshape(lay.layers, 2, lay.anchors, lay.heads, lay.head_dim)
-            .transpose(0, 1, 3, 4, 2)
-        )
-        (n_tables,) = struct.unpack_from("<I", payload, fixed)
-        pos = fixed + 4
-        n_offsets = 4 * (lay.streams + 1)
+        if not (np.isfinite(starts).all() and np.isfinite(steps).all()):
+            raise ContainerError("cachegen payload has non-finite starts or steps")
+        escapes = buf[4 * ch : head].view("<u4").astype(np.int64)
+        (n_tables,) = struct.unpack_from("<I", payload, head)
+        pos = head + 4
+        n_offsets = 4 * (n + 1)
         if buf.size < pos + n_tables + n_offsets:
             raise ContainerError("cachegen payload is truncated (tables or offsets)")
-        bins = self._bins(lay.layers)
-        alphabet = int(bins.max())
-        freqs = rans.unpack_tables(
-            bytes(buf[pos : pos + n_tables]), lay.streams, alphabet, PRECISION
-        )
+        freqs = rans.unpack_tables(bytes(buf[pos : pos + n_tables]), n, ALPHABET, PRECISION)
         pos += n_tables
         offsets = buf[pos : pos + n_offsets].view("<u4").astype(np.int64)
-        data = buf[pos + n_offsets :]
-        if offsets.size and (offsets[0] != 0 or offsets[-1] != data.size):
-            raise ContainerError("cachegen stream offsets do not cover the payload")
-        # A layer's symbols must stay within its own bins: a table that allows more is forged.
-        limit = np.repeat(bins, 2 * lay.heads)
-        if (freqs[np.arange(alphabet)[None, :] >= limit[:, None]] != 0).any():
-            raise ContainerError("cachegen table allows symbols beyond its layer's bins")
-        models = np.arange(lay.streams, dtype=np.int32)
+        pos += n_offsets
+        total = int(escapes.sum())
+        if escapes.size and escapes.max() > lay.per_stream:
+            raise ContainerError("cachegen payload counts more escapes than values")
+        end = buf.size - 2 * total
+        if offsets[0] != 0 or pos + offsets[-1] != end:
+            raise ContainerError("cachegen streams and escapes do not fill the payload")
+        escaped = buf[end:].view("<f2").astype(np.float32)
+        models = np.arange(n, dtype=np.int32)
         streams = rans.decode_streams(
-            data.data, offsets, models, freqs, PRECISION, lay.per_stream, LANES
+            buf[pos:end].data, offsets, models, freqs, PRECISION, lay.per_stream, LANES
         )
-        symbols = streams.reshape(lay.layers, 2, lay.heads, lay.tokens - lay.anchors, lay.head_dim)
-        values = np.empty((lay.layers, 2, lay.heads, lay.head_dim, lay.tokens), np.float32)
-        _reconstruct(a_codes, a_scale, steps, symbols, bins, lay.anchor, values)
-        out.copy_(torch.from_numpy(values).permute(0, 1, 4, 2, 3))
+        if not np.array_equal((streams == 0).sum(axis=1), escapes):
+            raise ContainerError("cachegen escapes disagree with the streams")
+        first = np.zeros(n + 1, np.int64)
+        np.cumsum(escapes, out=first[1:])
+        values = np.empty((layers, 2, heads, tokens, head_dim), np.float32)
+        dpcm = bool(self.params["k"])
+        _reconstruct(streams.reshape(values.shape), starts, steps, escaped, first, values, dpcm)
+        out.copy_(torch.from_numpy(values).permute(0, 1, 3, 2, 4))
 
 
-def _f16_scales(s: np.ndarray) -> np.ndarray:
-    """Scales rounded to float16 and back: what the decoder will read."""
-    return np.minimum(s, F16_MAX).astype(np.float16).astype(np.float32)
+def _to_f16(a: np.ndarray) -> np.ndarray:
+    """Rounded to float16 and back: what the decoder will read."""
+    return np.clip(a, -F16_MAX, F16_MAX).astype(np.float16).astype(np.float32)
 
 
 @numba.njit(parallel=True, cache=True)
-def _anchor_codes(xs, anchor, a_scale, a_codes, deltas_max):  # type: ignore[no-untyped-def]
-    """Quantize anchors (8 bits) and find each channel's largest delta from them."""
-    layers, _, heads, dim, tokens = xs.shape
+def _predictions(xs, dpcm):  # type: ignore[no-untyped-def]
+    """Per channel: the start value (K: the first token; V: the mean) and the spread
+    (root mean square) of the residuals the predictor leaves."""
+    layers, _, heads, tokens, dim = xs.shape
+    starts = np.zeros((layers, 2, heads, dim), np.float32)
+    spread = np.zeros((layers, 2, heads, dim), np.float32)
     for u in numba.prange(layers * 2 * heads):
         ly, kv, h = u // (2 * heads), (u // heads) % 2, u % heads
         for d in range(dim):
-            s = a_scale[ly, kv, h, d]
-            inv = np.float32(1.0) / s if s > 0 else np.float32(0.0)
-            top = np.float32(0.0)
-            for g in range(a_codes.shape[4]):
-                c = np.rint(xs[ly, kv, h, d, g * anchor] * inv)
-                c = min(max(c, -127.0), 127.0)
-                a_codes[ly, kv, h, d, g] = np.int8(c)
-                a_hat = np.float32(c) * s
-                for t in range(g * anchor + 1, min(tokens, (g + 1) * anchor)):
-                    top = max(top, abs(xs[ly, kv, h, d, t] - a_hat))
-            deltas_max[ly, kv, h, d] = top
+            if tokens == 0:
+                continue
+            if kv == 0 and dpcm:  # K: differences along the tokens
+                starts[ly, kv, h, d] = xs[ly, kv, h, 0, d]
+                acc = 0.0
+                for t in range(1, tokens):
+                    e = xs[ly, kv, h, t, d] - xs[ly, kv, h, t - 1, d]
+                    acc += e * e
+                spread[ly, kv, h, d] = np.sqrt(acc / max(tokens - 1, 1))
+            else:  # V: around the channel mean
+                mean = 0.0
+                for t in range(tokens):
+                    mean += xs[ly, kv, h, t, d]
+                mean /= tokens
+                acc = 0.0
+                for t in range(tokens):
+                    e = xs[ly, kv, h, t, d] - mean
+                    acc += e * e
+                starts[ly, kv, h, d] = mean
+                spread[ly, kv, h, d] = np.sqrt(acc / tokens)
+    return starts, spread
 
 
 @numba.njit(parallel=True, cache=True)
-def _delta_symbols(xs, anchor, a_scale, a_codes, steps, bins, symbols):  # type: ignore[no-untyped-def]
-    layers, _, heads, dim, tokens = xs.shape
+def _quantize(xs, exact, starts, steps, reach, symbols, dpcm):  # type: ignore[no-untyped-def]
+    """Symbols of every value (0 where it escapes, to `exact`); K closed-loop against the
+    decoded previous token."""
+    layers, _, heads, tokens, dim = xs.shape
     for u in numba.prange(layers * 2 * heads):
         ly, kv, h = u // (2 * heads), (u // heads) % 2, u % heads
-        half = bins[ly] // 2
         for d in range(dim):
             step = steps[ly, kv, h, d]
             inv = np.float32(1.0) / step if step > 0 else np.float32(0.0)
-            i = 0
+            base = starts[ly, kv, h, d]
+            pred = base
             for t in range(tokens):
-                g = t // anchor
-                if t == g * anchor:
-                    continue
-                a_hat = np.float32(a_codes[ly, kv, h, d, g]) * a_scale[ly, kv, h, d]
-                q = np.rint((xs[ly, kv, h, d, t] - a_hat) * inv)
-                q = min(max(q, -half), half)
-                symbols[ly, kv, h, i, d] = np.uint8(q + half)
-                i += 1
+                residual = xs[ly, kv, h, t, d] - pred
+                q = np.rint(residual * inv)
+                # Escape when the step cannot reach the value (also a zero step, a value
+                # off a constant channel).
+                if abs(q) > reach[ly, kv] or (step == 0 and residual != 0):
+                    symbols[ly, kv, h, t, d] = 0
+                    value = exact[ly, kv, h, t, d]
+                else:
+                    symbols[ly, kv, h, t, d] = np.uint8(q + CENTER)
+                    value = pred + np.float32(q) * step
+                if kv == 0 and dpcm:  # the decoder's value predicts the next token
+                    pred = value
 
 
 @numba.njit(parallel=True, cache=True)
-def _histograms(streams, alphabet):  # type: ignore[no-untyped-def]
-    counts = np.zeros((streams.shape[0], alphabet), np.int64)
+def _histograms(streams):  # type: ignore[no-untyped-def]
+    counts = np.zeros((streams.shape[0], ALPHABET), np.int64)
     for s in numba.prange(streams.shape[0]):
         for v in streams[s]:
             counts[s, v] += 1
@@ -264,21 +282,28 @@ def _histograms(streams, alphabet):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(parallel=True, cache=True)
-def _reconstruct(a_codes, a_scale, steps, symbols, bins, anchor, values):  # type: ignore[no-untyped-def]
-    layers, _, heads, dim, tokens = values.shape
+def _reconstruct(symbols, starts, steps, escaped, first, values, dpcm):  # type: ignore[no-untyped-def]
+    """Values from symbols; stream u's escapes are escaped[first[u]:first[u + 1]], in the
+    stream's (token-major) order."""
+    layers, _, heads, tokens, dim = values.shape
     for u in numba.prange(layers * 2 * heads):
         ly, kv, h = u // (2 * heads), (u // heads) % 2, u % heads
-        half = bins[ly] // 2
+        # This stream's escapes, one pass in its order: which (token, channel) each is for.
+        e = first[u]
+        for t in range(tokens):
+            for d in range(dim):
+                if symbols[ly, kv, h, t, d] == 0:
+                    values[ly, kv, h, t, d] = escaped[e]
+                    e += 1
         for d in range(dim):
-            s = a_scale[ly, kv, h, d]
             step = steps[ly, kv, h, d]
-            i = 0
+            pred = starts[ly, kv, h, d]
             for t in range(tokens):
-                g = t // anchor
-                a_hat = np.float32(a_codes[ly, kv, h, d, g]) * s
-                if t == g * anchor:
-                    values[ly, kv, h, d, t] = a_hat
+                sym = symbols[ly, kv, h, t, d]
+                if sym == 0:
+                    v = values[ly, kv, h, t, d]
                 else:
-                    q = np.float32(np.int32(symbols[ly, kv, h, i, d]) - half)
-                    values[ly, kv, h, d, t] = a_hat + q * step
-                    i += 1
+                    v = pred + np.float32(np.int32(sym) - CENTER) * step
+                    values[ly, kv, h, t, d] = v
+                if kv == 0 and dpcm:
+                    pred = v
