@@ -39,9 +39,9 @@ in byte i * bits // 8 at bit i * bits % 8 (low bits first), and the padding bits
 row's last byte are zero.
 
 The kernels (numba, parallel over K's token groups and over V's tokens) read and write the
-value as 16-bit words whatever its dtype and convert to and from float32 themselves
-(numba has no float16 on the CPU): one pass over the value each way, and one compiled
-version of each kernel serves every dtype.
+value as 16-bit words whatever its dtype and convert to and from float32 with
+`kvstore.kernels.floatbits` (numba has no float16 on the CPU): one pass over the value each
+way, and one compiled version of each kernel serves every dtype.
 """
 
 from __future__ import annotations
@@ -57,11 +57,11 @@ import torch
 
 from kvstore.codecs.base import Codec, ContainerError, ParamValue, kv_view, register
 from kvstore.errors import InvalidArgument
+from kvstore.kernels.floatbits import F16_MAX, bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16
 
 # How the kernels read and write a dtype's 16-bit words.
 _F32, _F16, _BF16 = 0, 1, 2
 _KINDS = {torch.float32: _F32, torch.float16: _F16, torch.bfloat16: _BF16}
-_F16_MAX = 65504.0
 
 
 class _Parts(NamedTuple):
@@ -206,10 +206,10 @@ def _check_range(t: torch.Tensor) -> None:
     lo, hi = (float(m) for m in torch.aminmax(t))
     if not (np.isfinite(lo) and np.isfinite(hi)):
         raise InvalidArgument("kivi takes finite values only; the tensor has inf or nan")
-    if max(-lo, hi) > _F16_MAX:
+    if max(-lo, hi) > F16_MAX:
         raise InvalidArgument(
             f"kivi stores minimums and scales as float16: values must be within "
-            f"±{_F16_MAX:g}, got {lo:g} to {hi:g}"
+            f"±{F16_MAX:g}, got {lo:g} to {hi:g}"
         )
 
 
@@ -272,44 +272,7 @@ def _decode_v(parts: _Parts, lay: _Layout, kind: int, words: np.ndarray) -> None
     )
 
 
-# ------------------------------------------------------------------ float conversions
-# Bit-level, for values already checked finite.
-
-
-@numba.njit(cache=True)
-def _f16_value(h: int) -> np.float32:
-    """The float32 value of float16 bits `h`."""
-    h = int(h)
-    sign = (h & 0x8000) << 16
-    exp = (h >> 10) & 0x1F
-    mant = h & 0x3FF
-    if exp == 0:  # subnormal or zero: mant * 2**-24 is exact in float32
-        v = np.float32(mant) * np.float32(2.0**-24)
-        return -v if sign else v
-    return np.uint32(sign | ((exp + 112) << 23) | (mant << 13)).view(np.float32)
-
-
-@numba.njit(cache=True)
-def _f16_bits(x: np.float32) -> int:
-    """`x` rounded to float16 bits, to nearest even; beyond ±65504 saturates."""
-    u = int(np.float32(x).view(np.uint32))
-    sign = (u >> 16) & 0x8000
-    a = u & 0x7FFFFFFF
-    if a >= 0x477FE000:  # 65504 and up
-        h = 0x7BFF
-    elif a >= 0x38800000:  # a normal float16: rebias the exponent, round off 13 bits
-        h = (a - 0x38000000 + 0xFFF + ((a >> 13) & 1)) >> 13
-    elif a < 0x33000000:  # at most 2**-25, half the smallest subnormal: rounds to 0
-        h = 0
-    else:  # subnormal: h = round(x * 2**24) = round(mant * 2**(exp - 126))
-        mant = (a & 0x7FFFFF) | 0x800000
-        shift = 126 - (a >> 23)
-        h = mant >> shift
-        rest = mant & ((1 << shift) - 1)
-        half = 1 << (shift - 1)
-        if rest > half or (rest == half and h & 1):
-            h += 1
-    return sign | h
+# ------------------------------------------------------ a token's words and float32
 
 
 @numba.njit(cache=True)
@@ -322,10 +285,10 @@ def _load(src: np.ndarray, kind: int, dst: np.ndarray) -> None:
             bits[c] = np.uint32(src[2 * c]) | np.uint32(src[2 * c + 1]) << np.uint32(16)
     elif kind == _BF16:
         for c in range(n):
-            bits[c] = np.uint32(src[c]) << np.uint32(16)
+            dst[c] = bf16_to_f32(src[c])
     else:
         for c in range(n):
-            dst[c] = _f16_value(src[c])
+            dst[c] = f16_to_f32(src[c])
 
 
 @numba.njit(cache=True)
@@ -339,11 +302,10 @@ def _store(vals: np.ndarray, kind: int, dst: np.ndarray) -> None:
             dst[2 * c + 1] = bits[c] >> 16
     elif kind == _BF16:
         for c in range(n):
-            u = np.uint32(bits[c])
-            dst[c] = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> 16
-    else:
+            dst[c] = f32_to_bf16(vals[c])
+    else:  # saturating: a rounded-up scale can take min + code * scale past 65504
         for c in range(n):
-            dst[c] = _f16_bits(vals[c])
+            dst[c] = f32_to_f16(vals[c], True)
 
 
 # -------------------------------------------------------------------- quantization
@@ -352,22 +314,22 @@ def _store(vals: np.ndarray, kind: int, dst: np.ndarray) -> None:
 @numba.njit(cache=True)
 def _group_params(
     lo: np.float32, hi: np.float32, levels: int
-) -> tuple[int, int, np.float32, np.float32]:
+) -> tuple[np.int64, np.int64, np.float32, np.float32]:
     """Float16 bits of the min and scale of a group spanning [lo, hi], and that min and
     the inverse scale (0 for a constant group) as float32.
 
     The min rounds down and the scale up, so min + levels * scale >= hi: no value lies
     outside the codes' span, where it would break the scale / 2 error bound.
     """
-    m16 = _f16_bits(np.float32(lo))
-    if _f16_value(m16) > lo:  # one float16 step down
-        m16 = 0x8001 if m16 == 0 else (m16 + 1 if m16 & 0x8000 else m16 - 1)
-    mn = _f16_value(m16)
+    m16 = f32_to_f16(np.float32(lo), True)
+    if f16_to_f32(m16) > lo:  # one float16 step down
+        m16 = np.int64(0x8001) if m16 == 0 else (m16 + 1 if m16 & 0x8000 else m16 - 1)
+    mn = f16_to_f32(m16)
     need = (np.float64(hi) - np.float64(mn)) / levels  # float64: exact enough to round up
-    s16 = _f16_bits(np.float32(need))
-    if np.float64(_f16_value(s16)) < need:
+    s16 = f32_to_f16(np.float32(need), True)
+    if np.float64(f16_to_f32(s16)) < need:
         s16 += 1
-    scale = _f16_value(s16)
+    scale = f16_to_f32(s16)
     inv = np.float32(1) / scale if scale > 0 else np.float32(0)
     return m16, s16, mn, inv
 

@@ -28,9 +28,9 @@ to nearest even into the value's dtype. The container checksums the decoded valu
 another decoder (a GPU one, say) must reproduce these bits.
 
 `PayloadLayout` says where each part lies. The numba kernels read and write the values'
-bits and convert float16 and bfloat16 themselves (numba has neither type on the CPU):
-one parallel pass over the value to encode, plus a pass over K for its channels'
-absmax, and one pass to decode straight into the output, with no float32 copy.
+bits and convert float16 and bfloat16 with `kvstore.kernels.floatbits` (numba has neither
+type on the CPU): one parallel pass over the value to encode, plus a pass over K for its
+channels' absmax, and one pass to decode straight into the output, with no float32 copy.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ import torch
 
 from kvstore.codecs.base import Codec, ContainerError, kv_view, register
 from kvstore.errors import InvalidArgument
+from kvstore.kernels.floatbits import bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16
 
 # How the kernels read and write a value's bits (uint32 words for float32, else uint16).
 F32, F16, BF16 = 0, 1, 2
@@ -57,41 +58,23 @@ FP8_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).floa
 
 @numba.njit(cache=True)
 def _load(bits: int, kind: int) -> np.float32:
-    """The float32 value of one element's bits."""
-    b = np.int64(bits)
+    """The float32 value of one element's bits (float16 inf and NaN stay, to be refused)."""
     if kind == BF16:
-        return np.uint32(b << 16).view(np.float32)
+        return bf16_to_f32(bits)
     if kind == F16:
-        mag = b & 0x7FFF
-        if mag < 0x400:  # zero or subnormal: mantissa * 2**-24, exact in float32
-            v = np.float32(mag) * np.float32(2.0**-24)
-        elif mag >= 0x7C00:  # inf or NaN, kept non-finite for the caller to refuse
-            v = np.uint32((mag << 13) | 0x7F800000).view(np.float32)
-        else:  # rebias the exponent from 15 to 127
-            v = np.uint32((mag << 13) + (112 << 23)).view(np.float32)
-        return -v if b & 0x8000 else v
-    return np.uint32(b).view(np.float32)
+        return f16_to_f32(bits)
+    return np.uint32(bits).view(np.float32)
 
 
 @numba.njit(cache=True)
 def _store(value: float, kind: int) -> np.int64:
     """The bits of float32 `value` in the output dtype, rounded to nearest even."""
-    u = np.int64(np.float32(value).view(np.uint32))
     if kind == BF16:
-        return (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        return f32_to_bf16(value)
     if kind == F16:
-        sign = (u >> 16) & 0x8000
-        a = u & 0x7FFFFFFF
-        if a >= 0x47800000:  # 2**16 and up round to inf; NaN stays NaN
-            h = np.int64(0x7E00 if a > 0x7F800000 else 0x7C00)
-        elif a < 0x38800000:  # below 2**-14, a float16 subnormal: adding 0.5 (ulp 2**-24)
-            # makes the FPU round to a multiple of 2**-24, which the low bits then count
-            s = np.uint32(a).view(np.float32) + np.float32(0.5)
-            h = np.int64(np.float32(s).view(np.uint32)) - 0x3F000000
-        else:  # rebias the exponent, round the 13 dropped bits to nearest even
-            h = (a - (112 << 23) + 0xFFF + ((a >> 13) & 1)) >> 13
-        return h | sign
-    return u
+        # The documented `dtype(float32(code) * scale)`: IEEE rounding, overflowing to inf.
+        return f32_to_f16(value, False)
+    return np.int64(np.float32(value).view(np.uint32))
 
 
 @numba.njit(cache=True)

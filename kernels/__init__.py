@@ -4,6 +4,8 @@
   pulling top-k retrieved blocks into one contiguous buffer and offloading them again.
 - `checksum`: XXH3-64 of many buffers at once on the GPU, identical to `xxhash.xxh3_64`,
   so values moved at PCIe speed are checked where they are.
+- `floatbits`: float32 to and from float16 / bfloat16 bit patterns inside numba kernels
+  (numba has no 16-bit floats on the CPU), rounding as torch does; the codecs share it.
 
 CuPy is imported only when a GPU function is first called, so the CPU twins work on
 machines without CUDA.

@@ -196,26 +196,11 @@ def test_llama_8b_chunk(name: str) -> None:
     assert err < (0.01 if name == "int8" else 0.04), err
 
 
-def test_kernel_conversions_match_torch() -> None:
-    """The kernels' own float16 and float8 conversions agree with torch's, subnormals,
-    ties and overflow included."""
-    every_f16 = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
-    f16 = every_f16.view(torch.float16)
-    finite = torch.isfinite(f16)
-    loaded = np.array([quant._load(int(b) & 0xFFFF, quant.F16) for b in every_f16.tolist()])
-    assert np.array_equal(loaded[finite.numpy()], f16[finite].float().numpy())
-    assert np.isinf(loaded[torch.isinf(f16).numpy()]).all()
-    assert np.isnan(loaded[torch.isnan(f16).numpy()]).all()
-
+def test_fp8_code_matches_torch() -> None:
+    """The kernels' float8 conversion agrees with torch's, subnormals and ties included.
+    (Their float16 and bfloat16 conversions are tested in tests/kernels/test_floatbits.py.)"""
     g = torch.Generator().manual_seed(9)
     x = torch.randn(4000, generator=g) * torch.logspace(-9, 5, 4000)
-    ties = torch.arange(0, 2048, dtype=torch.float32) * 2**-25  # halfway between subnormals
-    x = torch.cat([x, ties, -ties, torch.tensor([65504.0, 65519.0, 65520.0, 1e6])])
-    for kind, dtype in [(quant.F16, torch.float16), (quant.BF16, torch.bfloat16)]:
-        want = x.to(dtype).view(torch.int16).numpy().view(np.uint16)
-        got = np.array([quant._store(v, kind) for v in x.tolist()], dtype=np.uint16)
-        assert np.array_equal(got, want), dtype
-
     y = (x / x.abs().max() * 448).clamp(-448, 448)
     y = torch.cat([y, torch.arange(0, 65, dtype=torch.float32) * 2**-10])  # e4m3 ties
     want8 = y.to(torch.float8_e4m3fn).view(torch.uint8).numpy()

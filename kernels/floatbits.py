@@ -1,0 +1,78 @@
+"""float32 to and from float16 and bfloat16, at the bit level, for numba kernels.
+
+numba has neither 16-bit float type on the CPU, so kernels read and write such values as
+their bits (uint16 words) and convert them with these scalar functions:
+
+- `f16_to_f32(h)`, `bf16_to_f32(h)`: the float32 value of float16 or bfloat16 bits `h`,
+  exactly (float16 inf and NaN stay inf and NaN).
+- `f32_to_f16(x, saturate)`: the float16 bits of float32 `x`, rounded to nearest even.
+  Past the largest float16 (`F16_MAX`), `saturate=False` gives inf as IEEE rounding does,
+  for callers that check for non-finite results; `saturate=True` gives ±65504, for callers
+  whose rounding can step just past the range of finite inputs. NaN stays NaN in both.
+- `f32_to_bf16(x)`: the bfloat16 bits of float32 `x`, rounded to nearest even. NaN is
+  not special-cased: the quiet NaN that arithmetic makes stays NaN, but one whose payload
+  lies all in the low 16 bits becomes inf, and rounding can carry one whose upper payload
+  bits are all set into a zero. A check would cost the int8 and fp8 decoders 15% (a select
+  in their vectorized loop) for NaNs that no codec makes.
+
+The bits come back as an int holding the 16 bits, sign included, to store into a uint16
+array. Stored lossy values are checksummed as they decode, so a change here that moves a
+single output bit breaks existing data: `tests/kernels/test_floatbits.py` pins the results
+to torch's conversions.
+
+numba's cache keys a compiled kernel on its own source file only: after editing this
+module, delete the callers' cached kernels (`*.nbi` and `*.nbc` in their `__pycache__`),
+which otherwise keep the old conversions.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+F16_MAX = 65504.0
+
+
+@numba.njit(cache=True)
+def f16_to_f32(h: int | np.integer) -> np.float32:
+    """The float32 value of float16 bits `h`."""
+    b = np.int64(h)
+    mag = b & 0x7FFF
+    if mag < 0x400:  # zero or subnormal: mantissa * 2**-24, exact in float32
+        v = np.float32(mag) * np.float32(2.0**-24)
+    elif mag >= 0x7C00:  # inf or NaN
+        v = np.uint32((mag << 13) | 0x7F800000).view(np.float32)
+    else:  # rebias the exponent from 15 to 127
+        v = np.uint32((mag << 13) + (112 << 23)).view(np.float32)
+    return -v if b & 0x8000 else v
+
+
+@numba.njit(cache=True)
+def bf16_to_f32(h: int | np.integer) -> np.float32:
+    """The float32 value of bfloat16 bits `h`: its upper half."""
+    return np.uint32(np.int64(h) << 16).view(np.float32)
+
+
+@numba.njit(cache=True)
+def f32_to_f16(x: float | np.floating, saturate: bool) -> np.int64:
+    """The float16 bits of float32 `x`, rounded to nearest even; past ±65504, ±inf or, if
+    `saturate`, ±65504."""
+    u = np.int64(np.float32(x).view(np.uint32))
+    sign = (u >> 16) & 0x8000
+    a = u & 0x7FFFFFFF
+    if a >= 0x477FF000:  # 65520 (halfway to 2**16) and up round past 65504; NaN stays NaN
+        h = np.int64(0x7E00 if a > 0x7F800000 else (0x7BFF if saturate else 0x7C00))
+    elif a < 0x38800000:  # below 2**-14, a float16 subnormal: adding 0.5 (ulp 2**-24)
+        # makes the FPU round to a multiple of 2**-24, which the low bits then count
+        s = np.uint32(a).view(np.float32) + np.float32(0.5)
+        h = np.int64(np.float32(s).view(np.uint32)) - 0x3F000000
+    else:  # rebias the exponent, round the 13 dropped bits to nearest even
+        h = (a - (112 << 23) + 0xFFF + ((a >> 13) & 1)) >> 13
+    return h | sign
+
+
+@numba.njit(cache=True)
+def f32_to_bf16(x: float | np.floating) -> np.int64:
+    """The bfloat16 bits of float32 `x`, rounded to nearest even (no NaN check)."""
+    u = np.int64(np.float32(x).view(np.uint32))
+    return (u + 0x7FFF + ((u >> 16) & 1)) >> 16
