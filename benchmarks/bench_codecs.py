@@ -38,6 +38,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -58,8 +59,9 @@ from _realkv import (
 )
 
 import kvstore
-from kvstore.codecs import Codec, codec_from_spec, codec_names, decode
+from kvstore.codecs import Codec, ValueHeader, checksum, codec_from_spec, codec_names, decode
 from kvstore.errors import InvalidArgument
+from kvstore.tiers.ssd import LmdbTier
 
 CHUNK_TOKENS = 256  # the store's chunk size
 CONTINUATION = 128
@@ -215,6 +217,7 @@ class Report:
     check: dict[str, float] = field(default_factory=dict)
     rows: list[CodecRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    notes_after: list[str] = field(default_factory=list)  # printed under the table
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -298,6 +301,39 @@ def best_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
         result = fn()
         best = min(best, time.perf_counter() - start)
     return best, result
+
+
+def lmdb_write_bps(chunk_bytes: int, total: int = 512 << 20) -> float:
+    """Bytes per second the ssd tier (LMDB, as the server opens it) writes records of
+    `chunk_bytes`, flushed to disk at the end, in a temporary directory here."""
+    with tempfile.TemporaryDirectory(prefix="kvbench-lmdb-") as tmp:
+        tier = LmdbTier(Path(tmp), 2 * total)
+        payload = os.urandom(chunk_bytes)
+        header = ValueHeader("uint8", (chunk_bytes,), chunk_bytes, checksum(payload))
+        start = time.perf_counter()
+        for i in range(max(1, total // chunk_bytes)):
+            tier.put("bench", i.to_bytes(32, "big"), header, payload)
+        tier.sync()
+        seconds = time.perf_counter() - start
+        tier.close()
+    return max(1, total // chunk_bytes) * chunk_bytes / seconds
+
+
+def demotion_lines(report: Report, lmdb_bps: float) -> list[str]:
+    """Per codec: encoding vs writing its output to LMDB, both in fp16 bytes per second."""
+    lines = [
+        "",
+        f"demotion to ssd: LMDB writes {lmdb_bps / 1e9:.2f} GB/s of stored bytes here; a "
+        "codec's output of ratio r is written at r times that, in fp16 bytes:",
+    ]
+    for r in report.rows:
+        write = lmdb_bps * r.ratio / 1e9
+        bound = "encode" if r.encode_gbps < write else "LMDB write"
+        lines.append(
+            f"  {r.label:<22} encode {r.encode_gbps:6.2f} GB/s, LMDB write of its output "
+            f"{write:6.2f} GB/s: demotion is {bound}-bound"
+        )
+    return lines
 
 
 def rel_err(decoded: torch.Tensor, original: torch.Tensor) -> float:
@@ -429,6 +465,7 @@ def render(report: Report, detail: bool) -> str:
         lines += ["", "per prompt:", _header(width)]
         for r in report.rows:
             lines += [_line(f"{r.label} {c.prompt}", width, c) for c in r.cells]
+    lines += report.notes_after
     lines += ["", "checks: " + report.meta["check_line"]]
     lines += [f"note: {n}" for n in report.notes]
     return "\n".join(lines)
@@ -579,6 +616,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (AssertionError, RuntimeError) as exc:
         print(f"bench_codecs: check failed: {exc}", file=sys.stderr)
         return 1
+    progress("timing LMDB writes of 256-token chunks for the demotion comparison")
+    lmdb_bps = lmdb_write_bps(
+        max(1, cases[0].fp16_bytes // max(1, len(chunked(cases[0].kv, args.chunk_tokens))))
+    )
+    report.meta["lmdb_write_GBps"] = lmdb_bps / 1e9
+    report.notes_after = demotion_lines(report, lmdb_bps)
     lossless = [r.label for r in report.rows if r.lossless]
     report.meta["check_line"] = (
         f"exact KV substituted reproduces the exact run; plain forward pass ppl "
