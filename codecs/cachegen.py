@@ -39,6 +39,13 @@ Payload, little-endian:
 
 with streams = layers * 2 * heads (in that order), each of tokens * head_dim symbols,
 token-major.
+
+The kernels (numba, parallel over each layer's K and V) read and write the value's 16-bit
+words in its own `[layers, 2, tokens, heads, head_dim]` order, whatever its dtype, and
+convert them with `kvstore.kernels.floatbits` (numba has no float16 on the CPU): encoding
+makes one pass over the value before rANS (predictions, steps, symbols and their counts;
+then the escapes' values, from the few tokens that have one), decoding one pass after it,
+rounding straight into the value's words.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ import torch
 from kvstore.codecs import rans
 from kvstore.codecs.base import Codec, ContainerError, ParamValue, kv_view, register
 from kvstore.errors import InvalidArgument
+from kvstore.kernels.floatbits import F16_MAX, bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16
 
 # Residual spread / step for (K, V) in the first, middle and last third of the layers, by
 # level: lower levels keep more. A Gaussian residual costs about log2(resolution) + 2 bits.
@@ -75,7 +83,12 @@ REACH = 126
 OUTLIER_SPREADS = 4.0
 PRECISION = 12  # rANS frequency bits: tables small, coding within ~0.1% of the entropy
 LANES = 4
-F16_MAX = 65504.0
+RANS_GROUP_SYMBOLS = 1 << 21  # symbols rANS-coded per call (see `_code_streams`)
+
+# How the kernels read and write a dtype's 16-bit words; any other dtype goes through
+# float32.
+_F32, _F16, _BF16 = 0, 1, 2
+_KINDS = {torch.float32: _F32, torch.float16: _F16, torch.bfloat16: _BF16}
 
 
 @dataclass(frozen=True)
@@ -123,41 +136,47 @@ class CacheGen(Codec):
 
     def encode_payload(self, tensor: torch.Tensor) -> bytes:
         kv_view(tensor, self.name)  # the layout check
-        x = tensor.float()
-        if not torch.isfinite(x).all() or (x.numel() and x.abs().max() > F16_MAX):
+        x = tensor.detach()
+        if x.dtype not in _KINDS:
+            x = x.float()
+        layers, _, tokens, heads, head_dim = x.shape
+        lay = _Layout(layers, tokens, heads, head_dim)
+        res = self.resolution(layers)
+        reach = np.minimum(np.ceil(res * OUTLIER_SPREADS), REACH).astype(np.float32)
+        shape4 = (layers, 2, heads, head_dim)
+        starts = np.empty(shape4, np.uint16)  # float16 bits
+        steps = np.empty(shape4, np.uint16)
+        symbols = np.empty((lay.streams, tokens, head_dim), np.uint8)
+        counts = np.empty((lay.streams, ALPHABET), np.int64)
+        marked = np.empty((lay.streams, tokens), np.bool_)  # tokens with an escape
+        ok = np.empty((layers, 2), np.bool_)
+        words, kind = _words(x), _KINDS[x.dtype]
+        dpcm = bool(self.params["k"])
+        _encode(words, kind, dpcm, res, reach, starts, steps, symbols, counts, marked, ok)
+        if not ok.all():
             raise InvalidArgument(
                 "cachegen needs finite values within float16's range; store this value with "
                 "a lossless codec (raw or zstd)"
             )
-        layers, _, tokens, heads, head_dim = tensor.shape
-        lay = _Layout(layers, tokens, heads, head_dim)
-        xs = x.permute(0, 1, 3, 2, 4).contiguous().numpy()  # [L, 2, H, T, D]
-        dpcm = bool(self.params["k"])
-        starts, spread = _predictions(xs, dpcm)
-        starts = _to_f16(starts)
-        res = self.resolution(layers)[:, :, None, None]
-        steps = _to_f16(spread / res)
-        symbols = np.empty(xs.shape, np.uint8)
-        exact = _to_f16(xs)  # what an escape decodes to
-        reach = np.minimum(np.ceil(self.resolution(layers) * OUTLIER_SPREADS), REACH)
-        _quantize(xs, exact, starts, steps, reach.astype(np.int32), symbols, dpcm)
+        escapes = counts[:, 0]
+        first = np.zeros(lay.streams + 1, np.int64)
+        np.cumsum(escapes, out=first[1:])
+        escaped = np.empty(first[-1], np.uint16)
+        _gather_escapes(words, kind, heads, symbols, marked, first, escaped)
         streams = symbols.reshape(lay.streams, lay.per_stream)
-        escapes = (streams == 0).sum(axis=1).astype("<u4")
-        escaped = exact.reshape(lay.streams, lay.per_stream)[streams == 0]
-        freqs = rans.quantize_freqs(_histograms(streams), PRECISION)
+        freqs = rans.quantize_freqs(counts, PRECISION)
         tables = rans.pack_tables(freqs, PRECISION)
-        models = np.arange(lay.streams, dtype=np.int32)
-        data, offsets = rans.encode_streams(streams, models, freqs, PRECISION, LANES)
+        data, offsets = _code_streams(streams, freqs)
         return b"".join(
             [
-                starts.astype("<f2").tobytes(),
-                steps.astype("<f2").tobytes(),
-                escapes.tobytes(),
+                starts.astype("<u2").tobytes(),
+                steps.astype("<u2").tobytes(),
+                escapes.astype("<u4").tobytes(),
                 struct.pack("<I", len(tables)),
                 tables,
                 offsets.astype("<u4").tobytes(),
-                data,
-                escaped.astype("<f2").tobytes(),
+                *data,
+                escaped.astype("<u2").tobytes(),
             ]
         )
 
@@ -197,113 +216,360 @@ class CacheGen(Codec):
         streams = rans.decode_streams(
             buf[pos:end].data, offsets, models, freqs, PRECISION, lay.per_stream, LANES
         )
-        if not np.array_equal((streams == 0).sum(axis=1), escapes):
-            raise ContainerError("cachegen escapes disagree with the streams")
         first = np.zeros(n + 1, np.int64)
         np.cumsum(escapes, out=first[1:])
-        values = np.empty((layers, 2, heads, tokens, head_dim), np.float32)
+        # Straight into `out`'s words where the kernels know its dtype; through float32
+        # otherwise, which torch's copy then rounds.
+        direct = out.dtype in _KINDS and out.is_contiguous()
+        target = out if direct else torch.empty(out.shape, dtype=torch.float32)
+        ok = np.empty((layers, 2), np.bool_)
+        symbols = streams.reshape(n, tokens, head_dim)
         dpcm = bool(self.params["k"])
-        _reconstruct(streams.reshape(values.shape), starts, steps, escaped, first, values, dpcm)
-        out.copy_(torch.from_numpy(values).permute(0, 1, 3, 2, 4))
+        kind = _KINDS[target.dtype]
+        _decode(symbols, starts, steps, escaped, first, dpcm, kind, _words(target), ok)
+        if not ok.all():
+            raise ContainerError("cachegen escapes disagree with the streams")
+        if not direct:
+            out.copy_(target)
 
 
-def _to_f16(a: np.ndarray) -> np.ndarray:
-    """Rounded to float16 and back: what the decoder will read."""
-    return np.clip(a, -F16_MAX, F16_MAX).astype(np.float16).astype(np.float32)
+def _code_streams(streams: np.ndarray, freqs: np.ndarray) -> tuple[list[bytes], np.ndarray]:
+    """rANS-code each stream (a row of `streams`) with its own model: the coded streams
+    in groups, to be joined, and the offsets [streams + 1] delimiting them. In groups of a
+    few MiB of symbols, because the coder takes scratch space of twice its input: small,
+    it stays in cache and is reused, where one for the whole value would be mapped afresh
+    each time (page faults, which do not run in parallel), halving the speed. A group has
+    a stream per thread at least, which code in parallel."""
+    n, per_stream = streams.shape
+    group = max(numba.get_num_threads(), RANS_GROUP_SYMBOLS // max(per_stream, 1))
+    data = []
+    offsets = np.zeros(n + 1, np.int64)
+    for a in range(0, n, group):
+        b = min(a + group, n)
+        models = np.arange(b - a, dtype=np.int32)
+        coded, ends = rans.encode_streams(streams[a:b], models, freqs[a:b], PRECISION, LANES)
+        data.append(coded)
+        offsets[a + 1 : b + 1] = offsets[a] + ends[1:]
+    return data, offsets
 
 
-@numba.njit(parallel=True, cache=True)
-def _predictions(xs, dpcm):  # type: ignore[no-untyped-def]
-    """Per channel: the start value (K: the first token; V: the mean) and the spread
-    (root mean square) of the residuals the predictor leaves."""
-    layers, _, heads, tokens, dim = xs.shape
-    starts = np.zeros((layers, 2, heads, dim), np.float32)
-    spread = np.zeros((layers, 2, heads, dim), np.float32)
-    for u in numba.prange(layers * 2 * heads):
-        ly, kv, h = u // (2 * heads), (u // heads) % 2, u % heads
-        for d in range(dim):
-            if tokens == 0:
-                continue
-            if kv == 0 and dpcm:  # K: differences along the tokens
-                starts[ly, kv, h, d] = xs[ly, kv, h, 0, d]
-                acc = 0.0
-                for t in range(1, tokens):
-                    e = xs[ly, kv, h, t, d] - xs[ly, kv, h, t - 1, d]
-                    acc += e * e
-                spread[ly, kv, h, d] = np.sqrt(acc / max(tokens - 1, 1))
-            else:  # V: around the channel mean
-                mean = 0.0
-                for t in range(tokens):
-                    mean += xs[ly, kv, h, t, d]
-                mean /= tokens
-                acc = 0.0
-                for t in range(tokens):
-                    e = xs[ly, kv, h, t, d] - mean
-                    acc += e * e
-                starts[ly, kv, h, d] = mean
-                spread[ly, kv, h, d] = np.sqrt(acc / tokens)
-    return starts, spread
+def _words(t: torch.Tensor) -> np.ndarray:
+    """A contiguous KV tensor of 16- or 32-bit floats as its 16-bit words
+    `[layers, 2, tokens, words per token]`, without a copy. The kernels take this whole
+    array (always C-contiguous) and index it, rather than slices of it that numba would
+    type differently from shape to shape."""
+    layers, _, tokens, heads, head_dim = t.shape
+    words = t.contiguous().view(torch.int16).numpy().view(np.uint16)
+    return words.reshape(layers, 2, tokens, heads * head_dim * t.element_size() // 2)
 
 
-@numba.njit(parallel=True, cache=True)
-def _quantize(xs, exact, starts, steps, reach, symbols, dpcm):  # type: ignore[no-untyped-def]
-    """Symbols of every value (0 where it escapes, to `exact`); K closed-loop against the
-    decoded previous token."""
-    layers, _, heads, tokens, dim = xs.shape
-    for u in numba.prange(layers * 2 * heads):
-        ly, kv, h = u // (2 * heads), (u // heads) % 2, u % heads
-        for d in range(dim):
-            step = steps[ly, kv, h, d]
-            inv = np.float32(1.0) / step if step > 0 else np.float32(0.0)
-            base = starts[ly, kv, h, d]
-            pred = base
-            for t in range(tokens):
-                residual = xs[ly, kv, h, t, d] - pred
-                q = np.rint(residual * inv)
-                # Escape when the step cannot reach the value (also a zero step, a value
-                # off a constant channel).
-                if abs(q) > reach[ly, kv] or (step == 0 and residual != 0):
-                    symbols[ly, kv, h, t, d] = 0
-                    value = exact[ly, kv, h, t, d]
-                else:
-                    symbols[ly, kv, h, t, d] = np.uint8(q + CENTER)
-                    value = pred + np.float32(q) * step
-                if kv == 0 and dpcm:  # the decoder's value predicts the next token
-                    pred = value
+# The kernels work on one (layer, K/V) at a time, token by token, all heads at once: the
+# value's own order, so that they read and write it in long runs. Their helpers take whole
+# arrays and indices rather than a view of a row: a call per head, each making and
+# reference-counting views, made a first version three times slower. Arrays per channel are
+# [heads, dim], indexed [h, d] by loop counters rather than by h * dim + d: numba wraps
+# negative indices around, and only for loop counters can LLVM see that there are none and
+# vectorize the loops.
 
 
-@numba.njit(parallel=True, cache=True)
-def _histograms(streams):  # type: ignore[no-untyped-def]
-    counts = np.zeros((streams.shape[0], ALPHABET), np.int64)
-    for s in numba.prange(streams.shape[0]):
-        for v in streams[s]:
-            counts[s, v] += 1
-    return counts
+@numba.njit(cache=True)
+def _load(words: np.ndarray, kind: int, ly: int, kv: int, t: int, x: np.ndarray) -> bool:
+    """x[t] (float32) = the values whose 16-bit words are words[ly, kv, t]; whether they
+    are all finite and within float16's range."""
+    n = x.shape[1]
+    if kind == _F32:
+        for c in range(n):
+            bits = np.uint32(words[ly, kv, t, 2 * c]) | np.uint32(words[ly, kv, t, 2 * c + 1]) << 16
+            x[t, c] = np.uint32(bits).view(np.float32)
+    elif kind == _BF16:
+        for c in range(n):
+            x[t, c] = bf16_to_f32(words[ly, kv, t, c])
+    else:
+        for c in range(n):
+            x[t, c] = f16_to_f32(words[ly, kv, t, c])
+    bad = False
+    for c in range(n):
+        bad |= not abs(x[t, c]) <= F16_MAX
+    return not bad
 
 
-@numba.njit(parallel=True, cache=True)
-def _reconstruct(symbols, starts, steps, escaped, first, values, dpcm):  # type: ignore[no-untyped-def]
-    """Values from symbols; stream u's escapes are escaped[first[u]:first[u + 1]], in the
-    stream's (token-major) order."""
-    layers, _, heads, tokens, dim = values.shape
-    for u in numba.prange(layers * 2 * heads):
-        ly, kv, h = u // (2 * heads), (u // heads) % 2, u % heads
-        # This stream's escapes, one pass in its order: which (token, channel) each is for.
-        e = first[u]
+@numba.njit(cache=True)
+def _value(words: np.ndarray, kind: int, ly: int, kv: int, t: int, c: int) -> np.float32:
+    """The float32 value of channel c (head * dim + index) of words[ly, kv, t]."""
+    if kind == _F32:
+        bits = np.uint32(words[ly, kv, t, 2 * c]) | np.uint32(words[ly, kv, t, 2 * c + 1]) << 16
+        return np.uint32(bits).view(np.float32)
+    if kind == _BF16:
+        return bf16_to_f32(words[ly, kv, t, c])
+    return f16_to_f32(words[ly, kv, t, c])
+
+
+@numba.njit(cache=True)
+def _store(value: np.ndarray, kind: int, words: np.ndarray, ly: int, kv: int, t: int) -> None:
+    """words[ly, kv, t] = float32 `value` rounded to the dtype to nearest even, as torch
+    rounds (float16 past its range to inf)."""
+    n = value.size
+    if kind == _F32:
+        for c in range(n):
+            bits = np.float32(value[c]).view(np.uint32)
+            words[ly, kv, t, 2 * c] = bits & 0xFFFF
+            words[ly, kv, t, 2 * c + 1] = bits >> 16
+    elif kind == _BF16:
+        for c in range(n):
+            words[ly, kv, t, c] = f32_to_bf16(value[c])
+    else:
+        for c in range(n):
+            words[ly, kv, t, c] = f32_to_f16(value[c], False)
+
+
+# ------------------------------------------------------------------------------ encoding
+
+
+@numba.njit(cache=True)
+def _channel_model(x: np.ndarray, dpcm: bool, start: np.ndarray, spread: np.ndarray) -> None:
+    """Per channel of x [tokens, channels]: the start value (K: the first token; V: the
+    mean) and the spread (root mean square) of the residuals the predictor leaves. Sums in
+    float64, each channel's over the tokens in order."""
+    tokens, n = x.shape
+    if tokens == 0:
+        start[:] = 0
+        spread[:] = 0
+        return
+    acc = np.zeros(n, np.float64)
+    if dpcm:  # K: differences along the tokens
+        for t in range(1, tokens):
+            for c in range(n):
+                e = x[t, c] - x[t - 1, c]
+                acc[c] += e * e
+        for c in range(n):
+            start[c] = x[0, c]
+            spread[c] = np.sqrt(acc[c] / max(tokens - 1, 1))
+    else:  # V: around the channel mean
+        mean = np.zeros(n, np.float64)
         for t in range(tokens):
-            for d in range(dim):
-                if symbols[ly, kv, h, t, d] == 0:
-                    values[ly, kv, h, t, d] = escaped[e]
-                    e += 1
+            for c in range(n):
+                mean[c] += x[t, c]
+        for c in range(n):
+            mean[c] /= tokens
+        for t in range(tokens):
+            for c in range(n):
+                e = x[t, c] - mean[c]
+                acc[c] += e * e
+        for c in range(n):
+            start[c] = mean[c]
+            spread[c] = np.sqrt(acc[c] / tokens)
+
+
+@numba.njit(cache=True)
+def _histogram(symbols: np.ndarray, u: int, counts: np.ndarray) -> None:
+    """counts[u, s] = occurrences of s in symbols[u]. Four partial tables, so that runs
+    of one symbol do not chain their increments through memory."""
+    part = np.zeros((4, 256), np.int64)
+    flat = symbols[u].reshape(-1)
+    n = flat.size
+    body = n - n % 4
+    for i in range(0, body, 4):
+        part[0, flat[i]] += 1
+        part[1, flat[i + 1]] += 1
+        part[2, flat[i + 2]] += 1
+        part[3, flat[i + 3]] += 1
+    for i in range(body, n):
+        part[0, flat[i]] += 1
+    for s in range(counts.shape[1]):
+        counts[u, s] = part[0, s] + part[1, s] + part[2, s] + part[3, s]
+
+
+@numba.njit(parallel=True, cache=True)
+def _encode(
+    words: np.ndarray,
+    kind: int,
+    dpcm: bool,
+    res: np.ndarray,
+    reach: np.ndarray,
+    starts: np.ndarray,
+    steps: np.ndarray,
+    symbols: np.ndarray,
+    counts: np.ndarray,
+    marked: np.ndarray,
+    ok: np.ndarray,
+) -> None:
+    """All but the escapes' values and the rANS coding: from words [layers, 2, tokens,
+    words], the float16 bits of starts and steps [layers, 2, heads, dim], symbols
+    [streams, tokens, dim], their counts [streams, ALPHABET] (escapes: counts[:, 0]), and
+    marked [streams, tokens]: whether the token has an escape in the stream. ok[layer,
+    K/V] is False if a value is out of float16's range; the rest is then left unfinished.
+    K is quantized closed-loop against the decoded previous token."""
+    for i in numba.prange(words.shape[0] * 2):
+        ok[i // 2, i % 2] = _encode_unit(
+            words, kind, i, dpcm, res, reach, starts, steps, symbols, counts, marked
+        )
+
+
+@numba.njit(cache=True)
+def _encode_unit(
+    words: np.ndarray,
+    kind: int,
+    i: int,
+    dpcm: bool,
+    res: np.ndarray,
+    reach: np.ndarray,
+    starts: np.ndarray,
+    steps: np.ndarray,
+    symbols: np.ndarray,
+    counts: np.ndarray,
+    marked: np.ndarray,
+) -> bool:
+    """`_encode` for K (i even) or V (i odd) of layer i // 2; False if a value is out of
+    float16's range."""
+    _, _, tokens, _ = words.shape
+    heads, dim = starts.shape[2], starts.shape[3]
+    n = heads * dim
+    ly, kv = i // 2, i % 2
+    x = np.empty((tokens, heads, dim), np.float32)
+    flat = x.reshape(tokens, n)
+    good = True
+    for t in range(tokens):
+        good &= _load(words, kind, ly, kv, t, flat)
+    if not good:
+        return False
+    closed_loop = kv == 0 and dpcm
+    start = np.empty((heads, dim), np.float32)
+    spread = np.empty((heads, dim), np.float32)
+    _channel_model(flat, closed_loop, start.reshape(n), spread.reshape(n))
+    pred = np.empty((heads, dim), np.float32)
+    step = np.empty((heads, dim), np.float32)
+    inv = np.empty((heads, dim), np.float32)
+    for h in range(heads):
         for d in range(dim):
-            step = steps[ly, kv, h, d]
-            pred = starts[ly, kv, h, d]
+            bits = f32_to_f16(start[h, d], True)
+            starts[ly, kv, h, d] = bits
+            pred[h, d] = f16_to_f32(bits)
+            bits = f32_to_f16(spread[h, d] / res[ly, kv], True)
+            steps[ly, kv, h, d] = bits
+            step[h, d] = f16_to_f32(bits)
+            inv[h, d] = np.float32(1.0) / step[h, d] if step[h, d] > 0 else np.float32(0.0)
+    limit = reach[ly, kv]
+    value = np.empty((heads, dim), np.float32)
+    for t in range(tokens):
+        for h in range(heads):
+            u = i * heads + h
+            escapes = False
+            for d in range(dim):  # branch-free, so that it vectorizes
+                residual = x[t, h, d] - pred[h, d]
+                q = np.rint(residual * inv[h, d])
+                # Escape when the step cannot reach the value (also a zero step, a value off
+                # a constant channel).
+                escape = (abs(q) > limit) | ((step[h, d] == 0) & (residual != 0))
+                q = min(max(q, -limit), limit)
+                symbols[u, t, d] = 0 if escape else np.uint8(np.int32(q) + CENTER)
+                value[h, d] = pred[h, d] + q * step[h, d]  # an exact product
+                escapes |= escape
+            marked[u, t] = escapes
+            if escapes:  # these decode to their values rounded to float16
+                for d in range(dim):
+                    if symbols[u, t, d] == 0:
+                        value[h, d] = f16_to_f32(f32_to_f16(x[t, h, d], True))
+        if closed_loop:  # the decoder's value predicts the next token
+            pred[:] = value
+    for h in range(heads):
+        _histogram(symbols, i * heads + h, counts)
+    return True
+
+
+@numba.njit(parallel=True, cache=True)
+def _gather_escapes(
+    words: np.ndarray,
+    kind: int,
+    heads: int,
+    symbols: np.ndarray,
+    marked: np.ndarray,
+    first: np.ndarray,
+    escaped: np.ndarray,
+) -> None:
+    """escaped[first[u]:first[u + 1]] = the float16 bits of stream u's escapes, in its
+    (token-major) order; only the tokens `_encode` marked are looked at."""
+    layers, _, tokens, _ = words.shape
+    dim = symbols.shape[2]
+    for i in numba.prange(layers * 2):
+        ly, kv = i // 2, i % 2
+        for h in range(heads):
+            u = i * heads + h
+            pos = first[u]
             for t in range(tokens):
-                sym = symbols[ly, kv, h, t, d]
-                if sym == 0:
-                    v = values[ly, kv, h, t, d]
-                else:
-                    v = pred + np.float32(np.int32(sym) - CENTER) * step
-                    values[ly, kv, h, t, d] = v
-                if kv == 0 and dpcm:
-                    pred = v
+                if not marked[u, t]:
+                    continue
+                for d in range(dim):
+                    if symbols[u, t, d] == 0:
+                        x = _value(words, kind, ly, kv, t, h * dim + d)
+                        escaped[pos] = f32_to_f16(x, True)
+                        pos += 1
+
+
+# ------------------------------------------------------------------------------ decoding
+
+
+@numba.njit(parallel=True, cache=True)
+def _decode(
+    symbols: np.ndarray,
+    starts: np.ndarray,
+    steps: np.ndarray,
+    escaped: np.ndarray,
+    first: np.ndarray,
+    dpcm: bool,
+    kind: int,
+    words: np.ndarray,
+    ok: np.ndarray,
+) -> None:
+    """Values from symbols [streams, tokens, dim] into words [layers, 2, tokens, words];
+    stream u's escapes are escaped[first[u]:first[u + 1]], in the stream's (token-major)
+    order. ok[layer, K/V] is False if a stream has more or fewer escapes than that; its
+    values are then left unfinished."""
+    for i in numba.prange(words.shape[0] * 2):
+        ok[i // 2, i % 2] = _decode_unit(
+            symbols, starts, steps, escaped, first, dpcm, kind, i, words
+        )
+
+
+@numba.njit(cache=True)
+def _decode_unit(
+    symbols: np.ndarray,
+    starts: np.ndarray,
+    steps: np.ndarray,
+    escaped: np.ndarray,
+    first: np.ndarray,
+    dpcm: bool,
+    kind: int,
+    i: int,
+    words: np.ndarray,
+) -> bool:
+    """`_decode` for K (i even) or V (i odd) of layer i // 2; False if a stream's escapes
+    do not add up."""
+    _, _, tokens, _ = words.shape
+    heads, dim = starts.shape[2], starts.shape[3]
+    ly, kv = i // 2, i % 2
+    closed_loop = kv == 0 and dpcm
+    pred = starts[ly, kv].copy()
+    step = steps[ly, kv]
+    value = np.empty((heads, dim), np.float32)
+    flat = value.reshape(heads * dim)
+    e = first[i * heads : (i + 1) * heads].copy()  # each stream's next escape
+    for t in range(tokens):
+        for h in range(heads):
+            u = i * heads + h
+            escapes = False
+            for d in range(dim):
+                s = symbols[u, t, d]
+                # The product is exact: the result does not depend on FMA contraction.
+                value[h, d] = pred[h, d] + (np.float32(s) - np.float32(CENTER)) * step[h, d]
+                escapes |= s == 0
+            if escapes:
+                for d in range(dim):
+                    if symbols[u, t, d] == 0:
+                        if e[h] == first[u + 1]:  # more escapes than the stream has
+                            return False
+                        value[h, d] = escaped[e[h]]
+                        e[h] += 1
+        _store(flat, kind, words, ly, kv, t)
+        if closed_loop:  # this token's value predicts the next
+            pred[:] = value
+    return bool(np.all(e == first[i * heads + 1 : (i + 1) * heads + 1]))  # not fewer

@@ -3,13 +3,25 @@ trading size for error, token locality paying off, and forged payloads refused."
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import pytest
 import torch
 
-from kvstore.codecs import ContainerError, codec_from_spec, decode
-from kvstore.codecs.cachegen import LEVELS, CacheGen
+from kvstore.codecs import ContainerError, codec_from_spec, decode, rans
+from kvstore.codecs.cachegen import (
+    ALPHABET,
+    CENTER,
+    LANES,
+    LEVELS,
+    OUTLIER_SPREADS,
+    PRECISION,
+    REACH,
+    CacheGen,
+)
 from kvstore.errors import InvalidArgument
+from kvstore.kernels.floatbits import F16_MAX
 
 
 def smooth_kv(layers: int = 6, tokens: int = 70, heads: int = 2, dim: int = 32) -> torch.Tensor:
@@ -22,6 +34,86 @@ def smooth_kv(layers: int = 6, tokens: int = 70, heads: int = 2, dim: int = 32) 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def reference(t: torch.Tensor, level: int, k: int) -> tuple[bytes, torch.Tensor]:
+    """The payload and the decoded value as the module docstring defines them, computed
+    the straightforward way: NumPy over every channel at once, a token at a time, in
+    float32 (sums in float64, in token order), on the `[L, 2, H, D]` slices of the value."""
+    x = t.float().numpy()
+    layers, _, tokens, heads, dim = x.shape
+    res = CacheGen(level=level).resolution(layers)[:, :, None, None]
+    reach = np.minimum(np.ceil(res * OUTLIER_SPREADS), REACH)
+    closed = np.zeros((layers, 2, 1, 1), bool)
+    closed[:, 0] = bool(k)  # K by the previous token
+    mean = np.zeros((layers, 2, heads, dim))
+    for i in range(tokens):
+        mean += x[:, :, i]
+    mean /= tokens
+    by_mean, by_prev = np.zeros_like(mean), np.zeros_like(mean)
+    for i in range(tokens):
+        by_mean += (x[:, :, i] - mean) ** 2
+        if i:
+            e = x[:, :, i] - x[:, :, i - 1]
+            by_prev += e * e
+    start = np.where(closed, x[:, :, 0], mean.astype(np.float32))
+    spread = np.where(closed, np.sqrt(by_prev / max(tokens - 1, 1)), np.sqrt(by_mean / tokens))
+    starts = np.clip(start, -F16_MAX, F16_MAX).astype(np.float16)
+    steps = np.clip(spread.astype(np.float32) / res, -F16_MAX, F16_MAX).astype(np.float16)
+    step, pred = steps.astype(np.float32), starts.astype(np.float32)
+    inv = np.where(step > 0, np.float32(1) / np.where(step > 0, step, 1), 0).astype(np.float32)
+    exact = np.clip(x, -F16_MAX, F16_MAX).astype(np.float16)
+    symbols = np.empty(x.shape, np.uint8)
+    values = np.empty(x.shape, np.float32)
+    for i in range(tokens):
+        residual = x[:, :, i] - pred
+        q = np.rint(residual * inv)
+        escape = (np.abs(q) > reach) | ((step == 0) & (residual != 0))
+        symbols[:, :, i] = np.where(escape, 0, q + CENTER)
+        values[:, :, i] = np.where(escape, exact[:, :, i].astype(np.float32), pred + q * step)
+        pred = np.where(closed, values[:, :, i], pred)
+    streams = symbols.transpose(0, 1, 3, 2, 4).reshape(layers * 2 * heads, tokens * dim)
+    counts = np.stack([np.bincount(s, minlength=ALPHABET) for s in streams])
+    freqs = rans.quantize_freqs(counts, PRECISION)
+    tables = rans.pack_tables(freqs, PRECISION)
+    models = np.arange(len(streams), dtype=np.int32)
+    data, offsets = rans.encode_streams(streams, models, freqs, PRECISION, LANES)
+    escaped = exact.transpose(0, 1, 3, 2, 4).reshape(streams.shape)[streams == 0]
+    payload = b"".join(
+        [
+            starts.astype("<f2").tobytes(),
+            steps.astype("<f2").tobytes(),
+            counts[:, 0].astype("<u4").tobytes(),
+            struct.pack("<I", len(tables)),
+            tables,
+            offsets.astype("<u4").tobytes(),
+            data,
+            escaped.astype("<f2").tobytes(),
+        ]
+    )
+    return payload, torch.from_numpy(values).to(t.dtype)  # rounded as torch rounds
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("k", [0, 1])
+@pytest.mark.parametrize("level", sorted(LEVELS))
+def test_kernels_match_a_reference(dtype: torch.dtype, level: int, k: int) -> None:
+    """The kernels work on the value's words in place, a (layer, K/V) at a time: their
+    payload and decoded bits are exactly the reference's, escapes (also to float16
+    subnormals), zero steps and tiny channels included."""
+    t = smooth_kv(layers=4, tokens=37, heads=2, dim=24)
+    t[:, :, 0] *= 30  # an attention sink: escapes
+    t[1, :, :, 1, 3] = 0.5  # constant channels: zero steps
+    t[2, 0, 20, 0, 5] = 1e-6  # an escape to a float16 subnormal
+    t[3, 1, :, 0] *= 1e-4  # tiny channels: subnormal steps
+    t = t.to(dtype)
+    codec = CacheGen(level=level, k=k)
+    want_payload, want_value = reference(t, level, k)
+    payload = codec.encode_payload(t)
+    assert payload == want_payload
+    got = torch.empty_like(t)
+    codec.decode_payload(memoryview(payload), got)
+    assert torch.equal(got, want_value)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
