@@ -27,7 +27,6 @@ from kvstore.client._transfer import (
     GetLanding,
     PutLanding,
     Slice,
-    dtype_name,
     hash_pool,
     private_buffer,
     raise_unrecoverable,
@@ -35,7 +34,7 @@ from kvstore.client._transfer import (
     torch_stream,
 )
 from kvstore.codecs.container import checksum
-from kvstore.dtypes import BY_NAME, expected_nbytes
+from kvstore.dtypes import BY_NAME, dtype_name, expected_nbytes
 from kvstore.errors import DataLoss, InvalidArgument
 from kvstore.kernels import checksum as checksum_kernels
 from kvstore.kernels.blocks import DeviceBuffer

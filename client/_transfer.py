@@ -29,6 +29,7 @@ import torch
 
 from kvstore.client._shared import ArenaMap, Region
 from kvstore.codecs.container import checksum
+from kvstore.dtypes import dtype_name
 from kvstore.errors import DataLoss, InvalidArgument
 from kvstore.kernels import checksum as checksum_kernels
 from kvstore.kernels.blocks import (
@@ -92,11 +93,6 @@ def torch_stream(stream: Any, device: torch.device) -> Any:
     if handle is None:
         raise TypeError(f"not a CUDA stream: {type(stream).__name__}")
     return torch.cuda.ExternalStream(handle, device=device)
-
-
-def dtype_name(t: torch.Tensor) -> str:
-    """The wire name of a tensor's dtype (torch's name without `torch.`)."""
-    return str(t.dtype).removeprefix("torch.")
 
 
 def flat_bytes(t: torch.Tensor) -> torch.Tensor:

@@ -172,3 +172,21 @@ def _decode_v1(view: memoryview) -> tuple[ValueHeader, int]:
         raise ContainerError(f"container uses unknown dtype code {dcode}")
     shape = struct.unpack_from(f"<{ndim}q", view, _FIXED_V1.size)
     return ValueHeader(BY_CODE[dcode].name, tuple(shape), plen, psum, codec, created), end + 4
+
+
+def decode_stored(header: ValueHeader, payload: memoryview, dst: memoryview) -> None:
+    """Fill `dst` (the value's bytes) from a stored payload whose checksum the caller has
+    verified; checks the decoded value's checksum. ContainerError on any mismatch. A raw
+    payload is copied here; any other codec's decoder is imported (with torch) on first use."""
+    if len(dst) != header.value_len:
+        raise ContainerError(f"value of {header.value_len} bytes does not fit {len(dst)}")
+    if header.codec != CODEC_RAW:
+        from kvstore.codecs.values import decode_coded
+
+        decode_coded(header, payload, dst)
+        return
+    if len(payload) != header.value_len:
+        raise ContainerError("raw payload and value lengths disagree")
+    if header.value_checksum != header.payload_checksum:  # the payload is the value
+        raise ContainerError("corrupted container header (raw checksums disagree)")
+    dst[:] = payload

@@ -3,9 +3,10 @@ value's bytes.
 
 - `encode_value(codec, tensor) -> bytes` / `decode_value(data, out=None) -> tensor`: a whole
   container (header, parameters, payload) for clients and tools.
-- `encode_stored(codec, header, value)` / `decode_stored(header, payload, dst)`: what a tier
-  does with a value's bytes in place (the header and the payload kept apart; the raw codec
-  without a copy).
+- `encode_stored(codec, header, value)`: what a tier does with a value's bytes in place
+  (the header and the payload kept apart; the raw codec without a copy). Decoding them is
+  `container.decode_stored`, which comes here (`decode_coded`) only for a codec other than
+  raw, so reading raw records never imports torch.
 - `tensor_bytes(t)`: a contiguous CPU tensor's bytes as a memoryview, without a copy.
 
 Every decode checks the payload's checksum before decoding and the value's after.
@@ -25,8 +26,10 @@ from kvstore.codecs.container import (
     ValueHeader,
     checksum,
     decode_header,
+    decode_stored,
     encode_header,
 )
+from kvstore.dtypes import dtype_name
 from kvstore.errors import InvalidArgument
 
 
@@ -34,10 +37,6 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, without a copy."""
     flat = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
     return memoryview(flat.numpy().data).cast("B")
-
-
-def dtype_name(t: torch.Tensor) -> str:
-    return str(t.dtype).removeprefix("torch.")
 
 
 def _check_value(header: ValueHeader) -> torch.dtype:
@@ -86,16 +85,8 @@ def encode_stored(
     return stored, payload
 
 
-def decode_stored(header: ValueHeader, payload: memoryview, dst: memoryview) -> None:
-    """Fill `dst` (the value's bytes) from a stored payload whose checksum the tier has
-    already verified; checks the decoded value's checksum. ContainerError on any mismatch."""
-    if len(dst) != header.value_len:
-        raise ContainerError(f"value of {header.value_len} bytes does not fit {len(dst)}")
-    if header.codec == CODEC_RAW:
-        if len(payload) != header.value_len:
-            raise ContainerError("raw payload and value lengths disagree")
-        dst[:] = payload
-        return
+def decode_coded(header: ValueHeader, payload: memoryview, dst: memoryview) -> None:
+    """`container.decode_stored` for a codec other than raw (the raw path needs no torch)."""
     dt = _check_value(header)
     codec = codec_by_id(header.codec, header.param_dict())
     out = torch.frombuffer(dst, dtype=dt) if len(dst) else torch.empty(0, dtype=dt)
@@ -114,25 +105,13 @@ def encode_value(codec: Codec, tensor: torch.Tensor) -> bytes:
     if not isinstance(tensor, torch.Tensor):
         raise InvalidArgument(f"codecs encode torch tensors, not {type(tensor).__name__}")
     t = tensor.detach().to("cpu").contiguous()
-    payload = codec.encode_payload(t)
-    if codec.lossless:
-        value_sum = checksum(tensor_bytes(t))
-    else:  # the checksum of what readers will get back: decode once now
-        back = torch.empty_like(t)
-        codec.decode_payload(memoryview(payload), back)
-        value_sum = checksum(tensor_bytes(back))
+    value = tensor_bytes(t)
+    # A lossy codec's value checksum is of what it decodes to: encode_stored computes it.
     header = ValueHeader(
-        dtype_name(t),
-        tuple(t.shape),
-        t.numel() * t.element_size(),
-        value_sum,
-        codec.codec_id,
-        0,
-        len(payload),
-        checksum(payload),
-        ";".join(f"{k}={v}" for k, v in sorted(codec.params.items())),
+        dtype_name(t), tuple(t.shape), len(value), checksum(value) if codec.lossless else 0
     )
-    return encode_header(header) + payload
+    stored, payload = encode_stored(codec, header, value)
+    return encode_header(stored) + bytes(payload)
 
 
 def decode_value(
@@ -166,14 +145,7 @@ def decode_value(
         target = out.view(header.shape)
     else:
         target = torch.empty(header.shape, dtype=dt)
-    try:
-        codec.decode_payload(payload, target)
-    except ContainerError:
-        raise
-    except (ValueError, IndexError) as exc:
-        raise ContainerError(f"codec {codec.name} could not decode the payload: {exc}") from None
-    if checksum(tensor_bytes(target)) != header.value_checksum:
-        raise ContainerError(f"codec {codec.name} decoded a value that fails its checksum")
+    decode_stored(header, payload, tensor_bytes(target))
     if out is None:
         return target
     if not direct:

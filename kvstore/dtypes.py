@@ -9,8 +9,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kvstore.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -63,3 +67,8 @@ def expected_nbytes(dtype: str, shape: Sequence[int]) -> int:
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"shape {list(shape)} has a negative dimension")
     return math.prod(shape) * dt.itemsize
+
+
+def dtype_name(t: torch.Tensor) -> str:
+    """The wire name of a tensor's dtype: torch's name without `torch.`."""
+    return str(t.dtype).removeprefix("torch.")

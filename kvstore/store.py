@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kvstore.codecs.container import CODEC_RAW, ContainerError, ValueHeader, checksum
+from kvstore.codecs.container import ContainerError, ValueHeader, checksum, decode_stored
 from kvstore.config import ServerConfig, codec_rule
 from kvstore.dtypes import expected_nbytes
 from kvstore.errors import DataLoss, InvalidArgument, ResourceExhausted
@@ -733,12 +733,7 @@ class Store:
                     copy = bytearray(e.nbytes)
                     dst = memoryview(copy)
                 try:
-                    if header.codec == CODEC_RAW and len(data) == len(dst):
-                        dst[:] = data
-                    else:
-                        from kvstore.codecs.values import decode_stored  # imports torch
-
-                        decode_stored(header, data, dst)
+                    decode_stored(header, data, dst)
                 except ContainerError as exc:
                     msg = f"ssd tier: {e.key.hex()[:16]}... does not decode: {exc}"
                     raise DataLoss(msg) from None

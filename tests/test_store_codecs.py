@@ -10,6 +10,7 @@ from kvstore.codecs import decode_header
 from kvstore.codecs.container import checksum
 from kvstore.codecs.values import tensor_bytes
 from kvstore.config import ConfigError, ServerConfig
+from kvstore.dtypes import dtype_name
 from kvstore.errors import DataLoss
 from kvstore.store import Store
 from kvstore.tiers.ssd import record_key
@@ -34,7 +35,7 @@ def kv_value(i: int) -> torch.Tensor:
 
 def put(store: Store, k: bytes, t: torch.Tensor, ns: str = NS) -> str:
     data = bytes(tensor_bytes(t))
-    dtype = str(t.dtype).removeprefix("torch.")
+    dtype = dtype_name(t)
     res = store.begin_put(ns, k, dtype, list(t.shape), len(data), checksum(data))
     res.write(data)
     return res.commit()
