@@ -51,9 +51,6 @@ from kvstore.gpu import cuda_device_count
 from kvstore.keys import KEY_BYTES
 from kvstore.policy import POLICIES, EvictionPolicy
 from kvstore.tiers.base import Buffer, MemoryTier, Tier, TierError, TierFull
-
-if TYPE_CHECKING:
-    from kvstore.codecs.base import Codec
 from kvstore.tiers.gpu import (
     CudaPool,
     GpuPool,
@@ -64,6 +61,9 @@ from kvstore.tiers.gpu import (
 from kvstore.tiers.host import HostArena, default_arena_path
 from kvstore.tiers.slab import Slot
 from kvstore.tiers.ssd import LmdbTier
+
+if TYPE_CHECKING:
+    from kvstore.codecs.base import Codec
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,14 @@ def check_namespace(namespace: str) -> None:
 def check_key(key: bytes) -> None:
     if len(key) != KEY_BYTES:
         raise InvalidArgument(f"key must be {KEY_BYTES} bytes, got {len(key)}")
+
+
+def tier_of(slot: Slot | None, place: int) -> str:
+    """The tier a value is in: its memory slot's (place 0 the cpu arena, n gpu pool n), else
+    ssd."""
+    if slot is None:
+        return "ssd"
+    return "gpu" if place else "cpu"
 
 
 @dataclass(eq=False, slots=True)
@@ -113,9 +121,7 @@ class Entry:
 
     @property
     def tier(self) -> str:
-        if self.slot is None:
-            return "ssd"
-        return "gpu" if self.place else "cpu"
+        return tier_of(self.slot, self.place)
 
     def header(self) -> ValueHeader:
         return ValueHeader(
@@ -177,9 +183,7 @@ class PutReservation:
 
     @property
     def tier(self) -> str:
-        if self.slot is None:
-            return "ssd"
-        return "gpu" if self.place else "cpu"
+        return tier_of(self.slot, self.place)
 
     def write(self, data: bytes | memoryview) -> None:
         if self.buffer is None:
@@ -401,19 +405,16 @@ class Store:
         self._add_tier("gpu")
         if cfg.gpu_twin:
             twin = Path(f"{default_arena_path(cfg.data_dir)}-gpu1")
-            pools: list[GpuPool] = [TwinPool(1, twin, cfg.gpu_bytes)]
+            self.pools[1] = TwinPool(1, twin, cfg.gpu_bytes)
         else:
             count, why = cuda_device_count()
             if count == 0:
                 raise RuntimeError(f"--tiers gpu needs a CUDA GPU, but {why}")
-            pools = []
-            for ordinal in range(count):
-                pools.append(CudaPool(ordinal + 1, ordinal, cfg.gpu_bytes))
-                self.pools[ordinal + 1] = pools[-1]  # closed by close() if a later one fails
-        for p in pools:
-            self.pools[p.pool] = p
+            for ordinal in range(count):  # each kept at once: close() frees it if a later fails
+                self.pools[ordinal + 1] = CudaPool(ordinal + 1, ordinal, cfg.gpu_bytes)
+        for n, p in self.pools.items():
             # One recency order per pool: each pool is demoted on its own.
-            self._mem[p.pool] = _Slots(p, POLICIES["lru"]())
+            self._mem[n] = _Slots(p, POLICIES["lru"]())
 
     def pool(self, place: int) -> GpuPool:
         """Gpu pool number `place`; InvalidArgument if there is none."""
@@ -898,8 +899,7 @@ class Store:
                 except (TierFull, TierError) as exc:
                     log.warning("shutdown: ssd tier takes no more values: %s", exc)
                     break
-                e.on_ssd, e.ssd_sum = True, header.value_checksum
-                self._policy["ssd"].insert(e.eid)
+                self._on_ssd(e, header)
                 n += 1
             self.ssd.sync()
         return n
@@ -1145,8 +1145,11 @@ class Store:
                     raise ResourceExhausted(self._why_no_room(e.nbytes)) from None
                 self._counters["ssd"].evictions += 1
                 self._drop_ssd_copy(victim)
-        e.on_ssd = True
-        e.ssd_sum = header.value_checksum
+        self._on_ssd(e, header)
+
+    def _on_ssd(self, e: Entry, header: ValueHeader) -> None:
+        """Record that the ssd tier now holds `e`, as `header` describes it."""
+        e.on_ssd, e.ssd_sum = True, header.value_checksum
         self._dirty = True
         self._policy["ssd"].insert(e.eid)
 
