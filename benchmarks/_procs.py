@@ -1,18 +1,21 @@
-"""Server processes for the benchmarks: start one, wait until it answers, stop it.
+"""What the benchmarks share: server processes (start one, wait until it answers, stop it),
+progress lines, and writing `--json` / `--plot` outputs.
 
-Shared by `bench_wire.py` and `bench_gpu.py` (run as scripts, so this directory is on
-`sys.path`).
+Used by `bench_wire.py`, `bench_gpu.py` and `bench_codecs.py` (run as scripts, so this
+directory is on `sys.path`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from kvstore.client import KVClient
 from kvstore.errors import KVStoreError
@@ -97,3 +100,21 @@ def running_kvstore(workdir: Path, *flags: str) -> Iterator[str]:
         yield address
     finally:
         stop(proc, "kvstore-server")
+
+
+def write_outputs(
+    figures: dict[str, Any],
+    json_path: Path | None,
+    plot_path: Path | None,
+    plot: Callable[[Path], bool],
+) -> None:
+    """Write the figures as JSON to `json_path` and `plot(plot_path)` a PNG, each when asked;
+    `plot` returns False when matplotlib is not installed."""
+    if json_path:
+        json_path.write_text(json.dumps(figures, indent=2) + "\n")
+        print(f"wrote {json_path}")
+    if plot_path:
+        if plot(plot_path):
+            print(f"wrote {plot_path}")
+        else:
+            print(f"note: --plot {plot_path} skipped: matplotlib is not installed")

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import platform
 import statistics
@@ -46,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _procs import progress
+from _procs import progress, write_outputs
 from _realkv import (
     Continuation,
     MissingModelDependency,
@@ -630,14 +629,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     report.meta["seconds"] = time.perf_counter() - start
     print(render(report, args.detail))
-    if args.json:
-        args.json.write_text(json.dumps(report.to_json(), indent=2) + "\n")
-        print(f"wrote {args.json}")
-    if args.plot:
-        if write_plot(report, args.plot):
-            print(f"wrote {args.plot}")
-        else:
-            print(f"note: --plot {args.plot} skipped: matplotlib is not installed")
+    write_outputs(report.to_json(), args.json, args.plot, lambda path: write_plot(report, path))
     return 0
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import json
 import statistics
 import sys
 import tempfile
@@ -46,7 +45,7 @@ from typing import Any
 import cupy
 import numpy as np
 import torch
-from _procs import progress, running_kvstore
+from _procs import progress, running_kvstore, write_outputs
 
 from kvstore.client import KVClient
 from kvstore.config import parse_size
@@ -503,23 +502,19 @@ def main() -> int:
     fig["gpu_tier"] = gpu_tier(kv_bytes, fig["limits"], stream)
     progress(f"gpu tier: {fig['gpu_tier']}")
     print(render(fig))
-    if args.json:
-        args.json.write_text(json.dumps(fig, indent=2) + "\n")
-        print(f"wrote {args.json}")
-    if args.plot:
-        write_plot(fig, args.plot)
+    write_outputs(fig, args.json, args.plot, lambda path: write_plot(fig, path))
     return 0
 
 
-def write_plot(fig: dict[str, Any], path: Path) -> None:
+def write_plot(fig: dict[str, Any], path: Path) -> bool:
+    """The gather figures against k; False when matplotlib is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print(f"note: --plot {path} skipped: matplotlib is not installed")
-        return
+        return False
     rows = [r for r in fig["gather"] if "k" in r]
     f, ax = plt.subplots(figsize=(7, 4))
     for block in sorted({r["block"] for r in rows}):
@@ -535,7 +530,7 @@ def write_plot(fig: dict[str, Any], path: Path) -> None:
     ax.legend(fontsize=8)
     f.tight_layout()
     f.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    return True
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import json
 import os
 import platform
 import shutil
@@ -52,7 +51,7 @@ from typing import Any
 import numpy as np
 import redis
 import torch
-from _procs import progress, running_kvstore, stop, wait_until_serving
+from _procs import progress, running_kvstore, stop, wait_until_serving, write_outputs
 from redis.utils import HIREDIS_AVAILABLE
 
 import kvstore
@@ -660,14 +659,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     assert report.lookup is not None
     report.verdicts = judge(report.rows, report.paths, report.lookup)
     print(render(report))
-    if args.json:
-        args.json.write_text(json.dumps(report.to_json(), indent=2) + "\n")
-        print(f"wrote {args.json}")
-    if args.plot:
-        if write_plot(report, args.plot):
-            print(f"wrote {args.plot}")
-        else:
-            print(f"note: --plot {args.plot} skipped: matplotlib is not installed")
+    write_outputs(report.to_json(), args.json, args.plot, lambda path: write_plot(report, path))
     return 0
 
 
