@@ -17,9 +17,10 @@ best. So, per channel (layer, K/V, head, head_dim index) over the chunk's tokens
   for |q| <= 126; a value further from its prediction (an attention-sink token, an
   outlier) is an *escape*: symbol 0, its value stored as float16 beside the streams. Every
   value decodes within step / 2, or exactly as float16 for an escape;
-- the symbols of each (layer, K/V, head) form one stream, coded with rANS
-  (`kvstore.codecs.rans`) against its own frequency table; tables are packed in a few bits
-  per symbol. Streams decode independently (in parallel here; one GPU thread each later).
+- the symbols of each (layer, K/V, head) share one frequency table (packed in a few bits
+  per symbol) and are rANS-coded (`kvstore.codecs.rans`) in streams of `SEGMENT_TOKENS`
+  tokens (the last one of a chunk shorter). Streams decode independently: in parallel on
+  the CPU, one GPU thread each (`kvstore.kernels.cachegen`), which is why there are many.
 
 Input: `[layers, 2, tokens, heads, head_dim]` float16, bfloat16 or float32, finite, within
 float16's range. Decoding computes values in float32 (K: x = x_prev + (symbol - 127) *
@@ -30,15 +31,17 @@ reproduce these bits.
 
 Payload, little-endian:
 
+    segment  u32  tokens per rANS stream (S)
     starts   f16  [layers, 2, heads, head_dim]
     steps    f16  [layers, 2, heads, head_dim]
-    escapes  u32  [streams]: how many escapes each stream has
-    tables_len u32, then the packed rANS tables (one model per stream)
-    offsets  u32  [streams + 1], then the streams' bytes
-    escaped  f16  the escapes' values, stream by stream, in token order
+    escapes  u32  [units]: how many escapes each unit has
+    tables_len u32, then the packed rANS tables (one model per unit)
+    offsets  u32  [units * segments + 1], then the streams' bytes
+    escaped  f16  the escapes' values, unit by unit, in token order
 
-with streams = layers * 2 * heads (in that order), each of tokens * head_dim symbols,
-token-major.
+with units = layers * 2 * heads (in that order), each of tokens * head_dim symbols,
+token-major, cut into segments = ceil(tokens / S) streams of S tokens' symbols (stream
+u * segments + j holds tokens [j S, (j + 1) S) of unit u).
 
 The kernels (numba, parallel over each layer's K and V) read and write the value's 16-bit
 words in its own `[layers, 2, tokens, heads, head_dim]` order, whatever its dtype, and
@@ -51,9 +54,9 @@ rounding straight into the value's words.
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numba
 import numpy as np
@@ -83,6 +86,10 @@ REACH = 126
 OUTLIER_SPREADS = 4.0
 PRECISION = 12  # rANS frequency bits: tables small, coding within ~0.1% of the entropy
 LANES = 4
+# Tokens per rANS stream. Each stream costs its lanes' 4-byte final states (~2% of a
+# 32-token stream at level 1); a 256-token chunk of a model with 8 KV heads over 32 layers
+# makes 4096 streams, enough threads for a GPU to decode a few chunks at once.
+SEGMENT_TOKENS = 32
 RANS_GROUP_SYMBOLS = 1 << 21  # symbols rANS-coded per call (see `_code_streams`)
 
 # How the kernels read and write a dtype's 16-bit words; any other dtype goes through
@@ -98,17 +105,45 @@ class _Layout:
     heads: int
     head_dim: int
 
+    segment: int = SEGMENT_TOKENS
+
     @property
-    def streams(self) -> int:
+    def units(self) -> int:
+        """(layer, K/V, head) triples: one frequency table and one escape count each."""
         return self.layers * 2 * self.heads
 
     @property
-    def per_stream(self) -> int:
+    def per_unit(self) -> int:
         return self.tokens * self.head_dim
 
     @property
+    def segments(self) -> int:
+        """rANS streams per unit."""
+        return -(-self.tokens // self.segment)
+
+    @property
+    def streams(self) -> int:
+        return self.units * self.segments
+
+    @property
     def channels(self) -> int:
-        return self.streams * self.head_dim
+        return self.units * self.head_dim
+
+    def stream_models(self) -> np.ndarray:
+        """The unit (frequency table) of each stream."""
+        return np.repeat(np.arange(self.units, dtype=np.int32), self.segments)
+
+    def stream_lengths(self) -> np.ndarray:
+        """Symbols in each stream: a segment's, the last of each unit fewer."""
+        n = np.full((self.units, self.segments), self.segment * self.head_dim, np.int64)
+        if self.segments:
+            n[:, -1] = (self.tokens - (self.segments - 1) * self.segment) * self.head_dim
+        return n.reshape(-1)
+
+    def padded_symbols(self) -> np.ndarray:
+        """Room for every unit's symbols [units, segments * segment, head_dim]: its
+        streams are the rows of `.reshape(streams, segment * head_dim)`."""
+        return np.zeros((self.units, self.segments * self.segment, self.head_dim), np.uint8)
 
 
 @register
@@ -126,6 +161,12 @@ class CacheGen(Codec):
             )
         if self.params["k"] not in (0, 1):
             raise InvalidArgument(f"cachegen k must be 0 or 1, got {self.params['k']}")
+
+    @classmethod
+    def gpu_decoder(cls) -> Callable[[Sequence[Any], Any], Any]:
+        from kvstore.kernels.cachegen import decode_on_gpu
+
+        return decode_on_gpu
 
     def resolution(self, layers: int) -> np.ndarray:
         """[layers, 2] residual spread over step, K then V: each third of the depth takes
@@ -146,9 +187,9 @@ class CacheGen(Codec):
         shape4 = (layers, 2, heads, head_dim)
         starts = np.empty(shape4, np.uint16)  # float16 bits
         steps = np.empty(shape4, np.uint16)
-        symbols = np.empty((lay.streams, tokens, head_dim), np.uint8)
-        counts = np.empty((lay.streams, ALPHABET), np.int64)
-        marked = np.empty((lay.streams, tokens), np.bool_)  # tokens with an escape
+        symbols = lay.padded_symbols()
+        counts = np.empty((lay.units, ALPHABET), np.int64)
+        marked = np.empty((lay.units, tokens), np.bool_)  # tokens with an escape
         ok = np.empty((layers, 2), np.bool_)
         words, kind = _words(x), _KINDS[x.dtype]
         dpcm = bool(self.params["k"])
@@ -159,16 +200,16 @@ class CacheGen(Codec):
                 "a lossless codec (raw or zstd)"
             )
         escapes = counts[:, 0]
-        first = np.zeros(lay.streams + 1, np.int64)
+        first = np.zeros(lay.units + 1, np.int64)
         np.cumsum(escapes, out=first[1:])
         escaped = np.empty(first[-1], np.uint16)
         _gather_escapes(words, kind, heads, symbols, marked, first, escaped)
-        streams = symbols.reshape(lay.streams, lay.per_stream)
         freqs = rans.quantize_freqs(counts, PRECISION)
         tables = rans.pack_tables(freqs, PRECISION)
-        data, offsets = _code_streams(streams, freqs)
+        data, offsets = _code_streams(lay, symbols, freqs)
         return b"".join(
             [
+                struct.pack("<I", lay.segment),
                 starts.astype("<u2").tobytes(),
                 steps.astype("<u2").tobytes(),
                 escapes.astype("<u4").tobytes(),
@@ -181,75 +222,117 @@ class CacheGen(Codec):
         )
 
     def decode_payload(self, payload: memoryview, out: torch.Tensor) -> None:
-        if out.dim() != 5 or out.shape[1] != 2:
-            raise ContainerError(f"cachegen cannot decode into shape {tuple(out.shape)}")
-        layers, _, tokens, heads, head_dim = out.shape
-        lay = _Layout(layers, tokens, heads, head_dim)
-        buf = np.frombuffer(payload, np.uint8)
-        ch, n = lay.channels, lay.streams
-        head = 4 * ch + 4 * n
-        if buf.size < head + 4:
-            raise ContainerError("cachegen payload is truncated")
-        shape4 = (layers, 2, heads, head_dim)
-        starts = buf[: 2 * ch].view("<f2").astype(np.float32).reshape(shape4)
-        steps = buf[2 * ch : 4 * ch].view("<f2").astype(np.float32).reshape(shape4)
-        if not (np.isfinite(starts).all() and np.isfinite(steps).all()):
-            raise ContainerError("cachegen payload has non-finite starts or steps")
-        escapes = buf[4 * ch : head].view("<u4").astype(np.int64)
-        (n_tables,) = struct.unpack_from("<I", payload, head)
-        pos = head + 4
-        n_offsets = 4 * (n + 1)
-        if buf.size < pos + n_tables + n_offsets:
-            raise ContainerError("cachegen payload is truncated (tables or offsets)")
-        freqs = rans.unpack_tables(bytes(buf[pos : pos + n_tables]), n, ALPHABET, PRECISION)
-        pos += n_tables
-        offsets = buf[pos : pos + n_offsets].view("<u4").astype(np.int64)
-        pos += n_offsets
-        total = int(escapes.sum())
-        if escapes.size and escapes.max() > lay.per_stream:
-            raise ContainerError("cachegen payload counts more escapes than values")
-        end = buf.size - 2 * total
-        if offsets[0] != 0 or pos + offsets[-1] != end:
-            raise ContainerError("cachegen streams and escapes do not fill the payload")
-        escaped = buf[end:].view("<f2").astype(np.float32)
-        models = np.arange(n, dtype=np.int32)
-        streams = rans.decode_streams(
-            buf[pos:end].data, offsets, models, freqs, PRECISION, lay.per_stream, LANES
+        p = parse_payload(payload, tuple(out.shape))
+        lay = p.layout
+        symbols = lay.padded_symbols()
+        rans.decode_streams(
+            p.data,
+            p.offsets,
+            lay.stream_models(),
+            p.freqs,
+            PRECISION,
+            lay.segment * lay.head_dim,
+            LANES,
+            out=symbols.reshape(lay.streams, lay.segment * lay.head_dim),
+            lengths=lay.stream_lengths(),
         )
-        first = np.zeros(n + 1, np.int64)
-        np.cumsum(escapes, out=first[1:])
         # Straight into `out`'s words where the kernels know its dtype; through float32
         # otherwise, which torch's copy then rounds.
         direct = out.dtype in _KINDS and out.is_contiguous()
         target = out if direct else torch.empty(out.shape, dtype=torch.float32)
-        ok = np.empty((layers, 2), np.bool_)
-        symbols = streams.reshape(n, tokens, head_dim)
+        ok = np.empty((lay.layers, 2), np.bool_)
         dpcm = bool(self.params["k"])
         kind = _KINDS[target.dtype]
-        _decode(symbols, starts, steps, escaped, first, dpcm, kind, _words(target), ok)
+        _decode(symbols, p.starts, p.steps, p.escaped, p.first, dpcm, kind, _words(target), ok)
         if not ok.all():
             raise ContainerError("cachegen escapes disagree with the streams")
         if not direct:
             out.copy_(target)
 
 
-def _code_streams(streams: np.ndarray, freqs: np.ndarray) -> tuple[list[bytes], np.ndarray]:
-    """rANS-code each stream (a row of `streams`) with its own model: the coded streams
-    in groups, to be joined, and the offsets [streams + 1] delimiting them. In groups of a
-    few MiB of symbols, because the coder takes scratch space of twice its input: small,
-    it stays in cache and is reused, where one for the whole value would be mapped afresh
-    each time (page faults, which do not run in parallel), halving the speed. A group has
-    a stream per thread at least, which code in parallel."""
-    n, per_stream = streams.shape
-    group = max(numba.get_num_threads(), RANS_GROUP_SYMBOLS // max(per_stream, 1))
+@dataclass(frozen=True)
+class Payload:
+    """A cachegen payload's parts, checked for consistency (not yet decoded)."""
+
+    layout: _Layout
+    starts: np.ndarray  # float32 [layers, 2, heads, head_dim]
+    steps: np.ndarray  # float32 [layers, 2, heads, head_dim]
+    first: np.ndarray  # int64 [units + 1]: unit u's escapes are escaped[first[u]:first[u+1]]
+    freqs: np.ndarray  # int64 [units, ALPHABET]
+    offsets: np.ndarray  # int64 [streams + 1], from 0
+    data: memoryview  # the streams' bytes
+    escaped: np.ndarray  # float32 [escapes]
+
+
+def parse_payload(payload: memoryview, shape: tuple[int, ...]) -> Payload:
+    """Split a payload for a value of `shape` into its parts; ContainerError if they do not
+    fit together (truncated, or a field out of range)."""
+    if len(shape) != 5 or shape[1] != 2:
+        raise ContainerError(f"cachegen cannot decode into shape {shape}")
+    layers, _, tokens, heads, head_dim = shape
+    buf = np.frombuffer(payload, np.uint8)
+    if buf.size < 4:
+        raise ContainerError("cachegen payload is truncated")
+    (segment,) = struct.unpack_from("<I", payload, 0)
+    if not 1 <= segment <= 1 << 16:
+        raise ContainerError(f"cachegen payload has a bad stream segment of {segment} tokens")
+    lay = _Layout(layers, tokens, heads, head_dim, segment)
+    ch, n = lay.channels, lay.units
+    pos = 4
+    head = pos + 4 * ch + 4 * n
+    if buf.size < head + 4:
+        raise ContainerError("cachegen payload is truncated")
+    shape4 = (layers, 2, heads, head_dim)
+    starts = buf[pos : pos + 2 * ch].view("<f2").astype(np.float32).reshape(shape4)
+    steps = buf[pos + 2 * ch : pos + 4 * ch].view("<f2").astype(np.float32).reshape(shape4)
+    if not (np.isfinite(starts).all() and np.isfinite(steps).all()):
+        raise ContainerError("cachegen payload has non-finite starts or steps")
+    escapes = buf[pos + 4 * ch : head].view("<u4").astype(np.int64)
+    (n_tables,) = struct.unpack_from("<I", payload, head)
+    pos = head + 4
+    n_offsets = 4 * (lay.streams + 1)
+    if buf.size < pos + n_tables + n_offsets:
+        raise ContainerError("cachegen payload is truncated (tables or offsets)")
+    freqs = rans.unpack_tables(bytes(buf[pos : pos + n_tables]), n, ALPHABET, PRECISION)
+    pos += n_tables
+    offsets = buf[pos : pos + n_offsets].view("<u4").astype(np.int64)
+    pos += n_offsets
+    if escapes.size and escapes.max() > lay.per_unit:
+        raise ContainerError("cachegen payload counts more escapes than values")
+    first = np.zeros(n + 1, np.int64)
+    np.cumsum(escapes, out=first[1:])
+    end = buf.size - 2 * int(first[-1])
+    if offsets[0] != 0 or pos + offsets[-1] != end or np.any(np.diff(offsets) < 0):
+        raise ContainerError("cachegen streams and escapes do not fill the payload")
+    escaped = buf[end:].view("<f2").astype(np.float32)
+    return Payload(lay, starts, steps, first, freqs, offsets, payload[pos:end], escaped)
+
+
+def _code_streams(
+    lay: _Layout, symbols: np.ndarray, freqs: np.ndarray
+) -> tuple[list[bytes], np.ndarray]:
+    """rANS-code each unit's segments (rows of `symbols` [units, padded tokens, dim]) with
+    the unit's model: the coded streams in groups, to be joined, and the offsets
+    [streams + 1] delimiting them. In groups of a few MiB of symbols, because the coder
+    takes scratch space of twice its input: small, it stays in cache and is reused, where
+    one for the whole value would be mapped afresh each time (page faults, which do not run
+    in parallel), halving the speed. A group has a unit per thread at least, which code in
+    parallel."""
+    n, segs, width = lay.units, lay.segments, lay.segment * lay.head_dim
+    rows = symbols.reshape(lay.streams, width)
+    lengths = lay.stream_lengths()
+    group = max(numba.get_num_threads(), RANS_GROUP_SYMBOLS // max(lay.per_unit, 1))
     data = []
-    offsets = np.zeros(n + 1, np.int64)
+    offsets = np.zeros(lay.streams + 1, np.int64)
     for a in range(0, n, group):
         b = min(a + group, n)
-        models = np.arange(b - a, dtype=np.int32)
-        coded, ends = rans.encode_streams(streams[a:b], models, freqs[a:b], PRECISION, LANES)
+        models = np.repeat(np.arange(b - a, dtype=np.int32), segs)
+        coded, ends = rans.encode_streams(
+            rows[a * segs : b * segs], models, freqs[a:b], PRECISION, LANES,
+            lengths=lengths[a * segs : b * segs],
+        )  # fmt: skip
         data.append(coded)
-        offsets[a + 1 : b + 1] = offsets[a] + ends[1:]
+        offsets[a * segs + 1 : b * segs + 1] = offsets[a * segs] + ends[1:]
     return data, offsets
 
 
@@ -361,12 +444,13 @@ def _channel_model(x: np.ndarray, dpcm: bool, start: np.ndarray, spread: np.ndar
 
 
 @numba.njit(cache=True)
-def _histogram(symbols: np.ndarray, u: int, counts: np.ndarray) -> None:
-    """counts[u, s] = occurrences of s in symbols[u]. Four partial tables, so that runs
-    of one symbol do not chain their increments through memory."""
+def _histogram(symbols: np.ndarray, u: int, tokens: int, counts: np.ndarray) -> None:
+    """counts[u, s] = occurrences of s in the first `tokens` tokens of symbols[u]. Four
+    partial tables, so that runs of one symbol do not chain their increments through
+    memory."""
     part = np.zeros((4, 256), np.int64)
     flat = symbols[u].reshape(-1)
-    n = flat.size
+    n = tokens * symbols.shape[2]
     body = n - n % 4
     for i in range(0, body, 4):
         part[0, flat[i]] += 1
@@ -395,8 +479,8 @@ def _encode(
 ) -> None:
     """All but the escapes' values and the rANS coding: from words [layers, 2, tokens,
     words], the float16 bits of starts and steps [layers, 2, heads, dim], symbols
-    [streams, tokens, dim], their counts [streams, ALPHABET] (escapes: counts[:, 0]), and
-    marked [streams, tokens]: whether the token has an escape in the stream. ok[layer,
+    [units, tokens or more, dim], their counts [units, ALPHABET] (escapes: counts[:, 0]),
+    and marked [units, tokens]: whether the token has an escape in the unit. ok[layer,
     K/V] is False if a value is out of float16's range; the rest is then left unfinished.
     K is quantized closed-loop against the decoded previous token."""
     for i in numba.prange(words.shape[0] * 2):
@@ -472,7 +556,7 @@ def _encode_unit(
         if closed_loop:  # the decoder's value predicts the next token
             pred[:] = value
     for h in range(heads):
-        _histogram(symbols, i * heads + h, counts)
+        _histogram(symbols, i * heads + h, tokens, counts)
     return True
 
 
@@ -520,10 +604,10 @@ def _decode(
     words: np.ndarray,
     ok: np.ndarray,
 ) -> None:
-    """Values from symbols [streams, tokens, dim] into words [layers, 2, tokens, words];
-    stream u's escapes are escaped[first[u]:first[u + 1]], in the stream's (token-major)
-    order. ok[layer, K/V] is False if a stream has more or fewer escapes than that; its
-    values are then left unfinished."""
+    """Values from symbols [units, tokens or more, dim] into words [layers, 2, tokens,
+    words]; unit u's escapes are escaped[first[u]:first[u + 1]], in the unit's
+    (token-major) order. ok[layer, K/V] is False if a unit has more or fewer escapes than
+    that; its values are then left unfinished."""
     for i in numba.prange(words.shape[0] * 2):
         ok[i // 2, i % 2] = _decode_unit(
             symbols, starts, steps, escaped, first, dpcm, kind, i, words

@@ -11,12 +11,13 @@ Primitives (NumPy arrays in and out, every loop over symbols or bits in numba):
   the tables in a few bits per symbol (format below); unpacking checks every field and
   every row's sum and raises `ContainerError` on anything inconsistent or truncated.
 - `encode_streams(symbols, model_of_stream, freqs, precision, lanes)` -> (bytes, offsets)
-  and `decode_streams(data, offsets, model_of_stream, freqs, precision, n_symbols, lanes)`.
+  and `decode_streams(data, offsets, model_of_stream, freqs, precision, n_symbols, lanes)`;
+  both take `lengths` for streams shorter than the rows that hold them.
 
 The coder is Duda's range asymmetric numeral systems as in Fabian Giesen's ryg_rans:
 32-bit states kept in [L, 256 L) with L = 2**23, byte-wise renormalization, frequencies of
-`precision` bits (12 to 15). Assumed: an alphabet of at most 256 symbols (uint8), every
-stream of a call the same length, and precision <= 15, which bounds the bytes one symbol
+`precision` bits (12 to 15). Assumed: an alphabet of at most 256 symbols (uint8) and
+precision <= 15, which bounds the bytes one symbol
 reads or writes to two.
 
 Stream format. Stream k is `data[offsets[k]:offsets[k + 1]]` and decodes alone: a GPU
@@ -113,6 +114,19 @@ def _check_models(model_of_stream: np.ndarray, n_streams: int, n_models: int) ->
     if m.size and (m.min() < 0 or m.max() >= n_models):
         raise ValueError(f"model_of_stream names a model outside 0-{n_models - 1}")
     return m
+
+
+def _check_lengths(lengths: np.ndarray | None, n_streams: int, width: int) -> np.ndarray:
+    """Symbols per stream as int64 [n_streams], each 0 to `width` (all `width` if None)."""
+    if lengths is None:
+        return np.full(n_streams, width, np.int64)
+    n = np.asarray(lengths)
+    if n.shape != (n_streams,) or (n.size and n.dtype.kind not in "iu"):
+        raise ValueError(f"lengths must be {n_streams} integers, got {n.dtype} {n.shape}")
+    n = n.astype(np.int64)
+    if n.size and (n.min() < 0 or n.max() > width):
+        raise ValueError(f"lengths must be 0-{width} symbols")
+    return n
 
 
 def _runs(models: np.ndarray) -> tuple[np.ndarray, int]:
@@ -462,6 +476,7 @@ def _encode_all(
     precision: int,
     lanes: int,
     n_runs: int,
+    counts: np.ndarray,
     scratch: np.ndarray,
     lengths: np.ndarray,
 ) -> None:
@@ -474,7 +489,7 @@ def _encode_all(
             if model_of_stream[k] != current:
                 current = model_of_stream[k]
                 _fill_encoder_table(freqs[current], precision, enc)
-            lengths[k] = _encode_stream(symbols[k], enc, lanes, scratch[k])
+            lengths[k] = _encode_stream(symbols[k, : counts[k]], enc, lanes, scratch[k])
 
 
 @numba.njit(cache=True)  # a copy at memory speed: threads would add little
@@ -491,11 +506,13 @@ def encode_streams(
     freqs: np.ndarray,
     precision: int,
     lanes: int = 4,
+    lengths: np.ndarray | None = None,
 ) -> tuple[bytes, np.ndarray]:
     """Encode each row of `symbols` (uint8 [n_streams, n_symbols]) as its own stream with
-    the model `freqs[model_of_stream[k]]`. Returns the streams back to back and int64
-    offsets [n_streams + 1] delimiting them. ValueError if a symbol has frequency 0 in its
-    stream's model (or lies beyond the model's alphabet)."""
+    the model `freqs[model_of_stream[k]]`; only the first `lengths[k]` symbols of row k if
+    `lengths` is given (streams of different lengths). Returns the streams back to back and
+    int64 offsets [n_streams + 1] delimiting them. ValueError if a symbol has frequency 0 in
+    its stream's model (or lies beyond the model's alphabet)."""
     precision = _check_precision(precision)
     lanes = _check_lanes(lanes)
     f = _check_freqs(freqs, precision)
@@ -507,20 +524,21 @@ def encode_streams(
     sym = np.ascontiguousarray(sym)
     n_streams, n_symbols = sym.shape
     models = _check_models(model_of_stream, n_streams, f.shape[0])
+    counts = _check_lengths(lengths, n_streams, n_symbols)
     offsets = np.zeros(n_streams + 1, np.int64)
     if n_streams == 0 or n_symbols == 0:
         return b"", offsets
     scratch = np.empty((n_streams, 2 * n_symbols + 4 * lanes), np.uint8)
-    lengths = np.empty(n_streams, np.int64)
+    coded = np.empty(n_streams, np.int64)
     order, n_runs = _runs(models)
-    _encode_all(sym, order, models, f, precision, lanes, n_runs, scratch, lengths)
-    if lengths.min() < 0:
-        k = int(np.flatnonzero(lengths < 0)[0])
-        i = -1 - int(lengths[k])
+    _encode_all(sym, order, models, f, precision, lanes, n_runs, counts, scratch, coded)
+    if coded.min() < 0:
+        k = int(np.flatnonzero(coded < 0)[0])
+        i = -1 - int(coded[k])
         raise ValueError(
             f"stream {k}, symbol {i}: value {sym[k, i]} has frequency 0 in model {models[k]}"
         )
-    np.cumsum(lengths, out=offsets[1:])
+    np.cumsum(coded, out=offsets[1:])
     out = np.empty(int(offsets[-1]), np.uint8)
     _gather_streams(scratch, offsets, out)
     return out.tobytes(), offsets
@@ -631,6 +649,7 @@ def _decode_all(
     precision: int,
     lanes: int,
     n_runs: int,
+    counts: np.ndarray,
     out: np.ndarray,
     status: np.ndarray,
 ) -> None:
@@ -646,7 +665,7 @@ def _decode_all(
                 _fill_decoder_table(freqs[current], slot_to_symbol, freq_cum)
             status[k] = _decode_stream(
                 data, offsets[k], offsets[k + 1], slot_to_symbol, freq_cum, precision, lanes,
-                out[k],
+                out[k, : counts[k]],
             )  # fmt: skip
 
 
@@ -659,9 +678,11 @@ def decode_streams(
     n_symbols: int,
     lanes: int = 4,
     out: np.ndarray | None = None,
+    lengths: np.ndarray | None = None,
 ) -> np.ndarray:
     """Decode what `encode_streams` made: uint8 [n_streams, n_symbols], into `out` if
-    given. `offsets` must run from 0 to the length of `data`. ContainerError if a stream is
+    given; with `lengths`, stream k fills only the first `lengths[k]` symbols of its row.
+    `offsets` must run from 0 to the length of `data`. ContainerError if a stream is
     truncated or corrupted or the offsets do not delimit `data`; ValueError for arguments
     that are wrong whatever the data (tables, models, `out`)."""
     precision = _check_precision(precision)
@@ -687,11 +708,12 @@ def decode_streams(
         out = np.empty(shape, np.uint8)
     elif out.shape != shape or out.dtype != np.uint8 or not out.flags.c_contiguous:
         raise ValueError(f"out must be contiguous uint8 {shape}, got {out.dtype} {out.shape}")
+    counts = _check_lengths(lengths, n_streams, shape[1])
     if n_streams == 0:
         return out
     status = np.empty(n_streams, np.int64)
     order, n_runs = _runs(models)
-    _decode_all(buf, off, order, models, f, precision, lanes, n_runs, out, status)
+    _decode_all(buf, off, order, models, f, precision, lanes, n_runs, counts, out, status)
     bad = np.flatnonzero(status)
     if bad.size:
         k = int(bad[0])

@@ -18,6 +18,7 @@ from kvstore.codecs.cachegen import (
     OUTLIER_SPREADS,
     PRECISION,
     REACH,
+    SEGMENT_TOKENS,
     CacheGen,
 )
 from kvstore.errors import InvalidArgument
@@ -72,21 +73,29 @@ def reference(t: torch.Tensor, level: int, k: int) -> tuple[bytes, torch.Tensor]
         symbols[:, :, i] = np.where(escape, 0, q + CENTER)
         values[:, :, i] = np.where(escape, exact[:, :, i].astype(np.float32), pred + q * step)
         pred = np.where(closed, values[:, :, i], pred)
-    streams = symbols.transpose(0, 1, 3, 2, 4).reshape(layers * 2 * heads, tokens * dim)
-    counts = np.stack([np.bincount(s, minlength=ALPHABET) for s in streams])
+    units = symbols.transpose(0, 1, 3, 2, 4).reshape(layers * 2 * heads, tokens * dim)
+    counts = np.stack([np.bincount(s, minlength=ALPHABET) for s in units])
     freqs = rans.quantize_freqs(counts, PRECISION)
     tables = rans.pack_tables(freqs, PRECISION)
-    models = np.arange(len(streams), dtype=np.int32)
-    data, offsets = rans.encode_streams(streams, models, freqs, PRECISION, LANES)
-    escaped = exact.transpose(0, 1, 3, 2, 4).reshape(streams.shape)[streams == 0]
+    # Each unit's symbols in streams of SEGMENT_TOKENS tokens, coded one at a time.
+    width = SEGMENT_TOKENS * dim
+    data, offsets = b"", [0]
+    for u, row in enumerate(units):
+        for a in range(0, row.size, width):
+            part = row[None, a : a + width]
+            coded, _ = rans.encode_streams(part, [0], freqs[u : u + 1], PRECISION, LANES)
+            data += coded
+            offsets.append(len(data))
+    escaped = exact.transpose(0, 1, 3, 2, 4).reshape(units.shape)[units == 0]
     payload = b"".join(
         [
+            struct.pack("<I", SEGMENT_TOKENS),
             starts.astype("<f2").tobytes(),
             steps.astype("<f2").tobytes(),
             counts[:, 0].astype("<u4").tobytes(),
             struct.pack("<I", len(tables)),
             tables,
-            offsets.astype("<u4").tobytes(),
+            np.array(offsets).astype("<u4").tobytes(),
             data,
             escaped.astype("<f2").tobytes(),
         ]
@@ -130,7 +139,7 @@ def test_every_value_within_half_a_step(dtype: torch.dtype, level: int) -> None:
     assert torch.equal(decode(codec.encode(t)), got)
     layers, _, _, heads, dim = t.shape
     ch = layers * 2 * heads * dim
-    steps = np.frombuffer(payload[2 * ch : 4 * ch], "<f2").astype(np.float32)
+    steps = np.frombuffer(payload[4 + 2 * ch : 4 + 4 * ch], "<f2").astype(np.float32)
     step = torch.from_numpy(steps.reshape(layers, 2, 1, heads, dim))
     x = t.float()
     bound = step / 2 * 1.0001 + x.abs() * 2.0**-7 + 1e-6

@@ -103,6 +103,32 @@ def test_decode_into_out() -> None:
             rans.decode_streams(data, offsets, models, freqs, 12, 500, out=bad)
 
 
+def test_streams_of_different_lengths() -> None:
+    """`lengths`: each row holds one stream of its own length; symbols past it are neither
+    coded nor written, and each stream is what coding its symbols alone gives."""
+    rng = np.random.default_rng(3)
+    symbols = laplace(rng, (4, 300), 16, 2.0)
+    lengths = np.array([300, 0, 1, 123])
+    models = np.array([0, 0, 1, 1])
+    freqs = rans.quantize_freqs(counts_of(symbols, models, 2, 16) + 1, 12)
+    data, offsets = rans.encode_streams(symbols, models, freqs, 12, 4, lengths=lengths)
+    for k, n in enumerate(lengths):
+        alone, _ = rans.encode_streams(symbols[k : k + 1, :n], models[k : k + 1], freqs, 12, 4)
+        assert data[offsets[k] : offsets[k + 1]] == alone
+    out = np.full((4, 300), 99, np.uint8)
+    rans.decode_streams(data, offsets, models, freqs, 12, 300, 4, out=out, lengths=lengths)
+    for k, n in enumerate(lengths):
+        np.testing.assert_array_equal(out[k, :n], symbols[k, :n])
+        assert (out[k, n:] == 99).all()
+    with pytest.raises(ContainerError):  # lengths that do not match the streams
+        rans.decode_streams(
+            data, offsets, models, freqs, 12, 300, 4, lengths=np.array([299, 0, 1, 123])
+        )
+    for bad in (np.array([301, 0, 1, 1]), np.array([-1, 0, 1, 1]), np.array([1, 2])):
+        with pytest.raises(ValueError, match="lengths"):
+            rans.encode_streams(symbols, models, freqs, 12, 4, lengths=bad)
+
+
 # ------------------------------------------------------------------------------ tables
 
 
