@@ -6,9 +6,11 @@
 - `base`: the `Codec` interface (`encode(tensor) -> bytes`, `decode(bytes, out=None)`), the
   registry by name (`codec_from_spec("zstd:level=3")`) and the KV layout lossy codecs take.
 - `values`: whole containers from tensors and back (`encode_value`, `decode` /
-  `decode_value`), and stored payloads to a value's bytes, for the tiers.
-- One module per codec: `raw`, `zstd` (lossless); `int8`, `fp8` (`quant`) and `kivi`
-  (lossy). `rans`: the entropy coder of the entropy-coded codecs.
+  `decode_value`, `decode_values` for a batch, on the GPU where the codec can), and stored
+  payloads to a value's bytes, for the tiers.
+- One module per codec: `raw`, `zstd` (lossless); `int8`, `fp8` (`quant`), `kivi` and
+  `cachegen` (lossy; cachegen also decodes on the GPU, `kvstore.kernels.cachegen`).
+  `rans`: the entropy coder of the entropy-coded codecs.
 
 The container is imported eagerly; everything that needs torch is imported on first use,
 so the server starts fast and pays for codecs only when it stores values through one.
@@ -30,7 +32,7 @@ from kvstore.codecs.container import (
 
 if TYPE_CHECKING:
     from kvstore.codecs.base import Codec, codec_from_spec, codec_names, kv_view, register
-    from kvstore.codecs.values import decode_value, encode_value
+    from kvstore.codecs.values import decode_value, decode_values, encode_value
 
     decode = decode_value
 
@@ -42,6 +44,7 @@ _LAZY = {
     "register": ("base", "register"),
     "decode": ("values", "decode_value"),
     "decode_value": ("values", "decode_value"),
+    "decode_values": ("values", "decode_values"),
     "encode_value": ("values", "encode_value"),
 }
 
@@ -64,6 +67,7 @@ __all__ = [
     "decode",
     "decode_header",
     "decode_value",
+    "decode_values",
     "encode_header",
     "encode_value",
     "kv_view",

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -90,6 +90,14 @@ class Codec(ABC):
     def decode_payload(self, payload: memoryview, out: torch.Tensor) -> None:
         """Fill the contiguous CPU tensor `out` (the dtype and shape the container names)
         from `payload`; raise ContainerError when the payload does not fit them."""
+
+    @classmethod
+    def gpu_decoder(cls) -> Callable[[Sequence[Any], Any], Any] | None:
+        """The function that decodes a batch of this codec's payloads into CUDA tensors
+        on the GPU (`kvstore.kernels.cachegen.decode_on_gpu` is the model: jobs of (codec,
+        payload, out, value checksum) and a stream in, a handle with `wait()` out), or None
+        when the codec decodes on the CPU only."""
+        return None
 
 
 _REGISTRY: dict[str, type[Codec]] = {}

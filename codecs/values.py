@@ -7,6 +7,9 @@ value's bytes.
   (the header and the payload kept apart; the raw codec without a copy). Decoding them is
   `container.decode_stored`, which comes here (`decode_coded`) only for a codec other than
   raw, so reading raw records never imports torch.
+- `decode_values([(data, out), ...], stream)`: many containers at once; those of a codec
+  with a GPU decoder (cachegen) decode into their CUDA `out` tensors as one asynchronous
+  batch of kernels.
 - `tensor_bytes(t)`: a contiguous CPU tensor's bytes as a memoryview, without a copy.
 
 Every decode checks the payload's checksum before decoding and the value's after.
@@ -15,6 +18,8 @@ Every decode checks the payload's checksum before decoding and the value's after
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -114,13 +119,10 @@ def encode_value(codec: Codec, tensor: torch.Tensor) -> bytes:
     return encode_header(stored) + bytes(payload)
 
 
-def decode_value(
-    data: bytes | bytearray | memoryview,
-    out: torch.Tensor | None = None,
-    expect: Codec | None = None,
-) -> torch.Tensor:
-    """The tensor in a container (into `out` when given: any device, matching dtype and
-    size). Raises ContainerError for anything damaged, truncated or foreign."""
+def _open(
+    data: bytes | bytearray | memoryview, out: torch.Tensor | None, expect: Codec | None
+) -> tuple[ValueHeader, memoryview, Codec, torch.dtype]:
+    """A container's header, checked payload, codec and dtype; `out` checked against it."""
     header, start = decode_header(data)
     payload = memoryview(data)[start:]
     if len(payload) != header.payload_len:
@@ -140,6 +142,22 @@ def decode_value(
             f"out is {dtype_name(out)} {tuple(out.shape)}; the value is {header.dtype} "
             f"{header.shape} (out must be contiguous)"
         )
+    return header, payload, codec, dt
+
+
+def decode_value(
+    data: bytes | bytearray | memoryview,
+    out: torch.Tensor | None = None,
+    expect: Codec | None = None,
+) -> torch.Tensor:
+    """The tensor in a container (into `out` when given: any device, matching dtype and
+    size). Raises ContainerError for anything damaged, truncated or foreign. A codec that
+    decodes on the GPU (`Codec.gpu_decoder`) does so into a CUDA `out`."""
+    header, payload, codec, dt = _open(data, out, expect)
+    decoder = codec.gpu_decoder() if out is not None and out.is_cuda else None
+    if out is not None and decoder is not None:
+        decoder([(codec, payload, out.view(header.shape), header.value_checksum)], None).wait()
+        return out
     direct = out is not None and out.device.type == "cpu"
     if out is not None and direct:
         target = out.view(header.shape)
@@ -151,3 +169,41 @@ def decode_value(
     if not direct:
         out.view(header.shape).copy_(target)
     return out
+
+
+class Decoding:
+    """Containers being decoded (`decode_values`): `wait()` returns once every value is in
+    place, raising ContainerError for a damaged one; `is_done()` does not block."""
+
+    def __init__(self, launched: list[Any]) -> None:
+        self._launched = launched
+
+    def is_done(self) -> bool:
+        return all(h.is_done() for h in self._launched)
+
+    def wait(self) -> None:
+        for h in self._launched:
+            h.wait()
+
+
+def decode_values(
+    items: Sequence[tuple[bytes | bytearray | memoryview, torch.Tensor]], stream: Any = None
+) -> Decoding:
+    """Decode each container into its `out` tensor. Values of a codec that decodes on the
+    GPU, going to CUDA tensors, decode there as one batch on `stream` (a CuPy or torch
+    stream, None for the current one), asynchronously: `wait()` on the result. The rest
+    decode on the CPU before this returns. Headers and payload checksums are checked on the
+    host first; a bad one raises ContainerError before anything is launched."""
+    batches: dict[Callable[..., Any], list[tuple[Codec, memoryview, torch.Tensor, int]]] = {}
+    cpu = []
+    for data, out in items:
+        header, payload, codec, _ = _open(data, out, None)
+        decoder = codec.gpu_decoder() if out.is_cuda else None
+        if decoder is None:
+            cpu.append((data, out))
+        else:
+            job = (codec, payload, out.view(header.shape), header.value_checksum)
+            batches.setdefault(decoder, []).append(job)
+    for data, out in cpu:
+        decode_value(data, out)
+    return Decoding([decoder(jobs, stream) for decoder, jobs in batches.items()])

@@ -1,6 +1,6 @@
 """Every codec takes a CUDA tensor and decodes into a CUDA `out` (needs a GPU; the same
-codecs run on CPU tensors in test_codecs.py). Decoding runs on the CPU today; the device
-round trip is what callers rely on."""
+codecs run on CPU tensors in test_codecs.py). cachegen decodes on the GPU itself
+(test_cachegen_gpu.py); the others decode on the CPU and copy."""
 
 from __future__ import annotations
 

@@ -1,0 +1,512 @@
+"""`cachegen` decoding on the GPU: rANS streams to symbols to values, written straight into
+the caller's CUDA tensors, bit for bit what the CPU decoder (`kvstore.codecs.cachegen`)
+writes.
+
+A batch of payloads decodes in two kernels after one host-to-device copy of everything they
+need (the streams' bytes, the frequency tables, per-channel starts and steps, the escapes'
+values and small descriptor tables):
+
+1. `rans_decode`: a CTA per group of `GROUP_UNITS` units (layer, K/V, head) first builds
+   their decode tables in shared memory (slot -> symbol, and per symbol its frequency and
+   cumulative frequency: 5 KiB a unit), then runs a thread per rANS stream
+   (`SEGMENT_TOKENS` tokens of one unit), its lanes interleaved as the CPU decoder does.
+   Symbols go to a scratch buffer four at a time; a stream that is truncated or
+   inconsistent records why in a status word in pinned host memory. (Tables in global
+   memory, 16 KiB a unit, outweighed the symbols of short chunks and thrashed the caches:
+   26 GB/s on the H100 where shared memory gives ...)
+2. `reconstruct`: a CTA per unit with a thread per channel walks the tokens: value =
+   prediction + (symbol - 127) * step in float32, the previous token's value the prediction
+   for K (closed-loop DPCM), the channel mean for V; escapes take the next stored value of
+   their unit in (token, channel) order, ranked with a warp ballot. Each value is rounded to
+   the output dtype (float16, bfloat16 or float32, to nearest even) as the CPU rounds it.
+
+The product (symbol - 127) * step is exact in float32, so a fused multiply-add gives the
+same bits as the CPU's separate operations.
+
+`decode_on_gpu(jobs, stream)` launches a batch and returns a `GpuDecode` whose `wait()`
+raises `ContainerError` for a damaged stream, or for a value whose checksum (XXH3-64 on the
+GPU, `kvstore.kernels.checksum`) does not match its container's.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kvstore.kernels._cuda import KernelModule
+from kvstore.kernels.blocks import DeviceBuffer, as_cupy_stream
+from kvstore.kernels.checksum import SHORT_MAX, _keep_until_done, xxh3_64_gpu
+
+if TYPE_CHECKING:
+    import torch
+
+    from kvstore.codecs.cachegen import CacheGen
+
+SLOTS = 1 << 12  # decode table entries: 2**PRECISION (checked against the codec's below)
+GROUP_UNITS = 8  # units whose tables a CTA of rans_decode holds: 8 x 5 KiB of shared memory
+_STREAM_FIELDS = 5  # data start, data end, unit, symbol offset, symbol count
+_UNIT_FIELDS = 9  # out address, token stride, symbol offset, tokens, dim, channel, escapes
+#                   first and end, flags (dtype kind | closed loop << 4)
+_RECON_THREADS = 32  # a unit's CTA: its channels, rounded up to warps
+
+_CUDA_SOURCE = r"""
+#define SLOTS @SLOTS@
+#define PRECISION @PRECISION@
+#define RANS_L (1u << 23)
+#define CENTER @CENTER@
+#define ALPHABET @ALPHABET@
+#define LANES @LANES@
+#define GROUP @GROUP@
+// Status codes, as the CPU decoder's (kvstore.codecs.rans) and one more.
+#define TRUNCATED 1
+#define BAD_START 2
+#define BAD_END 3
+#define TRAILING 4
+#define BAD_ESCAPES 5
+
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+// ---------------------------------------------------------------- rANS streams
+// A CTA decodes the streams of up to GROUP units, whose decode tables it first builds in
+// shared memory from their frequencies: per unit, slot -> symbol (a byte per slot) and per
+// symbol its frequency | cumulative frequency << 16. Tables in global memory, one per unit,
+// would outweigh the symbols they decode for short chunks and thrash the caches.
+extern "C" __global__ void rans_decode(const unsigned char* __restrict__ data,
+                                       const long long* __restrict__ groups,
+                                       const long long* __restrict__ streams,
+                                       const unsigned short* __restrict__ freqs,
+                                       unsigned char* __restrict__ symbols,
+                                       int* __restrict__ status) {
+    __shared__ unsigned char slot_symbol[GROUP][SLOTS];
+    __shared__ u32 freq_cum[GROUP][256];
+    const long long* g = groups + (long long)blockIdx.x * 4;
+    const long long u0 = g[0], s0 = g[2], ns = g[3];
+    const int nu = (int)g[1];
+    for (int i = threadIdx.x; i < nu * ALPHABET; i += blockDim.x)
+        freq_cum[i / ALPHABET][i % ALPHABET] = freqs[u0 * ALPHABET + i];
+    __syncthreads();
+    for (int j = threadIdx.x; j < nu; j += blockDim.x) {
+        u32 c = 0;
+        for (int s = 0; s < ALPHABET; ++s) {
+            u32 f = freq_cum[j][s];
+            freq_cum[j][s] = f | c << 16;
+            c += f;
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < nu * ALPHABET; i += blockDim.x) {
+        int j = i / ALPHABET, s = i % ALPHABET;
+        u32 e = freq_cum[j][s];
+        for (u32 k = e >> 16, end = (e >> 16) + (e & 0xFFFF); k < end; ++k)
+            slot_symbol[j][k] = (unsigned char)s;
+    }
+    __syncthreads();
+    for (long long k = s0 + threadIdx.x; k < s0 + ns; k += blockDim.x) {
+        const long long* d = streams + k * 5;
+        long long pos = d[0], end = d[1];
+        const int j = (int)(d[2] - u0);
+        const unsigned char* table = slot_symbol[j];
+        const u32* fc = freq_cum[j];
+        unsigned char* out = symbols + d[3];
+        long long n = d[4];
+        if (n == 0) { if (pos != end) status[k] = TRAILING; continue; }
+        int active = n < LANES ? (int)n : LANES;
+        if (end - pos < 4 * active) { status[k] = TRUNCATED; continue; }
+        u32 x[LANES];
+        bool bad = false;
+#pragma unroll
+        for (int l = 0; l < LANES; ++l) {
+            if (l < active) {
+                u32 v = (u32)data[pos] | (u32)data[pos + 1] << 8 | (u32)data[pos + 2] << 16 |
+                        (u32)data[pos + 3] << 24;
+                bad |= v < RANS_L || v >= (RANS_L << 8);
+                x[l] = v;
+                pos += 4;
+            } else {
+                x[l] = RANS_L;
+            }
+        }
+        if (bad) { status[k] = BAD_START; continue; }
+        long long i = 0;
+        // While 2 * LANES bytes remain, a group of LANES symbols cannot read past the
+        // stream: read two bytes and keep 0-2 of them, as the CPU decoder does.
+        while (i + LANES <= n && pos + 2 * LANES <= end) {
+            u32 word = 0;
+#pragma unroll
+            for (int l = 0; l < LANES; ++l) {
+                u32 slot = x[l] & (SLOTS - 1);
+                u32 sym = table[slot];
+                u32 e = fc[sym];
+                u32 v = (e & 0xFFFF) * (x[l] >> PRECISION) + slot - (e >> 16);
+                int take = (v < RANS_L) + (v < (RANS_L >> 8));
+                u32 w = (u32)data[pos] << 8 | (u32)data[pos + 1];
+                x[l] = (v << (8 * take)) | (w >> (16 - 8 * take));
+                pos += take;
+                word |= sym << (8 * l);
+            }
+            if (LANES == 4 && ((d[3] + i) & 3) == 0) {
+                *(u32*)(out + i) = word;
+            } else {
+#pragma unroll
+                for (int l = 0; l < LANES; ++l) out[i + l] = (word >> (8 * l)) & 0xFF;
+            }
+            i += LANES;
+        }
+        for (; i < n && !bad; ++i) {
+            int l = (int)(i % LANES);
+            u32 slot = x[l] & (SLOTS - 1);
+            u32 sym = table[slot];
+            u32 e = fc[sym];
+            u32 v = (e & 0xFFFF) * (x[l] >> PRECISION) + slot - (e >> 16);
+            while (v < RANS_L && !bad) {
+                if (pos >= end) bad = true; else v = v << 8 | data[pos++];
+            }
+            x[l] = v;
+            out[i] = (unsigned char)sym;
+        }
+        if (bad) { status[k] = TRUNCATED; continue; }
+        for (int l = 0; l < active; ++l) bad |= x[l] != RANS_L;
+        if (bad) status[k] = BAD_END;
+        else if (pos != end) status[k] = TRAILING;
+    }
+}
+
+// ---------------------------------------------------------------- values
+__device__ __forceinline__ unsigned short f32_to_f16(float x) {  // to nearest even; inf past
+    u32 u = __float_as_uint(x);
+    u32 sign = (u >> 16) & 0x8000;
+    u32 a = u & 0x7FFFFFFF;
+    u32 h;
+    if (a >= 0x477FF000) {
+        h = a > 0x7F800000 ? 0x7E00 : 0x7C00;
+    } else if (a < 0x38800000) {  // a float16 subnormal: the FPU rounds to 2**-24 steps
+        h = __float_as_uint(__fadd_rn(__uint_as_float(a), 0.5f)) - 0x3F000000;
+    } else {
+        h = (a - (112u << 23) + 0xFFF + ((a >> 13) & 1)) >> 13;
+    }
+    return (unsigned short)(h | sign);
+}
+
+__device__ __forceinline__ unsigned short f32_to_bf16(float x) {
+    u32 u = __float_as_uint(x);
+    return (unsigned short)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+extern "C" __global__ void reconstruct(const long long* __restrict__ units,
+                                       const unsigned char* __restrict__ symbols,
+                                       const float* __restrict__ starts,
+                                       const float* __restrict__ steps,
+                                       const float* __restrict__ escaped,
+                                       int* __restrict__ status) {
+    __shared__ int warp_escapes[32];
+    const long long* u = units + (long long)blockIdx.x * 9;
+    const long long stride = u[1], tokens = u[3], dim = u[4];
+    const long long flags = u[8];
+    const int kind = (int)(flags & 15);
+    const bool closed = (flags >> 4) & 1;
+    const int d = threadIdx.x;
+    const bool mine = d < dim;
+    const int lane = d & 31, warp = d >> 5, warps = (blockDim.x + 31) >> 5;
+    const unsigned char* sym = symbols + u[2] + d;
+    float pred = 0.f, step = 0.f;
+    if (mine) { pred = starts[u[5] + d]; step = steps[u[5] + d]; }
+    long long e = u[6];
+    const long long e_end = u[7];
+    bool bad = false;
+    char* out = (char*)u[0];
+    int next = mine && tokens > 0 ? sym[0] : CENTER;
+    for (long long t = 0; t < tokens; ++t) {
+        int s = next;  // the next token's symbol loads while this one is finished
+        if (mine && t + 1 < tokens) next = sym[(t + 1) * dim];
+        float v = pred + (float)(s - CENTER) * step;  // the product is exact
+        bool esc = mine && s == 0;
+        if (__syncthreads_or(esc)) {  // rank this token's escapes in channel order
+            unsigned ballot = __ballot_sync(0xFFFFFFFFu, esc);
+            if (lane == 0) warp_escapes[warp] = __popc(ballot);
+            __syncthreads();
+            long long before = 0, total = 0;
+            for (int w = 0; w < warps; ++w) {
+                before += w < warp ? warp_escapes[w] : 0;
+                total += warp_escapes[w];
+            }
+            before += __popc(ballot & ((1u << lane) - 1));
+            if (esc) {
+                if (e + before < e_end) v = escaped[e + before]; else bad = true;
+            }
+            e += total;
+            __syncthreads();  // warp_escapes is reused by the next token
+        }
+        if (mine) {
+            long long at = t * stride + d;
+            if (kind == 0) ((float*)out)[at] = v;
+            else if (kind == 1) ((unsigned short*)out)[at] = f32_to_f16(v);
+            else ((unsigned short*)out)[at] = f32_to_bf16(v);
+        }
+        if (closed) pred = v;
+    }
+    if (bad || (d == 0 && e != e_end)) status[blockIdx.x] = BAD_ESCAPES;
+}
+"""
+
+
+def _source() -> str:
+    from kvstore.codecs import cachegen
+
+    if 1 << cachegen.PRECISION != SLOTS:
+        raise RuntimeError("the GPU decode tables assume 12-bit rANS frequencies")
+    subs = {
+        "@SLOTS@": SLOTS,
+        "@PRECISION@": cachegen.PRECISION,
+        "@CENTER@": cachegen.CENTER,
+        "@ALPHABET@": cachegen.ALPHABET,
+        "@LANES@": cachegen.LANES,
+        "@GROUP@": GROUP_UNITS,
+    }
+    text = _CUDA_SOURCE
+    for key, value in subs.items():
+        text = text.replace(key, str(value))
+    return text
+
+
+_module: KernelModule | None = None
+_module_lock = threading.Lock()
+
+
+def _kernels(device: int, name: str) -> Any:
+    global _module
+    with _module_lock:
+        if _module is None:
+            _module = KernelModule(_source(), ("rans_decode", "reconstruct"))
+    return _module.get(device, name)
+
+
+_STATUS = {
+    1: "is truncated (it needs more bytes than it has)",
+    2: "is corrupted (a lane's initial state is out of range)",
+    3: "is corrupted (a lane did not return to its initial state)",
+    4: "is corrupted (bytes left over after its last symbol)",
+}
+
+
+@dataclass
+class GpuDecode:
+    """A batch decoding on the GPU. `wait()` blocks until it is done and raises
+    ContainerError if a payload was damaged or a value fails its checksum."""
+
+    event: Any
+    status: np.ndarray  # pinned: streams then units, 0 = fine
+    status_owner: Any
+    n_streams: int
+    checks: list[tuple[int, int, torch.Tensor]]  # (job, expected checksum, out)
+    digests: Any  # kvstore.kernels.checksum.Digests of the checks' outs, or None
+
+    def is_done(self) -> bool:
+        return bool(self.event.done)
+
+    def wait(self) -> None:
+        import torch
+
+        from kvstore.codecs.base import ContainerError
+        from kvstore.codecs.container import checksum
+
+        self.event.synchronize()
+        bad = np.flatnonzero(self.status)
+        if bad.size:
+            k = int(bad[0])
+            if k < self.n_streams:
+                why = _STATUS.get(int(self.status[k]), "is corrupted")
+                raise ContainerError(f"cachegen rANS stream {k} {why}")
+            raise ContainerError("cachegen escapes disagree with the streams")
+        digests = iter(self.digests.result() if self.digests is not None else [])
+        for job, want, out in self.checks:
+            if out.nbytes > SHORT_MAX:
+                got = next(digests)
+            else:  # too short for the GPU hash: on the host
+                got = checksum(out.detach().reshape(-1).view(torch.uint8).cpu().numpy().data)
+            if got != want:
+                raise ContainerError(f"cachegen value {job} decoded on the GPU fails its checksum")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One payload to decode: the codec that made it, the payload, the CUDA tensor it
+    decodes into (contiguous float16, bfloat16 or float32, the value's shape), and the
+    value's checksum from its container to verify (None: not checked)."""
+
+    codec: CacheGen
+    payload: memoryview
+    out: torch.Tensor
+    checksum: int | None = None
+
+
+def _align(n: int, to: int = 16) -> int:
+    return -(-n // to) * to
+
+
+def decode_on_gpu(jobs: Sequence[Job | tuple[Any, ...]], stream: Any = None) -> GpuDecode:
+    """Launch the decoding of `jobs` (all on one GPU) on `stream` (CuPy or torch stream,
+    None: the current one) and return its handle. Payloads are parsed and checked on the
+    host first: a malformed header raises ContainerError before anything launches."""
+    import cupy
+    import torch
+
+    from kvstore.codecs.base import ContainerError
+    from kvstore.codecs.cachegen import _KINDS, ALPHABET, parse_payload
+
+    todo = [j if isinstance(j, Job) else Job(*j) for j in jobs]
+    if not todo:
+        raise ValueError("no payloads to decode")
+    device = todo[0].out.get_device()
+    kinds = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+    assert set(kinds) == set(_KINDS)
+    parsed = []
+    for i, job in enumerate(todo):
+        out = job.out
+        if not out.is_cuda or out.get_device() != device or not out.is_contiguous():
+            raise ContainerError(f"job {i}: out must be a contiguous tensor on GPU {device}")
+        if out.dtype not in kinds:
+            raise ContainerError(
+                f"job {i}: cachegen decodes on the GPU into float16, "
+                f"bfloat16 or float32, not {out.dtype}"
+            )
+        parsed.append(parse_payload(job.payload, tuple(out.shape)))
+
+    dims = max(p.layout.head_dim for p in parsed)
+    if dims > 1024:
+        raise ContainerError(f"cachegen decodes heads of up to 1024 channels, not {dims}")
+    # Sizes of every section, then one pinned buffer holding them all.
+    n_units = sum(p.layout.units for p in parsed)
+    n_streams = sum(p.layout.streams for p in parsed)
+    n_channels = sum(p.layout.channels for p in parsed)
+    n_escaped = sum(p.escaped.size for p in parsed)
+    data_bytes = sum(len(p.data) for p in parsed)
+    sym_bytes = sum(
+        _align(p.layout.units * p.layout.segments * p.layout.segment * p.layout.head_dim)
+        for p in parsed
+    )
+    n_groups = sum(-(-p.layout.units // GROUP_UNITS) for p in parsed)
+    sections = {
+        "groups": 8 * 4 * n_groups,
+        "streams": 8 * _STREAM_FIELDS * n_streams,
+        "units": 8 * _UNIT_FIELDS * n_units,
+        "starts": 4 * n_channels,
+        "steps": 4 * n_channels,
+        "escaped": 4 * max(n_escaped, 1),
+        "freqs": 2 * ALPHABET * n_units,
+        "data": max(data_bytes, 1),
+    }
+    at, total = {}, 0
+    for name, size in sections.items():
+        at[name] = total
+        total += _align(size, 256)
+    pinned = cupy.cuda.alloc_pinned_memory(total)
+    buf = np.frombuffer(pinned, np.uint8, total)
+    groups = buf[at["groups"] : at["groups"] + sections["groups"]].view(np.int64)
+    groups = groups.reshape(n_groups, 4)
+    streams = buf[at["streams"] : at["streams"] + sections["streams"]].view(np.int64)
+    streams = streams.reshape(n_streams, _STREAM_FIELDS)
+    units = buf[at["units"] : at["units"] + sections["units"]].view(np.int64)
+    units = units.reshape(n_units, _UNIT_FIELDS)
+    starts = buf[at["starts"] : at["starts"] + sections["starts"]].view(np.float32)
+    steps = buf[at["steps"] : at["steps"] + sections["steps"]].view(np.float32)
+    escaped = buf[at["escaped"] : at["escaped"] + 4 * n_escaped].view(np.float32)
+    freqs = buf[at["freqs"] : at["freqs"] + sections["freqs"]].view(np.uint16)
+    freqs = freqs.reshape(n_units, ALPHABET)
+    data = buf[at["data"] : at["data"] + data_bytes]
+
+    u0 = s0 = c0 = e0 = d0 = sym0 = g0 = 0
+    widest = 0  # streams of the largest group
+    for job, p in zip(todo, parsed, strict=True):
+        lay = p.layout
+        nu, ns, nc, ne, nd = lay.units, lay.streams, lay.channels, p.escaped.size, len(p.data)
+        # Groups: GROUP_UNITS units (the last fewer) and their streams, a CTA each.
+        ng = -(-nu // GROUP_UNITS)
+        first = np.arange(ng, dtype=np.int64) * GROUP_UNITS
+        gr = groups[g0 : g0 + ng]
+        gr[:, 0] = u0 + first
+        gr[:, 1] = np.minimum(GROUP_UNITS, nu - first)
+        gr[:, 2] = s0 + first * lay.segments
+        gr[:, 3] = gr[:, 1] * lay.segments
+        widest = max(widest, GROUP_UNITS * lay.segments if ng else 0)
+        # Streams: where their bytes and symbols are, and their table.
+        st = streams[s0 : s0 + ns]
+        st[:, 0] = d0 + p.offsets[:-1]
+        st[:, 1] = d0 + p.offsets[1:]
+        st[:, 2] = u0 + lay.stream_models()
+        seg_bytes = lay.segment * lay.head_dim
+        padded = lay.segments * seg_bytes  # a unit's symbols
+        st[:, 3] = sym0 + np.arange(ns, dtype=np.int64) * seg_bytes
+        st[:, 4] = lay.stream_lengths()
+        # Units: (layer, K/V, head) in that order.
+        un = units[u0 : u0 + nu]
+        idx = np.arange(nu, dtype=np.int64)
+        lk, h = idx // lay.heads, idx % lay.heads  # lk = layer * 2 + K/V
+        esize = job.out.element_size()
+        width = lay.heads * lay.head_dim
+        un[:, 0] = job.out.data_ptr() + esize * (lk * lay.tokens * width + h * lay.head_dim)
+        un[:, 1] = width
+        un[:, 2] = sym0 + idx * padded
+        un[:, 3] = lay.tokens
+        un[:, 4] = lay.head_dim
+        un[:, 5] = c0 + idx * lay.head_dim
+        un[:, 6] = e0 + p.first[:-1]
+        un[:, 7] = e0 + p.first[1:]
+        closed = (lk % 2 == 0) & bool(job.codec.params["k"])
+        un[:, 8] = kinds[job.out.dtype] | closed.astype(np.int64) << 4
+        starts[c0 : c0 + nc] = p.starts.reshape(-1)
+        steps[c0 : c0 + nc] = p.steps.reshape(-1)
+        escaped[e0 : e0 + ne] = p.escaped
+        freqs[u0 : u0 + nu] = p.freqs
+        data[d0 : d0 + nd] = np.frombuffer(p.data, np.uint8)
+        u0, s0, c0, e0, d0, g0 = u0 + nu, s0 + ns, c0 + nc, e0 + ne, d0 + nd, g0 + ng
+        sym0 += _align(nu * padded)
+
+    status_mem = cupy.cuda.alloc_pinned_memory(4 * (n_streams + n_units))
+    status = np.frombuffer(status_mem, np.int32, n_streams + n_units)
+    status[:] = 0
+    with cupy.cuda.Device(device):
+        s = as_cupy_stream(stream)
+        with s:
+            dev = cupy.empty(total, cupy.uint8)
+            symbols = cupy.empty(max(sym_bytes, 1), cupy.uint8)
+        cupy.cuda.runtime.memcpyAsync(
+            dev.data.ptr, buf.ctypes.data, total, cupy.cuda.runtime.memcpyHostToDevice, s.ptr
+        )
+        base = dev.data.ptr
+
+        def ptr(name: str) -> np.uint64:
+            return np.uint64(base + at[name])
+
+        status_ptr = status.ctypes.data
+        if n_streams:
+            _kernels(device, "rans_decode")(
+                (n_groups,),
+                (min(256, _align(widest, 32)),),
+                (ptr("data"), ptr("groups"), ptr("streams"), ptr("freqs"), symbols,
+                 np.uint64(status_ptr)),
+                stream=s,
+            )  # fmt: skip
+        if n_units:
+            _kernels(device, "reconstruct")(
+                (n_units,),
+                (_align(dims, _RECON_THREADS),),
+                (ptr("units"), symbols, ptr("starts"), ptr("steps"), ptr("escaped"),
+                 np.uint64(status_ptr + 4 * n_streams)),
+                stream=s,
+            )  # fmt: skip
+        checks = [(i, j.checksum, j.out) for i, j in enumerate(todo) if j.checksum is not None]
+        big = [c for c in checks if c[2].nbytes > SHORT_MAX]
+        digests = None
+        if big:
+            bufs = [DeviceBuffer(o.data_ptr(), o.nbytes, device) for _, _, o in big]
+            digests = xxh3_64_gpu(bufs, device, s)
+        event = cupy.cuda.Event(block=False, disable_timing=True)
+        event.record(s)
+    # Host buffers the GPU still reads or writes, and device scratch, live until it is done.
+    _keep_until_done(event, (pinned, status_mem, dev, symbols))
+    return GpuDecode(event, status, status_mem, n_streams, checks, digests)
