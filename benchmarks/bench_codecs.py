@@ -27,6 +27,11 @@ same perplexity and predictions.
     python benchmarks/bench_codecs.py                          # every registered codec
     python benchmarks/bench_codecs.py --codecs int8,fp8,kivi:bits=2,group=64 --detail
     python benchmarks/bench_codecs.py --json codecs.json --plot codecs.png
+    python benchmarks/bench_codecs.py --codecs cachegen --save-containers kvc/  # CPU
+    python benchmarks/bench_codecs.py --gpu-decode kvc/                         # GPU machine
+
+The GPU decode figures (`_gpu_decode.py`) come from a GPU machine without the model, on
+the containers a CPU run saved.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ from _realkv import (
 
 import kvstore
 from kvstore.codecs import Codec, ValueHeader, checksum, codec_from_spec, codec_names, decode
+from kvstore.config import parse_size
 from kvstore.errors import InvalidArgument
 from kvstore.tiers.ssd import LmdbTier
 
@@ -536,7 +542,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detail", action="store_true", help="also print one row per prompt")
     p.add_argument("--json", type=Path, metavar="FILE", help="write every number as JSON")
     p.add_argument("--plot", type=Path, metavar="FILE", help="write a PNG (needs matplotlib)")
+    p.add_argument(
+        "--save-containers",
+        type=Path,
+        metavar="DIR",
+        help="also write the chunk containers of each codec that decodes on the GPU to DIR, "
+        "for --gpu-decode on a GPU machine",
+    )
+    p.add_argument(
+        "--gpu-decode",
+        type=Path,
+        metavar="DIR",
+        help="instead of the model run: GPU decode throughput of the containers saved in DIR "
+        "(needs CUDA and CuPy, not the model)",
+    )
+    p.add_argument("--gpu-batch", default="1GiB", help="decoded bytes per GPU batch (default 1GiB)")
     return p
+
+
+def gpu_main(args: argparse.Namespace) -> int:
+    from _gpu_decode import run
+
+    if not torch.cuda.is_available():
+        print("bench_codecs: --gpu-decode needs a CUDA GPU", file=sys.stderr)
+        return 2
+    if not args.gpu_decode.is_dir():
+        print(f"bench_codecs: no directory {args.gpu_decode}", file=sys.stderr)
+        return 2
+    try:
+        figures, table = run(args.gpu_decode, parse_size(args.gpu_batch), max(args.repeats, 5))
+    except RuntimeError as exc:
+        print(f"bench_codecs: check failed: {exc}", file=sys.stderr)
+        return 1
+    print(table)
+    write_outputs(figures, args.json, None, lambda path: False)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -548,6 +588,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.gpu_decode:
+        return gpu_main(args)
     try:
         codecs, notes = select_codecs(args.codecs)
     except InvalidArgument as exc:
@@ -615,6 +657,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (AssertionError, RuntimeError) as exc:
         print(f"bench_codecs: check failed: {exc}", file=sys.stderr)
         return 1
+    if args.save_containers:
+        from _gpu_decode import save_containers
+
+        for _, codec in codecs:
+            if codec.gpu_decoder() is not None:
+                for case in cases:
+                    blobs = [codec.encode(c) for c in chunked(case.kv, args.chunk_tokens)]
+                    save_containers(args.save_containers, codec.spec(), case.name, blobs)
+        progress(f"saved the containers of GPU-decodable codecs under {args.save_containers}")
     progress("timing LMDB writes of 256-token chunks for the demotion comparison")
     lmdb_bps = lmdb_write_bps(
         max(1, cases[0].fp16_bytes // max(1, len(chunked(cases[0].kv, args.chunk_tokens))))
