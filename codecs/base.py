@@ -91,6 +91,15 @@ class Codec(ABC):
         """Fill the contiguous CPU tensor `out` (the dtype and shape the container names)
         from `payload`; raise ContainerError when the payload does not fit them."""
 
+    def encode_with_value(self, tensor: torch.Tensor) -> tuple[bytes, torch.Tensor]:
+        """The payload for `tensor` and the tensor it decodes to, whose checksum a lossy
+        codec's container carries. By default by decoding the payload; a codec that
+        reconstructs the values while encoding returns them instead."""
+        payload = self.encode_payload(tensor)
+        back = torch.empty_like(tensor)
+        self.decode_payload(memoryview(payload), back)
+        return payload, back
+
     @classmethod
     def gpu_decoder(cls) -> Callable[[Sequence[Any], Any], Any] | None:
         """The function that decodes a batch of this codec's payloads into CUDA tensors

@@ -176,6 +176,18 @@ class CacheGen(Codec):
         return per_third[third]
 
     def encode_payload(self, tensor: torch.Tensor) -> bytes:
+        return self._encode(tensor, None)
+
+    def encode_with_value(self, tensor: torch.Tensor) -> tuple[bytes, torch.Tensor]:
+        """The payload and, computed on the way rather than by decoding it, the value it
+        decodes to (the kernels reconstruct each token as the decoder does, to predict the
+        next one)."""
+        if tensor.dtype not in _KINDS:
+            return super().encode_with_value(tensor)
+        back = torch.empty(tensor.shape, dtype=tensor.dtype)
+        return self._encode(tensor, back), back
+
+    def _encode(self, tensor: torch.Tensor, back: torch.Tensor | None) -> bytes:
         kv_view(tensor, self.name)  # the layout check
         x = tensor.detach()
         if x.dtype not in _KINDS:
@@ -193,7 +205,8 @@ class CacheGen(Codec):
         ok = np.empty((layers, 2), np.bool_)
         words, kind = _words(x), _KINDS[x.dtype]
         dpcm = bool(self.params["k"])
-        _encode(words, kind, dpcm, res, reach, starts, steps, symbols, counts, marked, ok)
+        decoded = _words(back) if back is not None else np.empty((0, 2, 0, 0), np.uint16)
+        _encode(words, kind, dpcm, res, reach, starts, steps, symbols, counts, marked, decoded, ok)
         if not ok.all():
             raise InvalidArgument(
                 "cachegen needs finite values within float16's range; store this value with "
@@ -475,17 +488,19 @@ def _encode(
     symbols: np.ndarray,
     counts: np.ndarray,
     marked: np.ndarray,
+    decoded: np.ndarray,
     ok: np.ndarray,
 ) -> None:
     """All but the escapes' values and the rANS coding: from words [layers, 2, tokens,
     words], the float16 bits of starts and steps [layers, 2, heads, dim], symbols
     [units, tokens or more, dim], their counts [units, ALPHABET] (escapes: counts[:, 0]),
-    and marked [units, tokens]: whether the token has an escape in the unit. ok[layer,
-    K/V] is False if a value is out of float16's range; the rest is then left unfinished.
-    K is quantized closed-loop against the decoded previous token."""
+    and marked [units, tokens]: whether the token has an escape in the unit; and unless it
+    is empty, `decoded` (words' shape and dtype): the value as the decoder will write it.
+    ok[layer, K/V] is False if a value is out of float16's range; the rest is then left
+    unfinished. K is quantized closed-loop against the decoded previous token."""
     for i in numba.prange(words.shape[0] * 2):
         ok[i // 2, i % 2] = _encode_unit(
-            words, kind, i, dpcm, res, reach, starts, steps, symbols, counts, marked
+            words, kind, i, dpcm, res, reach, starts, steps, symbols, counts, marked, decoded
         )
 
 
@@ -502,6 +517,7 @@ def _encode_unit(
     symbols: np.ndarray,
     counts: np.ndarray,
     marked: np.ndarray,
+    decoded: np.ndarray,
 ) -> bool:
     """`_encode` for K (i even) or V (i odd) of layer i // 2; False if a value is out of
     float16's range."""
@@ -553,6 +569,8 @@ def _encode_unit(
                 for d in range(dim):
                     if symbols[u, t, d] == 0:
                         value[h, d] = f16_to_f32(f32_to_f16(x[t, h, d], True))
+        if decoded.size:  # rounded as the decoder's `_store` rounds it
+            _store(value.reshape(n), kind, decoded, ly, kv, t)
         if closed_loop:  # the decoder's value predicts the next token
             pred[:] = value
     for h in range(heads):

@@ -69,11 +69,11 @@ def encode_stored(
     dt = _check_value(header)
     t = torch.frombuffer(value, dtype=dt) if len(value) else torch.empty(0, dtype=dt)
     t = t.view(header.shape)
-    payload = codec.encode_payload(t)
     value_sum = header.value_checksum
-    if not codec.lossless:
-        back = torch.empty_like(t)
-        codec.decode_payload(memoryview(payload), back)
+    if codec.lossless:
+        payload = codec.encode_payload(t)
+    else:
+        payload, back = codec.encode_with_value(t)
         value_sum = checksum(tensor_bytes(back))
     params = ";".join(f"{k}={v}" for k, v in sorted(codec.params.items()))
     stored = ValueHeader(

@@ -123,6 +123,9 @@ def test_kernels_match_a_reference(dtype: torch.dtype, level: int, k: int) -> No
     got = torch.empty_like(t)
     codec.decode_payload(memoryview(payload), got)
     assert torch.equal(got, want_value)
+    # The encoder's own reconstruction (the value checksum's source) is the same bits.
+    again, back = codec.encode_with_value(t)
+    assert again == payload and torch.equal(back, want_value)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
