@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,23 +38,17 @@ from kvstore.kernels.blocks import (
     gather_blocks_cpu,
     launch_blocks,
 )
+from kvstore.threads import host_pool
 from kvstore.v1 import kvstore_pb2 as pb
 
-# Checksums of arena bytes run on these threads while the copy engine moves the same bytes
-# (xxhash releases the GIL): one core hashes well below PCIe speed.
-_HASH_THREADS = max(2, min(12, (os.cpu_count() or 2) - 2))
-_hash_pool: concurrent.futures.ThreadPoolExecutor | None = None
 # Margin kept before a lease's expiry: a block read closer to it might already be reused.
 LEASE_MARGIN = 0.8
 
 
 def hash_pool() -> concurrent.futures.ThreadPoolExecutor:
-    global _hash_pool
-    if _hash_pool is None:
-        _hash_pool = concurrent.futures.ThreadPoolExecutor(
-            _HASH_THREADS, thread_name_prefix="kvstore-checksum"
-        )
-    return _hash_pool
+    """Checksums of arena bytes run on these threads while the copy engine moves the same
+    bytes (xxhash releases the GIL): one core hashes well below PCIe speed."""
+    return host_pool()
 
 
 def tensors_of(

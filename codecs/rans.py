@@ -340,7 +340,7 @@ def _pack(freqs: np.ndarray, buf: np.ndarray) -> int:
     return io[0]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)  # batches of payloads unpack on several threads
 def _unpack(data: np.ndarray, precision: int, freqs: np.ndarray) -> int:
     """Fill `freqs` from `data`; return -1 if all is well, else the first row that is
     wrong (n_models when bytes are left over)."""

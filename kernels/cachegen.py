@@ -40,6 +40,7 @@ import numpy as np
 from kvstore.kernels._cuda import KernelModule
 from kvstore.kernels.blocks import DeviceBuffer, as_cupy_stream
 from kvstore.kernels.checksum import SHORT_MAX, _keep_until_done, xxh3_64_gpu
+from kvstore.threads import host_pool
 
 if TYPE_CHECKING:
     import torch
@@ -364,7 +365,6 @@ def decode_on_gpu(jobs: Sequence[Job | tuple[Any, ...]], stream: Any = None) -> 
     device = todo[0].out.get_device()
     kinds = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
     assert set(kinds) == set(_KINDS)
-    parsed = []
     for i, job in enumerate(todo):
         out = job.out
         if not out.is_cuda or out.get_device() != device or not out.is_contiguous():
@@ -374,7 +374,8 @@ def decode_on_gpu(jobs: Sequence[Job | tuple[Any, ...]], stream: Any = None) -> 
                 f"job {i}: cachegen decodes on the GPU into float16, "
                 f"bfloat16 or float32, not {out.dtype}"
             )
-        parsed.append(parse_payload(job.payload, tuple(out.shape)))
+    # Parsed on the host threads (NumPy and the table unpacking release the GIL).
+    parsed = list(host_pool().map(lambda j: parse_payload(j.payload, tuple(j.out.shape)), todo))
 
     dims = max(p.layout.head_dim for p in parsed)
     if dims > 1024:
@@ -419,20 +420,33 @@ def decode_on_gpu(jobs: Sequence[Job | tuple[Any, ...]], stream: Any = None) -> 
     freqs = freqs.reshape(n_units, ALPHABET)
     data = buf[at["data"] : at["data"] + data_bytes]
 
-    u0 = s0 = c0 = e0 = d0 = sym0 = g0 = 0
-    widest = 0  # streams of the largest group
-    for job, p in zip(todo, parsed, strict=True):
-        lay = p.layout
+    # Where each job's parts go: running sums over the jobs before it.
+    def starts_of(sizes: list[int]) -> list[int]:
+        return [0, *np.cumsum(sizes[:-1], dtype=np.int64).tolist()]
+
+    lays = [p.layout for p in parsed]
+    u_at = starts_of([lay.units for lay in lays])
+    s_at = starts_of([lay.streams for lay in lays])
+    c_at = starts_of([lay.channels for lay in lays])
+    e_at = starts_of([p.escaped.size for p in parsed])
+    d_at = starts_of([len(p.data) for p in parsed])
+    g_at = starts_of([-(-lay.units // GROUP_UNITS) for lay in lays])
+    sym_at = starts_of([_align(lay.units * lay.segments * lay.segment * lay.head_dim)
+                        for lay in lays])  # fmt: skip
+    widest = max(GROUP_UNITS * lay.segments for lay in lays)  # streams of the largest group
+
+    def fill(i: int) -> None:
+        job, p, lay = todo[i], parsed[i], lays[i]
+        u0, s0, c0, e0, d0 = u_at[i], s_at[i], c_at[i], e_at[i], d_at[i]
         nu, ns, nc, ne, nd = lay.units, lay.streams, lay.channels, p.escaped.size, len(p.data)
         # Groups: GROUP_UNITS units (the last fewer) and their streams, a CTA each.
         ng = -(-nu // GROUP_UNITS)
         first = np.arange(ng, dtype=np.int64) * GROUP_UNITS
-        gr = groups[g0 : g0 + ng]
+        gr = groups[g_at[i] : g_at[i] + ng]
         gr[:, 0] = u0 + first
         gr[:, 1] = np.minimum(GROUP_UNITS, nu - first)
         gr[:, 2] = s0 + first * lay.segments
         gr[:, 3] = gr[:, 1] * lay.segments
-        widest = max(widest, GROUP_UNITS * lay.segments if ng else 0)
         # Streams: where their bytes and symbols are, and their table.
         st = streams[s0 : s0 + ns]
         st[:, 0] = d0 + p.offsets[:-1]
@@ -440,7 +454,7 @@ def decode_on_gpu(jobs: Sequence[Job | tuple[Any, ...]], stream: Any = None) -> 
         st[:, 2] = u0 + lay.stream_models()
         seg_bytes = lay.segment * lay.head_dim
         padded = lay.segments * seg_bytes  # a unit's symbols
-        st[:, 3] = sym0 + np.arange(ns, dtype=np.int64) * seg_bytes
+        st[:, 3] = sym_at[i] + np.arange(ns, dtype=np.int64) * seg_bytes
         st[:, 4] = lay.stream_lengths()
         # Units: (layer, K/V, head) in that order.
         un = units[u0 : u0 + nu]
@@ -450,7 +464,7 @@ def decode_on_gpu(jobs: Sequence[Job | tuple[Any, ...]], stream: Any = None) -> 
         width = lay.heads * lay.head_dim
         un[:, 0] = job.out.data_ptr() + esize * (lk * lay.tokens * width + h * lay.head_dim)
         un[:, 1] = width
-        un[:, 2] = sym0 + idx * padded
+        un[:, 2] = sym_at[i] + idx * padded
         un[:, 3] = lay.tokens
         un[:, 4] = lay.head_dim
         un[:, 5] = c0 + idx * lay.head_dim
@@ -463,8 +477,8 @@ def decode_on_gpu(jobs: Sequence[Job | tuple[Any, ...]], stream: Any = None) -> 
         escaped[e0 : e0 + ne] = p.escaped
         freqs[u0 : u0 + nu] = p.freqs
         data[d0 : d0 + nd] = np.frombuffer(p.data, np.uint8)
-        u0, s0, c0, e0, d0, g0 = u0 + nu, s0 + ns, c0 + nc, e0 + ne, d0 + nd, g0 + ng
-        sym0 += _align(nu * padded)
+
+    list(host_pool().map(fill, range(len(todo))))  # list(): raises what a job raised
 
     status_mem = cupy.cuda.alloc_pinned_memory(4 * (n_streams + n_units))
     status = np.frombuffer(status_mem, np.int32, n_streams + n_units)
