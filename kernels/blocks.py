@@ -376,7 +376,7 @@ def launch_blocks(
             few = _few_args()
             few.values[:5] = head
             few.values[5 : 5 + ids.size] = ids
-            kernel = _module.get(device, name.replace("_blocks", "_few"))
+            kernel = _module.get(device, name.replace("_blocks", "_few")).kernel  # CUfunction
             cupy.cuda.driver.launchKernel(
                 kernel.ptr, grid, 1, 1, threads, 1, 1, 0, s.ptr, few.params.ctypes.data, 0
             )
