@@ -24,15 +24,18 @@ from kvstore.client._shared import ArenaMap, PoolMap, Region, open_pools
 from kvstore.client._transfer import (
     LEASE_MARGIN,
     BlockRefs,
+    Containers,
     GetLanding,
     PutLanding,
     Slice,
+    gpu_hashing,
     hash_pool,
     private_buffer,
     raise_unrecoverable,
     tensors_of,
     torch_stream,
 )
+from kvstore.codecs.base import gpu_decodable_codecs
 from kvstore.codecs.container import checksum
 from kvstore.dtypes import BY_NAME, dtype_name, expected_nbytes
 from kvstore.errors import DataLoss, InvalidArgument
@@ -207,8 +210,14 @@ class _Assembler:
         arena: ArenaMap | None = None,
         keep_shared: bool = False,
         pools: dict[int, Region] | None = None,
+        decoders: frozenset[int] = frozenset(),
     ) -> None:
         self.arena = arena
+        # Codec ids asked to come as containers (GetRequest.codecs): kept in `containers`
+        # (position -> header, container bytes) for the caller to decode.
+        self.decoders = decoders
+        self.containers: Containers = {}
+        self._encoded = False
         self.pools = pools or {}  # gpu pools mapped here (slices kept, never copied)
         # With keep_shared, shared slices are recorded in `shared` (position -> slice), not
         # copied or checked: the caller reads them in place.
@@ -275,8 +284,17 @@ class _Assembler:
                     return
                 self._buf, self._filled, self._verified = buf, h.nbytes, True
                 return
-            self._buf = np.empty(h.nbytes, dtype=np.uint8)
-            self._filled, self._verified = 0, False
+            if piece.encoded_nbytes:
+                if not self.decoders:
+                    raise DataLoss(f"server sent key #{piece.index} encoded, unasked")
+                if piece.encoded_nbytes > max(2 * h.nbytes, 1 << 20):
+                    raise DataLoss(f"server sent an oversized container for key #{piece.index}")
+                # Checked when decoded: a container carries its own checksums.
+                self._buf = np.empty(piece.encoded_nbytes, dtype=np.uint8)
+                self._filled, self._verified, self._encoded = 0, True, True
+            else:
+                self._buf = np.empty(h.nbytes, dtype=np.uint8)
+                self._filled, self._verified, self._encoded = 0, False, False
         if self._buf is None:
             raise DataLoss(f"server sent data for missing key #{piece.index}")
         n = len(data)
@@ -292,6 +310,9 @@ class _Assembler:
         self._buf, self._header = None, None
         if self._filled != len(buf):
             raise DataLoss(f"value for key #{self._index} ended after {self._filled} bytes")
+        if self._encoded:
+            self.containers[self._index] = (h, buf)
+            return
         if not self._verified and checksum(buf.data) != h.checksum:
             raise DataLoss(f"value for key #{self._index} failed its checksum in transit")
         dtype = getattr(torch, h.dtype)
@@ -383,6 +404,18 @@ class ClientCore:
         self._pools: dict[int, Region] = {}  # gpu pools mapped here, by pool number
         self._arena_checked = False
         self.lease_seconds = 30.0  # the server's, read with its arena
+        # Codec ids get_into decodes here (None: those with a GPU decoder, for GPU outs).
+        self.decode_codecs: frozenset[int] | None = None
+
+    def decoders_for(self, dests: Sequence[torch.Tensor]) -> frozenset[int]:
+        """Codec ids a `get_into` into `dests` asks to receive encoded: `decode_codecs` as
+        configured, or by default the codecs with a GPU decoder when a destination is on a
+        GPU and CuPy is here (values then cross PCIe compressed and decode on the GPU)."""
+        if self.decode_codecs is not None:
+            return self.decode_codecs
+        if not any(d.is_cuda for d in dests) or not gpu_hashing():
+            return frozenset()
+        return gpu_decodable_codecs()
 
     def _req(self, keys: Sequence[bytes]) -> pb.KeysRequest:
         return pb.KeysRequest(namespace=self.namespace, keys=_keys(keys))
@@ -509,7 +542,12 @@ class ClientCore:
         try:
             if method == "Get":
                 get = pb.GetRequest(
-                    namespace=self.namespace, key=keys[0], shared=shared, call=call, gpu_pools=pools
+                    namespace=self.namespace,
+                    key=keys[0],
+                    shared=shared,
+                    call=call,
+                    gpu_pools=pools,
+                    codecs=sorted(sink.decoders),
                 )
                 yield Call(method, get, sink)
             else:
@@ -522,6 +560,7 @@ class ClientCore:
                         shared=shared,
                         call=call,
                         gpu_pools=pools,
+                        codecs=sorted(sink.decoders),
                     )
                     yield Call(method, request, _shifted(sink, base))
         except GeneratorExit:  # the driver gave up on this operation: nothing more to yield
@@ -535,20 +574,26 @@ class ClientCore:
     # ------------------------------------------------------------------ tensors in place
 
     def acquire(
-        self, keys: Sequence[bytes], verify: bool = True, shared: bool = True
+        self,
+        keys: Sequence[bytes],
+        verify: bool = True,
+        shared: bool = True,
+        decoders: frozenset[int] = frozenset(),
     ) -> Op[BlockRefs]:
         """Hold `keys` readable in place (see `BlockRefs`); absent keys are marked not found.
 
         Same-host values stay in the arena under leases; anything streamed (another host, a
         value the arena had no room for) is packed into one private host buffer, and then
         so is everything else, so that one buffer holds all blocks a gather may select.
-        With `verify`, arena bytes are checked now (once, not at every gather).
+        With `verify`, arena bytes are checked now (once, not at every gather). Values only
+        on the server's ssd, stored through a codec in `decoders`, come as containers
+        (`BlockRefs.containers`) for `get_into` to decode; they cannot be gathered.
         """
         keys = _keys(keys)
         arena = (yield from self._mapped_arena()) if shared else None
         in_place = arena is not None
         pools = self._pools if in_place else {}
-        sink = _Assembler(len(keys), arena, keep_shared=True, pools=pools)
+        sink = _Assembler(len(keys), arena, keep_shared=True, pools=pools, decoders=decoders)
         started = time.monotonic()
         call = yield from self._fetch("BatchGet", keys, sink)
         try:
@@ -556,7 +601,7 @@ class ClientCore:
             if sink.stale:  # the server restarted since we mapped its arena
                 yield Call("Release", pb.ReleaseRequest(leases=sink.leases), wait=False)
                 self._forget_arena(sink.arena)
-                return (yield from self.acquire(keys, verify))
+                return (yield from self.acquire(keys, verify, decoders=decoders))
             return (yield from self._hold(keys, sink, values, arena, verify, call, started))
         except GeneratorExit:
             raise
@@ -583,13 +628,13 @@ class ClientCore:
             if bad:  # reported, checked and dropped by the server; read everything again
                 release = pb.ReleaseRequest(leases=sink.leases, corrupt=bad)
                 yield Call("Release", release, wait=True)
-                return (yield from self.acquire(keys, verify, shared=False))
+                return (yield from self.acquire(keys, verify, False, sink.decoders))
         slices: list[Slice | None] = [None] * len(keys)
         if sink.shared and not mixed:
             for i, sl in sink.shared.items():
                 slices[i] = sl
             expires = started + self.lease_seconds * LEASE_MARGIN
-            refs = BlockRefs(keys, slices, arena, None, expires, call, sink.pools)
+            refs = BlockRefs(keys, slices, arena, None, expires, call, sink.pools, sink.containers)
             with self._held_lock:
                 self.held.add(refs)
             return refs
@@ -598,7 +643,7 @@ class ClientCore:
                 buf = regions[sl.pool].copy(sl.offset, sl.header.nbytes)
                 if checksum(buf.data) != sl.header.checksum:
                     yield Call("Release", pb.ReleaseRequest(leases=sink.leases), wait=False)
-                    return (yield from self.acquire(keys, verify, shared=False))
+                    return (yield from self.acquire(keys, verify, False, sink.decoders))
                 values[i] = torch.from_numpy(buf)
             yield Call("Release", pb.ReleaseRequest(leases=sink.leases), wait=False)
         private, offsets = private_buffer(values, pin=torch.cuda.is_available())
@@ -606,7 +651,7 @@ class ClientCore:
             h = sink.headers[i]
             if v is not None and h is not None:
                 slices[i] = Slice(h, offsets[i])
-        return BlockRefs(keys, slices, None, private, float("inf"))
+        return BlockRefs(keys, slices, None, private, float("inf"), containers=sink.containers)
 
     def renew_held(self) -> Op[int]:
         """Renew the leases of every `BlockRefs` still held; returns how many sets. A set
@@ -643,7 +688,7 @@ class ClientCore:
         with a first dimension per key); `settle_get` finishes. Every destination is checked
         against its value (dtype, size) before anything is copied."""
         dests = tensors_of(out, len(keys), "out")
-        refs = yield from self.acquire(keys, verify=False)
+        refs = yield from self.acquire(keys, verify=False, decoders=self.decoders_for(dests))
         landing = GetLanding(refs, dests)
         try:
             landing.launch(stream)

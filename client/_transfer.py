@@ -107,6 +107,10 @@ class Slice:
         return slice(self.offset, self.offset + self.header.nbytes)
 
 
+# Values that came as containers: position -> the header the server sent, container bytes.
+Containers = dict[int, tuple[pb.ValueHeader, np.ndarray]]
+
+
 class BlockRefs:
     """Values held readable in place until released (the client renews their leases in the
     background while they are held).
@@ -126,11 +130,15 @@ class BlockRefs:
         expires: float,
         call: int = 0,
         pools: dict[int, Region] | None = None,
+        containers: Containers | None = None,
     ) -> None:
         self.keys = keys
         self.call = call  # the call number the leases were taken under, for renewal
         self.slices = slices
-        self.found = [s is not None for s in slices]
+        # Values that came as containers (KVClient's decode_codecs): position -> header,
+        # container bytes. `get_into` decodes them; a gather cannot select them.
+        self.containers = containers or {}
+        self.found = [s is not None or i in self.containers for i, s in enumerate(slices)]
         self.arena = arena
         self.pools = pools or {}  # the gpu pools slices may lie in
         self.private = private  # streamed copies, for a client without the arena
@@ -366,6 +374,7 @@ class GetLanding:
     hashes: list[tuple[int, concurrent.futures.Future[int]]] = field(default_factory=list)
     # Digests of GPU destinations, a batch per ~256 MiB of copies, with their positions.
     digests: list[tuple[list[int], Any]] = field(default_factory=list)
+    decoding: Any = None  # kvstore.codecs.values.Decoding of the values sent as containers
 
     def launch(self, stream: Any) -> None:
         """Check every destination, then enqueue every copy (nothing is copied if any
@@ -376,11 +385,14 @@ class GetLanding:
         pool, from the arena, for the rest. A private copy was checked on arrival.
         """
         slices = self.refs.slices
+        containers = self.refs.containers
         for i, (s, dst) in enumerate(zip(slices, self.dests, strict=True)):
             if s is not None:
                 check_destination(i, s.header, dst)
+            elif i in containers:
+                check_destination(i, containers[i][0], dst)
         found = [i for i, s in enumerate(slices) if s is not None]
-        cuda = [self.dests[i] for i in found if self.dests[i].is_cuda]
+        cuda = [self.dests[i] for i in [*found, *containers] if self.dests[i].is_cuda]
         devices = {d.device for d in cuda}
         if len(devices) > 1:
             raise InvalidArgument(f"out spans several GPUs ({sorted(map(str, devices))})")
@@ -431,6 +443,8 @@ class GetLanding:
         for i in late:
             data = flat_bytes(self.dests[i]).numpy().data
             self.hashes.append((i, hash_pool().submit(checksum, data)))
+        if containers:
+            self._decode(containers, s_)
         if s_ is not None:
             self.event = torch.cuda.Event()
             self.event.record(s_)
@@ -443,9 +457,40 @@ class GetLanding:
         self.digests.append((positions, digests))
         return side
 
+    def _decode(
+        self, containers: dict[int, tuple[pb.ValueHeader, np.ndarray]], stream: Any
+    ) -> None:
+        """Start decoding the values that came as containers into their destinations: on
+        the GPU (`stream`) for a codec with a GPU decoder and a CUDA destination, on the
+        CPU otherwise. Each is checked against the header the server sent first."""
+        from kvstore.codecs import ContainerError, decode_header, decode_values
+
+        items = []
+        for i, (h, buf) in containers.items():
+            try:
+                header, _ = decode_header(buf.data)
+            except ContainerError as exc:
+                raise DataLoss(f"the container for key #{i} is damaged: {exc}") from None
+            if (header.dtype, header.shape, header.value_checksum) != (
+                h.dtype, tuple(h.shape), h.checksum
+            ):  # fmt: skip
+                raise DataLoss(f"the container for key #{i} is not the value the server named")
+            items.append((buf.data, self.dests[i]))
+        try:
+            self.decoding = decode_values(items, stream)
+        except ContainerError as exc:
+            raise DataLoss(f"a container the server sent does not decode: {exc}") from None
+
     def wait(self) -> list[int]:
-        """Block until the copies and checksums are done; returns the positions whose
-        bytes failed their checksum."""
+        """Block until the copies, decodes and checksums are done; returns the positions
+        whose bytes failed their checksum."""
+        if self.decoding is not None:
+            from kvstore.codecs import ContainerError
+
+            try:
+                self.decoding.wait()
+            except ContainerError as exc:
+                raise DataLoss(f"a container the server sent does not decode: {exc}") from None
         want = [s.header.checksum if s is not None else 0 for s in self.refs.slices]
         bad = [i for i, f in self.hashes if f.result() != want[i]]
         for positions, digests in self.digests:

@@ -23,6 +23,7 @@ from kvstore.client._core import (
     target_of,
 )
 from kvstore.client._transfer import BlockRefs, Transfer, gather
+from kvstore.codecs.base import codec_ids
 from kvstore.errors import error_for_status
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire import GRPC_OPTIONS, client_stubs
@@ -53,10 +54,19 @@ class AsyncTransfer:
 class AsyncKVClient:
     """asyncio client for one namespace; the same methods as `KVClient`, awaitable."""
 
-    def __init__(self, address: str, namespace: str, *, timeout: float | None = 60.0) -> None:
+    def __init__(
+        self,
+        address: str,
+        namespace: str,
+        *,
+        timeout: float | None = 60.0,
+        decode_codecs: Sequence[str] | None = None,
+    ) -> None:
         self.address = address
         self.timeout = timeout
         self._core = ClientCore(namespace, same_host=is_unix_address(address))
+        if decode_codecs is not None:
+            self._core.decode_codecs = codec_ids(decode_codecs)
         self._channel = grpc.aio.insecure_channel(target_of(address), options=GRPC_OPTIONS)
         self._background: set[asyncio.Future[Any]] = set()  # calls started with wait=False
         self._renewer: asyncio.Future[None] | None = None  # renews held BlockRefs' leases

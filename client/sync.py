@@ -26,6 +26,7 @@ from kvstore.client._core import (
     target_of,
 )
 from kvstore.client._transfer import BlockRefs, Transfer, gather
+from kvstore.codecs.base import codec_ids
 from kvstore.errors import error_for_status
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire import GRPC_OPTIONS, client_stubs
@@ -73,12 +74,27 @@ class KVClient:
 
     `address` is `unix:///path/to/kvstore.sock` (same host) or `host:port`; `namespace`
     names the model and layout the values belong to and salts the prefix keys.
+
+    `decode_codecs` names the codecs whose stored containers `get_into` fetches as they
+    are and decodes here, when the server holds a value only on ssd: KV then crosses the
+    wire and PCIe compressed and the server spends no CPU decoding it. By default, the
+    codecs that decode on the GPU (cachegen), when a destination is a CUDA tensor and CuPy
+    is installed; `[]` turns it off.
     """
 
-    def __init__(self, address: str, namespace: str, *, timeout: float | None = 60.0) -> None:
+    def __init__(
+        self,
+        address: str,
+        namespace: str,
+        *,
+        timeout: float | None = 60.0,
+        decode_codecs: Sequence[str] | None = None,
+    ) -> None:
         self.address = address
         self.timeout = timeout
         self._core = ClientCore(namespace, same_host=is_unix_address(address))
+        if decode_codecs is not None:
+            self._core.decode_codecs = codec_ids(decode_codecs)
         # Server-streaming calls (gets) on their own thread-free path: by default grpc starts
         # a thread for each such call when none is running, about 1 ms per get here.
         options = [*GRPC_OPTIONS, (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)]

@@ -139,6 +139,21 @@ def codec_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def codec_ids(names: Sequence[str]) -> frozenset[int]:
+    """The ids of the codecs named (InvalidArgument for an unknown name)."""
+    _load_codecs()
+    unknown = [n for n in names if n not in _REGISTRY]
+    if unknown:
+        raise InvalidArgument(f"unknown codec {unknown[0]!r}; known: {', '.join(codec_names())}")
+    return frozenset(_REGISTRY[n].codec_id for n in names)
+
+
+def gpu_decodable_codecs() -> frozenset[int]:
+    """The ids of the codecs that decode on the GPU (`Codec.gpu_decoder`)."""
+    _load_codecs()
+    return frozenset(c.codec_id for c in _REGISTRY.values() if c.gpu_decoder() is not None)
+
+
 def codec_from_spec(spec: str) -> Codec:
     """A codec from 'name' or 'name:key=value,key=value' (as on the command line)."""
     _load_codecs()

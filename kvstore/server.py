@@ -299,7 +299,13 @@ class KVStoreServicer:
     async def Get(self, request: pb.GetRequest, context: Any) -> AsyncIterator[Piece]:
         keys = [request.key]
         async for piece in self._get(
-            request.namespace, keys, request.shared, request.call, request.gpu_pools, context
+            request.namespace,
+            keys,
+            request.shared,
+            request.call,
+            request.gpu_pools,
+            request.codecs,
+            context,
         ):
             yield piece
 
@@ -314,6 +320,7 @@ class KVStoreServicer:
             request.shared,
             request.call,
             request.gpu_pools,
+            request.codecs,
             context,
         ):
             yield piece
@@ -325,6 +332,7 @@ class KVStoreServicer:
         shared: bool,
         call: int,
         gpu_pools: Sequence[int],
+        codecs: Sequence[int],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[Piece]:
         # Shared slices only over the Unix socket: a TCP peer cannot map the arena.
@@ -333,7 +341,7 @@ class KVStoreServicer:
         handed: list[int] = []
         try:
             async for piece in self._get_pieces(
-                namespace, keys, shared, call, arena, pools, handed, context
+                namespace, keys, shared, call, arena, pools, frozenset(codecs), handed, context
             ):
                 yield piece
         except BaseException:
@@ -350,6 +358,7 @@ class KVStoreServicer:
         call: int,
         arena: HostArena | None,
         pools: frozenset[int],
+        decoders: frozenset[int],
         handed: list[int],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[Piece]:
@@ -372,6 +381,7 @@ class KVStoreServicer:
                         key,
                         not in_place,
                         pools,
+                        decoders,
                         release=ReadLease.release,
                     )
             except Exception as exc:
@@ -393,6 +403,7 @@ class KVStoreServicer:
                         checksum=h.value_checksum,
                     ),
                     tier=lease.tier,
+                    encoded_nbytes=len(view) if lease.encoded and view is not None else 0,
                 )
                 if shared and arena is not None and lease.offset is not None:
                     # The client reads the value in place; the lease now belongs to it.

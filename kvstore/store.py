@@ -43,7 +43,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kvstore.codecs.container import ContainerError, ValueHeader, checksum, decode_stored
+from kvstore.codecs.container import (
+    ContainerError,
+    ValueHeader,
+    checksum,
+    decode_stored,
+    encode_header,
+)
 from kvstore.config import ServerConfig, codec_rule
 from kvstore.dtypes import expected_nbytes
 from kvstore.errors import DataLoss, InvalidArgument, ResourceExhausted
@@ -114,6 +120,7 @@ class Entry:
     # Checksum of the value the ssd copy decodes to: `checksum` unless a lossy codec wrote
     # it; the entry takes it when the ssd copy becomes its only one (`_only_on_ssd`).
     ssd_sum: int = 0
+    ssd_codec: int = 0  # the codec the ssd copy was stored through
 
     @property
     def eid(self) -> EntryId:
@@ -283,10 +290,13 @@ class ReadLease:
         view: memoryview | None,
         header: ValueHeader,
         tier: str,
+        encoded: bool = False,
     ) -> None:
         self._store = store
         self._entry = entry  # set when the lease holds the entry's memory slot
         self.view = view
+        # `view` is the value's container, for a reader that decodes it (Store.get).
+        self.encoded = encoded
         # Where the value lies in the host arena (pool 0) or a gpu pool; None for a copy.
         self._slot = entry.slot if entry is not None else None
         self.offset = self._slot.offset if self._slot is not None else None
@@ -599,6 +609,7 @@ class Store:
         key: bytes,
         verify: bool = True,
         pools: Collection[int] = (),
+        decoders: Collection[int] = (),
     ) -> ReadLease | None:
         """A lease on the value, or None if absent. Raises `DataLoss` on a bad checksum.
 
@@ -606,7 +617,9 @@ class Store:
         the bytes itself and reports failures (`ReadLease.release_reported_corrupt`).
         Values read from ssd are always checked. A value in a gpu pool listed in `pools`
         (pools the reader maps) is leased in place, without a `view`; one in another pool
-        is copied to host memory and checked.
+        is copied to host memory and checked. A value only on ssd, stored through a codec
+        listed in `decoders` (ids the reader decodes itself), comes as its container
+        (`ReadLease.encoded`), staged and not promoted.
         """
         check_namespace(namespace)
         check_key(key)
@@ -617,6 +630,8 @@ class Store:
                     c.misses += 1
                 return None
             self._count_misses_above(e.tier)
+            if e.slot is None and e.ssd_codec in decoders:
+                return self._read_encoded(e)
             if e.slot is None:
                 lease = self._read_from_ssd(e)
                 if lease is not None:
@@ -710,6 +725,25 @@ class Store:
                 return
             if name in self._counters:
                 self._counters[name].misses += 1
+
+    def _read_encoded(self, e: Entry) -> ReadLease:
+        """The ssd copy of `e` as a whole container, staged for a reader that decodes it
+        itself (on its GPU): what promotion would have spent decoding on this host's CPU is
+        not spent, and the bytes that cross the wire and PCIe are the compressed ones."""
+        assert self.ssd is not None
+        self._counters["ssd"].hits += 1
+        e.hits += 1
+        self._policy["ssd"].access(e.eid)
+        try:
+            with self.ssd.read(e.namespace, e.key) as (header, data):
+                container = encode_header(header) + bytes(data)
+        except (DataLoss, KeyError) as exc:
+            self._drop(e)
+            if isinstance(exc, KeyError):
+                raise DataLoss(f"ssd tier lost {e.key.hex()[:16]}...; entry dropped") from None
+            raise
+        self._stage(len(container))
+        return ReadLease(self, None, memoryview(container), e.header(), "ssd", encoded=True)
 
     def _read_from_ssd(self, e: Entry) -> ReadLease | None:
         """Promote `e` to cpu (returns None: caller leases the slot) or stage a copy."""
@@ -1149,7 +1183,7 @@ class Store:
 
     def _on_ssd(self, e: Entry, header: ValueHeader) -> None:
         """Record that the ssd tier now holds `e`, as `header` describes it."""
-        e.on_ssd, e.ssd_sum = True, header.value_checksum
+        e.on_ssd, e.ssd_sum, e.ssd_codec = True, header.value_checksum, header.codec
         self._dirty = True
         self._policy["ssd"].insert(e.eid)
 

@@ -39,32 +39,36 @@ class PutResponse(_message.Message):
     def __init__(self, stored: _Optional[int] = ..., tiers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("namespace", "key", "shared", "call", "gpu_pools")
+    __slots__ = ("namespace", "key", "shared", "call", "gpu_pools", "codecs")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
     SHARED_FIELD_NUMBER: _ClassVar[int]
     CALL_FIELD_NUMBER: _ClassVar[int]
     GPU_POOLS_FIELD_NUMBER: _ClassVar[int]
+    CODECS_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     key: bytes
     shared: bool
     call: int
     gpu_pools: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, namespace: _Optional[str] = ..., key: _Optional[bytes] = ..., shared: _Optional[bool] = ..., call: _Optional[int] = ..., gpu_pools: _Optional[_Iterable[int]] = ...) -> None: ...
+    codecs: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, namespace: _Optional[str] = ..., key: _Optional[bytes] = ..., shared: _Optional[bool] = ..., call: _Optional[int] = ..., gpu_pools: _Optional[_Iterable[int]] = ..., codecs: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class KeysRequest(_message.Message):
-    __slots__ = ("namespace", "keys", "shared", "call", "gpu_pools")
+    __slots__ = ("namespace", "keys", "shared", "call", "gpu_pools", "codecs")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     SHARED_FIELD_NUMBER: _ClassVar[int]
     CALL_FIELD_NUMBER: _ClassVar[int]
     GPU_POOLS_FIELD_NUMBER: _ClassVar[int]
+    CODECS_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     keys: _containers.RepeatedScalarFieldContainer[bytes]
     shared: bool
     call: int
     gpu_pools: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, namespace: _Optional[str] = ..., keys: _Optional[_Iterable[bytes]] = ..., shared: _Optional[bool] = ..., call: _Optional[int] = ..., gpu_pools: _Optional[_Iterable[int]] = ...) -> None: ...
+    codecs: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, namespace: _Optional[str] = ..., keys: _Optional[_Iterable[bytes]] = ..., shared: _Optional[bool] = ..., call: _Optional[int] = ..., gpu_pools: _Optional[_Iterable[int]] = ..., codecs: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SharedSlice(_message.Message):
     __slots__ = ("lease", "offset", "arena_dev", "arena_ino", "gpu_pool")
@@ -149,7 +153,7 @@ class RenewResponse(_message.Message):
     def __init__(self, counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GetPiece(_message.Message):
-    __slots__ = ("index", "found", "header", "tier", "data", "shared", "batch")
+    __slots__ = ("index", "found", "header", "tier", "data", "shared", "batch", "encoded_nbytes")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     FOUND_FIELD_NUMBER: _ClassVar[int]
     HEADER_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +161,7 @@ class GetPiece(_message.Message):
     DATA_FIELD_NUMBER: _ClassVar[int]
     SHARED_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
+    ENCODED_NBYTES_FIELD_NUMBER: _ClassVar[int]
     index: int
     found: bool
     header: ValueHeader
@@ -164,7 +169,8 @@ class GetPiece(_message.Message):
     data: bytes
     shared: SharedSlice
     batch: _containers.RepeatedCompositeFieldContainer[GetPiece]
-    def __init__(self, index: _Optional[int] = ..., found: _Optional[bool] = ..., header: _Optional[_Union[ValueHeader, _Mapping]] = ..., tier: _Optional[str] = ..., data: _Optional[bytes] = ..., shared: _Optional[_Union[SharedSlice, _Mapping]] = ..., batch: _Optional[_Iterable[_Union[GetPiece, _Mapping]]] = ...) -> None: ...
+    encoded_nbytes: int
+    def __init__(self, index: _Optional[int] = ..., found: _Optional[bool] = ..., header: _Optional[_Union[ValueHeader, _Mapping]] = ..., tier: _Optional[str] = ..., data: _Optional[bytes] = ..., shared: _Optional[_Union[SharedSlice, _Mapping]] = ..., batch: _Optional[_Iterable[_Union[GetPiece, _Mapping]]] = ..., encoded_nbytes: _Optional[int] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("length",)
