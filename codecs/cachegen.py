@@ -10,13 +10,18 @@ DPCM: errors never accumulate); V has no such locality, and its channel's mean p
 best. So, per channel (layer, K/V, head, head_dim index) over the chunk's tokens:
 
 - a float16 start value (K: the first token's prediction; V: the channel mean) and a
-  float16 quantization step, the spread of the channel's residuals divided by the level's
-  resolution for that layer third and K or V (`LEVELS`): finer for the first third of the
-  layers, which matter most;
-- each token's residual quantized to q = round(residual / step), coded as symbol q + 127
-  for |q| <= 126; a value further from its prediction (an attention-sink token, an
-  outlier) is an *escape*: symbol 0, its value stored as float16 beside the streams. Every
-  value decodes within step / 2, or exactly as float16 for an escape;
+  float16 quantization step: the root mean square over the head's channels of their
+  residuals' spreads, divided by the level's resolution for that layer third and K or V
+  (`LEVELS`). One step per head gives every channel the same absolute error, the least
+  squared error for the size (water-filling): on SmolLM2's KV 30% less KL divergence of the
+  model's predictions than a step per channel's own spread, at the same size;
+- each token's residual quantized to q = round(residual / step), coded as symbol q + 127;
+  a value further than `OUTLIER_SPREADS` of its channel's own spread from its prediction
+  (an outlier), and every value of the chunk's first token (in the first chunk of a
+  sequence, the attention sink, which moves the model's predictions most: exact, it
+  halves the KL for 1.5% of the size), is an *escape*: symbol 0, its value stored as
+  float16 beside the streams. Every value decodes within step / 2, or exactly as float16
+  for an escape;
 - the symbols of each (layer, K/V, head) share one frequency table (packed in a few bits
   per symbol) and are rANS-coded (`kvstore.codecs.rans`) in streams of `SEGMENT_TOKENS`
   tokens (the last one of a chunk shorter). Streams decode independently: in parallel on
@@ -195,7 +200,6 @@ class CacheGen(Codec):
         layers, _, tokens, heads, head_dim = x.shape
         lay = _Layout(layers, tokens, heads, head_dim)
         res = self.resolution(layers)
-        reach = np.minimum(np.ceil(res * OUTLIER_SPREADS), REACH).astype(np.float32)
         shape4 = (layers, 2, heads, head_dim)
         starts = np.empty(shape4, np.uint16)  # float16 bits
         steps = np.empty(shape4, np.uint16)
@@ -206,7 +210,7 @@ class CacheGen(Codec):
         words, kind = _words(x), _KINDS[x.dtype]
         dpcm = bool(self.params["k"])
         decoded = _words(back) if back is not None else np.empty((0, 2, 0, 0), np.uint16)
-        _encode(words, kind, dpcm, res, reach, starts, steps, symbols, counts, marked, decoded, ok)
+        _encode(words, kind, dpcm, res, starts, steps, symbols, counts, marked, decoded, ok)
         if not ok.all():
             raise InvalidArgument(
                 "cachegen needs finite values within float16's range; store this value with "
@@ -482,7 +486,6 @@ def _encode(
     kind: int,
     dpcm: bool,
     res: np.ndarray,
-    reach: np.ndarray,
     starts: np.ndarray,
     steps: np.ndarray,
     symbols: np.ndarray,
@@ -500,7 +503,7 @@ def _encode(
     unfinished. K is quantized closed-loop against the decoded previous token."""
     for i in numba.prange(words.shape[0] * 2):
         ok[i // 2, i % 2] = _encode_unit(
-            words, kind, i, dpcm, res, reach, starts, steps, symbols, counts, marked, decoded
+            words, kind, i, dpcm, res, starts, steps, symbols, counts, marked, decoded
         )
 
 
@@ -511,7 +514,6 @@ def _encode_unit(
     i: int,
     dpcm: bool,
     res: np.ndarray,
-    reach: np.ndarray,
     starts: np.ndarray,
     steps: np.ndarray,
     symbols: np.ndarray,
@@ -539,16 +541,26 @@ def _encode_unit(
     pred = np.empty((heads, dim), np.float32)
     step = np.empty((heads, dim), np.float32)
     inv = np.empty((heads, dim), np.float32)
+    limit = np.empty((heads, dim), np.float32)
     for h in range(heads):
+        # One step for the whole head: the same absolute error in every channel, which for
+        # a given size is the least squared error (water-filling), rather than the same
+        # share of each channel's own spread: on SmolLM2's KV, 30% less KL at equal size.
+        rms = np.float32(0.0)
+        for d in range(dim):
+            rms += spread[h, d] * spread[h, d]
+        rms = np.float32(np.sqrt(rms / dim))
         for d in range(dim):
             bits = f32_to_f16(start[h, d], True)
             starts[ly, kv, h, d] = bits
             pred[h, d] = f16_to_f32(bits)
-            bits = f32_to_f16(spread[h, d] / res[ly, kv], True)
+            bits = f32_to_f16(rms / res[ly, kv], True)
             steps[ly, kv, h, d] = bits
             step[h, d] = f16_to_f32(bits)
             inv[h, d] = np.float32(1.0) / step[h, d] if step[h, d] > 0 else np.float32(0.0)
-    limit = reach[ly, kv]
+            # Escapes beyond OUTLIER_SPREADS of the channel's own spread.
+            far = np.ceil(OUTLIER_SPREADS * spread[h, d] * inv[h, d])
+            limit[h, d] = min(max(far, np.float32(1.0)), np.float32(REACH))
     value = np.empty((heads, dim), np.float32)
     for t in range(tokens):
         for h in range(heads):
@@ -558,9 +570,9 @@ def _encode_unit(
                 residual = x[t, h, d] - pred[h, d]
                 q = np.rint(residual * inv[h, d])
                 # Escape when the step cannot reach the value (also a zero step, a value off
-                # a constant channel).
-                escape = (abs(q) > limit) | ((step[h, d] == 0) & (residual != 0))
-                q = min(max(q, -limit), limit)
+                # a constant channel), and always for the chunk's first token.
+                escape = (abs(q) > limit[h, d]) | ((step[h, d] == 0) & (residual != 0)) | (t == 0)
+                q = min(max(q, -limit[h, d]), limit[h, d])
                 symbols[u, t, d] = 0 if escape else np.uint8(np.int32(q) + CENTER)
                 value[h, d] = pred[h, d] + q * step[h, d]  # an exact product
                 escapes |= escape
