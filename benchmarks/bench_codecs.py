@@ -81,6 +81,7 @@ DEFAULT_LEVELS: dict[str, tuple[str, ...]] = {
     "int8": ("int8",),
     "fp8": ("fp8",),
     "kivi": ("kivi:bits=4", "kivi:bits=2"),
+    "cachegen": tuple(f"cachegen:level={n}" for n in range(4)),
 }
 
 
