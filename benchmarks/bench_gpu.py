@@ -17,6 +17,9 @@ Every figure is printed beside its limit, measured here, and as a ratio:
 - **gpu tier**: the same offload / load against a server running `--tiers gpu,cpu`, whose
   pool on this GPU the client maps by CUDA IPC, and `KVClient.gather` of k = 4096 blocks of
   16 KiB from that pool: each vs the device copy (no target: the issue sets none);
+- **ssd through cachegen**: `get_into` of 256-token chunks held only by the ssd tier,
+  stored through cachegen: decoded by the server's CPU (`decode_codecs=[]`) vs sent
+  compressed and decoded on this GPU (the default), wall time;
 - **launch to event**: wall time of `KVClient.gather` of k = 64 small blocks, from the
   call until its event has completed;
 - **overlap**: a bf16 matmul on the compute stream, alone and while a gather (kernel) and
@@ -405,6 +408,68 @@ def gpu_tier(kv_bytes: int, limit: dict[str, float], stream: Any) -> dict[str, f
     return out
 
 
+def smooth_kv(n: int) -> torch.Tensor:
+    """n chunks of KV-like bf16 on the GPU: channels with their own offsets, drifting slowly
+    along the tokens (random values would make a codec's work meaningless)."""
+    layers, _, _, heads, dim = CHUNK_SHAPE
+    g = torch.Generator(device="cuda").manual_seed(7)
+    base = torch.randn((n, layers, 2, 1, heads, dim), device="cuda", generator=g) * 2
+    step = torch.randn((n, *CHUNK_SHAPE), device="cuda", generator=g) * 0.05
+    return (base + torch.cumsum(step, dim=3)).to(torch.bfloat16)
+
+
+def ssd_codec_load(kv_bytes: int, stream: Any) -> dict[str, float]:
+    """`get_into` of KV held only by the ssd tier through cachegen: decoded by the server
+    (its CPU, then promoted to cpu and copied over PCIe) vs sent compressed and decoded on
+    this GPU into the destination (the client's default with CuPy)."""
+    chunk = int(np.prod(CHUNK_SHAPE)) * 2
+    n = max(4, kv_bytes // chunk) // 2 * 2
+    with tempfile.TemporaryDirectory(prefix="kvbench-ssd-codec-") as tmp, running_kvstore(
+        Path(tmp),
+        "--tiers", "cpu,ssd",
+        "--cpu-bytes", str(4 * chunk),
+        "--ssd-bytes", str(2 * n * chunk + GiB),
+        "--codec", "ssd=cachegen",
+        "--max-value-bytes", str(2 * chunk),
+        "--staging-bytes", str(max(GiB, 2 * n * chunk)),
+    ) as address:  # fmt: skip
+        kv = smooth_kv(n)
+        keys = keys_for("ssd-codec", n)
+        progress(f"ssd codec load: {n} chunks of {chunk // MiB} MiB through cachegen to ssd")
+        with (
+            KVClient(address, NAMESPACE, decode_codecs=[]) as by_server,
+            KVClient(address, NAMESPACE) as on_gpu,
+        ):
+            for i in range(n):
+                by_server.put_from(keys[i : i + 1], kv[i : i + 1], stream=stream).wait()
+            where = {e.header.key: e.tier for e in by_server.entries(NAMESPACE)}
+            cold = [k for k in keys if where.get(k) == "ssd"]
+            half = len(cold) // 2
+            if half < 2:
+                raise RuntimeError("too few chunks reached the ssd tier")
+            out = torch.empty((half, *CHUNK_SHAPE), dtype=torch.bfloat16, device="cuda")
+            t0 = time.perf_counter()
+            by_server.get_into(cold[:half], out, stream=stream).wait()
+            server_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            on_gpu.get_into(cold[half : 2 * half], out, stream=stream).wait()
+            gpu_s = time.perf_counter() - t0
+            # The GPU decoded what the server decodes: the same key through both paths.
+            again = torch.empty_like(out[:1])
+            by_server.get_into(cold[half : half + 1], again, stream=stream).wait()
+            if not torch.equal(again[0], out[0]):
+                raise RuntimeError("the GPU decoded other bits than the server")
+            i = keys.index(cold[half])
+            err = float((out[0].float() - kv[i].float()).norm() / kv[i].float().norm())
+    nbytes = half * chunk
+    return {
+        "chunks": half,
+        "server_decode_GBps": nbytes / server_s / 1e9,
+        "gpu_decode_GBps": nbytes / gpu_s / 1e9,
+        "rel_err": err,
+    }
+
+
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
@@ -470,6 +535,13 @@ def render(fig: dict[str, Any]) -> str:
                 f"{what:<36} {g[name + '_GBps']:>7.0f} GB/s {lim['d2d_GBps']:>7.0f} GB/s "
                 f"{g[name + '_over_d2d']:>8.0%}   (no target)"
             )
+    sc = fig.get("ssd_codec")
+    if sc is not None:
+        r = sc["gpu_decode_GBps"] / sc["server_decode_GBps"]
+        lines.append(
+            f"{'load from ssd via cachegen, GPU decode':<36} {sc['gpu_decode_GBps']:>7.1f} GB/s "
+            f"{sc['server_decode_GBps']:>7.1f} GB/s {r:>7.1f}x   (vs server decode; no target)"
+        )
     for row in fig["gather"]:
         if "launch_to_event_us" in row:
             us = row["launch_to_event_us"]
@@ -516,6 +588,9 @@ def main() -> int:
     torch.cuda.empty_cache()
     fig["gpu_tier"] = gpu_tier(kv_bytes, fig["limits"], stream)
     progress(f"gpu tier: {fig['gpu_tier']}")
+    torch.cuda.empty_cache()
+    fig["ssd_codec"] = ssd_codec_load(min(kv_bytes, GiB), stream)
+    progress(f"ssd codec load: {fig['ssd_codec']}")
     print(render(fig))
     write_outputs(fig, args.json, args.plot, lambda path: write_plot(fig, path))
     return 0
