@@ -6,6 +6,12 @@ sequence: `h_i = blake2b(h_{i-1} || tokens_i as little-endian int32, key=salt)`,
 prompts share key i exactly when they share that prefix. The salt is the namespace (model,
 dtype, layout, parallelism, codec), so two models never read each other's KV. Nothing here
 depends on Python's `hash()`: keys match across processes, hosts and restarts.
+
+`doc_key(token_ids, salt)` names a document chunk wherever it appears (RAG chunk reuse):
+`blake2b(tokens as little-endian int32, key=salt || "doc")`, without the chain, so the same
+document has the same key at any position of any prompt. Its KV is stored as computed at a
+known position and re-rotated to where it lands (`kvstore.client.chunks`); the "doc" tag
+keeps a document key from ever equalling a prefix key.
 """
 
 from __future__ import annotations
@@ -64,3 +70,14 @@ def chunk_keys(
         prev = h.digest()
         keys.append(prev)
     return keys
+
+
+def doc_key(token_ids: Sequence[int] | np.ndarray, salt: bytes | str) -> bytes:
+    """The position-independent key of a document chunk's tokens (see the module doc)."""
+    tokens = _as_int32_le(token_ids)
+    if not tokens.size:
+        raise ValueError("a document chunk needs at least one token")
+    raw = salt.encode() if isinstance(salt, str) else bytes(salt)
+    return hashlib.blake2b(
+        tokens.tobytes(), digest_size=KEY_BYTES, key=_blake_key(raw + b"doc")
+    ).digest()

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from kvstore.keys import KEY_BYTES, chunk_keys
+from kvstore.keys import KEY_BYTES, chunk_keys, doc_key
 
 SALT = b"llama-3-8b/bf16/tp0of1/raw"
 
@@ -188,3 +188,29 @@ def test_salt_longer_than_blake2b_key_limit() -> None:
     salt64 = bytes(range(64))
     first = hashlib.blake2b(struct.pack("<4i", 0, 1, 2, 3), digest_size=32, key=salt64).digest()
     assert chunk_keys(tokens, 4, salt64)[0] == first
+
+
+# ------------------------------------------------------------------------------ doc keys
+
+
+def test_doc_key_is_the_documented_hash() -> None:
+    tokens = [5, -1, 2**31 - 1, 128000]
+    want = hashlib.blake2b(struct.pack("<4i", *tokens), digest_size=32, key=SALT + b"doc").digest()
+    assert doc_key(tokens, SALT) == want
+    assert doc_key(np.array(tokens, dtype=np.int64), SALT.decode()) == want
+
+
+def test_doc_key_names_the_tokens_not_their_place() -> None:
+    doc = list(range(100, 164))
+    # The same document inside two prompts at different offsets: one key.
+    a, b = [1, 2, 3, *doc], [9, *doc, 4]
+    assert doc_key(a[3:], SALT) == doc_key(b[1:65], SALT) == doc_key(doc, SALT)
+    assert doc_key(doc[:-1], SALT) != doc_key(doc, SALT)
+    assert doc_key(doc, SALT + b"x") != doc_key(doc, SALT)
+    # Never a prefix key, even of the same tokens as the first chunk of a prompt.
+    assert doc_key(doc, SALT) not in chunk_keys(doc, 64, SALT, include_partial=True)
+
+
+def test_doc_key_refuses_no_tokens() -> None:
+    with pytest.raises(ValueError, match="at least one token"):
+        doc_key([], SALT)
