@@ -6,6 +6,9 @@
   so values moved at PCIe speed are checked where they are.
 - `floatbits`: float32 to and from float16 / bfloat16 bit patterns inside numba kernels
   (numba has no 16-bit floats on the CPU), rounding as torch does; the codecs share it.
+- `rope`: re-rotation of stored K from the positions it was computed at to new ones (RoPE
+  with linear, NTK, YaRN or Llama 3 scaling), for reusing a document chunk's KV anywhere in
+  a prompt; `RopeConfig.from_hf` reads a transformers config.
 
 CuPy is imported only when a GPU function is first called, so the CPU twins work on
 machines without CUDA.
@@ -23,13 +26,18 @@ from kvstore.kernels.blocks import (
     scatter_blocks_cpu,
 )
 from kvstore.kernels.checksum import xxh3_64_gpu, xxh3_64_phased
+from kvstore.kernels.rope import RopeConfig, RopeError, RopeScaling, rerotate_k
 
 __all__ = [
     "BlockError",
     "DeviceBuffer",
+    "RopeConfig",
+    "RopeError",
+    "RopeScaling",
     "check_blocks",
     "gather_blocks",
     "gather_blocks_cpu",
+    "rerotate_k",
     "scatter_blocks",
     "scatter_blocks_cpu",
     "xxh3_64_gpu",

@@ -40,6 +40,7 @@ import numpy as np
 from kvstore.kernels._cuda import KernelModule
 from kvstore.kernels.blocks import DeviceBuffer, as_cupy_stream
 from kvstore.kernels.checksum import SHORT_MAX, _keep_until_done, xxh3_64_gpu
+from kvstore.kernels.floatbits import CUDA_FLOATBITS
 from kvstore.threads import host_pool
 
 if TYPE_CHECKING:
@@ -69,7 +70,6 @@ _CUDA_SOURCE = r"""
 #define TRAILING 4
 #define BAD_ESCAPES 5
 
-typedef unsigned int u32;
 typedef unsigned long long u64;
 
 // ---------------------------------------------------------------- rANS streams
@@ -178,26 +178,6 @@ extern "C" __global__ void rans_decode(const unsigned char* __restrict__ data,
 }
 
 // ---------------------------------------------------------------- values
-__device__ __forceinline__ unsigned short f32_to_f16(float x) {  // to nearest even; inf past
-    u32 u = __float_as_uint(x);
-    u32 sign = (u >> 16) & 0x8000;
-    u32 a = u & 0x7FFFFFFF;
-    u32 h;
-    if (a >= 0x477FF000) {
-        h = a > 0x7F800000 ? 0x7E00 : 0x7C00;
-    } else if (a < 0x38800000) {  // a float16 subnormal: the FPU rounds to 2**-24 steps
-        h = __float_as_uint(__fadd_rn(__uint_as_float(a), 0.5f)) - 0x3F000000;
-    } else {
-        h = (a - (112u << 23) + 0xFFF + ((a >> 13) & 1)) >> 13;
-    }
-    return (unsigned short)(h | sign);
-}
-
-__device__ __forceinline__ unsigned short f32_to_bf16(float x) {
-    u32 u = __float_as_uint(x);
-    return (unsigned short)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-}
-
 extern "C" __global__ void reconstruct(const long long* __restrict__ units,
                                        const unsigned char* __restrict__ symbols,
                                        const float* __restrict__ starts,
@@ -245,8 +225,8 @@ extern "C" __global__ void reconstruct(const long long* __restrict__ units,
         if (mine) {
             long long at = t * stride + d;
             if (kind == 0) ((float*)out)[at] = v;
-            else if (kind == 1) ((unsigned short*)out)[at] = f32_to_f16(v);
-            else ((unsigned short*)out)[at] = f32_to_bf16(v);
+            else if (kind == 1) ((unsigned short*)out)[at] = (unsigned short)f32_to_f16(v);
+            else ((unsigned short*)out)[at] = (unsigned short)f32_to_bf16(v);
         }
         if (closed) pred = v;
     }
@@ -268,7 +248,7 @@ def _source() -> str:
         "@LANES@": cachegen.LANES,
         "@GROUP@": GROUP_UNITS,
     }
-    text = _CUDA_SOURCE
+    text = CUDA_FLOATBITS + _CUDA_SOURCE
     for key, value in subs.items():
         text = text.replace(key, str(value))
     return text

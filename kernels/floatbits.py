@@ -20,6 +20,13 @@ array. Stored lossy values are checksummed as they decode, so a change here that
 single output bit breaks existing data: `tests/kernels/test_floatbits.py` pins the results
 to torch's conversions.
 
+`CUDA_FLOATBITS` is the same set as CUDA device functions, for the CuPy kernels whose
+output must equal their numba twins' bit for bit (`kvstore.kernels.cachegen`, `.rope`):
+`f16_to_f32`, `f32_to_f16` (inf past the range), `bf16_to_f32`, `f32_to_bf16`, on `u32`
+words. They need no cuda_fp16 header, and flushing float32 subnormals to zero (CuPy
+compiles with -ftz=true) does not change their results: a float32 subnormal rounds to a
+float16 or bfloat16 zero either way.
+
 numba's cache keys a compiled kernel on its own source file only: after editing this
 module, delete the callers' cached kernels (`*.nbi` and `*.nbc` in their `__pycache__`),
 which otherwise keep the old conversions.
@@ -76,3 +83,39 @@ def f32_to_bf16(x: float | np.floating) -> np.int64:
     """The bfloat16 bits of float32 `x`, rounded to nearest even (no NaN check)."""
     u = np.int64(np.float32(x).view(np.uint32))
     return (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+
+
+CUDA_FLOATBITS = r"""
+typedef unsigned int u32;
+
+__device__ __forceinline__ float f16_to_f32(u32 h) {
+    u32 mag = h & 0x7FFF;
+    float v;
+    if (mag < 0x400) v = __fmul_rn((float)mag, 5.9604644775390625e-8f);  // * 2**-24, exact
+    else if (mag >= 0x7C00) v = __uint_as_float((mag << 13) | 0x7F800000u);
+    else v = __uint_as_float((mag << 13) + (112u << 23));
+    return (h & 0x8000) ? -v : v;
+}
+
+__device__ __forceinline__ u32 f32_to_f16(float x) {  // to nearest even; inf past 65504
+    u32 u = __float_as_uint(x);
+    u32 sign = (u >> 16) & 0x8000;
+    u32 a = u & 0x7FFFFFFF;
+    u32 h;
+    if (a >= 0x477FF000) {
+        h = a > 0x7F800000 ? 0x7E00 : 0x7C00;
+    } else if (a < 0x38800000) {  // a float16 subnormal: the FPU rounds to 2**-24 steps
+        h = __float_as_uint(__fadd_rn(__uint_as_float(a), 0.5f)) - 0x3F000000;
+    } else {
+        h = (a - (112u << 23) + 0xFFF + ((a >> 13) & 1)) >> 13;
+    }
+    return h | sign;
+}
+
+__device__ __forceinline__ float bf16_to_f32(u32 h) { return __uint_as_float(h << 16); }
+
+__device__ __forceinline__ u32 f32_to_bf16(float x) {  // to nearest even, no NaN check
+    u32 u = __float_as_uint(x);
+    return (u + 0x7FFF + ((u >> 16) & 1)) >> 16;
+}
+"""
