@@ -14,3 +14,12 @@ def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> 
     g = torch.Generator().manual_seed(seed)
     raw = torch.randint(0, 256, (int(torch.Size(shape).numel()) * dtype.itemsize,), generator=g)
     return raw.to(torch.uint8).view(dtype).reshape(shape)
+
+
+def gpu_ready() -> bool:
+    """Whether this machine runs the GPU paths: a CUDA device, and CuPy for the kernels."""
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()

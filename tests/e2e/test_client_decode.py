@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kvstore.codecs import codec_from_spec, decode
+from tests.e2e.helpers import gpu_ready
 
 MiB = 1 << 20
 SHAPE = (4, 2, 256, 4, 64)  # [layers, K/V, tokens, heads, head_dim]: 1 MiB of float16
@@ -81,15 +82,7 @@ def test_a_client_that_decodes_nothing_gets_decoded_values(start_server) -> None
         assert plain.stats().tiers["cpu"].promotions == before + 2
 
 
-def _cupy() -> bool:
-    try:
-        import cupy  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
-
-
-@pytest.mark.skipif(not _cupy(), reason="needs a CUDA GPU and CuPy")
+@pytest.mark.skipif(not gpu_ready(), reason="needs a CUDA GPU and CuPy")
 def test_gpu_destinations_decode_on_the_gpu_by_default(start_server) -> None:  # type: ignore[no-untyped-def]
     """The default client with CUDA destinations asks for cachegen containers and decodes
     them on its GPU, into the tensors, on the caller's stream."""

@@ -1,0 +1,213 @@
+"""RAG chunk reuse: a document chunk's KV stored once under a key of its tokens alone, and
+laid into any prompt at any position.
+
+In retrieval-augmented generation the same documents come back in different orders and
+places, so their KV is never a prefix hit. `ChunkCache` stores each chunk under
+`kvstore.keys.doc_key` and, to reuse it, re-rotates its K from the positions it was
+computed at to the ones it lands at (`kvstore.kernels.rerotate_k`: RoPE is a rotation by
+position, so R(q) k = R(q - p) R(p) k). V does not depend on position. What the chunk's
+tokens would have attended to in the new prompt is lost; an engine restores the most
+important part by recomputing a few tokens (CacheBlend, EPIC).
+
+- `put_chunk(token_ids, kv, position=0)`: store the KV of `token_ids` computed with the
+  chunk starting at `position` (usually 0: a chunk prefilled on its own). It is stored as
+  if computed at 0 — re-rotated first when `position` is not 0 — so one stored copy serves
+  every later position with one rotation.
+- `get_chunks(token_id_lists, positions, out, stream=None)`: write chunk i's KV into
+  `out[:, :, positions[i] : positions[i] + len(chunk i)]` re-rotated to those positions;
+  `out` is the new prompt's KV (`[layers, 2, tokens, heads, head_dim]`, CPU or CUDA). The
+  tokens between chunks (instructions, the question) are the engine's to compute. Returns
+  which chunks were found; a missing one leaves its span of `out` untouched.
+
+The doc keys are salted with the namespace and the RoPE configuration, so a chunk computed
+under other rotary settings is never found, let alone rotated wrongly.
+
+Which tokens to recompute: `recompute_by_deviation` (CacheBlend: the r% whose KV on an early
+layer deviates most from a fresh prefill) and `recompute_first` (EPIC: the first N tokens of
+each chunk) return their positions in the prompt.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvstore.client.sync import KVClient
+from kvstore.errors import InvalidArgument
+from kvstore.kernels.rope import RopeConfig, rerotate_k
+from kvstore.keys import doc_key
+
+
+class ChunkCache:
+    """Document chunks of one model (`client`'s namespace, `rope`) in a kvstore server."""
+
+    def __init__(self, client: KVClient, rope: RopeConfig) -> None:
+        self.client = client
+        self.rope = rope
+        sc = rope.scaling
+        settings = f"|rope:{rope.head_dim},{rope.rotary_dim},{rope.base!r},{rope.pairing}," + (
+            "none" if sc is None else f"{sc!r}"
+        )
+        self._salt = client.namespace + settings
+
+    def key(self, token_ids: Sequence[int] | np.ndarray) -> bytes:
+        """The key a chunk of these tokens is stored under."""
+        return doc_key(token_ids, self._salt)
+
+    def _check_kv(self, kv: torch.Tensor, what: str) -> tuple[int, ...]:
+        if not isinstance(kv, torch.Tensor) or kv.dim() != 5 or kv.shape[1] != 2:
+            shape = tuple(kv.shape) if isinstance(kv, torch.Tensor) else type(kv).__name__
+            raise InvalidArgument(
+                f"{what} must be KV [layers, 2, tokens, heads, head_dim], got {shape}"
+            )
+        if kv.shape[4] != self.rope.head_dim:
+            raise InvalidArgument(
+                f"{what} has head_dim {kv.shape[4]}; the RoPE configuration says "
+                f"{self.rope.head_dim}"
+            )
+        if not kv.is_contiguous():
+            raise InvalidArgument(f"{what} must be contiguous")
+        return tuple(kv.shape)
+
+    def put_chunk(
+        self, token_ids: Sequence[int] | np.ndarray, kv: torch.Tensor, position: int = 0
+    ) -> str:
+        """Store the KV of one document chunk (computed at `position`); returns the tier it
+        landed in. `kv` stays unchanged."""
+        tokens = np.asarray(token_ids)
+        shape = self._check_kv(kv, "kv")
+        if tokens.ndim != 1 or tokens.size != shape[2]:
+            raise InvalidArgument(
+                f"kv holds {shape[2]} tokens but the token ids have shape {tokens.shape}"
+            )
+        if position < 0:
+            raise InvalidArgument(f"position must be >= 0, got {position}")
+        value = kv
+        if position:
+            value = torch.empty_like(kv)
+            n = shape[2]
+            event = rerotate_k(
+                kv, np.arange(position, position + n), np.arange(n), self.rope, out=value
+            )
+            if event is not None:
+                event.synchronize()
+        key = self.key(tokens)
+        if value.is_cuda:
+            return str(self.client.put_from([key], [value]).wait()[0])
+        return self.client.put(key, value)
+
+    def get_chunks(
+        self,
+        token_id_lists: Sequence[Sequence[int] | np.ndarray],
+        positions: Sequence[int],
+        out: torch.Tensor,
+        stream: Any = None,
+    ) -> list[bool]:
+        """Lay the stored chunks into `out` at `positions`, K re-rotated to them; returns
+        which were found. CUDA `out`: the copies and rotations run on `stream` (default: the
+        current one) and are done when this returns."""
+        shape = self._check_kv(out, "out")
+        if len(token_id_lists) != len(positions):
+            raise InvalidArgument(f"{len(token_id_lists)} chunks but {len(positions)} positions")
+        spans = []
+        for i, (ids, pos) in enumerate(zip(token_id_lists, positions, strict=True)):
+            n = int(np.asarray(ids).size)
+            if n == 0 or pos < 0 or pos + n > shape[2]:
+                raise InvalidArgument(
+                    f"chunk {i} ({n} tokens at position {pos}) does not fit out's {shape[2]} tokens"
+                )
+            spans.append((int(pos), n))
+        order = sorted(range(len(spans)), key=lambda i: spans[i][0])
+        for a, b in itertools.pairwise(order):
+            if spans[a][0] + spans[a][1] > spans[b][0]:
+                raise InvalidArgument(f"chunks {a} and {b} overlap in out")
+        if not spans:
+            return []
+        layers, _, _, heads, dim = shape
+        temps = [
+            torch.empty((layers, 2, n, heads, dim), dtype=out.dtype, device=out.device)
+            for _, n in spans
+        ]
+        keys = [self.key(ids) for ids in token_id_lists]
+        found = self.client.get_into(keys, temps, stream).wait()
+        cuda = out.is_cuda
+        torch_stream = (
+            stream if stream is not None else (torch.cuda.current_stream() if cuda else None)
+        )
+        for (pos, n), temp, hit in zip(spans, temps, found, strict=True):
+            if not hit:
+                continue
+            event = rerotate_k(
+                temp, np.arange(n), np.arange(pos, pos + n), self.rope, stream=torch_stream
+            )
+            if cuda:
+                assert event is not None
+                with torch.cuda.stream(torch_stream):
+                    out[:, :, pos : pos + n].copy_(temp, non_blocking=True)
+            else:
+                out[:, :, pos : pos + n].copy_(temp)
+        if torch_stream is not None:
+            torch_stream.synchronize()
+        return found
+
+
+# ------------------------------------------------------------------------------ recompute
+
+
+def recompute_by_deviation(
+    reused: torch.Tensor,
+    fresh: torch.Tensor,
+    ratio: float,
+    spans: Sequence[tuple[int, int]] | None = None,
+) -> np.ndarray:
+    """CacheBlend's choice of tokens to recompute: those whose KV deviates most between the
+    reused chunks (`get_chunks`' output) and a fresh prefill of the new prompt, on an early
+    layer, where the deviation already shows which tokens lost the most cross-attention.
+
+    `reused` and `fresh` are that layer's KV, `[2, tokens, heads, head_dim]` (or several
+    layers, `[layers, 2, tokens, heads, head_dim]`, summed over). Returns the positions of
+    the `ratio` share of the tokens with the largest deviation (L2 over K and V), sorted,
+    chosen among the reused tokens (`spans`: (start, length) of each chunk in the prompt;
+    None: every token). The engine recomputes these through all layers over the reused KV.
+    """
+    if reused.shape != fresh.shape or reused.dim() not in (4, 5):
+        raise InvalidArgument(
+            f"reused {tuple(reused.shape)} and fresh {tuple(fresh.shape)} must be one or more "
+            "layers of KV of the same shape"
+        )
+    if not 0 <= ratio <= 1:
+        raise InvalidArgument(f"ratio must be between 0 and 1, got {ratio}")
+    tokens_dim = reused.dim() - 3
+    diff = (reused.float() - fresh.float()).pow(2)
+    other = [d for d in range(diff.dim()) if d != tokens_dim]
+    score = diff.sum(dim=other).sqrt().cpu().numpy()  # [tokens]
+    n = score.size
+    pool = _span_positions(spans, n) if spans is not None else np.arange(n)
+    k = round(ratio * pool.size)
+    if k == 0:
+        return np.empty(0, np.int64)
+    top = pool[np.argsort(-score[pool], kind="stable")[:k]]
+    return np.sort(top).astype(np.int64)
+
+
+def recompute_first(spans: Sequence[tuple[int, int]], n: int) -> np.ndarray:
+    """EPIC's choice: the first `n` tokens of each reused chunk (`spans`: (start, length)),
+    where the attention-sink effect of a chunk prefilled on its own concentrates. Sorted
+    positions in the prompt."""
+    if n < 0:
+        raise InvalidArgument(f"n must be >= 0, got {n}")
+    picked = [np.arange(start, start + min(n, length)) for start, length in spans]
+    return np.sort(np.concatenate(picked)).astype(np.int64) if picked else np.empty(0, np.int64)
+
+
+def _span_positions(spans: Sequence[tuple[int, int]], tokens: int) -> np.ndarray:
+    parts = []
+    for start, length in spans:
+        if start < 0 or length < 0 or start + length > tokens:
+            raise InvalidArgument(f"span ({start}, {length}) is outside the {tokens} tokens")
+        parts.append(np.arange(start, start + length))
+    return np.unique(np.concatenate(parts)) if parts else np.empty(0, np.int64)

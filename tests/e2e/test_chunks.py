@@ -1,0 +1,124 @@
+"""RAG chunk reuse against a real server: a chunk stored once comes back at any position of
+a new prompt with K re-rotated there (equal, within float rounding, to K computed at that
+position), V unchanged, missing chunks reported and left alone, other RoPE settings never
+matched, bad layouts refused before anything is read."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kvstore.client.chunks import ChunkCache
+from kvstore.errors import InvalidArgument
+from kvstore.kernels.rope import RopeConfig
+from tests.e2e.helpers import gpu_ready
+
+LAYERS, HEADS, DIM = 3, 2, 32
+ROPE = RopeConfig(head_dim=DIM, base=10000.0)
+
+
+def rope_at(raw: torch.Tensor, start: int, cfg: RopeConfig = ROPE) -> torch.Tensor:
+    """K of raw keys `[layers, tokens, heads, dim]` at positions start..: NeoX pairing,
+    computed in float64 straight from the definition."""
+    n = raw.shape[1]
+    angle = np.outer(np.arange(start, start + n), cfg.inv_freq())  # [tokens, dim / 2]
+    cos = torch.from_numpy(np.cos(angle))[None, :, None, :]
+    sin = torch.from_numpy(np.sin(angle))[None, :, None, :]
+    x, y = raw.double()[..., : DIM // 2], raw.double()[..., DIM // 2 :]
+    return torch.cat([x * cos - y * sin, x * sin + y * cos], dim=-1)
+
+
+def chunk_kv(seed: int, n: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(KV of a chunk computed at `start`, its raw keys): float32."""
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.randn(LAYERS, n, HEADS, DIM, generator=g)
+    v = torch.randn(LAYERS, n, HEADS, DIM, generator=g)
+    return torch.stack([rope_at(raw, start).float(), v], dim=1).contiguous(), raw
+
+
+def tokens(seed: int, n: int) -> list[int]:
+    return np.random.default_rng(seed).integers(0, 50000, n).tolist()
+
+
+def test_chunks_come_back_rotated_to_their_new_positions(server) -> None:  # type: ignore[no-untyped-def]
+    with server.client() as c:
+        cache = ChunkCache(c, ROPE)
+        docs = [(tokens(i, n), *chunk_kv(i, n, start)) for i, (n, start) in
+                enumerate([(40, 0), (25, 0), (33, 1000)])]  # fmt: skip
+        for (ids, kv, _), (_, start) in zip(docs, [(40, 0), (25, 0), (33, 1000)], strict=True):
+            before = kv.clone()
+            cache.put_chunk(ids, kv, position=start)
+            assert torch.equal(kv, before)  # the caller's tensor is not touched
+        # A new prompt: the documents in another order, with gaps between them, and one
+        # chunk the store has never seen.
+        unseen = tokens(99, 10)
+        positions = [7, 60, 5000, 100]  # doc 2, doc 0, unseen, doc 1
+        order = [docs[2][0], docs[0][0], unseen, docs[1][0]]
+        out = torch.full((LAYERS, 2, 5100, HEADS, DIM), 7.0)
+        found = cache.get_chunks(order, positions, out)
+        assert found == [True, True, False, True]
+        assert (out[:, :, 5000:5010] == 7.0).all()  # the missing chunk's span untouched
+        assert (out[:, :, :7] == 7.0).all() and (out[:, :, 47:60] == 7.0).all()
+        for doc, pos in ((2, 7), (0, 60), (1, 100)):
+            ids, kv, raw = docs[doc]
+            n = len(ids)
+            got = out[:, :, pos : pos + n]
+            assert torch.equal(got[:, 1], kv[:, 1])  # V as stored
+            want = rope_at(raw, pos)
+            err = (got[:, 0].double() - want).abs().max()
+            assert err < 1e-5 * want.abs().max() * 10, (doc, float(err))
+
+
+def test_other_rope_settings_never_match(server) -> None:  # type: ignore[no-untyped-def]
+    with server.client() as c:
+        ids = tokens(5, 16)
+        kv, _ = chunk_kv(5, 16, 0)
+        ChunkCache(c, ROPE).put_chunk(ids, kv)
+        other = ChunkCache(c, RopeConfig(head_dim=DIM, base=500000.0))
+        out = torch.zeros(LAYERS, 2, 16, HEADS, DIM)
+        assert other.get_chunks([ids], [0], out) == [False]
+        assert ChunkCache(c, ROPE).get_chunks([ids], [0], out) == [True]
+        assert torch.equal(out, kv)  # at the position it was computed at: bit for bit
+
+
+def test_bad_layouts_are_refused_before_anything_is_read(server) -> None:  # type: ignore[no-untyped-def]
+    with server.client() as c:
+        cache = ChunkCache(c, ROPE)
+        ids = tokens(6, 8)
+        kv, _ = chunk_kv(6, 8, 0)
+        with pytest.raises(InvalidArgument, match="token ids"):
+            cache.put_chunk(ids[:-1], kv)
+        with pytest.raises(InvalidArgument, match="head_dim"):
+            cache.put_chunk(ids, torch.zeros(LAYERS, 2, 8, HEADS, DIM // 2))
+        with pytest.raises(InvalidArgument, match="layers, 2, tokens"):
+            cache.put_chunk(ids, torch.zeros(8, DIM))
+        cache.put_chunk(ids, kv)
+        out = torch.zeros(LAYERS, 2, 20, HEADS, DIM)
+        with pytest.raises(InvalidArgument, match="does not fit"):
+            cache.get_chunks([ids], [15], out)
+        with pytest.raises(InvalidArgument, match="overlap"):
+            cache.get_chunks([ids, ids], [0, 4], out)
+        with pytest.raises(InvalidArgument, match="positions"):
+            cache.get_chunks([ids], [0, 8], out)
+        assert (out == 0).all()
+
+
+@pytest.mark.skipif(not gpu_ready(), reason="needs a CUDA GPU and CuPy")
+def test_chunks_into_gpu_memory_match_the_cpu_path(server) -> None:  # type: ignore[no-untyped-def]
+    """The same chunks laid into a CUDA tensor on a stream: the same bits as on the CPU
+    (the rotation kernels are twins)."""
+    with server.client() as c:
+        cache = ChunkCache(c, ROPE)
+        docs = [
+            (tokens(20 + i, 24), chunk_kv(20 + i, 24, 0)[0].to(torch.bfloat16)) for i in range(3)
+        ]
+        for ids, kv in docs:
+            cache.put_chunk(ids, kv.cuda())
+        positions = [300, 0, 100]
+        ids = [d[0] for d in docs]
+        on_cpu = torch.zeros(LAYERS, 2, 400, HEADS, DIM, dtype=torch.bfloat16)
+        on_gpu = on_cpu.cuda()
+        assert cache.get_chunks(ids, positions, on_cpu) == [True] * 3
+        assert cache.get_chunks(ids, positions, on_gpu, torch.cuda.Stream()) == [True] * 3
+        assert torch.equal(on_gpu.cpu(), on_cpu)
