@@ -111,6 +111,10 @@ class ServerConfig:
     """On SIGTERM/SIGINT, how long in-flight calls may take to finish."""
     lease_seconds: float = 30.0
     """How long a same-host client may hold a shared slice before it is reclaimed."""
+    eviction: str = "lru"
+    """The eviction policy of every tier: "lru" (least recently used) or "gdsf" (greedy
+    dual size frequency: entries reused often outlive one-off ones, and an entry that stops
+    being read ages out; for RAG chunk caches)."""
     log_level: str = "info"
     """One of debug, info, warning, error."""
     _sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
@@ -166,6 +170,9 @@ class ServerConfig:
         )
         self.grace_seconds = _as_seconds(self.grace_seconds, "grace-seconds", 0.0)
         self.lease_seconds = _as_seconds(self.lease_seconds, "lease-seconds", 0.01)
+        self.eviction = str(self.eviction).lower()
+        if self.eviction not in ("lru", "gdsf"):
+            raise ConfigError(f"eviction: {self.eviction!r} is not lru or gdsf")
         self.log_level = str(self.log_level).lower()
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"log-level: {self.log_level!r} is not debug/info/warning/error")

@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a same-host client may hold a value it reads in place, or a slot it "
         f"reserved for a put, before the server takes it back (default {d.lease_seconds:g})",
     )
+    p.add_argument(
+        "--eviction",
+        help="eviction policy of every tier: lru, or gdsf to keep entries that are reused "
+        "often (a RAG chunk cache's popular documents) over one-off ones (default lru)",
+    )
     p.add_argument("--log-level", help="debug, info, warning or error (default info)")
     p.add_argument("--config", metavar="FILE", help="TOML file with any of the settings above")
     p.add_argument(

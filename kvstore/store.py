@@ -9,9 +9,10 @@ Primitives:
 - `lookup`, `exists`, `delete`, `pin`, `unpin`, `stats`, `entries`.
 
 Placement: a put lands in the fastest tier with room. A full memory tier evicts by its
-policy (LRU), demoting each victim to the next tier unless a copy is already there; the last
-tier drops its victims. Reading a value that is only on ssd promotes it to cpu and keeps the
-ssd copy, so evicting it again costs nothing. Pinned and leased values are never evicted.
+policy (`--eviction`: LRU, or GDSF for reuse counts with aging), demoting each victim to
+the next tier unless a copy is already there; the last tier drops its victims. Reading a
+value that is only on ssd promotes it to cpu and keeps the ssd copy, so evicting it again
+costs nothing. Pinned and leased values are never evicted.
 When nothing can make room, the caller gets `ResourceExhausted`.
 
 The gpu tier (one pool per GPU) holds values that same-host clients write from their GPU
@@ -424,7 +425,7 @@ class Store:
                 self.pools[ordinal + 1] = CudaPool(ordinal + 1, ordinal, cfg.gpu_bytes)
         for n, p in self.pools.items():
             # One recency order per pool: each pool is demoted on its own.
-            self._mem[n] = _Slots(p, POLICIES["lru"]())
+            self._mem[n] = _Slots(p, POLICIES[self.config.eviction]())
 
     def pool(self, place: int) -> GpuPool:
         """Gpu pool number `place`; InvalidArgument if there is none."""
@@ -437,7 +438,7 @@ class Store:
         return p
 
     def _add_tier(self, name: str) -> None:
-        self._policy[name] = POLICIES["lru"]()
+        self._policy[name] = POLICIES[self.config.eviction]()
         self._counters[name] = TierCounters()
 
     def _rebuild_from_ssd(self) -> None:

@@ -238,3 +238,9 @@ def test_describe_reports_effective_settings(tmp_path: Path) -> None:
     assert d["tiers"] == "cpu,ssd"
     assert d["socket"] == str(tmp_path / "kvstore.sock")
     assert set(ServerConfig.field_names()) <= set(d)
+
+
+def test_eviction_policy_is_checked() -> None:
+    assert ServerConfig(eviction="GDSF").eviction == "gdsf"
+    with pytest.raises(ConfigError, match="eviction"):
+        ServerConfig(eviction="fifo")

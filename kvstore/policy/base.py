@@ -16,8 +16,9 @@ K = TypeVar("K", bound=Hashable)
 
 class EvictionPolicy(ABC, Generic[K]):
     @abstractmethod
-    def insert(self, item: K) -> None:
-        """A new entry arrived in the tier."""
+    def insert(self, item: K, cost: float = 1.0) -> None:
+        """A new entry arrived in the tier. `cost`: what recomputing it costs per byte it
+        occupies, relative to other entries (policies that weigh it keep costlier ones)."""
 
     @abstractmethod
     def access(self, item: K) -> None:

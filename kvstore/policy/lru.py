@@ -12,7 +12,7 @@ class LRUPolicy(EvictionPolicy[K]):
     def __init__(self) -> None:
         self._order: OrderedDict[K, None] = OrderedDict()
 
-    def insert(self, item: K) -> None:
+    def insert(self, item: K, cost: float = 1.0) -> None:
         self._order[item] = None
         self._order.move_to_end(item)
 

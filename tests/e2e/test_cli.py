@@ -268,6 +268,8 @@ def test_check_config_reads_every_flag_and_kvstore_config(tmp_path: Path) -> Non
         "2.5",
         "--lease-seconds",
         "7",
+        "--eviction",
+        "gdsf",
         "--log-level",
         "WARNING",
     )
@@ -287,6 +289,7 @@ def test_check_config_reads_every_flag_and_kvstore_config(tmp_path: Path) -> Non
         "staging_bytes": 4_100_000,
         "grace_seconds": 2.5,
         "lease_seconds": 7.0,
+        "eviction": "gdsf",
         "log_level": "warning",
     }
     # KVSTORE_CONFIG names the file when --config does not.

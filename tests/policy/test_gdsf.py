@@ -1,0 +1,64 @@
+"""GDSF: entries reused often outlive one-off ones, costlier ones outlive cheaper ones at the
+same reuse, an entry that stops being read ages out, and the store evicts by it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvstore.policy import GDSFPolicy
+from tests.test_store import NS, MakeStore, entry, key, put, value
+
+
+def test_reused_entries_outlive_a_burst_of_one_offs() -> None:
+    p: GDSFPolicy[str] = GDSFPolicy()
+    p.insert("popular")
+    for _ in range(5):
+        p.access("popular")
+    for i in range(100):  # one-off chunks, each read once, newer than "popular"
+        p.insert(f"once-{i}")
+    order = list(p.candidates())
+    assert order[-1] == "popular"  # evicted last; LRU would evict it first
+    assert order[:3] == ["once-0", "once-1", "once-2"]  # ties: the oldest first
+
+
+def test_cost_weighs_in_at_equal_reuse() -> None:
+    p: GDSFPolicy[str] = GDSFPolicy()
+    p.insert("cheap", cost=1.0)
+    p.insert("dear", cost=4.0)
+    p.insert("free", cost=0.0)
+    assert list(p.candidates()) == ["free", "cheap", "dear"]
+    for _ in range(4):
+        p.access("cheap")  # five reads at 1.0 beat one at 4.0
+    assert list(p.candidates()) == ["free", "dear", "cheap"]
+
+
+def test_an_entry_that_stops_being_read_ages_out() -> None:
+    p: GDSFPolicy[str] = GDSFPolicy()
+    p.insert("old-hot")
+    for _ in range(9):
+        p.access("old-hot")  # priority 10
+    # A stream of entries, each read twice, evicting the lowest as it goes: every eviction
+    # raises the clock to the evicted priority, so new entries' priorities climb past 10.
+    for i in range(40):
+        p.insert(f"n{i}")
+        p.access(f"n{i}")
+        if len(p) > 5:
+            p.remove(next(iter(p.candidates())))
+    assert "old-hot" not in set(p.candidates())
+
+
+def test_the_store_keeps_reused_values_in_cpu(make_store: MakeStore, tmp_path: Path) -> None:
+    """A 4 MiB cpu tier, one value read often, then a stream of one-off values: with GDSF
+    the reused value stays in cpu; with LRU it is demoted."""
+    where = {}
+    for policy in ("lru", "gdsf"):
+        store = make_store(data_dir=tmp_path / policy, ssd_bytes="32MiB", eviction=policy)
+        put(store, key(0), value(0))
+        for _ in range(5):
+            lease = store.get(NS, key(0))
+            assert lease is not None
+            lease.release()
+        for i in range(1, 12):
+            put(store, key(i), value(i))
+        where[policy] = entry(store, key(0)).tier
+    assert where == {"lru": "ssd", "gdsf": "cpu"}
