@@ -458,6 +458,7 @@ class Store:
                     header.created_ns,
                     on_ssd=True,
                     ssd_sum=header.value_checksum,
+                    ssd_codec=header.codec,
                 )
             )
             if time.monotonic() - last_report > 2.0:

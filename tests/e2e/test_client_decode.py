@@ -101,3 +101,19 @@ def test_gpu_destinations_decode_on_the_gpu_by_default(start_server) -> None:  #
         for pos, i in enumerate(on_ssd):
             want = decode(codec_from_spec("cachegen").encode(kv(i)))
             assert torch.equal(out[pos].cpu(), want)
+
+
+def test_after_a_restart_ssd_values_still_come_as_containers(start_server) -> None:  # type: ignore[no-untyped-def]
+    """The index rebuilt from the ssd records knows each value's codec."""
+    srv = start_server("--cpu-bytes", "8MiB", "--ssd-bytes", "64MiB", "--codec", "ssd=cachegen")
+    with srv.client() as c:
+        for i in range(12):
+            c.put(key(i), kv(i))
+    srv.restart()  # a clean stop persists every value to ssd; cpu starts empty
+    with srv.client() as plain, srv.client(decode_codecs=["cachegen"]) as decoding:
+        before = plain.stats().tiers["cpu"].promotions
+        out = torch.empty((3, *SHAPE), dtype=torch.float16)
+        assert decoding.get_into([key(i) for i in range(3)], out).wait() == [True] * 3
+        assert plain.stats().tiers["cpu"].promotions == before
+        for i in range(3):
+            assert torch.equal(out[i], decode(codec_from_spec("cachegen").encode(kv(i))))
