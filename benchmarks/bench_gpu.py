@@ -444,6 +444,12 @@ def ssd_codec_load(kv_bytes: int, stream: Any) -> dict[str, float]:
                 by_server.put_from(keys[i : i + 1], kv[i : i + 1], stream=stream).wait()
             where = {e.header.key: e.tier for e in by_server.entries(NAMESPACE)}
             cold = [k for k in keys if where.get(k) == "ssd"]
+            # One chunk through each path first, untimed: the GPU decoder's kernels compile
+            # and the numba parsers load on first use.
+            warm = torch.empty((1, *CHUNK_SHAPE), dtype=torch.bfloat16, device="cuda")
+            on_gpu.get_into(cold[:1], warm, stream=stream).wait()
+            by_server.get_into(cold[1:2], warm, stream=stream).wait()
+            cold = cold[2:]
             half = len(cold) // 2
             if half < 2:
                 raise RuntimeError("too few chunks reached the ssd tier")
