@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvstore import codecs
-from kvstore.codecs import ContainerError, codec_from_spec, codec_names, decode
+from kvstore.codecs import ContainerError, codec_from_spec, codec_names, decode, decode_values
 from kvstore.errors import InvalidArgument
 
 KV_SHAPE = (2, 2, 40, 3, 16)  # [layers, 2, tokens, heads, head_dim]: small, odd token count
@@ -146,3 +146,20 @@ def test_random_bytes_are_refused(junk: bytes) -> None:
 def test_trailing_bytes_are_refused(name: str, extra: bytes) -> None:
     with pytest.raises(ContainerError, match="trailing"):
         decode(_CONTAINERS[name] + extra)
+
+
+def test_decode_values_into_cpu_tensors_and_refusing_a_damaged_one() -> None:
+    """The batch entry point on the CPU: every value into its tensor; one damaged container
+    in the batch raises ContainerError (its payload checksum is checked on the host first)."""
+    g = torch.Generator().manual_seed(5)
+    ts = [torch.randn((2, 2, 24, 2, 16), generator=g).to(torch.float16) for _ in range(3)]
+    specs = ("zstd", "cachegen", "int8")
+    blobs = [codec_from_spec(s).encode(t) for s, t in zip(specs, ts, strict=True)]
+    outs = [torch.empty_like(t) for t in ts]
+    decode_values(list(zip(blobs, outs, strict=True))).wait()
+    for blob, out in zip(blobs, outs, strict=True):
+        assert torch.equal(out, decode(blob))
+    damaged = bytearray(blobs[1])
+    damaged[-5] ^= 0x10
+    with pytest.raises(ContainerError):
+        decode_values([(blobs[0], outs[0]), (bytes(damaged), outs[1])])
