@@ -36,7 +36,6 @@ from kvstore.codecs.container import (
 )
 from kvstore.dtypes import dtype_name
 from kvstore.errors import InvalidArgument
-from kvstore.threads import host_pool
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -197,9 +196,8 @@ def decode_values(
     host first; a bad one raises ContainerError before anything is launched."""
     batches: dict[Callable[..., Any], list[tuple[Codec, memoryview, torch.Tensor, int]]] = {}
     cpu = []
-    # Headers and payload checksums on the host threads (xxhash releases the GIL).
-    opened = list(host_pool().map(lambda item: _open(item[0], item[1], None), items))
-    for (data, out), (header, payload, codec, _) in zip(items, opened, strict=True):
+    for data, out in items:
+        header, payload, codec, _ = _open(data, out, None)
         decoder = codec.gpu_decoder() if out.is_cuda else None
         if decoder is None:
             cpu.append((data, out))
