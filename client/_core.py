@@ -168,26 +168,33 @@ def _check_outgoing(key: bytes, tensor: torch.Tensor) -> str:
     return name
 
 
-def _host_value(key: bytes, tensor: torch.Tensor, name: str) -> tuple[pb.ValueHeader, memoryview]:
+def _host_value(
+    key: bytes, tensor: torch.Tensor, name: str, cost: float = 0.0
+) -> tuple[pb.ValueHeader, memoryview]:
     """A checked value's header and its bytes, contiguous in host memory (the memoryview
     keeps the host copy alive)."""
     t = tensor.detach().to("cpu").contiguous()
     flat = t.reshape(-1).view(torch.uint8)
     data = flat.numpy().data if flat.numel() else memoryview(b"")
     header = pb.ValueHeader(
-        key=bytes(key), dtype=name, shape=t.shape, nbytes=len(data), checksum=checksum(data)
+        key=bytes(key),
+        dtype=name,
+        shape=t.shape,
+        nbytes=len(data),
+        checksum=checksum(data),
+        cost=cost,
     )
     return header, data
 
 
 def _put_pieces(
-    namespace: str, values: Sequence[tuple[bytes, torch.Tensor, str]]
+    namespace: str, values: Sequence[tuple[bytes, torch.Tensor, str]], cost: float = 0.0
 ) -> Iterator[Piece]:
     """The pieces of a (Batch)Put of checked (key, tensor, dtype name) triples. Each tensor
     is made contiguous on the host only when its turn comes, so a batch never holds more
     than one extra copy."""
     for i, (key, tensor, name) in enumerate(values):
-        header, data = _host_value(key, tensor, name)
+        header, data = _host_value(key, tensor, name, cost)
         n = len(data)
         first = min(n, PIECE_BYTES)
         yield Piece(pb.PutPiece(namespace=namespace if i == 0 else "", header=header), data[:first])
@@ -406,6 +413,8 @@ class ClientCore:
         self.lease_seconds = 30.0  # the server's, read with its arena
         # Codec ids get_into decodes here (None: those with a GPU decoder, for GPU outs).
         self.decode_codecs: frozenset[int] | None = None
+        # Sent with every put (ValueHeader.cost): recompute cost per byte; 0 = the default.
+        self.recompute_cost = 0.0
 
     def decoders_for(self, dests: Sequence[torch.Tensor]) -> frozenset[int]:
         """Codec ids a `get_into` into `dests` asks to receive encoded: `decode_codecs` as
@@ -446,7 +455,8 @@ class ClientCore:
             rest = yield from self._write_in_place(arena, values, tiers)
         if rest:
             method = "Put" if len(values) == 1 else "BatchPut"
-            streamed = yield Call(method, _put_pieces(self.namespace, [values[i] for i in rest]))
+            pieces = _put_pieces(self.namespace, [values[i] for i in rest], self.recompute_cost)
+            streamed = yield Call(method, pieces)
             for i, tier in zip(rest, streamed.tiers, strict=True):
                 tiers[i] = tier
         return tiers
@@ -455,7 +465,7 @@ class ClientCore:
         self, arena: ArenaMap, values: list[tuple[bytes, torch.Tensor, str]], tiers: list[str]
     ) -> Op[list[int]]:
         """Reserve, write and commit; fills `tiers` and returns the positions left to stream."""
-        prepared = [_host_value(k, t, name) for k, t, name in values]
+        prepared = [_host_value(k, t, name, self.recompute_cost) for k, t, name in values]
         call = secrets.randbits(63) or 1
         started = time.monotonic()
         try:
@@ -749,7 +759,13 @@ class ClientCore:
             return landing
         pool = self._pool_for(srcs)
         headers = [
-            pb.ValueHeader(key=k, dtype=name, shape=t.shape, nbytes=t.numel() * t.element_size())
+            pb.ValueHeader(
+                key=k,
+                dtype=name,
+                shape=t.shape,
+                nbytes=t.numel() * t.element_size(),
+                cost=self.recompute_cost,
+            )
             for k, t, name in checked
         ]
         landing.call = secrets.randbits(63) or 1
@@ -808,7 +824,9 @@ class ClientCore:
                 yield Block(landing.stream.synchronize)
             rest.sort()
             method = "Put" if len(landing.values) == 1 else "BatchPut"
-            pieces = _put_pieces(self.namespace, [landing.values[i] for i in rest])
+            pieces = _put_pieces(
+                self.namespace, [landing.values[i] for i in rest], self.recompute_cost
+            )
             streamed = yield Call(method, pieces)
             for i, tier in zip(rest, streamed.tiers, strict=True):
                 tiers[i] = tier

@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import logging
+import math
 import queue
 import threading
 from collections.abc import Sequence
@@ -27,7 +28,7 @@ from kvstore.client._core import (
 )
 from kvstore.client._transfer import BlockRefs, Transfer, gather
 from kvstore.codecs.base import codec_ids
-from kvstore.errors import error_for_status
+from kvstore.errors import InvalidArgument, error_for_status
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire import GRPC_OPTIONS, client_stubs
 
@@ -80,6 +81,10 @@ class KVClient:
     wire and PCIe compressed and the server spends no CPU decoding it. By default, the
     codecs that decode on the GPU (cachegen), when a destination is a CUDA tensor and CuPy
     is installed; `[]` turns it off.
+
+    `recompute_cost` is sent with every value this client puts: what recomputing it costs
+    per byte, relative to other clients' values (a larger model's KV costs more per byte).
+    A server run with `--eviction gdsf` keeps costlier values longer. Default 1.
     """
 
     def __init__(
@@ -89,12 +94,19 @@ class KVClient:
         *,
         timeout: float | None = 60.0,
         decode_codecs: Sequence[str] | None = None,
+        recompute_cost: float | None = None,
     ) -> None:
         self.address = address
         self.timeout = timeout
         self._core = ClientCore(namespace, same_host=is_unix_address(address))
         if decode_codecs is not None:
             self._core.decode_codecs = codec_ids(decode_codecs)
+        if recompute_cost is not None:
+            if not (math.isfinite(recompute_cost) and recompute_cost > 0):
+                raise InvalidArgument(
+                    f"recompute_cost must be finite and positive, got {recompute_cost}"
+                )
+            self._core.recompute_cost = float(recompute_cost)
         # Server-streaming calls (gets) on their own thread-free path: by default grpc starts
         # a thread for each such call when none is running, about 1 ms per get here.
         options = [*GRPC_OPTIONS, (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)]

@@ -190,6 +190,11 @@ def _value_args(h: pb.ValueHeader) -> tuple[bytes, str, list[int], int, int]:
     return h.key, h.dtype, list(h.shape), h.nbytes, h.checksum
 
 
+def _cost(h: pb.ValueHeader) -> float:
+    """A header's recompute cost per byte: 1.0 when unset (0)."""
+    return h.cost if h.cost != 0 else 1.0
+
+
 def _abort_all(reservations: Sequence[PutReservation | None]) -> None:
     for res in reservations:
         if res is not None:
@@ -267,6 +272,7 @@ class KVStoreServicer:
                         self.store.begin_put,
                         namespace,
                         *_value_args(piece.header),
+                        _cost(piece.header),
                         release=PutReservation.abort,
                     )
                 elif res is None:
@@ -512,7 +518,7 @@ class KVStoreServicer:
         out: list[PutReservation | None] = []
         try:
             for h in headers:
-                out.append(self.store.reserve_in_arena(namespace, *_value_args(h), pool))
+                out.append(self.store.reserve_in_arena(namespace, *_value_args(h), pool, _cost(h)))
         except BaseException:
             _abort_all(out)
             raise

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 import re
 import threading
 import time
@@ -122,6 +123,7 @@ class Entry:
     # it; the entry takes it when the ssd copy becomes its only one (`_only_on_ssd`).
     ssd_sum: int = 0
     ssd_codec: int = 0  # the codec the ssd copy was stored through
+    cost: float = 1.0  # recompute cost per byte, for cost-aware eviction (not persisted)
 
     @property
     def eid(self) -> EntryId:
@@ -510,9 +512,11 @@ class Store:
         shape: Sequence[int],
         nbytes: int,
         value_checksum: int,
+        cost: float = 1.0,
     ) -> PutReservation:
-        """Room for a value: a cpu slot, else a staging buffer bound for ssd."""
-        res = self._begin(namespace, key, dtype, shape, nbytes, value_checksum, False)
+        """Room for a value: a cpu slot, else a staging buffer bound for ssd. `cost`: what
+        recomputing it costs per byte, for `--eviction gdsf`."""
+        res = self._begin(namespace, key, dtype, shape, nbytes, value_checksum, False, cost=cost)
         assert res is not None
         return res
 
@@ -525,11 +529,14 @@ class Store:
         nbytes: int,
         value_checksum: int,
         pool: int = 0,
+        cost: float = 1.0,
     ) -> PutReservation | None:
         """A slot for a value a same-host client writes itself: in gpu pool `pool` (when
         given) if it has room now, else in the cpu arena; None when there is none to be
         had (the client then streams it). Never stages, never waits for a demotion."""
-        return self._begin(namespace, key, dtype, shape, nbytes, value_checksum, True, pool)
+        return self._begin(
+            namespace, key, dtype, shape, nbytes, value_checksum, True, pool, cost=cost
+        )
 
     def _begin(
         self,
@@ -541,14 +548,18 @@ class Store:
         value_checksum: int,
         arena_only: bool,
         pool: int = 0,
+        cost: float = 1.0,
     ) -> PutReservation | None:
         check_namespace(namespace)
         check_key(key)
         self.validate_value(dtype, shape, nbytes)
+        if not (math.isfinite(cost) and cost > 0):
+            raise InvalidArgument(f"a value's recompute cost must be finite and positive: {cost}")
         gpu = self.pool(pool) if pool else None
         entry = Entry(
             namespace, bytes(key), dtype, tuple(shape), nbytes, value_checksum, time.time_ns()
         )
+        entry.cost = float(cost)
         with self._lock:
             if gpu is not None:
                 slot = gpu.alloc(nbytes)
@@ -601,7 +612,7 @@ class Store:
         e.slot, e.place = slot, place
         slots = self._mem[place]
         slots.pages.setdefault(slot.page, set()).add(e)
-        slots.policy.insert(e.eid)
+        slots.policy.insert(e.eid, e.cost)
 
     # ----------------------------------------------------------------- get
 
@@ -1187,7 +1198,7 @@ class Store:
         """Record that the ssd tier now holds `e`, as `header` describes it."""
         e.on_ssd, e.ssd_sum, e.ssd_codec = True, header.value_checksum, header.codec
         self._dirty = True
-        self._policy["ssd"].insert(e.eid)
+        self._policy["ssd"].insert(e.eid, e.cost)
 
     def _drop_ssd_copy(self, e: Entry) -> None:
         assert self.ssd is not None

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvstore/v1/kvstore.proto\x12\nkvstore.v1\"Z\n\x0bValueHeader\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x05 \x01(\x04\"T\n\x08PutPiece\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\'\n\x06header\x18\x02 \x01(\x0b\x32\x17.kvstore.v1.ValueHeader\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\",\n\x0bPutResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\r\n\x05tiers\x18\x02 \x03(\t\"m\n\nGetRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\x0e\n\x06shared\x18\x03 \x01(\x08\x12\x0c\n\x04\x63\x61ll\x18\x04 \x01(\x04\x12\x11\n\tgpu_pools\x18\x05 \x03(\r\x12\x0e\n\x06\x63odecs\x18\x06 \x03(\r\"o\n\x0bKeysRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x0e\n\x06shared\x18\x03 \x01(\x08\x12\x0c\n\x04\x63\x61ll\x18\x04 \x01(\x04\x12\x11\n\tgpu_pools\x18\x05 \x03(\r\x12\x0e\n\x06\x63odecs\x18\x06 \x03(\r\"d\n\x0bSharedSlice\x12\r\n\x05lease\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x11\n\tarena_dev\x18\x03 \x01(\x04\x12\x11\n\tarena_ino\x18\x04 \x01(\x04\x12\x10\n\x08gpu_pool\x18\x05 \x01(\r\"l\n\x0eReserveRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\'\n\x06values\x18\x02 \x03(\x0b\x32\x17.kvstore.v1.ValueHeader\x12\x0c\n\x04\x63\x61ll\x18\x03 \x01(\x04\x12\x10\n\x08gpu_pool\x18\x04 \x01(\r\"a\n\x0bReservation\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x11\n\tarena_dev\x18\x03 \x01(\x04\x12\x11\n\tarena_ino\x18\x04 \x01(\x04\x12\x10\n\x08gpu_pool\x18\x05 \x01(\r\"@\n\x0fReserveResponse\x12-\n\x0creservations\x18\x01 \x03(\x0b\x32\x17.kvstore.v1.Reservation\"n\n\rCommitRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x04\x12\r\n\x05\x61\x62ort\x18\x02 \x03(\x04\x12\x13\n\x0b\x61\x62ort_calls\x18\x03 \x03(\x04\x12\x19\n\x11\x63ompute_checksums\x18\x04 \x01(\x08\x12\x11\n\tchecksums\x18\x05 \x03(\x06\"@\n\x0eReleaseRequest\x12\x0e\n\x06leases\x18\x01 \x03(\x04\x12\x0f\n\x07\x63orrupt\x18\x02 \x03(\x04\x12\r\n\x05\x63\x61lls\x18\x03 \x03(\x04\"\x1d\n\x0cRenewRequest\x12\r\n\x05\x63\x61lls\x18\x01 \x03(\x04\"\x1f\n\rRenewResponse\x12\x0e\n\x06\x63ounts\x18\x01 \x03(\x04\"\xd3\x01\n\x08GetPiece\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\'\n\x06header\x18\x03 \x01(\x0b\x32\x17.kvstore.v1.ValueHeader\x12\x0c\n\x04tier\x18\x04 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\'\n\x06shared\x18\x06 \x01(\x0b\x32\x17.kvstore.v1.SharedSlice\x12#\n\x05\x62\x61tch\x18\x07 \x03(\x0b\x32\x14.kvstore.v1.GetPiece\x12\x16\n\x0e\x65ncoded_nbytes\x18\x08 \x01(\x04\" \n\x0eLookupResponse\x12\x0e\n\x06length\x18\x01 \x01(\r\"!\n\x0e\x45xistsResponse\x12\x0f\n\x07present\x18\x01 \x03(\x08\"\x1e\n\rCountResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\r\"\x0e\n\x0cStatsRequest\"\xae\x01\n\tTierStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x65ntries\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04hits\x18\x05 \x01(\x04\x12\x0e\n\x06misses\x18\x06 \x01(\x04\x12\x11\n\tevictions\x18\x07 \x01(\x04\x12\x12\n\npromotions\x18\x08 \x01(\x04\x12\x11\n\tdemotions\x18\t \x01(\x04\"\xfd\x02\n\rStatsResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x14\n\x0c\x63hunk_tokens\x18\x02 \x01(\r\x12\x17\n\x0fmax_value_bytes\x18\x03 \x01(\x04\x12\x1c\n\x14max_keys_per_request\x18\x04 \x01(\r\x12\x17\n\x0fmax_piece_bytes\x18\x05 \x01(\x04\x12$\n\x05tiers\x18\x06 \x03(\x0b\x32\x15.kvstore.v1.TierStats\x12\x0f\n\x07\x65ntries\x18\x07 \x01(\x04\x12\x16\n\x0euptime_seconds\x18\x08 \x01(\x01\x12\x17\n\x0fhost_arena_path\x18\t \x01(\t\x12\x0e\n\x06pinned\x18\n \x01(\x04\x12\x0e\n\x06leases\x18\x0b \x01(\x04\x12\x16\n\x0ehost_arena_dev\x18\x0c \x01(\x04\x12\x16\n\x0ehost_arena_ino\x18\r \x01(\x04\x12\x15\n\rlease_seconds\x18\x0e \x01(\x01\x12&\n\tgpu_pools\x18\x0f \x03(\x0b\x32\x13.kvstore.v1.GpuPool\"\x91\x01\n\x07GpuPool\x12\x0c\n\x04pool\x18\x01 \x01(\r\x12\x13\n\x0b\x64\x65vice_uuid\x18\x02 \x01(\t\x12\x12\n\nipc_handle\x18\x03 \x01(\x0c\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x04\x12\x11\n\ttwin_path\x18\x05 \x01(\t\x12\x11\n\tarena_dev\x18\x06 \x01(\x04\x12\x11\n\tarena_ino\x18\x07 \x01(\x04\"/\n\x0bListRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"t\n\x0cListResponse\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\'\n\x06header\x18\x02 \x01(\x0b\x32\x17.kvstore.v1.ValueHeader\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x0c\n\x04pins\x18\x04 \x01(\r\x12\x0c\n\x04hits\x18\x05 \x01(\x04\x32\xa3\x07\n\x07KVStore\x12\x36\n\x03Put\x12\x14.kvstore.v1.PutPiece\x1a\x17.kvstore.v1.PutResponse(\x01\x12;\n\x08\x42\x61tchPut\x12\x14.kvstore.v1.PutPiece\x1a\x17.kvstore.v1.PutResponse(\x01\x12\x35\n\x03Get\x12\x16.kvstore.v1.GetRequest\x1a\x14.kvstore.v1.GetPiece0\x01\x12;\n\x08\x42\x61tchGet\x12\x17.kvstore.v1.KeysRequest\x1a\x14.kvstore.v1.GetPiece0\x01\x12=\n\x06Lookup\x12\x17.kvstore.v1.KeysRequest\x1a\x1a.kvstore.v1.LookupResponse\x12=\n\x06\x45xists\x12\x17.kvstore.v1.KeysRequest\x1a\x1a.kvstore.v1.ExistsResponse\x12<\n\x06\x44\x65lete\x12\x17.kvstore.v1.KeysRequest\x1a\x19.kvstore.v1.CountResponse\x12\x39\n\x03Pin\x12\x17.kvstore.v1.KeysRequest\x1a\x19.kvstore.v1.CountResponse\x12;\n\x05Unpin\x12\x17.kvstore.v1.KeysRequest\x1a\x19.kvstore.v1.CountResponse\x12\x42\n\x07Reserve\x12\x1a.kvstore.v1.ReserveRequest\x1a\x1b.kvstore.v1.ReserveResponse\x12<\n\x06\x43ommit\x12\x19.kvstore.v1.CommitRequest\x1a\x17.kvstore.v1.PutResponse\x12@\n\x07Release\x12\x1a.kvstore.v1.ReleaseRequest\x1a\x19.kvstore.v1.CountResponse\x12<\n\x05Renew\x12\x18.kvstore.v1.RenewRequest\x1a\x19.kvstore.v1.RenewResponse\x12<\n\x05Stats\x12\x18.kvstore.v1.StatsRequest\x1a\x19.kvstore.v1.StatsResponse\x12;\n\x04List\x12\x17.kvstore.v1.ListRequest\x1a\x18.kvstore.v1.ListResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvstore/v1/kvstore.proto\x12\nkvstore.v1\"h\n\x0bValueHeader\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x05 \x01(\x04\x12\x0c\n\x04\x63ost\x18\x06 \x01(\x01\"T\n\x08PutPiece\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\'\n\x06header\x18\x02 \x01(\x0b\x32\x17.kvstore.v1.ValueHeader\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\",\n\x0bPutResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\r\n\x05tiers\x18\x02 \x03(\t\"m\n\nGetRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\x0e\n\x06shared\x18\x03 \x01(\x08\x12\x0c\n\x04\x63\x61ll\x18\x04 \x01(\x04\x12\x11\n\tgpu_pools\x18\x05 \x03(\r\x12\x0e\n\x06\x63odecs\x18\x06 \x03(\r\"o\n\x0bKeysRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x0e\n\x06shared\x18\x03 \x01(\x08\x12\x0c\n\x04\x63\x61ll\x18\x04 \x01(\x04\x12\x11\n\tgpu_pools\x18\x05 \x03(\r\x12\x0e\n\x06\x63odecs\x18\x06 \x03(\r\"d\n\x0bSharedSlice\x12\r\n\x05lease\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x11\n\tarena_dev\x18\x03 \x01(\x04\x12\x11\n\tarena_ino\x18\x04 \x01(\x04\x12\x10\n\x08gpu_pool\x18\x05 \x01(\r\"l\n\x0eReserveRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\'\n\x06values\x18\x02 \x03(\x0b\x32\x17.kvstore.v1.ValueHeader\x12\x0c\n\x04\x63\x61ll\x18\x03 \x01(\x04\x12\x10\n\x08gpu_pool\x18\x04 \x01(\r\"a\n\x0bReservation\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x11\n\tarena_dev\x18\x03 \x01(\x04\x12\x11\n\tarena_ino\x18\x04 \x01(\x04\x12\x10\n\x08gpu_pool\x18\x05 \x01(\r\"@\n\x0fReserveResponse\x12-\n\x0creservations\x18\x01 \x03(\x0b\x32\x17.kvstore.v1.Reservation\"n\n\rCommitRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x04\x12\r\n\x05\x61\x62ort\x18\x02 \x03(\x04\x12\x13\n\x0b\x61\x62ort_calls\x18\x03 \x03(\x04\x12\x19\n\x11\x63ompute_checksums\x18\x04 \x01(\x08\x12\x11\n\tchecksums\x18\x05 \x03(\x06\"@\n\x0eReleaseRequest\x12\x0e\n\x06leases\x18\x01 \x03(\x04\x12\x0f\n\x07\x63orrupt\x18\x02 \x03(\x04\x12\r\n\x05\x63\x61lls\x18\x03 \x03(\x04\"\x1d\n\x0cRenewRequest\x12\r\n\x05\x63\x61lls\x18\x01 \x03(\x04\"\x1f\n\rRenewResponse\x12\x0e\n\x06\x63ounts\x18\x01 \x03(\x04\"\xd3\x01\n\x08GetPiece\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\'\n\x06header\x18\x03 \x01(\x0b\x32\x17.kvstore.v1.ValueHeader\x12\x0c\n\x04tier\x18\x04 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\'\n\x06shared\x18\x06 \x01(\x0b\x32\x17.kvstore.v1.SharedSlice\x12#\n\x05\x62\x61tch\x18\x07 \x03(\x0b\x32\x14.kvstore.v1.GetPiece\x12\x16\n\x0e\x65ncoded_nbytes\x18\x08 \x01(\x04\" \n\x0eLookupResponse\x12\x0e\n\x06length\x18\x01 \x01(\r\"!\n\x0e\x45xistsResponse\x12\x0f\n\x07present\x18\x01 \x03(\x08\"\x1e\n\rCountResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\r\"\x0e\n\x0cStatsRequest\"\xae\x01\n\tTierStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x65ntries\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04hits\x18\x05 \x01(\x04\x12\x0e\n\x06misses\x18\x06 \x01(\x04\x12\x11\n\tevictions\x18\x07 \x01(\x04\x12\x12\n\npromotions\x18\x08 \x01(\x04\x12\x11\n\tdemotions\x18\t \x01(\x04\"\xfd\x02\n\rStatsResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x14\n\x0c\x63hunk_tokens\x18\x02 \x01(\r\x12\x17\n\x0fmax_value_bytes\x18\x03 \x01(\x04\x12\x1c\n\x14max_keys_per_request\x18\x04 \x01(\r\x12\x17\n\x0fmax_piece_bytes\x18\x05 \x01(\x04\x12$\n\x05tiers\x18\x06 \x03(\x0b\x32\x15.kvstore.v1.TierStats\x12\x0f\n\x07\x65ntries\x18\x07 \x01(\x04\x12\x16\n\x0euptime_seconds\x18\x08 \x01(\x01\x12\x17\n\x0fhost_arena_path\x18\t \x01(\t\x12\x0e\n\x06pinned\x18\n \x01(\x04\x12\x0e\n\x06leases\x18\x0b \x01(\x04\x12\x16\n\x0ehost_arena_dev\x18\x0c \x01(\x04\x12\x16\n\x0ehost_arena_ino\x18\r \x01(\x04\x12\x15\n\rlease_seconds\x18\x0e \x01(\x01\x12&\n\tgpu_pools\x18\x0f \x03(\x0b\x32\x13.kvstore.v1.GpuPool\"\x91\x01\n\x07GpuPool\x12\x0c\n\x04pool\x18\x01 \x01(\r\x12\x13\n\x0b\x64\x65vice_uuid\x18\x02 \x01(\t\x12\x12\n\nipc_handle\x18\x03 \x01(\x0c\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x04\x12\x11\n\ttwin_path\x18\x05 \x01(\t\x12\x11\n\tarena_dev\x18\x06 \x01(\x04\x12\x11\n\tarena_ino\x18\x07 \x01(\x04\"/\n\x0bListRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"t\n\x0cListResponse\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\'\n\x06header\x18\x02 \x01(\x0b\x32\x17.kvstore.v1.ValueHeader\x12\x0c\n\x04tier\x18\x03 \x01(\t\x12\x0c\n\x04pins\x18\x04 \x01(\r\x12\x0c\n\x04hits\x18\x05 \x01(\x04\x32\xa3\x07\n\x07KVStore\x12\x36\n\x03Put\x12\x14.kvstore.v1.PutPiece\x1a\x17.kvstore.v1.PutResponse(\x01\x12;\n\x08\x42\x61tchPut\x12\x14.kvstore.v1.PutPiece\x1a\x17.kvstore.v1.PutResponse(\x01\x12\x35\n\x03Get\x12\x16.kvstore.v1.GetRequest\x1a\x14.kvstore.v1.GetPiece0\x01\x12;\n\x08\x42\x61tchGet\x12\x17.kvstore.v1.KeysRequest\x1a\x14.kvstore.v1.GetPiece0\x01\x12=\n\x06Lookup\x12\x17.kvstore.v1.KeysRequest\x1a\x1a.kvstore.v1.LookupResponse\x12=\n\x06\x45xists\x12\x17.kvstore.v1.KeysRequest\x1a\x1a.kvstore.v1.ExistsResponse\x12<\n\x06\x44\x65lete\x12\x17.kvstore.v1.KeysRequest\x1a\x19.kvstore.v1.CountResponse\x12\x39\n\x03Pin\x12\x17.kvstore.v1.KeysRequest\x1a\x19.kvstore.v1.CountResponse\x12;\n\x05Unpin\x12\x17.kvstore.v1.KeysRequest\x1a\x19.kvstore.v1.CountResponse\x12\x42\n\x07Reserve\x12\x1a.kvstore.v1.ReserveRequest\x1a\x1b.kvstore.v1.ReserveResponse\x12<\n\x06\x43ommit\x12\x19.kvstore.v1.CommitRequest\x1a\x17.kvstore.v1.PutResponse\x12@\n\x07Release\x12\x1a.kvstore.v1.ReleaseRequest\x1a\x19.kvstore.v1.CountResponse\x12<\n\x05Renew\x12\x18.kvstore.v1.RenewRequest\x1a\x19.kvstore.v1.RenewResponse\x12<\n\x05Stats\x12\x18.kvstore.v1.StatsRequest\x1a\x19.kvstore.v1.StatsResponse\x12;\n\x04List\x12\x17.kvstore.v1.ListRequest\x1a\x18.kvstore.v1.ListResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,51 +32,51 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvstore.v1.kvstore_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_VALUEHEADER']._serialized_start=40
-  _globals['_VALUEHEADER']._serialized_end=130
-  _globals['_PUTPIECE']._serialized_start=132
-  _globals['_PUTPIECE']._serialized_end=216
-  _globals['_PUTRESPONSE']._serialized_start=218
-  _globals['_PUTRESPONSE']._serialized_end=262
-  _globals['_GETREQUEST']._serialized_start=264
-  _globals['_GETREQUEST']._serialized_end=373
-  _globals['_KEYSREQUEST']._serialized_start=375
-  _globals['_KEYSREQUEST']._serialized_end=486
-  _globals['_SHAREDSLICE']._serialized_start=488
-  _globals['_SHAREDSLICE']._serialized_end=588
-  _globals['_RESERVEREQUEST']._serialized_start=590
-  _globals['_RESERVEREQUEST']._serialized_end=698
-  _globals['_RESERVATION']._serialized_start=700
-  _globals['_RESERVATION']._serialized_end=797
-  _globals['_RESERVERESPONSE']._serialized_start=799
-  _globals['_RESERVERESPONSE']._serialized_end=863
-  _globals['_COMMITREQUEST']._serialized_start=865
-  _globals['_COMMITREQUEST']._serialized_end=975
-  _globals['_RELEASEREQUEST']._serialized_start=977
-  _globals['_RELEASEREQUEST']._serialized_end=1041
-  _globals['_RENEWREQUEST']._serialized_start=1043
-  _globals['_RENEWREQUEST']._serialized_end=1072
-  _globals['_RENEWRESPONSE']._serialized_start=1074
-  _globals['_RENEWRESPONSE']._serialized_end=1105
-  _globals['_GETPIECE']._serialized_start=1108
-  _globals['_GETPIECE']._serialized_end=1319
-  _globals['_LOOKUPRESPONSE']._serialized_start=1321
-  _globals['_LOOKUPRESPONSE']._serialized_end=1353
-  _globals['_EXISTSRESPONSE']._serialized_start=1355
-  _globals['_EXISTSRESPONSE']._serialized_end=1388
-  _globals['_COUNTRESPONSE']._serialized_start=1390
-  _globals['_COUNTRESPONSE']._serialized_end=1420
-  _globals['_STATSREQUEST']._serialized_start=1422
-  _globals['_STATSREQUEST']._serialized_end=1436
-  _globals['_TIERSTATS']._serialized_start=1439
-  _globals['_TIERSTATS']._serialized_end=1613
-  _globals['_STATSRESPONSE']._serialized_start=1616
-  _globals['_STATSRESPONSE']._serialized_end=1997
-  _globals['_GPUPOOL']._serialized_start=2000
-  _globals['_GPUPOOL']._serialized_end=2145
-  _globals['_LISTREQUEST']._serialized_start=2147
-  _globals['_LISTREQUEST']._serialized_end=2194
-  _globals['_LISTRESPONSE']._serialized_start=2196
-  _globals['_LISTRESPONSE']._serialized_end=2312
-  _globals['_KVSTORE']._serialized_start=2315
-  _globals['_KVSTORE']._serialized_end=3246
+  _globals['_VALUEHEADER']._serialized_end=144
+  _globals['_PUTPIECE']._serialized_start=146
+  _globals['_PUTPIECE']._serialized_end=230
+  _globals['_PUTRESPONSE']._serialized_start=232
+  _globals['_PUTRESPONSE']._serialized_end=276
+  _globals['_GETREQUEST']._serialized_start=278
+  _globals['_GETREQUEST']._serialized_end=387
+  _globals['_KEYSREQUEST']._serialized_start=389
+  _globals['_KEYSREQUEST']._serialized_end=500
+  _globals['_SHAREDSLICE']._serialized_start=502
+  _globals['_SHAREDSLICE']._serialized_end=602
+  _globals['_RESERVEREQUEST']._serialized_start=604
+  _globals['_RESERVEREQUEST']._serialized_end=712
+  _globals['_RESERVATION']._serialized_start=714
+  _globals['_RESERVATION']._serialized_end=811
+  _globals['_RESERVERESPONSE']._serialized_start=813
+  _globals['_RESERVERESPONSE']._serialized_end=877
+  _globals['_COMMITREQUEST']._serialized_start=879
+  _globals['_COMMITREQUEST']._serialized_end=989
+  _globals['_RELEASEREQUEST']._serialized_start=991
+  _globals['_RELEASEREQUEST']._serialized_end=1055
+  _globals['_RENEWREQUEST']._serialized_start=1057
+  _globals['_RENEWREQUEST']._serialized_end=1086
+  _globals['_RENEWRESPONSE']._serialized_start=1088
+  _globals['_RENEWRESPONSE']._serialized_end=1119
+  _globals['_GETPIECE']._serialized_start=1122
+  _globals['_GETPIECE']._serialized_end=1333
+  _globals['_LOOKUPRESPONSE']._serialized_start=1335
+  _globals['_LOOKUPRESPONSE']._serialized_end=1367
+  _globals['_EXISTSRESPONSE']._serialized_start=1369
+  _globals['_EXISTSRESPONSE']._serialized_end=1402
+  _globals['_COUNTRESPONSE']._serialized_start=1404
+  _globals['_COUNTRESPONSE']._serialized_end=1434
+  _globals['_STATSREQUEST']._serialized_start=1436
+  _globals['_STATSREQUEST']._serialized_end=1450
+  _globals['_TIERSTATS']._serialized_start=1453
+  _globals['_TIERSTATS']._serialized_end=1627
+  _globals['_STATSRESPONSE']._serialized_start=1630
+  _globals['_STATSRESPONSE']._serialized_end=2011
+  _globals['_GPUPOOL']._serialized_start=2014
+  _globals['_GPUPOOL']._serialized_end=2159
+  _globals['_LISTREQUEST']._serialized_start=2161
+  _globals['_LISTREQUEST']._serialized_end=2208
+  _globals['_LISTRESPONSE']._serialized_start=2210
+  _globals['_LISTRESPONSE']._serialized_end=2326
+  _globals['_KVSTORE']._serialized_start=2329
+  _globals['_KVSTORE']._serialized_end=3260
 # @@protoc_insertion_point(module_scope)

@@ -7,7 +7,7 @@ import signal
 import pytest
 import torch
 
-from kvstore.errors import DataLoss, ResourceExhausted
+from kvstore.errors import DataLoss, InvalidArgument, ResourceExhausted
 
 MiB = 1 << 20
 
@@ -155,3 +155,20 @@ def test_corrupted_ssd_value_is_data_loss_and_dropped(start_server) -> None:  # 
         assert c.exists([key(3)]) == [False]
         for i in (0, 1, 2, 4):
             assert torch.equal(c.get(key(i)), value(i))
+
+
+def test_gdsf_keeps_what_clients_say_is_costly(start_server) -> None:  # type: ignore[no-untyped-def]
+    """`--eviction gdsf` and `KVClient(recompute_cost=...)`: the value a client marked eight
+    times costlier per byte outlives a stream of ordinary puts; under LRU it would go first."""
+    srv = start_server("--cpu-bytes", "8MiB", "--ssd-bytes", "64MiB", "--eviction", "gdsf")
+    with srv.client(recompute_cost=8.0) as dear, srv.client() as plain:
+        assert dear.put(key(0), value(0)) == "cpu"
+        for i in range(1, 20):
+            plain.put(key(i), value(i))
+        where = tiers_of(plain)
+        assert where[key(0)] == "cpu"
+        assert where[key(1)] == "ssd"  # an ordinary value from before the stream went down
+        got = dear.get(key(0))
+        assert got is not None and torch.equal(got, value(0))
+    with pytest.raises(InvalidArgument, match="recompute_cost"):
+        srv.client(recompute_cost=0.0)

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from kvstore.codecs.container import checksum
+from kvstore.errors import InvalidArgument
 from kvstore.policy import GDSFPolicy
 from tests.test_store import NS, MakeStore, entry, key, put, value
 
@@ -62,3 +66,26 @@ def test_the_store_keeps_reused_values_in_cpu(make_store: MakeStore, tmp_path: P
             put(store, key(i), value(i))
         where[policy] = entry(store, key(0)).tier
     assert where == {"lru": "ssd", "gdsf": "cpu"}
+
+
+def test_the_store_keeps_costlier_values(make_store: MakeStore, tmp_path: Path) -> None:
+    """Two values read alike, one eight times costlier to recompute per byte: under GDSF a
+    stream of one-off puts demotes the cheap one and leaves the dear one in cpu."""
+    store = make_store(data_dir=tmp_path / "d", ssd_bytes="32MiB", eviction="gdsf")
+    for k, cost in ((key(0), 1.0), (key(1), 8.0)):
+        data = value(k[-1])
+        res = store.begin_put(NS, k, "uint8", [len(data)], len(data), checksum(data), cost)
+        res.write(data)
+        res.commit()
+    for i in range(2, 10):
+        put(store, key(i), value(i))
+    assert (entry(store, key(0)).tier, entry(store, key(1)).tier) == ("ssd", "cpu")
+
+
+def test_a_bad_cost_is_refused(make_store: MakeStore) -> None:
+    store = make_store()
+    data = value(1, 1000)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(InvalidArgument, match="cost"):
+            store.begin_put(NS, key(1), "uint8", [1000], 1000, checksum(data), bad)
+    assert store.exists(NS, [key(1)]) == [False]
