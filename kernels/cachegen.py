@@ -13,7 +13,7 @@ values and small descriptor tables):
    Symbols go to a scratch buffer four at a time; a stream that is truncated or
    inconsistent records why in a status word in pinned host memory. (Tables in global
    memory, 16 KiB a unit, outweighed the symbols of short chunks and thrashed the caches:
-   a whole batch decoded at 26.6 GB/s on the H200 that way; with shared-memory tables the
+   a whole batch decoded at 26.6 GB/s on the H100 that way; with shared-memory tables the
    rANS kernel alone runs at 144 GB/s and the batch at 62-70 GB/s on the H100 and H200.)
 2. `reconstruct`: a CTA per unit with a thread per channel walks the tokens: value =
    prediction + (symbol - 127) * step in float32, the previous token's value the prediction
