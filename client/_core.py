@@ -9,6 +9,7 @@ pieces, checksums and tensor reassembly exist once.
 from __future__ import annotations
 
 import functools
+import math
 import secrets
 import threading
 import time
@@ -35,7 +36,7 @@ from kvstore.client._transfer import (
     tensors_of,
     torch_stream,
 )
-from kvstore.codecs.base import gpu_decodable_codecs
+from kvstore.codecs.base import codec_ids, gpu_decodable_codecs
 from kvstore.codecs.container import checksum
 from kvstore.dtypes import BY_NAME, dtype_name, expected_nbytes
 from kvstore.errors import DataLoss, InvalidArgument
@@ -399,7 +400,13 @@ class ClientCore:
     there (see `kvstore.client._shared`), falling back to streamed bytes otherwise.
     """
 
-    def __init__(self, namespace: str, same_host: bool = False) -> None:
+    def __init__(
+        self,
+        namespace: str,
+        same_host: bool = False,
+        decode_codecs: Sequence[str] | None = None,
+        recompute_cost: float | None = None,
+    ) -> None:
         self.namespace = namespace
         self.chunk_tokens: int | None = None
         self.max_keys: int | None = None
@@ -412,9 +419,15 @@ class ClientCore:
         self._arena_checked = False
         self.lease_seconds = 30.0  # the server's, read with its arena
         # Codec ids get_into decodes here (None: those with a GPU decoder, for GPU outs).
-        self.decode_codecs: frozenset[int] | None = None
+        self.decode_codecs = None if decode_codecs is None else codec_ids(decode_codecs)
         # Sent with every put (ValueHeader.cost): recompute cost per byte; 0 = the default.
         self.recompute_cost = 0.0
+        if recompute_cost is not None:
+            if not (math.isfinite(recompute_cost) and recompute_cost > 0):
+                raise InvalidArgument(
+                    f"recompute_cost must be finite and positive, got {recompute_cost}"
+                )
+            self.recompute_cost = float(recompute_cost)
 
     def decoders_for(self, dests: Sequence[torch.Tensor]) -> frozenset[int]:
         """Codec ids a `get_into` into `dests` asks to receive encoded: `decode_codecs` as

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -24,8 +23,7 @@ from kvstore.client._core import (
     target_of,
 )
 from kvstore.client._transfer import BlockRefs, Transfer, gather
-from kvstore.codecs.base import codec_ids
-from kvstore.errors import InvalidArgument, error_for_status
+from kvstore.errors import error_for_status
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire import GRPC_OPTIONS, client_stubs
 
@@ -66,15 +64,12 @@ class AsyncKVClient:
     ) -> None:
         self.address = address
         self.timeout = timeout
-        self._core = ClientCore(namespace, same_host=is_unix_address(address))
-        if decode_codecs is not None:
-            self._core.decode_codecs = codec_ids(decode_codecs)
-        if recompute_cost is not None:
-            if not (math.isfinite(recompute_cost) and recompute_cost > 0):
-                raise InvalidArgument(
-                    f"recompute_cost must be finite and positive, got {recompute_cost}"
-                )
-            self._core.recompute_cost = float(recompute_cost)
+        self._core = ClientCore(
+            namespace,
+            same_host=is_unix_address(address),
+            decode_codecs=decode_codecs,
+            recompute_cost=recompute_cost,
+        )
         self._channel = grpc.aio.insecure_channel(target_of(address), options=GRPC_OPTIONS)
         self._background: set[asyncio.Future[Any]] = set()  # calls started with wait=False
         self._renewer: asyncio.Future[None] | None = None  # renews held BlockRefs' leases

@@ -5,7 +5,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import logging
-import math
 import queue
 import threading
 from collections.abc import Sequence
@@ -27,8 +26,7 @@ from kvstore.client._core import (
     target_of,
 )
 from kvstore.client._transfer import BlockRefs, Transfer, gather
-from kvstore.codecs.base import codec_ids
-from kvstore.errors import InvalidArgument, error_for_status
+from kvstore.errors import error_for_status
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire import GRPC_OPTIONS, client_stubs
 
@@ -98,15 +96,12 @@ class KVClient:
     ) -> None:
         self.address = address
         self.timeout = timeout
-        self._core = ClientCore(namespace, same_host=is_unix_address(address))
-        if decode_codecs is not None:
-            self._core.decode_codecs = codec_ids(decode_codecs)
-        if recompute_cost is not None:
-            if not (math.isfinite(recompute_cost) and recompute_cost > 0):
-                raise InvalidArgument(
-                    f"recompute_cost must be finite and positive, got {recompute_cost}"
-                )
-            self._core.recompute_cost = float(recompute_cost)
+        self._core = ClientCore(
+            namespace,
+            same_host=is_unix_address(address),
+            decode_codecs=decode_codecs,
+            recompute_cost=recompute_cost,
+        )
         # Server-streaming calls (gets) on their own thread-free path: by default grpc starts
         # a thread for each such call when none is running, about 1 ms per get here.
         options = [*GRPC_OPTIONS, (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)]
