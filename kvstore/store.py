@@ -34,13 +34,14 @@ it: a reservation's slot and a lease's slot belong to their holder until commit/
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import math
 import re
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -739,31 +740,38 @@ class Store:
             if name in self._counters:
                 self._counters[name].misses += 1
 
+    def _count_ssd_hit(self, e: Entry) -> None:
+        self._counters["ssd"].hits += 1
+        e.hits += 1
+        self._policy["ssd"].access(e.eid)
+
+    @contextlib.contextmanager
+    def _ssd_record(self, e: Entry) -> Iterator[tuple[ValueHeader, memoryview]]:
+        """`e`'s ssd record, checked; a lost or damaged one drops `e` and raises DataLoss."""
+        assert self.ssd is not None
+        try:
+            with self.ssd.read(e.namespace, e.key) as record:
+                yield record
+        except KeyError:
+            self._drop(e)
+            raise DataLoss(f"ssd tier lost {e.key.hex()[:16]}...; entry dropped") from None
+        except DataLoss:
+            self._drop(e)
+            raise
+
     def _read_encoded(self, e: Entry) -> ReadLease:
         """The ssd copy of `e` as a whole container, staged for a reader that decodes it
         itself (on its GPU): what promotion would have spent decoding on this host's CPU is
         not spent, and the bytes that cross the wire and PCIe are the compressed ones."""
-        assert self.ssd is not None
-        self._counters["ssd"].hits += 1
-        e.hits += 1
-        self._policy["ssd"].access(e.eid)
-        try:
-            with self.ssd.read(e.namespace, e.key) as (header, data):
-                container = encode_header(header) + bytes(data)
-        except (DataLoss, KeyError) as exc:
-            self._drop(e)
-            if isinstance(exc, KeyError):
-                raise DataLoss(f"ssd tier lost {e.key.hex()[:16]}...; entry dropped") from None
-            raise
+        self._count_ssd_hit(e)
+        with self._ssd_record(e) as (header, data):
+            container = encode_header(header) + bytes(data)
         self._stage(len(container))
         return ReadLease(self, None, memoryview(container), e.header(), "ssd", encoded=True)
 
     def _read_from_ssd(self, e: Entry) -> ReadLease | None:
         """Promote `e` to cpu (returns None: caller leases the slot) or stage a copy."""
-        assert self.ssd is not None
-        self._counters["ssd"].hits += 1
-        e.hits += 1
-        self._policy["ssd"].access(e.eid)
+        self._count_ssd_hit(e)
         # Held as read while room is made, so demotions cannot evict its own ssd copy.
         e.readers += 1
         try:
@@ -773,7 +781,7 @@ class Store:
         if slot is None:
             self._stage(e.nbytes)
         try:
-            with self.ssd.read(e.namespace, e.key) as (header, data):
+            with self._ssd_record(e) as (header, data):
                 if slot is not None:
                     assert self.cpu is not None
                     dst = self.cpu.view(slot, e.nbytes)
@@ -785,15 +793,12 @@ class Store:
                 except ContainerError as exc:
                     msg = f"ssd tier: {e.key.hex()[:16]}... does not decode: {exc}"
                     raise DataLoss(msg) from None
-        except (DataLoss, KeyError) as exc:
+        except DataLoss:
             if slot is not None:
                 assert self.cpu is not None
                 self.cpu.free(slot)
             else:
                 self._unstage(e.nbytes)
-            self._drop(e)
-            if isinstance(exc, KeyError):
-                raise DataLoss(f"ssd tier lost {e.key.hex()[:16]}...; entry dropped") from None
             raise
         if slot is None:
             return ReadLease(self, None, memoryview(copy), e.header(), "ssd")
