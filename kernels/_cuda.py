@@ -5,6 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 
+def align(n: int, to: int = 16) -> int:
+    """n rounded up to a multiple of `to` (buffer offsets, thread counts)."""
+    return -(-n // to) * to
+
+
 class KernelModule:
     """The kernels `names` of CUDA C++ `source`, compiled by NVRTC the first time a device
     asks for one of them (CuPy is imported only then)."""

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kvstore.kernels._cuda import KernelModule
+from kvstore.kernels._cuda import KernelModule, align
 from kvstore.kernels.blocks import DeviceBuffer, as_cupy_stream
 from kvstore.kernels.checksum import SHORT_MAX, _keep_until_done, xxh3_64_gpu
 from kvstore.kernels.floatbits import CUDA_FLOATBITS
@@ -78,6 +78,15 @@ typedef unsigned long long u64;
 // shared memory from their frequencies: per unit, slot -> symbol (a byte per slot) and per
 // symbol its frequency | cumulative frequency << 16. Tables in global memory, one per unit,
 // would outweigh the symbols they decode for short chunks and thrash the caches.
+// One symbol of a lane in state x: the symbol, and the state before renormalization.
+__device__ __forceinline__ u32 rans_step(u32 x, const unsigned char* table, const u32* fc,
+                                         u32* sym) {
+    u32 slot = x & (SLOTS - 1);
+    *sym = table[slot];
+    u32 e = fc[*sym];
+    return (e & 0xFFFF) * (x >> PRECISION) + slot - (e >> 16);
+}
+
 extern "C" __global__ void rans_decode(const unsigned char* __restrict__ data,
                                        const long long* __restrict__ groups,
                                        const long long* __restrict__ streams,
@@ -141,10 +150,8 @@ extern "C" __global__ void rans_decode(const unsigned char* __restrict__ data,
             u32 word = 0;
 #pragma unroll
             for (int l = 0; l < LANES; ++l) {
-                u32 slot = x[l] & (SLOTS - 1);
-                u32 sym = table[slot];
-                u32 e = fc[sym];
-                u32 v = (e & 0xFFFF) * (x[l] >> PRECISION) + slot - (e >> 16);
+                u32 sym;
+                u32 v = rans_step(x[l], table, fc, &sym);
                 int take = (v < RANS_L) + (v < (RANS_L >> 8));
                 u32 w = (u32)data[pos] << 8 | (u32)data[pos + 1];
                 x[l] = (v << (8 * take)) | (w >> (16 - 8 * take));
@@ -161,10 +168,8 @@ extern "C" __global__ void rans_decode(const unsigned char* __restrict__ data,
         }
         for (; i < n && !bad; ++i) {
             int l = (int)(i % LANES);
-            u32 slot = x[l] & (SLOTS - 1);
-            u32 sym = table[slot];
-            u32 e = fc[sym];
-            u32 v = (e & 0xFFFF) * (x[l] >> PRECISION) + slot - (e >> 16);
+            u32 sym;
+            u32 v = rans_step(x[l], table, fc, &sym);
             while (v < RANS_L && !bad) {
                 if (pos >= end) bad = true; else v = v << 8 | data[pos++];
             }
@@ -326,10 +331,6 @@ class Job:
     checksum: int | None = None
 
 
-def _align(n: int, to: int = 16) -> int:
-    return -(-n // to) * to
-
-
 def decode_on_gpu(jobs: Sequence[Job | tuple[Any, ...]], stream: Any = None) -> GpuDecode:
     """Launch the decoding of `jobs` (all on one GPU) on `stream` (CuPy or torch stream,
     None: the current one) and return its handle. Payloads are parsed and checked on the
@@ -368,7 +369,7 @@ def decode_on_gpu(jobs: Sequence[Job | tuple[Any, ...]], stream: Any = None) -> 
     n_escaped = sum(p.escaped.size for p in parsed)
     data_bytes = sum(len(p.data) for p in parsed)
     sym_bytes = sum(
-        _align(p.layout.units * p.layout.segments * p.layout.segment * p.layout.head_dim)
+        align(p.layout.units * p.layout.segments * p.layout.segment * p.layout.head_dim)
         for p in parsed
     )
     n_groups = sum(-(-p.layout.units // GROUP_UNITS) for p in parsed)
@@ -385,7 +386,7 @@ def decode_on_gpu(jobs: Sequence[Job | tuple[Any, ...]], stream: Any = None) -> 
     at, total = {}, 0
     for name, size in sections.items():
         at[name] = total
-        total += _align(size, 256)
+        total += align(size, 256)
     pinned = cupy.cuda.alloc_pinned_memory(total)
     buf = np.frombuffer(pinned, np.uint8, total)
     groups = buf[at["groups"] : at["groups"] + sections["groups"]].view(np.int64)
@@ -412,7 +413,7 @@ def decode_on_gpu(jobs: Sequence[Job | tuple[Any, ...]], stream: Any = None) -> 
     e_at = starts_of([p.escaped.size for p in parsed])
     d_at = starts_of([len(p.data) for p in parsed])
     g_at = starts_of([-(-lay.units // GROUP_UNITS) for lay in lays])
-    sym_at = starts_of([_align(lay.units * lay.segments * lay.segment * lay.head_dim)
+    sym_at = starts_of([align(lay.units * lay.segments * lay.segment * lay.head_dim)
                         for lay in lays])  # fmt: skip
     widest = max(GROUP_UNITS * lay.segments for lay in lays)  # streams of the largest group
 
@@ -481,7 +482,7 @@ def decode_on_gpu(jobs: Sequence[Job | tuple[Any, ...]], stream: Any = None) -> 
         if n_streams:
             _kernels(device, "rans_decode")(
                 (n_groups,),
-                (min(256, _align(widest, 32)),),
+                (min(256, align(widest, 32)),),
                 (ptr("data"), ptr("groups"), ptr("streams"), ptr("freqs"), symbols,
                  np.uint64(status_ptr)),
                 stream=s,
@@ -489,7 +490,7 @@ def decode_on_gpu(jobs: Sequence[Job | tuple[Any, ...]], stream: Any = None) -> 
         if n_units:
             _kernels(device, "reconstruct")(
                 (n_units,),
-                (_align(dims, _RECON_THREADS),),
+                (align(dims, _RECON_THREADS),),
                 (ptr("units"), symbols, ptr("starts"), ptr("steps"), ptr("escaped"),
                  np.uint64(status_ptr + 4 * n_streams)),
                 stream=s,

@@ -59,7 +59,7 @@ from typing import Any, Literal, cast
 import numba
 import numpy as np
 
-from kvstore.kernels._cuda import KernelModule
+from kvstore.kernels._cuda import KernelModule, align
 from kvstore.kernels.blocks import as_cupy_stream
 from kvstore.kernels.checksum import _keep_until_done
 from kvstore.kernels.floatbits import (
@@ -615,10 +615,6 @@ _NAMES = tuple(
 _module = KernelModule(CUDA_FLOATBITS + _CUDA_SOURCE, _NAMES)
 
 
-def _align(n: int, to: int = 16) -> int:
-    return -(-n // to) * to
-
-
 def _run_gpu(
     src: _Operand, dst: _Operand, table: tuple[np.ndarray, ...], cfg: RopeConfig, stream: Any
 ) -> Any:
@@ -630,8 +626,8 @@ def _run_gpu(
     item = 4 if src.kind == 0 else 2
     layer = src.nbytes // item // layers if layers else 0
     rows, cos, sin = table
-    at_cos = _align(rows.nbytes)
-    at_sin = at_cos + _align(cos.nbytes)
+    at_cos = align(rows.nbytes)
+    at_sin = at_cos + align(cos.nbytes)
     total = at_sin + sin.nbytes
     current = cupy.cuda.runtime.getDevice()
     with cupy.cuda.Device(device) if current != device else contextlib.nullcontext():
