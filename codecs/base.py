@@ -23,6 +23,10 @@ import torch
 
 from kvstore.codecs.container import ContainerError
 from kvstore.errors import InvalidArgument
+from kvstore.kernels.floatbits import WORD_KINDS
+
+# The dtypes whose 16-bit words the codecs' kernels read and write, with their kind code.
+DTYPE_WORDS: Mapping[torch.dtype, int] = {getattr(torch, n): k for n, k in WORD_KINDS.items()}
 
 ParamValue = int | float | str
 

@@ -68,9 +68,25 @@ import numpy as np
 import torch
 
 from kvstore.codecs import rans
-from kvstore.codecs.base import Codec, ContainerError, ParamValue, kv_view, register
+from kvstore.codecs.base import (
+    DTYPE_WORDS,
+    Codec,
+    ContainerError,
+    ParamValue,
+    kv_view,
+    register,
+)
 from kvstore.errors import InvalidArgument
-from kvstore.kernels.floatbits import F16_MAX, bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16
+from kvstore.kernels.floatbits import (
+    F16_MAX,
+    WORDS_BF16,
+    WORDS_F16,
+    WORDS_F32,
+    bf16_to_f32,
+    f16_to_f32,
+    f32_to_bf16,
+    f32_to_f16,
+)
 
 # Residual spread / step for (K, V) in the first, middle and last third of the layers, by
 # level: lower levels keep more. A Gaussian residual costs about log2(resolution) + 2 bits.
@@ -100,8 +116,8 @@ RANS_GROUP_SYMBOLS = 1 << 21  # symbols rANS-coded per call (see `_code_streams`
 
 # How the kernels read and write a dtype's 16-bit words; any other dtype goes through
 # float32.
-_F32, _F16, _BF16 = 0, 1, 2
-_KINDS = {torch.float32: _F32, torch.float16: _F16, torch.bfloat16: _BF16}
+_F32, _F16, _BF16 = WORDS_F32, WORDS_F16, WORDS_BF16
+_KINDS = DTYPE_WORDS
 
 
 @dataclass(frozen=True)

@@ -55,13 +55,29 @@ import numba
 import numpy as np
 import torch
 
-from kvstore.codecs.base import Codec, ContainerError, ParamValue, kv_view, register
+from kvstore.codecs.base import (
+    DTYPE_WORDS,
+    Codec,
+    ContainerError,
+    ParamValue,
+    kv_view,
+    register,
+)
 from kvstore.errors import InvalidArgument
-from kvstore.kernels.floatbits import F16_MAX, bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16
+from kvstore.kernels.floatbits import (
+    F16_MAX,
+    WORDS_BF16,
+    WORDS_F16,
+    WORDS_F32,
+    bf16_to_f32,
+    f16_to_f32,
+    f32_to_bf16,
+    f32_to_f16,
+)
 
 # How the kernels read and write a dtype's 16-bit words.
-_F32, _F16, _BF16 = 0, 1, 2
-_KINDS = {torch.float32: _F32, torch.float16: _F16, torch.bfloat16: _BF16}
+_F32, _F16, _BF16 = WORDS_F32, WORDS_F16, WORDS_BF16
+_KINDS = DTYPE_WORDS
 
 
 class _Parts(NamedTuple):

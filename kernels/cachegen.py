@@ -336,17 +336,15 @@ def decode_on_gpu(jobs: Sequence[Job | tuple[Any, ...]], stream: Any = None) -> 
     None: the current one) and return its handle. Payloads are parsed and checked on the
     host first: a malformed header raises ContainerError before anything launches."""
     import cupy
-    import torch
 
+    from kvstore.codecs.base import DTYPE_WORDS as kinds
     from kvstore.codecs.base import ContainerError
-    from kvstore.codecs.cachegen import _KINDS, ALPHABET, parse_payload
+    from kvstore.codecs.cachegen import ALPHABET, parse_payload
 
     todo = [j if isinstance(j, Job) else Job(*j) for j in jobs]
     if not todo:
         raise ValueError("no payloads to decode")
     device = todo[0].out.get_device()
-    kinds = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-    assert set(kinds) == set(_KINDS)
     for i, job in enumerate(todo):
         out = job.out
         if not out.is_cuda or out.get_device() != device or not out.is_contiguous():

@@ -39,6 +39,11 @@ import numpy as np
 
 F16_MAX = 65504.0
 
+# How kernels that work on a value's words tell its dtype apart (the codecs' numba kernels,
+# the GPU decoder and the RoPE kernels): float32 takes two 16-bit words per value.
+WORDS_F32, WORDS_F16, WORDS_BF16 = 0, 1, 2
+WORD_KINDS = {"float32": WORDS_F32, "float16": WORDS_F16, "bfloat16": WORDS_BF16}
+
 
 @numba.njit(cache=True)
 def f16_to_f32(h: int | np.integer) -> np.float32:

@@ -64,6 +64,7 @@ from kvstore.kernels.blocks import as_cupy_stream
 from kvstore.kernels.checksum import _keep_until_done
 from kvstore.kernels.floatbits import (
     CUDA_FLOATBITS,
+    WORD_KINDS,
     bf16_to_f32,
     f16_to_f32,
     f32_to_bf16,
@@ -73,7 +74,7 @@ from kvstore.kernels.floatbits import (
 Pairing = Literal["neox", "gptj"]
 ScalingKind = Literal["linear", "dynamic", "yarn", "llama3"]
 
-_KINDS = {"float32": 0, "float16": 1, "bfloat16": 2}  # dtype name -> kernel kind
+_KINDS = WORD_KINDS  # dtype name -> kernel kind
 _THREADS = 256
 
 
