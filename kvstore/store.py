@@ -765,7 +765,7 @@ class Store:
         not spent, and the bytes that cross the wire and PCIe are the compressed ones."""
         self._count_ssd_hit(e)
         with self._ssd_record(e) as (header, data):
-            container = encode_header(header) + bytes(data)
+            container = b"".join((encode_header(header), data))  # one copy of the payload
         self._stage(len(container))
         return ReadLease(self, None, memoryview(container), e.header(), "ssd", encoded=True)
 
