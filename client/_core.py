@@ -120,6 +120,8 @@ class ServerStats:
     tiers: dict[str, TierStats] = field(default_factory=dict)
     # The gpu tier's pools (kvstore.v1.GpuPool), for same-host clients to map.
     gpu_pools: list[pb.GpuPool] = field(default_factory=list)
+    # By codec name ("raw": stored as is): (bytes before, bytes after) the ssd tier's writes.
+    codecs: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @classmethod
     def from_proto(cls, m: pb.StatsResponse) -> ServerStats:
@@ -152,6 +154,7 @@ class ServerStats:
             m.lease_seconds,
             tiers,
             list(m.gpu_pools),
+            {c.name: (c.raw_bytes, c.encoded_bytes) for c in m.codecs},
         )
 
 

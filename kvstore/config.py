@@ -85,6 +85,11 @@ class ServerConfig:
     """Unix socket to listen on (mode 0600); default `<data_dir>/kvstore.sock`."""
     listen: str | None = None
     """Optional TCP address HOST:PORT to listen on as well as the socket."""
+    health_listen: str | None = None
+    """Optional TCP address HOST:PORT serving only the gRPC health service, for Kubernetes
+    `grpc` probes: safe to open on the pod's address while data stays on the socket."""
+    metrics_listen: str | None = None
+    """Optional TCP address HOST:PORT of a Prometheus endpoint (`/metrics`)."""
     gpu_bytes: int = 4 << 30
     """Size of the gpu tier's pool on each visible GPU."""
     gpu_twin: bool = False
@@ -117,6 +122,9 @@ class ServerConfig:
     being read ages out; for RAG chunk caches)."""
     log_level: str = "info"
     """One of debug, info, warning, error."""
+    log_format: str = "text"
+    """"text" (one readable line per record) or "json" (one JSON object per line, with the
+    request id of the call that logged it, for log collectors)."""
     _sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -176,11 +184,20 @@ class ServerConfig:
         self.log_level = str(self.log_level).lower()
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"log-level: {self.log_level!r} is not debug/info/warning/error")
-        if self.listen is not None:
-            host, sep, port = self.listen.rpartition(":")
-            digits = port.isascii() and port.isdigit()
-            if not sep or not host or not digits or not 0 <= int(port) < 65536:
-                raise ConfigError(f"listen: expected HOST:PORT, got {self.listen!r}")
+        self.log_format = str(self.log_format).lower()
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log-format: {self.log_format!r} is not text or json")
+        for name in ("listen", "health_listen", "metrics_listen"):
+            address = getattr(self, name)
+            if address is not None:
+                split_address(address, name.replace("_", "-"))
+        ports = [
+            split_address(a, "")[1]
+            for a in (self.listen, self.health_listen, self.metrics_listen)
+            if a is not None
+        ]
+        if len(set(ports) - {0}) != len([p for p in ports if p]):
+            raise ConfigError("listen: listen, health-listen and metrics-listen share a port")
         if len(os.fsencode(str(self.socket_path))) > _MAX_SOCKET_PATH:
             raise ConfigError(
                 f"socket: path {self.socket_path} is longer than {_MAX_SOCKET_PATH} bytes, "
@@ -242,6 +259,15 @@ class ServerConfig:
         out["socket"] = str(self.socket_path)
         out["data_dir"] = str(self.data_dir)
         return out
+
+
+def split_address(address: str, what: str) -> tuple[str, int]:
+    """(host, port) of `HOST:PORT` (`[::1]:PORT` for IPv6); ConfigError if malformed."""
+    host, sep, port = str(address).rpartition(":")
+    digits = port.isascii() and port.isdigit()
+    if not sep or not host or not digits or not 0 <= int(port) < 65536:
+        raise ConfigError(f"{what}: expected HOST:PORT, got {address!r}")
+    return host.removeprefix("[").removesuffix("]"), int(port)
 
 
 def _as_seconds(value: Any, what: str, lo: float) -> float:

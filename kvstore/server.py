@@ -35,6 +35,7 @@ from grpc_reflection.v1alpha import reflection
 from kvstore import __version__
 from kvstore.config import ServerConfig, format_size
 from kvstore.errors import InvalidArgument, KVStoreError, NotFound
+from kvstore.metrics import ServerMetrics
 from kvstore.store import PutReservation, ReadLease, Store, check_namespace
 from kvstore.tiers.host import HostArena
 from kvstore.v1 import kvstore_pb2 as pb
@@ -174,6 +175,9 @@ class HandOuts(Generic[H]):
             return self.release(expired)
         self._expired.extend((thing, now + self.seconds) for _, thing in self.take(expired))
         return len(expired)
+
+    def __len__(self) -> int:
+        return len(self._held) + len(self._expired)
 
     def release_all(self) -> int:
         for thing, _ in self._expired:
@@ -608,6 +612,7 @@ class KVStoreServicer:
             pinned=s.pinned,
             leases=s.leases,
             gpu_pools=[pb.GpuPool(**vars(x)) for x in self.exports.values()],
+            codecs=[pb.CodecStats(name=n, **vars(c)) for n, c in sorted(s.codecs.items())],
         )
 
     async def List(self, request: pb.ListRequest, context: Any) -> AsyncIterator[pb.ListResponse]:
@@ -727,7 +732,10 @@ async def _run(
 ) -> None:
     server = grpc.aio.server(options=GRPC_OPTIONS)
     servicer = KVStoreServicer(store, config)
-    server.add_generic_rpc_handlers((server_handler(servicer),))
+    metrics = ServerMetrics(
+        store, lambda: {"read": len(servicer.shared), "put": len(servicer.reserved)}
+    )
+    server.add_generic_rpc_handlers((server_handler(servicer, metrics.observe),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
@@ -739,16 +747,33 @@ async def _run(
         os.umask(old_umask)
     addresses = [f"unix://{sock}"]
     if config.listen:
-        server.add_insecure_port(config.listen)
+        _add_port(server, config.listen, "listen")
         addresses.append(config.listen)
+    # Probes get a server of their own: the pod's address can be opened to the kubelet
+    # without opening the data service to the network.
+    probes = None
+    if config.health_listen:
+        probes = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probes)
+        _add_port(probes, config.health_listen, "health-listen")
     await server.start()
     os.chmod(sock, 0o600)
+    if probes is not None:
+        await probes.start()
+    if config.metrics_listen:
+        try:
+            where = metrics.serve_http(config.metrics_listen)
+        except OSError as exc:
+            raise RuntimeError(f"metrics-listen {config.metrics_listen}: {exc}") from None
+        addresses.append(f"metrics http://{where}/metrics")
+    if config.health_listen:
+        addresses.append(f"health {config.health_listen}")
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
         "kvstore-server %s serving on %s; %s; %d entries restored",
         __version__,
-        " and ".join(addresses),
+        ", ".join(addresses),
         _describe_tiers(store),
         len(store.entries()),
     )
@@ -765,6 +790,9 @@ async def _run(
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.stop(config.grace_seconds if signals.count < 2 else 0)
+    if probes is not None:
+        await probes.stop(0)
+    metrics.close()
     for task in background:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -777,6 +805,13 @@ async def _run(
     )
     if persisted:
         log.info("shutdown: copied %d cpu-tier values to the ssd tier", persisted)
+
+
+def _add_port(server: grpc.aio.Server, address: str, what: str) -> None:
+    try:
+        server.add_insecure_port(address)
+    except RuntimeError as exc:  # gRPC's words for a port in use: "Failed to bind"
+        raise RuntimeError(f"{what} {address}: cannot listen there ({exc})") from None
 
 
 async def _sync_forever(store: Store) -> None:

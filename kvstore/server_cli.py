@@ -5,16 +5,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import sys
 from collections.abc import Sequence
 
 import uvloop
 
-from kvstore import __version__
+from kvstore import __version__, logs
 from kvstore.config import ConfigError, ServerConfig
 from kvstore.gpu import cuda_device_count
 from kvstore.memtune import keep_freed_buffers
+from kvstore.preflight import check_environment
 
 EPILOG = """\
 Settings come from, highest precedence first: these flags, the TOML file given by --config
@@ -104,11 +104,29 @@ def build_parser() -> argparse.ArgumentParser:
         "often (a RAG chunk cache's popular documents) over one-off ones (default lru)",
     )
     p.add_argument("--log-level", help="debug, info, warning or error (default info)")
+    p.add_argument(
+        "--log-format",
+        help="text (default) or json: one object per line with the request id of the call "
+        "that logged it (clients may choose it with x-request-id metadata)",
+    )
+    p.add_argument(
+        "--health-listen",
+        metavar="HOST:PORT",
+        help="serve only the gRPC health service on this TCP address, for Kubernetes grpc "
+        "probes (default: off; health is always on the socket and --listen)",
+    )
+    p.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",
+    )
     p.add_argument("--config", metavar="FILE", help="TOML file with any of the settings above")
     p.add_argument(
         "--check-config",
         action="store_true",
-        help="print the effective settings as JSON and exit without serving",
+        help="print the effective settings as JSON, check the machine against them (data "
+        "directory, room in /dev/shm and on disk, socket and ports free, memory limit), and "
+        "exit without serving: 0 if it would start, 1 if not (the reasons on stderr)",
     )
     p.add_argument("--version", action="version", version=f"kvstore-server {__version__}")
     return p
@@ -137,11 +155,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     if args.check_config:
         print(json.dumps(config.describe(), indent=2, default=str))
-        return 0
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+        findings = check_environment(config)
+        for f in findings:
+            print(f"kvstore-server: {f.level}: {f.message}", file=sys.stderr)
+        return 1 if any(f.level == "error" for f in findings) else 0
+    logs.configure(config.log_level, config.log_format)
     from kvstore.server import serve  # grpc import is slow; keep --help and errors fast
 
     keep_freed_buffers()

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvstore.codecs.container import (
+    CODEC_RAW,
     ContainerError,
     ValueHeader,
     checksum,
@@ -159,11 +160,21 @@ class TierStats:
 
 
 @dataclass
+class CodecBytes:
+    """What the ssd tier's writes through one codec took in and put out."""
+
+    raw_bytes: int = 0
+    encoded_bytes: int = 0
+
+
+@dataclass
 class StoreStats:
     tiers: list[TierStats]
     entries: int
     pinned: int
     leases: int
+    codecs: dict[str, CodecBytes] = field(default_factory=dict)
+    """By codec name ("raw" for values stored as they are), since the server started."""
 
 
 class PutReservation:
@@ -368,6 +379,7 @@ class Store:
         self.pools: dict[int, GpuPool] = {}
         self._policy: dict[str, EvictionPolicy[EntryId]] = {}
         self._counters: dict[str, TierCounters] = {}
+        self._codec_bytes: dict[str, CodecBytes] = {}
         self._mem: dict[int, _Slots] = {}  # by place: 0 the cpu arena, n gpu pool n
         self._staging_used = 0
         self._leases = 0
@@ -913,6 +925,7 @@ class Store:
                 len(self._index),
                 sum(1 for e in self._index.values() if e.pins),
                 self._leases,
+                {name: CodecBytes(**vars(c)) for name, c in self._codec_bytes.items()},
             )
 
     # ----------------------------------------------------------------- lifecycle
@@ -1198,6 +1211,11 @@ class Store:
                 self._counters["ssd"].evictions += 1
                 self._drop_ssd_copy(victim)
         self._on_ssd(e, header)
+        codec = self._ssd_codec(e.namespace) if header.codec != CODEC_RAW else None
+        name = codec.name if codec is not None else "raw"
+        written = self._codec_bytes.get(name) or self._codec_bytes.setdefault(name, CodecBytes())
+        written.raw_bytes += header.value_len
+        written.encoded_bytes += header.payload_len
 
     def _on_ssd(self, e: Entry, header: ValueHeader) -> None:
         """Record that the ssd tier now holds `e`, as `header` describes it."""

@@ -147,8 +147,9 @@ def client_stubs(channel: Any) -> dict[str, Any]:
     }
 
 
-def server_handler(servicer: Any) -> Any:
-    """A generic handler routing every method to `servicer.<Method>` (grpc.aio coroutines).
+def server_handler(servicer: Any, observe: Any = None) -> Any:
+    """A generic handler routing every method to `servicer.<Method>` (grpc.aio coroutines),
+    each wrapped by `observe(name, kind, handler)` when given (metrics, request ids).
 
     Requests of unary calls are parsed here rather than by gRPC, so a malformed message gets
     INVALID_ARGUMENT instead of gRPC's UNKNOWN.
@@ -163,6 +164,8 @@ def server_handler(servicer: Any) -> Any:
         else:
             behavior = (_parse_unary if kind == "unary_unary" else _parse_stream)(behavior, req)
             deserialize = None  # raw bytes reach the wrapper
+        if observe is not None:
+            behavior = observe(name, kind, behavior)
         handlers[name] = getattr(grpc, f"{kind}_rpc_method_handler")(
             behavior, request_deserializer=deserialize, response_serializer=_serializer(resp)
         )

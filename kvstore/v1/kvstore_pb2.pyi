@@ -219,7 +219,7 @@ class TierStats(_message.Message):
     def __init__(self, name: _Optional[str] = ..., entries: _Optional[int] = ..., used_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., promotions: _Optional[int] = ..., demotions: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("version", "chunk_tokens", "max_value_bytes", "max_keys_per_request", "max_piece_bytes", "tiers", "entries", "uptime_seconds", "host_arena_path", "pinned", "leases", "host_arena_dev", "host_arena_ino", "lease_seconds", "gpu_pools")
+    __slots__ = ("version", "chunk_tokens", "max_value_bytes", "max_keys_per_request", "max_piece_bytes", "tiers", "entries", "uptime_seconds", "host_arena_path", "pinned", "leases", "host_arena_dev", "host_arena_ino", "lease_seconds", "gpu_pools", "codecs")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_VALUE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -235,6 +235,7 @@ class StatsResponse(_message.Message):
     HOST_ARENA_INO_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     GPU_POOLS_FIELD_NUMBER: _ClassVar[int]
+    CODECS_FIELD_NUMBER: _ClassVar[int]
     version: str
     chunk_tokens: int
     max_value_bytes: int
@@ -250,7 +251,18 @@ class StatsResponse(_message.Message):
     host_arena_ino: int
     lease_seconds: float
     gpu_pools: _containers.RepeatedCompositeFieldContainer[GpuPool]
-    def __init__(self, version: _Optional[str] = ..., chunk_tokens: _Optional[int] = ..., max_value_bytes: _Optional[int] = ..., max_keys_per_request: _Optional[int] = ..., max_piece_bytes: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., entries: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., host_arena_path: _Optional[str] = ..., pinned: _Optional[int] = ..., leases: _Optional[int] = ..., host_arena_dev: _Optional[int] = ..., host_arena_ino: _Optional[int] = ..., lease_seconds: _Optional[float] = ..., gpu_pools: _Optional[_Iterable[_Union[GpuPool, _Mapping]]] = ...) -> None: ...
+    codecs: _containers.RepeatedCompositeFieldContainer[CodecStats]
+    def __init__(self, version: _Optional[str] = ..., chunk_tokens: _Optional[int] = ..., max_value_bytes: _Optional[int] = ..., max_keys_per_request: _Optional[int] = ..., max_piece_bytes: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., entries: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., host_arena_path: _Optional[str] = ..., pinned: _Optional[int] = ..., leases: _Optional[int] = ..., host_arena_dev: _Optional[int] = ..., host_arena_ino: _Optional[int] = ..., lease_seconds: _Optional[float] = ..., gpu_pools: _Optional[_Iterable[_Union[GpuPool, _Mapping]]] = ..., codecs: _Optional[_Iterable[_Union[CodecStats, _Mapping]]] = ...) -> None: ...
+
+class CodecStats(_message.Message):
+    __slots__ = ("name", "raw_bytes", "encoded_bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    RAW_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ENCODED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    raw_bytes: int
+    encoded_bytes: int
+    def __init__(self, name: _Optional[str] = ..., raw_bytes: _Optional[int] = ..., encoded_bytes: _Optional[int] = ...) -> None: ...
 
 class GpuPool(_message.Message):
     __slots__ = ("pool", "device_uuid", "ipc_handle", "capacity_bytes", "twin_path", "arena_dev", "arena_ino")

@@ -36,6 +36,8 @@ SERVER_FLAGS = [
     "--data-dir",
     "--socket",
     "--listen",
+    "--health-listen",
+    "--metrics-listen",
     "--cpu-bytes",
     "--ssd-bytes",
     "--chunk-tokens",
@@ -45,6 +47,7 @@ SERVER_FLAGS = [
     "--grace-seconds",
     "--lease-seconds",
     "--log-level",
+    "--log-format",
     "--config",
     "--check-config",
 ]
@@ -272,6 +275,12 @@ def test_check_config_reads_every_flag_and_kvstore_config(tmp_path: Path) -> Non
         "gdsf",
         "--log-level",
         "WARNING",
+        "--log-format",
+        "JSON",
+        "--health-listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "[::1]:0",
     )
     assert got == {
         "tiers": "cpu,ssd",
@@ -291,12 +300,44 @@ def test_check_config_reads_every_flag_and_kvstore_config(tmp_path: Path) -> Non
         "lease_seconds": 7.0,
         "eviction": "gdsf",
         "log_level": "warning",
+        "log_format": "json",
+        "health_listen": "127.0.0.1:0",
+        "metrics_listen": "[::1]:0",
     }
     # KVSTORE_CONFIG names the file when --config does not.
     cfg = tmp_path / "env.toml"
     cfg.write_text('chunk-tokens = 32\ncpu-bytes = "16MiB"\n')
     got = _check_config(tmp_path, KVSTORE_CONFIG=str(cfg), KVSTORE_CHUNK_TOKENS="64")
     assert (got["chunk_tokens"], got["cpu_bytes"]) == (32, 16 * MiB)
+
+
+def test_check_config_finds_what_would_stop_the_server(
+    tmp_path: Path, server: ServerProcess
+) -> None:
+    r = server_cli("--check-config", "--data-dir", str(tmp_path / "fresh"), cwd=tmp_path)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    shm = os.statvfs("/dev/shm")
+    too_much = (shm.f_bavail * shm.f_frsize) // MiB + 1024
+    (tmp_path / "a-file").write_text("")
+    with busy:
+        r = server_cli(
+            "--check-config", "--data-dir", str(tmp_path / "a-file" / "d"),
+            "--socket", str(server.socket), "--metrics-listen", f"127.0.0.1:{port}",
+            "--cpu-bytes", f"{too_much}MiB", cwd=tmp_path,
+        )  # fmt: skip
+    assert r.returncode == 1, r.stderr
+    errors = r.stderr.splitlines()
+    assert all(line.startswith("kvstore-server: error: ") for line in errors), r.stderr
+    joined = "\n".join(errors)
+    assert "data-dir:" in joined and "not a directory" in joined
+    assert f"metrics-listen: cannot listen on 127.0.0.1:{port}" in joined
+    assert "cpu-bytes:" in joined and "shared memory free" in joined
+    assert f"a server is already listening on {server.socket}" in joined
+    assert json.loads(r.stdout)["metrics_listen"] == f"127.0.0.1:{port}"
 
 
 # ------------------------------------------------------------------ serving
@@ -544,6 +585,42 @@ def test_ls_json_gives_one_object_per_line(populated: ServerProcess) -> None:
     assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 2, r.stdout
 
 
+def test_health_says_serving(populated: ServerProcess) -> None:
+    r = admin_cli("--address", populated.address, "health", cwd=populated.data_dir.parent)
+    assert (r.returncode, r.stdout.strip()) == (0, "SERVING"), r.stderr
+    r = admin_cli(
+        "--address", populated.address, "health", "--service", "kvstore.v1.KVStore",
+        cwd=populated.data_dir.parent,
+    )  # fmt: skip
+    assert (r.returncode, r.stdout.strip()) == (0, "SERVING"), r.stderr
+    r = admin_cli(
+        "--address", populated.address, "health", "--service", "no.such.Service",
+        cwd=populated.data_dir.parent,
+    )  # fmt: skip
+    assert r.returncode == 1 and "NOT_FOUND" in one_line(r.stderr), r.stderr
+
+
+def test_stats_watch_redraws_rates_until_interrupted(populated: ServerProcess) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvstore.admin_cli", "--address", populated.address,
+         "stats", "--watch", "0.2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
+    )  # fmt: skip
+    with populated.client(timeout=10) as c:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:  # reads while the watch runs: rates move
+            c.get(key(0))
+            time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    rows = {row[0]: row for row in _table_rows(out)}
+    header = rows["tier"]
+    assert "hits/s" in header and "hit ratio" in header, out
+    assert float(rows["cpu"][header.index("hits/s")]) > 0, out
+    assert "every 0.2s" in out and "Traceback" not in err
+
+
 def test_address_defaults_to_kvstore_address(populated: ServerProcess) -> None:
     r = admin_cli(
         "stats", "--json", cwd=populated.data_dir.parent,
@@ -559,7 +636,9 @@ def test_address_defaults_to_kvstore_address(populated: ServerProcess) -> None:
     assert len(r.stdout.strip().splitlines()) == 6
 
 
-@pytest.mark.parametrize("command", [["stats"], ["stats", "--json"], ["ls"], ["ls", "--json"]])
+@pytest.mark.parametrize(
+    "command", [["stats"], ["stats", "--json"], ["ls"], ["ls", "--json"], ["health"]]
+)
 @pytest.mark.parametrize("where", ["unix", "tcp"])
 def test_dead_address_exits_1_with_one_line(tmp_path: Path, where: str, command: list) -> None:
     address = f"unix://{tmp_path}/nobody.sock" if where == "unix" else f"127.0.0.1:{free_port()}"

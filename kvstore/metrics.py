@@ -1,0 +1,212 @@
+"""Prometheus metrics of the daemon, and the wrapper every RPC runs through.
+
+`ServerMetrics` owns one registry (not prometheus-client's global one, so several servers
+in one process, as in tests, do not mix) with:
+- per tier, read from the store at scrape time: `kvstore_tier_{hits,misses,evictions,
+  promotions,demotions}_total`, `kvstore_tier_{entries,used_bytes,capacity_bytes}`;
+- `kvstore_entries`, `kvstore_pinned_entries`, `kvstore_leases{kind=read|put}`;
+- per codec the ssd tier wrote with: `kvstore_codec_{raw,encoded}_bytes_total`;
+- per RPC: `kvstore_requests_total{rpc,code}` and the `kvstore_request_duration_seconds`
+  histogram, kept by `observe(...)`, which also gives each call its request id for logs;
+- `kvstore_build_info{version}`, `kvstore_uptime_seconds`.
+
+`serve_http(address)` exposes them on `http://HOST:PORT/metrics` from a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from kvstore import __version__
+from kvstore.config import split_address
+from kvstore.logs import MAX_REQUEST_ID, REQUEST_ID_HEADER, new_request_id, request_scope
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from kvstore.store import Store
+
+log = logging.getLogger("kvstore.requests")
+
+# From a Lookup answered from the index (~50 us) to a large put to ssd (seconds).
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+TIER_COUNTERS = ("hits", "misses", "evictions", "promotions", "demotions")
+# Codes a well-behaved client meets in normal work: logged at debug, not as failures.
+_ROUTINE = {grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.CANCELLED}
+
+
+class _StoreCollector(Collector):
+    """Reads the store's counters and gauges when Prometheus scrapes."""
+
+    def __init__(self, store: Store, leases: Callable[[], dict[str, int]], started: float):
+        self.store = store
+        self.leases = leases
+        self.started = started
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.store.stats()
+        counters = {
+            name: CounterMetricFamily(
+                f"kvstore_tier_{name}", f"{name.capitalize()} in each tier", labels=["tier"]
+            )
+            for name in TIER_COUNTERS
+        }
+        gauges = {
+            "entries": GaugeMetricFamily(
+                "kvstore_tier_entries", "Entries held in each tier", labels=["tier"]
+            ),
+            "used_bytes": GaugeMetricFamily(
+                "kvstore_tier_used_bytes", "Bytes used in each tier", labels=["tier"]
+            ),
+            "capacity_bytes": GaugeMetricFamily(
+                "kvstore_tier_capacity_bytes", "Bytes each tier may hold", labels=["tier"]
+            ),
+        }
+        for t in s.tiers:
+            for name, family in counters.items():
+                family.add_metric([t.name], getattr(t.counters, name))
+            for name, gauge in gauges.items():
+                gauge.add_metric([t.name], getattr(t, name))
+        yield from counters.values()
+        yield from gauges.values()
+        yield GaugeMetricFamily("kvstore_entries", "Distinct values stored", value=s.entries)
+        yield GaugeMetricFamily(
+            "kvstore_pinned_entries", "Values pinned against eviction", value=s.pinned
+        )
+        leases = GaugeMetricFamily(
+            "kvstore_leases",
+            "Values same-host clients hold in place: read leases and put reservations",
+            labels=["kind"],
+        )
+        for kind, n in self.leases().items():
+            leases.add_metric([kind], n)
+        yield leases
+        raw = CounterMetricFamily(
+            "kvstore_codec_raw_bytes",
+            "Bytes of values the ssd tier encoded, before encoding",
+            labels=["codec"],
+        )
+        encoded = CounterMetricFamily(
+            "kvstore_codec_encoded_bytes",
+            "Bytes the ssd tier wrote for those values, after encoding",
+            labels=["codec"],
+        )
+        for codec, c in sorted(s.codecs.items()):
+            raw.add_metric([codec], c.raw_bytes)
+            encoded.add_metric([codec], c.encoded_bytes)
+        yield raw
+        yield encoded
+        info = GaugeMetricFamily("kvstore_build_info", "The server's version", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+        yield GaugeMetricFamily(
+            "kvstore_uptime_seconds", "Seconds since the server started",
+            value=time.monotonic() - self.started,
+        )  # fmt: skip
+
+
+class ServerMetrics:
+    """The daemon's metrics registry and the per-RPC observer."""
+
+    def __init__(self, store: Store, leases: Callable[[], dict[str, int]]) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.started = time.monotonic()
+        self.registry.register(_StoreCollector(store, leases, self.started))
+        self._requests = Counter(
+            "kvstore_requests",
+            "Calls finished, by RPC and gRPC status code",
+            ["rpc", "code"],
+            registry=self.registry,
+        )
+        self._latency = Histogram(
+            "kvstore_request_duration_seconds",
+            "Time from a call's start to its last message, by RPC",
+            ["rpc"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._http: WSGIServer | None = None
+
+    def serve_http(self, address: str) -> str:
+        """Serve `/metrics` on `address` (HOST:PORT; port 0 picks one); returns HOST:PORT."""
+        host, port = split_address(address, "metrics-listen")
+        self._http, _ = start_http_server(port, host, registry=self.registry)
+        return f"{address.rpartition(':')[0]}:{self._http.server_port}"
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+    def observe(self, rpc: str, kind: str, behavior: Any) -> Any:
+        """`behavior` (a grpc.aio handler of cardinality `kind`) counted, timed and given
+        a request id for the records it logs."""
+        latency = self._latency.labels(rpc)
+        counts: dict[grpc.StatusCode, Any] = {}
+
+        def finish(context: Any, start: float, code: grpc.StatusCode | None) -> None:
+            elapsed = time.perf_counter() - start
+            latency.observe(elapsed)
+            code = code or context.code() or grpc.StatusCode.OK
+            counter = counts.get(code)
+            if counter is None:
+                counter = counts[code] = self._requests.labels(rpc, code.name)
+            counter.inc()
+            if code not in _ROUTINE:
+                log.info("%s failed: %s: %s", rpc, code.name, context.details() or "")
+            elif log.isEnabledFor(logging.DEBUG):
+                log.debug("%s done: %s in %.3f ms", rpc, code.name, elapsed * 1e3)
+
+        @contextlib.contextmanager
+        def call(context: Any) -> Iterator[None]:
+            start, code = time.perf_counter(), None
+            with request_scope(rpc, _request_id(context)):
+                try:
+                    yield
+                except (asyncio.CancelledError, GeneratorExit):
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                except grpc.aio.AbortError:
+                    raise  # the handler set the code
+                except BaseException:
+                    code = grpc.StatusCode.UNKNOWN
+                    raise
+                finally:
+                    finish(context, start, code)
+
+        if kind.endswith("_stream"):
+
+            async def streaming(request: Any, context: Any) -> AsyncIterator[Any]:
+                with call(context):
+                    async for item in behavior(request, context):
+                        yield item
+
+            return streaming
+
+        async def unary(request: Any, context: Any) -> Any:
+            with call(context):
+                return await behavior(request, context)
+
+        return unary
+
+
+def _request_id(context: Any) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_HEADER:
+            text = value if isinstance(value, str) else value.decode(errors="replace")
+            return text[:MAX_REQUEST_ID]
+    return new_request_id()

@@ -1,0 +1,55 @@
+"""`kvstore-server --check-config`'s checks of the machine, one at a time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvstore.config import ServerConfig
+from kvstore.preflight import PROCESS_OVERHEAD_BYTES, check_environment
+
+MiB = 1 << 20
+
+
+def _messages(config: ServerConfig, cgroup: Path) -> list[str]:
+    return [f"{f.level}: {f.message}" for f in check_environment(config, cgroup)]
+
+
+def test_a_fresh_data_dir_passes(tmp_path: Path) -> None:
+    config = ServerConfig(data_dir=tmp_path / "new" / "dir", cpu_bytes="16MiB")
+    assert _messages(config, tmp_path / "no-cgroup") == []
+
+
+def test_memory_limit_below_the_arena_is_an_error(tmp_path: Path) -> None:
+    cgroup = tmp_path / "memory.max"
+    config = ServerConfig(data_dir=tmp_path / "d", cpu_bytes="64MiB")
+    cgroup.write_text(f"{PROCESS_OVERHEAD_BYTES + 32 * MiB}\n")
+    (got,) = _messages(config, cgroup)
+    assert got.startswith("error: memory:") and "--cpu-bytes" in got
+    cgroup.write_text(f"{PROCESS_OVERHEAD_BYTES + 64 * MiB}\n")
+    assert _messages(config, cgroup) == []
+    cgroup.write_text("max\n")
+    assert _messages(config, cgroup) == []
+    # Without the cpu tier the arena costs nothing.
+    ssd_only = ServerConfig(data_dir=tmp_path / "d", tiers="ssd")
+    cgroup.write_text(f"{PROCESS_OVERHEAD_BYTES}\n")
+    assert _messages(ssd_only, cgroup) == []
+
+
+def test_ssd_larger_than_the_disk_is_a_warning(tmp_path: Path) -> None:
+    config = ServerConfig(data_dir=tmp_path, ssd_bytes="1000000TiB")
+    (got,) = _messages(config, tmp_path / "no-cgroup")
+    assert got.startswith("warning: ssd-bytes:") and "disk free" in got
+
+
+def test_a_stale_socket_file_is_fine_and_a_regular_file_is_not(tmp_path: Path) -> None:
+    import socket
+
+    path = tmp_path / "s.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(path))  # bound, never listening, then closed: a stale socket file
+    config = ServerConfig(data_dir=tmp_path, socket=path, cpu_bytes="16MiB")
+    assert _messages(config, tmp_path / "no-cgroup") == []
+    path.unlink()
+    path.write_text("")
+    (got,) = _messages(config, tmp_path / "no-cgroup")
+    assert got == f"error: socket: {path} exists and is not a socket"
