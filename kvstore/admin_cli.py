@@ -1,4 +1,5 @@
-"""`kvstore`: inspect a running server (`kvstore stats`, `kvstore ls`)."""
+"""`kvstore`: inspect a running server (`kvstore stats [--watch]`, `kvstore ls`,
+`kvstore health`)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,22 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from rich.console import Console
+import grpc
+from google.protobuf.json_format import MessageToDict
+from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
+from grpc_health.v1.health_pb2_grpc import HealthStub
+from rich.console import Console, Group
+from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from kvstore import __version__
-from kvstore.client import KVClient
+from kvstore.client import KVClient, ServerStats
 from kvstore.config import format_size
 from kvstore.errors import KVStoreError
 
@@ -47,6 +55,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     st = sub.add_parser("stats", help="server settings and a table per tier")
     st.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    st.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=2.0,
+        metavar="SECONDS",
+        help="redraw every SECONDS (default 2) with counters as rates, until Ctrl-C",
+    )
+    he = sub.add_parser(
+        "health",
+        help="exit 0 if the server answers SERVING on the gRPC health service (for probes)",
+    )
+    he.add_argument(
+        "--service",
+        default="",
+        help='service to ask about: "" (the server, default) or kvstore.v1.KVStore',
+    )
     ls = sub.add_parser("ls", help="list stored entries")
     ls.add_argument("--namespace", default=None, help="only this namespace")
     ls.add_argument("--limit", type=int, default=100, help="at most this many (0: all)")
@@ -54,30 +79,106 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def cmd_stats(client: KVClient, as_json: bool, console: Console) -> None:
-    s = client.stats()
-    if as_json:
-        console.print_json(json.dumps(asdict(s)))
-        return
-    console.print(
+def stats_view(s: ServerStats, before: ServerStats | None = None, seconds: float = 0.0) -> Group:
+    """The server line and the per-tier table; with `before`, counters as rates per second."""
+    rates = before is not None and seconds > 0
+    head = Text(
         f"kvstore-server {s.version}  up {s.uptime_seconds:.0f}s  entries {s.entries}  "
         f"pinned {s.pinned}  leases {s.leases}  chunk {s.chunk_tokens} tokens"
     )
-    table = Table("tier", "entries", "used", "capacity", "hits", "misses", "evictions",
-                  "promotions", "demotions")  # fmt: skip
+    counters = ("hits", "misses", "evictions", "promotions", "demotions")
+    table = Table("tier", "entries", "used", "capacity", "hit ratio",
+                  *(f"{c}/s" if rates else c for c in counters))  # fmt: skip
     for t in s.tiers.values():
+        old = before.tiers.get(t.name) if before is not None else None
+        if rates and old is not None:
+            cells = [f"{(getattr(t, c) - getattr(old, c)) / seconds:.1f}" for c in counters]
+            hits, misses = t.hits - old.hits, t.misses - old.misses
+        else:
+            cells = [str(getattr(t, c)) for c in counters]
+            hits, misses = t.hits, t.misses
+        ratio = f"{hits / (hits + misses):.1%}" if hits + misses else "-"
         table.add_row(
             t.name,
             str(t.entries),
             format_size(t.used_bytes),
             format_size(t.capacity_bytes),
-            str(t.hits),
-            str(t.misses),
-            str(t.evictions),
-            str(t.promotions),
-            str(t.demotions),
+            ratio,
+            *cells,
         )
-    console.print(table)
+    parts: list[Text | Table] = [head, table]
+    for name, (raw, encoded) in sorted(s.codecs.items()):
+        ratio_text = f"{raw / encoded:.2f}x" if encoded else "-"
+        parts.append(
+            Text(
+                f"ssd codec {name}: {format_size(raw)} written as {format_size(encoded)} "
+                f"({ratio_text})"
+            )
+        )
+    return Group(*parts)
+
+
+def cmd_stats(client: KVClient, as_json: bool, console: Console) -> None:
+    s = client.stats()
+    if as_json:
+        out = asdict(s)
+        out["gpu_pools"] = [MessageToDict(p) for p in s.gpu_pools]
+        console.print_json(json.dumps(out))
+        return
+    console.print(stats_view(s))
+
+
+def watch_stats(address: str, timeout: float, interval: float, console: Console) -> None:
+    """Redraw the stats every `interval` seconds until Ctrl-C, with counters per second;
+    an unreachable server is shown and tried again, so a restart does not end the watch."""
+    client: KVClient | None = None
+    before: tuple[ServerStats, float] | None = None
+    with Live(console=console, auto_refresh=False) as live:
+        try:
+            while True:
+                try:
+                    if client is None:
+                        client = KVClient(address, "kvstore-admin", timeout=timeout)
+                    s, now = client.stats(), time.monotonic()
+                    restarted = before is not None and s.uptime_seconds < before[0].uptime_seconds
+                    if before is None or restarted:
+                        view = stats_view(s)
+                    else:
+                        view = stats_view(s, before[0], now - before[1])
+                    before = (s, now)
+                    live.update(Group(view, Text(f"every {interval:g}s; Ctrl-C to stop")))
+                except KVStoreError as exc:
+                    if client is not None:
+                        client.close()
+                    client, before = None, None
+                    live.update(Text(f"{address}: {exc}; trying again in {interval:g}s"))
+                live.refresh()
+                time.sleep(interval)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            if client is not None:
+                client.close()
+
+
+def cmd_health(address: str, timeout: float, service: str) -> int:
+    """0 when the server answers SERVING for `service`; a line saying what is wrong if not."""
+    target = address.removeprefix("dns:")
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = HealthStub(channel).Check(
+                HealthCheckRequest(service=service), timeout=timeout, wait_for_ready=False
+            )
+        except grpc.RpcError as exc:
+            print(f"kvstore: {address}: not healthy: {exc.code().name}: {exc.details()}",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+    status = HealthCheckResponse.ServingStatus.Name(reply.status)
+    if reply.status != HealthCheckResponse.SERVING:
+        print(f"kvstore: {address}: {status}", file=sys.stderr)
+        return 1
+    print(status)
+    return 0
 
 
 def cmd_ls(
@@ -122,6 +223,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console()
     if not console.is_terminal:
         console.width = max(console.width, 120)  # pipes and logs get whole rows
+    if args.command == "health":
+        return cmd_health(address, args.timeout, args.service)
+    if args.command == "stats" and args.watch is not None:
+        if args.json or args.watch <= 0:
+            print("kvstore: --watch takes a positive interval and no --json", file=sys.stderr)
+            return 2
+        watch_stats(address, args.timeout, args.watch, console)
+        return 0
     try:
         with KVClient(address, "kvstore-admin", timeout=args.timeout) as client:
             if args.command == "stats":
