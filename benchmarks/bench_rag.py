@@ -50,6 +50,7 @@ from _realkv import MissingModelDependency, load_smollm2
 
 from kvstore.client import KVClient
 from kvstore.client.chunks import ChunkCache, recompute_by_deviation, recompute_first
+from kvstore.client.hf import cache_of, kv_of
 from kvstore.kernels.rope import RopeConfig
 
 ANSWER_TOKENS = 32
@@ -117,24 +118,6 @@ def sync(model: Any) -> None:
     """Wait for the GPU (a wall time must include its work)."""
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
-
-
-def cache_of(model: Any, kv: torch.Tensor) -> Any:
-    """A transformers cache holding `kv` ([layers, 2, tokens, heads, dim])."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    kv = kv.to(model.device, model.dtype).transpose(2, 3)  # [layers, 2, heads, tokens, dim]
-    for i in range(kv.shape[0]):
-        cache.update(kv[i, 0][None].contiguous(), kv[i, 1][None].contiguous(), i)
-    return cache
-
-
-def kv_of(cache: Any) -> torch.Tensor:
-    """[layers, 2, tokens, heads, dim] of a batch-1 cache."""
-    return torch.stack([torch.stack((ly.keys[0], ly.values[0])) for ly in cache.layers]).transpose(
-        2, 3
-    )
 
 
 @torch.inference_mode()

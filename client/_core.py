@@ -961,14 +961,14 @@ class ClientCore:
         assert self.max_keys is not None
         return self.max_keys
 
-    def _chunking(self) -> Op[int]:
+    def chunking(self) -> Op[int]:
         if self.chunk_tokens is None:
             yield from self.stats()
         assert self.chunk_tokens is not None
         return self.chunk_tokens
 
     def prefix_keys(self, token_ids: Sequence[int] | np.ndarray) -> Op[list[bytes]]:
-        ct = yield from self._chunking()
+        ct = yield from self.chunking()
         return chunk_keys(token_ids, ct, self.namespace, include_partial=True)
 
     def put_prefix(self, token_ids: Sequence[int] | np.ndarray, kv: torch.Tensor) -> Op[int]:

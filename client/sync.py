@@ -121,6 +121,11 @@ class KVClient:
     def namespace(self) -> str:
         return self._core.namespace
 
+    @property
+    def chunk_tokens(self) -> int:
+        """Tokens per prefix chunk, the server's setting (asked once)."""
+        return self._run(self._core.chunking())
+
     def _run(self, op: Op[T]) -> T:
         try:
             call = next(op)

