@@ -7,11 +7,21 @@
 - `kv_of(cache)` / `cache_of(model, kv)`: a batch-1 transformers cache (`DynamicCache`, or
   any cache whose `layers` have `keys`/`values`) to and from the store's layout
   `[layers, 2, tokens, kv_heads, head_dim]`.
-- `StoreCache(model, client)`: `load(token_ids)` builds a cache from the longest stored
-  prefix of whole chunks; `save(token_ids, cache)` stores the chunks the store does not
-  hold yet, in the background (`put_from`: on a CUDA model the copies run on a stream
-  and the commits on the client's worker); `generate(input_ids, **kwargs)` wraps
-  `model.generate`: load, prefill only the rest, generate, save what was computed.
+- `StoreCache(model, client, layer_groups=4)`: `load(token_ids)` builds a cache from the
+  longest stored prefix of whole chunks; `save(token_ids, cache)` stores the chunks the
+  store does not hold yet, in the background (`put_from`: on a CUDA model the copies run
+  on a stream and the commits on the client's worker); `generate(input_ids, **kwargs)`
+  wraps `model.generate`: load, prefill only the rest, generate, save what was computed;
+  `prefill(token_ids)` is the forward pass of that (for time-to-first-token).
+
+Each chunk is stored as up to `layer_groups` values, one per contiguous group of layers
+(groups of equal size, so the values share one slab size class in the server), so that
+on a GPU `generate` and `prefill` overlap the load with the forward pass: group g's copy
+runs on a side stream while the layers before it compute, and the first layer of group g
+waits (on the GPU, not the host) for its copy's event. The copies' checksums are checked
+once the pass is done; a failure discards the result and the pass runs again without the
+store, so no token ever comes from unverified KV. With `layer_groups=1` a chunk is one
+value under its prefix key, the layout `KVClient.put_prefix`/`get_prefix` use.
 
 Only whole chunks (`chunk_tokens`, the server's setting) are saved: a partial last chunk's
 key covers exactly its tokens, so the next turn of a conversation, which extends it, would
@@ -21,11 +31,13 @@ Batch size 1: each sequence is its own prefix.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +46,9 @@ import torch
 
 from kvstore.client._transfer import Transfer
 from kvstore.client.sync import KVClient
-from kvstore.errors import InvalidArgument
+from kvstore.errors import DataLoss, InvalidArgument
+
+log = logging.getLogger("kvstore.client.hf")
 
 Model = Any  # a transformers PreTrainedModel; transformers is imported only where needed
 Cache = Any  # a transformers Cache
@@ -151,39 +165,164 @@ class TurnStats:
     """Chunks handed to the store after generating (stored in the background)."""
 
 
+def group_key(chunk_key: bytes, group: int, groups: int) -> bytes:
+    """The key of layer group `group` (of `groups`) of the chunk under `chunk_key`."""
+    if groups == 1:
+        return chunk_key
+    tag = b"layers" + group.to_bytes(2, "little") + groups.to_bytes(2, "little")
+    return hashlib.blake2b(chunk_key + tag, digest_size=len(chunk_key)).digest()
+
+
+def _set_layer(cache: Cache, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Make `k`/`v` ([1, heads, tokens, dim], contiguous) the whole content of cache layer
+    `layer`: taken as they are by a plain DynamicLayer, copied in by `update` otherwise."""
+    from transformers.cache_utils import DynamicLayer
+
+    target = cache.layers[layer]
+    if type(target) is DynamicLayer and not target.is_initialized:
+        target.lazy_initialization(k, v)
+        target.keys, target.values = k, v
+    else:
+        cache.update(k, v, layer)
+
+
+class _Loading:
+    """A prefix being copied in, layer group by layer group (see the module docstring)."""
+
+    def __init__(self, model: Model, bounds: list[int], outs: list[torch.Tensor]) -> None:
+        from transformers import DynamicCache
+
+        self.model = model
+        self.bounds = bounds
+        self.outs = outs
+        self.cache = DynamicCache(config=model.config)
+        self.events: list[Any] = []
+        self.transfers: list[Transfer] = []
+        self.filled = [False] * len(outs)
+        self.hooks: list[Any] = []
+        self.tokens = 0
+        self.ok = True
+
+    def fill(self, group: int) -> None:
+        """Lay group `group`'s copied chunks into the cache (on the current stream, after
+        its copy: a GPU-side wait)."""
+        if self.filled[group]:
+            return
+        self.filled[group] = True
+        if self.events:
+            torch.cuda.current_stream(self.model.device).wait_event(self.events[group])
+        out = self.outs[group]  # [chunks, layers of the group, 2, ct, heads, dim]
+        n, lg, _, ct, heads, dim = out.shape
+        for j in range(lg):
+            kv = out[:, j].permute(1, 3, 0, 2, 4).reshape(2, 1, heads, n * ct, dim)
+            _set_layer(self.cache, self.bounds[group] + j, kv[0], kv[1])
+
+    def hook_layers(self) -> bool:
+        """Fill each later group just before its first decoder layer runs; False when the
+        model's decoder layers cannot be found (then everything is filled now)."""
+        decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
+        layers = getattr(decoder, "layers", None)
+        if layers is None or len(layers) != self.bounds[-1]:
+            return False
+        for g in range(1, len(self.outs)):
+
+            def before(module: Any, args: Any, g: int = g) -> None:
+                self.fill(g)
+
+            self.hooks.append(layers[self.bounds[g]].register_forward_pre_hook(before))
+        return True
+
+    def finish(self) -> bool:
+        """Unhook, fill what no forward pass reached, and check the copies: True when every
+        chunk arrived and passed its checksum."""
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+        for g in range(len(self.outs)):
+            self.fill(g)
+        try:
+            return all(all(t.wait()) for t in self.transfers)
+        except DataLoss as exc:
+            log.warning("a stored chunk failed its checksum; computing without it: %s", exc)
+            return False
+
+
 class StoreCache:
     """Prefix KV of `model` in the store behind `client` (whose namespace should be
-    `model_namespace(model)`)."""
+    `model_namespace(model)`), each chunk in `layer_groups` values."""
 
-    def __init__(self, model: Model, client: KVClient) -> None:
+    def __init__(self, model: Model, client: KVClient, layer_groups: int = 4) -> None:
+        layers, _, _ = _kv_dims(model)
+        if layer_groups < 1:
+            raise InvalidArgument(f"layer_groups must be at least 1, got {layer_groups}")
         self.model = model
         self.client = client
+        # Groups of equal size: values of one size share the server's slab size class.
+        self.groups = max(d for d in range(1, min(layer_groups, layers) + 1) if layers % d == 0)
+        self.bounds = [g * layers // self.groups for g in range(self.groups + 1)]
         self.last = TurnStats()
         self._pending: list[Transfer] = []
         self._lock = threading.Lock()
 
+    def _stored_chunks(self, ids: list[int]) -> tuple[list[list[bytes]], int]:
+        """(keys of each layer group of each whole chunk of `ids`, how many leading chunks
+        the store holds every group of)."""
+        ct = self.client.chunk_tokens
+        chunks = self.client.prefix_keys(ids)[: len(ids) // ct]
+        keys = [[group_key(k, g, self.groups) for k in chunks] for g in range(self.groups)]
+        if not chunks:
+            return keys, 0
+        present = np.array(self.client.exists([k for row in keys for k in row]))
+        whole = present.reshape(self.groups, len(chunks)).all(axis=0)
+        held = int(np.argmin(whole)) if not whole.all() else len(chunks)
+        return keys, held
+
+    @contextlib.contextmanager
+    def _loading(self, ids: list[int]) -> Iterator[_Loading | None]:
+        """The longest stored prefix of `ids` being copied in (None when none is stored):
+        on a GPU the groups after the first are laid in as the forward pass reaches them.
+        On leaving, the copies are checked; `loading.ok` says whether they all passed."""
+        self.wait_saved()
+        keys, n = self._stored_chunks(ids)
+        if n == 0:
+            yield None
+            return
+        _, kv_heads, head_dim = _kv_dims(self.model)
+        ct = self.client.chunk_tokens
+        dev, dtype = self.model.device, self.model.dtype
+        outs = [
+            torch.empty((n, hi - lo, 2, ct, kv_heads, head_dim), dtype=dtype, device=dev)
+            for lo, hi in zip(self.bounds, self.bounds[1:], strict=False)
+        ]
+        loading = _Loading(self.model, self.bounds, outs)
+        if dev.type == "cuda":
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))  # `outs` exist before the copies
+            for g in range(self.groups):
+                loading.transfers.append(self.client.get_into(keys[g][:n], outs[g], side))
+                loading.events.append(side.record_event())
+            loading.fill(0)  # layer 0 says how long the cache is: it must hold the prefix
+            if not loading.hook_layers():
+                loading.finish()
+        else:
+            for g in range(self.groups):
+                loading.transfers.append(self.client.get_into(keys[g][:n], outs[g]))
+            loading.ok = loading.finish()
+        loading.tokens = n * ct
+        try:
+            yield loading
+        finally:
+            loading.ok = loading.finish()
+
     def load(self, token_ids: Sequence[int] | torch.Tensor) -> tuple[Cache | None, int]:
         """(a cache of the longest stored prefix of `token_ids`, its length in tokens);
-        (None, 0) when no chunk of it is stored. Waits for earlier saves first."""
-        self.wait_saved()
-        ids = _token_list(token_ids)
-        keys = self.client.prefix_keys(ids)
-        ct = self.client.chunk_tokens
-        keys = keys[: len(ids) // ct]  # whole chunks: only those are ever saved
-        n = self.client.lookup(keys) if keys else 0
-        if n == 0:
+        (None, 0) when no chunk of it is stored or a chunk failed its checksum. Waits for
+        earlier saves first."""
+        with self._loading(_token_list(token_ids)) as loading:
+            pass
+        if loading is None or not loading.ok:
             return None, 0
-        layers, kv_heads, head_dim = _kv_dims(self.model)
-        out = torch.empty(
-            (n, layers, 2, ct, kv_heads, head_dim), dtype=self.model.dtype, device=self.model.device
-        )
-        found = self.client.get_into(keys[:n], out).wait()
-        n = next((i for i, hit in enumerate(found) if not hit), n)  # evicted in between
-        if n == 0:
-            return None, 0
-        # [chunks, layers, 2, ct, heads, dim] -> [layers, 2, chunks * ct, heads, dim]
-        kv = out[:n].permute(1, 2, 0, 3, 4, 5).reshape(layers, 2, n * ct, kv_heads, head_dim)
-        return cache_of(self.model, kv), n * ct
+        return loading.cache, loading.tokens
 
     def save(self, token_ids: Sequence[int] | torch.Tensor, cache: Cache) -> int:
         """Store the whole chunks of `cache` (the KV of `token_ids`, and possibly more) the
@@ -194,18 +333,18 @@ class StoreCache:
         if kv.shape[2] < len(ids):
             raise InvalidArgument(f"the cache holds {kv.shape[2]} tokens, not {len(ids)}")
         ct = self.client.chunk_tokens
-        whole = len(ids) // ct
-        if whole == 0:
+        keys, held = self._stored_chunks(ids)
+        whole = len(keys[0])
+        if held == whole:
             return 0
-        keys = self.client.prefix_keys(ids[: whole * ct])
-        held = self.client.lookup(keys)
-        if held == len(keys):
-            return 0
-        values = [kv[:, :, i * ct : (i + 1) * ct].contiguous() for i in range(held, whole)]
-        transfer = self.client.put_from(keys[held:], values)
+        spans = list(zip(self.bounds, self.bounds[1:], strict=False))
+        todo = [(g, c) for c in range(held, whole) for g in range(self.groups)]
+        values = [kv[lo:hi, :, c * ct : (c + 1) * ct].contiguous() for g, c in todo
+                  for lo, hi in [spans[g]]]  # fmt: skip
+        transfer = self.client.put_from([keys[g][c] for g, c in todo], values)
         with self._lock:
             self._pending.append(transfer)
-        return len(values)
+        return whole - held
 
     def wait_saved(self) -> None:
         """Wait for every save handed over so far; raises the first failure."""
@@ -213,6 +352,33 @@ class StoreCache:
             pending, self._pending = self._pending, []
         for transfer in pending:
             transfer.wait()
+
+    def _new_cache(self) -> Cache:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    @torch.inference_mode()
+    def prefill(
+        self, token_ids: Sequence[int] | torch.Tensor, **kwargs: Any
+    ) -> tuple[Any, Cache, int]:
+        """`model(token_ids)` with the longest stored prefix (short of the last token)
+        loaded instead of computed: (the model's output, the cache, tokens loaded). Pass
+        `logits_to_keep=1` for only the last position's logits."""
+        ids = _token_list(token_ids)
+        if not ids:
+            raise InvalidArgument("token_ids is empty")
+        device = self.model.device
+        with self._loading(ids[:-1]) as loading:
+            cache = loading.cache if loading is not None else self._new_cache()
+            loaded = loading.tokens if loading is not None else 0
+            rest = torch.tensor([ids[loaded:]], dtype=torch.long, device=device)
+            out = self.model(input_ids=rest, past_key_values=cache, use_cache=True, **kwargs)
+        if loading is not None and not loading.ok:  # never answer from unverified KV
+            cache, loaded = self._new_cache(), 0
+            every = torch.tensor([ids], dtype=torch.long, device=device)
+            out = self.model(input_ids=every, past_key_values=cache, use_cache=True, **kwargs)
+        return out, cache, loaded
 
     def generate(self, input_ids: Any, **kwargs: Any) -> Any:
         """`model.generate(input_ids, **kwargs)` that skips prefilling the longest stored
@@ -222,13 +388,14 @@ class StoreCache:
             raise InvalidArgument("input_ids is empty")
         if "past_key_values" in kwargs:
             raise InvalidArgument("StoreCache.generate builds the cache itself")
-        cache, loaded = self.load(ids[:-1])
-        if cache is None:
-            from transformers import DynamicCache
-
-            cache = DynamicCache(config=self.model.config)
         tensor = torch.tensor([ids], dtype=torch.long, device=self.model.device)
-        out = self.model.generate(input_ids=tensor, past_key_values=cache, **kwargs)
+        with self._loading(ids[:-1]) as loading:
+            cache = loading.cache if loading is not None else self._new_cache()
+            loaded = loading.tokens if loading is not None else 0
+            out = self.model.generate(input_ids=tensor, past_key_values=cache, **kwargs)
+        if loading is not None and not loading.ok:  # never answer from unverified KV
+            cache, loaded = self._new_cache(), 0
+            out = self.model.generate(input_ids=tensor, past_key_values=cache, **kwargs)
         sequences = out.sequences if hasattr(out, "sequences") else out
         computed = cache.get_seq_length()
         saved = self.save(_token_list(sequences[0])[:computed], cache)

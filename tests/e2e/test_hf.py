@@ -97,10 +97,11 @@ def test_multi_turn_reuses_earlier_turns_and_survives_a_restart(
         store = StoreCache(model, client)
         loaded = converse(model, tokenizer, store, 3, messages)
         stats = client.stats()
+    assert store.groups == 3  # 30 layers: the largest divisor up to 4
     # The first turn found nothing; each later one loaded at least the previous prompt.
     assert loaded[0] == 0
     assert all(n >= 32 and n % 16 == 0 for n in loaded[1:]), loaded
-    assert stats.tiers["cpu"].hits == sum(loaded) // 16
+    assert stats.tiers["cpu"].hits == sum(loaded) // 16 * 3  # a value per layer group
     assert stats.tiers["ssd"].entries == 0
 
     srv.restart()  # the cpu tier is written to ssd on the way down
@@ -109,7 +110,7 @@ def test_multi_turn_reuses_earlier_turns_and_survives_a_restart(
         (after,) = converse(model, tokenizer, store, 1, messages)
         stats = client.stats()
     assert after >= loaded[-1] + 16, (after, loaded)
-    assert stats.tiers["ssd"].hits == after // 16  # every chunk came back from ssd
+    assert stats.tiers["ssd"].hits == after // 16 * 3  # every chunk came back from ssd
     assert stats.tiers["cpu"].hits == 0
 
 
@@ -162,3 +163,24 @@ def test_generate_refuses_batches_and_foreign_caches(server: ServerProcess) -> N
             store.generate(torch.zeros((1, 4), dtype=torch.long), past_key_values=object())
         with pytest.raises(InvalidArgument, match="empty"):
             store.generate(torch.zeros((1, 0), dtype=torch.long))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("tiers", ["cpu", "gpu,cpu"])
+def test_pipelined_load_on_gpu_matches_a_full_prefill(start_server: Any, tiers: str) -> None:
+    model = tiny_llama(5, num_hidden_layers=8).cuda()
+    srv = start_server("--tiers", tiers, "--cpu-bytes", "256MiB", "--chunk-tokens", "16")
+    ids = torch.randint(0, 128, (1, 16 * 9 + 5)).tolist()[0]
+    with torch.inference_mode():
+        want = model(torch.tensor([ids], device="cuda"), use_cache=True)
+    with srv.client(model_namespace(model)) as client:
+        for groups in (1, 4):
+            store = StoreCache(model, client, layer_groups=groups)
+            assert store.groups == groups
+            store.save(ids[:144], want.past_key_values)
+            store.wait_saved()
+            out, cache, loaded = store.prefill(ids)
+            assert loaded == 144
+            torch.testing.assert_close(out.logits[0, -1], want.logits[0, -1])
+            assert torch.equal(kv_of(cache)[:, :, :144], kv_of(want.past_key_values)[:, :, :144])
