@@ -108,6 +108,8 @@ def stats_view(s: ServerStats, before: ServerStats | None = None, seconds: float
         )
     parts: list[Text | Table] = [head, table]
     for name, (raw, encoded) in sorted(s.codecs.items()):
+        if not raw:
+            continue
         ratio_text = f"{raw / encoded:.2f}x" if encoded else "-"
         parts.append(
             Text(

@@ -397,6 +397,9 @@ class Store:
             for _, glob, spec in sorted(rules, key=lambda r: r[1] is None)
         ]
         self._codec_refused: set[str] = set()  # namespaces a codec could not take (logged)
+        if "ssd" in config.tiers:  # counted from zero, so a dashboard's rate() has a series
+            for name in ["raw", *(codec.name for _, codec in self._ssd_codecs)]:
+                self._codec_bytes.setdefault(name, CodecBytes())
         config.data_dir.mkdir(parents=True, exist_ok=True)
         try:
             if "gpu" in config.tiers:
