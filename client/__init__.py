@@ -10,8 +10,25 @@ Both share `ClientCore`, which holds all protocol logic; they differ only in how
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from kvstore.client._core import ServerStats, TierStats
 from kvstore.client.aio import AsyncKVClient
 from kvstore.client.sync import KVClient
 
-__all__ = ["AsyncKVClient", "KVClient", "ServerStats", "TierStats"]
+__all__ = ["AsyncKVClient", "KVClient", "ServerStats", "TierStats", "default_address"]
+
+
+def default_address() -> str:
+    """The server's address as the environment gives it: $KVSTORE_ADDRESS, else the socket
+    $KVSTORE_SOCKET (what the Helm chart sets in the engine container), else the socket
+    under $KVSTORE_DATA_DIR (default ./kvstore-data), where the server puts it."""
+    env = os.environ.get("KVSTORE_ADDRESS")
+    if env:
+        return env
+    socket = os.environ.get("KVSTORE_SOCKET")
+    if socket:
+        return f"unix://{Path(socket).resolve()}"
+    data_dir = Path(os.environ.get("KVSTORE_DATA_DIR", "kvstore-data")).resolve()
+    return f"unix://{data_dir / 'kvstore.sock'}"

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
-from pathlib import Path
 
 import grpc
 from google.protobuf.json_format import MessageToDict
@@ -22,20 +20,9 @@ from rich.table import Table
 from rich.text import Text
 
 from kvstore import __version__
-from kvstore.client import KVClient, ServerStats
+from kvstore.client import KVClient, ServerStats, default_address
 from kvstore.config import format_size
 from kvstore.errors import KVStoreError
-
-
-def default_address() -> str:
-    env = os.environ.get("KVSTORE_ADDRESS")
-    if env:
-        return env
-    socket = os.environ.get("KVSTORE_SOCKET")
-    if socket:
-        return f"unix://{Path(socket).resolve()}"
-    data_dir = Path(os.environ.get("KVSTORE_DATA_DIR", "kvstore-data")).resolve()
-    return f"unix://{data_dir / 'kvstore.sock'}"
 
 
 def build_parser() -> argparse.ArgumentParser:
