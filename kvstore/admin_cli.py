@@ -21,6 +21,7 @@ from rich.text import Text
 
 from kvstore import __version__
 from kvstore.client import KVClient, ServerStats, default_address
+from kvstore.client._core import target_of
 from kvstore.config import format_size
 from kvstore.errors import KVStoreError
 
@@ -81,6 +82,9 @@ def stats_view(s: ServerStats, before: ServerStats | None = None, seconds: float
         if rates and old is not None:
             cells = [f"{(getattr(t, c) - getattr(old, c)) / seconds:.1f}" for c in counters]
             hits, misses = t.hits - old.hits, t.misses - old.misses
+        elif rates:  # a tier the previous sample did not have: no rate yet
+            cells = ["-"] * len(counters)
+            hits = misses = 0
         else:
             cells = [str(getattr(t, c)) for c in counters]
             hits, misses = t.hits, t.misses
@@ -129,7 +133,7 @@ def watch_stats(address: str, timeout: float, interval: float, console: Console)
                     if client is None:
                         client = KVClient(address, "kvstore-admin", timeout=timeout)
                     s, now = client.stats(), time.monotonic()
-                    restarted = before is not None and s.uptime_seconds < before[0].uptime_seconds
+                    restarted = before is not None and _went_back(before[0], s)
                     if before is None or restarted:
                         view = stats_view(s)
                     else:
@@ -150,10 +154,22 @@ def watch_stats(address: str, timeout: float, interval: float, console: Console)
                 client.close()
 
 
+def _went_back(before: ServerStats, now: ServerStats) -> bool:
+    """The server restarted between two samples: its uptime or a counter went down."""
+    if now.uptime_seconds < before.uptime_seconds:
+        return True
+    counters = ("hits", "misses", "evictions", "promotions", "demotions")
+    return any(
+        getattr(t, c) < getattr(before.tiers[name], c)
+        for name, t in now.tiers.items()
+        if name in before.tiers
+        for c in counters
+    )
+
+
 def cmd_health(address: str, timeout: float, service: str) -> int:
     """0 when the server answers SERVING for `service`; a line saying what is wrong if not."""
-    target = address.removeprefix("dns:")
-    with grpc.insecure_channel(target) as channel:
+    with grpc.insecure_channel(target_of(address)) as channel:
         try:
             reply = HealthStub(channel).Check(
                 HealthCheckRequest(service=service), timeout=timeout, wait_for_ready=False

@@ -1,10 +1,11 @@
 """The daemon's logging: readable text or one JSON object per line, with request ids.
 
-`configure(level, fmt)` sets up the root logger once. `request_scope(rpc, request_id)`
-marks the records a call logs (on the event loop, and on worker threads started with
-`asyncio.to_thread`, which copies the context) with that call's RPC name and request id, so
-a log collector can gather every line of one request. A client picks the id by sending
-`x-request-id` metadata; otherwise the server makes one up.
+`configure(level, fmt)` sets up the root logger once. `enter_request(rpc, request_id)`
+(in the call's own task) or `request_scope(...)` (around a block) marks the records a call
+logs (on the event loop, and on worker threads started with `asyncio.to_thread`, which
+copies the context) with that call's RPC name and request id, so a log collector can
+gather every line of one request. A client picks the id by sending `x-request-id`
+metadata; otherwise the server makes one up.
 """
 
 from __future__ import annotations
@@ -29,6 +30,14 @@ _request: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVa
 
 def new_request_id() -> str:
     return secrets.token_hex(8)
+
+
+def enter_request(rpc: str, request_id: str) -> None:
+    """Mark what the current task logs from now on as the call's. For a task that lives
+    as long as one call (gRPC runs each call in a task of its own, which copies the
+    context), so nothing needs undoing: a streaming call's generator may be closed from
+    another task, where resetting a context variable would fail."""
+    _request.set((rpc, request_id))
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ from prometheus_client.registry import Collector
 
 from kvstore import __version__
 from kvstore.config import split_address
-from kvstore.logs import MAX_REQUEST_ID, REQUEST_ID_HEADER, new_request_id, request_scope
+from kvstore.logs import MAX_REQUEST_ID, REQUEST_ID_HEADER, enter_request, new_request_id
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -174,19 +174,19 @@ class ServerMetrics:
         @contextlib.contextmanager
         def call(context: Any) -> Iterator[None]:
             start, code = time.perf_counter(), None
-            with request_scope(rpc, _request_id(context)):
-                try:
-                    yield
-                except (asyncio.CancelledError, GeneratorExit):
-                    code = grpc.StatusCode.CANCELLED
-                    raise
-                except grpc.aio.AbortError:
-                    raise  # the handler set the code
-                except BaseException:
-                    code = grpc.StatusCode.UNKNOWN
-                    raise
-                finally:
-                    finish(context, start, code)
+            enter_request(rpc, _request_id(context))
+            try:
+                yield
+            except (asyncio.CancelledError, GeneratorExit):
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except grpc.aio.AbortError:
+                raise  # the handler set the code
+            except BaseException:
+                code = grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                finish(context, start, code)
 
         if kind.endswith("_stream"):
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvstore.config import ServerConfig, format_size, split_address
-from kvstore.tiers.host import SHM_DIR
+from kvstore.tiers.host import SHM_DIR, default_arena_path
 
 # Besides the arena: the interpreter, torch and numba, the index, gRPC buffers.
 PROCESS_OVERHEAD_BYTES = 1 << 30
@@ -32,9 +32,11 @@ def check_environment(config: ServerConfig, cgroup_max: Path = CGROUP_MEMORY_MAX
     out: list[Finding] = []
     out += _check_data_dir(config.data_dir)
     if "cpu" in config.tiers:
-        out += _check_room(
-            SHM_DIR, config.cpu_bytes, "cpu-bytes", "shared memory", "error", reserved_by_us=True
-        )
+        shm = config.cpu_bytes
+        if "gpu" in config.tiers and config.gpu_twin:
+            shm += config.gpu_bytes  # the twin's pool is a /dev/shm file too
+        ours = default_arena_path(config.data_dir)
+        out += _check_room(SHM_DIR, shm, "cpu-bytes", "shared memory", "error", ours)
     if "ssd" in config.tiers:
         out += _check_room(config.data_dir, config.ssd_bytes, "ssd-bytes", "disk", "warning")
     out += _check_socket(config.socket_path)
@@ -65,19 +67,19 @@ def _check_data_dir(data_dir: Path) -> list[Finding]:
 
 
 def _check_room(
-    where: Path, need: int, flag: str, what: str, level: str, reserved_by_us: bool = False
+    where: Path, need: int, flag: str, what: str, level: str, replaced: Path | None = None
 ) -> list[Finding]:
-    """Does the filesystem of `where` have `need` bytes free? `reserved_by_us`: an arena
-    of ours already there (a previous run's) is replaced, so its bytes count as free."""
+    """Does the filesystem of `where` have `need` bytes free? `replaced`: this server's
+    arena file, which a start replaces (with its twin), so its bytes count as free; other
+    servers' arenas stay in use."""
     parent = _existing_parent(where)
     try:
         st = os.statvfs(parent)
     except OSError as exc:
         return [Finding("error", f"{flag}: cannot inspect {parent}: {exc.strerror}")]
     free = st.f_bavail * st.f_frsize
-    if reserved_by_us:
-        prefix = f"kvstore-{os.getuid()}-"
-        for f in parent.glob(prefix + "*"):
+    if replaced is not None:
+        for f in (replaced, Path(f"{replaced}-gpu1")):
             try:
                 free += f.stat().st_blocks * 512
             except OSError:

@@ -593,6 +593,9 @@ def test_health_says_serving(populated: ServerProcess) -> None:
         cwd=populated.data_dir.parent,
     )  # fmt: skip
     assert (r.returncode, r.stdout.strip()) == (0, "SERVING"), r.stderr
+    bare = str(populated.socket)  # a plain socket path, as `stats` takes it
+    r = admin_cli("--address", bare, "health", cwd=populated.data_dir.parent)
+    assert (r.returncode, r.stdout.strip()) == (0, "SERVING"), r.stderr
     r = admin_cli(
         "--address", populated.address, "health", "--service", "no.such.Service",
         cwd=populated.data_dir.parent,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvstore import __version__
 from kvstore.v1 import kvstore_pb2 as pb
-from kvstore.wire import client_stubs
+from kvstore.wire import GRPC_OPTIONS, client_stubs
 
 from .conftest import NAMESPACE
 
@@ -179,3 +180,23 @@ def test_dashboard_queries_only_metrics_the_server_exposes(observed) -> None:  #
     used = {m for e in exprs for m in re.findall(r"\bkvstore_[a-z_]+", e)}
     assert used, "the dashboard queries no kvstore metric"
     assert used <= exposed, sorted(used - exposed)
+
+
+def test_cancelled_streams_are_counted_without_errors(start_server) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
+    srv = start_server("--cpu-bytes", "256MiB", "--metrics-listen", f"127.0.0.1:{port}")
+    with srv.client() as c:
+        c.put(key(1), torch.zeros(64 * MiB, dtype=torch.uint8))
+    with grpc.insecure_channel(srv.address, options=GRPC_OPTIONS) as channel:
+        get = client_stubs(channel)["Get"]
+        for _ in range(3):  # the client goes away after the first of 16 pieces
+            stream = get(pb.GetRequest(namespace=NAMESPACE, key=key(1), shared=False))
+            next(stream)
+            stream.cancel()
+    deadline = time.monotonic() + 10
+    while value(scrape(port), "kvstore_requests_total", rpc="Get", code="CANCELLED") < 3:
+        assert time.monotonic() < deadline, "the cancelled calls were not counted"
+        time.sleep(0.05)
+    srv.stop()
+    log = srv.log()
+    assert "Traceback" not in log and "never retrieved" not in log, log[-2000:]
