@@ -58,7 +58,8 @@ def server(tmp_path: Path) -> Iterator[ServerProcess]:
     srv = ServerProcess(tmp_path / "srv", "--cpu-bytes", "64MiB", "--chunk-tokens", str(CHUNK))
     srv.start()
     yield srv
-    srv.stop()
+    if srv.alive():
+        srv.stop()
 
 
 def configs(address: str) -> tuple[Any, Any]:
@@ -67,6 +68,7 @@ def configs(address: str) -> tuple[Any, Any]:
         kv_connector_module_path="kvstore.client.vllm",
         kv_role="kv_both",
         kv_buffer_device="cpu",
+        kv_load_failure_policy="recompute",
         kv_connector_extra_config={"address": address},
     )
     vcfg = VllmConfig(
@@ -236,3 +238,64 @@ def test_a_chunk_gone_before_the_load_is_reported_for_recompute(server: ServerPr
         assert c.delete([layer_key(gone, 0, 1)]) == 1
     assert engine.run(meta) == {34, 35}  # the third chunk's blocks, for vLLM to recompute
     engine.scheduler.request_finished(request("b", prompt), list(range(30, 37)))
+
+
+def test_requests_of_another_tenant_or_adapter_do_not_share_kv(server: ServerProcess) -> None:
+    engine = Engine(server.address, seed=7)
+    prompt = list(range(3000, 3100))
+    tenant_a = Request("a", prompt, SamplingParams(max_tokens=4), None, cache_salt="tenant-a")
+    _, meta = engine.schedule(tenant_a, 0, list(range(7)))
+    engine.run(meta)
+    plain = request("p", prompt)
+    assert engine.scheduler.get_num_new_matched_tokens(plain, 0) == (0, False)
+    tenant_b = Request("b", prompt, SamplingParams(max_tokens=4), None, cache_salt="tenant-b")
+    assert engine.scheduler.get_num_new_matched_tokens(tenant_b, 0) == (0, False)
+    again = Request("a2", prompt, SamplingParams(max_tokens=4), None, cache_salt="tenant-a")
+    assert engine.scheduler.get_num_new_matched_tokens(again, 0) == (96, False)
+
+
+def test_a_resumed_request_loads_into_its_new_blocks(server: ServerProcess) -> None:
+    first = Engine(server.address, seed=8)
+    prompt = list(range(4000, 4100))
+    _, meta = first.schedule(request("a", prompt), 0, list(range(7)))
+    first.run(meta)
+    # Request b is scheduled (nothing to load yet), preempted, then resumed with a hit.
+    second = Engine(server.address, seed=9)
+    b = request("b", [*prompt[:96], 1, 2, 3, 4])
+    _, meta = second.schedule(b, 96, list(range(10, 17)))  # vLLM had it all locally
+    assert not meta.loads
+    external, _ = second.scheduler.get_num_new_matched_tokens(b, 0)
+    assert external == 96
+    resumed = list(range(40, 47))
+    second.scheduler.update_state_after_alloc(
+        b, KVCacheBlocks(([KVCacheBlock(i) for i in resumed],)), external
+    )
+    cached = CachedRequestData(
+        req_ids=["b"], resumed_req_ids={"b"}, new_token_ids=[[]], all_token_ids={},
+        new_block_ids=[(resumed,)], num_computed_tokens=[96], num_output_tokens=[0],
+    )  # fmt: skip
+    meta = second.scheduler.build_connector_meta(step([], {"b": 4}, cached))
+    (load,) = meta.loads
+    assert load.block_ids == [[40, 41], [42, 43], [44, 45]] and not meta.saves
+    assert second.run(meta) == set()
+    for name in LAYERS:
+        assert torch.equal(second.kv[name][40:46], first.kv[name][0:6])
+
+
+def test_a_server_gone_mid_step_turns_into_load_errors(server: ServerProcess) -> None:
+    engine = Engine(server.address, seed=10)
+    prompt = list(range(6000, 6100))
+    _, meta = engine.schedule(request("a", prompt), 0, list(range(7)))
+    engine.run(meta)
+    external, meta = engine.schedule(request("b", prompt), 0, list(range(20, 27)))
+    assert external == 96
+    server.stop()
+    assert engine.run(meta) == set(range(20, 26))  # recomputed by vLLM, no exception
+
+
+def test_namespace_names_what_the_bytes_depend_on(server: ServerProcess) -> None:
+    engine = Engine(server.address)
+    ns = engine.scheduler.client.namespace
+    assert "/b16/" in ns and "/kv-auto/" in ns and ns.endswith("/tp1-pp1")
+    with pytest.raises(ValueError, match="blocks"):
+        engine.worker.register_kv_caches({LAYERS[0]: torch.zeros(BLOCKS * 2, HEADS, 8, 2 * HEAD)})
