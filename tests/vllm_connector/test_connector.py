@@ -155,6 +155,16 @@ class Engine:
         return errors
 
 
+def stored_then_asked_again(engine: Engine, prompt: list[int], blocks: list[int]) -> Any:
+    """Run request a over `prompt` (saving its 3 chunks), then schedule request b over the
+    same prompt into `blocks`; b's metadata, which loads all 96 tokens."""
+    _, meta = engine.schedule(request("a", prompt), 0, list(range(7)))
+    engine.run(meta)
+    external, meta = engine.schedule(request("b", prompt), 0, blocks)
+    assert external == 96
+    return meta
+
+
 def test_factory_builds_the_connector_for_both_roles(server: ServerProcess) -> None:
     engine = Engine(server.address)
     assert isinstance(engine.scheduler, KVStoreConnector)
@@ -229,10 +239,7 @@ def test_chunked_prefill_saves_each_chunk_once_it_is_computed(server: ServerProc
 def test_a_chunk_gone_before_the_load_is_reported_for_recompute(server: ServerProcess) -> None:
     engine = Engine(server.address, seed=6)
     prompt = list(range(2000, 2100))
-    _, meta = engine.schedule(request("a", prompt), 0, list(range(7)))
-    engine.run(meta)
-    external, meta = engine.schedule(request("b", prompt), 0, list(range(30, 37)))
-    assert external == 96
+    meta = stored_then_asked_again(engine, prompt, list(range(30, 37)))
     gone = meta.loads[0].chunk_keys[2]  # evicted between scheduling and the forward pass
     with server.client(engine.scheduler.client.namespace) as c:
         assert c.delete([layer_key(gone, 0, 1)]) == 1
@@ -284,11 +291,7 @@ def test_a_resumed_request_loads_into_its_new_blocks(server: ServerProcess) -> N
 
 def test_a_server_gone_mid_step_turns_into_load_errors(server: ServerProcess) -> None:
     engine = Engine(server.address, seed=10)
-    prompt = list(range(6000, 6100))
-    _, meta = engine.schedule(request("a", prompt), 0, list(range(7)))
-    engine.run(meta)
-    external, meta = engine.schedule(request("b", prompt), 0, list(range(20, 27)))
-    assert external == 96
+    meta = stored_then_asked_again(engine, list(range(6000, 6100)), list(range(20, 27)))
     server.stop()
     assert engine.run(meta) == set(range(20, 26))  # recomputed by vLLM, no exception
 
