@@ -35,6 +35,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
 import threading
 from collections.abc import Iterator, Sequence
@@ -46,7 +47,7 @@ import torch
 
 from kvstore.client._transfer import Transfer
 from kvstore.client.sync import KVClient
-from kvstore.errors import DataLoss, InvalidArgument
+from kvstore.errors import DataLoss, InvalidArgument, KVStoreError
 
 log = logging.getLogger("kvstore.client.hf")
 
@@ -87,7 +88,12 @@ def model_namespace(
     config = model.config
     if identity is None:
         name = str(getattr(config, "_name_or_path", "") or "")
-        looks_local = not name or name.startswith(("/", ".", "~")) or not _HUB_ID.match(name)
+        looks_local = (
+            not name
+            or name.startswith(("/", ".", "~"))
+            or not _HUB_ID.match(name)
+            or os.path.exists(name)  # a relative path ("out/checkpoint-500") looks like an id
+        )
         identity = f"w-{weights_hash(model)}" if looks_local else name
     settings = config.to_dict()
     for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
@@ -103,9 +109,14 @@ def model_namespace(
 
 def kv_of(cache: Cache) -> torch.Tensor:
     """`[layers, 2, tokens, kv_heads, head_dim]` of a batch-1 cache (a new tensor)."""
+    from transformers.cache_utils import DynamicLayer
+
     layers = getattr(cache, "layers", None)
     if not layers:
         raise InvalidArgument("the cache holds no layers")
+    if any(type(layer) is not DynamicLayer for layer in layers):
+        kinds = sorted({type(layer).__name__ for layer in layers})
+        raise InvalidArgument(f"only full-attention caches (DynamicLayer) can be stored: {kinds}")
     keys = layers[0].keys
     if keys is None or keys.dim() != 4 or keys.shape[0] != 1:
         shape = None if keys is None else tuple(keys.shape)
@@ -245,6 +256,9 @@ class _Loading:
         except DataLoss as exc:
             log.warning("a stored chunk failed its checksum; computing without it: %s", exc)
             return False
+        except KVStoreError as exc:
+            log.warning("loading the prefix failed; computing without it: %s", exc)
+            return False
 
 
 class StoreCache:
@@ -253,6 +267,11 @@ class StoreCache:
 
     def __init__(self, model: Model, client: KVClient, layer_groups: int = 4) -> None:
         layers, _, _ = _kv_dims(model)
+        devices = {p.device for p in model.parameters()}
+        if len(devices) > 1:
+            raise InvalidArgument(
+                f"the model is spread over {len(devices)} devices; StoreCache needs one"
+            )
         if layer_groups < 1:
             raise InvalidArgument(f"layer_groups must be at least 1, got {layer_groups}")
         self.model = model
@@ -282,8 +301,12 @@ class StoreCache:
         """The longest stored prefix of `ids` being copied in (None when none is stored):
         on a GPU the groups after the first are laid in as the forward pass reaches them.
         On leaving, the copies are checked; `loading.ok` says whether they all passed."""
-        self.wait_saved()
-        keys, n = self._stored_chunks(ids)
+        self.wait_saved(raise_errors=False)
+        try:
+            keys, n = self._stored_chunks(ids)
+        except KVStoreError as exc:
+            log.warning("looking up the prefix failed; computing it: %s", exc)
+            n = 0
         if n == 0:
             yield None
             return
@@ -295,18 +318,25 @@ class StoreCache:
             for lo, hi in zip(self.bounds, self.bounds[1:], strict=False)
         ]
         loading = _Loading(self.model, self.bounds, outs)
-        if dev.type == "cuda":
-            side = torch.cuda.Stream(dev)
-            side.wait_stream(torch.cuda.current_stream(dev))  # `outs` exist before the copies
+        side = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+        try:
+            if side is not None:
+                side.wait_stream(torch.cuda.current_stream(dev))  # `outs` exist first
             for g in range(self.groups):
                 loading.transfers.append(self.client.get_into(keys[g][:n], outs[g], side))
-                loading.events.append(side.record_event())
+                if side is not None:
+                    loading.events.append(side.record_event())
+        except KVStoreError as exc:
+            log.warning("loading the prefix failed; computing it: %s", exc)
+            loading.events = []
+            loading.finish()  # what did start is waited for, and its leases end
+            yield None
+            return
+        if side is not None:
             loading.fill(0)  # layer 0 says how long the cache is: it must hold the prefix
             if not loading.hook_layers():
                 loading.finish()
         else:
-            for g in range(self.groups):
-                loading.transfers.append(self.client.get_into(keys[g][:n], outs[g]))
             loading.ok = loading.finish()
         loading.tokens = n * ct
         try:
@@ -346,12 +376,20 @@ class StoreCache:
             self._pending.append(transfer)
         return whole - held
 
-    def wait_saved(self) -> None:
-        """Wait for every save handed over so far; raises the first failure."""
+    def wait_saved(self, raise_errors: bool = True) -> None:
+        """Wait for every save handed over so far; raises the first failure (or, with
+        `raise_errors=False`, logs each: a lost save is only a future miss)."""
         with self._lock:
             pending, self._pending = self._pending, []
+        failed: KVStoreError | None = None
         for transfer in pending:
-            transfer.wait()
+            try:
+                transfer.wait()
+            except KVStoreError as exc:
+                log.warning("saving a chunk failed (a future miss): %s", exc)
+                failed = failed or exc
+        if failed is not None and raise_errors:
+            raise failed
 
     def _new_cache(self) -> Cache:
         from transformers import DynamicCache
@@ -389,15 +427,25 @@ class StoreCache:
         if "past_key_values" in kwargs:
             raise InvalidArgument("StoreCache.generate builds the cache itself")
         tensor = torch.tensor([ids], dtype=torch.long, device=self.model.device)
+        # Tokens handed out while generating (a streamer, stopping criteria looking at
+        # them) must not come from KV not yet verified: then the load finishes first.
+        early = kwargs.get("streamer") is not None or bool(kwargs.get("stopping_criteria"))
         with self._loading(ids[:-1]) as loading:
-            cache = loading.cache if loading is not None else self._new_cache()
-            loaded = loading.tokens if loading is not None else 0
+            if loading is not None and early:
+                loading.ok = loading.finish()
+            usable = loading is not None and loading.ok
+            cache = loading.cache if usable and loading is not None else self._new_cache()
+            loaded = loading.tokens if usable and loading is not None else 0
             out = self.model.generate(input_ids=tensor, past_key_values=cache, **kwargs)
-        if loading is not None and not loading.ok:  # never answer from unverified KV
+        if loaded and loading is not None and not loading.ok:  # never from unverified KV
             cache, loaded = self._new_cache(), 0
             out = self.model.generate(input_ids=tensor, past_key_values=cache, **kwargs)
         sequences = out.sequences if hasattr(out, "sequences") else out
         computed = cache.get_seq_length()
-        saved = self.save(_token_list(sequences[0])[:computed], cache)
+        try:
+            saved = self.save(_token_list(sequences[0])[:computed], cache)
+        except (InvalidArgument, KVStoreError) as exc:  # the output stands; only no save
+            log.warning("not saving this generation's KV: %s", exc)
+            saved = 0
         self.last = TurnStats(prompt_tokens=len(ids), loaded_tokens=loaded, saved_chunks=saved)
         return out

@@ -184,3 +184,30 @@ def test_pipelined_load_on_gpu_matches_a_full_prefill(start_server: Any, tiers: 
             assert loaded == 144
             torch.testing.assert_close(out.logits[0, -1], want.logits[0, -1])
             assert torch.equal(kv_of(cache)[:, :, :144], kv_of(want.past_key_values)[:, :, :144])
+
+
+def test_generate_survives_what_it_cannot_store_or_load(start_server: Any) -> None:
+    model = tiny_llama(6)
+    srv = start_server("--cpu-bytes", "64MiB", "--chunk-tokens", "16")
+    ids = torch.randint(0, 128, (1, 40))
+    with srv.client(model_namespace(model)) as client:
+        store = StoreCache(model, client)
+        with torch.inference_mode():
+            # Beams make a batch-2 cache: the output stands, nothing is saved.
+            want = model.generate(ids, max_new_tokens=4, num_beams=2, do_sample=False)
+            got = store.generate(ids, max_new_tokens=4, num_beams=2, do_sample=False)
+            assert torch.equal(want, got) and store.last.saved_chunks == 0
+            store.generate(ids, max_new_tokens=4, do_sample=False)
+            assert store.last.saved_chunks == 2
+            srv.stop()  # the store goes away: generation goes on without it
+            plain = model.generate(ids, max_new_tokens=4, do_sample=False)
+            again = store.generate(ids, max_new_tokens=4, do_sample=False)
+        assert torch.equal(plain, again) and store.last.loaded_tokens == 0
+
+
+def test_a_relative_checkpoint_path_is_not_an_identity(tmp_path: Path, monkeypatch: Any) -> None:
+    model = tiny_llama(1)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out" / "checkpoint-500").mkdir(parents=True)
+    model.config._name_or_path = "out/checkpoint-500"
+    assert model_namespace(model).startswith("w-")
