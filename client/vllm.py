@@ -153,14 +153,13 @@ class KVStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self.block_size = int(vllm_config.cache_config.block_size)
         namespace = str(extra.get("namespace") or vllm_namespace(vllm_config))
         self.client = KVClient(str(extra.get("address") or default_address()), namespace)
-        self.chunk_tokens = self.client.chunk_tokens
-        if self.chunk_tokens % self.block_size:
-            raise ValueError(
-                f"the server's chunk_tokens ({self.chunk_tokens}) is not a multiple of vLLM's "
-                f"block size ({self.block_size}); start kvstore-server with --chunk-tokens "
-                f"{max(1, self.chunk_tokens // self.block_size) * self.block_size}"
-            )
-        self.blocks_per_chunk = self.chunk_tokens // self.block_size
+        # The server's chunk size, asked for until it answers: vLLM starts, and computes
+        # everything, while kvstore is not up yet.
+        self.chunk_tokens = 0
+        self.blocks_per_chunk = 0
+        self._unusable = False
+        if self._chunking() == 0:
+            log.warning("kvstore is not answering yet; requests are computed until it does")
         self.rank = _tp_rank() if role == KVConnectorRole.WORKER else 0
         names = [n for g in kv_cache_config.kv_cache_groups for n in g.layer_names]
         indices = sorted({layer_index(n) for n in names}) or [0]
@@ -186,15 +185,36 @@ class KVStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self._load_errors: set[int] = set()
         self._indices: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
 
+    def _chunking(self) -> int:
+        """The server's chunk_tokens, or 0 while it cannot be used (not answering yet, or a
+        chunk size vLLM's blocks do not divide, which is logged once)."""
+        if self.chunk_tokens or self._unusable:
+            return self.chunk_tokens
+        try:
+            ct = self.client.chunk_tokens
+        except KVStoreError:
+            return 0
+        if ct % self.block_size:
+            self._unusable = True
+            log.error(
+                "the server's chunk_tokens (%d) is not a multiple of vLLM's block size (%d): "
+                "the store is not used; start kvstore-server with --chunk-tokens %d",
+                ct, self.block_size, max(1, ct // self.block_size) * self.block_size,
+            )  # fmt: skip
+            return 0
+        self.chunk_tokens, self.blocks_per_chunk = ct, ct // self.block_size
+        return ct
+
     # ------------------------------------------------------------ scheduler side
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
         tokens = list(request.prompt_token_ids or [])
-        salt = request_salt(request)
-        whole = (len(tokens) - 1) // self.chunk_tokens  # the last token is always computed
+        ct = self._chunking()
+        salt = request_salt(request) if ct else None  # no store yet: the request is vLLM's
         self._matched[request.request_id] = (num_computed_tokens, 0, salt)
+        whole = (len(tokens) - 1) // ct if ct else 0  # the last token is always computed
         if whole == 0 or salt is None:
             return 0, False
         try:
@@ -223,6 +243,9 @@ class KVStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = KVStoreConnectorMetadata()
+        if not self.chunk_tokens:  # nothing was matched, and nothing can be saved
+            self._to_load.clear()
+            return meta
         for new in scheduler_output.scheduled_new_reqs:
             tokens = list(new.prompt_token_ids or [])
             self._start_tracking(meta, new.req_id, tokens, list(new.block_ids[0]))
@@ -331,7 +354,7 @@ class KVStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
             started = []
             for load in meta.loads:
                 keys = [layer_key(k, self.rank, index) for k in load.chunk_keys]
-                shape = (len(keys), self.blocks_per_chunk, *kv.shape[1:])
+                shape = (len(keys), len(load.block_ids[0]), *kv.shape[1:])
                 staging = torch.empty(shape, dtype=kv.dtype, device=kv.device)
                 try:
                     transfer = self.client.get_into(keys, staging, side)

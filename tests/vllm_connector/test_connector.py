@@ -302,3 +302,21 @@ def test_namespace_names_what_the_bytes_depend_on(server: ServerProcess) -> None
     assert "/b16/" in ns and "/kv-auto/" in ns and ns.endswith("/tp1-pp1")
     with pytest.raises(ValueError, match="blocks"):
         engine.worker.register_kv_caches({LAYERS[0]: torch.zeros(BLOCKS * 2, HEADS, 8, 2 * HEAD)})
+
+
+def test_vllm_starts_before_kvstore_and_uses_it_once_it_answers(tmp_path: Path) -> None:
+    srv = ServerProcess(tmp_path / "late", "--cpu-bytes", "64MiB", "--chunk-tokens", str(CHUNK))
+    engine = Engine(srv.address, seed=11)  # nothing listens yet
+    prompt = list(range(7000, 7100))
+    external, meta = engine.schedule(request("a", prompt), 0, list(range(7)))
+    assert external == 0 and not meta.loads and not meta.saves
+    assert engine.run(meta) == set()
+    srv.start()
+    try:
+        _, meta = engine.schedule(request("b", prompt), 0, list(range(7)))
+        assert [len(s.chunk_keys) for s in meta.saves] == [3]
+        engine.run(meta)
+        external, _ = engine.schedule(request("c", prompt), 0, list(range(10, 17)))
+        assert external == 96
+    finally:
+        srv.stop()
