@@ -1,5 +1,5 @@
 """What the benchmarks share: server processes (start one, wait until it answers, stop it),
-progress lines, and writing `--json` / `--plot` outputs.
+progress lines, and writing `--json` / `--plot` outputs (`save_plot` draws the PNGs).
 
 Used by `bench_wire.py`, `bench_gpu.py` and `bench_codecs.py` (run as scripts, so this
 directory is on `sys.path`).
@@ -100,6 +100,26 @@ def running_kvstore(workdir: Path, *flags: str) -> Iterator[str]:
         yield address
     finally:
         stop(proc, "kvstore-server")
+
+
+def save_plot(path: Path, draw: Callable[[Any, Any], object], **subplots: Any) -> bool:
+    """A PNG at `path` of `draw(fig, axes)` on `matplotlib.pyplot.subplots(**subplots)`;
+    False when matplotlib is not installed. The figure is closed either way."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(**subplots)
+    try:
+        draw(fig, axes)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+    return True
 
 
 def write_outputs(

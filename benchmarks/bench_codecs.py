@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _procs import progress, write_outputs
+from _procs import progress, save_plot, write_outputs
 from _realkv import (
     Continuation,
     MissingModelDependency,
@@ -481,43 +481,36 @@ def write_plot(report: Report, path: Path) -> bool:
     """Quality against size: the perplexity increase (left) and the KL divergence from the
     exact predictions (right) against the ratio, one large point per codec spec (prompt
     means) and a faint one per prompt; False when matplotlib is not installed."""
-    try:
-        import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
-    panels: tuple[tuple[Any, Callable[[Any], float], str], ...] = (
-        (left, lambda r: 100 * r.ppl_increase, "continuation perplexity increase, %"),
-        (right, lambda r: r.kl, "KL from the exact next-token distribution, nats"),
-    )
-    for ax, value, ylabel in panels:
-        for r in report.rows:
-            (point,) = ax.plot(r.ratio, value(r), "o", markersize=8, label=r.label)
-            ax.plot(
-                [c.ratio for c in r.cells],
-                [value(c) for c in r.cells],
-                ".",
-                color=point.get_color(),
-                alpha=0.35,
-            )
-            ax.annotate(r.label, (r.ratio, value(r)), textcoords="offset points",
-                        xytext=(6, 4), fontsize=8)  # fmt: skip
-        ax.set_xlabel("compression ratio vs fp16 (higher is smaller)")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-    left.set_yscale("symlog", linthresh=0.1)
-    left.axhline(0, color="grey", linewidth=0.8)
-    right.set_yscale("symlog", linthresh=1e-4)
-    right.set_ylim(bottom=0)
-    left.legend(loc="upper left", fontsize=8)
-    fig.suptitle(f"KV codecs on {report.meta['model']}: size vs quality (mean of prompts)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    def draw(fig: Any, axes: Any) -> None:
+        left, right = axes
+        panels: tuple[tuple[Any, Callable[[Any], float], str], ...] = (
+            (left, lambda r: 100 * r.ppl_increase, "continuation perplexity increase, %"),
+            (right, lambda r: r.kl, "KL from the exact next-token distribution, nats"),
+        )
+        for ax, value, ylabel in panels:
+            for r in report.rows:
+                (point,) = ax.plot(r.ratio, value(r), "o", markersize=8, label=r.label)
+                ax.plot(
+                    [c.ratio for c in r.cells],
+                    [value(c) for c in r.cells],
+                    ".",
+                    color=point.get_color(),
+                    alpha=0.35,
+                )
+                ax.annotate(r.label, (r.ratio, value(r)), textcoords="offset points",
+                            xytext=(6, 4), fontsize=8)  # fmt: skip
+            ax.set_xlabel("compression ratio vs fp16 (higher is smaller)")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, which="both", alpha=0.3)
+        left.set_yscale("symlog", linthresh=0.1)
+        left.axhline(0, color="grey", linewidth=0.8)
+        right.set_yscale("symlog", linthresh=1e-4)
+        right.set_ylim(bottom=0)
+        left.legend(loc="upper left", fontsize=8)
+        fig.suptitle(f"KV codecs on {report.meta['model']}: size vs quality (mean of prompts)")
+
+    return save_plot(path, draw, nrows=1, ncols=2, figsize=(12, 4.8))
 
 
 # --------------------------------------------------------------------------- main

@@ -50,7 +50,7 @@ from typing import Any
 import cupy
 import numpy as np
 import torch
-from _procs import progress, running_kvstore, write_outputs
+from _procs import progress, running_kvstore, save_plot, write_outputs
 
 from kvstore.client import KVClient
 from kvstore.config import parse_size
@@ -604,29 +604,24 @@ def main() -> int:
 
 def write_plot(fig: dict[str, Any], path: Path) -> bool:
     """The gather figures against k; False when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
     rows = [r for r in fig["gather"] if "k" in r]
-    f, ax = plt.subplots(figsize=(7, 4))
-    for block in sorted({r["block"] for r in rows}):
-        sel = [r for r in rows if r["block"] == block]
-        ks = [r["k"] for r in sel]
-        ax.plot(ks, [r["gather_GBps"] for r in sel], "o-", label=f"gather {block // KiB} KiB")
-        ax.plot(ks, [r["loop_GBps"] for r in sel], "x--", label=f"memcpy/block {block // KiB} KiB")
-    ax.axhline(fig["limits"]["h2d_GBps"], color="gray", ls=":", label="pinned H2D")
-    ax.set_xscale("log")
-    ax.set_xlabel("k (blocks gathered)")
-    ax.set_ylabel("GB/s")
-    ax.set_title(f"top-k gather from the host arena, {fig['device']}")
-    ax.legend(fontsize=8)
-    f.tight_layout()
-    f.savefig(path, dpi=120)
-    return True
+
+    def draw(f: Any, ax: Any) -> None:
+        for block in sorted({r["block"] for r in rows}):
+            sel = [r for r in rows if r["block"] == block]
+            ks = [r["k"] for r in sel]
+            ax.plot(ks, [r["gather_GBps"] for r in sel], "o-", label=f"gather {block // KiB} KiB")
+            ax.plot(
+                ks, [r["loop_GBps"] for r in sel], "x--", label=f"memcpy/block {block // KiB} KiB"
+            )
+        ax.axhline(fig["limits"]["h2d_GBps"], color="gray", ls=":", label="pinned H2D")
+        ax.set_xscale("log")
+        ax.set_xlabel("k (blocks gathered)")
+        ax.set_ylabel("GB/s")
+        ax.set_title(f"top-k gather from the host arena, {fig['device']}")
+        ax.legend(fontsize=8)
+
+    return save_plot(path, draw, figsize=(7, 4))
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _procs import progress, running_kvstore, write_outputs
+from _procs import progress, running_kvstore, save_plot, write_outputs
 from _realkv import MissingModelDependency, load_smollm2
 
 from kvstore.client import KVClient
@@ -383,26 +383,17 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 
 def write_plot(rows: list[dict[str, Any]], path: Path) -> bool:
-    try:
-        import matplotlib
+    def draw(fig: Any, ax: Any) -> None:
+        for r in rows:
+            ax.plot(r["ttft_s"] * 1e3, 100 * r["top1"], "o", markersize=8)
+            where = (r["ttft_s"] * 1e3, 100 * r["top1"])
+            ax.annotate(r["method"], where, textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.set_xlabel("time to first token, ms (CPU)")
+        ax.set_ylabel(f"top-1 agreement with full prefill over {ANSWER_TOKENS} tokens, %")
+        ax.grid(True, alpha=0.3)
+        fig.suptitle("RAG chunk reuse on SmolLM2-135M: speed vs agreement")
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        ax.plot(r["ttft_s"] * 1e3, 100 * r["top1"], "o", markersize=8)
-        ax.annotate(r["method"], (r["ttft_s"] * 1e3, 100 * r["top1"]), textcoords="offset points",
-                    xytext=(6, 4), fontsize=8)  # fmt: skip
-    ax.set_xlabel("time to first token, ms (CPU)")
-    ax.set_ylabel(f"top-1 agreement with full prefill over {ANSWER_TOKENS} tokens, %")
-    ax.grid(True, alpha=0.3)
-    fig.suptitle("RAG chunk reuse on SmolLM2-135M: speed vs agreement")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save_plot(path, draw, figsize=(7, 4.5))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

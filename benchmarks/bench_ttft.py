@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _procs import progress, running_kvstore, write_outputs
+from _procs import progress, running_kvstore, save_plot, write_outputs
 from _realkv import MissingModelDependency, load_smollm2, prompts
 from bench_rag import RANDOM_LLAMAS, random_llama, sync
 
@@ -130,29 +130,20 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 
 def write_plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> bool:
-    try:
-        import matplotlib
+    def draw(fig: Any, ax: Any) -> None:
+        for tier in dict.fromkeys(r["tier"] for r in rows):
+            pts = sorted((r["context"], r["ttft_s"] * 1e3) for r in rows if r["tier"] == tier)
+            label = "full prefill" if tier == "prefill" else f"loaded from {tier}"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context length, tokens")
+        ax.set_ylabel("time to first token, ms")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        ax.set_title(f"TTFT: {meta['model']} ({meta['device']})", fontsize=10)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for tier in dict.fromkeys(r["tier"] for r in rows):
-        pts = sorted((r["context"], r["ttft_s"] * 1e3) for r in rows if r["tier"] == tier)
-        label = "full prefill" if tier == "prefill" else f"loaded from {tier}"
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("context length, tokens")
-    ax.set_ylabel("time to first token, ms")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    ax.set_title(f"TTFT: {meta['model']} ({meta['device']})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save_plot(path, draw, figsize=(7, 4.5))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

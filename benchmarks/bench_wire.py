@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 import redis
 import torch
-from _procs import progress, running_kvstore, stop, wait_until_serving, write_outputs
+from _procs import progress, running_kvstore, save_plot, stop, wait_until_serving, write_outputs
 from redis.utils import HIREDIS_AVAILABLE
 
 import kvstore
@@ -535,33 +535,25 @@ def render(report: Report) -> str:
 
 def write_plot(report: Report, path: Path) -> bool:
     """Grouped bars of GB/s per size and op; False when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
     labels = [f"{r.op} {r.size}" for r in report.rows]
-    x = np.arange(len(labels))
-    width = 0.27
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(labels)), 4.5))
-    series = (
-        ("kvstore", [r.kvstore.gbps for r in report.rows]),
-        ("redis-py", [r.redis.gbps for r in report.rows]),
-        ("memcpy", [r.memcpy_gbps for r in report.rows]),
-    )
-    for i, (name, values) in enumerate(series):
-        ax.bar(x + (i - 1) * width, values, width, label=name)
-    ax.set_xticks(x, labels)
-    ax.set_ylabel("GB/s (median; memcpy best)")
-    ax.set_yscale("log")
-    ax.set_title("kvstore vs redis-py over a Unix socket, same machine")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+
+    def draw(fig: Any, ax: Any) -> None:
+        x = np.arange(len(labels))
+        width = 0.27
+        series = (
+            ("kvstore", [r.kvstore.gbps for r in report.rows]),
+            ("redis-py", [r.redis.gbps for r in report.rows]),
+            ("memcpy", [r.memcpy_gbps for r in report.rows]),
+        )
+        for i, (name, values) in enumerate(series):
+            ax.bar(x + (i - 1) * width, values, width, label=name)
+        ax.set_xticks(x, labels)
+        ax.set_ylabel("GB/s (median; memcpy best)")
+        ax.set_yscale("log")
+        ax.set_title("kvstore vs redis-py over a Unix socket, same machine")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+
+    return save_plot(path, draw, figsize=(max(6.0, 1.4 * len(labels)), 4.5))
 
 
 # --------------------------------------------------------------------------- main
