@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The per-tier counters a server reports (kvstore.v1.TierStats), in table order.
+COUNTERS = ("hits", "misses", "evictions", "promotions", "demotions")
+
+
 def stats_view(s: ServerStats, before: ServerStats | None = None, seconds: float = 0.0) -> Group:
     """The server line and the per-tier table; with `before`, counters as rates per second."""
     rates = before is not None and seconds > 0
@@ -74,19 +78,18 @@ def stats_view(s: ServerStats, before: ServerStats | None = None, seconds: float
         f"kvstore-server {s.version}  up {s.uptime_seconds:.0f}s  entries {s.entries}  "
         f"pinned {s.pinned}  leases {s.leases}  chunk {s.chunk_tokens} tokens"
     )
-    counters = ("hits", "misses", "evictions", "promotions", "demotions")
     table = Table("tier", "entries", "used", "capacity", "hit ratio",
-                  *(f"{c}/s" if rates else c for c in counters))  # fmt: skip
+                  *(f"{c}/s" if rates else c for c in COUNTERS))  # fmt: skip
     for t in s.tiers.values():
         old = before.tiers.get(t.name) if before is not None else None
         if rates and old is not None:
-            cells = [f"{(getattr(t, c) - getattr(old, c)) / seconds:.1f}" for c in counters]
+            cells = [f"{(getattr(t, c) - getattr(old, c)) / seconds:.1f}" for c in COUNTERS]
             hits, misses = t.hits - old.hits, t.misses - old.misses
         elif rates:  # a tier the previous sample did not have: no rate yet
-            cells = ["-"] * len(counters)
+            cells = ["-"] * len(COUNTERS)
             hits = misses = 0
         else:
-            cells = [str(getattr(t, c)) for c in counters]
+            cells = [str(getattr(t, c)) for c in COUNTERS]
             hits, misses = t.hits, t.misses
         ratio = f"{hits / (hits + misses):.1%}" if hits + misses else "-"
         table.add_row(
@@ -158,12 +161,11 @@ def _went_back(before: ServerStats, now: ServerStats) -> bool:
     """The server restarted between two samples: its uptime or a counter went down."""
     if now.uptime_seconds < before.uptime_seconds:
         return True
-    counters = ("hits", "misses", "evictions", "promotions", "demotions")
     return any(
         getattr(t, c) < getattr(before.tiers[name], c)
         for name, t in now.tiers.items()
         if name in before.tiers
-        for c in counters
+        for c in COUNTERS
     )
 
 

@@ -187,16 +187,13 @@ class ServerConfig:
         self.log_format = str(self.log_format).lower()
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log-format: {self.log_format!r} is not text or json")
+        ports = []  # fixed ones; port 0 lets the system pick
         for name in ("listen", "health_listen", "metrics_listen"):
             address = getattr(self, name)
             if address is not None:
-                split_address(address, name.replace("_", "-"))
-        ports = [
-            split_address(a, "")[1]
-            for a in (self.listen, self.health_listen, self.metrics_listen)
-            if a is not None
-        ]
-        if len(set(ports) - {0}) != len([p for p in ports if p]):
+                port = split_address(address, name.replace("_", "-"))[1]
+                ports += [port] if port else []
+        if len(set(ports)) != len(ports):
             raise ConfigError("listen: listen, health-listen and metrics-listen share a port")
         if len(os.fsencode(str(self.socket_path))) > _MAX_SOCKET_PATH:
             raise ConfigError(

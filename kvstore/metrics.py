@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -30,11 +31,11 @@ from prometheus_client.registry import Collector
 from kvstore import __version__
 from kvstore.config import split_address
 from kvstore.logs import MAX_REQUEST_ID, REQUEST_ID_HEADER, enter_request, new_request_id
+from kvstore.store import Store, TierCounters
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
-    from kvstore.store import Store
 
 log = logging.getLogger("kvstore.requests")
 
@@ -43,7 +44,7 @@ LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
     2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
-TIER_COUNTERS = ("hits", "misses", "evictions", "promotions", "demotions")
+TIER_COUNTERS = tuple(f.name for f in dataclasses.fields(TierCounters))
 # Codes a well-behaved client meets in normal work: logged at debug, not as failures.
 _ROUTINE = {grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.CANCELLED}
 

@@ -1216,7 +1216,7 @@ class Store:
         self._on_ssd(e, header)
         codec = self._ssd_codec(e.namespace) if header.codec != CODEC_RAW else None
         name = codec.name if codec is not None else "raw"
-        written = self._codec_bytes.get(name) or self._codec_bytes.setdefault(name, CodecBytes())
+        written = self._codec_bytes[name]  # every name the ssd tier can use, from start
         written.raw_bytes += header.value_len
         written.encoded_bytes += header.payload_len
 
