@@ -48,6 +48,7 @@ import torch
 from kvstore.client._transfer import Transfer
 from kvstore.client.sync import KVClient
 from kvstore.errors import DataLoss, InvalidArgument, KVStoreError
+from kvstore.keys import derived_key
 
 log = logging.getLogger("kvstore.client.hf")
 
@@ -181,7 +182,7 @@ def group_key(chunk_key: bytes, group: int, groups: int) -> bytes:
     if groups == 1:
         return chunk_key
     tag = b"layers" + group.to_bytes(2, "little") + groups.to_bytes(2, "little")
-    return hashlib.blake2b(chunk_key + tag, digest_size=len(chunk_key)).digest()
+    return derived_key(chunk_key, tag)
 
 
 def _set_layer(cache: Cache, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:

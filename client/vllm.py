@@ -33,7 +33,6 @@ The store is a best-effort cache: a save that fails is logged and becomes a futu
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from kvstore.client import KVClient, default_address
 from kvstore.client._transfer import Transfer
 from kvstore.errors import KVStoreError
+from kvstore.keys import derived_key
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -98,7 +98,7 @@ def salted(keys: list[bytes], salt: bytes) -> list[bytes]:
     """Prefix keys made particular to a request's salt (unchanged for an empty one)."""
     if not salt:
         return keys
-    return [hashlib.blake2b(k + b"salt" + salt, digest_size=len(k)).digest() for k in keys]
+    return [derived_key(k, b"salt" + salt) for k in keys]
 
 
 def layer_index(name: str) -> int:
@@ -111,7 +111,7 @@ def layer_index(name: str) -> int:
 def layer_key(chunk_key: bytes, rank: int, layer: int) -> bytes:
     """The key of one chunk's KV for one layer on one tensor-parallel rank."""
     tag = b"vllm-layer" + rank.to_bytes(4, "little") + layer.to_bytes(4, "little")
-    return hashlib.blake2b(chunk_key + tag, digest_size=len(chunk_key)).digest()
+    return derived_key(chunk_key, tag)
 
 
 @dataclass

@@ -12,6 +12,9 @@ depends on Python's `hash()`: keys match across processes, hosts and restarts.
 document has the same key at any position of any prompt. Its KV is stored as computed at a
 known position and re-rotated to where it lands (`kvstore.client.chunks`); the "doc" tag
 keeps a document key from ever equalling a prefix key.
+
+`derived_key(key, tag)` names one part of what a key names (a layer group, a layer, a
+tenant's copy), for engine adapters that store a chunk as several values.
 """
 
 from __future__ import annotations
@@ -81,3 +84,10 @@ def doc_key(token_ids: Sequence[int] | np.ndarray, salt: bytes | str) -> bytes:
     return hashlib.blake2b(
         tokens.tobytes(), digest_size=KEY_BYTES, key=_blake_key(raw + b"doc")
     ).digest()
+
+
+def derived_key(key: bytes, tag: bytes) -> bytes:
+    """The key of one part of what `key` names (a layer group, a layer, a tenant's copy):
+    `blake2b(key || tag)`, as long as `key`. Engine adapters split a chunk into several
+    values this way; the tag says which part."""
+    return hashlib.blake2b(key + tag, digest_size=len(key)).digest()
