@@ -108,11 +108,22 @@ def model_namespace(
     return ident[: 255 - len(tail)] + tail
 
 
-def kv_of(cache: Cache) -> torch.Tensor:
-    """`[layers, 2, tokens, kv_heads, head_dim]` of a batch-1 cache (a new tensor)."""
+def kv_of(cache: Cache, layers: slice = slice(None), tokens: slice = slice(None)) -> torch.Tensor:
+    """`[layers, 2, tokens, kv_heads, head_dim]` of a batch-1 cache (a new tensor), or of
+    the `layers` and `tokens` slices of it: only those are copied."""
+    held = _checked_layers(cache)
+    kv = torch.stack(
+        [torch.stack((ly.keys[0, :, tokens], ly.values[0, :, tokens])) for ly in held[layers]]
+    )
+    return kv.transpose(2, 3)
+
+
+def _checked_layers(cache: Cache) -> list[Any]:
+    """The layers of a cache the store can hold: batch 1, full attention; else a clear
+    InvalidArgument."""
     from transformers.cache_utils import DynamicLayer
 
-    layers = getattr(cache, "layers", None)
+    layers = list(getattr(cache, "layers", None) or [])
     if not layers:
         raise InvalidArgument("the cache holds no layers")
     if any(type(layer) is not DynamicLayer for layer in layers):
@@ -122,8 +133,7 @@ def kv_of(cache: Cache) -> torch.Tensor:
     if keys is None or keys.dim() != 4 or keys.shape[0] != 1:
         shape = None if keys is None else tuple(keys.shape)
         raise InvalidArgument(f"expected a batch-1 cache of [1, heads, tokens, dim], got {shape}")
-    kv = torch.stack([torch.stack((ly.keys[0], ly.values[0])) for ly in layers])
-    return kv.transpose(2, 3)
+    return layers
 
 
 def cache_of(model: Model, kv: torch.Tensor) -> Cache:
@@ -360,18 +370,22 @@ class StoreCache:
         store does not hold yet; returns how many were handed over. They are copied and
         committed in the background: `wait_saved()` waits for them."""
         ids = _token_list(token_ids)
-        kv = kv_of(cache)
-        if kv.shape[2] < len(ids):
-            raise InvalidArgument(f"the cache holds {kv.shape[2]} tokens, not {len(ids)}")
+        held_tokens = _checked_layers(cache)[0].keys.shape[2]
+        if held_tokens < len(ids):
+            raise InvalidArgument(f"the cache holds {held_tokens} tokens, not {len(ids)}")
         ct = self.client.chunk_tokens
         keys, held = self._stored_chunks(ids)
         whole = len(keys[0])
         if held == whole:
             return 0
-        spans = list(zip(self.bounds, self.bounds[1:], strict=False))
+        # Only the new chunks are copied out of the cache, one value per layer group.
         todo = [(g, c) for c in range(held, whole) for g in range(self.groups)]
-        values = [kv[lo:hi, :, c * ct : (c + 1) * ct].contiguous() for g, c in todo
-                  for lo, hi in [spans[g]]]  # fmt: skip
+        values = [
+            kv_of(
+                cache, slice(self.bounds[g], self.bounds[g + 1]), slice(c * ct, (c + 1) * ct)
+            ).contiguous()
+            for g, c in todo
+        ]
         transfer = self.client.put_from([keys[g][c] for g, c in todo], values)
         with self._lock:
             self._pending.append(transfer)
