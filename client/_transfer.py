@@ -37,6 +37,7 @@ from kvstore.kernels.blocks import (
     as_cupy_stream,
     gather_blocks_cpu,
     launch_blocks,
+    recorded_event,
 )
 from kvstore.threads import host_pool
 from kvstore.v1 import kvstore_pb2 as pb
@@ -90,6 +91,55 @@ def torch_stream(stream: Any, device: torch.device) -> Any:
 
 def flat_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8) if t.numel() else t.new_empty(0, dtype=torch.uint8)
+
+
+class CopyRuns:
+    """Byte copies enqueued in order, merged where one continues the last: a value whose
+    source and destination both start where the previous value's ended (neighbouring
+    arena slots into neighbouring rows of one tensor, as a prefix saved in one go and
+    loaded in one go has them) extends that copy instead of adding a call. Each copy call
+    costs the host 10-20 us, and a long prefix is hundreds of values: on the GPU path the
+    host, not PCIe, decides how soon the first token comes. `flush()` before anything that
+    must follow the copies on the stream (an event, a hash)."""
+
+    def __init__(self) -> None:
+        self._run: list[Any] | None = None  # [dst, src, nbytes, non_blocking]
+        self.calls = 0  # copy calls made
+
+    def add(self, dst: torch.Tensor, src: torch.Tensor, non_blocking: bool) -> None:
+        """Copy flat byte tensor `src` into flat byte tensor `dst` (same length)."""
+        run = self._run
+        if (
+            run is not None
+            and run[3] == non_blocking
+            and _continues(run[0], run[2], dst)
+            and _continues(run[1], run[2], src)
+        ):
+            run[2] += dst.numel()
+            return
+        self.flush()
+        self._run = [dst, src, dst.numel(), non_blocking]
+
+    def flush(self) -> None:
+        run, self._run = self._run, None
+        if run is None:
+            return
+        dst, src, n, non_blocking = run
+        if n != dst.numel():  # a merged run: views over the neighbours too
+            dst = dst.as_strided((n,), (1,), dst.storage_offset())
+            src = src.as_strided((n,), (1,), src.storage_offset())
+        dst.copy_(src, non_blocking=non_blocking)
+        self.calls += 1
+
+
+def _continues(first: torch.Tensor, nbytes: int, nxt: torch.Tensor) -> bool:
+    """Whether byte tensor `nxt` starts right after `nbytes` bytes from byte tensor `first`,
+    in the same storage."""
+    return (
+        nxt.device == first.device
+        and nxt.storage_offset() == first.storage_offset() + nbytes
+        and nxt.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+    )
 
 
 @dataclass
@@ -282,10 +332,8 @@ def _recorded(stream: Any) -> Any:
         return None
     import cupy
 
-    event = cupy.cuda.Event()
     with cupy.cuda.Device(stream.device.index):
-        event.record(as_cupy_stream(stream))
-    return event
+        return recorded_event(as_cupy_stream(stream))
 
 
 def _gather_region(
@@ -421,13 +469,14 @@ class GetLanding:
         batch: list[int] = []  # GPU destinations copied and not yet hashed
         pending = 0
         side = None
+        copies = CopyRuns()
         with torch.cuda.stream(s_) if s_ is not None else contextlib.nullcontext():
             for i, (s, dst) in enumerate(zip(slices, self.dests, strict=True)):
                 if not s or not s.header.nbytes:
                     continue
                 src, host_array, _ = regions[s.pool]
                 if dst.is_cuda:
-                    flat_bytes(dst).copy_(src[s.span], non_blocking=True)
+                    copies.add(flat_bytes(dst), src[s.span], non_blocking=True)
                 elif host_array is not None:  # one thread: the checksum threads have the rest
                     np.copyto(flat_bytes(dst).numpy(), host_array[s.span])
                 else:  # from a gpu pool into host memory
@@ -436,8 +485,10 @@ class GetLanding:
                     batch.append(i)
                     pending += group_weight(s.header.nbytes, src, dst)
                 if pending >= COMMIT_GROUP_BYTES:  # hashed while later copies run
+                    copies.flush()
                     side = self._digest(batch, s_)
                     batch, pending = [], 0
+            copies.flush()
         if batch:
             side = self._digest(batch, s_)
         for i in late:
@@ -588,6 +639,7 @@ class PutLanding:
                 self.digests, side = digest_on_side([srcs[i] for i in hashed], self.stream)
         group = PutGroup([], [], [])
         pending = 0
+        copies = CopyRuns()
         with (
             torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
         ):
@@ -596,14 +648,16 @@ class PutLanding:
                 n = t.numel() * t.element_size()
                 dst = regions[r.gpu_pool].tensor()[r.offset : r.offset + n]
                 if n:
-                    dst.copy_(flat_bytes(t), non_blocking=t.is_cuda or dst.is_cuda)
+                    copies.add(dst, flat_bytes(t), non_blocking=t.is_cuda or dst.is_cuda)
                 group.positions.append(i)
                 group.ids.append(r.id)
                 group.slices.append((r.gpu_pool, r.offset, n))
                 pending += group_weight(n, t, dst)
                 if pending >= COMMIT_GROUP_BYTES:
+                    copies.flush()
                     self._close(group)
                     group, pending = PutGroup([], [], []), 0
+            copies.flush()
             if group.positions:
                 self._close(group)
         if side is not None:  # the caller may overwrite the sources after the hash

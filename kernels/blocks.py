@@ -134,9 +134,9 @@ def check_blocks(
             raise BlockError(f"slot ids must be integers, got {ids.dtype}")
         ids = np.ascontiguousarray(ids, dtype=np.int64)
     slots = (pool_bytes - block_bytes) // pitch + 1 if pool_bytes >= block_bytes else 0
-    if ids.size and (ids.min() < 0 or ids.max() >= slots):
-        bad = int(ids[(ids < 0) | (ids >= slots)][0])
-        raise BlockError(f"slot id {bad} is outside the pool of {slots} slots")
+    bad = _first_outside(ids, slots)  # one pass, no temporaries: on every launch's path
+    if bad >= 0:
+        raise BlockError(f"slot id {int(ids[bad])} is outside the pool of {slots} slots")
     if dense_bytes < ids.size * block_bytes:
         raise BlockError(
             f"the contiguous buffer holds {dense_bytes} bytes; {ids.size} blocks of "
@@ -145,6 +145,15 @@ def check_blocks(
     if unique and ids.size != np.unique(ids).size:
         raise BlockError("a scatter may not write the same slot twice")
     return ids
+
+
+@numba.njit(cache=True)
+def _first_outside(ids: np.ndarray, slots: int) -> int:
+    """Index of the first id outside [0, slots), or -1."""
+    for i in range(ids.size):
+        if ids[i] < 0 or ids[i] >= slots:
+            return i
+    return -1
 
 
 # ------------------------------------------------------------------------------ CPU twins
@@ -221,8 +230,10 @@ class DeviceBuffer:
 def device_buffer(buf: Any, what: str) -> DeviceBuffer:
     """The byte range of a contiguous CuPy array, CUDA torch tensor, or a `DeviceBuffer`."""
     if isinstance(buf, DeviceBuffer):
-        ptr, nbytes, device = buf.ptr, buf.nbytes, buf.device
-    elif hasattr(buf, "data_ptr"):  # torch.Tensor
+        if buf.ptr % VECTOR_BYTES:
+            raise BlockError(f"{what} must be {VECTOR_BYTES}-byte aligned")
+        return buf
+    if hasattr(buf, "data_ptr"):  # torch.Tensor
         if not buf.is_cuda:
             raise BlockError(f"{what} is a CPU tensor; the GPU kernels need CUDA memory")
         if not buf.is_contiguous():
@@ -258,6 +269,7 @@ class _FewArgs:
         self.values = np.zeros(5 + _FEW, np.int64)
         base = self.values.ctypes.data
         self.params = np.array([base + 8 * i for i in range(6)], np.uint64)
+        self.params_ptr = self.params.ctypes.data
 
 
 def _few_args() -> _FewArgs:
@@ -353,10 +365,8 @@ def launch_blocks(
     current = cupy.cuda.runtime.getDevice()
     with cupy.cuda.Device(device) if current != device else contextlib.nullcontext():
         s = as_cupy_stream(stream)
-        event = cupy.cuda.Event(block=False, disable_timing=True)
         if not ids.size:
-            event.record(s)
-            return event
+            return recorded_event(s)
         vecs = block // VECTOR_BYTES
         threads = min(_THREADS, max(32, -(-vecs // (32 * _UNROLL)) * 32))
         # From host memory PCIe is the limit, reached with a few dozen CTAs; more would only
@@ -365,6 +375,18 @@ def launch_blocks(
         # in microseconds: one CTA per block keeps its latency down.
         few_ctas = pool.device is None and ids.size * block > _HOST_SMALL_BYTES
         grid = min(ids.size, _HOST_CTAS if few_ctas else 65535 * 16)
+        # Launch first, then make the event: the GPU starts while the host does the rest.
+        if ids.size <= _FEW:
+            few = _few_args()
+            args = few.values  # user-space addresses are below 2**63: int64 holds them
+            args[0], args[1], args[2] = pool.ptr, dense.ptr, vecs
+            args[3], args[4] = pitch // VECTOR_BYTES, ids.size
+            args[5 : 5 + ids.size] = ids
+            cupy.cuda.driver.launchKernel(
+                _few_function(device, name), grid, 1, 1, threads, 1, 1, 0, s.ptr,
+                few.params_ptr, 0,
+            )  # fmt: skip
+            return recorded_event(s)
         head = (
             np.uint64(pool.ptr),
             np.uint64(dense.ptr),
@@ -372,24 +394,35 @@ def launch_blocks(
             np.int64(pitch // VECTOR_BYTES),
             np.int64(ids.size),
         )
-        if ids.size <= _FEW:
-            few = _few_args()
-            few.values[:5] = head
-            few.values[5 : 5 + ids.size] = ids
-            kernel = _module.get(device, name.replace("_blocks", "_few")).kernel  # CUfunction
-            cupy.cuda.driver.launchKernel(
-                kernel.ptr, grid, 1, 1, threads, 1, 1, 0, s.ptr, few.params.ctypes.data, 0
-            )
-            event.record(s)
-            return event
         ring = _rings.get((device, s.ptr))
         if ring is None:
             ring = _rings.setdefault((device, s.ptr), _IdRing())
         with ring.lock:  # threads launching on one stream must not share a buffer
             addr, pos = ring.put(ids)
             _module.get(device, name)((grid,), (threads,), (*head, np.uint64(addr)), stream=s)
-            event.record(s)
+            event = recorded_event(s)
             ring.done(pos, event)
+    return event
+
+
+_few_functions: dict[tuple[int, str], int] = {}
+
+
+def _few_function(device: int, name: str) -> int:
+    """The CUfunction of the by-value variant of `name` on `device`."""
+    fn = _few_functions.get((device, name))
+    if fn is None:
+        kernel = _module.get(device, name.replace("_blocks", "_few")).kernel
+        fn = _few_functions[(device, name)] = kernel.ptr
+    return fn
+
+
+def recorded_event(stream: Any) -> Any:
+    """A new event recorded on CuPy `stream` (on its device: the caller's current one)."""
+    import cupy
+
+    event = cupy.cuda.Event(block=False, disable_timing=True)
+    event.record(stream)
     return event
 
 
