@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from kvstore.client.hf import StoreCache, cache_of, kv_of, model_namespace
-from kvstore.errors import InvalidArgument
+from kvstore.errors import InvalidArgument, Unavailable
 
 from .conftest import ServerProcess
 
@@ -184,6 +184,41 @@ def test_pipelined_load_on_gpu_matches_a_full_prefill(start_server: Any, tiers: 
             assert loaded == 144
             torch.testing.assert_close(out.logits[0, -1], want.logits[0, -1])
             assert torch.equal(kv_of(cache)[:, :, :144], kv_of(want.past_key_values)[:, :, :144])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_layer_group_that_fails_to_load_is_recomputed(
+    start_server: Any, monkeypatch: Any
+) -> None:
+    """The first groups' copies are under way when the third group's get_into fails: they
+    are waited for, and the whole prompt is computed instead."""
+    model = tiny_llama(5, num_hidden_layers=8).cuda()
+    srv = start_server("--tiers", "cpu", "--cpu-bytes", "256MiB", "--chunk-tokens", "16")
+    ids = torch.randint(0, 128, (1, 16 * 9 + 5)).tolist()[0]
+    with torch.inference_mode():
+        want = model(torch.tensor([ids], device="cuda"), use_cache=True)
+    with srv.client(model_namespace(model)) as client:
+        store = StoreCache(model, client, layer_groups=4)
+        store.save(ids[:144], want.past_key_values)
+        store.wait_saved()
+        real, calls = client.get_into, []
+
+        def third_fails(keys: Any, out: Any, stream: Any = None) -> Any:
+            calls.append(len(keys))
+            if len(calls) == 3:
+                raise Unavailable("the store went away")
+            return real(keys, out, stream)
+
+        monkeypatch.setattr(client, "get_into", third_fails)
+        out, cache, loaded = store.prefill(ids)
+        assert calls == [9, 9, 9] and loaded == 0
+        torch.testing.assert_close(out.logits[0, -1], want.logits[0, -1])
+        torch.testing.assert_close(kv_of(cache), kv_of(want.past_key_values))
+        monkeypatch.setattr(client, "get_into", real)  # and the next prefill loads again
+        out, _, loaded = store.prefill(ids)
+        assert loaded == 144
+        torch.testing.assert_close(out.logits[0, -1], want.logits[0, -1])
 
 
 def test_generate_survives_what_it_cannot_store_or_load(start_server: Any) -> None:
