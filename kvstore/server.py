@@ -22,6 +22,7 @@ import secrets
 import signal
 import socket
 import stat
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -92,6 +93,9 @@ async def _in_thread_owned(fn: Callable[..., T], *args: Any, release: Callable[[
 H = TypeVar("H")
 
 
+_IDS_AHEAD = 1024
+
+
 class HandOuts(Generic[H]):
     """Things handed to same-host clients by id until they return them or time runs out:
     read leases (SharedSlices) and put reservations.
@@ -113,12 +117,22 @@ class HandOuts(Generic[H]):
         self._expired: list[tuple[H, float]] = []
         self._held: dict[int, tuple[H, float, int]] = {}
         self._groups: dict[int, set[int]] = {}  # the client's call number -> ids
+        self._fresh: list[int] = []  # random ids drawn ahead
+
+    def _new_id(self) -> int:
+        """A random 63-bit id not in use. The system's random source is read 8 KiB at a
+        time: a read per id was 70% of the server's time in a 256-key get."""
+        while True:
+            if not self._fresh:
+                raw = secrets.token_bytes(8 * _IDS_AHEAD)
+                self._fresh = [v >> 1 for v in struct.unpack(f"<{_IDS_AHEAD}Q", raw)]
+            ident = self._fresh.pop()
+            if ident and ident not in self._held:  # 0 means "none" on the wire
+                return ident
 
     def hand_out(self, thing: H, group: int = 0) -> int:
         """Hold `thing` under a new id, as part of the client's call `group` if not 0."""
-        ident = secrets.randbits(63) or 1  # 0 means "none" on the wire
-        while ident in self._held:
-            ident = secrets.randbits(63) or 1
+        ident = self._new_id()
         self._held[ident] = (thing, time.monotonic() + self.seconds, group)
         if group:
             self._groups.setdefault(group, set()).add(ident)
