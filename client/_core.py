@@ -708,14 +708,22 @@ class ClientCore:
             yield Call("Release", pb.ReleaseRequest(leases=leases, corrupt=corrupt), wait=wait)
 
     def get_into(
-        self, keys: Sequence[bytes], out: torch.Tensor | Sequence[torch.Tensor], stream: Any
+        self,
+        keys: Sequence[bytes],
+        out: torch.Tensor | Sequence[torch.Tensor],
+        stream: Any,
+        marks: Sequence[int] = (),
     ) -> Op[GetLanding]:
         """Start copying the values of `keys` into `out` (one tensor per key, or one tensor
         with a first dimension per key); `settle_get` finishes. Every destination is checked
-        against its value (dtype, size) before anything is copied."""
+        against its value (dtype, size) before anything is copied. At each of `marks`
+        (ascending key positions) an event is recorded (`GetLanding.mark_events`)."""
         dests = tensors_of(out, len(keys), "out")
+        marks = list(marks)
+        if any(not 0 <= m <= len(keys) for m in marks) or marks != sorted(marks):
+            raise InvalidArgument(f"marks must be ascending positions in 0..{len(keys)}")
         refs = yield from self.acquire(keys, verify=False, decoders=self.decoders_for(dests))
-        landing = GetLanding(refs, dests)
+        landing = GetLanding(refs, dests, marks)
         try:
             landing.launch(stream)
         except GeneratorExit:

@@ -103,43 +103,48 @@ class CopyRuns:
     must follow the copies on the stream (an event, a hash)."""
 
     def __init__(self) -> None:
-        self._run: list[Any] | None = None  # [dst, src, nbytes, non_blocking]
+        # The pending run: its first destination and source (contiguous tensors), its
+        # bytes, where each side ends, and whether the copy may be asynchronous.
+        self._run: list[Any] | None = None
         self.calls = 0  # copy calls made
 
     def add(self, dst: torch.Tensor, src: torch.Tensor, non_blocking: bool) -> None:
-        """Copy flat byte tensor `src` into flat byte tensor `dst` (same length)."""
+        """Copy contiguous `src` into contiguous `dst`, byte for byte (same byte length)."""
+        n = dst.numel() * dst.element_size()
         run = self._run
         if (
             run is not None
-            and run[3] == non_blocking
-            and _continues(run[0], run[2], dst)
-            and _continues(run[1], run[2], src)
+            and dst.data_ptr() == run[3]
+            and src.data_ptr() == run[4]
+            and run[5] == non_blocking
+            and _same_storage(run[0], dst)  # neighbours in memory may be two allocations
+            and _same_storage(run[1], src)
         ):
-            run[2] += dst.numel()
+            run[2] += n
+            run[3] += n
+            run[4] += n
             return
         self.flush()
-        self._run = [dst, src, dst.numel(), non_blocking]
+        self._run = [dst, src, n, dst.data_ptr() + n, src.data_ptr() + n, non_blocking]
 
     def flush(self) -> None:
         run, self._run = self._run, None
-        if run is None:
+        if run is None or not run[2]:
             return
-        dst, src, n, non_blocking = run
-        if n != dst.numel():  # a merged run: views over the neighbours too
-            dst = dst.as_strided((n,), (1,), dst.storage_offset())
-            src = src.as_strided((n,), (1,), src.storage_offset())
+        dst, src, n, _, _, non_blocking = run
+        dst, src = _byte_span(dst, n), _byte_span(src, n)
         dst.copy_(src, non_blocking=non_blocking)
         self.calls += 1
 
 
-def _continues(first: torch.Tensor, nbytes: int, nxt: torch.Tensor) -> bool:
-    """Whether byte tensor `nxt` starts right after `nbytes` bytes from byte tensor `first`,
-    in the same storage."""
-    return (
-        nxt.device == first.device
-        and nxt.storage_offset() == first.storage_offset() + nbytes
-        and nxt.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
-    )
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _byte_span(t: torch.Tensor, nbytes: int) -> torch.Tensor:
+    """`nbytes` bytes of `t`'s storage from where contiguous `t` starts, as uint8."""
+    flat = flat_bytes(t)
+    return flat if nbytes == flat.numel() else flat.as_strided((nbytes,), (1,))
 
 
 @dataclass
@@ -418,7 +423,11 @@ class GetLanding:
 
     refs: BlockRefs
     dests: list[torch.Tensor]
+    marks: Sequence[int] = ()  # positions to record an event at (see `mark_events`)
     event: Any = None  # torch.cuda.Event after the last GPU copy
+    # Per mark m, a torch.cuda.Event recorded once the copies of values [0, m) are
+    # enqueued (None without a GPU destination): work that needs only those waits for it.
+    mark_events: list[Any] = field(default_factory=list)
     hashes: list[tuple[int, concurrent.futures.Future[int]]] = field(default_factory=list)
     # Digests of GPU destinations, a batch per ~256 MiB of copies, with their positions.
     digests: list[tuple[list[int], Any]] = field(default_factory=list)
@@ -470,13 +479,19 @@ class GetLanding:
         pending = 0
         side = None
         copies = CopyRuns()
+        # Decodes run after every copy: with containers, each mark waits for them all.
+        marks = [] if containers else list(reversed(self.marks))
         with torch.cuda.stream(s_) if s_ is not None else contextlib.nullcontext():
             for i, (s, dst) in enumerate(zip(slices, self.dests, strict=True)):
+                while marks and marks[-1] <= i:
+                    marks.pop()
+                    copies.flush()
+                    self._mark(s_)
                 if not s or not s.header.nbytes:
                     continue
                 src, host_array, _ = regions[s.pool]
                 if dst.is_cuda:
-                    copies.add(flat_bytes(dst), src[s.span], non_blocking=True)
+                    copies.add(dst, src[s.span], non_blocking=True)
                 elif host_array is not None:  # one thread: the checksum threads have the rest
                     np.copyto(flat_bytes(dst).numpy(), host_array[s.span])
                 else:  # from a gpu pool into host memory
@@ -496,11 +511,20 @@ class GetLanding:
             self.hashes.append((i, hash_pool().submit(checksum, data)))
         if containers:
             self._decode(containers, s_)
+        while len(self.mark_events) < len(self.marks):
+            self._mark(s_)
         if s_ is not None:
             self.event = torch.cuda.Event()
             self.event.record(s_)
             if side is not None:
                 s_.wait_stream(side)  # what the caller does next to them waits for the hash
+
+    def _mark(self, stream: Any) -> None:
+        event = None
+        if stream is not None:
+            event = torch.cuda.Event()
+            event.record(stream)
+        self.mark_events.append(event)
 
     def _digest(self, positions: list[int], stream: Any) -> Any:
         """Hash these destinations, once their copies (enqueued on `stream`) are done."""
@@ -648,7 +672,7 @@ class PutLanding:
                 n = t.numel() * t.element_size()
                 dst = regions[r.gpu_pool].tensor()[r.offset : r.offset + n]
                 if n:
-                    copies.add(dst, flat_bytes(t), non_blocking=t.is_cuda or dst.is_cuda)
+                    copies.add(dst, t, non_blocking=t.is_cuda or dst.is_cuda)
                 group.positions.append(i)
                 group.ids.append(r.id)
                 group.slices.append((r.gpu_pool, r.offset, n))
@@ -724,10 +748,17 @@ class Transfer:
         future: concurrent.futures.Future[Any] | None = None,
         event: Any = None,
         keep: Any = None,
+        marks: Sequence[Any] = (),
     ):
         self._future = future
         self._event = event
         self._keep = keep  # what the copy reads from (a gather's refs) lives as long
+        self.marks = list(marks)
+        """For a `get_into(..., marks=...)`: per mark, a torch.cuda.Event recorded on the
+        stream once the copies before that position are enqueued (None for CPU
+        destinations, filled before the call returns). A stream may wait for one
+        (`wait_event`) to use those values while later ones still copy; their checksums
+        are checked by `wait()`, so the result of such work stands only once it passes."""
 
     def wait(self, timeout: float | None = None) -> Any:
         if self._future is not None:

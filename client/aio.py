@@ -40,8 +40,9 @@ def _forget(task: asyncio.Future[Any]) -> None:
 class AsyncTransfer:
     """A `get_into` or `put_from` of the asyncio client in flight; see `Transfer`."""
 
-    def __init__(self, task: asyncio.Future[Any]) -> None:
+    def __init__(self, task: asyncio.Future[Any], marks: Sequence[Any] = ()) -> None:
         self._task = task
+        self.marks = list(marks)  # see Transfer.marks
 
     async def wait(self) -> Any:
         return await asyncio.shield(self._task)
@@ -180,12 +181,17 @@ class AsyncKVClient:
         return Transfer(event=gather(refs, out, stream), keep=refs)
 
     async def get_into(
-        self, keys: Sequence[bytes], out: torch.Tensor | Sequence[torch.Tensor], stream: Any = None
+        self,
+        keys: Sequence[bytes],
+        out: torch.Tensor | Sequence[torch.Tensor],
+        stream: Any = None,
+        *,
+        marks: Sequence[int] = (),
     ) -> AsyncTransfer:
-        landing = await self._run(self._core.get_into(keys, out, stream))
+        landing = await self._run(self._core.get_into(keys, out, stream, marks))
         if self._renewer is None:  # the leases outlive a copy stuck behind a long queue
             self._renewer = asyncio.ensure_future(self._renew_loop())
-        return self._settle(self._core.settle_get(landing))
+        return self._settle(self._core.settle_get(landing), landing.mark_events)
 
     async def put_from(
         self,
@@ -196,12 +202,12 @@ class AsyncKVClient:
         landing = await self._run(self._core.put_from(keys, values, stream))
         return self._settle(self._core.settle_put(landing))
 
-    def _settle(self, op: Op[T]) -> AsyncTransfer:
+    def _settle(self, op: Op[T], marks: Sequence[Any] = ()) -> AsyncTransfer:
         task = asyncio.ensure_future(self._run(op))
         self._background.add(task)
         task.add_done_callback(_forget)  # a failure not waited for is not logged as lost
         task.add_done_callback(self._background.discard)
-        return AsyncTransfer(task)
+        return AsyncTransfer(task, marks)
 
     async def close(self) -> None:
         if self._renewer is not None:

@@ -338,10 +338,22 @@ class StoreCache:
         try:
             if side is not None:
                 side.wait_stream(torch.cuda.current_stream(dev))  # `outs` exist first
-            for g in range(self.groups):
-                loading.transfers.append(self.client.get_into(keys[g][:n], outs[g], side))
-                if side is not None:
-                    loading.events.append(side.record_event())
+            # Two calls: the first group alone, so its copy starts after one small lease
+            # call, then the rest in one call with an event at each group's end. The host
+            # time of each call delays the pass (it is bound by the host launching it); a
+            # call per group cost 4-6 ms apiece at 16k tokens on the H100's host.
+            first = self.client.get_into(keys[0][:n], outs[0], side)
+            loading.transfers.append(first)
+            loading.events.append(side.record_event() if side is not None else None)
+            if self.groups > 1:
+                rest = [k for g in range(1, self.groups) for k in keys[g][:n]]
+                into = [row for g in range(1, self.groups) for row in outs[g].unbind(0)]
+                marks = [n * g for g in range(1, self.groups)]
+                later = self.client.get_into(rest, into, side, marks=marks)
+                loading.transfers.append(later)
+                loading.events.extend(later.marks)
+            if side is None:
+                loading.events = []
         except KVStoreError as exc:
             log.warning("loading the prefix failed; computing it: %s", exc)
             loading.events = []

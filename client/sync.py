@@ -243,18 +243,26 @@ class KVClient:
         return Transfer(event=gather(refs, out, stream), keep=refs)
 
     def get_into(
-        self, keys: Sequence[bytes], out: torch.Tensor | Sequence[torch.Tensor], stream: Any = None
+        self,
+        keys: Sequence[bytes],
+        out: torch.Tensor | Sequence[torch.Tensor],
+        stream: Any = None,
+        *,
+        marks: Sequence[int] = (),
     ) -> Transfer:
         """Copy the values of `keys` into `out` (one tensor per key, or a tensor with one entry
         per key along dim 0; GPU or CPU), enqueued on `stream` (default: the current one).
 
         `wait()` returns which keys were found (absent ones leave their `out` untouched) once
-        the checksums, computed while the bytes copy, have passed.
+        the checksums, computed while the bytes copy, have passed. `marks` (ascending key
+        positions) give `Transfer.marks`: per mark, an event after the copies before it, so
+        that one call can feed work that starts on its first values (layer groups).
         """
         self._check_open()
-        landing = self._run(self._core.get_into(keys, out, stream))
+        landing = self._run(self._core.get_into(keys, out, stream, marks))
         self._start_renewing()  # the leases outlive a copy stuck behind a long queue
-        return Transfer(self._settler.submit(self._run, self._core.settle_get(landing)))
+        settled = self._settler.submit(self._run, self._core.settle_get(landing))
+        return Transfer(settled, marks=landing.mark_events)
 
     def put_from(
         self,

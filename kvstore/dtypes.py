@@ -64,7 +64,7 @@ def expected_nbytes(dtype: str, shape: Sequence[int]) -> int:
     dt = dtype_by_name(dtype)
     if len(shape) > MAX_NDIM:
         raise InvalidArgument(f"shape has {len(shape)} dimensions; at most {MAX_NDIM} allowed")
-    if any(d < 0 for d in shape):
+    if shape and min(shape) < 0:
         raise InvalidArgument(f"shape {list(shape)} has a negative dimension")
     return math.prod(shape) * dt.itemsize
 

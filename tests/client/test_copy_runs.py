@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kvstore.client._transfer import CopyRuns, flat_bytes
+from kvstore.client._transfer import CopyRuns
 
 
 def test_neighbouring_copies_merge_and_others_do_not() -> None:
@@ -17,12 +17,35 @@ def test_neighbouring_copies_merge_and_others_do_not() -> None:
     plan = [(slot, out[row]) for slot, row in rows] + [(7, other), (8, out[6])]
     copies = CopyRuns()
     for slot, dst in plan:
-        copies.add(flat_bytes(dst), arena[slot * 1024 : (slot + 1) * 1024], non_blocking=False)
+        copies.add(dst, arena[slot * 1024 : (slot + 1) * 1024], non_blocking=False)
     copies.flush()
     assert copies.calls == 4
     for slot, dst in plan:
         assert torch.equal(dst, arena[slot * 1024 : (slot + 1) * 1024])
     assert not out[5].any() and not out[7].any()  # nothing written past a run's end
+
+
+def test_runs_copy_bytes_between_dtypes_and_never_across_allocations() -> None:
+    rows = torch.randn(4, 64, dtype=torch.float32)  # destinations of another dtype
+    src = rows.clone().view(torch.uint8).reshape(-1)
+    out = torch.zeros(4, 64, dtype=torch.float32)
+    copies = CopyRuns()
+    for i in range(4):
+        copies.add(out[i], src[i * 256 : (i + 1) * 256], non_blocking=False)
+    copies.flush()
+    assert copies.calls == 1 and torch.equal(out, rows)
+    # Two allocations that happen to lie back to back are still two copies.
+    data = torch.randint(0, 255, (2048,), dtype=torch.uint8)
+    memory = bytearray(2048)
+    a = torch.frombuffer(memory, dtype=torch.uint8, count=1024)
+    b = torch.frombuffer(memory, dtype=torch.uint8, count=1024, offset=1024)
+    assert b.data_ptr() == a.data_ptr() + 1024  # neighbours, each its own storage
+    copies = CopyRuns()
+    copies.add(a, data[:1024], non_blocking=False)
+    copies.add(b, data[1024:], non_blocking=False)
+    copies.flush()
+    assert copies.calls == 2
+    assert bytes(memory) == bytes(data.numpy())
 
 
 def test_a_copy_is_made_only_when_flushed_and_flush_is_idempotent() -> None:

@@ -71,6 +71,21 @@ def test_put_from_then_get_into_round_trips(both, path: str) -> None:  # type: i
     assert torch.equal(local.get(key(3)), values[3])  # the other path reads them too
 
 
+def test_get_into_marks(both) -> None:  # type: ignore[no-untyped-def]
+    _srv, local, _ = both
+    values = torch.stack([chunk(i) for i in range(4)])
+    keys = [key(i) for i in range(4)]
+    local.put_from(keys, values).wait(timeout=30)
+    out = torch.zeros_like(values)
+    handle = local.get_into(keys, out, marks=[2, 4])
+    assert handle.marks == [None, None]  # CPU destinations: filled before it returned
+    assert handle.wait(timeout=30) == [True] * 4 and torch.equal(out, values)
+    for bad in ([3, 1], [5], [-1]):
+        with pytest.raises(InvalidArgument, match="marks"):
+            local.get_into(keys, out, marks=bad)
+    assert wait_for(lambda: local.stats().leases == 0)
+
+
 def test_put_from_commits_with_the_server_computing_checksums(both) -> None:  # type: ignore[no-untyped-def]
     _srv, local, _ = both
     values = [chunk(i, (3, 1000)) for i in range(3)]

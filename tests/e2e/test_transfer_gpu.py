@@ -52,6 +52,24 @@ def test_gpu_put_from_and_get_into_on_a_side_stream(both, path: str) -> None:  #
     assert wait_for(lambda: local.stats().leases == 0)
 
 
+def test_gpu_get_into_marks_let_another_stream_start_on_the_first_values(both) -> None:  # type: ignore[no-untyped-def]
+    local, _ = both
+    copy, compute = torch.cuda.Stream(), torch.cuda.Stream()
+    values = torch.randn((8, 4, 2, 64, 8, 64), device="cuda").to(torch.bfloat16)
+    keys = [key(i) for i in range(8)]
+    local.put_from(keys, values).wait(timeout=60)
+    out = torch.full_like(values, float("nan"))
+    handle = local.get_into(keys, out, stream=copy, marks=[3, 8])
+    assert len(handle.marks) == 2
+    compute.wait_event(handle.marks[0])
+    with torch.cuda.stream(compute):
+        first = out[:3].clone()
+    compute.synchronize()
+    assert torch.equal(first, values[:3])
+    assert handle.wait(timeout=60) == [True] * 8 and torch.equal(out, values)
+    assert wait_for(lambda: local.stats().leases == 0)
+
+
 def test_gpu_gather_matches_the_cpu_gather(both) -> None:  # type: ignore[no-untyped-def]
     local, remote = both
     blocks = [chunk(i, (32, 128)) for i in range(300)]  # 8 KiB blocks
