@@ -6,7 +6,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +27,8 @@ class ServerProcess:
         self.address = f"unix://{self.socket}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
+        # Run in the child before it execs the server (limits for fault tests); None: none.
+        self.preexec: Callable[[], None] | None = None
 
     def launch(self) -> subprocess.Popen[bytes]:
         """Start the process without waiting for it to serve (see `start`)."""
@@ -44,6 +46,7 @@ class ServerProcess:
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
+            preexec_fn=self.preexec,
         )
         log.close()  # the child holds its own copy
         return self.proc
