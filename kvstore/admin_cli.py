@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
+from typing import Any
 
 import grpc
 from google.protobuf.json_format import MessageToDict
@@ -126,10 +128,22 @@ def cmd_stats(client: KVClient, as_json: bool, console: Console) -> None:
 
 def watch_stats(address: str, timeout: float, interval: float, console: Console) -> None:
     """Redraw the stats every `interval` seconds until Ctrl-C, with counters per second;
-    an unreachable server is shown and tried again, so a restart does not end the watch."""
+    an unreachable server is shown and tried again, so a restart does not end the watch.
+    On a terminal the table is redrawn in place; into a pipe or a file each sample is
+    printed as it is taken (a live display would show nothing there until the end)."""
     client: KVClient | None = None
     before: tuple[ServerStats, float] | None = None
-    with Live(console=console, auto_refresh=False) as live:
+    display = Live(console=console, auto_refresh=False) if console.is_terminal else None
+    with display if display is not None else contextlib.nullcontext() as live:
+
+        def show(view: Any) -> None:
+            if live is None:
+                console.print(view)
+                console.file.flush()
+            else:
+                live.update(view)
+                live.refresh()
+
         try:
             while True:
                 try:
@@ -142,13 +156,12 @@ def watch_stats(address: str, timeout: float, interval: float, console: Console)
                     else:
                         view = stats_view(s, before[0], now - before[1])
                     before = (s, now)
-                    live.update(Group(view, Text(f"every {interval:g}s; Ctrl-C to stop")))
+                    show(Group(view, Text(f"every {interval:g}s; Ctrl-C to stop")))
                 except KVStoreError as exc:
                     if client is not None:
                         client.close()
                     client, before = None, None
-                    live.update(Text(f"{address}: {exc}; trying again in {interval:g}s"))
-                live.refresh()
+                    show(Text(f"{address}: {exc}; trying again in {interval:g}s"))
                 time.sleep(interval)
         except KeyboardInterrupt:
             pass

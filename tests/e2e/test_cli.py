@@ -14,6 +14,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -609,13 +610,27 @@ def test_stats_watch_redraws_rates_until_interrupted(populated: ServerProcess) -
          "stats", "--watch", "0.2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
     )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True)
+    reader.start()
     with populated.client(timeout=10) as c:
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline:  # reads while the watch runs: rates move
+        # Reads while the watch runs, so that rates move: from its first sample on (into a
+        # pipe it prints each one; a loaded machine can take seconds to start it), for a few
+        # more samples.
+        deadline = time.monotonic() + 60
+        while not any("every 0.2s" in line for line in lines) and time.monotonic() < deadline:
+            c.get(key(0))
+            time.sleep(0.01)
+        until = time.monotonic() + 1.5
+        while time.monotonic() < until:
             c.get(key(0))
             time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
+    proc.wait(timeout=30)
+    reader.join(timeout=10)
+    err = proc.stderr.read()
+    out = "".join(lines)
     assert proc.returncode == 0, err
     rows = {row[0]: row for row in _table_rows(out)}
     header = rows["tier"]
