@@ -409,7 +409,7 @@ class Store:
                 self._add_tier("cpu")
                 self._mem[0] = _Slots(self.cpu, self._policy["cpu"])
             if "ssd" in config.tiers:
-                self.ssd = LmdbTier(config.ssd_path, config.ssd_bytes)
+                self.ssd = LmdbTier(config.ssd_path, config.ssd_bytes, config.durability)
                 self._add_tier("ssd")
                 self._rebuild_from_ssd()
             if self.pools:
@@ -939,6 +939,14 @@ class Store:
             ssd, dirty, self._dirty = self.ssd, self._dirty, False
         if ssd is not None and dirty:
             ssd.sync()  # outside the lock: an fsync must not stall every other call
+
+    def durable(self) -> None:
+        """Return once the ssd tier's writes so far are on disk (`--durability sync`; at once
+        in other modes). Called before a put that landed on ssd is acknowledged, outside the
+        lock: concurrent callers share one flush."""
+        ssd = self.ssd
+        if ssd is not None:
+            ssd.durable()
 
     def persist(self, expired: Callable[[], bool]) -> int:
         """Copy memory-only values (gpu pools, then cpu) to ssd, newest first, while ssd has
