@@ -110,6 +110,15 @@ class _StoreCollector(Collector):
             encoded.add_metric([codec], c.encoded_bytes)
         yield raw
         yield encoded
+        corrupt = CounterMetricFamily(
+            "kvstore_corrupt_dropped",
+            "Stored copies found corrupt (checksum mismatch, unreadable or lost record) and "
+            "dropped, by the tier they were in; a restart's scan counts under ssd",
+            labels=["tier"],
+        )
+        for tier, n in dict(self.store.corrupt).items():
+            corrupt.add_metric([tier], n)
+        yield corrupt
         info = GaugeMetricFamily("kvstore_build_info", "The server's version", labels=["version"])
         info.add_metric([__version__], 1)
         yield info

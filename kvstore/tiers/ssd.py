@@ -85,6 +85,7 @@ class LmdbTier(StorageTier):
         self._meta = self.env.open_db(b"meta")
         self._data = self.env.open_db(b"data")
         self._used = 0
+        self.dropped = 0  # records `scan` found unreadable and deleted
         # Group commit: `_committed` counts write transactions, `_flushed` how many of them
         # the last flush covered; one thread flushes while the others wait for it.
         self._committed = 0
@@ -175,6 +176,7 @@ class LmdbTier(StorageTier):
                     continue
                 self._used += self.record_bytes(header)
                 yield namespace, key, header
+        self.dropped += len(bad)
         if bad:
             with self.env.begin(write=True) as txn:
                 for rkey in bad:
