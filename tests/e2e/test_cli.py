@@ -40,6 +40,7 @@ SERVER_FLAGS = [
     "--metrics-listen",
     "--cpu-bytes",
     "--ssd-bytes",
+    "--durability",
     "--chunk-tokens",
     "--max-value-bytes",
     "--max-keys-per-request",
