@@ -182,6 +182,7 @@ class LmdbTier(StorageTier):
                 for rkey in bad:
                     txn.delete(rkey, db=self._meta)
                     txn.delete(rkey, db=self._data)
+            self._committed += 1
 
     def count(self) -> int:
         with self.env.begin() as txn:
