@@ -43,6 +43,7 @@ def wait_until_serving(
     socket_path: Path,
     log_path: Path,
     answers: Callable[[], bool],
+    announce: bool = True,
 ) -> None:
     """Poll until `answers()` succeeds on `socket_path`; fail clearly if `proc` dies or stalls."""
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -58,7 +59,8 @@ def wait_until_serving(
                 + log_tail(log_path)
             )
         time.sleep(0.05)
-    progress(f"{name} pid {proc.pid} answers on {socket_path}")
+    if announce:
+        progress(f"{name} pid {proc.pid} answers on {socket_path}")
 
 
 def stop(proc: subprocess.Popen[bytes], name: str) -> None:
@@ -79,11 +81,23 @@ def running_kvstore(workdir: Path, *flags: str) -> Iterator[str]:
     """Run `kvstore-server` on a data directory under `workdir` with `flags`; yields its
     Unix-socket address. Its log is `workdir/kvstore-server.log`."""
     data_dir = workdir / "kvstore"
-    socket_path = data_dir / "kvstore.sock"
     log_path = workdir / "kvstore-server.log"
-    cmd = [sys.executable, "-m", "kvstore.server_cli", "--data-dir", str(data_dir)]
-    cmd += ["--log-level", "warning", *flags]
-    with log_path.open("wb") as log:
+    log_path.unlink(missing_ok=True)
+    proc = start_kvstore(data_dir, log_path, "--log-level", "warning", *flags)
+    try:
+        yield f"unix://{data_dir / 'kvstore.sock'}"
+    finally:
+        stop(proc, "kvstore-server")
+
+
+def start_kvstore(
+    data_dir: Path, log_path: Path, *flags: str, announce: bool = True
+) -> subprocess.Popen[bytes]:
+    """Start `kvstore-server` on `data_dir` with `flags`, its output appended to `log_path`,
+    and wait until it answers on its socket."""
+    socket_path = data_dir / "kvstore.sock"
+    cmd = [sys.executable, "-m", "kvstore.server_cli", "--data-dir", str(data_dir), *flags]
+    with log_path.open("ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     address = f"unix://{socket_path}"
 
@@ -96,10 +110,11 @@ def running_kvstore(workdir: Path, *flags: str) -> Iterator[str]:
             return False
 
     try:
-        wait_until_serving(proc, "kvstore-server", socket_path, log_path, answers)
-        yield address
-    finally:
+        wait_until_serving(proc, "kvstore-server", socket_path, log_path, answers, announce)
+    except BaseException:
         stop(proc, "kvstore-server")
+        raise
+    return proc
 
 
 def save_plot(path: Path, draw: Callable[[Any, Any], object], **subplots: Any) -> bool:

@@ -9,6 +9,7 @@ pieces, checksums and tensor reassembly exist once.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import secrets
 import threading
@@ -39,7 +40,7 @@ from kvstore.client._transfer import (
 from kvstore.codecs.base import codec_ids, gpu_decodable_codecs
 from kvstore.codecs.container import checksum
 from kvstore.dtypes import BY_NAME, dtype_name, expected_nbytes
-from kvstore.errors import DataLoss, InvalidArgument
+from kvstore.errors import DataLoss, InvalidArgument, Unavailable
 from kvstore.kernels import checksum as checksum_kernels
 from kvstore.kernels.blocks import DeviceBuffer
 from kvstore.keys import chunk_keys
@@ -47,6 +48,7 @@ from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire import PIECE_BYTES, Piece
 
 T = TypeVar("T")
+log = logging.getLogger("kvstore.client")
 BACKGROUND_TIMEOUT_S = 30.0
 _PARALLEL_HASH = 1 << 20  # values from this size are hashed beside their copy
 
@@ -396,8 +398,39 @@ def _keys(keys: Sequence[bytes]) -> list[bytes]:
     return out
 
 
+def _miss_when_down(
+    miss: Callable[[Any], Any],
+) -> Callable[[Callable[[ClientCore, Any], Op[T]]], Callable[[ClientCore, Any], Op[T]]]:
+    """Make a read operation answer `miss(its argument)` instead of raising `Unavailable`
+    while the server cannot be reached (down, restarting): a serving engine then
+    recomputes, as for any other miss, rather than fail the request."""
+
+    def wrap(read: Callable[[ClientCore, Any], Op[T]]) -> Callable[[ClientCore, Any], Op[T]]:
+        @functools.wraps(read)
+        def op(self: ClientCore, arg: Any) -> Op[T]:
+            try:
+                result = yield from read(self, arg)
+            except Unavailable as exc:
+                if not self.server_down:
+                    log.warning("kvstore server unreachable, reads report misses: %s", exc)
+                self.server_down = True
+                return miss(arg)  # type: ignore[no-any-return]
+            if self.server_down:
+                log.warning("kvstore server reachable again")
+            self.server_down = False
+            return result
+
+        return op
+
+    return wrap
+
+
 class ClientCore:
     """Builds every operation of the client for one namespace.
+
+    Reads (`get`, `batch_get`, `lookup`, `exists`, `get_prefix`) report misses while the
+    server is unreachable; other operations raise `Unavailable` once the channel's retries
+    (`kvstore.wire.CLIENT_OPTIONS`) run out.
 
     With `same_host`, gets read values in place from the server's host arena when they are
     there (see `kvstore.client._shared`), falling back to streamed bytes otherwise.
@@ -411,6 +444,7 @@ class ClientCore:
         recompute_cost: float | None = None,
     ) -> None:
         self.namespace = namespace
+        self.server_down = False  # the last read found the server unreachable
         self.chunk_tokens: int | None = None
         self.max_keys: int | None = None
         # BlockRefs handed to the caller and not yet collected: their leases are renewed.
@@ -524,10 +558,12 @@ class ClientCore:
                 tiers[i] = tier
         return rest
 
+    @_miss_when_down(lambda key: None)
     def get(self, key: bytes) -> Op[torch.Tensor | None]:
         values = yield from self._read("Get", _keys([key]))
         return values[0]
 
+    @_miss_when_down(lambda keys: [None] * len(keys))
     def batch_get(self, keys: Sequence[bytes]) -> Op[list[torch.Tensor | None]]:
         if not keys:
             return []
@@ -905,6 +941,7 @@ class ClientCore:
             for i in range(0, max(len(keys), 1), step)
         ]
 
+    @_miss_when_down(lambda keys: 0)
     def lookup(self, keys: Sequence[bytes]) -> Op[int]:
         n = 0
         for request in (yield from self._split(keys)):
@@ -914,6 +951,7 @@ class ClientCore:
                 break
         return n
 
+    @_miss_when_down(lambda keys: [False] * len(keys))
     def exists(self, keys: Sequence[bytes]) -> Op[list[bool]]:
         present: list[bool] = []
         for request in (yield from self._split(keys)):
@@ -1001,6 +1039,7 @@ class ClientCore:
         yield from self.batch_put(keys[held:], chunks)
         return len(keys)
 
+    @_miss_when_down(lambda token_ids: None)
     def get_prefix(self, token_ids: Sequence[int] | np.ndarray) -> Op[torch.Tensor | None]:
         """KV of the longest stored prefix of `token_ids`, or None when nothing matches."""
         keys = yield from self.prefix_keys(token_ids)

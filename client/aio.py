@@ -25,7 +25,7 @@ from kvstore.client._core import (
 from kvstore.client._transfer import BlockRefs, Transfer, gather
 from kvstore.errors import error_for_status
 from kvstore.v1 import kvstore_pb2 as pb
-from kvstore.wire import GRPC_OPTIONS, client_stubs
+from kvstore.wire import CLIENT_OPTIONS, client_stubs
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class AsyncKVClient:
             decode_codecs=decode_codecs,
             recompute_cost=recompute_cost,
         )
-        self._channel = grpc.aio.insecure_channel(target_of(address), options=GRPC_OPTIONS)
+        self._channel = grpc.aio.insecure_channel(target_of(address), options=CLIENT_OPTIONS)
         self._background: set[asyncio.Future[Any]] = set()  # calls started with wait=False
         self._renewer: asyncio.Future[None] | None = None  # renews held BlockRefs' leases
         self._stubs = client_stubs(self._channel)

@@ -28,7 +28,7 @@ from kvstore.client._core import (
 from kvstore.client._transfer import BlockRefs, Transfer, gather
 from kvstore.errors import error_for_status
 from kvstore.v1 import kvstore_pb2 as pb
-from kvstore.wire import GRPC_OPTIONS, client_stubs
+from kvstore.wire import CLIENT_OPTIONS, client_stubs
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ class KVClient:
         )
         # Server-streaming calls (gets) on their own thread-free path: by default grpc starts
         # a thread for each such call when none is running, about 1 ms per get here.
-        options = [*GRPC_OPTIONS, (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)]
+        options = [*CLIENT_OPTIONS, (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)]
         self._channel = grpc.insecure_channel(target_of(address), options=options)
         self._background = _BackgroundCalls()  # calls made with wait=False
         self._stubs = client_stubs(self._channel)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 KNOWN_TIERS = ("gpu", "cpu", "ssd")
+DURABILITY_MODES = ("none", "async", "sync")
 # sun_path is 108 bytes on Linux, including the terminating NUL.
 _MAX_SOCKET_PATH = 107
 
@@ -99,6 +100,13 @@ class ServerConfig:
     """Size of the shared-memory host arena (cpu tier)."""
     ssd_bytes: int = 16 << 30
     """Bytes of values the ssd tier may hold."""
+    durability: str = "async"
+    """When the ssd tier's writes reach the disk. "sync": a put acknowledged as stored on
+    ssd is on disk first (LMDB syncs on commit; concurrent puts share one flush), so it
+    survives power loss as far as the disk honours fsync. "async": flushed every second
+    and at shutdown; a power loss may lose the last second of writes. "none": never flushed
+    explicitly (the kernel writes back when it likes). In every mode a killed server loses
+    no committed write: they are in the kernel's page cache."""
     codec: tuple[str, ...] = ()
     """How the ssd tier encodes values, as rules `ssd=SPEC` (every namespace) and
     `ssd[GLOB]=SPEC` (namespaces matching a shell-style glob, checked first, in order);
@@ -178,6 +186,11 @@ class ServerConfig:
         )
         self.grace_seconds = _as_seconds(self.grace_seconds, "grace-seconds", 0.0)
         self.lease_seconds = _as_seconds(self.lease_seconds, "lease-seconds", 0.01)
+        self.durability = str(self.durability).lower()
+        if self.durability not in DURABILITY_MODES:
+            raise ConfigError(
+                f"durability: {self.durability!r} is not one of {', '.join(DURABILITY_MODES)}"
+            )
         self.eviction = str(self.eviction).lower()
         if self.eviction not in ("lru", "gdsf"):
             raise ConfigError(f"eviction: {self.eviction!r} is not lru or gdsf")

@@ -6,6 +6,7 @@ in one process, as in tests, do not mix) with:
   promotions,demotions}_total`, `kvstore_tier_{entries,used_bytes,capacity_bytes}`;
 - `kvstore_entries`, `kvstore_pinned_entries`, `kvstore_leases{kind=read|put}`;
 - per codec the ssd tier wrote with: `kvstore_codec_{raw,encoded}_bytes_total`;
+- per tier, copies found corrupt and dropped: `kvstore_corrupt_dropped_total{tier}`;
 - per RPC: `kvstore_requests_total{rpc,code}` and the `kvstore_request_duration_seconds`
   histogram, kept by `observe(...)`, which also gives each call its request id for logs;
 - `kvstore_build_info{version}`, `kvstore_uptime_seconds`.
@@ -110,6 +111,15 @@ class _StoreCollector(Collector):
             encoded.add_metric([codec], c.encoded_bytes)
         yield raw
         yield encoded
+        corrupt = CounterMetricFamily(
+            "kvstore_corrupt_dropped",
+            "Stored copies found corrupt (checksum mismatch, unreadable or lost record) and "
+            "dropped, by the tier they were in; a restart's scan counts under ssd",
+            labels=["tier"],
+        )
+        for tier, n in dict(self.store.corrupt).items():
+            corrupt.add_metric([tier], n)
+        yield corrupt
         info = GaugeMetricFamily("kvstore_build_info", "The server's version", labels=["version"])
         info.add_metric([__version__], 1)
         yield info

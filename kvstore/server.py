@@ -306,6 +306,8 @@ class KVStoreServicer:
                 res = None
             if not tiers:
                 raise InvalidArgument("put stream carried no value")
+            if "ssd" in tiers:  # acknowledged as on ssd: on disk first (--durability sync)
+                await asyncio.to_thread(self.store.durable)
             return pb.PutResponse(stored=len(tiers), tiers=tiers)
         except grpc.aio.AbortError:
             raise

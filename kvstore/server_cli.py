@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import uvloop
 
 from kvstore import __version__, logs
-from kvstore.config import ConfigError, ServerConfig
+from kvstore.config import DURABILITY_MODES, ConfigError, ServerConfig
 from kvstore.gpu import cuda_device_count
 from kvstore.memtune import keep_freed_buffers
 from kvstore.preflight import check_environment
@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--cpu-bytes", help="size of the shared-memory cpu tier (default 1GiB)")
     p.add_argument("--ssd-bytes", help="bytes of values the ssd tier may hold (default 16GiB)")
+    p.add_argument(
+        "--durability",
+        choices=DURABILITY_MODES,
+        help="when ssd writes reach the disk: sync (a put acknowledged on ssd is flushed "
+        "first; survives power loss), async (flushed every second; default), none (never "
+        "flushed by the server). A killed server loses no acknowledged ssd write in any mode",
+    )
     p.add_argument(
         "--codec",
         action="append",

@@ -380,6 +380,9 @@ class Store:
         self._policy: dict[str, EvictionPolicy[EntryId]] = {}
         self._counters: dict[str, TierCounters] = {}
         self._codec_bytes: dict[str, CodecBytes] = {}
+        # Copies found corrupt (checksum, unreadable header, lost record) and dropped, by
+        # the tier they were in; what a restart after a crash found counts under ssd.
+        self.corrupt: dict[str, int] = {t: 0 for t in config.tiers}
         self._mem: dict[int, _Slots] = {}  # by place: 0 the cpu arena, n gpu pool n
         self._staging_used = 0
         self._leases = 0
@@ -409,7 +412,7 @@ class Store:
                 self._add_tier("cpu")
                 self._mem[0] = _Slots(self.cpu, self._policy["cpu"])
             if "ssd" in config.tiers:
-                self.ssd = LmdbTier(config.ssd_path, config.ssd_bytes)
+                self.ssd = LmdbTier(config.ssd_path, config.ssd_bytes, config.durability)
                 self._add_tier("ssd")
                 self._rebuild_from_ssd()
             if self.pools:
@@ -486,6 +489,7 @@ class Store:
         for e in found:
             self._index[e.eid] = e
             self._policy["ssd"].insert(e.eid)
+        self.corrupt["ssd"] += self.ssd.dropped
         if found:
             log.info(
                 "index rebuilt from ssd tier: %d entries in %.2fs",
@@ -768,10 +772,10 @@ class Store:
             with self.ssd.read(e.namespace, e.key) as record:
                 yield record
         except KeyError:
-            self._drop(e)
+            self._drop(e, "ssd")
             raise DataLoss(f"ssd tier lost {e.key.hex()[:16]}...; entry dropped") from None
         except DataLoss:
-            self._drop(e)
+            self._drop(e, "ssd")
             raise
 
     def _read_encoded(self, e: Entry) -> ReadLease:
@@ -844,10 +848,11 @@ class Store:
             if e.readers:
                 return False  # other readers hold the slot; a later verified read drops it
             log.error("%s copy of %s failed its checksum; the ssd copy stays", e.tier, e.key.hex())
+            self.corrupt[e.tier] += 1
             self._free_copy(e)
             self._only_on_ssd(e)
             return True
-        self._drop(e)
+        self._drop(e, e.tier)
         return False
 
     def _unlease(self, e: Entry) -> None:
@@ -939,6 +944,14 @@ class Store:
             ssd, dirty, self._dirty = self.ssd, self._dirty, False
         if ssd is not None and dirty:
             ssd.sync()  # outside the lock: an fsync must not stall every other call
+
+    def durable(self) -> None:
+        """Return once the ssd tier's writes so far are on disk (`--durability sync`; at once
+        in other modes). Called before a put that landed on ssd is acknowledged, outside the
+        lock: concurrent callers share one flush."""
+        ssd = self.ssd
+        if ssd is not None:
+            ssd.durable()
 
     def persist(self, expired: Callable[[], bool]) -> int:
         """Copy memory-only values (gpu pools, then cpu) to ssd, newest first, while ssd has
@@ -1054,7 +1067,7 @@ class Store:
                 if self._index.get(e.eid) is not e or e.slot is not src or not ok:
                     cpu.free(dst)  # replaced or deleted meanwhile, or a corrupt copy
                     if not ok and e.slot is src and self._index.get(e.eid) is e:
-                        self._drop(e)
+                        self._drop(e, "gpu")
                     continue
                 self._free_copy(e)
                 self._settle(e, 0, dst)
@@ -1248,7 +1261,8 @@ class Store:
             self._dirty = True
             self._policy["ssd"].remove(e.eid)
 
-    def _drop(self, e: Entry) -> None:
-        """Remove an entry whose bytes proved corrupt."""
-        log.error("dropping %s/%s after a checksum failure", e.namespace, e.key.hex())
+    def _drop(self, e: Entry, tier: str) -> None:
+        """Remove an entry whose bytes in `tier` proved corrupt."""
+        log.error("dropping %s/%s after a checksum failure in %s", e.namespace, e.key.hex(), tier)
+        self.corrupt[tier] += 1
         self._remove(e)

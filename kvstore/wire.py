@@ -11,6 +11,7 @@ are ordinary protobuf: any gRPC client that uses the generated classes interoper
 
 from __future__ import annotations
 
+import json
 from typing import Any, NamedTuple, TypeVar
 
 from google.protobuf.message import DecodeError, Message
@@ -19,6 +20,7 @@ from kvstore.v1 import kvstore_pb2 as pb
 
 M = TypeVar("M", bound=Message)
 
+SERVICE = "kvstore.v1.KVStore"
 PIECE_BYTES = 4 << 20
 """Most value bytes one message carries."""
 MAX_MESSAGE_BYTES = PIECE_BYTES + (1 << 20)
@@ -27,6 +29,44 @@ GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
+
+READ_METHODS = ("Get", "BatchGet", "Lookup", "Exists")
+"""Calls a client answers with a miss while the server is unreachable (never retried)."""
+
+_RETRY = {
+    # A restarting server refuses connections for a second or two; calls other than reads
+    # try again over about 0.75 s (attempts jittered), always within the call's deadline.
+    # Only a call the server never answered is retried, and a put of the same value twice
+    # stores it once. Reads are not retried: a miss at once lets the engine recompute
+    # rather than wait.
+    "maxAttempts": 5,
+    "initialBackoff": "0.05s",
+    "maxBackoff": "0.4s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+
+CLIENT_OPTIONS = [
+    *GRPC_OPTIONS,
+    # gRPC waits 1 s after a lost connection and up to 120 s between later tries; a store
+    # back after a restart should be found within a second, so cap the wait at 1 s.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.enable_retries", 1),
+    (
+        "grpc.service_config",
+        json.dumps(
+            {
+                "methodConfig": [
+                    {"name": [{"service": SERVICE}], "retryPolicy": _RETRY},
+                    {"name": [{"service": SERVICE, "method": m} for m in READ_METHODS]},
+                ]
+            }
+        ),
+    ),
+]
+"""Channel options of the clients: message sizes, quick reconnection, retries."""
 
 _DATA_FIELD = {pb.PutPiece: 3, pb.GetPiece: 5}
 
@@ -107,7 +147,6 @@ def decoder(cls: type[M]) -> Any:
 
 # The service's methods: (cardinality, request class, response class). Both the server's
 # handler table and the clients' stubs are built from this one list.
-SERVICE = "kvstore.v1.KVStore"
 METHODS: dict[str, tuple[str, type[Message], type[Message]]] = {
     "Put": ("stream_unary", pb.PutPiece, pb.PutResponse),
     "BatchPut": ("stream_unary", pb.PutPiece, pb.PutResponse),

@@ -244,3 +244,13 @@ def test_eviction_policy_is_checked() -> None:
     assert ServerConfig(eviction="GDSF").eviction == "gdsf"
     with pytest.raises(ConfigError, match="eviction"):
         ServerConfig(eviction="fifo")
+
+
+def test_durability_from_env_flag_and_bad_value(tmp_path: Path) -> None:
+    assert ServerConfig.load(environ={}).durability == "async"
+    cfg = ServerConfig.load(environ={"KVSTORE_DURABILITY": "SYNC"})
+    assert cfg.durability == "sync"
+    cfg = ServerConfig.load({"durability": "none"}, environ={"KVSTORE_DURABILITY": "sync"})
+    assert cfg.durability == "none"
+    with pytest.raises(ConfigError, match=r"durability: 'fsync' is not one of none, async, sync"):
+        ServerConfig.load(environ={"KVSTORE_DURABILITY": "fsync"})

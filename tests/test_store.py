@@ -458,6 +458,7 @@ def test_corrupt_cpu_bytes_raise_data_loss_and_drop_entry(store: Store, tmp_path
     with pytest.raises(DataLoss, match="checksum"):
         store.get(NS, key(1))
     assert store.exists(NS, [key(1)]) == [False]
+    assert store.corrupt == {"cpu": 1, "ssd": 0}
     assert store.cpu is not None and store.cpu.used_bytes == 0
     assert store.stats().leases == 0
     put(store, key(1), data)  # the key is usable again
@@ -481,6 +482,7 @@ def test_corrupt_lmdb_bytes_raise_data_loss_and_drop_entry(store: Store) -> None
     with pytest.raises(DataLoss, match="checksum"):
         store.get(NS, key(0))
     assert store.exists(NS, [key(0)]) == [False]
+    assert store.corrupt["ssd"] == 1
     assert not on_ssd_disk(store, key(0))
     assert store.ssd is not None
     ssd_entries = tier_stats(store, "ssd").entries
@@ -504,6 +506,31 @@ def test_corrupt_lmdb_bytes_in_ssd_only_store(make_store: MakeStore) -> None:
 
 
 # ---------------------------------------------------------------- restart
+
+
+def test_restart_drops_and_counts_records_a_crash_left_damaged(make_store: MakeStore) -> None:
+    first = make_store(tiers="ssd")
+    vals = {i: value(i) for i in range(3)}
+    for i, v in vals.items():
+        put(first, key(i), v)
+    assert first.ssd is not None
+    meta = first.ssd.env.open_db(b"meta")
+    with first.ssd.env.begin(write=True) as txn:  # a torn header, and a torn payload
+        raw = bytearray(txn.get(record_key(NS, key(0)), db=meta))
+        raw[5] ^= 0xFF
+        txn.put(record_key(NS, key(0)), bytes(raw), db=meta)
+    _corrupt_lmdb_payload(first, key(1))
+    first.close()
+
+    second = make_store(tiers="ssd")
+    # The unreadable header is gone at start; the bad payload when first read.
+    assert second.corrupt == {"ssd": 1}
+    assert {e.key for e in second.entries()} == {key(1), key(2)}
+    with pytest.raises(DataLoss, match="checksum"):
+        second.get(NS, key(1))
+    assert second.corrupt == {"ssd": 2}
+    assert read(second, key(2)) == vals[2]
+    assert second.exists(NS, [key(0), key(1), key(2)]) == [False, False, True]
 
 
 def test_rebuild_from_ssd_on_restart(make_store: MakeStore) -> None:

@@ -6,14 +6,24 @@ so a large payload goes from the host arena to LMDB without being copied to glue
 header, and the index is rebuilt on start by reading headers alone. Every read verifies the
 payload's xxh3-64 against the header; a mismatch raises `DataLoss`.
 
-Commits are not fsynced one by one (LMDB `sync=False`): the server calls `sync()` every
-second and at shutdown. A process crash loses nothing LMDB committed; a machine crash may
-lose the last second of puts, which for a cache is a miss, not wrong data.
+When a commit reaches the disk depends on `durability`:
+- "sync": LMDB flushes the data pages of every commit before writing its meta page, so a
+  machine crash cannot leave a meta page pointing at unwritten pages, and `durable()` then
+  flushes the meta pages too. A writer calls `durable()` before acknowledging a put; callers
+  that arrive while a flush runs share the next one (group commit), so concurrent puts pay
+  for one flush, not one each.
+- "async": commits are not flushed one by one (LMDB `sync=False`); the server calls `sync()`
+  every second and at shutdown. A machine crash may lose the last second of puts, which for
+  a cache is a miss.
+- "none": nothing is flushed by us; the kernel writes back in its own time.
+A process crash (`kill -9`) loses nothing LMDB committed in any mode: the writes are in the
+kernel's page cache. LMDB discards a transaction the crash cut short.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,8 +60,9 @@ class LmdbTier(StorageTier):
 
     name = "ssd"
 
-    def __init__(self, path: Path, capacity_bytes: int) -> None:
+    def __init__(self, path: Path, capacity_bytes: int, durability: str = "async") -> None:
         self.path = Path(path)
+        self.durability = durability
         self.path.mkdir(parents=True, exist_ok=True)
         self.capacity_bytes = capacity_bytes
         # LMDB needs room beyond the values: B-tree pages, and free pages it cannot reuse
@@ -61,14 +72,25 @@ class LmdbTier(StorageTier):
             str(self.path),
             map_size=map_size,
             max_dbs=2,
-            sync=False,
-            metasync=False,
+            sync=durability == "sync",
+            metasync=False,  # the meta page is flushed by durable(), once for many commits
             readahead=False,
             max_readers=256,
         )
+        # Reader slots a killed server left in the lock file would pin old snapshots, so
+        # LMDB could never reuse the pages they see and the file would grow to its map size.
+        stale = self.env.reader_check()
+        if stale:
+            log.info("ssd tier: cleared %d reader slots of a process that died", stale)
         self._meta = self.env.open_db(b"meta")
         self._data = self.env.open_db(b"data")
         self._used = 0
+        self.dropped = 0  # records `scan` found unreadable and deleted
+        # Group commit: `_committed` counts write transactions, `_flushed` how many of them
+        # the last flush covered; one thread flushes while the others wait for it.
+        self._committed = 0
+        self._flushed = 0
+        self._flush_lock = threading.Lock()
 
     @property
     def used_bytes(self) -> int:
@@ -93,6 +115,7 @@ class LmdbTier(StorageTier):
         except lmdb.Error as exc:  # ENOSPC, EIO: the transaction was rolled back
             raise TierError(f"LMDB write failed in {self.path}: {exc}") from None
         self._used += size - old
+        self._committed += 1
 
     def _stored_size(self, rkey: bytes) -> int:
         with self.env.begin(buffers=True) as txn:
@@ -136,6 +159,7 @@ class LmdbTier(StorageTier):
         except lmdb.Error as exc:
             raise TierError(f"LMDB delete failed in {self.path}: {exc}") from None
         self._used -= size
+        self._committed += 1
 
     def scan(self) -> Iterator[tuple[str, bytes, ValueHeader]]:
         """Yield stored values' headers; deletes records whose header is unreadable."""
@@ -152,19 +176,40 @@ class LmdbTier(StorageTier):
                     continue
                 self._used += self.record_bytes(header)
                 yield namespace, key, header
+        self.dropped += len(bad)
         if bad:
             with self.env.begin(write=True) as txn:
                 for rkey in bad:
                     txn.delete(rkey, db=self._meta)
                     txn.delete(rkey, db=self._data)
+            self._committed += 1
 
     def count(self) -> int:
         with self.env.begin() as txn:
             return int(txn.stat(self._meta)["entries"])
 
     def sync(self) -> None:
-        self.env.sync(True)
+        """Flush every commit so far to disk (the periodic flush of "async")."""
+        if self.durability != "none":
+            self._flush()
+
+    def durable(self) -> None:
+        """Return once every write committed before this call is on disk, in "sync" mode;
+        at once otherwise. Safe to call from many threads: they share flushes."""
+        if self.durability == "sync":
+            self._flush()
+
+    def _flush(self) -> None:
+        target = self._committed
+        if self._flushed >= target:
+            return
+        with self._flush_lock:
+            if self._flushed >= target:
+                return  # the flush this thread waited behind covered it
+            upto = self._committed
+            self.env.sync(True)
+            self._flushed = upto
 
     def close(self) -> None:
-        self.env.sync(True)
+        self.sync()
         self.env.close()

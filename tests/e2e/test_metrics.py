@@ -79,6 +79,8 @@ def test_counters_move_by_what_the_workload_did(observed) -> None:  # type: igno
     assert value(before, "kvstore_tier_capacity_bytes", tier="ssd") == 64 * MiB
     for codec in ("raw", "zstd"):  # present from the start, at zero
         assert before[("kvstore_codec_raw_bytes_total", (("codec", codec),))] == 0
+    for tier in ("cpu", "ssd"):
+        assert before[("kvstore_corrupt_dropped_total", (("tier", tier),))] == 0
     with srv.client() as c:
         for i in range(20):
             assert c.put(key(i), compressible(i)) == "cpu"

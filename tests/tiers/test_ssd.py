@@ -280,3 +280,79 @@ def test_lmdb_error_on_put_raises_tier_error(
     monkeypatch.undo()
     put(tier, "ns", key(2), b"b" * 5000)  # writable again once the medium recovers
     assert read(tier, "ns", key(2))[1] == b"b" * 5000
+
+
+class _CountingEnv:
+    """An LMDB environment that counts flushes to disk."""
+
+    def __init__(self, env: lmdb.Environment) -> None:
+        self._env = env
+        self.syncs = 0
+
+    def sync(self, force: bool = False) -> None:
+        self.syncs += 1
+        self._env.sync(force)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._env, name)
+
+
+def counting(tier: LmdbTier) -> _CountingEnv:
+    env = _CountingEnv(tier.env)
+    tier.env = env  # type: ignore[assignment]
+    return env
+
+
+def test_sync_durability_flushes_before_durable_returns(tmp_path: Path) -> None:
+    t = LmdbTier(tmp_path / "ssd", 4 * MiB, durability="sync")
+    assert t.env.flags()["sync"]  # LMDB orders data pages before the meta page
+    env = counting(t)
+    put(t, "ns", key(1), b"a" * 5000)
+    t.durable()
+    assert env.syncs == 1
+    t.durable()  # nothing committed since: no second flush
+    assert env.syncs == 1
+    put(t, "ns", key(2), b"b" * 5000)
+    t.delete("ns", key(1))
+    t.durable()  # one flush covers both commits
+    assert env.syncs == 2
+    t.close()
+
+
+def test_sync_durability_shares_flushes_between_threads(tmp_path: Path) -> None:
+    import threading
+
+    t = LmdbTier(tmp_path / "ssd", 16 * MiB, durability="sync")
+    env = counting(t)
+    lock = threading.Lock()  # the store serializes writes; flushes run outside it
+
+    def writer(w: int) -> None:
+        for i in range(25):
+            with lock:
+                put(t, "ns", key(w * 100 + i), bytes([w]) * 3000)
+                mine = t._committed
+            t.durable()
+            assert t._flushed >= mine  # this thread's commit is covered by a flush
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert t._flushed == t._committed == 200
+    assert 1 <= env.syncs <= 200
+    t.close()
+
+
+@pytest.mark.parametrize(("mode", "periodic"), [("async", 1), ("none", 0)])
+def test_async_and_none_never_flush_on_durable(tmp_path: Path, mode: str, periodic: int) -> None:
+    t = LmdbTier(tmp_path / "ssd", 4 * MiB, durability=mode)
+    assert not t.env.flags()["sync"]
+    env = counting(t)
+    put(t, "ns", key(1), b"a" * 5000)
+    t.durable()
+    assert env.syncs == 0
+    t.sync()  # the server's periodic flush: only "async" does it
+    assert env.syncs == periodic
+    t.env = env._env  # type: ignore[assignment]
+    t.close()
