@@ -23,8 +23,13 @@ The doc keys are salted with the namespace and the RoPE configuration, so a chun
 under other rotary settings is never found, let alone rotated wrongly.
 
 Which tokens to recompute: `recompute_by_deviation` (CacheBlend: the r% whose KV on an early
-layer deviates most from a fresh prefill) and `recompute_first` (EPIC: the first N tokens of
-each chunk) return their positions in the prompt.
+layer deviates most from a fresh prefill), `recompute_by_attention` (the r% the question
+attends to most over the reused KV) and `recompute_first` (EPIC: the first N tokens of each
+chunk) return their positions in the prompt.
+
+Keeping what is worth keeping (Cache-Craft): a server run with `--eviction gdsf` counts the
+reads of every stored chunk and weighs them by the client's `recompute_cost`, so a chunk
+that prompts keep retrieving outlives a newer one read once (`kvstore.policy.gdsf`).
 """
 
 from __future__ import annotations
@@ -184,13 +189,42 @@ def recompute_by_deviation(
     tokens_dim = reused.dim() - 3
     diff = (reused.float() - fresh.float()).pow(2)
     other = [d for d in range(diff.dim()) if d != tokens_dim]
-    score = diff.sum(dim=other).sqrt().cpu().numpy()  # [tokens]
-    n = score.size
+    return _top_share(diff.sum(dim=other).sqrt(), ratio, spans)
+
+
+def recompute_by_attention(
+    attention: torch.Tensor,
+    ratio: float,
+    spans: Sequence[tuple[int, int]] | None = None,
+) -> np.ndarray:
+    """The tokens the new part of the prompt (the question) looks at most: recomputing
+    them gives its attention accurate KV where it lands (the idea behind Cache-Craft's and
+    A3's focus on the query's attention). `attention` holds the attention weights of the
+    question's tokens over the prompt's tokens, computed over the reused KV (one pass of
+    the question alone), with the tokens last (`[..., tokens]`, e.g. `[layers, heads,
+    question, tokens]`); they are summed over the rest. Returns the positions of the `ratio`
+    share of the tokens (within `spans`, as `recompute_by_deviation`) with the most weight,
+    sorted."""
+    if attention.dim() < 1:
+        raise InvalidArgument("attention must have a tokens dimension, the last")
+    if not 0 <= ratio <= 1:
+        raise InvalidArgument(f"ratio must be between 0 and 1, got {ratio}")
+    score = attention.float().reshape(-1, attention.shape[-1]).sum(0)
+    return _top_share(score, ratio, spans)
+
+
+def _top_share(
+    score: torch.Tensor, ratio: float, spans: Sequence[tuple[int, int]] | None
+) -> np.ndarray:
+    """Sorted positions of the `ratio` share of the tokens in `spans` (None: all) with the
+    largest `score` (`[tokens]`); ties go to the earlier token."""
+    values = score.cpu().numpy()
+    n = values.size
     pool = _span_positions(spans, n) if spans is not None else np.arange(n)
     k = round(ratio * pool.size)
     if k == 0:
         return np.empty(0, np.int64)
-    top = pool[np.argsort(-score[pool], kind="stable")[:k]]
+    top = pool[np.argsort(-values[pool], kind="stable")[:k]]
     return np.sort(top).astype(np.int64)
 
 

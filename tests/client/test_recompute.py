@@ -1,12 +1,17 @@
 """Which tokens to recompute after reusing chunks: CacheBlend's largest KV deviation on an
-early layer, within the reused spans, and EPIC's first N tokens of each chunk."""
+early layer, within the reused spans, the tokens the question attends to most, and EPIC's
+first N tokens of each chunk."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kvstore.client.chunks import recompute_by_deviation, recompute_first
+from kvstore.client.chunks import (
+    recompute_by_attention,
+    recompute_by_deviation,
+    recompute_first,
+)
 from kvstore.errors import InvalidArgument
 
 
@@ -59,3 +64,16 @@ def test_bad_arguments() -> None:
         recompute_by_deviation(a, a, 1.5)
     with pytest.raises(InvalidArgument, match="n must"):
         recompute_first([(0, 4)], -1)
+
+
+def test_attention_picks_what_the_question_looks_at_within_the_spans() -> None:
+    weights = torch.full((2, 3, 4, 60), 1e-3)  # [layers, heads, question tokens, tokens]
+    weights[0, 1, 2, 15] = 0.5
+    weights[1, :, :, 33] = 0.1  # a little from every head and query: 2.4 in all
+    weights[:, :, :, 55] = 1.0  # the question itself: not a candidate
+    got = recompute_by_attention(weights, 0.1, spans=[(10, 10), (25, 10)])
+    assert got.tolist() == [15, 33]
+    assert recompute_by_attention(weights, 0.0).size == 0
+    assert recompute_by_attention(weights[0, 0, 0], 1 / 60).tolist() == [55]
+    with pytest.raises(InvalidArgument, match="ratio"):
+        recompute_by_attention(weights, -0.1)

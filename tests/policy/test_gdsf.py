@@ -9,7 +9,7 @@ import pytest
 
 from kvstore.codecs.container import checksum
 from kvstore.errors import InvalidArgument
-from kvstore.policy import GDSFPolicy
+from kvstore.policy import GDSFPolicy, LRUPolicy
 from tests.test_store import NS, MakeStore, entry, key, put, value
 
 
@@ -34,6 +34,24 @@ def test_cost_weighs_in_at_equal_reuse() -> None:
     for _ in range(4):
         p.access("cheap")  # five reads at 1.0 beat one at 4.0
     assert list(p.candidates()) == ["free", "dear", "cheap"]
+
+
+def test_a_reused_costly_chunk_outlives_a_recent_cheap_one() -> None:
+    """Cache-Craft's case: a document chunk that prompts keep retrieving, from a model whose
+    KV is dear to recompute, against a newer chunk that is cheap and read once. LRU evicts
+    the reused chunk first; GDSF evicts the recent cheap one first."""
+    order = {}
+    for name, policy in (("lru", LRUPolicy[str]()), ("gdsf", GDSFPolicy[str]())):
+        policy.insert("reused-dear", cost=4.0)
+        for _ in range(3):
+            policy.access("reused-dear")
+        policy.insert("recent-cheap", cost=1.0)
+        policy.access("recent-cheap")
+        order[name] = list(policy.candidates())
+    assert order == {
+        "lru": ["reused-dear", "recent-cheap"],
+        "gdsf": ["recent-cheap", "reused-dear"],
+    }
 
 
 def test_an_entry_that_stops_being_read_ages_out() -> None:
