@@ -48,7 +48,9 @@ VERSION = 1
 # sensitive does not take the whole budget on the strength of a few fitting prompts.
 WEIGHT_RANGE = 8.0
 CONTINUATION = 128  # scored tokens after each fitting prefix
-SAMPLES = 4  # labels drawn from the model per position (Fisher estimate)
+# Labels drawn from the model per position (Fisher estimate). On SmolLM2, 12 instead of 4
+# moved the log2 weights by 0.17 RMS (correlation 0.99): 4 is enough.
+SAMPLES = 4
 
 
 @dataclass(frozen=True)
@@ -163,13 +165,17 @@ def residual_spread(kv: np.ndarray) -> np.ndarray:
 
 
 def measure(
-    model: Any, sequences: Sequence[Sequence[int]], continuation: int = CONTINUATION, seed: int = 0
+    model: Any,
+    sequences: Sequence[Sequence[int]],
+    continuation: int = CONTINUATION,
+    samples: int = SAMPLES,
+    seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(fisher, spread, values), each `[layers, 2, heads]`, summed (spread: RMS-averaged)
     over `sequences` of token ids: each is split into a prefix and its last `continuation`
     tokens, and the diagonal Fisher information of the continuation's next-token
     distributions with respect to the prefix KV (K after RoPE) is estimated from the
-    gradients of labels drawn from the model itself (`SAMPLES` per position; their cross
+    gradients of labels drawn from the model itself (`samples` per position; their cross
     terms vanish in expectation, so the squared gradient of the summed log-likelihood is
     unbiased)."""
     import torch
@@ -191,7 +197,7 @@ def measure(
         kv.requires_grad_(True)
         grads = torch.zeros_like(kv)
         inputs = torch.tensor([list(ids[prefix - 1 : -1])])
-        for _ in range(SAMPLES):
+        for _ in range(samples):
             cache = DynamicCache(config=model.config)
             for i in range(kv.shape[0]):
                 cache.update(kv[i, 0].unsqueeze(0), kv[i, 1].unsqueeze(0), i)
@@ -202,7 +208,7 @@ def measure(
             grads += g.detach() ** 2
         # Not the first token (the attention sink): cachegen stores it exactly, and its
         # gradients, the largest, would otherwise decide the weights.
-        f = (grads[:, :, :, 1:] / SAMPLES).sum(dim=(3, 4)).numpy()  # [layers, 2, heads]
+        f = (grads[:, :, :, 1:] / samples).sum(dim=(3, 4)).numpy()  # [layers, 2, heads]
         x = kv.detach().transpose(2, 3).numpy()  # [layers, 2, tokens, heads, dim]
         s = residual_spread(x)
         n = np.full(f.shape, x.shape[2] * x.shape[4], np.float64)
@@ -215,10 +221,16 @@ def measure(
 
 
 def fit(
-    model: Any, sequences: Sequence[Sequence[int]], name: str = "", fitted_on: Sequence[str] = ()
+    model: Any,
+    sequences: Sequence[Sequence[int]],
+    name: str = "",
+    fitted_on: Sequence[str] = (),
+    samples: int = SAMPLES,
 ) -> CacheGenProfile:
     """A profile for `model` fitted on `sequences` of token ids (see `measure`)."""
-    fisher, spread, values = measure(model, sequences)
+    if samples < 1:
+        raise InvalidArgument(f"samples must be >= 1, got {samples}")
+    fisher, spread, values = measure(model, sequences, samples=samples)
     return CacheGenProfile(weights_from(fisher, spread, values), name, tuple(fitted_on))
 
 
@@ -231,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--text", action="append", required=True, type=Path, help="a fitting text")
     p.add_argument("--out", required=True, type=Path, help="the profile file to write (JSON)")
     p.add_argument("--max-tokens", type=int, default=1152, help="tokens used of each text")
+    p.add_argument("--samples", type=int, default=SAMPLES, help="labels drawn per position")
     args = p.parse_args(argv)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -247,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ids = tokenizer(text.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
         sequences.append(list(ids)[: args.max_tokens])
     try:
-        profile = fit(model, sequences, path.name, [t.name for t in args.text])
+        profile = fit(model, sequences, path.name, [t.name for t in args.text], args.samples)
     except InvalidArgument as exc:
         print(f"cachegen_profile: {exc}", file=sys.stderr)
         return 2

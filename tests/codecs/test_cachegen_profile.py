@@ -192,3 +192,10 @@ def test_tool_refuses_a_text_too_short(tmp_path: Path) -> None:
     text.write_text("w1 w2 w3")
     args = ["--model", str(tmp_path / "model"), "--text", str(text), "--out", "x.json"]
     assert main(args) == 2
+
+
+def test_fit_refuses_no_samples() -> None:
+    from kvstore.codecs.cachegen_profile import fit
+
+    with pytest.raises(InvalidArgument, match="samples"):
+        fit(None, [[1, 2, 3]], samples=0)
