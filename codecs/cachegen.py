@@ -180,8 +180,9 @@ class CacheGen(Codec):
     lossless = False
     # k=1: K predicted by the previous token; k=0: by its channel's mean, like V.
     # profile: a `CacheGenProfile` file (JSON) giving each head a resolution weight, read
-    # by the encoder only (a decoder never opens it); "" for the layer-third levels.
+    # by the encoder only and not recorded in containers; "" for the layer-third levels.
     PARAMS: ClassVar[Mapping[str, ParamValue]] = {"level": 1, "k": 1, "profile": ""}
+    ENCODER_ONLY = frozenset({"profile"})
 
     def check_params(self) -> None:
         if self.params["level"] not in LEVELS:
@@ -194,7 +195,7 @@ class CacheGen(Codec):
         if bad or not str(self.params["profile"]).isascii():
             raise InvalidArgument(
                 f"cachegen profile path {self.params['profile']!r} must be ASCII without "
-                f"spaces, commas, semicolons or '=' (it is written into the container)"
+                f"spaces, commas, semicolons or '=' (a spec separates parameters with them)"
             )
 
     @functools.cached_property

@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_cachegen import reference, rel_err, smooth_kv
 
-from kvstore.codecs import codec_from_spec, decode
+from kvstore.codecs import codec_from_spec, decode, decode_header
 from kvstore.codecs.cachegen import LEVELS, CacheGen
 from kvstore.codecs.cachegen_profile import (
     WEIGHT_RANGE,
@@ -115,6 +115,11 @@ def test_kernels_follow_the_profile(tmp_path: Path, level: int) -> None:
     data = codec.encode(t)
     path.unlink()
     assert torch.equal(decode(data), want_value)
+    # The container records no profile: it reads as any cachegen container, also to builds
+    # that predate profiles.
+    assert decode_header(data)[0].params == f"k=1;level={level}"
+    assert codec.spec() == f"cachegen:k=1,level={level},profile={path}"
+    assert CacheGen(level=level).spec() == f"cachegen:k=1,level={level}"
 
 
 def test_profile_moves_error_to_the_heads_it_weights_down(tmp_path: Path) -> None:
