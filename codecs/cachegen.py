@@ -58,7 +58,6 @@ rounding straight into the value's words.
 
 from __future__ import annotations
 
-import functools
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -197,12 +196,11 @@ class CacheGen(Codec):
                 f"cachegen profile path {self.params['profile']!r} must be ASCII without "
                 f"spaces, commas, semicolons or '=' (a spec separates parameters with them)"
             )
-
-    @functools.cached_property
-    def _profile(self) -> CacheGenProfile | None:
-        """The profile file's contents, read on first encode: decoding never needs it."""
+        # Read now: a bad file fails the spec (the server's start), not a demotion. Containers
+        # do not name the profile (`ENCODER_ONLY`), so a codec built to decode one never
+        # reads a file.
         path = str(self.params["profile"])
-        return CacheGenProfile.load(path) if path else None
+        self._profile: CacheGenProfile | None = CacheGenProfile.load(path) if path else None
 
     @classmethod
     def gpu_decoder(cls) -> Callable[[Sequence[Any], Any], Any]:

@@ -19,6 +19,7 @@ from kvstore.codecs.cachegen_profile import (
     residual_spread,
     weights_from,
 )
+from kvstore.config import ConfigError, codec_rule
 from kvstore.errors import InvalidArgument
 
 
@@ -84,10 +85,11 @@ def test_bad_profile_files_are_refused_clearly(
         path.write_text(content)
     with pytest.raises(InvalidArgument, match=match):
         CacheGenProfile.load(path)
-    # Through the codec: at encode, since the spec alone never opens the file.
-    codec = codec_from_spec(f"cachegen:profile={path}")
+    # Through the spec, as the server's --codec rules parse it at start.
     with pytest.raises(InvalidArgument, match=match):
-        codec.encode(smooth_kv(layers=1, heads=1, tokens=8))
+        codec_from_spec(f"cachegen:profile={path}")
+    with pytest.raises(ConfigError, match=match):
+        codec_rule(f"ssd=cachegen:level=1,profile={path}")
 
 
 def test_profile_path_must_fit_a_container() -> None:
