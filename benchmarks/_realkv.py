@@ -261,6 +261,75 @@ def prompts(tokenizer: Tokenizer, min_tokens: int = 1000) -> list[tuple[str, lis
     return out
 
 
+def _fit_prose() -> str:
+    """Other sections of the language reference than `_reference_prose`'s."""
+    from pydoc_data.topics import topics
+
+    sections = ("types", "formatstrings", "string-methods", "specialnames")
+    return "\n\n".join(topics[s].strip() for s in sections if s in topics)
+
+
+def _fit_code() -> str:
+    """Another standard library module than `_python_source`'s."""
+    import shlex
+
+    return inspect.getsource(shlex)
+
+
+def _fit_json() -> str:
+    """A JSON inventory from another seed, with other keys than `_json_document`'s."""
+    rng = random.Random(7)
+    parts = ["bolt", "gear", "valve", "spring", "sensor", "relay", "bearing", "hinge"]
+    sites = ["north", "south", "dock-3", "annex", "lab"]
+    items = [
+        {
+            "sku": f"{rng.choice(parts).upper()}-{rng.randint(100, 999)}",
+            "qty": rng.randint(0, 5000),
+            "unit_cost": round(rng.uniform(0.05, 300), 2),
+            "site": rng.choice(sites),
+            "reorder": rng.random() < 0.3,
+            "batches": [rng.randint(1, 99) for _ in range(rng.randint(1, 3))],
+        }
+        for _ in range(150)
+    ]
+    return json.dumps({"inventory": items}, indent=1)
+
+
+def _fit_chat(tokenizer: Tokenizer, min_tokens: int) -> list[int]:
+    """A chat about other functions than `_chat_turns`' (the math module's)."""
+    import math as m
+
+    messages: list[dict[str, str]] = []
+    for fn in (m.comb, m.gcd, m.isclose, m.fsum, m.prod, m.dist, m.hypot, m.log, m.perm,
+               m.isqrt, m.ldexp, m.frexp, m.copysign, m.remainder, m.nextafter, m.ulp):  # fmt: skip
+        doc = inspect.getdoc(fn) or ""
+        messages += [
+            {"role": "user", "content": f"Explain `math.{fn.__name__}` with an example."},
+            {"role": "assistant", "content": doc},
+        ]
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if len(ids) >= min_tokens:
+            return ids[:min_tokens]
+    raise ValueError(f"the fitting chat makes fewer than {min_tokens} tokens")
+
+
+def fit_prompts(tokenizer: Tokenizer, min_tokens: int = 1000) -> list[tuple[str, list[int]]]:
+    """(name, token ids) of prompts for fitting anything to the model (a cachegen profile):
+    of the same kinds as `prompts` (prose, code, JSON, chat) but from other text, so that
+    what is fitted on these is scored on `prompts` held out."""
+    out = [
+        (name, _cut_at_line(tokenizer, source(), min_tokens))
+        for name, source in (
+            ("fit-prose", _fit_prose),
+            ("fit-code", _fit_code),
+            ("fit-json", _fit_json),
+        )
+    ]
+    out.append(("fit-chat", _fit_chat(tokenizer, min_tokens)))
+    return out
+
+
 # --------------------------------------------------------------------------- KV
 
 

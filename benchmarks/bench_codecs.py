@@ -27,8 +27,13 @@ same perplexity and predictions.
     python benchmarks/bench_codecs.py                          # every registered codec
     python benchmarks/bench_codecs.py --codecs int8,fp8,kivi:bits=2,group=64 --detail
     python benchmarks/bench_codecs.py --json codecs.json --plot codecs.png
+    python benchmarks/bench_codecs.py --fit-profile p.json --codecs cachegen:profile=p.json
     python benchmarks/bench_codecs.py --codecs cachegen --save-containers kvc/  # CPU
     python benchmarks/bench_codecs.py --gpu-decode kvc/                         # GPU machine
+
+A cachegen profile (`kvstore.codecs.cachegen_profile`) is fitted on other prompts than the
+scored ones (`_realkv.fit_prompts`); the run names what each profile was fitted on and
+refuses one fitted on a scored prompt, so its figures are held out.
 
 The GPU decode figures (`_gpu_decode.py`) come from a GPU machine without the model, on
 the containers a CPU run saved.
@@ -551,7 +556,32 @@ def build_parser() -> argparse.ArgumentParser:
         "(needs CUDA and CuPy, not the model)",
     )
     p.add_argument("--gpu-batch", default="1GiB", help="decoded bytes per GPU batch (default 1GiB)")
+    p.add_argument(
+        "--fit-profile",
+        type=Path,
+        metavar="FILE",
+        help="first fit a cachegen profile on the fitting prompts (`_realkv.fit_prompts`, "
+        "none of them scored) and write it to FILE, for specs with profile=FILE",
+    )
     return p
+
+
+def profile_notes(codecs: Sequence[tuple[str, Codec]], scored: Sequence[str]) -> list[str]:
+    """A note per cachegen profile the codecs use, naming what it was fitted on; RuntimeError
+    if that includes a scored prompt (the figures would not be held out)."""
+    from kvstore.codecs.cachegen_profile import CacheGenProfile
+
+    notes = []
+    for path in sorted({str(c.params.get("profile", "")) for _, c in codecs} - {""}):
+        profile = CacheGenProfile.load(path)
+        overlap = sorted(set(profile.fitted_on) & set(scored))
+        if overlap:
+            raise RuntimeError(f"profile {path} was fitted on scored prompts {overlap}")
+        notes.append(
+            f"profile {path} fitted on {', '.join(profile.fitted_on) or 'unnamed texts'}; "
+            f"the scored prompts ({', '.join(scored)}) are held out"
+        )
+    return notes
 
 
 def gpu_main(args: argparse.Namespace) -> int:
@@ -608,6 +638,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench_codecs: {exc}", file=sys.stderr)
         return 2
     progress(f"loaded {smollm2_gguf().name} in {time.perf_counter() - start:.1f}s")
+    if args.fit_profile:
+        from _realkv import fit_prompts
+
+        from kvstore.codecs.cachegen_profile import fit
+
+        t = time.perf_counter()
+        fitting = fit_prompts(tokenizer, args.min_prefix + args.continuation)
+        profile = fit(
+            model, [ids for _, ids in fitting], smollm2_gguf().name, [n for n, _ in fitting]
+        )
+        profile.save(args.fit_profile)
+        progress(f"fitted {args.fit_profile} in {time.perf_counter() - t:.1f}s")
     names = [n.strip() for n in args.prompts.split(",")] if args.prompts else None
     cases = prepare(model, tokenizer, args.min_prefix, args.continuation, names)
     if not cases:
@@ -616,6 +658,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import transformers
 
+    try:
+        notes += profile_notes(codecs, [c.name for c in cases])
+    except (InvalidArgument, RuntimeError) as exc:
+        print(f"bench_codecs: {exc}", file=sys.stderr)
+        return 2
     report = Report(
         meta={
             "model": "SmolLM2-135M-Instruct",

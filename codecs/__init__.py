@@ -10,7 +10,8 @@
   payloads to a value's bytes, for the tiers.
 - One module per codec: `raw`, `zstd` (lossless); `int8`, `fp8` (`quant`), `kivi` and
   `cachegen` (lossy; cachegen also decodes on the GPU, `kvstore.kernels.cachegen`).
-  `rans`: the entropy coder of the entropy-coded codecs.
+  `rans`: the entropy coder of the entropy-coded codecs; `cachegen_profile`: per-head
+  sensitivity profiles of a model for cachegen's encoder, and the tool that measures them.
 
 The container is imported eagerly; everything that needs torch is imported on first use,
 so the server starts fast and pays for codecs only when it stores values through one.

@@ -39,6 +39,9 @@ class Codec(ABC):
     lossless: ClassVar[bool]
     # Parameter name -> default; the type of the default is the parameter's type.
     PARAMS: ClassVar[Mapping[str, ParamValue]] = {}
+    # Parameters that only steer the encoder (a file it reads): not written into containers,
+    # which decode the same without them, also by builds that do not know them.
+    ENCODER_ONLY: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, **params: Any) -> None:
         unknown = sorted(set(params) - set(self.PARAMS))
@@ -63,10 +66,21 @@ class Codec(ABC):
         """Raise InvalidArgument for parameter values out of range (by default, none are)."""
 
     def spec(self) -> str:
-        """The spec that selects this codec with these parameters: 'kivi:bits=2,group=32'."""
-        if not self.params:
-            return self.name
-        return self.name + ":" + ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+        """The spec that selects this codec with these parameters: 'kivi:bits=2,group=32'
+        (an encoder-only parameter left at its default is left out)."""
+        items = [
+            f"{k}={v}"
+            for k, v in sorted(self.params.items())
+            if not (k in self.ENCODER_ONLY and v == self.PARAMS[k])
+        ]
+        return self.name + (":" + ",".join(items) if items else "")
+
+    def container_params(self) -> str:
+        """The parameters a container records ('group=32;level=1'): all but the
+        encoder-only ones."""
+        return ";".join(
+            f"{k}={v}" for k, v in sorted(self.params.items()) if k not in self.ENCODER_ONLY
+        )
 
     def __repr__(self) -> str:
         return f"<codec {self.spec()}>"

@@ -76,6 +76,7 @@ from kvstore.codecs.base import (
     kv_view,
     register,
 )
+from kvstore.codecs.cachegen_profile import CacheGenProfile
 from kvstore.errors import InvalidArgument
 from kvstore.kernels.floatbits import (
     F16_MAX,
@@ -99,6 +100,9 @@ LEVELS: Mapping[int, tuple[tuple[float, float], tuple[float, float], tuple[float
     2: ((5.0, 4.0), (3.5, 3.0), (3.5, 3.0)),
     3: ((3.5, 3.0), (2.5, 2.0), (2.5, 2.0)),
 }
+# With a profile (`CacheGenProfile`): the resolution, by level, of a head of weight 1 (the
+# weights' geometric mean), K or V.
+PROFILE_LEVELS: Mapping[int, float] = {0: 3.0, 1: 2.3, 2: 1.9, 3: 1.65}
 ALPHABET = 254  # 0: escape; 1..253: residuals of -126..126 steps
 CENTER = 127
 REACH = 126
@@ -174,7 +178,10 @@ class CacheGen(Codec):
     codec_id = 5
     lossless = False
     # k=1: K predicted by the previous token; k=0: by its channel's mean, like V.
-    PARAMS: ClassVar[Mapping[str, ParamValue]] = {"level": 1, "k": 1}
+    # profile: a `CacheGenProfile` file (JSON) giving each head a resolution weight, read
+    # by the encoder only and not recorded in containers; "" for the layer-third levels.
+    PARAMS: ClassVar[Mapping[str, ParamValue]] = {"level": 1, "k": 1, "profile": ""}
+    ENCODER_ONLY = frozenset({"profile"})
 
     def check_params(self) -> None:
         if self.params["level"] not in LEVELS:
@@ -183,6 +190,17 @@ class CacheGen(Codec):
             )
         if self.params["k"] not in (0, 1):
             raise InvalidArgument(f"cachegen k must be 0 or 1, got {self.params['k']}")
+        bad = set(str(self.params["profile"])) & set(",;= ")
+        if bad or not str(self.params["profile"]).isascii():
+            raise InvalidArgument(
+                f"cachegen profile path {self.params['profile']!r} must be ASCII without "
+                f"spaces, commas, semicolons or '=' (a spec separates parameters with them)"
+            )
+        # Read now: a bad file fails the spec (the server's start), not a demotion. Containers
+        # do not name the profile (`ENCODER_ONLY`), so a codec built to decode one never
+        # reads a file.
+        path = str(self.params["profile"])
+        self._profile: CacheGenProfile | None = CacheGenProfile.load(path) if path else None
 
     @classmethod
     def gpu_decoder(cls) -> Callable[[Sequence[Any], Any], Any]:
@@ -190,12 +208,18 @@ class CacheGen(Codec):
 
         return decode_on_gpu
 
-    def resolution(self, layers: int) -> np.ndarray:
-        """[layers, 2] residual spread over step, K then V: each third of the depth takes
-        the level's setting for it."""
-        per_third = np.array(LEVELS[int(self.params["level"])], np.float32)  # [3, 2]
+    def resolution(self, layers: int, heads: int) -> np.ndarray:
+        """[layers, 2, heads] residual spread over step, K then V: with a profile, the
+        level's `PROFILE_LEVELS` resolution times the head's weight; without, each third of
+        the depth takes the level's `LEVELS` setting for it."""
+        level = int(self.params["level"])
+        profile = self._profile
+        if profile is not None:
+            profile.check_shape(layers, heads)
+            return np.float32(PROFILE_LEVELS[level]) * profile.weights
+        per_third = np.array(LEVELS[level], np.float32)  # [3, 2]
         third = np.arange(layers) * 3 // max(layers, 1)
-        return per_third[third]
+        return np.repeat(per_third[third][:, :, None], heads, axis=2)
 
     def encode_payload(self, tensor: torch.Tensor) -> bytes:
         return self._encode(tensor, None)
@@ -216,7 +240,7 @@ class CacheGen(Codec):
             x = x.float()
         layers, _, tokens, heads, head_dim = x.shape
         lay = _Layout(layers, tokens, heads, head_dim)
-        res = self.resolution(layers)
+        res = self.resolution(layers, heads)
         shape4 = (layers, 2, heads, head_dim)
         starts = np.empty(shape4, np.uint16)  # float16 bits
         steps = np.empty(shape4, np.uint16)
@@ -571,7 +595,7 @@ def _encode_unit(
             bits = f32_to_f16(start[h, d], True)
             starts[ly, kv, h, d] = bits
             pred[h, d] = f16_to_f32(bits)
-            bits = f32_to_f16(rms / res[ly, kv], True)
+            bits = f32_to_f16(rms / res[ly, kv, h], True)
             steps[ly, kv, h, d] = bits
             step[h, d] = f16_to_f32(bits)
             inv[h, d] = np.float32(1.0) / step[h, d] if step[h, d] > 0 else np.float32(0.0)

@@ -75,7 +75,7 @@ def encode_stored(
     else:
         payload, back = codec.encode_with_value(t)
         value_sum = checksum(tensor_bytes(back))
-    params = ";".join(f"{k}={v}" for k, v in sorted(codec.params.items()))
+    params = codec.container_params()
     stored = ValueHeader(
         header.dtype,
         header.shape,

@@ -37,13 +37,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def reference(t: torch.Tensor, level: int, k: int) -> tuple[bytes, torch.Tensor]:
+def reference(t: torch.Tensor, level: int, k: int, profile: str = "") -> tuple[bytes, torch.Tensor]:
     """The payload and the decoded value as the module docstring defines them, computed
     the straightforward way: NumPy over every channel at once, a token at a time, in
     float32 (sums in float64, in token order), on the `[L, 2, H, D]` slices of the value."""
     x = t.float().numpy()
     layers, _, tokens, heads, dim = x.shape
-    res = CacheGen(level=level).resolution(layers)[:, :, None, None]
+    res = CacheGen(level=level, profile=profile).resolution(layers, heads)[..., None]
     closed = np.zeros((layers, 2, 1, 1), bool)
     closed[:, 0] = bool(k)  # K by the previous token
     mean = np.zeros((layers, 2, heads, dim))
