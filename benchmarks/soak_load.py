@@ -15,8 +15,10 @@ descriptors, the leases it holds and the arena file's size in /dev/shm. At the e
 prints throughput and p50/p99 latency per operation and checks that:
 
 - no wrong byte was read and no call failed other than by a refusal;
-- anonymous memory grew by less than 10% + 32 MiB between the end of the warm-up (the
-  first quarter of the run) and the end, and the arena stayed within its size;
+- anonymous memory grew by less than 10% + 32 MiB between the end of the warm-up and the
+  end of the run; the warm-up ends once the tiers are full (the ssd tier evicts, so the
+  index stops growing) and a quarter of the run has passed, and it must end before the
+  last quarter; the arena stayed within its size;
 - once the clients are closed, the server holds no lease, is back to its descriptor count
   from before they connected (+2); it never maps shared memory other than its arena, and
   the arena file is gone once it stops.
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import math
 import multiprocessing
 import os
 import queue
@@ -193,6 +196,8 @@ class Sample:
     leases: int
     arena_bytes: int
     ops: int
+    entries: int  # values stored, every tier
+    ssd_evictions: int  # nonzero once the last tier is full: the store's size is steady
 
 
 def sample(pid: int, c: KVClient, arena: Path, t: float, ops: int) -> Sample:
@@ -201,9 +206,11 @@ def sample(pid: int, c: KVClient, arena: Path, t: float, ops: int) -> Sample:
         arena_bytes = arena.stat().st_blocks * 512
     except OSError:
         arena_bytes = 0
+    stats = c.stats()
+    ssd = stats.tiers.get("ssd")
     return Sample(
         t, st.get("VmRSS", 0), st.get("RssAnon", 0), st.get("RssShmem", 0), open_fds(pid),
-        c.stats().leases, arena_bytes, ops,
+        stats.leases, arena_bytes, ops, stats.entries, ssd.evictions if ssd else 0,
     )  # fmt: skip
 
 
@@ -324,13 +331,19 @@ def report(
     moved = sum(cl.bytes_moved for cl in clients)
     wrong = [w for cl in clients for w in cl.wrong]
     errors = [e for cl in clients for e in cl.errors]
-    warm = [s for s in samples if s.t >= args.duration / 4]
+    # Warm-up ends once the tiers are full (the ssd tier has begun to evict: the index
+    # stops growing) and a quarter of the run has passed, whichever is later.
+    full = next((s.t for s in samples if s.ssd_evictions), math.inf)
+    warm = [s for s in samples if s.t >= max(full, args.duration / 4)]
     anon0 = warm[0].anon if warm else final.anon
     growth = final.anon - anon0
     checks = {
         "no wrong bytes": not wrong,
         "no errors but refusals": not errors,
         "every client stopped": not stuck,
+        "the tiers filled up (warm-up ended) before the last quarter": (
+            full <= args.duration * 3 / 4
+        ),
         f"anon RSS growth after warm-up {growth / 2**20:+.1f} MiB < 10% + 32 MiB": (
             growth < anon0 * 0.10 + (32 << 20)
         ),
