@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _crash import KeyState
 from _procs import progress, running_kvstore, save_plot, write_outputs
 
 from kvstore.client import KVClient
@@ -91,10 +92,9 @@ class Client(threading.Thread):
         super().__init__(name=f"soak-client-{cid}", daemon=True)
         self.cid, self.address, self.keys, self.stop_at = cid, address, keys, stop
         self.log = ClientLog()
-        # Per key, the versions a read may return (None: absent); after a failed put the
-        # store may hold either the old value or the new one.
-        self.allowed: list[set[int | None]] = [{None} for _ in range(keys)]
-        self.version = [0] * keys
+        # Per key, the versions a read may return (puts of one key are sequential; after
+        # one that failed, the store may hold the old value or the new one).
+        self.versions = [KeyState() for _ in range(keys)]
         self.rng = random.Random(cid)
 
     def run(self) -> None:
@@ -120,20 +120,23 @@ class Client(threading.Thread):
         self.log.hits += 1
         self.log.bytes_moved += got.numel()
         flat = got.reshape(-1).view(torch.uint8)
-        for v in self.allowed[slot]:
-            if v is not None and torch.equal(flat, value_of(self.cid, slot, v)):
+        allowed = self.versions[slot].allowed()
+        for v in allowed:
+            if torch.equal(flat, value_of(self.cid, slot, v)):
                 return
-        self.log.wrong.append(f"client {self.cid} key {slot}: not any of {self.allowed[slot]}")
+        self.log.wrong.append(f"client {self.cid} key {slot}: not any of {sorted(allowed)}")
 
     def step(self, c: KVClient, op: str, slot: int) -> None:
         k = key_of(self.cid, slot)
         if op == "put":
-            version = self.version[slot] + 1
+            state = self.versions[slot]
+            version = state.next_version
+            state.next_version += 1
             value = value_of(self.cid, slot, version)
-            self.version[slot] = version
-            self.allowed[slot] = self.allowed[slot] | {version}  # until acknowledged
+            state.pending.add(version)  # until acknowledged
             c.put(k, value)
-            self.allowed[slot] = {version}
+            state.pending.clear()
+            state.acked = version
             self.log.bytes_moved += value.numel()
         elif op == "get":
             self.check(slot, c.get(k))
@@ -146,9 +149,10 @@ class Client(threading.Thread):
         elif op == "lookup":
             c.lookup([key_of(self.cid, s) for s in range(slot + 1)])
         else:
-            self.allowed[slot] = self.allowed[slot] | {None}
             c.delete([k])
-            self.allowed[slot] = {None}
+            state = self.versions[slot]
+            state.pending.clear()
+            state.acked = None
 
 
 # ------------------------------------------------------------------ the server, sampled
