@@ -103,9 +103,7 @@ class CopyRuns:
     must follow the copies on the stream (an event, a hash)."""
 
     def __init__(self) -> None:
-        # The pending run: its first destination and source (contiguous tensors), its
-        # bytes, where each side ends, and whether the copy may be asynchronous.
-        self._run: list[Any] | None = None
+        self._run: _Run | None = None
         self.calls = 0  # copy calls made
 
     def add(self, dst: torch.Tensor, src: torch.Tensor, non_blocking: bool) -> None:
@@ -114,27 +112,39 @@ class CopyRuns:
         run = self._run
         if (
             run is not None
-            and dst.data_ptr() == run[3]
-            and src.data_ptr() == run[4]
-            and run[5] == non_blocking
-            and _same_storage(run[0], dst)  # neighbours in memory may be two allocations
-            and _same_storage(run[1], src)
+            and dst.data_ptr() == run.dst_end
+            and src.data_ptr() == run.src_end
+            and run.non_blocking == non_blocking
+            and _same_storage(run.dst, dst)  # neighbours in memory may be two allocations
+            and _same_storage(run.src, src)
         ):
-            run[2] += n
-            run[3] += n
-            run[4] += n
+            run.nbytes += n
+            run.dst_end += n
+            run.src_end += n
             return
         self.flush()
-        self._run = [dst, src, n, dst.data_ptr() + n, src.data_ptr() + n, non_blocking]
+        self._run = _Run(dst, src, n, dst.data_ptr() + n, src.data_ptr() + n, non_blocking)
 
     def flush(self) -> None:
         run, self._run = self._run, None
-        if run is None or not run[2]:
+        if run is None or not run.nbytes:
             return
-        dst, src, n, _, _, non_blocking = run
-        dst, src = _byte_span(dst, n), _byte_span(src, n)
-        dst.copy_(src, non_blocking=non_blocking)
+        dst, src = _byte_span(run.dst, run.nbytes), _byte_span(run.src, run.nbytes)
+        dst.copy_(src, non_blocking=run.non_blocking)
         self.calls += 1
+
+
+@dataclass(slots=True)
+class _Run:
+    """A pending copy: its first destination and source (contiguous tensors), its bytes so
+    far, the addresses where each side ends, and whether it may be asynchronous."""
+
+    dst: torch.Tensor
+    src: torch.Tensor
+    nbytes: int
+    dst_end: int
+    src_end: int
+    non_blocking: bool
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:

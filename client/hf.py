@@ -342,18 +342,17 @@ class StoreCache:
             # call, then the rest in one call with an event at each group's end. The host
             # time of each call delays the pass (it is bound by the host launching it); a
             # call per group cost 4-6 ms apiece at 16k tokens on the H100's host.
-            first = self.client.get_into(keys[0][:n], outs[0], side)
-            loading.transfers.append(first)
-            loading.events.append(side.record_event() if side is not None else None)
+            loading.transfers.append(self.client.get_into(keys[0][:n], outs[0], side))
+            if side is not None:
+                loading.events.append(side.record_event())
             if self.groups > 1:
                 rest = [k for g in range(1, self.groups) for k in keys[g][:n]]
                 into = [row for g in range(1, self.groups) for row in outs[g].unbind(0)]
                 marks = [n * g for g in range(1, self.groups)]
                 later = self.client.get_into(rest, into, side, marks=marks)
                 loading.transfers.append(later)
-                loading.events.extend(later.marks)
-            if side is None:
-                loading.events = []
+                if side is not None:
+                    loading.events.extend(later.marks)
         except KVStoreError as exc:
             log.warning("loading the prefix failed; computing it: %s", exc)
             loading.events = []
