@@ -28,6 +28,7 @@ from kvstore.client._transfer import (
     BlockRefs,
     Containers,
     GetLanding,
+    Header,
     PutLanding,
     Slice,
     gpu_hashing,
@@ -236,7 +237,7 @@ class _Assembler:
         # copied or checked: the caller reads them in place.
         self.keep_shared = keep_shared
         self.shared: dict[int, Slice] = {}
-        self.headers: list[pb.ValueHeader | None] = [None] * count
+        self.headers: list[Header | None] = [None] * count
         self.leases: list[int] = []
         self.corrupt: list[int] = []
         self.corrupt_keys: list[int] = []  # request positions of those
@@ -255,6 +256,11 @@ class _Assembler:
             for entry in piece.batch:
                 self(Piece(entry, b""))
             return
+        if piece.HasField("slices"):
+            self._finish()
+            self._index = -1
+            self._take_table(piece.slices)
+            return
         if piece.index != self._index:
             self._finish()
             if not 0 <= piece.index < len(self.values):
@@ -267,7 +273,7 @@ class _Assembler:
             if want != h.nbytes:
                 raise DataLoss(f"server header for key #{piece.index} is inconsistent")
             self._header = h
-            self.headers[piece.index] = h
+            header = self.headers[piece.index] = Header.of(h)
             self.tiers[piece.index] = piece.tier
             if piece.HasField("shared"):
                 ref = piece.shared
@@ -280,7 +286,7 @@ class _Assembler:
                     self._header = None
                     return
                 if self.keep_shared:
-                    self.shared[piece.index] = Slice(h, ref.offset, ref.lease, ref.gpu_pool)
+                    self.shared[piece.index] = Slice(header, ref.offset, ref.lease, ref.gpu_pool)
                     self._header = None
                     return
                 arena = self.arena
@@ -315,6 +321,54 @@ class _Assembler:
             raise DataLoss(f"server sent too many bytes for key #{piece.index}")
         self._buf[self._filled : self._filled + n] = np.frombuffer(data, dtype=np.uint8)
         self._filled += n
+
+    def _take_table(self, t: pb.SliceTable) -> None:
+        """Record the shared slices of a packed answer (KeysRequest.packed), every column
+        checked as a per-key answer's fields would be."""
+        if not self.keep_shared:
+            raise DataLoss("server sent a slice table to a read that asked for none")
+        n = len(t.index)
+        columns = (t.lease, t.offset, t.gpu_pool, t.nbytes, t.checksum, t.dtype, t.rank, t.tier)
+        if any(len(c) != n for c in columns) or sum(t.rank) != len(t.dims):
+            raise DataLoss("server sent a slice table whose columns disagree")
+        named: dict[int, tuple[Region | None, int, int]] = {}
+        for r in t.regions:
+            region = self.pools.get(r.gpu_pool) if r.gpu_pool else self.arena
+            named[r.gpu_pool] = (region, r.arena_dev, r.arena_ino)
+        dtypes, tiers, dims = list(t.dtypes), list(t.tiers), list(t.dims)
+        sizes: dict[tuple[int, tuple[int, ...]], int] = {}
+        at = 0
+        for i, lease, offset, pool, nbytes, digest, kind, rank, tier in zip(
+            t.index,
+            t.lease,
+            t.offset,
+            t.gpu_pool,
+            t.nbytes,
+            t.checksum,
+            t.dtype,
+            t.rank,
+            t.tier,
+            strict=True,
+        ):
+            shape = tuple(dims[at : at + rank])
+            at += rank
+            if not 0 <= i < len(self.values) or kind >= len(dtypes) or tier >= len(tiers):
+                raise DataLoss(f"server sent a slice table entry for key #{i} out of range")
+            size = sizes.get((kind, shape))
+            if size is None:
+                size = sizes[kind, shape] = expected_nbytes(dtypes[kind], shape)
+            if size != nbytes:
+                raise DataLoss(f"server header for key #{i} is inconsistent")
+            if pool not in named:
+                raise DataLoss(f"server sent key #{i} in a region it did not identify")
+            self.leases.append(lease)
+            region, dev, ino = named[pool]
+            if region is None or not region.holds(dev, ino, offset, nbytes):
+                self.stale = True  # mapped before the server restarted
+                continue
+            self.tiers[i] = tiers[tier]
+            header = self.headers[i] = Header(dtypes[kind], shape, nbytes, digest)
+            self.shared[i] = Slice(header, offset, lease, pool)
 
     def _finish(self) -> None:
         if self._buf is None or self._header is None:
@@ -376,6 +430,9 @@ def _shifted(sink: Callable[[Piece], None], base: int) -> Callable[[Piece], None
 
     def shifted(received: Piece) -> None:
         piece = received[0]
+        if piece.HasField("slices"):
+            index = piece.slices.index
+            index[:] = [i + base for i in index]
         for entry in piece.batch or (piece,):
             entry.index += base
         sink(received)
@@ -623,6 +680,7 @@ class ClientCore:
                         call=call,
                         gpu_pools=pools,
                         codecs=sorted(sink.decoders),
+                        packed=shared and sink.keep_shared,
                     )
                     yield Call(method, request, _shifted(sink, base))
         except GeneratorExit:  # the driver gave up on this operation: nothing more to yield

@@ -21,7 +21,7 @@ import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -157,11 +157,24 @@ def _byte_span(t: torch.Tensor, nbytes: int) -> torch.Tensor:
     return flat if nbytes == flat.numel() else flat.as_strided((nbytes,), (1,))
 
 
+class Header(NamedTuple):
+    """What a reader needs of a found value's header."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    checksum: int
+
+    @classmethod
+    def of(cls, h: pb.ValueHeader) -> Header:
+        return cls(h.dtype, tuple(h.shape), h.nbytes, h.checksum)
+
+
 @dataclass
 class Slice:
     """One found value: its header, and where its bytes are in the host buffer."""
 
-    header: pb.ValueHeader
+    header: Header
     offset: int
     lease: int = 0  # 0: a private copy, no lease
     pool: int = 0  # the region: 0 the host arena (or private buffer), n gpu pool n
@@ -382,7 +395,7 @@ def _gather_region(
     )
 
 
-def check_destination(i: int, h: pb.ValueHeader, dst: torch.Tensor) -> None:
+def check_destination(i: int, h: Header | pb.ValueHeader, dst: torch.Tensor) -> None:
     name = dtype_name(dst)
     if name != h.dtype:
         raise InvalidArgument(f"out[{i}] is {name} but the stored value is {h.dtype}")

@@ -331,6 +331,7 @@ class KVStoreServicer:
             request.call,
             request.gpu_pools,
             request.codecs,
+            False,
             context,
         ):
             yield piece
@@ -347,6 +348,7 @@ class KVStoreServicer:
             request.call,
             request.gpu_pools,
             request.codecs,
+            request.packed,
             context,
         ):
             yield piece
@@ -359,15 +361,38 @@ class KVStoreServicer:
         call: int,
         gpu_pools: Sequence[int],
         codecs: Sequence[int],
+        packed: bool,
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[Piece]:
         # Shared slices only over the Unix socket: a TCP peer cannot map the arena.
         arena = self.store.cpu if str(context.peer()).startswith("unix:") else None
         pools = frozenset(gpu_pools) if shared and arena is not None else frozenset()
         handed: list[int] = []
+        positions: Sequence[int] = range(len(keys))
         try:
+            if packed and shared and arena is not None:
+                try:
+                    table, absent, positions = self._lease_table(
+                        namespace, keys, call, pools, handed
+                    )
+                except KVStoreError as exc:
+                    await _fail(context, exc)
+                if table.index:
+                    yield Piece(pb.GetPiece(slices=table), b"")
+                for at in range(0, len(absent), _BATCH_PIECES):
+                    misses = [pb.GetPiece(index=i) for i in absent[at : at + _BATCH_PIECES]]
+                    yield Piece(pb.GetPiece(batch=misses), b"")
             async for piece in self._get_pieces(
-                namespace, keys, shared, call, arena, pools, frozenset(codecs), handed, context
+                namespace,
+                keys,
+                positions,
+                shared,
+                call,
+                arena,
+                pools,
+                frozenset(codecs),
+                handed,
+                context,
             ):
                 yield piece
         except BaseException:
@@ -376,10 +401,77 @@ class KVStoreServicer:
             self.shared.release(handed)
             raise
 
+    def _lease_table(
+        self,
+        namespace: str,
+        keys: Sequence[bytes],
+        call: int,
+        pools: frozenset[int],
+        handed: list[int],
+    ) -> tuple[pb.SliceTable, list[int], list[int]]:
+        """Lease every key resident where the client maps it, under one hold of the store's
+        lock, and describe them in one SliceTable; absent keys are answered as misses in the
+        per-key pieces. Returns the table, the positions of absent keys, and those left for
+        `_get_pieces` (values elsewhere, or all of them when the lock was busy)."""
+        leases, absent = self.store.lease_resident_many(namespace, keys, pools)
+        table = pb.SliceTable()
+        dtypes: dict[str, int] = {}
+        tiers: dict[str, int] = {}
+        regions: set[int] = set()
+        index: list[int] = []
+        lease_ids: list[int] = []
+        offsets: list[int] = []
+        places: list[int] = []
+        nbytes: list[int] = []
+        sums: list[int] = []
+        kinds: list[int] = []
+        ranks: list[int] = []
+        dims: list[int] = []
+        tier_of: list[int] = []
+        rest = []
+        missing = set(absent)
+        for i, lease in enumerate(leases):
+            if lease is None:
+                if i not in missing:
+                    rest.append(i)
+                continue
+            h = lease.header
+            assert lease.offset is not None  # a resident value is leased where it lies
+            lease_id = self.shared.hand_out(lease, call)
+            handed.append(lease_id)
+            index.append(i)
+            lease_ids.append(lease_id)
+            offsets.append(lease.offset)
+            places.append(lease.pool)
+            regions.add(lease.pool)
+            nbytes.append(h.value_len)
+            sums.append(h.value_checksum)
+            kinds.append(dtypes.setdefault(h.dtype, len(dtypes)))
+            ranks.append(len(h.shape))
+            dims.extend(h.shape)
+            tier_of.append(tiers.setdefault(lease.tier, len(tiers)))
+        table.index.extend(index)
+        table.lease.extend(lease_ids)
+        table.offset.extend(offsets)
+        table.gpu_pool.extend(places)
+        table.nbytes.extend(nbytes)
+        table.checksum.extend(sums)
+        table.dtype.extend(kinds)
+        table.dtypes.extend(dtypes)
+        table.rank.extend(ranks)
+        table.dims.extend(dims)
+        table.tier.extend(tier_of)
+        table.tiers.extend(tiers)
+        for pool in sorted(regions):
+            dev, ino = self._identity(pool)
+            table.regions.add(gpu_pool=pool, arena_dev=dev, arena_ino=ino)
+        return table, absent, rest
+
     async def _get_pieces(
         self,
         namespace: str,
         keys: Sequence[bytes],
+        positions: Sequence[int],
         shared: bool,
         call: int,
         arena: HostArena | None,
@@ -391,7 +483,8 @@ class KVStoreServicer:
         # Answers without bytes (shared slices, misses) go out many to a message: one gRPC
         # message per key would cost more than the rest of the work of a large request.
         batch: list[pb.GetPiece] = []
-        for index, key in enumerate(keys):
+        for index in positions:
+            key = keys[index]
             if len(batch) >= _BATCH_PIECES:
                 yield Piece(pb.GetPiece(batch=batch), b"")
                 batch = []

@@ -731,21 +731,40 @@ class Store:
 
         Cheap enough for the event loop, which must never wait behind an LMDB write.
         """
+        leases, _ = self.lease_resident_many(namespace, [key], pools)
+        return leases[0]
+
+    def lease_resident_many(
+        self, namespace: str, keys: Sequence[bytes], pools: Collection[int] = ()
+    ) -> tuple[list[ReadLease | None], list[int]]:
+        """`lease_resident` for each of `keys` under one hold of the lock: the leases (None
+        where there is none), and the positions of keys the index does not hold at all,
+        which the caller may answer as misses at once. With the lock busy, no key is
+        leased and none is called absent."""
         check_namespace(namespace)
-        check_key(key)
+        for key in keys:
+            check_key(key)
+        leases: list[ReadLease | None] = [None] * len(keys)
+        absent: list[int] = []
         if not self._lock.acquire(blocking=False):
-            return None
+            return leases, absent
         try:
-            e = self._index.get((namespace, bytes(key)))
-            if e is None or e.slot is None or (e.place and e.place not in pools):
-                return None
-            self._count_misses_above(e.tier)
-            self._count_hit(e)
-            e.readers += 1
-            view = None if e.place else self._cpu_view(e)
+            index = self._index
+            for i, key in enumerate(keys):
+                e = index.get((namespace, bytes(key)))
+                if e is None:
+                    absent.append(i)
+                    continue
+                if e.slot is None or (e.place and e.place not in pools):
+                    continue
+                self._count_misses_above(e.tier)
+                self._count_hit(e)
+                e.readers += 1
+                view = None if e.place else self._cpu_view(e)
+                leases[i] = ReadLease(self, e, view, e.header(), e.tier)
         finally:
             self._lock.release()
-        return ReadLease(self, e, view, e.header(), e.tier)
+        return leases, absent
 
     def _count_hit(self, e: Entry) -> None:
         e.hits += 1

@@ -57,20 +57,22 @@ class GetRequest(_message.Message):
     def __init__(self, namespace: _Optional[str] = ..., key: _Optional[bytes] = ..., shared: _Optional[bool] = ..., call: _Optional[int] = ..., gpu_pools: _Optional[_Iterable[int]] = ..., codecs: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class KeysRequest(_message.Message):
-    __slots__ = ("namespace", "keys", "shared", "call", "gpu_pools", "codecs")
+    __slots__ = ("namespace", "keys", "shared", "call", "gpu_pools", "codecs", "packed")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     SHARED_FIELD_NUMBER: _ClassVar[int]
     CALL_FIELD_NUMBER: _ClassVar[int]
     GPU_POOLS_FIELD_NUMBER: _ClassVar[int]
     CODECS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     keys: _containers.RepeatedScalarFieldContainer[bytes]
     shared: bool
     call: int
     gpu_pools: _containers.RepeatedScalarFieldContainer[int]
     codecs: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, namespace: _Optional[str] = ..., keys: _Optional[_Iterable[bytes]] = ..., shared: _Optional[bool] = ..., call: _Optional[int] = ..., gpu_pools: _Optional[_Iterable[int]] = ..., codecs: _Optional[_Iterable[int]] = ...) -> None: ...
+    packed: bool
+    def __init__(self, namespace: _Optional[str] = ..., keys: _Optional[_Iterable[bytes]] = ..., shared: _Optional[bool] = ..., call: _Optional[int] = ..., gpu_pools: _Optional[_Iterable[int]] = ..., codecs: _Optional[_Iterable[int]] = ..., packed: _Optional[bool] = ...) -> None: ...
 
 class SharedSlice(_message.Message):
     __slots__ = ("lease", "offset", "arena_dev", "arena_ino", "gpu_pool")
@@ -155,7 +157,7 @@ class RenewResponse(_message.Message):
     def __init__(self, counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GetPiece(_message.Message):
-    __slots__ = ("index", "found", "header", "tier", "data", "shared", "batch", "encoded_nbytes")
+    __slots__ = ("index", "found", "header", "tier", "data", "shared", "batch", "encoded_nbytes", "slices")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     FOUND_FIELD_NUMBER: _ClassVar[int]
     HEADER_FIELD_NUMBER: _ClassVar[int]
@@ -164,6 +166,7 @@ class GetPiece(_message.Message):
     SHARED_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     ENCODED_NBYTES_FIELD_NUMBER: _ClassVar[int]
+    SLICES_FIELD_NUMBER: _ClassVar[int]
     index: int
     found: bool
     header: ValueHeader
@@ -172,7 +175,48 @@ class GetPiece(_message.Message):
     shared: SharedSlice
     batch: _containers.RepeatedCompositeFieldContainer[GetPiece]
     encoded_nbytes: int
-    def __init__(self, index: _Optional[int] = ..., found: _Optional[bool] = ..., header: _Optional[_Union[ValueHeader, _Mapping]] = ..., tier: _Optional[str] = ..., data: _Optional[bytes] = ..., shared: _Optional[_Union[SharedSlice, _Mapping]] = ..., batch: _Optional[_Iterable[_Union[GetPiece, _Mapping]]] = ..., encoded_nbytes: _Optional[int] = ...) -> None: ...
+    slices: SliceTable
+    def __init__(self, index: _Optional[int] = ..., found: _Optional[bool] = ..., header: _Optional[_Union[ValueHeader, _Mapping]] = ..., tier: _Optional[str] = ..., data: _Optional[bytes] = ..., shared: _Optional[_Union[SharedSlice, _Mapping]] = ..., batch: _Optional[_Iterable[_Union[GetPiece, _Mapping]]] = ..., encoded_nbytes: _Optional[int] = ..., slices: _Optional[_Union[SliceTable, _Mapping]] = ...) -> None: ...
+
+class SliceTable(_message.Message):
+    __slots__ = ("index", "lease", "offset", "gpu_pool", "nbytes", "checksum", "dtype", "dtypes", "rank", "dims", "tier", "tiers", "regions")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    GPU_POOL_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPES_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    DIMS_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    index: _containers.RepeatedScalarFieldContainer[int]
+    lease: _containers.RepeatedScalarFieldContainer[int]
+    offset: _containers.RepeatedScalarFieldContainer[int]
+    gpu_pool: _containers.RepeatedScalarFieldContainer[int]
+    nbytes: _containers.RepeatedScalarFieldContainer[int]
+    checksum: _containers.RepeatedScalarFieldContainer[int]
+    dtype: _containers.RepeatedScalarFieldContainer[int]
+    dtypes: _containers.RepeatedScalarFieldContainer[str]
+    rank: _containers.RepeatedScalarFieldContainer[int]
+    dims: _containers.RepeatedScalarFieldContainer[int]
+    tier: _containers.RepeatedScalarFieldContainer[int]
+    tiers: _containers.RepeatedScalarFieldContainer[str]
+    regions: _containers.RepeatedCompositeFieldContainer[RegionIdentity]
+    def __init__(self, index: _Optional[_Iterable[int]] = ..., lease: _Optional[_Iterable[int]] = ..., offset: _Optional[_Iterable[int]] = ..., gpu_pool: _Optional[_Iterable[int]] = ..., nbytes: _Optional[_Iterable[int]] = ..., checksum: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Iterable[int]] = ..., dtypes: _Optional[_Iterable[str]] = ..., rank: _Optional[_Iterable[int]] = ..., dims: _Optional[_Iterable[int]] = ..., tier: _Optional[_Iterable[int]] = ..., tiers: _Optional[_Iterable[str]] = ..., regions: _Optional[_Iterable[_Union[RegionIdentity, _Mapping]]] = ...) -> None: ...
+
+class RegionIdentity(_message.Message):
+    __slots__ = ("gpu_pool", "arena_dev", "arena_ino")
+    GPU_POOL_FIELD_NUMBER: _ClassVar[int]
+    ARENA_DEV_FIELD_NUMBER: _ClassVar[int]
+    ARENA_INO_FIELD_NUMBER: _ClassVar[int]
+    gpu_pool: int
+    arena_dev: int
+    arena_ino: int
+    def __init__(self, gpu_pool: _Optional[int] = ..., arena_dev: _Optional[int] = ..., arena_ino: _Optional[int] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("length",)

@@ -432,3 +432,91 @@ def test_many_keys_come_back_batched_and_in_order(start_server) -> None:  # type
             want = small.get(i, big.get(i))
             assert (v is None) if want is None else torch.equal(v, want), i
         assert wait_for(lambda: c.stats().leases == 0)
+
+
+def _table_entries(t: pb.SliceTable) -> dict[int, tuple]:  # type: ignore[type-arg]
+    """index -> (offset, gpu_pool, nbytes, checksum, dtype, shape, tier) of a SliceTable."""
+    out, at = {}, 0
+    for j, i in enumerate(t.index):
+        shape = tuple(t.dims[at : at + t.rank[j]])
+        at += t.rank[j]
+        out[i] = (
+            t.offset[j], t.gpu_pool[j], t.nbytes[j], t.checksum[j],
+            t.dtypes[t.dtype[j]], shape, t.tiers[t.tier[j]],
+        )  # fmt: skip
+    return out
+
+
+def test_a_packed_answer_says_what_per_key_slices_say(start_server) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server("--cpu-bytes", "8MiB", "--ssd-bytes", "64MiB")
+    resident = {i: value(i, 1024 * (1 + i % 3)).view(-1, 4) for i in range(0, 40, 2)}
+    with srv.client(NS) as c:
+        c.batch_put([key(i) for i in resident], list(resident.values()))
+        c.put(key(7), value(7, 5 * MiB))  # too large for the arena's slabs: ssd only
+        stats = c.stats()
+        wanted = [key(i) for i in range(41)]
+        c.batch_get(wanted)  # values that went to ssd are promoted: both reads find them in cpu
+        with grpc.insecure_channel(srv.address, options=GRPC_OPTIONS) as ch:
+            stub = pb_grpc.KVStoreStub(ch)
+            plain = list(
+                answers(stub.BatchGet(pb.KeysRequest(namespace=NS, keys=wanted, shared=True)))
+            )
+            messages = list(
+                stub.BatchGet(pb.KeysRequest(namespace=NS, keys=wanted, shared=True, packed=True))
+            )
+            tables = [m.slices for m in messages if m.HasField("slices")]
+            packed = [p for m in messages if not m.HasField("slices") for p in m.batch or (m,)]
+            leases = [p.shared.lease for p in plain if p.HasField("shared")]
+            leases += [lease for t in tables for lease in t.lease]
+            assert stub.Release(pb.ReleaseRequest(leases=leases)).count == len(leases)
+    assert len(tables) == 1
+    table = tables[0]
+    assert [(r.gpu_pool, r.arena_dev, r.arena_ino) for r in table.regions] == [
+        (0, stats.host_arena_dev, stats.host_arena_ino)
+    ]
+    # Every resident key is in the table, with what its own SharedSlice says, except that
+    # each answer took a lease of its own.
+    want = {
+        p.index: (
+            p.shared.offset,
+            p.shared.gpu_pool,
+            p.header.nbytes,
+            p.header.checksum,
+            p.header.dtype,
+            tuple(p.header.shape),
+            p.tier,
+        )
+        for p in plain
+        if p.HasField("shared")
+    }
+    assert _table_entries(table) == want and set(want) == set(resident)
+    assert len(set(table.lease)) == len(table.lease)
+    # The rest come as before: the ssd value as bytes, the others as misses.
+    found = {p.index for p in packed if p.found}
+    assert found == {7}
+    assert {p.index for p in packed} - found == set(range(41)) - set(resident) - {7}
+
+
+def test_acquire_reads_packed_answers_split_over_requests(start_server) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server(
+        "--cpu-bytes", "8MiB", "--ssd-bytes", "64MiB", "--max-keys-per-request", "16"
+    )
+    resident = {i: value(i, 4096) for i in range(0, 60, 3)}
+    with srv.client(NS) as c:
+        c.batch_put([key(i) for i in resident], list(resident.values()))
+        c.put(key(50), value(50, 5 * MiB))  # ssd only: the refs are then one private copy
+        wanted = [key(i) for i in range(0, 60)] + [key(3), key(3)]  # some named again
+        for keys in (wanted[:50], wanted):
+            refs = c.acquire(keys)
+            try:
+                expect = [resident.get(i, value(i, 5 * MiB) if i == 50 else None) for i in
+                          [int.from_bytes(k[1:5], "little") for k in keys]]  # fmt: skip
+                assert refs.found == [e is not None for e in expect]
+                host, _ = refs.host()
+                for j, e in enumerate(expect):
+                    if e is not None:
+                        o, n = int(refs.offsets[j]), int(refs.nbytes[j])
+                        assert bytes(host[o : o + n].numpy()) == e.numpy().tobytes(), j
+            finally:
+                c.release(refs)
+        assert wait_for(lambda: c.stats().leases == 0)
