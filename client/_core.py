@@ -28,6 +28,7 @@ from kvstore.client._transfer import (
     BlockRefs,
     Containers,
     GetLanding,
+    Hashing,
     Header,
     PutLanding,
     Slice,
@@ -398,14 +399,15 @@ class _Assembler:
 def _failed_checksums(regions: dict[int, Region], slices: dict[int, Slice]) -> list[int]:
     """Leases of the slices whose bytes fail their checksum: hashed in parallel on host
     threads, or on their GPU for slices of a gpu pool."""
-    futures = []
+    hashing = Hashing()
     on_gpu: dict[int, list[Slice]] = {}
-    for s in slices.values():
+    for i, s in slices.items():
         view = regions[s.pool].array()
         if view is not None:
-            futures.append((s, hash_pool().submit(checksum, view[s.span].data)))
+            hashing.add(i, view[s.span].data)
         else:
             on_gpu.setdefault(s.pool, []).append(s)
+    hashing.submit()
     bad = []
     for pool, group in on_gpu.items():
         m = regions[pool]
@@ -420,7 +422,7 @@ def _failed_checksums(regions: dict[int, Region], slices: dict[int, Slice]) -> l
             buffers = [DeviceBuffer(m.address + s.offset, s.header.nbytes, ordinal) for s in large]
             got = checksum_kernels.xxh3_64_gpu(buffers, ordinal).result()
             bad += [s.lease for s, d in zip(large, got, strict=True) if d != s.header.checksum]
-    return bad + [s.lease for s, f in futures if f.result() != s.header.checksum]
+    return bad + [slices[i].lease for i, d in hashing.results() if d != slices[i].header.checksum]
 
 
 def _shifted(sink: Callable[[Piece], None], base: int) -> Callable[[Piece], None]:

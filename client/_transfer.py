@@ -19,7 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -50,6 +50,45 @@ def hash_pool() -> concurrent.futures.ThreadPoolExecutor:
     """Checksums of arena bytes run on these threads while the copy engine moves the same
     bytes (xxhash releases the GIL): one core hashes well below PCIe speed."""
     return host_pool()
+
+
+# Checksums are handed to the pool in tasks of at least this many bytes: a task costs a few
+# microseconds to submit and collect, more than hashing a small value.
+HASH_TASK_BYTES = 1 << 20
+
+
+def _checksums(buffers: list[memoryview]) -> list[int]:
+    return [checksum(b) for b in buffers]
+
+
+class Hashing:
+    """Checksums of many buffers computed on the hash pool, several small ones to a task."""
+
+    def __init__(self) -> None:
+        self.tasks: list[tuple[list[int], concurrent.futures.Future[list[int]]]] = []
+        self._positions: list[int] = []
+        self._buffers: list[memoryview] = []
+        self._bytes = 0
+
+    def add(self, position: int, data: memoryview) -> None:
+        self._positions.append(position)
+        self._buffers.append(data)
+        self._bytes += data.nbytes
+        if self._bytes >= HASH_TASK_BYTES:
+            self.submit()
+
+    def submit(self) -> None:
+        """Start hashing what was added since the last task."""
+        if self._buffers:
+            future = hash_pool().submit(_checksums, self._buffers)
+            self.tasks.append((self._positions, future))
+            self._positions, self._buffers, self._bytes = [], [], 0
+
+    def results(self) -> Iterator[tuple[int, int]]:
+        """(position, checksum) of everything added, waiting for the tasks."""
+        self.submit()
+        for positions, future in self.tasks:
+            yield from zip(positions, future.result(), strict=True)
 
 
 def tensors_of(
@@ -451,7 +490,7 @@ class GetLanding:
     # Per mark m, a torch.cuda.Event recorded once the copies of values [0, m) are
     # enqueued (None without a GPU destination): work that needs only those waits for it.
     mark_events: list[Any] = field(default_factory=list)
-    hashes: list[tuple[int, concurrent.futures.Future[int]]] = field(default_factory=list)
+    hashes: Hashing = field(default_factory=Hashing)
     # Digests of GPU destinations, a batch per ~256 MiB of copies, with their positions.
     digests: list[tuple[list[int], Any]] = field(default_factory=list)
     decoding: Any = None  # kvstore.codecs.values.Decoding of the values sent as containers
@@ -486,7 +525,6 @@ class GetLanding:
         if self.refs.arena is not None or self.refs.pools:  # a private copy was checked
             on_gpu = gpu_hashing() and bool(cuda)
             digested = {i for i in found if on_gpu and _gpu_hashable(self.dests[i])}
-            pool = hash_pool()
             for i in found:
                 s = slices[i]
                 assert s is not None
@@ -496,7 +534,8 @@ class GetLanding:
                 if host_array is None:
                     late.append(i)
                 else:
-                    self.hashes.append((i, pool.submit(checksum, host_array[s.span].data)))
+                    self.hashes.add(i, host_array[s.span].data)
+            self.hashes.submit()  # hashed while this thread copies
         s_ = torch_stream(stream, next(iter(devices))) if cuda else None
         batch: list[int] = []  # GPU destinations copied and not yet hashed
         pending = 0
@@ -531,7 +570,7 @@ class GetLanding:
             side = self._digest(batch, s_)
         for i in late:
             data = flat_bytes(self.dests[i]).numpy().data
-            self.hashes.append((i, hash_pool().submit(checksum, data)))
+            self.hashes.add(i, data)
         if containers:
             self._decode(containers, s_)
         while len(self.mark_events) < len(self.marks):
@@ -590,7 +629,7 @@ class GetLanding:
             except ContainerError as exc:
                 raise DataLoss(f"a container the server sent does not decode: {exc}") from None
         want = [s.header.checksum if s is not None else 0 for s in self.refs.slices]
-        bad = [i for i, f in self.hashes if f.result() != want[i]]
+        bad = [i for i, d in self.hashes.results() if d != want[i]]
         for positions, digests in self.digests:
             got = digests.result()
             bad += [i for i, d in zip(positions, got, strict=True) if d != want[i]]

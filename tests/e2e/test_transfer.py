@@ -113,17 +113,22 @@ def test_get_into_refuses_wrong_destinations_before_copying(both) -> None:  # ty
     assert wait_for(lambda: local.stats().leases == 0)  # and no lease left behind
 
 
-def test_get_into_repairs_a_corrupt_arena_copy_from_ssd(start_server) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(("count", "elements"), [(3, MiB // 2), (40, 2048)])
+def test_get_into_repairs_a_corrupt_arena_copy_from_ssd(start_server, count, elements) -> None:  # type: ignore[no-untyped-def]
+    # 1 MiB values are hashed a task each; 4 KiB ones share tasks, the bad one among them.
     srv = start_server("--cpu-bytes", "8MiB", "--ssd-bytes", "64MiB")
-    values = [chunk(i, (MiB // 2,)) for i in range(3)]  # 1 MiB each
+    values = [chunk(i, (elements,)) for i in range(count)]
+    bad = count // 2
     with srv.client(NS) as c:
-        c.put_from([key(i) for i in range(3)], values).wait(timeout=30)
+        c.put_from([key(i) for i in range(count)], values).wait(timeout=30)
         for i in range(12):  # push them down to ssd
             c.put(key(100 + i), chunk(100 + i, (MiB // 2,)))
-        assert torch.equal(c.get(key(0)), values[0])  # promoted: on cpu and on ssd
-        corrupt_in_arena(srv, key(0), NS)
-        out = torch.empty((3, MiB // 2), dtype=torch.bfloat16)
-        assert c.get_into([key(i) for i in range(3)], out).wait(timeout=30) == [True] * 3
+        assert torch.equal(c.get(key(bad)), values[bad])  # promoted: on cpu and on ssd
+        for i in range(count):
+            c.get(key(i))  # and so are the others
+        corrupt_in_arena(srv, key(bad), NS)
+        out = torch.empty((count, elements), dtype=torch.bfloat16)
+        assert c.get_into([key(i) for i in range(count)], out).wait(timeout=30) == [True] * count
         assert torch.equal(out, torch.stack(values))  # the bad copy dropped, ssd's served
         assert wait_for(lambda: c.stats().leases == 0)
 
