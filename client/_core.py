@@ -33,6 +33,7 @@ from kvstore.client._transfer import (
     PutLanding,
     Slice,
     gpu_hashing,
+    gpu_memory_errors,
     hash_pool,
     private_buffer,
     raise_unrecoverable,
@@ -821,7 +822,8 @@ class ClientCore:
         refs = yield from self.acquire(keys, verify=False, decoders=self.decoders_for(dests))
         landing = GetLanding(refs, dests, marks)
         try:
-            landing.launch(stream)
+            with gpu_memory_errors("get_into"):
+                landing.launch(stream)
         except GeneratorExit:
             raise
         except BaseException:
@@ -892,7 +894,8 @@ class ClientCore:
         landing.started = time.monotonic()
         try:
             reservations = yield from self._reserve(headers, landing.call, pool)
-            landing.launch({**self._pools, 0: arena}, reservations, stream)
+            with gpu_memory_errors("put_from"):
+                landing.launch({**self._pools, 0: arena}, reservations, stream)
         except GeneratorExit:
             raise
         except BaseException:

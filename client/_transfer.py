@@ -29,7 +29,7 @@ import torch
 from kvstore.client._shared import ArenaMap, Region
 from kvstore.codecs.container import checksum
 from kvstore.dtypes import dtype_name
-from kvstore.errors import DataLoss, InvalidArgument
+from kvstore.errors import DataLoss, InvalidArgument, ResourceExhausted
 from kvstore.kernels import checksum as checksum_kernels
 from kvstore.kernels.blocks import (
     VECTOR_BYTES,
@@ -89,6 +89,34 @@ class Hashing:
         self.submit()
         for positions, future in self.tasks:
             yield from zip(positions, future.result(), strict=True)
+
+
+def _out_of_gpu_memory(exc: BaseException) -> bool:
+    """Whether `exc` is CUDA refusing an allocation (torch's, CuPy's, or a raw call's)."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    name, module = type(exc).__name__, type(exc).__module__
+    if module.startswith(("cupy", "cupy_backends")):
+        text = str(exc)
+        return name == "OutOfMemoryError" or any(
+            words in text for words in ("cudaErrorMemoryAllocation", "CUDA_ERROR_OUT_OF_MEMORY")
+        )
+    return False
+
+
+@contextlib.contextmanager
+def gpu_memory_errors(what: str) -> Iterator[None]:
+    """Report the caller's GPU running out of memory during `what` as ResourceExhausted:
+    the caller's device is full, not the store, and nothing stored was touched."""
+    try:
+        yield
+    except Exception as exc:
+        if not _out_of_gpu_memory(exc):
+            raise
+        raise ResourceExhausted(
+            f"{what}: the GPU ran out of memory for its scratch buffers ({exc}); free some "
+            "GPU memory or move fewer values per call"
+        ) from None
 
 
 def tensors_of(
@@ -375,6 +403,19 @@ def gather(refs: BlockRefs, out: torch.Tensor, stream: Any = None) -> Any:
     if out.is_cuda and dense.data_ptr() % VECTOR_BYTES:
         raise InvalidArgument(f"out must be {VECTOR_BYTES}-byte aligned")
     stream = torch_stream(stream, out.device) if out.is_cuda else None  # torch's, not CuPy's
+    with gpu_memory_errors("gather"):
+        return _gather_regions(refs, offsets, regions, block, dense, stream)
+
+
+def _gather_regions(
+    refs: BlockRefs,
+    offsets: np.ndarray,
+    regions: np.ndarray,
+    block: int,
+    dense: torch.Tensor,
+    stream: Any,
+) -> Any:
+    k = offsets.size
     used = np.unique(regions) if k else np.zeros(1, np.int32)
     if used.size == 1:
         event = _gather_region(refs, int(used[0]), offsets, block, dense, stream)
@@ -383,9 +424,9 @@ def gather(refs: BlockRefs, out: torch.Tensor, stream: Any = None) -> Any:
             rows = dense[: k * block].view(k, block)
             for r in used:
                 picked = np.flatnonzero(regions == r)
-                scratch = torch.empty(picked.size * block, dtype=torch.uint8, device=out.device)
+                scratch = torch.empty(picked.size * block, dtype=torch.uint8, device=dense.device)
                 _gather_region(refs, int(r), offsets[picked], block, scratch, stream)
-                where = torch.from_numpy(picked).to(out.device, non_blocking=True)
+                where = torch.from_numpy(picked).to(dense.device, non_blocking=True)
                 rows.index_copy_(0, where, scratch.view(-1, block))
         event = _recorded(stream)
     if event is not None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kvstore.client import KVClient
-from kvstore.errors import InvalidArgument
+from kvstore.errors import InvalidArgument, ResourceExhausted
 from tests.e2e.test_shared import wait_for
 from tests.e2e.test_transfer import NS, chunk, free_port, key
 
@@ -128,3 +128,44 @@ def test_gpu_get_into_reports_a_corrupt_arena_copy(start_server) -> None:  # typ
             c.get_into([key(i) for i in range(3)], out).wait(timeout=60)
         assert c.get_into([key(i) for i in range(3)], out).wait(timeout=60) == [True] * 3
         assert torch.equal(out.cpu(), torch.stack(values))  # the ssd copy, read again
+
+
+def _fill_gpu(leave: int) -> torch.Tensor:
+    """Take all of the GPU's free memory but `leave` bytes (CuPy's cached blocks freed)."""
+    import cupy
+
+    cupy.get_default_memory_pool().free_all_blocks()
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info()
+    return torch.empty(max(0, free - leave), dtype=torch.uint8, device="cuda")
+
+
+def test_a_full_gpu_is_resource_exhausted_and_loses_nothing(both) -> None:  # type: ignore[no-untyped-def]
+    local, _ = both
+    values = torch.randn((16, 4 << 20), device="cuda").to(torch.bfloat16)  # 16 x 8 MiB
+    keys = [key(i) for i in range(16)]
+    local.put_from(keys, values).wait(timeout=60)
+    out = torch.zeros_like(values)
+    local.get_into(keys, out).wait(timeout=60)  # kernels loaded while there is room
+    fresh = [key(100 + i) for i in range(16)]
+    filler = _fill_gpu(leave=2 << 20)  # too little for the checksums' scratch
+    try:
+        with pytest.raises(ResourceExhausted, match="out of memory"):
+            local.get_into(keys, out).wait(timeout=60)
+        with pytest.raises(ResourceExhausted, match="out of memory"):
+            local.put_from(fresh, values).wait(timeout=60)
+    finally:
+        del filler
+        torch.cuda.empty_cache()
+    assert wait_for(lambda: local.stats().leases == 0)  # the failed calls gave theirs back
+    assert local.exists(fresh) == [False] * 16  # nothing of the failed put is visible
+    out.zero_()
+    assert local.get_into(keys, out).wait(timeout=60) == [True] * 16
+    assert torch.equal(out, values)
+
+
+def test_a_gpu_pool_larger_than_the_gpu_is_refused_at_start(start_server) -> None:  # type: ignore[no-untyped-def]
+    _, total = torch.cuda.mem_get_info()
+    too_much = f"{2 * total // (1 << 20)}MiB"
+    with pytest.raises(RuntimeError, match="cannot allocate"):
+        start_server("--tiers", "gpu,cpu", "--gpu-bytes", too_much, "--cpu-bytes", "64MiB")
