@@ -130,14 +130,20 @@ def test_gpu_get_into_reports_a_corrupt_arena_copy(start_server) -> None:  # typ
         assert torch.equal(out.cpu(), torch.stack(values))  # the ssd copy, read again
 
 
-def _fill_gpu(leave: int) -> torch.Tensor:
-    """Take all of the GPU's free memory but `leave` bytes (CuPy's cached blocks freed)."""
+def _fill_gpu() -> list[torch.Tensor]:
+    """Take all of the GPU's free memory, in blocks from 1 GiB down to 1 MiB (CuPy's cached
+    blocks freed first, so its next allocation needs new memory)."""
     import cupy
 
     cupy.get_default_memory_pool().free_all_blocks()
     torch.cuda.empty_cache()
-    free, _ = torch.cuda.mem_get_info()
-    return torch.empty(max(0, free - leave), dtype=torch.uint8, device="cuda")
+    held, size = [], 1 << 30
+    while size >= 1 << 20:
+        try:
+            held.append(torch.empty(size, dtype=torch.uint8, device="cuda"))
+        except torch.OutOfMemoryError:
+            size //= 2
+    return held
 
 
 def test_a_full_gpu_is_resource_exhausted_and_loses_nothing(both) -> None:  # type: ignore[no-untyped-def]
@@ -148,7 +154,7 @@ def test_a_full_gpu_is_resource_exhausted_and_loses_nothing(both) -> None:  # ty
     out = torch.zeros_like(values)
     local.get_into(keys, out).wait(timeout=60)  # kernels loaded while there is room
     fresh = [key(100 + i) for i in range(16)]
-    filler = _fill_gpu(leave=2 << 20)  # too little for the checksums' scratch
+    filler = _fill_gpu()  # no room left for the checksums' scratch
     try:
         with pytest.raises(ResourceExhausted, match="out of memory"):
             local.get_into(keys, out).wait(timeout=60)
