@@ -21,7 +21,9 @@ best. So, per channel (layer, K/V, head, head_dim index) over the chunk's tokens
   sequence, the attention sink, which moves the model's predictions most: exact, it
   halves the KL for 1.5% of the size), is an *escape*: symbol 0, its value stored as
   float16 beside the streams. Every value decodes within step / 2, or exactly as float16
-  for an escape;
+  for an escape. K's first token, predicted by the previous one, is its start value,
+  already float16: it codes as residual 0 (symbol 127) and decodes to that value, as
+  exact as an escape without storing it twice;
 - the symbols of each (layer, K/V, head) share one frequency table (packed in a few bits
   per symbol) and are rANS-coded (`kvstore.codecs.rans`) in streams of `SEGMENT_TOKENS`
   tokens (the last one of a chunk shorter). Streams decode independently: in parallel on
@@ -611,8 +613,13 @@ def _encode_unit(
                 residual = x[t, h, d] - pred[h, d]
                 q = np.rint(residual * inv[h, d])
                 # Escape when the step cannot reach the value (also a zero step, a value off
-                # a constant channel), and always for the chunk's first token.
-                escape = (abs(q) > limit[h, d]) | ((step[h, d] == 0) & (residual != 0)) | (t == 0)
+                # a constant channel), and always for the chunk's first token unless it is
+                # K's start value, which already holds it as float16: residual 0, symbol 127.
+                escape = (
+                    (abs(q) > limit[h, d])
+                    | ((step[h, d] == 0) & (residual != 0))
+                    | ((t == 0) & (not closed_loop))
+                )
                 q = min(max(q, -limit[h, d]), limit[h, d])
                 symbols[u, t, d] = 0 if escape else np.uint8(np.int32(q) + CENTER)
                 value[h, d] = pred[h, d] + q * step[h, d]  # an exact product

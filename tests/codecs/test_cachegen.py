@@ -70,7 +70,8 @@ def reference(t: torch.Tensor, level: int, k: int, profile: str = "") -> tuple[b
     steps = np.broadcast_to(steps, (layers, 2, heads, dim))
     step, pred = steps.astype(np.float32), starts.astype(np.float32)
     inv = np.where(step > 0, np.float32(1) / np.where(step > 0, step, 1), 0).astype(np.float32)
-    # Escapes beyond OUTLIER_SPREADS of each channel's own spread, and the first token.
+    # Escapes beyond OUTLIER_SPREADS of each channel's own spread, and the first token but
+    # where K's start value holds it.
     reach = np.clip(np.ceil(OUTLIER_SPREADS * sp.astype(np.float64) * inv), 1, REACH)
     exact = np.clip(x, -F16_MAX, F16_MAX).astype(np.float16)
     symbols = np.empty(x.shape, np.uint8)
@@ -78,7 +79,7 @@ def reference(t: torch.Tensor, level: int, k: int, profile: str = "") -> tuple[b
     for i in range(tokens):
         residual = x[:, :, i] - pred
         q = np.rint(residual * inv)
-        escape = (np.abs(q) > reach) | ((step == 0) & (residual != 0)) | (i == 0)
+        escape = (np.abs(q) > reach) | ((step == 0) & (residual != 0)) | ((i == 0) & ~closed)
         symbols[:, :, i] = np.where(escape, 0, q + CENTER)
         values[:, :, i] = np.where(escape, exact[:, :, i].astype(np.float32), pred + q * step)
         pred = np.where(closed, values[:, :, i], pred)
@@ -200,6 +201,20 @@ def test_outliers_escape_to_exact_values() -> None:
     # All but the channels where 40x stays close to the rest (a value near zero).
     assert exact.float().mean() > 0.95
     assert rel_err(got[:, :, 0], t[:, :, 0]) < 1e-3
+
+
+def test_first_token_exact_without_storing_k_twice() -> None:
+    """The chunk's first token decodes exactly, K and V; V's is escaped, K's is its start
+    value (residual 0), so K units have no escapes on smooth KV: it is not stored twice."""
+    t = smooth_kv(tokens=64).to(torch.float16)
+    layers, _, _, heads, dim = t.shape
+    codec = CacheGen(level=1)
+    payload = codec.encode_payload(t)
+    got = decode(codec.encode(t))
+    assert torch.equal(got[:, :, 0], t[:, :, 0])
+    units = layers * 2 * heads
+    escapes = np.frombuffer(payload, "<u4", units, 4 + 4 * units * dim).reshape(layers, 2, heads)
+    assert (escapes[:, 0] == 0).all() and (escapes[:, 1] >= dim).all()
 
 
 @pytest.mark.parametrize("tokens", [0, 1, 15, 16, 17, 33])
