@@ -140,7 +140,10 @@ def _stdlib_file(name: str) -> Path:
 
 def _reference_prose() -> str:
     """Sections of the Python language reference, as `help()` shows them (pydoc's data)."""
-    return _topics("execmodel", "naming", "exceptions", "import", "assignment", "compound")
+    from pydoc_data.topics import topics
+
+    sections = ("execmodel", "naming", "exceptions", "import", "assignment", "compound")
+    return "\n\n".join(topics[s].strip() for s in sections if s in topics)
 
 
 def _python_source() -> str:
@@ -258,21 +261,12 @@ def prompts(tokenizer: Tokenizer, min_tokens: int = 1000) -> list[tuple[str, lis
     return out
 
 
-def _topics(*sections: str) -> str:
-    """Sections of the language reference (pydoc's data), those this Python has."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[s].strip() for s in sections if s in topics)
-
-
 def _fit_prose() -> str:
     """Other sections of the language reference than `_reference_prose`'s."""
-    return _topics("types", "formatstrings", "string-methods", "specialnames")
+    from pydoc_data.topics import topics
 
-
-def _fit_prose_2() -> str:
-    """More of them: sequence types, comparisons, attribute access."""
-    return _topics("typesseq", "comparisons", "attribute-access")
+    sections = ("types", "formatstrings", "string-methods", "specialnames")
+    return "\n\n".join(topics[s].strip() for s in sections if s in topics)
 
 
 def _fit_code() -> str:
@@ -280,12 +274,6 @@ def _fit_code() -> str:
     import shlex
 
     return inspect.getsource(shlex)
-
-
-def _fit_code_2() -> str:
-    import calendar
-
-    return inspect.getsource(calendar)
 
 
 def _fit_json() -> str:
@@ -307,39 +295,17 @@ def _fit_json() -> str:
     return json.dumps({"inventory": items}, indent=1)
 
 
-def _fit_json_2() -> str:
-    """A JSON event log: nested objects, timestamps, levels and free-text messages."""
-    rng = random.Random(11)
-    services = ["auth", "billing", "search", "upload", "mailer", "scheduler"]
-    levels = ["debug", "info", "warning", "error"]
-    verbs = ["started", "retried", "timed out", "finished", "was throttled", "failed over"]
-    events = [
-        {
-            "ts": f"2026-0{rng.randint(1, 9)}-{rng.randint(10, 28)}T{rng.randint(10, 23)}:"
-            f"{rng.randint(10, 59)}:{rng.randint(10, 59)}Z",
-            "service": rng.choice(services),
-            "level": rng.choice(levels),
-            "message": f"job {rng.randint(1000, 9999)} {rng.choice(verbs)}",
-            "ctx": {"host": f"node-{rng.randint(1, 40)}", "latency_ms": rng.randint(1, 2500)},
-        }
-        for _ in range(100)
-    ]
-    return json.dumps(events, indent=2)
+def _fit_chat(tokenizer: Tokenizer, min_tokens: int) -> list[int]:
+    """A chat about other functions than `_chat_turns`' (the math module's)."""
+    import math as m
 
-
-def _chat_about(
-    tokenizer: Tokenizer, subjects: Sequence[Callable[..., Any]], min_tokens: int
-) -> list[int]:
-    """A chat asking for each subject to be explained, answered by its docstring: its first
-    `min_tokens` tokens."""
     messages: list[dict[str, str]] = []
-    for fn in subjects:
+    for fn in (m.comb, m.gcd, m.isclose, m.fsum, m.prod, m.dist, m.hypot, m.log, m.perm,
+               m.isqrt, m.ldexp, m.frexp, m.copysign, m.remainder, m.nextafter, m.ulp):  # fmt: skip
+        doc = inspect.getdoc(fn) or ""
         messages += [
-            {
-                "role": "user",
-                "content": f"Explain `{fn.__module__}.{fn.__qualname__}` with an example.",
-            },
-            {"role": "assistant", "content": inspect.getdoc(fn) or ""},
+            {"role": "user", "content": f"Explain `math.{fn.__name__}` with an example."},
+            {"role": "assistant", "content": doc},
         ]
         text = tokenizer.apply_chat_template(messages, tokenize=False)
         ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -348,53 +314,19 @@ def _chat_about(
     raise ValueError(f"the fitting chat makes fewer than {min_tokens} tokens")
 
 
-def _fit_chat(tokenizer: Tokenizer, min_tokens: int) -> list[int]:
-    """A chat about other functions than `_chat_turns`' (the math module's)."""
-    import math as m
-
-    return _chat_about(
-        tokenizer,
-        (m.comb, m.gcd, m.isclose, m.fsum, m.prod, m.dist, m.hypot, m.log, m.perm,
-         m.isqrt, m.ldexp, m.frexp, m.copysign, m.remainder, m.nextafter, m.ulp),
-        min_tokens,
-    )  # fmt: skip
-
-
-def _fit_chat_2(tokenizer: Tokenizer, min_tokens: int) -> list[int]:
-    """A chat about the functools, itertools and os.path modules."""
-    import functools
-    import itertools
-    import os.path
-
-    return _chat_about(
-        tokenizer,
-        (functools.reduce, functools.partial, functools.lru_cache, functools.wraps,
-         functools.cmp_to_key, functools.singledispatch, itertools.accumulate,
-         itertools.groupby, itertools.islice, itertools.product, itertools.permutations,
-         itertools.combinations, itertools.zip_longest, itertools.chain, os.path.join,
-         os.path.normpath, os.path.relpath, os.path.commonpath, os.path.splitext,
-         os.path.expanduser),
-        min_tokens,
-    )  # fmt: skip
-
-
 def fit_prompts(tokenizer: Tokenizer, min_tokens: int = 1000) -> list[tuple[str, list[int]]]:
     """(name, token ids) of prompts for fitting anything to the model (a cachegen profile):
-    of the same kinds as `prompts` (prose, code, JSON, chat) but from other text, two of
-    each, so that what is fitted on these is scored on `prompts` held out."""
+    of the same kinds as `prompts` (prose, code, JSON, chat) but from other text, so that
+    what is fitted on these is scored on `prompts` held out."""
     out = [
         (name, _cut_at_line(tokenizer, source(), min_tokens))
         for name, source in (
             ("fit-prose", _fit_prose),
             ("fit-code", _fit_code),
             ("fit-json", _fit_json),
-            ("fit-prose-2", _fit_prose_2),
-            ("fit-code-2", _fit_code_2),
-            ("fit-json-2", _fit_json_2),
         )
     ]
     out.append(("fit-chat", _fit_chat(tokenizer, min_tokens)))
-    out.append(("fit-chat-2", _fit_chat_2(tokenizer, min_tokens)))
     return out
 
 
