@@ -584,6 +584,23 @@ def profile_notes(codecs: Sequence[tuple[str, Codec]], scored: Sequence[str]) ->
     return notes
 
 
+def chosen_codecs(texts: Sequence[str] | None) -> tuple[list[tuple[str, Codec]], list[str]] | None:
+    """`select_codecs`, its notes and the codecs printed; None (the reason printed) when a
+    spec is bad or nothing is left to run."""
+    try:
+        codecs, notes = select_codecs(texts)
+    except InvalidArgument as exc:
+        print(f"bench_codecs: {exc}", file=sys.stderr)
+        return None
+    for note in notes:
+        progress(note)
+    if not codecs:
+        print(f"bench_codecs: no codec to run (registered: {codec_names()})", file=sys.stderr)
+        return None
+    progress(f"codecs: {', '.join(c.spec() for _, c in codecs)}")
+    return codecs, notes
+
+
 def gpu_main(args: argparse.Namespace) -> int:
     from _gpu_decode import run
 
@@ -614,17 +631,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.gpu_decode:
         return gpu_main(args)
-    try:
-        codecs, notes = select_codecs(args.codecs)
-    except InvalidArgument as exc:
-        print(f"bench_codecs: {exc}", file=sys.stderr)
+    # Specs are checked before the model loads, but a spec's profile is read when it is
+    # parsed: with --fit-profile, after the fit has written it.
+    chosen = None if args.fit_profile else chosen_codecs(args.codecs)
+    if chosen is None and not args.fit_profile:
         return 2
-    for note in notes:
-        progress(note)
-    if not codecs:
-        print(f"bench_codecs: no codec to run (registered: {codec_names()})", file=sys.stderr)
-        return 2
-    progress(f"codecs: {', '.join(c.spec() for _, c in codecs)}")
     if "OMP_WAIT_POLICY" not in os.environ:
         progress(
             "hint: OMP_WAIT_POLICY is unset; on a machine shared with other work, "
@@ -650,6 +661,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         profile.save(args.fit_profile)
         progress(f"fitted {args.fit_profile} in {time.perf_counter() - t:.1f}s")
+        chosen = chosen_codecs(args.codecs)
+    if chosen is None:
+        return 2
+    codecs, notes = chosen
     names = [n.strip() for n in args.prompts.split(",")] if args.prompts else None
     cases = prepare(model, tokenizer, args.min_prefix, args.continuation, names)
     if not cases:

@@ -42,6 +42,10 @@ class Codec(ABC):
     # Parameters that only steer the encoder (a file it reads): not written into containers,
     # which decode the same without them, also by builds that do not know them.
     ENCODER_ONLY: ClassVar[frozenset[str]] = frozenset()
+    # The value a parameter has in containers that do not record it, written by builds from
+    # before it existed (a payload format's version: 1), where it differs from the default
+    # a new encoder takes.
+    LEGACY_PARAMS: ClassVar[Mapping[str, ParamValue]] = {}
 
     def __init__(self, **params: Any) -> None:
         unknown = sorted(set(params) - set(self.PARAMS))
@@ -77,9 +81,13 @@ class Codec(ABC):
 
     def container_params(self) -> str:
         """The parameters a container records ('group=32;level=1'): all but the
-        encoder-only ones."""
+        encoder-only ones and those at their `LEGACY_PARAMS` value, which a container then
+        reads the same without (so builds that predate the parameter read it too)."""
         return ";".join(
-            f"{k}={v}" for k, v in sorted(self.params.items()) if k not in self.ENCODER_ONLY
+            f"{k}={v}"
+            for k, v in sorted(self.params.items())
+            if k not in self.ENCODER_ONLY
+            and (k not in self.LEGACY_PARAMS or self.LEGACY_PARAMS[k] != v)
         )
 
     def __repr__(self) -> str:
@@ -195,7 +203,7 @@ def codec_by_id(codec_id: int, params: Mapping[str, str]) -> Codec:
     if cls is None:
         raise ContainerError(f"container uses unknown codec id {codec_id}")
     try:
-        return cls(**params)
+        return cls(**{**cls.LEGACY_PARAMS, **params})
     except InvalidArgument as exc:
         raise ContainerError(f"container has bad parameters for codec {cls.name}: {exc}") from None
 

@@ -21,7 +21,9 @@ best. So, per channel (layer, K/V, head, head_dim index) over the chunk's tokens
   sequence, the attention sink, which moves the model's predictions most: exact, it
   halves the KL for 1.5% of the size), is an *escape*: symbol 0, its value stored as
   float16 beside the streams. Every value decodes within step / 2, or exactly as float16
-  for an escape;
+  for an escape. K's first token, predicted by the previous one, is its start value,
+  already float16: it codes as residual 0 (symbol 127) and decodes to that value, as
+  exact as an escape without storing it twice;
 - the symbols of each (layer, K/V, head) share one frequency table (packed in a few bits
   per symbol) and are rANS-coded (`kvstore.codecs.rans`) in streams of `SEGMENT_TOKENS`
   tokens (the last one of a chunk shorter). Streams decode independently: in parallel on
@@ -34,11 +36,14 @@ stored value, which for K then predicts the next token) and rounds them to the v
 dtype to nearest even; the container checksums the result, so any other decoder must
 reproduce these bits.
 
-Payload, little-endian:
+Payload, little-endian (format version 2, the container's `version` parameter):
 
     segment  u32  tokens per rANS stream (S)
     starts   f16  [layers, 2, heads, head_dim]
-    steps    f16  [layers, 2, heads, head_dim]
+    steps    f16  [layers, 2, heads]: one per head (version 1: [layers, 2, heads, head_dim],
+                  a step per channel, as the first quantizer set them; containers that do
+                  not record a version are version 1, and `cachegen:version=1` still writes
+                  it for readers from before version 2)
     escapes  u32  [units]: how many escapes each unit has
     tables_len u32, then the packed rANS tables (one model per unit)
     offsets  u32  [units * segments + 1], then the streams' bytes
@@ -116,6 +121,7 @@ LANES = 4
 # 32-token stream at level 1); a 256-token chunk of a model with 8 KV heads over 32 layers
 # makes 4096 streams, enough threads for a GPU to decode a few chunks at once.
 SEGMENT_TOKENS = 32
+VERSIONS = (1, 2)  # payload formats this build reads; it writes either
 RANS_GROUP_SYMBOLS = 1 << 21  # symbols rANS-coded per call (see `_code_streams`)
 
 # How the kernels read and write a dtype's 16-bit words; any other dtype goes through
@@ -180,8 +186,10 @@ class CacheGen(Codec):
     # k=1: K predicted by the previous token; k=0: by its channel's mean, like V.
     # profile: a `CacheGenProfile` file (JSON) giving each head a resolution weight, read
     # by the encoder only and not recorded in containers; "" for the layer-third levels.
-    PARAMS: ClassVar[Mapping[str, ParamValue]] = {"level": 1, "k": 1, "profile": ""}
+    # version: the payload format (module docstring); 1 for readers older than version 2.
+    PARAMS: ClassVar[Mapping[str, ParamValue]] = {"level": 1, "k": 1, "profile": "", "version": 2}
     ENCODER_ONLY = frozenset({"profile"})
+    LEGACY_PARAMS: ClassVar[Mapping[str, ParamValue]] = {"version": 1}
 
     def check_params(self) -> None:
         if self.params["level"] not in LEVELS:
@@ -190,6 +198,10 @@ class CacheGen(Codec):
             )
         if self.params["k"] not in (0, 1):
             raise InvalidArgument(f"cachegen k must be 0 or 1, got {self.params['k']}")
+        if self.params["version"] not in VERSIONS:
+            raise InvalidArgument(
+                f"cachegen version must be one of {VERSIONS}, got {self.params['version']}"
+            )
         bad = set(str(self.params["profile"])) & set(",;= ")
         if bad or not str(self.params["profile"]).isascii():
             raise InvalidArgument(
@@ -265,6 +277,8 @@ class CacheGen(Codec):
         freqs = rans.quantize_freqs(counts, PRECISION)
         tables = rans.pack_tables(freqs, PRECISION)
         data, offsets = _code_streams(lay, symbols, freqs)
+        if self.params["version"] == 2:  # the kernels give each head one step
+            steps = steps[..., :1]
         return b"".join(
             [
                 struct.pack("<I", lay.segment),
@@ -280,7 +294,7 @@ class CacheGen(Codec):
         )
 
     def decode_payload(self, payload: memoryview, out: torch.Tensor) -> None:
-        p = parse_payload(payload, tuple(out.shape))
+        p = parse_payload(payload, tuple(out.shape), int(self.params["version"]))
         lay = p.layout
         symbols = lay.padded_symbols()
         rans.decode_streams(
@@ -322,9 +336,10 @@ class Payload:
     escaped: np.ndarray  # float32 [escapes]
 
 
-def parse_payload(payload: memoryview, shape: tuple[int, ...]) -> Payload:
-    """Split a payload for a value of `shape` into its parts; ContainerError if they do not
-    fit together (truncated, or a field out of range)."""
+def parse_payload(payload: memoryview, shape: tuple[int, ...], version: int) -> Payload:
+    """Split a payload of format `version` for a value of `shape` into its parts (steps
+    per channel whatever the version); ContainerError if they do not fit together
+    (truncated, or a field out of range)."""
     if len(shape) != 5 or shape[1] != 2:
         raise ContainerError(f"cachegen cannot decode into shape {shape}")
     layers, _, tokens, heads, head_dim = shape
@@ -336,16 +351,19 @@ def parse_payload(payload: memoryview, shape: tuple[int, ...]) -> Payload:
         raise ContainerError(f"cachegen payload has a bad stream segment of {segment} tokens")
     lay = _Layout(layers, tokens, heads, head_dim, segment)
     ch, n = lay.channels, lay.units
+    n_steps = ch if version == 1 else n
     pos = 4
-    head = pos + 4 * ch + 4 * n
+    head = pos + 2 * ch + 2 * n_steps + 4 * n
     if buf.size < head + 4:
         raise ContainerError("cachegen payload is truncated")
     shape4 = (layers, 2, heads, head_dim)
     starts = buf[pos : pos + 2 * ch].view("<f2").astype(np.float32).reshape(shape4)
-    steps = buf[pos + 2 * ch : pos + 4 * ch].view("<f2").astype(np.float32).reshape(shape4)
+    pos += 2 * ch
+    steps = buf[pos : pos + 2 * n_steps].view("<f2").astype(np.float32)
+    steps = np.ascontiguousarray(np.broadcast_to(steps.reshape(layers, 2, heads, -1), shape4))
     if not (np.isfinite(starts).all() and np.isfinite(steps).all()):
         raise ContainerError("cachegen payload has non-finite starts or steps")
-    escapes = buf[pos + 4 * ch : head].view("<u4").astype(np.int64)
+    escapes = buf[pos + 2 * n_steps : head].view("<u4").astype(np.int64)
     (n_tables,) = struct.unpack_from("<I", payload, head)
     pos = head + 4
     n_offsets = 4 * (lay.streams + 1)
@@ -611,8 +629,13 @@ def _encode_unit(
                 residual = x[t, h, d] - pred[h, d]
                 q = np.rint(residual * inv[h, d])
                 # Escape when the step cannot reach the value (also a zero step, a value off
-                # a constant channel), and always for the chunk's first token.
-                escape = (abs(q) > limit[h, d]) | ((step[h, d] == 0) & (residual != 0)) | (t == 0)
+                # a constant channel), and always for the chunk's first token unless it is
+                # K's start value, which already holds it as float16: residual 0, symbol 127.
+                escape = (
+                    (abs(q) > limit[h, d])
+                    | ((step[h, d] == 0) & (residual != 0))
+                    | ((t == 0) & (not closed_loop))
+                )
                 q = min(max(q, -limit[h, d]), limit[h, d])
                 symbols[u, t, d] = 0 if escape else np.uint8(np.int32(q) + CENTER)
                 value[h, d] = pred[h, d] + q * step[h, d]  # an exact product

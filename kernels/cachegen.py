@@ -355,7 +355,12 @@ def decode_on_gpu(jobs: Sequence[Job | tuple[Any, ...]], stream: Any = None) -> 
                 f"bfloat16 or float32, not {out.dtype}"
             )
     # Parsed on the host threads (NumPy and the table unpacking release the GIL).
-    parsed = list(host_pool().map(lambda j: parse_payload(j.payload, tuple(j.out.shape)), todo))
+    parsed = list(
+        host_pool().map(
+            lambda j: parse_payload(j.payload, tuple(j.out.shape), int(j.codec.params["version"])),
+            todo,
+        )
+    )
 
     dims = max(p.layout.head_dim for p in parsed)
     if dims > 1024:

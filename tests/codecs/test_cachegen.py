@@ -4,6 +4,7 @@ trading size for error, token locality paying off, and forged payloads refused."
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from kvstore.codecs.cachegen import (
     SEGMENT_TOKENS,
     CacheGen,
 )
+from kvstore.codecs.container import decode_header
 from kvstore.errors import InvalidArgument
 from kvstore.kernels.floatbits import F16_MAX
 
@@ -37,10 +39,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def reference(t: torch.Tensor, level: int, k: int, profile: str = "") -> tuple[bytes, torch.Tensor]:
-    """The payload and the decoded value as the module docstring defines them, computed
-    the straightforward way: NumPy over every channel at once, a token at a time, in
-    float32 (sums in float64, in token order), on the `[L, 2, H, D]` slices of the value."""
+def reference(
+    t: torch.Tensor, level: int, k: int, profile: str = "", version: int = 2
+) -> tuple[bytes, torch.Tensor]:
+    """The payload (format `version`) and the decoded value as the module docstring
+    defines them, computed the straightforward way: NumPy over every channel at once, a
+    token at a time, in float32 (sums in float64, in token order), on the `[L, 2, H, D]`
+    slices of the value."""
     x = t.float().numpy()
     layers, _, tokens, heads, dim = x.shape
     res = CacheGen(level=level, profile=profile).resolution(layers, heads)[..., None]
@@ -67,10 +72,12 @@ def reference(t: torch.Tensor, level: int, k: int, profile: str = "") -> tuple[b
         rms = (rms + sp[..., d] * sp[..., d]).astype(np.float32)
     rms = np.sqrt(rms.astype(np.float64) / dim).astype(np.float32)[..., None]
     steps = np.clip(rms / res, -F16_MAX, F16_MAX).astype(np.float16)
+    stored_steps = steps if version == 2 else np.broadcast_to(steps, (layers, 2, heads, dim))
     steps = np.broadcast_to(steps, (layers, 2, heads, dim))
     step, pred = steps.astype(np.float32), starts.astype(np.float32)
     inv = np.where(step > 0, np.float32(1) / np.where(step > 0, step, 1), 0).astype(np.float32)
-    # Escapes beyond OUTLIER_SPREADS of each channel's own spread, and the first token.
+    # Escapes beyond OUTLIER_SPREADS of each channel's own spread, and the first token but
+    # where K's start value holds it.
     reach = np.clip(np.ceil(OUTLIER_SPREADS * sp.astype(np.float64) * inv), 1, REACH)
     exact = np.clip(x, -F16_MAX, F16_MAX).astype(np.float16)
     symbols = np.empty(x.shape, np.uint8)
@@ -78,7 +85,7 @@ def reference(t: torch.Tensor, level: int, k: int, profile: str = "") -> tuple[b
     for i in range(tokens):
         residual = x[:, :, i] - pred
         q = np.rint(residual * inv)
-        escape = (np.abs(q) > reach) | ((step == 0) & (residual != 0)) | (i == 0)
+        escape = (np.abs(q) > reach) | ((step == 0) & (residual != 0)) | ((i == 0) & ~closed)
         symbols[:, :, i] = np.where(escape, 0, q + CENTER)
         values[:, :, i] = np.where(escape, exact[:, :, i].astype(np.float32), pred + q * step)
         pred = np.where(closed, values[:, :, i], pred)
@@ -100,7 +107,7 @@ def reference(t: torch.Tensor, level: int, k: int, profile: str = "") -> tuple[b
         [
             struct.pack("<I", SEGMENT_TOKENS),
             starts.astype("<f2").tobytes(),
-            steps.astype("<f2").tobytes(),
+            stored_steps.astype("<f2").tobytes(),
             counts[:, 0].astype("<u4").tobytes(),
             struct.pack("<I", len(tables)),
             tables,
@@ -137,6 +144,49 @@ def test_kernels_match_a_reference(dtype: torch.dtype, level: int, k: int) -> No
     assert again == payload and torch.equal(back, want_value)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("k", [0, 1])
+def test_version_1_payloads_match_the_reference(dtype: torch.dtype, k: int) -> None:
+    """`version=1` writes the first payload format (a step per channel), which decodes to
+    the same bits as version 2, whose payload is smaller by the repeated steps."""
+    t = smooth_kv(layers=4, tokens=37, heads=2, dim=24)
+    t[:, :, 0] *= 30
+    t = t.to(dtype)
+    old, new = CacheGen(level=1, k=k, version=1), CacheGen(level=1, k=k)
+    want_payload, want_value = reference(t, 1, k, version=1)
+    payload = old.encode_payload(t)
+    assert payload == want_payload
+    got = torch.empty_like(t)
+    old.decode_payload(memoryview(payload), got)
+    assert torch.equal(got, want_value)
+    assert torch.equal(decode(old.encode(t)), decode(new.encode(t)))
+    units = 4 * 2 * 2
+    assert len(payload) - len(new.encode_payload(t)) == 2 * units * (24 - 1)
+
+
+def test_containers_of_earlier_builds_decode() -> None:
+    """A container written before payload version 2 (it records no version; made by the
+    build before it, kept as a file) decodes to the value its checksum names, and a
+    `version=1` container of this build looks the same to a reader: no version recorded,
+    so those earlier builds read it too."""
+    data = (Path(__file__).parent / "data" / "cachegen-v1.kvc").read_bytes()
+    header, _ = decode_header(data)
+    assert header.param_dict() == {"k": "1", "level": "1"}
+    g = torch.Generator().manual_seed(5)
+    t = torch.randn(2, 2, 1, 2, 16, generator=g) * 2
+    t = (t + torch.cumsum(torch.randn(2, 2, 40, 2, 16, generator=g) * 0.05, 2)).half()
+    t[:, :, 0] *= 30
+    got = decode(data)  # checks the decoded value's checksum
+    assert got.dtype == torch.float16 and got.shape == t.shape
+    assert torch.equal(got[:, :, 0], t[:, :, 0]) and rel_err(got, t) < 0.05
+    again, _ = decode_header(codec_from_spec("cachegen:version=1").encode(t))
+    assert again.params == header.params
+    now, _ = decode_header(codec_from_spec("cachegen").encode(t))
+    assert now.param_dict()["version"] == "2"
+    with pytest.raises(InvalidArgument, match="version"):
+        codec_from_spec("cachegen:version=3")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("level", sorted(LEVELS))
 def test_every_value_within_half_a_step(dtype: torch.dtype, level: int) -> None:
@@ -151,8 +201,9 @@ def test_every_value_within_half_a_step(dtype: torch.dtype, level: int) -> None:
     assert torch.equal(decode(codec.encode(t)), got)
     layers, _, _, heads, dim = t.shape
     ch = layers * 2 * heads * dim
-    steps = np.frombuffer(payload[4 + 2 * ch : 4 + 4 * ch], "<f2").astype(np.float32)
-    step = torch.from_numpy(steps.reshape(layers, 2, 1, heads, dim))
+    units = layers * 2 * heads
+    steps = np.frombuffer(payload[4 + 2 * ch : 4 + 2 * ch + 2 * units], "<f2").astype(np.float32)
+    step = torch.from_numpy(steps.reshape(layers, 2, 1, heads, 1))
     x = t.float()
     # Half a step, plus the rounding of the decoded value to the dtype.
     bound = step / 2 * 1.0001 + torch.maximum(x.abs(), got.float().abs()) * 2.0**-7 + 1e-6
@@ -200,6 +251,21 @@ def test_outliers_escape_to_exact_values() -> None:
     # All but the channels where 40x stays close to the rest (a value near zero).
     assert exact.float().mean() > 0.95
     assert rel_err(got[:, :, 0], t[:, :, 0]) < 1e-3
+
+
+def test_first_token_exact_without_storing_k_twice() -> None:
+    """The chunk's first token decodes exactly, K and V; V's is escaped, K's is its start
+    value (residual 0), so K units have no escapes on smooth KV: it is not stored twice."""
+    t = smooth_kv(tokens=64).to(torch.float16)
+    layers, _, _, heads, dim = t.shape
+    codec = CacheGen(level=1)
+    payload = codec.encode_payload(t)
+    got = decode(codec.encode(t))
+    assert torch.equal(got[:, :, 0], t[:, :, 0])
+    units = layers * 2 * heads
+    escapes = np.frombuffer(payload, "<u4", units, 4 + 2 * units * (dim + 1))
+    escapes = escapes.reshape(layers, 2, heads)
+    assert (escapes[:, 0] == 0).all() and (escapes[:, 1] >= dim).all()
 
 
 @pytest.mark.parametrize("tokens", [0, 1, 15, 16, 17, 33])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvstore.codecs import ContainerError, codec_from_spec, decode, decode_values
-from kvstore.codecs.cachegen import LEVELS, CacheGen
+from kvstore.codecs.cachegen import LEVELS, VERSIONS, CacheGen
 from kvstore.codecs.container import checksum
 from kvstore.codecs.values import tensor_bytes
 from kvstore.kernels.cachegen import Job, decode_on_gpu
@@ -38,9 +38,11 @@ def awkward_kv(dtype: torch.dtype) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("k", [0, 1])
 @pytest.mark.parametrize("level", sorted(LEVELS))
-def test_gpu_decode_is_bit_exact(dtype: torch.dtype, level: int, k: int) -> None:
+@pytest.mark.parametrize("version", VERSIONS)
+def test_gpu_decode_is_bit_exact(dtype: torch.dtype, level: int, k: int, version: int) -> None:
+    """Every payload format (version 2: a step per head; 1: per channel)."""
     t = awkward_kv(dtype)
-    data = codec_from_spec(f"cachegen:level={level},k={k}").encode(t)
+    data = codec_from_spec(f"cachegen:level={level},k={k},version={version}").encode(t)
     want = decode(data)
     out = torch.full_like(t, float("nan"), device="cuda")
     assert decode(data, out) is out
@@ -55,7 +57,7 @@ def test_a_batch_of_shapes_in_one_launch() -> None:
     for i, (layers, tokens, heads, dim) in enumerate(shapes):
         dtype = (torch.float16, torch.bfloat16)[i % 2]
         t = smooth_kv(layers, tokens, heads, dim, seed=i).to(dtype)
-        data = codec_from_spec(f"cachegen:level={i % 4}").encode(t)
+        data = codec_from_spec(f"cachegen:level={i % 4},version={VERSIONS[i % 2]}").encode(t)
         items.append((data, torch.empty_like(t, device="cuda")))
         wants.append(decode(data))
     handle = decode_values(items)

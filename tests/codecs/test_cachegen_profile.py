@@ -117,11 +117,11 @@ def test_kernels_follow_the_profile(tmp_path: Path, level: int) -> None:
     data = codec.encode(t)
     path.unlink()
     assert torch.equal(decode(data), want_value)
-    # The container records no profile: it reads as any cachegen container, also to builds
-    # that predate profiles.
-    assert decode_header(data)[0].params == f"k=1;level={level}"
-    assert codec.spec() == f"cachegen:k=1,level={level},profile={path}"
-    assert CacheGen(level=level).spec() == f"cachegen:k=1,level={level}"
+    # The container records no profile: it reads as any cachegen container of its payload
+    # version.
+    assert decode_header(data)[0].params == f"k=1;level={level};version=2"
+    assert codec.spec() == f"cachegen:k=1,level={level},profile={path},version=2"
+    assert CacheGen(level=level).spec() == f"cachegen:k=1,level={level},version=2"
 
 
 def test_profile_moves_error_to_the_heads_it_weights_down(tmp_path: Path) -> None:
