@@ -724,9 +724,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     namespace = NAMESPACE + (args.random_llama or "smollm2")
     prefix = prompts[0].prefix
     pool = {tuple(d): d for pr in prompts for d in pr.docs}
+    # The arena is shared memory the server touches in full: as large as the chunks need
+    # (SmolLM2: 49 values of ~16 MiB; the 8B shape: 24 of 64 MiB), no larger.
+    arena, staging = ("8GiB", "2GiB") if args.random_llama else ("2GiB", "256MiB")
     with tempfile.TemporaryDirectory(prefix="kvbench-rag-") as tmp, running_kvstore(
-        Path(tmp), "--tiers", "cpu", "--cpu-bytes", "8GiB", "--max-value-bytes", "1GiB",
-        "--staging-bytes", "2GiB",
+        Path(tmp), "--tiers", "cpu", "--cpu-bytes", arena, "--max-value-bytes", staging,
+        "--staging-bytes", staging,
     ) as address, KVClient(address, namespace) as client:  # fmt: skip
         cache = ChunkCache(client, rope)
         progress(f"prefilling and storing {len(pool)} chunks, alone and after the prefix")
