@@ -74,10 +74,12 @@ class ChunkCache:
     ) -> bytes:
         """The key a chunk of these tokens is stored under, prefilled alone (`prefix` None)
         or after the tokens `prefix`."""
-        salt = self._salt
-        if prefix is not None and np.asarray(prefix).size:
-            salt += "|after:" + doc_key(prefix, self._salt).hex()
-        return doc_key(token_ids, salt)
+        return doc_key(token_ids, self._salt_after(prefix))
+
+    def _salt_after(self, prefix: Sequence[int] | np.ndarray | None) -> str:
+        if prefix is None or not np.asarray(prefix).size:
+            return self._salt
+        return self._salt + "|after:" + doc_key(prefix, self._salt).hex()
 
     def _check_kv(self, kv: torch.Tensor, what: str) -> tuple[int, ...]:
         if not isinstance(kv, torch.Tensor) or kv.dim() != 5 or kv.shape[1] != 2:
@@ -168,7 +170,8 @@ class ChunkCache:
             torch.empty((layers, 2, n, heads, dim), dtype=out.dtype, device=out.device)
             for _, n in spans
         ]
-        keys = [self.key(ids, prefix) for ids in token_id_lists]
+        salt = self._salt_after(prefix)
+        keys = [doc_key(ids, salt) for ids in token_id_lists]
         found = self.client.get_into(keys, temps, stream).wait()
         cuda = out.is_cuda
         torch_stream = (
