@@ -260,7 +260,6 @@ def _layer(
     kv: torch.Tensor,
     causal_all: bool = False,
     weights: list[torch.Tensor] | None = None,
-    weigh_last: int | None = None,
 ) -> None:
     """One decoder layer over `rows`: their fresh K and V replace theirs in `kv[li]`
     (`[2, kv_heads, tokens, dim]`), then their queries attend over the whole of `kv[li]`.
@@ -286,8 +285,7 @@ def _layer(
         scores = scores * attn.scaling
         scores.masked_fill_(~rows.allowed(kv.shape[3]).repeat(groups, 1), float("-inf"))
         p = scores.softmax(-1)
-        w = s if weigh_last is None else weigh_last
-        weights.append(p.view(kv.shape[2], groups, s, -1)[:, :, s - w :].sum((0, 1, 2)))
+        weights.append(p.sum((0, 1)))
         o = (p @ kv[li, 1]).reshape(1, -1, s, dim)
     elif causal_all:
         o = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True)
