@@ -1,16 +1,21 @@
 """RAG chunk reuse on a real model: time to first token and answer agreement, per method.
 
-SmolLM2-135M-Instruct (GGUF, offline, `_realkv.load_smollm2`) on the CPU. Documents are
-sections of the Python language reference cut into chunks of `--chunk-tokens` (about 350)
-tokens; each prompt is `--chunks` (6) of them, in an order of its own, then a question.
-Every chunk's KV is prefilled once on its own (at position 0, as a RAG system caches it) and
-stored in a real `kvstore-server` through `kvstore.client.chunks.ChunkCache`. Then, for each
-prompt, the first token's logits come from:
+SmolLM2-135M-Instruct (GGUF, offline, `_realkv.load_smollm2`) on the CPU. The documents are
+the first ~`--chunk-tokens` (350) tokens of 24 sections of the Python language reference,
+one chunk each. A prompt is a RAG prompt as a chat model gets it: the chat template's
+system turn and the user turn's opening (`PREFIX`, the same for every prompt), `--chunks`
+(6) chunks — the one its question is about and 5 others, in an order of its own — then the
+question and the assistant's header. Two fixed sets (`--set`): `eval`, 20 prompts, the
+scored one, and `fit`, 8 other questions, for choosing a method's settings without looking
+at the scored prompts. Every chunk's KV is prefilled once and stored in a real
+`kvstore-server` through `kvstore.client.chunks.ChunkCache`, twice: alone (at position 0)
+and after the prefix (`prefix=`, its own key). The prefix's KV is stored too (alone at 0:
+exact). Then, for each prompt, the first token's logits come from:
 
 - **full**: a prefill of the whole prompt (the reference; logits of the last position
   only, as a server computes them);
-- **naive**: the chunks' stored KV concatenated as stored (each at positions 0..n), then
-  the question prefilled over it;
+- **naive**: the chunks' stored KV (prefilled alone) concatenated as stored (each at
+  positions 0..n), then the question prefilled over it;
 - **shift**: the same with each chunk's K re-rotated to where it lands (`get_chunks`);
 - **blend r%**: shift, then CacheBlend's selective recompute in the same pass as the
   question (`blend_prefill`): layer 0 runs over the whole prompt, the r% of chunk tokens
@@ -22,7 +27,11 @@ prompt, the first token's logits come from:
   attention weights over layers, heads and question tokens (`recompute_by_attention`), a
   second pass recomputes the chosen tokens and the question;
 - **first N**: shift, then the first N tokens of each chunk recomputed with the question
-  (EPIC, `recompute_first`).
+  (EPIC, `recompute_first`);
+- **sys shift / sys blend r% / sys focus r%**: the same, from the chunks stored as
+  prefilled after the prefix (one attention sink, the prompt's). The first chunk's KV is
+  then exact (a prefill of the prompt's start), so the budget, r% of all chunk tokens,
+  goes to the other chunks.
 
 Every reuse method runs one pass through the layers that carries only the tokens it
 computes (the question's, plus the recomputed ones), attending over the prompt's KV with
@@ -33,17 +42,20 @@ For each: **TTFT**, wall time from having the prompt's token ids to the first to
 included; the model's own threads, `--threads`); **top-1**, the share of the 32 tokens that
 **full** generates greedily (teacher-forced, the first token included) that each method
 predicts the same; **KL** of its first-token distribution from full's; and **gap closed**,
-(top-1 - naive's) / (100% - naive's). Target (issue 6): recompute at 15% closes >= 90% of
-the gap with TTFT >= 3x lower than full, at prompts of >= 2k tokens; judged for blend 15%
-and focus 15% alike.
+(top-1 - naive's) / (100% - naive's), with a bootstrap interval over the prompts (one
+token of one prompt moves the mean by 1/(32 x prompts)). Target (issue 6): recompute at 15%
+closes >= 90% of the gap with TTFT >= 3x lower than full, at prompts of >= 2k tokens;
+judged for every method at 15%.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_rag.py [--prompts 4] [--json f] [--plot f]
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_rag.py [--prompts 20] [--set eval]
+        [--ratios 5,15,30] [--methods naive,shift,...] [--json f] [--plot f]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -72,37 +84,110 @@ from kvstore.kernels.rope import RopeConfig
 ANSWER_TOKENS = 32
 NAMESPACE = "bench/rag/"
 TARGET_GAP, TARGET_SPEEDUP, TARGET_TOKENS = 0.90, 3.0, 2000
-QUESTION = (
-    "\n\nQuestion: Which of the sections above explains how names are bound, and how?\nAnswer:"
+# The prompt around the documents: the chat template's system turn and the user turn's
+# opening (the prefix every prompt shares), then the chunks, then the question and the
+# assistant's header.
+PREFIX = (
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\n<|im_start|>user\nAnswer the question from these documents.\n\n"
 )
+QUESTION = "\n\nQuestion: {}<|im_end|>\n<|im_start|>assistant\n"
+# The documents: the first ~chunk-tokens tokens of each of these sections of the language
+# reference, one chunk each.
 SECTIONS = (
-    "execmodel", "naming", "exceptions", "import", "assignment", "compound", "for",
-    "while", "with", "try", "function", "class", "lambda", "numbers", "strings",
+    "execmodel", "naming", "exceptions", "import", "assignment", "compound", "for", "with",
+    "try", "function", "class", "strings", "raise", "comparisons", "booleans",
+    "attribute-access", "specialnames", "dict", "sequence-types", "slicings", "calls",
+    "context-managers", "async", "in",
 )  # fmt: skip
+# (section, question): each prompt retrieves that section's chunk and `--chunks` - 1 others.
+# "eval" is the scored set; "fit" is kept apart for choosing a method's settings.
+QUESTIONS = {
+    "eval": (
+        ("execmodel", "What is a code block, and which pieces of a program are blocks?"),
+        ("naming", "Which constructs bind names?"),
+        ("exceptions", "Where can an exception that is raised be handled?"),
+        ("import", "What are the two steps of a basic import statement?"),
+        ("assignment", "What does an assignment statement do with the expression list?"),
+        ("for", "When does the else clause of a for loop run?"),
+        ("with", "How does the execution of a with statement with one item proceed?"),
+        ("try", "Which clauses can a try statement have?"),
+        ("function", "What does a function definition define?"),
+        ("class", "Which base class does a class without an inheritance list have?"),
+        ("strings", "Which prefixes can a string literal have?"),
+        ("raise", "What does a raise statement without an expression do?"),
+        ("comparisons", "How is a chained comparison such as a < b < c interpreted?"),
+        ("booleans", "Which values are interpreted as false in a Boolean context?"),
+        ("attribute-access", "When is __getattr__ called?"),
+        ("specialnames", "How does a class overload an operator?"),
+        ("dict", "In what order are the items of a dictionary display evaluated?"),
+        ("slicings", "What does a slicing select, and where may it be used?"),
+        ("context-managers", "What is a context manager, and what is it typically used for?"),
+        ("in", "How does the in operator test membership in a string?"),
+    ),
+    "fit": (
+        ("compound", "Which statements are compound statements?"),
+        ("sequence-types", "Which methods should a mapping provide?"),
+        ("calls", "What kinds of arguments can a call have?"),
+        ("async", "Where can await expressions be used?"),
+        ("exceptions", "What does the finally clause of a try statement do?"),
+        ("execmodel", "Is a script file a code block?"),
+        ("booleans", "What does the operator not yield?"),
+        ("for", "How many times is the starred_list expression of a for loop evaluated?"),
+    ),
+}
 
 
 # --------------------------------------------------------------------------- documents
 
 
-def document_chunks(tokenizer: Any, chunk_tokens: int, count: int) -> list[list[int]]:
-    """`count` chunks of about `chunk_tokens` tokens of the language reference, each cut at
-    a line end and tokenized on its own (as a RAG system tokenizes its documents)."""
+def document_chunks(tokenizer: Any, chunk_tokens: int) -> dict[str, list[int]]:
+    """A chunk of about `chunk_tokens` tokens from the start of each section in `SECTIONS`,
+    cut at a line end and tokenized on its own (as a RAG system tokenizes its documents)."""
     from pydoc_data.topics import topics
 
-    chunks: list[list[int]] = []
+    chunks: dict[str, list[int]] = {}
     for name in SECTIONS:
-        text = topics.get(name, "").strip()
-        lines, current = text.splitlines(keepends=True), ""
-        for line in lines:
+        current = ""
+        for line in topics[name].strip().splitlines(keepends=True):
             current += line
             if len(tokenizer(current)["input_ids"]) >= chunk_tokens:
-                chunks.append(tokenizer(current)["input_ids"])
-                current = ""
-                if len(chunks) == count:
-                    return chunks
-    if len(chunks) < count:
-        raise RuntimeError(f"the reference text gave only {len(chunks)} chunks, not {count}")
+                break
+        chunks[name] = tokenizer(current)["input_ids"]
+        if len(chunks[name]) < chunk_tokens:
+            raise RuntimeError(f"section {name!r} has only {len(chunks[name])} tokens")
     return chunks
+
+
+@dataclass
+class Prompt:
+    """One RAG prompt: `prefix` + the chunks `docs` + `question` (token ids)."""
+
+    prefix: list[int]
+    docs: list[list[int]]
+    question: list[int]
+
+
+def rag_prompts(
+    tokenizer: Any, which: str, count: int, chunks: int, chunk_tokens: int
+) -> list[Prompt]:
+    """The first `count` prompts of the set `which`: each retrieves the chunk its question is
+    about and `chunks` - 1 others, in an order of its own (fixed seeds: the same prompts on
+    every run)."""
+    pool = document_chunks(tokenizer, chunk_tokens)
+    questions = QUESTIONS[which]
+    if not 1 <= count <= len(questions):
+        raise ValueError(f"the {which!r} set has {len(questions)} prompts, not {count}")
+    rng = np.random.default_rng({"eval": 0, "fit": 1}[which])
+    prefix = tokenizer(PREFIX)["input_ids"]
+    prompts = []
+    for section, text in questions[:count]:
+        others = [name for name in SECTIONS if name != section]
+        names = [section, *rng.choice(others, chunks - 1, replace=False)]
+        rng.shuffle(names)
+        q = tokenizer(QUESTION.format(text))["input_ids"]
+        prompts.append(Prompt(prefix, [pool[n] for n in names], q))
+    return prompts
 
 
 # --------------------------------------------------------------------------- the model
@@ -343,38 +428,41 @@ def answer_logits(
     return logits[len(question) - 1 :]
 
 
+FAMILIES = ("naive", "shift", "blend", "focus", "first", "sys-shift", "sys-blend", "sys-focus")
+
+
 def run_prompt(
     model: Any,
     chunks: ChunkCache,
-    docs: list[list[int]],
-    question: list[int],
+    prompt: Prompt,
     ratios: Sequence[float],
     first_n: int,
+    families: Sequence[str] = FAMILIES,
     quiet: bool = False,
 ) -> PromptResult:
-    ids = [t for d in docs for t in d]
-    spans, pos = [], 0
+    prefix, docs, question = prompt.prefix, prompt.docs, prompt.question
+    ids = prefix + [t for d in docs for t in d]
+    spans, pos = [], len(prefix)
     for d in docs:
         spans.append((pos, len(d)))
         pos += len(d)
-    chunk_len = pos
-    prompt = ids + question
-    result = PromptResult(tokens=len(prompt))
+    t, chunk_tokens = len(ids), len(ids) - len(prefix)
+    result = PromptResult(tokens=t + len(question))
     cfg = model.config
     layers, heads = cfg.num_hidden_layers, cfg.num_key_value_heads
     dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv_shape = (layers, 2, chunk_len, heads, dim)
+    kv_shape = (layers, 2, t, heads, dim)
 
     # full: the reference, and its greedy answer
     t0 = time.perf_counter()
-    logits, cache = prefill(model, prompt, last_only=True)
+    logits, cache = prefill(model, ids + question, last_only=True)
     sync(model)
     full_ttft = time.perf_counter() - t0
     answer = [int(logits[-1].argmax())]
     for _ in range(ANSWER_TOKENS - 1):
-        step, cache = prefill(model, answer[-1:], cache, len(prompt) + len(answer) - 1)
+        step, cache = prefill(model, answer[-1:], cache, t + len(question) + len(answer) - 1)
         answer.append(int(step[-1].argmax()))
-    ref = answer_logits(model, kv_of(cache)[:, :, :chunk_len], question, answer)
+    ref = answer_logits(model, kv_of(cache)[:, :, :t], question, answer)
     ref_logp = F.log_softmax(ref[0], -1)
 
     def score(method: str, ttft: float, kv: torch.Tensor) -> None:
@@ -383,93 +471,150 @@ def run_prompt(
         kl = float(F.kl_div(F.log_softmax(got[0], -1), ref_logp, log_target=True, reduction="sum"))
         result.outcomes.append(Outcome(method, ttft, top1, kl))
         if not quiet:
-            progress(f"  {method:<10} TTFT {ttft * 1e3:7.0f} ms  top-1 {top1:6.1%}  KL {kl:.2e}")
+            progress(f"  {method:<14} TTFT {ttft * 1e3:7.0f} ms  top-1 {top1:6.1%}  KL {kl:.2e}")
 
     result.outcomes.append(Outcome("full", full_ttft, 1.0, 0.0))
-    progress(f"  {'full':<10} TTFT {full_ttft * 1e3:7.0f} ms ({len(prompt)} tokens)")
+    progress(f"  {'full':<14} TTFT {full_ttft * 1e3:7.0f} ms ({result.tokens} tokens)")
 
-    def reused(rotate: bool) -> torch.Tensor:
+    def reused(storage: str) -> torch.Tensor:
+        """The prompt's KV from the store: the prefix (stored alone at 0, so exact) and the
+        chunks, stored alone (`naive`: laid in as stored, at 0..n; `alone`: re-rotated) or
+        after the prefix (`sys`)."""
         out = torch.empty(kv_shape, dtype=model.dtype, device=model.device)
-        if rotate:
-            found = chunks.get_chunks(docs, [s for s, _ in spans], out)
-        else:  # as stored: each chunk at positions 0..n
+        found = chunks.get_chunks([prefix], [0], out) if prefix else []
+        starts = [s for s, _ in spans]
+        if storage == "naive":
             temps = [
                 torch.empty((layers, 2, n, heads, dim), dtype=model.dtype, device=model.device)
                 for _, n in spans
             ]
-            found = chunks.client.get_into([chunks.key(d) for d in docs], temps).wait()
-            for (s, n), t in zip(spans, temps, strict=True):
-                out[:, :, s : s + n] = t
+            found += chunks.client.get_into([chunks.key(d) for d in docs], temps).wait()
+            for (s, n), temp in zip(spans, temps, strict=True):
+                out[:, :, s : s + n] = temp
+        else:
+            after = prefix if storage == "sys" else None
+            found += chunks.get_chunks(docs, starts, out, prefix=after)
         if not all(found):
             raise RuntimeError("a chunk put for this run was not found")
         return out
 
-    def timed(method: str, rotate: bool, **how: Any) -> None:
+    def timed(method: str, storage: str, **how: Any) -> None:
         t0 = time.perf_counter()
-        _, kv = blend_prefill(model, reused(rotate), ids, question, **how)
+        _, kv = blend_prefill(model, reused(storage), ids, question, **how)
         sync(model)
-        score(method, time.perf_counter() - t0, kv[:, :, :, :chunk_len].transpose(2, 3))
+        score(method, time.perf_counter() - t0, kv[:, :, :, :t].transpose(2, 3))
 
-    timed("naive", False)
-    timed("shift", True)
-    for r in ratios:
-        timed(f"blend {r:.0%}", True, select=(r, spans))
-    for r in ratios:
-        timed(f"focus {r:.0%}", True, focus=(r, spans))
-    timed(f"first {first_n}", True, picked=recompute_first(spans, first_n))
+    # Stored after the prefix, the first chunk's KV is what a prefill of the prompt gives
+    # (a prefix hit): the recompute budget, r% of all chunk tokens, goes to the others.
+    later = spans[1:]
+    later_share = chunk_tokens / max(1, sum(n for _, n in later))
+
+    def budget(r: float, storage: str) -> tuple[float, list[tuple[int, int]]]:
+        return (min(1.0, r * later_share), later) if storage == "sys" else (r, spans)
+
+    if "naive" in families:
+        timed("naive", "naive")
+    if "shift" in families:
+        timed("shift", "alone")
+    if "sys-shift" in families:
+        timed("sys shift", "sys")
+    for storage, tag in (("alone", ""), ("sys", "sys ")):
+        for r in ratios:
+            if f"{tag}blend".replace(" ", "-") in families:
+                timed(f"{tag}blend {r:.0%}", storage, select=budget(r, storage))
+        for r in ratios:
+            if f"{tag}focus".replace(" ", "-") in families:
+                timed(f"{tag}focus {r:.0%}", storage, focus=budget(r, storage))
+    if "first" in families:
+        timed(f"first {first_n}", "alone", picked=recompute_first(spans, first_n))
     return result
 
 
 # --------------------------------------------------------------------------- report
 
 
+def gap_closed(method: np.ndarray, naive: np.ndarray) -> float:
+    """(mean top-1 - naive's) / (100% - naive's), over the prompts' top-1 shares."""
+    gap = 1.0 - float(naive.mean())
+    return (float(method.mean()) - float(naive.mean())) / gap if gap > 0 else math.nan
+
+
+def bootstrap_gap(
+    method: np.ndarray, naive: np.ndarray, draws: int = 2000, level: float = 0.9
+) -> tuple[float, float]:
+    """A `level` interval of `gap_closed` from resampling the prompts (with replacement,
+    the same prompts for the method and naive; a fixed seed)."""
+    rng = np.random.default_rng(0)
+    picks = rng.integers(0, method.size, (draws, method.size))
+    m, n = method[picks].mean(1), naive[picks].mean(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gaps = (m - n) / (1.0 - n)
+    gaps = gaps[np.isfinite(gaps)]
+    if not gaps.size:
+        return math.nan, math.nan
+    lo, hi = np.quantile(gaps, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
 def summarize(results: list[PromptResult]) -> list[dict[str, Any]]:
     methods = [o.method for o in results[0].outcomes]
     rows = []
+    top1 = {}
     for m in methods:
         outs = [next(o for o in r.outcomes if o.method == m) for r in results]
+        top1[m] = np.array([o.top1 for o in outs])
         rows.append(
             {
                 "method": m,
                 "ttft_s": statistics.fmean(o.ttft_s for o in outs),
                 "top1": statistics.fmean(o.top1 for o in outs),
+                "top1_min": min(o.top1 for o in outs),
                 "kl": statistics.fmean(o.kl for o in outs),
             }
         )
-    full, naive = rows[0], next(r for r in rows if r["method"] == "naive")
+    full = rows[0]
+    naive = top1.get("naive")
     for r in rows:
         r["speedup"] = full["ttft_s"] / r["ttft_s"]
-        gap = 1.0 - naive["top1"]
-        r["gap_closed"] = (r["top1"] - naive["top1"]) / gap if gap > 0 else math.nan
+        if naive is None:
+            r["gap_closed"], r["gap_ci"] = math.nan, (math.nan, math.nan)
+        else:
+            r["gap_closed"] = gap_closed(top1[r["method"]], naive)
+            r["gap_ci"] = bootstrap_gap(top1[r["method"]], naive)
     return rows
 
 
 def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
-        f"RAG chunk reuse on {meta['model']}, {meta['prompts']} prompts of {meta['tokens_min']}-"
-        f"{meta['tokens_max']} tokens ({meta['chunks']} chunks of ~{meta['chunk_tokens']} tokens "
-        f"+ a question), torch {meta['torch']}, {meta['threads']} threads",
-        "TTFT: from the prompt's token ids to the first token's logits (chunks fetched from a "
-        "kvstore-server and re-rotated, recompute and question prefill included); top-1: "
-        f"agreement with full's {ANSWER_TOKENS} greedy tokens (teacher-forced); KL of the "
-        "first token's distribution from full's; gap closed: (top-1 - naive's) / (100% - naive's)",
+        f"RAG chunk reuse on {meta['model']}, {meta['prompts']} prompts ({meta['set']} set) of "
+        f"{meta['tokens_min']}-{meta['tokens_max']} tokens ({meta['chunks']} chunks of "
+        f"~{meta['chunk_tokens']} tokens between a system prefix and a question), torch "
+        f"{meta['torch']}, {meta['threads']} threads, load average {meta['load']}",
+        "TTFT: mean, from the prompt's token ids to the first token's logits (chunks fetched "
+        "from a kvstore-server and re-rotated, recompute and question prefill included); "
+        f"top-1: agreement with full's {ANSWER_TOKENS} greedy tokens (teacher-forced), mean and "
+        "the worst prompt's; KL of the first token's distribution from full's; gap closed: "
+        "(top-1 - naive's) / (100% - naive's), with a 90% bootstrap interval over the prompts",
         "",
-        f"{'method':<10} {'TTFT ms':>9} {'speedup':>8} {'top-1':>7} {'KL':>9} {'gap closed':>11}",
+        f"{'method':<14} {'TTFT ms':>9} {'speedup':>8} {'top-1':>7} {'worst':>7} {'KL':>9} "
+        f"{'gap closed':>11} {'90% interval':>13}",
     ]
     if meta.get("random_weights"):
-        lines[-1] = f"{'method':<10} {'TTFT ms':>9} {'speedup':>8}"
+        lines[-1] = f"{'method':<14} {'TTFT ms':>9} {'speedup':>8}"
         for r in rows:
-            lines.append(f"{r['method']:<10} {r['ttft_s'] * 1e3:>9.1f} {r['speedup']:>7.1f}x")
+            lines.append(f"{r['method']:<14} {r['ttft_s'] * 1e3:>9.1f} {r['speedup']:>7.1f}x")
         lines.append("(random weights: agreement with full prefill says nothing; timings only)")
         return "\n".join(lines)
     for r in rows:
         gap = "" if math.isnan(r["gap_closed"]) else f"{r['gap_closed']:.0%}"
+        lo, hi = r["gap_ci"]
+        ci = "" if math.isnan(lo) or r["method"] in ("full", "naive") else f"{lo:.0%}..{hi:.0%}"
         lines.append(
-            f"{r['method']:<10} {r['ttft_s'] * 1e3:>9.0f} {r['speedup']:>7.1f}x {r['top1']:>7.1%} "
-            f"{r['kl']:>9.2e} {gap:>11}"
+            f"{r['method']:<14} {r['ttft_s'] * 1e3:>9.0f} {r['speedup']:>7.1f}x {r['top1']:>7.1%} "
+            f"{r['top1_min']:>7.1%} {r['kl']:>9.2e} {gap:>11} {ci:>13}"
         )
     for r in rows:
-        if r["method"] not in ("blend 15%", "focus 15%"):
+        if not r["method"].endswith(" 15%"):
             continue
         ok = r["gap_closed"] >= TARGET_GAP and r["speedup"] >= TARGET_SPEEDUP
         lines.append(
@@ -494,14 +639,37 @@ def write_plot(rows: list[dict[str, Any]], path: Path) -> bool:
     return save_plot(path, draw, figsize=(7, 4.5))
 
 
+def random_prompts(
+    vocab: int, count: int, chunks: int, chunk_tokens: int, pool_size: int
+) -> list[Prompt]:
+    """For --random-llama: random token ids, the same shapes as `rag_prompts`."""
+    rng = np.random.default_rng(0)
+    pool = [rng.integers(0, vocab, chunk_tokens).tolist() for _ in range(pool_size)]
+    prefix = rng.integers(0, vocab, 32).tolist()
+    question = rng.integers(0, vocab, 32).tolist()
+    return [
+        Prompt(prefix, [pool[j] for j in rng.choice(pool_size, chunks, replace=False)], question)
+        for _ in range(count)
+    ]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    p.add_argument("--prompts", type=int, default=4, help="prompts (default 4)")
+    p.add_argument(
+        "--prompts", type=int, default=20,
+        help=f"prompts (default 20; the eval set has {len(QUESTIONS['eval'])}, fit "
+        f"{len(QUESTIONS['fit'])})",
+    )  # fmt: skip
+    p.add_argument("--set", choices=sorted(QUESTIONS), default="eval", help="prompt set (eval)")
     p.add_argument("--chunks", type=int, default=6, help="document chunks per prompt (6)")
     p.add_argument("--chunk-tokens", type=int, default=350, help="tokens per chunk, about (350)")
-    p.add_argument("--pool", type=int, default=10, help="distinct chunks the prompts draw on (10)")
-    p.add_argument("--ratios", default="5,15,30", help="blend recompute shares, %% (5,15,30)")
+    p.add_argument("--pool", type=int, default=12, help="--random-llama: distinct chunks (12)")
+    p.add_argument("--ratios", default="5,15,30", help="recompute shares, %% (5,15,30)")
     p.add_argument("--first", type=int, default=16, help="first-N recompute: N per chunk (16)")
+    p.add_argument(
+        "--methods", default=",".join(FAMILIES),
+        help=f"method families to run, of {','.join(FAMILIES)} (all; naive is the gap's base)",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument(
         "--random-llama",
@@ -516,18 +684,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     ratios = [float(x) / 100 for x in args.ratios.split(",") if x.strip()]
-    if args.chunks > args.pool or min(args.prompts, args.chunks, args.chunk_tokens) < 1:
-        print("bench_rag: need 1 <= --chunks <= --pool and positive sizes", file=sys.stderr)
+    families = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if unknown := set(families) - set(FAMILIES):
+        print(f"bench_rag: unknown methods {sorted(unknown)}", file=sys.stderr)
         return 2
-    rng = np.random.default_rng(0)
+    if min(args.prompts, args.chunks, args.chunk_tokens) < 1:
+        print("bench_rag: need positive sizes", file=sys.stderr)
+        return 2
     if args.random_llama:
         if not torch.cuda.is_available():
             print("bench_rag: --random-llama needs a CUDA GPU", file=sys.stderr)
             return 2
+        if args.chunks > args.pool:
+            print("bench_rag: need --chunks <= --pool", file=sys.stderr)
+            return 2
         model = random_llama(args.random_llama)
-        vocab = model.config.vocab_size
-        pool = [rng.integers(0, vocab, args.chunk_tokens).tolist() for _ in range(args.pool)]
-        question = rng.integers(0, vocab, 32).tolist()
+        prompts = random_prompts(
+            model.config.vocab_size, args.prompts, args.chunks, args.chunk_tokens, args.pool
+        )
         name = (
             f"random-weight Llama ({args.random_llama} shape, bf16, {torch.cuda.get_device_name()})"
         )
@@ -537,46 +711,57 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (MissingModelDependency, FileNotFoundError) as exc:
             print(f"bench_rag: {exc}", file=sys.stderr)
             return 2
-        pool = document_chunks(tokenizer, args.chunk_tokens, args.pool)
-        question = tokenizer(QUESTION)["input_ids"]
+        try:
+            prompts = rag_prompts(tokenizer, args.set, args.prompts, args.chunks, args.chunk_tokens)
+        except ValueError as exc:
+            print(f"bench_rag: {exc}", file=sys.stderr)
+            return 2
         name = "SmolLM2-135M-Instruct"
     rope = RopeConfig.from_hf(model.config)
     results = []
     namespace = NAMESPACE + (args.random_llama or "smollm2")
+    prefix = prompts[0].prefix
+    pool = {tuple(d): d for pr in prompts for d in pr.docs}
+    # The arena is shared memory the server touches in full: as large as the chunks need
+    # (SmolLM2: 49 values of ~16 MiB; the 8B shape: 24 of 64 MiB), no larger.
+    arena, staging = ("8GiB", "2GiB") if args.random_llama else ("2GiB", "256MiB")
     with tempfile.TemporaryDirectory(prefix="kvbench-rag-") as tmp, running_kvstore(
-        Path(tmp), "--tiers", "cpu", "--cpu-bytes", "8GiB", "--max-value-bytes", "1GiB",
-        "--staging-bytes", "2GiB",
+        Path(tmp), "--tiers", "cpu", "--cpu-bytes", arena, "--max-value-bytes", staging,
+        "--staging-bytes", staging,
     ) as address, KVClient(address, namespace) as client:  # fmt: skip
         cache = ChunkCache(client, rope)
-        progress(f"prefilling and storing {len(pool)} chunks")
-        for doc in pool:
+        progress(f"prefilling and storing {len(pool)} chunks, alone and after the prefix")
+        _, c = prefill(model, prefix)
+        cache.put_chunk(prefix, kv_of(c).contiguous())
+        for doc in pool.values():
             _, c = prefill(model, doc)
             cache.put_chunk(doc, kv_of(c).contiguous())
+            _, c = prefill(model, prefix + doc)
+            cache.put_chunk(doc, kv_of(c)[:, :, len(prefix) :].contiguous(), prefix=prefix)
         # Untimed, a prompt of the same shape: loads the numba kernels, maps the arena and,
         # on a GPU, picks the kernels for these shapes, which the first timed prompt would
         # otherwise pay for (the first of four 8B prompts on the H100 took 10x longer).
-        warm = pool[-args.chunks :]
-        run_prompt(model, cache, warm, question, ratios[:1], args.first, quiet=True)
+        run_prompt(model, cache, prompts[0], ratios[:1], args.first, families, quiet=True)
         try:
-            check = self_check(model, cache, pool[:3])
+            check = self_check(model, cache, list(pool.values())[:3])
         except RuntimeError as exc:
             print(f"bench_rag: check failed: {exc}", file=sys.stderr)
             return 1
         progress(f"self-check: recomputing every token reproduces a prefill within {check:.1e}")
-        for i in range(args.prompts):
-            docs = [pool[j] for j in rng.choice(len(pool), args.chunks, replace=False)]
-            progress(f"prompt {i + 1}: {sum(map(len, docs)) + len(question)} tokens")
-            results.append(run_prompt(model, cache, docs, question, ratios, args.first))
+        for i, prompt in enumerate(prompts):
+            progress(f"prompt {i + 1}/{len(prompts)}")
+            results.append(run_prompt(model, cache, prompt, ratios, args.first, families))
     rows = summarize(results)
     tokens = [r.tokens for r in results]
     import transformers
 
     meta = {
-        "model": name, "prompts": len(results), "chunks": args.chunks,
+        "model": name, "prompts": len(results), "set": args.set, "chunks": args.chunks,
         "chunk_tokens": args.chunk_tokens, "tokens_min": min(tokens), "tokens_max": max(tokens),
         "torch": torch.__version__, "transformers": transformers.__version__,
         "threads": torch.get_num_threads(), "self_check_rel_err": check,
         "random_weights": bool(args.random_llama),
+        "load": " ".join(f"{x:.1f}" for x in os.getloadavg()),
     }  # fmt: skip
     print(render(rows, meta))
     figures = {

@@ -9,18 +9,26 @@ position, so R(q) k = R(q - p) R(p) k). V does not depend on position. What the 
 tokens would have attended to in the new prompt is lost; an engine restores the most
 important part by recomputing a few tokens (CacheBlend, EPIC).
 
-- `put_chunk(token_ids, kv, position=0)`: store the KV of `token_ids` computed with the
-  chunk starting at `position` (usually 0: a chunk prefilled on its own). It is stored as
-  if computed at 0 — re-rotated first when `position` is not 0 — so one stored copy serves
-  every later position with one rotation.
-- `get_chunks(token_id_lists, positions, out, stream=None)`: write chunk i's KV into
-  `out[:, :, positions[i] : positions[i] + len(chunk i)]` re-rotated to those positions;
-  `out` is the new prompt's KV (`[layers, 2, tokens, heads, head_dim]`, CPU or CUDA). The
-  tokens between chunks (instructions, the question) are the engine's to compute. Returns
-  which chunks were found; a missing one leaves its span of `out` untouched.
+- `put_chunk(token_ids, kv, position=0, prefix=None)`: store the KV of `token_ids`
+  computed with the chunk starting at `position` (0: a chunk prefilled on its own). It is
+  stored as if computed at 0 — re-rotated first when `position` is not 0 — so one stored
+  copy serves every later position with one rotation. `prefix`: the tokens the chunk was
+  prefilled after (a system prompt, say), whose KV is not part of `kv`; `position` is then
+  their count.
+- `get_chunks(token_id_lists, positions, out, stream=None, prefix=None)`: write chunk i's
+  KV into `out[:, :, positions[i] : positions[i] + len(chunk i)]` re-rotated to those
+  positions; `out` is the new prompt's KV (`[layers, 2, tokens, heads, head_dim]`, CPU or
+  CUDA). The tokens between chunks (instructions, the question) are the engine's to
+  compute. Returns which chunks were found; a missing one leaves its span of `out`
+  untouched. `prefix`: find the chunks stored with that prefix.
 
 The doc keys are salted with the namespace and the RoPE configuration, so a chunk computed
-under other rotary settings is never found, let alone rotated wrongly.
+under other rotary settings is never found, let alone rotated wrongly, and with the prefix
+its KV was computed after, so a chunk is only found as it was computed. Why a prefix: a
+chunk prefilled alone makes its first token an attention sink, one per reused chunk, where
+the whole prompt has only one; prefilled after the prompt's shared start (the chat
+template's system turn), every chunk's KV is computed under the one sink the prompt will
+have, and the first chunk after that start is exactly what a prefill of the prompt gives.
 
 Which tokens to recompute: `recompute_by_deviation` (CacheBlend: the r% whose KV on an early
 layer deviates most from a fresh prefill), `recompute_by_attention` (the r% the question
@@ -59,9 +67,19 @@ class ChunkCache:
         )
         self._salt = client.namespace + settings
 
-    def key(self, token_ids: Sequence[int] | np.ndarray) -> bytes:
-        """The key a chunk of these tokens is stored under."""
-        return doc_key(token_ids, self._salt)
+    def key(
+        self,
+        token_ids: Sequence[int] | np.ndarray,
+        prefix: Sequence[int] | np.ndarray | None = None,
+    ) -> bytes:
+        """The key a chunk of these tokens is stored under, prefilled alone (`prefix` None)
+        or after the tokens `prefix`."""
+        return doc_key(token_ids, self._salt_after(prefix))
+
+    def _salt_after(self, prefix: Sequence[int] | np.ndarray | None) -> str:
+        if prefix is None or not np.asarray(prefix).size:
+            return self._salt
+        return self._salt + "|after:" + doc_key(prefix, self._salt).hex()
 
     def _check_kv(self, kv: torch.Tensor, what: str) -> tuple[int, ...]:
         if not isinstance(kv, torch.Tensor) or kv.dim() != 5 or kv.shape[1] != 2:
@@ -79,9 +97,14 @@ class ChunkCache:
         return tuple(kv.shape)
 
     def put_chunk(
-        self, token_ids: Sequence[int] | np.ndarray, kv: torch.Tensor, position: int = 0
+        self,
+        token_ids: Sequence[int] | np.ndarray,
+        kv: torch.Tensor,
+        position: int | None = None,
+        prefix: Sequence[int] | np.ndarray | None = None,
     ) -> str:
-        """Store the KV of one document chunk (computed at `position`); returns the tier it
+        """Store the KV of one document chunk, computed at `position` (default: 0, or after
+        `prefix`, the tokens it was prefilled after: their count); returns the tier it
         landed in. `kv` stays unchanged."""
         tokens = np.asarray(token_ids)
         shape = self._check_kv(kv, "kv")
@@ -89,8 +112,16 @@ class ChunkCache:
             raise InvalidArgument(
                 f"kv holds {shape[2]} tokens but the token ids have shape {tokens.shape}"
             )
+        after = 0 if prefix is None else int(np.asarray(prefix).size)
+        if position is None:
+            position = after
         if position < 0:
             raise InvalidArgument(f"position must be >= 0, got {position}")
+        if prefix is not None and position != after:
+            raise InvalidArgument(
+                f"a chunk prefilled after {after} prefix tokens starts at position {after}, "
+                f"not {position}"
+            )
         value = kv
         if position:
             value = torch.empty_like(kv)
@@ -100,7 +131,7 @@ class ChunkCache:
             )
             if event is not None:
                 event.synchronize()
-        key = self.key(tokens)
+        key = self.key(tokens, prefix)
         if value.is_cuda:
             return str(self.client.put_from([key], [value]).wait()[0])
         return self.client.put(key, value)
@@ -111,10 +142,12 @@ class ChunkCache:
         positions: Sequence[int],
         out: torch.Tensor,
         stream: Any = None,
+        prefix: Sequence[int] | np.ndarray | None = None,
     ) -> list[bool]:
         """Lay the stored chunks into `out` at `positions`, K re-rotated to them; returns
-        which were found. CUDA `out`: the copies and rotations run on `stream` (default: the
-        current one) and are done when this returns."""
+        which were found. `prefix`: the chunks stored as prefilled after these tokens.
+        CUDA `out`: the copies and rotations run on `stream` (default: the current one) and
+        are done when this returns."""
         shape = self._check_kv(out, "out")
         if len(token_id_lists) != len(positions):
             raise InvalidArgument(f"{len(token_id_lists)} chunks but {len(positions)} positions")
@@ -137,7 +170,8 @@ class ChunkCache:
             torch.empty((layers, 2, n, heads, dim), dtype=out.dtype, device=out.device)
             for _, n in spans
         ]
-        keys = [self.key(ids) for ids in token_id_lists]
+        salt = self._salt_after(prefix)
+        keys = [doc_key(ids, salt) for ids in token_id_lists]
         found = self.client.get_into(keys, temps, stream).wait()
         cuda = out.is_cuda
         torch_stream = (

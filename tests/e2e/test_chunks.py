@@ -82,6 +82,35 @@ def test_other_rope_settings_never_match(server) -> None:  # type: ignore[no-unt
         assert torch.equal(out, kv)  # at the position it was computed at: bit for bit
 
 
+def test_a_chunk_prefilled_after_a_prefix_is_found_only_with_that_prefix(server) -> None:  # type: ignore[no-untyped-def]
+    """A chunk prefilled after a system prompt is stored as computed at the prompt's length
+    and under a key naming the prompt: it is found with that prefix, rotated from where it
+    was computed to where it lands, and never mistaken for the chunk prefilled alone or
+    after another prefix (their KV differ)."""
+    with server.client() as c:
+        cache = ChunkCache(c, ROPE)
+        system, other = tokens(40, 12), tokens(41, 12)
+        ids = tokens(42, 20)
+        after, raw = chunk_kv(42, 20, len(system))
+        alone, _ = chunk_kv(43, 20, 0)  # the same tokens' KV when prefilled alone
+        cache.put_chunk(ids, after, prefix=system)
+        out = torch.zeros(LAYERS, 2, 300, HEADS, DIM)
+        assert cache.get_chunks([ids], [200], out) == [False]  # alone: not stored yet
+        assert cache.get_chunks([ids], [200], out, prefix=other) == [False]
+        assert (out == 0).all()
+        cache.put_chunk(ids, alone)
+        assert cache.get_chunks([ids], [200], out, prefix=system) == [True]
+        got = out[:, :, 200:220]
+        assert torch.equal(got[:, 1], after[:, 1])
+        want = rope_at(raw, 200)
+        assert (got[:, 0].double() - want).abs().max() < 1e-4 * want.abs().max()
+        assert cache.get_chunks([ids], [0], out) == [True]
+        assert torch.equal(out[:, :, :20], alone)  # the one prefilled alone, its own KV
+        assert cache.key(ids, prefix=[]) == cache.key(ids)  # an empty prefix is none
+        with pytest.raises(InvalidArgument, match="starts at position 12"):
+            cache.put_chunk(ids, after, position=0, prefix=system)
+
+
 def test_bad_layouts_are_refused_before_anything_is_read(server) -> None:  # type: ignore[no-untyped-def]
     with server.client() as c:
         cache = ChunkCache(c, ROPE)
