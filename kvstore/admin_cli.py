@@ -23,7 +23,7 @@ from rich.text import Text
 
 from kvstore import __version__
 from kvstore.client import KVClient, ServerStats, default_address
-from kvstore.client._core import target_of
+from kvstore.client._channel import target_of
 from kvstore.config import format_size
 from kvstore.errors import KVStoreError
 
