@@ -13,6 +13,8 @@ Primitives:
   about the keys of namespaces it may not read.
 - `mint_token(...)` makes a new token and the tokens-file entry that admits it
   (`kvstore token`).
+- `ServerSecurity` gathers what `serve` needs (TLS credentials, the interceptor, the
+  socket group); SIGHUP reads the tokens file again.
 
 Without `--auth-tokens` nothing is installed and every caller is `UNRESTRICTED`: the
 server is one trust domain, as it was before tokens.
@@ -20,15 +22,18 @@ server is one trust domain, as it was before tokens.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import fnmatch
 import grp
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import secrets
+import signal
 import tomllib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,6 +46,8 @@ from kvstore.config import ConfigError, ServerConfig
 from kvstore.errors import PermissionDenied
 from kvstore.tls import server_credentials
 from kvstore.wire import SERVICE
+
+log = logging.getLogger("kvstore.auth")
 
 READ = "read"
 WRITE = "write"
@@ -207,8 +214,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     `--socket-group`) can open the shared-memory arena too.
     """
 
-    def __init__(self, table: TenantTable, trust_socket: bool) -> None:
-        self.table = table
+    def __init__(self, path: Path, trust_socket: bool) -> None:
+        self.path = path
+        self.table = TenantTable.load(path)
         self.trust_socket = trust_socket
         # Guarded handlers by method, made once: the service's handlers never change.
         self._guarded: dict[str, grpc.RpcMethodHandler] = {}
@@ -232,6 +240,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             **{kind: wrap(getattr(handler, kind))}
         )
         return guarded
+
+    def reload(self) -> None:
+        """Read the tokens file again (SIGHUP). A file that does not load leaves the tenants
+        loaded before in force: a typo must not lock every client out."""
+        try:
+            self.table = TenantTable.load(self.path)
+        except TokenFileError as exc:
+            log.error("%s; the tenants loaded before stay in force", exc)
+            return
+        log.info("auth-tokens: reloaded %d tenants from %s", len(self.table.tenants), self.path)
 
     async def _tenant(self, context: grpc.aio.ServicerContext) -> Tenant:
         token = bearer_token(context.invocation_metadata())
@@ -296,10 +314,19 @@ class ServerSecurity:
             tls = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
         interceptors = []
         if config.auth_tokens is not None:
-            table = TenantTable.load(config.auth_tokens)
-            interceptors.append(AuthInterceptor(table, config.trust_socket))
+            interceptors.append(AuthInterceptor(config.auth_tokens, config.trust_socket))
         gid = grp.getgrnam(config.socket_group).gr_gid if config.socket_group else None
         return cls(tls, interceptors, gid)
+
+    def reload_on_sighup(self, loop: asyncio.AbstractEventLoop) -> None:
+        """With tokens, SIGHUP reloads the tokens file until `stop_reloading`."""
+        for interceptor in self.interceptors:
+            if isinstance(interceptor, AuthInterceptor):
+                loop.add_signal_handler(signal.SIGHUP, interceptor.reload)
+
+    def stop_reloading(self, loop: asyncio.AbstractEventLoop) -> None:
+        if any(isinstance(i, AuthInterceptor) for i in self.interceptors):
+            loop.remove_signal_handler(signal.SIGHUP)
 
 
 def share_files(gid: int | None, paths: Sequence[Path]) -> None:

@@ -390,8 +390,10 @@ class KVStoreServicer:
                 yield piece
         except BaseException:
             # Cut off (cancelled, client gone) or failed: the client may never have seen
-            # these slices. One it is still copying is caught by its checksum.
-            self.shared.release(handed)
+            # these slices. One it is still copying is caught by its checksum. They are this
+            # call's own: no tenant check (a generator closed later may run in another
+            # context).
+            self.shared.release(handed, anyone=True)
             raise
 
     async def _get_pieces(
@@ -835,11 +837,13 @@ async def _run(
     )
     if ready is not None:
         ready(addresses[0])
+    security.reload_on_sighup(asyncio.get_running_loop())
     background = [
         asyncio.create_task(_sync_forever(store)),
         asyncio.create_task(_reclaim_forever(servicer.shared, servicer.reserved)),
     ]
     await signals.stop.wait()
+    security.stop_reloading(asyncio.get_running_loop())
 
     log.info("shutting down: draining in-flight calls (grace %.1fs)", config.grace_seconds)
     deadline = time.monotonic() + config.grace_seconds

@@ -6,6 +6,7 @@ from __future__ import annotations
 import grp
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -404,3 +405,36 @@ def test_the_admin_cli_mints_tokens_and_speaks_tls_and_tokens(
     assert refused.returncode == 1 and "token" in refused.stderr
     health = _admin(*tls, "health")  # open without a token, over TLS
     assert health.returncode == 0 and health.stdout.strip() == "SERVING", health.stderr
+
+
+def test_sighup_reloads_the_tokens_file_and_keeps_the_old_one_if_the_new_is_bad(
+    start_server: Callable[..., ServerProcess], tenants: Tenants
+) -> None:
+    srv = start_server(*SMALL, "--auth-tokens", str(tenants.path))
+    token, entry = mint_token("c", ["tenant-c/*"], ["tenant-c/*"])
+    c = KVClient(srv.address, "tenant-c/llama", token=token)
+
+    def admitted() -> bool:
+        try:
+            c.stats()  # not a read: a dead server raises rather than reporting a miss
+        except Unauthenticated:
+            return False
+        return True
+
+    def after_sighup(expected: bool) -> bool:
+        assert srv.proc is not None
+        srv.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while admitted() != expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return admitted()
+
+    with c:
+        assert not admitted()
+        tenants.path.write_text(tenants.path.read_text() + "\n" + entry + "\n")
+        assert after_sighup(True)
+        tenants.path.write_text("[[tenants]\n")  # a typo: the tenants loaded before stay
+        assert after_sighup(True) and "stay in force" in srv.log()
+        with KVClient(srv.address, A_NS, token=tenants.token["a"]) as a:
+            a.put(key(1), random_tensor((8,), torch.float32))
+    assert srv.alive()
