@@ -3,6 +3,7 @@ socket and shared-memory permissions, refusal to start on bad certificates or to
 
 from __future__ import annotations
 
+import asyncio
 import grp
 import json
 import os
@@ -22,7 +23,7 @@ from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from grpc_health.v1.health_pb2_grpc import HealthStub
 
 from kvstore.auth import mint_token
-from kvstore.client import KVClient
+from kvstore.client import AsyncKVClient, KVClient
 from kvstore.errors import PermissionDenied, Unauthenticated, Unavailable
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc as pb_grpc
@@ -438,3 +439,28 @@ def test_sighup_reloads_the_tokens_file_and_keeps_the_old_one_if_the_new_is_bad(
         with KVClient(srv.address, A_NS, token=tenants.token["a"]) as a:
             a.put(key(1), random_tensor((8,), torch.float32))
     assert srv.alive()
+
+
+def test_the_async_client_speaks_tls_and_tokens(
+    start_server: Callable[..., ServerProcess], certs: Certs, tenants: Tenants
+) -> None:
+    port = free_port()
+    start_server(*SMALL, *certs.server_flags(port), "--auth-tokens", str(tenants.path))
+    v = random_tensor((32, 32), torch.float16, seed=4)
+
+    async def run() -> None:
+        address = f"127.0.0.1:{port}"
+        async with AsyncKVClient(address, A_NS, tls_ca=certs.ca_pem, token=tenants.token["a"]) as a:
+            assert await a.put(key(1), v) == "cpu"
+            assert _same(await a.get(key(1)), v)
+        async with AsyncKVClient(address, B_NS, tls_ca=certs.ca_pem, token=tenants.token["a"]) as a:
+            with pytest.raises(PermissionDenied):
+                await a.exists([key(1)])
+        async with AsyncKVClient(address, A_NS, tls_ca=certs.ca_pem) as anonymous:
+            with pytest.raises(Unauthenticated):
+                await anonymous.get(key(1))
+        async with AsyncKVClient(address, A_NS, token=tenants.token["a"], timeout=5) as plain:
+            with pytest.raises(Unavailable):  # plaintext to the TLS listener
+                await plain.stats()
+
+    asyncio.run(run())
