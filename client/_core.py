@@ -82,19 +82,6 @@ class Block:
 Op = Generator[Call | Block, Any, T]
 
 
-def is_unix_address(address: str) -> bool:
-    return target_of(address).startswith("unix:")
-
-
-def target_of(address: str) -> str:
-    """gRPC target for `unix:///path`, `unix:path`, a bare `/path`, or `host:port`."""
-    if address.startswith("unix:"):
-        return address
-    if address.startswith(("/", "./", "../")):
-        return "unix:" + address
-    return address
-
-
 @dataclass
 class TierStats:
     name: str

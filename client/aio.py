@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 import grpc
 import numpy as np
 import torch
 
+from kvstore.client._channel import Connection, ConnectOptions, is_unix_address
 from kvstore.client._core import (
     BACKGROUND_TIMEOUT_S,
     Block,
@@ -19,8 +20,6 @@ from kvstore.client._core import (
     ClientCore,
     Op,
     ServerStats,
-    is_unix_address,
-    target_of,
 )
 from kvstore.client._transfer import BlockRefs, Transfer, gather
 from kvstore.errors import error_for_status
@@ -52,7 +51,8 @@ class AsyncTransfer:
 
 
 class AsyncKVClient:
-    """asyncio client for one namespace; the same methods as `KVClient`, awaitable."""
+    """asyncio client for one namespace; the same methods and options as `KVClient`,
+    awaitable."""
 
     def __init__(
         self,
@@ -62,8 +62,11 @@ class AsyncKVClient:
         timeout: float | None = 60.0,
         decode_codecs: Sequence[str] | None = None,
         recompute_cost: float | None = None,
+        **connect: Unpack[ConnectOptions],
     ) -> None:
         self.address = address
+        self._conn = Connection.resolve(address, **connect)
+
         self.timeout = timeout
         self._core = ClientCore(
             namespace,
@@ -71,7 +74,7 @@ class AsyncKVClient:
             decode_codecs=decode_codecs,
             recompute_cost=recompute_cost,
         )
-        self._channel = grpc.aio.insecure_channel(target_of(address), options=CLIENT_OPTIONS)
+        self._channel = self._conn.open(grpc.aio, CLIENT_OPTIONS)
         self._background: set[asyncio.Future[Any]] = set()  # calls started with wait=False
         self._renewer: asyncio.Future[None] | None = None  # renews held BlockRefs' leases
         self._stubs = client_stubs(self._channel)
@@ -97,16 +100,19 @@ class AsyncKVClient:
         if isinstance(call, Block):
             return await asyncio.to_thread(call.fn)
         method = self._stubs[call.method]
+        metadata = self._conn.metadata or None
         try:
             if not call.wait:
-                task = asyncio.ensure_future(method(call.request, timeout=BACKGROUND_TIMEOUT_S))
+                task = asyncio.ensure_future(
+                    method(call.request, timeout=BACKGROUND_TIMEOUT_S, metadata=metadata)
+                )
                 self._background.add(task)
                 task.add_done_callback(_forget)
                 task.add_done_callback(self._background.discard)
                 return None
             if call.sink is None:
-                return await method(call.request, timeout=self.timeout)
-            stream = method(call.request, timeout=self.timeout)
+                return await method(call.request, timeout=self.timeout, metadata=metadata)
+            stream = method(call.request, timeout=self.timeout, metadata=metadata)
             try:
                 async for message in stream:
                     call.sink(message)
@@ -115,7 +121,7 @@ class AsyncKVClient:
                 raise
             return None
         except grpc.RpcError as exc:
-            raise error_for_status(exc.code(), exc.details() or "") from None
+            raise self._conn.explain(error_for_status(exc.code(), exc.details() or "")) from None
 
     async def put(self, key: bytes, tensor: torch.Tensor) -> str:
         return await self._run(self._core.put(key, tensor))

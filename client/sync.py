@@ -8,13 +8,14 @@ import logging
 import queue
 import threading
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 import grpc
 import grpc.experimental
 import numpy as np
 import torch
 
+from kvstore.client._channel import Connection, ConnectOptions, is_unix_address
 from kvstore.client._core import (
     BACKGROUND_TIMEOUT_S,
     Block,
@@ -22,8 +23,6 @@ from kvstore.client._core import (
     ClientCore,
     Op,
     ServerStats,
-    is_unix_address,
-    target_of,
 )
 from kvstore.client._transfer import BlockRefs, Transfer, gather
 from kvstore.errors import error_for_status
@@ -40,7 +39,8 @@ class _BackgroundCalls:
     more than the get whose leases it releases. A failed call is left to the server's
     lease expiry."""
 
-    def __init__(self) -> None:
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata or None
         self._queue: queue.SimpleQueue[tuple[Any, Any] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -58,7 +58,7 @@ class _BackgroundCalls:
         while (item := self._queue.get()) is not None:
             method, request = item
             with contextlib.suppress(grpc.RpcError):
-                method(request, timeout=BACKGROUND_TIMEOUT_S)
+                method(request, timeout=BACKGROUND_TIMEOUT_S, metadata=self._metadata)
 
     def close(self, timeout: float) -> None:
         """Finish the calls queued so far (waiting up to `timeout`), then stop."""
@@ -83,6 +83,12 @@ class KVClient:
     `recompute_cost` is sent with every value this client puts: what recomputing it costs
     per byte, relative to other clients' values (a larger model's KV costs more per byte).
     A server run with `--eviction gdsf` keeps costlier values longer. Default 1.
+
+    `token` (default `$KVSTORE_TOKEN`) is sent as `authorization: Bearer <token>` to a
+    server run with `--auth-tokens`. For a TCP address, `tls_ca` (PEM CA bundle; `tls=True`
+    alone: the system's), and for mTLS `tls_cert` and `tls_key`, make the channel TLS
+    (defaults `$KVSTORE_TLS_CA`, `$KVSTORE_TLS_CERT`, `$KVSTORE_TLS_KEY`, `$KVSTORE_TLS`);
+    `tls_server_name` checks the server's certificate for that name instead of the host.
     """
 
     def __init__(
@@ -93,8 +99,11 @@ class KVClient:
         timeout: float | None = 60.0,
         decode_codecs: Sequence[str] | None = None,
         recompute_cost: float | None = None,
+        **connect: Unpack[ConnectOptions],
     ) -> None:
         self.address = address
+        self._conn = Connection.resolve(address, **connect)
+
         self.timeout = timeout
         self._core = ClientCore(
             namespace,
@@ -105,8 +114,8 @@ class KVClient:
         # Server-streaming calls (gets) on their own thread-free path: by default grpc starts
         # a thread for each such call when none is running, about 1 ms per get here.
         options = [*CLIENT_OPTIONS, (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)]
-        self._channel = grpc.insecure_channel(target_of(address), options=options)
-        self._background = _BackgroundCalls()  # calls made with wait=False
+        self._channel = self._conn.open(grpc, options)
+        self._background = _BackgroundCalls(self._conn.metadata)  # calls made with wait=False
         self._stubs = client_stubs(self._channel)
         # Settles get_into/put_from transfers (wait for copies, commit, release) whether or
         # not the caller waits for them.
@@ -147,9 +156,10 @@ class KVClient:
             if not call.wait:
                 self._background.submit(method, call.request)
                 return None
+            metadata = self._conn.metadata or None
             if call.sink is None:
-                return method(call.request, timeout=self.timeout)
-            stream = method(call.request, timeout=self.timeout)
+                return method(call.request, timeout=self.timeout, metadata=metadata)
+            stream = method(call.request, timeout=self.timeout, metadata=metadata)
             try:
                 for message in stream:
                     call.sink(message)
@@ -158,7 +168,7 @@ class KVClient:
                 raise
             return None
         except grpc.RpcError as exc:
-            raise error_for_status(exc.code(), exc.details()) from None
+            raise self._conn.explain(error_for_status(exc.code(), exc.details())) from None
 
     def put(self, key: bytes, tensor: torch.Tensor) -> str:
         """Store `tensor` under `key`; returns the tier it landed in."""

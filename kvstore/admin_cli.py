@@ -1,5 +1,5 @@
 """`kvstore`: inspect a running server (`kvstore stats [--watch]`, `kvstore ls`,
-`kvstore health`)."""
+`kvstore health`), and mint tokens for its tenants (`kvstore token`)."""
 
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ from rich.table import Table
 from rich.text import Text
 
 from kvstore import __version__
+from kvstore.auth import mint_token
 from kvstore.client import KVClient, ServerStats, default_address
-from kvstore.client._core import target_of
+from kvstore.client._channel import Connection
 from kvstore.config import format_size
 from kvstore.errors import KVStoreError
 
@@ -41,6 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="unix:///path/to/kvstore.sock or HOST:PORT (default: see below)",
     )
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server")
+    p.add_argument("--token", help="bearer token for a server run with --auth-tokens "
+                   "(default $KVSTORE_TOKEN)")  # fmt: skip
+    p.add_argument("--tls-ca", metavar="PEM", help="CA bundle that signed the server's "
+                   "certificate: connect with TLS (default $KVSTORE_TLS_CA)")  # fmt: skip
+    p.add_argument("--tls-cert", metavar="PEM", help="client certificate, for mTLS")
+    p.add_argument("--tls-key", metavar="PEM", help="the client certificate's key")
+    p.add_argument("--tls-server-name", metavar="NAME",
+                   help="name the server's certificate must carry (default: the host)")  # fmt: skip
     p.add_argument("--version", action="version", version=f"kvstore {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     st = sub.add_parser("stats", help="server settings and a table per tier")
@@ -66,6 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--namespace", default=None, help="only this namespace")
     ls.add_argument("--limit", type=int, default=100, help="at most this many (0: all)")
     ls.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    tok = sub.add_parser(
+        "token",
+        help="mint a token for a tenant: prints the entry to add to the server's "
+        "--auth-tokens file (it holds only the token's hash) on stdout, the token on stderr",
+    )
+    tok.add_argument("tenant", help="the tenant's name (an existing one gets another token)")
+    tok.add_argument("--read", action="append", default=[], metavar="GLOB",
+                     help="namespaces it may read, as shell globs; repeatable")  # fmt: skip
+    tok.add_argument("--write", action="append", default=[], metavar="GLOB",
+                     help="namespaces it may write (put, delete, pin); repeatable")  # fmt: skip
     return p
 
 
@@ -126,7 +145,9 @@ def cmd_stats(client: KVClient, as_json: bool, console: Console) -> None:
     console.print(stats_view(s))
 
 
-def watch_stats(address: str, timeout: float, interval: float, console: Console) -> None:
+def watch_stats(
+    address: str, timeout: float, interval: float, console: Console, security: dict[str, Any]
+) -> None:
     """Redraw the stats every `interval` seconds until Ctrl-C, with counters per second;
     an unreachable server is shown and tried again, so a restart does not end the watch.
     On a terminal the table is redrawn in place; into a pipe or a file each sample is
@@ -148,7 +169,7 @@ def watch_stats(address: str, timeout: float, interval: float, console: Console)
             while True:
                 try:
                     if client is None:
-                        client = KVClient(address, "kvstore-admin", timeout=timeout)
+                        client = KVClient(address, "kvstore-admin", timeout=timeout, **security)
                     s, now = client.stats(), time.monotonic()
                     restarted = before is not None and _went_back(before[0], s)
                     if before is None or restarted:
@@ -182,9 +203,9 @@ def _went_back(before: ServerStats, now: ServerStats) -> bool:
     )
 
 
-def cmd_health(address: str, timeout: float, service: str) -> int:
+def cmd_health(conn: Connection, address: str, timeout: float, service: str) -> int:
     """0 when the server answers SERVING for `service`; a line saying what is wrong if not."""
-    with grpc.insecure_channel(target_of(address)) as channel:
+    with conn.open(grpc, []) as channel:
         try:
             reply = HealthStub(channel).Check(
                 HealthCheckRequest(service=service), timeout=timeout, wait_for_ready=False
@@ -237,22 +258,50 @@ def cmd_ls(
     console.print(f"{len(entries)} entries" + (f" (limit {limit})" if limit else ""))
 
 
+def cmd_token(tenant: str, read: list[str], write: list[str]) -> int:
+    if not read and not write:
+        print("kvstore: token: give --read and/or --write namespace globs", file=sys.stderr)
+        return 2
+    token, entry = mint_token(tenant, read, write)
+    # The entry alone on stdout, so `kvstore token ... >> tokens.toml` appends just the hash.
+    print(f"# tenant {tenant}: add to the --auth-tokens file (an existing tenant: add the hash "
+          "to its tokens)", file=sys.stderr)  # fmt: skip
+    print(entry)
+    print(f"token: {token}\n# give it to the tenant (KVSTORE_TOKEN); it is not stored anywhere",
+          file=sys.stderr)  # fmt: skip
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "token":
+        return cmd_token(args.tenant, args.read, args.write)
     address = args.address or default_address()
+    security = {
+        "token": args.token,
+        "tls_ca": args.tls_ca,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "tls_server_name": args.tls_server_name,
+    }
+    try:
+        conn = Connection.resolve(address, **security)
+    except KVStoreError as exc:
+        print(f"kvstore: {exc}", file=sys.stderr)
+        return 2
     console = Console()
     if not console.is_terminal:
         console.width = max(console.width, 120)  # pipes and logs get whole rows
     if args.command == "health":
-        return cmd_health(address, args.timeout, args.service)
+        return cmd_health(conn, address, args.timeout, args.service)
     if args.command == "stats" and args.watch is not None:
         if args.json or args.watch <= 0:
             print("kvstore: --watch takes a positive interval and no --json", file=sys.stderr)
             return 2
-        watch_stats(address, args.timeout, args.watch, console)
+        watch_stats(address, args.timeout, args.watch, console, security)
         return 0
     try:
-        with KVClient(address, "kvstore-admin", timeout=args.timeout) as client:
+        with KVClient(address, "kvstore-admin", timeout=args.timeout, **security) as client:
             if args.command == "stats":
                 cmd_stats(client, args.json, console)
             else:

@@ -8,6 +8,7 @@ parsed strictly (`"64GiB"`, `"512MB"`, `"1048576"`); anything else is a clear er
 from __future__ import annotations
 
 import dataclasses
+import grp
 import os
 import re
 import tomllib
@@ -91,6 +92,21 @@ class ServerConfig:
     `grpc` probes: safe to open on the pod's address while data stays on the socket."""
     metrics_listen: str | None = None
     """Optional TCP address HOST:PORT of a Prometheus endpoint (`/metrics`)."""
+    tls_cert: Path | None = None
+    """PEM certificate (chain) of the `listen` address: with `tls_key`, TCP is TLS."""
+    tls_key: Path | None = None
+    """PEM private key of `tls_cert`, unencrypted."""
+    tls_client_ca: Path | None = None
+    """PEM CA bundle: clients on `listen` must present a certificate it signed (mTLS)."""
+    auth_tokens: Path | None = None
+    """Tokens file (TOML, or JSON by its .json suffix) of tenants, their token hashes and
+    the namespaces each may read and write: every data call then needs a token."""
+    trust_socket: bool = False
+    """With `auth_tokens`: Unix-socket callers that send no token may use every namespace
+    (whoever can open the socket can open the shared-memory arena anyway)."""
+    socket_group: str | None = None
+    """Group given access to the socket and the shared-memory files (mode 0660); default
+    none: the owner only (0600)."""
     gpu_bytes: int = 4 << 30
     """Size of the gpu tier's pool on each visible GPU."""
     gpu_twin: bool = False
@@ -208,11 +224,34 @@ class ServerConfig:
                 ports += [port] if port else []
         if len(set(ports)) != len(ports):
             raise ConfigError("listen: listen, health-listen and metrics-listen share a port")
+        self._check_security()
         if len(os.fsencode(str(self.socket_path))) > _MAX_SOCKET_PATH:
             raise ConfigError(
                 f"socket: path {self.socket_path} is longer than {_MAX_SOCKET_PATH} bytes, "
                 "the Unix limit; pass a shorter --socket"
             )
+
+    def _check_security(self) -> None:
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_tokens"):
+            value = getattr(self, name)
+            setattr(self, name, Path(value).expanduser().absolute() if value else None)
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls-cert: tls-cert and tls-key go together; give both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError(
+                "tls-client-ca: client certificates need TLS; give tls-cert and tls-key"
+            )
+        if self.tls_cert is not None and self.listen is None:
+            raise ConfigError("tls-cert: TLS applies to the TCP listener; set listen too")
+        self.trust_socket = _as_bool(self.trust_socket, "trust-socket")
+        if self.trust_socket and self.auth_tokens is None:
+            raise ConfigError("trust-socket: only means something with auth-tokens")
+        self.socket_group = (str(self.socket_group).strip() or None) if self.socket_group else None
+        if self.socket_group is not None:
+            try:
+                grp.getgrnam(self.socket_group)
+            except KeyError:
+                raise ConfigError(f"socket-group: no group named {self.socket_group!r}") from None
 
     @property
     def socket_path(self) -> Path:

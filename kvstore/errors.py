@@ -48,8 +48,29 @@ class Unavailable(KVStoreError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class Unauthenticated(KVStoreError):
+    """The call carried no token, or one the server does not know (`--auth-tokens`)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(KVStoreError):
+    """The caller's tenant may not read or write the namespace it named."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 _BY_CODE: dict[grpc.StatusCode, type[KVStoreError]] = {
-    cls.code: cls for cls in (InvalidArgument, NotFound, ResourceExhausted, DataLoss, Unavailable)
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        ResourceExhausted,
+        DataLoss,
+        Unavailable,
+        Unauthenticated,
+        PermissionDenied,
+    )
 }
 
 

@@ -14,7 +14,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvstore.config import ServerConfig, format_size, split_address
+from kvstore.config import ConfigError, ServerConfig, format_size, split_address
 from kvstore.tiers.host import SHM_DIR, default_arena_path
 
 # Besides the arena: the interpreter, torch and numba, the index, gRPC buffers.
@@ -45,7 +45,19 @@ def check_environment(config: ServerConfig, cgroup_max: Path = CGROUP_MEMORY_MAX
         if address is not None:
             out += _check_port(address, name.replace("_", "-"))
     out += _check_memory_limit(config, cgroup_max)
+    out += _check_security(config)
     return out
+
+
+def _check_security(config: ServerConfig) -> list[Finding]:
+    """Certificates, key and tokens file read and checked as the server would at start."""
+    from kvstore.auth import ServerSecurity  # imports grpc: only when asked
+
+    try:
+        ServerSecurity.load(config)
+    except ConfigError as exc:
+        return [Finding("error", str(exc))]
+    return []
 
 
 def _existing_parent(path: Path) -> Path:

@@ -24,7 +24,7 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -33,11 +33,13 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kvstore import __version__
+from kvstore import __version__, auth
+from kvstore.auth import READ, WRITE, ServerSecurity, require, share_files
 from kvstore.config import ServerConfig, format_size
 from kvstore.errors import InvalidArgument, KVStoreError, NotFound
 from kvstore.metrics import ServerMetrics
 from kvstore.store import PutReservation, ReadLease, Store, check_namespace
+from kvstore.tiers.gpu import PoolExport
 from kvstore.tiers.host import HostArena
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire import GRPC_OPTIONS, PIECE_BYTES, SERVICE, Piece, server_handler
@@ -94,6 +96,7 @@ H = TypeVar("H")
 
 
 _IDS_AHEAD = 1024
+_Group = tuple[str, int]  # (tenant name, the client's call number; 0: none)
 
 
 class HandOuts(Generic[H]):
@@ -101,7 +104,9 @@ class HandOuts(Generic[H]):
     read leases (SharedSlices) and put reservations.
 
     Used from the event loop only. Ids are random, so one client cannot end another's by
-    counting. What a client that died still holds is ended after `seconds` by `end`.
+    counting, and each id and call group belongs to the tenant (`kvstore.auth`) that was
+    handed it: another tenant's ids and call numbers are unknown to it, whatever it guesses.
+    What a client that died still holds is ended after `seconds` by `end`.
     """
 
     def __init__(
@@ -115,8 +120,8 @@ class HandOuts(Generic[H]):
         # into it through its mapping.
         self._hold_expired = hold_expired
         self._expired: list[tuple[H, float]] = []
-        self._held: dict[int, tuple[H, float, int]] = {}
-        self._groups: dict[int, set[int]] = {}  # the client's call number -> ids
+        self._held: dict[int, tuple[H, float, _Group]] = {}
+        self._groups: dict[_Group, set[int]] = {}  # (tenant, the client's call number) -> ids
         self._fresh: list[int] = []  # random ids drawn ahead
 
     def _new_id(self) -> int:
@@ -131,47 +136,54 @@ class HandOuts(Generic[H]):
                 return ident
 
     def hand_out(self, thing: H, group: int = 0) -> int:
-        """Hold `thing` under a new id, as part of the client's call `group` if not 0."""
+        """Hold `thing` under a new id for the calling tenant, as part of its call `group`
+        if not 0."""
         ident = self._new_id()
-        self._held[ident] = (thing, time.monotonic() + self.seconds, group)
+        owned = (auth.caller().name, group)
+        self._held[ident] = (thing, time.monotonic() + self.seconds, owned)
         if group:
-            self._groups.setdefault(group, set()).add(ident)
+            self._groups.setdefault(owned, set()).add(ident)
         return ident
 
-    def take(self, ids: Sequence[int]) -> list[tuple[int, H]]:
-        """Remove `ids` from the table and return what they held (unknown ids are skipped)."""
+    def take(self, ids: Sequence[int], anyone: bool = False) -> list[tuple[int, H]]:
+        """Remove `ids` the calling tenant holds (any, with `anyone`) from the table and
+        return what they held; other ids are skipped, as unknown ones."""
+        tenant = auth.caller().name
         taken = []
         for i in ids:
-            item = self._held.pop(i, None)
-            if item is None:
+            item = self._held.get(i)
+            if item is None or (item[2][0] != tenant and not anyone):
                 continue
-            thing, _, group = item
-            if group:
-                members = self._groups[group]
+            del self._held[i]
+            thing, _, owned = item
+            if owned[1]:
+                members = self._groups[owned]
                 members.discard(i)
                 if not members:
-                    del self._groups[group]
+                    del self._groups[owned]
             taken.append((i, thing))
         return taken
 
     def renew_groups(self, groups: Sequence[int]) -> list[int]:
-        """Restart the time of everything held under each group; returns counts per group."""
+        """Restart the time of everything the calling tenant holds under each group;
+        returns counts per group."""
         until = time.monotonic() + self.seconds
+        tenant = auth.caller().name
         counts = []
         for g in groups:
-            ids = self._groups.get(g, ()) if g else ()
+            ids = self._groups.get((tenant, g), ()) if g else ()
             for i in ids:
-                thing, _, group = self._held[i]
-                self._held[i] = (thing, until, group)
+                thing, _, owned = self._held[i]
+                self._held[i] = (thing, until, owned)
             counts.append(len(ids))
         return counts
 
     def release_groups(self, groups: Sequence[int]) -> int:
-        ids = [i for g in groups for i in self._groups.get(g, ())]
-        return self.release(ids)
+        tenant = auth.caller().name
+        return self.release([i for g in groups for i in self._groups.get((tenant, g), ())])
 
-    def release(self, ids: Sequence[int]) -> int:
-        taken = self.take(ids)
+    def release(self, ids: Sequence[int], anyone: bool = False) -> int:
+        taken = self.take(ids, anyone)
         for _, thing in taken:
             self._end(thing)
         return len(taken)
@@ -186,8 +198,10 @@ class HandOuts(Generic[H]):
         if expired:
             log.warning("reclaimed %d %s their clients did not return", len(expired), self._what)
         if not self._hold_expired:
-            return self.release(expired)
-        self._expired.extend((thing, now + self.seconds) for _, thing in self.take(expired))
+            return self.release(expired, anyone=True)
+        self._expired.extend(
+            (thing, now + self.seconds) for _, thing in self.take(expired, anyone=True)
+        )
         return len(expired)
 
     def __len__(self) -> int:
@@ -197,7 +211,7 @@ class HandOuts(Generic[H]):
         for thing, _ in self._expired:
             self._end(thing)
         self._expired = []
-        return self.release(list(self._held))
+        return self.release(list(self._held), anyone=True)
 
 
 _BATCH_PIECES = 1024  # answers without bytes sent in one GetPiece
@@ -278,6 +292,7 @@ class KVStoreServicer:
                 if namespace is None:
                     namespace = piece.namespace
                     check_namespace(namespace)
+                    require(namespace, WRITE)
                 if piece.HasField("header"):
                     # Checked before committing the pending value: a refused Put stores nothing.
                     if max_values is not None and len(tiers) + (res is not None) >= max_values:
@@ -364,8 +379,11 @@ class KVStoreServicer:
         packed: bool,
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[Piece]:
-        # Shared slices only over the Unix socket: a TCP peer cannot map the arena.
-        arena = self.store.cpu if str(context.peer()).startswith("unix:") else None
+        try:
+            require(namespace, READ)
+        except KVStoreError as exc:
+            await _fail(context, exc)
+        arena = self._arena_for(context)
         pools = frozenset(gpu_pools) if shared and arena is not None else frozenset()
         handed: list[int] = []
         positions: Sequence[int] = range(len(keys))
@@ -397,8 +415,10 @@ class KVStoreServicer:
                 yield piece
         except BaseException:
             # Cut off (cancelled, client gone) or failed: the client may never have seen
-            # these slices. One it is still copying is caught by its checksum.
-            self.shared.release(handed)
+            # these slices. One it is still copying is caught by its checksum. They are this
+            # call's own: no tenant check (a generator closed later may run in another
+            # context).
+            self.shared.release(handed, anyone=True)
             raise
 
     def _lease_table(
@@ -557,28 +577,40 @@ class KVStoreServicer:
 
     # --------------------------------------------------------------- key queries
 
+    def _arena_for(self, context: grpc.aio.ServicerContext) -> HostArena | None:
+        """The host arena if this caller may be handed places in shared memory: over the
+        Unix socket (a TCP peer cannot map it), and a tenant that may use every namespace."""
+        if not str(context.peer()).startswith("unix:") or not auth.caller().maps_memory:
+            return None
+        return self.store.cpu
+
     @_unary
     async def Lookup(self, request: pb.KeysRequest, context: Any) -> pb.LookupResponse:
         # Index reads take no worker thread: they are dict lookups, and the lowest latency
         # call an engine makes on its critical path.
+        require(request.namespace, READ)
         return pb.LookupResponse(length=self.store.lookup(request.namespace, request.keys))
 
     @_unary
     async def Exists(self, request: pb.KeysRequest, context: Any) -> pb.ExistsResponse:
+        require(request.namespace, READ)
         return pb.ExistsResponse(present=self.store.exists(request.namespace, request.keys))
 
     @_unary
     async def Delete(self, request: pb.KeysRequest, context: Any) -> pb.CountResponse:
+        require(request.namespace, WRITE)
         n = await asyncio.to_thread(self.store.delete, request.namespace, list(request.keys))
         return pb.CountResponse(count=n)
 
     @_unary
     async def Pin(self, request: pb.KeysRequest, context: Any) -> pb.CountResponse:
+        require(request.namespace, WRITE)
         n = await asyncio.to_thread(self.store.pin, request.namespace, list(request.keys), 1)
         return pb.CountResponse(count=n)
 
     @_unary
     async def Unpin(self, request: pb.KeysRequest, context: Any) -> pb.CountResponse:
+        require(request.namespace, WRITE)
         n = await asyncio.to_thread(self.store.pin, request.namespace, list(request.keys), -1)
         return pb.CountResponse(count=n)
 
@@ -592,7 +624,8 @@ class KVStoreServicer:
 
     @_unary
     async def Reserve(self, request: pb.ReserveRequest, context: Any) -> pb.ReserveResponse:
-        arena = self.store.cpu if str(context.peer()).startswith("unix:") else None
+        require(request.namespace, WRITE)
+        arena = self._arena_for(context)
         self.store.check_keys(request.namespace, [h.key for h in request.values])
         if request.gpu_pool:
             self.store.pool(request.gpu_pool)  # a clear error for a pool that does not exist
@@ -696,6 +729,9 @@ class KVStoreServicer:
     async def Stats(self, request: pb.StatsRequest, context: Any) -> pb.StatsResponse:
         s = await asyncio.to_thread(self.store.stats)
         cfg = self.config
+        # A tenant never handed places in shared memory is not told where it is either.
+        arena = self.store.cpu if auth.caller().maps_memory else None
+        pools = self.exports.values() if arena is not None else ()
         return pb.StatsResponse(
             version=__version__,
             chunk_tokens=cfg.chunk_tokens,
@@ -714,24 +750,28 @@ class KVStoreServicer:
             ],
             entries=s.entries,
             uptime_seconds=time.monotonic() - self.started,
-            host_arena_path=str(self.store.cpu.path) if self.store.cpu else "",
-            host_arena_dev=self.store.cpu.dev if self.store.cpu else 0,
-            host_arena_ino=self.store.cpu.ino if self.store.cpu else 0,
+            host_arena_path=str(arena.path) if arena else "",
+            host_arena_dev=arena.dev if arena else 0,
+            host_arena_ino=arena.ino if arena else 0,
             lease_seconds=cfg.lease_seconds,
             pinned=s.pinned,
             leases=s.leases,
-            gpu_pools=[pb.GpuPool(**vars(x)) for x in self.exports.values()],
+            gpu_pools=[pb.GpuPool(**vars(x)) for x in pools],
             codecs=[pb.CodecStats(name=n, **vars(c)) for n, c in sorted(s.codecs.items())],
         )
 
     async def List(self, request: pb.ListRequest, context: Any) -> AsyncIterator[pb.ListResponse]:
+        tenant = auth.caller()
         if request.namespace:
             try:
                 check_namespace(request.namespace)
+                require(request.namespace, READ)
             except KVStoreError as exc:
                 await _fail(context, exc)
-        entries = await asyncio.to_thread(self.store.entries, request.namespace, request.limit)
-        for e in entries:
+        entries = await asyncio.to_thread(self.store.entries, request.namespace)
+        if not request.namespace:  # every namespace the caller may read
+            entries = [e for e in entries if tenant.may(e.namespace, READ)]
+        for e in entries[: request.limit or None]:
             yield pb.ListResponse(
                 namespace=e.namespace,
                 header=pb.ValueHeader(
@@ -820,10 +860,11 @@ async def _serve_locked(config: ServerConfig, ready: Callable[[str], None] | Non
     try:
         sock = config.socket_path
         _prepare_socket(sock)
+        security = ServerSecurity.load(config)  # bad certificates or tokens: refuse before building
         store = await asyncio.to_thread(Store, config)
         try:
             if not signals.stop.is_set():
-                await _run(config, store, sock, signals, ready)
+                await _run(config, store, sock, signals, ready, security)
         finally:
             await asyncio.to_thread(store.close)
             sock.unlink(missing_ok=True)
@@ -838,8 +879,9 @@ async def _run(
     sock: Path,
     signals: _ShutdownSignals,
     ready: Callable[[str], None] | None,
+    security: ServerSecurity,
 ) -> None:
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+    server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=security.interceptors)
     servicer = KVStoreServicer(store, config)
     metrics = ServerMetrics(
         store, lambda: {"read": len(servicer.shared), "put": len(servicer.reserved)}
@@ -856,8 +898,8 @@ async def _run(
         os.umask(old_umask)
     addresses = [f"unix://{sock}"]
     if config.listen:
-        _add_port(server, config.listen, "listen")
-        addresses.append(config.listen)
+        _add_port(server, config.listen, "listen", security.tls)
+        addresses.append(config.listen + (" (TLS)" if security.tls else ""))
     # Probes get a server of their own: the pod's address can be opened to the kubelet
     # without opening the data service to the network.
     probes = None
@@ -866,7 +908,7 @@ async def _run(
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probes)
         _add_port(probes, config.health_listen, "health-listen")
     await server.start()
-    os.chmod(sock, 0o600)
+    share_files(security.group, [sock, *_shared_memory_files(store, servicer.exports.values())])
     if probes is not None:
         await probes.start()
     if config.metrics_listen:
@@ -888,11 +930,13 @@ async def _run(
     )
     if ready is not None:
         ready(addresses[0])
+    security.reload_on_sighup(asyncio.get_running_loop())
     background = [
         asyncio.create_task(_sync_forever(store)),
         asyncio.create_task(_reclaim_forever(servicer.shared, servicer.reserved)),
     ]
     await signals.stop.wait()
+    security.stop_reloading(asyncio.get_running_loop())
 
     log.info("shutting down: draining in-flight calls (grace %.1fs)", config.grace_seconds)
     deadline = time.monotonic() + config.grace_seconds
@@ -916,9 +960,17 @@ async def _run(
         log.info("shutdown: copied %d cpu-tier values to the ssd tier", persisted)
 
 
-def _add_port(server: grpc.aio.Server, address: str, what: str) -> None:
+def _add_port(
+    server: grpc.aio.Server,
+    address: str,
+    what: str,
+    tls: grpc.ServerCredentials | None = None,
+) -> None:
     try:
-        server.add_insecure_port(address)
+        if tls is None:
+            server.add_insecure_port(address)
+        else:
+            server.add_secure_port(address, tls)
     except RuntimeError as exc:  # gRPC's words for a port in use: "Failed to bind"
         raise RuntimeError(f"{what} {address}: cannot listen there ({exc})") from None
 
@@ -937,6 +989,12 @@ async def _reclaim_forever(*tables: HandOuts[Any]) -> None:
         await asyncio.sleep(min(1.0, tables[0].seconds / 2))
         for table in tables:
             table.reclaim_expired()
+
+
+def _shared_memory_files(store: Store, exports: Iterable[PoolExport]) -> list[Path]:
+    """The files same-host clients map: the host arena and the gpu twin's pools."""
+    files = [store.cpu.path] if store.cpu is not None else []
+    return files + [Path(x.twin_path) for x in exports if x.twin_path]
 
 
 def _describe_tiers(store: Store) -> str:

@@ -26,6 +26,8 @@ examples:
   kvstore-server                                  # cpu,ssd tiers under ./kvstore-data
   kvstore-server --cpu-bytes 32GiB --ssd-bytes 1TiB --data-dir /var/lib/kvstore
   kvstore-server --listen 0.0.0.0:50051           # also serve remote clients over TCP
+  kvstore-server --listen 0.0.0.0:50051 --tls-cert server.pem --tls-key server-key.pem \
+                 --auth-tokens tokens.toml          # TLS, and a token per tenant
   kvstore-server --tiers gpu,cpu,ssd --gpu-bytes 8GiB --cpu-bytes 64GiB
                                                   # an 8GiB pool on every visible GPU
 """
@@ -51,6 +53,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", help="Unix socket path (default <data-dir>/kvstore.sock)")
     p.add_argument(
         "--listen", metavar="HOST:PORT", help="also listen on this TCP address (default: off)"
+    )
+    p.add_argument(
+        "--tls-cert",
+        metavar="PEM",
+        help="certificate (chain) for --listen: with --tls-key, TCP clients must use TLS",
+    )
+    p.add_argument("--tls-key", metavar="PEM", help="unencrypted private key of --tls-cert")
+    p.add_argument(
+        "--tls-client-ca",
+        metavar="PEM",
+        help="CA bundle: TCP clients must present a certificate it signed (mTLS)",
+    )
+    p.add_argument(
+        "--auth-tokens",
+        metavar="FILE",
+        help="tokens file (TOML, or JSON if named *.json) of tenants, their token hashes and "
+        "the namespace globs each may read and write; every data call then needs "
+        "`authorization: Bearer <token>` (mint one with `kvstore token`)",
+    )
+    p.add_argument(
+        "--trust-socket",
+        action="store_const",
+        const=True,
+        help="with --auth-tokens: Unix-socket callers without a token may use every namespace",
+    )
+    p.add_argument(
+        "--socket-group",
+        metavar="GROUP",
+        help="let this group use the socket and map the shared memory (mode 0660); default: "
+        "the server's user only (0600)",
     )
     p.add_argument(
         "--gpu-bytes",
@@ -174,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(serve(config))
-    except (RuntimeError, OSError) as exc:
+    except (RuntimeError, OSError, ConfigError) as exc:  # ConfigError: certificates, tokens
         print(f"kvstore-server: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -226,6 +226,20 @@ def test_config_is_one_kvstore_reads(name: str, values: dict[str, Any], tmp_path
     assert mount_of(kv, "tmp") == "/tmp"
 
 
+@pytest.mark.parametrize("mode", ["sidecar", "daemonset"])
+def test_a_tokens_secret_reaches_the_server(mode: str, tmp_path: Path) -> None:
+    assert "auth-tokens" not in _toml(render({"mode": mode}))["server"]
+    auth = {"tokensSecret": "kvstore-tokens", "trustSocket": True}
+    docs = render({"mode": mode, "kvstore": {"auth": auth}})
+    config = _server_config(docs, tmp_path)
+    assert config.auth_tokens == Path("/etc/kvstore-auth/tokens.toml")
+    assert config.trust_socket is True
+    spec = pod_spec(docs)
+    assert mount_of(container(spec, "kvstore"), "auth") == "/etc/kvstore-auth"
+    secret = volume(spec, "auth")["secret"]
+    assert secret["secretName"] == "kvstore-tokens" and secret["defaultMode"] == 0o400
+
+
 def test_config_checksum_rolls_pods() -> None:
     def checksum(values: dict[str, Any]) -> str:
         workload = only(render(values), "Deployment")

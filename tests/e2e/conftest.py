@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kvstore.client import KVClient
-from kvstore.errors import KVStoreError
+from kvstore.errors import KVStoreError, Unauthenticated
 
 NAMESPACE = "test/model-a"
 
@@ -62,6 +62,8 @@ class ServerProcess:
                 try:
                     with KVClient(self.address, NAMESPACE, timeout=2) as c:
                         c.stats()
+                    return self
+                except Unauthenticated:  # run with --auth-tokens: up, and asking for one
                     return self
                 except KVStoreError:
                     pass

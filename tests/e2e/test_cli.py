@@ -6,6 +6,7 @@ with a clean environment: no KVSTORE_* variable leaks in from the shell running 
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import re
@@ -29,6 +30,7 @@ from kvstore.client import KVClient
 from kvstore.gpu import cuda_device_count
 
 from .conftest import NAMESPACE, ServerProcess
+from .test_security import Certs, Tenants
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -37,6 +39,12 @@ SERVER_FLAGS = [
     "--data-dir",
     "--socket",
     "--listen",
+    "--tls-cert",
+    "--tls-key",
+    "--tls-client-ca",
+    "--auth-tokens",
+    "--trust-socket",
+    "--socket-group",
     "--health-listen",
     "--metrics-listen",
     "--cpu-bytes",
@@ -240,6 +248,8 @@ def test_check_config_merges_flags_over_file_over_environment(tmp_path: Path, ta
 
 
 def test_check_config_reads_every_flag_and_kvstore_config(tmp_path: Path) -> None:
+    certs, tenants = Certs(tmp_path), Tenants(tmp_path / "tokens.toml")
+    group = grp.getgrgid(os.getgid()).gr_name
     got = _check_config(
         tmp_path,
         "--tiers",
@@ -285,6 +295,17 @@ def test_check_config_reads_every_flag_and_kvstore_config(tmp_path: Path) -> Non
         "127.0.0.1:0",
         "--metrics-listen",
         "[::1]:0",
+        "--tls-cert",
+        str(certs.server_pem),
+        "--tls-key",
+        str(certs.server_key),
+        "--tls-client-ca",
+        str(certs.ca_pem),
+        "--auth-tokens",
+        str(tenants.path),
+        "--trust-socket",
+        "--socket-group",
+        group,
     )
     assert got == {
         "tiers": "cpu,ssd",
@@ -308,6 +329,12 @@ def test_check_config_reads_every_flag_and_kvstore_config(tmp_path: Path) -> Non
         "log_format": "json",
         "health_listen": "127.0.0.1:0",
         "metrics_listen": "[::1]:0",
+        "tls_cert": str(certs.server_pem),
+        "tls_key": str(certs.server_key),
+        "tls_client_ca": str(certs.ca_pem),
+        "auth_tokens": str(tenants.path),
+        "trust_socket": True,
+        "socket_group": group,
     }
     # KVSTORE_CONFIG names the file when --config does not.
     cfg = tmp_path / "env.toml"

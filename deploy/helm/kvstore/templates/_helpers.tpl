@@ -166,6 +166,12 @@ metrics-listen = {{ printf "0.0.0.0:%d" (int .Values.kvstore.metricsPort) | toJs
 log-level = {{ .Values.kvstore.logLevel | toJson }}
 log-format = {{ .Values.kvstore.logFormat | toJson }}
 grace-seconds = {{ .Values.kvstore.graceSeconds }}
+{{- with .Values.kvstore.auth }}
+{{- if .tokensSecret }}
+auth-tokens = "/etc/kvstore-auth/tokens.toml"
+trust-socket = {{ .trustSocket }}
+{{- end }}
+{{- end }}
 {{- range $key, $value := .Values.kvstore.extraConfig }}
 {{ $key }} = {{ toJson $value }}
 {{- end }}
@@ -249,6 +255,11 @@ volumeMounts:
   - name: config
     mountPath: /etc/kvstore
     readOnly: true
+  {{- if .Values.kvstore.auth.tokensSecret }}
+  - name: auth
+    mountPath: /etc/kvstore-auth
+    readOnly: true
+  {{- end }}
   - name: tmp
     mountPath: /tmp
 {{- end -}}
@@ -308,6 +319,12 @@ affinity:
 - name: tmp
   emptyDir:
     sizeLimit: 1Gi
+{{- if .Values.kvstore.auth.tokensSecret }}
+- name: auth
+  secret:
+    secretName: {{ .Values.kvstore.auth.tokensSecret }}
+    defaultMode: 0400
+{{- end }}
 {{- with .Values.extraVolumes }}
 {{ toYaml . }}
 {{- end }}
