@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -23,7 +24,7 @@ from kvstore.client._core import (
     target_of,
 )
 from kvstore.client._transfer import BlockRefs, Transfer, gather
-from kvstore.errors import error_for_status
+from kvstore.errors import KVStoreError, error_for_status
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire import CLIENT_OPTIONS, client_stubs
 
@@ -96,7 +97,19 @@ class AsyncKVClient:
     async def _invoke(self, call: Call | Block) -> Any:
         if isinstance(call, Block):
             return await asyncio.to_thread(call.fn)
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while True:
+            try:
+                return await self._invoke_once(call, deadline)
+            except KVStoreError as exc:
+                delay = call.retry_delay(exc, deadline)
+                if delay is None:
+                    raise
+                await asyncio.sleep(delay)
+
+    async def _invoke_once(self, call: Call, deadline: float | None) -> Any:
         method = self._stubs[call.method]
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
             if not call.wait:
                 task = asyncio.ensure_future(method(call.request, timeout=BACKGROUND_TIMEOUT_S))
@@ -105,8 +118,8 @@ class AsyncKVClient:
                 task.add_done_callback(self._background.discard)
                 return None
             if call.sink is None:
-                return await method(call.request, timeout=self.timeout)
-            stream = method(call.request, timeout=self.timeout)
+                return await method(call.fresh_request(), timeout=timeout)
+            stream = method(call.request, timeout=timeout)
             try:
                 async for message in stream:
                     call.sink(message)
@@ -114,6 +127,9 @@ class AsyncKVClient:
                 stream.cancel()
                 raise
             return None
+        except grpc.aio.AioRpcError as exc:
+            trailing = exc.trailing_metadata()
+            raise error_for_status(exc.code(), exc.details() or "", trailing) from None
         except grpc.RpcError as exc:
             raise error_for_status(exc.code(), exc.details() or "") from None
 
