@@ -285,6 +285,16 @@ def test_check_config_reads_every_flag_and_kvstore_config(tmp_path: Path) -> Non
         "127.0.0.1:0",
         "--metrics-listen",
         "[::1]:0",
+        "--max-inflight-requests",
+        "12",
+        "--max-inflight-bytes",
+        "3MiB",
+        "--max-leases",
+        "100",
+        "--quota",
+        "cpu[a/*]=1MiB",
+        "--quota",
+        "ssd[a/*]=2MiB",
     )
     assert got == {
         "tiers": "cpu,ssd",
@@ -308,6 +318,10 @@ def test_check_config_reads_every_flag_and_kvstore_config(tmp_path: Path) -> Non
         "log_format": "json",
         "health_listen": "127.0.0.1:0",
         "metrics_listen": "[::1]:0",
+        "max_inflight_requests": 12,
+        "max_inflight_bytes": 3 * MiB,
+        "max_leases": 100,
+        "quota": "cpu[a/*]=1MiB;ssd[a/*]=2MiB",
     }
     # KVSTORE_CONFIG names the file when --config does not.
     cfg = tmp_path / "env.toml"
