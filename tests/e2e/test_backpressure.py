@@ -9,6 +9,7 @@ refused report a miss.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -23,7 +24,7 @@ import torch
 import xxhash
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvstore.client import KVClient
+from kvstore.client import AsyncKVClient, KVClient
 from kvstore.errors import Overloaded
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.v1 import kvstore_pb2_grpc
@@ -31,7 +32,7 @@ from kvstore.v1 import kvstore_pb2_grpc
 from .conftest import NAMESPACE, ServerProcess
 from .helpers import key, random_tensor
 from .test_bad_input import Known, as_bytes, same_bytes
-from .test_metrics import free_port
+from .test_metrics import free_port, scrape, value
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -224,19 +225,30 @@ def _stall_put(srv: ServerProcess, nbytes: int) -> tuple[grpc.Channel, threading
     return ch, release, future
 
 
-def _wait_for_inflight(srv: ServerProcess, what: str) -> None:
+def _stall_at_request_bound(
+    srv: ServerProcess, nbytes: int
+) -> tuple[grpc.Channel, threading.Event, Any]:
+    """`_stall_put` against a server bounded to one call, once it holds that call: probes
+    are refused. A stall refused because a probe held the call is started again."""
     deadline = time.monotonic() + 10
+    ch, release, future = _stall_put(srv, nbytes)
     while time.monotonic() < deadline:
         time.sleep(0.05)
-        with grpc.insecure_channel(srv.address, options=NO_RETRIES) as ch:
+        if future.done():  # refused: a probe held the one call
+            ch.close()
+            ch, release, future = _stall_put(srv, nbytes)
+            continue
+        with grpc.insecure_channel(srv.address, options=NO_RETRIES) as probe:
             try:
-                kvstore_pb2_grpc.KVStoreStub(ch).Exists(
+                kvstore_pb2_grpc.KVStoreStub(probe).Exists(
                     pb.KeysRequest(namespace=NAMESPACE, keys=[key(1)]), timeout=5
                 )
             except grpc.RpcError as exc:
-                if what in (exc.details() or ""):
-                    return
-    raise AssertionError(f"the stalled put never filled {what}")
+                if "max-inflight-requests 1" in (exc.details() or "") and not future.done():
+                    return ch, release, future
+    release.set()
+    ch.close()
+    raise AssertionError("the stalled put never held the one call")
 
 
 def test_at_the_request_bound_reads_miss_writes_retry_then_raise_overloaded(
@@ -246,9 +258,8 @@ def test_at_the_request_bound_reads_miss_writes_retry_then_raise_overloaded(
     t = random_tensor((64, 64), torch.float16, seed=3)
     with srv.client(timeout=10) as c:
         c.put(key(1), t)
-    ch, release, future = _stall_put(srv, 2 * MiB)
+    ch, release, future = _stall_at_request_bound(srv, 2 * MiB)
     try:
-        _wait_for_inflight(srv, "max-inflight-requests 1")
         with srv.client(timeout=1.5) as c:
             assert c.get(key(1)) is None  # refused: a miss, the engine recomputes
             assert c.lookup([key(1)]) == 0 and c.exists([key(1)]) == [False]
@@ -270,30 +281,62 @@ def test_at_the_request_bound_reads_miss_writes_retry_then_raise_overloaded(
         assert c.get(key(77)) is not None  # the stalled put completed
 
 
+def test_async_client_at_the_request_bound(start_server: Callable[..., ServerProcess]) -> None:
+    srv = start_server("--cpu-bytes", "64MiB", "--max-inflight-requests", "1")
+    t = random_tensor((64, 64), torch.float16, seed=4)
+    with srv.client(timeout=10) as c:
+        c.put(key(1), t)
+
+    async def at_the_bound() -> None:
+        async with AsyncKVClient(srv.address, NAMESPACE, timeout=1.0) as c:
+            assert await c.get(key(1)) is None
+            assert await c.batch_get([key(1)]) == [None]
+            with pytest.raises(Overloaded, match="max-inflight-requests"):
+                await c.put(key(2), t)
+
+    ch, release, future = _stall_at_request_bound(srv, MiB)
+    try:
+        asyncio.run(at_the_bound())
+    finally:
+        release.set()
+        future.result(timeout=30)
+        ch.close()
+
+    async def after() -> None:
+        async with AsyncKVClient(srv.address, NAMESPACE, timeout=10) as c:
+            assert same_bytes(await c.get(key(1)), t)
+            assert await c.put(key(2), t) == "cpu"
+
+    asyncio.run(after())
+
+
 def test_at_the_bytes_bound_a_put_is_refused_with_a_hint(
     start_server: Callable[..., ServerProcess],
 ) -> None:
+    metrics = free_port()
     srv = start_server(
-        "--cpu-bytes", "64MiB", "--max-value-bytes", "4MiB", "--max-inflight-bytes", "4MiB"
-    )
+        "--cpu-bytes", "64MiB", "--max-value-bytes", "4MiB", "--max-inflight-bytes", "4MiB",
+        "--metrics-listen", f"127.0.0.1:{metrics}",
+    )  # fmt: skip
     ch, release, future = _stall_put(srv, 3 * MiB)
     try:
+        deadline = time.monotonic() + 10
+        while value(scrape(metrics), "kvstore_inflight", what="bytes") < 3 * MiB:
+            assert time.monotonic() < deadline, "the stalled put never held its bytes"
+            time.sleep(0.05)
         data = b"\x01" * (2 * MiB)
         with grpc.insecure_channel(srv.address, options=NO_RETRIES) as ch2:
             stub = kvstore_pb2_grpc.KVStoreStub(ch2)
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    stub.Put(pieces_of(key(3), data), timeout=10)
-                except grpc.RpcError as exc:
-                    assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc.details()
-                    assert "max-inflight-bytes 4194304" in (exc.details() or "")
-                    assert pushback_ms(exc) > 0
-                    break
-                assert time.monotonic() < deadline, "the stalled put never held its bytes"
-                stub.Delete(pb.KeysRequest(namespace=NAMESPACE, keys=[key(3)]), timeout=10)
-            with srv.client(timeout=10) as c:
-                assert c.get(key(3)) is None
+            try:
+                stub.Put(pieces_of(key(3), data), timeout=10)
+                raise AssertionError("a put past the bytes bound was accepted")
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc.details()
+                assert "max-inflight-bytes 4194304" in (exc.details() or "")
+                assert pushback_ms(exc) > 0
+        with srv.client(timeout=10) as c:
+            assert c.get(key(3)) is None
+        assert rejected(metrics) == {("Put", "bytes"): 1}
     finally:
         release.set()
         future.result(timeout=30)
@@ -344,9 +387,8 @@ def test_grpc_retry_policy_honours_the_pushback(
     config = {
         "methodConfig": [{"name": [{"service": "kvstore.v1.KVStore"}], "retryPolicy": policy}]
     }
-    ch, release, future = _stall_put(srv, MiB)
+    ch, release, future = _stall_at_request_bound(srv, MiB)
     try:
-        _wait_for_inflight(srv, "max-inflight-requests 1")
         before = rejected(metrics).get(("Delete", "requests"), 0)
         threading.Timer(0.3, release.set).start()  # the bound frees up during the retries
         options = [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(config))]
