@@ -35,6 +35,9 @@ EXEMPT = frozenset({"Commit", "Release", "Renew", "Stats"})
 """RPCs never refused by the in-flight bounds."""
 PUT_METHODS = frozenset({"Put", "BatchPut"})
 
+BUSY = "server busy"
+"""How every back-pressure refusal's message begins."""
+
 MID_CALL_WAIT_S = 1.0
 """How long a call that has stored or sent values already waits for room for its next."""
 
@@ -103,7 +106,7 @@ class Admission:
                 exc = self.refusal(
                     rpc,
                     "requests",
-                    f"server busy: {self.requests} calls in flight, the bound "
+                    f"{BUSY}: {self.requests} calls in flight, the bound "
                     f"(max-inflight-requests {self.max_requests})",
                 )
             elif rpc in PUT_METHODS and self.bytes > self.max_bytes - PIECE_BYTES:
@@ -160,7 +163,7 @@ class Admission:
         return self.refusal(
             rpc,
             "bytes",
-            f"server busy: {self.bytes} bytes of values in flight, {nbytes} more would pass "
+            f"{BUSY}: {self.bytes} bytes of values in flight, {nbytes} more would pass "
             f"the bound (max-inflight-bytes {self.max_bytes})",
         )
 

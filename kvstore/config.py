@@ -346,8 +346,9 @@ def _as_seconds(value: Any, what: str, lo: float) -> float:
 CODEC_TIERS = ("ssd",)  # tiers that store encoded values; memory tiers hold them raw
 
 
-def _tier_rule(rule: str, what: str, examples: str) -> tuple[str, str | None, str]:
-    """(tier, namespace glob or None, value) of a `TIER=VALUE` or `TIER[GLOB]=VALUE` rule."""
+def _tier_rule(rule: str, what: str, value_name: str, examples: str) -> tuple[str, str | None, str]:
+    """(tier, namespace glob or None, value) of a `TIER=VALUE` or `TIER[GLOB]=VALUE` rule,
+    VALUE named `value_name` in the error message."""
     head, sep, value = rule.partition("]=") if "[" in rule.partition("=")[0] else ("", "", "")
     if sep:
         tier, _, glob = head.partition("[")
@@ -356,14 +357,15 @@ def _tier_rule(rule: str, what: str, examples: str) -> tuple[str, str | None, st
         glob = None
     if not sep or not value.strip() or (glob is not None and not glob.strip()):
         raise ConfigError(
-            f"{what}: {rule!r} is not TIER=VALUE or TIER[GLOB]=VALUE (e.g. {examples})"
+            f"{what}: {rule!r} is not TIER={value_name} or TIER[GLOB]={value_name} "
+            f"(e.g. {examples})"
         )
     return tier.strip().lower(), glob.strip() if glob is not None else None, value.strip()
 
 
 def codec_rule(rule: str) -> tuple[str, str | None, str]:
     """(tier, namespace glob or None, codec spec) of a `--codec` rule; ConfigError if bad."""
-    tier, glob, spec = _tier_rule(rule, "codec", "ssd=zstd, ssd[llama-*]=kivi:bits=4")
+    tier, glob, spec = _tier_rule(rule, "codec", "SPEC", "ssd=zstd, ssd[llama-*]=kivi:bits=4")
     if tier not in CODEC_TIERS:
         raise ConfigError(
             f"codec: tier {tier!r} cannot hold encoded values; codecs apply to "
@@ -399,7 +401,9 @@ class QuotaRule:
 
 def quota_rule(rule: str) -> QuotaRule:
     """The `QuotaRule` of a `--quota` rule such as `cpu[tenant-a/*]=8GiB`; ConfigError if bad."""
-    tier, glob, size = _tier_rule(rule, "quota", "cpu[tenant-a/*]=8GiB, ssd[tenant-a/*]=100GiB")
+    tier, glob, size = _tier_rule(
+        rule, "quota", "SIZE", "cpu[tenant-a/*]=8GiB, ssd[tenant-a/*]=100GiB"
+    )
     if tier not in QUOTA_TIERS:
         raise ConfigError(
             f"quota: tier {tier!r} takes no quota; quotas apply to {', '.join(QUOTA_TIERS)}"

@@ -35,7 +35,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from kvstore import __version__
-from kvstore.admission import Admission
+from kvstore.admission import BUSY, Admission
 from kvstore.config import split_address
 from kvstore.logs import MAX_REQUEST_ID, REQUEST_ID_HEADER, enter_request, new_request_id
 from kvstore.store import Store, TierCounters
@@ -244,8 +244,11 @@ class ServerMetrics:
             if counter is None:
                 counter = counts[code] = self._requests.labels(rpc, code.name)
             counter.inc()
-            if code not in _ROUTINE:
-                log.info("%s failed: %s: %s", rpc, code.name, context.details() or "")
+            details = context.details() or ""
+            # Back-pressure refusals come by the thousand under overload: counted in
+            # kvstore_rejected_total, logged at debug only.
+            if code not in _ROUTINE and not details.startswith(BUSY):
+                log.info("%s failed: %s: %s", rpc, code.name, details)
             elif log.isEnabledFor(logging.DEBUG):
                 log.debug("%s done: %s in %.3f ms", rpc, code.name, elapsed * 1e3)
 

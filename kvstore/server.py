@@ -35,6 +35,7 @@ from grpc_reflection.v1alpha import reflection
 
 from kvstore import __version__
 from kvstore.admission import (
+    BUSY,
     MAX_LIST_FIELD,
     MAX_PIECES_PER_VALUE,
     Admission,
@@ -513,7 +514,7 @@ class KVStoreServicer:
                             self.admission.refusal(
                                 rpc,
                                 "leases",
-                                f"server busy: {len(self.shared)} read leases held, the bound "
+                                f"{BUSY}: {len(self.shared)} read leases held, the bound "
                                 f"(max-leases {self.shared.limit})",
                             ),
                         )

@@ -156,8 +156,8 @@ def test_usage_follows_every_kind_of_change_and_survives_restart(make_store: Mak
         ("cpu=8GiB", "names no namespaces"),
         ("gpu[a/*]=1GiB", "takes no quota"),
         ("cpu[a/*]=8 gigs", "cannot read"),
-        ("cpu[a/*]", "TIER[GLOB]=VALUE"),
-        ("cpu[]=1GiB", "TIER[GLOB]=VALUE"),
+        ("cpu[a/*]", "TIER[GLOB]=SIZE"),
+        ("cpu[]=1GiB", "TIER[GLOB]=SIZE"),
     ],
 )
 def test_bad_quota_rules_are_clear_errors(rule: str, words: str) -> None:

@@ -156,15 +156,18 @@ def test_overload_refuses_with_a_hint_keeps_memory_bounded_and_loses_nothing(
         f"anon RSS {base / MiB:.0f} MiB, peak {after_24 / MiB:.0f} MiB with 24 writers, "
         f"{peak[0] / MiB:.0f} MiB with 48"
     )
-    # Memory: twice the writers pushing 6 MiB values at once must not raise the peak much
-    # (gRPC's flow control holds what a refused call has not read: the header comes alone).
-    # What it does reach is the bytes bound, a piece per call in flight, gRPC's windows
-    # and the freed heap glibc keeps for the next pieces (kvstore/memtune.py).
-    assert peak[0] - after_24 < 48 * MiB, "the peak grew with the number of writers"
+    # Memory: what the server reaches is the bytes bound, a piece per call in flight, gRPC's
+    # windows and the freed heap glibc keeps for the next pieces (kvstore/memtune.py); twice
+    # the writers pushing 6 MiB values at once must not raise it much, since gRPC's flow
+    # control holds what a refused call has not read (the header comes alone). Measured:
+    # +4 to +20 MiB alone, +53 MiB once in a full run on a loaded machine; when a refused
+    # put's first piece carried 4 MiB of data, +86 MiB, and +245 MiB with no bounds at all.
+    assert peak[0] - after_24 < 72 * MiB, "the peak grew with the number of writers"
     assert peak[0] - base < 160 * MiB
     counted = rejected(metrics)
     assert sum(counted.values()) >= len(refusals), counted
     assert set(counted) <= {("Put", "requests"), ("Put", "bytes")}, counted
+    assert "server busy" not in srv.log()  # refusals are counted, not logged at info
     with srv.client(timeout=30) as c:
         for k, data in acked.items():
             got = c.get(k)
