@@ -43,12 +43,12 @@ from kvstore.client._transfer import (
 from kvstore.codecs.base import codec_ids, gpu_decodable_codecs
 from kvstore.codecs.container import checksum
 from kvstore.dtypes import BY_NAME, dtype_name, expected_nbytes
-from kvstore.errors import DataLoss, InvalidArgument, Unavailable
+from kvstore.errors import DataLoss, InvalidArgument, Overloaded, Unavailable
 from kvstore.kernels import checksum as checksum_kernels
 from kvstore.kernels.blocks import DeviceBuffer
 from kvstore.keys import chunk_keys
 from kvstore.v1 import kvstore_pb2 as pb
-from kvstore.wire import PIECE_BYTES, Piece
+from kvstore.wire import PIECE_BYTES, READ_METHODS, Piece
 
 T = TypeVar("T")
 log = logging.getLogger("kvstore.client")
@@ -69,6 +69,23 @@ class Call:
     request: Any
     sink: Callable[[Any], None] | None = None
     wait: bool = True
+
+    def fresh_request(self) -> Any:
+        """The request to send on this attempt: a stream of pieces is made anew each time."""
+        return iter(self.request) if isinstance(self.request, PutPieces) else self.request
+
+    def retry_delay(self, exc: BaseException, deadline: float | None) -> float | None:
+        """Seconds to wait before sending this call again after `exc`, or None to let `exc`
+        stand. Only a write the server refused by back-pressure (`Overloaded`: nothing was
+        done) is tried again, after the server's hint, while that leaves time before the
+        call's `deadline` (time.monotonic()). Reads are not: they report a miss instead."""
+        if not isinstance(exc, Overloaded) or self.method in READ_METHODS or not self.wait:
+            return None
+        delay = exc.retry_after_s
+        if deadline is not None and time.monotonic() + delay >= deadline:
+            return None
+        log.debug("kvstore server busy; %s again in %.0f ms", self.method, delay * 1000)
+        return delay
 
 
 @dataclass
@@ -114,6 +131,10 @@ class ServerStats:
     gpu_pools: list[pb.GpuPool] = field(default_factory=list)
     # By codec name ("raw": stored as is): (bytes before, bytes after) the ssd tier's writes.
     codecs: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # Per --quota rule ("cpu[tenant-a/*]"): (bytes its namespaces hold there, its quota).
+    quotas: dict[str, tuple[int, int]] = field(default_factory=dict)
+    max_inflight_requests: int = 0
+    max_inflight_bytes: int = 0
 
     @classmethod
     def from_proto(cls, m: pb.StatsResponse) -> ServerStats:
@@ -147,6 +168,9 @@ class ServerStats:
             tiers,
             list(m.gpu_pools),
             {c.name: (c.raw_bytes, c.encoded_bytes) for c in m.codecs},
+            {f"{q.tier}[{q.namespaces}]": (q.used_bytes, q.quota_bytes) for q in m.quotas},
+            m.max_inflight_requests,
+            m.max_inflight_bytes,
         )
 
 
@@ -183,19 +207,32 @@ def _host_value(
     return header, data
 
 
-def _put_pieces(
-    namespace: str, values: Sequence[tuple[bytes, torch.Tensor, str]], cost: float = 0.0
-) -> Iterator[Piece]:
-    """The pieces of a (Batch)Put of checked (key, tensor, dtype name) triples. Each tensor
-    is made contiguous on the host only when its turn comes, so a batch never holds more
-    than one extra copy."""
-    for i, (key, tensor, name) in enumerate(values):
-        header, data = _host_value(key, tensor, name, cost)
-        n = len(data)
-        first = min(n, PIECE_BYTES)
-        yield Piece(pb.PutPiece(namespace=namespace if i == 0 else "", header=header), data[:first])
-        for off in range(first, n, PIECE_BYTES):
-            yield Piece(pb.PutPiece(), data[off : off + PIECE_BYTES])
+HEADER_ALONE_BYTES = 64 << 10
+"""Values larger than this are streamed with their header in a piece of its own."""
+
+
+@dataclass
+class PutPieces:
+    """The pieces of a (Batch)Put of checked (key, tensor, dtype name) triples, made anew
+    by each iteration (a call the server refused is sent again). Each tensor is made
+    contiguous on the host only when its turn comes, so a batch never holds more than one
+    extra copy."""
+
+    namespace: str
+    values: Sequence[tuple[bytes, torch.Tensor, str]]
+    cost: float = 0.0
+
+    def __iter__(self) -> Iterator[Piece]:
+        for i, (key, tensor, name) in enumerate(self.values):
+            header, data = _host_value(key, tensor, name, self.cost)
+            n = len(data)
+            # A large value's header goes alone: a server at its bytes bound refuses the
+            # value before any of its data is in flight (gRPC has buffered none of it).
+            first = 0 if n > HEADER_ALONE_BYTES else n
+            head = pb.PutPiece(namespace=self.namespace if i == 0 else "", header=header)
+            yield Piece(head, data[:first])
+            for off in range(first, n, PIECE_BYTES):
+                yield Piece(pb.PutPiece(), data[off : off + PIECE_BYTES])
 
 
 class _Assembler:
@@ -449,14 +486,18 @@ def _miss_when_down(
     miss: Callable[[Any], Any],
 ) -> Callable[[Callable[[ClientCore, Any], Op[T]]], Callable[[ClientCore, Any], Op[T]]]:
     """Make a read operation answer `miss(its argument)` instead of raising `Unavailable`
-    while the server cannot be reached (down, restarting): a serving engine then
-    recomputes, as for any other miss, rather than fail the request."""
+    while the server cannot be reached (down, restarting), or `Overloaded` when it refuses
+    the read by back-pressure: a serving engine then recomputes, as for any other miss,
+    rather than fail or stall the request."""
 
     def wrap(read: Callable[[ClientCore, Any], Op[T]]) -> Callable[[ClientCore, Any], Op[T]]:
         @functools.wraps(read)
         def op(self: ClientCore, arg: Any) -> Op[T]:
             try:
                 result = yield from read(self, arg)
+            except Overloaded as exc:  # back-pressure: a miss, the engine recomputes
+                log.debug("kvstore server busy, a read reports a miss: %s", exc)
+                return miss(arg)  # type: ignore[no-any-return]
             except Unavailable as exc:
                 if not self.server_down:
                     log.warning("kvstore server unreachable, reads report misses: %s", exc)
@@ -476,8 +517,10 @@ class ClientCore:
     """Builds every operation of the client for one namespace.
 
     Reads (`get`, `batch_get`, `lookup`, `exists`, `get_prefix`) report misses while the
-    server is unreachable; other operations raise `Unavailable` once the channel's retries
-    (`kvstore.wire.CLIENT_OPTIONS`) run out.
+    server is unreachable or refuses them by back-pressure; other operations raise
+    `Unavailable` once the channel's retries (`kvstore.wire.CLIENT_OPTIONS`) run out, and
+    writes refused by back-pressure are sent again after the server's hint until the
+    call's deadline (`Call.retry_delay`), then raise `Overloaded`.
 
     With `same_host`, gets read values in place from the server's host arena when they are
     there (see `kvstore.client._shared`), falling back to streamed bytes otherwise.
@@ -552,7 +595,7 @@ class ClientCore:
             rest = yield from self._write_in_place(arena, values, tiers)
         if rest:
             method = "Put" if len(values) == 1 else "BatchPut"
-            pieces = _put_pieces(self.namespace, [values[i] for i in rest], self.recompute_cost)
+            pieces = PutPieces(self.namespace, [values[i] for i in rest], self.recompute_cost)
             streamed = yield Call(method, pieces)
             for i, tier in zip(rest, streamed.tiers, strict=True):
                 tiers[i] = tier
@@ -934,7 +977,7 @@ class ClientCore:
                 yield Block(landing.stream.synchronize)
             rest.sort()
             method = "Put" if len(landing.values) == 1 else "BatchPut"
-            pieces = _put_pieces(
+            pieces = PutPieces(
                 self.namespace, [landing.values[i] for i in rest], self.recompute_cost
             )
             streamed = yield Call(method, pieces)

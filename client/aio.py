@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any, TypeVar, Unpack
 
@@ -22,7 +23,7 @@ from kvstore.client._core import (
     ServerStats,
 )
 from kvstore.client._transfer import BlockRefs, Transfer, gather
-from kvstore.errors import error_for_status
+from kvstore.errors import KVStoreError, error_for_status
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire import CLIENT_OPTIONS, client_stubs
 
@@ -99,8 +100,20 @@ class AsyncKVClient:
     async def _invoke(self, call: Call | Block) -> Any:
         if isinstance(call, Block):
             return await asyncio.to_thread(call.fn)
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while True:
+            try:
+                return await self._invoke_once(call, deadline)
+            except KVStoreError as exc:
+                delay = call.retry_delay(exc, deadline)
+                if delay is None:
+                    raise
+                await asyncio.sleep(delay)
+
+    async def _invoke_once(self, call: Call, deadline: float | None) -> Any:
         method = self._stubs[call.method]
         metadata = self._conn.metadata or None
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
             if not call.wait:
                 task = asyncio.ensure_future(
@@ -111,8 +124,8 @@ class AsyncKVClient:
                 task.add_done_callback(self._background.discard)
                 return None
             if call.sink is None:
-                return await method(call.request, timeout=self.timeout, metadata=metadata)
-            stream = method(call.request, timeout=self.timeout, metadata=metadata)
+                return await method(call.fresh_request(), timeout=timeout, metadata=metadata)
+            stream = method(call.request, timeout=timeout, metadata=metadata)
             try:
                 async for message in stream:
                     call.sink(message)
@@ -120,6 +133,11 @@ class AsyncKVClient:
                 stream.cancel()
                 raise
             return None
+        except grpc.aio.AioRpcError as exc:
+            trailing = exc.trailing_metadata()
+            raise self._conn.explain(
+                error_for_status(exc.code(), exc.details() or "", trailing)
+            ) from None
         except grpc.RpcError as exc:
             raise self._conn.explain(error_for_status(exc.code(), exc.details() or "")) from None
 

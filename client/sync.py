@@ -7,6 +7,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any, TypeVar, Unpack
 
@@ -25,7 +26,7 @@ from kvstore.client._core import (
     ServerStats,
 )
 from kvstore.client._transfer import BlockRefs, Transfer, gather
-from kvstore.errors import error_for_status
+from kvstore.errors import KVStoreError, error_for_status
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire import CLIENT_OPTIONS, client_stubs
 
@@ -151,15 +152,27 @@ class KVClient:
     def _invoke(self, call: Call | Block) -> Any:
         if isinstance(call, Block):
             return call.fn()
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while True:
+            try:
+                return self._invoke_once(call, deadline)
+            except KVStoreError as exc:
+                delay = call.retry_delay(exc, deadline)
+                if delay is None:
+                    raise
+                time.sleep(delay)
+
+    def _invoke_once(self, call: Call, deadline: float | None) -> Any:
         method = self._stubs[call.method]
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
             if not call.wait:
                 self._background.submit(method, call.request)
                 return None
             metadata = self._conn.metadata or None
             if call.sink is None:
-                return method(call.request, timeout=self.timeout, metadata=metadata)
-            stream = method(call.request, timeout=self.timeout, metadata=metadata)
+                return method(call.fresh_request(), timeout=timeout, metadata=metadata)
+            stream = method(call.request, timeout=timeout, metadata=metadata)
             try:
                 for message in stream:
                     call.sink(message)
@@ -168,7 +181,10 @@ class KVClient:
                 raise
             return None
         except grpc.RpcError as exc:
-            raise self._conn.explain(error_for_status(exc.code(), exc.details())) from None
+            trailing = exc.trailing_metadata() if isinstance(exc, grpc.Call) else ()
+            raise self._conn.explain(
+                error_for_status(exc.code(), exc.details(), trailing)
+            ) from None
 
     def put(self, key: bytes, tensor: torch.Tensor) -> str:
         """Store `tensor` under `key`; returns the tier it landed in."""

@@ -132,6 +132,8 @@ def stats_view(s: ServerStats, before: ServerStats | None = None, seconds: float
                 f"({ratio_text})"
             )
         )
+    for rule, (used, quota) in s.quotas.items():
+        parts.append(Text(f"quota {rule}: {format_size(used)} of {format_size(quota)}"))
     return Group(*parts)
 
 

@@ -136,6 +136,24 @@ class ServerConfig:
     """Most keys one Lookup, Exists, Delete, Pin or BatchGet may name."""
     staging_bytes: int = 1 << 30
     """Bound on buffers for values in flight that do not pass through the cpu arena."""
+    max_inflight_requests: int = 0
+    """Most calls served at once (all but Commit, Release, Renew and Stats, which give
+    resources back or cost nothing); more are refused with RESOURCE_EXHAUSTED and a retry
+    hint. 0: derived from the machine, 32 per CPU core and at least 64."""
+    max_inflight_bytes: int = 0
+    """Most bytes of values in flight through gRPC: streamed puts from their header until
+    stored, streamed get answers until sent. Past it a call is refused with
+    RESOURCE_EXHAUSTED and a retry hint. 0: derived from the machine, 1/16 of its memory
+    within [2 x max-value-bytes, 8GiB]."""
+    max_leases: int = 1 << 18
+    """Most read leases (shared slices) and, separately, put reservations held at once by
+    all same-host clients together: past it, shared reads are refused with a retry hint
+    and reservations are answered "stream it instead"."""
+    quota: tuple[str, ...] = ()
+    """Per-namespace-group quotas of bytes per tier, as rules `TIER[GLOB]=SIZE` (cpu or
+    ssd), e.g. `cpu[tenant-a/*]=8GiB`. The namespaces matching the first rule of a tier
+    that matches share its quota; a group at its quota makes room by evicting its own
+    entries on that tier, by the eviction policy."""
     grace_seconds: float = 10.0
     """On SIGTERM/SIGINT, how long in-flight calls may take to finish."""
     lease_seconds: float = 30.0
@@ -180,7 +198,14 @@ class ServerConfig:
         self.codec = tuple(r.strip() for r in self.codec)
         for rule in self.codec:
             codec_rule(rule)  # a clear error now rather than at the first demotion
-        for name in ("gpu_bytes", "cpu_bytes", "ssd_bytes", "max_value_bytes", "staging_bytes"):
+        if isinstance(self.quota, str):
+            self.quota = tuple(r for r in self.quota.split(";") if r.strip())
+        self.quota = tuple(r.strip() for r in self.quota)
+        rules = [quota_rule(r) for r in self.quota]
+        if len({r.text for r in rules}) != len(rules):
+            raise ConfigError("quota: two rules name the same tier and namespaces")
+        sizes = ("gpu_bytes", "cpu_bytes", "ssd_bytes", "max_value_bytes", "staging_bytes")
+        for name in (*sizes, "max_inflight_bytes"):
             setattr(self, name, parse_size(getattr(self, name), name.replace("_", "-")))
         if "gpu" in self.tiers and self.gpu_bytes < (1 << 20):
             raise ConfigError(f"gpu-bytes: at least 1MiB, got {self.gpu_bytes}")
@@ -195,6 +220,18 @@ class ServerConfig:
                 f"staging-bytes: {self.staging_bytes} is less than max-value-bytes "
                 f"({self.max_value_bytes}), so a large value could never be received"
             )
+        if self.max_inflight_bytes == 0:
+            self.max_inflight_bytes = default_inflight_bytes(self.max_value_bytes)
+        if self.max_inflight_bytes < self.max_value_bytes:
+            raise ConfigError(
+                f"max-inflight-bytes: {self.max_inflight_bytes} is less than max-value-bytes "
+                f"({self.max_value_bytes}), so a large value could never be received"
+            )
+        self.max_inflight_requests = (
+            _as_int(self.max_inflight_requests, "max-inflight-requests", 0, 1 << 20)
+            or default_inflight_requests()
+        )
+        self.max_leases = _as_int(self.max_leases, "max-leases", 1, 1 << 24)
         self.chunk_tokens = _as_int(self.chunk_tokens, "chunk-tokens", 1, 1 << 20)
         # A key costs 34 bytes in a request, and a request is at most 5 MiB.
         self.max_keys_per_request = _as_int(
@@ -303,11 +340,27 @@ class ServerConfig:
         out: dict[str, Any] = {}
         for name in self.field_names():
             value = getattr(self, name)
-            sep = ";" if name == "codec" else ","  # codec specs contain commas
+            sep = ";" if name in ("codec", "quota") else ","  # codec specs contain commas
             out[name] = sep.join(value) if isinstance(value, tuple) else value
         out["socket"] = str(self.socket_path)
         out["data_dir"] = str(self.data_dir)
         return out
+
+
+def default_inflight_requests() -> int:
+    """Calls served at once by default: 32 per CPU core this process may use, at least 64."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(64, 32 * (cores or 1))
+
+
+def default_inflight_bytes(max_value_bytes: int) -> int:
+    """Bytes in flight by default: 1/16 of the machine's memory, at least two of the largest
+    values and at most 8 GiB."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        memory = 16 << 30
+    return max(2 * max_value_bytes, min(memory // 16, 8 << 30))
 
 
 def split_address(address: str, what: str) -> tuple[str, int]:
@@ -332,20 +385,26 @@ def _as_seconds(value: Any, what: str, lo: float) -> float:
 CODEC_TIERS = ("ssd",)  # tiers that store encoded values; memory tiers hold them raw
 
 
-def codec_rule(rule: str) -> tuple[str, str | None, str]:
-    """(tier, namespace glob or None, codec spec) of a `--codec` rule; ConfigError if bad."""
-    head, sep, spec = rule.partition("]=") if "[" in rule.partition("=")[0] else ("", "", "")
+def _tier_rule(rule: str, what: str, value_name: str, examples: str) -> tuple[str, str | None, str]:
+    """(tier, namespace glob or None, value) of a `TIER=VALUE` or `TIER[GLOB]=VALUE` rule,
+    VALUE named `value_name` in the error message."""
+    head, sep, value = rule.partition("]=") if "[" in rule.partition("=")[0] else ("", "", "")
     if sep:
         tier, _, glob = head.partition("[")
     else:
-        tier, sep, spec = rule.partition("=")
+        tier, sep, value = rule.partition("=")
         glob = None
-    tier = tier.strip().lower()
-    if not sep or not spec.strip() or (glob is not None and not glob.strip()):
+    if not sep or not value.strip() or (glob is not None and not glob.strip()):
         raise ConfigError(
-            f"codec: {rule!r} is not TIER=SPEC or TIER[GLOB]=SPEC (e.g. ssd=zstd, "
-            "ssd[llama-*]=kivi:bits=4)"
+            f"{what}: {rule!r} is not TIER={value_name} or TIER[GLOB]={value_name} "
+            f"(e.g. {examples})"
         )
+    return tier.strip().lower(), glob.strip() if glob is not None else None, value.strip()
+
+
+def codec_rule(rule: str) -> tuple[str, str | None, str]:
+    """(tier, namespace glob or None, codec spec) of a `--codec` rule; ConfigError if bad."""
+    tier, glob, spec = _tier_rule(rule, "codec", "SPEC", "ssd=zstd, ssd[llama-*]=kivi:bits=4")
     if tier not in CODEC_TIERS:
         raise ConfigError(
             f"codec: tier {tier!r} cannot hold encoded values; codecs apply to "
@@ -359,7 +418,41 @@ def codec_rule(rule: str) -> tuple[str, str | None, str]:
         codec_from_spec(spec)
     except InvalidArgument as exc:
         raise ConfigError(f"codec: {exc}") from None
-    return tier, glob.strip() if glob is not None else None, spec.strip()
+    return tier, glob, spec
+
+
+QUOTA_TIERS = ("cpu", "ssd")
+
+
+@dataclass(frozen=True)
+class QuotaRule:
+    """`--quota TIER[GLOB]=SIZE`: the namespaces matching `glob` together hold at most
+    `quota_bytes` of values in `tier`."""
+
+    tier: str
+    glob: str
+    quota_bytes: int
+
+    @property
+    def text(self) -> str:
+        return f"{self.tier}[{self.glob}]"
+
+
+def quota_rule(rule: str) -> QuotaRule:
+    """The `QuotaRule` of a `--quota` rule such as `cpu[tenant-a/*]=8GiB`; ConfigError if bad."""
+    tier, glob, size = _tier_rule(
+        rule, "quota", "SIZE", "cpu[tenant-a/*]=8GiB, ssd[tenant-a/*]=100GiB"
+    )
+    if tier not in QUOTA_TIERS:
+        raise ConfigError(
+            f"quota: tier {tier!r} takes no quota; quotas apply to {', '.join(QUOTA_TIERS)}"
+        )
+    if glob is None:
+        raise ConfigError(
+            f"quota: {rule!r} names no namespaces; write {tier}[GLOB]=SIZE (the whole tier's "
+            f"size is --{tier}-bytes)"
+        )
+    return QuotaRule(tier, glob, parse_size(size, f"quota {tier}[{glob}]"))
 
 
 def _as_bool(value: Any, what: str) -> bool:

@@ -48,7 +48,7 @@ def dtype_by_name(name: str) -> DType:
         return BY_NAME[name]
     except KeyError:
         raise InvalidArgument(
-            f"unknown dtype {name!r}; expected one of {', '.join(sorted(BY_NAME))}"
+            f"unknown dtype {name[:40]!r}; expected one of {', '.join(sorted(BY_NAME))}"
         ) from None
 
 

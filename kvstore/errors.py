@@ -6,6 +6,9 @@ Each error names the gRPC status code it travels as, so the server turns it into
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import grpc
 
 
@@ -31,9 +34,31 @@ class NotFound(KVStoreError, KeyError):
 
 
 class ResourceExhausted(KVStoreError):
-    """Every tier is full and nothing can be evicted, or a server buffer is full."""
+    """Every tier is full and nothing can be evicted, a namespace group's quota cannot take
+    the value, or a server buffer is full.
+
+    `retry_after_s` is set when the condition is transient (a buffer or bound that frees up
+    as other calls finish): the server's hint of when to try again. None: retrying the same
+    call will not help.
+    """
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Overloaded(ResourceExhausted):
+    """The server is at one of its in-flight bounds (calls, bytes, leases): back-pressure.
+    Nothing was done; the same call may succeed after `retry_after_s`. Clients retry writes
+    after the hinted delay within the call's deadline and raise this when time runs out;
+    reads report a miss instead."""
+
+    retry_after_s: float
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message, retry_after_s)
 
 
 class DataLoss(KVStoreError):
@@ -60,6 +85,27 @@ class PermissionDenied(KVStoreError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+"""Trailing metadata of a refused call: gRPC's own retry policy waits this many milliseconds
+before its next attempt, and makes none when the value is negative (gRPC's retry design,
+A6). 0 must not be sent: grpc 1.85's client then never retries nor fails until the deadline."""
+
+OVERLOADED_KEY = "kvstore-overloaded"
+"""Trailing metadata marking a refusal by an in-flight bound (`Overloaded`), value "1"."""
+
+
+def retry_metadata(exc: KVStoreError) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata a failed call carries: for RESOURCE_EXHAUSTED, gRPC's retry
+    pushback (positive for a transient condition, -1 for one a retry cannot fix, so that a
+    client whose gRPC retry policy lists RESOURCE_EXHAUSTED leaves it alone)."""
+    if not isinstance(exc, ResourceExhausted):
+        return ()
+    if exc.retry_after_s is None:
+        return ((RETRY_PUSHBACK_KEY, "-1"),)
+    ms = (RETRY_PUSHBACK_KEY, str(max(1, round(exc.retry_after_s * 1000))))
+    return (ms, (OVERLOADED_KEY, "1")) if isinstance(exc, Overloaded) else (ms,)
+
+
 _BY_CODE: dict[grpc.StatusCode, type[KVStoreError]] = {
     cls.code: cls
     for cls in (
@@ -74,10 +120,23 @@ _BY_CODE: dict[grpc.StatusCode, type[KVStoreError]] = {
 }
 
 
-def error_for_status(code: grpc.StatusCode, message: str) -> KVStoreError:
-    """The exception a client raises for a failed call with this status."""
+def error_for_status(
+    code: grpc.StatusCode, message: str, trailing: Sequence[tuple[str, Any]] | None = ()
+) -> KVStoreError:
+    """The exception a client raises for a failed call with this status and trailing
+    metadata (`Overloaded` for a refusal by an in-flight bound, with its retry hint)."""
+    text = message or code.name
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        meta = {k: v for k, v in trailing or ()}
+        try:
+            after = int(meta.get(RETRY_PUSHBACK_KEY, "-1")) / 1000
+        except ValueError:
+            after = -1.0
+        if meta.get(OVERLOADED_KEY) == "1" and after > 0:
+            return Overloaded(text, after)
+        return ResourceExhausted(text, after if after > 0 else None)
     cls = _BY_CODE.get(code, KVStoreError)
-    err = cls(message or code.name)
+    err = cls(text)
     if cls is KVStoreError:
         err.code = code
     return err

@@ -9,6 +9,11 @@ in one process, as in tests, do not mix) with:
 - per tier, copies found corrupt and dropped: `kvstore_corrupt_dropped_total{tier}`;
 - per RPC: `kvstore_requests_total{rpc,code}` and the `kvstore_request_duration_seconds`
   histogram, kept by `observe(...)`, which also gives each call its request id for logs;
+- back-pressure: `kvstore_inflight{what=requests|bytes}` and their bounds
+  `kvstore_inflight_limit{what}`, `kvstore_leases_limit`, and the calls refused by a bound,
+  `kvstore_rejected_total{rpc,bound=requests|bytes|leases}`;
+- per `--quota` rule: `kvstore_quota_used_bytes{tier,namespaces}` and
+  `kvstore_quota_bytes{tier,namespaces}`;
 - `kvstore_build_info{version}`, `kvstore_uptime_seconds`.
 
 `serve_http(address)` exposes them on `http://HOST:PORT/metrics` from a thread.
@@ -30,6 +35,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from kvstore import __version__
+from kvstore.admission import BUSY, Admission
 from kvstore.config import split_address
 from kvstore.logs import MAX_REQUEST_ID, REQUEST_ID_HEADER, enter_request, new_request_id
 from kvstore.store import Store, TierCounters
@@ -53,10 +59,19 @@ _ROUTINE = {grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.CANCE
 class _StoreCollector(Collector):
     """Reads the store's counters and gauges when Prometheus scrapes."""
 
-    def __init__(self, store: Store, leases: Callable[[], dict[str, int]], started: float):
+    def __init__(
+        self,
+        store: Store,
+        leases: Callable[[], dict[str, int]],
+        started: float,
+        admission: Admission | None,
+        max_leases: int,
+    ):
         self.store = store
         self.leases = leases
         self.started = started
+        self.admission = admission
+        self.max_leases = max_leases
 
     def collect(self) -> Iterator[Metric]:
         s = self.store.stats()
@@ -96,6 +111,25 @@ class _StoreCollector(Collector):
         for kind, n in self.leases().items():
             leases.add_metric([kind], n)
         yield leases
+        yield GaugeMetricFamily(
+            "kvstore_leases_limit",
+            "Most read leases, and put reservations, held at once (max-leases)",
+            value=self.max_leases,
+        )
+        yield from self._admission()
+        used = GaugeMetricFamily(
+            "kvstore_quota_used_bytes",
+            "Bytes of values a --quota rule's namespaces hold in its tier",
+            labels=["tier", "namespaces"],
+        )
+        quota = GaugeMetricFamily(
+            "kvstore_quota_bytes", "A --quota rule's bytes", labels=["tier", "namespaces"]
+        )
+        for q in s.quotas:
+            used.add_metric([q.tier, q.namespaces], q.used_bytes)
+            quota.add_metric([q.tier, q.namespaces], q.quota_bytes)
+        yield used
+        yield quota
         raw = CounterMetricFamily(
             "kvstore_codec_raw_bytes",
             "Bytes of values the ssd tier encoded, before encoding",
@@ -128,14 +162,47 @@ class _StoreCollector(Collector):
             value=time.monotonic() - self.started,
         )  # fmt: skip
 
+    def _admission(self) -> Iterator[Metric]:
+        if self.admission is None:
+            return
+        inflight = GaugeMetricFamily(
+            "kvstore_inflight",
+            "Calls being served, and bytes of values in flight through gRPC",
+            labels=["what"],
+        )
+        limit = GaugeMetricFamily(
+            "kvstore_inflight_limit",
+            "Bounds of kvstore_inflight (max-inflight-requests, max-inflight-bytes)",
+            labels=["what"],
+        )
+        for what, (n, most) in self.admission.gauges().items():
+            inflight.add_metric([what], n)
+            limit.add_metric([what], most)
+        yield inflight
+        yield limit
+        refused = CounterMetricFamily(
+            "kvstore_rejected",
+            "Calls refused with RESOURCE_EXHAUSTED and a retry hint by an in-flight bound",
+            labels=["rpc", "bound"],
+        )
+        for (rpc, which), n in sorted(dict(self.admission.refused).items()):
+            refused.add_metric([rpc, which], n)
+        yield refused
+
 
 class ServerMetrics:
     """The daemon's metrics registry and the per-RPC observer."""
 
-    def __init__(self, store: Store, leases: Callable[[], dict[str, int]]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        leases: Callable[[], dict[str, int]],
+        admission: Admission | None = None,
+        max_leases: int = 0,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.started = time.monotonic()
-        self.registry.register(_StoreCollector(store, leases, self.started))
+        self.registry.register(_StoreCollector(store, leases, self.started, admission, max_leases))
         self._requests = Counter(
             "kvstore_requests",
             "Calls finished, by RPC and gRPC status code",
@@ -177,8 +244,11 @@ class ServerMetrics:
             if counter is None:
                 counter = counts[code] = self._requests.labels(rpc, code.name)
             counter.inc()
-            if code not in _ROUTINE:
-                log.info("%s failed: %s: %s", rpc, code.name, context.details() or "")
+            details = context.details() or ""
+            # Back-pressure refusals come by the thousand under overload: counted in
+            # kvstore_rejected_total, logged at debug only.
+            if code not in _ROUTINE and not details.startswith(BUSY):
+                log.info("%s failed: %s: %s", rpc, code.name, details)
             elif log.isEnabledFor(logging.DEBUG):
                 log.debug("%s done: %s in %.3f ms", rpc, code.name, elapsed * 1e3)
 

@@ -34,9 +34,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvstore import __version__, auth
+from kvstore.admission import (
+    BUSY,
+    MAX_LIST_FIELD,
+    MAX_PIECES_PER_VALUE,
+    Admission,
+    check_count,
+    time_left,
+)
 from kvstore.auth import READ, WRITE, ServerSecurity, require, share_files
 from kvstore.config import ServerConfig, format_size
-from kvstore.errors import InvalidArgument, KVStoreError, NotFound
+from kvstore.errors import InvalidArgument, KVStoreError, NotFound, Overloaded, retry_metadata
 from kvstore.metrics import ServerMetrics
 from kvstore.store import PutReservation, ReadLease, Store, check_namespace
 from kvstore.tiers.gpu import PoolExport
@@ -53,7 +61,11 @@ T = TypeVar("T")
 
 async def _fail(context: grpc.aio.ServicerContext, exc: Exception) -> Any:
     if isinstance(exc, KVStoreError):
-        await context.abort(exc.code, str(exc))
+        # The traceback holds the handler's frame, whose locals hold `exc` (and the request's
+        # pieces, megabytes each): a reference cycle only the cyclic collector frees, long
+        # after the call.
+        exc.__traceback__ = None
+        await context.abort(exc.code, str(exc), trailing_metadata=retry_metadata(exc))
     log.exception("internal error in %s", type(exc).__name__, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 
@@ -110,9 +122,15 @@ class HandOuts(Generic[H]):
     """
 
     def __init__(
-        self, seconds: float, end: Callable[[H], object], what: str, hold_expired: bool = False
+        self,
+        seconds: float,
+        end: Callable[[H], object],
+        what: str,
+        hold_expired: bool = False,
+        limit: int = 1 << 62,
     ) -> None:
         self.seconds = seconds
+        self.limit = limit  # most held at once (--max-leases); see `full`
         self._end = end
         self._what = what
         # With `hold_expired`, what times out is kept one more period before it is ended: a
@@ -134,6 +152,10 @@ class HandOuts(Generic[H]):
             ident = self._fresh.pop()
             if ident and ident not in self._held:  # 0 means "none" on the wire
                 return ident
+
+    def full(self) -> bool:
+        """Whether the table holds `limit` things (those held past their time included)."""
+        return len(self) >= self.limit
 
     def hand_out(self, thing: H, group: int = 0) -> int:
         """Hold `thing` under a new id for the calling tenant, as part of its call `group`
@@ -217,6 +239,11 @@ class HandOuts(Generic[H]):
 _BATCH_PIECES = 1024  # answers without bytes sent in one GetPiece
 
 
+def _check_read_lists(request: pb.GetRequest | pb.KeysRequest) -> None:
+    check_count("gpu pools", len(request.gpu_pools), MAX_LIST_FIELD)
+    check_count("codecs", len(request.codecs), MAX_LIST_FIELD)
+
+
 def _value_args(h: pb.ValueHeader) -> tuple[bytes, str, list[int], int, int]:
     """What `Store.begin_put` / `reserve_in_arena` take after the namespace, from a header."""
     return h.key, h.dtype, list(h.shape), h.nbytes, h.checksum
@@ -258,17 +285,32 @@ def _release_checking(taken: list[tuple[int, ReadLease]], corrupt: set[int]) -> 
 class KVStoreServicer:
     """Implements `kvstore.v1.KVStore` over a `Store`."""
 
-    def __init__(self, store: Store, config: ServerConfig) -> None:
+    def __init__(
+        self, store: Store, config: ServerConfig, admission: Admission | None = None
+    ) -> None:
         self.store = store
         self.config = config
+        self.admission = admission or Admission(
+            config.max_inflight_requests, config.max_inflight_bytes
+        )
         self.started = time.monotonic()
         self.exports = {n: p.export() for n, p in store.pools.items()}
         self.shared: HandOuts[ReadLease] = HandOuts(
-            config.lease_seconds, ReadLease.release, "shared read leases"
+            config.lease_seconds, ReadLease.release, "shared read leases", limit=config.max_leases
         )
         self.reserved: HandOuts[PutReservation] = HandOuts(
-            config.lease_seconds, PutReservation.abort, "put reservations", hold_expired=True
+            config.lease_seconds,
+            PutReservation.abort,
+            "put reservations",
+            hold_expired=True,
+            limit=config.max_leases,
         )
+
+    def _check_ids(self, **lists: Sequence[int]) -> None:
+        """Bound the id lists of Commit, Release and Renew by max-leases: no more can be
+        held, and a client's request may end every one it holds at once."""
+        for what, ids in lists.items():
+            check_count(what.replace("_", " "), len(ids), self.config.max_leases, "max-leases")
 
     # --------------------------------------------------------------- puts
 
@@ -287,6 +329,9 @@ class KVStoreServicer:
         tiers: list[str] = []
         res: PutReservation | None = None
         namespace: str | None = None
+        charged = 0  # bytes of the pending value counted in flight
+        pieces_left = 0
+        limit = max_values or self.config.max_keys_per_request
         try:
             async for piece, data in pieces:
                 if namespace is None:
@@ -300,6 +345,18 @@ class KVStoreServicer:
                     if res is not None:
                         tiers.append(await asyncio.to_thread(res.commit))
                         res = None
+                        self.admission.release(charged)
+                        charged = 0
+                    # BatchPut: the values before the bound are stored, as for any failure.
+                    check_count("values", len(tiers) + 1, limit, "max-keys-per-request")
+                    h = piece.header
+                    self.store.validate_value(h.dtype, h.shape, h.nbytes)  # before counting it
+                    await self.admission.charge(
+                        h.nbytes, "BatchPut" if max_values is None else "Put", bool(tiers),
+                        time_left(context),
+                    )  # fmt: skip
+                    charged = h.nbytes
+                    pieces_left = MAX_PIECES_PER_VALUE
                     # On a worker; a reservation the stream is gone for is aborted.
                     res = await _in_thread_owned(
                         self.store.begin_put,
@@ -314,6 +371,12 @@ class KVStoreServicer:
                         if not tiers
                         else "data after a complete value without a new header"
                     )
+                pieces_left -= 1
+                if pieces_left < 0:
+                    raise InvalidArgument(
+                        f"a value arrived in more than {MAX_PIECES_PER_VALUE} pieces; send "
+                        "pieces of up to 4 MiB"
+                    )
                 if len(data):
                     res.write(data)
             if res is not None:
@@ -327,18 +390,27 @@ class KVStoreServicer:
         except grpc.aio.AbortError:
             raise
         except DecodeError as exc:
-            return await _fail(context, InvalidArgument(f"malformed PutPiece: {exc}"))  # type: ignore[no-any-return]
+            error: Exception = InvalidArgument(f"malformed PutPiece: {exc}")
         except Exception as exc:
-            return await _fail(context, exc)  # type: ignore[no-any-return]
+            error = exc
         finally:
             # A stream that ended early, failed or was cancelled leaves nothing behind.
             if res is not None:
                 res.abort()
+            self.admission.release(charged)
+        # Failed. The last piece's bytes (up to 4 MiB) must not outlive the call, though
+        # this frame may linger in the error's traceback until the cyclic collector runs.
+        data = b""
+        return await _fail(context, error)  # type: ignore[no-any-return]
 
     # --------------------------------------------------------------- gets
 
     async def Get(self, request: pb.GetRequest, context: Any) -> AsyncIterator[Piece]:
         keys = [request.key]
+        try:
+            _check_read_lists(request)
+        except KVStoreError as exc:
+            await _fail(context, exc)
         async for piece in self._get(
             request.namespace,
             keys,
@@ -354,6 +426,7 @@ class KVStoreServicer:
     async def BatchGet(self, request: pb.KeysRequest, context: Any) -> AsyncIterator[Piece]:
         try:
             self.store.check_keys(request.namespace, request.keys)
+            _check_read_lists(request)
         except KVStoreError as exc:
             await _fail(context, exc)
         async for piece in self._get(
@@ -434,6 +507,17 @@ class KVStoreServicer:
         per-key pieces. Returns the table, the positions of absent keys, and those left for
         `_get_pieces` (values elsewhere, or all of them when the lock was busy)."""
         leases, absent = self.store.lease_resident_many(namespace, keys, pools)
+        found = sum(lease is not None for lease in leases)
+        if found and len(self.shared) + found > self.shared.limit:
+            for lease in leases:
+                if lease is not None:
+                    lease.release()
+            raise self.admission.refusal(
+                "BatchGet",
+                "leases",
+                f"{BUSY}: {len(self.shared)} read leases held, and this read needs {found} "
+                f"more than the bound allows (max-leases {self.shared.limit})",
+            )
         table = pb.SliceTable()
         dtypes: dict[str, int] = {}
         tiers: dict[str, int] = {}
@@ -503,6 +587,8 @@ class KVStoreServicer:
         # Answers without bytes (shared slices, misses) go out many to a message: one gRPC
         # message per key would cost more than the rest of the work of a large request.
         batch: list[pb.GetPiece] = []
+        rpc = "Get" if len(keys) == 1 else "BatchGet"
+        sent = False  # whether any value's bytes went out: a refusal then wastes work
         for index in positions:
             key = keys[index]
             if len(batch) >= _BATCH_PIECES:
@@ -529,6 +615,7 @@ class KVStoreServicer:
                 batch.append(pb.GetPiece(index=index, found=False))
                 continue
             handed_out = False
+            charged = 0
             try:
                 h, view = lease.header, lease.view
                 first_piece = pb.GetPiece(
@@ -545,6 +632,16 @@ class KVStoreServicer:
                     encoded_nbytes=len(view) if lease.encoded and view is not None else 0,
                 )
                 if shared and arena is not None and lease.offset is not None:
+                    if self.shared.full():
+                        await _fail(
+                            context,
+                            self.admission.refusal(
+                                rpc,
+                                "leases",
+                                f"{BUSY}: {len(self.shared)} read leases held, the bound "
+                                f"(max-leases {self.shared.limit})",
+                            ),
+                        )
                     # The client reads the value in place; the lease now belongs to it.
                     lease_id = self.shared.hand_out(lease, call)
                     handed_out = True
@@ -562,6 +659,11 @@ class KVStoreServicer:
                     batch.append(first_piece)
                     continue
                 assert view is not None  # only leases handed out in place have no view
+                try:
+                    await self.admission.charge(len(view), rpc, sent, time_left(context))
+                except Overloaded as exc:
+                    await _fail(context, exc)
+                charged = len(view)
                 if batch:  # in order: the batch holds earlier keys
                     yield Piece(pb.GetPiece(batch=batch), b"")
                     batch = []
@@ -569,7 +671,9 @@ class KVStoreServicer:
                 yield Piece(first_piece, view[:first])
                 for off in range(first, len(view), PIECE_BYTES):
                     yield Piece(pb.GetPiece(index=index), view[off : off + PIECE_BYTES])
+                sent = True
             finally:
+                self.admission.release(charged)
                 if not handed_out:
                     lease.release()
         if batch:
@@ -629,7 +733,7 @@ class KVStoreServicer:
         self.store.check_keys(request.namespace, [h.key for h in request.values])
         if request.gpu_pool:
             self.store.pool(request.gpu_pool)  # a clear error for a pool that does not exist
-        if arena is None:
+        if arena is None or self.reserved.full():  # id 0: the client streams them instead
             return pb.ReserveResponse(reservations=[pb.Reservation() for _ in request.values])
         # All slots in one worker call: a thread hop per value would cost more than the
         # allocation for a request of thousands of small blocks.
@@ -642,6 +746,9 @@ class KVStoreServicer:
         )
         out = []
         for res in reservations:
+            if res is not None and self.reserved.full():  # --max-leases: stream it instead
+                res.abort()
+                res = None
             if res is None or res.slot is None:  # no room in the arena: the client streams it
                 out.append(pb.Reservation())
                 continue
@@ -672,6 +779,12 @@ class KVStoreServicer:
 
     @_unary
     async def Commit(self, request: pb.CommitRequest, context: Any) -> pb.PutResponse:
+        self._check_ids(
+            ids=request.ids,
+            aborted_ids=request.abort,
+            abort_calls=request.abort_calls,
+            checksums=request.checksums,
+        )
         self.reserved.release(request.abort)
         self.reserved.release_groups(request.abort_calls)
         taken = self.reserved.take(request.ids)
@@ -712,6 +825,7 @@ class KVStoreServicer:
 
     @_unary
     async def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.CountResponse:
+        self._check_ids(leases=request.leases, corrupt_leases=request.corrupt, calls=request.calls)
         ended = self.shared.release_groups(request.calls)
         if not request.corrupt:
             return pb.CountResponse(count=ended + self.shared.release(request.leases))
@@ -723,6 +837,7 @@ class KVStoreServicer:
 
     @_unary
     async def Renew(self, request: pb.RenewRequest, context: Any) -> pb.RenewResponse:
+        self._check_ids(calls=request.calls)
         return pb.RenewResponse(counts=self.shared.renew_groups(request.calls))
 
     @_unary
@@ -758,6 +873,9 @@ class KVStoreServicer:
             leases=s.leases,
             gpu_pools=[pb.GpuPool(**vars(x)) for x in pools],
             codecs=[pb.CodecStats(name=n, **vars(c)) for n, c in sorted(s.codecs.items())],
+            quotas=[pb.QuotaStats(**vars(q)) for q in s.quotas],
+            max_inflight_requests=cfg.max_inflight_requests,
+            max_inflight_bytes=cfg.max_inflight_bytes,
         )
 
     async def List(self, request: pb.ListRequest, context: Any) -> AsyncIterator[pb.ListResponse]:
@@ -882,11 +1000,19 @@ async def _run(
     security: ServerSecurity,
 ) -> None:
     server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=security.interceptors)
-    servicer = KVStoreServicer(store, config)
+    admission = Admission(config.max_inflight_requests, config.max_inflight_bytes)
+    servicer = KVStoreServicer(store, config, admission)
     metrics = ServerMetrics(
-        store, lambda: {"read": len(servicer.shared), "put": len(servicer.reserved)}
+        store,
+        lambda: {"read": len(servicer.shared), "put": len(servicer.reserved)},
+        admission,
+        config.max_leases,
     )
-    server.add_generic_rpc_handlers((server_handler(servicer, metrics.observe),))
+
+    def observe(rpc: str, kind: str, behavior: Any) -> Any:  # counted, then admitted
+        return metrics.observe(rpc, kind, admission.wrap(rpc, kind, behavior))
+
+    server.add_generic_rpc_handlers((server_handler(servicer, observe),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)

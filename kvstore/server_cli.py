@@ -127,6 +127,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="bound on buffers for values that bypass the cpu tier (default 1GiB)",
     )
     p.add_argument(
+        "--max-inflight-requests",
+        type=int,
+        help="most calls served at once; more are refused with RESOURCE_EXHAUSTED and a "
+        "retry hint (default: 32 per CPU core, at least 64)",
+    )
+    p.add_argument(
+        "--max-inflight-bytes",
+        help="most bytes of streamed puts not yet stored and gets not yet sent; past it "
+        "calls are refused with a retry hint (default: 1/16 of memory, at most 8GiB)",
+    )
+    p.add_argument(
+        "--max-leases",
+        type=int,
+        help="most read leases, and put reservations, same-host clients hold at once "
+        f"(default {d.max_leases})",
+    )
+    p.add_argument(
+        "--quota",
+        action="append",
+        metavar="TIER[GLOB]=SIZE",
+        help="bytes the namespaces matching GLOB may hold in TIER (cpu or ssd) together; "
+        "repeatable, first matching rule per tier wins: cpu[tenant-a/*]=8GiB. A group at "
+        "its quota evicts its own entries, never another's",
+    )
+    p.add_argument(
         "--grace-seconds",
         type=float,
         help=f"time in-flight calls get to finish on shutdown (default {d.grace_seconds:g})",

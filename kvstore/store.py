@@ -54,9 +54,9 @@ from kvstore.codecs.container import (
     decode_stored,
     encode_header,
 )
-from kvstore.config import ServerConfig, codec_rule
+from kvstore.config import QuotaRule, ServerConfig, codec_rule, quota_rule
 from kvstore.dtypes import expected_nbytes
-from kvstore.errors import DataLoss, InvalidArgument, ResourceExhausted
+from kvstore.errors import DataLoss, InvalidArgument, Overloaded, ResourceExhausted
 from kvstore.gpu import cuda_device_count
 from kvstore.keys import KEY_BYTES
 from kvstore.policy import POLICIES, EvictionPolicy
@@ -168,6 +168,16 @@ class CodecBytes:
 
 
 @dataclass
+class QuotaUsage:
+    """One `--quota` rule: what its namespaces hold in its tier, and may hold."""
+
+    tier: str
+    namespaces: str  # the rule's glob
+    used_bytes: int
+    quota_bytes: int
+
+
+@dataclass
 class StoreStats:
     tiers: list[TierStats]
     entries: int
@@ -175,6 +185,7 @@ class StoreStats:
     leases: int
     codecs: dict[str, CodecBytes] = field(default_factory=dict)
     """By codec name ("raw" for values stored as they are), since the server started."""
+    quotas: list[QuotaUsage] = field(default_factory=list)
 
 
 class PutReservation:
@@ -365,6 +376,9 @@ class _Slots:
 GPU_HIGH_WATER = 0.85
 GPU_LOW_WATER = 0.70
 DEMOTE_BATCH_BYTES = 256 << 20
+# The retry hint of a call refused because the staging buffers are full: they empty as
+# values in flight reach ssd or their readers, within milliseconds.
+STAGING_RETRY_S = 0.05
 
 
 class Store:
@@ -400,6 +414,10 @@ class Store:
             for _, glob, spec in sorted(rules, key=lambda r: r[1] is None)
         ]
         self._codec_refused: set[str] = set()  # namespaces a codec could not take (logged)
+        # --quota rules, in order (the first of a tier matching a namespace is its group),
+        # and the bytes of values each group holds in the rule's tier.
+        self._quotas: list[QuotaRule] = [quota_rule(r) for r in config.quota]
+        self._quota_used = [0] * len(self._quotas)
         if "ssd" in config.tiers:  # counted from zero, so a dashboard's rate() has a series
             for name in ["raw", *(codec.name for _, codec in self._ssd_codecs)]:
                 self._codec_bytes.setdefault(name, CodecBytes())
@@ -489,6 +507,7 @@ class Store:
         for e in found:
             self._index[e.eid] = e
             self._policy["ssd"].insert(e.eid)
+            self._account(e, "ssd", 1)
         self.corrupt["ssd"] += self.ssd.dropped
         if found:
             log.info(
@@ -589,14 +608,15 @@ class Store:
                     return PutReservation(self, entry, slot, None, 0, place=pool)
                 if nbytes <= gpu.max_value_bytes:
                     self._wake.set()  # full: make room for the next ones
-            slot = self._alloc_cpu(nbytes) if self.cpu is not None else None
+            slot = self._alloc_cpu(nbytes, namespace) if self.cpu is not None else None
             if slot is not None:
                 assert self.cpu is not None
                 return PutReservation(self, entry, slot, self.cpu.view(slot, nbytes), 0)
             if arena_only:
                 return None
             if self.ssd is None:
-                raise ResourceExhausted(self._why_no_room(nbytes))
+                raise ResourceExhausted(self._why_no_room(nbytes, namespace, "cpu"))
+            self._check_quota_fits(namespace, "ssd", nbytes)  # before any byte is received
             self._stage(nbytes)
         return PutReservation(self, entry, None, memoryview(bytearray(nbytes)), nbytes)
 
@@ -617,6 +637,8 @@ class Store:
             self._write_ssd(e, res._bytes())
             self._only_on_ssd(e)
             if old is not None:
+                if old.on_ssd:
+                    self._account(old, "ssd", -1)
                 old.on_ssd = False
                 self._remove(old)
             self._index[e.eid] = e
@@ -633,6 +655,12 @@ class Store:
         slots = self._mem[place]
         slots.pages.setdefault(slot.page, set()).add(e)
         slots.policy.insert(e.eid, e.cost)
+        if place == 0:
+            self._account(e, "cpu", 1)
+            # Reservations made side by side may together pass the group's quota: trim it.
+            group = self._quota_group(e.namespace, "cpu")
+            if group is not None:
+                self._make_quota_room(group, 0, keep=e.eid)
 
     # ----------------------------------------------------------------- get
 
@@ -813,7 +841,7 @@ class Store:
         # Held as read while room is made, so demotions cannot evict its own ssd copy.
         e.readers += 1
         try:
-            slot = self._alloc_cpu(e.nbytes) if self.cpu is not None else None
+            slot = self._alloc_cpu(e.nbytes, e.namespace) if self.cpu is not None else None
         finally:
             e.readers -= 1
         if slot is None:
@@ -953,6 +981,10 @@ class Store:
                 sum(1 for e in self._index.values() if e.pins),
                 self._leases,
                 {name: CodecBytes(**vars(c)) for name, c in self._codec_bytes.items()},
+                [
+                    QuotaUsage(q.tier, q.glob, used, q.quota_bytes)
+                    for q, used in zip(self._quotas, self._quota_used, strict=True)
+                ],
             )
 
     # ----------------------------------------------------------------- lifecycle
@@ -1058,7 +1090,7 @@ class Store:
                 e = self._index[eid]
                 if not self._evictable(e) or e.slot is None:
                     continue
-                dst = self._alloc_cpu(e.nbytes)
+                dst = self._alloc_cpu(e.nbytes, e.namespace)
                 if dst is None:
                     log.warning("gpu pool %d is full and the cpu tier has no room for it", place)
                     break
@@ -1099,9 +1131,10 @@ class Store:
 
     def _stage(self, nbytes: int) -> None:
         if self._staging_used + nbytes > self.config.staging_bytes:
-            raise ResourceExhausted(
+            raise Overloaded(
                 f"server staging buffers are full ({self._staging_used} of "
-                f"{self.config.staging_bytes} bytes in flight); retry shortly"
+                f"{self.config.staging_bytes} bytes in flight, staging-bytes); retry shortly",
+                STAGING_RETRY_S,
             )
         self._staging_used += nbytes
 
@@ -1109,7 +1142,15 @@ class Store:
         with self._lock:
             self._staging_used -= nbytes
 
-    def _why_no_room(self, nbytes: int) -> str:
+    def _why_no_room(self, nbytes: int, namespace: str = "", tier: str = "") -> str:
+        group = self._quota_group(namespace, tier) if tier else None
+        q = self._quotas[group] if group is not None else None
+        if group is not None and q is not None and self._quota_used[group] + nbytes > q.quota_bytes:
+            return (
+                f"no room for {nbytes} bytes of {namespace} within the quota {q.text}="
+                f"{q.quota_bytes} (values of its namespaces are pinned or being read, or "
+                "the value is larger than the quota)"
+            )
         if self.cpu is not None and nbytes > self.cpu.max_value_bytes and self.ssd is None:
             return (
                 f"value of {nbytes} bytes is larger than the cpu tier's largest slot "
@@ -1123,10 +1164,14 @@ class Store:
     def _evictable(self, e: Entry) -> bool:
         return e.pins == 0 and e.readers == 0
 
-    def _alloc_cpu(self, nbytes: int) -> Slot | None:
-        """A cpu slot for `nbytes`, evicting LRU entries as needed; None if impossible."""
+    def _alloc_cpu(self, nbytes: int, namespace: str) -> Slot | None:
+        """A cpu slot for `nbytes` of `namespace`, evicting LRU entries as needed (first the
+        group's own, to keep it within its quota); None if impossible."""
         cpu = self.cpu
         assert cpu is not None
+        group = self._quota_group(namespace, "cpu")
+        if group is not None and not self._make_quota_room(group, nbytes):
+            return None
         slot = cpu.alloc(nbytes)
         if slot is not None or nbytes > cpu.max_value_bytes:
             return slot
@@ -1188,6 +1233,8 @@ class Store:
             e.retired = (e.retired or []) + [(e.place, e.slot)]
         else:
             slots.mem.free(e.slot)
+        if e.place == 0:
+            self._account(e, "cpu", -1)
         e.slot = None
 
     def _ssd_codec(self, namespace: str) -> Codec | None:
@@ -1226,6 +1273,12 @@ class Store:
             raise ResourceExhausted(
                 f"value of {e.nbytes} bytes does not fit the ssd tier ({ssd.capacity_bytes} bytes)"
             )
+        group = self._quota_group(e.namespace, "ssd")
+        if group is not None:
+            old = self._index.get(e.eid)
+            replaced = old.nbytes if old is not None and old is not e and old.on_ssd else 0
+            if not self._make_quota_room(group, e.nbytes - replaced, keep=e.eid):
+                raise ResourceExhausted(self._why_no_room(e.nbytes, e.namespace, "ssd"))
         while True:
             try:
                 ssd.put(e.namespace, e.key, header, payload)
@@ -1254,6 +1307,8 @@ class Store:
 
     def _on_ssd(self, e: Entry, header: ValueHeader) -> None:
         """Record that the ssd tier now holds `e`, as `header` describes it."""
+        if not e.on_ssd:
+            self._account(e, "ssd", 1)
         e.on_ssd, e.ssd_sum, e.ssd_codec = True, header.value_checksum, header.codec
         self._dirty = True
         self._policy["ssd"].insert(e.eid, e.cost)
@@ -1261,6 +1316,7 @@ class Store:
     def _drop_ssd_copy(self, e: Entry) -> None:
         assert self.ssd is not None
         self.ssd.delete(e.namespace, e.key)
+        self._account(e, "ssd", -1)
         e.on_ssd = False
         self._dirty = True
         self._policy["ssd"].remove(e.eid)
@@ -1274,14 +1330,65 @@ class Store:
         if e.slot is not None:
             self._free_copy(e)
         if e.on_ssd:
-            assert self.ssd is not None
-            self.ssd.delete(e.namespace, e.key)
-            e.on_ssd = False
-            self._dirty = True
-            self._policy["ssd"].remove(e.eid)
+            self._drop_ssd_copy(e)
 
     def _drop(self, e: Entry, tier: str) -> None:
         """Remove an entry whose bytes in `tier` proved corrupt."""
         log.error("dropping %s/%s after a checksum failure in %s", e.namespace, e.key.hex(), tier)
         self.corrupt[tier] += 1
         self._remove(e)
+
+    # ----------------------------------------------------------------- quotas
+
+    def _quota_group(self, namespace: str, tier: str) -> int | None:
+        """The `--quota` rule `namespace` falls under on `tier`: the first that matches."""
+        for i, q in enumerate(self._quotas):
+            if q.tier == tier and fnmatch.fnmatchcase(namespace, q.glob):
+                return i
+        return None
+
+    def _account(self, e: Entry, tier: str, sign: int) -> None:
+        """`e`'s copy on `tier` came (+1) or went (-1): its group's usage follows."""
+        if self._quotas:
+            group = self._quota_group(e.namespace, tier)
+            if group is not None:
+                self._quota_used[group] += sign * e.nbytes
+
+    def _check_quota_fits(self, namespace: str, tier: str, nbytes: int) -> None:
+        """ResourceExhausted when a value of `nbytes` is larger than its group's quota on
+        `tier`: no eviction could ever make room for it."""
+        group = self._quota_group(namespace, tier)
+        if group is not None and nbytes > self._quotas[group].quota_bytes:
+            q = self._quotas[group]
+            raise ResourceExhausted(
+                f"value of {nbytes} bytes is larger than the quota {q.text}={q.quota_bytes} "
+                f"of namespace {namespace}"
+            )
+
+    def _make_quota_room(self, group: int, nbytes: int, keep: EntryId | None = None) -> bool:
+        """Evict the group's own least valuable entries on its tier (by that tier's policy;
+        never `keep`, pinned or leased ones) until `nbytes` more fit its quota. False when
+        they cannot: nothing evictable is left, or `nbytes` alone is more than the quota."""
+        q = self._quotas[group]
+        if nbytes > q.quota_bytes:
+            return False
+        policy = self._mem[0].policy if q.tier == "cpu" else self._policy["ssd"]
+        while self._quota_used[group] + nbytes > q.quota_bytes:
+            victim = next(
+                (
+                    e
+                    for eid in policy.candidates()
+                    if eid != keep
+                    and self._evictable(e := self._index[eid])
+                    and self._quota_group(e.namespace, q.tier) == group
+                ),
+                None,
+            )
+            if victim is None:
+                return False
+            if q.tier == "cpu":
+                self._evict_cpu([victim])
+            else:
+                self._counters["ssd"].evictions += 1
+                self._drop_ssd_copy(victim)
+        return True

@@ -45,6 +45,13 @@ _RETRY = {
     "backoffMultiplier": 2,
     "retryableStatusCodes": ["UNAVAILABLE"],
 }
+# RESOURCE_EXHAUSTED is not in the policy: the server's refusals carry gRPC's
+# grpc-retry-pushback-ms, which gRPC's retry honours for any client that lists the code
+# (tests/e2e/test_backpressure.py shows it), but our clients retry refused writes
+# themselves (`Call.retry_delay`, after the same hint): gRPC replays a stream only while its
+# messages fit its 256 KiB retry buffer (grpc 1.85 was seen to replay a refused put stream
+# empty, then hang), and retries inside gRPC would end a call at its deadline as
+# DEADLINE_EXCEEDED rather than as the typed `Overloaded`.
 
 CLIENT_OPTIONS = [
     *GRPC_OPTIONS,

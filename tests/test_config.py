@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -254,3 +255,22 @@ def test_durability_from_env_flag_and_bad_value(tmp_path: Path) -> None:
     assert cfg.durability == "none"
     with pytest.raises(ConfigError, match=r"durability: 'fsync' is not one of none, async, sync"):
         ServerConfig.load(environ={"KVSTORE_DURABILITY": "fsync"})
+
+
+def test_inflight_bounds_default_from_the_machine_and_are_checked(tmp_path: Path) -> None:
+    cfg = ServerConfig(data_dir=tmp_path)
+    cores = len(os.sched_getaffinity(0))
+    assert cfg.max_inflight_requests == max(64, 32 * cores)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert cfg.max_inflight_bytes == max(2 * cfg.max_value_bytes, min(memory // 16, 8 << 30))
+    set_ = ServerConfig(data_dir=tmp_path, max_inflight_requests="12", max_inflight_bytes="1GiB")
+    assert (set_.max_inflight_requests, set_.max_inflight_bytes) == (12, 1 << 30)
+    with pytest.raises(ConfigError, match=r"max-inflight-bytes: .* less than max-value-bytes"):
+        ServerConfig(data_dir=tmp_path, max_inflight_bytes="1MiB")
+    with pytest.raises(ConfigError, match="max-inflight-requests: must be between"):
+        ServerConfig(data_dir=tmp_path, max_inflight_requests=-1)
+    with pytest.raises(ConfigError, match="max-leases: must be between"):
+        ServerConfig(data_dir=tmp_path, max_leases=0)
+    assert ServerConfig(data_dir=tmp_path, quota="cpu[a/*]=1GiB;ssd[a/*]=2GiB").describe()[
+        "quota"
+    ] == ("cpu[a/*]=1GiB;ssd[a/*]=2GiB")

@@ -263,7 +263,7 @@ class TierStats(_message.Message):
     def __init__(self, name: _Optional[str] = ..., entries: _Optional[int] = ..., used_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., promotions: _Optional[int] = ..., demotions: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("version", "chunk_tokens", "max_value_bytes", "max_keys_per_request", "max_piece_bytes", "tiers", "entries", "uptime_seconds", "host_arena_path", "pinned", "leases", "host_arena_dev", "host_arena_ino", "lease_seconds", "gpu_pools", "codecs")
+    __slots__ = ("version", "chunk_tokens", "max_value_bytes", "max_keys_per_request", "max_piece_bytes", "tiers", "entries", "uptime_seconds", "host_arena_path", "pinned", "leases", "host_arena_dev", "host_arena_ino", "lease_seconds", "gpu_pools", "codecs", "quotas", "max_inflight_requests", "max_inflight_bytes")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_VALUE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -280,6 +280,9 @@ class StatsResponse(_message.Message):
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     GPU_POOLS_FIELD_NUMBER: _ClassVar[int]
     CODECS_FIELD_NUMBER: _ClassVar[int]
+    QUOTAS_FIELD_NUMBER: _ClassVar[int]
+    MAX_INFLIGHT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_INFLIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     version: str
     chunk_tokens: int
     max_value_bytes: int
@@ -296,7 +299,22 @@ class StatsResponse(_message.Message):
     lease_seconds: float
     gpu_pools: _containers.RepeatedCompositeFieldContainer[GpuPool]
     codecs: _containers.RepeatedCompositeFieldContainer[CodecStats]
-    def __init__(self, version: _Optional[str] = ..., chunk_tokens: _Optional[int] = ..., max_value_bytes: _Optional[int] = ..., max_keys_per_request: _Optional[int] = ..., max_piece_bytes: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., entries: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., host_arena_path: _Optional[str] = ..., pinned: _Optional[int] = ..., leases: _Optional[int] = ..., host_arena_dev: _Optional[int] = ..., host_arena_ino: _Optional[int] = ..., lease_seconds: _Optional[float] = ..., gpu_pools: _Optional[_Iterable[_Union[GpuPool, _Mapping]]] = ..., codecs: _Optional[_Iterable[_Union[CodecStats, _Mapping]]] = ...) -> None: ...
+    quotas: _containers.RepeatedCompositeFieldContainer[QuotaStats]
+    max_inflight_requests: int
+    max_inflight_bytes: int
+    def __init__(self, version: _Optional[str] = ..., chunk_tokens: _Optional[int] = ..., max_value_bytes: _Optional[int] = ..., max_keys_per_request: _Optional[int] = ..., max_piece_bytes: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., entries: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., host_arena_path: _Optional[str] = ..., pinned: _Optional[int] = ..., leases: _Optional[int] = ..., host_arena_dev: _Optional[int] = ..., host_arena_ino: _Optional[int] = ..., lease_seconds: _Optional[float] = ..., gpu_pools: _Optional[_Iterable[_Union[GpuPool, _Mapping]]] = ..., codecs: _Optional[_Iterable[_Union[CodecStats, _Mapping]]] = ..., quotas: _Optional[_Iterable[_Union[QuotaStats, _Mapping]]] = ..., max_inflight_requests: _Optional[int] = ..., max_inflight_bytes: _Optional[int] = ...) -> None: ...
+
+class QuotaStats(_message.Message):
+    __slots__ = ("tier", "namespaces", "used_bytes", "quota_bytes")
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACES_FIELD_NUMBER: _ClassVar[int]
+    USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    QUOTA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    tier: str
+    namespaces: str
+    used_bytes: int
+    quota_bytes: int
+    def __init__(self, tier: _Optional[str] = ..., namespaces: _Optional[str] = ..., used_bytes: _Optional[int] = ..., quota_bytes: _Optional[int] = ...) -> None: ...
 
 class CodecStats(_message.Message):
     __slots__ = ("name", "raw_bytes", "encoded_bytes")

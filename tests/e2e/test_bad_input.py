@@ -736,3 +736,173 @@ def test_message_that_is_not_protobuf_is_invalid_argument(
         expect_status(raw_call(channel, method, JUNK[junk]), grpc.StatusCode.INVALID_ARGUMENT)
     finally:
         known.check()
+
+
+# ------------------------------------------------------------------ explicit bounds (issue 9)
+
+
+@pytest.fixture
+def bounded(start_server: Callable[..., ServerProcess]) -> tuple[ServerProcess, Known]:
+    """A server with small bounds on keys per request and leases held, and a quota."""
+    srv = start_server(
+        "--cpu-bytes", "256MiB", "--ssd-bytes", "256MiB", "--max-keys-per-request", "4",
+        "--max-leases", "8", "--quota", "cpu[test/*]=32MiB", "--quota", "ssd[test/*]=2MiB",
+        name="bounded",
+    )  # fmt: skip
+    return srv, Known(srv)
+
+
+def test_batch_put_of_more_values_than_the_key_bound(bounded: tuple[ServerProcess, Known]) -> None:
+    srv, known = bounded
+    data = b"\x05" * 16
+    pieces = [
+        pb.PutPiece(
+            namespace=NAMESPACE if i == 0 else "", header=header(key(40 + i), data), data=data
+        )
+        for i in range(5)
+    ]
+    with grpc.insecure_channel(srv.address) as ch:
+        stub = kvstore_pb2_grpc.KVStoreStub(ch)
+        expect_status(
+            lambda: stub.BatchPut(iter(pieces), timeout=RPC_TIMEOUT),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "5 values",
+            "at most 4",
+            "max-keys-per-request",
+        )
+    # The values before the bound were stored (a stream is committed value by value); the
+    # one past it was not.
+    assert visible(srv, key(43)) and not visible(srv, key(44))
+    known.check()
+
+
+def test_value_in_too_many_pieces(server: ServerProcess, known: Known, stub: Any) -> None:
+    n = (1 << 16) + 1
+    data = bytes(range(256)) * (n // 256 + 1)
+    data = data[:n]
+
+    def pieces() -> Iterator[pb.PutPiece]:
+        yield pb.PutPiece(namespace=NAMESPACE, header=header(key(50), data))
+        for i in range(n):
+            yield pb.PutPiece(data=data[i : i + 1])
+
+    expect_status(
+        lambda: stub.Put(pieces(), timeout=60),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "more than 65536 pieces",
+    )
+    assert not visible(server, key(50))
+    known.check()
+
+
+def test_read_requests_with_too_long_id_lists(
+    server: ServerProcess, known: Known, stub: Any
+) -> None:
+    many = list(range(1, 66))
+    calls = {
+        "Get pools": lambda: list(
+            stub.Get(
+                pb.GetRequest(namespace=NAMESPACE, key=KNOWN_KEY, gpu_pools=many),
+                timeout=RPC_TIMEOUT,
+            )
+        ),
+        "Get codecs": lambda: list(
+            stub.Get(
+                pb.GetRequest(namespace=NAMESPACE, key=KNOWN_KEY, codecs=many), timeout=RPC_TIMEOUT
+            )
+        ),
+        "BatchGet pools": lambda: list(
+            stub.BatchGet(
+                pb.KeysRequest(namespace=NAMESPACE, keys=[KNOWN_KEY], gpu_pools=many),
+                timeout=RPC_TIMEOUT,
+            )
+        ),
+    }
+    for what, call in calls.items():
+        word = "gpu pools" if "pools" in what else "codecs"
+        expect_status(call, grpc.StatusCode.INVALID_ARGUMENT, f"65 {word}", "at most 64", what=what)
+    known.check()
+
+
+def test_lease_id_lists_longer_than_max_leases(bounded: tuple[ServerProcess, Known]) -> None:
+    srv, known = bounded
+    ids = list(range(1, 10))
+    with grpc.insecure_channel(srv.address) as ch:
+        stub = kvstore_pb2_grpc.KVStoreStub(ch)
+        calls = {
+            "Commit ids": lambda: stub.Commit(pb.CommitRequest(ids=ids), timeout=RPC_TIMEOUT),
+            "Commit abort": lambda: stub.Commit(
+                pb.CommitRequest(abort_calls=ids), timeout=RPC_TIMEOUT
+            ),
+            "Release": lambda: stub.Release(pb.ReleaseRequest(leases=ids), timeout=RPC_TIMEOUT),
+            "Release calls": lambda: stub.Release(
+                pb.ReleaseRequest(calls=ids), timeout=RPC_TIMEOUT
+            ),
+            "Renew": lambda: stub.Renew(pb.RenewRequest(calls=ids), timeout=RPC_TIMEOUT),
+        }
+        for what, call in calls.items():
+            expect_status(
+                call, grpc.StatusCode.INVALID_ARGUMENT, "9 ", "at most 8", "max-leases", what=what
+            )
+    known.check()
+
+
+def test_value_larger_than_its_quota_is_resource_exhausted_never_retried(
+    bounded: tuple[ServerProcess, Known],
+) -> None:
+    srv, known = bounded
+    data = b"\x09" * (3 << 20)  # over the ssd quota, and forced past the cpu one below
+    with grpc.insecure_channel(srv.address) as ch:
+        stub = kvstore_pb2_grpc.KVStoreStub(ch)
+        fill = b"\x0a" * (31 << 20)  # the group's cpu quota is 32 MiB: this leaves 1 MiB
+        first = [pb.PutPiece(namespace="test/fill", header=header(key(60), fill))]
+        rest = [pb.PutPiece(data=fill[o : o + (4 << 20)]) for o in range(0, len(fill), 4 << 20)]
+        stub.Put(iter(first + rest), timeout=RPC_TIMEOUT)
+        assert (
+            stub.Pin(
+                pb.KeysRequest(namespace="test/fill", keys=[key(60)]), timeout=RPC_TIMEOUT
+            ).count
+            == 1
+        )
+        exc = expect_status(
+            put_call(
+                stub, [pb.PutPiece(namespace=NAMESPACE, header=header(key(61), data), data=data)]
+            ),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "larger than the quota ssd[test/*]=2097152",
+        )
+        meta = dict(exc.trailing_metadata() or ())  # type: ignore[attr-defined]
+        assert meta.get("grpc-retry-pushback-ms") == "-1"  # a retry cannot help
+    assert not visible(srv, key(61))
+    with srv.client(timeout=RPC_TIMEOUT) as c:
+        used = c.stats().quotas
+    assert used["cpu[test/*]"] == (31 << 20, 32 << 20)  # the pinned fill; the known value
+    assert used["ssd[test/*]"][0] <= 2 << 20  # may have been demoted to make room for it
+    known.check()
+
+
+def test_long_strings_get_short_messages(server: ServerProcess, known: Known, stub: Any) -> None:
+    data = b"\x01" * 8
+    long_dtype = "x" * (1 << 20)
+    exc = expect_status(
+        put_call(
+            stub,
+            [
+                pb.PutPiece(
+                    namespace=NAMESPACE, header=header(key(70), data, dtype=long_dtype), data=data
+                )
+            ],
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "unknown dtype",
+    )
+    assert len(exc.details() or "") < 1024
+    exc = expect_status(
+        lambda: stub.Lookup(
+            pb.KeysRequest(namespace="n" * (1 << 20), keys=[KNOWN_KEY]), timeout=RPC_TIMEOUT
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "namespace",
+    )
+    assert len(exc.details() or "") < 1024
+    known.check()

@@ -306,6 +306,16 @@ def test_check_config_reads_every_flag_and_kvstore_config(tmp_path: Path) -> Non
         "--trust-socket",
         "--socket-group",
         group,
+        "--max-inflight-requests",
+        "12",
+        "--max-inflight-bytes",
+        "3MiB",
+        "--max-leases",
+        "100",
+        "--quota",
+        "cpu[a/*]=1MiB",
+        "--quota",
+        "ssd[a/*]=2MiB",
     )
     assert got == {
         "tiers": "cpu,ssd",
@@ -335,6 +345,10 @@ def test_check_config_reads_every_flag_and_kvstore_config(tmp_path: Path) -> Non
         "auth_tokens": str(tenants.path),
         "trust_socket": True,
         "socket_group": group,
+        "max_inflight_requests": 12,
+        "max_inflight_bytes": 3 * MiB,
+        "max_leases": 100,
+        "quota": "cpu[a/*]=1MiB;ssd[a/*]=2MiB",
     }
     # KVSTORE_CONFIG names the file when --config does not.
     cfg = tmp_path / "env.toml"

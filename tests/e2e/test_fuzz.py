@@ -233,9 +233,11 @@ class Stored:
 def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, Stored]]:
     data = tmp_path_factory.mktemp("fuzz") / "srv"
     data.mkdir()
+    # Small bounds on list lengths and leases, so the long repeated fields cross them.
     server = ServerProcess(
-        data, "--cpu-bytes", "64MiB", "--ssd-bytes", "512MiB", "--max-value-bytes", "16MiB"
-    ).start()
+        data, "--cpu-bytes", "64MiB", "--ssd-bytes", "512MiB", "--max-value-bytes", "16MiB",
+        "--max-keys-per-request", "256", "--max-leases", "1024",
+    ).start()  # fmt: skip
     try:
         stored = Stored(server)
         yield server, stored
