@@ -356,3 +356,21 @@ def test_async_and_none_never_flush_on_durable(tmp_path: Path, mode: str, period
     assert env.syncs == periodic
     t.env = env._env  # type: ignore[assignment]
     t.close()
+
+
+def test_a_full_lmdb_map_is_tier_full_and_keeps_what_it_holds(tier: LmdbTier) -> None:
+    # The map is sized above the tier's capacity, so only a file grown by fragmentation
+    # fills it: shrink the map to what is in use to get there now.
+    kept = {i: os.urandom(64 * 1024) for i in range(4)}
+    for i, payload in kept.items():
+        put(tier, "ns", key(i), payload)
+    info = tier.env.info()
+    tier.env.set_mapsize((info["last_pgno"] + 4) * tier.env.stat()["psize"])
+    used, count = tier.used_bytes, tier.count()
+    with pytest.raises(TierFull, match="map is full"):
+        put(tier, "ns", key(9), os.urandom(256 * 1024))
+    assert (tier.used_bytes, tier.count()) == (used, count)  # the refused put left nothing
+    with pytest.raises(KeyError), tier.read("ns", key(9)):
+        pass
+    for i, payload in kept.items():
+        assert read(tier, "ns", key(i))[1] == payload
