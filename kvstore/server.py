@@ -494,6 +494,18 @@ class KVStoreServicer:
             self.shared.release(handed, anyone=True)
             raise
 
+    def _lease_refusal(self, rpc: str, needed: int) -> Overloaded | None:
+        """The refusal of a read that would hand out `needed` more read leases than
+        --max-leases allows, or None when they fit."""
+        if not needed or len(self.shared) + needed <= self.shared.limit:
+            return None
+        return self.admission.refusal(
+            rpc,
+            "leases",
+            f"{BUSY}: {len(self.shared)} read leases held, {needed} more would pass the bound "
+            f"(max-leases {self.shared.limit})",
+        )
+
     def _lease_table(
         self,
         namespace: str,
@@ -507,17 +519,12 @@ class KVStoreServicer:
         per-key pieces. Returns the table, the positions of absent keys, and those left for
         `_get_pieces` (values elsewhere, or all of them when the lock was busy)."""
         leases, absent = self.store.lease_resident_many(namespace, keys, pools)
-        found = sum(lease is not None for lease in leases)
-        if found and len(self.shared) + found > self.shared.limit:
+        refusal = self._lease_refusal("BatchGet", sum(lease is not None for lease in leases))
+        if refusal is not None:
             for lease in leases:
                 if lease is not None:
                     lease.release()
-            raise self.admission.refusal(
-                "BatchGet",
-                "leases",
-                f"{BUSY}: {len(self.shared)} read leases held, and this read needs {found} "
-                f"more than the bound allows (max-leases {self.shared.limit})",
-            )
+            raise refusal
         table = pb.SliceTable()
         dtypes: dict[str, int] = {}
         tiers: dict[str, int] = {}
@@ -632,16 +639,9 @@ class KVStoreServicer:
                     encoded_nbytes=len(view) if lease.encoded and view is not None else 0,
                 )
                 if shared and arena is not None and lease.offset is not None:
-                    if self.shared.full():
-                        await _fail(
-                            context,
-                            self.admission.refusal(
-                                rpc,
-                                "leases",
-                                f"{BUSY}: {len(self.shared)} read leases held, the bound "
-                                f"(max-leases {self.shared.limit})",
-                            ),
-                        )
+                    refusal = self._lease_refusal(rpc, 1)
+                    if refusal is not None:
+                        await _fail(context, refusal)
                     # The client reads the value in place; the lease now belongs to it.
                     lease_id = self.shared.hand_out(lease, call)
                     handed_out = True
