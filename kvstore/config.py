@@ -150,10 +150,11 @@ class ServerConfig:
     all same-host clients together: past it, shared reads are refused with a retry hint
     and reservations are answered "stream it instead"."""
     quota: tuple[str, ...] = ()
-    """Per-namespace-group quotas of bytes per tier, as rules `TIER[GLOB]=SIZE` (cpu or
-    ssd), e.g. `cpu[tenant-a/*]=8GiB`. The namespaces matching the first rule of a tier
+    """Per-namespace-group quotas of bytes per tier, as rules `TIER[GLOB]=SIZE` (gpu, cpu
+    or ssd), e.g. `cpu[tenant-a/*]=8GiB`. The namespaces matching the first rule of a tier
     that matches share its quota; a group at its quota makes room by evicting its own
-    entries on that tier, by the eviction policy."""
+    entries on that tier, by the eviction policy (a gpu group's puts land in cpu while the
+    demoter moves its oldest values there; the gpu quota spans all pools)."""
     grace_seconds: float = 10.0
     """On SIGTERM/SIGINT, how long in-flight calls may take to finish."""
     lease_seconds: float = 30.0
@@ -421,7 +422,7 @@ def codec_rule(rule: str) -> tuple[str, str | None, str]:
     return tier, glob, spec
 
 
-QUOTA_TIERS = ("cpu", "ssd")
+QUOTA_TIERS = ("gpu", "cpu", "ssd")
 
 
 @dataclass(frozen=True)
@@ -441,7 +442,7 @@ class QuotaRule:
 def quota_rule(rule: str) -> QuotaRule:
     """The `QuotaRule` of a `--quota` rule such as `cpu[tenant-a/*]=8GiB`; ConfigError if bad."""
     tier, glob, size = _tier_rule(
-        rule, "quota", "SIZE", "cpu[tenant-a/*]=8GiB, ssd[tenant-a/*]=100GiB"
+        rule, "quota", "SIZE", "gpu[tenant-a/*]=4GiB, cpu[tenant-a/*]=8GiB, ssd[tenant-a/*]=100GiB"
     )
     if tier not in QUOTA_TIERS:
         raise ConfigError(

@@ -147,9 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--quota",
         action="append",
         metavar="TIER[GLOB]=SIZE",
-        help="bytes the namespaces matching GLOB may hold in TIER (cpu or ssd) together; "
+        help="bytes the namespaces matching GLOB may hold in TIER (gpu, cpu or ssd) together; "
         "repeatable, first matching rule per tier wins: cpu[tenant-a/*]=8GiB. A group at "
-        "its quota evicts its own entries, never another's",
+        "its quota evicts its own entries, never another's (from gpu: to cpu; a gpu quota "
+        "spans all pools)",
     )
     p.add_argument(
         "--grace-seconds",

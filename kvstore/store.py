@@ -21,6 +21,9 @@ start in cpu. A full pool makes puts land in cpu instead of waiting: a demoter t
 every pool below `GPU_HIGH_WATER` by copying its least recently used values to cpu on the
 pool's own stream, checking each copy against its checksum, and only then swapping the
 entry over. Reads are not promoted into a pool: a GPU reader already holds its own copy.
+A `--quota gpu[GLOB]=SIZE` group is held the same way across all pools: a put that would
+pass the group's quota lands in cpu, and the demoter keeps the group below
+`GPU_HIGH_WATER` of its quota by moving that group's own least recent values to cpu.
 
 An entry has at most one memory copy: at `place` 0 (the cpu arena) or n (gpu pool n).
 
@@ -600,11 +603,12 @@ class Store:
         )
         entry.cost = float(cost)
         with self._lock:
-            if gpu is not None:
+            if gpu is not None and self._gpu_quota_admits(namespace, nbytes):
                 slot = gpu.alloc(nbytes)
                 if slot is not None and gpu.used_bytes > GPU_HIGH_WATER * gpu.capacity_bytes:
                     self._wake.set()
                 if slot is not None:
+                    self._account(entry, "gpu", 1)  # counted from the reservation on
                     return PutReservation(self, entry, slot, None, 0, place=pool)
                 if nbytes <= gpu.max_value_bytes:
                     self._wake.set()  # full: make room for the next ones
@@ -648,6 +652,8 @@ class Store:
         if res.slot is not None:
             with self._lock:
                 self._mem[res.place].mem.free(res.slot)
+                if res.place:
+                    self._account(res.entry, "gpu", -1)
 
     def _settle(self, e: Entry, place: int, slot: Slot) -> None:
         """Make `slot` in `place` the memory copy of `e` (which has none)."""
@@ -1081,23 +1087,37 @@ class Store:
             cpu = self.cpu
             assert cpu is not None
             used = pool.used_bytes
-            if not force and used <= GPU_HIGH_WATER * pool.capacity_bytes:
-                return 0
-            target = used - GPU_LOW_WATER * pool.capacity_bytes
+            # Bytes each --quota group past its gpu quota must shed; None: the pool is full,
+            # any entry may go.
+            need: dict[int, float] | None = None
+            if force:
+                target = float(DEMOTE_BATCH_BYTES)
+            elif used > GPU_HIGH_WATER * pool.capacity_bytes:
+                target = min(DEMOTE_BATCH_BYTES, used - GPU_LOW_WATER * pool.capacity_bytes)
+            else:
+                need = self._gpu_quota_excess()
+                if not need:
+                    return 0
+                target = min(DEMOTE_BATCH_BYTES, sum(need.values()))
             batch: list[tuple[Entry, Slot, Slot]] = []  # (entry, pool slot, cpu slot)
             moved = 0
             for eid in slots.policy.candidates():
                 e = self._index[eid]
                 if not self._evictable(e) or e.slot is None:
                     continue
+                if need is not None:
+                    group = self._quota_group(e.namespace, "gpu")
+                    if group is None or need.get(group, 0) <= 0:
+                        continue
+                    need[group] -= e.nbytes
                 dst = self._alloc_cpu(e.nbytes, e.namespace)
                 if dst is None:
-                    log.warning("gpu pool %d is full and the cpu tier has no room for it", place)
+                    log.warning("no room in cpu for values demoted from gpu pool %d", place)
                     break
                 e.readers += 1  # the slot stays put while it is copied
                 batch.append((e, e.slot, dst))
                 moved += e.nbytes
-                if moved >= (DEMOTE_BATCH_BYTES if force else min(DEMOTE_BATCH_BYTES, target)):
+                if moved >= target:
                     break
             if not batch:
                 return 0
@@ -1233,8 +1253,7 @@ class Store:
             e.retired = (e.retired or []) + [(e.place, e.slot)]
         else:
             slots.mem.free(e.slot)
-        if e.place == 0:
-            self._account(e, "cpu", -1)
+        self._account(e, "cpu" if e.place == 0 else "gpu", -1)
         e.slot = None
 
     def _ssd_codec(self, namespace: str) -> Codec | None:
@@ -1353,6 +1372,26 @@ class Store:
             group = self._quota_group(e.namespace, tier)
             if group is not None:
                 self._quota_used[group] += sign * e.nbytes
+
+    def _gpu_quota_admits(self, namespace: str, nbytes: int) -> bool:
+        """Whether `namespace`'s gpu quota group (if any) has room for `nbytes` more now; a
+        group filling up wakes the demoter, which moves its oldest entries to cpu."""
+        group = self._quota_group(namespace, "gpu")
+        if group is None:
+            return True
+        used, quota = self._quota_used[group], self._quotas[group].quota_bytes
+        if used + nbytes > GPU_HIGH_WATER * quota:
+            self._wake.set()
+        return used + nbytes <= quota
+
+    def _gpu_quota_excess(self) -> dict[int, float]:
+        """The gpu quota groups past `GPU_HIGH_WATER` of their quota, and how many bytes each
+        must shed to be back at `GPU_LOW_WATER` (as a full pool is)."""
+        return {
+            group: used - GPU_LOW_WATER * q.quota_bytes
+            for group, (q, used) in enumerate(zip(self._quotas, self._quota_used, strict=True))
+            if q.tier == "gpu" and used > GPU_HIGH_WATER * q.quota_bytes
+        }
 
     def _check_quota_fits(self, namespace: str, tier: str, nbytes: int) -> None:
         """ResourceExhausted when a value of `nbytes` is larger than its group's quota on

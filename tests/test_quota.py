@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import random
+import time
 from collections.abc import Callable
 
 import pytest
 
+from kvstore.codecs.container import checksum
 from kvstore.config import ConfigError, ServerConfig, quota_rule
 from kvstore.errors import ResourceExhausted
-from kvstore.store import Store
+from kvstore.store import GPU_LOW_WATER, Store
+from kvstore.tiers.gpu import TwinPool
 from tests.test_store import MiB, key, put, read, value
 
 MakeStore = Callable[..., Store]
@@ -31,7 +35,7 @@ def recount(store: Store) -> dict[str, int]:
             e.nbytes
             for e in store.entries()
             if fnmatch.fnmatchcase(e.namespace, q.namespaces)
-            and (e.on_ssd if q.tier == "ssd" else e.slot is not None and e.place == 0)
+            and (e.on_ssd if q.tier == "ssd" else e.slot is not None and e.tier == q.tier)
         )
     return out
 
@@ -121,40 +125,146 @@ def test_first_matching_rule_of_a_tier_is_the_group(make_store: MakeStore) -> No
     }
 
 
-def test_usage_follows_every_kind_of_change_and_survives_restart(make_store: MakeStore) -> None:
-    rules = ["cpu[tenant-a/*]=3MiB", "ssd[tenant-a/*]=6MiB", "cpu[tenant-b/*]=5MiB"]
-    s = make_store(cpu_bytes="8MiB", ssd_bytes="24MiB", quota=rules)
-    rng = random.Random(5)
-    for step in range(400):
+Op = Callable[[Store, bytes, str, int, random.Random], object]
+# (weight, operation on key k of namespace ns at step n) common to both churn tests.
+COMMON_OPS: list[tuple[float, Op]] = [
+    (2, lambda s, k, ns, n, rng: read(s, k, ns)),
+    (1, lambda s, k, ns, n, rng: s.delete(ns, [k])),
+    (1, lambda s, k, ns, n, rng: s.pin(ns, [k], 1)),
+    (1, lambda s, k, ns, n, rng: s.pin(ns, [k], -1)),
+]
+
+
+def churn(s: Store, seed: int, ops: list[tuple[float, Op]], steps: int = 400) -> None:
+    """Random operations over a few keys of three namespaces; after each, every rule's usage
+    equals the bytes its entries hold and is within its quota."""
+    rng = random.Random(seed)
+    weights = [w for w, _ in ops]
+    for step in range(steps):
         ns = rng.choice([A, B, "other/x"])
-        k = key(rng.randrange(12))
-        op = rng.random()
-        try:
-            if op < 0.5:
-                put(s, k, value(step, rng.choice([MiB // 2, MiB, 2 * MiB])), ns)
-            elif op < 0.7:
-                read(s, k, ns)
-            elif op < 0.8:
-                s.delete(ns, [k])
-            elif op < 0.9:
-                s.pin(ns, [k], 1)
-            else:
-                s.pin(ns, [k], -1)
-        except ResourceExhausted:
-            pass  # pinned values may leave no room; what matters is the bookkeeping
+        k = key(rng.randrange(10))
+        [(_, op)] = rng.choices(ops, weights)
+        # Pinned values may leave no room; what matters is the bookkeeping.
+        with contextlib.suppress(ResourceExhausted):
+            op(s, k, ns, step, rng)
         assert usage(s) == recount(s), f"step {step}"
         for q in s.stats().quotas:
             assert q.used_bytes <= q.quota_bytes, f"step {step}: {q}"
+
+
+def test_usage_follows_every_kind_of_change_and_survives_restart(make_store: MakeStore) -> None:
+    rules = ["cpu[tenant-a/*]=3MiB", "ssd[tenant-a/*]=6MiB", "cpu[tenant-b/*]=5MiB"]
+    s = make_store(cpu_bytes="8MiB", ssd_bytes="24MiB", quota=rules)
+    sizes = [MiB // 2, MiB, 2 * MiB]
+    churn(
+        s,
+        5,
+        [*COMMON_OPS, (5, lambda s, k, ns, n, rng: put(s, k, value(n, rng.choice(sizes)), ns))],
+    )
     s.close()
     again = make_store(cpu_bytes="8MiB", ssd_bytes="24MiB", quota=rules)
     assert usage(again) == recount(again)
+
+
+def put_gpu(store: Store, k: bytes, data: bytes, ns: str, *, abort: bool = False) -> str:
+    """A put as a same-host GPU client makes it: reserve in pool 1 (the host twin of a CUDA
+    pool) or else the cpu arena, write, commit (or abort); the tier it was (to be) in."""
+    res = store.reserve_in_arena(ns, k, "uint8", [len(data)], len(data), checksum(data), pool=1)
+    if res is None:
+        return "stream it"  # no room in pool or arena now: the client would stream it
+    if res.place:
+        pool = store.pools[1]
+        assert isinstance(pool, TwinPool) and res.slot is not None
+        pool.view(res.slot, len(data))[:] = data
+    else:
+        assert res.buffer is not None
+        res.buffer[:] = data
+    res.written()
+    if abort:
+        res.abort()
+        return res.tier
+    return res.commit()
+
+
+@pytest.fixture
+def no_demoter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stores made after this demote only when a test calls `demote` itself."""
+    monkeypatch.setattr(Store, "_demote_forever", lambda self: None)
+
+
+GPU = {"tiers": "gpu,cpu,ssd", "gpu_twin": True, "gpu_bytes": "8MiB", "cpu_bytes": "16MiB"}
+
+
+def test_a_group_at_its_gpu_quota_lands_in_cpu_and_sheds_only_its_own(
+    make_store: MakeStore, no_demoter: None
+) -> None:
+    s = make_store(**GPU, quota=["gpu[tenant-a/*]=3MiB"])
+    a_values = {key(i): value(i) for i in range(5)}
+    b_values = {key(100 + i): value(100 + i) for i in range(3)}
+    assert [put_gpu(s, key(i), a_values[key(i)], A) for i in range(3)] == ["gpu"] * 3
+    assert put_gpu(s, key(3), a_values[key(3)], A) == "cpu"  # past the quota: no waiting
+    for k, v in b_values.items():
+        assert put_gpu(s, k, v, B) == "gpu"  # the pool has room; B has no gpu quota
+    assert usage(s) == {"gpu[tenant-a/*]": 3 * MiB} == recount(s)
+    # The pool is 75% full, under its own high-water mark: only the group is over its own.
+    assert s.demote(1) == 1
+    assert usage(s) == {"gpu[tenant-a/*]": 2 * MiB} == recount(s)
+    assert s.demote(1) == 0  # back under the group's high-water mark
+    a_tiers, b_tiers = tiers_of(s, A), tiers_of(s, B)
+    assert [a_tiers[key(i)] for i in range(4)] == ["cpu", "gpu", "gpu", "cpu"]  # oldest went
+    assert set(b_tiers.values()) == {"gpu"}  # B untouched
+    assert put_gpu(s, key(9), value(9), A, abort=True) == "gpu"  # gives its room back
+    assert usage(s) == {"gpu[tenant-a/*]": 2 * MiB} == recount(s)
+    assert put_gpu(s, key(4), a_values[key(4)], A) == "gpu"  # room again within the quota
+    for k, v in a_values.items():
+        assert read(s, k, A) == v
+    for k, v in b_values.items():
+        assert read(s, k, B) == v
+
+
+def test_the_demoter_thread_brings_a_gpu_group_back_under_its_quota(
+    make_store: MakeStore,
+) -> None:
+    s = make_store(**GPU, quota=["gpu[tenant-a/*]=4MiB"])
+    a_values = {key(i): value(i) for i in range(4)}
+    for k, v in a_values.items():
+        assert put_gpu(s, k, v, A) == "gpu"
+    deadline = time.monotonic() + 10
+    while usage(s)["gpu[tenant-a/*]"] > GPU_LOW_WATER * 4 * MiB and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert usage(s) == {"gpu[tenant-a/*]": 2 * MiB} == recount(s)
+    assert tiers_of(s, A) == {key(0): "cpu", key(1): "cpu", key(2): "gpu", key(3): "gpu"}
+    for k, v in a_values.items():
+        assert read(s, k, A) == v
+
+
+def test_gpu_quota_usage_follows_reservations_aborts_and_demotions(
+    make_store: MakeStore, no_demoter: None
+) -> None:
+    rules = ["gpu[tenant-a/*]=3MiB", "cpu[tenant-a/*]=4MiB", "gpu[tenant-b/*]=2MiB"]
+    s = make_store(**GPU, quota=rules)
+    churn(
+        s,
+        9,
+        [
+            *COMMON_OPS,
+            (
+                3.5,
+                lambda s, k, ns, n, rng: put_gpu(s, k, value(n, rng.choice([MiB // 2, MiB])), ns),
+            ),
+            (1, lambda s, k, ns, n, rng: put_gpu(s, k, value(n), ns, abort=True)),
+            (1, lambda s, k, ns, n, rng: put(s, k, value(n), ns)),
+            (1.5, lambda s, k, ns, n, rng: s.demote(1)),
+        ],
+    )
+    assert any(e.tier == "gpu" for e in s.entries(A)) and any(e.tier == "cpu" for e in s.entries(A))
 
 
 @pytest.mark.parametrize(
     ("rule", "words"),
     [
         ("cpu=8GiB", "names no namespaces"),
-        ("gpu[a/*]=1GiB", "takes no quota"),
+        ("remote[a/*]=1GiB", "takes no quota"),
         ("cpu[a/*]=8 gigs", "cannot read"),
         ("cpu[a/*]", "TIER[GLOB]=SIZE"),
         ("cpu[]=1GiB", "TIER[GLOB]=SIZE"),

@@ -133,3 +133,27 @@ def test_corrupt_pool_copy_is_caught_and_dropped(twin) -> None:  # type: ignore[
         local.get_into([key(7)], torch.empty_like(v)[None]).wait(timeout=30)
     assert wait_for(lambda: local.exists([key(7)]) == [False])
     assert srv.alive()
+
+
+def test_a_gpu_quota_holds_one_group_and_leaves_the_other_in_the_pool(start_server) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server(
+        "--tiers", "gpu,cpu,ssd", "--gpu-twin", "--gpu-bytes", "8MiB", "--cpu-bytes", "64MiB",
+        "--quota", "gpu[test/tenant-a*]=1MiB",
+    )  # fmt: skip
+    rule = "gpu[test/tenant-a*]"
+    a_values = [block(i, 64 * KiB) for i in range(16)]  # 2 MiB: twice the group's quota
+    b_values = [block(100 + i, 64 * KiB) for i in range(16)]
+    keys = [key(i) for i in range(16)]
+    with srv.client("test/tenant-a") as a, srv.client("test/tenant-b") as b:
+        placed = a.put_from(keys, a_values).wait(timeout=30)
+        assert placed.count("gpu") <= 8 and placed.count("cpu") >= 8  # 8 x 128 KiB = 1 MiB
+        assert b.put_from(keys, b_values).wait(timeout=30) == ["gpu"] * 16  # no quota for B
+        used, quota = a.stats().quotas[rule]
+        assert quota == MiB and used <= MiB
+        assert wait_for(lambda: a.stats().quotas[rule][0] <= 0.85 * MiB)  # the demoter
+        st = b.stats()  # B's values all stayed in the pool
+        assert st.tiers["gpu"].used_bytes - st.quotas[rule][0] == 16 * 128 * KiB
+        for client, values in ((a, a_values), (b, b_values)):
+            out = torch.empty((16, 64 * KiB), dtype=torch.bfloat16)
+            assert client.get_into(keys, out).wait(timeout=30) == [True] * 16
+            assert torch.equal(out, torch.stack(values))
