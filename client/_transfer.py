@@ -166,62 +166,96 @@ class CopyRuns:
     arena slots into neighbouring rows of one tensor, as a prefix saved in one go and
     loaded in one go has them) extends that copy instead of adding a call. Each copy call
     costs the host 10-20 us, and a long prefix is hundreds of values: on the GPU path the
-    host, not PCIe, decides how soon the first token comes. `flush()` before anything that
-    must follow the copies on the stream (an event, a hash)."""
+    host, not PCIe, decides how soon the first token comes. So does `add` itself, once per
+    value: it compares addresses only, and makes no tensor view until a run is copied.
+    `flush()` before anything that must follow the copies on the stream (an event, a hash)."""
 
     def __init__(self) -> None:
         self._run: _Run | None = None
         self.calls = 0  # copy calls made
 
-    def add(self, dst: torch.Tensor, src: torch.Tensor, non_blocking: bool) -> None:
-        """Copy contiguous `src` into contiguous `dst`, byte for byte (same byte length)."""
-        n = dst.numel() * dst.element_size()
+    def add(
+        self,
+        dst: torch.Tensor,
+        dst_at: int,
+        src: torch.Tensor,
+        src_at: int,
+        nbytes: int,
+        non_blocking: bool,
+    ) -> None:
+        """Copy `nbytes` from byte `src_at` of contiguous `src` to byte `dst_at` of
+        contiguous `dst`."""
+        dst_ptr, src_ptr = dst.data_ptr() + dst_at, src.data_ptr() + src_at
         run = self._run
         if (
             run is not None
-            and dst.data_ptr() == run.dst_end
-            and src.data_ptr() == run.src_end
+            and dst_ptr == run.dst_end
+            and src_ptr == run.src_end
             and run.non_blocking == non_blocking
-            and _same_storage(run.dst, dst)  # neighbours in memory may be two allocations
-            and _same_storage(run.src, src)
+            and _same_allocation(dst, run.dst, run.dst_start)  # neighbours in memory may
+            and _same_allocation(src, run.src, run.src_start)  # be two allocations
         ):
-            run.nbytes += n
-            run.dst_end += n
-            run.src_end += n
+            run.nbytes += nbytes
+            run.dst_end += nbytes
+            run.src_end += nbytes
             return
         self.flush()
-        self._run = _Run(dst, src, n, dst.data_ptr() + n, src.data_ptr() + n, non_blocking)
+        self._run = _Run(
+            dst, dst_at, src, src_at, nbytes, dst_ptr + nbytes, src_ptr + nbytes,
+            _storage_start(dst), _storage_start(src), non_blocking,
+        )  # fmt: skip
 
     def flush(self) -> None:
         run, self._run = self._run, None
         if run is None or not run.nbytes:
             return
-        dst, src = _byte_span(run.dst, run.nbytes), _byte_span(run.src, run.nbytes)
-        dst.copy_(src, non_blocking=run.non_blocking)
+        dst = _byte_span(run.dst, run.dst_at, run.nbytes)
+        dst.copy_(_byte_span(run.src, run.src_at, run.nbytes), non_blocking=run.non_blocking)
         self.calls += 1
 
 
 @dataclass(slots=True)
 class _Run:
-    """A pending copy: its first destination and source (contiguous tensors), its bytes so
-    far, the addresses where each side ends, and whether it may be asynchronous."""
+    """A pending copy: its first destination and source (contiguous tensors) and the byte
+    of each it starts at, its bytes so far, the addresses where each side ends, where the
+    storage of each side starts (its identity, with the device), and whether it may be
+    asynchronous."""
 
     dst: torch.Tensor
+    dst_at: int
     src: torch.Tensor
+    src_at: int
     nbytes: int
     dst_end: int
     src_end: int
+    dst_start: tuple[int, int]
+    src_start: tuple[int, int]
     non_blocking: bool
 
 
-def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+def _storage_start(t: torch.Tensor) -> tuple[int, int]:
+    """(device index or -1, address where `t`'s storage starts): which allocation `t` is
+    in, without making a storage object (which costs several times more)."""
+    return t.get_device(), t.data_ptr() - int(t.storage_offset()) * t.element_size()
 
 
-def _byte_span(t: torch.Tensor, nbytes: int) -> torch.Tensor:
-    """`nbytes` bytes of `t`'s storage from where contiguous `t` starts, as uint8."""
+def _same_allocation(t: torch.Tensor, first: torch.Tensor, start: tuple[int, int]) -> bool:
+    """Whether `t` lies in the allocation of `first`, which starts at `start`: at once when
+    `t` is `first` or a view of the same tensor (rows of one batch), else by address."""
+    if t is first:
+        return True
+    base = t._base
+    if base is not None and base is first._base:
+        return True
+    return _storage_start(t) == start
+
+
+def _byte_span(t: torch.Tensor, at: int, nbytes: int) -> torch.Tensor:
+    """`nbytes` bytes of `t`'s storage from byte `at` of contiguous `t`, as uint8."""
     flat = flat_bytes(t)
-    return flat if nbytes == flat.numel() else flat.as_strided((nbytes,), (1,))
+    if at == 0 and nbytes == flat.numel():
+        return flat
+    return flat.as_strided((nbytes,), (1,), flat.storage_offset() + at)
 
 
 class Header(NamedTuple):
@@ -514,10 +548,16 @@ def digest_on_side(tensors: list[torch.Tensor], after: Any) -> tuple[Any, Any]:
     if side is None:
         side = _checksum_streams[device.index] = torch.cuda.Stream(device)
     side.wait_stream(after)
+    marked = set()  # once per allocation: rows of one tensor share it
     for t in tensors:
-        t.record_stream(side)
-    buffers = [_device_buffer(t) for t in tensors]
-    return checksum_kernels.xxh3_64_gpu(buffers, device.index, side), side
+        start = _storage_start(t)
+        if start not in marked:
+            marked.add(start)
+            t.record_stream(side)
+    n = len(tensors)
+    ptrs = np.fromiter((t.data_ptr() for t in tensors), np.uint64, n)
+    lens = np.fromiter((t.numel() * t.element_size() for t in tensors), np.int64, n)
+    return checksum_kernels.xxh3_64_gpu_spans(ptrs, lens, device.index, side), side
 
 
 @dataclass
@@ -594,7 +634,7 @@ class GetLanding:
                     continue
                 src, host_array, _ = regions[s.pool]
                 if dst.is_cuda:
-                    copies.add(dst, src[s.span], non_blocking=True)
+                    copies.add(dst, 0, src, s.offset, s.header.nbytes, non_blocking=True)
                 elif host_array is not None:  # one thread: the checksum threads have the rest
                     np.copyto(flat_bytes(dst).numpy(), host_array[s.span])
                 else:  # from a gpu pool into host memory
@@ -773,9 +813,9 @@ class PutLanding:
             for i, r in placed:
                 t = srcs[i]
                 n = t.numel() * t.element_size()
-                dst = regions[r.gpu_pool].tensor()[r.offset : r.offset + n]
+                dst = regions[r.gpu_pool].tensor()
                 if n:
-                    copies.add(dst, t, non_blocking=t.is_cuda or dst.is_cuda)
+                    copies.add(dst, r.offset, t, 0, n, non_blocking=t.is_cuda or dst.is_cuda)
                 group.positions.append(i)
                 group.ids.append(r.id)
                 group.slices.append((r.gpu_pool, r.offset, n))

@@ -317,21 +317,29 @@ def _keep_until_done(event: Any, keep: tuple[Any, ...]) -> None:
 def xxh3_64_gpu(buffers: Sequence[DeviceBuffer], device: int, stream: Any = None) -> Digests:
     """Start hashing `buffers` (each longer than 240 bytes, 8-byte aligned, device memory of
     `device` or pinned host memory) on `stream`; ordered after work already on it."""
-    import cupy
-
-    if not buffers:
-        raise BlockError("no buffers to hash")
-    lens = np.fromiter((b.nbytes for b in buffers), np.int64, len(buffers))
-    if (lens <= SHORT_MAX).any():
-        raise BlockError(f"buffers of {SHORT_MAX} bytes or less are hashed on the CPU")
-    ptrs = np.fromiter((b.ptr for b in buffers), np.uint64, len(buffers))
-    if (ptrs % 8).any():
-        raise BlockError("buffers to hash must be 8-byte aligned")
     for b in buffers:
         if b.device is not None and b.device != device:
             raise BlockError(f"a buffer to hash is on GPU {b.device}, not GPU {device}")
+    ptrs = np.fromiter((b.ptr for b in buffers), np.uint64, len(buffers))
+    lens = np.fromiter((b.nbytes for b in buffers), np.int64, len(buffers))
+    return xxh3_64_gpu_spans(ptrs, lens, device, stream)
+
+
+def xxh3_64_gpu_spans(
+    ptrs: np.ndarray, lens: np.ndarray, device: int, stream: Any = None
+) -> Digests:
+    """`xxh3_64_gpu` of the buffers at addresses `ptrs` (uint64) of `lens` bytes (int64),
+    all on `device` (or pinned host memory): for a caller that has them as arrays."""
+    import cupy
+
+    if not len(ptrs):
+        raise BlockError("no buffers to hash")
+    if (lens <= SHORT_MAX).any():
+        raise BlockError(f"buffers of {SHORT_MAX} bytes or less are hashed on the CPU")
+    if (ptrs % 8).any():
+        raise BlockError("buffers to hash must be 8-byte aligned")
     entries = (lens - 1) // BLOCK + 1
-    n = len(buffers)
+    n = len(ptrs)
     # Per-buffer pointers, lengths and scratch offsets, then the digests: all in pinned host
     # memory the kernels read and write through UVA. Copies would queue on the copy engines
     # behind whatever transfer these buffers are part of.
