@@ -857,8 +857,8 @@ class ClientCore:
         except GeneratorExit:
             raise
         except BaseException:
-            if landing.event is not None:  # some copies may be enqueued: let them finish
-                yield Block(landing.event.synchronize)
+            if landing.stream is not None:  # no lease ends under a copy still reading it
+                yield Block(landing.stream.synchronize)
             yield from self.release(refs)
             raise
         return landing

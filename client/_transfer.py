@@ -575,6 +575,7 @@ class GetLanding:
     # Digests of GPU destinations, a batch per ~256 MiB of copies, with their positions.
     digests: list[tuple[list[int], Any]] = field(default_factory=list)
     decoding: Any = None  # kvstore.codecs.values.Decoding of the values sent as containers
+    stream: Any = None  # the torch stream the copies are enqueued on, once there is one
 
     def launch(self, stream: Any) -> None:
         """Check every destination, then enqueue every copy (nothing is copied if any
@@ -617,7 +618,7 @@ class GetLanding:
                 else:
                     self.hashes.add(i, host_array[s.span].data)
             self.hashes.submit()  # hashed while this thread copies
-        s_ = torch_stream(stream, next(iter(devices))) if cuda else None
+        s_ = self.stream = torch_stream(stream, next(iter(devices))) if cuda else None
         batch: list[int] = []  # GPU destinations copied and not yet hashed
         pending = 0
         side = None

@@ -175,3 +175,38 @@ def test_a_gpu_pool_larger_than_the_gpu_is_refused_at_start(start_server) -> Non
     too_much = f"{2 * total // (1 << 20)}MiB"
     with pytest.raises(RuntimeError, match="cannot allocate"):
         start_server("--tiers", "gpu,cpu", "--gpu-bytes", too_much, "--cpu-bytes", "64MiB")
+
+
+def test_a_get_into_failing_after_its_copies_started_ends_no_lease_under_them(
+    both, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """The leases of a get_into that fails part-way are given back only once the copies it
+    had enqueued are done: until then the server could hand those slots to another value."""
+    from kvstore.client import _core, _transfer
+
+    local, _ = both
+    values = torch.randn((8, 1 << 20), device="cuda").to(torch.bfloat16)  # 8 x 2 MiB
+    keys = [key(i) for i in range(8)]
+    local.put_from(keys, values).wait(timeout=60)
+
+    def digest_fails(self: _transfer.GetLanding, positions: list[int], stream: object) -> None:
+        raise RuntimeError("the hash could not start")
+
+    copies_done_at_release: list[bool] = []
+    release = _core.ClientCore.release
+
+    def watched_release(self, refs, *args, **kwargs):  # type: ignore[no-untyped-def]
+        copies_done_at_release.append(stream.query())
+        return (yield from release(self, refs, *args, **kwargs))
+
+    monkeypatch.setattr(_transfer.GetLanding, "_digest", digest_fails)
+    monkeypatch.setattr(_core.ClientCore, "release", watched_release)
+    stream = torch.cuda.Stream()
+    out = torch.zeros_like(values)
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s: the copies queue behind this
+    with pytest.raises(RuntimeError, match="the hash could not start"):
+        local.get_into(keys, out, stream=stream)
+    assert copies_done_at_release == [True]
+    assert torch.equal(out, values)  # the copies did run, before the leases ended
+    assert wait_for(lambda: local.stats().leases == 0)
