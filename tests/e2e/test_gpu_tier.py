@@ -135,14 +135,17 @@ def test_corrupt_pool_copy_is_caught_and_dropped(twin) -> None:  # type: ignore[
     assert srv.alive()
 
 
-def test_a_gpu_quota_holds_one_group_and_leaves_the_other_in_the_pool(start_server) -> None:  # type: ignore[no-untyped-def]
+def check_gpu_quota(start_server, pool: tuple[str, ...], device: str) -> None:  # type: ignore[no-untyped-def]
+    """`--quota gpu[...]` against a real server whose pools `pool` (flags) hold `device`
+    tensors: one group is held to its quota, demoted to cpu, and loses nothing; the other
+    stays in the pool."""
     srv = start_server(
-        "--tiers", "gpu,cpu,ssd", "--gpu-twin", "--gpu-bytes", "8MiB", "--cpu-bytes", "64MiB",
+        "--tiers", "gpu,cpu,ssd", *pool, "--cpu-bytes", "64MiB",
         "--quota", "gpu[test/tenant-a*]=1MiB",
     )  # fmt: skip
     rule = "gpu[test/tenant-a*]"
-    a_values = [block(i, 64 * KiB) for i in range(16)]  # 2 MiB: twice the group's quota
-    b_values = [block(100 + i, 64 * KiB) for i in range(16)]
+    a_values = [block(i, 64 * KiB).to(device) for i in range(16)]  # 2 MiB: twice the quota
+    b_values = [block(100 + i, 64 * KiB).to(device) for i in range(16)]
     keys = [key(i) for i in range(16)]
     with srv.client("test/tenant-a") as a, srv.client("test/tenant-b") as b:
         placed = a.put_from(keys, a_values).wait(timeout=30)
@@ -154,6 +157,10 @@ def test_a_gpu_quota_holds_one_group_and_leaves_the_other_in_the_pool(start_serv
         st = b.stats()  # B's values all stayed in the pool
         assert st.tiers["gpu"].used_bytes - st.quotas[rule][0] == 16 * 128 * KiB
         for client, values in ((a, a_values), (b, b_values)):
-            out = torch.empty((16, 64 * KiB), dtype=torch.bfloat16)
+            out = torch.empty((16, 64 * KiB), dtype=torch.bfloat16, device=device)
             assert client.get_into(keys, out).wait(timeout=30) == [True] * 16
             assert torch.equal(out, torch.stack(values))
+
+
+def test_a_gpu_quota_holds_one_group_and_leaves_the_other_in_the_pool(start_server) -> None:  # type: ignore[no-untyped-def]
+    check_gpu_quota(start_server, ("--gpu-twin", "--gpu-bytes", "8MiB"), "cpu")

@@ -14,6 +14,7 @@ import torch
 from kvstore.client import KVClient
 from kvstore.client._shared import PoolMap
 from kvstore.errors import DataLoss
+from tests.e2e.test_gpu_tier import check_gpu_quota
 from tests.e2e.test_shared import wait_for
 from tests.e2e.test_transfer import free_port
 from tests.e2e.test_transfer_gpu import _gpu_ready
@@ -152,3 +153,7 @@ def test_each_gpu_has_its_pool_and_reads_cross_devices(gpu_server) -> None:  # t
     out1 = torch.empty((8, 8 * KiB), dtype=torch.bfloat16, device="cuda:1")
     assert local.get_into(k0, out1).wait(timeout=60) == [True] * 8  # pool of GPU 0 -> GPU 1
     assert torch.equal(out1.cpu(), on0.cpu())
+
+
+def test_a_gpu_quota_holds_one_group_in_a_cuda_pool(start_server) -> None:  # type: ignore[no-untyped-def]
+    check_gpu_quota(start_server, ("--gpu-bytes", "64MiB"), "cuda")
