@@ -130,18 +130,27 @@ def test_gpu_get_into_reports_a_corrupt_arena_copy(start_server) -> None:  # typ
         assert torch.equal(out.cpu(), torch.stack(values))  # the ssd copy, read again
 
 
-def _fill_gpu() -> list[torch.Tensor]:
-    """Take all of the GPU's free memory, in blocks from 1 GiB down to 1 MiB (CuPy's cached
-    blocks freed first, so its next allocation needs new memory)."""
+def _fill_gpu() -> list[object]:
+    """Take all of the GPU's free memory: through torch in blocks from 1 GiB down to 1 MiB,
+    then what torch's segment rounding leaves free through CuPy, down to 64 KiB (CuPy's
+    cached blocks freed first, so its next allocation needs new memory). Without the second
+    step, whatever earlier tests left fragmented decided whether 8 MiB stayed free."""
     import cupy
 
     cupy.get_default_memory_pool().free_all_blocks()
     torch.cuda.empty_cache()
-    held, size = [], 1 << 30
+    held: list[object] = []
+    size = 1 << 30
     while size >= 1 << 20:
         try:
             held.append(torch.empty(size, dtype=torch.uint8, device="cuda"))
         except torch.OutOfMemoryError:
+            size //= 2
+    size = 1 << 26
+    while size >= 1 << 16:
+        try:
+            held.append(cupy.cuda.alloc(size))
+        except cupy.cuda.memory.OutOfMemoryError:
             size //= 2
     return held
 
