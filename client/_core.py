@@ -88,6 +88,30 @@ class Call:
         return delay
 
 
+# How long an engine's best-effort save (StoreCache, the vLLM connector) keeps sending writes
+# the server refuses by back-pressure: a few of its hints (50 ms and up), not the client's
+# whole timeout. The engine waits for its saves (before its next load, at the end of a
+# step), and a save given up is only a future miss.
+SAVE_RETRY_S = 0.25
+
+
+def earliest(deadline: float | None, other: float | None) -> float | None:
+    """The earlier of two optional time.monotonic() deadlines (None: no deadline)."""
+    if deadline is None:
+        return other
+    return deadline if other is None else min(deadline, other)
+
+
+def retry_deadline(retry_for: float | None) -> float | None:
+    """The time.monotonic() after which a refused write is no longer sent again, for a
+    `retry_for` budget in seconds (None: none of its own)."""
+    if retry_for is None:
+        return None
+    if not retry_for >= 0:
+        raise InvalidArgument(f"retry_for must be a number of seconds >= 0, got {retry_for}")
+    return time.monotonic() + retry_for
+
+
 @dataclass
 class Block:
     """Local blocking work an operation needs done between calls (waiting for a GPU copy,

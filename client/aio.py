@@ -21,6 +21,8 @@ from kvstore.client._core import (
     ClientCore,
     Op,
     ServerStats,
+    earliest,
+    retry_deadline,
 )
 from kvstore.client._transfer import BlockRefs, Transfer, gather
 from kvstore.errors import KVStoreError, error_for_status
@@ -84,12 +86,12 @@ class AsyncKVClient:
     def namespace(self) -> str:
         return self._core.namespace
 
-    async def _run(self, op: Op[T]) -> T:
+    async def _run(self, op: Op[T], retry_until: float | None = None) -> T:
         try:
             call = next(op)
             while True:
                 try:
-                    result = await self._invoke(call)
+                    result = await self._invoke(call, retry_until)
                 except BaseException as exc:  # cancelled too: the op releases its leases
                     call = op.throw(exc)
                     continue
@@ -97,7 +99,7 @@ class AsyncKVClient:
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
 
-    async def _invoke(self, call: Call | Block) -> Any:
+    async def _invoke(self, call: Call | Block, retry_until: float | None = None) -> Any:
         if isinstance(call, Block):
             return await asyncio.to_thread(call.fn)
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
@@ -105,7 +107,7 @@ class AsyncKVClient:
             try:
                 return await self._invoke_once(call, deadline)
             except KVStoreError as exc:
-                delay = call.retry_delay(exc, deadline)
+                delay = call.retry_delay(exc, earliest(deadline, retry_until))
                 if delay is None:
                     raise
                 await asyncio.sleep(delay)
@@ -222,12 +224,17 @@ class AsyncKVClient:
         keys: Sequence[bytes],
         values: torch.Tensor | Sequence[torch.Tensor],
         stream: Any = None,
+        *,
+        retry_for: float | None = None,
     ) -> AsyncTransfer:
-        landing = await self._run(self._core.put_from(keys, values, stream))
-        return self._settle(self._core.settle_put(landing))
+        until = retry_deadline(retry_for)
+        landing = await self._run(self._core.put_from(keys, values, stream), until)
+        return self._settle(self._core.settle_put(landing), retry_until=until)
 
-    def _settle(self, op: Op[T], marks: Sequence[Any] = ()) -> AsyncTransfer:
-        task = asyncio.ensure_future(self._run(op))
+    def _settle(
+        self, op: Op[T], marks: Sequence[Any] = (), retry_until: float | None = None
+    ) -> AsyncTransfer:
+        task = asyncio.ensure_future(self._run(op, retry_until))
         self._background.add(task)
         task.add_done_callback(_forget)  # a failure not waited for is not logged as lost
         task.add_done_callback(self._background.discard)

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvstore.client._core import SAVE_RETRY_S
 from kvstore.client._transfer import Transfer
 from kvstore.client.sync import KVClient
 from kvstore.errors import DataLoss, InvalidArgument, KVStoreError
@@ -281,7 +282,13 @@ class StoreCache:
     """Prefix KV of `model` in the store behind `client` (whose namespace should be
     `model_namespace(model)`), each chunk in `layer_groups` values."""
 
-    def __init__(self, model: Model, client: KVClient, layer_groups: int = 4) -> None:
+    def __init__(
+        self,
+        model: Model,
+        client: KVClient,
+        layer_groups: int = 4,
+        save_retry_s: float = SAVE_RETRY_S,
+    ) -> None:
         layers, _, _ = _kv_dims(model)
         devices = {p.device for p in model.parameters()}
         if len(devices) > 1:
@@ -292,6 +299,7 @@ class StoreCache:
             raise InvalidArgument(f"layer_groups must be at least 1, got {layer_groups}")
         self.model = model
         self.client = client
+        self.save_retry_s = save_retry_s  # see SAVE_RETRY_S
         # Groups of equal size: values of one size share the server's slab size class.
         self.groups = max(d for d in range(1, min(layer_groups, layers) + 1) if layers % d == 0)
         self.bounds = [g * layers // self.groups for g in range(self.groups + 1)]
@@ -404,7 +412,9 @@ class StoreCache:
             ).contiguous()
             for g, c in todo
         ]
-        transfer = self.client.put_from([keys[g][c] for g, c in todo], values)
+        transfer = self.client.put_from(
+            [keys[g][c] for g, c in todo], values, retry_for=self.save_retry_s
+        )
         with self._lock:
             self._pending.append(transfer)
         return whole - held

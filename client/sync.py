@@ -24,6 +24,8 @@ from kvstore.client._core import (
     ClientCore,
     Op,
     ServerStats,
+    earliest,
+    retry_deadline,
 )
 from kvstore.client._transfer import BlockRefs, Transfer, gather
 from kvstore.errors import KVStoreError, error_for_status
@@ -136,12 +138,14 @@ class KVClient:
         """Tokens per prefix chunk, the server's setting (asked once)."""
         return self._run(self._core.chunking())
 
-    def _run(self, op: Op[T]) -> T:
+    def _run(self, op: Op[T], retry_until: float | None = None) -> T:
+        """Run `op`'s calls; a write refused by back-pressure is sent again until its
+        deadline, or `retry_until` (time.monotonic()) when that comes first."""
         try:
             call = next(op)
             while True:
                 try:
-                    result = self._invoke(call)
+                    result = self._invoke(call, retry_until)
                 except BaseException as exc:  # cancelled too: the op releases its leases
                     call = op.throw(exc)
                     continue
@@ -149,7 +153,7 @@ class KVClient:
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
 
-    def _invoke(self, call: Call | Block) -> Any:
+    def _invoke(self, call: Call | Block, retry_until: float | None = None) -> Any:
         if isinstance(call, Block):
             return call.fn()
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
@@ -157,7 +161,7 @@ class KVClient:
             try:
                 return self._invoke_once(call, deadline)
             except KVStoreError as exc:
-                delay = call.retry_delay(exc, deadline)
+                delay = call.retry_delay(exc, earliest(deadline, retry_until))
                 if delay is None:
                     raise
                 time.sleep(delay)
@@ -295,13 +299,21 @@ class KVClient:
         keys: Sequence[bytes],
         values: torch.Tensor | Sequence[torch.Tensor],
         stream: Any = None,
+        *,
+        retry_for: float | None = None,
     ) -> Transfer:
         """Store `values` (GPU or CPU tensors, as for `get_into`) under `keys`: copied into
         the arena on `stream` and committed as the copies land. `wait()` returns the tiers.
-        The tensors must not change until then."""
+        The tensors must not change until then.
+
+        `retry_for` bounds, in seconds from now, how long writes the server refuses by
+        back-pressure are sent again (default: each call's deadline, the client's
+        `timeout`); past it the transfer fails with `Overloaded`. A best-effort save (an
+        engine's, whose memory waits on it) passes a short one."""
         self._check_open()
-        landing = self._run(self._core.put_from(keys, values, stream))
-        return Transfer(self._settler.submit(self._run, self._core.settle_put(landing)))
+        until = retry_deadline(retry_for)
+        landing = self._run(self._core.put_from(keys, values, stream), until)
+        return Transfer(self._settler.submit(self._run, self._core.settle_put(landing), until))
 
     def _check_open(self) -> None:
         if self._closing.is_set():

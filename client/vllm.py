@@ -46,6 +46,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvstore.client import KVClient, default_address
+from kvstore.client._core import SAVE_RETRY_S
 from kvstore.client._transfer import Transfer
 from kvstore.errors import KVStoreError
 from kvstore.keys import derived_key
@@ -153,6 +154,8 @@ class KVStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self.block_size = int(vllm_config.cache_config.block_size)
         namespace = str(extra.get("namespace") or vllm_namespace(vllm_config))
         self.client = KVClient(str(extra.get("address") or default_address()), namespace)
+        # How long a save refused by back-pressure is tried again (wait_for_save waits).
+        self.save_retry_s = float(extra.get("save_retry_seconds", SAVE_RETRY_S))
         # The server's chunk size, asked for until it answers: vLLM starts, and computes
         # everything, while kvstore is not up yet.
         self.chunk_tokens = 0
@@ -405,7 +408,7 @@ class KVStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 for blocks in save.block_ids
             ]
             try:
-                self._saving.append(self.client.put_from(keys, values))
+                self._saving.append(self.client.put_from(keys, values, retry_for=self.save_retry_s))
             except KVStoreError as exc:
                 log.warning("kvstore save of %s failed: %s", save.req_id, exc)
 

@@ -283,6 +283,11 @@ def test_at_the_request_bound_reads_miss_writes_retry_then_raise_overloaded(
             assert waited + hint >= 1.5 - 0.05 and waited < 3.0, (
                 f"gave up after {waited:.2f}s with a hint of {hint:.2f}s, deadline 1.5s"
             )
+            # A best-effort save gives up after its own short budget, not the deadline.
+            started = time.monotonic()
+            with pytest.raises(Overloaded, match="max-inflight-requests"):
+                c.put_from([key(3)], [t], retry_for=0.2).wait(timeout=10)
+            assert time.monotonic() - started < 0.2 + hint + 0.5
             stats = c.stats()  # exempt: still answered
             assert stats.max_inflight_requests == 1
     finally:
@@ -291,7 +296,7 @@ def test_at_the_request_bound_reads_miss_writes_retry_then_raise_overloaded(
         ch.close()
     with srv.client(timeout=10) as c:
         assert same_bytes(c.get(key(1)), t)
-        assert c.get(key(2)) is None  # the refused put stored nothing
+        assert c.get(key(2)) is None and c.get(key(3)) is None  # refused puts stored nothing
         assert c.get(key(77)) is not None  # the stalled put completed
 
 
@@ -307,6 +312,8 @@ def test_async_client_at_the_request_bound(start_server: Callable[..., ServerPro
             assert await c.batch_get([key(1)]) == [None]
             with pytest.raises(Overloaded, match="max-inflight-requests"):
                 await c.put(key(2), t)
+            with pytest.raises(Overloaded, match="max-inflight-requests"):
+                await (await c.put_from([key(3)], [t], retry_for=0.1)).wait()
 
     ch, release, future = _stall_at_request_bound(srv, MiB)
     try:
