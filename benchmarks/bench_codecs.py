@@ -28,12 +28,19 @@ same perplexity and predictions.
     python benchmarks/bench_codecs.py --codecs int8,fp8,kivi:bits=2,group=64 --detail
     python benchmarks/bench_codecs.py --json codecs.json --plot codecs.png
     python benchmarks/bench_codecs.py --fit-profile p.json --codecs cachegen:profile=p.json
+    python benchmarks/bench_codecs.py --prompt-set fit --codecs ...   # encoder experiments
+    python benchmarks/bench_codecs.py --codecs cachegen:level=3 --tail-codec cachegen:level=0
     python benchmarks/bench_codecs.py --codecs cachegen --save-containers kvc/  # CPU
     python benchmarks/bench_codecs.py --gpu-decode kvc/                         # GPU machine
 
 A cachegen profile (`kvstore.codecs.cachegen_profile`) is fitted on other prompts than the
 scored ones (`_realkv.fit_prompts`); the run names what each profile was fitted on and
-refuses one fitted on a scored prompt, so its figures are held out.
+refuses one fitted on a scored prompt, so its figures are held out. `--prompt-set fit`
+scores the fitting prompts instead, in sample for a profile: where encoder variants are
+compared before one is scored, once, on the usual prompts.
+
+`--tail-codec SPEC` codes the last chunk of each prefix, the one its continuation follows,
+with SPEC: what coding a stored sequence's newest chunk finer would buy.
 
 The GPU decode figures (`_gpu_decode.py`) come from a GPU machine without the model, on
 the containers a CPU run saved.
@@ -60,6 +67,7 @@ from _realkv import (
     Continuation,
     MissingModelDependency,
     continuation_metrics,
+    fit_prompts,
     load_smollm2,
     prompt_kv,
     prompts,
@@ -353,12 +361,28 @@ def rel_err(decoded: torch.Tensor, original: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(d - o) / torch.linalg.vector_norm(o))
 
 
+def chunk_codecs(codec: Codec, tail: Codec | None, chunks: int) -> list[Codec]:
+    """The codec of each of a prefix's `chunks` chunks: `codec`, but `tail` (when given) for
+    the last one, the tokens the continuation follows."""
+    return [codec] * (chunks - 1) + [tail or codec] if chunks else []
+
+
 def measure(
-    model: Any, label: str, codec: Codec, case: PromptCase, chunk_tokens: int, repeats: int
+    model: Any,
+    label: str,
+    codec: Codec,
+    case: PromptCase,
+    chunk_tokens: int,
+    repeats: int,
+    tail: Codec | None = None,
 ) -> Cell:
     chunks = chunked(case.kv, chunk_tokens)
-    decode(codec.encode(chunks[0]))  # untimed: compiles a codec's kernels on first use
-    encode_s, blobs = best_time(lambda: [codec.encode(c) for c in chunks], repeats)
+    coders = chunk_codecs(codec, tail, len(chunks))
+    for c in {id(c): c for c in coders}.values():  # untimed: compiles kernels on first use
+        decode(c.encode(chunks[0]))
+    encode_s, blobs = best_time(
+        lambda: [c.encode(x) for c, x in zip(coders, chunks, strict=True)], repeats
+    )
     decode_s, parts = best_time(lambda: [decode(b) for b in blobs], repeats)
     decoded = torch.cat(parts, dim=2)
     if decoded.dtype != case.kv.dtype or decoded.shape != case.kv.shape:
@@ -382,7 +406,7 @@ def measure(
         encode_s=encode_s,
         decode_s=decode_s,
     )
-    if codec.lossless:
+    if all(c.lossless for c in coders):
         same = (
             torch.equal(decoded, case.kv)
             and run.perplexity == case.exact.perplexity
@@ -404,10 +428,16 @@ def measure(
 
 
 def prepare(
-    model: Any, tokenizer: Any, min_prefix: int, continuation: int, names: Sequence[str] | None
+    model: Any,
+    tokenizer: Any,
+    min_prefix: int,
+    continuation: int,
+    names: Sequence[str] | None,
+    prompt_set: str = "scored",
 ) -> list[PromptCase]:
+    source = fit_prompts if prompt_set == "fit" else prompts
     cases = []
-    for name, ids in prompts(tokenizer, min_tokens=min_prefix + continuation):
+    for name, ids in source(tokenizer, min_prefix + continuation):
         if names and name not in names:
             continue
         start = time.perf_counter()
@@ -533,6 +563,20 @@ def build_parser() -> argparse.ArgumentParser:
         "every registered codec at its default levels)",
     )
     p.add_argument("--prompts", help="comma-separated prompt names (default: all)")
+    p.add_argument(
+        "--prompt-set",
+        choices=("scored", "fit"),
+        default="scored",
+        help="score the usual prompts (`_realkv.prompts`, default) or the fitting ones "
+        "(`_realkv.fit_prompts`): to try encoder variants without looking at the scored "
+        "prompts; a profile fitted on them is then scored in sample",
+    )
+    p.add_argument(
+        "--tail-codec",
+        metavar="SPEC",
+        help="encode the last chunk of every prefix (the tokens the continuation follows, "
+        "which it attends to most) with SPEC, every other chunk with each --codecs spec",
+    )
     p.add_argument("--min-prefix", type=int, default=MIN_PREFIX, help="prefix tokens, at least")
     p.add_argument("--continuation", type=int, default=CONTINUATION, help="scored tokens")
     p.add_argument("--chunk-tokens", type=int, default=CHUNK_TOKENS, help="tokens per chunk")
@@ -566,15 +610,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def profile_notes(codecs: Sequence[tuple[str, Codec]], scored: Sequence[str]) -> list[str]:
+def profile_notes(
+    codecs: Sequence[Codec], scored: Sequence[str], in_sample: bool = False
+) -> list[str]:
     """A note per cachegen profile the codecs use, naming what it was fitted on; RuntimeError
-    if that includes a scored prompt (the figures would not be held out)."""
+    if that includes a scored prompt (the figures would not be held out), unless
+    `in_sample` (the fitting prompts scored on purpose), which the note then says."""
     from kvstore.codecs.cachegen_profile import CacheGenProfile
 
     notes = []
-    for path in sorted({str(c.params.get("profile", "")) for _, c in codecs} - {""}):
+    for path in sorted({str(c.params.get("profile", "")) for c in codecs} - {""}):
         profile = CacheGenProfile.load(path)
         overlap = sorted(set(profile.fitted_on) & set(scored))
+        if overlap and in_sample:
+            notes.append(f"profile {path} fitted on the prompts scored: figures in sample")
+            continue
         if overlap:
             raise RuntimeError(f"profile {path} was fitted on scored prompts {overlap}")
         notes.append(
@@ -650,8 +700,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     progress(f"loaded {smollm2_gguf().name} in {time.perf_counter() - start:.1f}s")
     if args.fit_profile:
-        from _realkv import fit_prompts
-
         from kvstore.codecs.cachegen_profile import fit
 
         t = time.perf_counter()
@@ -665,8 +713,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if chosen is None:
         return 2
     codecs, notes = chosen
+    try:
+        tail = codec_from_spec(args.tail_codec) if args.tail_codec else None
+    except InvalidArgument as exc:
+        print(f"bench_codecs: --tail-codec: {exc}", file=sys.stderr)
+        return 2
     names = [n.strip() for n in args.prompts.split(",")] if args.prompts else None
-    cases = prepare(model, tokenizer, args.min_prefix, args.continuation, names)
+    cases = prepare(model, tokenizer, args.min_prefix, args.continuation, names, args.prompt_set)
     if not cases:
         print(f"bench_codecs: no prompt named {args.prompts}", file=sys.stderr)
         return 2
@@ -674,7 +727,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import transformers
 
     try:
-        notes += profile_notes(codecs, [c.name for c in cases])
+        used = [c for _, c in codecs] + ([tail] if tail else [])
+        notes += profile_notes(used, [c.name for c in cases], args.prompt_set == "fit")
     except (InvalidArgument, RuntimeError) as exc:
         print(f"bench_codecs: {exc}", file=sys.stderr)
         return 2
@@ -686,6 +740,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 {"name": c.name, "prefix_tokens": c.prefix_len, "continuation": args.continuation}
                 for c in cases
             ],
+            "prompt_set": args.prompt_set,
+            "tail_codec": tail.spec() if tail else "",
             "chunk_tokens": args.chunk_tokens,
             "repeats": args.repeats,
             "kvstore_version": kvstore.__version__,
@@ -704,10 +760,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         first = cases[0]
         report.check = self_check(model, first.ids, first.prefix_len)
         progress(f"self-check on {first.name} passed ({time.perf_counter() - t:.1f}s)")
-        for label, codec in codecs:
-            row = CodecRow(label, codec.spec(), codec.lossless)
+        for given, codec in codecs:
+            label = f"{given}+tail={args.tail_codec}" if tail else given
+            spec = f"{codec.spec()}+tail={tail.spec()}" if tail else codec.spec()
+            row = CodecRow(label, spec, codec.lossless and (tail is None or tail.lossless))
             for case in cases:
-                cell = measure(model, label, codec, case, args.chunk_tokens, args.repeats)
+                cell = measure(model, label, codec, case, args.chunk_tokens, args.repeats, tail)
                 row.cells.append(cell)
             report.rows.append(row)
     except (AssertionError, RuntimeError) as exc:
@@ -717,9 +775,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from _gpu_decode import save_containers
 
         for _, codec in codecs:
-            if codec.gpu_decoder() is not None:
+            if all(c.gpu_decoder() is not None for c in (codec, tail) if c is not None):
                 for case in cases:
-                    blobs = [codec.encode(c) for c in chunked(case.kv, args.chunk_tokens)]
+                    chunks = chunked(case.kv, args.chunk_tokens)
+                    coders = chunk_codecs(codec, tail, len(chunks))
+                    blobs = [c.encode(x) for c, x in zip(coders, chunks, strict=True)]
                     save_containers(args.save_containers, codec.spec(), case.name, blobs)
         progress(f"saved the containers of GPU-decodable codecs under {args.save_containers}")
     progress("timing LMDB writes of 256-token chunks for the demotion comparison")
