@@ -1,0 +1,105 @@
+"""`KVRouter` fed events directly: ranking by longest cached prefix, tier weights, snapshots
+replacing state, restarts and gaps."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvstore.client.router import KVRouter, NodeMatch
+from kvstore.events import EventKind, KVEvent
+from kvstore.keys import chunk_keys
+
+NS = "llama/bf16"
+CT = 4
+
+
+def tokens(start: int, n_chunks: int) -> list[int]:
+    return list(range(start, start + n_chunks * CT))
+
+
+def stored(keys: list[bytes], tier: str = "cpu", seq: int = 1) -> list[KVEvent]:
+    return [
+        KVEvent(EventKind.STORED, seq + i, NS, k, tier, (tier,), 64, "i1")
+        for i, k in enumerate(keys)
+    ]
+
+
+def keys_of(ids: list[int]) -> list[bytes]:
+    return chunk_keys(ids, CT, NS, include_partial=True)
+
+
+def test_the_node_with_the_longest_cached_prefix_ranks_first() -> None:
+    r = KVRouter(NS, CT)
+    prompt = tokens(0, 6)
+    r.apply_all("a", stored(keys_of(prompt)[:2]))
+    r.apply_all("b", stored(keys_of(prompt)[:5]))
+    r.apply_all("c", stored(keys_of(tokens(1000, 6))))  # another prompt entirely
+    assert r.rank(prompt) == [
+        NodeMatch("b", 5, 5.0, ("cpu",) * 5),
+        NodeMatch("a", 2, 2.0, ("cpu",) * 2),
+        NodeMatch("c", 0, 0.0, ()),
+    ]
+    best = r.best(prompt)
+    assert best is not None and best.node == "b"
+    assert r.best(tokens(5000, 3)) is None
+
+
+def test_a_hole_ends_the_prefix_and_a_partial_tail_counts_as_a_chunk() -> None:
+    r = KVRouter(NS, CT)
+    prompt = [*tokens(0, 4), 99, 98]  # four whole chunks and a partial one
+    keys = keys_of(prompt)
+    assert len(keys) == 5
+    r.apply_all("a", stored([keys[0], keys[2], keys[3]]))  # chunk 1 missing
+    r.apply_all("b", stored(keys))
+    assert [(m.node, m.chunks) for m in r.rank(prompt)] == [("b", 5), ("a", 1)]
+
+
+def test_tier_weights_prefer_a_shorter_prefix_in_faster_memory() -> None:
+    r = KVRouter(NS, CT, tier_weights={"gpu": 1.0, "cpu": 0.8, "ssd": 0.25})
+    prompt = tokens(0, 4)
+    keys = keys_of(prompt)
+    r.apply_all("disk", stored(keys, "ssd"))  # 4 x 0.25 = 1.0
+    r.apply_all("gpu", stored(keys[:2], "gpu"))  # 2 x 1.0 = 2.0
+    assert [m.node for m in r.rank(prompt)] == ["gpu", "disk"]
+    with pytest.raises(ValueError, match="positive"):
+        KVRouter(NS, CT, tier_weights={"ssd": 0})
+
+
+def test_live_events_follow_evictions_demotions_and_deletes() -> None:
+    r = KVRouter(NS, CT)
+    prompt = tokens(0, 3)
+    k = keys_of(prompt)
+    r.apply_all("a", stored(k))
+    r.apply("a", KVEvent(EventKind.DEMOTED, 4, NS, k[0], "ssd", ("ssd",), 64, "i1"))
+    assert r.rank(prompt)[0].tiers == ("ssd", "cpu", "cpu")
+    r.apply("a", KVEvent(EventKind.EVICTED, 5, NS, k[1], "cpu", (), 64, "i1"))
+    assert r.rank(prompt)[0].chunks == 1
+    r.apply("a", KVEvent(EventKind.DELETED, 6, NS, k[0], "", (), 64, "i1"))
+    assert r.best(prompt) is None and r.held("a") == 1 and r.seq("a") == 6
+    r.apply("a", KVEvent(EventKind.STORED, 7, "other/ns", k[0], "cpu", ("cpu",), 64, "i1"))
+    assert r.best(prompt) is None  # another namespace's key is not this one's
+
+
+def test_a_snapshot_replaces_what_was_known_and_a_restart_voids_it() -> None:
+    r = KVRouter(NS, CT)
+    prompt = tokens(0, 3)
+    k = keys_of(prompt)
+    r.apply_all("a", stored(k))
+    # After a GAP the old view stays until the snapshot that follows is complete.
+    r.apply("a", KVEvent(EventKind.GAP, 9, instance="i1"))
+    r.apply("a", KVEvent(EventKind.SNAPSHOT, 12, NS, k[0], "", ("cpu",), 64, "i1"))
+    assert r.rank(prompt)[0].chunks == 3 and r.gaps == {"a": 1}
+    r.apply("a", KVEvent(EventKind.SNAPSHOT_END, 12, instance="i1"))
+    assert r.rank(prompt)[0].chunks == 1 and r.seq("a") == 12
+    # A new instance id: the server restarted and what it held is unknown.
+    r.apply("a", KVEvent(EventKind.SNAPSHOT, 1, NS, k[1], "", ("ssd",), 64, "i2"))
+    assert r.held("a") == 0 and r.restarts == {"a": 1}
+    r.apply("a", KVEvent(EventKind.SNAPSHOT_END, 1, instance="i2"))
+    assert r.held("a") == 1 and r.best(prompt) is None  # holds chunk 1 but not chunk 0
+    r.forget("a")
+    assert r.held("a") == 0
+
+
+def test_ranking_needs_chunk_tokens() -> None:
+    with pytest.raises(RuntimeError, match="chunk_tokens"):
+        KVRouter(NS).rank([1, 2, 3])
