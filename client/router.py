@@ -7,7 +7,8 @@ a request should go to.
     router.close()
 
 Each node is followed by a background thread: a `Watch` stream of the router's namespace
-with a snapshot, so the router's view of a node is that snapshot plus every change since.
+with a snapshot, so the router's view of a node is that snapshot plus every change since
+(a view is swapped in whole at SNAPSHOT_END; until then the previous one serves).
 A stream that fails (node down, restarted) forgets the node's state and reconnects with
 exponential backoff; the new stream's snapshot replaces it. A GAP (the router fell behind)
 keeps the stale view until the snapshot that follows it replaces it.
@@ -118,21 +119,25 @@ class KVRouter:
             if kind == EventKind.GAP:
                 self.gaps[node] = self.gaps.get(node, 0) + 1
                 return
+            if kind == EventKind.SNAPSHOT_BEGIN:
+                self._pending[node] = {}
+                return
             if kind == EventKind.SNAPSHOT_END:
-                self._held[node] = self._pending.pop(node, {})
+                self._held[node] = self._pending.pop(node, held)
                 self._seq[node] = event.seq
                 return
             if event.namespace != self.namespace:
                 return
-            if kind == EventKind.SNAPSHOT:
+            # The stale view follows live events too while a snapshot builds the new one.
+            views = [self._pending[node]] if node in self._pending else []
+            if kind != EventKind.SNAPSHOT:
+                views.append(held)
+                self._seq[node] = event.seq
+            for view in views:
                 if event.tiers:
-                    self._pending.setdefault(node, {})[event.key] = event.tiers
-                return
-            self._seq[node] = event.seq
-            if event.tiers:
-                held[event.key] = event.tiers
-            else:
-                held.pop(event.key, None)
+                    view[event.key] = event.tiers
+                else:
+                    view.pop(event.key, None)
 
     def apply_all(self, node: str, events: Iterable[KVEvent]) -> None:
         for event in events:

@@ -9,9 +9,15 @@ Primitives:
   counted, and the reader learns of it (`take` returns where the loss began), so it can
   send a GAP marker and a fresh snapshot; a slow reader never blocks a put or grows memory.
 
-The store publishes and subscribes under its own lock, so `seq` follows the order in which
-changes happen, and a snapshot taken while subscribing is exact as of the last seq before
-the watcher's first queued event.
+Snapshots are streamed, not copied: subscribing takes the list of keys held (one reference
+each) and queues SNAPSHOT_BEGIN; each `snapshot_step` then queues the current state of the
+next keys as SNAPSHOT events, in the same queue as live events and only while the queue has
+room. Each SNAPSHOT says where its key is at that point of the stream, so a reader that
+applies the stream in order (snapshot and live events alike) from SNAPSHOT_BEGIN holds the
+server's state at SNAPSHOT_END, with no change lost or applied out of order.
+
+The store publishes, subscribes and steps snapshots under its own lock, so `seq` follows
+the order in which changes happen.
 """
 
 from __future__ import annotations
@@ -21,9 +27,9 @@ import fnmatch
 import secrets
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from kvstore.errors import ResourceExhausted, Unavailable
 
@@ -36,9 +42,10 @@ class EventKind(enum.IntEnum):
     DEMOTED = 3
     EVICTED = 4
     DELETED = 5
-    SNAPSHOT = 6
-    SNAPSHOT_END = 7
-    GAP = 8
+    SNAPSHOT_BEGIN = 6
+    SNAPSHOT = 7
+    SNAPSHOT_END = 8
+    GAP = 9
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +99,9 @@ class Watcher:
         self.dropped = 0
         self.closed = False
         self._admitted: dict[str, bool] = {}  # namespaces are few; globbing each event is not
+        # The snapshot being streamed: the keys held when it began, and how many are sent.
+        self._snapshot: list[Any] | None = None
+        self._sent = 0
 
     def admits(self, namespace: str) -> bool:
         ok = self._admitted.get(namespace)
@@ -123,11 +133,49 @@ class Watcher:
             lost, self._lost_from = self._lost_from, 0
         return events, lost
 
-    def restart(self) -> None:
-        """Forget what is queued (a snapshot taken now replaces it)."""
+    def restart(self, snapshot: list[Any] | None, seq: int) -> None:
+        """Forget what is queued, and begin streaming a snapshot of `snapshot` (the keys
+        held now) if given."""
         with self._lock:
             self._queue.clear()
             self._lost_from = 0
+            self._snapshot, self._sent = snapshot, 0
+            if snapshot is not None:
+                self._queue.append(KVEvent(EventKind.SNAPSHOT_BEGIN, seq))
+
+    @property
+    def snapshotting(self) -> bool:
+        """Whether a snapshot is still being streamed."""
+        return self._snapshot is not None
+
+    def snapshot_step(self, index: Mapping[Any, Held], most: int, seq: int) -> None:
+        """Queue the state in `index` of up to `most` more keys of the snapshot (fewer when
+        the queue has less room), then SNAPSHOT_END once all are. The caller holds the lock
+        `publish` runs under."""
+        keys = self._snapshot
+        if keys is None:
+            return
+        with self._lock:
+            room = self.capacity - len(self._queue)
+        if room <= 0 or self._lost_from:
+            return  # the reader drains first, or a resync restarts the snapshot anyway
+        stop = min(len(keys), self._sent + min(most, room))
+        events = []
+        for k in keys[self._sent : stop]:
+            h = index.get(k)
+            if h is not None and self.admits(h.namespace):
+                events.append(
+                    KVEvent(EventKind.SNAPSHOT, seq, h.namespace, h.key, "", h.tiers, h.nbytes)
+                )
+        self._sent = stop
+        if stop == len(keys):
+            events.append(KVEvent(EventKind.SNAPSHOT_END, seq))
+            self._snapshot = None
+        with self._lock:
+            first = not self._queue
+            self._queue.extend(events)
+        if first and events:
+            self._wake()
 
     def close(self) -> None:
         self.closed = True
@@ -155,11 +203,11 @@ class EventHub:
             if w.admits(held.namespace) and not w.offer(event):
                 self.dropped += 1
 
-    def subscribe(self, watcher: Watcher, held: Iterable[Held]) -> list[KVEvent]:
-        """Register `watcher` (again, after a gap: its queue restarts) and return what of
-        `held` it admits as SNAPSHOT events closed by SNAPSHOT_END, exact as of that seq.
-        The caller holds the lock `publish` runs under. ResourceExhausted past the bound;
-        Unavailable once closed."""
+    def subscribe(self, watcher: Watcher, snapshot: list[Any] | None) -> None:
+        """Register `watcher` (again, after a gap: its queue restarts), with a snapshot of
+        the keys in `snapshot` to stream (`Watcher.snapshot_step`) if given. The caller holds
+        the lock `publish` runs under. ResourceExhausted past the bound; Unavailable once
+        closed."""
         with self._lock:
             if self._closed:
                 raise Unavailable("the server is shutting down")
@@ -170,15 +218,7 @@ class EventHub:
                         f"(max-watchers {self.max_watchers}); close one or raise the bound"
                     )
                 self.watchers = (*self.watchers, watcher)
-        watcher.restart()
-        seq = self.seq
-        snapshot = [
-            KVEvent(EventKind.SNAPSHOT, seq, h.namespace, h.key, "", h.tiers, h.nbytes)
-            for h in held
-            if watcher.admits(h.namespace)
-        ]
-        snapshot.append(KVEvent(EventKind.SNAPSHOT_END, seq))
-        return snapshot
+        watcher.restart(snapshot, self.seq)
 
     def unsubscribe(self, watcher: Watcher) -> None:
         with self._lock:

@@ -915,26 +915,26 @@ class KVStoreServicer:
         )
         events = self.store.events
         try:
-            # A snapshot walks the whole index under the store's lock: on a worker thread.
-            first = await asyncio.to_thread(self.store.watch, watcher, request.snapshot)
+            await asyncio.to_thread(self.store.watch, watcher, request.snapshot)
         except KVStoreError as exc:
             await _fail(context, exc)
         try:
-            if request.snapshot:
-                for batch in _batches(first):
-                    yield pb.WatchResponse(instance=events.instance, events=batch)
             while True:
-                await ready.wait()
-                ready.clear()
-                if watcher.closed:
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+                if watcher.snapshotting:
+                    # On a worker thread: it waits for the store's lock.
+                    await asyncio.to_thread(self.store.watch_step, watcher, WATCH_BATCH)
                 queued, lost = watcher.take()
                 if lost:
                     queued.append(KVEvent(EventKind.GAP, lost))
                     if request.snapshot:
-                        queued += await asyncio.to_thread(self.store.watch, watcher, True)
+                        await asyncio.to_thread(self.store.watch, watcher, True)
                 for batch in _batches(queued):
                     yield pb.WatchResponse(instance=events.instance, events=batch)
+                if watcher.closed:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+                if not queued and not watcher.snapshotting:
+                    await ready.wait()
+                    ready.clear()
         finally:
             events.unsubscribe(watcher)
 

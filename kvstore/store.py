@@ -60,7 +60,7 @@ from kvstore.codecs.container import (
 from kvstore.config import QuotaRule, ServerConfig, codec_rule, quota_rule
 from kvstore.dtypes import expected_nbytes
 from kvstore.errors import DataLoss, InvalidArgument, Overloaded, ResourceExhausted
-from kvstore.events import EventHub, EventKind, KVEvent, Watcher
+from kvstore.events import EventHub, EventKind, Watcher
 from kvstore.gpu import cuda_device_count
 from kvstore.keys import KEY_BYTES
 from kvstore.policy import POLICIES, EvictionPolicy
@@ -971,12 +971,16 @@ class Store:
                 n += 1
         return n
 
-    def watch(self, watcher: Watcher, snapshot: bool) -> list[KVEvent]:
-        """Start `watcher`'s live events (restart them, after a gap), and return what the
-        index holds that it admits (nothing without `snapshot`) as SNAPSHOT events closed by
-        SNAPSHOT_END: exact as of that event's seq, the last before the first queued one."""
+    def watch(self, watcher: Watcher, snapshot: bool) -> None:
+        """Start `watcher`'s live events (restart them, after a gap), with a snapshot of
+        what the index holds if asked, streamed by `watch_step`."""
         with self._lock:
-            return self.events.subscribe(watcher, self._index.values() if snapshot else ())
+            self.events.subscribe(watcher, list(self._index) if snapshot else None)
+
+    def watch_step(self, watcher: Watcher, most: int) -> None:
+        """Queue the next `most` keys of `watcher`'s snapshot (see `kvstore.events`)."""
+        with self._lock:
+            watcher.snapshot_step(self._index, most, self.events.seq)
 
     def _emit(self, kind: EventKind, e: Entry, tier: str) -> None:
         if self.events.watchers:  # the only cost to a put while nobody watches

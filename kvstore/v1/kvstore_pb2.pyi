@@ -385,6 +385,7 @@ class KVEvent(_message.Message):
         DEMOTED: _ClassVar[KVEvent.Kind]
         EVICTED: _ClassVar[KVEvent.Kind]
         DELETED: _ClassVar[KVEvent.Kind]
+        SNAPSHOT_BEGIN: _ClassVar[KVEvent.Kind]
         SNAPSHOT: _ClassVar[KVEvent.Kind]
         SNAPSHOT_END: _ClassVar[KVEvent.Kind]
         GAP: _ClassVar[KVEvent.Kind]
@@ -394,6 +395,7 @@ class KVEvent(_message.Message):
     DEMOTED: KVEvent.Kind
     EVICTED: KVEvent.Kind
     DELETED: KVEvent.Kind
+    SNAPSHOT_BEGIN: KVEvent.Kind
     SNAPSHOT: KVEvent.Kind
     SNAPSHOT_END: KVEvent.Kind
     GAP: KVEvent.Kind

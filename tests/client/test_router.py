@@ -85,16 +85,28 @@ def test_a_snapshot_replaces_what_was_known_and_a_restart_voids_it() -> None:
     prompt = tokens(0, 3)
     k = keys_of(prompt)
     r.apply_all("a", stored(k))
-    # After a GAP the old view stays until the snapshot that follows is complete.
-    r.apply("a", KVEvent(EventKind.GAP, 9, instance="i1"))
-    r.apply("a", KVEvent(EventKind.SNAPSHOT, 12, NS, k[0], "", ("cpu",), 64, "i1"))
-    assert r.rank(prompt)[0].chunks == 3 and r.gaps == {"a": 1}
-    r.apply("a", KVEvent(EventKind.SNAPSHOT_END, 12, instance="i1"))
-    assert r.rank(prompt)[0].chunks == 1 and r.seq("a") == 12
+
+    def ev(
+        kind: EventKind, seq: int, key: bytes = b"", tiers: tuple[str, ...] = (), i: str = "i1"
+    ) -> None:
+        r.apply("a", KVEvent(kind, seq, NS if key else "", key, "", tiers, 64, i))
+
+    # After a GAP the old view serves (following live events) until the snapshot after it
+    # is complete; the snapshot's view takes live events in stream order too.
+    ev(EventKind.GAP, 9)
+    ev(EventKind.SNAPSHOT_BEGIN, 11)
+    ev(EventKind.SNAPSHOT, 11, k[0], ("cpu",))
+    ev(EventKind.SNAPSHOT, 11, k[1], ("cpu",))
+    r.apply("a", KVEvent(EventKind.EVICTED, 12, NS, k[1], "cpu", (), 64, "i1"))
+    assert r.rank(prompt)[0].chunks == 1 and r.gaps == {"a": 1}  # the old view, k[1] gone
+    ev(EventKind.SNAPSHOT, 12, k[2], ("ssd",))
+    ev(EventKind.SNAPSHOT_END, 12)
+    assert r.rank(prompt)[0].chunks == 1 and r.held("a") == 2 and r.seq("a") == 12
     # A new instance id: the server restarted and what it held is unknown.
-    r.apply("a", KVEvent(EventKind.SNAPSHOT, 1, NS, k[1], "", ("ssd",), 64, "i2"))
+    ev(EventKind.SNAPSHOT_BEGIN, 0, i="i2")
     assert r.held("a") == 0 and r.restarts == {"a": 1}
-    r.apply("a", KVEvent(EventKind.SNAPSHOT_END, 1, instance="i2"))
+    ev(EventKind.SNAPSHOT, 0, k[1], ("ssd",), i="i2")
+    ev(EventKind.SNAPSHOT_END, 0, i="i2")
     assert r.held("a") == 1 and r.best(prompt) is None  # holds chunk 1 but not chunk 0
     r.forget("a")
     assert r.held("a") == 0
