@@ -181,7 +181,9 @@ class AsyncKVClient:
     async def watch(
         self, namespaces: str | None = None, *, snapshot: bool = True
     ) -> AsyncIterator[KVEvent]:
-        """KV events, as `KVClient.watch` describes; break out of the loop to stop."""
+        """KV events, as `KVClient.watch` describes. The stream ends when the iterator is
+        closed: `async with contextlib.aclosing(kv.watch()) as events: async for e in
+        events: ...` (a loop left by `break` alone keeps it open until garbage collection)."""
         ns = self.namespace if namespaces is None else namespaces
         metadata = self._conn.metadata or None
         call = self._stubs["Watch"](watch_request(ns, snapshot), metadata=metadata)

@@ -21,14 +21,18 @@ Ranking: the keys of a token sequence are the client's prefix key chain
 included), so they are the keys engines store. A node's match is the number of leading
 keys it holds; with `tier_weights` each held chunk counts its fastest tier's weight instead
 of 1 (e.g. gpu 1.0, cpu 0.8, ssd 0.3: a prefix in GPU memory beats a longer one on disk).
-Values an engine adapter stores under derived keys (per layer group) are not matched.
+An engine adapter that stores a chunk as several values under derived keys (one per layer
+or layer group) is matched through `chunk_part`, which names the value that stands for a
+chunk: `lambda k: layer_key(k, 0, 0)` (`kvstore.client.vllm`: rank 0, layer 0) or
+`lambda k: group_key(k, 0, groups)` (`kvstore.client.hf`). The router then assumes the
+chunk's other parts are where that one is, as the adapters store and evict them together.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Unpack
 
@@ -71,13 +75,16 @@ class KVRouter:
         *,
         nodes: Mapping[str, str] | None = None,
         tier_weights: Mapping[str, float] | None = None,
+        chunk_part: Callable[[bytes], bytes] | None = None,
         backoff: tuple[float, float] = BACKOFF_S,
         **connect: Unpack[ConnectOptions],
     ) -> None:
         """`chunk_tokens`: the servers' setting (asked of the first node reached when
         None). `nodes`: name -> address, each followed by a background thread (see
         `follow`). `tier_weights`: a held chunk's worth by its fastest tier (default 1
-        each). `connect`: as `KVClient`'s (token, TLS), for every node."""
+        each). `chunk_part`: the key of the value that stands for a chunk, from the chunk's
+        prefix key (see the module doc; default: the prefix key itself). `connect`: as
+        `KVClient`'s (token, TLS), for every node."""
         self.namespace = namespace
         self.chunk_tokens = chunk_tokens
         self.tier_weights = dict(tier_weights or {})
@@ -85,6 +92,7 @@ class KVRouter:
             if not w > 0:
                 raise ValueError(f"tier weight of {tier} must be positive, got {w}")
         self._backoff = backoff
+        self.chunk_part = chunk_part
         self._connect = connect
         self._lock = threading.Lock()
         self._held: dict[str, dict[bytes, tuple[str, ...]]] = {}
@@ -168,6 +176,8 @@ class KVRouter:
         if self.chunk_tokens is None:
             raise RuntimeError("chunk_tokens is not known yet: pass it, or wait for a node")
         keys = chunk_keys(token_ids, self.chunk_tokens, self.namespace, include_partial=True)
+        if self.chunk_part is not None:
+            keys = [self.chunk_part(k) for k in keys]
         weights = self.tier_weights
         out = []
         with self._lock:

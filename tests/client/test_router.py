@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from kvstore.client.hf import group_key
 from kvstore.client.router import KVRouter, NodeMatch
 from kvstore.events import EventKind, KVEvent
 from kvstore.keys import chunk_keys
@@ -110,6 +111,15 @@ def test_a_snapshot_replaces_what_was_known_and_a_restart_voids_it() -> None:
     assert r.held("a") == 1 and r.best(prompt) is None  # holds chunk 1 but not chunk 0
     r.forget("a")
     assert r.held("a") == 0
+
+
+def test_an_engine_adapters_derived_keys_are_matched_through_chunk_part() -> None:
+    group0 = lambda k: group_key(k, 0, 4)  # noqa: E731  (the transformers cache's first group)
+    r = KVRouter(NS, CT, chunk_part=group0)
+    prompt = tokens(0, 3)
+    r.apply_all("engine", stored([group0(k) for k in keys_of(prompt)]))
+    r.apply_all("plain", stored(keys_of(prompt)))  # no value under a layer's key
+    assert [(m.node, m.chunks) for m in r.rank(prompt)] == [("engine", 3), ("plain", 0)]
 
 
 def test_ranking_needs_chunk_tokens() -> None:

@@ -5,6 +5,7 @@ tenant filtering, the bound on watchers, and the end of streams at shutdown."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import time
@@ -260,12 +261,13 @@ def test_the_async_client_watches(server: ServerProcess) -> None:
     async def main() -> list[KVEvent]:
         async with AsyncKVClient(server.address, NAMESPACE) as c:
             got: list[KVEvent] = []
-            async for e in c.watch():
-                got.append(e)
-                if e.kind == EventKind.SNAPSHOT_END:
-                    await c.put(key(7), torch.zeros(64, dtype=torch.uint8))
-                if e.kind == EventKind.STORED:
-                    break
+            async with contextlib.aclosing(c.watch()) as events:
+                async for e in events:
+                    got.append(e)
+                    if e.kind == EventKind.SNAPSHOT_END:
+                        await c.put(key(7), torch.zeros(64, dtype=torch.uint8))
+                    if e.kind == EventKind.STORED:
+                        break
             return got
 
     events = asyncio.run(main())
