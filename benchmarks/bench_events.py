@@ -1,6 +1,7 @@
 """What KV events cost puts: put throughput of one `kvstore-server` with no watcher, with a
-watcher that keeps up (a reader in a process of its own, as a router), and with one that never reads
-(its queue overflows: GAP and resync), in the same run, rounds interleaved.
+watcher that keeps up (a reader in a process of its own, as a router), and with one that
+never reads (its queue overflows: GAP and resync), in the same run: rounds interleaved, the
+order of the cases rotating from round to round.
 
     python benchmarks/bench_events.py                 # 4 KiB values, 5 rounds
     python benchmarks/bench_events.py --size 64KiB --values 5000 --rounds 7
@@ -93,7 +94,8 @@ def main() -> None:
             with KVClient(address, NAMESPACE) as c, KVClient(address, NAMESPACE) as w:
                 put_rate(c, args.values, args.batch, value, single=False)  # warm-up
                 for r in range(args.rounds):
-                    for case in ("none", "reading", "stalled"):
+                    cases = ("none", "reading", "stalled")
+                    for case in cases[r % 3 :] + cases[: r % 3]:  # no case always first
                         reader = Reader(address) if case == "reading" else None
                         stalled = w.watch() if case == "stalled" else None
                         if stalled is not None:
