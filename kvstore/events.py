@@ -177,6 +177,8 @@ class Watcher:
             self._wake()
 
     def close(self) -> None:
+        """The stream is over (or the server is stopping): wake its reader, and let no
+        later `subscribe` register it."""
         self.closed = True
         self._wake()
 
@@ -192,7 +194,7 @@ class EventHub:
         self.watchers: tuple[Watcher, ...] = ()  # replaced, never mutated: read without lock
         self.dropped = 0  # events dropped by full watcher queues, all watchers together
         self._lock = threading.Lock()
-        self._closed = False
+        self.closed = False
 
     def publish(self, kind: EventKind, held: Held, tier: str) -> None:
         """`held` changed by `kind` in `tier`; it is now held in `held.tiers`."""
@@ -208,8 +210,8 @@ class EventHub:
         the lock `publish` runs under. ResourceExhausted past the bound; Unavailable once
         closed."""
         with self._lock:
-            if self._closed:
-                raise Unavailable("the server is shutting down")
+            if self.closed or watcher.closed:
+                raise Unavailable("the server is shutting down, or the stream ended")
             if watcher not in self.watchers:
                 if len(self.watchers) >= self.max_watchers:
                     raise ResourceExhausted(
@@ -226,7 +228,7 @@ class EventHub:
     def close(self) -> None:
         """End every watch (shutdown): each watcher is woken and sees `closed`."""
         with self._lock:
-            self._closed = True
+            self.closed = True
             watchers = self.watchers
         for w in watchers:
             w.close()

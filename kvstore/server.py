@@ -44,7 +44,14 @@ from kvstore.admission import (
 )
 from kvstore.auth import READ, WRITE, ServerSecurity, require, share_files
 from kvstore.config import ServerConfig, format_size
-from kvstore.errors import InvalidArgument, KVStoreError, NotFound, Overloaded, retry_metadata
+from kvstore.errors import (
+    InvalidArgument,
+    KVStoreError,
+    NotFound,
+    Overloaded,
+    Unavailable,
+    retry_metadata,
+)
 from kvstore.events import EventKind, KVEvent, Watcher
 from kvstore.metrics import ServerMetrics
 from kvstore.store import PutReservation, ReadLease, Store, check_namespace
@@ -915,13 +922,10 @@ class KVStoreServicer:
         )
         events = self.store.events
         try:
+            # On worker threads: they wait for the store's lock.
             await asyncio.to_thread(self.store.watch, watcher, request.snapshot)
-        except KVStoreError as exc:
-            await _fail(context, exc)
-        try:
             while True:
                 if watcher.snapshotting:
-                    # On a worker thread: it waits for the store's lock.
                     await asyncio.to_thread(self.store.watch_step, watcher, WATCH_BATCH)
                 queued, lost = watcher.take()
                 if lost:
@@ -930,12 +934,17 @@ class KVStoreServicer:
                         await asyncio.to_thread(self.store.watch, watcher, True)
                 for response in _responses(events.instance, queued):
                     yield response
-                if watcher.closed:
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+                if events.closed:
+                    raise Unavailable("the server is shutting down")
                 if not queued and not watcher.snapshotting:
                     await ready.wait()
                     ready.clear()
+        except KVStoreError as exc:
+            await _fail(context, exc)
         finally:
+            # Closed first: a subscription still running on a worker thread (the call was
+            # cancelled meanwhile) then registers nothing.
+            watcher.close()
             events.unsubscribe(watcher)
 
 

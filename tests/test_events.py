@@ -193,9 +193,13 @@ def test_the_number_of_watchers_is_bounded_and_closing_ends_them() -> None:
     with pytest.raises(ResourceExhausted, match="max-watchers 2"):
         hub.subscribe(ws[2], None)
     hub.unsubscribe(ws[0])
+    ws[0].close()  # a stream that ended while its subscription was on its way
+    with pytest.raises(Unavailable):
+        hub.subscribe(ws[0], None)
+    assert ws[0] not in hub.watchers
     hub.subscribe(ws[2], None)
     hub.close()
-    assert sorted(woken) == [1, 2] and ws[1].closed and ws[2].closed
+    assert sorted(woken) == [0, 1, 2] and ws[1].closed and ws[2].closed
     with pytest.raises(Unavailable):
         hub.subscribe(ws[0], None)
 
