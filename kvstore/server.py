@@ -924,6 +924,8 @@ class KVStoreServicer:
         try:
             # On worker threads: they wait for the store's lock.
             await asyncio.to_thread(self.store.watch, watcher, request.snapshot)
+            if not request.snapshot:  # the watcher knows at once that it is registered
+                yield pb.WatchResponse(instance=events.instance)
             while True:
                 if watcher.snapshotting:
                     await asyncio.to_thread(self.store.watch_step, watcher, WATCH_BATCH)

@@ -235,8 +235,9 @@ class KVStoreServicer:
         each prefix is held: optionally a snapshot of what is held first, then live events.
         Only namespaces the caller may read. A watcher that falls behind by more than the
         server's queue (--watch-queue-events) gets a GAP event, then (if it asked for a
-        snapshot) a fresh snapshot. Past --max-watchers streams: RESOURCE_EXHAUSTED. At
-        shutdown the stream ends with UNAVAILABLE.
+        snapshot) a fresh snapshot. The first message comes as soon as the watcher is
+        registered (with no events when no snapshot was asked). Past --max-watchers streams:
+        RESOURCE_EXHAUSTED. At shutdown the stream ends with UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
