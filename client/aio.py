@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, TypeVar, Unpack
 
 import grpc
@@ -25,7 +25,9 @@ from kvstore.client._core import (
     retry_deadline,
 )
 from kvstore.client._transfer import BlockRefs, Transfer, gather
+from kvstore.client._watch import events_of, rpc_error, watch_request
 from kvstore.errors import KVStoreError, error_for_status
+from kvstore.events import KVEvent
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire import CLIENT_OPTIONS, client_stubs
 
@@ -175,6 +177,24 @@ class AsyncKVClient:
 
     async def entries(self, namespace: str | None = None, limit: int = 0) -> list[pb.ListResponse]:
         return await self._run(self._core.entries(namespace, limit))
+
+    async def watch(
+        self, namespaces: str | None = None, *, snapshot: bool = True
+    ) -> AsyncIterator[KVEvent]:
+        """KV events, as `KVClient.watch` describes. The stream ends when the iterator is
+        closed: `async with contextlib.aclosing(kv.watch()) as events: async for e in
+        events: ...` (a loop left by `break` alone keeps it open until garbage collection)."""
+        ns = self.namespace if namespaces is None else namespaces
+        metadata = self._conn.metadata or None
+        call = self._stubs["Watch"](watch_request(ns, snapshot), metadata=metadata)
+        try:
+            async for response in call:
+                for event in events_of(response):
+                    yield event
+        except grpc.RpcError as exc:
+            raise rpc_error(self._conn, exc) from None
+        finally:
+            call.cancel()
 
     async def prefix_keys(self, token_ids: Sequence[int] | np.ndarray) -> list[bytes]:
         return await self._run(self._core.prefix_keys(token_ids))

@@ -28,6 +28,7 @@ from kvstore.client._core import (
     retry_deadline,
 )
 from kvstore.client._transfer import BlockRefs, Transfer, gather
+from kvstore.client._watch import WatchStream, watch_request
 from kvstore.errors import KVStoreError, error_for_status
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire import CLIENT_OPTIONS, client_stubs
@@ -226,6 +227,17 @@ class KVClient:
     def entries(self, namespace: str | None = None, limit: int = 0) -> list[pb.ListResponse]:
         """Stored entries of `namespace` (all namespaces when None), at most `limit` if set."""
         return self._run(self._core.entries(namespace, limit))
+
+    def watch(self, namespaces: str | None = None, *, snapshot: bool = True) -> WatchStream:
+        """KV events (`kvstore.events.KVEvent`) of the namespaces matching the shell glob
+        `namespaces` (default: this client's namespace; "*": every namespace the token may
+        read): with `snapshot`, first what the server holds (SNAPSHOT events, then
+        SNAPSHOT_END), then each change as it happens, in `seq` order. A GAP event means
+        events were lost (the reader fell behind); a fresh snapshot follows it when
+        `snapshot` is set. Iterate the returned stream; `close()` it to stop.
+        `kvstore.client.router.KVRouter` keeps the state of several servers from these."""
+        ns = self.namespace if namespaces is None else namespaces
+        return WatchStream(self._conn, watch_request(ns, snapshot))
 
     def prefix_keys(self, token_ids: Sequence[int] | np.ndarray) -> list[bytes]:
         return self._run(self._core.prefix_keys(token_ids))

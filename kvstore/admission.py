@@ -4,6 +4,7 @@ Primitives:
 - `Admission.wrap(rpc, kind, handler)` bounds the calls in flight (`--max-inflight-requests`).
   Calls that give resources back or cost nothing (`EXEMPT`: Commit, Release, Renew, Stats)
   are never refused: refusing them would hold leases and reservations longer, not shorter.
+  Nor is Watch, a stream that lasts as long as its watcher: `--max-watchers` bounds it.
 - `Admission.charge(nbytes, ...)` / `release(nbytes)` bound the bytes of values in flight
   through gRPC (`--max-inflight-bytes`): a streamed put's value from its header until it is
   stored, a get's streamed answer until its last piece is sent. A call at its start is
@@ -31,7 +32,7 @@ from typing import Any
 from kvstore.errors import InvalidArgument, Overloaded, retry_metadata
 from kvstore.wire import PIECE_BYTES
 
-EXEMPT = frozenset({"Commit", "Release", "Renew", "Stats"})
+EXEMPT = frozenset({"Commit", "Release", "Renew", "Stats", "Watch"})
 """RPCs never refused by the in-flight bounds."""
 PUT_METHODS = frozenset({"Put", "BatchPut"})
 

@@ -149,6 +149,13 @@ class ServerConfig:
     """Most read leases (shared slices) and, separately, put reservations held at once by
     all same-host clients together: past it, shared reads are refused with a retry hint
     and reservations are answered "stream it instead"."""
+    max_watchers: int = 64
+    """Most Watch streams (KV events) open at once; past it Watch is refused with
+    RESOURCE_EXHAUSTED."""
+    watch_queue_events: int = 65536
+    """Events one Watch stream may have queued and not yet sent. A watcher further behind
+    loses the events past it and gets a GAP event (then a fresh snapshot if it asked for
+    snapshots): puts never wait for a watcher, and its memory stays bounded."""
     quota: tuple[str, ...] = ()
     """Per-namespace-group quotas of bytes per tier, as rules `TIER[GLOB]=SIZE` (gpu, cpu
     or ssd), e.g. `cpu[tenant-a/*]=8GiB`. The namespaces matching the first rule of a tier
@@ -233,6 +240,10 @@ class ServerConfig:
             or default_inflight_requests()
         )
         self.max_leases = _as_int(self.max_leases, "max-leases", 1, 1 << 24)
+        self.max_watchers = _as_int(self.max_watchers, "max-watchers", 1, 1 << 16)
+        self.watch_queue_events = _as_int(
+            self.watch_queue_events, "watch-queue-events", 16, 1 << 24
+        )
         self.chunk_tokens = _as_int(self.chunk_tokens, "chunk-tokens", 1, 1 << 20)
         # A key costs 34 bytes in a request, and a request is at most 5 MiB.
         self.max_keys_per_request = _as_int(

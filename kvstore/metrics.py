@@ -7,6 +7,8 @@ in one process, as in tests, do not mix) with:
 - `kvstore_entries`, `kvstore_pinned_entries`, `kvstore_leases{kind=read|put}`;
 - per codec the ssd tier wrote with: `kvstore_codec_{raw,encoded}_bytes_total`;
 - per tier, copies found corrupt and dropped: `kvstore_corrupt_dropped_total{tier}`;
+- KV events: `kvstore_watchers` (Watch streams open), `kvstore_watchers_limit`, and
+  `kvstore_watch_events_dropped_total` (lost to full watcher queues; each loss is a GAP);
 - per RPC: `kvstore_requests_total{rpc,code}` and the `kvstore_request_duration_seconds`
   histogram, kept by `observe(...)`, which also gives each call its request id for logs;
 - back-pressure: `kvstore_inflight{what=requests|bytes}` and their bounds
@@ -154,6 +156,19 @@ class _StoreCollector(Collector):
         for tier, n in dict(self.store.corrupt).items():
             corrupt.add_metric([tier], n)
         yield corrupt
+        events = self.store.events
+        yield GaugeMetricFamily(
+            "kvstore_watchers", "Watch streams (KV events) open", value=len(events.watchers)
+        )
+        yield GaugeMetricFamily(
+            "kvstore_watchers_limit", "Most Watch streams open at once (max-watchers)",
+            value=events.max_watchers,
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "kvstore_watch_events_dropped",
+            "KV events dropped because a watcher's queue was full (it got a GAP instead)",
+            value=events.dropped,
+        )
         info = GaugeMetricFamily("kvstore_build_info", "The server's version", labels=["version"])
         info.add_metric([__version__], 1)
         yield info

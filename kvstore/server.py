@@ -24,7 +24,7 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -44,7 +44,15 @@ from kvstore.admission import (
 )
 from kvstore.auth import READ, WRITE, ServerSecurity, require, share_files
 from kvstore.config import ServerConfig, format_size
-from kvstore.errors import InvalidArgument, KVStoreError, NotFound, Overloaded, retry_metadata
+from kvstore.errors import (
+    InvalidArgument,
+    KVStoreError,
+    NotFound,
+    Overloaded,
+    Unavailable,
+    retry_metadata,
+)
+from kvstore.events import EventKind, KVEvent, Watcher
 from kvstore.metrics import ServerMetrics
 from kvstore.store import PutReservation, ReadLease, Store, check_namespace
 from kvstore.tiers.gpu import PoolExport
@@ -900,6 +908,74 @@ class KVStoreServicer:
                 hits=e.hits,
             )
 
+    async def Watch(
+        self, request: pb.WatchRequest, context: Any
+    ) -> AsyncIterator[pb.WatchResponse]:
+        tenant = auth.caller()
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+        watcher = Watcher(
+            request.namespaces,
+            lambda namespace: tenant.may(namespace, READ),
+            self.config.watch_queue_events,
+            functools.partial(_wake, loop, ready),
+        )
+        events = self.store.events
+        try:
+            # On worker threads: they wait for the store's lock.
+            await asyncio.to_thread(self.store.watch, watcher, request.snapshot)
+            if not request.snapshot:  # the watcher knows at once that it is registered
+                yield pb.WatchResponse(instance=events.instance)
+            while True:
+                if watcher.snapshotting:
+                    await asyncio.to_thread(self.store.watch_step, watcher, WATCH_BATCH)
+                queued, lost = watcher.take()
+                if lost:
+                    queued.append(KVEvent(EventKind.GAP, lost))
+                    if request.snapshot:
+                        await asyncio.to_thread(self.store.watch, watcher, True)
+                for response in _responses(events.instance, queued):
+                    yield response
+                if events.closed:
+                    raise Unavailable("the server is shutting down")
+                if not queued and not watcher.snapshotting:
+                    await ready.wait()
+                    ready.clear()
+        except KVStoreError as exc:
+            await _fail(context, exc)
+        finally:
+            # Closed first: a subscription still running on a worker thread (the call was
+            # cancelled meanwhile) then registers nothing.
+            watcher.close()
+            events.unsubscribe(watcher)
+
+
+def _wake(loop: asyncio.AbstractEventLoop, ready: asyncio.Event) -> None:
+    """Set `ready` from whichever thread published an event; a put never fails for it."""
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+        loop.call_soon_threadsafe(ready.set)
+
+
+WATCH_BATCH = 1024
+"""Events per WatchResponse: about 100 KiB."""
+
+
+def _responses(instance: str, events: list[KVEvent]) -> Iterator[pb.WatchResponse]:
+    for start in range(0, len(events), WATCH_BATCH):
+        response = pb.WatchResponse(instance=instance)
+        add = response.events.add  # half the cost of building each KVEvent and listing them
+        for e in events[start : start + WATCH_BATCH]:
+            add(
+                kind=pb.KVEvent.Kind.ValueType(e.kind),
+                seq=e.seq,
+                namespace=e.namespace,
+                key=e.key,
+                tier=e.tier,
+                tiers=e.tiers,
+                nbytes=e.nbytes,
+            )
+        yield response
+
 
 class DataDirLock:
     """An exclusive lock on the data directory: one server per directory."""
@@ -1063,6 +1139,7 @@ async def _run(
     ]
     await signals.stop.wait()
     security.stop_reloading(asyncio.get_running_loop())
+    store.events.close()  # Watch streams end now rather than hold up the drain
 
     log.info("shutting down: draining in-flight calls (grace %.1fs)", config.grace_seconds)
     deadline = time.monotonic() + config.grace_seconds

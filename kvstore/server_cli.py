@@ -144,6 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {d.max_leases})",
     )
     p.add_argument(
+        "--max-watchers",
+        type=int,
+        help=f"most Watch streams (KV events) open at once (default {d.max_watchers})",
+    )
+    p.add_argument(
+        "--watch-queue-events",
+        type=int,
+        help="events a Watch stream may lag behind before it loses them and gets a GAP "
+        f"(default {d.watch_queue_events})",
+    )
+    p.add_argument(
         "--quota",
         action="append",
         metavar="TIER[GLOB]=SIZE",

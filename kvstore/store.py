@@ -60,6 +60,7 @@ from kvstore.codecs.container import (
 from kvstore.config import QuotaRule, ServerConfig, codec_rule, quota_rule
 from kvstore.dtypes import expected_nbytes
 from kvstore.errors import DataLoss, InvalidArgument, Overloaded, ResourceExhausted
+from kvstore.events import EventHub, EventKind, Watcher
 from kvstore.gpu import cuda_device_count
 from kvstore.keys import KEY_BYTES
 from kvstore.policy import POLICIES, EvictionPolicy
@@ -137,6 +138,13 @@ class Entry:
     @property
     def tier(self) -> str:
         return tier_of(self.slot, self.place)
+
+    @property
+    def tiers(self) -> tuple[str, ...]:
+        """Every tier holding a copy, fastest first."""
+        if self.slot is None:
+            return ("ssd",) if self.on_ssd else ()
+        return (self.tier, "ssd") if self.on_ssd else (self.tier,)
 
     def header(self) -> ValueHeader:
         return ValueHeader(
@@ -408,6 +416,8 @@ class Store:
         self._demoter: threading.Thread | None = None
         self._wake = threading.Event()
         self._closing = False
+        # KV events (Watch): published under the lock, so in the order changes happen.
+        self.events = EventHub(config.max_watchers)
         # (namespace glob or None for every namespace, codec) of the ssd tier, globs first.
         rules = [codec_rule(r) for r in config.codec]
         if rules:
@@ -635,6 +645,7 @@ class Store:
                     self._remove(old)
                 self._index[e.eid] = e
                 self._settle(e, res.place, res.slot)
+                self._emit(EventKind.STORED, e, res.tier)
                 return res.tier
             # Written before the old value is retired, so a failure leaves the old one intact.
             # The new LMDB record replaces the old one's in place, under the same key.
@@ -646,6 +657,7 @@ class Store:
                 old.on_ssd = False
                 self._remove(old)
             self._index[e.eid] = e
+            self._emit(EventKind.STORED, e, "ssd")
             return "ssd"
 
     def _abort(self, res: PutReservation) -> None:
@@ -876,6 +888,7 @@ class Store:
             return ReadLease(self, None, memoryview(copy), e.header(), "ssd")
         self._settle(e, 0, slot)
         self._counters["cpu"].promotions += 1
+        self._emit(EventKind.PROMOTED, e, "cpu")
         return None
 
     def _release(self, e: Entry | None, staged: int, corrupt: bool = False) -> None:
@@ -902,8 +915,10 @@ class Store:
                 return False  # other readers hold the slot; a later verified read drops it
             log.error("%s copy of %s failed its checksum; the ssd copy stays", e.tier, e.key.hex())
             self.corrupt[e.tier] += 1
+            tier = e.tier
             self._free_copy(e)
             self._only_on_ssd(e)
+            self._emit(EventKind.EVICTED, e, tier)
             return True
         self._drop(e, e.tier)
         return False
@@ -940,6 +955,7 @@ class Store:
                 e = self._index.get((namespace, k))
                 if e is not None:
                     self._remove(e)
+                    self._emit(EventKind.DELETED, e, "")
                     n += 1
         return n
 
@@ -954,6 +970,21 @@ class Store:
                 e.pins += delta
                 n += 1
         return n
+
+    def watch(self, watcher: Watcher, snapshot: bool) -> None:
+        """Start `watcher`'s live events (restart them, after a gap), with a snapshot of
+        what the index holds if asked, streamed by `watch_step`."""
+        with self._lock:
+            self.events.subscribe(watcher, list(self._index) if snapshot else None)
+
+    def watch_step(self, watcher: Watcher, most: int) -> None:
+        """Queue the next `most` keys of `watcher`'s snapshot (see `kvstore.events`)."""
+        with self._lock:
+            watcher.snapshot_step(self._index, most, self.events.seq)
+
+    def _emit(self, kind: EventKind, e: Entry, tier: str) -> None:
+        if self.events.watchers:  # the only cost to a put while nobody watches
+            self.events.publish(kind, e, tier)
 
     def entries(self, namespace: str | None = None, limit: int = 0) -> list[Entry]:
         with self._lock:
@@ -1142,6 +1173,7 @@ class Store:
                     continue
                 self._free_copy(e)
                 self._settle(e, 0, dst)
+                self._emit(EventKind.DEMOTED, e, "cpu")
                 self._counters["gpu"].evictions += 1
                 self._counters["gpu"].demotions += 1
                 done += 1
@@ -1226,16 +1258,19 @@ class Store:
         for e in victims:
             counters = self._counters["cpu"]
             counters.evictions += 1
+            event = EventKind.EVICTED
             if self.ssd is not None and not e.on_ssd:
                 try:
                     self._write_ssd(e, self._cpu_view(e))
                     counters.demotions += 1
+                    event = EventKind.DEMOTED
                 except ResourceExhausted as exc:
                     log.warning("evicting %s from cpu with no room on ssd: %s", e.key.hex(), exc)
             self._free_copy(e)
             self._only_on_ssd(e)
             if not e.on_ssd and self._index.get(e.eid) is e:
                 del self._index[e.eid]
+            self._emit(event, e, "ssd" if event == EventKind.DEMOTED else "cpu")
 
     def _cpu_view(self, e: Entry) -> memoryview:
         assert self.cpu is not None and e.slot is not None and e.place == 0
@@ -1317,6 +1352,7 @@ class Store:
                     raise ResourceExhausted(self._why_no_room(e.nbytes)) from None
                 self._counters["ssd"].evictions += 1
                 self._drop_ssd_copy(victim)
+                self._emit(EventKind.EVICTED, victim, "ssd")
         self._on_ssd(e, header)
         codec = self._ssd_codec(e.namespace) if header.codec != CODEC_RAW else None
         name = codec.name if codec is not None else "raw"
@@ -1356,6 +1392,7 @@ class Store:
         log.error("dropping %s/%s after a checksum failure in %s", e.namespace, e.key.hex(), tier)
         self.corrupt[tier] += 1
         self._remove(e)
+        self._emit(EventKind.DELETED, e, tier)
 
     # ----------------------------------------------------------------- quotas
 
@@ -1430,4 +1467,5 @@ class Store:
             else:
                 self._counters["ssd"].evictions += 1
                 self._drop_ssd_copy(victim)
+                self._emit(EventKind.EVICTED, victim, "ssd")
         return True

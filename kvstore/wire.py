@@ -170,6 +170,7 @@ METHODS: dict[str, tuple[str, type[Message], type[Message]]] = {
     "Renew": ("unary_unary", pb.RenewRequest, pb.RenewResponse),
     "Stats": ("unary_unary", pb.StatsRequest, pb.StatsResponse),
     "List": ("unary_stream", pb.ListRequest, pb.ListResponse),
+    "Watch": ("unary_stream", pb.WatchRequest, pb.WatchResponse),
 }
 
 

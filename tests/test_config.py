@@ -271,6 +271,10 @@ def test_inflight_bounds_default_from_the_machine_and_are_checked(tmp_path: Path
         ServerConfig(data_dir=tmp_path, max_inflight_requests=-1)
     with pytest.raises(ConfigError, match="max-leases: must be between"):
         ServerConfig(data_dir=tmp_path, max_leases=0)
+    with pytest.raises(ConfigError, match="max-watchers: must be between"):
+        ServerConfig(data_dir=tmp_path, max_watchers=0)
+    with pytest.raises(ConfigError, match="watch-queue-events: must be between"):
+        ServerConfig(data_dir=tmp_path, watch_queue_events=1)
     assert ServerConfig(data_dir=tmp_path, quota="cpu[a/*]=1GiB;ssd[a/*]=2GiB").describe()[
         "quota"
     ] == ("cpu[a/*]=1GiB;ssd[a/*]=2GiB")

@@ -1,4 +1,5 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -365,3 +366,59 @@ class ListResponse(_message.Message):
     pins: int
     hits: int
     def __init__(self, namespace: _Optional[str] = ..., header: _Optional[_Union[ValueHeader, _Mapping]] = ..., tier: _Optional[str] = ..., pins: _Optional[int] = ..., hits: _Optional[int] = ...) -> None: ...
+
+class WatchRequest(_message.Message):
+    __slots__ = ("namespaces", "snapshot")
+    NAMESPACES_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    namespaces: str
+    snapshot: bool
+    def __init__(self, namespaces: _Optional[str] = ..., snapshot: _Optional[bool] = ...) -> None: ...
+
+class KVEvent(_message.Message):
+    __slots__ = ("kind", "seq", "namespace", "key", "tier", "tiers", "nbytes")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[KVEvent.Kind]
+        STORED: _ClassVar[KVEvent.Kind]
+        PROMOTED: _ClassVar[KVEvent.Kind]
+        DEMOTED: _ClassVar[KVEvent.Kind]
+        EVICTED: _ClassVar[KVEvent.Kind]
+        DELETED: _ClassVar[KVEvent.Kind]
+        SNAPSHOT_BEGIN: _ClassVar[KVEvent.Kind]
+        SNAPSHOT: _ClassVar[KVEvent.Kind]
+        SNAPSHOT_END: _ClassVar[KVEvent.Kind]
+        GAP: _ClassVar[KVEvent.Kind]
+    KIND_UNSPECIFIED: KVEvent.Kind
+    STORED: KVEvent.Kind
+    PROMOTED: KVEvent.Kind
+    DEMOTED: KVEvent.Kind
+    EVICTED: KVEvent.Kind
+    DELETED: KVEvent.Kind
+    SNAPSHOT_BEGIN: KVEvent.Kind
+    SNAPSHOT: KVEvent.Kind
+    SNAPSHOT_END: KVEvent.Kind
+    GAP: KVEvent.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    kind: KVEvent.Kind
+    seq: int
+    namespace: str
+    key: bytes
+    tier: str
+    tiers: _containers.RepeatedScalarFieldContainer[str]
+    nbytes: int
+    def __init__(self, kind: _Optional[_Union[KVEvent.Kind, str]] = ..., seq: _Optional[int] = ..., namespace: _Optional[str] = ..., key: _Optional[bytes] = ..., tier: _Optional[str] = ..., tiers: _Optional[_Iterable[str]] = ..., nbytes: _Optional[int] = ...) -> None: ...
+
+class WatchResponse(_message.Message):
+    __slots__ = ("instance", "events")
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    instance: str
+    events: _containers.RepeatedCompositeFieldContainer[KVEvent]
+    def __init__(self, instance: _Optional[str] = ..., events: _Optional[_Iterable[_Union[KVEvent, _Mapping]]] = ...) -> None: ...

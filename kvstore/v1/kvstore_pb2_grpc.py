@@ -109,6 +109,11 @@ class KVStoreStub:
                 request_serializer=kvstore_dot_v1_dot_kvstore__pb2.ListRequest.SerializeToString,
                 response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.ListResponse.FromString,
                 _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/kvstore.v1.KVStore/Watch',
+                request_serializer=kvstore_dot_v1_dot_kvstore__pb2.WatchRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.WatchResponse.FromString,
+                _registered_method=True)
 
 
 class KVStoreServicer:
@@ -225,6 +230,19 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Watch(self, request, context):
+        """What the tiers gain and lose, as it happens (KVEvent), for routers that track where
+        each prefix is held: optionally a snapshot of what is held first, then live events.
+        Only namespaces the caller may read. A watcher that falls behind by more than the
+        server's queue (--watch-queue-events) gets a GAP event, then (if it asked for a
+        snapshot) a fresh snapshot. The first message comes as soon as the watcher is
+        registered (with no events when no snapshot was asked). Past --max-watchers streams:
+        RESOURCE_EXHAUSTED. At shutdown the stream ends with UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -302,6 +320,11 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.List,
                     request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.ListRequest.FromString,
                     response_serializer=kvstore_dot_v1_dot_kvstore__pb2.ListResponse.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.WatchRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_kvstore__pb2.WatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -709,6 +732,33 @@ class KVStore:
             '/kvstore.v1.KVStore/List',
             kvstore_dot_v1_dot_kvstore__pb2.ListRequest.SerializeToString,
             kvstore_dot_v1_dot_kvstore__pb2.ListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kvstore.v1.KVStore/Watch',
+            kvstore_dot_v1_dot_kvstore__pb2.WatchRequest.SerializeToString,
+            kvstore_dot_v1_dot_kvstore__pb2.WatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -312,6 +312,10 @@ def test_check_config_reads_every_flag_and_kvstore_config(tmp_path: Path) -> Non
         "3MiB",
         "--max-leases",
         "100",
+        "--max-watchers",
+        "7",
+        "--watch-queue-events",
+        "100",
         "--quota",
         "cpu[a/*]=1MiB",
         "--quota",
@@ -348,6 +352,8 @@ def test_check_config_reads_every_flag_and_kvstore_config(tmp_path: Path) -> Non
         "max_inflight_requests": 12,
         "max_inflight_bytes": 3 * MiB,
         "max_leases": 100,
+        "max_watchers": 7,
+        "watch_queue_events": 100,
         "quota": "cpu[a/*]=1MiB;ssd[a/*]=2MiB",
     }
     # KVSTORE_CONFIG names the file when --config does not.

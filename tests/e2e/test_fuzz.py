@@ -44,6 +44,8 @@ RPC_TIMEOUT = 10.0
 KNOWN_NS = "fuzz/known-values"
 SERVICE = pb.DESCRIPTOR.services_by_name["KVStore"]
 # Codes that mean the server failed to handle a request rather than refused it.
+# Streams that last until the client ends them; their first message comes at once.
+ENDLESS = {"Watch"}
 BROKEN = {
     grpc.StatusCode.UNKNOWN,
     grpc.StatusCode.INTERNAL,
@@ -189,8 +191,11 @@ def send(
         if method.client_streaming:
             call(stream(), timeout=RPC_TIMEOUT)
         elif method.server_streaming:
-            for _ in call(requests[0], timeout=RPC_TIMEOUT):
-                pass
+            responses = call(requests[0], timeout=RPC_TIMEOUT)
+            for _ in responses:
+                if method.name in ENDLESS:  # its first message: the stream is up
+                    responses.cancel()
+                    break
         else:
             call(requests[0], timeout=RPC_TIMEOUT)
     except grpc.RpcError as exc:
