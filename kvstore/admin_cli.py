@@ -75,6 +75,25 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--namespace", default=None, help="only this namespace")
     ls.add_argument("--limit", type=int, default=100, help="at most this many (0: all)")
     ls.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    ev = sub.add_parser(
+        "events",
+        help="follow KV events (stored, promoted, demoted, evicted, deleted) as they happen, "
+        "a line each, until Ctrl-C",
+    )
+    ev.add_argument(
+        "--namespace",
+        default="*",
+        help='shell glob of namespaces (default "*": every one the token may read)',
+    )
+    ev.add_argument(
+        "--snapshot",
+        action="store_true",
+        help="first print what the server holds (SNAPSHOT lines, then SNAPSHOT_END)",
+    )
+    ev.add_argument(
+        "--count", type=int, default=0, metavar="N", help="stop after N events (0: never)"
+    )
+    ev.add_argument("--json", action="store_true", help="print JSON lines instead of text")
     tok = sub.add_parser(
         "token",
         help="mint a token for a tenant: prints the entry to add to the server's "
@@ -260,6 +279,34 @@ def cmd_ls(
     console.print(f"{len(entries)} entries" + (f" (limit {limit})" if limit else ""))
 
 
+def cmd_events(
+    client: KVClient, namespaces: str, snapshot: bool, count: int, as_json: bool
+) -> None:
+    """Print each event of `namespaces` as it comes (flushed: `kvstore events | grep`)."""
+    stream = client.watch(namespaces, snapshot=snapshot)
+    seen = 0
+    try:
+        for e in stream:
+            if as_json:
+                row = {
+                    "kind": e.kind.name, "seq": e.seq, "namespace": e.namespace,
+                    "key": e.key.hex(), "tier": e.tier, "tiers": list(e.tiers),
+                    "bytes": e.nbytes, "instance": e.instance,
+                }  # fmt: skip
+                print(json.dumps(row), flush=True)
+            else:
+                held = ",".join(e.tiers) or "gone"
+                where = (f"{e.tier} -> {held}" if e.tier else held) if e.namespace else ""
+                size = format_size(e.nbytes) if e.nbytes else ""
+                fields = [f"{e.seq:>8}", f"{e.kind.name:<14}", e.namespace, e.key.hex()[:16]]
+                print(" ".join([*fields, where, size]).rstrip(), flush=True)
+            seen += 1
+            if count and seen >= count:
+                break
+    finally:
+        stream.close()
+
+
 def cmd_token(tenant: str, read: list[str], write: list[str]) -> int:
     if not read and not write:
         print("kvstore: token: give --read and/or --write namespace globs", file=sys.stderr)
@@ -306,11 +353,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         with KVClient(address, "kvstore-admin", timeout=args.timeout, **security) as client:
             if args.command == "stats":
                 cmd_stats(client, args.json, console)
+            elif args.command == "events":
+                if args.count < 0:
+                    print("kvstore: events: --count takes N >= 0", file=sys.stderr)
+                    return 2
+                cmd_events(client, args.namespace, args.snapshot, args.count, args.json)
             else:
                 cmd_ls(client, args.namespace, args.limit, args.json, console)
     except KVStoreError as exc:
         print(f"kvstore: {address}: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the way `kvstore events` ends when run by hand
+        return 130
     return 0
 
 

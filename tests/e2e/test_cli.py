@@ -690,6 +690,46 @@ def test_stats_watch_redraws_rates_until_interrupted(populated: ServerProcess) -
     assert "every 0.2s" in out and "Traceback" not in err
 
 
+def test_events_print_the_snapshot_then_each_change(populated: ServerProcess) -> None:
+    r = admin_cli(
+        "--address", populated.address, "events", "--snapshot", "--json", "--count", "8",
+        cwd=populated.data_dir.parent, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    kinds = [row["kind"] for row in rows]
+    assert kinds == ["SNAPSHOT_BEGIN", *["SNAPSHOT"] * 6, "SNAPSHOT_END"], r.stdout
+    held = {(row["namespace"], row["key"]): row["tiers"][0] for row in rows[1:7]}
+    assert held == {(ns, key(i).hex()): v[3] for (ns, i), v in EXPECTED_ENTRIES.items()}
+
+    # Live: a put and a delete while it follows, as text lines (after 5 SNAPSHOT lines).
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvstore.admin_cli", "--address", populated.address,
+         "events", "--namespace", NAMESPACE, "--snapshot", "--count", "9"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 60
+    while not any("SNAPSHOT_END" in line for line in lines) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with populated.client(timeout=10) as c:
+        c.put(key(7), torch.zeros(16, dtype=torch.float16))
+        assert c.delete([key(7)]) == 1
+    proc.wait(timeout=30)
+    reader.join(timeout=10)
+    assert proc.returncode == 0, proc.stderr.read()
+    live = [line.split() for line in lines if "SNAPSHOT" not in line]
+    assert [(f[1], f[3]) for f in live] == [
+        ("STORED", key(7).hex()[:16]),
+        ("DELETED", key(7).hex()[:16]),
+    ], lines
+    assert live[0][4:6] == ["cpu", "->"] and live[0][6] == "cpu", lines
+    assert int(live[1][0]) > int(live[0][0])  # seq grows
+
+
 def test_address_defaults_to_kvstore_address(populated: ServerProcess) -> None:
     r = admin_cli(
         "stats", "--json", cwd=populated.data_dir.parent,
