@@ -655,16 +655,23 @@ def test_health_says_serving(populated: ServerProcess) -> None:
     assert r.returncode == 1 and "NOT_FOUND" in one_line(r.stderr), r.stderr
 
 
-def test_stats_watch_redraws_rates_until_interrupted(populated: ServerProcess) -> None:
+def follow_admin(
+    server: ServerProcess, *args: str
+) -> tuple[subprocess.Popen[str], list[str], threading.Thread]:
+    """`kvstore --address ADDRESS *args` running, with a thread collecting its output lines."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kvstore.admin_cli", "--address", populated.address,
-         "stats", "--watch", "0.2"],
+        [sys.executable, "-m", "kvstore.admin_cli", "--address", server.address, *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
     )  # fmt: skip
     assert proc.stdout is not None and proc.stderr is not None
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True)
     reader.start()
+    return proc, lines, reader
+
+
+def test_stats_watch_redraws_rates_until_interrupted(populated: ServerProcess) -> None:
+    proc, lines, reader = follow_admin(populated, "stats", "--watch", "0.2")
     with populated.client(timeout=10) as c:
         # Reads while the watch runs, so that rates move: from its first sample on (into a
         # pipe it prints each one; a loaded machine can take seconds to start it), for a few
@@ -703,15 +710,9 @@ def test_events_print_the_snapshot_then_each_change(populated: ServerProcess) ->
     assert held == {(ns, key(i).hex()): v[3] for (ns, i), v in EXPECTED_ENTRIES.items()}
 
     # Live: a put and a delete while it follows, as text lines (after 5 SNAPSHOT lines).
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kvstore.admin_cli", "--address", populated.address,
-         "events", "--namespace", NAMESPACE, "--snapshot", "--count", "9"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(),
-    )  # fmt: skip
-    assert proc.stdout is not None and proc.stderr is not None
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True)
-    reader.start()
+    proc, lines, reader = follow_admin(
+        populated, "events", "--namespace", NAMESPACE, "--snapshot", "--count", "9"
+    )
     deadline = time.monotonic() + 60
     while not any("SNAPSHOT_END" in line for line in lines) and time.monotonic() < deadline:
         time.sleep(0.02)
