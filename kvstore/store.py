@@ -1288,7 +1288,7 @@ class Store:
             e.retired = (e.retired or []) + [(e.place, e.slot)]
         else:
             slots.mem.free(e.slot)
-        self._account(e, "cpu" if e.place == 0 else "gpu", -1)
+        self._account(e, e.tier, -1)
         e.slot = None
 
     def _ssd_codec(self, namespace: str) -> Codec | None:
