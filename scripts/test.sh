@@ -13,12 +13,14 @@ if ! .venv/bin/python -c 'import importlib.util, sys; sys.exit(importlib.util.fi
 fi
 # A missing model is a failure here, never a skipped test.
 export KVSTORE_REQUIRE_MODELS=1
+# The remote tier's tests run a real Redis Cluster: a missing redis-server fails them here.
+export KVSTORE_REQUIRE_REDIS=1
 if ! command -v redis-server >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "==> installing redis-server (Debian package) for the wire benchmark test"
+        echo "==> installing redis-server (Debian package) for the remote tier and wire benchmark tests"
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
     else
-        echo "note: redis-server is not installed; the wire benchmark test will be skipped" >&2
+        echo "note: redis-server is not installed; the remote tier and wire benchmark tests will fail" >&2
     fi
 fi
 # shellcheck disable=SC1091

@@ -2,16 +2,51 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from kvstore.config import ServerConfig
 from kvstore.store import Store
 
+if TYPE_CHECKING:
+    from _redis_cluster import LocalCluster
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
 MakeStore = Callable[..., Store]
+
+
+def require_redis_server() -> str:
+    """The redis-server binary; without one the test fails under CI (or with
+    KVSTORE_REQUIRE_REDIS=1, as scripts/test.sh sets) and is skipped elsewhere."""
+    from _redis_cluster import redis_server_binary
+
+    binary = redis_server_binary()
+    if binary is not None:
+        return binary
+    reason = (
+        "redis-server is not on PATH; the remote tier's tests run a real Redis Cluster "
+        "(install it with `apt-get install redis-server`)"
+    )
+    if os.environ.get("CI") or os.environ.get("KVSTORE_REQUIRE_REDIS") == "1":
+        pytest.fail(f"CI or KVSTORE_REQUIRE_REDIS is set but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A 3-master Redis Cluster on loopback, shared by a module's tests; a test that kills
+    a master restarts it before it ends."""
+    from _redis_cluster import local_cluster
+
+    binary = require_redis_server()
+    with local_cluster(tmp_path_factory.mktemp("redis-cluster"), 3, binary) as cluster:
+        yield cluster
 
 
 @pytest.fixture

@@ -1,0 +1,605 @@
+"""The remote tier: values in a Redis Cluster or Valkey Cluster (or one plain Redis) that
+many nodes share, through redis-py.
+
+Primitives (all batched): `get_many`, `put_many`, `exists_many`, `delete_many`. Keys are
+grouped by the master that owns their slot and each master's share goes out as pipelines
+on a small thread pool, so masters are asked in parallel and one dead or slow master only
+fails its own keys.
+
+Records. A value is stored as the container the store hands over (`ValueHeader` plus
+payload, already encoded by its namespace's codec), split into pieces of at most
+`piece_bytes`, plus one header record. Every record of a value carries the same hash tag
+`{<prefix><namespace>/<key hex>}`, so a value lives on one master: losing a master loses
+whole values, never halves. The header record holds the container header, the piece size
+and count, an xxh3-64 of every piece, a random write generation and its own xxh3-64.
+Pieces are named by generation, so a reader never mixes pieces of two writes of one key;
+they are written before the header, so a reader that finds a header finds its pieces
+(unless Redis dropped them since: TTL, `maxmemory` eviction, a restart).
+
+Reads check everything: an unparsable header, a missing piece, a piece of the wrong size
+or checksum deletes the value from Redis (only if its header is still the one read, so a
+concurrent rewrite survives), counts it in `counters.corrupt` and reports a miss.
+
+Failures. Every call has a deadline (`timeout_s`: socket connect and read timeouts, and a
+wall-clock bound on each batch). A master that fails or misses the deadline is skipped for
+`backoff_s` (its keys are misses at once) and retried after; the cluster's slot map is
+read again in the background. With the cluster unreachable at start, the tier starts
+anyway and keeps trying: until it answers, reads miss and writes are dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import redis
+import xxhash
+from redis.backoff import NoBackoff
+from redis.connection import parse_url
+from redis.crc import key_slot
+from redis.retry import Retry
+
+from kvstore.codecs.container import ContainerError, ValueHeader, decode_header, encode_header
+from kvstore.tiers.base import Buffer
+
+log = logging.getLogger(__name__)
+
+SLOTS = 16384
+DEFAULT_PREFIX = "kvs:"
+DEFAULT_PIECE_BYTES = 1 << 20
+HEADER_MAGIC = b"KVSR"
+HEADER_VERSION = 1
+_HEAD = struct.Struct("<4sBQIIH")  # magic, version, generation, piece bytes, pieces, hlen
+_U64 = struct.Struct("<Q")
+# Keys of one master's share of a batch per pipeline: a large batch becomes several
+# pipelines on several connections, read in parallel.
+KEYS_PER_PIPELINE = 8
+# Deletes a value's records only if its header is still the one a reader found bad: a
+# writer that replaced it meanwhile keeps its value; the stale pieces go either way.
+_DROP_IF_SAME = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', unpack(KEYS))
+end
+if #KEYS > 1 then redis.call('DEL', unpack(KEYS, 2)) end
+return 0
+"""
+
+T = TypeVar("T")
+
+
+class RemoteRecordError(ValueError):
+    """A header record that does not parse, or that contradicts itself."""
+
+
+@dataclass(frozen=True)
+class RecordHeader:
+    """What a value's header record says."""
+
+    header: ValueHeader
+    generation: int
+    piece_bytes: int
+    sums: tuple[int, ...]  # xxh3-64 of each piece
+
+    def piece_lens(self) -> list[int]:
+        n, size, total = len(self.sums), self.piece_bytes, self.header.payload_len
+        return [size] * (n - 1) + [total - size * (n - 1)] if n else []
+
+
+def piece_count(payload_len: int, piece_bytes: int) -> int:
+    return max(1, -(-payload_len // piece_bytes))
+
+
+def encode_record(rec: RecordHeader) -> bytes:
+    container = encode_header(rec.header)
+    body = (
+        _HEAD.pack(
+            HEADER_MAGIC,
+            HEADER_VERSION,
+            rec.generation,
+            rec.piece_bytes,
+            len(rec.sums),
+            len(container),
+        )
+        + container
+        + struct.pack(f"<{len(rec.sums)}Q", *rec.sums)
+    )
+    return body + _U64.pack(xxhash.xxh3_64_intdigest(body))
+
+
+def decode_record(raw: bytes) -> RecordHeader:
+    if len(raw) < _HEAD.size + _U64.size:
+        raise RemoteRecordError(f"header record of {len(raw)} bytes is truncated")
+    body = memoryview(raw)[: -_U64.size]
+    if _U64.unpack_from(raw, len(body))[0] != xxhash.xxh3_64_intdigest(body):
+        raise RemoteRecordError("header record fails its checksum")
+    magic, version, generation, piece_bytes, n, hlen = _HEAD.unpack_from(raw)
+    if magic != HEADER_MAGIC or version != HEADER_VERSION:
+        raise RemoteRecordError(f"not a kvstore remote header (magic {magic!r} v{version})")
+    if len(body) != _HEAD.size + hlen + 8 * n:
+        raise RemoteRecordError("header record's length contradicts its piece count")
+    try:
+        header, used = decode_header(body[_HEAD.size : _HEAD.size + hlen])
+    except ContainerError as exc:
+        raise RemoteRecordError(f"container header: {exc}") from None
+    if used != hlen or piece_bytes == 0 or n != piece_count(header.payload_len, piece_bytes):
+        raise RemoteRecordError("header record's pieces do not add up to its payload")
+    sums = struct.unpack_from(f"<{n}Q", body, _HEAD.size + hlen)
+    return RecordHeader(header, generation, piece_bytes, sums)
+
+
+@dataclass
+class RemoteValue:
+    """A value read back whole and verified: its container header and payload pieces."""
+
+    header: ValueHeader
+    pieces: list[bytes]
+
+    def payload(self) -> Buffer:
+        return self.pieces[0] if len(self.pieces) == 1 else b"".join(self.pieces)
+
+    def copy_into(self, dst: memoryview) -> None:
+        """The payload into `dst` (exactly `header.payload_len` bytes), one copy."""
+        off = 0
+        for piece in self.pieces:
+            dst[off : off + len(piece)] = piece
+            off += len(piece)
+
+
+@dataclass
+class RemoteCounters:
+    hits: int = 0
+    misses: int = 0
+    errors: int = 0  # batches (per master) that failed or missed their deadline
+    corrupt: int = 0  # values found damaged and deleted
+    bytes_read: int = 0
+    bytes_written: int = 0
+    values_written: int = 0
+    batches: int = 0
+    batch_seconds: float = 0.0
+
+
+@dataclass(eq=False)
+class _Master:
+    address: tuple[str, int]
+    client: redis.Redis
+    down_until: float = 0.0
+
+
+def _tag(prefix: str, namespace: str, key: bytes) -> bytes:
+    return b"{" + f"{prefix}{namespace}/{key.hex()}".encode() + b"}"
+
+
+def header_key(prefix: str, namespace: str, key: bytes) -> bytes:
+    """The Redis key of a value's header record."""
+    return _tag(prefix, namespace, key) + b"h"
+
+
+def piece_key(prefix: str, namespace: str, key: bytes, generation: int, index: int) -> bytes:
+    """The Redis key of piece `index` of write `generation` of a value."""
+    return _tag(prefix, namespace, key) + f"p{generation:016x}.{index}".encode()
+
+
+def _piece_keys(hkey: bytes, rec: RecordHeader) -> list[bytes]:
+    tag = hkey[:-1]
+    return [tag + f"p{rec.generation:016x}.{i}".encode() for i in range(len(rec.sums))]
+
+
+@dataclass
+class _Job:
+    """One master's share of a batch: positions in the caller's key list."""
+
+    master: _Master
+    positions: list[int] = field(default_factory=list)
+
+
+class RemoteTier:
+    """A Redis/Valkey Cluster as a shared tier; see the module docstring."""
+
+    name = "remote"
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        piece_bytes: int = DEFAULT_PIECE_BYTES,
+        timeout_s: float = 1.0,
+        ttl_s: float | None = None,
+        backoff_s: float = 2.0,
+        prefix: str = DEFAULT_PREFIX,
+        password: str | None = None,
+        workers: int = 16,
+    ) -> None:
+        if not urls:
+            raise ValueError("remote tier: give at least one redis:// or rediss:// URL")
+        self.piece_bytes = piece_bytes
+        self.timeout_s = timeout_s
+        self.ttl_ms = int(ttl_s * 1000) if ttl_s else None
+        self.backoff_s = backoff_s
+        self.prefix = prefix
+        self.counters = RemoteCounters()
+        self._seeds: list[tuple[str, int]] = []
+        self._conn_args: dict[str, Any] = {}
+        for url in urls:
+            args = parse_url(url)  # ValueError for anything that is not a redis URL
+            host, port = str(args.pop("host", "localhost")), int(args.pop("port", 6379))
+            args.pop("db", None)  # a cluster has one database
+            if password and not args.get("password"):
+                args["password"] = password
+            self._seeds.append((host, port))
+            self._conn_args = self._conn_args or args
+        self._lock = threading.Lock()
+        self._masters: dict[tuple[str, int], _Master] = {}
+        self._slots: list[_Master] | None = None
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="kvstore-remote")
+        self._refresh_wanted = threading.Event()
+        self._closing = False
+        self._warned = False
+        if not self.refresh():
+            self._warn_unreachable()
+            self._refresh_wanted.set()
+        self._refresher = threading.Thread(
+            target=self._refresh_forever, name="kvstore-remote-topology", daemon=True
+        )
+        self._refresher.start()
+
+    # ------------------------------------------------------------------ topology
+
+    @property
+    def connected(self) -> bool:
+        """Whether the slot map is known (the cluster answered at least once)."""
+        return self._slots is not None
+
+    def _master(self, address: tuple[str, int]) -> _Master:
+        with self._lock:
+            m = self._masters.get(address)
+            if m is None:
+                pool = redis.ConnectionPool(
+                    host=address[0],
+                    port=address[1],
+                    socket_timeout=self.timeout_s,
+                    socket_connect_timeout=self.timeout_s,
+                    retry=Retry(NoBackoff(), 0),
+                    **self._conn_args,
+                )
+                m = _Master(address, redis.Redis(connection_pool=pool))
+                self._masters[address] = m
+            return m
+
+    def refresh(self) -> bool:
+        """Read the slot map from the first seed or known master that answers; whether
+        one did."""
+        with self._lock:
+            known = [a for a in self._masters if a not in self._seeds]
+        for address in [*self._seeds, *known]:
+            try:
+                slots = self._slot_map(self._master(address))
+            except (redis.RedisError, OSError, ValueError) as exc:
+                log.debug("remote tier: %s:%d gave no slot map: %s", *address, exc)
+                continue
+            self._slots = slots
+            if self._warned:
+                log.warning("remote tier: the cluster answers again (%s:%d)", *address)
+                self._warned = False
+            return True
+        return False
+
+    def _slot_map(self, seed: _Master) -> list[_Master]:
+        info = seed.client.info("cluster")
+        if not info.get("cluster_enabled"):
+            if len(self._seeds) > 1:
+                host, port = seed.address
+                raise ValueError(f"several URLs given but {host}:{port} is not in cluster mode")
+            return [seed] * SLOTS
+        ranges = seed.client.execute_command("CLUSTER", "SLOTS")
+        slots: list[_Master | None] = [None] * SLOTS
+        for entry in ranges:
+            start, end, master = int(entry[0]), int(entry[1]), entry[2]
+            host = master[0].decode() if isinstance(master[0], bytes) else str(master[0])
+            owner = self._master((host or seed.address[0], int(master[1])))
+            slots[start : end + 1] = [owner] * (end + 1 - start)
+        if any(s is None for s in slots):
+            missing = sum(s is None for s in slots)
+            log.warning(
+                "remote tier: %d of %d slots have no master; their keys miss", missing, SLOTS
+            )
+            slots = [s if s is not None else _UNSERVED for s in slots]
+        return slots  # type: ignore[return-value]
+
+    def _refresh_forever(self) -> None:
+        while not self._closing:
+            asked = self._refresh_wanted.wait(30.0)
+            if self._closing:
+                return
+            self._refresh_wanted.clear()
+            if not self.refresh():
+                if not self._warned:
+                    self._warn_unreachable()
+                self._refresh_wanted.set()
+                time.sleep(self.backoff_s)
+            elif asked:
+                time.sleep(min(self.backoff_s, 1.0))  # at most about one refresh a second
+
+    def _warn_unreachable(self) -> None:
+        self._warned = True
+        seeds = ", ".join(f"{h}:{p}" for h, p in self._seeds)
+        log.warning(
+            "remote tier: no cluster node answers (%s); serving from local tiers only and "
+            "retrying every %gs",
+            seeds,
+            self.backoff_s,
+        )
+
+    def _fail(self, master: _Master, what: str, exc: BaseException | None) -> None:
+        master.down_until = time.monotonic() + self.backoff_s
+        with self._lock:
+            self.counters.errors += 1
+        log.warning(
+            "remote tier: %s on %s:%d failed (%s); skipping it for %gs",
+            what,
+            *master.address,
+            exc or f"no answer within {self.timeout_s:g}s",
+            self.backoff_s,
+        )
+        self._refresh_wanted.set()
+
+    # ------------------------------------------------------------------ batching
+
+    def _group(self, hkeys: Sequence[bytes]) -> list[_Job]:
+        """Jobs of at most KEYS_PER_PIPELINE keys, per live master; keys of masters that
+        are down (or of an unknown slot map) are in no job."""
+        slots = self._slots
+        if slots is None:
+            return []
+        now = time.monotonic()
+        by_master: dict[_Master, list[int]] = {}
+        for i, hkey in enumerate(hkeys):
+            m = slots[key_slot(hkey)]
+            if m is not _UNSERVED and m.down_until <= now:
+                by_master.setdefault(m, []).append(i)
+        return [
+            _Job(m, positions[at : at + KEYS_PER_PIPELINE])
+            for m, positions in by_master.items()
+            for at in range(0, len(positions), KEYS_PER_PIPELINE)
+        ]
+
+    def _run(self, what: str, jobs: list[_Job], work: Callable[[_Job], T]) -> list[T | None]:
+        """`work(job)` for every job in parallel, within the deadline; None for jobs whose
+        master failed or did not answer in time (it is then skipped for a while)."""
+        if not jobs:
+            return []
+        started = time.monotonic()
+        futures: list[Future[T]] = [self._pool.submit(work, job) for job in jobs]
+        wait_futures(futures, timeout=self.timeout_s)
+        out: list[T | None] = []
+        failed: set[_Master] = set()
+        for job, fut in zip(jobs, futures, strict=True):
+            exc: BaseException | None = None
+            if fut.done():
+                exc = fut.exception()
+                if exc is None:
+                    out.append(fut.result())
+                    continue
+            else:
+                fut.cancel()
+            out.append(None)
+            if job.master not in failed:
+                failed.add(job.master)
+                self._fail(job.master, what, exc)
+        with self._lock:
+            self.counters.batches += 1
+            self.counters.batch_seconds += time.monotonic() - started
+        return out
+
+    def _scatter(
+        self, what: str, hkeys: Sequence[bytes], work: Callable[[_Job], Sequence[T]], missing: T
+    ) -> list[T]:
+        """Run `work` on every master's share of `hkeys` in parallel; one result per key,
+        in order, `missing` where the master failed or is skipped."""
+        out = [missing] * len(hkeys)
+        jobs = self._group(hkeys)
+        for job, results in zip(jobs, self._run(what, jobs, work), strict=True):
+            if results is not None:
+                for i, result in zip(job.positions, results, strict=True):
+                    out[i] = result
+        return out
+
+    def _hkeys(self, namespace: str, keys: Sequence[bytes]) -> list[bytes]:
+        return [header_key(self.prefix, namespace, k) for k in keys]
+
+    # ------------------------------------------------------------------ reads
+
+    def get_many(self, namespace: str, keys: Sequence[bytes]) -> list[RemoteValue | None]:
+        """Each value, verified, or None: absent, damaged (then deleted), or on a master
+        that failed."""
+        hkeys = self._hkeys(namespace, keys)
+        out: list[RemoteValue | None] = self._scatter(
+            "read", hkeys, lambda job: self._get_job(job, hkeys), None
+        )
+        hits = sum(v is not None for v in out)
+        with self._lock:
+            self.counters.hits += hits
+            self.counters.misses += len(keys) - hits
+        return out
+
+    def _get_job(self, job: _Job, hkeys: Sequence[bytes]) -> list[RemoteValue | None]:
+        client = job.master.client
+        pipe = client.pipeline(transaction=False)
+        for i in job.positions:
+            pipe.get(hkeys[i])
+        raws = pipe.execute()
+        records: list[tuple[int, bytes, RecordHeader]] = []
+        bad: list[tuple[bytes, bytes, list[bytes]]] = []  # header key, header, piece keys
+        for i, raw in zip(job.positions, raws, strict=True):
+            if raw is None:
+                continue
+            try:
+                records.append((i, raw, decode_record(raw)))
+            except RemoteRecordError as exc:
+                log.error("remote tier: dropping %r: %s", hkeys[i], exc)
+                bad.append((hkeys[i], raw, []))
+        found: dict[int, RemoteValue] = {}
+        if records:
+            pipe = client.pipeline(transaction=False)
+            for i, _, rec in records:
+                for pkey in _piece_keys(hkeys[i], rec):
+                    pipe.get(pkey)
+            pieces = pipe.execute()
+            at = 0
+            nbytes = 0
+            for i, raw, rec in records:
+                mine = pieces[at : at + len(rec.sums)]
+                at += len(rec.sums)
+                why = _piece_fault(rec, mine)
+                if why:
+                    log.error("remote tier: dropping %r: %s", hkeys[i], why)
+                    bad.append((hkeys[i], raw, _piece_keys(hkeys[i], rec)))
+                    continue
+                found[i] = RemoteValue(rec.header, mine)
+                nbytes += rec.header.payload_len
+            with self._lock:
+                self.counters.bytes_read += nbytes
+        if bad:
+            self._drop(client, bad)
+        return [found.get(i) for i in job.positions]
+
+    def _drop(self, client: redis.Redis, bad: list[tuple[bytes, bytes, list[bytes]]]) -> None:
+        pipe = client.pipeline(transaction=False)
+        for hkey, raw, pkeys in bad:
+            pipe.eval(_DROP_IF_SAME, 1 + len(pkeys), hkey, *pkeys, raw)
+        pipe.execute()
+        with self._lock:
+            self.counters.corrupt += len(bad)
+
+    def exists_many(self, namespace: str, keys: Sequence[bytes]) -> list[bool]:
+        """Whether each value's header record exists (its pieces are checked on read)."""
+        hkeys = self._hkeys(namespace, keys)
+
+        def work(job: _Job) -> list[bool]:
+            pipe = job.master.client.pipeline(transaction=False)
+            for i in job.positions:
+                pipe.exists(hkeys[i])
+            return [int(n) > 0 for n in pipe.execute()]
+
+        return self._scatter("exists", hkeys, work, False)
+
+    # ------------------------------------------------------------------ writes
+
+    def put_many(self, items: Sequence[tuple[str, bytes, ValueHeader, Buffer]]) -> list[bool]:
+        """Store each (namespace, key, header, payload), replacing any older copy; whether
+        each was written (False: its master failed or is skipped)."""
+        hkeys = [header_key(self.prefix, ns, k) for ns, k, _, _ in items]
+        return self._scatter("write", hkeys, lambda job: self._put_job(job, hkeys, items), False)
+
+    def _put_job(
+        self,
+        job: _Job,
+        hkeys: Sequence[bytes],
+        items: Sequence[tuple[str, bytes, ValueHeader, Buffer]],
+    ) -> list[bool]:
+        pipe = job.master.client.pipeline(transaction=False)
+        size = self.piece_bytes
+        nbytes = 0
+        generations: dict[int, int] = {}
+        for i in job.positions:
+            _, _, header, payload = items[i]
+            view = memoryview(payload).cast("B")
+            if len(view) != header.payload_len:
+                raise ValueError(f"payload of {len(view)} bytes, header says {header.payload_len}")
+            n = piece_count(len(view), size)
+            pieces = [view[p * size : (p + 1) * size] for p in range(n)]
+            generations[i] = int.from_bytes(os.urandom(8), "little")
+            rec = RecordHeader(
+                header,
+                generations[i],
+                size,
+                tuple(xxhash.xxh3_64_intdigest(p) for p in pieces),
+            )
+            for pkey, piece in zip(_piece_keys(hkeys[i], rec), pieces, strict=True):
+                pipe.set(pkey, piece, px=self.ttl_ms)
+            pipe.set(hkeys[i], encode_record(rec), px=self.ttl_ms, get=True)
+            nbytes += len(view)
+        replies = pipe.execute(raise_on_error=False)
+        # Each value's last reply is its header's SET ... GET: the header it replaced.
+        stale: list[list[bytes]] = []  # per replaced value: one DEL each, as one slot
+        done: list[bool] = []
+        at = 0
+        for i in job.positions:
+            n = piece_count(items[i][2].payload_len, size)
+            mine = replies[at : at + n + 1]
+            at += n + 1
+            done.append(not any(isinstance(r, Exception) for r in mine))
+            old = mine[-1]
+            if isinstance(old, bytes):
+                try:
+                    rec = decode_record(old)
+                    if rec.generation != generations[i]:
+                        stale.append(_piece_keys(hkeys[i], rec))
+                except RemoteRecordError:
+                    pass
+        if stale:
+            pipe = job.master.client.pipeline(transaction=False)
+            for pkeys in stale:
+                pipe.delete(*pkeys)
+            pipe.execute(raise_on_error=False)
+        with self._lock:
+            self.counters.bytes_written += nbytes
+            self.counters.values_written += sum(done)
+        return done
+
+    def delete_many(self, namespace: str, keys: Sequence[bytes]) -> list[bool]:
+        """Delete each value; whether each was there."""
+        hkeys = self._hkeys(namespace, keys)
+
+        def work(job: _Job) -> list[bool]:
+            client = job.master.client
+            pipe = client.pipeline(transaction=False)
+            for i in job.positions:
+                pipe.get(hkeys[i])
+            raws = pipe.execute()
+            pipe = client.pipeline(transaction=False)
+            for i, raw in zip(job.positions, raws, strict=True):
+                pkeys: list[bytes] = []
+                if raw is not None:
+                    with contextlib.suppress(RemoteRecordError):
+                        pkeys = _piece_keys(hkeys[i], decode_record(raw))
+                pipe.delete(hkeys[i], *pkeys)
+            pipe.execute()
+            return [raw is not None for raw in raws]
+
+        return self._scatter("delete", hkeys, work, False)
+
+    def close(self) -> None:
+        self._closing = True
+        self._refresh_wanted.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            masters = list(self._masters.values())
+        for m in masters:
+            m.client.connection_pool.disconnect()
+
+
+def _piece_fault(rec: RecordHeader, pieces: Sequence[Any]) -> str:
+    """Why `pieces` are not the ones `rec` describes, or "" when they are."""
+    for p, (piece, want, size) in enumerate(zip(pieces, rec.sums, rec.piece_lens(), strict=True)):
+        if piece is None:
+            return f"piece {p} of {len(rec.sums)} is missing"
+        if isinstance(piece, Exception):
+            return f"piece {p} could not be read: {piece}"
+        if len(piece) != size:
+            return f"piece {p} is {len(piece)} bytes, its header says {size}"
+        if xxhash.xxh3_64_intdigest(piece) != want:
+            return f"piece {p} fails its checksum"
+    return ""
+
+
+# Stands for "no master owns this slot" in the slot map.
+_UNSERVED = _Master(("", 0), redis.Redis())
