@@ -18,8 +18,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-KNOWN_TIERS = ("gpu", "cpu", "ssd")
+KNOWN_TIERS = ("gpu", "cpu", "ssd", "remote")
 DURABILITY_MODES = ("none", "async", "sync")
+REMOTE_WRITE_MODES = ("through", "evict", "off")
+# Redis refuses a bulk string over 512MB (proto-max-bulk-len's default).
+MAX_REMOTE_PIECE_BYTES = 512 << 20
 # sun_path is 108 bytes on Linux, including the terminating NUL.
 _MAX_SOCKET_PATH = 107
 
@@ -80,7 +83,7 @@ class ServerConfig:
     """Everything `kvstore-server` needs to start."""
 
     tiers: tuple[str, ...] = ("cpu", "ssd")
-    """Tiers to run, fastest first; any of gpu, cpu, ssd."""
+    """Tiers to run, fastest first; any of gpu, cpu, ssd, remote."""
     data_dir: Path = Path("kvstore-data")
     """Directory for the ssd tier's LMDB environment and, by default, the socket."""
     socket: Path | None = None
@@ -124,10 +127,38 @@ class ServerConfig:
     explicitly (the kernel writes back when it likes). In every mode a killed server loses
     no committed write: they are in the kernel's page cache."""
     codec: tuple[str, ...] = ()
-    """How the ssd tier encodes values, as rules `ssd=SPEC` (every namespace) and
-    `ssd[GLOB]=SPEC` (namespaces matching a shell-style glob, checked first, in order);
-    e.g. `ssd=zstd`, `ssd[llama-3-8b/*]=kivi:bits=4`. Unmatched namespaces: raw. Lossy codecs
-    should be opted into per namespace: readers get the decoded approximation."""
+    """How the ssd and remote tiers encode values, as rules `TIER=SPEC` (every namespace)
+    and `TIER[GLOB]=SPEC` (namespaces matching a shell-style glob, checked first, in order);
+    e.g. `ssd=zstd`, `ssd[llama-3-8b/*]=kivi:bits=4`, `remote=zstd`. Unmatched namespaces:
+    raw. Lossy codecs should be opted into per namespace: readers get the decoded
+    approximation."""
+    remote: tuple[str, ...] = ()
+    """The remote tier's Redis/Valkey Cluster: seed node URLs (`redis://[:PASSWORD@]HOST:PORT`,
+    `rediss://` for TLS), comma-separated; any one that answers gives the whole cluster's
+    slot map. One URL of a plain (non-cluster) Redis works too."""
+    remote_password: str | None = field(default=None, repr=False)
+    """Password of the remote cluster when its URLs carry none; set it through the
+    KVSTORE_REMOTE_PASSWORD environment variable (from a Kubernetes Secret) rather than a
+    flag, which other users of the host can read in the process list."""
+    remote_write: str = "through"
+    """What the node writes to the remote tier: "through" (a copy of every put, in the
+    background: puts never wait for Redis; values leaving the node unwritten go too),
+    "evict" (only values leaving the node's last local tier: write-back) or "off" (reads
+    only). A value fetched from remote is never written back."""
+    remote_piece_bytes: int = 1 << 20
+    """Largest record a value is split into on the remote tier."""
+    remote_timeout: float = 1.0
+    """Deadline of each remote call, in seconds: socket connect and reads, and each batch
+    as a whole (one per wave of the thread pool). A master that misses it is skipped for
+    remote-backoff seconds: its keys miss at once."""
+    remote_backoff: float = 2.0
+    """Seconds a failed remote master is skipped before it is tried again."""
+    remote_ttl: float = 0.0
+    """Seconds remote records live (Redis TTL); 0: no TTL, the cluster's own memory policy
+    (maxmemory with allkeys-lru) decides what to drop."""
+    remote_queue_bytes: int = 256 << 20
+    """Bytes of values waiting to be written to the remote tier; past it the oldest pending
+    write is dropped (counted), so puts never wait for the remote."""
     chunk_tokens: int = 256
     """Tokens per chunk for prefix keys; clients read it from the server."""
     max_value_bytes: int = 256 << 20
@@ -196,6 +227,7 @@ class ServerConfig:
         # Absolute, so the socket's gRPC address is unix:///... wherever the server was started.
         self.data_dir = Path(self.data_dir).expanduser().absolute()
         self.socket = Path(self.socket).expanduser().absolute() if self.socket else None
+        self._check_remote()
         if "gpu" in self.tiers and "cpu" not in self.tiers:
             raise ConfigError(
                 "tiers: the gpu tier demotes to the cpu tier; add cpu (e.g. --tiers gpu,cpu,ssd)"
@@ -280,6 +312,49 @@ class ServerConfig:
                 "the Unix limit; pass a shorter --socket"
             )
 
+    def _check_remote(self) -> None:
+        if isinstance(self.remote, str):
+            self.remote = tuple(self.remote.split(","))
+        self.remote = tuple(u.strip() for u in self.remote if u.strip())
+        if "remote" not in self.tiers:
+            if self.remote:
+                raise ConfigError("remote: URLs given but the tiers do not include remote")
+        elif not self.remote:
+            raise ConfigError(
+                "remote: --tiers includes remote; give the cluster's URLs, e.g. "
+                "--remote redis://10.0.0.5:6379,redis://10.0.0.6:6379"
+            )
+        elif self.tiers == ("remote",):
+            raise ConfigError(
+                "tiers: the remote tier needs a local tier to serve from; add cpu "
+                "(e.g. --tiers cpu,ssd,remote)"
+            )
+        for url in self.remote:
+            from redis.connection import parse_url  # only with a remote tier
+
+            try:
+                args = parse_url(url)
+            except ValueError as exc:
+                raise ConfigError(f"remote: {url!r} is not a Redis URL: {exc}") from None
+            if not args.get("host"):
+                raise ConfigError(f"remote: {url!r} names no host (redis://HOST:PORT)")
+        self.remote_password = str(self.remote_password) if self.remote_password else None
+        self.remote_write = str(self.remote_write).lower()
+        if self.remote_write not in REMOTE_WRITE_MODES:
+            raise ConfigError(
+                f"remote-write: {self.remote_write!r} is not one of {', '.join(REMOTE_WRITE_MODES)}"
+            )
+        self.remote_piece_bytes = parse_size(self.remote_piece_bytes, "remote-piece-bytes")
+        if not 4096 <= self.remote_piece_bytes <= MAX_REMOTE_PIECE_BYTES:
+            raise ConfigError(
+                "remote-piece-bytes: must be between 4KiB and 512MiB, got "
+                f"{self.remote_piece_bytes}"
+            )
+        self.remote_timeout = _as_seconds(self.remote_timeout, "remote-timeout", 0.001)
+        self.remote_backoff = _as_seconds(self.remote_backoff, "remote-backoff", 0.0)
+        self.remote_ttl = _as_seconds(self.remote_ttl, "remote-ttl", 0.0)
+        self.remote_queue_bytes = parse_size(self.remote_queue_bytes, "remote-queue-bytes")
+
     def _check_security(self) -> None:
         for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_tokens"):
             value = getattr(self, name)
@@ -354,6 +429,9 @@ class ServerConfig:
             value = getattr(self, name)
             sep = ";" if name in ("codec", "quota") else ","  # codec specs contain commas
             out[name] = sep.join(value) if isinstance(value, tuple) else value
+        if self.remote_password:
+            out["remote_password"] = "(set)"
+        out["remote"] = ",".join(_without_password(u) for u in self.remote)
         out["socket"] = str(self.socket_path)
         out["data_dir"] = str(self.data_dir)
         return out
@@ -394,7 +472,7 @@ def _as_seconds(value: Any, what: str, lo: float) -> float:
     return x
 
 
-CODEC_TIERS = ("ssd",)  # tiers that store encoded values; memory tiers hold them raw
+CODEC_TIERS = ("ssd", "remote")  # tiers that store encoded values; memory tiers hold them raw
 
 
 def _tier_rule(rule: str, what: str, value_name: str, examples: str) -> tuple[str, str | None, str]:
@@ -465,6 +543,11 @@ def quota_rule(rule: str) -> QuotaRule:
             f"size is --{tier}-bytes)"
         )
     return QuotaRule(tier, glob, parse_size(size, f"quota {tier}[{glob}]"))
+
+
+def _without_password(url: str) -> str:
+    """`url` with any password replaced, for logs and --check-config."""
+    return re.sub(r"(://[^:@/]*:)[^@/]*@", r"\1***@", url)
 
 
 def _as_bool(value: Any, what: str) -> bool:

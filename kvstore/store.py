@@ -78,6 +78,8 @@ from kvstore.tiers.ssd import LmdbTier
 
 if TYPE_CHECKING:
     from kvstore.codecs.base import Codec
+    from kvstore.remote_writes import PendingWrite, WriteQueue
+    from kvstore.tiers.remote import RemoteCounters, RemoteTier, RemoteValue
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +132,9 @@ class Entry:
     ssd_sum: int = 0
     ssd_codec: int = 0  # the codec the ssd copy was stored through
     cost: float = 1.0  # recompute cost per byte, for cost-aware eviction (not persisted)
+    # The remote tier holds it (fetched from there, or written there by this node): never
+    # written to remote again.
+    on_remote: bool = False
 
     @property
     def eid(self) -> EntryId:
@@ -142,9 +147,12 @@ class Entry:
     @property
     def tiers(self) -> tuple[str, ...]:
         """Every tier holding a copy, fastest first."""
+        local: tuple[str, ...]
         if self.slot is None:
-            return ("ssd",) if self.on_ssd else ()
-        return (self.tier, "ssd") if self.on_ssd else (self.tier,)
+            local = ("ssd",) if self.on_ssd else ()
+        else:
+            local = (self.tier, "ssd") if self.on_ssd else (self.tier,)
+        return (*local, "remote") if self.on_remote else local
 
     def header(self) -> ValueHeader:
         return ValueHeader(
@@ -189,6 +197,17 @@ class QuotaUsage:
 
 
 @dataclass
+class RemoteStats:
+    """The remote tier since the server started."""
+
+    connected: bool
+    counters: RemoteCounters
+    queued_writes: int  # values waiting to be written
+    queued_bytes: int
+    dropped_writes: int  # pending writes dropped because the queue was full
+
+
+@dataclass
 class StoreStats:
     tiers: list[TierStats]
     entries: int
@@ -197,6 +216,7 @@ class StoreStats:
     codecs: dict[str, CodecBytes] = field(default_factory=dict)
     """By codec name ("raw" for values stored as they are), since the server started."""
     quotas: list[QuotaUsage] = field(default_factory=list)
+    remote: RemoteStats | None = None
 
 
 class PutReservation:
@@ -382,6 +402,8 @@ class _Slots:
     pages: dict[int, set[Entry]] = field(default_factory=dict)
 
 
+# The remote writer sends pending writes in batches of about this many bytes.
+REMOTE_WRITE_BATCH_BYTES = 64 << 20
 # The demoter keeps each gpu pool at most this full, so puts from GPU clients find room
 # without waiting for a copy, and copies in batches of about DEMOTE_BATCH_BYTES.
 GPU_HIGH_WATER = 0.85
@@ -401,6 +423,9 @@ class Store:
         self._index: dict[EntryId, Entry] = {}
         self.cpu: HostArena | None = None
         self.ssd: LmdbTier | None = None
+        self.remote: RemoteTier | None = None
+        self._remote_queue: WriteQueue | None = None
+        self._remote_writer: threading.Thread | None = None
         self.pools: dict[int, GpuPool] = {}
         self._policy: dict[str, EvictionPolicy[EntryId]] = {}
         self._counters: dict[str, TierCounters] = {}
@@ -418,21 +443,27 @@ class Store:
         self._closing = False
         # KV events (Watch): published under the lock, so in the order changes happen.
         self.events = EventHub(config.max_watchers)
-        # (namespace glob or None for every namespace, codec) of the ssd tier, globs first.
+        # By tier (ssd, remote): (namespace glob or None for every namespace, codec), globs
+        # first.
         rules = [codec_rule(r) for r in config.codec]
         if rules:
             from kvstore.codecs.base import codec_from_spec  # torch: only with codec rules
-        self._ssd_codecs: list[tuple[str | None, Codec]] = [
-            (glob, codec_from_spec(spec))
-            for _, glob, spec in sorted(rules, key=lambda r: r[1] is None)
-        ]
-        self._codec_refused: set[str] = set()  # namespaces a codec could not take (logged)
+        self._codecs: dict[str, list[tuple[str | None, Codec]]] = {
+            tier: [
+                (glob, codec_from_spec(spec))
+                for t, glob, spec in sorted(rules, key=lambda r: r[1] is None)
+                if t == tier
+            ]
+            for tier in ("ssd", "remote")
+        }
+        # (tier, namespace) a codec could not take (logged once).
+        self._codec_refused: set[tuple[str, str]] = set()
         # --quota rules, in order (the first of a tier matching a namespace is its group),
         # and the bytes of values each group holds in the rule's tier.
         self._quotas: list[QuotaRule] = [quota_rule(r) for r in config.quota]
         self._quota_used = [0] * len(self._quotas)
         if "ssd" in config.tiers:  # counted from zero, so a dashboard's rate() has a series
-            for name in ["raw", *(codec.name for _, codec in self._ssd_codecs)]:
+            for name in ["raw", *(codec.name for _, codec in self._codecs["ssd"])]:
                 self._codec_bytes.setdefault(name, CodecBytes())
         config.data_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -446,6 +477,8 @@ class Store:
                 self.ssd = LmdbTier(config.ssd_path, config.ssd_bytes, config.durability)
                 self._add_tier("ssd")
                 self._rebuild_from_ssd()
+            if "remote" in config.tiers:
+                self._open_remote()
             if self.pools:
                 assert self.cpu is not None  # the config requires cpu below gpu
                 cuda = [p for p in self.pools.values() if isinstance(p, CudaPool)]
@@ -462,6 +495,26 @@ class Store:
         if self.ssd is None and self.cpu is not None:
             # Without a disk tier nothing larger than one cpu slot can ever be stored.
             self.max_value_bytes = min(self.max_value_bytes, self.cpu.max_value_bytes)
+
+    def _open_remote(self) -> None:
+        from kvstore.remote_writes import WriteQueue
+        from kvstore.tiers.remote import RemoteTier
+
+        cfg = self.config
+        self.remote = RemoteTier(
+            cfg.remote,
+            piece_bytes=cfg.remote_piece_bytes,
+            timeout_s=cfg.remote_timeout,
+            ttl_s=cfg.remote_ttl or None,
+            backoff_s=cfg.remote_backoff,
+            password=cfg.remote_password,
+        )
+        if cfg.remote_write != "off":
+            self._remote_queue = WriteQueue(cfg.remote_queue_bytes)
+            self._remote_writer = threading.Thread(
+                target=self._write_remote_forever, name="kvstore-remote-writer", daemon=True
+            )
+            self._remote_writer.start()
 
     def _open_gpu_pools(self) -> None:
         cfg = self.config
@@ -646,6 +699,7 @@ class Store:
                 self._index[e.eid] = e
                 self._settle(e, res.place, res.slot)
                 self._emit(EventKind.STORED, e, res.tier)
+                self._write_through(e)
                 return res.tier
             # Written before the old value is retired, so a failure leaves the old one intact.
             # The new LMDB record replaces the old one's in place, under the same key.
@@ -658,6 +712,7 @@ class Store:
                 self._remove(old)
             self._index[e.eid] = e
             self._emit(EventKind.STORED, e, "ssd")
+            self._write_through(e)
             return "ssd"
 
     def _abort(self, res: PutReservation) -> None:
@@ -934,30 +989,208 @@ class Store:
 
     # lookup and exists take no lock: each membership test is atomic under the GIL, and they
     # must not wait behind a thread that holds the lock for an LMDB write.
+    # With a remote tier they ask it (one batch) about the keys the node lacks: the server
+    # then runs them in a worker thread.
     def lookup(self, namespace: str, keys: Sequence[bytes]) -> int:
+        return len(self.lookup_tiers(namespace, keys))
+
+    def lookup_tiers(self, namespace: str, keys: Sequence[bytes]) -> list[str]:
+        """The tier holding each key of the longest present prefix of `keys`: its fastest
+        local copy's, or "remote" past the local prefix."""
         self.check_keys(namespace, keys)
-        n = 0
+        tiers: list[str] = []
+        index = self._index
         for k in keys:
-            if (namespace, k) not in self._index:
+            e = index.get((namespace, k))
+            if e is None:
                 break
-            n += 1
-        return n
+            tiers.append(e.tier)
+        if self.remote is not None and len(tiers) < len(keys):
+            for present in self.remote.exists_many(namespace, keys[len(tiers) :]):
+                if not present:
+                    break
+                tiers.append("remote")
+        return tiers
 
     def exists(self, namespace: str, keys: Sequence[bytes]) -> list[bool]:
         self.check_keys(namespace, keys)
-        return [(namespace, k) in self._index for k in keys]
+        present = [(namespace, k) in self._index for k in keys]
+        if self.remote is not None and not all(present):
+            rest = [i for i, p in enumerate(present) if not p]
+            there = self.remote.exists_many(namespace, [keys[i] for i in rest])
+            for i, p in zip(rest, there, strict=True):
+                present[i] = p
+        return present
 
     def delete(self, namespace: str, keys: Sequence[bytes]) -> int:
+        """Delete `keys` here and on the remote tier; how many either held."""
         self.check_keys(namespace, keys)
-        n = 0
+        found = [False] * len(keys)
         with self._lock:
-            for k in keys:
+            for i, k in enumerate(keys):
                 e = self._index.get((namespace, k))
                 if e is not None:
                     self._remove(e)
                     self._emit(EventKind.DELETED, e, "")
-                    n += 1
-        return n
+                    found[i] = True
+        if self.remote is not None:
+            if self._remote_queue is not None:
+                self._remote_queue.discard(namespace, set(keys))
+            there = self.remote.delete_many(namespace, keys)
+            found = [a or b for a, b in zip(found, there, strict=True)]
+        return sum(found)
+
+    # ----------------------------------------------------------------- remote tier
+
+    def fetch_remote(self, namespace: str, keys: Sequence[bytes]) -> int:
+        """Bring the `keys` no local tier holds from the remote tier (one batch), verified,
+        into cpu (or ssd when cpu has no room) as ordinary entries; how many came. Keys
+        the remote lacks, or holds damaged, stay absent."""
+        remote = self.remote
+        if remote is None:
+            return 0
+        index = self._index
+        want = list(dict.fromkeys(bytes(k) for k in keys if (namespace, k) not in index))
+        if not want:
+            return 0
+        placed = 0
+        for key, value in zip(want, remote.get_many(namespace, want), strict=True):
+            if value is not None and self._place_fetched(namespace, key, value):
+                placed += 1
+        return placed
+
+    def _place_fetched(self, namespace: str, key: bytes, value: RemoteValue) -> bool:
+        h = value.header
+        try:
+            res = self._begin(
+                namespace, key, h.dtype, h.shape, h.value_len, h.value_checksum, False
+            )
+        except (InvalidArgument, ResourceExhausted) as exc:
+            log.warning("remote value %s/%s not taken: %s", namespace, key.hex()[:16], exc)
+            return False
+        assert res is not None and res.buffer is not None
+        try:
+            raw = h.codec == CODEC_RAW and h.payload_len == h.value_len
+            if raw and h.payload_checksum == h.value_checksum:
+                value.copy_into(res.buffer)  # pieces checked: one copy, no second hash
+            else:
+                decode_stored(h, memoryview(value.payload()), res.buffer)
+        except ContainerError as exc:
+            res.abort()
+            log.error("remote value %s/%s does not decode: %s", namespace, key.hex(), exc)
+            assert self.remote is not None
+            self.remote.delete_many(namespace, [key])
+            with self._lock:
+                self.corrupt["remote"] += 1
+            return False
+        res.written()
+        res.declare(h.value_checksum)
+        res.entry.on_remote = True
+        res.commit()
+        with self._lock:
+            self._counters[res.tier if res.slot is not None else "ssd"].promotions += 1
+        return True
+
+    def _write_through(self, e: Entry) -> None:
+        """Queue a copy of a value just stored, in --remote-write through mode."""
+        queue = self._remote_queue
+        if queue is not None and not e.on_remote and self.config.remote_write == "through":
+            from kvstore.remote_writes import PendingWrite
+
+            queue.push(PendingWrite(e.namespace, e.key, e.nbytes, entry=e))
+
+    def _leaving(self, e: Entry) -> None:
+        """`e`'s last local copy is about to go: queue it for the remote tier (in either
+        writing mode) with its bytes, unless the remote already has it."""
+        queue = self._remote_queue
+        if queue is None or e.on_remote:
+            return
+        from kvstore.remote_writes import PendingWrite
+
+        if e.slot is not None and e.place == 0:
+            data = bytes(self._cpu_view(e))
+            queue.push(PendingWrite(e.namespace, e.key, e.nbytes, header=e.header(), payload=data))
+        elif e.slot is None and e.on_ssd and self.ssd is not None:
+            try:
+                with self.ssd.read(e.namespace, e.key) as (header, stored):
+                    data = bytes(stored)
+            except (KeyError, DataLoss):
+                return
+            item = PendingWrite(e.namespace, e.key, len(data), header=header, payload=data)
+            item.encoded = True
+            queue.push(item)
+
+    def _write_remote_forever(self) -> None:
+        queue = self._remote_queue
+        assert queue is not None
+        while not queue.closed:
+            items = queue.take(REMOTE_WRITE_BATCH_BYTES, 0.5)
+            if not items:
+                continue
+            try:
+                self._write_remote(items)
+            except Exception:
+                log.exception("writing %d values to the remote tier failed", len(items))
+
+    def _write_remote(self, items: list[PendingWrite]) -> None:
+        remote = self.remote
+        assert remote is not None
+        batch: list[tuple[PendingWrite, ValueHeader, Buffer, Entry | None]] = []
+        try:
+            for item in items:
+                got = self._remote_source(item)
+                if got is not None:
+                    batch.append((item, *got))
+            done = remote.put_many([(i.namespace, i.key, h, p) for i, h, p, _ in batch])
+        finally:
+            with self._lock:
+                for *_, leased in batch:
+                    if leased is not None:
+                        self._unlease(leased)
+        deleted: dict[str, list[bytes]] = {}
+        with self._lock:
+            for (item, _, _, _), ok in zip(batch, done, strict=True):
+                e = self._index.get((item.namespace, item.key))
+                if item.entry is not None and e is None and ok:
+                    deleted.setdefault(item.namespace, []).append(item.key)  # meanwhile
+                elif e is not None and ok:
+                    e.on_remote = True
+                    self._emit(EventKind.STORED, e, "remote")
+        for namespace, keys in deleted.items():
+            remote.delete_many(namespace, keys)
+
+    def _remote_source(self, item: PendingWrite) -> tuple[ValueHeader, Buffer, Entry | None] | None:
+        """What to write for `item`: (container header, payload, the entry leased for it
+        or None), or None when there is nothing to write any more."""
+        if item.payload is not None:
+            assert item.header is not None
+            if item.encoded:
+                return item.header, item.payload, None
+            header, payload = self._encode_for("remote", item.namespace, item.header, item.payload)
+            return header, payload, None
+        e: Entry = item.entry
+        with self._lock:
+            if self._index.get(e.eid) is not e or e.on_remote:
+                return None  # replaced, deleted, or already there
+            if e.slot is None:
+                if not e.on_ssd:
+                    return None
+                try:
+                    with self._ssd_record(e) as (header, stored):
+                        return header, bytes(stored), None
+                except DataLoss:
+                    return None
+            e.readers += 1  # the copy stays put while it is written
+            place, slot = e.place, e.slot
+            view = self._cpu_view(e) if place == 0 else None
+        try:
+            data = view if view is not None else memoryview(self.pools[place].read(slot, e.nbytes))
+            header, payload = self._encoded(e, data, "remote")
+        except BaseException:
+            with self._lock:
+                self._unlease(e)
+            raise
+        return header, payload, e
 
     def pin(self, namespace: str, keys: Sequence[bytes], delta: int) -> int:
         self.check_keys(namespace, keys)
@@ -1022,7 +1255,20 @@ class Store:
                     QuotaUsage(q.tier, q.glob, used, q.quota_bytes)
                     for q, used in zip(self._quotas, self._quota_used, strict=True)
                 ],
+                self._remote_stats(),
             )
+
+    def _remote_stats(self) -> RemoteStats | None:
+        remote, queue = self.remote, self._remote_queue
+        if remote is None:
+            return None
+        return RemoteStats(
+            remote.connected,
+            remote.snapshot(),
+            queue.depth if queue is not None else 0,
+            queue.queued_bytes if queue is not None else 0,
+            queue.dropped if queue is not None else 0,
+        )
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -1076,6 +1322,14 @@ class Store:
     def close(self) -> None:
         self._closing = True
         self._wake.set()
+        if self._remote_queue is not None:
+            self._remote_queue.close()
+        if self._remote_writer is not None:
+            self._remote_writer.join()
+            self._remote_writer = None
+        if self.remote is not None:
+            self.remote.close()
+            self.remote = None
         if self._demoter is not None:
             self._demoter.join()
             self._demoter = None
@@ -1266,6 +1520,8 @@ class Store:
                     event = EventKind.DEMOTED
                 except ResourceExhausted as exc:
                     log.warning("evicting %s from cpu with no room on ssd: %s", e.key.hex(), exc)
+            if not e.on_ssd:
+                self._leaving(e)
             self._free_copy(e)
             self._only_on_ssd(e)
             if not e.on_ssd and self._index.get(e.eid) is e:
@@ -1291,27 +1547,35 @@ class Store:
         self._account(e, e.tier, -1)
         e.slot = None
 
-    def _ssd_codec(self, namespace: str) -> Codec | None:
-        """The codec the ssd tier stores `namespace`'s values with (None: raw)."""
-        for glob, codec in self._ssd_codecs:
+    def _codec(self, namespace: str, tier: str = "ssd") -> Codec | None:
+        """The codec `tier` (ssd or remote) stores `namespace`'s values with (None: raw)."""
+        for glob, codec in self._codecs[tier]:
             if glob is None or fnmatch.fnmatchcase(namespace, glob):
                 return codec
         return None
 
-    def _encoded(self, e: Entry, value: memoryview) -> tuple[ValueHeader, Buffer]:
-        """`e`'s value as the ssd tier stores it: through its namespace's codec, or raw
-        when there is none or the codec does not take this value (its shape or dtype)."""
-        codec = self._ssd_codec(e.namespace)
+    def _encoded(
+        self, e: Entry, value: Buffer, tier: str = "ssd", header: ValueHeader | None = None
+    ) -> tuple[ValueHeader, Buffer]:
+        """`e`'s value (described by `header`, default `e.header()`) as `tier` (ssd or
+        remote) stores it: through its namespace's codec, or raw when there is none or the
+        codec does not take this value (its shape or dtype)."""
+        return self._encode_for(tier, e.namespace, header or e.header(), value)
+
+    def _encode_for(
+        self, tier: str, namespace: str, header: ValueHeader, value: Buffer
+    ) -> tuple[ValueHeader, Buffer]:
+        codec = self._codec(namespace, tier)
         if codec is not None:
             from kvstore.codecs.values import encode_stored
 
             try:
-                return encode_stored(codec, e.header(), value)
+                return encode_stored(codec, header, memoryview(value))
             except InvalidArgument as exc:
-                if e.namespace not in self._codec_refused:
-                    self._codec_refused.add(e.namespace)
-                    log.warning("ssd stores %s raw: %s", e.namespace, exc)
-        return e.header(), value
+                if (tier, namespace) not in self._codec_refused:
+                    self._codec_refused.add((tier, namespace))
+                    log.warning("%s stores %s raw: %s", tier, namespace, exc)
+        return header, value
 
     def _only_on_ssd(self, e: Entry) -> None:
         """`e` has just lost its memory copy: readers now get what the ssd copy decodes to."""
@@ -1351,10 +1615,12 @@ class Store:
                 if victim is None:
                     raise ResourceExhausted(self._why_no_room(e.nbytes)) from None
                 self._counters["ssd"].evictions += 1
+                if victim.slot is None:
+                    self._leaving(victim)
                 self._drop_ssd_copy(victim)
                 self._emit(EventKind.EVICTED, victim, "ssd")
         self._on_ssd(e, header)
-        codec = self._ssd_codec(e.namespace) if header.codec != CODEC_RAW else None
+        codec = self._codec(e.namespace) if header.codec != CODEC_RAW else None
         name = codec.name if codec is not None else "raw"
         written = self._codec_bytes[name]  # every name the ssd tier can use, from start
         written.raw_bytes += header.value_len
@@ -1466,6 +1732,8 @@ class Store:
                 self._evict_cpu([victim])
             else:
                 self._counters["ssd"].evictions += 1
+                if victim.slot is None:
+                    self._leaving(victim)
                 self._drop_ssd_copy(victim)
                 self._emit(EventKind.EVICTED, victim, "ssd")
         return True

@@ -278,3 +278,54 @@ def test_inflight_bounds_default_from_the_machine_and_are_checked(tmp_path: Path
     assert ServerConfig(data_dir=tmp_path, quota="cpu[a/*]=1GiB;ssd[a/*]=2GiB").describe()[
         "quota"
     ] == ("cpu[a/*]=1GiB;ssd[a/*]=2GiB")
+
+
+REMOTE = "redis://10.0.0.5:6379,redis://10.0.0.6:6379"
+
+
+def test_remote_tier_settings(tmp_path: Path) -> None:
+    cfg = ServerConfig(
+        data_dir=tmp_path,
+        tiers="remote,cpu",
+        remote=REMOTE,
+        remote_piece_bytes="256KiB",
+        remote_write="EVICT",
+        remote_ttl="3600",
+        codec=("remote=zstd",),
+    )
+    assert cfg.tiers == ("cpu", "remote")  # remote is always the last tier
+    assert cfg.remote == ("redis://10.0.0.5:6379", "redis://10.0.0.6:6379")
+    assert (cfg.remote_piece_bytes, cfg.remote_write, cfg.remote_ttl) == (256 << 10, "evict", 3600)
+    assert (cfg.remote_timeout, cfg.remote_queue_bytes) == (1.0, 256 << 20)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"tiers": "cpu,remote"}, "give the cluster's URLs"),
+        ({"remote": REMOTE}, "tiers do not include remote"),
+        ({"tiers": "remote", "remote": REMOTE}, "needs a local tier"),
+        ({"tiers": "cpu,remote", "remote": "http://h:1"}, "not a Redis URL"),
+        ({"tiers": "cpu,remote", "remote": "unix:///tmp/r.sock"}, "names no host"),
+        ({"tiers": "cpu,remote", "remote": REMOTE, "remote_write": "back"}, "remote-write"),
+        ({"tiers": "cpu,remote", "remote": REMOTE, "remote_piece_bytes": "1KiB"}, "4KiB"),
+        ({"tiers": "cpu,remote", "remote": REMOTE, "remote_timeout": "0"}, "remote-timeout"),
+        ({"codec": ("cpu=zstd",)}, "cannot hold encoded values"),
+    ],
+)
+def test_bad_remote_settings_are_clear_errors(
+    tmp_path: Path, settings: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ServerConfig(data_dir=tmp_path, **settings)  # type: ignore[arg-type]
+
+
+def test_remote_password_from_the_environment_is_never_printed(tmp_path: Path) -> None:
+    cfg = ServerConfig.load(
+        {"data_dir": tmp_path, "tiers": "cpu,remote", "remote": "redis://:urlpw@h:1"},
+        environ={"KVSTORE_REMOTE_PASSWORD": "s3cret"},
+    )
+    assert cfg.remote_password == "s3cret"
+    text = str(cfg.describe())
+    assert "s3cret" not in text and "urlpw" not in text
+    assert cfg.describe()["remote"] == "redis://:***@h:1"

@@ -577,6 +577,11 @@ class RemoteTier:
 
         return self._scatter("delete", hkeys, work, False)
 
+    def snapshot(self) -> RemoteCounters:
+        """A consistent copy of the counters, the remote tier's corrupt drops included."""
+        with self._lock:
+            return RemoteCounters(**vars(self.counters))
+
     def close(self) -> None:
         self._closing = True
         self._refresh_wanted.set()

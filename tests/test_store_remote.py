@@ -1,0 +1,174 @@
+"""The store with a remote tier: two stores (two nodes) sharing a real Redis Cluster."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from _redis_cluster import LocalCluster
+
+from kvstore.codecs.container import CODEC_RAW, checksum
+from kvstore.config import ServerConfig
+from kvstore.remote_writes import PendingWrite, WriteQueue
+from kvstore.store import Store
+from tests.test_store import NS, key, put, read
+
+KiB = 1 << 10
+MakeNode = Callable[..., Store]
+
+
+@pytest.fixture
+def make_node(tmp_path: Path, redis_cluster: LocalCluster) -> MakeNode:
+    """`make_node(name, **settings)`: a store with a cpu tier and the remote tier on the
+    shared cluster; every node's remote records are gone after the test."""
+    opened: list[Store] = []
+
+    def make(name: str, **overrides: object) -> Store:
+        settings: dict[str, object] = {
+            "data_dir": tmp_path / name,
+            "tiers": ("cpu", "remote"),
+            "cpu_bytes": "4MiB",
+            "remote": tuple(redis_cluster.urls),
+            "remote_piece_bytes": "4KiB",
+            "remote_backoff": 0.5,
+        }
+        settings.update(overrides)
+        s = Store(ServerConfig(**settings))  # type: ignore[arg-type]
+        opened.append(s)
+        return s
+
+    yield make  # type: ignore[misc]
+    for s in opened:
+        s.close()
+    for node in redis_cluster.nodes:
+        if node.proc is not None:
+            with node.client() as c:
+                c.flushall()
+
+
+def wait_for(what: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def data(n: int) -> bytes:
+    return os.urandom(n)
+
+
+def test_a_put_on_one_node_is_served_by_another(make_node: MakeNode) -> None:
+    a, b = make_node("a"), make_node("b")
+    values = {key(i): data(10 * KiB + i) for i in range(6)}
+    for k, v in values.items():
+        put(a, k, v)
+    assert a.remote is not None and b.remote is not None
+    wait_for(lambda: all(a.remote.exists_many(NS, list(values))))  # type: ignore[union-attr]
+    assert b.lookup_tiers(NS, list(values)) == ["remote"] * 6
+    assert b.lookup(NS, [*values, key(99)]) == 6
+    assert b.exists(NS, [key(0), key(99)]) == [True, False]
+    assert read(b, key(0)) is None  # get alone reads local tiers; fetch_remote brings them
+    assert b.fetch_remote(NS, [*values, key(99)]) == 6
+    for k, v in values.items():
+        assert read(b, k) == v
+    assert b.lookup_tiers(NS, list(values)) == ["cpu"] * 6
+    assert all(e.on_remote for e in b.entries(NS))
+    time.sleep(0.3)
+    assert b.stats().remote.counters.values_written == 0  # type: ignore[union-attr]
+    stats = a.stats().remote
+    assert stats is not None and stats.counters.values_written == 6 and stats.connected
+
+
+def test_lookup_continues_the_local_prefix_through_remote(make_node: MakeNode) -> None:
+    a, b = make_node("a"), make_node("b")
+    keys = [key(i) for i in range(5)]
+    for k in keys:
+        put(a, k, data(KiB))
+    wait_for(lambda: all(a.remote.exists_many(NS, keys)))  # type: ignore[union-attr]
+    put(b, keys[0], data(KiB))
+    put(b, keys[1], data(KiB))
+    put(b, keys[3], data(KiB))
+    assert b.lookup_tiers(NS, keys) == ["cpu", "cpu", "remote", "remote", "remote"]
+    assert b.lookup_tiers(NS, [*keys[:2], key(50), *keys[2:]]) == ["cpu", "cpu"]
+
+
+def test_delete_through_a_node_deletes_the_remote_copy(make_node: MakeNode) -> None:
+    a, b = make_node("a"), make_node("b")
+    put(a, key(1), data(KiB))
+    wait_for(lambda: a.remote.exists_many(NS, [key(1)]) == [True])  # type: ignore[union-attr]
+    assert b.delete(NS, [key(1), key(2)]) == 1  # only remote held it
+    assert a.remote.exists_many(NS, [key(1)]) == [False]  # type: ignore[union-attr]
+    assert a.delete(NS, [key(1)]) == 1  # a's local copy
+
+
+def test_evict_mode_writes_only_values_leaving_the_node(make_node: MakeNode) -> None:
+    a = make_node("a", remote_write="evict")
+    big = 1 << 20  # the 4 MiB arena holds four
+    values = [data(big) for _ in range(6)]
+    for i, v in enumerate(values[:4]):
+        put(a, key(i), v)
+    time.sleep(0.5)
+    assert a.remote is not None
+    assert a.remote.exists_many(NS, [key(i) for i in range(4)]) == [False] * 4
+    for i, v in enumerate(values[4:], start=4):
+        put(a, key(i), v)  # evicts the two least recent: key(0), key(1)
+    wait_for(lambda: a.remote.exists_many(NS, [key(0), key(1)]) == [True, True])  # type: ignore[union-attr]
+    assert a.remote.exists_many(NS, [key(i) for i in range(2, 6)]) == [False] * 4
+    assert a.fetch_remote(NS, [key(0)]) == 1  # fetched back (evicting key(2), written back)
+    assert read(a, key(0)) == values[0]
+    wait_for(lambda: a.remote.exists_many(NS, [key(2)]) == [True])  # type: ignore[union-attr]
+    written = a.stats().remote.counters.values_written  # type: ignore[union-attr]
+    for i in range(6, 10):  # evicts key(0) again: it came from remote, so not written
+        put(a, key(i), data(big))
+    wait_for(lambda: a.stats().remote.counters.values_written >= written + 3)  # type: ignore[union-attr]
+    time.sleep(0.3)
+    assert a.stats().remote.counters.values_written == written + 3  # type: ignore[union-attr]
+
+
+def test_remote_codec_rule_encodes_what_remote_stores(make_node: MakeNode) -> None:
+    a = make_node("a", codec=("remote=zstd",))
+    b = make_node("b")
+    v = bytes(64 * KiB)  # compresses well
+    put(a, key(7), v)
+    assert a.remote is not None and b.remote is not None
+    wait_for(lambda: a.remote.exists_many(NS, [key(7)]) == [True])
+    [stored] = b.remote.get_many(NS, [key(7)])
+    assert stored is not None and stored.header.codec != CODEC_RAW
+    assert stored.header.payload_len < len(v) // 10
+    assert b.fetch_remote(NS, [key(7)]) == 1
+    assert read(b, key(7)) == v
+
+
+def test_remote_write_off_only_reads(make_node: MakeNode) -> None:
+    a, b = make_node("a"), make_node("b", remote_write="off")
+    put(b, key(3), data(KiB))
+    time.sleep(0.5)
+    assert b.remote is not None and b.remote.exists_many(NS, [key(3)]) == [False]
+    put(a, key(4), data(KiB))
+    wait_for(lambda: b.remote.exists_many(NS, [key(4)]) == [True])  # type: ignore[union-attr]
+    assert b.fetch_remote(NS, [key(4)]) == 1
+
+
+def test_write_queue_drops_the_oldest_when_full() -> None:
+    q = WriteQueue(10 * KiB)
+    for i in range(5):
+        q.push(PendingWrite(NS, key(i), 3 * KiB))
+    assert q.depth == 3 and q.dropped == 2 and q.queued_bytes == 9 * KiB
+    q.push(PendingWrite(NS, key(9), 11 * KiB))  # larger than the whole queue
+    assert q.dropped == 3
+    q.discard(NS, {key(3)})
+    assert [i.key for i in q.take(1 << 30, 0)] == [key(2), key(4)]
+    assert q.take(1 << 30, 0) == []
+
+
+def test_fetched_value_is_checked_against_its_checksum(make_node: MakeNode) -> None:
+    a, b = make_node("a"), make_node("b")
+    v = data(9 * KiB)
+    put(a, key(5), v)
+    wait_for(lambda: a.remote.exists_many(NS, [key(5)]) == [True])  # type: ignore[union-attr]
+    assert b.fetch_remote(NS, [key(5)]) == 1
+    e = next(e for e in b.entries(NS) if e.key == key(5))
+    assert e.checksum == checksum(v)
