@@ -13,11 +13,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from kvstore.client._core import ServerStats, TierStats
+from kvstore.client._core import PrefixTiers, ServerStats, TierStats
 from kvstore.client.aio import AsyncKVClient
 from kvstore.client.sync import KVClient
 
-__all__ = ["AsyncKVClient", "KVClient", "ServerStats", "TierStats", "default_address"]
+__all__ = [
+    "AsyncKVClient",
+    "KVClient",
+    "PrefixTiers",
+    "ServerStats",
+    "TierStats",
+    "default_address",
+]
 
 
 def default_address() -> str:

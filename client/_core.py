@@ -136,6 +136,26 @@ class TierStats:
     demotions: int
 
 
+@dataclass(frozen=True)
+class PrefixTiers:
+    """What `lookup_tiers` found: the tier holding each chunk of the longest cached
+    prefix, in order ("gpu", "cpu" or "ssd" on the server's node, "remote" in the shared
+    remote tier past the node's own prefix)."""
+
+    tiers: tuple[str, ...] = ()
+
+    @property
+    def length(self) -> int:
+        """Chunks in the prefix: what `lookup` returns."""
+        return len(self.tiers)
+
+    @property
+    def local(self) -> int:
+        """Chunks of the prefix the node holds itself (the rest must come over the network
+        from the remote tier: the engine may prefer to recompute them)."""
+        return sum(t != "remote" for t in self.tiers)
+
+
 @dataclass
 class ServerStats:
     version: str
@@ -159,6 +179,8 @@ class ServerStats:
     quotas: dict[str, tuple[int, int]] = field(default_factory=dict)
     max_inflight_requests: int = 0
     max_inflight_bytes: int = 0
+    # The remote tier's counters (kvstore.v1.RemoteStats); None: the server has none.
+    remote: pb.RemoteStats | None = None
 
     @classmethod
     def from_proto(cls, m: pb.StatsResponse) -> ServerStats:
@@ -195,6 +217,7 @@ class ServerStats:
             {f"{q.tier}[{q.namespaces}]": (q.used_bytes, q.quota_bytes) for q in m.quotas},
             m.max_inflight_requests,
             m.max_inflight_bytes,
+            m.remote if m.HasField("remote") else None,
         )
 
 
@@ -1058,15 +1081,19 @@ class ClientCore:
             for i in range(0, max(len(keys), 1), step)
         ]
 
-    @_miss_when_down(lambda keys: 0)
     def lookup(self, keys: Sequence[bytes]) -> Op[int]:
-        n = 0
+        return (yield from self.lookup_tiers(keys)).length
+
+    @_miss_when_down(lambda keys: PrefixTiers())
+    def lookup_tiers(self, keys: Sequence[bytes]) -> Op[PrefixTiers]:
+        tiers: list[str] = []
         for request in (yield from self._split(keys)):
             resp = yield Call("Lookup", request)
-            n += int(resp.length)
+            # A server older than the tiers field says only the length.
+            tiers += list(resp.tiers) or ["unknown"] * resp.length
             if resp.length < len(request.keys):  # the prefix ends in this part
                 break
-        return n
+        return PrefixTiers(tuple(tiers))
 
     @_miss_when_down(lambda keys: [False] * len(keys))
     def exists(self, keys: Sequence[bytes]) -> Op[list[bool]]:

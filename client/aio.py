@@ -20,6 +20,7 @@ from kvstore.client._core import (
     Call,
     ClientCore,
     Op,
+    PrefixTiers,
     ServerStats,
     earliest,
     retry_deadline,
@@ -159,6 +160,10 @@ class AsyncKVClient:
 
     async def lookup(self, keys: Sequence[bytes]) -> int:
         return await self._run(self._core.lookup(keys))
+
+    async def lookup_tiers(self, keys: Sequence[bytes]) -> PrefixTiers:
+        """`lookup`, saying which tier holds each chunk of the prefix."""
+        return await self._run(self._core.lookup_tiers(keys))
 
     async def exists(self, keys: Sequence[bytes]) -> list[bool]:
         return await self._run(self._core.exists(keys))

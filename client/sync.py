@@ -23,6 +23,7 @@ from kvstore.client._core import (
     Call,
     ClientCore,
     Op,
+    PrefixTiers,
     ServerStats,
     earliest,
     retry_deadline,
@@ -208,6 +209,11 @@ class KVClient:
     def lookup(self, keys: Sequence[bytes]) -> int:
         """How many leading keys are stored: the longest cached prefix, in chunks."""
         return self._run(self._core.lookup(keys))
+
+    def lookup_tiers(self, keys: Sequence[bytes]) -> PrefixTiers:
+        """`lookup`, saying which tier holds each chunk of the prefix: local ones ("gpu",
+        "cpu", "ssd") first, then "remote" for chunks only the shared remote tier holds."""
+        return self._run(self._core.lookup_tiers(keys))
 
     def exists(self, keys: Sequence[bytes]) -> list[bool]:
         return self._run(self._core.exists(keys))

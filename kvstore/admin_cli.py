@@ -27,6 +27,7 @@ from kvstore.client import KVClient, ServerStats, default_address
 from kvstore.client._channel import Connection
 from kvstore.config import format_size
 from kvstore.errors import KVStoreError
+from kvstore.v1 import kvstore_pb2 as pb
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,7 +154,24 @@ def stats_view(s: ServerStats, before: ServerStats | None = None, seconds: float
         )
     for rule, (used, quota) in s.quotas.items():
         parts.append(Text(f"quota {rule}: {format_size(used)} of {format_size(quota)}"))
+    if s.remote is not None:
+        parts.append(Text(remote_line(s.remote)))
     return Group(*parts)
+
+
+def remote_line(r: pb.RemoteStats) -> str:
+    """The remote tier's counters, on one line."""
+    state = "connected" if r.connected else "NOT CONNECTED"
+    asked = r.hits + r.misses
+    ratio = f"{r.hits / asked:.1%}" if asked else "-"
+    per_batch = f"{1000 * r.batch_seconds / r.batches:.1f}ms" if r.batches else "-"
+    return (
+        f"remote {state}: hits {r.hits} misses {r.misses} (hit ratio {ratio}), read "
+        f"{format_size(r.bytes_read)}; wrote {r.values_written} values "
+        f"({format_size(r.bytes_written)}); errors {r.errors}, corrupt dropped {r.corrupt}; "
+        f"write queue {r.queued_writes} ({format_size(r.queued_bytes)}), dropped "
+        f"{r.dropped_writes}; {r.batches} batches, {per_batch} each"
+    )
 
 
 def cmd_stats(client: KVClient, as_json: bool, console: Console) -> None:
@@ -161,6 +179,8 @@ def cmd_stats(client: KVClient, as_json: bool, console: Console) -> None:
     if as_json:
         out = asdict(s)
         out["gpu_pools"] = [MessageToDict(p) for p in s.gpu_pools]
+        if s.remote is not None:
+            out["remote"] = {f.name: getattr(s.remote, f.name) for f in s.remote.DESCRIPTOR.fields}
         console.print_json(json.dumps(out))
         return
     console.print(stats_view(s))

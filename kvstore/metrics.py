@@ -16,6 +16,10 @@ in one process, as in tests, do not mix) with:
   `kvstore_rejected_total{rpc,bound=requests|bytes|leases}`;
 - per `--quota` rule: `kvstore_quota_used_bytes{tier,namespaces}` and
   `kvstore_quota_bytes{tier,namespaces}`;
+- the remote tier, when there is one: `kvstore_remote_{hits,misses,errors,corrupt_dropped,
+  read_bytes,written_bytes,written_values,batches,batch_seconds,dropped_writes}_total`,
+  `kvstore_remote_queued_{writes,bytes}` and `kvstore_remote_connected` (also counted in
+  `kvstore_corrupt_dropped_total{tier="remote"}`);
 - `kvstore_build_info{version}`, `kvstore_uptime_seconds`.
 
 `serve_http(address)` exposes them on `http://HOST:PORT/metrics` from a thread.
@@ -40,7 +44,7 @@ from kvstore import __version__
 from kvstore.admission import BUSY, Admission
 from kvstore.config import split_address
 from kvstore.logs import MAX_REQUEST_ID, REQUEST_ID_HEADER, enter_request, new_request_id
-from kvstore.store import Store, TierCounters
+from kvstore.store import RemoteStats, Store, TierCounters
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -154,8 +158,12 @@ class _StoreCollector(Collector):
             labels=["tier"],
         )
         for tier, n in dict(self.store.corrupt).items():
+            if tier == "remote" and s.remote is not None:
+                n += s.remote.counters.corrupt  # pieces the remote tier found damaged
             corrupt.add_metric([tier], n)
         yield corrupt
+        if s.remote is not None:
+            yield from _remote_metrics(s.remote)
         events = self.store.events
         yield GaugeMetricFamily(
             "kvstore_watchers", "Watch streams (KV events) open", value=len(events.watchers)
@@ -306,3 +314,39 @@ def _request_id(context: Any) -> str:
             text = value if isinstance(value, str) else value.decode(errors="replace")
             return text[:MAX_REQUEST_ID]
     return new_request_id()
+
+
+# The remote tier's counters: (metric name, RemoteCounters field, help).
+_REMOTE_COUNTERS = (
+    ("hits", "hits", "Values read whole and verified from the remote tier"),
+    ("misses", "misses", "Keys the remote tier lacked or could not serve in time"),
+    ("errors", "errors", "Remote batches (one master's share) that failed or timed out"),
+    ("corrupt_dropped", "corrupt", "Remote values found damaged and deleted"),
+    ("read_bytes", "bytes_read", "Payload bytes read from the remote tier"),
+    ("written_bytes", "bytes_written", "Payload bytes written to the remote tier"),
+    ("written_values", "values_written", "Values written to the remote tier"),
+    ("batches", "batches", "Remote batches run (one per master and call)"),
+    ("batch_seconds", "batch_seconds", "Seconds remote batches took, summed"),
+)
+
+
+def _remote_metrics(r: RemoteStats) -> Iterator[Metric]:
+    for name, attr, text in _REMOTE_COUNTERS:
+        yield CounterMetricFamily(f"kvstore_remote_{name}", text, value=getattr(r.counters, attr))
+    yield CounterMetricFamily(
+        "kvstore_remote_dropped_writes",
+        "Pending remote writes dropped because the write queue was full",
+        value=r.dropped_writes,
+    )
+    yield GaugeMetricFamily(
+        "kvstore_remote_queued_writes", "Values waiting to be written to remote",
+        value=r.queued_writes,
+    )  # fmt: skip
+    yield GaugeMetricFamily(
+        "kvstore_remote_queued_bytes", "Bytes waiting to be written to remote",
+        value=r.queued_bytes,
+    )  # fmt: skip
+    yield GaugeMetricFamily(
+        "kvstore_remote_connected", "1 when the remote cluster's slot map is known",
+        value=int(r.connected),
+    )  # fmt: skip

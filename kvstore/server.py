@@ -54,7 +54,7 @@ from kvstore.errors import (
 )
 from kvstore.events import EventKind, KVEvent, Watcher
 from kvstore.metrics import ServerMetrics
-from kvstore.store import PutReservation, ReadLease, Store, check_namespace
+from kvstore.store import PutReservation, ReadLease, RemoteStats, Store, check_namespace
 from kvstore.tiers.gpu import PoolExport
 from kvstore.tiers.host import HostArena
 from kvstore.v1 import kvstore_pb2 as pb
@@ -467,6 +467,13 @@ class KVStoreServicer:
         arena = self._arena_for(context)
         pools = frozenset(gpu_pools) if shared and arena is not None else frozenset()
         handed: list[int] = []
+        if self.store.remote is not None and self.store.lacks_any(namespace, keys):
+            # Keys no local tier holds come from the remote tier first, in one batch, and
+            # are then served like any other value (same-host slices included).
+            try:
+                await asyncio.to_thread(self.store.fetch_remote, namespace, keys)
+            except KVStoreError as exc:
+                await _fail(context, exc)
         positions: Sequence[int] = range(len(keys))
         try:
             if packed and shared and arena is not None:
@@ -701,12 +708,22 @@ class KVStoreServicer:
         # Index reads take no worker thread: they are dict lookups, and the lowest latency
         # call an engine makes on its critical path.
         require(request.namespace, READ)
-        return pb.LookupResponse(length=self.store.lookup(request.namespace, request.keys))
+        if self.store.remote is None:
+            tiers = self.store.lookup_tiers(request.namespace, request.keys)
+        else:  # may ask the remote tier: never on the event loop
+            tiers = await asyncio.to_thread(
+                self.store.lookup_tiers, request.namespace, request.keys
+            )
+        return pb.LookupResponse(length=len(tiers), tiers=tiers)
 
     @_unary
     async def Exists(self, request: pb.KeysRequest, context: Any) -> pb.ExistsResponse:
         require(request.namespace, READ)
-        return pb.ExistsResponse(present=self.store.exists(request.namespace, request.keys))
+        if self.store.remote is None:
+            present = self.store.exists(request.namespace, request.keys)
+        else:
+            present = await asyncio.to_thread(self.store.exists, request.namespace, request.keys)
+        return pb.ExistsResponse(present=present)
 
     @_unary
     async def Delete(self, request: pb.KeysRequest, context: Any) -> pb.CountResponse:
@@ -884,6 +901,7 @@ class KVStoreServicer:
             quotas=[pb.QuotaStats(**vars(q)) for q in s.quotas],
             max_inflight_requests=cfg.max_inflight_requests,
             max_inflight_bytes=cfg.max_inflight_bytes,
+            remote=_remote_stats(s.remote),
         )
 
     async def List(self, request: pb.ListRequest, context: Any) -> AsyncIterator[pb.ListResponse]:
@@ -948,6 +966,18 @@ class KVStoreServicer:
             # cancelled meanwhile) then registers nothing.
             watcher.close()
             events.unsubscribe(watcher)
+
+
+def _remote_stats(r: RemoteStats | None) -> pb.RemoteStats | None:
+    if r is None:
+        return None
+    return pb.RemoteStats(
+        connected=r.connected,
+        queued_writes=r.queued_writes,
+        queued_bytes=r.queued_bytes,
+        dropped_writes=r.dropped_writes,
+        **vars(r.counters),
+    )
 
 
 def _wake(loop: asyncio.AbstractEventLoop, ready: asyncio.Event) -> None:
@@ -1209,4 +1239,9 @@ def _describe_tiers(store: Store) -> str:
         parts.append(f"cpu {format_size(store.cpu.capacity_bytes)} at {store.cpu.path}")
     if store.ssd is not None:
         parts.append(f"ssd {format_size(store.ssd.capacity_bytes)} in {store.ssd.path}")
+    if store.remote is not None:
+        state = "connected" if store.remote.connected else "not reachable yet"
+        parts.append(
+            f"remote {','.join(store.remote.seeds)} ({state}, write {store.config.remote_write})"
+        )
     return ", ".join(parts)

@@ -30,6 +30,10 @@ examples:
                  --auth-tokens tokens.toml          # TLS, and a token per tenant
   kvstore-server --tiers gpu,cpu,ssd --gpu-bytes 8GiB --cpu-bytes 64GiB
                                                   # an 8GiB pool on every visible GPU
+  KVSTORE_REMOTE_PASSWORD=... kvstore-server --tiers cpu,ssd,remote \
+                 --remote redis://10.0.0.5:6379,redis://10.0.0.6:6379
+                                                  # share KV with other nodes via a
+                                                  # Redis/Valkey Cluster
 """
 
 
@@ -43,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = ServerConfig()
     p.add_argument(
         "--tiers",
-        help=f"comma-separated tiers, fastest first: gpu, cpu, ssd (default {','.join(d.tiers)})",
+        help="comma-separated tiers, fastest first: gpu, cpu, ssd, remote (default "
+        f"{','.join(d.tiers)}); remote, a Redis/Valkey Cluster shared by many nodes, needs "
+        "--remote",
     )
     p.add_argument(
         "--data-dir",
@@ -109,9 +115,50 @@ def build_parser() -> argparse.ArgumentParser:
         "--codec",
         action="append",
         metavar="TIER[GLOB]=SPEC",
-        help="how the ssd tier encodes values; repeatable, namespace rules first: "
-        "ssd=zstd (lossless), ssd[llama-3-8b/*]=kivi:bits=4 (lossy, opt in per namespace); "
-        "default raw. Codecs: raw, zstd:level=N,shuffle=0|1, int8, fp8, kivi:bits=2|4",
+        help="how the ssd and remote tiers encode values; repeatable, namespace rules first: "
+        "ssd=zstd (lossless), ssd[llama-3-8b/*]=kivi:bits=4 (lossy, opt in per namespace), "
+        "remote=zstd; default raw. Codecs: raw, zstd:level=N,shuffle=0|1, int8, fp8, "
+        "kivi:bits=2|4",
+    )
+    p.add_argument(
+        "--remote",
+        metavar="URL[,URL...]",
+        help="the remote tier's cluster: seed node URLs, redis://[:PASSWORD@]HOST:PORT or "
+        "rediss:// for TLS (any one that answers gives the slot map; one plain Redis works "
+        "too). Prefer the KVSTORE_REMOTE_PASSWORD environment variable to a password in "
+        "the URL",
+    )
+    p.add_argument(
+        "--remote-write",
+        choices=("through", "evict", "off"),
+        help="through (default): copy every put to remote in the background (puts never "
+        "wait); evict: write only values leaving this node's last local tier; off: read only",
+    )
+    p.add_argument(
+        "--remote-piece-bytes",
+        help="largest record a value is split into on the remote tier (default 1MiB)",
+    )
+    p.add_argument(
+        "--remote-timeout",
+        type=float,
+        help="deadline in seconds of each remote call; a master that misses it is skipped "
+        f"for --remote-backoff seconds, its keys missing at once (default {d.remote_timeout:g})",
+    )
+    p.add_argument(
+        "--remote-backoff",
+        type=float,
+        help=f"seconds a failed remote master is skipped (default {d.remote_backoff:g})",
+    )
+    p.add_argument(
+        "--remote-ttl",
+        type=float,
+        help="seconds remote records live (default 0: no TTL; the cluster's maxmemory "
+        "policy, e.g. allkeys-lru, drops what it must)",
+    )
+    p.add_argument(
+        "--remote-queue-bytes",
+        help="bytes of values waiting to be written to remote; past it the oldest pending "
+        "write is dropped and counted (default 256MiB)",
     )
     p.add_argument(
         "--chunk-tokens", type=int, help=f"tokens per prefix chunk (default {d.chunk_tokens})"

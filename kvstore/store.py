@@ -994,6 +994,11 @@ class Store:
     def lookup(self, namespace: str, keys: Sequence[bytes]) -> int:
         return len(self.lookup_tiers(namespace, keys))
 
+    def lacks_any(self, namespace: str, keys: Iterable[bytes]) -> bool:
+        """Whether any of `keys` is in no local tier (no lock: see lookup)."""
+        index = self._index
+        return any((namespace, bytes(k)) not in index for k in keys)
+
     def lookup_tiers(self, namespace: str, keys: Sequence[bytes]) -> list[str]:
         """The tier holding each key of the longest present prefix of `keys`: its fastest
         local copy's, or "remote" past the local prefix."""
@@ -1049,6 +1054,7 @@ class Store:
         remote = self.remote
         if remote is None:
             return 0
+        self.check_keys(namespace, keys)
         index = self._index
         want = list(dict.fromkeys(bytes(k) for k in keys if (namespace, k) not in index))
         if not want:

@@ -254,6 +254,10 @@ class RemoteTier:
     # ------------------------------------------------------------------ topology
 
     @property
+    def seeds(self) -> list[str]:
+        return [f"{host}:{port}" for host, port in self._seeds]
+
+    @property
     def connected(self) -> bool:
         """Whether the slot map is known (the cluster answered at least once)."""
         return self._slots is not None

@@ -220,10 +220,12 @@ class RegionIdentity(_message.Message):
     def __init__(self, gpu_pool: _Optional[int] = ..., arena_dev: _Optional[int] = ..., arena_ino: _Optional[int] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("length",)
+    __slots__ = ("length", "tiers")
     LENGTH_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
     length: int
-    def __init__(self, length: _Optional[int] = ...) -> None: ...
+    tiers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, length: _Optional[int] = ..., tiers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ExistsResponse(_message.Message):
     __slots__ = ("present",)
@@ -264,7 +266,7 @@ class TierStats(_message.Message):
     def __init__(self, name: _Optional[str] = ..., entries: _Optional[int] = ..., used_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., promotions: _Optional[int] = ..., demotions: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("version", "chunk_tokens", "max_value_bytes", "max_keys_per_request", "max_piece_bytes", "tiers", "entries", "uptime_seconds", "host_arena_path", "pinned", "leases", "host_arena_dev", "host_arena_ino", "lease_seconds", "gpu_pools", "codecs", "quotas", "max_inflight_requests", "max_inflight_bytes")
+    __slots__ = ("version", "chunk_tokens", "max_value_bytes", "max_keys_per_request", "max_piece_bytes", "tiers", "entries", "uptime_seconds", "host_arena_path", "pinned", "leases", "host_arena_dev", "host_arena_ino", "lease_seconds", "gpu_pools", "codecs", "quotas", "max_inflight_requests", "max_inflight_bytes", "remote")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_VALUE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -284,6 +286,7 @@ class StatsResponse(_message.Message):
     QUOTAS_FIELD_NUMBER: _ClassVar[int]
     MAX_INFLIGHT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     MAX_INFLIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_FIELD_NUMBER: _ClassVar[int]
     version: str
     chunk_tokens: int
     max_value_bytes: int
@@ -303,7 +306,38 @@ class StatsResponse(_message.Message):
     quotas: _containers.RepeatedCompositeFieldContainer[QuotaStats]
     max_inflight_requests: int
     max_inflight_bytes: int
-    def __init__(self, version: _Optional[str] = ..., chunk_tokens: _Optional[int] = ..., max_value_bytes: _Optional[int] = ..., max_keys_per_request: _Optional[int] = ..., max_piece_bytes: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., entries: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., host_arena_path: _Optional[str] = ..., pinned: _Optional[int] = ..., leases: _Optional[int] = ..., host_arena_dev: _Optional[int] = ..., host_arena_ino: _Optional[int] = ..., lease_seconds: _Optional[float] = ..., gpu_pools: _Optional[_Iterable[_Union[GpuPool, _Mapping]]] = ..., codecs: _Optional[_Iterable[_Union[CodecStats, _Mapping]]] = ..., quotas: _Optional[_Iterable[_Union[QuotaStats, _Mapping]]] = ..., max_inflight_requests: _Optional[int] = ..., max_inflight_bytes: _Optional[int] = ...) -> None: ...
+    remote: RemoteStats
+    def __init__(self, version: _Optional[str] = ..., chunk_tokens: _Optional[int] = ..., max_value_bytes: _Optional[int] = ..., max_keys_per_request: _Optional[int] = ..., max_piece_bytes: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., entries: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., host_arena_path: _Optional[str] = ..., pinned: _Optional[int] = ..., leases: _Optional[int] = ..., host_arena_dev: _Optional[int] = ..., host_arena_ino: _Optional[int] = ..., lease_seconds: _Optional[float] = ..., gpu_pools: _Optional[_Iterable[_Union[GpuPool, _Mapping]]] = ..., codecs: _Optional[_Iterable[_Union[CodecStats, _Mapping]]] = ..., quotas: _Optional[_Iterable[_Union[QuotaStats, _Mapping]]] = ..., max_inflight_requests: _Optional[int] = ..., max_inflight_bytes: _Optional[int] = ..., remote: _Optional[_Union[RemoteStats, _Mapping]] = ...) -> None: ...
+
+class RemoteStats(_message.Message):
+    __slots__ = ("connected", "hits", "misses", "errors", "corrupt", "bytes_read", "bytes_written", "values_written", "batches", "batch_seconds", "queued_writes", "queued_bytes", "dropped_writes")
+    CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    CORRUPT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_READ_FIELD_NUMBER: _ClassVar[int]
+    BYTES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    VALUES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_WRITES_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_WRITES_FIELD_NUMBER: _ClassVar[int]
+    connected: bool
+    hits: int
+    misses: int
+    errors: int
+    corrupt: int
+    bytes_read: int
+    bytes_written: int
+    values_written: int
+    batches: int
+    batch_seconds: float
+    queued_writes: int
+    queued_bytes: int
+    dropped_writes: int
+    def __init__(self, connected: _Optional[bool] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., errors: _Optional[int] = ..., corrupt: _Optional[int] = ..., bytes_read: _Optional[int] = ..., bytes_written: _Optional[int] = ..., values_written: _Optional[int] = ..., batches: _Optional[int] = ..., batch_seconds: _Optional[float] = ..., queued_writes: _Optional[int] = ..., queued_bytes: _Optional[int] = ..., dropped_writes: _Optional[int] = ...) -> None: ...
 
 class QuotaStats(_message.Message):
     __slots__ = ("tier", "namespaces", "used_bytes", "quota_bytes")
