@@ -115,6 +115,17 @@ class LocalCluster:
             node.proc.wait()
             node.proc = None
 
+    def pause(self, index: int) -> None:
+        """SIGSTOP master `index`: a master that hangs (connections open, no answers)."""
+        proc = self.nodes[index].proc
+        assert proc is not None
+        proc.send_signal(signal.SIGSTOP)
+
+    def resume(self, index: int) -> None:
+        proc = self.nodes[index].proc
+        assert proc is not None
+        proc.send_signal(signal.SIGCONT)
+
     def restart(self, index: int) -> None:
         """Start a killed master again on its port; it rejoins with its slots, empty."""
         node = self.nodes[index]

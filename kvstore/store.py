@@ -414,6 +414,39 @@ DEMOTE_BATCH_BYTES = 256 << 20
 STAGING_RETRY_S = 0.05
 
 
+class _FetchSink:
+    """Room for values read from the remote tier (`kvstore.tiers.remote.PayloadSink`): a
+    put reservation each, which a raw value is read into directly; an encoded one is read
+    into a buffer of its own and decoded into the reservation afterwards."""
+
+    def __init__(self, store: Store, namespace: str, keys: Sequence[bytes]) -> None:
+        self._store, self._namespace, self._keys = store, namespace, keys
+        self.reservations: dict[int, PutReservation] = {}
+        self.encoded: set[int] = set()
+
+    def buffer(self, index: int, header: ValueHeader) -> memoryview | None:
+        h, key = header, self._keys[index]
+        try:
+            res = self._store._begin(
+                self._namespace, key, h.dtype, h.shape, h.value_len, h.value_checksum, False
+            )
+        except (InvalidArgument, ResourceExhausted) as exc:
+            log.warning("remote value %s/%s not taken: %s", self._namespace, key.hex()[:16], exc)
+            return None
+        assert res is not None and res.buffer is not None
+        self.reservations[index] = res
+        raw = h.codec == CODEC_RAW and h.payload_len == h.value_len
+        if raw and h.payload_checksum == h.value_checksum:
+            return res.buffer
+        self.encoded.add(index)
+        return memoryview(bytearray(h.payload_len))
+
+    def discard(self, index: int) -> None:
+        res = self.reservations.pop(index, None)
+        if res is not None:
+            res.abort()
+
+
 class Store:
     """Index plus tiers; see the module docstring for the rules."""
 
@@ -1059,42 +1092,36 @@ class Store:
         want = list(dict.fromkeys(bytes(k) for k in keys if (namespace, k) not in index))
         if not want:
             return 0
+        sink = _FetchSink(self, namespace, want)
         placed = 0
-        for key, value in zip(want, remote.get_many(namespace, want), strict=True):
-            if value is not None and self._place_fetched(namespace, key, value):
+        for i, value in enumerate(remote.get_many(namespace, want, sink)):
+            if value is not None and self._place_fetched(sink, i, value):
                 placed += 1
         return placed
 
-    def _place_fetched(self, namespace: str, key: bytes, value: RemoteValue) -> bool:
-        h = value.header
-        try:
-            res = self._begin(
-                namespace, key, h.dtype, h.shape, h.value_len, h.value_checksum, False
-            )
-        except (InvalidArgument, ResourceExhausted) as exc:
-            log.warning("remote value %s/%s not taken: %s", namespace, key.hex()[:16], exc)
-            return False
-        assert res is not None and res.buffer is not None
-        try:
-            raw = h.codec == CODEC_RAW and h.payload_len == h.value_len
-            if raw and h.payload_checksum == h.value_checksum:
-                value.copy_into(res.buffer)  # pieces checked: one copy, no second hash
-            else:
-                decode_stored(h, memoryview(value.payload()), res.buffer)
-        except ContainerError as exc:
-            res.abort()
-            log.error("remote value %s/%s does not decode: %s", namespace, key.hex(), exc)
-            assert self.remote is not None
-            self.remote.delete_many(namespace, [key])
-            with self._lock:
-                self.corrupt["remote"] += 1
-            return False
+    def _place_fetched(self, sink: _FetchSink, i: int, value: RemoteValue) -> bool:
+        """Commit the reservation `value` was read into (decoding it first if it came
+        encoded); False if it does not decode (then dropped from remote too)."""
+        res, h = sink.reservations.pop(i), value.header
+        assert res.buffer is not None
+        if i in sink.encoded:
+            try:
+                decode_stored(h, value.payload, res.buffer)
+            except ContainerError as exc:
+                res.abort()
+                namespace, key = res.entry.namespace, res.entry.key
+                log.error("remote value %s/%s does not decode: %s", namespace, key.hex(), exc)
+                assert self.remote is not None
+                self.remote.delete_many(namespace, [key])
+                with self._lock:
+                    self.corrupt["remote"] += 1
+                return False
         res.written()
-        res.declare(h.value_checksum)
+        res.declare(h.value_checksum)  # raw: every piece was checked; else decode checked
         res.entry.on_remote = True
-        res.commit()
+        tier = res.commit()
         with self._lock:
-            self._counters[res.tier if res.slot is not None else "ssd"].promotions += 1
+            self._counters[tier].promotions += 1
         return True
 
     def _write_through(self, e: Entry) -> None:

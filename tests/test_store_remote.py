@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 from _redis_cluster import LocalCluster
+from redis.crc import key_slot
 
 from kvstore.codecs.container import CODEC_RAW, checksum
 from kvstore.config import ServerConfig
 from kvstore.remote_writes import PendingWrite, WriteQueue
 from kvstore.store import Store
+from kvstore.tiers.remote import header_key
 from tests.test_store import NS, key, put, read
 
 KiB = 1 << 10
@@ -172,3 +174,36 @@ def test_fetched_value_is_checked_against_its_checksum(make_node: MakeNode) -> N
     assert b.fetch_remote(NS, [key(5)]) == 1
     e = next(e for e in b.entries(NS) if e.key == key(5))
     assert e.checksum == checksum(v)
+
+
+def test_a_hung_master_costs_the_deadline_and_leaks_no_room(
+    make_node: MakeNode, redis_cluster: LocalCluster
+) -> None:
+    """Reads from a master that stops answering give up at the deadline, the other
+    masters' keys are served, and nothing is left reserved."""
+    a = make_node("a")
+    b = make_node("b", remote_timeout=0.5)
+    values = {key(i): data(64 * KiB) for i in range(24)}
+    for k, v in values.items():
+        put(a, k, v)
+    wait_for(lambda: all(a.remote.exists_many(NS, list(values))))  # type: ignore[union-attr]
+    assert b.remote is not None
+    hung = [redis_cluster.owner(key_slot(header_key(b.remote.prefix, NS, k))) == 2 for k in values]
+    assert 0 < sum(hung) < len(values)
+    redis_cluster.pause(2)
+    try:
+        started = time.monotonic()
+        placed = b.fetch_remote(NS, list(values))
+        assert time.monotonic() - started < 3 * 0.5 + 0.5
+        assert placed == len(values) - sum(hung)
+    finally:
+        redis_cluster.resume(2)
+    for (k, v), gone in zip(values.items(), hung, strict=True):
+        assert read(b, k) == (None if gone else v)
+    cpu = next(t for t in b.stats().tiers if t.name == "cpu")
+    assert cpu.entries == len(values) - sum(hung)
+    wait_for(lambda: b.fetch_remote(NS, list(values)) >= 0 and b.lookup(NS, list(values)) == 24)
+    assert b.lookup_tiers(NS, list(values)) == ["cpu"] * 24  # served again after the backoff
+    for k, v in values.items():
+        assert read(b, k) == v
+    assert b._staging_used == 0 and b.stats().leases == 0

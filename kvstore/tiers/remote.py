@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import redis
 import xxhash
@@ -138,20 +138,11 @@ def decode_record(raw: bytes) -> RecordHeader:
 
 @dataclass
 class RemoteValue:
-    """A value read back whole and verified: its container header and payload pieces."""
+    """A value read back whole and verified: its container header and its payload, read
+    from the socket straight into one buffer."""
 
     header: ValueHeader
-    pieces: list[bytes]
-
-    def payload(self) -> Buffer:
-        return self.pieces[0] if len(self.pieces) == 1 else b"".join(self.pieces)
-
-    def copy_into(self, dst: memoryview) -> None:
-        """The payload into `dst` (exactly `header.payload_len` bytes), one copy."""
-        off = 0
-        for piece in self.pieces:
-            dst[off : off + len(piece)] = piece
-            off += len(piece)
+    payload: memoryview
 
 
 @dataclass
@@ -195,10 +186,47 @@ def _piece_keys(hkey: bytes, rec: RecordHeader) -> list[bytes]:
 
 @dataclass
 class _Job:
-    """One master's share of a batch: positions in the caller's key list."""
+    """One master's share of a batch: positions in the caller's key list.
+
+    A job that misses the deadline is `abandoned` by the caller and may still be running:
+    whatever it holds (a sink's buffers) it then gives back itself."""
 
     master: _Master
     positions: list[int] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    finished: bool = False
+    abandoned: bool = False
+
+    def finish(self) -> bool:
+        """Called by the job as it ends: False when its caller gave up on it."""
+        with self.lock:
+            self.finished = not self.abandoned
+            return self.finished
+
+    def abandon(self) -> bool:
+        """Called by the caller past the deadline: False when the job finished after all."""
+        with self.lock:
+            self.abandoned = not self.finished
+            return self.abandoned
+
+
+class PayloadSink(Protocol):
+    """Where `RemoteTier.get_many` reads payloads: `buffer` gives room for the payload
+    `header` describes of key number `index` (None: do not read it, a miss), and every
+    buffer it gave is either returned in a `RemoteValue` or handed back to `discard`
+    (perhaps later, from another thread, for a read that missed its deadline)."""
+
+    def buffer(self, index: int, header: ValueHeader) -> memoryview | None: ...
+
+    def discard(self, index: int) -> None: ...
+
+
+class _NewBuffers:
+    def buffer(self, index: int, header: ValueHeader) -> memoryview | None:
+        return memoryview(bytearray(header.payload_len))
+
+    def discard(self, index: int) -> None:
+        pass
 
 
 class RemoteTier:
@@ -239,6 +267,7 @@ class RemoteTier:
         self._lock = threading.Lock()
         self._masters: dict[tuple[str, int], _Master] = {}
         self._slots: list[_Master] | None = None
+        self._workers = workers
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="kvstore-remote")
         self._refresh_wanted = threading.Event()
         self._closing = False
@@ -382,12 +411,13 @@ class RemoteTier:
             return []
         started = time.monotonic()
         futures: list[Future[T]] = [self._pool.submit(work, job) for job in jobs]
-        wait_futures(futures, timeout=self.timeout_s)
+        waves = -(-len(jobs) // self._workers)  # the pool runs this many rounds of jobs
+        wait_futures(futures, timeout=self.timeout_s * waves)
         out: list[T | None] = []
         failed: set[_Master] = set()
         for job, fut in zip(jobs, futures, strict=True):
             exc: BaseException | None = None
-            if fut.done():
+            if fut.done() or not job.abandon():
                 exc = fut.exception()
                 if exc is None:
                     out.append(fut.result())
@@ -421,12 +451,15 @@ class RemoteTier:
 
     # ------------------------------------------------------------------ reads
 
-    def get_many(self, namespace: str, keys: Sequence[bytes]) -> list[RemoteValue | None]:
+    def get_many(
+        self, namespace: str, keys: Sequence[bytes], sink: PayloadSink | None = None
+    ) -> list[RemoteValue | None]:
         """Each value, verified, or None: absent, damaged (then deleted), or on a master
-        that failed."""
+        that failed. Payloads are read into buffers from `sink` (default: new ones)."""
         hkeys = self._hkeys(namespace, keys)
+        to = sink if sink is not None else _NewBuffers()
         out: list[RemoteValue | None] = self._scatter(
-            "read", hkeys, lambda job: self._get_job(job, hkeys), None
+            "read", hkeys, lambda job: self._get_job(job, hkeys, to), None
         )
         hits = sum(v is not None for v in out)
         with self._lock:
@@ -434,41 +467,59 @@ class RemoteTier:
             self.counters.misses += len(keys) - hits
         return out
 
-    def _get_job(self, job: _Job, hkeys: Sequence[bytes]) -> list[RemoteValue | None]:
+    def _get_job(
+        self, job: _Job, hkeys: Sequence[bytes], sink: PayloadSink
+    ) -> list[RemoteValue | None]:
+        handed: list[int] = []  # keys the sink gave a buffer for
+        try:
+            found = self._read_job(job, hkeys, sink, handed)
+        except BaseException:
+            for i in handed:
+                sink.discard(i)
+            raise
+        if not job.finish():  # the caller gave up waiting: nobody will take these
+            for i in handed:
+                sink.discard(i)
+        return found
+
+    def _read_job(
+        self, job: _Job, hkeys: Sequence[bytes], sink: PayloadSink, handed: list[int]
+    ) -> list[RemoteValue | None]:
         client = job.master.client
         pipe = client.pipeline(transaction=False)
         for i in job.positions:
             pipe.get(hkeys[i])
         raws = pipe.execute()
-        records: list[tuple[int, bytes, RecordHeader]] = []
+        records: list[tuple[int, bytes, RecordHeader, memoryview]] = []
         bad: list[tuple[bytes, bytes, list[bytes]]] = []  # header key, header, piece keys
         for i, raw in zip(job.positions, raws, strict=True):
             if raw is None:
                 continue
             try:
-                records.append((i, raw, decode_record(raw)))
+                rec = decode_record(raw)
             except RemoteRecordError as exc:
                 log.error("remote tier: dropping %r: %s", hkeys[i], exc)
                 bad.append((hkeys[i], raw, []))
+                continue
+            dst = sink.buffer(i, rec.header)
+            if dst is not None:
+                handed.append(i)
+                records.append((i, raw, rec, dst))
         found: dict[int, RemoteValue] = {}
         if records:
-            pipe = client.pipeline(transaction=False)
-            for i, _, rec in records:
-                for pkey in _piece_keys(hkeys[i], rec):
-                    pipe.get(pkey)
-            pieces = pipe.execute()
-            at = 0
+            faults = _read_pieces(
+                client, [(_piece_keys(hkeys[i], rec), rec, dst) for i, _, rec, dst in records]
+            )
             nbytes = 0
-            for i, raw, rec in records:
-                mine = pieces[at : at + len(rec.sums)]
-                at += len(rec.sums)
-                why = _piece_fault(rec, mine)
+            for (i, raw, rec, dst), why in zip(records, faults, strict=True):
                 if why:
                     log.error("remote tier: dropping %r: %s", hkeys[i], why)
                     bad.append((hkeys[i], raw, _piece_keys(hkeys[i], rec)))
+                    handed.remove(i)
+                    sink.discard(i)
                     continue
-                found[i] = RemoteValue(rec.header, mine)
-                nbytes += rec.header.payload_len
+                found[i] = RemoteValue(rec.header, dst)
+                nbytes += len(dst)
             with self._lock:
                 self.counters.bytes_read += nbytes
         if bad:
@@ -596,18 +647,106 @@ class RemoteTier:
             m.client.connection_pool.disconnect()
 
 
-def _piece_fault(rec: RecordHeader, pieces: Sequence[Any]) -> str:
-    """Why `pieces` are not the ones `rec` describes, or "" when they are."""
-    for p, (piece, want, size) in enumerate(zip(pieces, rec.sums, rec.piece_lens(), strict=True)):
-        if piece is None:
-            return f"piece {p} of {len(rec.sums)} is missing"
-        if isinstance(piece, Exception):
-            return f"piece {p} could not be read: {piece}"
-        if len(piece) != size:
-            return f"piece {p} is {len(piece)} bytes, its header says {size}"
-        if xxhash.xxh3_64_intdigest(piece) != want:
-            return f"piece {p} fails its checksum"
-    return ""
+def _read_pieces(
+    client: redis.Redis, values: Sequence[tuple[list[bytes], RecordHeader, memoryview]]
+) -> list[str]:
+    """GET every piece of `values` in one pipeline, each straight from the socket into its
+    place in the value's buffer, and check it; per value, why its pieces are bad ("" when
+    they are good).
+
+    redis-py would hand each piece back as a bytes object, copied twice on the way (its
+    read buffer, the parser's); this reads the replies (bulk strings) itself on one of
+    the client's connections, which is closed instead of reused after any failure.
+    """
+    pool = client.connection_pool
+    conn = pool.get_connection()
+    try:
+        conn.send_packed_command(
+            conn.pack_commands([("GET", pkey) for pkeys, _, _ in values for pkey in pkeys])
+        )
+        reader = _BulkReader(conn._sock)  # type: ignore[attr-defined]
+        faults: list[str] = []
+        for pkeys, rec, dst in values:
+            why = ""
+            at = 0
+            for p, (want, size) in enumerate(zip(rec.sums, rec.piece_lens(), strict=True)):
+                got = reader.bulk(dst[at : at + size] if not why else None)
+                if why:
+                    continue  # the rest of this value's replies are read and dropped
+                if got is None:
+                    why = f"piece {p} of {len(pkeys)} is missing"
+                elif got != size:
+                    why = f"piece {p} is {got} bytes, its header says {size}"
+                elif xxhash.xxh3_64_intdigest(dst[at : at + size]) != want:
+                    why = f"piece {p} fails its checksum"
+                at += size
+            faults.append(why)
+    except BaseException:
+        conn.disconnect()
+        raise
+    finally:
+        pool.release(conn)
+    return faults
+
+
+class _BulkReader:
+    """Reads replies to GET (RESP2 or RESP3) from a socket: bulk strings go straight into
+    the caller's buffer; only the line before each, and what arrives with it, passes
+    through a small buffer."""
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._buf = bytearray(1 << 16)
+        self._view = memoryview(self._buf)
+        self._start = self._end = 0  # unread bytes of _buf
+
+    def _fill(self) -> None:
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif self._end == len(self._buf):  # only a partial line is left: move it down
+            n = self._end - self._start
+            self._buf[:n] = self._view[self._start : self._end]
+            self._start, self._end = 0, n
+        got = self._sock.recv_into(self._view[self._end :])
+        if not got:
+            raise redis.ConnectionError("connection closed while reading a reply")
+        self._end += got
+
+    def _line(self) -> bytes:
+        while (end := self._buf.find(b"\r\n", self._start, self._end)) < 0:
+            self._fill()
+        line = bytes(self._view[self._start : end])
+        self._start = end + 2
+        return line
+
+    def bulk(self, dst: memoryview | None) -> int | None:
+        """The next reply's length (None for a nil), its bytes in `dst` when it is exactly
+        `len(dst)` long; a reply of another length is read and dropped. An error reply
+        (MOVED, a failing master) raises ResponseError."""
+        line = self._line()
+        if line == b"_":  # RESP3's null
+            return None
+        if line[:1] == b"-":
+            raise redis.ResponseError(line[1:].decode(errors="replace"))
+        if line[:1] != b"$":
+            raise redis.ResponseError(f"unexpected reply to GET: {line[:40]!r}")
+        n = int(line[1:])
+        if n < 0:
+            return None
+        if dst is None or n != len(dst):
+            dst = memoryview(bytearray(n))
+        have = min(self._end - self._start, n)
+        dst[:have] = self._view[self._start : self._start + have]
+        self._start += have
+        while have < n:
+            got = self._sock.recv_into(dst[have:], n - have)
+            if not got:
+                raise redis.ConnectionError("connection closed while reading a reply")
+            have += got
+        while self._end - self._start < 2:
+            self._fill()
+        self._start += 2  # the CRLF after the bytes
+        return n
 
 
 # Stands for "no master owns this slot" in the slot map.

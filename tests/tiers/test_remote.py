@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,18 +50,18 @@ def records(t: RemoteTier, cluster: LocalCluster, key: bytes) -> tuple[bytes, li
 
 
 @pytest.mark.parametrize("nbytes", [0, 1, PIECE - 1, PIECE, PIECE + 1, 3 * PIECE + 5])
-def test_round_trip_across_piece_sizes(tier: RemoteTier, nbytes: int) -> None:
+def test_round_trip_across_piece_sizes(
+    tier: RemoteTier, redis_cluster: LocalCluster, nbytes: int
+) -> None:
     key = os.urandom(32)
     header, data = value(nbytes)
     assert tier.put_many([(NS, key, header, data)]) == [True]
     [got] = tier.get_many(NS, [key])
     assert got is not None
     assert got.header == header
-    assert len(got.pieces) == max(1, -(-nbytes // PIECE))
-    assert bytes(got.payload()) == data
-    out = bytearray(nbytes)
-    got.copy_into(memoryview(out))
-    assert out == data
+    assert got.payload == data
+    _, pkeys = records(tier, redis_cluster, key)
+    assert len(pkeys) == max(1, -(-nbytes // PIECE))
     assert tier.exists_many(NS, [key, os.urandom(32)]) == [True, False]
 
 
@@ -75,7 +76,7 @@ def test_batch_spans_every_master(tier: RemoteTier, redis_cluster: LocalCluster)
         with node.client() as c:
             assert c.dbsize() > 0
     got = tier.get_many(NS, [*keys, os.urandom(32)])
-    assert [bytes(g.payload()) if g else None for g in got] == [d for _, d in values] + [None]
+    assert [g.payload if g else None for g in got] == [d for _, d in values] + [None]
     assert tier.counters.hits == 60 and tier.counters.misses == 1
     assert tier.delete_many(NS, keys[:30]) == [True] * 30
     assert tier.exists_many(NS, keys) == [False] * 30 + [True] * 30
@@ -178,7 +179,7 @@ def test_generations_never_mix(tier: RemoteTier, redis_cluster: LocalCluster) ->
     with client_for(redis_cluster, hkey) as c:
         assert c.exists(*old_pieces) == 0  # the first write's pieces are gone
     [got] = tier.get_many(NS, [key])
-    assert got is not None and bytes(got.payload()) == second[1]
+    assert got is not None and got.payload == second[1]
     # The first write's header back in place (a reader that read it before the rewrite):
     # its pieces are gone, so it is a miss, never the second write's bytes under it.
     with client_for(redis_cluster, hkey) as c:
@@ -213,7 +214,7 @@ def test_killed_master_misses_within_the_deadline_and_comes_back(
             got = tier.get_many(NS, keys)
             assert time.monotonic() - started < tier.timeout_s + 0.5
             for g, o, (_, d) in zip(got, owner, values, strict=True):
-                assert (g is None) if o == 1 else (g is not None and bytes(g.payload()) == d)
+                assert (g is None) if o == 1 else (g is not None and g.payload == d)
         assert tier.counters.errors >= 1
         # Writes to the dead master fail; the others land.
         done = tier.put_many([(NS, k, h, d) for k, (h, d) in zip(keys, values, strict=True)])
@@ -228,7 +229,7 @@ def test_killed_master_misses_within_the_deadline_and_comes_back(
         time.sleep(0.2)
     assert all(done)
     got = tier.get_many(NS, keys)
-    assert [bytes(g.payload()) if g else None for g in got] == [d for _, d in values]
+    assert [g.payload if g else None for g in got] == [d for _, d in values]
 
 
 def test_start_with_the_cluster_down_misses_at_once_then_connects(tmp_path: Path) -> None:
@@ -252,7 +253,7 @@ def test_start_with_the_cluster_down_misses_at_once_then_connects(tmp_path: Path
             header, data = value(3 * PIECE)
             assert t.put_many([(NS, key, header, data)]) == [True]
             [got] = t.get_many(NS, [key])
-            assert got is not None and bytes(got.payload()) == data
+            assert got is not None and got.payload == data
             with server.nodes[0].client() as c:
                 assert c.dbsize() == 2  # one 1 MiB piece and the header
     finally:
@@ -262,3 +263,51 @@ def test_start_with_the_cluster_down_misses_at_once_then_connects(tmp_path: Path
 def test_bad_url_is_refused() -> None:
     with pytest.raises(ValueError, match="redis://"):
         RemoteTier(["http://example.invalid:6379"])
+
+
+class PausingSink:
+    """Gives buffers like the store does, and hangs one master as the first is asked for:
+    between a value's header read and its pieces read."""
+
+    def __init__(self, cluster: LocalCluster, master: int) -> None:
+        self.cluster, self.master = cluster, master
+        self.handed: set[int] = set()
+        self.discarded: set[int] = set()
+        self.lock = threading.Lock()
+
+    def buffer(self, index: int, header: ValueHeader) -> memoryview | None:
+        with self.lock:
+            if not self.handed:
+                self.cluster.pause(self.master)
+            self.handed.add(index)
+        return memoryview(bytearray(header.payload_len))
+
+    def discard(self, index: int) -> None:
+        with self.lock:
+            self.discarded.add(index)
+
+
+def test_a_read_past_its_deadline_gives_its_buffers_back_when_it_ends(
+    redis_cluster: LocalCluster,
+) -> None:
+    t = RemoteTier(redis_cluster.urls, piece_bytes=PIECE, timeout_s=0.5, backoff_s=0.2, workers=4)
+    try:
+        keys = [os.urandom(32) for _ in range(40)]
+        owners = [redis_cluster.owner(key_slot(header_key(t.prefix, NS, k))) for k in keys]
+        on_one = [k for k, o in zip(keys, owners, strict=True) if o == 1][:6]
+        t.put_many([(NS, k, *value(3 * PIECE)) for k in on_one])
+        sink = PausingSink(redis_cluster, 1)
+        try:
+            started = time.monotonic()
+            got = t.get_many(NS, on_one, sink)
+            assert time.monotonic() - started < 1.5
+            assert got == [None] * len(on_one)
+            assert sink.handed
+        finally:
+            redis_cluster.resume(1)
+        deadline = time.monotonic() + 5
+        while sink.discarded != sink.handed and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sink.discarded == sink.handed  # given back by the read itself, once it ended
+    finally:
+        t.close()
