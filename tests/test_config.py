@@ -307,6 +307,7 @@ def test_remote_tier_settings(tmp_path: Path) -> None:
         ({"tiers": "remote", "remote": REMOTE}, "needs a local tier"),
         ({"tiers": "cpu,remote", "remote": "http://h:1"}, "not a Redis URL"),
         ({"tiers": "cpu,remote", "remote": "unix:///tmp/r.sock"}, "names no host"),
+        ({"tiers": "cpu,remote", "remote": "redis://h:1?bogus=1"}, "option redis-py rejects"),
         ({"tiers": "cpu,remote", "remote": REMOTE, "remote_write": "back"}, "remote-write"),
         ({"tiers": "cpu,remote", "remote": REMOTE, "remote_piece_bytes": "1KiB"}, "4KiB"),
         ({"tiers": "cpu,remote", "remote": REMOTE, "remote_timeout": "0"}, "remote-timeout"),

@@ -264,6 +264,12 @@ class RemoteTier:
                 args["password"] = password
             self._seeds.append((host, port))
             self._conn_args = self._conn_args or args
+            try:  # builds the connection object without connecting: rejects bad options
+                redis.ConnectionPool(**self._pool_args((host, port))).make_connection()
+            except TypeError as exc:
+                raise ValueError(
+                    f"remote tier: {url!r} has an option redis-py does not take: {exc}"
+                ) from None
         self._lock = threading.Lock()
         self._masters: dict[tuple[str, int], _Master] = {}
         self._slots: list[_Master] | None = None
@@ -295,17 +301,22 @@ class RemoteTier:
         with self._lock:
             m = self._masters.get(address)
             if m is None:
-                pool = redis.ConnectionPool(
-                    host=address[0],
-                    port=address[1],
-                    socket_timeout=self.timeout_s,
-                    socket_connect_timeout=self.timeout_s,
-                    retry=Retry(NoBackoff(), 0),
-                    **self._conn_args,
-                )
+                pool = redis.ConnectionPool(**self._pool_args(address))
                 m = _Master(address, redis.Redis(connection_pool=pool))
                 self._masters[address] = m
             return m
+
+    def _pool_args(self, address: tuple[str, int]) -> dict[str, Any]:
+        """Connection settings for one node: the URL's, with our deadlines (which the URL
+        may not loosen) and no retries (a failing master is skipped instead)."""
+        return {
+            **self._conn_args,
+            "host": address[0],
+            "port": address[1],
+            "socket_timeout": self.timeout_s,
+            "socket_connect_timeout": self.timeout_s,
+            "retry": Retry(NoBackoff(), 0),
+        }
 
     def refresh(self) -> bool:
         """Read the slot map from the first seed or known master that answers; whether
