@@ -708,20 +708,19 @@ class KVStoreServicer:
         # Index reads take no worker thread: they are dict lookups, and the lowest latency
         # call an engine makes on its critical path.
         require(request.namespace, READ)
-        if self.store.remote is None:
-            tiers = self.store.lookup_tiers(request.namespace, request.keys)
-        else:  # may ask the remote tier: never on the event loop
-            tiers = await asyncio.to_thread(
-                self.store.lookup_tiers, request.namespace, request.keys
-            )
+        ns, keys = request.namespace, request.keys
+        tiers = self.store.lookup_tiers(ns, keys, remote=False)
+        if self.store.remote is not None and len(tiers) < len(keys):
+            # Past the local prefix: ask the remote tier, never on the event loop.
+            rest = keys[len(tiers) :]
+            tiers += ["remote"] * await asyncio.to_thread(self.store.remote_prefix, ns, rest)
         return pb.LookupResponse(length=len(tiers), tiers=tiers)
 
     @_unary
     async def Exists(self, request: pb.KeysRequest, context: Any) -> pb.ExistsResponse:
         require(request.namespace, READ)
-        if self.store.remote is None:
-            present = self.store.exists(request.namespace, request.keys)
-        else:
+        present = self.store.exists(request.namespace, request.keys, remote=False)
+        if self.store.remote is not None and not all(present):  # in a worker: may ask it
             present = await asyncio.to_thread(self.store.exists, request.namespace, request.keys)
         return pb.ExistsResponse(present=present)
 

@@ -147,12 +147,9 @@ class Entry:
     @property
     def tiers(self) -> tuple[str, ...]:
         """Every tier holding a copy, fastest first."""
-        local: tuple[str, ...]
         if self.slot is None:
-            local = ("ssd",) if self.on_ssd else ()
-        else:
-            local = (self.tier, "ssd") if self.on_ssd else (self.tier,)
-        return (*local, "remote") if self.on_remote else local
+            return ("ssd",) if self.on_ssd else ()
+        return (self.tier, "ssd") if self.on_ssd else (self.tier,)
 
     def header(self) -> ValueHeader:
         return ValueHeader(
@@ -1022,8 +1019,8 @@ class Store:
 
     # lookup and exists take no lock: each membership test is atomic under the GIL, and they
     # must not wait behind a thread that holds the lock for an LMDB write.
-    # With a remote tier they ask it (one batch) about the keys the node lacks: the server
-    # then runs them in a worker thread.
+    # With a remote tier (and `remote` left true) they ask it, in one batch, about the keys
+    # the node lacks: the server does that part in a worker thread.
     def lookup(self, namespace: str, keys: Sequence[bytes]) -> int:
         return len(self.lookup_tiers(namespace, keys))
 
@@ -1032,9 +1029,12 @@ class Store:
         index = self._index
         return any((namespace, bytes(k)) not in index for k in keys)
 
-    def lookup_tiers(self, namespace: str, keys: Sequence[bytes]) -> list[str]:
+    def lookup_tiers(
+        self, namespace: str, keys: Sequence[bytes], *, remote: bool = True
+    ) -> list[str]:
         """The tier holding each key of the longest present prefix of `keys`: its fastest
-        local copy's, or "remote" past the local prefix."""
+        local copy's, then "remote" for the keys past the local prefix that the remote
+        tier holds (with `remote`)."""
         self.check_keys(namespace, keys)
         tiers: list[str] = []
         index = self._index
@@ -1043,17 +1043,25 @@ class Store:
             if e is None:
                 break
             tiers.append(e.tier)
-        if self.remote is not None and len(tiers) < len(keys):
-            for present in self.remote.exists_many(namespace, keys[len(tiers) :]):
-                if not present:
-                    break
-                tiers.append("remote")
+        if remote and len(tiers) < len(keys):
+            tiers += ["remote"] * self.remote_prefix(namespace, keys[len(tiers) :])
         return tiers
 
-    def exists(self, namespace: str, keys: Sequence[bytes]) -> list[bool]:
+    def remote_prefix(self, namespace: str, keys: Sequence[bytes]) -> int:
+        """How many leading `keys` the remote tier holds (0 without one)."""
+        if self.remote is None:
+            return 0
+        n = 0
+        for present in self.remote.exists_many(namespace, keys):
+            if not present:
+                break
+            n += 1
+        return n
+
+    def exists(self, namespace: str, keys: Sequence[bytes], *, remote: bool = True) -> list[bool]:
         self.check_keys(namespace, keys)
         present = [(namespace, k) in self._index for k in keys]
-        if self.remote is not None and not all(present):
+        if remote and self.remote is not None and not all(present):
             rest = [i for i, p in enumerate(present) if not p]
             there = self.remote.exists_many(namespace, [keys[i] for i in rest])
             for i, p in zip(rest, there, strict=True):

@@ -78,6 +78,8 @@ def test_a_put_on_one_node_is_served_by_another(make_node: MakeNode) -> None:
         assert read(b, k) == v
     assert b.lookup_tiers(NS, list(values)) == ["cpu"] * 6
     assert all(e.on_remote for e in b.entries(NS))
+    # Events and `kvstore ls` name local copies only: every node "holds" the shared tier.
+    assert all(e.tiers == ("cpu",) for e in b.entries(NS))
     time.sleep(0.3)
     assert b.stats().remote.counters.values_written == 0  # type: ignore[union-attr]
     stats = a.stats().remote
