@@ -18,6 +18,8 @@ from kvstore.tiers.remote import DEFAULT_PREFIX, decode_record, header_key, piec
 from .conftest import NAMESPACE, ServerProcess
 from .helpers import key, random_tensor
 from .test_cli import admin_cli, server_cli
+from .test_metrics import free_port, scrape
+from .test_metrics import value as metric
 
 StartServer = Callable[..., ServerProcess]
 
@@ -149,7 +151,8 @@ def test_a_killed_master_turns_its_keys_into_misses(
 def test_a_corrupted_piece_is_detected_and_dropped(
     start_node: StartServer, redis_cluster: LocalCluster
 ) -> None:
-    a, b = start_node("a"), start_node("b")
+    port = free_port()
+    a, b = start_node("a"), start_node("b", "--metrics-listen", f"127.0.0.1:{port}")
     value = chunks(1, seed=7)[0]
     with a.client() as ca:
         ca.put(key(1), value)
@@ -165,6 +168,11 @@ def test_a_corrupted_piece_is_detected_and_dropped(
         assert cb.get(key(1)) is None
         remote = cb.stats().remote
         assert remote is not None and remote.corrupt == 1 and remote.hits == 0
+    samples = scrape(port)
+    assert metric(samples, "kvstore_remote_corrupt_dropped_total") == 1
+    assert metric(samples, "kvstore_corrupt_dropped_total", tier="remote") == 1
+    assert metric(samples, "kvstore_remote_connected") == 1
+    assert metric(samples, "kvstore_remote_misses_total") >= 1
     with redis_cluster.nodes[owner(redis_cluster, key(1))].client() as r:
         assert r.exists(hkey, pkey) == 0
 
