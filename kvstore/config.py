@@ -149,8 +149,9 @@ class ServerConfig:
     """Largest record a value is split into on the remote tier."""
     remote_timeout: float = 1.0
     """Deadline of each remote call, in seconds: socket connect and reads, and each batch
-    as a whole (one per wave of the thread pool). A master that misses it is skipped for
-    remote-backoff seconds: its keys miss at once."""
+    as a whole (one per wave of the thread pool; writes get a second more per 100 MB they
+    send). A master that misses it is skipped for remote-backoff seconds: its keys miss at
+    once."""
     remote_backoff: float = 2.0
     """Seconds a failed remote master is skipped before it is tried again."""
     remote_ttl: float = 0.0

@@ -63,6 +63,8 @@ _U64 = struct.Struct("<Q")
 # Keys of one master's share of a batch per pipeline: a large batch becomes several
 # pipelines on several connections, read in parallel.
 KEYS_PER_PIPELINE = 8
+# The slowest rate a batch of writes is allowed, on top of the deadline (100 MB/s).
+WRITE_FLOOR_BYTES_S = 100e6
 # Deletes a value's records only if its header is still the one a reader found bad: a
 # writer that replaced it meanwhile keeps its value; the stale pieces go either way.
 _DROP_IF_SAME = """
@@ -415,15 +417,18 @@ class RemoteTier:
             for at in range(0, len(positions), KEYS_PER_PIPELINE)
         ]
 
-    def _run(self, what: str, jobs: list[_Job], work: Callable[[_Job], T]) -> list[T | None]:
-        """`work(job)` for every job in parallel, within the deadline; None for jobs whose
-        master failed or did not answer in time (it is then skipped for a while)."""
+    def _run(
+        self, what: str, jobs: list[_Job], work: Callable[[_Job], T], extra_s: float = 0.0
+    ) -> list[T | None]:
+        """`work(job)` for every job in parallel, within the deadline (plus `extra_s`);
+        None for jobs whose master failed or did not answer in time (it is then skipped
+        for a while)."""
         if not jobs:
             return []
         started = time.monotonic()
         futures: list[Future[T]] = [self._pool.submit(work, job) for job in jobs]
         waves = -(-len(jobs) // self._workers)  # the pool runs this many rounds of jobs
-        wait_futures(futures, timeout=self.timeout_s * waves)
+        wait_futures(futures, timeout=self.timeout_s * waves + extra_s)
         out: list[T | None] = []
         failed: set[_Master] = set()
         for job, fut in zip(jobs, futures, strict=True):
@@ -445,13 +450,18 @@ class RemoteTier:
         return out
 
     def _scatter(
-        self, what: str, hkeys: Sequence[bytes], work: Callable[[_Job], Sequence[T]], missing: T
+        self,
+        what: str,
+        hkeys: Sequence[bytes],
+        work: Callable[[_Job], Sequence[T]],
+        missing: T,
+        extra_s: float = 0.0,
     ) -> list[T]:
         """Run `work` on every master's share of `hkeys` in parallel; one result per key,
         in order, `missing` where the master failed or is skipped."""
         out = [missing] * len(hkeys)
         jobs = self._group(hkeys)
-        for job, results in zip(jobs, self._run(what, jobs, work), strict=True):
+        for job, results in zip(jobs, self._run(what, jobs, work, extra_s), strict=True):
             if results is not None:
                 for i, result in zip(job.positions, results, strict=True):
                     out[i] = result
@@ -563,7 +573,12 @@ class RemoteTier:
         """Store each (namespace, key, header, payload), replacing any older copy; whether
         each was written (False: its master failed or is skipped)."""
         hkeys = [header_key(self.prefix, ns, k) for ns, k, _, _ in items]
-        return self._scatter("write", hkeys, lambda job: self._put_job(job, hkeys, items), False)
+        # A large write may take longer than a read's deadline: allow for sending its bytes
+        # at WRITE_FLOOR_BYTES_S.
+        extra = sum(h.payload_len for _, _, h, _ in items) / WRITE_FLOOR_BYTES_S
+        return self._scatter(
+            "write", hkeys, lambda job: self._put_job(job, hkeys, items), False, extra
+        )
 
     def _put_job(
         self,
