@@ -26,11 +26,11 @@ examples:
   kvstore-server                                  # cpu,ssd tiers under ./kvstore-data
   kvstore-server --cpu-bytes 32GiB --ssd-bytes 1TiB --data-dir /var/lib/kvstore
   kvstore-server --listen 0.0.0.0:50051           # also serve remote clients over TCP
-  kvstore-server --listen 0.0.0.0:50051 --tls-cert server.pem --tls-key server-key.pem \
+  kvstore-server --listen 0.0.0.0:50051 --tls-cert server.pem --tls-key server-key.pem \\
                  --auth-tokens tokens.toml          # TLS, and a token per tenant
   kvstore-server --tiers gpu,cpu,ssd --gpu-bytes 8GiB --cpu-bytes 64GiB
                                                   # an 8GiB pool on every visible GPU
-  KVSTORE_REMOTE_PASSWORD=... kvstore-server --tiers cpu,ssd,remote \
+  KVSTORE_REMOTE_PASSWORD=... kvstore-server --tiers cpu,ssd,remote \\
                  --remote redis://10.0.0.5:6379,redis://10.0.0.6:6379
                                                   # share KV with other nodes via a
                                                   # Redis/Valkey Cluster
