@@ -460,8 +460,13 @@ class RemoteTier:
         """Run `work` on every master's share of `hkeys` in parallel; one result per key,
         in order, `missing` where the master failed or is skipped."""
         out = [missing] * len(hkeys)
-        jobs = self._group(hkeys)
-        for job, results in zip(jobs, self._run(what, jobs, work, extra_s), strict=True):
+        try:
+            jobs = self._group(hkeys)
+            done = self._run(what, jobs, work, extra_s)
+        except Exception:  # closed meanwhile, or a bug: still a miss, never a failed call
+            log.exception("remote tier: %s of %d keys failed", what, len(hkeys))
+            return out
+        for job, results in zip(jobs, done, strict=True):
             if results is not None:
                 for i, result in zip(job.positions, results, strict=True):
                     out[i] = result

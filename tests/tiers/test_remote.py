@@ -311,3 +311,13 @@ def test_a_read_past_its_deadline_gives_its_buffers_back_when_it_ends(
         assert sink.discarded == sink.handed  # given back by the read itself, once it ended
     finally:
         t.close()
+
+
+def test_a_closed_tier_answers_misses(tier: RemoteTier, redis_cluster: LocalCluster) -> None:
+    key = os.urandom(32)
+    tier.put_many([(NS, key, *value(10))])
+    t = RemoteTier(redis_cluster.urls, piece_bytes=PIECE)
+    t.close()  # as at shutdown, with reads still arriving
+    assert t.get_many(NS, [key]) == [None]
+    assert t.exists_many(NS, [key]) == [False]
+    assert t.put_many([(NS, key, *value(10))]) == [False]
