@@ -2,7 +2,8 @@
 
 `check_environment(config)` looks at what start-up would trip over, without starting
 anything: the data directory, room in `/dev/shm` for the cpu arena and on disk for the ssd
-tier, a server already on the socket, TCP ports in use, and the container's memory limit.
+tier, a server already on the socket, TCP ports in use, the container's memory limit, and
+whether the remote tier's cluster answers.
 Each finding is an error (the server would not start or would fail later) or a warning.
 """
 
@@ -46,7 +47,36 @@ def check_environment(config: ServerConfig, cgroup_max: Path = CGROUP_MEMORY_MAX
             out += _check_port(address, name.replace("_", "-"))
     out += _check_memory_limit(config, cgroup_max)
     out += _check_security(config)
+    if "remote" in config.tiers:
+        out += _check_remote(config)
     return out
+
+
+def _check_remote(config: ServerConfig) -> list[Finding]:
+    """A warning when no seed of the remote cluster answers: the server would still start
+    (serving from its local tiers and retrying), but share nothing until one does."""
+    from kvstore.tiers.remote import RemoteTier  # imports redis: only with a remote tier
+    from kvstore.tiers.remote import log as remote_log
+
+    quiet, remote_log.disabled = remote_log.disabled, True  # the finding says it
+    try:
+        tier = RemoteTier(
+            config.remote, timeout_s=config.remote_timeout, password=config.remote_password
+        )
+    finally:
+        remote_log.disabled = quiet
+    try:
+        if tier.connected:
+            return []
+        return [
+            Finding(
+                "warning",
+                f"remote: no node of the cluster answers at {', '.join(tier.seeds)}; the "
+                "server would serve from its local tiers only until one does",
+            )
+        ]
+    finally:
+        tier.close()
 
 
 def _check_security(config: ServerConfig) -> list[Finding]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
+
+from _redis_cluster import LocalCluster
 
 from kvstore.config import ServerConfig
 from kvstore.preflight import PROCESS_OVERHEAD_BYTES, check_environment
@@ -53,3 +56,19 @@ def test_a_stale_socket_file_is_fine_and_a_regular_file_is_not(tmp_path: Path) -
     path.write_text("")
     (got,) = _messages(config, tmp_path / "no-cgroup")
     assert got == f"error: socket: {path} exists and is not a socket"
+
+
+def test_a_remote_cluster_that_does_not_answer_is_a_warning(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    cfg = ServerConfig(
+        data_dir=tmp_path / "d", tiers="cpu,remote", remote=f"redis://127.0.0.1:{port}"
+    )
+    [finding] = [f for f in check_environment(cfg) if f.message.startswith("remote:")]
+    assert finding.level == "warning" and f"127.0.0.1:{port}" in finding.message
+
+
+def test_a_remote_cluster_that_answers_passes(tmp_path: Path, redis_cluster: LocalCluster) -> None:
+    cfg = ServerConfig(data_dir=tmp_path / "d", tiers="cpu,remote", remote=redis_cluster.urls[1])
+    assert [f for f in check_environment(cfg) if f.message.startswith("remote:")] == []
