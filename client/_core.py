@@ -37,6 +37,7 @@ from kvstore.client._transfer import (
     hash_pool,
     private_buffer,
     raise_unrecoverable,
+    reserve_parts,
     tensors_of,
     torch_stream,
 )
@@ -970,12 +971,19 @@ class ClientCore:
         landing.call = secrets.randbits(63) or 1
         landing.started = time.monotonic()
         try:
-            reservations = yield from self._reserve(headers, landing.call, pool)
             with gpu_memory_errors("put_from"):
-                landing.launch({**self._pools, 0: arena}, reservations, stream)
+                landing.begin({**self._pools, 0: arena}, stream)
+            for a, b in reserve_parts([h.nbytes for h in headers]):
+                # The first part is small: its copies start after one short Reserve and run
+                # while the next, larger parts are reserved.
+                reservations = yield from self._reserve(headers[a:b], landing.call, pool)
+                with gpu_memory_errors("put_from"):
+                    landing.place(a, reservations)
+            landing.finish()
         except GeneratorExit:
             raise
         except BaseException:
+            landing.finish()
             if landing.stream is not None:  # copies already enqueued must land first
                 yield Block(landing.stream.synchronize)
             yield Call("Commit", pb.CommitRequest(abort_calls=[landing.call]), wait=False)

@@ -35,6 +35,7 @@ import re
 import secrets
 import signal
 import tomllib
+import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +101,43 @@ def require(namespace: str, access: str) -> None:
     tenant = _caller.get()
     if not tenant.may(namespace, access):
         raise PermissionDenied(f"tenant {tenant.name!r} may not {access} namespace {namespace!r}")
+
+
+class Session:
+    """The rights of one streaming call (Watch), kept current for as long as it lasts: a
+    reload of the tokens file (SIGHUP) sets `tenant` to what the new file gives the call's
+    token (None: revoked), counts the change in `changes` and calls `on_change`, on the
+    event loop. Without tokens, or for a socket caller trusted without one, it never
+    changes."""
+
+    def __init__(self, tenant: Tenant, token: str | None = None) -> None:
+        self.tenant: Tenant | None = tenant
+        self.token = token
+        self.changes = 0
+        self.on_change: Callable[[], object] | None = None
+
+    def may(self, namespace: str, access: str) -> bool:
+        tenant = self.tenant  # one read: a reload may swap it from another thread's view
+        return tenant is not None and tenant.may(namespace, access)
+
+    def update(self, tenant: Tenant | None) -> None:
+        if tenant == self.tenant:
+            return
+        self.tenant = tenant
+        self.changes += 1
+        if self.on_change is not None:
+            self.on_change()
+
+
+_session: contextvars.ContextVar[Session | None] = contextvars.ContextVar(
+    "kvstore_session", default=None
+)
+
+
+def session() -> Session:
+    """The session of the streaming call being served (see `Session`)."""
+    current = _session.get()
+    return current if current is not None else Session(caller())
 
 
 def token_hash(token: str) -> str:
@@ -220,6 +258,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self.trust_socket = trust_socket
         # Guarded handlers by method, made once: the service's handlers never change.
         self._guarded: dict[str, grpc.RpcMethodHandler] = {}
+        # Streaming calls in progress that sent a token: a reload re-reads their rights.
+        self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()
 
     async def intercept_service(
         self,
@@ -250,12 +290,19 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             log.error("%s; the tenants loaded before stay in force", exc)
             return
         log.info("auth-tokens: reloaded %d tenants from %s", len(self.table.tenants), self.path)
+        for s in list(self._sessions):  # open streams get the new rights, or end
+            assert s.token is not None
+            s.update(self.table.authenticate(s.token))
 
     async def _tenant(self, context: grpc.aio.ServicerContext) -> Tenant:
+        return (await self._authenticate(context))[0]
+
+    async def _authenticate(self, context: grpc.aio.ServicerContext) -> tuple[Tenant, str | None]:
+        """The caller's tenant and the token that names it (None: trusted without one)."""
         token = bearer_token(context.invocation_metadata())
         if token is None:
             if self.trust_socket and str(context.peer()).startswith("unix:"):
-                return UNRESTRICTED
+                return UNRESTRICTED, None
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "this server requires a token: send `authorization: Bearer <token>` "
@@ -265,7 +312,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if tenant is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown token")
         assert tenant is not None
-        return tenant
+        return tenant, token
 
     def _unary(self, behavior: Behavior) -> Behavior:
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -276,9 +323,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def _streaming(self, behavior: Behavior) -> Behavior:
         async def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            _caller.set(await self._tenant(context))
-            async for item in behavior(request, context):
-                yield item
+            tenant, token = await self._authenticate(context)
+            _caller.set(tenant)
+            current = Session(tenant, token)
+            _session.set(current)
+            if token is not None:
+                self._sessions.add(current)
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            finally:
+                self._sessions.discard(current)
 
         return streaming
 

@@ -103,12 +103,19 @@ class Watcher:
         self._sent = 0
 
     def admits(self, namespace: str) -> bool:
-        ok = self._admitted.get(namespace)
+        cache = self._admitted  # before the rights are read: see `rights_changed`
+        ok = cache.get(namespace)
         if ok is None:
             ok = fnmatch.fnmatchcase(namespace, self.glob) and self._may_read(namespace)
-            if len(self._admitted) < 4096:
-                self._admitted[namespace] = ok
+            if len(cache) < 4096:
+                cache[namespace] = ok
         return ok
+
+    def rights_changed(self) -> None:
+        """`may_read` answers differently from now on (called after the change): what was
+        cached is dropped. An answer under the old rights still being computed lands in
+        the dropped cache, since the cache is read before the rights."""
+        self._admitted = {}
 
     def offer(self, event: KVEvent) -> bool:
         """Queue `event`; False when it was dropped (the queue is full or already lost)."""

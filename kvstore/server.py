@@ -49,6 +49,7 @@ from kvstore.errors import (
     KVStoreError,
     NotFound,
     Overloaded,
+    Unauthenticated,
     Unavailable,
     retry_metadata,
 )
@@ -928,15 +929,25 @@ class KVStoreServicer:
     async def Watch(
         self, request: pb.WatchRequest, context: Any
     ) -> AsyncIterator[pb.WatchResponse]:
-        tenant = auth.caller()
+        # The rights of the caller's token as they stand: a tokens-file reload (SIGHUP) may
+        # narrow or widen them, or revoke the token, while the stream lasts.
+        rights = auth.session()
         loop = asyncio.get_running_loop()
         ready = asyncio.Event()
+        wake = functools.partial(_wake, loop, ready)
+        seen = rights.changes
         watcher = Watcher(
             request.namespaces,
-            lambda namespace: tenant.may(namespace, READ),
+            lambda namespace: rights.may(namespace, READ),
             self.config.watch_queue_events,
-            functools.partial(_wake, loop, ready),
+            wake,
         )
+
+        def rights_changed() -> None:
+            watcher.rights_changed()
+            wake()
+
+        rights.on_change = rights_changed
         events = self.store.events
         try:
             # On worker threads: they wait for the store's lock.
@@ -947,6 +958,14 @@ class KVStoreServicer:
                 if watcher.snapshotting:
                     await asyncio.to_thread(self.store.watch_step, watcher, WATCH_BATCH)
                 queued, lost = watcher.take()
+                if rights.changes != seen:
+                    seen = rights.changes
+                    if rights.tenant is None:
+                        raise Unauthenticated("the token was revoked (the tokens file changed)")
+                    # Events queued under the old rights are checked again; namespaces the
+                    # new rights add were not followed: the reader resyncs as after a loss.
+                    queued = [e for e in queued if not e.namespace or watcher.admits(e.namespace)]
+                    lost = lost or events.seq + 1
                 if lost:
                     queued.append(KVEvent(EventKind.GAP, lost))
                     if request.snapshot:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -15,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from kvstore.auth import mint_token, token_hash
 from kvstore.client import AsyncKVClient, KVClient
 from kvstore.client._watch import WatchStream
-from kvstore.errors import ResourceExhausted, Unavailable
+from kvstore.errors import ResourceExhausted, Unauthenticated, Unavailable
 from kvstore.events import EventKind, KVEvent
 from tests.e2e.conftest import NAMESPACE, ServerProcess
 from tests.e2e.helpers import key
@@ -226,6 +229,59 @@ def test_a_tenant_watches_only_what_it_may_read(
         finally:
             everything.close()
             others.close()
+
+
+def test_a_watch_follows_the_tokens_file_when_it_is_reloaded(
+    start_server: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    tenants = Tenants(tmp_path / "tokens.toml")
+    base = tenants.path.read_text()
+    token, _ = mint_token("w", ["*"], [])
+
+    def grant(*read: str) -> None:
+        """Tenant w (`token`) may read `read`; with none, w is not in the file."""
+        entry = f'[[tenants]]\nname = "w"\ntokens = ["{token_hash(token)}"]\n'
+        entry += f"read = {json.dumps(list(read))}\n"
+        tenants.path.write_text(base + "\n" + (entry if read else ""))
+
+    grant("tenant-a/*", "tenant-b/*")
+    srv = start_server("--cpu-bytes", "64MiB", "--auth-tokens", str(tenants.path))
+    tiny = torch.zeros(64, dtype=torch.uint8)
+    with (
+        KVClient(srv.address, A_NS, token=tenants.token["a"]) as a,
+        KVClient(srv.address, B_NS, token=tenants.token["b"]) as b,
+        KVClient(srv.address, A_NS, token=token) as w,
+    ):
+        watch = Reader(w.watch("*"))
+        try:
+            watch.until(lambda e: e.kind == EventKind.SNAPSHOT_END)
+            a.put(key(1), tiny)
+            b.put(key(2), tiny)
+            seen = watch.until(is_key(key(2), EventKind.STORED))
+            assert {e.namespace for e in seen} == {A_NS, B_NS}
+
+            grant("tenant-a/*")  # w may no longer read tenant-b
+            assert srv.proc is not None
+            srv.proc.send_signal(signal.SIGHUP)
+            resync = watch.until(lambda e: e.kind == EventKind.SNAPSHOT_END)
+            kinds = [e.kind for e in resync]
+            assert EventKind.GAP in kinds
+            snap = resync[kinds.index(EventKind.SNAPSHOT_BEGIN) :]
+            assert [(e.namespace, e.key) for e in snap if e.kind == EventKind.SNAPSHOT] == [
+                (A_NS, key(1))
+            ]
+            b.put(key(3), tiny)
+            a.put(key(4), tiny)
+            seen = watch.until(is_key(key(4), EventKind.STORED))
+            assert [(e.namespace, e.key) for e in seen] == [(A_NS, key(4))]
+
+            grant()  # w is gone from the file: its stream ends
+            srv.proc.send_signal(signal.SIGHUP)
+            with pytest.raises(Unauthenticated, match="revoked"):
+                watch.until(lambda e: False)
+        finally:
+            watch.close()
+        assert a.exists([key(1), key(4)]) == [True, True]  # the server serves on
 
 
 def test_watchers_are_bounded_and_end_with_unavailable_at_shutdown(

@@ -71,6 +71,31 @@ def test_put_from_then_get_into_round_trips(both, path: str) -> None:  # type: i
     assert torch.equal(local.get(key(3)), values[3])  # the other path reads them too
 
 
+def test_put_from_reserves_in_growing_parts(both, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A put_from reserves a first small part, copies it, then reserves the rest: every
+    part lands and commits, and the values read back whole."""
+    from kvstore.client import _transfer
+
+    _srv, local, _ = both
+    monkeypatch.setattr(_transfer, "FIRST_RESERVE_BYTES", 64 * KiB)  # one chunk
+    reserved: list[int] = []
+    reserve = local._core._reserve
+
+    def spy(headers, call, pool=0):  # type: ignore[no-untyped-def]
+        reserved.append(len(headers))
+        return (yield from reserve(headers, call, pool))
+
+    monkeypatch.setattr(local._core, "_reserve", spy)
+    values = torch.stack([chunk(i) for i in range(16)])
+    keys = [key(i) for i in range(16)]
+    assert local.put_from(keys, values).wait(timeout=30) == ["cpu"] * 16
+    assert reserved == [1, 3, 12]
+    out = torch.zeros_like(values)
+    assert local.get_into(keys, out).wait(timeout=30) == [True] * 16
+    assert torch.equal(out, values)
+    assert wait_for(lambda: local.stats().leases == 0)
+
+
 def test_get_into_marks(both) -> None:  # type: ignore[no-untyped-def]
     _srv, local, _ = both
     values = torch.stack([chunk(i) for i in range(4)])
