@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -10,10 +11,12 @@ from pathlib import Path
 
 import pytest
 import redis
-from _redis_cluster import LocalCluster, local_redis
+import trustme
+from _redis_cluster import LocalCluster, _free_port, local_redis
 from redis.crc import key_slot
 
 from kvstore.codecs.container import ValueHeader, checksum, encode_header
+from kvstore.config import ServerConfig
 from kvstore.tiers.remote import RemoteTier, decode_record, header_key, piece_key
 from tests.conftest import require_redis_server
 
@@ -234,8 +237,6 @@ def test_killed_master_misses_within_the_deadline_and_comes_back(
 
 def test_start_with_the_cluster_down_misses_at_once_then_connects(tmp_path: Path) -> None:
     binary = require_redis_server()
-    from _redis_cluster import _free_port
-
     port = _free_port()
     t = RemoteTier([f"redis://127.0.0.1:{port}"], timeout_s=0.5, backoff_s=0.2)
     try:
@@ -321,3 +322,61 @@ def test_a_closed_tier_answers_misses(tier: RemoteTier, redis_cluster: LocalClus
     assert t.get_many(NS, [key]) == [None]
     assert t.exists_many(NS, [key]) == [False]
     assert t.put_many([(NS, key, *value(10))]) == [False]
+
+
+def test_tls_and_a_password_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`rediss://` with the server's CA in the URL, the password given apart (as
+    KVSTORE_REMOTE_PASSWORD does), against a plain redis-server with TLS and requirepass."""
+    binary = require_redis_server()
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ca_pem, cert_pem, key_pem = tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"
+    ca.cert_pem.write_to_path(str(ca_pem))
+    cert.cert_chain_pems[0].write_to_path(str(cert_pem))
+    cert.private_key_pem.write_to_path(str(key_pem))
+    plain, tls = _free_port(), _free_port()
+    proc = subprocess.Popen(
+        [
+            binary, "--port", str(plain), "--bind", "127.0.0.1", "--dir", str(tmp_path),
+            "--save", "", "--appendonly", "no", "--requirepass", "s3cret",
+            "--tls-port", str(tls), "--tls-cert-file", str(cert_pem),
+            "--tls-key-file", str(key_pem), "--tls-ca-cert-file", str(ca_pem),
+            "--tls-auth-clients", "no",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with redis.Redis("127.0.0.1", plain, password="s3cret") as c:
+                    c.ping()
+                break
+            except redis.RedisError:
+                assert proc.poll() is None and time.monotonic() < deadline, "no redis-server"
+                time.sleep(0.05)
+        url = f"rediss://127.0.0.1:{tls}?ssl_ca_certs={ca_pem}"
+        monkeypatch.setenv("KVSTORE_REMOTE_PASSWORD", "s3cret")
+        cfg = ServerConfig.load({"data_dir": tmp_path / "d", "tiers": "cpu,remote", "remote": url})
+        t = RemoteTier(cfg.remote, piece_bytes=PIECE, password=cfg.remote_password)
+        try:
+            assert t.connected
+            key = os.urandom(32)
+            header, data = value(2 * PIECE + 1)
+            assert t.put_many([(NS, key, header, data)]) == [True]
+            [got] = t.get_many(NS, [key])
+            assert got is not None and got.payload == data
+        finally:
+            t.close()
+        without = RemoteTier([url], timeout_s=0.5)  # no password: refused, so not connected
+        try:
+            assert not without.connected
+            assert without.get_many(NS, [key]) == [None]
+        finally:
+            without.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
