@@ -17,6 +17,7 @@ from kvstore.remote_writes import PendingWrite, WriteQueue
 from kvstore.store import Store
 from kvstore.tiers.remote import header_key
 from tests.test_store import NS, key, put, read
+from tests.test_store_gpu import put_gpu
 
 KiB = 1 << 10
 MakeNode = Callable[..., Store]
@@ -209,3 +210,15 @@ def test_a_hung_master_costs_the_deadline_and_leaks_no_room(
     for k, v in values.items():
         assert read(b, k) == v
     assert b._staging_used == 0 and b.stats().leases == 0
+
+
+def test_write_through_reads_a_value_from_a_gpu_pool(make_node: MakeNode) -> None:
+    """A value a GPU client put in a pool (the host twin here) is written through from
+    the pool; another node reads it back."""
+    a = make_node("a", tiers=("gpu", "cpu", "remote"), gpu_twin=True, gpu_bytes="4MiB")
+    b = make_node("b")
+    v = data(20 * KiB)
+    assert put_gpu(a, key(11), v) == "gpu"
+    wait_for(lambda: a.remote.exists_many(NS, [key(11)]) == [True])  # type: ignore[union-attr]
+    assert b.fetch_remote(NS, [key(11)]) == 1
+    assert read(b, key(11)) == v
