@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -12,7 +13,7 @@ import torch
 from _redis_cluster import LocalCluster, _free_port
 from redis.crc import key_slot
 
-from kvstore.client import KVClient
+from kvstore.client import AsyncKVClient, KVClient, PrefixTiers
 from kvstore.tiers.remote import DEFAULT_PREFIX, decode_record, header_key, piece_key
 
 from .conftest import NAMESPACE, ServerProcess
@@ -93,6 +94,12 @@ def test_a_prefix_put_through_node_a_is_served_by_node_b(start_node: StartServer
         assert hit.tiers == ("remote",) * 8 and hit.local == 0
         assert cb.exists([keys[0], key(99)]) == [True, False]
         assert ca.lookup_tiers(keys).tiers == ("cpu",) * 8
+
+        async def async_lookup() -> PrefixTiers:
+            async with AsyncKVClient(b.address, NAMESPACE) as ac:
+                return await ac.lookup_tiers([*keys[:3], key(99)])
+
+        assert asyncio.run(async_lookup()) == PrefixTiers(("remote",) * 3)
 
         got = cb.get(keys[0])  # Get
         assert got is not None and same(got, values[0])
