@@ -157,6 +157,9 @@ class ServerConfig:
     remote_ttl: float = 0.0
     """Seconds remote records live (Redis TTL); 0: no TTL, the cluster's own memory policy
     (maxmemory with allkeys-lru) decides what to drop."""
+    remote_workers: int = 16
+    """Threads that run remote batches: each master's share of a batch goes out as
+    pipelines of up to 8 keys, run in parallel on them."""
     remote_queue_bytes: int = 256 << 20
     """Bytes of values waiting to be written to the remote tier; past it the oldest pending
     write is dropped (counted), so puts never wait for the remote."""
@@ -363,6 +366,7 @@ class ServerConfig:
         self.remote_backoff = _as_seconds(self.remote_backoff, "remote-backoff", 0.0)
         self.remote_ttl = _as_seconds(self.remote_ttl, "remote-ttl", 0.0)
         self.remote_queue_bytes = parse_size(self.remote_queue_bytes, "remote-queue-bytes")
+        self.remote_workers = _as_int(self.remote_workers, "remote-workers", 1, 1024)
 
     def _check_security(self) -> None:
         for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_tokens"):

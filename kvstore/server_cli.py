@@ -156,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
         "policy, e.g. allkeys-lru, drops what it must)",
     )
     p.add_argument(
+        "--remote-workers",
+        type=int,
+        help="threads running remote batches; each master's share of a batch goes out as "
+        f"pipelines of up to 8 keys in parallel on them (default {d.remote_workers})",
+    )
+    p.add_argument(
         "--remote-queue-bytes",
         help="bytes of values waiting to be written to remote; past it the oldest pending "
         "write is dropped and counted (default 256MiB)",

@@ -538,6 +538,7 @@ class Store:
             ttl_s=cfg.remote_ttl or None,
             backoff_s=cfg.remote_backoff,
             password=cfg.remote_password,
+            workers=cfg.remote_workers,
         )
         if cfg.remote_write != "off":
             self._remote_queue = WriteQueue(cfg.remote_queue_bytes)
