@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +22,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 MakeStore = Callable[..., Store]
 
 
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_benchmark(
+    script: str, *args: str, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run `benchmarks/<script>` with `args` as a user would; fails the test, with its
+    output, if it exits with an error."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, (
+        f"{script} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    )
+    return proc
+
+
 def require_redis_server() -> str:
     """The redis-server binary; without one the test fails under CI (or with
     KVSTORE_REQUIRE_REDIS=1, as scripts/test.sh sets) and is skipped elsewhere."""
@@ -30,7 +52,7 @@ def require_redis_server() -> str:
     if binary is not None:
         return binary
     reason = (
-        "redis-server is not on PATH; the remote tier's tests run a real Redis Cluster "
+        "redis-server is not on PATH; this test runs real Redis servers "
         "(install it with `apt-get install redis-server`)"
     )
     if os.environ.get("CI") or os.environ.get("KVSTORE_REQUIRE_REDIS") == "1":

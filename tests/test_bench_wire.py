@@ -8,42 +8,17 @@ the benchmark no longer runs.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_wire.py"
-
-
-def _require_redis_server() -> None:
-    if shutil.which("redis-server") is not None:
-        return
-    reason = (
-        "redis-server is not on PATH; the wire benchmark compares against it "
-        "(install it with `apt-get install redis-server`)"
-    )
-    if os.environ.get("CI"):
-        pytest.fail(f"CI is set but {reason}", pytrace=False)
-    pytest.skip(reason)
+from tests.conftest import require_redis_server, run_benchmark
 
 
 def test_quick_run_reports_both_systems(tmp_path: Path) -> None:
-    _require_redis_server()
+    require_redis_server()
     out = tmp_path / "wire.json"
-    proc = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, (
-        f"bench_wire.py exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    )
+    proc = run_benchmark("bench_wire.py", "--quick", "--json", str(out), timeout=120)
     report = json.loads(out.read_text())
 
     rows = report["throughput"]
