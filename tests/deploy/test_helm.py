@@ -240,6 +240,31 @@ def test_a_tokens_secret_reaches_the_server(mode: str, tmp_path: Path) -> None:
     assert secret["secretName"] == "kvstore-tokens" and secret["defaultMode"] == 0o400
 
 
+@pytest.mark.parametrize("mode", ["sidecar", "daemonset"])
+def test_the_remote_tier_and_its_password_reach_the_server(mode: str, tmp_path: Path) -> None:
+    assert "remote" not in _toml(render({"mode": mode}))["server"]
+    urls = ["rediss://redis-0.cache:6379", "rediss://redis-1.cache:6379"]
+    remote = {
+        "enabled": True,
+        "urls": urls,
+        "write": "evict",
+        "timeoutSeconds": 0.5,
+        "passwordSecret": {"name": "kv-redis", "key": "pw"},
+    }
+    docs = render({"mode": mode, "remote": remote})
+    config = _server_config(docs, tmp_path)
+    assert config.tiers == ("cpu", "ssd", "remote")
+    assert config.remote == tuple(urls)
+    assert config.remote_write == "evict" and config.remote_timeout == 0.5
+    env = {e["name"]: e for e in container(pod_spec(docs), "kvstore")["env"]}
+    ref = env["KVSTORE_REMOTE_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "kv-redis", "key": "pw"}
+    # No Secret named: no password variable, and the toml carries none either.
+    docs = render({"mode": mode, "remote": {**remote, "passwordSecret": {"name": ""}}})
+    names = {e["name"] for e in container(pod_spec(docs), "kvstore")["env"]}
+    assert "KVSTORE_REMOTE_PASSWORD" not in names
+
+
 def test_config_checksum_rolls_pods() -> None:
     def checksum(values: dict[str, Any]) -> str:
         workload = only(render(values), "Deployment")
@@ -435,6 +460,7 @@ def test_daemonset_example_engine_mounts_the_same_paths() -> None:
         ({"ssd": {"type": "hostPath"}}, "for mode daemonset"),
         ({"mode": "daemonset", "gpuTier": {"enabled": True}}, "PID namespaces"),
         ({"kvstore": {"graceSeconds": 60}}, "must exceed kvstore.graceSeconds"),
+        ({"remote": {"enabled": True}}, "needs remote.urls"),
     ],
 )
 def test_bad_combinations_fail_with_a_reason(values: dict[str, Any], message: str) -> None:
@@ -452,6 +478,8 @@ def test_bad_combinations_fail_with_a_reason(values: dict[str, Any], message: st
         {"kvstore": {"resources": {"limits": {"memory": "1Gi"}}}},
         {"kvstore": {"logFormat": "xml"}},
         {"engine": {"name": "kvstore"}},
+        {"remote": {"enabled": True, "urls": ["http://redis:6379"]}},
+        {"remote": {"write": "sometimes"}},
         {"unknownKey": 1},
     ],
 )

@@ -97,6 +97,7 @@ pvc
 
 {{- define "kvstore.tiers" -}}
 {{- if .Values.gpuTier.enabled -}}gpu,cpu,ssd{{- else -}}cpu,ssd{{- end -}}
+{{- if .Values.remote.enabled -}},remote{{- end -}}
 {{- end -}}
 
 {{- define "kvstore.socketPath" -}}
@@ -119,6 +120,9 @@ pvc
 {{- end -}}
 {{- if and (eq .Values.mode "sidecar") (eq $ssd "pvc") (gt (int .Values.sidecar.replicas) 1) -}}
 {{- fail "kvstore: ssd.type pvc is one ReadWriteOnce claim, for one replica; use one release per replica or ssd.type emptyDir" -}}
+{{- end -}}
+{{- if and .Values.remote.enabled (not .Values.remote.urls) -}}
+{{- fail "kvstore: remote.enabled needs remote.urls, the seed nodes of the Redis/Valkey Cluster" -}}
 {{- end -}}
 {{- if and .Values.gpuTier.enabled (eq .Values.mode "daemonset") -}}
 {{- fail "kvstore: gpuTier.enabled needs mode sidecar: CUDA IPC handles cannot cross the PID namespaces of separate pods" -}}
@@ -166,6 +170,13 @@ metrics-listen = {{ printf "0.0.0.0:%d" (int .Values.kvstore.metricsPort) | toJs
 log-level = {{ .Values.kvstore.logLevel | toJson }}
 log-format = {{ .Values.kvstore.logFormat | toJson }}
 grace-seconds = {{ .Values.kvstore.graceSeconds }}
+{{- with .Values.remote }}
+{{- if .enabled }}
+remote = {{ toJson .urls }}
+remote-write = {{ .write | toJson }}
+remote-timeout = {{ .timeoutSeconds }}
+{{- end }}
+{{- end }}
 {{- with .Values.kvstore.auth }}
 {{- if .tokensSecret }}
 auth-tokens = "/etc/kvstore-auth/tokens.toml"
@@ -203,6 +214,13 @@ env:
     value: {{ include "kvstore.socketPath" . | quote }}
   - name: NUMBA_CACHE_DIR
     value: /tmp/numba-cache
+{{- if and .Values.remote.enabled .Values.remote.passwordSecret.name }}
+  - name: KVSTORE_REMOTE_PASSWORD
+    valueFrom:
+      secretKeyRef:
+        name: {{ .Values.remote.passwordSecret.name | quote }}
+        key: {{ .Values.remote.passwordSecret.key | quote }}
+{{- end }}
 {{- with .Values.kvstore.extraEnv }}
 {{ toYaml . }}
 {{- end }}
