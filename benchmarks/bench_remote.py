@@ -261,8 +261,11 @@ def write_plot(fig: dict[str, Any], path: Path) -> bool:
             ax.bar(xs, [r["GBps"][m] for r in rows], width, label=LABELS[m])
         ax.set_xticks(range(len(rows)), [format_size(r["size"]) for r in rows])
         ax.set_xlabel("value size")
-        ax.set_ylabel("GB/s read")
-        ax.set_title(f"Reading KV through a {fig['masters']}-master Redis Cluster")
+        ax.set_ylabel("GB/s read (log scale)")
+        ax.set_yscale("log")
+        ax.set_title(
+            f"Reading KV through a {fig['masters']}-master Redis Cluster, into {fig['into']}"
+        )
         ax.legend()
 
     return save_plot(path, draw, figsize=(8, 4.5))
