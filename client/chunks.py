@@ -361,10 +361,15 @@ class RepairSchedule:
         """Every stale position is exact: there is nothing left to hand out."""
         return self.exact == self.stale.size
 
-    def next(self) -> np.ndarray:
-        """The sorted positions to recompute in this step (empty once `done`)."""
-        take = [self._first.pop() for _ in range(min(self.per_step, len(self._first)))]
-        room = self.per_step - len(take)
+    def next(self, count: int | None = None) -> np.ndarray:
+        """The sorted positions to recompute in this step, `count` of them (default
+        `per_step`; fewer at the end, none once `done`). A larger `count` on the first step
+        front-loads the repair: the next token sees more of it, for a slower step."""
+        count = self.per_step if count is None else count
+        if count < 0:
+            raise InvalidArgument(f"count must be >= 0, got {count}")
+        take = [self._first.pop() for _ in range(min(count, len(self._first)))]
+        room = count - len(take)
         if room and not self._first:
             settle = self.stale[self.exact :]
             settle = settle[~np.isin(settle, take)][:room]

@@ -102,7 +102,9 @@ class CausalToy:
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("per_step", [1, 5, 16])
 @pytest.mark.parametrize("by_score", [True, False])
-def test_repair_schedule_ends_with_a_prefills_values(seed: int, per_step: int, by_score: bool) -> None:
+def test_repair_schedule_ends_with_a_prefills_values(
+    seed: int, per_step: int, by_score: bool
+) -> None:
     toy = CausalToy(60, seed)
     rng = np.random.default_rng(100 + seed)
     # A prefix (0..9, exact), three chunks (10..49, reused: wrong), a question (50..59).
@@ -155,6 +157,10 @@ def test_repair_schedule_hands_out_the_best_first() -> None:
     assert sched.exact == 0  # 2 is still the reused KV
     assert sched.next().tolist() == [2, 4]  # ties: the earlier position first
     assert sched.exact == 1  # 2; not 3, recomputed while 2 was the reused KV
+    assert sched.next(5).tolist() == [5, 6, 7, 8, 10]  # one larger step
+    assert sched.next().tolist() == [11, 13]
+    with pytest.raises(InvalidArgument, match="count"):
+        sched.next(-1)
     nothing = RepairSchedule(np.arange(5), 0)
     assert nothing.next().size == 0 and not nothing.done
 
