@@ -28,6 +28,17 @@ exact). Then, for each prompt, the first token's logits come from:
   second pass recomputes the chosen tokens and the question;
 - **first N**: shift, then the first N tokens of each chunk recomputed with the question
   (EPIC, `recompute_first`);
+- **focus r% + repair N/step**: focus r%'s first token (one timed pass, the same TTFT),
+  then decode steps that each recompute N more stale tokens with the new token in the same
+  pass (`decode_step`), in the order a `RepairSchedule` hands them out: the chunk tokens
+  not yet recomputed, the question's attention first (`--repair-order score`; `position`:
+  in position order), then the settling pass that makes every stale KV exact. Scored
+  teacher-forced on full's answer through these steps; **step ms** is the mean decode
+  step over the answer, **added ms** that less the mean plain decode step over the same
+  KV (both the median over the prompts; the row
+  `repair 0/step`, plain decoding through the same code: its top-1 checks this path
+  against focus r%'s scoring), **1st step ms** the first decode step's (`--repair
+  F+N`: F tokens in it, front-loading the repair at the second token's expense);
 - **sys shift / sys blend r% / sys focus r%**: the same, from the chunks stored as
   prefilled after the prefix (one attention sink, the prompt's). The first chunk's KV is
   then exact (a prefill of the prompt's start), so the budget, r% of all chunk tokens,
@@ -48,7 +59,8 @@ closes >= 90% of the gap with TTFT >= 3x lower than full, at prompts of >= 2k to
 judged for every method at 15%.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_rag.py [--prompts 20] [--set eval]
-        [--ratios 5,15,30] [--methods naive,shift,...] [--json f] [--plot f]
+        [--ratios 5,15,30] [--methods naive,shift,...] [--repair 64,128,256]
+        [--repair-order score|position] [--json f] [--plot f]
 """
 
 from __future__ import annotations
@@ -63,7 +75,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -74,6 +86,7 @@ from _realkv import MissingModelDependency, load_smollm2
 from kvstore.client import KVClient
 from kvstore.client.chunks import (
     ChunkCache,
+    RepairSchedule,
     recompute_by_attention,
     recompute_by_deviation,
     recompute_first,
@@ -296,16 +309,36 @@ def _layer(
     rows.hidden = h + layer.mlp(layer.post_attention_layernorm(h))
 
 
+def _rows_at(model: Any, tokens: Sequence[int], positions: np.ndarray) -> _Rows:
+    """Rows for the tokens at `positions` (sorted) of the sequence `tokens`."""
+    dev, body = model.device, model.model
+    keep = torch.from_numpy(positions.astype(np.int64)).to(dev)
+    h = body.embed_tokens(torch.tensor([[tokens[i] for i in positions.tolist()]], device=dev))
+    cos, sin = body.rotary_emb(h, keep[None])
+    return _Rows(keep, h, cos, sin)
+
+
 def _question_rows(
     model: Any, ids: Sequence[int], question: Sequence[int], picked: np.ndarray | None
 ) -> _Rows:
     """Rows for the question's tokens, after the chunk tokens at `picked` (None: none)."""
-    t, dev, body = len(ids), model.device, model.model
+    t = len(ids)
     chosen = np.empty(0, np.int64) if picked is None else picked
-    keep = torch.from_numpy(np.concatenate([chosen, np.arange(t, t + len(question))])).to(dev)
-    h = body.embed_tokens(torch.tensor([[*ids, *question]], device=dev)[:, keep])
-    cos, sin = body.rotary_emb(h, keep[None])
-    return _Rows(keep, h, cos, sin)
+    positions = np.concatenate([chosen, np.arange(t, t + len(question))])
+    return _rows_at(model, [*ids, *question], positions)
+
+
+class Blend(NamedTuple):
+    """What `blend_prefill` gives: the first token's `logits`; the prompt's `kv` after the
+    pass (`[layers, 2, heads, T + len(question), dim]`, the question's included); the chunk
+    tokens it recomputed (`picked`); and, with `focus`, the question's `attention` over
+    every position (`[T + len(question)]`, summed over layers, heads and question tokens),
+    the scores the choice was made by."""
+
+    logits: torch.Tensor
+    kv: torch.Tensor
+    picked: np.ndarray
+    attention: torch.Tensor | None
 
 
 @torch.inference_mode()
@@ -317,7 +350,7 @@ def blend_prefill(
     picked: np.ndarray | None = None,
     select: tuple[float, Sequence[tuple[int, int]]] | None = None,
     focus: tuple[float, Sequence[tuple[int, int]]] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> Blend:
     """The first token's logits over reused chunk KV, in one pass through the layers that
     carries only the tokens it recomputes (as CacheBlend runs inside an engine).
 
@@ -332,9 +365,7 @@ def blend_prefill(
     the reused one elsewhere. `focus=(ratio, spans)` picks them by where the question looks
     instead: a first pass carries the question alone over the reused KV and records its
     attention weights on every layer; the `ratio` share of the chunk tokens it weighs most
-    (`recompute_by_attention`) are recomputed with it in a second pass. Returns (logits,
-    the prompt's KV after the pass, `[layers, 2, heads, T + len(question), dim]`, the
-    question's included)."""
+    (`recompute_by_attention`) are recomputed with it in a second pass."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     body = model.model
@@ -342,7 +373,7 @@ def blend_prefill(
     n, dev = t + len(question), model.device
     kv = torch.empty((layers, 2, heads, n, dim), dtype=reused.dtype, device=dev)
     kv[:, :, :, :t] = reused.transpose(2, 3)
-    first = 0
+    first, attention = 0, None
     if select is not None:
         ratio, spans = select
         every = torch.arange(n, device=dev)
@@ -369,12 +400,31 @@ def blend_prefill(
             rows = _question_rows(model, ids, question, np.empty(0, np.int64))
             for li in range(layers):
                 _layer(model, li, rows, kv, weights=weights)
-            picked = recompute_by_attention(torch.stack(weights), ratio, spans)
+            attention = torch.stack(weights).sum(0)
+            picked = recompute_by_attention(attention, ratio, spans)
         rows = _question_rows(model, ids, question, picked)
     for li in range(first, layers):
         _layer(model, li, rows, kv)
     logits = model.lm_head(body.norm(rows.hidden[:, -1:]))[0, -1].float()
-    return logits, kv
+    done = np.empty(0, np.int64) if picked is None else picked
+    return Blend(logits, kv, done, attention)
+
+
+@torch.inference_mode()
+def decode_step(
+    model: Any, kv: torch.Tensor, tokens: Sequence[int], position: int, repair: np.ndarray
+) -> torch.Tensor:
+    """One decode step that also repairs reused KV: the token `tokens[position]` goes
+    through every layer together with the prompt tokens at `repair` (sorted positions
+    before it, handed out by a `RepairSchedule`), in one pass as chunked prefill rides
+    along with decoding. Each carried token writes its fresh K and V into `kv`
+    (`[layers, 2, heads, capacity, dim]`, zeros past what is filled) in place and
+    attends to every position up to its own: the fresh KV of the carried tokens before it,
+    the cache's elsewhere. Returns the new token's next-token logits."""
+    rows = _rows_at(model, tokens[: position + 1], np.append(repair, position))
+    for li in range(kv.shape[0]):
+        _layer(model, li, rows, kv)
+    return model.lm_head(model.model.norm(rows.hidden[:, -1:]))[0, -1].float()
 
 
 def self_check(model: Any, chunks: ChunkCache, docs: list[list[int]]) -> float:
@@ -388,8 +438,8 @@ def self_check(model: Any, chunks: ChunkCache, docs: list[list[int]]) -> float:
     reused = torch.empty(want.shape, dtype=want.dtype, device=want.device)
     starts = np.cumsum([0] + [len(d) for d in docs[:-1]]).tolist()
     chunks.get_chunks(docs, starts, reused)
-    _, blended = blend_prefill(model, reused, ids, [], picked=np.arange(len(ids)))
-    got = blended.transpose(2, 3)
+    blended = blend_prefill(model, reused, ids, [], picked=np.arange(len(ids)))
+    got = blended.kv.transpose(2, 3)
     tol = 1e-3 if want.dtype == torch.float32 else 5e-2  # bf16 kernels round differently
     want, got, reused = want.float(), got.float(), reused.float()
     scale = float(want.abs().max())
@@ -408,10 +458,21 @@ def self_check(model: Any, chunks: ChunkCache, docs: list[list[int]]) -> float:
 
 @dataclass
 class Outcome:
+    """One method on one prompt. Repair rows also carry `itl_s`, the mean time of a
+    decode step over the answer (the repair included), `added_s`, that less the mean
+    plain decode step's over the same KV in the same prompt, `first_step_s`, the first
+    decode step's time (from the first token to the second), and `exact_after`, the
+    decode steps after which the prompt's KV was a prefill's (nan: not within the
+    answer)."""
+
     method: str
     ttft_s: float
     top1: float
     kl: float
+    itl_s: float = math.nan
+    added_s: float = math.nan
+    first_step_s: float = math.nan
+    exact_after: float = math.nan
 
 
 @dataclass
@@ -428,7 +489,46 @@ def answer_logits(
     return logits[len(question) - 1 :]
 
 
-FAMILIES = ("naive", "shift", "blend", "focus", "first", "sys-shift", "sys-blend", "sys-focus")
+FAMILIES = (
+    "naive", "shift", "blend", "focus", "first", "sys-shift", "sys-blend", "sys-focus",
+    "focus-repair",
+)  # fmt: skip
+REPAIR_ORDERS = ("score", "position")
+
+
+def repair_decode(
+    model: Any,
+    blend: Blend,
+    tokens: Sequence[int],
+    answer: Sequence[int],
+    schedule: RepairSchedule | None,
+    first: int | None = None,
+) -> tuple[float, list[float], float]:
+    """Decode `answer` teacher-forced from `blend` (its first-token logits and KV), each
+    step repairing what `schedule` hands out (None: plain decoding), the first step
+    `first` tokens (default: as many as the others); `tokens` are the prompt's, question
+    included. Returns (top-1 agreement with `answer`, the first token included, each
+    decode step's wall time, and after how many steps `schedule` was done, nan if it was
+    not). `blend.kv` is not changed."""
+    layers, _, heads, n, dim = blend.kv.shape
+    kv = torch.zeros((layers, 2, heads, n + len(answer), dim), dtype=blend.kv.dtype,
+                     device=blend.kv.device)  # fmt: skip
+    kv[:, :, :, :n] = blend.kv
+    seq = [*tokens, *answer]
+    hits = [int(blend.logits.argmax()) == answer[0]]
+    steps: list[float] = []
+    exact_after = math.nan
+    for j in range(1, len(answer)):
+        t0 = time.perf_counter()
+        count = first if j == 1 else None
+        repair = schedule.next(count) if schedule is not None else np.empty(0, np.int64)
+        logits = decode_step(model, kv, seq, n + j - 1, repair)
+        sync(model)
+        steps.append(time.perf_counter() - t0)
+        hits.append(int(logits.argmax()) == answer[j])
+        if schedule is not None and schedule.done and math.isnan(exact_after):
+            exact_after = j
+    return statistics.fmean(hits), steps, exact_after
 
 
 def run_prompt(
@@ -439,6 +539,8 @@ def run_prompt(
     first_n: int,
     families: Sequence[str] = FAMILIES,
     quiet: bool = False,
+    repairs: Sequence[tuple[int | None, int]] = (),
+    repair_order: str = "score",
 ) -> PromptResult:
     prefix, docs, question = prompt.prefix, prompt.docs, prompt.question
     ids = prefix + [t for d in docs for t in d]
@@ -465,16 +567,28 @@ def run_prompt(
     ref = answer_logits(model, kv_of(cache)[:, :, :t], question, answer)
     ref_logp = F.log_softmax(ref[0], -1)
 
+    def kl_of(first: torch.Tensor) -> float:
+        logp = F.log_softmax(first, -1)
+        return float(F.kl_div(logp, ref_logp, log_target=True, reduction="sum"))
+
+    def record(outcome: Outcome) -> None:
+        result.outcomes.append(outcome)
+        if not quiet:
+            o = outcome
+            line = f"  {o.method:<27} TTFT {o.ttft_s * 1e3:7.0f} ms  top-1 {o.top1:6.1%}"
+            line += f"  KL {o.kl:.2e}"
+            if not math.isnan(o.itl_s):
+                line += f"  step {o.itl_s * 1e3:5.0f} ms (+{o.added_s * 1e3:.0f})"
+                line += f", first {o.first_step_s * 1e3:.0f} ms, exact after {o.exact_after}"
+            progress(line)
+
     def score(method: str, ttft: float, kv: torch.Tensor) -> None:
         got = answer_logits(model, kv, question, answer)
         top1 = float((got.argmax(-1).cpu() == torch.tensor(answer)).double().mean())
-        kl = float(F.kl_div(F.log_softmax(got[0], -1), ref_logp, log_target=True, reduction="sum"))
-        result.outcomes.append(Outcome(method, ttft, top1, kl))
-        if not quiet:
-            progress(f"  {method:<14} TTFT {ttft * 1e3:7.0f} ms  top-1 {top1:6.1%}  KL {kl:.2e}")
+        record(Outcome(method, ttft, top1, kl_of(got[0])))
 
     result.outcomes.append(Outcome("full", full_ttft, 1.0, 0.0))
-    progress(f"  {'full':<14} TTFT {full_ttft * 1e3:7.0f} ms ({result.tokens} tokens)")
+    progress(f"  {'full':<27} TTFT {full_ttft * 1e3:7.0f} ms ({result.tokens} tokens)")
 
     def reused(storage: str) -> torch.Tensor:
         """The prompt's KV from the store: the prefix (stored alone at 0, so exact) and the
@@ -500,7 +614,7 @@ def run_prompt(
 
     def timed(method: str, storage: str, **how: Any) -> None:
         t0 = time.perf_counter()
-        _, kv = blend_prefill(model, reused(storage), ids, question, **how)
+        kv = blend_prefill(model, reused(storage), ids, question, **how).kv
         sync(model)
         score(method, time.perf_counter() - t0, kv[:, :, :, :t].transpose(2, 3))
 
@@ -527,6 +641,35 @@ def run_prompt(
                 timed(f"{tag}focus {r:.0%}", storage, focus=budget(r, storage))
     if "first" in families:
         timed(f"first {first_n}", "alone", picked=recompute_first(spans, first_n))
+    if "focus-repair" in families:
+        # Focus's first token, then decode steps that each recompute `per_step` more stale
+        # tokens: the chunks' and the question's (computed over the chunks' reused KV).
+        # Every row's first token is this one timed pass: the repair starts after it.
+        stale = np.concatenate([np.arange(s, s + n) for s, n in [*spans, (t, len(question))]])
+        for r in ratios:
+            t0 = time.perf_counter()
+            blend = blend_prefill(model, reused("alone"), ids, question, focus=budget(r, "alone"))
+            sync(model)
+            ttft = time.perf_counter() - t0
+            done = np.concatenate([blend.picked, np.arange(t, t + len(question))])
+            base, plain, _ = repair_decode(model, blend, ids + question, answer, None)
+            for first, per_step in ((None, 0), *repairs):
+                if per_step:
+                    scores = blend.attention if repair_order == "score" else None
+                    schedule = RepairSchedule(stale, per_step, scores, recomputed=done)
+                    top1, steps, exact = repair_decode(
+                        model, blend, ids + question, answer, schedule, first
+                    )
+                else:
+                    top1, steps, exact = base, plain, math.nan
+                itl = statistics.fmean(steps)
+                front = "" if first is None else f"{first}+"
+                name = f"focus {r:.0%} + repair {front}{per_step}/step"
+                if repair_order != "score" and per_step:
+                    name += f" ({repair_order})"
+                added = itl - statistics.fmean(plain)
+                kl = kl_of(blend.logits)
+                record(Outcome(name, ttft, top1, kl, itl, added, steps[0], exact))
     return result
 
 
@@ -570,6 +713,12 @@ def summarize(results: list[PromptResult]) -> list[dict[str, Any]]:
                 "top1": statistics.fmean(o.top1 for o in outs),
                 "top1_min": min(o.top1 for o in outs),
                 "kl": statistics.fmean(o.kl for o in outs),
+                # Decode-step times: the median over the prompts (each prompt's mean over
+                # its steps), robust to a prompt timed while the machine was busy.
+                "itl_s": statistics.median(o.itl_s for o in outs),
+                "added_s": statistics.median(o.added_s for o in outs),
+                "first_step_s": statistics.median(o.first_step_s for o in outs),
+                "exact_after": statistics.median(o.exact_after for o in outs),
             }
         )
     full = rows[0]
@@ -585,6 +734,7 @@ def summarize(results: list[PromptResult]) -> list[dict[str, Any]]:
 
 
 def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    width = max(14, *(len(r["method"]) for r in rows))
     lines = [
         f"RAG chunk reuse on {meta['model']}, {meta['prompts']} prompts ({meta['set']} set) of "
         f"{meta['tokens_min']}-{meta['tokens_max']} tokens ({meta['chunks']} chunks of "
@@ -596,25 +746,31 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "the worst prompt's; KL of the first token's distribution from full's; gap closed: "
         "(top-1 - naive's) / (100% - naive's), with a 90% bootstrap interval over the prompts",
         "",
-        f"{'method':<14} {'TTFT ms':>9} {'speedup':>8} {'top-1':>7} {'worst':>7} {'KL':>9} "
-        f"{'gap closed':>11} {'90% interval':>13}",
+        f"{'method':<{width}} {'TTFT ms':>9} {'speedup':>8} {'top-1':>7} {'worst':>7} "
+        f"{'KL':>9} {'gap closed':>11} {'90% interval':>13} {'step ms':>8} {'added ms':>9} "
+        f"{'1st step ms':>12}",
     ]
     if meta.get("random_weights"):
-        lines[-1] = f"{'method':<14} {'TTFT ms':>9} {'speedup':>8}"
+        lines[-1] = f"{'method':<{width}} {'TTFT ms':>9} {'speedup':>8}"
         for r in rows:
-            lines.append(f"{r['method']:<14} {r['ttft_s'] * 1e3:>9.1f} {r['speedup']:>7.1f}x")
+            lines.append(f"{r['method']:<{width}} {r['ttft_s'] * 1e3:>9.1f} {r['speedup']:>7.1f}x")
         lines.append("(random weights: agreement with full prefill says nothing; timings only)")
         return "\n".join(lines)
     for r in rows:
         gap = "" if math.isnan(r["gap_closed"]) else f"{r['gap_closed']:.0%}"
         lo, hi = r["gap_ci"]
         ci = "" if math.isnan(lo) or r["method"] in ("full", "naive") else f"{lo:.0%}..{hi:.0%}"
+        step = "" if math.isnan(r["itl_s"]) else f"{r['itl_s'] * 1e3:.0f}"
+        added = "" if math.isnan(r["added_s"]) else f"{r['added_s'] * 1e3:+.0f}"
+        first = "" if math.isnan(r["first_step_s"]) else f"{r['first_step_s'] * 1e3:.0f}"
         lines.append(
-            f"{r['method']:<14} {r['ttft_s'] * 1e3:>9.0f} {r['speedup']:>7.1f}x {r['top1']:>7.1%} "
-            f"{r['top1_min']:>7.1%} {r['kl']:>9.2e} {gap:>11} {ci:>13}"
+            f"{r['method']:<{width}} {r['ttft_s'] * 1e3:>9.0f} {r['speedup']:>7.1f}x "
+            f"{r['top1']:>7.1%} {r['top1_min']:>7.1%} {r['kl']:>9.2e} {gap:>11} {ci:>13} "
+            f"{step:>8} {added:>9} {first:>12}"
         )
     for r in rows:
-        if not r["method"].endswith(" 15%"):
+        judged = r["method"].endswith(" 15%") or " 15% + repair " in r["method"]
+        if not judged or " + repair 0/step" in r["method"]:  # 0/step: plain decoding's row
             continue
         ok = r["gap_closed"] >= TARGET_GAP and r["speedup"] >= TARGET_SPEEDUP
         lines.append(
@@ -627,9 +783,19 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 def write_plot(rows: list[dict[str, Any]], path: Path) -> bool:
     def draw(fig: Any, ax: Any) -> None:
-        for r in rows:
-            ax.plot(r["ttft_s"] * 1e3, 100 * r["top1"], "o", markersize=8)
+        # The 0/step row is plain decoding's (a check of the decode path): not drawn.
+        drawn = [r for r in rows if " + repair 0/step" not in r["method"]]
+        repairs = [r for r in drawn if " + repair " in r["method"]]
+        for r in drawn:
             where = (r["ttft_s"] * 1e3, 100 * r["top1"])
+            if r in repairs:  # the same TTFT as their focus row: labels in a column, with cost
+                k = repairs.index(r)
+                label = f"{r['method']} ({r['added_s'] * 1e3:+.0f} ms/step)"
+                ax.plot(*where, "s", markersize=5)
+                ax.annotate(label, where, textcoords="offset points", xytext=(40, -16 * k - 24),
+                            fontsize=7, arrowprops={"arrowstyle": "-", "lw": 0.5})  # fmt: skip
+                continue
+            ax.plot(*where, "o", markersize=8)
             ax.annotate(r["method"], where, textcoords="offset points", xytext=(6, 4), fontsize=8)
         ax.set_xlabel("time to first token, ms (CPU)")
         ax.set_ylabel(f"top-1 agreement with full prefill over {ANSWER_TOKENS} tokens, %")
@@ -653,6 +819,15 @@ def random_prompts(
     ]
 
 
+def parse_repair(item: str) -> tuple[int | None, int]:
+    """`--repair`'s items: "N" (N stale tokens a step) or "F+N" (F in the first step)."""
+    first, _, per_step = item.strip().rpartition("+")
+    counts = (int(first) if first else None, int(per_step))
+    if min(c for c in counts if c is not None) < 1:
+        raise ValueError(item)
+    return counts
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument(
@@ -666,6 +841,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--pool", type=int, default=12, help="--random-llama: distinct chunks (12)")
     p.add_argument("--ratios", default="5,15,30", help="recompute shares, %% (5,15,30)")
     p.add_argument("--first", type=int, default=16, help="first-N recompute: N per chunk (16)")
+    p.add_argument(
+        "--repair", default="64,128,256",
+        help="focus-repair: stale tokens recomputed per decode step, each a row; F+N: F in "
+        "the first decode step, then N (64,128,256)",
+    )  # fmt: skip
+    p.add_argument(
+        "--repair-order", choices=REPAIR_ORDERS, default="score",
+        help="focus-repair: the question's attention first (score) or position order",
+    )  # fmt: skip
     p.add_argument(
         "--methods", default=",".join(FAMILIES),
         help=f"method families to run, of {','.join(FAMILIES)} (all; naive is the gap's base)",
@@ -684,6 +868,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     ratios = [float(x) / 100 for x in args.ratios.split(",") if x.strip()]
+    try:
+        repairs = [parse_repair(x) for x in args.repair.split(",") if x.strip()]
+    except ValueError:
+        print(f"bench_rag: --repair takes N or F+N, positive, not {args.repair!r}", file=sys.stderr)
+        return 2
     families = [m.strip() for m in args.methods.split(",") if m.strip()]
     if unknown := set(families) - set(FAMILIES):
         print(f"bench_rag: unknown methods {sorted(unknown)}", file=sys.stderr)
@@ -750,7 +939,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress(f"self-check: recomputing every token reproduces a prefill within {check:.1e}")
         for i, prompt in enumerate(prompts):
             progress(f"prompt {i + 1}/{len(prompts)}")
-            results.append(run_prompt(model, cache, prompt, ratios, args.first, families))
+            results.append(
+                run_prompt(model, cache, prompt, ratios, args.first, families, False, repairs,
+                           args.repair_order)
+            )  # fmt: skip
     rows = summarize(results)
     tokens = [r.tokens for r in results]
     import transformers

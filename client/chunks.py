@@ -35,6 +35,11 @@ layer deviates most from a fresh prefill), `recompute_by_attention` (the r% the 
 attends to most over the reused KV) and `recompute_first` (EPIC: the first N tokens of each
 chunk) return their positions in the prompt.
 
+Repairing while decoding (`RepairSchedule`): what was not recomputed before the first token
+can be recomputed afterwards, a bounded number of tokens folded into each decode step (as
+chunked prefill rides along with decoding), the most important first; the schedule says
+which, and when the prompt's KV has become exactly what a prefill of it gives.
+
 Keeping what is worth keeping (Cache-Craft): a server run with `--eviction gdsf` counts the
 reads of every stored chunk and weighs them by the client's `recompute_cost`, so a chunk
 that prompts keep retrieving outlives a newer one read once (`kvstore.policy.gdsf`).
@@ -279,3 +284,96 @@ def _span_positions(spans: Sequence[tuple[int, int]], tokens: int) -> np.ndarray
             raise InvalidArgument(f"span ({start}, {length}) is outside the {tokens} tokens")
         parts.append(np.arange(start, start + length))
     return np.unique(np.concatenate(parts)) if parts else np.empty(0, np.int64)
+
+
+# ------------------------------------------------------------------------------ repair
+
+
+class RepairSchedule:
+    """Which stale KV to recompute at each decode step, `per_step` tokens at a time, so that
+    the reused KV is repaired while the answer is generated and the time to the first
+    token stays that of the recompute before it.
+
+    `stale`: the prompt positions whose KV is not what a prefill of this prompt gives — the
+    reused chunk tokens, and the tokens computed over them (the question's); every other
+    position before them is taken to be exact (a prefix hit, say), and tokens after the
+    prompt (the generated ones) keep their own KV. `scores`: each position's importance
+    (`[tokens]`, indexed by position, e.g. the question's attention that chose the tokens
+    recomputed before the first token, `recompute_by_attention`); None: position order.
+    `recomputed`: stale positions already recomputed once over the reused KV (those
+    recomputed with the question, and the question's own).
+
+    `next()` hands out the positions for one step, sorted, and assumes the caller recomputes
+    exactly those, all layers, in one causal pass over the cache (each attending to the
+    positions before it: its fresh KV for those in the same pass, the cache's for the
+    rest), writing their KV in place. Phase one: the stale positions never recomputed, the
+    highest score first. A token recomputed while an earlier stale token still had reused
+    KV is closer but not exact: its layers attended to that token's old KV. The positions
+    with exact KV therefore always form the stale list's first `exact` entries, and phase
+    two (the settling) recomputes the rest in position order, which makes each exact in
+    turn; `done` then says the prompt's KV equals a prefill's (within float rounding). A
+    step that ends phase one fills its remaining places from phase two. With `scores`
+    None there is no phase one: one sweep in position order, from the first stale
+    position that is not exact, recomputes each position once.
+    """
+
+    def __init__(
+        self,
+        stale: Sequence[int] | np.ndarray,
+        per_step: int,
+        scores: torch.Tensor | np.ndarray | None = None,
+        recomputed: Sequence[int] | np.ndarray = (),
+    ) -> None:
+        if per_step < 0:
+            raise InvalidArgument(f"per_step must be >= 0, got {per_step}")
+        self.per_step = per_step
+        self.stale = np.unique(np.asarray(stale, dtype=np.int64))
+        if self.stale.size and self.stale[0] < 0:
+            raise InvalidArgument(f"stale positions must be >= 0, got {self.stale[0]}")
+        done = np.unique(np.asarray(recomputed, dtype=np.int64))
+        if not np.isin(done, self.stale).all():
+            raise InvalidArgument("recomputed positions must be among the stale ones")
+        fresh = self.stale[~np.isin(self.stale, done)]
+        if scores is None:
+            fresh = fresh[:0]
+        else:
+            values = scores.float().cpu().numpy() if isinstance(scores, torch.Tensor) else scores
+            values = np.asarray(values, dtype=np.float64)
+            if values.ndim != 1 or (self.stale.size and values.size <= self.stale[-1]):
+                raise InvalidArgument(
+                    f"scores must be one value per position, up to {self.stale[-1]}, "
+                    f"got shape {values.shape}"
+                )
+            fresh = fresh[np.argsort(-values[fresh], kind="stable")]
+        self._first: list[int] = fresh.tolist()[::-1]  # popped from the end: best first
+        # What was recomputed in one pass before any step: exact up to its first gap.
+        self.exact = 0
+        self.exact = self._exact_after(done)
+
+    def _exact_after(self, batch: np.ndarray) -> int:
+        """How many stale positions are exact once `batch` is recomputed in one pass: the
+        exact ones so far, then as many following ones as the batch holds without a gap."""
+        inside = np.isin(self.stale[self.exact :], batch)
+        return self.exact + (inside.size if inside.all() else int(np.argmin(inside)))
+
+    @property
+    def done(self) -> bool:
+        """Every stale position is exact: there is nothing left to hand out."""
+        return self.exact == self.stale.size
+
+    def next(self, count: int | None = None) -> np.ndarray:
+        """The sorted positions to recompute in this step, `count` of them (default
+        `per_step`; fewer at the end, none once `done`). A larger `count` on the first step
+        front-loads the repair: the next token sees more of it, for a slower step."""
+        count = self.per_step if count is None else count
+        if count < 0:
+            raise InvalidArgument(f"count must be >= 0, got {count}")
+        take = [self._first.pop() for _ in range(min(count, len(self._first)))]
+        room = count - len(take)
+        if room and not self._first:
+            settle = self.stale[self.exact :]
+            settle = settle[~np.isin(settle, take)][:room]
+            take += settle.tolist()
+        batch = np.sort(np.asarray(take, dtype=np.int64))
+        self.exact = self._exact_after(batch)
+        return batch

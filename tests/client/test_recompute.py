@@ -1,13 +1,15 @@
 """Which tokens to recompute after reusing chunks: CacheBlend's largest KV deviation on an
-early layer, within the reused spans, the tokens the question attends to most, and EPIC's
-first N tokens of each chunk."""
+early layer, within the reused spans, the tokens the question attends to most, EPIC's
+first N tokens of each chunk, and the schedule that repairs the rest while decoding."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from kvstore.client.chunks import (
+    RepairSchedule,
     recompute_by_attention,
     recompute_by_deviation,
     recompute_first,
@@ -77,3 +79,98 @@ def test_attention_picks_what_the_question_looks_at_within_the_spans() -> None:
     assert recompute_by_attention(weights[0, 0, 0], 1 / 60).tolist() == [55]
     with pytest.raises(InvalidArgument, match="ratio"):
         recompute_by_attention(weights, -0.1)
+
+
+class CausalToy:
+    """A stand-in for a model's KV: each position's value is computed from the values of
+    every position before it (random weights, so any stale input shows), as a token's KV
+    depends on the KV before it. `recompute(batch)` is one causal pass over the batch."""
+
+    def __init__(self, tokens: int, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        self.base = rng.normal(size=tokens)
+        self.weight = np.tril(rng.normal(size=(tokens, tokens)) / tokens, -1)
+        self.truth = np.zeros(tokens)
+        for p in range(tokens):
+            self.truth[p] = self.base[p] + self.weight[p] @ self.truth
+
+    def recompute(self, values: np.ndarray, batch: np.ndarray) -> None:
+        for p in np.sort(batch):  # earlier tokens of the batch already fresh, as in a pass
+            values[p] = self.base[p] + self.weight[p] @ values
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("per_step", [1, 5, 16])
+@pytest.mark.parametrize("by_score", [True, False])
+def test_repair_schedule_ends_with_a_prefills_values(
+    seed: int, per_step: int, by_score: bool
+) -> None:
+    toy = CausalToy(60, seed)
+    rng = np.random.default_rng(100 + seed)
+    # A prefix (0..9, exact), three chunks (10..49, reused: wrong), a question (50..59).
+    values = toy.truth.copy()
+    values[10:] += rng.normal(size=50)
+    question = np.arange(50, 60)
+    picked = np.sort(rng.choice(np.arange(10, 50), 6, replace=False))  # before the 1st token
+    toy.recompute(values, np.concatenate([picked, question]))
+    stale = np.arange(10, 60)
+    scores = rng.random(60) if by_score else None
+    sched = RepairSchedule(stale, per_step, scores, recomputed=np.concatenate([picked, question]))
+    handed: list[int] = []
+    batches: list[list[int]] = []
+    initial = sched.exact  # picked tokens from position 10 on, if any, are exact already
+    for _ in range(200):
+        exact = np.isclose(values[stale], toy.truth[stale], rtol=0, atol=1e-12)
+        leading = exact.size if exact.all() else int(np.argmin(exact))
+        assert sched.exact == leading  # the schedule knows which KV is exact
+        assert sched.done == bool(exact.all())
+        if sched.done:
+            break
+        batch = sched.next()
+        assert 0 < batch.size <= per_step and np.all(np.diff(batch) > 0)
+        assert np.isin(batch, stale).all()
+        toy.recompute(values, batch)
+        handed += batch.tolist()
+        batches.append(batch.tolist())
+    assert sched.done and np.allclose(values, toy.truth, rtol=0, atol=1e-12)
+    assert sched.next().size == 0
+    if by_score:  # phase one: each token never recomputed, once, the best first
+        never = set(np.setdiff1d(np.arange(10, 50), picked).tolist())
+        firsts, seen = [], set()
+        for batch in batches:  # each step's positions handed out for the first time
+            firsts.append([p for p in batch if p in never and p not in seen])
+            seen.update(batch)
+        assert sorted(p for f in firsts for p in f) == sorted(never)
+        for i, now in enumerate(firsts):
+            later = [p for f in firsts[i + 1 :] for p in f]
+            assert not now or not later or min(scores[now]) >= max(scores[later])
+    else:  # one sweep in position order from the first stale KV: each once
+        assert handed == list(range(10 + initial, 60))
+
+
+def test_repair_schedule_hands_out_the_best_first() -> None:
+    scores = np.zeros(20)
+    scores[[15, 3, 9, 12]] = [4.0, 3.0, 2.0, 1.0]
+    sched = RepairSchedule(np.arange(2, 18), 2, scores, recomputed=[16, 17])
+    assert sched.next().tolist() == [3, 15]
+    assert sched.next().tolist() == [9, 12]
+    assert sched.exact == 0  # 2 is still the reused KV
+    assert sched.next().tolist() == [2, 4]  # ties: the earlier position first
+    assert sched.exact == 1  # 2; not 3, recomputed while 2 was the reused KV
+    assert sched.next(5).tolist() == [5, 6, 7, 8, 10]  # one larger step
+    assert sched.next().tolist() == [11, 13]
+    with pytest.raises(InvalidArgument, match="count"):
+        sched.next(-1)
+    nothing = RepairSchedule(np.arange(5), 0)
+    assert nothing.next().size == 0 and not nothing.done
+
+
+def test_repair_schedule_refuses_bad_arguments() -> None:
+    with pytest.raises(InvalidArgument, match="per_step"):
+        RepairSchedule([1, 2], -1)
+    with pytest.raises(InvalidArgument, match="among the stale"):
+        RepairSchedule([1, 2], 4, recomputed=[3])
+    with pytest.raises(InvalidArgument, match="one value per position"):
+        RepairSchedule([1, 2, 9], 4, scores=np.ones(5))
+    with pytest.raises(InvalidArgument, match=">= 0"):
+        RepairSchedule([-1, 2], 4)

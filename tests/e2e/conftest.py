@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +17,24 @@ from kvstore.client import KVClient
 from kvstore.errors import KVStoreError, Unauthenticated
 
 NAMESPACE = "test/model-a"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> tuple[Any, Any]:
+    """SmolLM2-135M-Instruct (float32) and its tokenizer. Without the model the test skips,
+    unless KVSTORE_REQUIRE_MODELS=1 (scripts/test.sh sets it), which makes it a failure."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    import _realkv
+    import torch
+
+    try:
+        return _realkv.load_smollm2(torch.float32)
+    except (_realkv.MissingModelDependency, FileNotFoundError) as exc:
+        if os.environ.get("KVSTORE_REQUIRE_MODELS") == "1":
+            pytest.fail(f"KVSTORE_REQUIRE_MODELS=1 but SmolLM2 cannot load: {exc}")
+        pytest.skip(f"SmolLM2 not available: {exc}")
 
 
 class ServerProcess:

@@ -7,8 +7,6 @@ a missing model a failure rather than a silent skip.
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +20,6 @@ from .conftest import ServerProcess
 
 pytestmark = pytest.mark.timeout(300)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import _realkv  # noqa: E402
-
 QUESTIONS = [
     "What is the capital of France? Answer in one sentence.",
     "And of Germany?",
@@ -32,16 +27,6 @@ QUESTIONS = [
     "Name one famous museum in each.",
 ]
 NEW_TOKENS = 24
-
-
-@pytest.fixture(scope="module")
-def smollm2() -> tuple[Any, Any]:
-    try:
-        return _realkv.load_smollm2(torch.float32)
-    except (_realkv.MissingModelDependency, FileNotFoundError) as exc:
-        if os.environ.get("KVSTORE_REQUIRE_MODELS") == "1":
-            pytest.fail(f"KVSTORE_REQUIRE_MODELS=1 but SmolLM2 cannot load: {exc}")
-        pytest.skip(f"SmolLM2 not available: {exc}")
 
 
 def tiny_llama(seed: int, dtype: torch.dtype = torch.float32, **overrides: Any) -> Any:
