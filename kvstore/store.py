@@ -37,10 +37,12 @@ it: a reservation's slot and a lease's slot belong to their holder until commit/
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import fnmatch
 import logging
 import math
+import os
 import re
 import threading
 import time
@@ -409,6 +411,22 @@ DEMOTE_BATCH_BYTES = 256 << 20
 # The retry hint of a call refused because the staging buffers are full: they empty as
 # values in flight reach ssd or their readers, within milliseconds.
 STAGING_RETRY_S = 0.05
+
+
+_decoders: concurrent.futures.ThreadPoolExecutor | None = None
+_decoders_lock = threading.Lock()
+
+
+def _decode_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """Threads decoding values fetched from the remote tier (made on first use)."""
+    global _decoders
+    with _decoders_lock:
+        if _decoders is None:
+            workers = min(8, os.cpu_count() or 1)
+            _decoders = concurrent.futures.ThreadPoolExecutor(
+                workers, thread_name_prefix="kvstore-decode"
+            )
+        return _decoders
 
 
 class _FetchSink:
@@ -1102,29 +1120,51 @@ class Store:
         if not want:
             return 0
         sink = _FetchSink(self, namespace, want)
+        values = remote.get_many(namespace, want, sink)
+        # Encoded values decode into their reservations in parallel (the decoders release
+        # the GIL): one after another, one core's decode speed bounded the whole fetch.
+        encoded = [i for i, v in enumerate(values) if v is not None and i in sink.encoded]
+        errors = _decode_pool().map(self._decode_fetched(sink, values), encoded)
+        bad = dict(zip(encoded, errors, strict=True))
         placed = 0
-        for i, value in enumerate(remote.get_many(namespace, want, sink)):
-            if value is not None and self._place_fetched(sink, i, value):
+        for i, value in enumerate(values):
+            if value is not None and self._place_fetched(sink, i, value, bad.get(i)):
                 placed += 1
         return placed
 
-    def _place_fetched(self, sink: _FetchSink, i: int, value: RemoteValue) -> bool:
-        """Commit the reservation `value` was read into (decoding it first if it came
-        encoded); False if it does not decode (then dropped from remote too)."""
+    @staticmethod
+    def _decode_fetched(
+        sink: _FetchSink, values: Sequence[RemoteValue | None]
+    ) -> Callable[[int], ContainerError | None]:
+        """Decoder of fetched value `i` into its reservation: the error, or None."""
+
+        def decode(i: int) -> ContainerError | None:
+            value, res = values[i], sink.reservations[i]
+            assert value is not None and res.buffer is not None
+            try:
+                decode_stored(value.header, value.payload, res.buffer)
+            except ContainerError as exc:
+                return exc
+            return None
+
+        return decode
+
+    def _place_fetched(
+        self, sink: _FetchSink, i: int, value: RemoteValue, bad: ContainerError | None
+    ) -> bool:
+        """Commit the reservation `value` was read (and decoded) into; False if it did not
+        decode (`bad`: then dropped from remote too)."""
         res, h = sink.reservations.pop(i), value.header
         assert res.buffer is not None
-        if i in sink.encoded:
-            try:
-                decode_stored(h, value.payload, res.buffer)
-            except ContainerError as exc:
-                res.abort()
-                namespace, key = res.entry.namespace, res.entry.key
-                log.error("remote value %s/%s does not decode: %s", namespace, key.hex(), exc)
-                assert self.remote is not None
-                self.remote.delete_many(namespace, [key])
-                with self._lock:
-                    self.corrupt["remote"] += 1
-                return False
+        if bad is not None:
+            res.abort()
+            namespace, key = res.entry.namespace, res.entry.key
+            log.error("remote value %s/%s does not decode: %s", namespace, key.hex(), bad)
+            assert self.remote is not None
+            self.remote.delete_many(namespace, [key])
+            with self._lock:
+                self.corrupt["remote"] += 1
+            return False
         res.written()
         res.declare(h.value_checksum)  # raw: every piece was checked; else decode checked
         res.entry.on_remote = True

@@ -11,7 +11,7 @@ import pytest
 from _redis_cluster import LocalCluster
 from redis.crc import key_slot
 
-from kvstore.codecs.container import CODEC_RAW, checksum
+from kvstore.codecs.container import CODEC_RAW, ValueHeader, checksum
 from kvstore.config import ServerConfig
 from kvstore.remote_writes import PendingWrite, WriteQueue
 from kvstore.store import Store
@@ -145,6 +145,34 @@ def test_remote_codec_rule_encodes_what_remote_stores(make_node: MakeNode) -> No
     assert stored.header.payload_len < len(v) // 10
     assert b.fetch_remote(NS, [key(7)]) == 1
     assert read(b, key(7)) == v
+
+
+def test_a_batch_of_encoded_values_decodes_and_drops_the_one_that_does_not(
+    make_node: MakeNode,
+) -> None:
+    """Encoded values fetched in one batch decode in parallel into their reservations; one
+    whose pieces are intact but whose payload does not decode is dropped, here and on the
+    cluster, and the others land."""
+    a = make_node("a", codec=("remote=zstd",), cpu_bytes="16MiB")
+    b = make_node("b", cpu_bytes="16MiB")
+    assert a.remote is not None and b.remote is not None
+    values = {key(40 + i): bytes([i]) * (64 * KiB) + data(KiB) for i in range(12)}
+    for k, v in values.items():
+        put(a, k, v)
+    wait_for(lambda: all(a.remote.exists_many(NS, list(values))))  # type: ignore[union-attr]
+    garbage = data(4 * KiB)  # intact pieces, but no zstd frame
+    value = data(65 * KiB)  # the others' size class: its reservation finds room
+    header = ValueHeader(
+        "uint8", (len(value),), len(value), checksum(value),
+        codec=1, payload_len=len(garbage), payload_checksum=checksum(garbage),
+    )  # fmt: skip
+    assert b.remote.put_many([(NS, key(60), header, garbage)]) == [True]
+    assert b.fetch_remote(NS, [*values, key(60)]) == len(values)
+    for k, v in values.items():
+        assert read(b, k) == v
+    assert b.exists(NS, [key(60)], remote=False) == [False]  # dropped here and remotely
+    assert b.remote.exists_many(NS, [key(60)]) == [False]
+    assert b.corrupt["remote"] == 1
 
 
 def test_remote_write_off_only_reads(make_node: MakeNode) -> None:
