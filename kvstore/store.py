@@ -37,12 +37,10 @@ it: a reservation's slot and a lease's slot belong to their holder until commit/
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import fnmatch
 import logging
 import math
-import os
 import re
 import threading
 import time
@@ -66,6 +64,7 @@ from kvstore.events import EventHub, EventKind, Watcher
 from kvstore.gpu import cuda_device_count
 from kvstore.keys import KEY_BYTES
 from kvstore.policy import POLICIES, EvictionPolicy
+from kvstore.threads import host_pool
 from kvstore.tiers.base import Buffer, MemoryTier, Tier, TierError, TierFull
 from kvstore.tiers.gpu import (
     CudaPool,
@@ -411,22 +410,6 @@ DEMOTE_BATCH_BYTES = 256 << 20
 # The retry hint of a call refused because the staging buffers are full: they empty as
 # values in flight reach ssd or their readers, within milliseconds.
 STAGING_RETRY_S = 0.05
-
-
-_decoders: concurrent.futures.ThreadPoolExecutor | None = None
-_decoders_lock = threading.Lock()
-
-
-def _decode_pool() -> concurrent.futures.ThreadPoolExecutor:
-    """Threads decoding values fetched from the remote tier (made on first use)."""
-    global _decoders
-    with _decoders_lock:
-        if _decoders is None:
-            workers = min(8, os.cpu_count() or 1)
-            _decoders = concurrent.futures.ThreadPoolExecutor(
-                workers, thread_name_prefix="kvstore-decode"
-            )
-        return _decoders
 
 
 class _FetchSink:
@@ -1124,7 +1107,7 @@ class Store:
         # Encoded values decode into their reservations in parallel (the decoders release
         # the GIL): one after another, one core's decode speed bounded the whole fetch.
         encoded = [i for i, v in enumerate(values) if v is not None and i in sink.encoded]
-        errors = _decode_pool().map(self._decode_fetched(sink, values), encoded)
+        errors = host_pool().map(self._decode_fetched(sink, values), encoded)
         bad = dict(zip(encoded, errors, strict=True))
         placed = 0
         for i, value in enumerate(values):
