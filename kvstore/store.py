@@ -1619,13 +1619,11 @@ class Store:
                 return codec
         return None
 
-    def _encoded(
-        self, e: Entry, value: Buffer, tier: str = "ssd", header: ValueHeader | None = None
-    ) -> tuple[ValueHeader, Buffer]:
-        """`e`'s value (described by `header`, default `e.header()`) as `tier` (ssd or
-        remote) stores it: through its namespace's codec, or raw when there is none or the
-        codec does not take this value (its shape or dtype)."""
-        return self._encode_for(tier, e.namespace, header or e.header(), value)
+    def _encoded(self, e: Entry, value: Buffer, tier: str = "ssd") -> tuple[ValueHeader, Buffer]:
+        """`e`'s value as `tier` (ssd or remote) stores it: through its namespace's codec,
+        or raw when there is none or the codec does not take this value (its shape or
+        dtype)."""
+        return self._encode_for(tier, e.namespace, e.header(), value)
 
     def _encode_for(
         self, tier: str, namespace: str, header: ValueHeader, value: Buffer
@@ -1679,11 +1677,7 @@ class Store:
                 )
                 if victim is None:
                     raise ResourceExhausted(self._why_no_room(e.nbytes)) from None
-                self._counters["ssd"].evictions += 1
-                if victim.slot is None:
-                    self._leaving(victim)
-                self._drop_ssd_copy(victim)
-                self._emit(EventKind.EVICTED, victim, "ssd")
+                self._evict_ssd(victim)
         self._on_ssd(e, header)
         codec = self._codec(e.namespace) if header.codec != CODEC_RAW else None
         name = codec.name if codec is not None else "raw"
@@ -1698,6 +1692,15 @@ class Store:
         e.on_ssd, e.ssd_sum, e.ssd_codec = True, header.value_checksum, header.codec
         self._dirty = True
         self._policy["ssd"].insert(e.eid, e.cost)
+
+    def _evict_ssd(self, victim: Entry) -> None:
+        """Evict `victim`'s ssd copy (under the lock), first queueing it for the remote tier
+        when it is the value's last local copy."""
+        self._counters["ssd"].evictions += 1
+        if victim.slot is None:
+            self._leaving(victim)
+        self._drop_ssd_copy(victim)
+        self._emit(EventKind.EVICTED, victim, "ssd")
 
     def _drop_ssd_copy(self, e: Entry) -> None:
         assert self.ssd is not None
@@ -1796,9 +1799,5 @@ class Store:
             if q.tier == "cpu":
                 self._evict_cpu([victim])
             else:
-                self._counters["ssd"].evictions += 1
-                if victim.slot is None:
-                    self._leaving(victim)
-                self._drop_ssd_copy(victim)
-                self._emit(EventKind.EVICTED, victim, "ssd")
+                self._evict_ssd(victim)
         return True
