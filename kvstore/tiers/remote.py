@@ -178,12 +178,17 @@ def header_key(prefix: str, namespace: str, key: bytes) -> bytes:
 
 def piece_key(prefix: str, namespace: str, key: bytes, generation: int, index: int) -> bytes:
     """The Redis key of piece `index` of write `generation` of a value."""
-    return _tag(prefix, namespace, key) + f"p{generation:016x}.{index}".encode()
+    return _piece_name(_tag(prefix, namespace, key), generation, index)
 
 
 def _piece_keys(hkey: bytes, rec: RecordHeader) -> list[bytes]:
+    """The Redis keys of every piece `rec` names, beside header record `hkey`."""
     tag = hkey[:-1]
-    return [tag + f"p{rec.generation:016x}.{i}".encode() for i in range(len(rec.sums))]
+    return [_piece_name(tag, rec.generation, i) for i in range(len(rec.sums))]
+
+
+def _piece_name(tag: bytes, generation: int, index: int) -> bytes:
+    return tag + f"p{generation:016x}.{index}".encode()
 
 
 @dataclass
