@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import itertools
 import logging
 import math
 import re
@@ -400,6 +401,9 @@ class _Slots:
     pages: dict[int, set[Entry]] = field(default_factory=dict)
 
 
+# A cpu allocation evicts an entry of its own size class only from among this many least
+# recently used entries; past them it frees the page of the oldest one.
+EXACT_FIT_WINDOW = 64
 # The remote writer sends pending writes in batches of about this many bytes.
 REMOTE_WRITE_BATCH_BYTES = 64 << 20
 # The demoter keeps each gpu pool at most this full, so puts from GPU clients find room
@@ -1547,16 +1551,18 @@ class Store:
         if slot is not None or nbytes > cpu.max_value_bytes:
             return slot
         size_class = cpu.allocator.class_of(nbytes)
-        # First choice: the least recently used entry of the same size class frees a slot
-        # that fits exactly.
+        # First choice: an entry of the same size class among the least recently used few
+        # frees a slot that fits exactly. Only a few: searching the whole order cost O(n)
+        # per value once older entries of another size sat at its head (~0.3 ms a 1 MiB
+        # put behind 2,000 smaller entries on a 2-core VM), and kept those entries forever.
         slots = self._mem[0]
-        for eid in slots.policy.candidates():
+        for eid in itertools.islice(slots.policy.candidates(), EXACT_FIT_WINDOW):
             e = self._index[eid]
             if self._evictable(e) and e.slot and e.slot.size_class == size_class:
                 self._evict_cpu([e])
                 return cpu.alloc(nbytes)
         # Otherwise free a whole page: the one holding the least recently used entry whose
-        # every slot is evictable.
+        # every slot is evictable (older entries of other sizes age out this way).
         seen: set[int] = set()
         for eid in slots.policy.candidates():
             e = self._index[eid]

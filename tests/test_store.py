@@ -390,6 +390,24 @@ def test_pinned_entry_survives_ssd_pressure(make_store: MakeStore) -> None:
     assert s.exists(NS, [key(1)]) == [False]
 
 
+def test_older_values_of_another_size_age_out(make_store: MakeStore) -> None:
+    """Values of a new size replace the older ones of another size, oldest first, instead
+    of only each other: a cache full of 64 KiB values, then twice its size in 1 MiB
+    values, keeps none of the old ones (two 64 MiB pages)."""
+    s = make_store(tiers=["cpu"], cpu_bytes="128MiB")
+    small = [key(i) for i in range(2048)]
+    for k in small:
+        put(s, k, value(1, 64 << 10))
+    assert s.lookup(NS, small[-1:]) == 1
+    large = {key(10_000 + i): value(i) for i in range(256)}
+    for k, v in large.items():
+        put(s, k, v)
+    assert sum(s.exists(NS, small)) == 0
+    recent = list(large)[-64:]
+    assert all(s.exists(NS, recent))
+    assert all(read(s, k) == large[k] for k in recent)
+
+
 def test_leased_entry_is_never_evicted(store: Store) -> None:
     vals = fill(store, CPU_SLOTS)
     lease = store.get(NS, key(0))
