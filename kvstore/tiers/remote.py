@@ -30,6 +30,7 @@ anyway and keeps trying: until it answers, reads miss and writes are dropped.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import struct
@@ -63,6 +64,10 @@ _U64 = struct.Struct("<Q")
 # Keys of one master's share of a batch per pipeline: a large batch becomes several
 # pipelines on several connections, read in parallel.
 KEYS_PER_PIPELINE = 8
+# A read first asks each master for all its header records (small), in pipelines of at
+# most this many keys, then reads the pieces in pipelines of about PIECE_BYTES_PER_JOB.
+HEADERS_PER_PIPELINE = 256
+PIECE_BYTES_PER_JOB = 8 << 20
 # The slowest rate a batch of writes is allowed, on top of the deadline (100 MB/s).
 WRITE_FLOOR_BYTES_S = 100e6
 # Deletes a value's records only if its header is still the one a reader found bad: a
@@ -201,8 +206,24 @@ class _Job:
     master: _Master
     positions: list[int] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    started: bool = False
     finished: bool = False
     abandoned: bool = False
+
+    def start(self) -> bool:
+        """Called by a job that owns buffers as it begins: False when its caller gave up
+        on it before (the caller then gives the buffers back)."""
+        with self.lock:
+            self.started = not self.abandoned
+            return self.started
+
+    def give_up(self) -> bool:
+        """Called by the caller of a job that brought no result: True when the job never
+        began, so that whatever was meant for it is the caller's to give back (a job that
+        began gives back its own)."""
+        with self.lock:
+            self.abandoned = self.abandoned or not self.finished
+            return not self.started and not self.finished
 
     def finish(self) -> bool:
         """Called by the job as it ends: False when its caller gave up on it."""
@@ -404,23 +425,37 @@ class RemoteTier:
 
     # ------------------------------------------------------------------ batching
 
-    def _group(self, hkeys: Sequence[bytes]) -> list[_Job]:
-        """Jobs of at most KEYS_PER_PIPELINE keys, per live master; keys of masters that
-        are down (or of an unknown slot map) are in no job."""
+    def _group(
+        self,
+        hkeys: Sequence[bytes],
+        budget: int = KEYS_PER_PIPELINE,
+        positions: Sequence[int] | None = None,
+        weight: Callable[[int], int] | None = None,
+    ) -> list[_Job]:
+        """Jobs per live master, each of at most `budget` keys (or, given `weight`, of
+        keys whose weights add up to at most `budget`, one key at least), taking turns
+        between the masters so that the first jobs the pool runs keep every master busy.
+        Only `positions` when given; keys of masters that are down (or of an unknown slot
+        map) are in no job."""
         slots = self._slots
         if slots is None:
             return []
         now = time.monotonic()
-        by_master: dict[_Master, list[int]] = {}
-        for i, hkey in enumerate(hkeys):
-            m = slots[key_slot(hkey)]
-            if m is not _UNSERVED and m.down_until <= now:
-                by_master.setdefault(m, []).append(i)
-        return [
-            _Job(m, positions[at : at + KEYS_PER_PIPELINE])
-            for m, positions in by_master.items()
-            for at in range(0, len(positions), KEYS_PER_PIPELINE)
-        ]
+        by_master: dict[_Master, list[_Job]] = {}
+        room: dict[_Master, int] = {}
+        for i in range(len(hkeys)) if positions is None else positions:
+            m = slots[key_slot(hkeys[i])]
+            if m is _UNSERVED or m.down_until > now:
+                continue
+            w = 1 if weight is None else weight(i)
+            jobs = by_master.setdefault(m, [])
+            if not jobs or (room[m] < w and jobs[-1].positions):
+                jobs.append(_Job(m))
+                room[m] = budget
+            jobs[-1].positions.append(i)
+            room[m] -= w
+        turns = itertools.zip_longest(*by_master.values())
+        return [job for turn in turns for job in turn if job is not None]
 
     def _run(
         self, what: str, jobs: list[_Job], work: Callable[[_Job], T], extra_s: float = 0.0
@@ -461,12 +496,14 @@ class RemoteTier:
         work: Callable[[_Job], Sequence[T]],
         missing: T,
         extra_s: float = 0.0,
+        budget: int = KEYS_PER_PIPELINE,
     ) -> list[T]:
-        """Run `work` on every master's share of `hkeys` in parallel; one result per key,
-        in order, `missing` where the master failed or is skipped."""
+        """Run `work` on every master's share of `hkeys` (in jobs of `budget` keys) in
+        parallel; one result per key, in order, `missing` where the master failed or is
+        skipped."""
         out = [missing] * len(hkeys)
         try:
-            jobs = self._group(hkeys)
+            jobs = self._group(hkeys, budget)
             done = self._run(what, jobs, work, extra_s)
         except Exception:  # closed meanwhile, or a bug: still a miss, never a failed call
             log.exception("remote tier: %s of %d keys failed", what, len(hkeys))
@@ -486,76 +523,132 @@ class RemoteTier:
         self, namespace: str, keys: Sequence[bytes], sink: PayloadSink | None = None
     ) -> list[RemoteValue | None]:
         """Each value, verified, or None: absent, damaged (then deleted), or on a master
-        that failed. Payloads are read into buffers from `sink` (default: new ones)."""
+        that failed. Payloads are read into buffers from `sink` (default: new ones).
+
+        Two rounds: every master's header records at once (small replies, one pipeline
+        per master), then the pieces in jobs of about PIECE_BYTES_PER_JOB taking turns
+        between the masters. Reading a job's headers and then its pieces on one
+        connection left that connection, and often its master, idle for a round trip in
+        every job; the pieces now flow back to back."""
         hkeys = self._hkeys(namespace, keys)
         to = sink if sink is not None else _NewBuffers()
-        out: list[RemoteValue | None] = self._scatter(
-            "read", hkeys, lambda job: self._get_job(job, hkeys, to), None
-        )
+        records = self._scatter(
+            "read", hkeys, lambda job: self._header_job(job, hkeys), None,
+            budget=HEADERS_PER_PIPELINE,
+        )  # fmt: skip
+        reads: dict[int, tuple[bytes, RecordHeader, memoryview]] = {}
+        for i, found in enumerate(records):
+            if found is not None:
+                dst = to.buffer(i, found[1].header)
+                if dst is not None:
+                    reads[i] = (*found, dst)
+        out: list[RemoteValue | None] = [None] * len(keys)
+        if reads:
+            self._read_values(hkeys, reads, to, out)
         hits = sum(v is not None for v in out)
         with self._lock:
             self.counters.hits += hits
             self.counters.misses += len(keys) - hits
         return out
 
-    def _get_job(
-        self, job: _Job, hkeys: Sequence[bytes], sink: PayloadSink
-    ) -> list[RemoteValue | None]:
-        handed: list[int] = []  # keys the sink gave a buffer for
+    def _header_job(
+        self, job: _Job, hkeys: Sequence[bytes]
+    ) -> list[tuple[bytes, RecordHeader] | None]:
+        """The header records of a job's keys, raw and parsed (None: absent or damaged,
+        then dropped)."""
+        pipe = job.master.client.pipeline(transaction=False)
+        for i in job.positions:
+            pipe.get(hkeys[i])
+        out: list[tuple[bytes, RecordHeader] | None] = []
+        bad: list[tuple[bytes, bytes, list[bytes]]] = []  # header key, header, piece keys
+        for i, raw in zip(job.positions, pipe.execute(), strict=True):
+            rec = None
+            if raw is not None:
+                try:
+                    rec = decode_record(raw)
+                except RemoteRecordError as exc:
+                    log.error("remote tier: dropping %r: %s", hkeys[i], exc)
+                    bad.append((hkeys[i], raw, []))
+            out.append(None if rec is None else (raw, rec))
+        if bad:
+            self._drop(job.master.client, bad)
+        return out
+
+    def _read_values(
+        self,
+        hkeys: Sequence[bytes],
+        reads: dict[int, tuple[bytes, RecordHeader, memoryview]],
+        sink: PayloadSink,
+        out: list[RemoteValue | None],
+    ) -> None:
+        """Read the pieces of `reads` (position: raw header, its record, destination) into
+        their destinations and set `out` for those that arrive whole and check out; every
+        other destination goes back to `sink`."""
+        jobs: list[_Job] = []
         try:
-            found = self._read_job(job, hkeys, sink, handed)
+            jobs = self._group(
+                hkeys, PIECE_BYTES_PER_JOB, list(reads), lambda i: reads[i][1].header.payload_len
+            )
+            jobs_of = {i for job in jobs for i in job.positions}
+            for i in reads.keys() - jobs_of:  # its master went down since its header came
+                sink.discard(i)
+            done = self._run("read", jobs, lambda job: self._pieces_job(job, hkeys, reads, sink))
+        except Exception:  # closed meanwhile, or a bug: misses, never a failed call
+            log.exception("remote tier: reading %d values failed", len(reads))
+            done = [None] * len(jobs)
+        for job, found in zip(jobs, done, strict=True):
+            if found is not None:
+                for i, value in zip(job.positions, found, strict=True):
+                    out[i] = value
+            elif job.give_up():
+                for i in job.positions:
+                    sink.discard(i)
+
+    def _pieces_job(
+        self,
+        job: _Job,
+        hkeys: Sequence[bytes],
+        reads: dict[int, tuple[bytes, RecordHeader, memoryview]],
+        sink: PayloadSink,
+    ) -> list[RemoteValue | None]:
+        """Read one job's values; from its start it owns their destinations: each is
+        returned in a RemoteValue or given back to `sink`."""
+        if not job.start():
+            return []
+        mine = [(i, *reads[i]) for i in job.positions]
+        try:
+            faults = _read_pieces(
+                job.master.client,
+                [(_piece_keys(hkeys[i], rec), rec, dst) for i, _, rec, dst in mine],
+            )
         except BaseException:
-            for i in handed:
+            for i in job.positions:
                 sink.discard(i)
             raise
         if not job.finish():  # the caller gave up waiting: nobody will take these
-            for i in handed:
+            for i in job.positions:
                 sink.discard(i)
-        return found
-
-    def _read_job(
-        self, job: _Job, hkeys: Sequence[bytes], sink: PayloadSink, handed: list[int]
-    ) -> list[RemoteValue | None]:
-        client = job.master.client
-        pipe = client.pipeline(transaction=False)
-        for i in job.positions:
-            pipe.get(hkeys[i])
-        raws = pipe.execute()
-        records: list[tuple[int, bytes, RecordHeader, memoryview]] = []
-        bad: list[tuple[bytes, bytes, list[bytes]]] = []  # header key, header, piece keys
-        for i, raw in zip(job.positions, raws, strict=True):
-            if raw is None:
-                continue
-            try:
-                rec = decode_record(raw)
-            except RemoteRecordError as exc:
-                log.error("remote tier: dropping %r: %s", hkeys[i], exc)
-                bad.append((hkeys[i], raw, []))
-                continue
-            dst = sink.buffer(i, rec.header)
-            if dst is not None:
-                handed.append(i)
-                records.append((i, raw, rec, dst))
-        found: dict[int, RemoteValue] = {}
-        if records:
-            faults = _read_pieces(
-                client, [(_piece_keys(hkeys[i], rec), rec, dst) for i, _, rec, dst in records]
-            )
-            nbytes = 0
-            for (i, raw, rec, dst), why in zip(records, faults, strict=True):
-                if why:
-                    log.error("remote tier: dropping %r: %s", hkeys[i], why)
-                    bad.append((hkeys[i], raw, _piece_keys(hkeys[i], rec)))
-                    handed.remove(i)
-                    sink.discard(i)
-                    continue
-                found[i] = RemoteValue(rec.header, dst)
+            return []
+        found: list[RemoteValue | None] = []
+        bad: list[tuple[bytes, bytes, list[bytes]]] = []
+        nbytes = 0
+        for (i, raw, rec, dst), why in zip(mine, faults, strict=True):
+            if why:
+                log.error("remote tier: dropping %r: %s", hkeys[i], why)
+                bad.append((hkeys[i], raw, _piece_keys(hkeys[i], rec)))
+                sink.discard(i)
+                found.append(None)
+            else:
+                found.append(RemoteValue(rec.header, dst))
                 nbytes += len(dst)
-            with self._lock:
-                self.counters.bytes_read += nbytes
+        with self._lock:
+            self.counters.bytes_read += nbytes
         if bad:
-            self._drop(client, bad)
-        return [found.get(i) for i in job.positions]
+            try:  # the values read are returned whatever happens to the drop
+                self._drop(job.master.client, bad)
+            except (redis.RedisError, OSError) as exc:
+                log.warning("remote tier: could not drop %d damaged values: %s", len(bad), exc)
+        return found
 
     def _drop(self, client: redis.Redis, bad: list[tuple[bytes, bytes, list[bytes]]]) -> None:
         pipe = client.pipeline(transaction=False)
