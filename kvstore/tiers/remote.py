@@ -36,7 +36,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
@@ -65,9 +65,12 @@ _U64 = struct.Struct("<Q")
 # pipelines on several connections, read in parallel.
 KEYS_PER_PIPELINE = 8
 # A read first asks each master for all its header records (small), in pipelines of at
-# most this many keys, then reads the pieces in pipelines of about PIECE_BYTES_PER_JOB.
+# most this many keys, then reads the pieces on READ_LANES_PER_MASTER connections to each
+# master, one pipeline of about PIECE_BYTES_PER_PIPELINE after another on each. Two lanes
+# kept a loopback master busy; more threads only fought over the GIL (bench_remote notes).
 HEADERS_PER_PIPELINE = 256
-PIECE_BYTES_PER_JOB = 8 << 20
+READ_LANES_PER_MASTER = 2
+PIECE_BYTES_PER_PIPELINE = 8 << 20
 # The slowest rate a batch of writes is allowed, on top of the deadline (100 MB/s).
 WRITE_FLOOR_BYTES_S = 100e6
 # Deletes a value's records only if its header is still the one a reader found bad: a
@@ -257,6 +260,13 @@ class _NewBuffers:
         pass
 
 
+def _take_turns(per_master: Iterable[list[_Job]]) -> list[_Job]:
+    """Every master's jobs in one list, the masters taking turns: the first jobs a pool
+    runs then keep every master busy."""
+    turns = itertools.zip_longest(*per_master)
+    return [job for turn in turns for job in turn if job is not None]
+
+
 class RemoteTier:
     """A Redis/Valkey Cluster as a shared tier; see the module docstring."""
 
@@ -425,37 +435,44 @@ class RemoteTier:
 
     # ------------------------------------------------------------------ batching
 
-    def _group(
-        self,
-        hkeys: Sequence[bytes],
-        budget: int = KEYS_PER_PIPELINE,
-        positions: Sequence[int] | None = None,
-        weight: Callable[[int], int] | None = None,
-    ) -> list[_Job]:
-        """Jobs per live master, each of at most `budget` keys (or, given `weight`, of
-        keys whose weights add up to at most `budget`, one key at least), taking turns
-        between the masters so that the first jobs the pool runs keep every master busy.
-        Only `positions` when given; keys of masters that are down (or of an unknown slot
-        map) are in no job."""
+    def _shares(
+        self, hkeys: Sequence[bytes], positions: Sequence[int] | None = None
+    ) -> dict[_Master, list[int]]:
+        """Each live master's positions among `hkeys` (only `positions` when given); keys
+        of masters that are down (or of an unknown slot map) are in no share."""
         slots = self._slots
         if slots is None:
-            return []
+            return {}
         now = time.monotonic()
-        by_master: dict[_Master, list[_Job]] = {}
-        room: dict[_Master, int] = {}
+        shares: dict[_Master, list[int]] = {}
         for i in range(len(hkeys)) if positions is None else positions:
             m = slots[key_slot(hkeys[i])]
-            if m is _UNSERVED or m.down_until > now:
-                continue
-            w = 1 if weight is None else weight(i)
-            jobs = by_master.setdefault(m, [])
-            if not jobs or (room[m] < w and jobs[-1].positions):
-                jobs.append(_Job(m))
-                room[m] = budget
-            jobs[-1].positions.append(i)
-            room[m] -= w
-        turns = itertools.zip_longest(*by_master.values())
-        return [job for turn in turns for job in turn if job is not None]
+            if m is not _UNSERVED and m.down_until <= now:
+                shares.setdefault(m, []).append(i)
+        return shares
+
+    def _group(self, hkeys: Sequence[bytes], budget: int = KEYS_PER_PIPELINE) -> list[_Job]:
+        """Jobs of at most `budget` keys per live master."""
+        return _take_turns(
+            [_Job(m, share[at : at + budget]) for at in range(0, len(share), budget)]
+            for m, share in self._shares(hkeys).items()
+        )
+
+    def _lanes(
+        self, hkeys: Sequence[bytes], positions: Sequence[int], nbytes: Callable[[int], int]
+    ) -> list[_Job]:
+        """READ_LANES_PER_MASTER jobs per live master (fewer for fewer keys), of about
+        equal bytes."""
+        per_master = []
+        for m, share in self._shares(hkeys, positions).items():
+            lanes = [_Job(m) for _ in range(min(READ_LANES_PER_MASTER, len(share)))]
+            loads = [0] * len(lanes)
+            for i in share:
+                k = loads.index(min(loads))
+                lanes[k].positions.append(i)
+                loads[k] += nbytes(i)
+            per_master.append(lanes)
+        return _take_turns(per_master)
 
     def _run(
         self, what: str, jobs: list[_Job], work: Callable[[_Job], T], extra_s: float = 0.0
@@ -525,11 +542,11 @@ class RemoteTier:
         """Each value, verified, or None: absent, damaged (then deleted), or on a master
         that failed. Payloads are read into buffers from `sink` (default: new ones).
 
-        Two rounds: every master's header records at once (small replies, one pipeline
-        per master), then the pieces in jobs of about PIECE_BYTES_PER_JOB taking turns
-        between the masters. Reading a job's headers and then its pieces on one
-        connection left that connection, and often its master, idle for a round trip in
-        every job; the pieces now flow back to back."""
+        Two rounds: every master's header records at once (small replies, pipelines of
+        up to HEADERS_PER_PIPELINE), then the pieces on READ_LANES_PER_MASTER lanes per
+        master, pipelines back to back. Reading a few keys' headers and then their pieces
+        on one connection left it, and often its master, idle for a round trip each
+        time; more threads than lanes only fought over the GIL."""
         hkeys = self._hkeys(namespace, keys)
         to = sink if sink is not None else _NewBuffers()
         records = self._scatter(
@@ -586,13 +603,18 @@ class RemoteTier:
         other destination goes back to `sink`."""
         jobs: list[_Job] = []
         try:
-            jobs = self._group(
-                hkeys, PIECE_BYTES_PER_JOB, list(reads), lambda i: reads[i][1].header.payload_len
-            )
+            jobs = self._lanes(hkeys, list(reads), lambda i: reads[i][1].header.payload_len)
             jobs_of = {i for job in jobs for i in job.positions}
             for i in reads.keys() - jobs_of:  # its master went down since its header came
                 sink.discard(i)
-            done = self._run("read", jobs, lambda job: self._pieces_job(job, hkeys, reads, sink))
+            # Each lane has the deadline for each of its pipelines.
+            pipelines = max(len(_pipelines(job.positions, reads)) for job in jobs) if jobs else 1
+            done = self._run(
+                "read",
+                jobs,
+                lambda job: self._pieces_job(job, hkeys, reads, sink),
+                extra_s=self.timeout_s * (pipelines - 1),
+            )
         except Exception:  # closed meanwhile, or a bug: misses, never a failed call
             log.exception("remote tier: reading %d values failed", len(reads))
             done = [None] * len(jobs)
@@ -616,11 +638,13 @@ class RemoteTier:
         if not job.start():
             return []
         mine = [(i, *reads[i]) for i in job.positions]
+        faults: list[str] = []
         try:
-            faults = _read_pieces(
-                job.master.client,
-                [(_piece_keys(hkeys[i], rec), rec, dst) for i, _, rec, dst in mine],
-            )
+            for part in _pipelines(job.positions, reads):
+                faults += _read_pieces(
+                    job.master.client,
+                    [(_piece_keys(hkeys[i], reads[i][1]), *reads[i][1:]) for i in part],
+                )
         except BaseException:
             for i in job.positions:
                 sink.discard(i)
@@ -774,6 +798,23 @@ class RemoteTier:
             masters = list(self._masters.values())
         for m in masters:
             m.client.connection_pool.disconnect()
+
+
+def _pipelines(
+    positions: Sequence[int], reads: dict[int, tuple[bytes, RecordHeader, memoryview]]
+) -> list[list[int]]:
+    """`positions` cut into runs of about PIECE_BYTES_PER_PIPELINE of payload (one value at
+    least), each read as one pipeline."""
+    runs: list[list[int]] = []
+    room = 0
+    for i in positions:
+        size = reads[i][1].header.payload_len
+        if not runs or (room < size and runs[-1]):
+            runs.append([])
+            room = PIECE_BYTES_PER_PIPELINE
+        runs[-1].append(i)
+        room -= size
+    return runs
 
 
 def _read_pieces(
