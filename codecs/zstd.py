@@ -63,23 +63,60 @@ class Zstd(Codec):
             dst[:] = planes
 
 
-_BLOCK = 1 << 16  # elements per parallel task
+# Element sizes the shuffle handles, as the unsigned words it reads them as: the store's
+# dtypes are 1, 2, 4 or 8 bytes (1: nothing to shuffle).
+_WORDS = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(cache=True)
+def _shuffle_words(words: np.ndarray, planes: np.ndarray) -> None:
+    """planes[j * n + i] = byte j of words[i]: each byte of every element, plane after
+    plane, one plane per pass over whole words (the loops vectorize: 3-8 GB/s on one core,
+    where the byte-by-byte transpose it replaced did 0.65, and 1.6 on every core)."""
+    n = words.size
+    mask = words.dtype.type(0xFF)
+    for j in range(planes.size // n):
+        shift = words.dtype.type(8 * j)
+        plane = planes[j * n : (j + 1) * n]
+        for i in range(n):
+            plane[i] = np.uint8((words[i] >> shift) & mask)
+
+
+@numba.njit(cache=True)
+def _unshuffle_words(planes: np.ndarray, words: np.ndarray) -> None:
+    """The inverse of `_shuffle_words`."""
+    n = words.size
+    for i in range(n):
+        words[i] = 0
+    for j in range(planes.size // n):
+        shift = words.dtype.type(8 * j)
+        plane = planes[j * n : (j + 1) * n]
+        for i in range(n):
+            words[i] |= words.dtype.type(plane[i]) << shift
+
+
+@numba.njit(cache=True)
+def _shuffle_pairs(words: np.ndarray, planes: np.ndarray) -> None:
+    """`_shuffle_words` for 16-bit elements (fp16 and bf16 KV) in one pass: 13-19 GB/s."""
+    n = words.size
+    for i in range(n):
+        w = words[i]
+        planes[i] = np.uint8(w & np.uint16(0xFF))
+        planes[n + i] = np.uint8(w >> np.uint16(8))
+
+
+@numba.njit(cache=True)
+def _unshuffle_pairs(planes: np.ndarray, words: np.ndarray) -> None:
+    n = words.size
+    for i in range(n):
+        words[i] = np.uint16(planes[i]) | (np.uint16(planes[n + i]) << np.uint16(8))
+
+
 def _shuffle(src: np.ndarray, planes: np.ndarray, k: int) -> None:
-    """planes[j * n + i] = src[i * k + j]: byte j of every element, plane after plane."""
-    n = src.size // k
-    for b in numba.prange((n + _BLOCK - 1) // _BLOCK):
-        for i in range(b * _BLOCK, min(n, (b + 1) * _BLOCK)):
-            for j in range(k):
-                planes[j * n + i] = src[i * k + j]
+    """Serial: callers that code many values at once do it on threads of their own, where
+    a parallel kernel in each oversubscribed the cores."""
+    (_shuffle_pairs if k == 2 else _shuffle_words)(src.view(_WORDS[k]), planes)
 
 
-@numba.njit(parallel=True, cache=True)
 def _unshuffle(planes: np.ndarray, dst: np.ndarray, k: int) -> None:
-    n = dst.size // k
-    for b in numba.prange((n + _BLOCK - 1) // _BLOCK):
-        for i in range(b * _BLOCK, min(n, (b + 1) * _BLOCK)):
-            for j in range(k):
-                dst[i * k + j] = planes[j * n + i]
+    (_unshuffle_pairs if k == 2 else _unshuffle_words)(planes, dst.view(_WORDS[k]))
