@@ -50,6 +50,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from kvstore.codecs.container import (
     CODEC_RAW,
     ContainerError,
@@ -441,7 +443,9 @@ class _FetchSink:
         if raw and h.payload_checksum == h.value_checksum:
             return res.buffer
         self.encoded.add(index)
-        return memoryview(bytearray(h.payload_len))
+        # Not a bytearray: that zero-fills on this (the calling) thread, one value after
+        # another; untouched pages are filled by the reads, on their threads.
+        return np.empty(h.payload_len, np.uint8).data
 
     def discard(self, index: int) -> None:
         res = self.reservations.pop(index, None)
