@@ -331,6 +331,41 @@ class ClosingSink(PausingSink):
         return memoryview(bytearray(header.payload_len))
 
 
+class KillingSink(PausingSink):
+    """Kills one master as the first buffer is asked for: its header records came, its
+    pieces will not."""
+
+    def buffer(self, index: int, header: ValueHeader) -> memoryview | None:
+        with self.lock:
+            if not self.handed:
+                self.cluster.kill(self.master)
+            self.handed.add(index)
+        return memoryview(bytearray(header.payload_len))
+
+
+def test_a_master_killed_between_headers_and_pieces_misses_only_its_values(
+    tier: RemoteTier, redis_cluster: LocalCluster
+) -> None:
+    keys = [os.urandom(32) for _ in range(30)]
+    values = [value(2 * PIECE + i) for i in range(30)]
+    assert all(tier.put_many([(NS, k, h, d) for k, (h, d) in zip(keys, values, strict=True)]))
+    owner = [redis_cluster.owner(key_slot(header_key(tier.prefix, NS, k))) for k in keys]
+    assert {0, 1, 2} <= set(owner)
+    sink = KillingSink(redis_cluster, 1)
+    try:
+        started = time.monotonic()
+        got = tier.get_many(NS, keys, sink)
+        assert time.monotonic() - started < tier.timeout_s + 0.5
+    finally:
+        redis_cluster.restart(1)
+    assert sink.handed == set(range(len(keys)))  # every header came before the kill
+    for i, (g, o, (_, d)) in enumerate(zip(got, owner, values, strict=True)):
+        if o == 1:
+            assert g is None and i in sink.discarded
+        else:
+            assert g is not None and bytes(g.payload) == d and i not in sink.discarded
+
+
 def test_a_tier_closed_between_headers_and_pieces_gives_every_buffer_back(
     redis_cluster: LocalCluster,
 ) -> None:
