@@ -571,6 +571,26 @@ def _read_state(data: np.ndarray, pos: int) -> int:
     )
 
 
+@numba.njit(cache=True, inline="always")
+def _step(
+    x: int,
+    data: np.ndarray,
+    pos: int,
+    slot_to_symbol: np.ndarray,
+    freq_cum: np.ndarray,
+    mask: int,
+    precision: int,
+) -> tuple[int, int, int]:
+    """One symbol of one lane: (its next state, the next byte to read, the symbol)."""
+    slot = x & mask
+    s = slot_to_symbol[slot]
+    fc = freq_cum[s]
+    x = (fc & 0xFFFF) * (x >> precision) + slot - (fc >> 16)
+    k = int(x < RANS_L) + int(x < RANS_L >> 8)
+    w = int(data[pos]) << 8 | int(data[pos + 1])
+    return (x << (8 * k)) | (w >> (16 - 8 * k)), pos + k, s
+
+
 @numba.njit(cache=True)
 def _decode_stream(
     data: np.ndarray,
@@ -604,19 +624,22 @@ def _decode_stream(
     i = 0
     # Fast path: a symbol reads at most 2 bytes, so a group of `lanes` symbols stays within
     # the stream while 2 * lanes bytes remain. Reading two bytes and keeping 0-2 of them
-    # replaces the unpredictable renormalization branch.
+    # replaces the unpredictable renormalization branch. Four lanes (the default) keep
+    # their states in registers.
+    if lanes == 4:
+        x0, x1, x2, x3 = state[0], state[1], state[2], state[3]
+        while i + 4 <= n and pos + 8 <= end:
+            x0, pos, out[i] = _step(x0, data, pos, slot_to_symbol, freq_cum, mask, precision)
+            x1, pos, out[i + 1] = _step(x1, data, pos, slot_to_symbol, freq_cum, mask, precision)
+            x2, pos, out[i + 2] = _step(x2, data, pos, slot_to_symbol, freq_cum, mask, precision)
+            x3, pos, out[i + 3] = _step(x3, data, pos, slot_to_symbol, freq_cum, mask, precision)
+            i += 4
+        state[0], state[1], state[2], state[3] = x0, x1, x2, x3
     while i + lanes <= n and pos + 2 * lanes <= end:
         for j in range(lanes):
-            x = state[j]
-            slot = x & mask
-            s = slot_to_symbol[slot]
-            fc = freq_cum[s]
-            x = (fc & 0xFFFF) * (x >> precision) + slot - (fc >> 16)
-            k = int(x < RANS_L) + int(x < RANS_L >> 8)
-            w = int(data[pos]) << 8 | int(data[pos + 1])
-            state[j] = (x << (8 * k)) | (w >> (16 - 8 * k))
-            pos += k
-            out[i + j] = s
+            state[j], pos, out[i + j] = _step(
+                state[j], data, pos, slot_to_symbol, freq_cum, mask, precision
+            )
         i += lanes
     while i < n:
         j = i % lanes
