@@ -158,8 +158,9 @@ class ServerConfig:
     """Seconds remote records live (Redis TTL); 0: no TTL, the cluster's own memory policy
     (maxmemory with allkeys-lru) decides what to drop."""
     remote_workers: int = 16
-    """Threads that run remote batches: each master's share of a batch goes out as
-    pipelines of up to 8 keys, run in parallel on them."""
+    """Threads that run remote batches, all requests together: a read's pieces use two
+    per master (lanes of ~8 MiB pipelines); writes, existence checks and deletes one per
+    8 keys of a master's share."""
     remote_queue_bytes: int = 256 << 20
     """Bytes of values waiting to be written to the remote tier; past it the oldest pending
     write is dropped (counted), so puts never wait for the remote."""

@@ -158,8 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--remote-workers",
         type=int,
-        help="threads running remote batches; each master's share of a batch goes out as "
-        f"pipelines of up to 8 keys in parallel on them (default {d.remote_workers})",
+        help="threads running remote batches, all requests together: a read's pieces use "
+        "two per master; writes, existence checks and deletes one per 8 keys of a master's "
+        f"share (default {d.remote_workers})",
     )
     p.add_argument(
         "--remote-queue-bytes",
