@@ -6,7 +6,7 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -266,12 +266,12 @@ def test_bad_url_is_refused() -> None:
         RemoteTier(["http://example.invalid:6379"])
 
 
-class PausingSink:
-    """Gives buffers like the store does, and hangs one master as the first is asked for:
-    between a value's header read and its pieces read."""
+class InterruptingSink:
+    """Gives buffers like the store does, and runs `first` as the first is asked for:
+    after the header records came, before any piece is read."""
 
-    def __init__(self, cluster: LocalCluster, master: int) -> None:
-        self.cluster, self.master = cluster, master
+    def __init__(self, first: Callable[[], object]) -> None:
+        self.first = first
         self.handed: set[int] = set()
         self.discarded: set[int] = set()
         self.lock = threading.Lock()
@@ -279,7 +279,7 @@ class PausingSink:
     def buffer(self, index: int, header: ValueHeader) -> memoryview | None:
         with self.lock:
             if not self.handed:
-                self.cluster.pause(self.master)
+                self.first()
             self.handed.add(index)
         return memoryview(bytearray(header.payload_len))
 
@@ -297,7 +297,7 @@ def test_a_read_past_its_deadline_gives_its_buffers_back_when_it_ends(
         owners = [redis_cluster.owner(key_slot(header_key(t.prefix, NS, k))) for k in keys]
         on_one = [k for k, o in zip(keys, owners, strict=True) if o == 1][:6]
         t.put_many([(NS, k, *value(3 * PIECE)) for k in on_one])
-        sink = PausingSink(redis_cluster, 1)
+        sink = InterruptingSink(lambda: redis_cluster.pause(1))  # hangs, connections open
         try:
             started = time.monotonic()
             got = t.get_many(NS, on_one, sink)
@@ -314,35 +314,6 @@ def test_a_read_past_its_deadline_gives_its_buffers_back_when_it_ends(
         t.close()
 
 
-class ClosingSink(PausingSink):
-    """Closes the tier as the first buffer is asked for: after the header records came,
-    before any piece is read."""
-
-    def __init__(self, tier: RemoteTier) -> None:
-        self.tier = tier
-        self.handed, self.discarded = set(), set()
-        self.lock = threading.Lock()
-
-    def buffer(self, index: int, header: ValueHeader) -> memoryview | None:
-        with self.lock:
-            if not self.handed:
-                self.tier.close()
-            self.handed.add(index)
-        return memoryview(bytearray(header.payload_len))
-
-
-class KillingSink(PausingSink):
-    """Kills one master as the first buffer is asked for: its header records came, its
-    pieces will not."""
-
-    def buffer(self, index: int, header: ValueHeader) -> memoryview | None:
-        with self.lock:
-            if not self.handed:
-                self.cluster.kill(self.master)
-            self.handed.add(index)
-        return memoryview(bytearray(header.payload_len))
-
-
 def test_a_master_killed_between_headers_and_pieces_misses_only_its_values(
     tier: RemoteTier, redis_cluster: LocalCluster
 ) -> None:
@@ -351,7 +322,7 @@ def test_a_master_killed_between_headers_and_pieces_misses_only_its_values(
     assert all(tier.put_many([(NS, k, h, d) for k, (h, d) in zip(keys, values, strict=True)]))
     owner = [redis_cluster.owner(key_slot(header_key(tier.prefix, NS, k))) for k in keys]
     assert {0, 1, 2} <= set(owner)
-    sink = KillingSink(redis_cluster, 1)
+    sink = InterruptingSink(lambda: redis_cluster.kill(1))
     try:
         started = time.monotonic()
         got = tier.get_many(NS, keys, sink)
@@ -372,7 +343,7 @@ def test_a_tier_closed_between_headers_and_pieces_gives_every_buffer_back(
     t = RemoteTier(redis_cluster.urls, piece_bytes=PIECE, workers=2)
     keys = [os.urandom(32) for _ in range(12)]
     assert all(t.put_many([(NS, k, *value(2 * PIECE)) for k in keys]))
-    sink = ClosingSink(t)
+    sink = InterruptingSink(t.close)
     assert t.get_many(NS, keys, sink) == [None] * len(keys)
     assert sink.handed == set(range(len(keys)))
     assert sink.discarded == sink.handed  # no job ran: the read gave them all back
