@@ -335,22 +335,12 @@ class ServerConfig:
                 "(e.g. --tiers cpu,ssd,remote)"
             )
         for url in self.remote:
-            from redis.connection import parse_url  # only with a remote tier
+            from kvstore.tiers.remote import seed  # imports redis: only with a remote tier
 
             try:
-                args = parse_url(url)
+                seed(url)
             except ValueError as exc:
-                raise ConfigError(f"remote: {url!r} is not a Redis URL: {exc}") from None
-            if not args.get("host"):
-                raise ConfigError(f"remote: {url!r} names no host (redis://HOST:PORT)")
-            from redis import ConnectionPool
-
-            try:  # builds a connection object, without connecting: checks the URL's options
-                ConnectionPool(**args).make_connection()
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(
-                    f"remote: {url!r} has an option redis-py rejects: {exc}"
-                ) from None
+                raise ConfigError(f"remote: {exc}") from None
         self.remote_password = str(self.remote_password) if self.remote_password else None
         self.remote_write = str(self.remote_write).lower()
         if self.remote_write not in REMOTE_WRITE_MODES:

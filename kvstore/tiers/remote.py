@@ -260,6 +260,25 @@ class _NewBuffers:
         pass
 
 
+def seed(url: str) -> tuple[tuple[str, int], dict[str, Any]]:
+    """(host, port) and the connection options of one cluster seed URL. ValueError, saying
+    why, for a URL that is not a usable redis:// or rediss:// one; checked without
+    connecting (a connection object is built, which rejects options redis-py lacks)."""
+    try:
+        args = parse_url(url)
+    except ValueError as exc:
+        raise ValueError(f"{url!r} is not a Redis URL: {exc}") from None
+    if not args.get("host"):
+        raise ValueError(f"{url!r} names no host (redis://HOST:PORT)")
+    try:
+        redis.ConnectionPool(**args).make_connection()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{url!r} has an option redis-py rejects: {exc}") from None
+    address = (str(args.pop("host")), int(args.pop("port", 6379)))
+    args.pop("db", None)  # a cluster has one database
+    return address, args
+
+
 def _take_turns(per_master: Iterable[list[_Job]]) -> list[_Job]:
     """Every master's jobs in one list, the masters taking turns: the first jobs a pool
     runs then keep every master busy."""
@@ -295,19 +314,14 @@ class RemoteTier:
         self._seeds: list[tuple[str, int]] = []
         self._conn_args: dict[str, Any] = {}
         for url in urls:
-            args = parse_url(url)  # ValueError for anything that is not a redis URL
-            host, port = str(args.pop("host", "localhost")), int(args.pop("port", 6379))
-            args.pop("db", None)  # a cluster has one database
+            try:
+                address, args = seed(url)
+            except ValueError as exc:
+                raise ValueError(f"remote tier: {exc}") from None
             if password and not args.get("password"):
                 args["password"] = password
-            self._seeds.append((host, port))
+            self._seeds.append(address)
             self._conn_args = self._conn_args or args
-            try:  # builds the connection object without connecting: rejects bad options
-                redis.ConnectionPool(**self._pool_args((host, port))).make_connection()
-            except TypeError as exc:
-                raise ValueError(
-                    f"remote tier: {url!r} has an option redis-py does not take: {exc}"
-                ) from None
         self._lock = threading.Lock()
         self._masters: dict[tuple[str, int], _Master] = {}
         self._slots: list[_Master] | None = None
