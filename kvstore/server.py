@@ -720,9 +720,10 @@ class KVStoreServicer:
     @_unary
     async def Exists(self, request: pb.KeysRequest, context: Any) -> pb.ExistsResponse:
         require(request.namespace, READ)
-        present = self.store.exists(request.namespace, request.keys, remote=False)
-        if self.store.remote is not None and not all(present):  # in a worker: may ask it
-            present = await asyncio.to_thread(self.store.exists, request.namespace, request.keys)
+        ns, keys = request.namespace, request.keys
+        present = self.store.exists(ns, keys, remote=False)
+        if self.store.remote is not None and not all(present):  # in a worker: asks the cluster
+            present = await asyncio.to_thread(self.store.remote_exists, ns, keys, present)
         return pb.ExistsResponse(present=present)
 
     @_unary

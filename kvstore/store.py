@@ -1071,8 +1071,15 @@ class Store:
     def exists(self, namespace: str, keys: Sequence[bytes], *, remote: bool = True) -> list[bool]:
         self.check_keys(namespace, keys)
         present = [(namespace, k) in self._index for k in keys]
-        if remote and self.remote is not None and not all(present):
-            rest = [i for i, p in enumerate(present) if not p]
+        return self.remote_exists(namespace, keys, present) if remote else present
+
+    def remote_exists(
+        self, namespace: str, keys: Sequence[bytes], present: list[bool]
+    ) -> list[bool]:
+        """`present` (each key local or not) with the remote tier asked, in one batch,
+        about the keys it marks absent."""
+        rest = [i for i, p in enumerate(present) if not p]
+        if self.remote is not None and rest:
             there = self.remote.exists_many(namespace, [keys[i] for i in rest])
             for i, p in zip(rest, there, strict=True):
                 present[i] = p
