@@ -28,7 +28,7 @@ lane that holds a symbol (`min(lanes, n_symbols)` of them, 4 bytes little-endian
 0 first), then the renormalization bytes in the order the decoder takes them. Decoding
 symbol i, with x the state of its lane:
 
-    slot = x & (2**precision - 1); s = slot_to_symbol[slot]
+    slot = x & (2**precision - 1); s = the symbol with cum[s] <= slot < cum[s] + freq[s]
     x = freq[s] * (x >> precision) + slot - cum[s]
     while x < L: x = (x << 8) | next byte
 
@@ -547,17 +547,23 @@ def encode_streams(
 # ------------------------------------------------------------------------------ decoding
 
 
+def _decoder_tables(n: int, precision: int) -> np.ndarray:
+    """Scratch for `n` runs' `_fill_decoder_table`: one entry per slot, 32 bits wide where
+    they fit (precision <= 12: 16 KiB, in L1 beside the stream)."""
+    return np.empty((n, 1 << precision), np.uint32 if 8 + 2 * precision <= 32 else np.int64)
+
+
 @numba.njit(cache=True)
-def _fill_decoder_table(
-    freqs: np.ndarray, slot_to_symbol: np.ndarray, freq_cum: np.ndarray
-) -> None:
-    """Slot -> symbol, and per symbol its frequency | cumulative frequency << 16 (one load
-    instead of two in the decoder's loop)."""
+def _fill_decoder_table(freqs: np.ndarray, precision: int, table: np.ndarray) -> None:
+    """Per slot, everything decoding it needs in one load: its symbol s | (freq[s] - 1) << 8
+    | (slot - cum[s]) << (8 + precision). (slot -> symbol, then symbol -> frequency, were
+    two loads, the second waiting on the first, on every symbol's critical path.)"""
     start = 0
     for s in range(freqs.size):
         f = freqs[s]
-        slot_to_symbol[start : start + f] = s
-        freq_cum[s] = f | start << 16
+        head = s | (f - 1) << 8
+        for j in range(f):
+            table[start + j] = head | j << (8 + precision)
         start += f
 
 
@@ -573,22 +579,74 @@ def _read_state(data: np.ndarray, pos: int) -> int:
 
 @numba.njit(cache=True, inline="always")
 def _step(
-    x: int,
-    data: np.ndarray,
-    pos: int,
-    slot_to_symbol: np.ndarray,
-    freq_cum: np.ndarray,
-    mask: int,
-    precision: int,
+    x: int, data: np.ndarray, pos: int, table: np.ndarray, mask: int, precision: int
 ) -> tuple[int, int, int]:
     """One symbol of one lane: (its next state, the next byte to read, the symbol)."""
-    slot = x & mask
-    s = slot_to_symbol[slot]
-    fc = freq_cum[s]
-    x = (fc & 0xFFFF) * (x >> precision) + slot - (fc >> 16)
+    e = int(table[x & mask])
+    x = (((e >> 8) & mask) + 1) * (x >> precision) + (e >> (8 + precision))
     k = int(x < RANS_L) + int(x < RANS_L >> 8)
     w = int(data[pos]) << 8 | int(data[pos + 1])
-    return (x << (8 * k)) | (w >> (16 - 8 * k)), pos + k, s
+    return (x << (8 * k)) | (w >> (16 - 8 * k)), pos + k, e & 0xFF
+
+
+@numba.njit(cache=True)
+def _open_lanes(data: np.ndarray, start: int, end: int, n: int, state: np.ndarray) -> int:
+    """Read the initial lane states of a stream of `n` > 0 symbols into `state`: the
+    position after them, or minus what is wrong with the stream."""
+    active = min(state.size, n)
+    if end - start < 4 * active:
+        return -_TRUNCATED
+    pos = start
+    for j in range(active):
+        x = _read_state(data, pos)
+        # The encoder never leaves [L, 256 L); a state below L could also read an
+        # unbounded number of bytes for one symbol.
+        if x < RANS_L or x >= RANS_L << 8:
+            return -_BAD_START
+        state[j] = x
+        pos += 4
+    return pos
+
+
+@numba.njit(cache=True)
+def _finish(
+    data: np.ndarray,
+    pos: int,
+    end: int,
+    table: np.ndarray,
+    precision: int,
+    state: np.ndarray,
+    i: int,
+    out: np.ndarray,
+) -> int:
+    """Decode the rest of a stream, `out[i:]`, from `data[pos:end]` with its lanes in
+    `state`; _OK or what is wrong with it. No read goes past `end`."""
+    n, lanes = out.size, state.size
+    mask = (1 << precision) - 1
+    # A symbol reads at most 2 bytes, so a group of `lanes` symbols stays within the
+    # stream while 2 * lanes bytes remain. Reading two bytes and keeping 0-2 of them
+    # replaces the unpredictable renormalization branch.
+    while i + lanes <= n and pos + 2 * lanes <= end:
+        for j in range(lanes):
+            state[j], pos, out[i + j] = _step(state[j], data, pos, table, mask, precision)
+        i += lanes
+    while i < n:
+        j = i % lanes
+        x = state[j]
+        e = int(table[x & mask])
+        x = (((e >> 8) & mask) + 1) * (x >> precision) + (e >> (8 + precision))
+        while x < RANS_L:
+            if pos >= end:
+                return _TRUNCATED
+            x = (x << 8) | int(data[pos])
+            pos += 1
+        state[j] = x
+        out[i] = e & 0xFF
+        i += 1
+    for j in range(min(lanes, n)):
+        if state[j] != RANS_L:
+            return _BAD_END
+    return _OK if pos == end else _TRAILING
 
 
 @numba.njit(cache=True)
@@ -596,70 +654,70 @@ def _decode_stream(
     data: np.ndarray,
     start: int,
     end: int,
-    slot_to_symbol: np.ndarray,
-    freq_cum: np.ndarray,
+    table: np.ndarray,
     precision: int,
     lanes: int,
     out: np.ndarray,
 ) -> int:
-    """Decode `data[start:end]` into `out`; return _OK or what is wrong with the stream.
-    No read goes past `end`, so a damaged stream cannot make this read out of bounds."""
-    n = out.size
-    if n == 0:
+    """Decode `data[start:end]` into `out`; return _OK or what is wrong with the stream."""
+    if out.size == 0:
         return _OK if start == end else _TRAILING
-    active = min(lanes, n)
-    if end - start < 4 * active:
-        return _TRUNCATED
-    mask = (1 << precision) - 1
     state = np.empty(lanes, np.int64)
-    pos = start
-    for j in range(active):
-        x = _read_state(data, pos)
-        # The encoder never leaves [L, 256 L); a state below L could also read an
-        # unbounded number of bytes for one symbol.
-        if x < RANS_L or x >= RANS_L << 8:
-            return _BAD_START
-        state[j] = x
-        pos += 4
+    pos = _open_lanes(data, start, end, out.size, state)
+    if pos < 0:
+        return -pos
+    return _finish(data, pos, end, table, precision, state, 0, out)
+
+
+@numba.njit(cache=True)
+def _decode_pair(
+    data: np.ndarray,
+    a: tuple[int, int],
+    b: tuple[int, int],
+    table: np.ndarray,
+    precision: int,
+    out_a: np.ndarray,
+    out_b: np.ndarray,
+) -> tuple[int, int]:
+    """`_decode_stream` of two streams (start, end) of one model with four lanes each, side
+    by side: eight independent states where one stream has four, whose table loads and
+    multiplies the core overlaps (a stream's lanes share its byte position, so one
+    stream's symbols wait on each other's renormalization)."""
+    na, nb = out_a.size, out_b.size
+    if na < 4 or nb < 4:
+        return (
+            _decode_stream(data, a[0], a[1], table, precision, 4, out_a),
+            _decode_stream(data, b[0], b[1], table, precision, 4, out_b),
+        )
+    sa, sb = np.empty(4, np.int64), np.empty(4, np.int64)
+    pa, pb = _open_lanes(data, a[0], a[1], na, sa), _open_lanes(data, b[0], b[1], nb, sb)
+    if pa < 0 or pb < 0:
+        return (
+            -pa if pa < 0 else _decode_stream(data, a[0], a[1], table, precision, 4, out_a),
+            -pb if pb < 0 else _decode_stream(data, b[0], b[1], table, precision, 4, out_b),
+        )
+    mask = (1 << precision) - 1
+    ea, eb = a[1], b[1]
+    n = min(na, nb)
     i = 0
-    # Fast path: a symbol reads at most 2 bytes, so a group of `lanes` symbols stays within
-    # the stream while 2 * lanes bytes remain. Reading two bytes and keeping 0-2 of them
-    # replaces the unpredictable renormalization branch. Four lanes (the default) keep
-    # their states in registers.
-    if lanes == 4:
-        x0, x1, x2, x3 = state[0], state[1], state[2], state[3]
-        while i + 4 <= n and pos + 8 <= end:
-            x0, pos, out[i] = _step(x0, data, pos, slot_to_symbol, freq_cum, mask, precision)
-            x1, pos, out[i + 1] = _step(x1, data, pos, slot_to_symbol, freq_cum, mask, precision)
-            x2, pos, out[i + 2] = _step(x2, data, pos, slot_to_symbol, freq_cum, mask, precision)
-            x3, pos, out[i + 3] = _step(x3, data, pos, slot_to_symbol, freq_cum, mask, precision)
-            i += 4
-        state[0], state[1], state[2], state[3] = x0, x1, x2, x3
-    while i + lanes <= n and pos + 2 * lanes <= end:
-        for j in range(lanes):
-            state[j], pos, out[i + j] = _step(
-                state[j], data, pos, slot_to_symbol, freq_cum, mask, precision
-            )
-        i += lanes
-    while i < n:
-        j = i % lanes
-        x = state[j]
-        slot = x & mask
-        s = slot_to_symbol[slot]
-        fc = freq_cum[s]
-        x = (fc & 0xFFFF) * (x >> precision) + slot - (fc >> 16)
-        while x < RANS_L:
-            if pos >= end:
-                return _TRUNCATED
-            x = (x << 8) | int(data[pos])
-            pos += 1
-        state[j] = x
-        out[i] = s
-        i += 1
-    for j in range(active):
-        if state[j] != RANS_L:
-            return _BAD_END
-    return _OK if pos == end else _TRAILING
+    x0, x1, x2, x3 = sa[0], sa[1], sa[2], sa[3]
+    y0, y1, y2, y3 = sb[0], sb[1], sb[2], sb[3]
+    while i + 4 <= n and pa + 8 <= ea and pb + 8 <= eb:
+        x0, pa, out_a[i] = _step(x0, data, pa, table, mask, precision)
+        y0, pb, out_b[i] = _step(y0, data, pb, table, mask, precision)
+        x1, pa, out_a[i + 1] = _step(x1, data, pa, table, mask, precision)
+        y1, pb, out_b[i + 1] = _step(y1, data, pb, table, mask, precision)
+        x2, pa, out_a[i + 2] = _step(x2, data, pa, table, mask, precision)
+        y2, pb, out_b[i + 2] = _step(y2, data, pb, table, mask, precision)
+        x3, pa, out_a[i + 3] = _step(x3, data, pa, table, mask, precision)
+        y3, pb, out_b[i + 3] = _step(y3, data, pb, table, mask, precision)
+        i += 4
+    sa[0], sa[1], sa[2], sa[3] = x0, x1, x2, x3
+    sb[0], sb[1], sb[2], sb[3] = y0, y1, y2, y3
+    return (
+        _finish(data, pa, ea, table, precision, sa, i, out_a),
+        _finish(data, pb, eb, table, precision, sb, i, out_b),
+    )
 
 
 @numba.njit(cache=True, parallel=True)
@@ -675,21 +733,30 @@ def _decode_all(
     counts: np.ndarray,
     out: np.ndarray,
     status: np.ndarray,
+    tables: np.ndarray,
 ) -> None:
     n = order.size
     for r in numba.prange(n_runs):
-        slot_to_symbol = np.empty(1 << precision, np.uint8)
-        freq_cum = np.empty(freqs.shape[1], np.int32)
+        table = tables[r]
         current = -1
-        for t in range(r * n // n_runs, (r + 1) * n // n_runs):
+        t, hi = r * n // n_runs, (r + 1) * n // n_runs
+        while t < hi:
             k = order[t]
             if model_of_stream[k] != current:
                 current = model_of_stream[k]
-                _fill_decoder_table(freqs[current], slot_to_symbol, freq_cum)
+                _fill_decoder_table(freqs[current], precision, table)
+            if lanes == 4 and t + 1 < hi and model_of_stream[order[t + 1]] == current:
+                k2 = order[t + 1]
+                status[k], status[k2] = _decode_pair(
+                    data, (offsets[k], offsets[k + 1]), (offsets[k2], offsets[k2 + 1]),
+                    table, precision, out[k, : counts[k]], out[k2, : counts[k2]],
+                )  # fmt: skip
+                t += 2
+                continue
             status[k] = _decode_stream(
-                data, offsets[k], offsets[k + 1], slot_to_symbol, freq_cum, precision, lanes,
-                out[k, : counts[k]],
-            )  # fmt: skip
+                data, offsets[k], offsets[k + 1], table, precision, lanes, out[k, : counts[k]]
+            )
+            t += 1
 
 
 def decode_streams(
@@ -736,7 +803,8 @@ def decode_streams(
         return out
     status = np.empty(n_streams, np.int64)
     order, n_runs = _runs(models)
-    _decode_all(buf, off, order, models, f, precision, lanes, n_runs, counts, out, status)
+    tables = _decoder_tables(n_runs, precision)
+    _decode_all(buf, off, order, models, f, precision, lanes, n_runs, counts, out, status, tables)
     bad = np.flatnonzero(status)
     if bad.size:
         k = int(bad[0])

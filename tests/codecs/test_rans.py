@@ -129,6 +129,31 @@ def test_streams_of_different_lengths() -> None:
             rans.encode_streams(symbols, models, freqs, 12, 4, lengths=bad)
 
 
+def test_streams_of_one_model_decode_in_pairs() -> None:
+    """The decoder takes consecutive streams of one model two at a time (eight lanes side by
+    side): pairs of unequal lengths, one too short for the paired loop, and damage to
+    either stream of a pair are each told apart."""
+    rng = np.random.default_rng(4)
+    lengths = np.array([300, 297, 5, 4, 3, 260, 1, 300])
+    symbols = laplace(rng, (8, 300), 16, 2.0)
+    models = np.zeros(8, np.int32)
+    freqs = rans.quantize_freqs(counts_of(symbols, models, 1, 16) + 1, 12)
+    data, offsets = rans.encode_streams(symbols, models, freqs, 12, 4, lengths=lengths)
+    out = rans.decode_streams(data, offsets, models, freqs, 12, 300, 4, lengths=lengths)
+    for k, n in enumerate(lengths):
+        np.testing.assert_array_equal(out[k, :n], symbols[k, :n])
+    for k in (0, 1, 5):  # the first or the second stream of a pair, cut short by a byte
+        short = data[: offsets[k + 1] - 1] + data[offsets[k + 1] :]
+        off = offsets.copy()
+        off[k + 1 :] -= 1
+        with pytest.raises(ContainerError, match=f"rANS stream {k} of 8"):
+            rans.decode_streams(short, off, models, freqs, 12, 300, 4, lengths=lengths)
+        bad = bytearray(data)
+        bad[offsets[k]] ^= 0xFF  # the first lane's initial state
+        with pytest.raises(ContainerError, match=f"rANS stream {k} of 8"):
+            rans.decode_streams(bytes(bad), offsets, models, freqs, 12, 300, 4, lengths=lengths)
+
+
 # ------------------------------------------------------------------------------ tables
 
 
