@@ -10,9 +10,17 @@ import math
 
 import numba
 import numpy as np
+import pytest
 import torch
 
-from kvstore.kernels.floatbits import F16_MAX, bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16
+from kvstore.kernels.floatbits import (
+    F16_MAX,
+    bf16_to_f32,
+    f16_to_f32,
+    f32_to_bf16,
+    f32_to_f16,
+    f32_to_f16_integer,
+)
 
 EVERY_16 = np.arange(2**16, dtype=np.uint16)  # every 16-bit pattern
 
@@ -26,10 +34,11 @@ def to_f32(bits: np.ndarray, bf16: bool) -> np.ndarray:
 
 
 @numba.njit
-def to_f16(x: np.ndarray, saturate: bool) -> np.ndarray:
+def to_f16(x: np.ndarray, saturate: bool, integer: bool = False) -> np.ndarray:
+    """`f32_to_f16` over `x`; with `integer`, its integer path (CPUs without F16C)."""
     out = np.empty(x.size, np.uint16)
     for i in range(x.size):
-        out[i] = f32_to_f16(x[i], saturate)
+        out[i] = f32_to_f16_integer(x[i], saturate) if integer else f32_to_f16(x[i], saturate)
     return out
 
 
@@ -98,6 +107,21 @@ def test_f32_to_f16_keeps_nan() -> None:
     nans = np.array([np.nan, -np.nan, np.uint32(0x7F800001).view(np.float32)], np.float32)
     for saturate in (False, True):
         assert ((to_f16(nans, saturate) & 0x7FFF) > 0x7C00).all()
+
+
+@pytest.mark.parametrize("saturate", [False, True])
+def test_f32_to_f16_paths_agree(saturate: bool) -> None:
+    """The CPU's conversion (with F16C) and the integer path (without) give the same bits,
+    NaN payloads included (checked once over all 2**32 inputs; here ties, random patterns
+    and every exponent's edges)."""
+    rng = np.random.default_rng(4)
+    patterns = rng.integers(0, 2**32, 1 << 22, dtype=np.uint64).astype(np.uint32)
+    exps = (np.arange(256, dtype=np.uint32) << 23)[:, None] + np.array([0, 1, 0x7FFFFF], np.uint32)
+    x = np.concatenate([around_ties(torch.float16), patterns.view(np.float32)])
+    x = np.concatenate(
+        [x, exps.ravel().view(np.float32), (exps.ravel() | 1 << 31).view(np.float32)]
+    )
+    assert np.array_equal(to_f16(x, saturate), to_f16(x, saturate, integer=True))
 
 
 def test_f32_to_bf16_rounds_to_nearest_even() -> None:
