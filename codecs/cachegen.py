@@ -431,7 +431,7 @@ def _words(t: torch.Tensor) -> np.ndarray:
 # vectorize the loops.
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _load(words: np.ndarray, kind: int, ly: int, kv: int, t: int, x: np.ndarray) -> bool:
     """x[t] (float32) = the values whose 16-bit words are words[ly, kv, t]; whether they
     are all finite and within float16's range."""
@@ -452,7 +452,7 @@ def _load(words: np.ndarray, kind: int, ly: int, kv: int, t: int, x: np.ndarray)
     return not bad
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _value(words: np.ndarray, kind: int, ly: int, kv: int, t: int, c: int) -> np.float32:
     """The float32 value of channel c (head * dim + index) of words[ly, kv, t]."""
     if kind == _F32:
@@ -463,7 +463,7 @@ def _value(words: np.ndarray, kind: int, ly: int, kv: int, t: int, c: int) -> np
     return f16_to_f32(words[ly, kv, t, c])
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _store(value: np.ndarray, kind: int, words: np.ndarray, ly: int, kv: int, t: int) -> None:
     """words[ly, kv, t] = float32 `value` rounded to the dtype to nearest even, as torch
     rounds (float16 past its range to inf)."""
@@ -484,7 +484,7 @@ def _store(value: np.ndarray, kind: int, words: np.ndarray, ly: int, kv: int, t:
 # ------------------------------------------------------------------------------ encoding
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _channel_model(x: np.ndarray, dpcm: bool, start: np.ndarray, spread: np.ndarray) -> None:
     """Per channel of x [tokens, channels]: the start value (K: the first token; V: the
     mean) and the spread (root mean square) of the residuals the predictor leaves. Sums in
@@ -519,7 +519,7 @@ def _channel_model(x: np.ndarray, dpcm: bool, start: np.ndarray, spread: np.ndar
             spread[c] = np.sqrt(acc[c] / tokens)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _histogram(symbols: np.ndarray, u: int, tokens: int, counts: np.ndarray) -> None:
     """counts[u, s] = occurrences of s in the first `tokens` tokens of symbols[u]. Four
     partial tables, so that runs of one symbol do not chain their increments through
@@ -539,7 +539,7 @@ def _histogram(symbols: np.ndarray, u: int, tokens: int, counts: np.ndarray) -> 
         counts[u, s] = part[0, s] + part[1, s] + part[2, s] + part[3, s]
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _encode(
     words: np.ndarray,
     kind: int,
@@ -566,7 +566,7 @@ def _encode(
         )
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _encode_unit(
     words: np.ndarray,
     kind: int,
@@ -654,7 +654,7 @@ def _encode_unit(
     return True
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _gather_escapes(
     words: np.ndarray,
     kind: int,
@@ -686,7 +686,7 @@ def _gather_escapes(
 # ------------------------------------------------------------------------------ decoding
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _decode(
     symbols: np.ndarray,
     starts: np.ndarray,
@@ -708,7 +708,7 @@ def _decode(
         )
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _decode_unit(
     symbols: np.ndarray,
     starts: np.ndarray,

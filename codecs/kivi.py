@@ -291,7 +291,7 @@ def _decode_v(parts: _Parts, lay: _Layout, kind: int, words: np.ndarray) -> None
 # ------------------------------------------------------ a token's words and float32
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _load(src: np.ndarray, kind: int, dst: np.ndarray) -> None:
     """dst (float32) = the values whose 16-bit words are `src`."""
     n = dst.size
@@ -307,7 +307,7 @@ def _load(src: np.ndarray, kind: int, dst: np.ndarray) -> None:
             dst[c] = f16_to_f32(src[c])
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _store(vals: np.ndarray, kind: int, dst: np.ndarray) -> None:
     """dst (16-bit words) = float32 `vals` rounded to the dtype, to nearest even."""
     n = vals.size
@@ -327,7 +327,7 @@ def _store(vals: np.ndarray, kind: int, dst: np.ndarray) -> None:
 # -------------------------------------------------------------------- quantization
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _group_params(
     lo: np.float32, hi: np.float32, levels: int
 ) -> tuple[np.int64, np.int64, np.float32, np.float32]:
@@ -350,7 +350,7 @@ def _group_params(
     return m16, s16, mn, inv
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, fastmath=True, nogil=True)
 def _span(x: np.ndarray, c0: int, c1: int) -> tuple[np.float32, np.float32]:
     """Min and max of x[c0:c1]. Fast-math lets LLVM vectorize the reductions; it cannot
     change their result, since values are finite and min and max do not round."""
@@ -362,7 +362,7 @@ def _span(x: np.ndarray, c0: int, c1: int) -> tuple[np.float32, np.float32]:
     return lo, hi
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _quantize(x: np.ndarray, mn: np.ndarray, inv: np.ndarray, levels: int, row: np.ndarray) -> None:
     """row[c] = the code of x[c] against the min and inverse scale of its group."""
     for c in range(x.size):
@@ -370,7 +370,7 @@ def _quantize(x: np.ndarray, mn: np.ndarray, inv: np.ndarray, levels: int, row: 
         row[c] = int(min(max(q, np.float32(0)), np.float32(levels)))
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _dequantize(row: np.ndarray, mn: np.ndarray, scale: np.ndarray, vals: np.ndarray) -> None:
     """vals[c] = mn[c] + row[c] * scale[c]; the product is exact (a few-bit code times a
     float16), so the result does not depend on whether the machine fuses it into an FMA."""
@@ -378,7 +378,7 @@ def _dequantize(row: np.ndarray, mn: np.ndarray, scale: np.ndarray, vals: np.nda
         vals[c] = mn[c] + np.float32(row[c]) * scale[c]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _pack(row: np.ndarray, bits: int, dst: np.ndarray) -> None:
     """Pack `row`'s codes (zero past the last) into `dst`, 8 // bits to a byte."""
     if bits == 2:
@@ -389,7 +389,7 @@ def _pack(row: np.ndarray, bits: int, dst: np.ndarray) -> None:
             dst[j] = row[2 * j] | row[2 * j + 1] << 4
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _unpack(src: np.ndarray, bits: int, row: np.ndarray) -> None:
     if bits == 2:
         for j in range(src.size):
@@ -405,7 +405,7 @@ def _unpack(src: np.ndarray, bits: int, row: np.ndarray) -> None:
             row[2 * j + 1] = b >> 4
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _k_encode(
     words: np.ndarray,
     kind: int,
@@ -446,7 +446,7 @@ def _k_encode(
             _pack(row, bits, codes[layer, t0 + t])
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _v_encode(
     words: np.ndarray,
     kind: int,
@@ -482,7 +482,7 @@ def _v_encode(
         _pack(row, bits, codes[layer, t])
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _k_decode(
     codes: np.ndarray,
     mins: np.ndarray,
@@ -506,7 +506,7 @@ def _k_decode(
         _store(vals, kind, words[layer, 0, t])
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _v_decode(
     codes: np.ndarray,
     mins: np.ndarray,

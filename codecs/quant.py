@@ -56,7 +56,7 @@ INT8_VALUES = np.arange(256, dtype=np.uint8).view(np.int8).astype(np.float32)
 FP8_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _load(bits: int, kind: int) -> np.float32:
     """The float32 value of one element's bits (float16 inf and NaN stay, to be refused)."""
     if kind == BF16:
@@ -66,7 +66,7 @@ def _load(bits: int, kind: int) -> np.float32:
     return np.uint32(bits).view(np.float32)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _store(value: float, kind: int) -> np.int64:
     """The bits of float32 `value` in the output dtype, rounded to nearest even."""
     if kind == BF16:
@@ -77,7 +77,7 @@ def _store(value: float, kind: int) -> np.int64:
     return np.int64(np.float32(value).view(np.uint32))
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _fp8_code(x: float) -> np.int32:
     """float8_e4m3fn bits of float32 `x` clamped to +-448, rounded to nearest even."""
     y = min(max(np.float32(x), -FP8_MAX), FP8_MAX)
@@ -91,13 +91,13 @@ def _fp8_code(x: float) -> np.int32:
     return (sub if a < 0x3C800000 else normal) | sign
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _int8_code(x: float) -> np.int32:
     """The int8 code of `x` (in units of the scale), as its two's complement byte."""
     return np.int32(min(max(np.rint(np.float32(x)), -INT8_MAX), INT8_MAX)) & 0xFF
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", nogil=True)
 def _scale(top: int, kind: int, fp8: bool) -> np.float32:
     """The scale of a group whose largest magnitude has the bits `top`."""
     return _load(top, kind) / (FP8_MAX if fp8 else INT8_MAX)
@@ -108,7 +108,7 @@ def _scale(top: int, kind: int, fp8: bool) -> np.float32:
 # it), and if division follows numpy's error model (no zero check; no divisor is zero).
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", nogil=True)
 def _quantize_k(rows, kind, fp8, layer, t, div, codes):  # type: ignore[no-untyped-def]
     """codes[layer, t] = the codes of K row rows[layer, 0, t] over its channels' `div`."""
     if fp8:
@@ -119,7 +119,7 @@ def _quantize_k(rows, kind, fp8, layer, t, div, codes):  # type: ignore[no-untyp
             codes[layer, t, i] = _int8_code(_load(rows[layer, 0, t, i], kind) / div[layer, i])
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", nogil=True)
 def _quantize_v(x, kind, fp8, layer, t, head, div, codes):  # type: ignore[no-untyped-def]
     """codes[layer, t, head] = the codes of V group x[layer, 1, t, head] over `div`."""
     if fp8:
@@ -130,7 +130,7 @@ def _quantize_v(x, kind, fp8, layer, t, head, div, codes):  # type: ignore[no-un
             codes[layer, t, head, d] = _int8_code(_load(x[layer, 1, t, head, d], kind) / div)
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _encode_kv(  # type: ignore[no-untyped-def]
     x, kind, fp8, k_codes, v_codes, k_scales, v_scales
 ):
@@ -171,7 +171,7 @@ def _encode_kv(  # type: ignore[no-untyped-def]
             _quantize_v(x, kind, fp8, layer, t, head, s if s > 0 else one, v_codes)
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _decode_kv(  # type: ignore[no-untyped-def]
     k_codes, v_codes, k_scales, v_scales, values, kind, out
 ):

@@ -138,7 +138,7 @@ def _runs(models: np.ndarray) -> tuple[np.ndarray, int]:
 # ------------------------------------------------------------------------------ frequencies
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _bit_length(v: int) -> int:
     n = 0
     while v >> n:
@@ -146,7 +146,7 @@ def _bit_length(v: int) -> int:
     return n
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _significant_bits(v: int) -> int:
     """Bits from the leading one to the last one of v > 0."""
     trailing = 0
@@ -155,13 +155,13 @@ def _significant_bits(v: int) -> int:
     return _bit_length(v) - trailing
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _gain(count: float, f: int) -> float:
     """Bits saved over `count` symbols by raising a frequency from f to f + 1."""
     return count * np.log2((f + 1) / f)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _quantize_row(counts: np.ndarray, total_freq: int, out: np.ndarray) -> None:
     total = counts.sum()
     if total == 0:
@@ -197,7 +197,7 @@ def _quantize_row(counts: np.ndarray, total_freq: int, out: np.ndarray) -> None:
             return
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _coarsen_row(row: np.ndarray, keep: int) -> None:
     """Round every frequency but the largest to `keep` significant bits, the largest taking
     the difference; left as is when that would more than halve or double the largest."""
@@ -216,7 +216,7 @@ def _coarsen_row(row: np.ndarray, keep: int) -> None:
         row[:] = coarse
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _quantize(counts: np.ndarray, total_freq: int, keep: int, out: np.ndarray) -> None:
     for m in range(counts.shape[0]):
         _quantize_row(counts[m], total_freq, out[m])
@@ -249,7 +249,7 @@ def quantize_freqs(
 # ------------------------------------------------------------------------------ table format
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _put(buf: np.ndarray, io: np.ndarray, value: int, nbits: int) -> None:
     """Append the low `nbits` of `value` to the bit stream `buf`; `io` holds the byte
     position, the pending bits and their count."""
@@ -262,7 +262,7 @@ def _put(buf: np.ndarray, io: np.ndarray, value: int, nbits: int) -> None:
         io[2] -= 8
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _fill(data: np.ndarray, io: np.ndarray, nbits: int) -> bool:
     """Buffer at least `nbits` (<= 56) of the bit stream `data`; False past its end."""
     while io[2] < nbits:
@@ -274,7 +274,7 @@ def _fill(data: np.ndarray, io: np.ndarray, nbits: int) -> bool:
     return True
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _get(data: np.ndarray, io: np.ndarray, nbits: int) -> int:
     """The next `nbits` of the bit stream `data`, or -1 past its end."""
     if not _fill(data, io, nbits):
@@ -285,7 +285,7 @@ def _get(data: np.ndarray, io: np.ndarray, nbits: int) -> int:
     return value
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _put_gamma(buf: np.ndarray, io: np.ndarray, v: int) -> None:
     """Elias gamma of v >= 1: a zero per bit of v after its leading one, a one, the bits."""
     n = _bit_length(v) - 1
@@ -293,7 +293,7 @@ def _put_gamma(buf: np.ndarray, io: np.ndarray, v: int) -> None:
     _put(buf, io, v & ((1 << n) - 1), n)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _get_gamma(data: np.ndarray, io: np.ndarray, max_bits: int) -> int:
     """The next gamma-coded value, or -1 if truncated or if it has more than `max_bits`
     bits after its leading one."""
@@ -309,7 +309,7 @@ def _get_gamma(data: np.ndarray, io: np.ndarray, max_bits: int) -> int:
     return value
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _pack(freqs: np.ndarray, buf: np.ndarray) -> int:
     n_models, alphabet = freqs.shape
     name_bits = _bit_length(alphabet - 1)
@@ -413,7 +413,7 @@ def unpack_tables(
 # ------------------------------------------------------------------------------ encoding
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _fill_encoder_table(freqs: np.ndarray, precision: int, enc: np.ndarray) -> None:
     """Per symbol 0-255: x_max, reciprocal, shift, bias and complement of its frequency
     (ryg_rans' RansEncSymbolInit), so that encoding multiplies instead of dividing. A
@@ -437,7 +437,7 @@ def _fill_encoder_table(freqs: np.ndarray, precision: int, enc: np.ndarray) -> N
         start += f
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _encode_stream(symbols: np.ndarray, enc: np.ndarray, lanes: int, buf: np.ndarray) -> int:
     """Encode one stream backwards into the end of `buf` (room for 2 bytes per symbol and
     4 per lane); return its length, or -1 - i if symbol i has no frequency in the model."""
@@ -467,7 +467,7 @@ def _encode_stream(symbols: np.ndarray, enc: np.ndarray, lanes: int, buf: np.nda
     return buf.size - ptr
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, parallel=True, nogil=True)
 def _encode_all(
     symbols: np.ndarray,
     order: np.ndarray,
@@ -492,7 +492,7 @@ def _encode_all(
             lengths[k] = _encode_stream(symbols[k, : counts[k]], enc, lanes, scratch[k])
 
 
-@numba.njit(cache=True)  # a copy at memory speed: threads would add little
+@numba.njit(cache=True, nogil=True)  # a copy at memory speed: threads would add little
 def _gather_streams(scratch: np.ndarray, offsets: np.ndarray, out: np.ndarray) -> None:
     cap = scratch.shape[1]
     for k in range(scratch.shape[0]):
@@ -553,7 +553,7 @@ def _decoder_tables(n: int, precision: int) -> np.ndarray:
     return np.empty((n, 1 << precision), np.uint32 if 8 + 2 * precision <= 32 else np.int64)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _fill_decoder_table(freqs: np.ndarray, precision: int, table: np.ndarray) -> None:
     """Per slot, everything decoding it needs in one load: its symbol s | (freq[s] - 1) << 8
     | (slot - cum[s]) << (8 + precision). (slot -> symbol, then symbol -> frequency, were
@@ -567,7 +567,7 @@ def _fill_decoder_table(freqs: np.ndarray, precision: int, table: np.ndarray) ->
         start += f
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _read_state(data: np.ndarray, pos: int) -> int:
     return (
         int(data[pos])
@@ -589,7 +589,7 @@ def _step(
     return (x << (8 * k)) | (w >> (16 - 8 * k)), pos + k, e & 0xFF
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _open_lanes(data: np.ndarray, start: int, end: int, n: int, state: np.ndarray) -> int:
     """Read the initial lane states of a stream of `n` > 0 symbols into `state`: the
     position after them, or minus what is wrong with the stream."""
@@ -608,7 +608,7 @@ def _open_lanes(data: np.ndarray, start: int, end: int, n: int, state: np.ndarra
     return pos
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _finish(
     data: np.ndarray,
     pos: int,
@@ -649,7 +649,7 @@ def _finish(
     return _OK if pos == end else _TRAILING
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _decode_stream(
     data: np.ndarray,
     start: int,
@@ -669,7 +669,7 @@ def _decode_stream(
     return _finish(data, pos, end, table, precision, state, 0, out)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _decode_pair(
     data: np.ndarray,
     a: tuple[int, int],
@@ -720,7 +720,7 @@ def _decode_pair(
     )
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, parallel=True, nogil=True)
 def _decode_all(
     data: np.ndarray,
     offsets: np.ndarray,

@@ -147,7 +147,7 @@ def check_blocks(
     return ids
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _first_outside(ids: np.ndarray, slots: int) -> int:
     """Index of the first id outside [0, slots), or -1."""
     for i in range(ids.size):
@@ -159,7 +159,7 @@ def _first_outside(ids: np.ndarray, slots: int) -> int:
 # ------------------------------------------------------------------------------ CPU twins
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _gather_cpu(
     pool: np.ndarray, slots: np.ndarray, dense: np.ndarray, block: int, pitch: int
 ) -> None:
@@ -168,7 +168,7 @@ def _gather_cpu(
         dense[b * block : (b + 1) * block] = pool[s : s + block]
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _scatter_cpu(
     pool: np.ndarray, slots: np.ndarray, dense: np.ndarray, block: int, pitch: int
 ) -> None:

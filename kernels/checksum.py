@@ -86,7 +86,7 @@ def shape_of(nbytes: int) -> tuple[int, int]:
 # ------------------------------------------------------------------------------ CPU twin
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _mul_fold(a: np.uint64, b: np.uint64) -> np.uint64:
     """Low xor high half of the 128-bit product a * b."""
     mask = np.uint64(0xFFFFFFFF)
@@ -98,7 +98,7 @@ def _mul_fold(a: np.uint64, b: np.uint64) -> np.uint64:
     return lower ^ upper
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _stripe_terms(words: np.ndarray, keys: np.ndarray, key0: int, sums: np.ndarray) -> None:
     """Add the accumulator terms of one stripe (8 little-endian words) to `sums`."""
     mask = np.uint64(0xFFFFFFFF)
@@ -107,7 +107,7 @@ def _stripe_terms(words: np.ndarray, keys: np.ndarray, key0: int, sums: np.ndarr
         sums[i] += words[i ^ 1] + (key & mask) * (key >> np.uint64(32))
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _phased(data: np.ndarray, stripe_keys, scramble_keys, last_keys, merge_keys, init) -> np.uint64:  # type: ignore[no-untyped-def]
     n = data.size
     full = (n - 1) // 1024

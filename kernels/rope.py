@@ -385,7 +385,7 @@ def _dtype_name(kind: int) -> str:
 # ------------------------------------------------------------------------------ CPU twin
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _rerotate_cpu(
     src: np.ndarray,
     dst: np.ndarray,
