@@ -119,6 +119,13 @@ class ServerConfig:
     """Size of the shared-memory host arena (cpu tier)."""
     ssd_bytes: int = 16 << 30
     """Bytes of values the ssd tier may hold."""
+    ssd_write_ahead: float = 0.125
+    """Share of the cpu tier that a background thread keeps copied to ssd ahead of
+    eviction: once the tier has less free room than this share, the values eviction would
+    take next, within this share, are encoded (through the ssd codec) and written to ssd,
+    several at once, off the store's lock; evicting them then frees their memory at once
+    instead of encoding and writing them on the put that needs the room. 0: values are
+    written to ssd only when evicted. Between 0 and 1."""
     durability: str = "async"
     """When the ssd tier's writes reach the disk. "sync": a put acknowledged as stored on
     ssd is on disk first (LMDB syncs on commit; concurrent puts share one flush), so it
@@ -287,6 +294,16 @@ class ServerConfig:
             self.max_keys_per_request, "max-keys-per-request", 1, 1 << 17
         )
         self.grace_seconds = _as_seconds(self.grace_seconds, "grace-seconds", 0.0)
+        try:
+            self.ssd_write_ahead = float(self.ssd_write_ahead)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"ssd-write-ahead: not a share of the cpu tier: {self.ssd_write_ahead!r}"
+            ) from None
+        if not 0.0 <= self.ssd_write_ahead <= 1.0:
+            raise ConfigError(
+                f"ssd-write-ahead: must be between 0 and 1, got {self.ssd_write_ahead}"
+            )
         self.lease_seconds = _as_seconds(self.lease_seconds, "lease-seconds", 0.01)
         self.durability = str(self.durability).lower()
         if self.durability not in DURABILITY_MODES:

@@ -105,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-bytes", help="size of the shared-memory cpu tier (default 1GiB)")
     p.add_argument("--ssd-bytes", help="bytes of values the ssd tier may hold (default 16GiB)")
     p.add_argument(
+        "--ssd-write-ahead",
+        type=float,
+        metavar="SHARE",
+        help="share of the cpu tier kept copied to ssd ahead of eviction: once less than "
+        "this share is free, its least recently used values are encoded and written to ssd "
+        "in the background, so puts that need room drop them at once (default "
+        f"{d.ssd_write_ahead:g}; 0: write only when evicting)",
+    )
+    p.add_argument(
         "--durability",
         choices=DURABILITY_MODES,
         help="when ssd writes reach the disk: sync (a put acknowledged on ssd is flushed "
@@ -118,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how the ssd and remote tiers encode values; repeatable, namespace rules first: "
         "ssd=zstd (lossless), ssd[llama-3-8b/*]=kivi:bits=4 (lossy, opt in per namespace), "
         "remote=zstd; default raw. Codecs: raw, zstd:level=N,shuffle=0|1, int8, fp8, "
-        "kivi:bits=2|4",
+        "kivi:bits=2|4, cachegen:level=0-3,profile=FILE",
     )
     p.add_argument(
         "--remote",

@@ -67,7 +67,7 @@ from kvstore.events import EventHub, EventKind, Watcher
 from kvstore.gpu import cuda_device_count
 from kvstore.keys import KEY_BYTES
 from kvstore.policy import POLICIES, EvictionPolicy
-from kvstore.threads import host_pool
+from kvstore.threads import host_pool, one_core_kernels
 from kvstore.tiers.base import Buffer, MemoryTier, Tier, TierError, TierFull
 from kvstore.tiers.gpu import (
     CudaPool,
@@ -413,6 +413,10 @@ REMOTE_WRITE_BATCH_BYTES = 64 << 20
 GPU_HIGH_WATER = 0.85
 GPU_LOW_WATER = 0.70
 DEMOTE_BATCH_BYTES = 256 << 20
+# The ssd writer (`--ssd-write-ahead`) encodes and writes up to this many values, or about
+# this many bytes, per batch: a value for each host thread several times over.
+WRITE_AHEAD_VALUES = 64
+WRITE_AHEAD_BYTES = 128 << 20
 # The retry hint of a call refused because the staging buffers are full: they empty as
 # values in flight reach ssd or their readers, within milliseconds.
 STAGING_RETRY_S = 0.05
@@ -479,6 +483,8 @@ class Store:
         self._registered: list[int] = []  # host memory pinned for copies from gpu pools
         self._demoter: threading.Thread | None = None
         self._wake = threading.Event()
+        self._ssd_writer: threading.Thread | None = None
+        self._write_wake = threading.Event()
         self._closing = False
         # KV events (Watch): published under the lock, so in the order changes happen.
         self.events = EventHub(config.max_watchers)
@@ -518,6 +524,11 @@ class Store:
                 self._rebuild_from_ssd()
             if "remote" in config.tiers:
                 self._open_remote()
+            if self.cpu is not None and self.ssd is not None and config.ssd_write_ahead > 0:
+                self._ssd_writer = threading.Thread(
+                    target=self._write_ahead_forever, name="kvstore-ssd-writer", daemon=True
+                )
+                self._ssd_writer.start()
             if self.pools:
                 assert self.cpu is not None  # the config requires cpu below gpu
                 cuda = [p for p in self.pools.values() if isinstance(p, CudaPool)]
@@ -1139,6 +1150,7 @@ class Store:
         def decode(i: int) -> ContainerError | None:
             value, res = values[i], sink.reservations[i]
             assert value is not None and res.buffer is not None
+            one_core_kernels()
             try:
                 decode_stored(value.header, value.payload, res.buffer)
             except ContainerError as exc:
@@ -1402,6 +1414,10 @@ class Store:
     def close(self) -> None:
         self._closing = True
         self._wake.set()
+        self._write_wake.set()
+        if self._ssd_writer is not None:  # it reads the arena: gone before the arena is
+            self._ssd_writer.join()
+            self._ssd_writer = None
         if self._remote_queue is not None:
             self._remote_queue.close()
         if self._remote_writer is not None:
@@ -1513,6 +1529,92 @@ class Store:
                 done += 1
         return done
 
+    # ----------------------------------------------------------------- ssd write-ahead
+
+    def _write_ahead_bytes(self) -> float:
+        assert self.cpu is not None
+        return self.config.ssd_write_ahead * self.cpu.capacity_bytes
+
+    def _write_ahead_forever(self) -> None:
+        while not self._closing:
+            self._write_wake.wait(0.5)
+            self._write_wake.clear()
+            try:
+                while not self._closing and self.write_ahead():
+                    pass
+            except Exception:
+                # Nothing is lost: values not yet copied are written when evicted.
+                log.exception("copying cpu values to ssd ahead of eviction failed; retrying")
+                self._write_wake.wait(1.0)
+
+    def write_ahead(self) -> int:
+        """Copy to ssd one batch of the cpu tier's values that eviction takes next and that
+        have no ssd copy yet, once the tier has less free room than its `--ssd-write-ahead`
+        share: among the values that eviction takes first, as many as make up that share
+        (pinned ones skipped). Returns how many were written. The values are encoded
+        (through the namespace's ssd codec) outside the lock, several at once on the host
+        pool, and only the LMDB writes take it, so a put that needs room finds values it
+        can drop at once instead of encoding and writing them itself, under the lock. The
+        ssd-writer thread calls this."""
+        cpu = self.cpu
+        assert cpu is not None and self.ssd is not None
+        window = self._write_ahead_bytes()
+        batch: list[tuple[Entry, Slot]] = []
+        with self._lock:
+            if cpu.capacity_bytes - cpu.used_bytes >= window:
+                return 0
+            seen = taken = 0  # bytes of older values, and of those taken
+            for eid in self._mem[0].policy.candidates():
+                if seen >= window:
+                    break
+                e = self._index[eid]
+                seen += e.nbytes
+                if e.on_ssd or e.pins or e.slot is None:
+                    continue
+                batch.append((e, e.slot))
+                taken += e.nbytes
+                if len(batch) >= WRITE_AHEAD_VALUES or taken >= WRITE_AHEAD_BYTES:
+                    break
+        if not batch:
+            return 0
+        # Unleased: a value evicted meanwhile (its slot then reused) is written by the
+        # eviction itself, and what was encoded from its slot is dropped below. Each value
+        # is written as soon as it is encoded, while the others still are.
+        pool = host_pool()
+        jobs = [(e, slot, pool.submit(self._encode_ahead, (e, slot))) for e, slot in batch]
+        written = 0
+        for i, (e, slot, job) in enumerate(jobs):
+            coded = job.result()
+            with self._lock:
+                if coded is None or self._closing or self.ssd is None:
+                    continue
+                if self._index.get(e.eid) is not e or e.slot is not slot or e.on_ssd:
+                    continue
+                try:
+                    self._put_ssd(e, *coded)
+                except ResourceExhausted as exc:
+                    log.warning("ssd takes no values ahead of eviction: %s", exc)
+                    for _, _, rest in jobs[i + 1 :]:
+                        rest.cancel()
+                    break
+                self._counters["cpu"].demotions += 1
+                self._emit(EventKind.DEMOTED, e, "ssd")
+                written += 1
+        return written
+
+    def _encode_ahead(self, item: tuple[Entry, Slot]) -> tuple[ValueHeader, Buffer] | None:
+        """`item`'s value as the ssd tier stores it, from its cpu slot (a host thread)."""
+        e, slot = item
+        assert self.cpu is not None
+        one_core_kernels()
+        try:
+            # Raw: a view of the slot, still the value's if the slot is still its own below.
+            return self._encoded(e, self.cpu.view(slot, e.nbytes))
+        except Exception as exc:
+            if e.slot is slot:  # not the bytes of a slot reused meanwhile
+                log.warning("encoding %s for ssd failed: %s", e.key.hex(), exc)
+            return None  # the eviction writes the value
+
     # ----------------------------------------------------------------- internals
 
     def _stage(self, nbytes: int) -> None:
@@ -1555,6 +1657,12 @@ class Store:
         group's own, to keep it within its quota); None if impossible."""
         cpu = self.cpu
         assert cpu is not None
+        if (
+            self._ssd_writer is not None
+            and cpu.capacity_bytes - cpu.used_bytes < self._write_ahead_bytes()
+            and not self._write_wake.is_set()
+        ):
+            self._write_wake.set()  # keep the values to be evicted next copied to ssd
         group = self._quota_group(namespace, "cpu")
         if group is not None and not self._make_quota_room(group, nbytes):
             return None
@@ -1664,9 +1772,12 @@ class Store:
 
     def _write_ssd(self, e: Entry, value: memoryview) -> None:
         """Put `e` on ssd, evicting ssd LRU entries for room; ResourceExhausted if none."""
+        self._put_ssd(e, *self._encoded(e, value))
+
+    def _put_ssd(self, e: Entry, header: ValueHeader, payload: Buffer) -> None:
+        """`_write_ssd` of `e` already encoded for the ssd tier."""
         ssd = self.ssd
         assert ssd is not None
-        header, payload = self._encoded(e, value)
         if ssd.record_bytes(header) > ssd.capacity_bytes:
             raise ResourceExhausted(
                 f"value of {e.nbytes} bytes does not fit the ssd tier ({ssd.capacity_bytes} bytes)"

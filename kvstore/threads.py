@@ -1,11 +1,13 @@
-"""One pool of host threads for work that releases the GIL beside GPU transfers: checksums
-of arena bytes (xxhash) while the copy engines move them, and the parsing and staging of a
-batch of payloads before a GPU decode (NumPy copies, numba kernels without the GIL)."""
+"""One pool of host threads for work that releases the GIL: checksums of arena bytes (xxhash)
+while the copy engines move them, the parsing and staging of a batch of payloads before a
+GPU decode (NumPy copies, numba kernels without the GIL), and values coded one per thread
+(fetched remote values decoded, the ssd writer's values encoded)."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import os
+import sys
 import threading
 
 # One core hashes or copies well below PCIe speed; leave two for the caller's own threads.
@@ -23,3 +25,13 @@ def host_pool() -> concurrent.futures.ThreadPoolExecutor:
                 HOST_THREADS, thread_name_prefix="kvstore-host"
             )
         return _pool
+
+
+def one_core_kernels() -> None:
+    """Run the calling thread's numba kernels on its own core (the setting is per thread):
+    for a pool thread that codes one value of a batch while its siblings code the others.
+    A kernel compiled `parallel=True` would otherwise start a team of threads for each
+    caller, every core's worth, and the pool's threads would fight over the cores."""
+    numba = sys.modules.get("numba")  # imported with the codecs; without them, no kernels
+    if numba is not None and numba.get_num_threads() != 1:
+        numba.set_num_threads(1)

@@ -74,7 +74,8 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
 @pytest.fixture
 def make_store(tmp_path: Path) -> Iterator[MakeStore]:
     """`make_store(**settings)`: stores with a 4 MiB cpu arena and 16 MiB of ssd by default,
-    closed at teardown."""
+    closed at teardown. Without the background ssd writer unless asked for
+    (`ssd_write_ahead`): what eviction writes is then what each test says."""
     opened: list[Store] = []
 
     def make(**overrides: Any) -> Store:
@@ -82,6 +83,7 @@ def make_store(tmp_path: Path) -> Iterator[MakeStore]:
             "data_dir": tmp_path / "data",
             "cpu_bytes": "4MiB",
             "ssd_bytes": "16MiB",
+            "ssd_write_ahead": 0,
         }
         settings.update(overrides)
         s = Store(ServerConfig(**settings))

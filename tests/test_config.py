@@ -221,6 +221,9 @@ def test_default_socket_under_a_long_data_dir_is_rejected(tmp_path: Path) -> Non
         ("grace_seconds", "soon", "grace-seconds"),
         ("log_level", "verbose", "log-level"),
         ("max_value_bytes", 0, "max-value-bytes"),
+        ("ssd_write_ahead", -0.1, "ssd-write-ahead: must be between 0 and 1"),
+        ("ssd_write_ahead", 1.5, "ssd-write-ahead: must be between 0 and 1"),
+        ("ssd_write_ahead", "half", "ssd-write-ahead: not a share"),
     ],
 )
 def test_other_validation(tmp_path: Path, field: str, value: object, match: str) -> None:

@@ -73,8 +73,9 @@ class Reader:
 
 @pytest.fixture
 def small(start_server: Callable[..., ServerProcess]) -> ServerProcess:
-    """A cpu tier of exactly four 1 MiB values above 64 MiB of ssd."""
-    return start_server("--cpu-bytes", "4MiB", "--ssd-bytes", "64MiB")
+    """A cpu tier of exactly four 1 MiB values above 64 MiB of ssd, without the ssd writer:
+    each eviction writes its value then, so the events come in one order."""
+    return start_server("--cpu-bytes", "4MiB", "--ssd-bytes", "64MiB", "--ssd-write-ahead", "0")
 
 
 def mib(i: int) -> torch.Tensor:
@@ -111,6 +112,29 @@ def test_put_evict_promote_delete_arrive_in_order(small: ServerProcess) -> None:
     assert seqs == list(range(1, len(events) + 1))
     assert len({e.instance for e in events + start}) == 1
     assert all(e.namespace == NAMESPACE and e.nbytes == MiB for e in events)
+
+
+def test_the_ssd_writer_copies_ahead_and_eviction_then_only_drops(
+    start_server: Callable[..., ServerProcess],
+) -> None:
+    """With the ssd writer, a value eviction takes next is copied to ssd while it stays in
+    cpu (DEMOTED, tiers cpu and ssd); evicting it later only drops the cpu copy."""
+    srv = start_server("--cpu-bytes", "4MiB", "--ssd-bytes", "64MiB", "--ssd-write-ahead", "0.25")
+    with srv.client() as c:
+        reader = Reader(c.watch())
+        try:
+            reader.until(lambda e: e.kind == EventKind.SNAPSHOT_END)
+            for i in range(4):  # the tier is full: key 0, the oldest, is copied ahead
+                c.put(key(i), mib(i))
+            ahead = reader.until(is_key(key(0), EventKind.DEMOTED))[-1]
+            c.put(key(4), mib(4))  # evicts key 0, already on ssd
+            evicted = reader.until(is_key(key(0), EventKind.EVICTED))[-1]
+        finally:
+            reader.close()
+        assert (ahead.tier, ahead.tiers) == ("ssd", ("cpu", "ssd"))
+        assert (evicted.tier, evicted.tiers) == ("cpu", ("ssd",))
+        got = c.get(key(0))
+        assert got is not None and torch.equal(got, mib(0))
 
 
 def _state(events: list[KVEvent]) -> dict[bytes, tuple[str, ...]]:

@@ -1,0 +1,128 @@
+"""The ssd writer (`--ssd-write-ahead`): the cpu values eviction takes next are copied to
+ssd ahead of it, encoded off the lock, so the eviction itself writes nothing; a value
+deleted, replaced or evicted while it was being encoded is not written from stale bytes."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from test_store import (
+    NS,
+    MakeStore,
+    MiB,
+    entry,
+    fill,
+    key,
+    on_ssd_disk,
+    put,
+    read,
+    tier_stats,
+    value,
+)
+
+from kvstore.store import Store
+
+
+@pytest.fixture
+def make_quiet(make_store: MakeStore, monkeypatch: pytest.MonkeyPatch) -> MakeStore:
+    """Stores whose ssd writer runs only when the test calls `write_ahead`, not in the
+    background as well: what each round copies is then what the test says."""
+    monkeypatch.setattr(Store, "_write_ahead_forever", lambda self: None)
+    return make_store
+
+
+def write_ahead(store: Store) -> int:
+    """Run the writer's rounds until it has nothing left to copy; how many it copied."""
+    n = 0
+    while (step := store.write_ahead()) > 0:
+        n += step
+    return n
+
+
+def test_copies_what_eviction_takes_next_once_the_tier_fills(make_quiet: MakeStore) -> None:
+    store = make_quiet(ssd_write_ahead=0.5)  # 2 of the arena's four 1 MiB slots
+    vals = fill(store, 2)
+    assert write_ahead(store) == 0  # half the tier free: nothing to do yet
+    vals |= fill(store, 2, start=2)
+    assert write_ahead(store) == 2
+    for i in range(4):
+        assert entry(store, key(i)).tiers == (("cpu", "ssd") if i < 2 else ("cpu",))
+    assert tier_stats(store, "cpu").counters.demotions == 2
+    assert tier_stats(store, "cpu").counters.evictions == 0
+    assert read(store, key(3)) == vals[key(3)]  # served from cpu, as before
+    # The next put evicts key(0), already on ssd: nothing more is written for it.
+    assert store.ssd is not None
+    written = store.ssd.count()
+    writes: list[bytes] = []
+    real_put = store.ssd.put
+
+    def counted(ns: str, k: bytes, *args: Any) -> None:
+        writes.append(k)
+        real_put(ns, k, *args)
+
+    store.ssd.put = counted  # type: ignore[method-assign]
+    put(store, key(9), value(9))
+    assert key(0) not in writes
+    assert store.ssd.count() == written
+    assert entry(store, key(0)).tiers == ("ssd",)
+    assert tier_stats(store, "cpu").counters.evictions == 1
+    assert read(store, key(0)) == vals[key(0)]
+
+
+def test_values_read_back_from_the_ssd_copy(make_quiet: MakeStore) -> None:
+    store = make_quiet(ssd_write_ahead=1.0, codec=("ssd=zstd",))
+    vals = fill(store, 4)
+    write_ahead(store)
+    assert all(on_ssd_disk(store, key(i)) for i in range(4))
+    vals |= fill(store, 4, start=4)  # evicts all four: their ssd copies serve them
+    for k, v in vals.items():
+        assert read(store, k) == v
+    assert store.stats().codecs["zstd"].raw_bytes >= 4 * MiB
+
+
+def test_values_changed_while_encoded_are_not_written(make_quiet: MakeStore) -> None:
+    store = make_quiet(ssd_write_ahead=1.0)
+    fill(store, 4)
+    fresh = value(101)
+    real = store._encode_ahead
+
+    def racing(item: Any) -> Any:
+        coded = real(item)
+        e = item[0]
+        if e.key == key(0):
+            store.delete(NS, [key(0)])
+        elif e.key == key(1):
+            put(store, key(1), fresh)  # a new value of the key
+        return coded
+
+    store._encode_ahead = racing  # type: ignore[method-assign]
+    store.write_ahead()
+    assert not on_ssd_disk(store, key(0))
+    assert read(store, key(0)) is None
+    assert not on_ssd_disk(store, key(1))  # the stale bytes were not written
+    assert entry(store, key(1)).tiers == ("cpu",)
+    assert read(store, key(1)) == fresh
+    assert on_ssd_disk(store, key(2)) and on_ssd_disk(store, key(3))
+
+
+def test_pinned_values_are_left_alone(make_quiet: MakeStore) -> None:
+    store = make_quiet(ssd_write_ahead=1.0)
+    fill(store, 4)
+    store.pin(NS, [key(0)], 1)  # never evicted: no reason to copy it
+    write_ahead(store)
+    assert entry(store, key(0)).tiers == ("cpu",)
+    assert all(entry(store, key(i)).tiers == ("cpu", "ssd") for i in (1, 2, 3))
+
+
+@pytest.mark.parametrize("share", [0.5, 0.0])
+def test_the_background_writer(make_store: MakeStore, share: float) -> None:
+    store = make_store(ssd_write_ahead=share)
+    fill(store, 4)
+    deadline = time.monotonic() + 10
+    while share and not entry(store, key(0)).on_ssd and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)
+    assert entry(store, key(0)).on_ssd == (share > 0)
+    assert (store._ssd_writer is not None) == (share > 0)
