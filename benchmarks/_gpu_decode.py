@@ -14,9 +14,9 @@ decodes them (`bench_codecs.py --gpu-decode DIR`):
   parsing and staging included). Each in GB/s of decoded output, beside the 50 GB/s target,
   pinned H2D bandwidth (what copying the decoded KV from host memory would give) and the
   device copy, all measured in this run.
-- **CPU on this host**: the same chunks encoded again (from what they decode to) and
-  decoded by the CPU codec on all of this host's cores, against LMDB writing records of the
-  containers' size here: the demotion comparison of the CPU run, on a server's CPU.
+- **CPU on this host** (`_demotion`): the same chunks, encoded again from what they decode
+  to, through a store's ssd writer on this host's threads against LMDB writing records of
+  the containers' size here, and decoded on one core: the CPU run's figures on a server.
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _demotion as demotion
 import torch
 from _procs import progress
 
-from kvstore.codecs import decode, decode_values
+from kvstore.codecs import codec_from_spec, decode, decode_values
 
 SUFFIX = ".kvc"
 TARGET_GBPS = 50.0
@@ -110,7 +111,9 @@ def run(directory: Path, batch_bytes: int, repeats: int) -> tuple[dict[str, Any]
         row["gpu_over_target"] = row["gpu_GBps"] / TARGET_GBPS
         row["gpu_over_h2d"] = row["gpu_GBps"] / limit["h2d_GBps"]
         row["gpu_over_d2d"] = row["gpu_GBps"] / limit["d2d_GBps"]
-        row.update(cpu_rates(spec, blobs, wants, repeats))
+        # The chunks are encoded again from what they decode to (the model is not here):
+        # the same shapes and statistics, the speed of the real work.
+        row["cpu"] = demotion.rates(spec, codec_from_spec(spec), wants, blobs, repeats)
         rows.append(row)
         progress(f"{spec}: {row}")
     lines = [
@@ -130,48 +133,5 @@ def run(directory: Path, batch_bytes: int, repeats: int) -> tuple[dict[str, Any]
         f"GPU GB/s: decoded bytes per GPU second (payload copy, kernels, checksums); target "
         f"{TARGET_GBPS:.0f} GB/s. wall: the call to wait() returning, host parsing included."
     )
-    cores = torch.get_num_threads()
-    lines += [
-        "",
-        f"CPU on this host ({cores} threads), GB/s of fp16: encode, decode (per thread), and "
-        "LMDB writing the encoded chunks (stored GB/s x ratio):",
-    ]
-    for r in rows:
-        bound = "encode" if r["cpu_encode_GBps"] < r["lmdb_write_fp16_GBps"] else "LMDB write"
-        lines.append(
-            f"  {r['spec']:<26} encode {r['cpu_encode_GBps']:6.2f}  decode "
-            f"{r['cpu_decode_GBps']:6.2f} ({r['cpu_decode_GBps'] / cores:.2f})  LMDB write "
-            f"{r['lmdb_write_fp16_GBps']:6.2f}: demotion is {bound}-bound"
-        )
+    lines += demotion.lines([(r["spec"], r["cpu"]) for r in rows])
     return {"limits": limit, "gpu_decode": rows}, "\n".join(lines)
-
-
-def cpu_rates(
-    spec: str, blobs: list[bytes], wants: list[torch.Tensor], repeats: int
-) -> dict[str, float]:
-    """CPU encode and decode rates of `spec` on this host's cores, and LMDB's write rate of
-    its containers, all in fp16 bytes per second. The chunks are encoded again from what
-    they decode to (the model is not here): the same shapes and statistics, the speed of
-    the real work."""
-    from bench_codecs import best_time, lmdb_write_bps
-
-    from kvstore.codecs import codec_from_spec
-
-    codec = codec_from_spec(spec)
-    fp16 = sum(w.nbytes for w in wants)
-    codec.encode(wants[0])  # compiles what the timed runs use
-    enc_s, encoded = best_time(lambda: [codec.encode(w) for w in wants], repeats)
-    outs = [torch.empty_like(w) for w in wants]
-    pairs = list(zip(blobs, outs, strict=True))
-    dec_s, _ = best_time(lambda: [codec.decode(b, out=o) for b, o in pairs], repeats)
-    for o, w in zip(outs, wants, strict=True):
-        if not torch.equal(o, w):
-            raise RuntimeError(f"{spec}: the CPU decoded other bits than before")
-    stored = sum(map(len, encoded))
-    lmdb = lmdb_write_bps(max(1, stored // len(encoded)))
-    return {
-        "cpu_encode_GBps": fp16 / enc_s / 1e9,
-        "cpu_decode_GBps": fp16 / dec_s / 1e9,
-        "lmdb_write_stored_GBps": lmdb / 1e9,
-        "lmdb_write_fp16_GBps": lmdb * fp16 / stored / 1e9,
-    }

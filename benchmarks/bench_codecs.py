@@ -42,6 +42,10 @@ compared before one is scored, once, on the usual prompts.
 `--tail-codec SPEC` codes the last chunk of each prefix, the one its continuation follows,
 with SPEC: what coding a stored sequence's newest chunk finer would buy.
 
+Under the table: each codec's demotion through a real store's ssd writer against LMDB
+writing its output, its encode rate on the host threads and its decode rate on one core
+(`_demotion.py`).
+
 The GPU decode figures (`_gpu_decode.py`) come from a GPU machine without the model, on
 the containers a CPU run saved.
 """
@@ -54,14 +58,15 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import _demotion as demotion
 import torch
+from _demotion import best_time
 from _procs import progress, save_plot, write_outputs
 from _realkv import (
     Continuation,
@@ -76,10 +81,9 @@ from _realkv import (
 )
 
 import kvstore
-from kvstore.codecs import Codec, ValueHeader, checksum, codec_from_spec, codec_names, decode
+from kvstore.codecs import Codec, codec_from_spec, codec_names, decode
 from kvstore.config import parse_size
 from kvstore.errors import InvalidArgument
-from kvstore.tiers.ssd import LmdbTier
 
 CHUNK_TOKENS = 256  # the store's chunk size
 CONTINUATION = 128
@@ -310,49 +314,6 @@ def chunked(kv: torch.Tensor, chunk_tokens: int) -> list[torch.Tensor]:
     return [
         kv[:, :, s : s + chunk_tokens].contiguous() for s in range(0, kv.shape[2], chunk_tokens)
     ]
-
-
-def best_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    """The shortest of `repeats` runs of `fn`, and what the last run returned."""
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
-
-
-def lmdb_write_bps(chunk_bytes: int, total: int = 512 << 20) -> float:
-    """Bytes per second the ssd tier (LMDB, as the server opens it) writes records of
-    `chunk_bytes`, flushed to disk at the end, in a temporary directory here."""
-    with tempfile.TemporaryDirectory(prefix="kvbench-lmdb-") as tmp:
-        tier = LmdbTier(Path(tmp), 2 * total)
-        payload = os.urandom(chunk_bytes)
-        header = ValueHeader("uint8", (chunk_bytes,), chunk_bytes, checksum(payload))
-        start = time.perf_counter()
-        for i in range(max(1, total // chunk_bytes)):
-            tier.put("bench", i.to_bytes(32, "big"), header, payload)
-        tier.sync()
-        seconds = time.perf_counter() - start
-        tier.close()
-    return max(1, total // chunk_bytes) * chunk_bytes / seconds
-
-
-def demotion_lines(report: Report, lmdb_bps: float) -> list[str]:
-    """Per codec: encoding vs writing its output to LMDB, both in fp16 bytes per second."""
-    lines = [
-        "",
-        f"demotion to ssd: LMDB writes {lmdb_bps / 1e9:.2f} GB/s of stored bytes here; a "
-        "codec's output of ratio r is written at r times that, in fp16 bytes:",
-    ]
-    for r in report.rows:
-        write = lmdb_bps * r.ratio / 1e9
-        bound = "encode" if r.encode_gbps < write else "LMDB write"
-        lines.append(
-            f"  {r.label:<22} encode {r.encode_gbps:6.2f} GB/s, LMDB write of its output "
-            f"{write:6.2f} GB/s: demotion is {bound}-bound"
-        )
-    return lines
 
 
 def rel_err(decoded: torch.Tensor, original: torch.Tensor) -> float:
@@ -782,12 +743,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     blobs = [c.encode(x) for c, x in zip(coders, chunks, strict=True)]
                     save_containers(args.save_containers, codec.spec(), case.name, blobs)
         progress(f"saved the containers of GPU-decodable codecs under {args.save_containers}")
-    progress("timing LMDB writes of 256-token chunks for the demotion comparison")
-    lmdb_bps = lmdb_write_bps(
-        max(1, cases[0].fp16_bytes // max(1, len(chunked(cases[0].kv, args.chunk_tokens))))
-    )
-    report.meta["lmdb_write_GBps"] = lmdb_bps / 1e9
-    report.notes_after = demotion_lines(report, lmdb_bps)
+    speeds = []
+    for label, codec in codecs:
+        progress(f"{label}: demotion through a store's ssd writer, LMDB, decode on one core")
+        chunks = [x for case in cases for x in chunked(case.kv, args.chunk_tokens)]
+        blobs = [codec.encode(x) for x in chunks]
+        speeds.append((label, demotion.rates(codec.spec(), codec, chunks, blobs, args.repeats)))
+    report.meta["cpu_rates"] = dict(speeds)
+    report.notes_after = demotion.lines(speeds)
     lossless = [r.label for r in report.rows if r.lossless]
     report.meta["check_line"] = (
         f"exact KV substituted reproduces the exact run; plain forward pass ppl "

@@ -42,3 +42,26 @@ def test_profile_fitted_on_scored_prompts_is_refused_unless_in_sample(tmp_path: 
         bench_codecs.profile_notes([codec], ["fit-prose", "json"])
     (note,) = bench_codecs.profile_notes([codec], ["fit-prose", "json"], in_sample=True)
     assert "in sample" in note
+
+
+@pytest.mark.parametrize("spec", ["zstd", "cachegen:level=1"])
+def test_demotion_rates_run_the_store_and_the_codec(spec: str) -> None:
+    """The CPU section's rates come from real work: a store's ssd writer copies every chunk
+    through the codec (it raises if one is missing), and each rate is a positive figure."""
+    import _demotion
+    import torch
+
+    g = torch.Generator().manual_seed(3)
+    chunks = [torch.randn(2, 2, 64, 2, 16, generator=g).half() for _ in range(5)]
+    codec = codec_from_spec(spec)
+    blobs = [codec.encode(c) for c in chunks]
+    r = _demotion.rates(spec, codec, chunks, blobs, repeats=1)
+    for name in (
+        "encode_pool_GBps",
+        "decode_one_core_GBps",
+        "demotion_GBps",
+        "lmdb_write_fp16_GBps",
+    ):
+        assert r[name] > 0, name
+    assert r["demotion_over_lmdb"] == r["demotion_GBps"] / r["lmdb_write_fp16_GBps"]
+    assert spec in "\n".join(_demotion.lines([(spec, r)]))

@@ -1,0 +1,172 @@
+"""A codec's CPU speed where the server spends it: demotion to ssd and decoding on one core.
+
+Used by bench_codecs on the model's chunks (`--codecs`) and on a GPU machine's host
+(`--gpu-decode`, from saved containers), where a server's many cores are:
+
+- **demotion**: a real `Store` (cpu and ssd tiers, the codec on ssd, in a temporary
+  directory) holding every chunk in its cpu tier; its ssd writer (`Store.write_ahead`,
+  what `--ssd-write-ahead` runs in the background) then encodes them on the host pool, a
+  value per thread, and writes them to LMDB, flushed at the end. GB/s of fp16 taken in.
+- **encode on the host pool**: the encoding alone, the same values at once, a value per
+  thread (`kvstore.threads.HOST_THREADS` of them).
+- **LMDB write**: the ssd tier writing records of the codec's output size, flushed, in fp16
+  bytes per second (its stored rate times the codec's ratio): what demotion feeds.
+- **decode on one core**: every chunk decoded one after another, kernels on one core, as
+  each of the server's host threads decodes fetched values.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numba
+import torch
+
+from kvstore.codecs import Codec, ValueHeader, checksum, decode_value
+from kvstore.codecs.values import tensor_bytes
+from kvstore.config import ServerConfig
+from kvstore.dtypes import dtype_name
+from kvstore.store import Store
+from kvstore.threads import HOST_THREADS, host_pool, one_core_kernels
+from kvstore.tiers.ssd import LmdbTier
+
+
+def best_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    """The shortest of `repeats` runs of `fn`, and what the last run returned."""
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def lmdb_write_bps(chunk_bytes: int, total: int = 512 << 20) -> float:
+    """Bytes per second the ssd tier (LMDB, as the server opens it) writes records of
+    `chunk_bytes`, flushed to disk at the end, in a temporary directory here (`total`
+    bytes of them, at most 65,536 records)."""
+    records = max(1, min(total // chunk_bytes, 1 << 16))
+    with tempfile.TemporaryDirectory(prefix="kvbench-lmdb-") as tmp:
+        tier = LmdbTier(Path(tmp), 2 * records * (chunk_bytes + 8192))  # a record: pages
+        payload = os.urandom(chunk_bytes)
+        header = ValueHeader("uint8", (chunk_bytes,), chunk_bytes, checksum(payload))
+        start = time.perf_counter()
+        for i in range(records):
+            tier.put("bench", i.to_bytes(32, "big"), header, payload)
+        tier.sync()
+        seconds = time.perf_counter() - start
+        tier.close()
+    return records * chunk_bytes / seconds
+
+
+def _on_one_core(fn: Callable[[], Any]) -> Any:
+    """`fn()` with this thread's numba kernels and torch ops on one core, as a host pool
+    thread runs them (the settings are restored after). In this thread rather than a
+    fresh one: a thread started after parallel work competes with that work's OpenMP
+    threads while they spin down, which measures the spinning."""
+    numba_threads, torch_threads = numba.get_num_threads(), torch.get_num_threads()
+    numba.set_num_threads(1)
+    torch.set_num_threads(1)
+    try:
+        return fn()
+    finally:
+        numba.set_num_threads(numba_threads)
+        torch.set_num_threads(torch_threads)
+
+
+def _demote_once(spec: str, chunks: Sequence[torch.Tensor]) -> tuple[float, int]:
+    """Seconds for a store's ssd writer to copy `chunks` (held in its cpu tier) to ssd
+    through `spec`, flushed; and the bytes it stored."""
+    total = sum(c.nbytes for c in chunks)
+    with tempfile.TemporaryDirectory(prefix="kvbench-demote-") as tmp:
+        config = ServerConfig(
+            tiers="cpu,ssd",
+            data_dir=Path(tmp),
+            cpu_bytes=2 * total + (64 << 20),  # room for every chunk, whatever its size class
+            ssd_bytes=2 * total + (64 << 20),
+            codec=(f"ssd={spec}",),
+            ssd_write_ahead=0,  # no background writer: the timed rounds below do it all
+        )
+        store = Store(config)
+        try:
+            for i, c in enumerate(chunks):
+                data = tensor_bytes(c.contiguous())
+                res = store.begin_put(
+                    "bench", i.to_bytes(32, "big"), dtype_name(c), list(c.shape), len(data),
+                    checksum(data),
+                )  # fmt: skip
+                res.write(data)
+                res.commit()
+            store.config.ssd_write_ahead = 1.0
+            start = time.perf_counter()
+            while store.write_ahead():
+                pass
+            store.sync()
+            seconds = time.perf_counter() - start
+            stats = store.stats()
+            written = sum(c.encoded_bytes for c in stats.codecs.values())
+            if sum(t.counters.demotions for t in stats.tiers if t.name == "cpu") != len(chunks):
+                raise RuntimeError(f"{spec}: the ssd writer did not copy every chunk")
+        finally:
+            store.close()
+    return seconds, written
+
+
+def rates(
+    spec: str, codec: Codec, chunks: Sequence[torch.Tensor], blobs: Sequence[bytes], repeats: int
+) -> dict[str, Any]:
+    """Every rate above for `codec` (`spec`) on `chunks`, whose containers are `blobs`, in
+    fp16 GB/s; `demotion_over_lmdb` is the one that says whether encoding keeps up."""
+    fp16 = sum(2 * c.numel() for c in chunks)
+    pool = host_pool()
+
+    def encode_one(c: torch.Tensor) -> bytes:
+        one_core_kernels()
+        return codec.encode(c)
+
+    list(pool.map(encode_one, chunks[:HOST_THREADS]))  # compiles, and starts the threads
+    enc_s, encoded = best_time(lambda: list(pool.map(encode_one, chunks)), repeats)
+    outs = [torch.empty_like(c) for c in chunks]
+    pairs = list(zip(blobs, outs, strict=True))
+    dec_s = _on_one_core(
+        lambda: best_time(lambda: [decode_value(b, out=o) for b, o in pairs], repeats)[0]
+    )
+    demote_s = min(_demote_once(spec, chunks)[0] for _ in range(max(1, repeats // 2)))
+    stored = sum(map(len, encoded))
+    lmdb = lmdb_write_bps(max(1, stored // len(encoded)))
+    out = {
+        "threads": HOST_THREADS,
+        "encode_pool_GBps": fp16 / enc_s / 1e9,
+        "decode_one_core_GBps": fp16 / dec_s / 1e9,
+        "demotion_GBps": fp16 / demote_s / 1e9,
+        "lmdb_write_stored_GBps": lmdb / 1e9,
+        "lmdb_write_fp16_GBps": lmdb * fp16 / stored / 1e9,
+    }
+    out["demotion_over_lmdb"] = out["demotion_GBps"] / out["lmdb_write_fp16_GBps"]
+    return out
+
+
+def lines(rows: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
+    """The printed section: one line per (label, `rates`)."""
+    if not rows:
+        return []
+    threads = rows[0][1]["threads"]
+    out = [
+        "",
+        f"CPU where the server spends it (GB/s of fp16; {threads} host threads): demotion = "
+        "the store's ssd writer encoding a value per thread and writing LMDB; encode = that "
+        "encoding alone; LMDB = writing records of the codec's output; decode = one core",
+    ]
+    for label, r in rows:
+        verdict = "keeps up with" if r["demotion_over_lmdb"] >= 1 else "is slower than"
+        out.append(
+            f"  {label:<26} demotion {r['demotion_GBps']:6.2f}  encode {r['encode_pool_GBps']:6.2f}"
+            f"  LMDB {r['lmdb_write_fp16_GBps']:6.2f}  decode/core {r['decode_one_core_GBps']:5.2f}"
+            f"  (demotion {verdict} the LMDB write: {r['demotion_over_lmdb']:.2f}x)"
+        )
+    return out
