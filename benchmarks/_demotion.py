@@ -31,6 +31,7 @@ from kvstore.codecs import Codec, ValueHeader, checksum, decode_value
 from kvstore.codecs.values import tensor_bytes
 from kvstore.config import ServerConfig
 from kvstore.dtypes import dtype_name
+from kvstore.memtune import keep_freed_buffers
 from kvstore.store import Store
 from kvstore.threads import HOST_THREADS, host_pool, one_core_kernels
 from kvstore.tiers.ssd import LmdbTier
@@ -122,6 +123,7 @@ def rates(
 ) -> dict[str, Any]:
     """Every rate above for `codec` (`spec`) on `chunks`, whose containers are `blobs`, in
     fp16 GB/s; `demotion_over_lmdb` is the one that says whether encoding keeps up."""
+    keep_freed_buffers()  # as the server does at start
     fp16 = sum(2 * c.numel() for c in chunks)
     pool = host_pool()
 
@@ -156,11 +158,13 @@ def lines(rows: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
     if not rows:
         return []
     threads = rows[0][1]["threads"]
+    omp = os.environ.get("OMP_WAIT_POLICY", "unset; the server runs with PASSIVE")
     out = [
         "",
-        f"CPU where the server spends it (GB/s of fp16; {threads} host threads): demotion = "
-        "the store's ssd writer encoding a value per thread and writing LMDB; encode = that "
-        "encoding alone; LMDB = writing records of the codec's output; decode = one core",
+        f"CPU where the server spends it (GB/s of fp16; {threads} host threads; "
+        f"OMP_WAIT_POLICY {omp}): demotion = the store's ssd writer encoding a value per "
+        "thread and writing LMDB; encode = that encoding alone; LMDB = writing records of the "
+        "codec's output; decode = one core",
     ]
     for label, r in rows:
         verdict = "keeps up with" if r["demotion_over_lmdb"] >= 1 else "is slower than"

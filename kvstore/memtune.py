@@ -1,4 +1,5 @@
-"""Keep glibc malloc from handing freed megabyte buffers back to the kernel.
+"""Process-wide settings for a server: keep glibc malloc from handing freed megabyte buffers
+back to the kernel (`keep_freed_buffers`), and OpenMP threads from spinning (`quiet_openmp`).
 
 Every 4 MiB piece the server sends or receives is a fresh Python bytes object. By default
 glibc returns large freed blocks to the kernel (munmap, heap trim), so the next piece
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 
 M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2
@@ -37,3 +39,13 @@ def keep_freed_buffers() -> bool:
             (M_TOP_PAD, TOP_PAD),
         )
     )
+
+
+def quiet_openmp() -> None:
+    """Let idle OpenMP threads (numba's parallel codec kernels, torch) sleep rather than spin
+    after each parallel region, unless OMP_WAIT_POLICY is set already. Spinning threads take
+    the cores the ssd writer's and the remote fetch's host threads code values on, and an
+    engine's next to the sidecar: on a 16-core GPU host, 12 host threads encoding cachegen
+    chunks ran 1.26 -> 1.55 GB/s with it, decoding 2.75 -> 3.67. Must run before the OpenMP
+    runtimes load (torch and numba's are loaded with the codecs)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

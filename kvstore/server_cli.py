@@ -13,7 +13,7 @@ import uvloop
 from kvstore import __version__, logs
 from kvstore.config import DURABILITY_MODES, ConfigError, ServerConfig
 from kvstore.gpu import cuda_device_count
-from kvstore.memtune import keep_freed_buffers
+from kvstore.memtune import keep_freed_buffers, quiet_openmp
 from kvstore.preflight import check_environment
 
 EPILOG = """\
@@ -272,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_openmp()  # before anything loads an OpenMP runtime
     args = build_parser().parse_args(argv)
     flags = {k: v for k, v in vars(args).items() if k not in ("config", "check_config")}
     try:
