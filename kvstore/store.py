@@ -485,6 +485,7 @@ class Store:
         self._wake = threading.Event()
         self._ssd_writer: threading.Thread | None = None
         self._write_wake = threading.Event()
+        self._write_ahead_refused = False  # the ssd writer's last write was refused
         self._closing = False
         # KV events (Watch): published under the lock, so in the order changes happen.
         self.events = EventHub(config.max_watchers)
@@ -1593,10 +1594,13 @@ class Store:
                 try:
                     self._put_ssd(e, *coded)
                 except ResourceExhausted as exc:
-                    log.warning("ssd takes no values ahead of eviction: %s", exc)
+                    if not self._write_ahead_refused:  # once, not every round while it lasts
+                        self._write_ahead_refused = True
+                        log.warning("ssd takes no values ahead of eviction: %s", exc)
                     for _, _, rest in jobs[i + 1 :]:
                         rest.cancel()
                     break
+                self._write_ahead_refused = False
                 self._counters["cpu"].demotions += 1
                 self._emit(EventKind.DEMOTED, e, "ssd")
                 written += 1

@@ -126,3 +126,23 @@ def test_the_background_writer(make_store: MakeStore, share: float) -> None:
     time.sleep(0.05)
     assert entry(store, key(0)).on_ssd == (share > 0)
     assert (store._ssd_writer is not None) == (share > 0)
+
+
+def test_a_full_ssd_is_reported_once_and_loses_nothing(
+    make_quiet: MakeStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With ssd full of pinned values there is no room ahead of eviction: the writer says
+    so once, however often it tries, and the cpu values stay where they are."""
+    store = make_quiet(ssd_write_ahead=1.0, ssd_bytes="4MiB", cpu_bytes="8MiB")  # ssd: 3
+    fill(store, 3)
+    assert write_ahead(store) == 3
+    store.pin(NS, [key(0), key(1), key(2)], 1)  # their ssd copies can no longer go
+    vals = fill(store, 3, start=10)
+    with caplog.at_level("WARNING", logger="kvstore.store"):
+        for _ in range(3):
+            assert store.write_ahead() == 0
+    refusals = [r for r in caplog.records if "ahead of eviction" in r.getMessage()]
+    assert len(refusals) == 1
+    for k, v in vals.items():
+        assert entry(store, k).tiers == ("cpu",)
+        assert read(store, k) == v
