@@ -37,6 +37,7 @@ it: a reservation's slot and a lease's slot belong to their holder until commit/
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import fnmatch
 import itertools
@@ -48,7 +49,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -1583,8 +1584,17 @@ class Store:
         # is written as soon as it is encoded, while the others still are.
         pool = host_pool()
         jobs = [(e, slot, pool.submit(self._encode_ahead, (e, slot))) for e, slot in batch]
+        try:
+            return self._write_encoded(jobs)
+        finally:  # none still reads the arena once this returns (close unmaps it next)
+            for _, _, job in jobs:
+                job.cancel()
+            concurrent.futures.wait([job for _, _, job in jobs])
+
+    def _write_encoded(self, jobs: list[tuple[Entry, Slot, concurrent.futures.Future[Any]]]) -> int:
+        """`write_ahead`'s writes, each as soon as its value is encoded: how many."""
         written = 0
-        for i, (e, slot, job) in enumerate(jobs):
+        for e, slot, job in jobs:
             coded = job.result()
             with self._lock:
                 if coded is None or self._closing or self.ssd is None:
@@ -1597,8 +1607,6 @@ class Store:
                     if not self._write_ahead_refused:  # once, not every round while it lasts
                         self._write_ahead_refused = True
                         log.warning("ssd takes no values ahead of eviction: %s", exc)
-                    for _, _, rest in jobs[i + 1 :]:
-                        rest.cancel()
                     break
                 self._write_ahead_refused = False
                 self._counters["cpu"].demotions += 1

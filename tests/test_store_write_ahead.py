@@ -146,3 +146,27 @@ def test_a_full_ssd_is_reported_once_and_loses_nothing(
     for k, v in vals.items():
         assert entry(store, k).tiers == ("cpu",)
         assert read(store, k) == v
+
+
+def test_a_batch_broken_off_leaves_no_encode_reading_the_arena(make_quiet: MakeStore) -> None:
+    """When ssd refuses a write the batch stops, but the values still being encoded (from
+    the cpu arena, which close() unmaps next) are waited for before write_ahead returns."""
+    store = make_quiet(ssd_write_ahead=1.0, ssd_bytes="4MiB", cpu_bytes="8MiB")  # ssd: 3
+    fill(store, 3)
+    write_ahead(store)
+    store.pin(NS, [key(0), key(1), key(2)], 1)
+    fill(store, 3, start=10)
+    running: set[bytes] = set()
+    real = store._encode_ahead
+
+    def slow(item: Any) -> Any:
+        k = item[0].key
+        running.add(k)
+        time.sleep(0 if k == key(10) else 0.3)  # key 10 comes back first, and is refused
+        coded = real(item)
+        running.discard(k)
+        return coded
+
+    store._encode_ahead = slow  # type: ignore[method-assign]
+    assert store.write_ahead() == 0
+    assert not running
