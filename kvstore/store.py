@@ -1592,9 +1592,12 @@ class Store:
             concurrent.futures.wait([job for _, _, job in jobs])
 
     def _write_encoded(self, jobs: list[tuple[Entry, Slot, concurrent.futures.Future[Any]]]) -> int:
-        """`write_ahead`'s writes, each as soon as its value is encoded: how many."""
+        """`write_ahead`'s writes, each as soon as its value is encoded (in the order the
+        encodes finish, so a slow one holds up none of the others): how many."""
         written = 0
-        for e, slot, job in jobs:
+        of_job = {job: (e, slot) for e, slot, job in jobs}
+        for job in concurrent.futures.as_completed(of_job):
+            e, slot = of_job[job]
             coded = job.result()
             with self._lock:
                 if coded is None or self._closing or self.ssd is None:
