@@ -1533,9 +1533,13 @@ class Store:
 
     # ----------------------------------------------------------------- ssd write-ahead
 
-    def _write_ahead_bytes(self) -> float:
-        assert self.cpu is not None
-        return self.config.ssd_write_ahead * self.cpu.capacity_bytes
+    def _write_ahead_window(self) -> float:
+        """Bytes at the head of the cpu tier's eviction order that the ssd writer copies to
+        ssd: its `--ssd-write-ahead` share, once the tier has less than that free; else 0."""
+        cpu = self.cpu
+        assert cpu is not None
+        window = self.config.ssd_write_ahead * cpu.capacity_bytes
+        return window if cpu.capacity_bytes - cpu.used_bytes < window else 0.0
 
     def _write_ahead_forever(self) -> None:
         while not self._closing:
@@ -1560,10 +1564,10 @@ class Store:
         ssd-writer thread calls this."""
         cpu = self.cpu
         assert cpu is not None and self.ssd is not None
-        window = self._write_ahead_bytes()
         batch: list[tuple[Entry, Slot]] = []
         with self._lock:
-            if cpu.capacity_bytes - cpu.used_bytes >= window:
+            window = self._write_ahead_window()
+            if not window:
                 return 0
             seen = taken = 0  # bytes of older values, and of those taken
             for eid in self._mem[0].policy.candidates():
@@ -1674,8 +1678,8 @@ class Store:
         assert cpu is not None
         if (
             self._ssd_writer is not None
-            and cpu.capacity_bytes - cpu.used_bytes < self._write_ahead_bytes()
             and not self._write_wake.is_set()
+            and self._write_ahead_window()
         ):
             self._write_wake.set()  # keep the values to be evicted next copied to ssd
         group = self._quota_group(namespace, "cpu")
