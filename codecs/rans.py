@@ -578,15 +578,21 @@ def _read_state(data: np.ndarray, pos: int) -> int:
 
 
 @numba.njit(cache=True, inline="always")
+def _take(x: int, table: np.ndarray, mask: int, precision: int) -> tuple[int, int]:
+    """A lane's state `x` with its symbol taken out, before renormalization; the symbol."""
+    e = int(table[x & mask])
+    return (((e >> 8) & mask) + 1) * (x >> precision) + (e >> (8 + precision)), e & 0xFF
+
+
+@numba.njit(cache=True, inline="always")
 def _step(
     x: int, data: np.ndarray, pos: int, table: np.ndarray, mask: int, precision: int
 ) -> tuple[int, int, int]:
     """One symbol of one lane: (its next state, the next byte to read, the symbol)."""
-    e = int(table[x & mask])
-    x = (((e >> 8) & mask) + 1) * (x >> precision) + (e >> (8 + precision))
+    x, s = _take(x, table, mask, precision)
     k = int(x < RANS_L) + int(x < RANS_L >> 8)
     w = int(data[pos]) << 8 | int(data[pos + 1])
-    return (x << (8 * k)) | (w >> (16 - 8 * k)), pos + k, e & 0xFF
+    return (x << (8 * k)) | (w >> (16 - 8 * k)), pos + k, s
 
 
 @numba.njit(cache=True, nogil=True)
@@ -632,16 +638,14 @@ def _finish(
         i += lanes
     while i < n:
         j = i % lanes
-        x = state[j]
-        e = int(table[x & mask])
-        x = (((e >> 8) & mask) + 1) * (x >> precision) + (e >> (8 + precision))
+        x, s = _take(state[j], table, mask, precision)
         while x < RANS_L:
             if pos >= end:
                 return _TRUNCATED
             x = (x << 8) | int(data[pos])
             pos += 1
         state[j] = x
-        out[i] = e & 0xFF
+        out[i] = s
         i += 1
     for j in range(min(lanes, n)):
         if state[j] != RANS_L:
