@@ -118,11 +118,10 @@ def _demote_once(spec: str, chunks: Sequence[torch.Tensor]) -> tuple[float, int]
     return seconds, written
 
 
-def rates(
-    spec: str, codec: Codec, chunks: Sequence[torch.Tensor], blobs: Sequence[bytes], repeats: int
-) -> dict[str, Any]:
-    """Every rate above for `codec` (`spec`) on `chunks`, whose containers are `blobs`, in
-    fp16 GB/s; `demotion_over_lmdb` is the one that says whether encoding keeps up."""
+def rates(spec: str, codec: Codec, chunks: Sequence[torch.Tensor], repeats: int) -> dict[str, Any]:
+    """Every rate above for `codec` (`spec`) on `chunks`, in fp16 GB/s (decoding the
+    containers its timed encodes made); `demotion_over_lmdb` says whether encoding keeps
+    up."""
     keep_freed_buffers()  # as the server does at start
     fp16 = sum(2 * c.numel() for c in chunks)
     pool = host_pool()
@@ -134,7 +133,7 @@ def rates(
     list(pool.map(encode_one, chunks[:HOST_THREADS]))  # compiles, and starts the threads
     enc_s, encoded = best_time(lambda: list(pool.map(encode_one, chunks)), repeats)
     outs = [torch.empty_like(c) for c in chunks]
-    pairs = list(zip(blobs, outs, strict=True))
+    pairs = list(zip(encoded, outs, strict=True))
     dec_s = _on_one_core(
         lambda: best_time(lambda: [decode_value(b, out=o) for b, o in pairs], repeats)[0]
     )

@@ -113,7 +113,7 @@ def run(directory: Path, batch_bytes: int, repeats: int) -> tuple[dict[str, Any]
         row["gpu_over_d2d"] = row["gpu_GBps"] / limit["d2d_GBps"]
         # The chunks are encoded again from what they decode to (the model is not here):
         # the same shapes and statistics, the speed of the real work.
-        row["cpu"] = demotion.rates(spec, codec_from_spec(spec), wants, blobs, repeats)
+        row["cpu"] = demotion.rates(spec, codec_from_spec(spec), wants, repeats)
         rows.append(row)
         progress(f"{spec}: {row}")
     lines = [
