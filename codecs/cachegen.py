@@ -122,7 +122,6 @@ LANES = 4
 # makes 4096 streams, enough threads for a GPU to decode a few chunks at once.
 SEGMENT_TOKENS = 32
 VERSIONS = (1, 2)  # payload formats this build reads; it writes either
-RANS_GROUP_SYMBOLS = 1 << 21  # symbols rANS-coded per call (see `_code_streams`)
 
 # How the kernels read and write a dtype's 16-bit words; any other dtype goes through
 # float32.
@@ -288,7 +287,7 @@ class CacheGen(Codec):
                 struct.pack("<I", len(tables)),
                 tables,
                 offsets.astype("<u4").tobytes(),
-                *data,
+                data,
                 escaped.astype("<u2").tobytes(),
             ]
         )
@@ -384,32 +383,18 @@ def parse_payload(payload: memoryview, shape: tuple[int, ...], version: int) -> 
     return Payload(lay, starts, steps, first, freqs, offsets, payload[pos:end], escaped)
 
 
-def _code_streams(
-    lay: _Layout, symbols: np.ndarray, freqs: np.ndarray
-) -> tuple[list[bytes], np.ndarray]:
+def _code_streams(lay: _Layout, symbols: np.ndarray, freqs: np.ndarray) -> tuple[bytes, np.ndarray]:
     """rANS-code each unit's segments (rows of `symbols` [units, padded tokens, dim]) with
-    the unit's model: the coded streams in groups, to be joined, and the offsets
-    [streams + 1] delimiting them. In groups of a few MiB of symbols, because the coder
-    takes scratch space of twice its input: small, it stays in cache and is reused, where
-    one for the whole value would be mapped afresh each time (page faults, which do not run
-    in parallel), halving the speed. A group has a unit per thread at least, which code in
-    parallel."""
-    n, segs, width = lay.units, lay.segments, lay.segment * lay.head_dim
-    rows = symbols.reshape(lay.streams, width)
-    lengths = lay.stream_lengths()
-    group = max(numba.get_num_threads(), RANS_GROUP_SYMBOLS // max(lay.per_unit, 1))
-    data = []
-    offsets = np.zeros(lay.streams + 1, np.int64)
-    for a in range(0, n, group):
-        b = min(a + group, n)
-        models = np.repeat(np.arange(b - a, dtype=np.int32), segs)
-        coded, ends = rans.encode_streams(
-            rows[a * segs : b * segs], models, freqs[a:b], PRECISION, LANES,
-            lengths=lengths[a * segs : b * segs],
-        )  # fmt: skip
-        data.append(coded)
-        offsets[a * segs + 1 : b * segs + 1] = offsets[a * segs] + ends[1:]
-    return data, offsets
+    the unit's model: the coded streams back to back, and the offsets [streams + 1]
+    delimiting them."""
+    return rans.encode_streams(
+        symbols.reshape(lay.streams, lay.segment * lay.head_dim),
+        lay.stream_models(),
+        freqs,
+        PRECISION,
+        LANES,
+        lengths=lay.stream_lengths(),
+    )
 
 
 def _words(t: torch.Tensor) -> np.ndarray:
