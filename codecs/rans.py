@@ -155,10 +155,15 @@ def _significant_bits(v: int) -> int:
     return _bit_length(v) - trailing
 
 
+# log2 of every frequency up to 2**MAX_PRECISION + 1 (0 at 0, never used): the gains of
+# `_quantize_row` as differences of two loads rather than a logarithm each (half its time).
+_LOG2 = np.log2(np.maximum(np.arange((1 << MAX_PRECISION) + 2), 1))
+
+
 @numba.njit(cache=True, nogil=True)
 def _gain(count: float, f: int) -> float:
     """Bits saved over `count` symbols by raising a frequency from f to f + 1."""
-    return count * np.log2((f + 1) / f)
+    return count * (_LOG2[f + 1] - _LOG2[f])
 
 
 @numba.njit(cache=True, nogil=True)
@@ -167,34 +172,51 @@ def _quantize_row(counts: np.ndarray, total_freq: int, out: np.ndarray) -> None:
     if total == 0:
         out[0] = total_freq
         return
-    for s in range(counts.size):
-        if counts[s] > 0:
-            out[s] = max(1, int(counts[s] * total_freq / total + 0.5))
+    seen = np.flatnonzero(counts > 0)
+    for s in seen:
+        out[s] = max(1, int(counts[s] * total_freq / total + 0.5))
     # The coded size, -sum(count * log2 f), is convex in each f: moving one unit of
-    # frequency at a time to where it saves the most reaches the integer optimum.
+    # frequency at a time to where it saves the most reaches the integer optimum. Each
+    # symbol's gain from one unit more and cost of one unit less are kept, and only the
+    # two symbols a move changes are computed again.
+    up = np.empty(seen.size)
+    down = np.empty(seen.size)
+    for j in range(seen.size):
+        _refresh(counts, out, seen, j, up, down)
+    excess = out.sum() - total_freq
     while True:
         best_up, best_down = -1, -1
         gain_up, cost_down = -1.0, np.inf
-        for s in range(counts.size):
-            if counts[s] == 0:
-                continue
-            g = _gain(counts[s], out[s])
-            if g > gain_up:
-                best_up, gain_up = s, g
-            if out[s] > 1:
-                c = _gain(counts[s], out[s] - 1)
-                if c < cost_down:
-                    best_down, cost_down = s, c
-        excess = out.sum() - total_freq
+        for j in range(seen.size):
+            if up[j] > gain_up:
+                best_up, gain_up = j, up[j]
+            if down[j] < cost_down:
+                best_down, cost_down = j, down[j]
         if excess < 0:
-            out[best_up] += 1
+            out[seen[best_up]] += 1
+            excess += 1
         elif excess > 0:
-            out[best_down] -= 1
+            out[seen[best_down]] -= 1
+            excess -= 1
         elif best_down >= 0 and best_up != best_down and gain_up > cost_down * (1 + 1e-12):
-            out[best_up] += 1
-            out[best_down] -= 1
+            out[seen[best_up]] += 1
+            out[seen[best_down]] -= 1
         else:
             return
+        for j in (best_up, best_down):
+            if j >= 0:
+                _refresh(counts, out, seen, j, up, down)
+
+
+@numba.njit(cache=True, nogil=True)
+def _refresh(
+    counts: np.ndarray, out: np.ndarray, seen: np.ndarray, j: int, up: np.ndarray, down: np.ndarray
+) -> None:
+    """The gain of one more unit of frequency for symbol seen[j], and the cost of one less
+    (infinite at frequency 1: a counted symbol keeps one)."""
+    s = seen[j]
+    up[j] = _gain(counts[s], out[s])
+    down[j] = _gain(counts[s], out[s] - 1) if out[s] > 1 else np.inf
 
 
 @numba.njit(cache=True, nogil=True)
