@@ -172,4 +172,9 @@ def lines(rows: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
             f"  LMDB {r['lmdb_write_fp16_GBps']:6.2f}  decode/core {r['decode_one_core_GBps']:5.2f}"
             f"  (demotion {verdict} the LMDB write: {r['demotion_over_lmdb']:.2f}x)"
         )
+        if "gpu_encode_GBps" in r:
+            out.append(
+                f"  {'':<26} encode on the GPU, a value at a time from pinned memory "
+                f"{r['gpu_encode_GBps']:6.2f}"
+            )
     return out

@@ -16,7 +16,9 @@ decodes them (`bench_codecs.py --gpu-decode DIR`):
   device copy, all measured in this run.
 - **CPU on this host** (`_demotion`): the same chunks, encoded again from what they decode
   to, through a store's ssd writer on this host's threads against LMDB writing records of
-  the containers' size here, and decoded on one core: the CPU run's figures on a server.
+  the containers' size here, and decoded on one core: the CPU run's figures on a server;
+  and, for a codec that encodes on GPUs, that encoding a value at a time from pinned host
+  memory (checked first: the same payloads as the CPU encoder's).
 """
 
 from __future__ import annotations
@@ -113,7 +115,20 @@ def run(directory: Path, batch_bytes: int, repeats: int) -> tuple[dict[str, Any]
         row["gpu_over_d2d"] = row["gpu_GBps"] / limit["d2d_GBps"]
         # The chunks are encoded again from what they decode to (the model is not here):
         # the same shapes and statistics, the speed of the real work.
-        row["cpu"] = demotion.rates(spec, codec_from_spec(spec), wants, repeats)
+        codec = codec_from_spec(spec)
+        row["cpu"] = demotion.rates(spec, codec, wants, repeats)
+        encoder = codec.gpu_encoder()
+        if encoder is not None:
+            for want, f in zip(wants, files, strict=True):
+                if encoder(codec, want.cuda())[0] != codec.encode_payload(want):
+                    raise RuntimeError(f"{f.name}: the GPU encoded another payload than the CPU")
+            progress(f"{spec}: {len(files)} chunks encode on the GPU byte for byte as on the CPU")
+            pinned = [w.pin_memory() for w in wants]
+            device = torch.cuda.current_device()
+            seconds, _ = demotion.best_time(
+                lambda f=encoder, c=codec, ps=pinned, d=device: [f(c, p, d) for p in ps], repeats
+            )
+            row["cpu"]["gpu_encode_GBps"] = sum(w.nbytes for w in wants) / seconds / 1e9
         rows.append(row)
         progress(f"{spec}: {row}")
     lines = [

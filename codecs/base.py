@@ -134,6 +134,14 @@ class Codec(ABC):
         when the codec decodes on the CPU only."""
         return None
 
+    @classmethod
+    def gpu_encoder(cls) -> Callable[..., tuple[bytes, int]] | None:
+        """The function that encodes a value on a GPU (`kvstore.kernels.cachegen_encode.
+        encode_on_gpu` is the model: the codec, a CUDA tensor or a host tensor with the GPU
+        to copy it to, in; the payload `encode_payload` makes and the checksum of the value
+        it decodes to, out), or None when the codec encodes on the CPU only."""
+        return None
+
 
 _REGISTRY: dict[str, type[Codec]] = {}
 _BY_ID: dict[int, type[Codec]] = {}

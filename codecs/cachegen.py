@@ -219,6 +219,12 @@ class CacheGen(Codec):
 
         return decode_on_gpu
 
+    @classmethod
+    def gpu_encoder(cls) -> Callable[..., tuple[bytes, int]]:
+        from kvstore.kernels.cachegen_encode import encode_on_gpu
+
+        return encode_on_gpu
+
     def resolution(self, layers: int, heads: int) -> np.ndarray:
         """[layers, 2, heads] residual spread over step, K then V: with a profile, the
         level's `PROFILE_LEVELS` resolution times the head's weight; without, each third of
@@ -274,8 +280,24 @@ class CacheGen(Codec):
         escaped = np.empty(first[-1], np.uint16)
         _gather_escapes(words, kind, heads, symbols, marked, first, escaped)
         freqs = rans.quantize_freqs(counts, PRECISION)
-        tables = rans.pack_tables(freqs, PRECISION)
         data, offsets = _code_streams(lay, symbols, freqs)
+        return self.join_payload(lay, starts, steps, escapes, freqs, offsets, data, escaped)
+
+    def join_payload(
+        self,
+        lay: _Layout,
+        starts: np.ndarray,
+        steps: np.ndarray,
+        escapes: np.ndarray,
+        freqs: np.ndarray,
+        offsets: np.ndarray,
+        data: bytes,
+        escaped: np.ndarray,
+    ) -> bytes:
+        """The payload from its parts (the CPU's or the GPU encoder's): float16 bits of
+        starts and steps [layers, 2, heads, dim], escape counts and frequencies per unit,
+        stream offsets and bytes, and the escapes' float16 bits."""
+        tables = rans.pack_tables(freqs, PRECISION)
         if self.params["version"] == 2:  # the kernels give each head one step
             steps = steps[..., :1]
         return b"".join(

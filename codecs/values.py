@@ -68,10 +68,18 @@ def encode_stored(
         return header, value
     dt = _check_value(header)
     t = torch.frombuffer(value, dtype=dt) if len(value) else torch.empty(0, dtype=dt)
-    t = t.view(header.shape)
+    return _stored(codec, header, t.view(header.shape))
+
+
+def _stored(codec: Codec, header: ValueHeader, t: torch.Tensor) -> tuple[ValueHeader, bytes]:
+    """`encode_stored` of the value `t`: on the host, or on its GPU if it is on one (a codec
+    that encodes there)."""
     value_sum = header.value_checksum
+    encoder = codec.gpu_encoder() if t.is_cuda and not codec.lossless else None
     if codec.lossless:
         payload = codec.encode_payload(t)
+    elif encoder is not None:
+        payload, value_sum = encoder(codec, t)
     else:
         payload, back = codec.encode_with_value(t)
         value_sum = checksum(tensor_bytes(back))
@@ -106,16 +114,22 @@ def decode_coded(header: ValueHeader, payload: memoryview, dst: memoryview) -> N
 
 
 def encode_value(codec: Codec, tensor: torch.Tensor) -> bytes:
-    """A whole container of `tensor` encoded by `codec`."""
+    """A whole container of `tensor` encoded by `codec`: on the tensor's GPU if it is on one
+    and the codec encodes there (`Codec.gpu_encoder`), else on the CPU."""
     if not isinstance(tensor, torch.Tensor):
         raise InvalidArgument(f"codecs encode torch tensors, not {type(tensor).__name__}")
-    t = tensor.detach().to("cpu").contiguous()
-    value = tensor_bytes(t)
-    # A lossy codec's value checksum is of what it decodes to: encode_stored computes it.
+    t = tensor.detach()
+    if not (t.is_cuda and not codec.lossless and codec.gpu_encoder() is not None):
+        t = t.to("cpu")
+    t = t.contiguous()
+    # A lossy codec's value checksum is of what it decodes to: `_stored` computes it.
     header = ValueHeader(
-        dtype_name(t), tuple(t.shape), len(value), checksum(value) if codec.lossless else 0
+        dtype_name(t),
+        tuple(t.shape),
+        t.numel() * t.element_size(),
+        checksum(tensor_bytes(t)) if codec.lossless else 0,
     )
-    stored, payload = encode_stored(codec, header, value)
+    stored, payload = _stored(codec, header, t)
     return encode_header(stored) + bytes(payload)
 
 

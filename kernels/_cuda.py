@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Mapping
 from typing import Any
 
 
@@ -10,23 +12,42 @@ def align(n: int, to: int = 16) -> int:
     return -(-n // to) * to
 
 
-class KernelModule:
-    """The kernels `names` of CUDA C++ `source`, compiled by NVRTC the first time a device
-    asks for one of them (CuPy is imported only then)."""
+def with_values(source: str, values: Mapping[str, object]) -> str:
+    """`source` with each key of `values` (placeholders such as `@LANES@`) replaced by its
+    value: constants the kernels take from the Python modules they mirror."""
+    for key, value in values.items():
+        source = source.replace(key, str(value))
+    return source
 
-    def __init__(self, source: str, names: tuple[str, ...]) -> None:
-        self.source = source
+
+class KernelModule:
+    """The kernels `names` of CUDA C++ `source` (or of what calling it returns, the first
+    time: for a source built from modules not to import before then), compiled by NVRTC the
+    first time a device asks for one of them (CuPy is imported only then)."""
+
+    def __init__(self, source: str | Callable[[], str], names: tuple[str, ...]) -> None:
+        self._source = source
         self.names = names
         self._functions: dict[tuple[int, str], Any] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def source(self) -> str:
+        with self._lock:
+            if callable(self._source):
+                self._source = self._source()
+            return self._source
 
     def get(self, device: int, name: str) -> Any:
         fn = self._functions.get((device, name))
         if fn is None:
             import cupy
 
-            with cupy.cuda.Device(device):
-                module = cupy.RawModule(code=self.source, options=("-std=c++17",))
-                for n in self.names:
-                    self._functions[(device, n)] = module.get_function(n)
+            source = self.source
+            with self._lock, cupy.cuda.Device(device):
+                if (device, name) not in self._functions:
+                    module = cupy.RawModule(code=source, options=("-std=c++17",))
+                    for n in self.names:
+                        self._functions[(device, n)] = module.get_function(n)
             fn = self._functions[(device, name)]
         return fn

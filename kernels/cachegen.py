@@ -31,14 +31,13 @@ GPU, `kvstore.kernels.checksum`) does not match its container's.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kvstore.kernels._cuda import KernelModule, align
+from kvstore.kernels._cuda import KernelModule, align, with_values
 from kvstore.kernels.blocks import DeviceBuffer, as_cupy_stream
 from kvstore.kernels.checksum import SHORT_MAX, _keep_until_done, xxh3_64_gpu
 from kvstore.kernels.floatbits import CUDA_FLOATBITS
@@ -55,6 +54,36 @@ _STREAM_FIELDS = 5  # data start, data end, unit, symbol offset, symbol count
 _UNIT_FIELDS = 9  # out address, token stride, symbol offset, tokens, dim, channel, escapes
 #                   first and end, flags (dtype kind | closed loop << 4)
 _RECON_THREADS = 32  # a unit's CTA: its channels, rounded up to warps
+
+CUDA_ESCAPES = r"""
+// This token's escapes ranked in channel order across the CTA, with a warp ballot (every
+// thread calls it, when any thread of the CTA has an escape): how many come before this
+// thread's, and how many there are.
+__device__ __forceinline__ void rank_escapes(bool esc, int* warp_escapes, long long* before,
+                                             long long* total) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int warps = (blockDim.x + 31) >> 5;
+    unsigned ballot = __ballot_sync(0xFFFFFFFFu, esc);
+    if (lane == 0) warp_escapes[warp] = __popc(ballot);
+    __syncthreads();
+    long long b = 0, n = 0;
+    for (int w = 0; w < warps; ++w) {
+        b += w < warp ? warp_escapes[w] : 0;
+        n += warp_escapes[w];
+    }
+    *before = b + __popc(ballot & ((1u << lane) - 1));
+    *total = n;
+    __syncthreads();  // warp_escapes is reused by the next token
+}
+
+// v rounded to the value's dtype (float32, float16 or bfloat16, as the CPU's `_store`),
+// at element `at` of `out`.
+__device__ __forceinline__ void store_value(char* out, int kind, long long at, float v) {
+    if (kind == 0) ((float*)out)[at] = v;
+    else if (kind == 1) ((unsigned short*)out)[at] = (unsigned short)f32_to_f16(v);
+    else ((unsigned short*)out)[at] = (unsigned short)f32_to_bf16(v);
+}
+"""
 
 _CUDA_SOURCE = r"""
 #define SLOTS @SLOTS@
@@ -198,7 +227,6 @@ extern "C" __global__ void reconstruct(const long long* __restrict__ units,
     const bool closed = (flags >> 4) & 1;
     const int d = threadIdx.x;
     const bool mine = d < dim;
-    const int lane = d & 31, warp = d >> 5, warps = (blockDim.x + 31) >> 5;
     const unsigned char* sym = symbols + u[2] + d;
     float pred = 0.f, step = 0.f;
     if (mine) { pred = starts[u[5] + d]; step = steps[u[5] + d]; }
@@ -212,28 +240,15 @@ extern "C" __global__ void reconstruct(const long long* __restrict__ units,
         if (mine && t + 1 < tokens) next = sym[(t + 1) * dim];
         float v = pred + (float)(s - CENTER) * step;  // the product is exact
         bool esc = mine && s == 0;
-        if (__syncthreads_or(esc)) {  // rank this token's escapes in channel order
-            unsigned ballot = __ballot_sync(0xFFFFFFFFu, esc);
-            if (lane == 0) warp_escapes[warp] = __popc(ballot);
-            __syncthreads();
-            long long before = 0, total = 0;
-            for (int w = 0; w < warps; ++w) {
-                before += w < warp ? warp_escapes[w] : 0;
-                total += warp_escapes[w];
-            }
-            before += __popc(ballot & ((1u << lane) - 1));
+        if (__syncthreads_or(esc)) {
+            long long before, total;
+            rank_escapes(esc, warp_escapes, &before, &total);
             if (esc) {
                 if (e + before < e_end) v = escaped[e + before]; else bad = true;
             }
             e += total;
-            __syncthreads();  // warp_escapes is reused by the next token
         }
-        if (mine) {
-            long long at = t * stride + d;
-            if (kind == 0) ((float*)out)[at] = v;
-            else if (kind == 1) ((unsigned short*)out)[at] = (unsigned short)f32_to_f16(v);
-            else ((unsigned short*)out)[at] = (unsigned short)f32_to_bf16(v);
-        }
+        if (mine) store_value(out, kind, t * stride + d, v);
         if (closed) pred = v;
     }
     if (bad || (d == 0 && e != e_end)) status[blockIdx.x] = BAD_ESCAPES;
@@ -254,22 +269,10 @@ def _source() -> str:
         "@LANES@": cachegen.LANES,
         "@GROUP@": GROUP_UNITS,
     }
-    text = CUDA_FLOATBITS + _CUDA_SOURCE
-    for key, value in subs.items():
-        text = text.replace(key, str(value))
-    return text
+    return with_values(CUDA_FLOATBITS + CUDA_ESCAPES + _CUDA_SOURCE, subs)
 
 
-_module: KernelModule | None = None
-_module_lock = threading.Lock()
-
-
-def _kernels(device: int, name: str) -> Any:
-    global _module
-    with _module_lock:
-        if _module is None:
-            _module = KernelModule(_source(), ("rans_decode", "reconstruct"))
-    return _module.get(device, name)
+_module = KernelModule(_source, ("rans_decode", "reconstruct"))
 
 
 _STATUS = {
@@ -483,7 +486,7 @@ def decode_on_gpu(jobs: Sequence[Job | tuple[Any, ...]], stream: Any = None) -> 
 
         status_ptr = status.ctypes.data
         if n_streams:
-            _kernels(device, "rans_decode")(
+            _module.get(device, "rans_decode")(
                 (n_groups,),
                 (min(256, align(widest, 32)),),
                 (ptr("data"), ptr("groups"), ptr("streams"), ptr("freqs"), symbols,
@@ -491,7 +494,7 @@ def decode_on_gpu(jobs: Sequence[Job | tuple[Any, ...]], stream: Any = None) -> 
                 stream=s,
             )  # fmt: skip
         if n_units:
-            _kernels(device, "reconstruct")(
+            _module.get(device, "reconstruct")(
                 (n_units,),
                 (align(dims, _RECON_THREADS),),
                 (ptr("units"), symbols, ptr("starts"), ptr("steps"), ptr("escaped"),

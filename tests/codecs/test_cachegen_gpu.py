@@ -25,13 +25,15 @@ def smooth_kv(layers: int, tokens: int, heads: int, dim: int, seed: int = 1) -> 
 
 
 def awkward_kv(dtype: torch.dtype) -> torch.Tensor:
-    """Escapes (sinks, a float16 subnormal), zero steps and subnormal steps; 37 tokens:
-    two rANS segments, the second short."""
+    """Escapes (sinks, outliers, a float16 subnormal), zero steps and subnormal steps, a
+    value near the top of float16's range; 37 tokens: two rANS segments, the second short."""
     t = smooth_kv(layers=4, tokens=37, heads=2, dim=24)
     t[:, :, 0] *= 30
     t[1, :, :, 1, 3] = 0.5
     t[2, 0, 20, 0, 5] = 1e-6
     t[3, 1, :, 0] *= 1e-4
+    t[0, 1, 9, 1, 7] = 40.0
+    t[2, 1, 4, 0, 0] = 60000.0
     return t.to(dtype)
 
 

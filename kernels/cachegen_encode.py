@@ -1,0 +1,415 @@
+"""`cachegen` encoding on the GPU: bit for bit the payload the CPU encoder
+(`kvstore.codecs.cachegen`) makes of the same value, and the checksum of the value it
+decodes to.
+
+A value on the GPU (`[layers, 2, tokens, heads, head_dim]`, float16, bfloat16 or float32)
+is encoded in two kernels with the host in between:
+
+1. `quantize`: a CTA per unit (layer, K/V, head) with a thread per channel walks the
+   tokens twice: first the channel model (start value and residual spread, in float64 as
+   the CPU sums them, in the same order), then, after the head's step (thread 0 sums the
+   channels' spreads in channel order), the symbols, the value each decodes to (written in
+   the value's dtype, the previous one predicting the next for K) and the unit's symbol
+   counts (shared-memory atomics). Escapes are ranked in channel order with a warp ballot,
+   as the GPU decoder ranks them, into a region of their unit.
+2. The host turns the counts into rANS frequency tables (`rans.quantize_freqs`, the CPU's
+   own), then `rans_encode` codes a stream per thread, backwards into a slot of its worst
+   case, its lanes as the CPU encoder runs them (division where the CPU multiplies by a
+   reciprocal: the same integers).
+
+The host then gathers the streams and escapes (copied back with the symbols' counts) and
+joins the payload with the CPU's own code (`CacheGen.join_payload`). The value's checksum
+is XXH3-64 on the GPU (`kvstore.kernels.checksum`).
+
+Float arithmetic is written with explicit round-to-nearest intrinsics (`__fmul_rn`,
+`__dadd_rn`, ...): NVRTC fuses a multiply and an add into one FMA by default, which the
+CPU does not, and the payload must not depend on where it was encoded.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kvstore.kernels._cuda import KernelModule, align, with_values
+from kvstore.kernels.blocks import DeviceBuffer, as_cupy_stream
+from kvstore.kernels.cachegen import CUDA_ESCAPES
+from kvstore.kernels.checksum import SHORT_MAX, xxh3_64_gpu
+from kvstore.kernels.floatbits import CUDA_FLOATBITS
+
+if TYPE_CHECKING:
+    import torch
+
+    from kvstore.codecs.cachegen import CacheGen
+
+_CUDA_SOURCE = r"""
+#define PRECISION @PRECISION@
+#define RANS_L (1u << 23)
+#define CENTER @CENTER@
+#define REACH @REACH@
+#define ALPHABET @ALPHABET@
+#define LANES @LANES@
+#define OUTLIER_SPREADS @OUTLIER_SPREADS@
+#define F16_MAX 65504.0f
+
+__device__ __forceinline__ float load_value(const char* words, int kind, long long at) {
+    if (kind == 0) return ((const float*)words)[at];
+    u32 h = ((const unsigned short*)words)[at];
+    return kind == 1 ? f16_to_f32(h) : bf16_to_f32(h);
+}
+
+// float16 bits of x, saturating at +-65504 past the range (infinities too); NaN: 0x7E00.
+__device__ __forceinline__ u32 f32_to_f16_sat(float x) {
+    u32 u = __float_as_uint(x);
+    u32 sign = (u >> 16) & 0x8000;
+    u32 a = u & 0x7FFFFFFF;
+    if (a > 0x7F800000) return 0x7E00 | sign;
+    if (a >= 0x477FF000) return 0x7BFF | sign;
+    return f32_to_f16(x);
+}
+
+// ---------------------------------------------------------------- symbols
+// units: per unit, its first element in `words` (tokens apart by `width` elements), its
+// resolution's index, flags (dtype kind | closed loop << 4). Outputs per unit: starts and
+// steps (float16 bits, a channel each), symbols [padded tokens, dim], counts [ALPHABET],
+// escapes (float16 bits, in token then channel order, from the start of its region of
+// tokens * dim), bad (a value out of float16's range). `back`: the decoded value, laid out
+// as the input.
+extern "C" __global__ void quantize(const char* __restrict__ words,
+                                    char* __restrict__ back,
+                                    const long long* __restrict__ units,
+                                    const float* __restrict__ res,
+                                    long long tokens, long long width, long long dim,
+                                    long long padded,
+                                    unsigned short* __restrict__ starts,
+                                    unsigned short* __restrict__ steps,
+                                    unsigned char* __restrict__ symbols,
+                                    int* __restrict__ counts,
+                                    unsigned short* __restrict__ escapes,
+                                    int* __restrict__ bad_unit) {
+    __shared__ int hist[256];
+    __shared__ float spreads[1024];
+    __shared__ float head_rms;
+    __shared__ int warp_escapes[32];
+    const long long u = blockIdx.x;
+    const long long* un = units + u * 3;
+    const long long base = un[0];
+    const int kind = (int)(un[2] & 15);
+    const bool closed = (un[2] >> 4) & 1;
+    const int d = threadIdx.x;
+    const bool mine = d < dim;
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+    const long long at0 = base + d;
+    // The channel model, as the CPU's `_channel_model`.
+    bool bad = false;
+    float start = 0.f, spread = 0.f;
+    if (mine && tokens > 0) {
+        double acc = 0.0;
+        if (closed) {  // K: differences along the tokens, summed in float64
+            float prev = load_value(words, kind, at0);
+            bad |= !(fabsf(prev) <= F16_MAX);
+            for (long long t = 1; t < tokens; ++t) {
+                float x = load_value(words, kind, at0 + t * width);
+                bad |= !(fabsf(x) <= F16_MAX);
+                float e = __fsub_rn(x, prev);
+                acc = __dadd_rn(acc, (double)__fmul_rn(e, e));
+                prev = x;
+            }
+            start = load_value(words, kind, at0);
+            spread = (float)__dsqrt_rn(__ddiv_rn(acc, (double)(tokens > 1 ? tokens - 1 : 1)));
+        } else {  // V: around the channel mean
+            double mean = 0.0;
+            for (long long t = 0; t < tokens; ++t) {
+                float x = load_value(words, kind, at0 + t * width);
+                bad |= !(fabsf(x) <= F16_MAX);
+                mean = __dadd_rn(mean, (double)x);
+            }
+            mean = __ddiv_rn(mean, (double)tokens);
+            for (long long t = 0; t < tokens; ++t) {
+                double e = __dsub_rn((double)load_value(words, kind, at0 + t * width), mean);
+                acc = __dadd_rn(acc, __dmul_rn(e, e));
+            }
+            start = (float)mean;
+            spread = (float)__dsqrt_rn(__ddiv_rn(acc, (double)tokens));
+        }
+    }
+    if (__syncthreads_or(bad)) {
+        if (d == 0) bad_unit[u] = 1;
+        return;
+    }
+    if (mine) spreads[d] = spread;
+    __syncthreads();
+    if (d == 0) {  // the head's step: the channels' spreads, root mean square, in order
+        float r = 0.f;
+        for (long long c = 0; c < dim; ++c) r = __fadd_rn(r, __fmul_rn(spreads[c], spreads[c]));
+        head_rms = (float)__dsqrt_rn(__ddiv_rn((double)r, (double)dim));
+    }
+    __syncthreads();
+    float pred = 0.f, step = 0.f, inv = 0.f, limit = 1.f;
+    if (mine) {
+        u32 bits = f32_to_f16_sat(start);
+        starts[u * dim + d] = (unsigned short)bits;
+        pred = f16_to_f32(bits);
+        bits = f32_to_f16_sat(__fdiv_rn(head_rms, res[un[1]]));
+        steps[u * dim + d] = (unsigned short)bits;
+        step = f16_to_f32(bits);
+        inv = step > 0.f ? __fdiv_rn(1.f, step) : 0.f;
+        double far = ceil(__dmul_rn(__dmul_rn(OUTLIER_SPREADS, (double)spread), (double)inv));
+        limit = (float)fmin(fmax(far, 1.0), (double)REACH);
+    }
+    long long e = 0;  // the unit's escapes so far
+    unsigned short* esc_out = escapes + u * tokens * dim;
+    for (long long t = 0; t < tokens; ++t) {
+        bool esc = false;
+        float x = 0.f, v = 0.f;
+        if (mine) {
+            x = load_value(words, kind, at0 + t * width);
+            float residual = __fsub_rn(x, pred);
+            float q = rintf(__fmul_rn(residual, inv));
+            esc = fabsf(q) > limit || (step == 0.f && residual != 0.f) || (t == 0 && !closed);
+            q = fminf(fmaxf(q, -limit), limit);
+            int s = esc ? 0 : (int)q + CENTER;
+            symbols[u * padded * dim + t * dim + d] = (unsigned char)s;
+            atomicAdd(&hist[s], 1);
+            v = esc ? f16_to_f32(f32_to_f16_sat(x)) : __fadd_rn(pred, __fmul_rn(q, step));
+            store_value(back, kind, at0 + t * width, v);
+            if (closed) pred = v;
+        }
+        if (__syncthreads_or(esc)) {
+            long long before, total;
+            rank_escapes(esc, warp_escapes, &before, &total);
+            if (esc) esc_out[e + before] = (unsigned short)f32_to_f16_sat(x);
+            e += total;
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < ALPHABET; i += blockDim.x) counts[u * ALPHABET + i] = hist[i];
+}
+
+// ---------------------------------------------------------------- rANS streams
+// streams: per stream, its symbols' offset, their count, its unit, the end of its slot in
+// `slots` (room for 2 bytes a symbol and 4 a lane below it). fc: per unit and symbol,
+// frequency | cumulative frequency << 16. lengths: the stream's bytes, -1 if a symbol has
+// no frequency.
+__device__ __forceinline__ u32 rans_put(u32 x, u32 fc, unsigned char* slots, long long* p,
+                                        bool* bad) {
+    u32 f = fc & 0xFFFF;
+    if (f == 0) { *bad = true; return x; }
+    u32 x_max = f << (31 - PRECISION);
+    while (x >= x_max) { slots[--*p] = (unsigned char)(x & 0xFF); x >>= 8; }
+    return ((x / f) << PRECISION) + (x % f) + (fc >> 16);
+}
+
+extern "C" __global__ void rans_encode(const unsigned char* __restrict__ symbols,
+                                       const long long* __restrict__ streams,
+                                       long long n_streams,
+                                       const u32* __restrict__ fc,
+                                       unsigned char* __restrict__ slots,
+                                       long long* __restrict__ lengths) {
+    long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= n_streams) return;
+    const long long* st = streams + k * 4;
+    const unsigned char* sym = symbols + st[0];
+    const long long n = st[1];
+    const u32* table = fc + st[2] * 256;
+    const long long end = st[3];
+    long long p = end;
+    bool bad = false;
+    u32 x[LANES];
+#pragma unroll
+    for (int l = 0; l < LANES; ++l) x[l] = RANS_L;
+    for (long long i = n - 1; i >= 0; --i) {
+        int l = (int)(i % LANES);
+        x[l] = rans_put(x[l], table[sym[i]], slots, &p, &bad);
+    }
+    int active = n < LANES ? (int)n : LANES;
+    for (int l = active - 1; l >= 0; --l) {
+        p -= 4;
+        for (int b = 0; b < 4; ++b) slots[p + b] = (unsigned char)(x[l] >> (8 * b));
+    }
+    lengths[k] = bad ? -1 : end - p;
+}
+
+// The streams back to back: a CTA per stream copies its bytes from the end of its slot
+// to `offsets[k]` of `out`.
+extern "C" __global__ void gather_streams(const unsigned char* __restrict__ slots,
+                                          const long long* __restrict__ streams,
+                                          const long long* __restrict__ offsets,
+                                          unsigned char* __restrict__ out) {
+    const long long k = blockIdx.x;
+    const long long n = offsets[k + 1] - offsets[k];
+    const unsigned char* from = slots + streams[k * 4 + 3] - n;
+    for (long long i = threadIdx.x; i < n; i += blockDim.x) out[offsets[k] + i] = from[i];
+}
+"""
+
+
+def _source() -> str:
+    from kvstore.codecs import cachegen
+
+    subs = {
+        "@PRECISION@": cachegen.PRECISION,
+        "@CENTER@": cachegen.CENTER,
+        "@REACH@": cachegen.REACH,
+        "@ALPHABET@": cachegen.ALPHABET,
+        "@LANES@": cachegen.LANES,
+        "@OUTLIER_SPREADS@": repr(float(cachegen.OUTLIER_SPREADS)),
+    }
+    return with_values(CUDA_FLOATBITS + CUDA_ESCAPES + _CUDA_SOURCE, subs)
+
+
+_module = KernelModule(_source, ("quantize", "rans_encode", "gather_streams"))
+
+
+_local = threading.local()
+
+
+def _own_stream(device: int) -> Any:
+    """This thread's stream on `device`: the server's host threads encode side by side, and
+    the legacy default stream would serialize them with every other stream."""
+    import cupy
+
+    streams = _local.__dict__.setdefault("streams", {})
+    if device not in streams:
+        with cupy.cuda.Device(device):
+            streams[device] = cupy.cuda.Stream(non_blocking=True)
+    return streams[device]
+
+
+def encode_on_gpu(
+    codec: CacheGen, value: torch.Tensor, device: int | None = None, stream: Any = None
+) -> tuple[bytes, int]:
+    """The payload `codec.encode_payload` makes of `value` (float16, bfloat16 or float32
+    `[layers, 2, tokens, heads, head_dim]`, head_dim <= 1024), encoded on a GPU, and the
+    XXH3-64 of the value it decodes to (the container's value checksum). `value` is a CUDA
+    tensor (encoded on its GPU) or a host tensor, copied to GPU `device` first (fastest from
+    pinned memory). On `stream` (CuPy or torch), else a stream of this thread's own. Blocks
+    until done. Raises InvalidArgument for a value the codec cannot take (out of float16's
+    range)."""
+    import cupy
+    import torch
+
+    from kvstore.codecs import rans
+    from kvstore.codecs.base import DTYPE_WORDS, kv_view
+    from kvstore.codecs.cachegen import ALPHABET, LANES, PRECISION, _Layout
+    from kvstore.codecs.container import checksum
+    from kvstore.errors import InvalidArgument
+
+    kv_view(value, codec.name)  # the layout check
+    if value.dtype not in DTYPE_WORDS or not (value.is_cuda or device is not None):
+        raise InvalidArgument(
+            "cachegen encodes on the GPU a CUDA tensor of float16, bfloat16 or float32, or "
+            f"one on the host with the GPU to copy it to, not {value.dtype} on {value.device}"
+        )
+    layers, _, tokens, heads, head_dim = value.shape
+    if head_dim > 1024:
+        raise InvalidArgument(f"cachegen encodes heads of up to 1024 channels, not {head_dim}")
+    lay = _Layout(layers, tokens, heads, head_dim)
+    device = value.get_device() if value.is_cuda else int(device)  # type: ignore[arg-type]
+    res = codec.resolution(layers, heads).astype(np.float32).reshape(-1)
+    nu, dim = lay.units, head_dim
+    padded = lay.segments * lay.segment
+    idx = np.arange(nu, dtype=np.int64)
+    lk, h = idx // heads, idx % heads  # lk = layer * 2 + K/V
+    width = heads * head_dim
+    units = np.empty((nu, 3), np.int64)
+    units[:, 0] = lk * tokens * width + h * head_dim
+    units[:, 1] = idx  # resolution [layers, 2, heads], flattened: the unit's own index
+    closed = (lk % 2 == 0) & bool(codec.params["k"])
+    units[:, 2] = DTYPE_WORDS[value.dtype] | closed.astype(np.int64) << 4
+
+    with cupy.cuda.Device(device):
+        s = as_cupy_stream(stream) if stream is not None else _own_stream(device)
+        with s:
+            src = value.contiguous()
+            if not value.is_cuda:
+                src = torch.empty(value.shape, dtype=value.dtype, device=f"cuda:{device}")
+                host = value.contiguous()
+                cupy.cuda.runtime.memcpyAsync(
+                    src.data_ptr(), host.data_ptr(), host.numel() * host.element_size(),
+                    cupy.cuda.runtime.memcpyHostToDevice, s.ptr,
+                )  # fmt: skip
+            back = torch.empty_like(src)
+            d_units = cupy.asarray(units)
+            d_res = cupy.asarray(res)
+            d_starts = cupy.empty(nu * dim, cupy.uint16)
+            d_steps = cupy.empty(nu * dim, cupy.uint16)
+            d_symbols = cupy.zeros(nu * padded * dim, cupy.uint8)
+            d_counts = cupy.empty(nu * ALPHABET, cupy.int32)
+            d_escapes = cupy.empty(max(nu * tokens * dim, 1), cupy.uint16)
+            d_bad = cupy.zeros(nu, cupy.int32)
+            if nu:
+                _module.get(device, "quantize")(
+                    (nu,), (align(dim, 32),),
+                    (np.uint64(src.data_ptr()), np.uint64(back.data_ptr()), d_units, d_res,
+                     np.int64(tokens), np.int64(width), np.int64(dim), np.int64(padded),
+                     d_starts, d_steps, d_symbols, d_counts, d_escapes, d_bad),
+                )  # fmt: skip
+            if bool(d_bad.any().get(stream=s)):
+                raise InvalidArgument(
+                    "cachegen needs finite values within float16's range; store this value "
+                    "with a lossless codec (raw or zstd)"
+                )
+            counts = d_counts.get(stream=s).reshape(nu, ALPHABET).astype(np.int64)
+            escapes = counts[:, 0]
+            first = np.zeros(nu + 1, np.int64)
+            np.cumsum(escapes, out=first[1:])
+            # Each unit's escapes lie at the start of its region of tokens * dim.
+            where = np.repeat(idx * tokens * dim - first[:-1], escapes) + np.arange(first[-1])
+            escaped = (
+                d_escapes[cupy.asarray(where)].get(stream=s)
+                if first[-1]
+                else np.empty(0, np.uint16)
+            )
+            freqs = rans.quantize_freqs(counts, PRECISION)
+            fc = np.zeros((nu, 256), np.uint32)
+            fc[:, :ALPHABET] = freqs
+            cum = np.cumsum(freqs, axis=1, dtype=np.uint32) - freqs
+            fc[:, :ALPHABET] |= cum << 16
+            n_streams = lay.streams
+            lengths_in = lay.stream_lengths()
+            streams = np.empty((n_streams, 4), np.int64)
+            seg_symbols = lay.segment * dim
+            streams[:, 0] = np.arange(n_streams, dtype=np.int64) * seg_symbols
+            streams[:, 1] = lengths_in
+            streams[:, 2] = lay.stream_models()
+            streams[:, 3] = np.cumsum(2 * lengths_in + 4 * LANES)
+            slot_bytes = int(streams[-1, 3]) if n_streams else 0
+            d_slots = cupy.empty(max(slot_bytes, 1), cupy.uint8)
+            d_streams = cupy.asarray(streams)
+            d_lengths = cupy.empty(max(n_streams, 1), cupy.int64)
+            if n_streams:
+                _module.get(device, "rans_encode")(
+                    (-(-n_streams // 128),), (128,),
+                    (d_symbols, d_streams, np.int64(n_streams), cupy.asarray(fc), d_slots,
+                     d_lengths),
+                )  # fmt: skip
+            starts = d_starts.get(stream=s).reshape(layers, 2, heads, dim)
+            steps = d_steps.get(stream=s).reshape(layers, 2, heads, dim)
+            big = back.nbytes > SHORT_MAX
+            digests = (
+                xxh3_64_gpu([DeviceBuffer(back.data_ptr(), back.nbytes, device)], device, s)
+                if big
+                else None
+            )
+            sizes = d_lengths.get(stream=s)[:n_streams]
+            if sizes.size and sizes.min() < 0:  # the tables come from the same counts
+                raise RuntimeError("cachegen GPU encode: a symbol has no frequency in its table")
+            offsets = np.zeros(n_streams + 1, np.int64)
+            np.cumsum(sizes, out=offsets[1:])
+            d_data = cupy.empty(max(int(offsets[-1]), 1), cupy.uint8)
+            if n_streams:
+                _module.get(device, "gather_streams")(
+                    (n_streams,), (128,), (d_slots, d_streams, cupy.asarray(offsets), d_data)
+                )
+            data = d_data[: int(offsets[-1])].get(stream=s)
+        payload = codec.join_payload(
+            lay, starts, steps, escapes, freqs, offsets, data.tobytes(), escaped
+        )
+        if digests is not None:
+            value_sum = digests.result()[0]
+        else:
+            value_sum = checksum(back.reshape(-1).view(torch.uint8).cpu().numpy().data)
+    return payload, value_sum

@@ -1,0 +1,80 @@
+"""cachegen encoding on the GPU (`kvstore.kernels.cachegen_encode`): the same payload as the
+CPU encoder and the checksum of the same decoded value, for every dtype, level, predictor
+and payload format, awkward values included; values it cannot take refused. Needs a CUDA
+GPU (the CPU encoder is its twin, tested everywhere)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvstore.codecs import codec_from_spec, decode
+from kvstore.codecs.cachegen import LEVELS, VERSIONS
+from kvstore.codecs.container import checksum
+from kvstore.codecs.values import tensor_bytes
+from kvstore.errors import InvalidArgument
+from tests.codecs.test_cachegen_gpu import awkward_kv, smooth_kv
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def encode_both(spec: str, t: torch.Tensor) -> tuple[bytes, int, bytes, int]:
+    from kvstore.kernels.cachegen_encode import encode_on_gpu
+
+    codec = codec_from_spec(spec)
+    cpu, back = codec.encode_with_value(t)
+    gpu, value_sum = encode_on_gpu(codec, t.cuda())
+    return cpu, checksum(tensor_bytes(back)), gpu, value_sum
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("k", [0, 1])
+@pytest.mark.parametrize("level", sorted(LEVELS))
+@pytest.mark.parametrize("version", VERSIONS)
+def test_gpu_encode_is_the_cpus(dtype: torch.dtype, level: int, k: int, version: int) -> None:
+    t = awkward_kv(dtype)
+    cpu, cpu_sum, gpu, gpu_sum = encode_both(f"cachegen:level={level},k={k},version={version}", t)
+    assert gpu == cpu
+    assert gpu_sum == cpu_sum
+
+
+@pytest.mark.parametrize(
+    "shape", [(30, 256, 3, 64), (2, 300, 8, 128), (3, 1, 2, 64), (1, 0, 1, 64), (2, 5, 1, 8)]
+)
+def test_shapes(shape: tuple[int, int, int, int]) -> None:
+    """A SmolLM2-sized chunk, a long one with 128-channel heads, one token, none, and a
+    value too short for the GPU's checksum (hashed on the host)."""
+    t = smooth_kv(*shape, seed=sum(shape)).to(torch.float16)
+    cpu, cpu_sum, gpu, gpu_sum = encode_both("cachegen", t)
+    assert gpu == cpu and gpu_sum == cpu_sum
+
+
+def test_a_host_value_is_copied_to_the_gpu_named() -> None:
+    from kvstore.kernels.cachegen_encode import encode_on_gpu
+
+    t = awkward_kv(torch.float16)
+    codec = codec_from_spec("cachegen:level=1")
+    assert encode_on_gpu(codec, t, 0) == encode_on_gpu(codec, t.cuda())
+    assert encode_on_gpu(codec, t, 0)[0] == codec.encode_payload(t)
+
+
+def test_the_container_made_from_a_gpu_encode_decodes() -> None:
+    t = awkward_kv(torch.bfloat16)
+    codec = codec_from_spec("cachegen:level=2")
+    want = codec.decode(codec.encode(t))
+    data = codec.encode(t.cuda())  # encode_value: encoded on the GPU
+    assert torch.equal(decode(data), want)
+
+
+def test_values_out_of_range_are_refused() -> None:
+    from kvstore.kernels.cachegen_encode import encode_on_gpu
+
+    t = awkward_kv(torch.float32)
+    t[1, 0, 3, 1, 2] = 1e6
+    with pytest.raises(InvalidArgument, match="float16's range"):
+        encode_on_gpu(codec_from_spec("cachegen"), t.cuda())
+    t[1, 0, 3, 1, 2] = float("nan")
+    with pytest.raises(InvalidArgument, match="float16's range"):
+        encode_on_gpu(codec_from_spec("cachegen"), t.cuda())
+    with pytest.raises(InvalidArgument, match="CUDA tensor"):
+        encode_on_gpu(codec_from_spec("cachegen"), t)
