@@ -263,6 +263,51 @@ def _source() -> str:
 _module = KernelModule(_source, ("quantize", "rans_encode", "gather_streams"))
 
 
+def _upload(arrays: list[np.ndarray], stream: Any, keep: list[Any]) -> list[Any]:
+    """Device copies of host `arrays`, staged through one pinned buffer (kept in `keep`
+    until the copies are done): copies from pageable memory are synchronous and take a
+    driver lock that serializes the host threads encoding side by side."""
+    import cupy
+
+    sizes = [align(a.nbytes, 256) for a in arrays]
+    staging = cupy.cuda.alloc_pinned_memory(max(sum(sizes), 1))
+    keep.append(staging)
+    out, at = [], 0
+    for a, size in zip(arrays, sizes, strict=True):
+        h = np.frombuffer(staging, a.dtype, a.size, at).reshape(a.shape)
+        h[...] = a
+        d = cupy.empty(a.shape, a.dtype)
+        if a.nbytes:
+            cupy.cuda.runtime.memcpyAsync(
+                d.data.ptr, h.ctypes.data, a.nbytes, cupy.cuda.runtime.memcpyHostToDevice,
+                stream.ptr,
+            )  # fmt: skip
+        out.append(d)
+        at += size
+    return out
+
+
+def _download(arrays: list[Any], stream: Any) -> list[np.ndarray]:
+    """Host copies of device `arrays` (contiguous), in one pinned buffer, once `stream` has
+    done everything before them (it is synchronized)."""
+    import cupy
+
+    sizes = [align(a.nbytes, 256) for a in arrays]
+    landing = cupy.cuda.alloc_pinned_memory(max(sum(sizes), 1))
+    out, at = [], 0
+    for a, size in zip(arrays, sizes, strict=True):
+        h = np.frombuffer(landing, a.dtype, a.size, at).reshape(a.shape)
+        if a.nbytes:
+            cupy.cuda.runtime.memcpyAsync(
+                h.ctypes.data, a.data.ptr, a.nbytes, cupy.cuda.runtime.memcpyDeviceToHost,
+                stream.ptr,
+            )  # fmt: skip
+        out.append(h)
+        at += size
+    stream.synchronize()
+    return out
+
+
 _local = threading.local()
 
 
@@ -322,18 +367,17 @@ def encode_on_gpu(
 
     with cupy.cuda.Device(device):
         s = as_cupy_stream(stream) if stream is not None else _own_stream(device)
+        keep: list[Any] = []  # pinned staging, alive until the copies from it are done
         with s:
             src = value.contiguous()
             if not value.is_cuda:
                 src = torch.empty(value.shape, dtype=value.dtype, device=f"cuda:{device}")
-                host = value.contiguous()
                 cupy.cuda.runtime.memcpyAsync(
-                    src.data_ptr(), host.data_ptr(), host.numel() * host.element_size(),
+                    src.data_ptr(), value.data_ptr(), value.numel() * value.element_size(),
                     cupy.cuda.runtime.memcpyHostToDevice, s.ptr,
                 )  # fmt: skip
             back = torch.empty_like(src)
-            d_units = cupy.asarray(units)
-            d_res = cupy.asarray(res)
+            d_units, d_res = _upload([units, res], s, keep)
             d_starts = cupy.empty(nu * dim, cupy.uint16)
             d_steps = cupy.empty(nu * dim, cupy.uint16)
             d_symbols = cupy.zeros(nu * padded * dim, cupy.uint8)
@@ -347,22 +391,18 @@ def encode_on_gpu(
                      np.int64(tokens), np.int64(width), np.int64(dim), np.int64(padded),
                      d_starts, d_steps, d_symbols, d_counts, d_escapes, d_bad),
                 )  # fmt: skip
-            if bool(d_bad.any().get(stream=s)):
+            counts32, bad = _download([d_counts, d_bad], s)
+            if bad.any():
                 raise InvalidArgument(
                     "cachegen needs finite values within float16's range; store this value "
                     "with a lossless codec (raw or zstd)"
                 )
-            counts = d_counts.get(stream=s).reshape(nu, ALPHABET).astype(np.int64)
+            counts = counts32.reshape(nu, ALPHABET).astype(np.int64)
             escapes = counts[:, 0]
             first = np.zeros(nu + 1, np.int64)
             np.cumsum(escapes, out=first[1:])
             # Each unit's escapes lie at the start of its region of tokens * dim.
             where = np.repeat(idx * tokens * dim - first[:-1], escapes) + np.arange(first[-1])
-            escaped = (
-                d_escapes[cupy.asarray(where)].get(stream=s)
-                if first[-1]
-                else np.empty(0, np.uint16)
-            )
             freqs = rans.quantize_freqs(counts, PRECISION)
             fc = np.zeros((nu, 256), np.uint32)
             fc[:, :ALPHABET] = freqs
@@ -377,37 +417,38 @@ def encode_on_gpu(
             streams[:, 2] = lay.stream_models()
             streams[:, 3] = np.cumsum(2 * lengths_in + 4 * LANES)
             slot_bytes = int(streams[-1, 3]) if n_streams else 0
+            d_streams, d_fc, d_where = _upload([streams, fc, where], s, keep)
             d_slots = cupy.empty(max(slot_bytes, 1), cupy.uint8)
-            d_streams = cupy.asarray(streams)
-            d_lengths = cupy.empty(max(n_streams, 1), cupy.int64)
+            d_lengths = cupy.zeros(n_streams + 1, cupy.int64)  # [0] stays 0: offsets below
+            d_data = cupy.empty(max(slot_bytes, 1), cupy.uint8)
             if n_streams:
                 _module.get(device, "rans_encode")(
                     (-(-n_streams // 128),), (128,),
-                    (d_symbols, d_streams, np.int64(n_streams), cupy.asarray(fc), d_slots,
-                     d_lengths),
+                    (d_symbols, d_streams, np.int64(n_streams), d_fc, d_slots, d_lengths[1:]),
                 )  # fmt: skip
-            starts = d_starts.get(stream=s).reshape(layers, 2, heads, dim)
-            steps = d_steps.get(stream=s).reshape(layers, 2, heads, dim)
+                d_offsets = cupy.cumsum(d_lengths)
+                _module.get(device, "gather_streams")(
+                    (n_streams,), (128,), (d_slots, d_streams, d_offsets, d_data)
+                )
+            else:
+                d_offsets = d_lengths
             big = back.nbytes > SHORT_MAX
             digests = (
                 xxh3_64_gpu([DeviceBuffer(back.data_ptr(), back.nbytes, device)], device, s)
                 if big
                 else None
             )
-            sizes = d_lengths.get(stream=s)[:n_streams]
+            sizes, offsets, starts, steps, escaped = _download(
+                [d_lengths[1:], d_offsets, d_starts, d_steps, d_escapes[d_where]], s
+            )
             if sizes.size and sizes.min() < 0:  # the tables come from the same counts
                 raise RuntimeError("cachegen GPU encode: a symbol has no frequency in its table")
-            offsets = np.zeros(n_streams + 1, np.int64)
-            np.cumsum(sizes, out=offsets[1:])
-            d_data = cupy.empty(max(int(offsets[-1]), 1), cupy.uint8)
-            if n_streams:
-                _module.get(device, "gather_streams")(
-                    (n_streams,), (128,), (d_slots, d_streams, cupy.asarray(offsets), d_data)
-                )
-            data = d_data[: int(offsets[-1])].get(stream=s)
+            (data,) = _download([d_data[: int(offsets[-1])]], s)
+        shape4 = (layers, 2, heads, dim)
         payload = codec.join_payload(
-            lay, starts, steps, escapes, freqs, offsets, data.tobytes(), escaped
-        )
+            lay, starts.reshape(shape4), steps.reshape(shape4), escapes, freqs, offsets,
+            data.tobytes(), escaped,
+        )  # fmt: skip
         if digests is not None:
             value_sum = digests.result()[0]
         else:
