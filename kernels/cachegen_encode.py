@@ -263,27 +263,40 @@ def _source() -> str:
 _module = KernelModule(_source, ("quantize", "rans_encode", "gather_streams"))
 
 
+def _pinned_like(arrays: list[Any]) -> tuple[Any, list[np.ndarray]]:
+    """One pinned host buffer with a view shaped like each of `arrays`."""
+    import cupy
+
+    sizes = [align(a.nbytes, 256) for a in arrays]
+    mem = cupy.cuda.alloc_pinned_memory(max(sum(sizes), 1))
+    starts = np.cumsum([0, *sizes[:-1]])
+    return mem, [
+        np.frombuffer(mem, a.dtype, a.size, int(at)).reshape(a.shape)
+        for a, at in zip(arrays, starts, strict=True)
+    ]
+
+
+def _copy(dst: int, src: int, nbytes: int, kind: int, stream: Any) -> None:
+    import cupy
+
+    if nbytes:
+        cupy.cuda.runtime.memcpyAsync(dst, src, nbytes, kind, stream.ptr)
+
+
 def _upload(arrays: list[np.ndarray], stream: Any, keep: list[Any]) -> list[Any]:
     """Device copies of host `arrays`, staged through one pinned buffer (kept in `keep`
     until the copies are done): copies from pageable memory are synchronous and take a
     driver lock that serializes the host threads encoding side by side."""
     import cupy
 
-    sizes = [align(a.nbytes, 256) for a in arrays]
-    staging = cupy.cuda.alloc_pinned_memory(max(sum(sizes), 1))
-    keep.append(staging)
-    out, at = [], 0
-    for a, size in zip(arrays, sizes, strict=True):
-        h = np.frombuffer(staging, a.dtype, a.size, at).reshape(a.shape)
+    mem, views = _pinned_like(arrays)
+    keep.append(mem)
+    out = []
+    for a, h in zip(arrays, views, strict=True):
         h[...] = a
         d = cupy.empty(a.shape, a.dtype)
-        if a.nbytes:
-            cupy.cuda.runtime.memcpyAsync(
-                d.data.ptr, h.ctypes.data, a.nbytes, cupy.cuda.runtime.memcpyHostToDevice,
-                stream.ptr,
-            )  # fmt: skip
+        _copy(d.data.ptr, h.ctypes.data, a.nbytes, cupy.cuda.runtime.memcpyHostToDevice, stream)
         out.append(d)
-        at += size
     return out
 
 
@@ -292,20 +305,11 @@ def _download(arrays: list[Any], stream: Any) -> list[np.ndarray]:
     done everything before them (it is synchronized)."""
     import cupy
 
-    sizes = [align(a.nbytes, 256) for a in arrays]
-    landing = cupy.cuda.alloc_pinned_memory(max(sum(sizes), 1))
-    out, at = [], 0
-    for a, size in zip(arrays, sizes, strict=True):
-        h = np.frombuffer(landing, a.dtype, a.size, at).reshape(a.shape)
-        if a.nbytes:
-            cupy.cuda.runtime.memcpyAsync(
-                h.ctypes.data, a.data.ptr, a.nbytes, cupy.cuda.runtime.memcpyDeviceToHost,
-                stream.ptr,
-            )  # fmt: skip
-        out.append(h)
-        at += size
+    _, views = _pinned_like(arrays)
+    for a, h in zip(arrays, views, strict=True):
+        _copy(h.ctypes.data, a.data.ptr, a.nbytes, cupy.cuda.runtime.memcpyDeviceToHost, stream)
     stream.synchronize()
-    return out
+    return views
 
 
 _local = threading.local()
@@ -372,10 +376,9 @@ def encode_on_gpu(
             src = value.contiguous()
             if not value.is_cuda:
                 src = torch.empty(value.shape, dtype=value.dtype, device=f"cuda:{device}")
-                cupy.cuda.runtime.memcpyAsync(
-                    src.data_ptr(), value.data_ptr(), value.numel() * value.element_size(),
-                    cupy.cuda.runtime.memcpyHostToDevice, s.ptr,
-                )  # fmt: skip
+                nbytes = value.numel() * value.element_size()
+                to_gpu = cupy.cuda.runtime.memcpyHostToDevice
+                _copy(src.data_ptr(), value.data_ptr(), nbytes, to_gpu, s)
             back = torch.empty_like(src)
             d_units, d_res = _upload([units, res], s, keep)
             d_starts = cupy.empty(nu * dim, cupy.uint16)
