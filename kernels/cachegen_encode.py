@@ -373,12 +373,15 @@ def encode_on_gpu(
         s = as_cupy_stream(stream) if stream is not None else _own_stream(device)
         keep: list[Any] = []  # pinned staging, alive until the copies from it are done
         with s:
-            src = value.contiguous()
-            if not value.is_cuda:
+            if value.is_cuda:
+                src = value.contiguous()
+            else:
+                host = value.contiguous()
+                keep.append(host)
                 src = torch.empty(value.shape, dtype=value.dtype, device=f"cuda:{device}")
-                nbytes = value.numel() * value.element_size()
+                nbytes = host.numel() * host.element_size()
                 to_gpu = cupy.cuda.runtime.memcpyHostToDevice
-                _copy(src.data_ptr(), value.data_ptr(), nbytes, to_gpu, s)
+                _copy(src.data_ptr(), host.data_ptr(), nbytes, to_gpu, s)
             back = torch.empty_like(src)
             d_units, d_res = _upload([units, res], s, keep)
             d_starts = cupy.empty(nu * dim, cupy.uint16)

@@ -56,6 +56,10 @@ def test_a_host_value_is_copied_to_the_gpu_named() -> None:
     codec = codec_from_spec("cachegen:level=1")
     assert encode_on_gpu(codec, t, 0) == encode_on_gpu(codec, t.cuda())
     assert encode_on_gpu(codec, t, 0)[0] == codec.encode_payload(t)
+    part = t[:, :, 5:30]  # not contiguous: the tokens of a longer value
+    assert not part.is_contiguous()
+    assert encode_on_gpu(codec, part, 0)[0] == codec.encode_payload(part.contiguous())
+    assert encode_on_gpu(codec, part.cuda(), 0)[0] == codec.encode_payload(part.contiguous())
 
 
 def test_the_container_made_from_a_gpu_encode_decodes() -> None:
