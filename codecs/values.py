@@ -71,11 +71,17 @@ def encode_stored(
     return _stored(codec, header, t.view(header.shape))
 
 
+def _gpu_encoder(codec: Codec, t: torch.Tensor) -> Callable[..., tuple[bytes, int]] | None:
+    """The function that encodes `t` on its GPU: for a tensor on one and a lossy codec that
+    encodes there (`Codec.gpu_encoder`); else None."""
+    return codec.gpu_encoder() if t.is_cuda and not codec.lossless else None
+
+
 def _stored(codec: Codec, header: ValueHeader, t: torch.Tensor) -> tuple[ValueHeader, bytes]:
     """`encode_stored` of the value `t`: on the host, or on its GPU if it is on one (a codec
     that encodes there)."""
     value_sum = header.value_checksum
-    encoder = codec.gpu_encoder() if t.is_cuda and not codec.lossless else None
+    encoder = _gpu_encoder(codec, t)
     if codec.lossless:
         payload = codec.encode_payload(t)
     elif encoder is not None:
@@ -119,7 +125,7 @@ def encode_value(codec: Codec, tensor: torch.Tensor) -> bytes:
     if not isinstance(tensor, torch.Tensor):
         raise InvalidArgument(f"codecs encode torch tensors, not {type(tensor).__name__}")
     t = tensor.detach()
-    if not (t.is_cuda and not codec.lossless and codec.gpu_encoder() is not None):
+    if _gpu_encoder(codec, t) is None:
         t = t.to("cpu")
     t = t.contiguous()
     # A lossy codec's value checksum is of what it decodes to: `_stored` computes it.
