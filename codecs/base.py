@@ -135,11 +135,12 @@ class Codec(ABC):
         return None
 
     @classmethod
-    def gpu_encoder(cls) -> Callable[..., tuple[bytes, int]] | None:
-        """The function that encodes a value on a GPU (`kvstore.kernels.cachegen_encode.
-        encode_on_gpu` is the model: the codec, a CUDA tensor or a host tensor with the GPU
-        to copy it to, in; the payload `encode_payload` makes and the checksum of the value
-        it decodes to, out), or None when the codec encodes on the CPU only."""
+    def gpu_encoder(cls) -> Callable[..., list[tuple[memoryview, int]]] | None:
+        """The function that encodes a batch of values on a GPU (`kvstore.kernels.
+        cachegen_encode.encode_many_on_gpu` is the model: the codec, CUDA tensors or host
+        tensors with the GPU to copy them to, in; per value the payload `encode_payload`
+        makes and the checksum of the value it decodes to, out), or None when the codec
+        encodes on the CPU only."""
         return None
 
 

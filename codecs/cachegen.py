@@ -220,10 +220,10 @@ class CacheGen(Codec):
         return decode_on_gpu
 
     @classmethod
-    def gpu_encoder(cls) -> Callable[..., tuple[bytes, int]]:
-        from kvstore.kernels.cachegen_encode import encode_on_gpu
+    def gpu_encoder(cls) -> Callable[..., list[tuple[memoryview, int]]]:
+        from kvstore.kernels.cachegen_encode import encode_many_on_gpu
 
-        return encode_on_gpu
+        return encode_many_on_gpu
 
     def resolution(self, layers: int, heads: int) -> np.ndarray:
         """[layers, 2, heads] residual spread over step, K then V: with a profile, the
@@ -281,38 +281,58 @@ class CacheGen(Codec):
         _gather_escapes(words, kind, heads, symbols, marked, first, escaped)
         freqs = rans.quantize_freqs(counts, PRECISION)
         data, offsets = _code_streams(lay, symbols, freqs)
-        return self.join_payload(lay, starts, steps, escapes, freqs, offsets, data, escaped)
+        (payload,) = self.join_payloads(
+            lay, 1, starts, steps, escapes, freqs, offsets, data, escaped
+        )
+        return payload.tobytes()
 
-    def join_payload(
+    def join_payloads(
         self,
         lay: _Layout,
+        values: int,
         starts: np.ndarray,
         steps: np.ndarray,
         escapes: np.ndarray,
         freqs: np.ndarray,
         offsets: np.ndarray,
-        data: bytes,
+        data: bytes | np.ndarray,
         escaped: np.ndarray,
-    ) -> bytes:
-        """The payload from its parts (the CPU's or the GPU encoder's): float16 bits of
-        starts and steps [layers, 2, heads, dim], escape counts and frequencies per unit,
-        stream offsets and bytes, and the escapes' float16 bits."""
-        tables = rans.pack_tables(freqs, PRECISION)
-        if self.params["version"] == 2:  # the kernels give each head one step
-            steps = steps[..., :1]
-        return b"".join(
-            [
-                struct.pack("<I", lay.segment),
-                starts.astype("<u2").tobytes(),
-                steps.astype("<u2").tobytes(),
-                escapes.astype("<u4").tobytes(),
-                struct.pack("<I", len(tables)),
-                tables,
-                offsets.astype("<u4").tobytes(),
-                data,
-                escaped.astype("<u2").tobytes(),
-            ]
-        )
+    ) -> list[memoryview]:
+        """The payloads of `values` values of layout `lay` from their parts (the CPU's
+        encoder gives one value's, the GPU's a batch's), value after value in each: float16
+        bits of starts and steps (`[layers, 2, heads, dim]` a value), escape counts and
+        frequency tables per unit, stream offsets into `data` (`[values * streams + 1]`,
+        from 0), the streams' bytes, and the escapes' float16 bits, unit after unit. One
+        buffer holds them all, written by one parallel kernel: views of it come back."""
+        nu, ns, dim = lay.units, lay.streams, lay.head_dim
+        escapes = np.ascontiguousarray(escapes, np.int64)
+        first = np.zeros(values * nu + 1, np.int64)
+        np.cumsum(escapes, out=first[1:])
+        offsets = np.ascontiguousarray(offsets, np.int64)
+        n_steps = nu if self.params["version"] == 2 else nu * dim  # v2: one step a head
+        fixed = 4 + 2 * nu * dim + 2 * n_steps + 4 * nu + 4 + rans.packed_bound(nu, ALPHABET)
+        fixed += 4 * (ns + 1)
+        each = np.arange(values + 1)
+        sizes = fixed + np.diff(offsets[each * ns]) + 2 * np.diff(first[each * nu])
+        bounds = np.zeros(values + 1, np.int64)
+        np.cumsum(sizes, out=bounds[1:])
+        out = np.empty(int(bounds[-1]), np.uint8)
+        ends = np.empty(values, np.int64)
+        data_at = np.empty(values, np.int64)
+        _join(
+            lay.segment, nu, ns, dim, n_steps == nu,
+            np.ascontiguousarray(starts, np.uint16).reshape(-1),
+            np.ascontiguousarray(steps, np.uint16).reshape(-1),
+            escapes, np.ascontiguousarray(freqs, np.uint16), offsets,
+            np.ascontiguousarray(escaped, np.uint16).reshape(-1),
+            first, out, bounds, data_at, ends,
+        )  # fmt: skip
+        streams = np.frombuffer(data, np.uint8)
+        for v in range(values):
+            o0, o1 = offsets[v * ns], offsets[(v + 1) * ns]
+            out[data_at[v] : data_at[v] + o1 - o0] = streams[o0:o1]
+        view = memoryview(out.data)
+        return [view[bounds[v] : ends[v]] for v in range(values)]
 
     def decode_payload(self, payload: memoryview, out: torch.Tensor) -> None:
         p = parse_payload(payload, tuple(out.shape), int(self.params["version"]))
@@ -403,6 +423,59 @@ def parse_payload(payload: memoryview, shape: tuple[int, ...], version: int) -> 
         raise ContainerError("cachegen streams and escapes do not fill the payload")
     escaped = buf[end:].view("<f2").astype(np.float32)
     return Payload(lay, starts, steps, first, freqs, offsets, payload[pos:end], escaped)
+
+
+@numba.njit(cache=True, nogil=True)
+def _put_le(out: np.ndarray, pos: int, value: int, width: int) -> int:
+    """`value` as `width` little-endian bytes at out[pos]; the position after them."""
+    for b in range(width):
+        out[pos + b] = (value >> (8 * b)) & 0xFF
+    return pos + width
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _join(
+    segment: int,
+    units: int,
+    streams: int,
+    dim: int,
+    head_steps: bool,
+    starts: np.ndarray,
+    steps: np.ndarray,
+    escapes: np.ndarray,
+    freqs: np.ndarray,
+    offsets: np.ndarray,
+    escaped: np.ndarray,
+    first: np.ndarray,
+    out: np.ndarray,
+    bounds: np.ndarray,
+    data_at: np.ndarray,
+    ends: np.ndarray,
+) -> None:
+    """`CacheGen.join_payloads`: value v's payload written from out[bounds[v]] (room for
+    its worst case) to out[ends[v]], a value per thread, all but its streams' bytes, whose
+    place it leaves from out[data_at[v]]. The format is the module docstring's;
+    `head_steps`: one step per unit (payload version 2), the first of its channels' (all
+    equal)."""
+    for v in numba.prange(ends.size):
+        pos = _put_le(out, bounds[v], segment, 4)
+        c0 = v * units * dim
+        for i in range(units * dim):
+            pos = _put_le(out, pos, starts[c0 + i], 2)
+        for i in range(units if head_steps else units * dim):
+            pos = _put_le(out, pos, steps[c0 + (i * dim if head_steps else i)], 2)
+        for u in range(units):
+            pos = _put_le(out, pos, escapes[v * units + u], 4)
+        n = rans._pack(freqs[v * units : (v + 1) * units], out[pos + 4 :])
+        pos = _put_le(out, pos, n, 4) + n
+        o0, o1 = offsets[v * streams], offsets[(v + 1) * streams]
+        for k in range(streams + 1):
+            pos = _put_le(out, pos, offsets[v * streams + k] - o0, 4)
+        data_at[v] = pos  # the caller copies the streams: NumPy's copy is 3x numba's here
+        pos += o1 - o0
+        for i in range(first[v * units], first[(v + 1) * units]):
+            pos = _put_le(out, pos, escaped[i], 2)
+        ends[v] = pos
 
 
 def _code_streams(lay: _Layout, symbols: np.ndarray, freqs: np.ndarray) -> tuple[bytes, np.ndarray]:

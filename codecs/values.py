@@ -4,7 +4,8 @@ value's bytes.
 - `encode_value(codec, tensor) -> bytes` / `decode_value(data, out=None) -> tensor`: a whole
   container (header, parameters, payload) for clients and tools.
 - `encode_stored(codec, header, value)`: what a tier does with a value's bytes in place
-  (the header and the payload kept apart; the raw codec without a copy). Decoding them is
+  (the header and the payload kept apart; the raw codec without a copy);
+  `encode_stored_many` a batch of them, on a GPU when the codec encodes there. Decoding them is
   `container.decode_stored`, which comes here (`decode_coded`) only for a codec other than
   raw, so reading raw records never imports torch.
 - `decode_values([(data, out), ...], stream)`: many containers at once; those of a codec
@@ -66,31 +67,66 @@ def encode_stored(
     Raises InvalidArgument when the codec cannot take this value (its shape or dtype)."""
     if codec.codec_id == CODEC_RAW:
         return header, value
+    return _stored(codec, header, _as_tensor(header, value))
+
+
+def encode_stored_many(
+    codec: Codec, items: Sequence[tuple[ValueHeader, memoryview]], device: int | None
+) -> list[tuple[ValueHeader, memoryview | bytes]]:
+    """`encode_stored` of each (header, bytes): on CUDA GPU `device` as one batch when the
+    codec encodes there (`Codec.gpu_encoder`), the bytes copied to it (fastest from pinned
+    memory); else, or with `device` None, one by one on the host. The same headers and
+    payloads either way. Raises InvalidArgument when the codec cannot take one of the
+    values, before any is returned."""
+    encoder = codec.gpu_encoder() if device is not None and not codec.lossless else None
+    if encoder is None:
+        return [encode_stored(codec, header, value) for header, value in items]
+    coded = encoder(codec, [_as_tensor(header, value) for header, value in items], device)
+    return [
+        (_coded_header(codec, header, payload, value_sum), payload)
+        for (header, _), (payload, value_sum) in zip(items, coded, strict=True)
+    ]
+
+
+def _as_tensor(header: ValueHeader, value: memoryview) -> torch.Tensor:
+    """The value `header` describes, as a tensor over its bytes (no copy)."""
     dt = _check_value(header)
     t = torch.frombuffer(value, dtype=dt) if len(value) else torch.empty(0, dtype=dt)
-    return _stored(codec, header, t.view(header.shape))
+    return t.view(header.shape)
 
 
-def _gpu_encoder(codec: Codec, t: torch.Tensor) -> Callable[..., tuple[bytes, int]] | None:
+def _gpu_encoder(
+    codec: Codec, t: torch.Tensor
+) -> Callable[..., list[tuple[memoryview, int]]] | None:
     """The function that encodes `t` on its GPU: for a tensor on one and a lossy codec that
     encodes there (`Codec.gpu_encoder`); else None."""
     return codec.gpu_encoder() if t.is_cuda and not codec.lossless else None
 
 
-def _stored(codec: Codec, header: ValueHeader, t: torch.Tensor) -> tuple[ValueHeader, bytes]:
+def _stored(
+    codec: Codec, header: ValueHeader, t: torch.Tensor
+) -> tuple[ValueHeader, bytes | memoryview]:
     """`encode_stored` of the value `t`: on the host, or on its GPU if it is on one (a codec
     that encodes there)."""
     value_sum = header.value_checksum
     encoder = _gpu_encoder(codec, t)
+    payload: bytes | memoryview
     if codec.lossless:
         payload = codec.encode_payload(t)
     elif encoder is not None:
-        payload, value_sum = encoder(codec, t)
+        ((payload, value_sum),) = encoder(codec, [t])
     else:
         payload, back = codec.encode_with_value(t)
         value_sum = checksum(tensor_bytes(back))
-    params = codec.container_params()
-    stored = ValueHeader(
+    return _coded_header(codec, header, payload, value_sum), payload
+
+
+def _coded_header(
+    codec: Codec, header: ValueHeader, payload: bytes | memoryview, value_sum: int
+) -> ValueHeader:
+    """`header` of a value stored as `payload` by `codec`, which decodes to a value of
+    checksum `value_sum`."""
+    return ValueHeader(
         header.dtype,
         header.shape,
         header.value_len,
@@ -99,9 +135,8 @@ def _stored(codec: Codec, header: ValueHeader, t: torch.Tensor) -> tuple[ValueHe
         header.created_ns,
         len(payload),
         checksum(payload),
-        params,
+        codec.container_params(),
     )
-    return stored, payload
 
 
 def decode_coded(header: ValueHeader, payload: memoryview, dst: memoryview) -> None:

@@ -18,8 +18,14 @@ is encoded in two kernels with the host in between:
    reciprocal: the same integers).
 
 The host then gathers the streams and escapes (copied back with the symbols' counts) and
-joins the payload with the CPU's own code (`CacheGen.join_payload`). The value's checksum
-is XXH3-64 on the GPU (`kvstore.kernels.checksum`).
+joins the payloads with the CPU's own code (`CacheGen.join_payloads`). Each value's
+checksum is XXH3-64 on the GPU (`kvstore.kernels.checksum`).
+
+`encode_many_on_gpu` encodes a batch: values of one shape and dtype lie in one buffer, a
+slot each, and every step above runs once for all of them (the kernels see one value of B
+times as many units; the tables are one parallel call; the payloads are joined by one
+parallel kernel). A value at a time, the host's share (tables, joining, launches) is
+most of the time; in batches of ~32 MiB it is amortized.
 
 Float arithmetic is written with explicit round-to-nearest intrinsics (`__fmul_rn`,
 `__dadd_rn`, ...): NVRTC fuses a multiply and an add into one FMA by default, which the
@@ -29,14 +35,15 @@ CPU does not, and the payload must not depend on where it was encoded.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from kvstore.kernels._cuda import KernelModule, align, with_values
-from kvstore.kernels.blocks import DeviceBuffer, as_cupy_stream
+from kvstore.kernels.blocks import as_cupy_stream
 from kvstore.kernels.cachegen import CUDA_ESCAPES
-from kvstore.kernels.checksum import SHORT_MAX, xxh3_64_gpu
+from kvstore.kernels.checksum import SHORT_MAX, xxh3_64_gpu_spans
 from kvstore.kernels.floatbits import CUDA_FLOATBITS
 
 if TYPE_CHECKING:
@@ -329,98 +336,144 @@ def _own_stream(device: int) -> Any:
 
 def encode_on_gpu(
     codec: CacheGen, value: torch.Tensor, device: int | None = None, stream: Any = None
-) -> tuple[bytes, int]:
-    """The payload `codec.encode_payload` makes of `value` (float16, bfloat16 or float32
-    `[layers, 2, tokens, heads, head_dim]`, head_dim <= 1024), encoded on a GPU, and the
-    XXH3-64 of the value it decodes to (the container's value checksum). `value` is a CUDA
-    tensor (encoded on its GPU) or a host tensor, copied to GPU `device` first (fastest from
-    pinned memory). On `stream` (CuPy or torch), else a stream of this thread's own. Blocks
-    until done. Raises InvalidArgument for a value the codec cannot take (out of float16's
-    range)."""
+) -> tuple[memoryview, int]:
+    """`encode_many_on_gpu` of one value: its payload and the XXH3-64 of what it decodes to."""
+    return encode_many_on_gpu(codec, [value], device, stream)[0]
+
+
+def encode_many_on_gpu(
+    codec: CacheGen, values: Sequence[torch.Tensor], device: int | None = None, stream: Any = None
+) -> list[tuple[memoryview, int]]:
+    """Per value, the payload `codec.encode_payload` makes of it and the XXH3-64 of the
+    value it decodes to (the container's value checksum), encoded on a GPU. Values are
+    float16, bfloat16 or float32 `[layers, 2, tokens, heads, head_dim]` (head_dim <= 1024):
+    CUDA tensors (encoded on their GPU) or host tensors, copied to GPU `device` first
+    (fastest from pinned memory). Values of one shape, dtype and GPU are encoded together:
+    one launch of each kernel and one set of frequency tables for all of them, so that a
+    batch of small values keeps the GPU busy and pays for the host's share once. On
+    `stream` (CuPy or torch), else a stream of this thread's own. Blocks until done.
+    Raises InvalidArgument for a value the codec cannot take (out of float16's range),
+    naming its index, before any payload is returned."""
+    from kvstore.codecs.base import DTYPE_WORDS, kv_view
+    from kvstore.errors import InvalidArgument
+
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, value in enumerate(values):
+        kv_view(value, codec.name)  # the layout check
+        if value.dtype not in DTYPE_WORDS or not (value.is_cuda or device is not None):
+            raise InvalidArgument(
+                "cachegen encodes on the GPU a CUDA tensor of float16, bfloat16 or float32, "
+                f"or one on the host with the GPU to copy it to, not {value.dtype} on "
+                f"{value.device}"
+            )
+        if value.shape[-1] > 1024:
+            raise InvalidArgument(
+                f"cachegen encodes heads of up to 1024 channels, not {value.shape[-1]}"
+            )
+        on = value.get_device() if value.is_cuda else int(device)  # type: ignore[arg-type]
+        groups.setdefault((tuple(value.shape), value.dtype, on), []).append(i)
+    out: list[tuple[memoryview, int]] = [(memoryview(b""), 0)] * len(values)
+    for (_, _, on), which in groups.items():
+        coded = _encode_group(codec, [values[i] for i in which], on, stream, which)
+        for i, c in zip(which, coded, strict=True):
+            out[i] = c
+    return out
+
+
+def _encode_group(
+    codec: CacheGen, values: list[torch.Tensor], device: int, stream: Any, index: list[int]
+) -> list[tuple[memoryview, int]]:
+    """`encode_many_on_gpu` of values of one shape and dtype, encoded on `device`; `index`:
+    their places in the caller's list (for errors). Each value has a slot of `stride`
+    bytes (256-aligned, for the checksum's loads) in one input and one output buffer: the
+    kernels see a batch of B values as one value of B times as many units."""
     import cupy
-    import torch
 
     from kvstore.codecs import rans
-    from kvstore.codecs.base import DTYPE_WORDS, kv_view
+    from kvstore.codecs.base import DTYPE_WORDS
     from kvstore.codecs.cachegen import ALPHABET, LANES, PRECISION, _Layout
     from kvstore.codecs.container import checksum
     from kvstore.errors import InvalidArgument
 
-    kv_view(value, codec.name)  # the layout check
-    if value.dtype not in DTYPE_WORDS or not (value.is_cuda or device is not None):
-        raise InvalidArgument(
-            "cachegen encodes on the GPU a CUDA tensor of float16, bfloat16 or float32, or "
-            f"one on the host with the GPU to copy it to, not {value.dtype} on {value.device}"
-        )
-    layers, _, tokens, heads, head_dim = value.shape
-    if head_dim > 1024:
-        raise InvalidArgument(f"cachegen encodes heads of up to 1024 channels, not {head_dim}")
+    first_value = values[0]
+    b_n = len(values)
+    layers, _, tokens, heads, head_dim = first_value.shape
     lay = _Layout(layers, tokens, heads, head_dim)
-    device = value.get_device() if value.is_cuda else int(device)  # type: ignore[arg-type]
     res = codec.resolution(layers, heads).astype(np.float32).reshape(-1)
     nu, dim = lay.units, head_dim
     padded = lay.segments * lay.segment
+    item = first_value.element_size()
+    nbytes = first_value.numel() * item
+    stride = align(max(nbytes, 1), 256)
     idx = np.arange(nu, dtype=np.int64)
     lk, h = idx // heads, idx % heads  # lk = layer * 2 + K/V
     width = heads * head_dim
-    units = np.empty((nu, 3), np.int64)
-    units[:, 0] = lk * tokens * width + h * head_dim
-    units[:, 1] = idx  # resolution [layers, 2, heads], flattened: the unit's own index
+    one = np.empty((nu, 3), np.int64)
+    one[:, 0] = lk * tokens * width + h * head_dim
+    one[:, 1] = idx  # resolution [layers, 2, heads], flattened: the unit's own index
     closed = (lk % 2 == 0) & bool(codec.params["k"])
-    units[:, 2] = DTYPE_WORDS[value.dtype] | closed.astype(np.int64) << 4
+    one[:, 2] = DTYPE_WORDS[first_value.dtype] | closed.astype(np.int64) << 4
+    units = np.tile(one, (b_n, 1))
+    units[:, 0] += np.repeat(np.arange(b_n, dtype=np.int64) * (stride // item), nu)
+    n_units = b_n * nu
 
     with cupy.cuda.Device(device):
         s = as_cupy_stream(stream) if stream is not None else _own_stream(device)
-        keep: list[Any] = []  # pinned staging, alive until the copies from it are done
+        keep: list[Any] = []  # pinned staging and host values, alive until copied
         with s:
-            if value.is_cuda:
-                src = value.contiguous()
+            if b_n == 1 and first_value.is_cuda and first_value.is_contiguous():
+                src_ptr = first_value.data_ptr()
             else:
-                host = value.contiguous()
-                keep.append(host)
-                src = torch.empty(value.shape, dtype=value.dtype, device=f"cuda:{device}")
-                nbytes = host.numel() * host.element_size()
-                to_gpu = cupy.cuda.runtime.memcpyHostToDevice
-                _copy(src.data_ptr(), host.data_ptr(), nbytes, to_gpu, s)
-            back = torch.empty_like(src)
+                src = cupy.empty(b_n * stride, cupy.uint8)
+                src_ptr = src.data.ptr
+                for b, value in enumerate(values):
+                    v = value.contiguous()
+                    keep.append(v)
+                    kind = cupy.cuda.runtime.memcpyDefault
+                    _copy(src_ptr + b * stride, v.data_ptr(), nbytes, kind, s)
+            back = cupy.empty(max(b_n * stride, 1), cupy.uint8)
             d_units, d_res = _upload([units, res], s, keep)
-            d_starts = cupy.empty(nu * dim, cupy.uint16)
-            d_steps = cupy.empty(nu * dim, cupy.uint16)
-            d_symbols = cupy.zeros(nu * padded * dim, cupy.uint8)
-            d_counts = cupy.empty(nu * ALPHABET, cupy.int32)
-            d_escapes = cupy.empty(max(nu * tokens * dim, 1), cupy.uint16)
-            d_bad = cupy.zeros(nu, cupy.int32)
+            d_starts = cupy.empty(n_units * dim, cupy.uint16)
+            d_steps = cupy.empty(n_units * dim, cupy.uint16)
+            d_symbols = cupy.zeros(n_units * padded * dim, cupy.uint8)
+            d_counts = cupy.empty(n_units * ALPHABET, cupy.int32)
+            d_escapes = cupy.empty(max(n_units * tokens * dim, 1), cupy.uint16)
+            d_bad = cupy.zeros(n_units, cupy.int32)
             if nu:
                 _module.get(device, "quantize")(
-                    (nu,), (align(dim, 32),),
-                    (np.uint64(src.data_ptr()), np.uint64(back.data_ptr()), d_units, d_res,
+                    (n_units,), (align(dim, 32),),
+                    (np.uint64(src_ptr), back, d_units, d_res,
                      np.int64(tokens), np.int64(width), np.int64(dim), np.int64(padded),
                      d_starts, d_steps, d_symbols, d_counts, d_escapes, d_bad),
                 )  # fmt: skip
             counts32, bad = _download([d_counts, d_bad], s)
             if bad.any():
+                which = index[int(np.flatnonzero(bad)[0]) // nu]
                 raise InvalidArgument(
-                    "cachegen needs finite values within float16's range; store this value "
-                    "with a lossless codec (raw or zstd)"
+                    f"value {which}: cachegen needs finite values within float16's range; "
+                    "store this value with a lossless codec (raw or zstd)"
                 )
-            counts = counts32.reshape(nu, ALPHABET).astype(np.int64)
+            counts = counts32.reshape(n_units, ALPHABET).astype(np.int64)
             escapes = counts[:, 0]
-            first = np.zeros(nu + 1, np.int64)
+            first = np.zeros(n_units + 1, np.int64)
             np.cumsum(escapes, out=first[1:])
             # Each unit's escapes lie at the start of its region of tokens * dim.
-            where = np.repeat(idx * tokens * dim - first[:-1], escapes) + np.arange(first[-1])
+            where = np.repeat(np.arange(n_units) * tokens * dim - first[:-1], escapes)
+            where += np.arange(first[-1])
             freqs = rans.quantize_freqs(counts, PRECISION)
-            fc = np.zeros((nu, 256), np.uint32)
+            fc = np.zeros((n_units, 256), np.uint32)
             fc[:, :ALPHABET] = freqs
             cum = np.cumsum(freqs, axis=1, dtype=np.uint32) - freqs
             fc[:, :ALPHABET] |= cum << 16
-            n_streams = lay.streams
-            lengths_in = lay.stream_lengths()
+            ns = lay.streams
+            n_streams = b_n * ns
+            lengths_in = np.tile(lay.stream_lengths(), b_n)
             streams = np.empty((n_streams, 4), np.int64)
-            seg_symbols = lay.segment * dim
-            streams[:, 0] = np.arange(n_streams, dtype=np.int64) * seg_symbols
+            # A unit's streams are consecutive segments of its rows of symbols.
+            streams[:, 0] = np.arange(n_streams, dtype=np.int64) * (lay.segment * dim)
             streams[:, 1] = lengths_in
-            streams[:, 2] = lay.stream_models()
+            streams[:, 2] = np.tile(lay.stream_models(), b_n)
+            streams[:, 2] += np.repeat(np.arange(b_n, dtype=np.int64) * nu, ns)
             streams[:, 3] = np.cumsum(2 * lengths_in + 4 * LANES)
             slot_bytes = int(streams[-1, 3]) if n_streams else 0
             d_streams, d_fc, d_where = _upload([streams, fc, where], s, keep)
@@ -438,25 +491,25 @@ def encode_on_gpu(
                 )
             else:
                 d_offsets = d_lengths
-            big = back.nbytes > SHORT_MAX
-            digests = (
-                xxh3_64_gpu([DeviceBuffer(back.data_ptr(), back.nbytes, device)], device, s)
-                if big
-                else None
-            )
+            big = nbytes > SHORT_MAX
+            digests = None
+            if big:
+                at = np.arange(b_n, dtype=np.uint64) * np.uint64(stride)
+                ptrs = np.uint64(back.data.ptr) + at
+                digests = xxh3_64_gpu_spans(ptrs, np.full(b_n, nbytes, np.int64), device, s)
             sizes, offsets, starts, steps, escaped = _download(
                 [d_lengths[1:], d_offsets, d_starts, d_steps, d_escapes[d_where]], s
             )
             if sizes.size and sizes.min() < 0:  # the tables come from the same counts
                 raise RuntimeError("cachegen GPU encode: a symbol has no frequency in its table")
             (data,) = _download([d_data[: int(offsets[-1])]], s)
-        shape4 = (layers, 2, heads, dim)
-        payload = codec.join_payload(
-            lay, starts.reshape(shape4), steps.reshape(shape4), escapes, freqs, offsets,
-            data.tobytes(), escaped,
-        )  # fmt: skip
-        if digests is not None:
-            value_sum = digests.result()[0]
-        else:
-            value_sum = checksum(back.reshape(-1).view(torch.uint8).cpu().numpy().data)
-    return payload, value_sum
+            if not big:  # too short for the GPU's checksum: hashed here
+                (small,) = _download([back], s)
+                sums = [checksum(small[b * stride : b * stride + nbytes].data) for b in range(b_n)]
+            else:
+                assert digests is not None
+                sums = [int(d) for d in digests.result()]
+    payloads = codec.join_payloads(
+        lay, b_n, starts, steps, escapes, freqs, offsets, data, escaped
+    )  # fmt: skip
+    return list(zip(payloads, sums, strict=True))

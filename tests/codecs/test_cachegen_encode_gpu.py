@@ -14,6 +14,7 @@ from kvstore.codecs.container import checksum
 from kvstore.codecs.values import tensor_bytes
 from kvstore.errors import InvalidArgument
 from tests.codecs.test_cachegen_gpu import awkward_kv, smooth_kv
+from tests.codecs.test_codecs import stored_items
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -82,3 +83,46 @@ def test_values_out_of_range_are_refused() -> None:
         encode_on_gpu(codec_from_spec("cachegen"), t.cuda())
     with pytest.raises(InvalidArgument, match="CUDA tensor"):
         encode_on_gpu(codec_from_spec("cachegen"), t)
+
+
+def test_a_batch_encodes_each_value_as_alone() -> None:
+    """Values of several shapes, dtypes and places in one call: those of one shape and
+    dtype share the kernels' launches and the tables, and each payload and checksum is
+    still the CPU's for that value alone."""
+    from kvstore.kernels.cachegen_encode import encode_many_on_gpu
+
+    codec = codec_from_spec("cachegen:level=2")
+    values = [
+        awkward_kv(torch.float16).cuda(),
+        smooth_kv(2, 300, 8, 128, seed=1).to(torch.float16),  # on the host
+        awkward_kv(torch.bfloat16).cuda(),
+        smooth_kv(4, 40, 3, 64, seed=2).half().cuda(),
+        awkward_kv(torch.float16).flip(2).contiguous(),  # the first one's shape, on the host
+        smooth_kv(2, 5, 1, 8, seed=3).to(torch.float16).cuda(),  # hashed on the host
+        smooth_kv(2, 0, 1, 8, seed=4).to(torch.float16).cuda(),
+    ]
+    got = encode_many_on_gpu(codec, values, 0)
+    assert len(got) == len(values)
+    for i, v in enumerate(values):
+        payload, back = codec.encode_with_value(v.cpu())
+        assert got[i] == (payload, checksum(tensor_bytes(back))), i
+    assert encode_many_on_gpu(codec, [], 0) == []
+
+
+def test_a_value_out_of_range_in_a_batch_is_named() -> None:
+    from kvstore.kernels.cachegen_encode import encode_many_on_gpu
+
+    good = awkward_kv(torch.float32).cuda()
+    bad = good.clone()
+    bad[0, 1, 2, 0, 3] = float("inf")
+    with pytest.raises(InvalidArgument, match="value 2: cachegen needs finite values"):
+        encode_many_on_gpu(codec_from_spec("cachegen"), [good, good, bad, good])
+
+
+def test_stored_batches_have_the_hosts_headers_and_payloads() -> None:
+    from kvstore.codecs.values import encode_stored, encode_stored_many
+
+    codec = codec_from_spec("cachegen:level=1")
+    items = stored_items([smooth_kv(3, 64, 2, 64, seed=s).to(torch.bfloat16) for s in range(3)])
+    want = [encode_stored(codec, h, b) for h, b in items]
+    assert encode_stored_many(codec, items, 0) == want

@@ -8,6 +8,8 @@ byte-exact, a lossy one returns the same tensor every time, and nothing damaged 
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -182,3 +184,31 @@ def test_decode_values_into_cpu_tensors_and_refusing_a_damaged_one() -> None:
     damaged[-5] ^= 0x10
     with pytest.raises(ContainerError):
         decode_values([(blobs[0], outs[0]), (bytes(damaged), outs[1])])
+
+
+def stored_items(values: list[torch.Tensor]) -> list[tuple[Any, memoryview]]:
+    """(header, bytes) of each host tensor, as a tier holds a value before encoding it."""
+    from kvstore.codecs.container import ValueHeader, checksum
+    from kvstore.codecs.values import tensor_bytes
+    from kvstore.dtypes import dtype_name
+
+    out = []
+    for v in values:
+        data = tensor_bytes(v)
+        out.append((ValueHeader(dtype_name(v), tuple(v.shape), v.nbytes, checksum(data)), data))
+    return out
+
+
+@pytest.mark.parametrize("spec", ["raw", "zstd", "int8", "cachegen:level=1"])
+def test_stored_batches_without_a_gpu_are_each_values_own(spec: str) -> None:
+    """`encode_stored_many` with no GPU (or a codec that encodes on the host only) gives
+    what `encode_stored` gives each value."""
+    from kvstore.codecs.values import encode_stored, encode_stored_many
+
+    codec = codec_from_spec(spec)
+    g = torch.Generator().manual_seed(5)
+    items = stored_items([torch.randn(2, 2, 40, 2, 32, generator=g).half() for _ in range(3)])
+    got = encode_stored_many(codec, items, None)
+    want = [encode_stored(codec, h, b) for h, b in items]
+    assert [(h, bytes(p)) for h, p in got] == [(h, bytes(p)) for h, p in want]
+    assert got[0][0].codec == codec.codec_id
