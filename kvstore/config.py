@@ -126,6 +126,12 @@ class ServerConfig:
     several at once, off the store's lock; evicting them then frees their memory at once
     instead of encoding and writing them on the put that needs the room. 0: values are
     written to ssd only when evicted. Between 0 and 1."""
+    encode_gpu: str = "auto"
+    """Where the ssd writer encodes values whose ssd codec encodes on a GPU too (cachegen):
+    "auto", on the gpu tier's first CUDA GPU when the server has one, else on host threads;
+    "off", always on host threads; a CUDA device number N, on that GPU (the cpu arena is then
+    pinned for copies to it). On a GPU each round's values are encoded as batches, into the
+    same bytes as on the host, leaving the host's cores to the serving engine beside it."""
     durability: str = "async"
     """When the ssd tier's writes reach the disk. "sync": a put acknowledged as stored on
     ssd is on disk first (LMDB syncs on commit; concurrent puts share one flush), so it
@@ -303,6 +309,13 @@ class ServerConfig:
         if not 0.0 <= self.ssd_write_ahead <= 1.0:
             raise ConfigError(
                 f"ssd-write-ahead: must be between 0 and 1, got {self.ssd_write_ahead}"
+            )
+        self.encode_gpu = str(self.encode_gpu).strip().lower()
+        if self.encode_gpu not in ("auto", "off") and not (
+            self.encode_gpu.isdigit() and int(self.encode_gpu) < 1024
+        ):
+            raise ConfigError(
+                f"encode-gpu: {self.encode_gpu!r} is not auto, off or a CUDA device number"
             )
         self.lease_seconds = _as_seconds(self.lease_seconds, "lease-seconds", 0.01)
         self.durability = str(self.durability).lower()

@@ -114,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
         f"{d.ssd_write_ahead:g}; 0: write only when evicting)",
     )
     p.add_argument(
+        "--encode-gpu",
+        metavar="auto|off|N",
+        help="where the ssd writer encodes values whose codec also encodes on a GPU "
+        "(cachegen): auto (default) on the gpu tier's GPU when there is one, else on host "
+        "threads; off, on host threads; N, on CUDA GPU N. The bytes stored are the same; a "
+        "GPU leaves the host's cores to the serving engine",
+    )
+    p.add_argument(
         "--durability",
         choices=DURABILITY_MODES,
         help="when ssd writes reach the disk: sync (a put acknowledged on ssd is flushed "

@@ -224,6 +224,8 @@ def test_default_socket_under_a_long_data_dir_is_rejected(tmp_path: Path) -> Non
         ("ssd_write_ahead", -0.1, "ssd-write-ahead: must be between 0 and 1"),
         ("ssd_write_ahead", 1.5, "ssd-write-ahead: must be between 0 and 1"),
         ("ssd_write_ahead", "half", "ssd-write-ahead: not a share"),
+        ("encode_gpu", "yes", "encode-gpu: 'yes' is not auto, off or a CUDA device number"),
+        ("encode_gpu", "-1", "encode-gpu"),
     ],
 )
 def test_other_validation(tmp_path: Path, field: str, value: object, match: str) -> None:

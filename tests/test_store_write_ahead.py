@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import pytest
+import torch
 from test_store import (
     NS,
     MakeStore,
@@ -22,7 +23,11 @@ from test_store import (
     value,
 )
 
+from kvstore.codecs import codec_from_spec
+from kvstore.codecs.values import encode_stored, tensor_bytes
 from kvstore.store import Store
+from tests.test_store_codecs import kv_value
+from tests.test_store_codecs import put as put_kv
 
 
 @pytest.fixture
@@ -90,7 +95,7 @@ def test_values_changed_while_encoded_are_not_written(make_quiet: MakeStore) -> 
 
     def racing(item: Any) -> Any:
         coded = real(item)
-        e = item[0]
+        e = item[0][0]  # a job of one value each: the host's encodes
         if e.key == key(0):
             store.delete(NS, [key(0)])
         elif e.key == key(1):
@@ -160,7 +165,7 @@ def test_a_batch_broken_off_leaves_no_encode_reading_the_arena(make_quiet: MakeS
     real = store._encode_ahead
 
     def slow(item: Any) -> Any:
-        k = item[0].key
+        k = item[0][0].key
         running.add(k)
         time.sleep(0 if k == key(10) else 0.3)  # key 10 comes back first, and is refused
         coded = real(item)
@@ -170,3 +175,73 @@ def test_a_batch_broken_off_leaves_no_encode_reading_the_arena(make_quiet: MakeS
     store._encode_ahead = slow  # type: ignore[method-assign]
     assert store.write_ahead() == 0
     assert not running
+
+
+def stored_record(store: Store, k: bytes) -> tuple[Any, bytes]:
+    """The ssd tier's header and payload of key k."""
+    assert store.ssd is not None
+    with store.ssd.read(NS, k) as (header, payload):
+        return header, bytes(payload)
+
+
+def host_encoded(spec: str, i: int, store: Store) -> tuple[Any, bytes]:
+    """What the host encoder makes of `kv_value(i)` for the ssd tier."""
+    t = kv_value(i)
+    e = entry(store, key(i))
+    header, payload = encode_stored(codec_from_spec(spec), e.header(), tensor_bytes(t))
+    return header, bytes(payload)
+
+
+def test_a_gpu_batch_that_fails_is_encoded_on_the_host(
+    make_quiet: MakeStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Values whose codec encodes on the --encode-gpu GPU go there in batches; a batch the
+    GPU cannot take (here: no GPU at all) is encoded value by value on the host, into the
+    same records, and values of a namespace stored raw are never part of a batch."""
+    spec = "cachegen:level=1"
+    store = make_quiet(ssd_write_ahead=1.0, codec=(f"ssd[llama-*]={spec}",))
+    for i in range(3):
+        put_kv(store, key(i), kv_value(i))
+    put(store, key(3), value(3), ns="raw/ns")
+    store._encode_device = 0  # as --encode-gpu 0 would set it, on a machine with a GPU
+    tried: list[int] = []
+
+    def no_gpu(codec: Any, items: Any, device: int) -> Any:
+        tried.append(len(items))
+        raise RuntimeError("no CUDA GPU here")
+
+    monkeypatch.setattr("kvstore.codecs.values.encode_stored_many", no_gpu)
+    batches: list[list[bytes]] = []
+    real = store._encode_ahead
+
+    def seen(part: Any) -> Any:
+        batches.append([e.key for e, _ in part])
+        return real(part)
+
+    store._encode_ahead = seen  # type: ignore[method-assign]
+    with caplog.at_level("INFO", logger="kvstore.store"):
+        assert write_ahead(store) == 4
+    assert sorted(batches) == [[key(0), key(1), key(2)], [key(3)]]
+    assert tried == [3]
+    assert any("encoding each on the host" in r.getMessage() for r in caplog.records)
+    for i in range(3):
+        assert stored_record(store, key(i)) == host_encoded(spec, i, store)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_values_encoded_on_the_gpu_are_the_hosts_bytes(make_quiet: MakeStore) -> None:
+    spec = "cachegen:level=2"
+    store = make_quiet(ssd_write_ahead=1.0, codec=(f"ssd={spec}",), encode_gpu="0")
+    assert store._encode_device == 0
+    vals = {key(i): kv_value(i) for i in range(4)}
+    for k, t in vals.items():
+        put_kv(store, k, t)
+    assert write_ahead(store) == 4
+    for i in range(4):
+        assert stored_record(store, key(i)) == host_encoded(spec, i, store)
+    assert make_quiet(data_dir=store.config.data_dir.parent / "b")._encode_device is None  # auto
+
+
+def test_encode_gpu_names_a_gpu_that_exists(make_store: MakeStore) -> None:
+    with pytest.raises(RuntimeError, match="--encode-gpu 999 names CUDA GPU 999"):
+        make_store(encode_gpu="999")
