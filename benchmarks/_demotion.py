@@ -80,9 +80,9 @@ def _on_one_core(fn: Callable[[], Any]) -> Any:
         torch.set_num_threads(torch_threads)
 
 
-def _demote_once(spec: str, chunks: Sequence[torch.Tensor]) -> float:
+def _demote_once(spec: str, chunks: Sequence[torch.Tensor], encode_gpu: str = "off") -> float:
     """Seconds for a store's ssd writer to copy `chunks` (held in its cpu tier) to ssd
-    through `spec`, flushed."""
+    through `spec`, flushed; encoding where `encode_gpu` (the server's --encode-gpu) says."""
     total = sum(c.nbytes for c in chunks)
     with tempfile.TemporaryDirectory(prefix="kvbench-demote-") as tmp:
         config = ServerConfig(
@@ -92,6 +92,7 @@ def _demote_once(spec: str, chunks: Sequence[torch.Tensor]) -> float:
             ssd_bytes=2 * total + (64 << 20),
             codec=(f"ssd={spec}",),
             ssd_write_ahead=0,  # no background writer: the timed rounds below do it all
+            encode_gpu=encode_gpu,
         )
         store = Store(config)
         try:
@@ -117,10 +118,17 @@ def _demote_once(spec: str, chunks: Sequence[torch.Tensor]) -> float:
     return seconds
 
 
-def rates(spec: str, codec: Codec, chunks: Sequence[torch.Tensor], repeats: int) -> dict[str, Any]:
+def rates(
+    spec: str,
+    codec: Codec,
+    chunks: Sequence[torch.Tensor],
+    repeats: int,
+    gpu: int | None = None,
+) -> dict[str, Any]:
     """Every rate above for `codec` (`spec`) on `chunks`, in fp16 GB/s (decoding the
     containers its timed encodes made); `demotion_over_lmdb` says whether encoding keeps
-    up."""
+    up. With `gpu`, also the demotion with the ssd writer encoding on that CUDA GPU
+    (`--encode-gpu`): `gpu_demotion_GBps` and `gpu_demotion_over_lmdb`."""
     keep_freed_buffers()  # as the server does at start
     fp16 = sum(2 * c.numel() for c in chunks)
     pool = host_pool()
@@ -148,6 +156,10 @@ def rates(spec: str, codec: Codec, chunks: Sequence[torch.Tensor], repeats: int)
         "lmdb_write_fp16_GBps": lmdb * fp16 / stored / 1e9,
     }
     out["demotion_over_lmdb"] = out["demotion_GBps"] / out["lmdb_write_fp16_GBps"]
+    if gpu is not None:
+        gpu_s = min(_demote_once(spec, chunks, str(gpu)) for _ in range(max(1, repeats // 2)))
+        out["gpu_demotion_GBps"] = fp16 / gpu_s / 1e9
+        out["gpu_demotion_over_lmdb"] = out["gpu_demotion_GBps"] / out["lmdb_write_fp16_GBps"]
     return out
 
 
@@ -171,10 +183,13 @@ def lines(rows: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
             f"  LMDB {r['lmdb_write_fp16_GBps']:6.2f}  decode/core {r['decode_one_core_GBps']:5.2f}"
             f"  (demotion {verdict} the LMDB write: {r['demotion_over_lmdb']:.2f}x)"
         )
-        if "gpu_encode_GBps" in r:
+        if "gpu_demotion_GBps" in r:
+            verdict = "keeps up with" if r["gpu_demotion_over_lmdb"] >= 1 else "is slower than"
             out.append(
-                f"  {'':<26} encode on the GPU, a value at a time from pinned memory "
-                f"{r['gpu_encode_GBps']:6.2f} "
-                f"({r['gpu_encode_GBps'] / r['encode_pool_GBps']:.2f}x the host threads')"
+                f"  {'':<26} on the GPU (--encode-gpu): demotion {r['gpu_demotion_GBps']:6.2f}"
+                f"  encode {r['gpu_encode_GBps']:6.2f} in batches from pinned memory"
+                f" ({r['gpu_encode_GBps'] / r['encode_pool_GBps']:.2f}x the host threads'),"
+                f" {r['gpu_encode_one_GBps']:5.2f} a value at a time"
+                f"  (demotion {verdict} the LMDB write: {r['gpu_demotion_over_lmdb']:.2f}x)"
             )
     return out
