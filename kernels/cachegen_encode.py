@@ -351,7 +351,9 @@ def encode_many_on_gpu(
     (fastest from pinned memory). Values of one shape, dtype and GPU are encoded together:
     one launch of each kernel and one set of frequency tables for all of them, so that a
     batch of small values keeps the GPU busy and pays for the host's share once. On
-    `stream` (CuPy or torch), else a stream of this thread's own. Blocks until done.
+    `stream` (CuPy or torch; the caller orders it after the values' writers), else on a
+    stream of this thread's own that first waits for the work torch has queued on the
+    device's current stream (what wrote CUDA values). Blocks until done.
     Raises InvalidArgument for a value the codec cannot take (out of float16's range),
     naming its index, before any payload is returned."""
     from kvstore.codecs.base import DTYPE_WORDS, kv_view
@@ -421,13 +423,22 @@ def _encode_group(
         s = as_cupy_stream(stream) if stream is not None else _own_stream(device)
         keep: list[Any] = []  # pinned staging and host values, alive until copied
         with s:
+            contiguous = [value.contiguous() for value in values]
+            if stream is None and first_value.is_cuda:
+                # After what torch has queued for the values (the work that wrote them, the
+                # copies `contiguous()` made) on its stream, not racing it on our own.
+                import torch
+
+                after = torch.cuda.Event()
+                after.record(torch.cuda.current_stream(device))
+                cupy.cuda.runtime.streamWaitEvent(s.ptr, after.cuda_event, 0)
+                keep.append(after)
             if b_n == 1 and first_value.is_cuda and first_value.is_contiguous():
                 src_ptr = first_value.data_ptr()
             else:
                 src = cupy.empty(b_n * stride, cupy.uint8)
                 src_ptr = src.data.ptr
-                for b, value in enumerate(values):
-                    v = value.contiguous()
+                for b, v in enumerate(contiguous):
                     keep.append(v)
                     kind = cupy.cuda.runtime.memcpyDefault
                     _copy(src_ptr + b * stride, v.data_ptr(), nbytes, kind, s)

@@ -126,3 +126,20 @@ def test_stored_batches_have_the_hosts_headers_and_payloads() -> None:
     items = stored_items([smooth_kv(3, 64, 2, 64, seed=s).to(torch.bfloat16) for s in range(3)])
     want = [encode_stored(codec, h, b) for h, b in items]
     assert encode_stored_many(codec, items, 0) == want
+
+
+def test_a_value_still_being_written_by_torch_is_encoded_once_written() -> None:
+    """The encoder's own stream waits for what torch queued on the current stream: here a
+    long spin and then the copy that writes the value, both still running when it is called."""
+    from kvstore.kernels.cachegen_encode import encode_many_on_gpu
+
+    codec = codec_from_spec("cachegen:level=1")
+    want = smooth_kv(4, 64, 2, 64, seed=9).half()
+    x = torch.zeros_like(want, device="cuda")
+    host = want.pin_memory()
+    encode_many_on_gpu(codec, [x])  # warm: CuPy's pools would otherwise sync the device
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of spinning before the copy below
+    x.copy_(host, non_blocking=True)
+    ((payload, _),) = encode_many_on_gpu(codec, [x])
+    assert payload == codec.encode_payload(want)
