@@ -361,3 +361,23 @@ def test_zero_frequency_symbol_is_refused_at_encode() -> None:
     symbols[2, 33] = 8  # beyond the alphabet
     with pytest.raises(ValueError, match="value 8 has frequency 0"):
         rans.encode_streams(symbols, np.array([1, 1, 1]), freqs, 12)
+
+
+def test_the_gpu_encoders_tables_are_quantize_freqs() -> None:
+    """`cachegen_encode._tables` (the GPU encoder's host step, in parallel over units) gives
+    `quantize_freqs`' tables and the rANS kernel's frequency | cumulative << 16 entries."""
+    from kvstore.kernels.cachegen_encode import _tables
+
+    rng = np.random.default_rng(11)
+    counts = rng.integers(0, 50, (300, 254)) * (rng.random((300, 254)) < 0.2)
+    counts[:, 120:135] += rng.integers(0, 5000, (300, 15))
+    counts[7] = 0  # a unit with no symbols
+    counts = counts.astype(np.int32)
+    freqs = np.empty(counts.shape, np.uint16)
+    fc = np.full((300, 256), 7, np.uint32)
+    _tables(counts, 1 << 12, freqs, fc)
+    want = rans.quantize_freqs(counts.astype(np.int64), 12)
+    assert np.array_equal(freqs, want)
+    cum = np.cumsum(want, axis=1) - want
+    assert np.array_equal(fc[:, :254], want | cum.astype(np.uint32) << 16)
+    assert not fc[:, 254:].any()
