@@ -444,7 +444,7 @@ def _encode_group(
         keep: list[Any] = []  # pinned staging and host values, alive until copied
         with s:
             contiguous = [value.contiguous() for value in values]
-            if stream is None and first_value.is_cuda:
+            if stream is None and any(v.is_cuda for v in values):
                 # After what torch has queued for the values (the work that wrote them, the
                 # copies `contiguous()` made) on its stream, not racing it on our own.
                 import torch
