@@ -78,7 +78,7 @@ def encode_stored_many(
     memory); else, or with `device` None, one by one on the host. The same headers and
     payloads either way. Raises InvalidArgument when the codec cannot take one of the
     values, before any is returned."""
-    encoder = codec.gpu_encoder() if device is not None and not codec.lossless else None
+    encoder = gpu_encoder_of(codec) if device is not None else None
     if encoder is None:
         return [encode_stored(codec, header, value) for header, value in items]
     coded = encoder(codec, [_as_tensor(header, value) for header, value in items], device)
@@ -95,12 +95,19 @@ def _as_tensor(header: ValueHeader, value: memoryview) -> torch.Tensor:
     return t.view(header.shape)
 
 
+def gpu_encoder_of(codec: Codec) -> Callable[..., list[tuple[memoryview, int]]] | None:
+    """The function that encodes `codec`'s values on a GPU: for a lossy codec that encodes
+    there (`Codec.gpu_encoder`; a lossless one's stored checksum is the value's own, which
+    needs no encoder to tell it); else None."""
+    return None if codec.lossless else codec.gpu_encoder()
+
+
 def _gpu_encoder(
     codec: Codec, t: torch.Tensor
 ) -> Callable[..., list[tuple[memoryview, int]]] | None:
-    """The function that encodes `t` on its GPU: for a tensor on one and a lossy codec that
-    encodes there (`Codec.gpu_encoder`); else None."""
-    return codec.gpu_encoder() if t.is_cuda and not codec.lossless else None
+    """The function that encodes `t` on its GPU: for a tensor on one and a codec that
+    encodes there (`gpu_encoder_of`); else None."""
+    return gpu_encoder_of(codec) if t.is_cuda else None
 
 
 def _stored(

@@ -1647,10 +1647,10 @@ class Store:
         GPU (a lossy codec that encodes there), else None."""
         if self._encode_device is None:
             return None
+        from kvstore.codecs.values import gpu_encoder_of
+
         codec = self._codec(namespace)
-        if codec is None or codec.lossless or codec.gpu_encoder() is None:
-            return None
-        return codec
+        return codec if codec is not None and gpu_encoder_of(codec) is not None else None
 
     def _write_encoded(
         self, jobs: list[tuple[list[tuple[Entry, Slot]], concurrent.futures.Future[Any]]]
