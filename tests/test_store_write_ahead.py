@@ -4,6 +4,7 @@ deleted, replaced or evicted while it was being encoded is not written from stal
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -110,6 +111,46 @@ def test_values_changed_while_encoded_are_not_written(make_quiet: MakeStore) -> 
     assert entry(store, key(1)).tiers == ("cpu",)
     assert read(store, key(1)) == fresh
     assert on_ssd_disk(store, key(2)) and on_ssd_disk(store, key(3))
+
+
+def test_one_call_overlaps_encoding_and_writing_and_tries_each_value_once(
+    make_quiet: MakeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call copies the whole window: values are chosen and start encoding as the ones
+    before them are written, never more than WRITE_AHEAD_VALUES encoding or waiting to be
+    written; a value that cannot be encoded is tried once per call, not over and over."""
+    monkeypatch.setattr("kvstore.store.WRITE_AHEAD_VALUES", 2)
+    store = make_quiet(ssd_write_ahead=1.0, cpu_bytes="8MiB")
+    fill(store, 6)
+    lock = threading.Lock()
+    in_flight: set[bytes] = set()
+    most = 0
+    encoded: list[bytes] = []
+    real_encode, real_write = store._encode_ahead, store._write_job
+
+    def encode(part: Any) -> Any:
+        nonlocal most
+        with lock:
+            in_flight.update(e.key for e, _ in part)
+            most = max(most, len(in_flight))
+            encoded.extend(e.key for e, _ in part)
+        coded = real_encode(part)
+        return [None if e.key == key(0) else c for (e, _), c in zip(part, coded, strict=True)]
+
+    def write(part: Any, coded: Any) -> Any:
+        done = real_write(part, coded)
+        with lock:
+            in_flight.difference_update(e.key for e, _ in part)
+        return done
+
+    store._encode_ahead = encode  # type: ignore[method-assign]
+    store._write_job = write  # type: ignore[method-assign]
+    assert store.write_ahead() == 5
+    assert sorted(encoded) == sorted(key(i) for i in range(6))  # each once, key(0) too
+    assert most == 2
+    assert entry(store, key(0)).tiers == ("cpu",)
+    assert all(entry(store, key(i)).tiers == ("cpu", "ssd") for i in range(1, 6))
+    assert tier_stats(store, "cpu").counters.demotions == 5
 
 
 def test_pinned_values_are_left_alone(make_quiet: MakeStore) -> None:
