@@ -16,6 +16,10 @@ When a commit reaches the disk depends on `durability`:
   every second and at shutdown. A machine crash may lose the last second of puts, which for
   a cache is a miss.
 - "none": nothing is flushed by us; the kernel writes back in its own time.
+In "async" and "sync" modes, each time WRITEBACK_BYTES more have been committed, a flush
+starts in the background (writeback): the disk takes what was written while more is
+written, so a stream of writes (the ssd writer's) runs at the rate of the slower of the two
+rather than their sum, and the next `sync()` waits for at most that much.
 A process crash (`kill -9`) loses nothing LMDB committed in any mode: the writes are in the
 kernel's page cache. LMDB discards a transaction the crash cut short.
 """
@@ -43,6 +47,12 @@ from kvstore.tiers.base import Buffer, StorageTier, TierError, TierFull
 log = logging.getLogger(__name__)
 
 _PAGE = 4096
+# A background flush starts each time this many more bytes have been committed (and none
+# is running): dirty pages are written while the next ones are, not all at the next sync.
+# Measured on an H200 host writing ~270 MB of cachegen records and flushing once at the
+# end (fp16 GB/s): no writeback 4.4, 64 MiB 6.1, 16 MiB 6.3; the ssd writer's demotion
+# with GPU encoding 2.3 / 2.9 / 3.3 (the last flush waits for less).
+WRITEBACK_BYTES = 16 << 20
 
 
 def record_key(namespace: str, key: bytes) -> bytes:
@@ -91,6 +101,8 @@ class LmdbTier(StorageTier):
         self._committed = 0
         self._flushed = 0
         self._flush_lock = threading.Lock()
+        self._unflushed_bytes = 0  # committed since the last writeback began
+        self._writeback: threading.Thread | None = None
 
     @property
     def used_bytes(self) -> int:
@@ -116,6 +128,9 @@ class LmdbTier(StorageTier):
             raise TierError(f"LMDB write failed in {self.path}: {exc}") from None
         self._used += size - old
         self._committed += 1
+        self._unflushed_bytes += size
+        if self._unflushed_bytes >= WRITEBACK_BYTES:
+            self._start_writeback()
 
     def _stored_size(self, rkey: bytes) -> int:
         with self.env.begin(buffers=True) as txn:
@@ -210,6 +225,24 @@ class LmdbTier(StorageTier):
             self.env.sync(True)
             self._flushed = upto
 
+    def _start_writeback(self) -> None:
+        """Flush in the background what has been committed, unless a flush runs already."""
+        if self.durability == "none" or (self._writeback and self._writeback.is_alive()):
+            return
+        self._unflushed_bytes = 0
+        self._writeback = threading.Thread(
+            target=self._flush_quietly, name="kvstore-ssd-writeback", daemon=True
+        )
+        self._writeback.start()
+
+    def _flush_quietly(self) -> None:
+        try:
+            self._flush()
+        except lmdb.Error as exc:  # the next sync() tries again, and raises
+            log.warning("ssd tier: background flush of %s failed: %s", self.path, exc)
+
     def close(self) -> None:
+        if self._writeback is not None:
+            self._writeback.join()
         self.sync()
         self.env.close()

@@ -374,3 +374,30 @@ def test_a_full_lmdb_map_is_tier_full_and_keeps_what_it_holds(tier: LmdbTier) ->
         pass
     for i, payload in kept.items():
         assert read(tier, "ns", key(i))[1] == payload
+
+
+@pytest.mark.parametrize(("mode", "background"), [("async", True), ("sync", True), ("none", False)])
+def test_writes_are_flushed_in_the_background_as_they_accumulate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, background: bool
+) -> None:
+    """Each time WRITEBACK_BYTES more are committed a flush starts on its own thread, so the
+    disk writes them while more are written; in "none" mode nothing is ever flushed."""
+    import kvstore.tiers.ssd as ssd
+
+    monkeypatch.setattr(ssd, "WRITEBACK_BYTES", 5 * 4096)  # two records of 8 KiB
+    t = LmdbTier(tmp_path / "ssd", 4 * MiB, durability=mode)
+    env = counting(t)
+    put(t, "ns", key(1), b"a" * 5000)
+    assert t._writeback is None and env.syncs == 0  # 8 KiB: not yet
+    put(t, "ns", key(2), b"b" * 5000)
+    if background:
+        assert t._writeback is not None and t._writeback.name == "kvstore-ssd-writeback"
+        t._writeback.join(timeout=10)
+        assert env.syncs == 1 and t._flushed == t._committed == 2
+        t.sync()  # covered already: no second flush
+        assert env.syncs == 1
+    else:
+        assert t._writeback is None and env.syncs == 0
+    assert read(t, "ns", key(2))[1] == b"b" * 5000
+    t.env = env._env  # type: ignore[assignment]
+    t.close()
