@@ -217,6 +217,15 @@ def codec_by_id(codec_id: int, params: Mapping[str, str]) -> Codec:
         raise ContainerError(f"container has bad parameters for codec {cls.name}: {exc}") from None
 
 
+class ValuesRefused(InvalidArgument):
+    """Values of a batch that the codec cannot take (a GPU encoder's batch): `indexes`,
+    their places in the batch, ascending. The others can be encoded without them."""
+
+    def __init__(self, message: str, indexes: Sequence[int]) -> None:
+        super().__init__(message)
+        self.indexes = sorted(indexes)
+
+
 def kv_view(tensor: torch.Tensor, codec: str) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V of a `[layers, 2, tokens, heads, head_dim]` tensor, each
     `[layers, tokens, heads, head_dim]`; InvalidArgument for any other layout."""

@@ -375,32 +375,47 @@ def encode_many_on_gpu(
     `stream` (CuPy or torch; the caller orders it after the values' writers), else on a
     stream of this thread's own that first waits for the work torch has queued on the
     device's current stream (what wrote CUDA values). Blocks until done.
-    Raises InvalidArgument for a value the codec cannot take (out of float16's range),
-    naming its index, before any payload is returned."""
-    from kvstore.codecs.base import DTYPE_WORDS, kv_view
+    Raises ValuesRefused (an InvalidArgument) naming the values the codec cannot take (not
+    the KV layout or a dtype it encodes, out of float16's range), before any payload is
+    returned: the others can be sent again without them."""
+    from kvstore.codecs.base import DTYPE_WORDS, ValuesRefused, kv_view
     from kvstore.errors import InvalidArgument
 
     groups: dict[tuple[Any, ...], list[int]] = {}
+    refused: dict[int, str] = {}
     for i, value in enumerate(values):
-        kv_view(value, codec.name)  # the layout check
-        if value.dtype not in DTYPE_WORDS or not (value.is_cuda or device is not None):
-            raise InvalidArgument(
-                "cachegen encodes on the GPU a CUDA tensor of float16, bfloat16 or float32, "
-                f"or one on the host with the GPU to copy it to, not {value.dtype} on "
-                f"{value.device}"
-            )
-        if value.shape[-1] > 1024:
-            raise InvalidArgument(
-                f"cachegen encodes heads of up to 1024 channels, not {value.shape[-1]}"
-            )
+        try:
+            kv_view(value, codec.name)  # the layout check
+            if value.dtype not in DTYPE_WORDS or not (value.is_cuda or device is not None):
+                raise InvalidArgument(
+                    "cachegen encodes on the GPU a CUDA tensor of float16, bfloat16 or "
+                    "float32, or one on the host with the GPU to copy it to, not "
+                    f"{value.dtype} on {value.device}"
+                )
+            if value.shape[-1] > 1024:
+                raise InvalidArgument(
+                    f"cachegen encodes heads of up to 1024 channels, not {value.shape[-1]}"
+                )
+        except InvalidArgument as exc:
+            refused[i] = str(exc)
+            continue
         on = value.get_device() if value.is_cuda else int(device)  # type: ignore[arg-type]
         groups.setdefault((tuple(value.shape), value.dtype, on), []).append(i)
+    if refused:
+        raise ValuesRefused(_refusal(refused), list(refused))
     out: list[tuple[memoryview, int]] = [(memoryview(b""), 0)] * len(values)
     for (_, _, on), which in groups.items():
         coded = _encode_group(codec, [values[i] for i in which], on, stream, which)
         for i, c in zip(which, coded, strict=True):
             out[i] = c
     return out
+
+
+def _refusal(refused: dict[int, str]) -> str:
+    """The message of a ValuesRefused: the first refused value's reason, and how many."""
+    first = min(refused)
+    more = f" (and {len(refused) - 1} more values)" if len(refused) > 1 else ""
+    return f"value {first}: {refused[first]}{more}"
 
 
 def _encode_group(
@@ -412,10 +427,9 @@ def _encode_group(
     kernels see a batch of B values as one value of B times as many units."""
     import cupy
 
-    from kvstore.codecs.base import DTYPE_WORDS
+    from kvstore.codecs.base import DTYPE_WORDS, ValuesRefused
     from kvstore.codecs.cachegen import ALPHABET, LANES, PRECISION, _Layout
     from kvstore.codecs.container import checksum
-    from kvstore.errors import InvalidArgument
 
     first_value = values[0]
     b_n = len(values)
@@ -479,11 +493,12 @@ def _encode_group(
                 )  # fmt: skip
             counts32, bad = _download([d_counts, d_bad], s)
             if bad.any():
-                which = index[int(np.flatnonzero(bad)[0]) // nu]
-                raise InvalidArgument(
-                    f"value {which}: cachegen needs finite values within float16's range; "
-                    "store this value with a lossless codec (raw or zstd)"
+                reason = (
+                    "cachegen needs finite values within float16's range; store this value "
+                    "with a lossless codec (raw or zstd)"
                 )
+                which = {index[int(u) // nu] for u in np.flatnonzero(bad)}
+                raise ValuesRefused(_refusal(dict.fromkeys(which, reason)), list(which))
             counts = counts32.reshape(n_units, ALPHABET)
             escapes = counts[:, 0].astype(np.int64)
             first = np.zeros(n_units + 1, np.int64)

@@ -1722,30 +1722,46 @@ class Store:
         assert cpu is not None
         # Raw: a view of the slot, still the value's if the slot is still its own below.
         views = [cpu.view(slot, e.nbytes) for e, slot in part]
+        coded: list[tuple[ValueHeader, Buffer] | None] = [None] * len(part)
+        host = list(range(len(part)))  # the values left to encode here
         codec = self._gpu_codec(part[0][0].namespace)
         if codec is not None:
+            from kvstore.codecs.base import ValuesRefused
             from kvstore.codecs.values import encode_stored_many
 
-            items = [(e.header(), memoryview(v)) for (e, _), v in zip(part, views, strict=True)]
+            gpu, host = host, []
+            while gpu:
+                items = [(part[i][0].header(), memoryview(views[i])) for i in gpu]
+                try:
+                    with self._gpu_encodes:
+                        done = encode_stored_many(codec, items, self._encode_device)
+                except ValuesRefused as exc:  # those on the host (stored raw), the rest here
+                    drop = set(exc.indexes)
+                    host += [x for i, x in enumerate(gpu) if i in drop]
+                    gpu = [x for i, x in enumerate(gpu) if i not in drop]
+                    continue
+                except Exception as exc:  # the GPU's memory, no GPU: all on the host
+                    log.info(
+                        "encoding %d values on GPU %s failed (%s); encoding each on the host",
+                        len(gpu),
+                        self._encode_device,
+                        exc,
+                    )
+                    host += gpu
+                    break
+                for i, c in zip(gpu, done, strict=True):
+                    coded[i] = c
+                break
+        if host:
+            one_core_kernels()
+        for i in sorted(host):
+            (e, slot), view = part[i], views[i]
             try:
-                with self._gpu_encodes:
-                    return list(encode_stored_many(codec, items, self._encode_device))
-            except Exception as exc:  # a value the codec refuses, the GPU's memory: one by one
-                log.info(
-                    "encoding %d values on GPU %s failed (%s); encoding each on the host",
-                    len(part),
-                    self._encode_device,
-                    exc,
-                )
-        one_core_kernels()
-        coded: list[tuple[ValueHeader, Buffer] | None] = []
-        for (e, slot), view in zip(part, views, strict=True):
-            try:
-                coded.append(self._encoded(e, view))
+                coded[i] = self._encoded(e, view)
             except Exception as exc:
                 if e.slot is slot:  # not the bytes of a slot reused meanwhile
                     log.warning("encoding %s for ssd failed: %s", e.key.hex(), exc)
-                coded.append(None)  # the eviction writes the value
+                # None: the eviction writes the value
         return coded
 
     # ----------------------------------------------------------------- internals

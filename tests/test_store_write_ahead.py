@@ -25,7 +25,8 @@ from test_store import (
 )
 
 from kvstore.codecs import codec_from_spec
-from kvstore.codecs.values import encode_stored, tensor_bytes
+from kvstore.codecs.base import ValuesRefused
+from kvstore.codecs.values import encode_stored, encode_stored_many, tensor_bytes
 from kvstore.store import Store
 from tests.test_store_codecs import kv_value
 from tests.test_store_codecs import put as put_kv
@@ -266,6 +267,41 @@ def test_a_gpu_batch_that_fails_is_encoded_on_the_host(
     assert tried == [3]
     assert any("encoding each on the host" in r.getMessage() for r in caplog.records)
     for i in range(3):
+        assert stored_record(store, key(i)) == host_encoded(spec, i, store)
+
+
+def test_a_value_the_gpu_refuses_leaves_the_rest_of_its_batch_there(
+    make_quiet: MakeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A value of a GPU batch that the codec refuses (named by ValuesRefused) is encoded on
+    the host; the batch's other values go to the GPU again without it, not to the host."""
+    spec = "cachegen:level=1"
+    store = make_quiet(ssd_write_ahead=1.0, codec=(f"ssd={spec}",))
+    for i in range(4):
+        put_kv(store, key(i), kv_value(i))
+    store._encode_device = 0  # as --encode-gpu 0 would set it, on a machine with a GPU
+    real_many = encode_stored_many
+    batches: list[int] = []
+
+    def gpu(codec: Any, items: Any, device: int) -> Any:
+        batches.append(len(items))
+        if len(items) == 4:
+            raise ValuesRefused("value 1: out of range (and 1 more values)", [3, 1])
+        return real_many(codec, items, None)  # the host's bytes, as the GPU's are
+
+    monkeypatch.setattr("kvstore.codecs.values.encode_stored_many", gpu)
+    on_host: list[bytes] = []
+    real_encoded = store._encoded
+
+    def encoded(e: Any, value: Any, tier: str = "ssd") -> Any:
+        on_host.append(e.key)
+        return real_encoded(e, value, tier)
+
+    store._encoded = encoded  # type: ignore[method-assign]
+    assert write_ahead(store) == 4
+    assert batches == [4, 2]
+    assert len(on_host) == 2
+    for i in range(4):
         assert stored_record(store, key(i)) == host_encoded(spec, i, store)
 
 

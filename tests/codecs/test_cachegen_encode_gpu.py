@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kvstore.codecs import codec_from_spec, decode
+from kvstore.codecs.base import ValuesRefused
 from kvstore.codecs.cachegen import LEVELS, VERSIONS
 from kvstore.codecs.container import checksum
 from kvstore.codecs.values import tensor_bytes
@@ -117,6 +118,14 @@ def test_a_value_out_of_range_in_a_batch_is_named() -> None:
     bad[0, 1, 2, 0, 3] = float("inf")
     with pytest.raises(InvalidArgument, match="value 2: cachegen needs finite values"):
         encode_many_on_gpu(codec_from_spec("cachegen"), [good, good, bad, good])
+    # Every refused value is named, so that the others can be sent again without them.
+    flat = torch.ones(8, device="cuda")  # not the KV layout
+    with pytest.raises(ValuesRefused, match="value 1: codec 'cachegen' needs KV") as info:
+        encode_many_on_gpu(codec_from_spec("cachegen"), [good, flat, bad, good, bad])
+    assert info.value.indexes == [1]  # the layout is checked before anything is encoded
+    with pytest.raises(ValuesRefused, match=r"value 1: .*\(and 1 more values\)") as info:
+        encode_many_on_gpu(codec_from_spec("cachegen"), [good, bad, good, bad])
+    assert info.value.indexes == [1, 3]
 
 
 def test_stored_batches_have_the_hosts_headers_and_payloads() -> None:
