@@ -20,6 +20,18 @@ def with_values(source: str, values: Mapping[str, object]) -> str:
     return source
 
 
+def release_memory(device: int) -> None:
+    """Give back to the driver what CuPy's pools keep cached once freed: device memory on
+    `device` and pinned host memory (a cachegen GPU encode batch holds about six times its
+    input on the device while it runs). The ssd writer calls this when a burst of encoding
+    ends, so a serving engine on the same GPU gets the memory back between bursts."""
+    import cupy
+
+    with cupy.cuda.Device(device):
+        cupy.get_default_memory_pool().free_all_blocks()
+    cupy.get_default_pinned_memory_pool().free_all_blocks()
+
+
 class KernelModule:
     """The kernels `names` of CUDA C++ `source` (or of what calling it returns, the first
     time: for a source built from modules not to import before then), compiled by NVRTC the

@@ -130,8 +130,10 @@ class ServerConfig:
     """Where the ssd writer encodes values whose ssd codec encodes on a GPU too (cachegen):
     "auto", on the gpu tier's first CUDA GPU when the server has one, else on host threads;
     "off", always on host threads; a CUDA device number N, on that GPU (the cpu arena is then
-    pinned for copies to it). On a GPU each round's values are encoded as batches, into the
-    same bytes as on the host, leaving the host's cores to the serving engine beside it."""
+    pinned for copies to it). On a GPU the values are encoded in batches, into the same
+    bytes as on the host, leaving the host's cores to the serving engine beside it; while
+    a burst of writes runs that takes ~400 MB of the GPU's memory beyond the gpu tier,
+    given back when it ends."""
     durability: str = "async"
     """When the ssd tier's writes reach the disk. "sync": a put acknowledged as stored on
     ssd is on disk first (LMDB syncs on commit; concurrent puts share one flush), so it

@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the ssd writer encodes values whose codec also encodes on a GPU "
         "(cachegen): auto (default) on the gpu tier's GPU when there is one, else on host "
         "threads; off, on host threads; N, on CUDA GPU N. The bytes stored are the same; a "
-        "GPU leaves the host's cores to the serving engine",
+        "GPU leaves the host's cores to the serving engine. While it encodes it uses ~400 MB "
+        "of that GPU's memory beyond the gpu tier, given back when a burst of writes ends",
     )
     p.add_argument(
         "--durability",

@@ -494,6 +494,7 @@ class Store:
         self._registered: list[int] = []  # host memory pinned for copies from gpu pools
         self._encode_device: int | None = None  # where the ssd writer encodes (--encode-gpu)
         self._gpu_encodes = threading.BoundedSemaphore(GPU_ENCODES_AT_ONCE)
+        self._gpu_scratch_held = False  # the ssd writer encoded on the GPU since its last release
         self._demoter: threading.Thread | None = None
         self._wake = threading.Event()
         self._ssd_writer: threading.Thread | None = None
@@ -1629,6 +1630,20 @@ class Store:
             for job in jobs:
                 job.cancel()
             concurrent.futures.wait(jobs)
+            if self._gpu_scratch_held:
+                self._release_gpu_scratch()
+
+    def _release_gpu_scratch(self) -> None:
+        """Return the `--encode-gpu` GPU's scratch memory (kept cached by CuPy between
+        batches) once a burst of encoding is over: it is not the gpu tier's to keep."""
+        self._gpu_scratch_held = False
+        assert self._encode_device is not None
+        from kvstore.kernels._cuda import release_memory
+
+        try:
+            release_memory(self._encode_device)
+        except Exception as exc:  # the next burst allocates what it needs anyway
+            log.warning("releasing GPU %s's encoding memory failed: %s", self._encode_device, exc)
 
     def _ahead_batch(
         self, tried: set[EntryId], values: int, nbytes: int
@@ -1730,6 +1745,7 @@ class Store:
             from kvstore.codecs.values import encode_stored_many
 
             gpu, host = host, []
+            self._gpu_scratch_held = True
             while gpu:
                 items = [(part[i][0].header(), memoryview(views[i])) for i in gpu]
                 try:

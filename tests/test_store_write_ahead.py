@@ -298,9 +298,12 @@ def test_a_value_the_gpu_refuses_leaves_the_rest_of_its_batch_there(
         return real_encoded(e, value, tier)
 
     store._encoded = encoded  # type: ignore[method-assign]
+    released: list[int] = []
+    monkeypatch.setattr("kvstore.kernels._cuda.release_memory", released.append)
     assert write_ahead(store) == 4
     assert batches == [4, 2]
     assert len(on_host) == 2
+    assert released == [0]  # the GPU's scratch given back once the burst was over
     for i in range(4):
         assert stored_record(store, key(i)) == host_encoded(spec, i, store)
 
@@ -316,6 +319,10 @@ def test_values_encoded_on_the_gpu_are_the_hosts_bytes(make_quiet: MakeStore) ->
     assert write_ahead(store) == 4
     for i in range(4):
         assert stored_record(store, key(i)) == host_encoded(spec, i, store)
+    import cupy
+
+    with cupy.cuda.Device(0):  # the batches' scratch went back to the driver, not the pool
+        assert cupy.get_default_memory_pool().free_bytes() == 0
     assert make_quiet(data_dir=store.config.data_dir.parent / "b")._encode_device is None  # auto
 
 
