@@ -37,6 +37,7 @@ it: a reservation's slot and a lease's slot belong to their holder until commit/
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import fnmatch
@@ -431,6 +432,15 @@ GPU_ENCODES_AT_ONCE = 2
 # The retry hint of a call refused because the staging buffers are full: they empty as
 # values in flight reach ssd or their readers, within milliseconds.
 STAGING_RETRY_S = 0.05
+
+
+@dataclass
+class _AheadQueue:
+    """One `write_ahead` call's values to encode: those found in the window and not taken
+    yet (in eviction order), and every value found so far (each is tried once a call)."""
+
+    queue: collections.deque[EntryId] = field(default_factory=collections.deque)
+    tried: set[EntryId] = field(default_factory=set)
 
 
 class _FetchSink:
@@ -1604,15 +1614,16 @@ class Store:
         # Unleased: a value evicted meanwhile (its slot then reused) is written by the
         # eviction itself, and what was encoded from its slot is dropped (_write_job).
         jobs: dict[concurrent.futures.Future[Any], list[tuple[Entry, Slot]]] = {}
-        tried: set[EntryId] = set()
+        ahead = _AheadQueue()
         written = 0
         try:
             while True:
                 held = [x for part in jobs.values() for x in part]
                 more = self._ahead_batch(
-                    tried,
+                    ahead,
                     WRITE_AHEAD_VALUES - len(held),
                     WRITE_AHEAD_BYTES - sum(e.nbytes for e, _ in held),
+                    walk=not jobs,
                 )
                 for part in self._ahead_jobs(more):
                     jobs[pool.submit(self._encode_ahead, part)] = part
@@ -1646,31 +1657,37 @@ class Store:
             log.warning("releasing GPU %s's encoding memory failed: %s", self._encode_device, exc)
 
     def _ahead_batch(
-        self, tried: set[EntryId], values: int, nbytes: int
+        self, ahead: _AheadQueue, values: int, nbytes: int, walk: bool
     ) -> list[tuple[Entry, Slot]]:
-        """The next values `write_ahead` encodes, up to `values` of them and about `nbytes`
-        (added to `tried`): those in the cpu tier's `--ssd-write-ahead` window, in eviction
-        order, with no ssd copy, not pinned and not tried yet."""
+        """The next values `write_ahead` encodes, up to `values` of them and about `nbytes`:
+        those in the cpu tier's `--ssd-write-ahead` window, in eviction order, with no ssd
+        copy, not pinned and not tried yet in this call. The window is walked (all of its
+        values) only when `ahead` has none left and `walk` says nothing is in flight, not
+        for each batch: a window of many small values is walked a few times per call."""
         batch: list[tuple[Entry, Slot]] = []
         if values <= 0 or nbytes <= 0:
             return batch
         with self._lock:
-            if self._closing:
-                return batch
             window = self._write_ahead_window()
-            seen = taken = 0  # bytes of older values, and of those taken
-            for eid in self._mem[0].policy.candidates():
-                if seen >= window:
-                    break
-                e = self._index[eid]
-                seen += e.nbytes
-                if e.on_ssd or e.pins or e.slot is None or eid in tried:
-                    continue
-                batch.append((e, e.slot))
-                tried.add(eid)
-                taken += e.nbytes
-                if len(batch) >= values or taken >= nbytes:
-                    break
+            if self._closing or not window:
+                return batch
+            if not ahead.queue and walk:
+                seen = 0  # bytes of older values
+                for eid in self._mem[0].policy.candidates():
+                    if seen >= window:
+                        break
+                    e = self._index[eid]
+                    seen += e.nbytes
+                    if not (e.on_ssd or e.pins or e.slot is None or eid in ahead.tried):
+                        ahead.queue.append(eid)
+                        ahead.tried.add(eid)
+            taken = 0
+            while ahead.queue and len(batch) < values and taken < nbytes:
+                found = self._index.get(ahead.queue.popleft())
+                if found is None or found.on_ssd or found.pins or found.slot is None:
+                    continue  # deleted, written, pinned or evicted since the walk
+                batch.append((found, found.slot))
+                taken += found.nbytes
         return batch
 
     def _ahead_jobs(self, batch: list[tuple[Entry, Slot]]) -> list[list[tuple[Entry, Slot]]]:

@@ -146,7 +146,18 @@ def test_one_call_overlaps_encoding_and_writing_and_tries_each_value_once(
 
     store._encode_ahead = encode  # type: ignore[method-assign]
     store._write_job = write  # type: ignore[method-assign]
+    policy = store._mem[0].policy
+    walks = 0
+    real_candidates = policy.candidates
+
+    def candidates() -> Any:
+        nonlocal walks
+        walks += 1
+        return real_candidates()
+
+    policy.candidates = candidates  # type: ignore[method-assign]
     assert store.write_ahead() == 5
+    assert walks == 2  # the window once, and once more when nothing was left: not per job
     assert sorted(encoded) == sorted(key(i) for i in range(6))  # each once, key(0) too
     assert most == 2
     assert entry(store, key(0)).tiers == ("cpu",)
