@@ -1768,12 +1768,14 @@ class Store:
                 try:
                     with self._gpu_encodes:
                         done = encode_stored_many(codec, items, self._encode_device)
-                except ValuesRefused as exc:  # those on the host (stored raw), the rest here
-                    drop = set(exc.indexes)
-                    host += [x for i, x in enumerate(gpu) if i in drop]
-                    gpu = [x for i, x in enumerate(gpu) if i not in drop]
-                    continue
-                except Exception as exc:  # the GPU's memory, no GPU: all on the host
+                except Exception as exc:
+                    refused = exc.indexes if isinstance(exc, ValuesRefused) else []
+                    drop = set(refused) & set(range(len(gpu)))
+                    if drop:  # those on the host (stored raw there), the rest here again
+                        host += [x for i, x in enumerate(gpu) if i in drop]
+                        gpu = [x for i, x in enumerate(gpu) if i not in drop]
+                        continue
+                    # The GPU's memory, no GPU: all on the host.
                     log.info(
                         "encoding %d values on GPU %s failed (%s); encoding each on the host",
                         len(gpu),
