@@ -7,6 +7,9 @@ in one process, as in tests, do not mix) with:
 - `kvstore_entries`, `kvstore_pinned_entries`, `kvstore_leases{kind=read|put}`;
 - per codec the ssd tier wrote with: `kvstore_codec_{raw,encoded}_bytes_total`;
 - per tier, copies found corrupt and dropped: `kvstore_corrupt_dropped_total{tier}`;
+- the ssd writer: `kvstore_ssd_writes_total{how=ahead|at_eviction}` (values copied to ssd
+  ahead of eviction, or written by the eviction itself because the writer was behind) and
+  `kvstore_ssd_writer_encoded_total{on=gpu|host}`;
 - KV events: `kvstore_watchers` (Watch streams open), `kvstore_watchers_limit`, and
   `kvstore_watch_events_dropped_total` (lost to full watcher queues; each loss is a GAP);
 - per RPC: `kvstore_requests_total{rpc,code}` and the `kvstore_request_duration_seconds`
@@ -162,6 +165,24 @@ class _StoreCollector(Collector):
                 n += s.remote.counters.corrupt  # pieces the remote tier found damaged
             corrupt.add_metric([tier], n)
         yield corrupt
+        writes = CounterMetricFamily(
+            "kvstore_ssd_writes",
+            "Values written from the cpu tier to ssd: copied ahead of eviction by the ssd "
+            "writer, or at eviction (the writer had not reached them, and the put that "
+            "needed their room waited for the write)",
+            labels=["how"],
+        )
+        writes.add_metric(["ahead"], s.writer.ahead)
+        writes.add_metric(["at_eviction"], s.writer.at_eviction)
+        yield writes
+        encoded = CounterMetricFamily(
+            "kvstore_ssd_writer_encoded",
+            "Values the ssd writer encoded for ssd, by where (--encode-gpu)",
+            labels=["on"],
+        )
+        encoded.add_metric(["gpu"], s.writer.encoded_gpu)
+        encoded.add_metric(["host"], s.writer.encoded_host)
+        yield encoded
         if s.remote is not None:
             yield from _remote_metrics(s.remote)
         events = self.store.events

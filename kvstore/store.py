@@ -173,6 +173,19 @@ class TierCounters:
 
 
 @dataclass
+class WriterCounters:
+    """How values went from the cpu tier to ssd: copied ahead of eviction by the ssd writer
+    (`--ssd-write-ahead`), or written by the eviction that needed their room because the
+    writer had not reached them (under the lock, while the put that needed it waited); and
+    where the writer encoded the values it copied (`--encode-gpu`)."""
+
+    ahead: int = 0
+    at_eviction: int = 0
+    encoded_gpu: int = 0
+    encoded_host: int = 0
+
+
+@dataclass
 class TierStats:
     name: str
     entries: int
@@ -220,6 +233,7 @@ class StoreStats:
     """By codec name ("raw" for values stored as they are), since the server started."""
     quotas: list[QuotaUsage] = field(default_factory=list)
     remote: RemoteStats | None = None
+    writer: WriterCounters = field(default_factory=WriterCounters)
 
 
 class PutReservation:
@@ -505,6 +519,7 @@ class Store:
         self._encode_device: int | None = None  # where the ssd writer encodes (--encode-gpu)
         self._gpu_encodes = threading.BoundedSemaphore(GPU_ENCODES_AT_ONCE)
         self._gpu_scratch_held = False  # the ssd writer encoded on the GPU since its last release
+        self._writer = WriterCounters()
         self._demoter: threading.Thread | None = None
         self._wake = threading.Event()
         self._ssd_writer: threading.Thread | None = None
@@ -1393,6 +1408,7 @@ class Store:
                     for q, used in zip(self._quotas, self._quota_used, strict=True)
                 ],
                 self._remote_stats(),
+                WriterCounters(**vars(self._writer)),
             )
 
     def _remote_stats(self) -> RemoteStats | None:
@@ -1739,6 +1755,7 @@ class Store:
                     return written, True
                 self._write_ahead_refused = False
                 self._counters["cpu"].demotions += 1
+                self._writer.ahead += 1
                 self._emit(EventKind.DEMOTED, e, "ssd")
                 written += 1
         return written, False
@@ -1786,6 +1803,8 @@ class Store:
                     break
                 for i, c in zip(gpu, done, strict=True):
                     coded[i] = c
+                with self._lock:
+                    self._writer.encoded_gpu += len(gpu)
                 break
         if host:
             one_core_kernels()
@@ -1797,6 +1816,9 @@ class Store:
                 if e.slot is slot:  # not the bytes of a slot reused meanwhile
                     log.warning("encoding %s for ssd failed: %s", e.key.hex(), exc)
                 # None: the eviction writes the value
+        if host:
+            with self._lock:
+                self._writer.encoded_host += sum(coded[i] is not None for i in host)
         return coded
 
     # ----------------------------------------------------------------- internals
@@ -1891,6 +1913,7 @@ class Store:
                 try:
                     self._write_ssd(e, self._cpu_view(e))
                     counters.demotions += 1
+                    self._writer.at_eviction += 1
                     event = EventKind.DEMOTED
                 except ResourceExhausted as exc:
                     log.warning("evicting %s from cpu with no room on ssd: %s", e.key.hex(), exc)

@@ -54,6 +54,8 @@ def test_copies_what_eviction_takes_next_once_the_tier_fills(make_quiet: MakeSto
     assert write_ahead(store) == 0  # half the tier free: nothing to do yet
     vals |= fill(store, 2, start=2)
     assert write_ahead(store) == 2
+    writer = store.stats().writer
+    assert (writer.ahead, writer.encoded_host, writer.encoded_gpu) == (2, 2, 0)
     for i in range(4):
         assert entry(store, key(i)).tiers == (("cpu", "ssd") if i < 2 else ("cpu",))
     assert tier_stats(store, "cpu").counters.demotions == 2
@@ -75,6 +77,7 @@ def test_copies_what_eviction_takes_next_once_the_tier_fills(make_quiet: MakeSto
     assert store.ssd.count() == written
     assert entry(store, key(0)).tiers == ("ssd",)
     assert tier_stats(store, "cpu").counters.evictions == 1
+    assert store.stats().writer.at_eviction == 0  # already there: nothing written for it
     assert read(store, key(0)) == vals[key(0)]
 
 
@@ -315,6 +318,8 @@ def test_a_value_the_gpu_refuses_leaves_the_rest_of_its_batch_there(
     assert batches == [4, 2]
     assert len(on_host) == 2
     assert released == [0]  # the GPU's scratch given back once the burst was over
+    writer = store.stats().writer
+    assert (writer.ahead, writer.encoded_gpu, writer.encoded_host) == (4, 2, 2)
     for i in range(4):
         assert stored_record(store, key(i)) == host_encoded(spec, i, store)
 

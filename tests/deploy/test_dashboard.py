@@ -33,6 +33,8 @@ SERVER_METRICS = {
     "kvstore_requests_total",
     "kvstore_codec_raw_bytes_total",
     "kvstore_codec_encoded_bytes_total",
+    "kvstore_ssd_writes_total",
+    "kvstore_ssd_writer_encoded_total",
     "kvstore_build_info",
     "kvstore_uptime_seconds",
 }
@@ -134,3 +136,5 @@ def test_panel_queries(dashboard: dict[str, Any]) -> None:
     assert ratio.index("kvstore_codec_raw_bytes_total") < ratio.index("/")
     assert ratio.index("/") < ratio.index("kvstore_codec_encoded_bytes_total")
     assert "by (kind)" in exprs(r"^leases")
+    assert "sum by (how) (rate(kvstore_ssd_writes_total" in exprs(r"ssd writes")
+    assert "sum by (on) (rate(kvstore_ssd_writer_encoded_total" in exprs(r"ssd writer encodes")

@@ -122,6 +122,10 @@ def test_counters_move_by_what_the_workload_did(observed) -> None:  # type: igno
     assert delta("kvstore_tier_evictions_total", tier="cpu") == 12 + 1  # + 1 for the promotion
     assert delta("kvstore_tier_demotions_total", tier="cpu") == 13
     assert delta("kvstore_codec_raw_bytes_total", codec="zstd") == 13 * MiB
+    # No ssd writer (--ssd-write-ahead 0): every one of them was written at its eviction.
+    assert delta("kvstore_ssd_writes_total", how="at_eviction") == 13
+    assert value(after, "kvstore_ssd_writes_total", how="ahead") == 0
+    assert value(after, "kvstore_ssd_writer_encoded_total", on="host") == 0
     encoded = delta("kvstore_codec_encoded_bytes_total", codec="zstd")
     assert 0 < encoded < 13 * MiB / 4
     assert delta("kvstore_tier_hits_total", tier="cpu") == 5
