@@ -1641,8 +1641,8 @@ class Store:
                     WRITE_AHEAD_BYTES - sum(e.nbytes for e, _ in held),
                     walk=not jobs,
                 )
-                for part in self._ahead_jobs(more):
-                    jobs[pool.submit(self._encode_ahead, part)] = part
+                for part, codec in self._ahead_jobs(more):
+                    jobs[pool.submit(self._encode_ahead, part, codec)] = part
                 if not jobs:
                     return written
                 done, _ = concurrent.futures.wait(
@@ -1706,23 +1706,26 @@ class Store:
                 taken += found.nbytes
         return batch
 
-    def _ahead_jobs(self, batch: list[tuple[Entry, Slot]]) -> list[list[tuple[Entry, Slot]]]:
-        """`write_ahead`'s values split into encoding jobs: one value each on host threads;
-        on the `--encode-gpu` GPU, the values of one codec that encodes there in batches of
-        about WRITE_AHEAD_GPU_BYTES (a batch fills the GPU; several let the host's share of
-        one overlap the GPU's of the next)."""
-        jobs: list[list[tuple[Entry, Slot]]] = []
-        gpu: dict[int, list[list[tuple[Entry, Slot]]]] = {}
+    def _ahead_jobs(
+        self, batch: list[tuple[Entry, Slot]]
+    ) -> list[tuple[list[tuple[Entry, Slot]], Codec | None]]:
+        """`write_ahead`'s values split into encoding jobs, each with the codec that encodes
+        it on the `--encode-gpu` GPU (None: on a host thread): one value each on host
+        threads; on the GPU, the values of one codec that encodes there in batches of about
+        WRITE_AHEAD_GPU_BYTES (a batch fills the GPU; several let the host's share of one
+        overlap the GPU's of the next)."""
+        jobs: list[tuple[list[tuple[Entry, Slot]], Codec | None]] = []
+        gpu: dict[int, tuple[Codec, list[list[tuple[Entry, Slot]]]]] = {}
         for e, slot in batch:
             codec = self._gpu_codec(e.namespace)
             if codec is None:
-                jobs.append([(e, slot)])
+                jobs.append(([(e, slot)], None))
                 continue
-            parts = gpu.setdefault(id(codec), [[]])
+            parts = gpu.setdefault(id(codec), (codec, [[]]))[1]
             if sum(x.nbytes for x, _ in parts[-1]) + e.nbytes > WRITE_AHEAD_GPU_BYTES:
                 parts.append([])
             parts[-1].append((e, slot))
-        return [part for parts in gpu.values() for part in parts if part] + jobs
+        return [(part, codec) for codec, parts in gpu.values() for part in parts if part] + jobs
 
     def _gpu_codec(self, namespace: str) -> Codec | None:
         """`namespace`'s ssd codec if the ssd writer encodes its values on the `--encode-gpu`
@@ -1761,19 +1764,18 @@ class Store:
         return written, False
 
     def _encode_ahead(
-        self, part: list[tuple[Entry, Slot]]
+        self, part: list[tuple[Entry, Slot]], codec: Codec | None
     ) -> list[tuple[ValueHeader, Buffer] | None]:
         """Each of `part`'s values as the ssd tier stores it, from its cpu slot (a host
-        thread): as one batch on the `--encode-gpu` GPU when their codec encodes there,
-        else one by one here. None for a value that could not be encoded (the eviction
-        writes it)."""
+        thread): as one batch on the `--encode-gpu` GPU through `codec` (`_ahead_jobs`'
+        choice), else (None) one by one here. None for a value that could not be encoded
+        (the eviction writes it)."""
         cpu = self.cpu
         assert cpu is not None
         # Raw: a view of the slot, still the value's if the slot is still its own below.
         views = [cpu.view(slot, e.nbytes) for e, slot in part]
         coded: list[tuple[ValueHeader, Buffer] | None] = [None] * len(part)
         host = list(range(len(part)))  # the values left to encode here
-        codec = self._gpu_codec(part[0][0].namespace)
         if codec is not None:
             from kvstore.codecs.base import ValuesRefused
             from kvstore.codecs.values import encode_stored_many
@@ -1808,15 +1810,14 @@ class Store:
                 break
         if host:
             one_core_kernels()
-        for i in sorted(host):
-            (e, slot), view = part[i], views[i]
-            try:
-                coded[i] = self._encoded(e, view)
-            except Exception as exc:
-                if e.slot is slot:  # not the bytes of a slot reused meanwhile
-                    log.warning("encoding %s for ssd failed: %s", e.key.hex(), exc)
-                # None: the eviction writes the value
-        if host:
+            for i in sorted(host):
+                (e, slot), view = part[i], views[i]
+                try:
+                    coded[i] = self._encoded(e, view)
+                except Exception as exc:
+                    if e.slot is slot:  # not the bytes of a slot reused meanwhile
+                        log.warning("encoding %s for ssd failed: %s", e.key.hex(), exc)
+                    # None: the eviction writes the value
             with self._lock:
                 self._writer.encoded_host += sum(coded[i] is not None for i in host)
         return coded

@@ -99,8 +99,8 @@ def test_values_changed_while_encoded_are_not_written(make_quiet: MakeStore) -> 
     fresh = value(101)
     real = store._encode_ahead
 
-    def racing(item: Any) -> Any:
-        coded = real(item)
+    def racing(item: Any, codec: Any) -> Any:
+        coded = real(item, codec)
         e = item[0][0]  # a job of one value each: the host's encodes
         if e.key == key(0):
             store.delete(NS, [key(0)])
@@ -133,13 +133,13 @@ def test_one_call_overlaps_encoding_and_writing_and_tries_each_value_once(
     encoded: list[bytes] = []
     real_encode, real_write = store._encode_ahead, store._write_job
 
-    def encode(part: Any) -> Any:
+    def encode(part: Any, codec: Any) -> Any:
         nonlocal most
         with lock:
             in_flight.update(e.key for e, _ in part)
             most = max(most, len(in_flight))
             encoded.extend(e.key for e, _ in part)
-        coded = real_encode(part)
+        coded = real_encode(part, codec)
         return [None if e.key == key(0) else c for (e, _), c in zip(part, coded, strict=True)]
 
     def write(part: Any, coded: Any) -> Any:
@@ -221,11 +221,11 @@ def test_a_batch_broken_off_leaves_no_encode_reading_the_arena(make_quiet: MakeS
     running: set[bytes] = set()
     real = store._encode_ahead
 
-    def slow(item: Any) -> Any:
+    def slow(item: Any, codec: Any) -> Any:
         k = item[0][0].key
         running.add(k)
         time.sleep(0 if k == key(10) else 0.3)  # key 10 comes back first, and is refused
-        coded = real(item)
+        coded = real(item, codec)
         running.discard(k)
         return coded
 
@@ -271,9 +271,9 @@ def test_a_gpu_batch_that_fails_is_encoded_on_the_host(
     batches: list[list[bytes]] = []
     real = store._encode_ahead
 
-    def seen(part: Any) -> Any:
+    def seen(part: Any, codec: Any) -> Any:
         batches.append([e.key for e, _ in part])
-        return real(part)
+        return real(part, codec)
 
     store._encode_ahead = seen  # type: ignore[method-assign]
     with caplog.at_level("INFO", logger="kvstore.store"):
