@@ -128,9 +128,10 @@ class LmdbTier(StorageTier):
             raise TierError(f"LMDB write failed in {self.path}: {exc}") from None
         self._used += size - old
         self._committed += 1
-        self._unflushed_bytes += size
-        if self._unflushed_bytes >= WRITEBACK_BYTES:
-            self._start_writeback()
+        if self.durability != "none":  # there, nothing is ever flushed by us
+            self._unflushed_bytes += size
+            if self._unflushed_bytes >= WRITEBACK_BYTES:
+                self._start_writeback()
 
     def _stored_size(self, rkey: bytes) -> int:
         with self.env.begin(buffers=True) as txn:
@@ -227,7 +228,7 @@ class LmdbTier(StorageTier):
 
     def _start_writeback(self) -> None:
         """Flush in the background what has been committed, unless a flush runs already."""
-        if self.durability == "none" or (self._writeback and self._writeback.is_alive()):
+        if self._writeback is not None and self._writeback.is_alive():
             return
         self._unflushed_bytes = 0
         self._writeback = threading.Thread(
