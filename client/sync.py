@@ -62,7 +62,9 @@ class _BackgroundCalls:
     def _loop(self) -> None:
         while (item := self._queue.get()) is not None:
             method, request = item
-            with contextlib.suppress(grpc.RpcError):
+            # ValueError: the channel was closed with calls still queued (close() waits
+            # only so long for a server that does not answer): left to lease expiry too.
+            with contextlib.suppress(grpc.RpcError, ValueError):
                 method(request, timeout=BACKGROUND_TIMEOUT_S, metadata=self._metadata)
 
     def close(self, timeout: float) -> None:
