@@ -119,6 +119,10 @@ def _demote_once(spec: str, chunks: Sequence[torch.Tensor], encode_gpu: str = "o
             stats = store.stats()
             if sum(t.counters.demotions for t in stats.tiers if t.name == "cpu") != len(chunks):
                 raise RuntimeError(f"{spec}: the ssd writer did not copy every chunk")
+            # A server that keeps demoting keeps its GPU scratch between the writer's calls
+            # (kvstore.store.GPU_SCRATCH_IDLE_S): the next store here starts with it cached,
+            # as such a server's next call does, not with what closing gives back.
+            store._gpu_scratch_held = False
         finally:
             store.close()
     return seconds

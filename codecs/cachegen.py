@@ -281,12 +281,15 @@ class CacheGen(Codec):
         _gather_escapes(words, kind, heads, symbols, marked, first, escaped)
         freqs = rans.quantize_freqs(counts, PRECISION)
         data, offsets = _code_streams(lay, symbols, freqs)
-        (payload,) = self.join_payloads(
-            lay, 1, starts, steps, escapes, freqs, offsets, data, escaped
-        )
+        frames = self.frame_payloads(
+            lay, 1, starts, steps, escapes, freqs, offsets, escaped, first
+        )  # fmt: skip
+        at, (o0, o1) = int(frames.data_at[0]), frames.streams(0)
+        frames.out[at : at + o1 - o0] = np.frombuffer(data, np.uint8)
+        (payload,) = frames.payloads()
         return payload.tobytes()
 
-    def join_payloads(
+    def frame_payloads(
         self,
         lay: _Layout,
         values: int,
@@ -295,19 +298,22 @@ class CacheGen(Codec):
         escapes: np.ndarray,
         freqs: np.ndarray,
         offsets: np.ndarray,
-        data: bytes | np.ndarray,
         escaped: np.ndarray,
-    ) -> list[memoryview]:
-        """The payloads of `values` values of layout `lay` from their parts (the CPU's
-        encoder gives one value's, the GPU's a batch's), value after value in each: float16
-        bits of starts and steps (`[layers, 2, heads, dim]` a value), escape counts and
-        frequency tables per unit, stream offsets into `data` (`[values * streams + 1]`,
-        from 0), the streams' bytes, and the escapes' float16 bits, unit after unit. One
-        buffer holds them all, written by one parallel kernel: views of it come back."""
+        first: np.ndarray | None = None,
+        alloc: Callable[[int], np.ndarray] = lambda n: np.empty(n, np.uint8),
+    ) -> PayloadFrames:
+        """The payloads of `values` values of layout `lay`, all but their streams' bytes,
+        written by one parallel kernel into one buffer from `alloc(n)` (uint8; the GPU
+        encoder's is pinned, for its streams to be copied straight into their places):
+        float16 bits of starts and steps (`[layers, 2, heads, dim]` a value), escape counts
+        and frequency tables per unit, stream offsets (`[values * streams + 1]`, from 0),
+        and the escapes' float16 bits, unit after unit, whose prefix sums `first` (`[values
+        * units + 1]`) the caller may already have."""
         nu, ns, dim = lay.units, lay.streams, lay.head_dim
         escapes = np.ascontiguousarray(escapes, np.int64)
-        first = np.zeros(values * nu + 1, np.int64)
-        np.cumsum(escapes, out=first[1:])
+        if first is None:
+            first = np.zeros(values * nu + 1, np.int64)
+            np.cumsum(escapes, out=first[1:])
         offsets = np.ascontiguousarray(offsets, np.int64)
         n_steps = nu if self.params["version"] == 2 else nu * dim  # v2: one step a head
         fixed = 4 + 2 * nu * dim + 2 * n_steps + 4 * nu + 4 + rans.packed_bound(nu, ALPHABET)
@@ -316,7 +322,7 @@ class CacheGen(Codec):
         sizes = fixed + np.diff(offsets[each * ns]) + 2 * np.diff(first[each * nu])
         bounds = np.zeros(values + 1, np.int64)
         np.cumsum(sizes, out=bounds[1:])
-        out = np.empty(int(bounds[-1]), np.uint8)
+        out = alloc(int(bounds[-1]))
         ends = np.empty(values, np.int64)
         data_at = np.empty(values, np.int64)
         _join(
@@ -327,12 +333,7 @@ class CacheGen(Codec):
             np.ascontiguousarray(escaped, np.uint16).reshape(-1),
             first, out, bounds, data_at, ends,
         )  # fmt: skip
-        streams = np.frombuffer(data, np.uint8)
-        for v in range(values):
-            o0, o1 = offsets[v * ns], offsets[(v + 1) * ns]
-            out[data_at[v] : data_at[v] + o1 - o0] = streams[o0:o1]
-        view = memoryview(out.data)
-        return [view[bounds[v] : ends[v]] for v in range(values)]
+        return PayloadFrames(out, bounds, data_at, ends, offsets, ns)
 
     def decode_payload(self, payload: memoryview, out: torch.Tensor) -> None:
         p = parse_payload(payload, tuple(out.shape), int(self.params["version"]))
@@ -361,6 +362,27 @@ class CacheGen(Codec):
             raise ContainerError("cachegen escapes disagree with the streams")
         if not direct:
             out.copy_(target)
+
+
+@dataclass(frozen=True)
+class PayloadFrames:
+    """`CacheGen.frame_payloads`' buffer: value v's payload is out[bounds[v]:ends[v]], its
+    streams' bytes (`streams(v)` of the streams' data) to be copied to out[data_at[v]]."""
+
+    out: np.ndarray  # uint8
+    bounds: np.ndarray  # int64 [values + 1]
+    data_at: np.ndarray  # int64 [values]
+    ends: np.ndarray  # int64 [values]
+    offsets: np.ndarray  # int64 [values * streams + 1]: the streams in the data, from 0
+    per_value: int  # streams a value
+
+    def streams(self, v: int) -> tuple[int, int]:
+        """Where value v's streams lie in the streams' data."""
+        return int(self.offsets[v * self.per_value]), int(self.offsets[(v + 1) * self.per_value])
+
+    def payloads(self) -> list[memoryview]:
+        view = memoryview(self.out.data)
+        return [view[self.bounds[v] : self.ends[v]] for v in range(self.ends.size)]
 
 
 @dataclass(frozen=True)
@@ -452,7 +474,7 @@ def _join(
     data_at: np.ndarray,
     ends: np.ndarray,
 ) -> None:
-    """`CacheGen.join_payloads`: value v's payload written from out[bounds[v]] (room for
+    """`CacheGen.frame_payloads`: value v's payload written from out[bounds[v]] (room for
     its worst case) to out[ends[v]], a value per thread, all but its streams' bytes, whose
     place it leaves from out[data_at[v]]. The format is the module docstring's;
     `head_steps`: one step per unit (payload version 2), the first of its channels' (all

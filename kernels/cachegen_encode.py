@@ -17,9 +17,11 @@ is encoded in two kernels with the host in between:
    case, its lanes as the CPU encoder runs them (division where the CPU multiplies by a
    reciprocal: the same integers).
 
-The host then gathers the streams and escapes (copied back with the symbols' counts) and
-joins the payloads with the CPU's own code (`CacheGen.join_payloads`). Each value's
-checksum is XXH3-64 on the GPU (`kvstore.kernels.checksum`).
+The host adds up the streams' lengths into their offsets, which `gather_streams` lays the
+streams back to back by, and meanwhile writes every part of the payloads but the streams
+with the CPU's own code (`CacheGen.frame_payloads`) into pinned memory, which the streams
+are then copied into, each value's to its place. Each value's checksum is XXH3-64 on the
+GPU (`kvstore.kernels.checksum`).
 
 `encode_many_on_gpu` encodes a batch: values of one shape and dtype lie in one buffer, a
 slot each, and every step above runs once for all of them (the kernels see one value of B
@@ -315,17 +317,30 @@ def _upload(arrays: list[np.ndarray], stream: Any, keep: list[Any]) -> list[Any]
     """Device copies of host `arrays`, staged through one pinned buffer (kept in `keep`
     until the copies are done): copies from pageable memory are synchronous and take a
     driver lock that serializes the host threads encoding side by side."""
-    import cupy
-
     mem, views = _pinned_like(arrays)
     keep.append(mem)
-    out = []
     for a, h in zip(arrays, views, strict=True):
         h[...] = a
-        d = cupy.empty(a.shape, a.dtype)
-        _copy(d.data.ptr, h.ctypes.data, a.nbytes, cupy.cuda.runtime.memcpyHostToDevice, stream)
+    return _to_device(views, stream)
+
+
+def _to_device(pinned: list[np.ndarray], stream: Any) -> list[Any]:
+    """Device copies of `pinned` arrays (host memory the caller keeps until they are done)."""
+    import cupy
+
+    out = []
+    for h in pinned:
+        d = cupy.empty(h.shape, h.dtype)
+        _copy(d.data.ptr, h.ctypes.data, h.nbytes, cupy.cuda.runtime.memcpyHostToDevice, stream)
         out.append(d)
     return out
+
+
+def _pinned_bytes(n: int) -> np.ndarray:
+    """n bytes of pinned host memory, alive as long as the array (or a view of it)."""
+    import cupy
+
+    return np.frombuffer(cupy.cuda.alloc_pinned_memory(max(n, 1)), np.uint8, n)
 
 
 def _download(arrays: list[Any], stream: Any) -> list[np.ndarray]:
@@ -506,9 +521,6 @@ def _encode_group(
             # Each unit's escapes lie at the start of its region of tokens * dim.
             where = np.repeat(np.arange(n_units) * tokens * dim - first[:-1], escapes)
             where += np.arange(first[-1])
-            freqs = np.empty((n_units, ALPHABET), np.uint16)
-            fc = np.empty((n_units, 256), np.uint32)
-            _tables(counts, 1 << PRECISION, freqs, fc)
             ns = lay.streams
             n_streams = b_n * ns
             lengths_in = np.tile(lay.stream_lengths(), b_n)
@@ -520,40 +532,57 @@ def _encode_group(
             streams[:, 2] += np.repeat(np.arange(b_n, dtype=np.int64) * nu, ns)
             streams[:, 3] = np.cumsum(2 * lengths_in + 4 * LANES)
             slot_bytes = int(streams[-1, 3]) if n_streams else 0
-            d_streams, d_fc, d_where = _upload([streams, fc, where], s, keep)
+            freqs = np.empty((n_units, ALPHABET), np.uint16)
+            # The kernel's tables are made in the pinned buffer they are uploaded from.
+            fc = np.empty((n_units, 256), np.uint32)
+            mem, (h_streams, h_fc, h_where) = _pinned_like([streams, fc, where])
+            keep.append(mem)
+            _tables(counts, 1 << PRECISION, freqs, h_fc)
+            h_streams[...] = streams
+            h_where[...] = where
+            d_streams, d_fc, d_where = _to_device([h_streams, h_fc, h_where], s)
             d_slots = cupy.empty(max(slot_bytes, 1), cupy.uint8)
-            d_lengths = cupy.zeros(n_streams + 1, cupy.int64)  # [0] stays 0: offsets below
-            d_data = cupy.empty(max(slot_bytes, 1), cupy.uint8)
+            d_lengths = cupy.empty(max(n_streams, 1), cupy.int64)
             if n_streams:
                 _module.get(device, "rans_encode")(
                     (-(-n_streams // 128),), (128,),
-                    (d_symbols, d_streams, np.int64(n_streams), d_fc, d_slots, d_lengths[1:]),
+                    (d_symbols, d_streams, np.int64(n_streams), d_fc, d_slots, d_lengths),
                 )  # fmt: skip
-                d_offsets = cupy.cumsum(d_lengths)
-                _module.get(device, "gather_streams")(
-                    (n_streams,), (128,), (d_slots, d_streams, d_offsets, d_data)
-                )
-            else:
-                d_offsets = d_lengths
             big = nbytes > SHORT_MAX
             digests = None
             if big:
                 at = np.arange(b_n, dtype=np.uint64) * np.uint64(stride)
                 ptrs = np.uint64(back.data.ptr) + at
                 digests = xxh3_64_gpu_spans(ptrs, np.full(b_n, nbytes, np.int64), device, s)
-            sizes, offsets, starts, steps, escaped = _download(
-                [d_lengths[1:], d_offsets, d_starts, d_steps, d_escapes[d_where]], s
+            sizes, starts, steps, escaped = _download(
+                [d_lengths[:n_streams], d_starts, d_steps, d_escapes[d_where]], s
             )
             if sizes.size and sizes.min() < 0:  # the tables come from the same counts
                 raise RuntimeError("cachegen GPU encode: a symbol has no frequency in its table")
-            (data,) = _download([d_data[: int(offsets[-1])]], s)
+            offsets = np.zeros(n_streams + 1, np.int64)
+            np.cumsum(sizes, out=offsets[1:])
+            d_data = cupy.empty(max(int(offsets[-1]), 1), cupy.uint8)
+            if n_streams:
+                (d_offsets,) = _upload([offsets], s, keep)
+                _module.get(device, "gather_streams")(
+                    (n_streams,), (128,), (d_slots, d_streams, d_offsets, d_data)
+                )
+            # Everything but the streams, while the GPU gathers them; then the streams
+            # straight into their places (the buffer is pinned), with no copy here.
+            frames = codec.frame_payloads(
+                lay, b_n, starts, steps, escapes, freqs, offsets, escaped, first, _pinned_bytes
+            )  # fmt: skip
+            to_host = cupy.cuda.runtime.memcpyDeviceToHost
+            for b in range(b_n):
+                o0, o1 = frames.streams(b)
+                at_b = frames.out.ctypes.data + int(frames.data_at[b])
+                _copy(at_b, d_data.data.ptr + o0, o1 - o0, to_host, s)
+            s.synchronize()
             if not big:  # too short for the GPU's checksum: hashed here
                 (small,) = _download([back], s)
                 sums = [checksum(small[b * stride : b * stride + nbytes].data) for b in range(b_n)]
             else:
                 assert digests is not None
                 sums = [int(d) for d in digests.result()]
-    payloads = codec.join_payloads(
-        lay, b_n, starts, steps, escapes, freqs, offsets, data, escaped
-    )  # fmt: skip
+    payloads = frames.payloads()
     return list(zip(payloads, sums, strict=True))

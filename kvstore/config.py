@@ -133,7 +133,7 @@ class ServerConfig:
     pinned for copies to it). On a GPU the values are encoded in batches, into the same
     bytes as on the host, leaving the host's cores to the serving engine beside it; while
     a burst of writes runs that takes ~400 MB of the GPU's memory beyond the gpu tier,
-    given back when it ends."""
+    given back once the writer has not encoded on the GPU for 2 seconds."""
     durability: str = "async"
     """When the ssd tier's writes reach the disk. "sync": a put acknowledged as stored on
     ssd is on disk first (LMDB syncs on commit; concurrent puts share one flush), so it

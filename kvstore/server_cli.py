@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(cachegen): auto (default) on the gpu tier's GPU when there is one, else on host "
         "threads; off, on host threads; N, on CUDA GPU N. The bytes stored are the same; a "
         "GPU leaves the host's cores to the serving engine. While it encodes it uses ~400 MB "
-        "of that GPU's memory beyond the gpu tier, given back when a burst of writes ends",
+        "of that GPU's memory beyond the gpu tier, given back after 2 s without writes",
     )
     p.add_argument(
         "--durability",

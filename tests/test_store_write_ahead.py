@@ -28,7 +28,7 @@ from test_store import (
 from kvstore.codecs import codec_from_spec
 from kvstore.codecs.base import ValuesRefused
 from kvstore.codecs.values import encode_stored, encode_stored_many, tensor_bytes
-from kvstore.store import Store
+from kvstore.store import GPU_SCRATCH_IDLE_S, Store
 from tests.test_store_codecs import kv_value
 from tests.test_store_codecs import put as put_kv
 
@@ -285,6 +285,25 @@ def test_a_gpu_batch_that_fails_is_encoded_on_the_host(
         assert stored_record(store, key(i)) == host_encoded(spec, i, store)
 
 
+def test_the_gpu_scratch_is_given_back_when_the_store_closes(
+    make_quiet: MakeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scratch still held when the store closes (the writer busy until then) is given back."""
+    store = make_quiet(ssd_write_ahead=1.0, codec=("ssd=cachegen:level=1",))
+    put_kv(store, key(0), kv_value(0))
+    store._encode_device = 0  # as --encode-gpu 0 would set it, on a machine with a GPU
+    monkeypatch.setattr(
+        "kvstore.codecs.values.encode_stored_many",
+        lambda codec, items, device: encode_stored_many(codec, items, None),
+    )
+    released: list[int] = []
+    monkeypatch.setattr("kvstore.kernels._cuda.release_memory", released.append)
+    assert write_ahead(store) == 1
+    assert released == []
+    store.close()
+    assert released == [0]
+
+
 def test_a_value_the_gpu_refuses_leaves_the_rest_of_its_batch_there(
     make_quiet: MakeStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -318,7 +337,13 @@ def test_a_value_the_gpu_refuses_leaves_the_rest_of_its_batch_there(
     assert write_ahead(store) == 4
     assert batches == [4, 2]
     assert len(on_host) == 2
-    assert released == [0]  # the GPU's scratch given back once the burst was over
+    store._release_idle_gpu_scratch()
+    assert released == []  # kept while the writer may encode again at once
+    store._gpu_used_at -= GPU_SCRATCH_IDLE_S
+    store._release_idle_gpu_scratch()
+    assert released == [0]  # given back once the writer has been idle that long
+    store._release_idle_gpu_scratch()
+    assert released == [0]  # once
     writer = store.stats().writer
     assert (writer.ahead, writer.encoded_gpu, writer.encoded_host) == (4, 2, 2)
     for i in range(4):
@@ -326,7 +351,23 @@ def test_a_value_the_gpu_refuses_leaves_the_rest_of_its_batch_there(
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_values_encoded_on_the_gpu_are_the_hosts_bytes(make_quiet: MakeStore) -> None:
+def test_values_encoded_on_the_gpu_are_the_hosts_bytes(
+    make_quiet: MakeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cupy
+
+    import kvstore.kernels._cuda as cuda_helpers
+
+    pool = cupy.get_default_memory_pool()
+    cached: list[int] = []  # what CuPy's pool kept of the batch when the burst ended
+    release = cuda_helpers.release_memory
+
+    def measured(device: int) -> None:
+        with cupy.cuda.Device(device):
+            cached.append(pool.free_bytes())
+        release(device)
+
+    monkeypatch.setattr(cuda_helpers, "release_memory", measured)
     spec = "cachegen:level=2"
     store = make_quiet(ssd_write_ahead=1.0, codec=(f"ssd={spec}",), encode_gpu="0")
     assert store._encode_device == 0
@@ -336,10 +377,14 @@ def test_values_encoded_on_the_gpu_are_the_hosts_bytes(make_quiet: MakeStore) ->
     assert write_ahead(store) == 4
     for i in range(4):
         assert stored_record(store, key(i)) == host_encoded(spec, i, store)
-    import cupy
-
-    with cupy.cuda.Device(0):  # the batches' scratch went back to the driver, not the pool
-        assert cupy.get_default_memory_pool().free_bytes() == 0
+    assert cached == []  # kept while the writer is busy
+    store._gpu_used_at -= GPU_SCRATCH_IDLE_S
+    store._release_idle_gpu_scratch()
+    # The batch's scratch (several times its 4 MiB) went back to the driver, not the pool;
+    # only the rest of a block that stays in use (the checksum's key table) can remain.
+    assert len(cached) == 1 and cached[0] > 4 * MiB
+    with cupy.cuda.Device(0):
+        assert pool.free_bytes() < 64 << 10
     assert make_quiet(data_dir=store.config.data_dir.parent / "b")._encode_device is None  # auto
 
 
