@@ -29,7 +29,7 @@ same perplexity and predictions.
     python benchmarks/bench_codecs.py --json codecs.json --plot codecs.png
     python benchmarks/bench_codecs.py --fit-profile p.json --codecs cachegen:profile=p.json
     python benchmarks/bench_codecs.py --prompt-set fit --codecs ...   # encoder experiments
-    python benchmarks/bench_codecs.py --codecs cachegen:level=3 --tail-codec cachegen:level=0
+    python benchmarks/bench_codecs.py --codecs cachegen:level=3,newest=0
     python benchmarks/bench_codecs.py --codecs cachegen --save-containers kvc/  # CPU
     python benchmarks/bench_codecs.py --gpu-decode kvc/                         # GPU machine
 
@@ -39,8 +39,9 @@ refuses one fitted on a scored prompt, so its figures are held out. `--prompt-se
 scores the fitting prompts instead, in sample for a profile: where encoder variants are
 compared before one is scored, once, on the usual prompts.
 
-`--tail-codec SPEC` codes the last chunk of each prefix, the one its continuation follows,
-with SPEC: what coding a stored sequence's newest chunk finer would buy.
+The last chunk of each prefix, the one its continuation follows, is coded as a store codes
+the newest chunk of a sequence (`Codec.for_newest`: `cachegen:level=3,newest=0` codes it at
+level 0), the others as the spec says.
 
 Under the table: each codec's demotion through a real store's ssd writer against LMDB
 writing its output, its encode rate on the host threads and its decode rate on one core
@@ -322,10 +323,11 @@ def rel_err(decoded: torch.Tensor, original: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(d - o) / torch.linalg.vector_norm(o))
 
 
-def chunk_codecs(codec: Codec, tail: Codec | None, chunks: int) -> list[Codec]:
-    """The codec of each of a prefix's `chunks` chunks: `codec`, but `tail` (when given) for
-    the last one, the tokens the continuation follows."""
-    return [codec] * (chunks - 1) + [tail or codec] if chunks else []
+def chunk_codecs(codec: Codec, chunks: int) -> list[Codec]:
+    """The codec of each of a prefix's `chunks` chunks: `codec`, but its choice for the
+    newest chunk of a sequence for the last one, the tokens the continuation follows (as a
+    client's `put_prefix` marks it)."""
+    return [codec] * (chunks - 1) + [codec.for_newest()] if chunks else []
 
 
 def measure(
@@ -335,10 +337,9 @@ def measure(
     case: PromptCase,
     chunk_tokens: int,
     repeats: int,
-    tail: Codec | None = None,
 ) -> Cell:
     chunks = chunked(case.kv, chunk_tokens)
-    coders = chunk_codecs(codec, tail, len(chunks))
+    coders = chunk_codecs(codec, len(chunks))
     for c in {id(c): c for c in coders}.values():  # untimed: compiles kernels on first use
         decode(c.encode(chunks[0]))
     encode_s, blobs = best_time(
@@ -532,12 +533,6 @@ def build_parser() -> argparse.ArgumentParser:
         "(`_realkv.fit_prompts`): to try encoder variants without looking at the scored "
         "prompts; a profile fitted on them is then scored in sample",
     )
-    p.add_argument(
-        "--tail-codec",
-        metavar="SPEC",
-        help="encode the last chunk of every prefix (the tokens the continuation follows, "
-        "which it attends to most) with SPEC, every other chunk with each --codecs spec",
-    )
     p.add_argument("--min-prefix", type=int, default=MIN_PREFIX, help="prefix tokens, at least")
     p.add_argument("--continuation", type=int, default=CONTINUATION, help="scored tokens")
     p.add_argument("--chunk-tokens", type=int, default=CHUNK_TOKENS, help="tokens per chunk")
@@ -674,11 +669,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if chosen is None:
         return 2
     codecs, notes = chosen
-    try:
-        tail = codec_from_spec(args.tail_codec) if args.tail_codec else None
-    except InvalidArgument as exc:
-        print(f"bench_codecs: --tail-codec: {exc}", file=sys.stderr)
-        return 2
     names = [n.strip() for n in args.prompts.split(",")] if args.prompts else None
     cases = prepare(model, tokenizer, args.min_prefix, args.continuation, names, args.prompt_set)
     if not cases:
@@ -688,7 +678,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import transformers
 
     try:
-        used = [c for _, c in codecs] + ([tail] if tail else [])
+        used = [c for _, c in codecs]
         notes += profile_notes(used, [c.name for c in cases], args.prompt_set == "fit")
     except (InvalidArgument, RuntimeError) as exc:
         print(f"bench_codecs: {exc}", file=sys.stderr)
@@ -702,7 +692,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for c in cases
             ],
             "prompt_set": args.prompt_set,
-            "tail_codec": tail.spec() if tail else "",
             "chunk_tokens": args.chunk_tokens,
             "repeats": args.repeats,
             "kvstore_version": kvstore.__version__,
@@ -722,11 +711,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         report.check = self_check(model, first.ids, first.prefix_len)
         progress(f"self-check on {first.name} passed ({time.perf_counter() - t:.1f}s)")
         for given, codec in codecs:
-            label = f"{given}+tail={args.tail_codec}" if tail else given
-            spec = f"{codec.spec()}+tail={tail.spec()}" if tail else codec.spec()
-            row = CodecRow(label, spec, codec.lossless and (tail is None or tail.lossless))
+            row = CodecRow(given, codec.spec(), codec.lossless)
             for case in cases:
-                cell = measure(model, label, codec, case, args.chunk_tokens, args.repeats, tail)
+                cell = measure(model, given, codec, case, args.chunk_tokens, args.repeats)
                 row.cells.append(cell)
             report.rows.append(row)
     except (AssertionError, RuntimeError) as exc:
@@ -736,10 +723,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from _gpu_decode import save_containers
 
         for _, codec in codecs:
-            if all(c.gpu_decoder() is not None for c in (codec, tail) if c is not None):
+            if codec.gpu_decoder() is not None:
                 for case in cases:
                     chunks = chunked(case.kv, args.chunk_tokens)
-                    coders = chunk_codecs(codec, tail, len(chunks))
+                    coders = chunk_codecs(codec, len(chunks))
                     blobs = [c.encode(x) for c, x in zip(coders, chunks, strict=True)]
                     save_containers(args.save_containers, codec.spec(), case.name, blobs)
         progress(f"saved the containers of GPU-decodable codecs under {args.save_containers}")

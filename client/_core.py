@@ -237,7 +237,7 @@ def _check_outgoing(key: bytes, tensor: torch.Tensor) -> str:
 
 
 def _host_value(
-    key: bytes, tensor: torch.Tensor, name: str, cost: float = 0.0
+    key: bytes, tensor: torch.Tensor, name: str, cost: float = 0.0, newest: bool = False
 ) -> tuple[pb.ValueHeader, memoryview]:
     """A checked value's header and its bytes, contiguous in host memory (the memoryview
     keeps the host copy alive)."""
@@ -251,8 +251,26 @@ def _host_value(
         nbytes=len(data),
         checksum=checksum(data),
         cost=cost,
+        newest=newest,
     )
     return header, data
+
+
+def _newest_keys(newest: Sequence[bytes], keys: Sequence[bytes]) -> frozenset[bytes]:
+    """`newest` (keys of a put's values marked as the newest chunks of their sequences) as a
+    set, each checked to be one of the put's `keys`."""
+    marked = frozenset(bytes(k) for k in newest)
+    stray = marked - {bytes(k) for k in keys}
+    if stray:
+        raise InvalidArgument(f"newest names a key this put does not store: {min(stray).hex()}")
+    return marked
+
+
+def first_newest_chunk(n_tokens: int, chunk_tokens: int) -> int:
+    """Of the chunks of a prefix of `n_tokens` tokens (a partial one last), the index of the
+    first of its newest: the last whole chunk, which a longer prompt's new tokens follow and
+    attend to most, and the partial one after it (for the same prompt again)."""
+    return max(n_tokens // chunk_tokens - 1, 0)
 
 
 HEADER_ALONE_BYTES = 64 << 10
@@ -269,10 +287,11 @@ class PutPieces:
     namespace: str
     values: Sequence[tuple[bytes, torch.Tensor, str]]
     cost: float = 0.0
+    newest: frozenset[bytes] = frozenset()  # keys of the newest chunks of their sequences
 
     def __iter__(self) -> Iterator[Piece]:
         for i, (key, tensor, name) in enumerate(self.values):
-            header, data = _host_value(key, tensor, name, self.cost)
+            header, data = _host_value(key, tensor, name, self.cost, key in self.newest)
             n = len(data)
             # A large value's header goes alone: a server at its bytes bound refuses the
             # value before any of its data is in flight (gRPC has buffered none of it).
@@ -617,21 +636,27 @@ class ClientCore:
     def _req(self, keys: Sequence[bytes]) -> pb.KeysRequest:
         return pb.KeysRequest(namespace=self.namespace, keys=_keys(keys))
 
-    def put(self, key: bytes, tensor: torch.Tensor) -> Op[str]:
-        tiers = yield from self._write([(key, tensor, _check_outgoing(key, tensor))])
+    def put(self, key: bytes, tensor: torch.Tensor, newest: bool = False) -> Op[str]:
+        newest_keys = frozenset([bytes(key)] if newest else [])
+        tiers = yield from self._write([(key, tensor, _check_outgoing(key, tensor))], newest_keys)
         return tiers[0]
 
-    def batch_put(self, keys: Sequence[bytes], tensors: Sequence[torch.Tensor]) -> Op[list[str]]:
+    def batch_put(
+        self, keys: Sequence[bytes], tensors: Sequence[torch.Tensor], newest: Sequence[bytes] = ()
+    ) -> Op[list[str]]:
         if len(keys) != len(tensors):
             raise ValueError(f"{len(keys)} keys but {len(tensors)} tensors")
         if not keys:
             return []
         values = [(k, t, _check_outgoing(k, t)) for k, t in zip(keys, tensors, strict=True)]
-        return (yield from self._write(values))
+        return (yield from self._write(values, _newest_keys(newest, keys)))
 
-    def _write(self, values: list[tuple[bytes, torch.Tensor, str]]) -> Op[list[str]]:
+    def _write(
+        self, values: list[tuple[bytes, torch.Tensor, str]], newest: frozenset[bytes] = frozenset()
+    ) -> Op[list[str]]:
         """Put values: written in place into reserved arena slots when this client maps
         the arena, streamed (Put/BatchPut) otherwise and for those that get no slot.
+        `newest`: keys of values that are the newest chunks of their sequences.
 
         A batch naming a key twice is streamed whole, so the later value wins as in BatchPut.
         """
@@ -640,20 +665,26 @@ class ClientCore:
         rest = list(range(len(values)))
         distinct = len({bytes(k) for k, _, _ in values}) == len(values)
         if arena is not None and arena.writable and distinct:
-            rest = yield from self._write_in_place(arena, values, tiers)
+            rest = yield from self._write_in_place(arena, values, tiers, newest)
         if rest:
             method = "Put" if len(values) == 1 else "BatchPut"
-            pieces = PutPieces(self.namespace, [values[i] for i in rest], self.recompute_cost)
+            chosen = [values[i] for i in rest]
+            pieces = PutPieces(self.namespace, chosen, self.recompute_cost, newest)
             streamed = yield Call(method, pieces)
             for i, tier in zip(rest, streamed.tiers, strict=True):
                 tiers[i] = tier
         return tiers
 
     def _write_in_place(
-        self, arena: ArenaMap, values: list[tuple[bytes, torch.Tensor, str]], tiers: list[str]
+        self,
+        arena: ArenaMap,
+        values: list[tuple[bytes, torch.Tensor, str]],
+        tiers: list[str],
+        newest: frozenset[bytes],
     ) -> Op[list[int]]:
         """Reserve, write and commit; fills `tiers` and returns the positions left to stream."""
-        prepared = [_host_value(k, t, name, self.recompute_cost) for k, t, name in values]
+        cost = self.recompute_cost
+        prepared = [_host_value(k, t, name, cost, bytes(k) in newest) for k, t, name in values]
         call = secrets.randbits(63) or 1
         started = time.monotonic()
         try:
@@ -943,15 +974,20 @@ class ClientCore:
         return refs.found
 
     def put_from(
-        self, keys: Sequence[bytes], values: torch.Tensor | Sequence[torch.Tensor], stream: Any
+        self,
+        keys: Sequence[bytes],
+        values: torch.Tensor | Sequence[torch.Tensor],
+        stream: Any,
+        newest: Sequence[bytes] = (),
     ) -> Op[PutLanding]:
         """Start copying `values` (GPU or CPU tensors) into reserved arena slots; the copies
         run on `stream` and `settle_put` commits them. Values that get no slot, or a client
-        that cannot write the arena, stream their bytes when the put settles."""
+        that cannot write the arena, stream their bytes when the put settles. `newest`:
+        keys of values that are the newest chunks of their sequences."""
         keys = _keys(keys)
         srcs = tensors_of(values, len(keys), "values")
         checked = [(k, t, _check_outgoing(k, t)) for k, t in zip(keys, srcs, strict=True)]
-        landing = PutLanding(checked)
+        landing = PutLanding(checked, newest=_newest_keys(newest, keys))
         arena = yield from self._mapped_arena()
         if arena is None or not arena.writable or len(set(keys)) != len(keys):
             landing.rest = list(range(len(keys)))
@@ -965,6 +1001,7 @@ class ClientCore:
                 shape=t.shape,
                 nbytes=t.numel() * t.element_size(),
                 cost=self.recompute_cost,
+                newest=k in landing.newest,
             )
             for k, t, name in checked
         ]
@@ -1032,9 +1069,8 @@ class ClientCore:
                 yield Block(landing.stream.synchronize)
             rest.sort()
             method = "Put" if len(landing.values) == 1 else "BatchPut"
-            pieces = PutPieces(
-                self.namespace, [landing.values[i] for i in rest], self.recompute_cost
-            )
+            chosen = [landing.values[i] for i in rest]
+            pieces = PutPieces(self.namespace, chosen, self.recompute_cost, landing.newest)
             streamed = yield Call(method, pieces)
             for i, tier in zip(rest, streamed.tiers, strict=True):
                 tiers[i] = tier
@@ -1188,7 +1224,8 @@ class ClientCore:
         assert ct is not None
         held = yield from self.lookup(keys)
         chunks = [kv[:, :, i * ct : (i + 1) * ct] for i in range(held, len(keys))]
-        yield from self.batch_put(keys[held:], chunks)
+        newest = keys[max(first_newest_chunk(n_tokens, ct), held) :]
+        yield from self.batch_put(keys[held:], chunks, newest)
         return len(keys)
 
     @_miss_when_down(lambda token_ids: None)

@@ -802,6 +802,7 @@ class PutLanding:
     """
 
     values: list[tuple[bytes, torch.Tensor, str]]
+    newest: frozenset[bytes] = frozenset()  # keys of the newest chunks of their sequences
     call: int = 0
     started: float = 0.0
     stream: Any = None

@@ -146,14 +146,22 @@ class AsyncKVClient:
         except grpc.RpcError as exc:
             raise self._conn.explain(error_for_status(exc.code(), exc.details() or "")) from None
 
-    async def put(self, key: bytes, tensor: torch.Tensor) -> str:
-        return await self._run(self._core.put(key, tensor))
+    async def put(self, key: bytes, tensor: torch.Tensor, *, newest: bool = False) -> str:
+        """As `KVClient.put`."""
+        return await self._run(self._core.put(key, tensor, newest))
 
     async def get(self, key: bytes) -> torch.Tensor | None:
         return await self._run(self._core.get(key))
 
-    async def batch_put(self, keys: Sequence[bytes], tensors: Sequence[torch.Tensor]) -> list[str]:
-        return await self._run(self._core.batch_put(keys, tensors))
+    async def batch_put(
+        self,
+        keys: Sequence[bytes],
+        tensors: Sequence[torch.Tensor],
+        *,
+        newest: Sequence[bytes] = (),
+    ) -> list[str]:
+        """As `KVClient.batch_put`."""
+        return await self._run(self._core.batch_put(keys, tensors, newest))
 
     async def batch_get(self, keys: Sequence[bytes]) -> list[torch.Tensor | None]:
         return await self._run(self._core.batch_get(keys))
@@ -251,9 +259,10 @@ class AsyncKVClient:
         stream: Any = None,
         *,
         retry_for: float | None = None,
+        newest: Sequence[bytes] = (),
     ) -> AsyncTransfer:
         until = retry_deadline(retry_for)
-        landing = await self._run(self._core.put_from(keys, values, stream), until)
+        landing = await self._run(self._core.put_from(keys, values, stream, newest), until)
         return self._settle(self._core.settle_put(landing), retry_until=until)
 
     def _settle(

@@ -412,8 +412,11 @@ class StoreCache:
             ).contiguous()
             for g, c in todo
         ]
+        # The last whole chunk is the newest of the sequence: a later, longer prompt's new
+        # tokens follow it, and a lossy codec on the server may code it finer.
+        newest = [keys[g][whole - 1] for g in range(self.groups)]
         transfer = self.client.put_from(
-            [keys[g][c] for g, c in todo], values, retry_for=self.save_retry_s
+            [keys[g][c] for g, c in todo], values, retry_for=self.save_retry_s, newest=newest
         )
         with self._lock:
             self._pending.append(transfer)

@@ -194,16 +194,26 @@ class KVClient:
                 error_for_status(exc.code(), exc.details(), trailing)
             ) from None
 
-    def put(self, key: bytes, tensor: torch.Tensor) -> str:
-        """Store `tensor` under `key`; returns the tier it landed in."""
-        return self._run(self._core.put(key, tensor))
+    def put(self, key: bytes, tensor: torch.Tensor, *, newest: bool = False) -> str:
+        """Store `tensor` under `key`; returns the tier it landed in. `newest`: it is the
+        newest chunk of its sequence (the one the next request's new tokens follow), which a
+        server's lossy codec below memory may code finer (`put_prefix` marks its own)."""
+        return self._run(self._core.put(key, tensor, newest))
 
     def get(self, key: bytes) -> torch.Tensor | None:
         """The tensor stored under `key`, or None."""
         return self._run(self._core.get(key))
 
-    def batch_put(self, keys: Sequence[bytes], tensors: Sequence[torch.Tensor]) -> list[str]:
-        return self._run(self._core.batch_put(keys, tensors))
+    def batch_put(
+        self,
+        keys: Sequence[bytes],
+        tensors: Sequence[torch.Tensor],
+        *,
+        newest: Sequence[bytes] = (),
+    ) -> list[str]:
+        """Store each tensor under its key; the tiers. `newest`: those of `keys` that are the
+        newest chunks of their sequences (as for `put`)."""
+        return self._run(self._core.batch_put(keys, tensors, newest))
 
     def batch_get(self, keys: Sequence[bytes]) -> list[torch.Tensor | None]:
         return self._run(self._core.batch_get(keys))
@@ -321,6 +331,7 @@ class KVClient:
         stream: Any = None,
         *,
         retry_for: float | None = None,
+        newest: Sequence[bytes] = (),
     ) -> Transfer:
         """Store `values` (GPU or CPU tensors, as for `get_into`) under `keys`: copied into
         the arena on `stream` and committed as the copies land. `wait()` returns the tiers.
@@ -329,10 +340,11 @@ class KVClient:
         `retry_for` bounds, in seconds from now, how long writes the server refuses by
         back-pressure are sent again (default: each call's deadline, the client's
         `timeout`); past it the transfer fails with `Overloaded`. A best-effort save (an
-        engine's, whose memory waits on it) passes a short one."""
+        engine's, whose memory waits on it) passes a short one. `newest`: as for
+        `batch_put`."""
         self._check_open()
         until = retry_deadline(retry_for)
-        landing = self._run(self._core.put_from(keys, values, stream), until)
+        landing = self._run(self._core.put_from(keys, values, stream, newest), until)
         return Transfer(self._settler.submit(self._run, self._core.settle_put(landing), until))
 
     def _check_open(self) -> None:

@@ -125,6 +125,9 @@ class ChunkTransfer:
     block_ids: list[list[int]]
     first_block: int = 0
     """Blocks of the first chunk before this index are vLLM's own (loads leave them)."""
+    newest: bool = False
+    """Saves: the last chunk is the prompt's last whole one, the newest of its sequence,
+    which a lossy codec on the server may code finer (`KVClient.put_from`'s `newest`)."""
 
 
 @dataclass
@@ -310,7 +313,8 @@ class KVStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
         first = tracked.saved_chunks
         keys = self._chunk_keys(tracked.tokens, upto, tracked.salt)[first:]
         blocks = [self._chunk_blocks(tracked.block_ids, c) for c in range(first, upto)]
-        meta.saves.append(ChunkTransfer(req_id, keys, blocks))
+        newest = upto == len(tracked.tokens) // self.chunk_tokens
+        meta.saves.append(ChunkTransfer(req_id, keys, blocks, newest=newest))
         tracked.saved_chunks = upto
 
     def _chunk_blocks(self, block_ids: list[int], chunk: int) -> list[int]:
@@ -407,8 +411,12 @@ class KVStoreConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 kv_layer.index_select(0, _on(kv_layer.device, blocks, self._indices))
                 for blocks in save.block_ids
             ]
+            newest = keys[-1:] if save.newest else []
             try:
-                self._saving.append(self.client.put_from(keys, values, retry_for=self.save_retry_s))
+                transfer = self.client.put_from(
+                    keys, values, retry_for=self.save_retry_s, newest=newest
+                )
+                self._saving.append(transfer)
             except KVStoreError as exc:
                 log.warning("kvstore save of %s failed: %s", save.req_id, exc)
 

@@ -69,6 +69,12 @@ class Codec(ABC):
     def check_params(self) -> None:  # noqa: B027  (optional hook, not abstract)
         """Raise InvalidArgument for parameter values out of range (by default, none are)."""
 
+    def for_newest(self) -> Codec:
+        """The codec for the newest chunk of a sequence (a put's `newest` value: the one the
+        next request's tokens follow, which they attend to most): by default this one; a
+        codec with a finer setting for it (`cachegen:newest=0`) returns that."""
+        return self
+
     def spec(self) -> str:
         """The spec that selects this codec with these parameters: 'kivi:bits=2,group=32'
         (an encoder-only parameter left at its default is left out)."""

@@ -186,8 +186,16 @@ class CacheGen(Codec):
     # profile: a `CacheGenProfile` file (JSON) giving each head a resolution weight, read
     # by the encoder only and not recorded in containers; "" for the layer-third levels.
     # version: the payload format (module docstring); 1 for readers older than version 2.
-    PARAMS: ClassVar[Mapping[str, ParamValue]] = {"level": 1, "k": 1, "profile": "", "version": 2}
-    ENCODER_ONLY = frozenset({"profile"})
+    # newest: the level of a sequence's newest chunk (`Codec.for_newest`), -1 for `level`;
+    # encoder-only: a container records the level it was coded at.
+    PARAMS: ClassVar[Mapping[str, ParamValue]] = {
+        "level": 1,
+        "k": 1,
+        "profile": "",
+        "version": 2,
+        "newest": -1,
+    }
+    ENCODER_ONLY = frozenset({"profile", "newest"})
     LEGACY_PARAMS: ClassVar[Mapping[str, ParamValue]] = {"version": 1}
 
     def check_params(self) -> None:
@@ -197,6 +205,11 @@ class CacheGen(Codec):
             )
         if self.params["k"] not in (0, 1):
             raise InvalidArgument(f"cachegen k must be 0 or 1, got {self.params['k']}")
+        if self.params["newest"] != -1 and self.params["newest"] not in LEVELS:
+            raise InvalidArgument(
+                f"cachegen newest must be -1 (the level) or one of {sorted(LEVELS)}, got "
+                f"{self.params['newest']}"
+            )
         if self.params["version"] not in VERSIONS:
             raise InvalidArgument(
                 f"cachegen version must be one of {VERSIONS}, got {self.params['version']}"
@@ -212,6 +225,15 @@ class CacheGen(Codec):
         # reads a file.
         path = str(self.params["profile"])
         self._profile: CacheGenProfile | None = CacheGenProfile.load(path) if path else None
+        self._newest: Codec | None = None
+
+    def for_newest(self) -> Codec:
+        newest = int(self.params["newest"])
+        if newest in (-1, self.params["level"]):
+            return self
+        if self._newest is None:  # one instance: the ssd writer batches values by codec
+            self._newest = type(self)(**{**self.params, "level": newest, "newest": -1})
+        return self._newest
 
     @classmethod
     def gpu_decoder(cls) -> Callable[[Sequence[Any], Any], Any]:

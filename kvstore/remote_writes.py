@@ -29,6 +29,7 @@ class PendingWrite:
     header: ValueHeader | None = None  # a captured value: its container header ...
     payload: Buffer | None = None  # ... and payload
     encoded: bool = False  # `payload` is as a tier stored it (not to be encoded again)
+    newest: bool = False  # the newest chunk of its sequence (`Codec.for_newest` encodes it)
 
 
 class WriteQueue:

@@ -372,6 +372,7 @@ class KVStoreServicer:
                         namespace,
                         *_value_args(piece.header),
                         _cost(piece.header),
+                        piece.header.newest,
                         release=PutReservation.abort,
                     )
                 elif res is None:
@@ -797,7 +798,8 @@ class KVStoreServicer:
         out: list[PutReservation | None] = []
         try:
             for h in headers:
-                out.append(self.store.reserve_in_arena(namespace, *_value_args(h), pool, _cost(h)))
+                args = _value_args(h)
+                out.append(self.store.reserve_in_arena(namespace, *args, pool, _cost(h), h.newest))
         except BaseException:
             _abort_all(out)
             raise

@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="how the ssd and remote tiers encode values; repeatable, namespace rules first: "
         "ssd=zstd (lossless), ssd[llama-3-8b/*]=kivi:bits=4 (lossy, opt in per namespace), "
         "remote=zstd; default raw. Codecs: raw, zstd:level=N,shuffle=0|1, int8, fp8, "
-        "kivi:bits=2|4, cachegen:level=0-3,profile=FILE",
+        "kivi:bits=2|4, cachegen:level=0-3,profile=FILE,newest=0-3 (the level of a "
+        "sequence's newest chunk, which clients mark at put)",
     )
     p.add_argument(
         "--remote",

@@ -138,6 +138,9 @@ class Entry:
     ssd_sum: int = 0
     ssd_codec: int = 0  # the codec the ssd copy was stored through
     cost: float = 1.0  # recompute cost per byte, for cost-aware eviction (not persisted)
+    # The newest chunk of its sequence when put (`Codec.for_newest` codes it for ssd and
+    # remote; not persisted: it only matters until it is encoded).
+    newest: bool = False
     # The remote tier holds it (fetched from there, or written there by this node): never
     # written to remote again.
     on_remote: bool = False
@@ -736,10 +739,15 @@ class Store:
         nbytes: int,
         value_checksum: int,
         cost: float = 1.0,
+        newest: bool = False,
     ) -> PutReservation:
         """Room for a value: a cpu slot, else a staging buffer bound for ssd. `cost`: what
-        recomputing it costs per byte, for `--eviction gdsf`."""
-        res = self._begin(namespace, key, dtype, shape, nbytes, value_checksum, False, cost=cost)
+        recomputing it costs per byte, for `--eviction gdsf`; `newest`: the value is the
+        newest chunk of its sequence, which the codecs below memory may code finer
+        (`Codec.for_newest`)."""
+        res = self._begin(
+            namespace, key, dtype, shape, nbytes, value_checksum, False, cost=cost, newest=newest
+        )
         assert res is not None
         return res
 
@@ -753,12 +761,14 @@ class Store:
         value_checksum: int,
         pool: int = 0,
         cost: float = 1.0,
+        newest: bool = False,
     ) -> PutReservation | None:
         """A slot for a value a same-host client writes itself: in gpu pool `pool` (when
         given) if it has room now, else in the cpu arena; None when there is none to be
-        had (the client then streams it). Never stages, never waits for a demotion."""
+        had (the client then streams it). Never stages, never waits for a demotion.
+        `cost` and `newest` as for `begin_put`."""
         return self._begin(
-            namespace, key, dtype, shape, nbytes, value_checksum, True, pool, cost=cost
+            namespace, key, dtype, shape, nbytes, value_checksum, True, pool, cost, newest
         )
 
     def _begin(
@@ -772,6 +782,7 @@ class Store:
         arena_only: bool,
         pool: int = 0,
         cost: float = 1.0,
+        newest: bool = False,
     ) -> PutReservation | None:
         check_namespace(namespace)
         check_key(key)
@@ -783,6 +794,7 @@ class Store:
             namespace, bytes(key), dtype, tuple(shape), nbytes, value_checksum, time.time_ns()
         )
         entry.cost = float(cost)
+        entry.newest = bool(newest)
         with self._lock:
             if gpu is not None and self._gpu_quota_admits(namespace, nbytes):
                 slot = gpu.alloc(nbytes)
@@ -1267,8 +1279,12 @@ class Store:
         from kvstore.remote_writes import PendingWrite
 
         if e.slot is not None and e.place == 0:
-            data = bytes(self._cpu_view(e))
-            queue.push(PendingWrite(e.namespace, e.key, e.nbytes, header=e.header(), payload=data))
+            # A writable copy: a codec's encoder reads it as a tensor, which torch warns
+            # about over read-only memory.
+            data = memoryview(bytearray(self._cpu_view(e)))
+            item = PendingWrite(e.namespace, e.key, e.nbytes, header=e.header(), payload=data)
+            item.newest = e.newest
+            queue.push(item)
         elif e.slot is None and e.on_ssd and self.ssd is not None:
             try:
                 with self.ssd.read(e.namespace, e.key) as (header, stored):
@@ -1325,7 +1341,9 @@ class Store:
             assert item.header is not None
             if item.encoded:
                 return item.header, item.payload, None
-            header, payload = self._encode_for("remote", item.namespace, item.header, item.payload)
+            header, payload = self._encode_for(
+                "remote", item.namespace, item.header, item.payload, item.newest
+            )
             return header, payload, None
         e: Entry = item.entry
         with self._lock:
@@ -1731,7 +1749,7 @@ class Store:
         jobs: list[tuple[list[tuple[Entry, Slot]], Codec | None]] = []
         gpu: dict[int, tuple[Codec, list[list[tuple[Entry, Slot]]]]] = {}
         for e, slot in batch:
-            codec = self._gpu_codec(e.namespace)
+            codec = self._gpu_codec(e)
             if codec is None:
                 jobs.append(([(e, slot)], None))
                 continue
@@ -1741,15 +1759,21 @@ class Store:
             parts[-1].append((e, slot))
         return [(part, codec) for codec, parts in gpu.values() for part in parts if part] + jobs
 
-    def _gpu_codec(self, namespace: str) -> Codec | None:
-        """`namespace`'s ssd codec if the ssd writer encodes its values on the `--encode-gpu`
-        GPU (a lossy codec that encodes there), else None."""
+    def _gpu_codec(self, e: Entry) -> Codec | None:
+        """The codec `e` is stored on ssd through (`_codec_for`) if the ssd writer encodes
+        it on the `--encode-gpu` GPU (a lossy codec that encodes there), else None."""
         if self._encode_device is None:
             return None
         from kvstore.codecs.values import gpu_encoder_of
 
-        codec = self._codec(namespace)
+        codec = self._codec_for(e.namespace, newest=e.newest)
         return codec if codec is not None and gpu_encoder_of(codec) is not None else None
+
+    def _codec_for(self, namespace: str, tier: str = "ssd", newest: bool = False) -> Codec | None:
+        """The codec a value of `namespace` is stored on `tier` (ssd or remote) through: the
+        namespace's, or for the newest chunk of a sequence that codec's choice for it."""
+        codec = self._codec(namespace, tier)
+        return codec.for_newest() if codec is not None and newest else codec
 
     def _write_job(
         self, part: list[tuple[Entry, Slot]], coded: list[tuple[ValueHeader, Buffer] | None]
@@ -1971,12 +1995,12 @@ class Store:
         """`e`'s value as `tier` (ssd or remote) stores it: through its namespace's codec,
         or raw when there is none or the codec does not take this value (its shape or
         dtype)."""
-        return self._encode_for(tier, e.namespace, e.header(), value)
+        return self._encode_for(tier, e.namespace, e.header(), value, e.newest)
 
     def _encode_for(
-        self, tier: str, namespace: str, header: ValueHeader, value: Buffer
+        self, tier: str, namespace: str, header: ValueHeader, value: Buffer, newest: bool = False
     ) -> tuple[ValueHeader, Buffer]:
-        codec = self._codec(namespace, tier)
+        codec = self._codec_for(namespace, tier, newest)
         if codec is not None:
             from kvstore.codecs.values import encode_stored
 

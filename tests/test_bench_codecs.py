@@ -1,5 +1,6 @@
 """bench_codecs' choices that decide what a row measures: which codec codes which chunk
-(`--tail-codec`) and when a cachegen profile's figures count as held out (`--prompt-set`)."""
+(the last as a store codes a sequence's newest) and when a cachegen profile's figures count
+as held out (`--prompt-set`)."""
 
 from __future__ import annotations
 
@@ -16,19 +17,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_codecs
 
 
-def test_tail_codec_codes_only_the_last_chunk() -> None:
-    main, tail = codec_from_spec("cachegen:level=3"), codec_from_spec("cachegen:level=0")
-    assert bench_codecs.chunk_codecs(main, tail, 4) == [main, main, main, tail]
-    assert bench_codecs.chunk_codecs(main, tail, 1) == [tail]
-    assert bench_codecs.chunk_codecs(main, None, 3) == [main, main, main]
-    assert bench_codecs.chunk_codecs(main, tail, 0) == []
+def test_the_last_chunk_is_coded_as_a_store_codes_the_newest() -> None:
+    main = codec_from_spec("cachegen:level=3,newest=0")
+    finer = main.for_newest()
+    assert finer.params["level"] == 0
+    assert bench_codecs.chunk_codecs(main, 4) == [main, main, main, finer]
+    assert bench_codecs.chunk_codecs(main, 1) == [finer]
+    assert bench_codecs.chunk_codecs(main, 0) == []
+    plain = codec_from_spec("cachegen:level=3")
+    assert bench_codecs.chunk_codecs(plain, 3) == [plain, plain, plain]
 
 
-def test_tail_codec_option_parses() -> None:
-    args = bench_codecs.build_parser().parse_args(
-        ["--tail-codec", "cachegen:level=0", "--prompt-set", "fit"]
-    )
-    assert (args.tail_codec, args.prompt_set) == ("cachegen:level=0", "fit")
+def test_prompt_set_option_parses() -> None:
+    args = bench_codecs.build_parser().parse_args(["--prompt-set", "fit"])
+    assert args.prompt_set == "fit"
     assert bench_codecs.build_parser().parse_args([]).prompt_set == "scored"
 
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from _redis_cluster import LocalCluster
 from redis.crc import key_slot
 
@@ -145,6 +146,32 @@ def test_remote_codec_rule_encodes_what_remote_stores(make_node: MakeNode) -> No
     assert stored.header.payload_len < len(v) // 10
     assert b.fetch_remote(NS, [key(7)]) == 1
     assert read(b, key(7)) == v
+
+
+@pytest.mark.parametrize("mode", ["through", "evict"])
+def test_the_newest_chunk_of_a_sequence_is_coded_finer_on_remote(
+    make_node: MakeNode, mode: str
+) -> None:
+    """Written through at put, or captured from the cpu tier on eviction: a value put as
+    the newest of its sequence goes through the codec's `for_newest()` (level 0 here)."""
+    from tests.test_store_codecs import kv_value
+
+    a = make_node("a", codec=("remote=cachegen:level=3,newest=0",), remote_write=mode)
+    for i in range(2):
+        t = kv_value(i)
+        raw = t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        res = a.begin_put(
+            NS, key(i), "bfloat16", list(t.shape), len(raw), checksum(raw), newest=i == 1
+        )  # fmt: skip
+        res.write(raw)
+        res.commit()
+    if mode == "evict":
+        for i in range(2, 8):  # 6 MiB more through the 4 MiB cpu tier: 0 and 1 leave it
+            put(a, key(i), data(1 << 20))
+    assert a.remote is not None
+    wait_for(lambda: a.remote.exists_many(NS, [key(0), key(1)]) == [True, True])
+    levels = [a.remote.get_many(NS, [key(i)])[0].header.param_dict()["level"] for i in (0, 1)]
+    assert levels == ["3", "0"]
 
 
 def test_a_batch_of_encoded_values_decodes_and_drops_the_one_that_does_not(

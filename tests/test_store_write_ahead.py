@@ -25,7 +25,7 @@ from test_store import (
     value,
 )
 
-from kvstore.codecs import codec_from_spec
+from kvstore.codecs import checksum, codec_from_spec
 from kvstore.codecs.base import ValuesRefused
 from kvstore.codecs.values import encode_stored, encode_stored_many, tensor_bytes
 from kvstore.store import GPU_SCRATCH_IDLE_S, Store
@@ -283,6 +283,36 @@ def test_a_gpu_batch_that_fails_is_encoded_on_the_host(
     assert any("encoding each on the host" in r.getMessage() for r in caplog.records)
     for i in range(3):
         assert stored_record(store, key(i)) == host_encoded(spec, i, store)
+
+
+def test_the_newest_chunks_go_to_the_gpu_in_batches_of_their_own_codec(
+    make_quiet: MakeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Values put as the newest chunks of their sequences are encoded through the codec's
+    `for_newest()` (here level 0), in GPU batches apart from the others (level 3)."""
+    spec = "cachegen:level=3,newest=0"
+    store = make_quiet(ssd_write_ahead=1.0, codec=(f"ssd={spec}",))
+    for i in range(4):
+        t = kv_value(i)
+        data = bytes(tensor_bytes(t))
+        res = store.begin_put(
+            NS, key(i), "bfloat16", list(t.shape), len(data), checksum(data), newest=i in (1, 3)
+        )  # fmt: skip
+        res.write(data)
+        res.commit()
+    store._encode_device = 0  # as --encode-gpu 0 would set it, on a machine with a GPU
+    batches: list[tuple[int, int]] = []  # (level, values)
+
+    def gpu(codec: Any, items: Any, device: int) -> Any:
+        batches.append((int(codec.params["level"]), len(items)))
+        return encode_stored_many(codec, items, None)  # the host's bytes, as the GPU's are
+
+    monkeypatch.setattr("kvstore.codecs.values.encode_stored_many", gpu)
+    assert write_ahead(store) == 4
+    assert sorted(batches) == [(0, 2), (3, 2)]
+    for i in range(4):
+        level = 0 if i in (1, 3) else 3
+        assert stored_record(store, key(i)) == host_encoded(f"cachegen:level={level}", i, store)
 
 
 def test_the_gpu_scratch_is_given_back_when_the_store_closes(

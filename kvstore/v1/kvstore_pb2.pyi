@@ -8,20 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ValueHeader(_message.Message):
-    __slots__ = ("key", "dtype", "shape", "nbytes", "checksum", "cost")
+    __slots__ = ("key", "dtype", "shape", "nbytes", "checksum", "cost", "newest")
     KEY_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     COST_FIELD_NUMBER: _ClassVar[int]
+    NEWEST_FIELD_NUMBER: _ClassVar[int]
     key: bytes
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     nbytes: int
     checksum: int
     cost: float
-    def __init__(self, key: _Optional[bytes] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ..., checksum: _Optional[int] = ..., cost: _Optional[float] = ...) -> None: ...
+    newest: bool
+    def __init__(self, key: _Optional[bytes] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ..., checksum: _Optional[int] = ..., cost: _Optional[float] = ..., newest: _Optional[bool] = ...) -> None: ...
 
 class PutPiece(_message.Message):
     __slots__ = ("namespace", "header", "data")

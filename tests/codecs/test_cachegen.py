@@ -221,6 +221,25 @@ def test_levels_trade_size_for_error() -> None:
     assert t.numel() * 2 / sizes[1] > 2.5  # level 1 on smooth KV
 
 
+def test_the_newest_chunk_of_a_sequence_takes_its_own_level() -> None:
+    """`newest=LEVEL`: `for_newest()` codes at that level (one instance, so the ssd writer
+    batches such values together); the setting is the encoder's, not the containers'."""
+    codec = codec_from_spec("cachegen:level=3,newest=0")
+    finer = codec.for_newest()
+    assert finer is codec.for_newest() and finer.params["level"] == 0
+    assert finer.for_newest() is finer
+    t = smooth_kv(tokens=256).to(torch.float16)
+    assert finer.encode_payload(t) == codec_from_spec("cachegen:level=0").encode_payload(t)
+    header, _ = decode_header(codec.for_newest().encode(t))
+    assert header.params == "k=1;level=0;version=2"  # no newest: the level it was coded at
+    assert codec.spec() == "cachegen:k=1,level=3,newest=0,version=2"
+    for spec in ("cachegen", "cachegen:level=2,newest=2", "zstd", "kivi:bits=2"):
+        plain = codec_from_spec(spec)
+        assert plain.for_newest() is plain
+    with pytest.raises(InvalidArgument, match="cachegen newest must be -1"):
+        codec_from_spec("cachegen:newest=7")
+
+
 def test_k_locality_pays_off() -> None:
     """K is coded from the previous token: the same K with its tokens shuffled loses that.
     Steps follow each channel's spread, so the size holds and the error grows."""

@@ -206,6 +206,33 @@ def test_a_layer_group_that_fails_to_load_is_recomputed(
         torch.testing.assert_close(out.logits[0, -1], want.logits[0, -1])
 
 
+def test_save_marks_the_last_whole_chunk_of_each_group_newest(
+    start_server: Any, monkeypatch: Any
+) -> None:
+    """The chunk a longer prompt's new tokens follow (its last whole one), in every layer
+    group, is sent as the newest of its sequence; the rest of the prompt is not."""
+    model = tiny_llama(7, num_hidden_layers=4)
+    srv = start_server("--tiers", "cpu", "--cpu-bytes", "64MiB", "--chunk-tokens", "16")
+    ids = torch.randint(0, 128, (1, 16 * 3 + 5)).tolist()[0]
+    with torch.inference_mode():
+        want = model(torch.tensor([ids]), use_cache=True)
+    with srv.client(model_namespace(model)) as client:
+        real, sent = client.put_from, []
+
+        def recorded(keys: Any, values: Any, stream: Any = None, **kw: Any) -> Any:
+            sent.append((list(keys), list(kw.get("newest", ()))))
+            return real(keys, values, stream, **kw)
+
+        monkeypatch.setattr(client, "put_from", recorded)
+        store = StoreCache(model, client, layer_groups=2)
+        store.save(ids, want.past_key_values)
+        store.wait_saved()
+        ((keys, newest),) = sent
+        assert len(keys) == 3 * 2  # three whole chunks, two layer groups
+        # Sent group by group, chunk by chunk: each group's third chunk.
+        assert newest == [keys[2], keys[5]]
+
+
 def test_generate_survives_what_it_cannot_store_or_load(start_server: Any) -> None:
     model = tiny_llama(6)
     srv = start_server("--cpu-bytes", "64MiB", "--chunk-tokens", "16")

@@ -223,6 +223,7 @@ def test_chunked_prefill_saves_each_chunk_once_it_is_computed(server: ServerProc
     engine.scheduler.get_num_new_matched_tokens(req, 0)
     meta = engine.scheduler.build_connector_meta(step([(req, list(range(7)), 0)], {"a": 40}))
     assert [len(s.chunk_keys) for s in meta.saves] == [1]  # 40 tokens: one whole chunk
+    assert not meta.saves[0].newest  # the prompt's last whole chunk is still to come
     engine.run(meta)
     cached = CachedRequestData(
         req_ids=["a"], resumed_req_ids=set(), new_token_ids=[[]], all_token_ids={},
@@ -231,6 +232,7 @@ def test_chunked_prefill_saves_each_chunk_once_it_is_computed(server: ServerProc
     meta = engine.scheduler.build_connector_meta(step([], {"a": 60}, cached))
     (save,) = meta.saves
     assert len(save.chunk_keys) == 2 and save.block_ids == [[2, 3], [4, 5]]
+    assert save.newest  # its last chunk is the prompt's last whole one
     engine.run(meta)
     with server.client(engine.scheduler.client.namespace) as c:
         assert c.stats().entries == 3 * len(LAYERS)
