@@ -1281,8 +1281,8 @@ class Store:
         if e.slot is not None and e.place == 0:
             # A writable copy: a codec's encoder reads it as a tensor, which torch warns
             # about over read-only memory.
-            data = memoryview(bytearray(self._cpu_view(e)))
-            item = PendingWrite(e.namespace, e.key, e.nbytes, header=e.header(), payload=data)
+            copy = memoryview(bytearray(self._cpu_view(e)))
+            item = PendingWrite(e.namespace, e.key, e.nbytes, header=e.header(), payload=copy)
             item.newest = e.newest
             queue.push(item)
         elif e.slot is None and e.on_ssd and self.ssd is not None:
