@@ -115,12 +115,16 @@ class LmdbTier(StorageTier):
     def put(self, namespace: str, key: bytes, header: ValueHeader, payload: Buffer) -> None:
         size = self.record_bytes(header)
         rkey = record_key(namespace, key)
-        old = self._stored_size(rkey)
-        if self._used - old + size > self.capacity_bytes:
-            raise TierFull(f"ssd tier full ({self._used} of {self.capacity_bytes} bytes used)")
         try:
+            # The record it replaces, read in the same transaction (not in a read
+            # transaction of its own before it: a tenth of the ssd writer's GIL-held time);
+            # TierFull rolls the transaction back.
             with self.env.begin(write=True) as txn:
-                txn.put(rkey, encode_header(header), db=self._meta)
+                old = self._size_of(txn.replace(rkey, encode_header(header), db=self._meta))
+                if self._used - old + size > self.capacity_bytes:
+                    raise TierFull(
+                        f"ssd tier full ({self._used} of {self.capacity_bytes} bytes used)"
+                    )
                 txn.put(rkey, payload, db=self._data)
         except lmdb.MapFullError:
             raise TierFull("ssd tier's LMDB map is full") from None
@@ -133,15 +137,14 @@ class LmdbTier(StorageTier):
             if self._unflushed_bytes >= WRITEBACK_BYTES:
                 self._start_writeback()
 
-    def _stored_size(self, rkey: bytes) -> int:
-        with self.env.begin(buffers=True) as txn:
-            raw = txn.get(rkey, db=self._meta)
-            if raw is None:
-                return 0
-            try:
-                return self.record_bytes(decode_header(raw)[0])
-            except ContainerError:
-                return 0
+    def _size_of(self, raw: bytes | None) -> int:
+        """The bytes a record with header `raw` (None: no record) takes."""
+        if raw is None:
+            return 0
+        try:
+            return self.record_bytes(decode_header(raw)[0])
+        except ContainerError:
+            return 0
 
     @contextmanager
     def read(self, namespace: str, key: bytes) -> Iterator[tuple[ValueHeader, memoryview]]:
@@ -167,10 +170,9 @@ class LmdbTier(StorageTier):
 
     def delete(self, namespace: str, key: bytes) -> None:
         rkey = record_key(namespace, key)
-        size = self._stored_size(rkey)
         try:
             with self.env.begin(write=True) as txn:
-                txn.delete(rkey, db=self._meta)
+                size = self._size_of(txn.pop(rkey, db=self._meta))
                 txn.delete(rkey, db=self._data)
         except lmdb.Error as exc:
             raise TierError(f"LMDB delete failed in {self.path}: {exc}") from None
