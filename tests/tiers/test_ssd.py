@@ -138,6 +138,11 @@ def test_tier_full_at_capacity(tier: LmdbTier) -> None:
     put(tier, "ns", key(0), b"w" * (100 * 1024))
     assert read(tier, "ns", key(0))[1] == b"w" * (100 * 1024)
     assert tier.used_bytes == fits * per
+    # A replacement that does not fit leaves the value it would replace as it was.
+    with pytest.raises(TierFull):
+        put(tier, "ns", key(0), b"x" * tier.capacity_bytes)
+    assert read(tier, "ns", key(0))[1] == b"w" * (100 * 1024)
+    assert tier.used_bytes == fits * per and tier.count() == fits
     # Deleting makes room again.
     tier.delete("ns", key(1))
     assert tier.used_bytes == (fits - 1) * per
