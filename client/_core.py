@@ -291,7 +291,7 @@ class PutPieces:
 
     def __iter__(self) -> Iterator[Piece]:
         for i, (key, tensor, name) in enumerate(self.values):
-            header, data = _host_value(key, tensor, name, self.cost, key in self.newest)
+            header, data = _host_value(key, tensor, name, self.cost, bytes(key) in self.newest)
             n = len(data)
             # A large value's header goes alone: a server at its bytes bound refuses the
             # value before any of its data is in flight (gRPC has buffered none of it).

@@ -58,7 +58,8 @@ def test_values_a_client_marks_newest(start_server) -> None:  # type: ignore[no-
     with srv.client() as c:
         c.put(keys[0], values[0], newest=True)
         c.put(keys[1], values[1])
-        c.batch_put(keys[2:], values[2:], newest=[keys[4]])
+        # Keys as any bytes-like object, in the put and in `newest`.
+        c.batch_put([bytearray(k) for k in keys[2:]], values[2:], newest=[memoryview(keys[4])])
         with pytest.raises(InvalidArgument, match="newest names a key this put does not store"):
             c.batch_put(keys[:1], values[:1], newest=[keys[5]])
         for i in range(8):  # 8 MiB more: every value above goes down to ssd
