@@ -15,6 +15,7 @@ import pytest
 
 from kvstore.client import KVClient
 from kvstore.errors import KVStoreError, Unauthenticated
+from kvstore.tiers.host import SHM_DIR, default_arena_path
 
 NAMESPACE = "test/model-a"
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
@@ -126,6 +127,10 @@ def start_server(tmp_path: Path) -> Iterator:
     for srv in started:
         if srv.alive():
             srv.stop()
+        # A server the test killed leaves its shared-memory arena behind (the next start
+        # on its data directory would reuse it): none comes after the test.
+        for arena in SHM_DIR.glob(f"{default_arena_path(srv.data_dir).name}*"):
+            arena.unlink(missing_ok=True)
 
 
 @pytest.fixture
