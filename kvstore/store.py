@@ -1282,9 +1282,11 @@ class Store:
             # A writable copy: a codec's encoder reads it as a tensor, which torch warns
             # about over read-only memory.
             copy = memoryview(bytearray(self._cpu_view(e)))
-            item = PendingWrite(e.namespace, e.key, e.nbytes, header=e.header(), payload=copy)
-            item.newest = e.newest
-            queue.push(item)
+            queue.push(
+                PendingWrite(
+                    e.namespace, e.key, e.nbytes, header=e.header(), payload=copy, newest=e.newest
+                )
+            )
         elif e.slot is None and e.on_ssd and self.ssd is not None:
             try:
                 with self.ssd.read(e.namespace, e.key) as (header, stored):
