@@ -22,6 +22,22 @@ important part by recomputing a few tokens (CacheBlend, EPIC).
   compute. Returns which chunks were found; a missing one leaves its span of `out`
   untouched. `prefix`: find the chunks stored with that prefix.
 
+- `put_chunk(..., in_context=True)`: `kv` was computed inside a prompt, with other
+  documents between `prefix` and the chunk (at `position`): what an engine has after
+  prefilling a prompt whose chunks were not cached. Each such put is merged into a running
+  mean of every in-context KV put for these tokens (after that prefix), stored under a key
+  of its own; `get_chunks(..., in_context=True)` finds the mean.
+
+Which KV to reuse. A chunk's KV depends on what it was computed after; reused elsewhere,
+its tokens lack what they would have attended to. Measured on SmolLM2-135M
+(`benchmarks/NOTES-rag.md`): prefilled alone, each chunk carries an attention sink of its
+own; prefilled right after the prompt's shared start (`prefix`), one sink, and the first
+chunk after that start is exact; prefilled among other documents and averaged over a few
+such contexts, the KV is what a chunk looks like somewhere in the middle of a RAG prompt,
+and the reused KV comes closest to a prefill's (its first-token KL ~10x below the
+prefix-only KV's at the same recompute budget). So: the first chunk after the prefix from
+`prefix=`, the others from `in_context=True`.
+
 The doc keys are salted with the namespace and the RoPE configuration, so a chunk computed
 under other rotary settings is never found, let alone rotated wrongly, and with the prefix
 its KV was computed after, so a chunk is only found as it was computed. Why a prefix: a
@@ -57,7 +73,10 @@ import torch
 from kvstore.client.sync import KVClient
 from kvstore.errors import InvalidArgument
 from kvstore.kernels.rope import RopeConfig, rerotate_k
-from kvstore.keys import doc_key
+from kvstore.keys import derived_key, doc_key
+
+# The running mean's count of an in-context chunk lies under this part of its key.
+_COUNT_TAG = b"in-context observations"
 
 
 class ChunkCache:
@@ -76,15 +95,18 @@ class ChunkCache:
         self,
         token_ids: Sequence[int] | np.ndarray,
         prefix: Sequence[int] | np.ndarray | None = None,
+        in_context: bool = False,
     ) -> bytes:
         """The key a chunk of these tokens is stored under, prefilled alone (`prefix` None)
-        or after the tokens `prefix`."""
-        return doc_key(token_ids, self._salt_after(prefix))
+        or right after the tokens `prefix`; `in_context`: the mean of its KV computed among
+        other documents (after `prefix`, if any)."""
+        return doc_key(token_ids, self._salt_after(prefix, in_context))
 
-    def _salt_after(self, prefix: Sequence[int] | np.ndarray | None) -> str:
+    def _salt_after(self, prefix: Sequence[int] | np.ndarray | None, in_context: bool) -> str:
+        salt = self._salt + ("|among documents" if in_context else "")
         if prefix is None or not np.asarray(prefix).size:
-            return self._salt
-        return self._salt + "|after:" + doc_key(prefix, self._salt).hex()
+            return salt
+        return salt + "|after:" + doc_key(prefix, self._salt).hex()
 
     def _check_kv(self, kv: torch.Tensor, what: str) -> tuple[int, ...]:
         if not isinstance(kv, torch.Tensor) or kv.dim() != 5 or kv.shape[1] != 2:
@@ -107,10 +129,19 @@ class ChunkCache:
         kv: torch.Tensor,
         position: int | None = None,
         prefix: Sequence[int] | np.ndarray | None = None,
+        in_context: bool = False,
     ) -> str:
         """Store the KV of one document chunk, computed at `position` (default: 0, or after
         `prefix`, the tokens it was prefilled after: their count); returns the tier it
-        landed in. `kv` stays unchanged."""
+        landed in. `kv` stays unchanged.
+
+        `in_context`: `kv` was computed inside a prompt, after `prefix` (if given) and other
+        documents, the chunk at `position` (past the prefix). It is merged into the running
+        mean of every in-context KV put for these tokens after that prefix: the stored
+        value becomes old + (kv - old) / (n + 1), the count n + 1 kept beside it. Two
+        clients merging the same chunk at the same moment may lose one observation (each
+        reads the mean, then writes its own update); a mean whose count was evicted counts
+        as one observation."""
         tokens = np.asarray(token_ids)
         shape = self._check_kv(kv, "kv")
         if tokens.ndim != 1 or tokens.size != shape[2]:
@@ -122,7 +153,12 @@ class ChunkCache:
             position = after
         if position < 0:
             raise InvalidArgument(f"position must be >= 0, got {position}")
-        if prefix is not None and position != after:
+        if in_context and position < after:
+            raise InvalidArgument(
+                f"a chunk computed after {after} prefix tokens and other documents starts at "
+                f"a position >= {after}, not {position}"
+            )
+        if prefix is not None and not in_context and position != after:
             raise InvalidArgument(
                 f"a chunk prefilled after {after} prefix tokens starts at position {after}, "
                 f"not {position}"
@@ -136,10 +172,42 @@ class ChunkCache:
             )
             if event is not None:
                 event.synchronize()
-        key = self.key(tokens, prefix)
+        key = self.key(tokens, prefix, in_context)
+        if not in_context:
+            return self._put(key, value)
+        count_key = derived_key(key, _COUNT_TAG)
+        old, count = torch.empty_like(value), torch.zeros(1, dtype=torch.int64)
+        n = 0
+        if self.client.get_into([key], [old]).wait()[0]:
+            n = 1
+            if self.client.get_into([count_key], [count]).wait()[0]:
+                n = max(1, int(count[0]))
+            mean = old.float()
+            mean += (value.float() - mean) / (n + 1)
+            value = mean.to(kv.dtype)
+        count[0] = n + 1
+        tier = self._put(key, value)
+        self.client.put(count_key, count)
+        return tier
+
+    def _put(self, key: bytes, value: torch.Tensor) -> str:
         if value.is_cuda:
             return str(self.client.put_from([key], [value]).wait()[0])
         return self.client.put(key, value)
+
+    def observations(
+        self,
+        token_ids: Sequence[int] | np.ndarray,
+        prefix: Sequence[int] | np.ndarray | None = None,
+    ) -> int:
+        """How many in-context KV the stored mean of these tokens (after `prefix`) holds: 0
+        if none is stored."""
+        key = self.key(token_ids, prefix, in_context=True)
+        if not self.client.exists([key])[0]:
+            return 0
+        count = torch.zeros(1, dtype=torch.int64)
+        counted = self.client.get_into([derived_key(key, _COUNT_TAG)], [count]).wait()[0]
+        return max(1, int(count[0])) if counted else 1
 
     def get_chunks(
         self,
@@ -148,9 +216,11 @@ class ChunkCache:
         out: torch.Tensor,
         stream: Any = None,
         prefix: Sequence[int] | np.ndarray | None = None,
+        in_context: bool = False,
     ) -> list[bool]:
         """Lay the stored chunks into `out` at `positions`, K re-rotated to them; returns
-        which were found. `prefix`: the chunks stored as prefilled after these tokens.
+        which were found. `prefix`: the chunks stored as prefilled after these tokens;
+        `in_context`: the means of their KV computed among other documents (after `prefix`).
         CUDA `out`: the copies and rotations run on `stream` (default: the current one) and
         are done when this returns."""
         shape = self._check_kv(out, "out")
@@ -175,7 +245,7 @@ class ChunkCache:
             torch.empty((layers, 2, n, heads, dim), dtype=out.dtype, device=out.device)
             for _, n in spans
         ]
-        salt = self._salt_after(prefix)
+        salt = self._salt_after(prefix, in_context)
         keys = [doc_key(ids, salt) for ids in token_id_lists]
         found = self.client.get_into(keys, temps, stream).wait()
         cuda = out.is_cuda

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from kvstore.client.chunks import ChunkCache
+from kvstore.client.chunks import _COUNT_TAG, ChunkCache
 from kvstore.errors import InvalidArgument
 from kvstore.kernels.rope import RopeConfig
+from kvstore.keys import derived_key
 from tests.e2e.helpers import gpu_ready
 
 LAYERS, HEADS, DIM = 3, 2, 32
@@ -109,6 +110,48 @@ def test_a_chunk_prefilled_after_a_prefix_is_found_only_with_that_prefix(server)
         assert cache.key(ids, prefix=[]) == cache.key(ids)  # an empty prefix is none
         with pytest.raises(InvalidArgument, match="starts at position 12"):
             cache.put_chunk(ids, after, position=0, prefix=system)
+
+
+def test_in_context_chunks_are_kept_as_the_mean_of_every_context_they_were_seen_in(server) -> None:  # type: ignore[no-untyped-def]
+    """KV of one chunk computed inside three prompts, at three positions with different
+    documents before it: each put merges into a running mean under a key of its own
+    (neither the chunk alone nor right after the prefix), found re-rotated to where it
+    lands; the count survives, and a mean whose count was lost counts as one."""
+    with server.client() as c:
+        cache = ChunkCache(c, ROPE)
+        system = tokens(50, 10)
+        ids = tokens(51, 16)
+        raws, vs = [], []
+        for i, start in enumerate((40, 75, 130)):
+            kv, raw = chunk_kv(60 + i, 16, start)  # other documents before it: other KV
+            assert cache.observations(ids, prefix=system) == i
+            cache.put_chunk(ids, kv, position=start, prefix=system, in_context=True)
+            raws.append(raw)
+            vs.append(kv[:, 1])
+        assert cache.observations(ids, prefix=system) == 3
+        out = torch.zeros(LAYERS, 2, 300, HEADS, DIM)
+        assert cache.get_chunks([ids], [200], out, prefix=system) == [False]  # right after
+        assert cache.get_chunks([ids], [200], out) == [False]  # alone
+        assert cache.get_chunks([ids], [200], out, in_context=True) == [False]  # no prefix
+        assert cache.get_chunks([ids], [200], out, prefix=system, in_context=True) == [True]
+        got = out[:, :, 200:216].double()
+        want_v = torch.stack(vs).double().mean(0)
+        assert (got[:, 1] - want_v).abs().max() < 1e-5
+        # K: rotation is linear, so the mean of the rotated keys is the rotated mean
+        want_k = rope_at(torch.stack(raws).mean(0), 200)
+        assert (got[:, 0] - want_k).abs().max() < 1e-4 * want_k.abs().max()
+        # the count evicted or lost: the stored mean weighs as one observation
+        key = cache.key(ids, prefix=system, in_context=True)
+        assert c.delete([derived_key(key, _COUNT_TAG)]) == 1
+        assert cache.observations(ids, prefix=system) == 1
+        kv, raw = chunk_kv(70, 16, 20)
+        cache.put_chunk(ids, kv, position=20, prefix=system, in_context=True)
+        assert cache.observations(ids, prefix=system) == 2
+        cache.get_chunks([ids], [0], out, prefix=system, in_context=True)
+        want_v = (want_v + kv[:, 1].double()) / 2
+        assert (out[:, 1, :16].double() - want_v).abs().max() < 1e-5
+        with pytest.raises(InvalidArgument, match="position >= 10"):
+            cache.put_chunk(ids, kv, position=5, prefix=system, in_context=True)
 
 
 def test_bad_layouts_are_refused_before_anything_is_read(server) -> None:  # type: ignore[no-untyped-def]
