@@ -8,9 +8,10 @@ system turn and the user turn's opening (`PREFIX`, the same for every prompt), `
 question and the assistant's header. Two fixed sets (`--set`): `eval`, 20 prompts, the
 scored one, and `fit`, 8 other questions, for choosing a method's settings without looking
 at the scored prompts. Every chunk's KV is prefilled once and stored in a real
-`kvstore-server` through `kvstore.client.chunks.ChunkCache`, twice: alone (at position 0)
-and after the prefix (`prefix=`, its own key). The prefix's KV is stored too (alone at 0:
-exact). Then, for each prompt, the first token's logits come from:
+`kvstore-server` through `kvstore.client.chunks.ChunkCache`: alone (at position 0), after
+the prefix (`prefix=`, its own key) and, for the ctx methods, as its mean
+among other documents (`--contexts`). The prefix's KV is stored too (alone at 0: exact).
+Then, for each prompt, the first token's logits come from:
 
 - **full**: a prefill of the whole prompt (the reference; logits of the last position
   only, as a server computes them);
@@ -43,6 +44,12 @@ exact). Then, for each prompt, the first token's logits come from:
   prefilled after the prefix (one attention sink, the prompt's). The first chunk's KV is
   then exact (a prefill of the prompt's start), so the budget, r% of all chunk tokens,
   goes to the other chunks.
+- **ctx shift / ctx blend r% / ctx focus r%**: the first chunk as in sys, the others from
+  their KV as it looks among other documents: before the prompts, each chunk is prefilled
+  `--contexts` (6) times after the prefix and 1..chunks-1 documents drawn from the rest of
+  the corpus (`context_documents`: other parts of the language reference, none in any
+  prompt), and the store keeps the mean (`put_chunk(in_context=True)`). An index-time
+  cost (`--contexts` prefills per document), none per prompt.
 
 Every reuse method runs one pass through the layers that carries only the tokens it
 computes (the question's, plus the recomputed ones), attending over the prompt's KV with
@@ -59,7 +66,7 @@ closes >= 90% of the gap with TTFT >= 3x lower than full, at prompts of >= 2k to
 judged for every method at 15%.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_rag.py [--prompts 20] [--set eval]
-        [--ratios 5,15,30] [--methods naive,shift,...] [--repair 64,128,256]
+        [--ratios 5,15,30] [--methods naive,shift,...] [--contexts 6] [--repair 64,128,256]
         [--repair-order score|position] [--json f] [--plot f]
 """
 
@@ -154,22 +161,46 @@ QUESTIONS = {
 # --------------------------------------------------------------------------- documents
 
 
+def _cut(tokenizer: Any, text: str, chunk_tokens: int, count: int) -> list[list[int]]:
+    """Up to `count` consecutive chunks of `text`, each the lines that first reach
+    `chunk_tokens` tokens, tokenized on its own (as a RAG system tokenizes its documents)."""
+    chunks, current = [], ""
+    for line in text.strip().splitlines(keepends=True):
+        current += line
+        ids = tokenizer(current)["input_ids"]
+        if len(ids) >= chunk_tokens:
+            chunks.append(ids)
+            current = ""
+            if len(chunks) == count:
+                break
+    return chunks
+
+
 def document_chunks(tokenizer: Any, chunk_tokens: int) -> dict[str, list[int]]:
     """A chunk of about `chunk_tokens` tokens from the start of each section in `SECTIONS`,
-    cut at a line end and tokenized on its own (as a RAG system tokenizes its documents)."""
+    cut at a line end."""
     from pydoc_data.topics import topics
 
     chunks: dict[str, list[int]] = {}
     for name in SECTIONS:
-        current = ""
-        for line in topics[name].strip().splitlines(keepends=True):
-            current += line
-            if len(tokenizer(current)["input_ids"]) >= chunk_tokens:
-                break
-        chunks[name] = tokenizer(current)["input_ids"]
-        if len(chunks[name]) < chunk_tokens:
-            raise RuntimeError(f"section {name!r} has only {len(chunks[name])} tokens")
+        cut = _cut(tokenizer, topics[name], chunk_tokens, 1)
+        if not cut:
+            raise RuntimeError(f"section {name!r} has fewer than {chunk_tokens} tokens")
+        chunks[name] = cut[0]
     return chunks
+
+
+def context_documents(tokenizer: Any, chunk_tokens: int) -> list[list[int]]:
+    """The rest of the corpus, which `--contexts` prefills each pool chunk among: the next
+    two chunks of every `SECTIONS` section and the first three of every other section of
+    the language reference (none of them a pool chunk or in any prompt)."""
+    from pydoc_data.topics import topics
+
+    docs = []
+    for name, text in topics.items():
+        cut = _cut(tokenizer, text, chunk_tokens, 3)
+        docs += cut[1:] if name in SECTIONS else cut
+    return docs
 
 
 @dataclass
@@ -491,7 +522,7 @@ def answer_logits(
 
 FAMILIES = (
     "naive", "shift", "blend", "focus", "first", "sys-shift", "sys-blend", "sys-focus",
-    "focus-repair",
+    "ctx-shift", "ctx-blend", "ctx-focus", "focus-repair",
 )  # fmt: skip
 REPAIR_ORDERS = ("score", "position")
 
@@ -592,8 +623,9 @@ def run_prompt(
 
     def reused(storage: str) -> torch.Tensor:
         """The prompt's KV from the store: the prefix (stored alone at 0, so exact) and the
-        chunks, stored alone (`naive`: laid in as stored, at 0..n; `alone`: re-rotated) or
-        after the prefix (`sys`)."""
+        chunks, stored alone (`naive`: laid in as stored, at 0..n; `alone`: re-rotated),
+        after the prefix (`sys`) or, but for the first (after the prefix, exact), as their
+        mean among other documents (`ctx`)."""
         out = torch.empty(kv_shape, dtype=model.dtype, device=model.device)
         found = chunks.get_chunks([prefix], [0], out) if prefix else []
         starts = [s for s, _ in spans]
@@ -605,6 +637,9 @@ def run_prompt(
             found += chunks.client.get_into([chunks.key(d) for d in docs], temps).wait()
             for (s, n), temp in zip(spans, temps, strict=True):
                 out[:, :, s : s + n] = temp
+        elif storage == "ctx":
+            found += chunks.get_chunks(docs[:1], starts[:1], out, prefix=prefix)
+            found += chunks.get_chunks(docs[1:], starts[1:], out, prefix=prefix, in_context=True)
         else:
             after = prefix if storage == "sys" else None
             found += chunks.get_chunks(docs, starts, out, prefix=after)
@@ -624,7 +659,7 @@ def run_prompt(
     later_share = chunk_tokens / max(1, sum(n for _, n in later))
 
     def budget(r: float, storage: str) -> tuple[float, list[tuple[int, int]]]:
-        return (min(1.0, r * later_share), later) if storage == "sys" else (r, spans)
+        return (min(1.0, r * later_share), later) if storage != "alone" else (r, spans)
 
     if "naive" in families:
         timed("naive", "naive")
@@ -632,7 +667,9 @@ def run_prompt(
         timed("shift", "alone")
     if "sys-shift" in families:
         timed("sys shift", "sys")
-    for storage, tag in (("alone", ""), ("sys", "sys ")):
+    if "ctx-shift" in families:
+        timed("ctx shift", "ctx")
+    for storage, tag in (("alone", ""), ("sys", "sys "), ("ctx", "ctx ")):
         for r in ratios:
             if f"{tag}blend".replace(" ", "-") in families:
                 timed(f"{tag}blend {r:.0%}", storage, select=budget(r, storage))
@@ -807,16 +844,43 @@ def write_plot(rows: list[dict[str, Any]], path: Path) -> bool:
 
 def random_prompts(
     vocab: int, count: int, chunks: int, chunk_tokens: int, pool_size: int
-) -> list[Prompt]:
-    """For --random-llama: random token ids, the same shapes as `rag_prompts`."""
+) -> tuple[list[Prompt], list[list[int]]]:
+    """For --random-llama: random token ids, the same shapes as `rag_prompts`, and as many
+    other random documents for the contexts (`context_documents`)."""
     rng = np.random.default_rng(0)
-    pool = [rng.integers(0, vocab, chunk_tokens).tolist() for _ in range(pool_size)]
+    pool = [rng.integers(0, vocab, chunk_tokens).tolist() for _ in range(2 * pool_size)]
     prefix = rng.integers(0, vocab, 32).tolist()
     question = rng.integers(0, vocab, 32).tolist()
-    return [
+    prompts = [
         Prompt(prefix, [pool[j] for j in rng.choice(pool_size, chunks, replace=False)], question)
         for _ in range(count)
     ]
+    return prompts, pool[pool_size:]
+
+
+def put_in_contexts(
+    model: Any,
+    cache: ChunkCache,
+    prefix: list[int],
+    docs: Sequence[list[int]],
+    others: Sequence[list[int]],
+    contexts: int,
+    most_before: int,
+) -> None:
+    """Store each of `docs` as its KV looks among other documents: `contexts` times, after
+    `prefix` and 1..`most_before` documents drawn from `others` (the rest of the corpus),
+    prefilled and merged into the chunk's in-context mean (`put_chunk(in_context=True)`).
+    What a RAG deployment does offline when it indexes its documents, or online from the
+    prompts whose chunks were not cached yet (fixed seed: the same contexts on every run)."""
+    rng = np.random.default_rng(2)
+    for i, doc in enumerate(docs):
+        for _ in range(contexts):
+            picked = rng.choice(len(others), int(rng.integers(1, most_before + 1)), replace=False)
+            head = prefix + [t for j in picked for t in others[j]]
+            _, c = prefill(model, head + doc)
+            kv = kv_of(c)[:, :, len(head) :].contiguous()
+            cache.put_chunk(doc, kv, position=len(head), prefix=prefix, in_context=True)
+        progress(f"  chunk {i + 1}/{len(docs)} prefilled in {contexts} contexts")
 
 
 def parse_repair(item: str) -> tuple[int | None, int]:
@@ -854,6 +918,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--methods", default=",".join(FAMILIES),
         help=f"method families to run, of {','.join(FAMILIES)} (all; naive is the gap's base)",
     )  # fmt: skip
+    p.add_argument(
+        "--contexts", type=int, default=6,
+        help="ctx-* methods: each chunk's KV is the mean of this many prefills among other "
+        "documents of the corpus (6; 0 skips the ctx-* methods)",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument(
         "--random-llama",
@@ -877,9 +946,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown := set(families) - set(FAMILIES):
         print(f"bench_rag: unknown methods {sorted(unknown)}", file=sys.stderr)
         return 2
-    if min(args.prompts, args.chunks, args.chunk_tokens) < 1:
+    if min(args.prompts, args.chunks, args.chunk_tokens) < 1 or args.contexts < 0:
         print("bench_rag: need positive sizes", file=sys.stderr)
         return 2
+    if not args.contexts:
+        families = [f for f in families if not f.startswith("ctx-")]
     if args.random_llama:
         if not torch.cuda.is_available():
             print("bench_rag: --random-llama needs a CUDA GPU", file=sys.stderr)
@@ -888,7 +959,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("bench_rag: need --chunks <= --pool", file=sys.stderr)
             return 2
         model = random_llama(args.random_llama)
-        prompts = random_prompts(
+        prompts, others = random_prompts(
             model.config.vocab_size, args.prompts, args.chunks, args.chunk_tokens, args.pool
         )
         name = (
@@ -902,6 +973,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         try:
             prompts = rag_prompts(tokenizer, args.set, args.prompts, args.chunks, args.chunk_tokens)
+            others = context_documents(tokenizer, args.chunk_tokens) if args.contexts else []
         except ValueError as exc:
             print(f"bench_rag: {exc}", file=sys.stderr)
             return 2
@@ -912,7 +984,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prefix = prompts[0].prefix
     pool = {tuple(d): d for pr in prompts for d in pr.docs}
     # The arena is shared memory the server touches in full: as large as the chunks need
-    # (SmolLM2: 49 values of ~16 MiB; the 8B shape: 24 of 64 MiB), no larger.
+    # (SmolLM2: 73 values of ~16 MiB; the 8B shape: 36 of 64 MiB), no larger.
     arena, staging = ("8GiB", "2GiB") if args.random_llama else ("2GiB", "256MiB")
     with tempfile.TemporaryDirectory(prefix="kvbench-rag-") as tmp, running_kvstore(
         Path(tmp), "--tiers", "cpu", "--cpu-bytes", arena, "--max-value-bytes", staging,
@@ -927,6 +999,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             cache.put_chunk(doc, kv_of(c).contiguous())
             _, c = prefill(model, prefix + doc)
             cache.put_chunk(doc, kv_of(c)[:, :, len(prefix) :].contiguous(), prefix=prefix)
+        if any(f.startswith("ctx-") for f in families):
+            progress(
+                f"prefilling each chunk among 1-{args.chunks - 1} of {len(others)} other "
+                f"documents, {args.contexts} times, and storing the means"
+            )
+            docs = list(pool.values())
+            put_in_contexts(
+                model, cache, prefix, docs, others, args.contexts, max(1, args.chunks - 1)
+            )
         # Untimed, a prompt of the same shape: loads the numba kernels, maps the arena and,
         # on a GPU, picks the kernels for these shapes, which the first timed prompt would
         # otherwise pay for (the first of four 8B prompts on the H100 took 10x longer).
@@ -952,7 +1033,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "chunk_tokens": args.chunk_tokens, "tokens_min": min(tokens), "tokens_max": max(tokens),
         "torch": torch.__version__, "transformers": transformers.__version__,
         "threads": torch.get_num_threads(), "self_check_rel_err": check,
-        "random_weights": bool(args.random_llama),
+        "random_weights": bool(args.random_llama), "contexts": args.contexts,
         "load": " ".join(f"{x:.1f}" for x in os.getloadavg()),
     }  # fmt: skip
     print(render(rows, meta))

@@ -1,0 +1,97 @@
+"""Chunks kept as their mean KV among other documents, on SmolLM2-135M and a real server:
+laid into a new prompt, they come closer to the prompt's own prefill than the same chunks
+prefilled right after the prefix, in the KV itself and in the question's first token.
+
+The pipeline is the reference one `benchmarks/bench_rag.py` measures (`put_in_contexts`,
+`blend_prefill`); `benchmarks/NOTES-rag.md` has the measurement at full size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvstore.client.chunks import ChunkCache
+from kvstore.client.hf import kv_of
+from kvstore.kernels.rope import RopeConfig
+
+from .conftest import BENCHMARKS
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def bench_rag(smollm2: tuple[Any, Any]) -> Any:
+    assert BENCHMARKS.is_dir()  # the smollm2 fixture put it on sys.path
+    import bench_rag
+
+    return bench_rag
+
+
+def chunks_of(tokenizer: Any, names: tuple[str, ...]) -> list[list[int]]:
+    """~60-token document chunks: the start of these sections of the language reference."""
+    from pydoc_data.topics import topics
+
+    return [tokenizer(topics[name][:300])["input_ids"] for name in names]
+
+
+@torch.inference_mode()
+def test_chunks_kept_among_other_documents_come_closest_to_a_prefill(
+    smollm2: tuple[Any, Any],
+    bench_rag: Any,
+    server: Any,
+) -> None:
+    model, tokenizer = smollm2
+    prefix = tokenizer(bench_rag.PREFIX)["input_ids"]
+    docs = chunks_of(tokenizer, ("for", "with", "try"))
+    others = chunks_of(tokenizer, ("import", "class", "raise", "dict", "calls", "async"))
+    question = tokenizer(bench_rag.QUESTION.format("When does the else clause run?"))
+    question = question["input_ids"]
+    ids = prefix + [t for d in docs for t in d]
+    starts = np.cumsum([len(prefix)] + [len(d) for d in docs[:-1]]).tolist()
+    with server.client() as c:
+        cache = ChunkCache(c, RopeConfig.from_hf(model.config))
+        _, pc = bench_rag.prefill(model, prefix)
+        cache.put_chunk(prefix, kv_of(pc).contiguous())
+        for doc in docs:
+            _, dc = bench_rag.prefill(model, prefix + doc)
+            cache.put_chunk(doc, kv_of(dc)[:, :, len(prefix) :].contiguous(), prefix=prefix)
+        bench_rag.put_in_contexts(model, cache, prefix, docs[1:], others, 4, 2)
+        assert [cache.observations(d, prefix) for d in docs] == [0, 4, 4]
+
+        def laid(in_context: bool) -> torch.Tensor:
+            layers, two, _, heads, dim = kv_of(pc).shape
+            out = torch.empty(layers, two, len(ids), heads, dim)
+            found = cache.get_chunks([prefix], [0], out)
+            found += cache.get_chunks(docs[:1], starts[:1], out, prefix=prefix)
+            found += cache.get_chunks(
+                docs[1:], starts[1:], out, prefix=prefix, in_context=in_context
+            )
+            assert all(found)
+            return out
+
+        after_prefix, among = laid(False), laid(True)
+    logits, full = bench_rag.prefill(model, ids + question, last_only=True)
+    want = kv_of(full)[:, :, : len(ids)]
+    ref = F.log_softmax(logits[-1], -1)
+    # the first chunk is exact both ways: a prefill of the prompt's start
+    first = slice(starts[0], starts[1])
+    assert (after_prefix[:, :, first] - want[:, :, first]).abs().max() < 1e-4
+    later = slice(starts[1], len(ids))
+
+    def deviation(kv: torch.Tensor) -> float:
+        return float((kv[1:, :, later] - want[1:, :, later]).norm() / want[1:, :, later].norm())
+
+    def kl(kv: torch.Tensor) -> float:
+        got = bench_rag.blend_prefill(model, kv, ids, question).logits
+        return float(F.kl_div(F.log_softmax(got, -1), ref, log_target=True, reduction="sum"))
+
+    dev_after, dev_among = deviation(after_prefix), deviation(among)
+    kl_after, kl_among = kl(after_prefix), kl(among)
+    print(f"deviation {dev_after:.3f} -> {dev_among:.3f}, KL {kl_after:.2e} -> {kl_among:.2e}")
+    assert dev_among < 0.85 * dev_after
+    assert kl_among < 0.5 * kl_after
