@@ -194,3 +194,23 @@ def test_chunks_into_gpu_memory_match_the_cpu_path(server) -> None:  # type: ign
         assert cache.get_chunks(ids, positions, on_cpu) == [True] * 3
         assert cache.get_chunks(ids, positions, on_gpu, torch.cuda.Stream()) == [True] * 3
         assert torch.equal(on_gpu.cpu(), on_cpu)
+
+
+@pytest.mark.skipif(not gpu_ready(), reason="needs a CUDA GPU and CuPy")
+def test_in_context_means_merged_from_gpu_memory_match_the_cpu_path(server) -> None:  # type: ignore[no-untyped-def]
+    """In-context KV put from CUDA tensors (bfloat16, as an engine has it) merges into the
+    same mean as the same KV put from host memory."""
+    with server.client() as c:
+        cache = ChunkCache(c, ROPE)
+        system = tokens(80, 8)
+        on_host, on_gpu = tokens(81, 24), tokens(82, 24)  # two chunks, one per path
+        for i, start in enumerate((30, 90, 250)):
+            kv = chunk_kv(90 + i, 24, start)[0].to(torch.bfloat16)
+            cache.put_chunk(on_host, kv, position=start, prefix=system, in_context=True)
+            cache.put_chunk(on_gpu, kv.cuda(), position=start, prefix=system, in_context=True)
+        assert cache.observations(on_host, system) == cache.observations(on_gpu, system) == 3
+        a, b = (torch.zeros(LAYERS, 2, 100, HEADS, DIM, dtype=torch.bfloat16) for _ in "ab")
+        assert cache.get_chunks([on_host], [50], a, prefix=system, in_context=True) == [True]
+        assert cache.get_chunks([on_gpu], [50], b, prefix=system, in_context=True) == [True]
+        assert a[:, :, 50:74].abs().sum() > 0
+        assert torch.equal(a, b)
