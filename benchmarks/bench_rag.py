@@ -634,10 +634,9 @@ def run_prompt(
                 torch.empty((layers, 2, n, heads, dim), dtype=model.dtype, device=model.device)
                 for _, n in spans
             ]
-            keys = [chunks.key(d) for d in docs]
-            if storage != "naive":  # sys or ctx chunks, as stored
-                keys = [chunks.key(d, prefix, storage == "ctx naive" and j > 0)
-                        for j, d in enumerate(docs)]  # fmt: skip
+            after = None if storage == "naive" else prefix  # sys or ctx chunks, as stored
+            keys = [chunks.key(d, after, storage == "ctx naive" and j > 0)
+                    for j, d in enumerate(docs)]  # fmt: skip
             found += chunks.client.get_into(keys, temps).wait()
             for (s, n), temp in zip(spans, temps, strict=True):
                 out[:, :, s : s + n] = temp
@@ -1023,14 +1022,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             _, c = prefill(model, prefix + doc)
             cache.put_chunk(doc, kv_of(c)[:, :, len(prefix) :].contiguous(), prefix=prefix)
         if any(f.startswith("ctx-") for f in families):
+            most = max(1, args.chunks - 1)
             progress(
-                f"prefilling each chunk among 1-{args.chunks - 1} of {len(others)} other "
-                f"documents, {args.contexts} times, and storing the means"
+                f"prefilling each chunk among 1-{most} of {len(others)} other documents, "
+                f"{args.contexts} times, and storing the means"
             )
-            docs = list(pool.values())
-            put_in_contexts(
-                model, cache, prefix, docs, others, args.contexts, max(1, args.chunks - 1)
-            )
+            put_in_contexts(model, cache, prefix, list(pool.values()), others, args.contexts, most)
         # Untimed, a prompt of the same shape: loads the numba kernels, maps the arena and,
         # on a GPU, picks the kernels for these shapes, which the first timed prompt would
         # otherwise pay for (the first of four 8B prompts on the H100 took 10x longer).

@@ -175,20 +175,22 @@ class ChunkCache:
         key = self.key(tokens, prefix, in_context)
         if not in_context:
             return self._put(key, value)
-        count_key = derived_key(key, _COUNT_TAG)
-        old, count = torch.empty_like(value), torch.zeros(1, dtype=torch.int64)
-        n = 0
+        old, n = torch.empty_like(value), 0
         if self.client.get_into([key], [old]).wait()[0]:
-            n = 1
-            if self.client.get_into([count_key], [count]).wait()[0]:
-                n = max(1, int(count[0]))
+            n = self._count(key)
             mean = old.float()
             mean += (value.float() - mean) / (n + 1)
             value = mean.to(kv.dtype)
-        count[0] = n + 1
         tier = self._put(key, value)
-        self.client.put(count_key, count)
+        self.client.put(derived_key(key, _COUNT_TAG), torch.tensor([n + 1], dtype=torch.int64))
         return tier
+
+    def _count(self, key: bytes) -> int:
+        """The observations in the stored in-context mean under `key`: its count, or 1 if
+        the count was lost (evicted apart from the mean)."""
+        count = torch.zeros(1, dtype=torch.int64)
+        counted = self.client.get_into([derived_key(key, _COUNT_TAG)], [count]).wait()[0]
+        return max(1, int(count[0])) if counted else 1
 
     def _put(self, key: bytes, value: torch.Tensor) -> str:
         if value.is_cuda:
@@ -203,11 +205,7 @@ class ChunkCache:
         """How many in-context KV the stored mean of these tokens (after `prefix`) holds: 0
         if none is stored."""
         key = self.key(token_ids, prefix, in_context=True)
-        if not self.client.exists([key])[0]:
-            return 0
-        count = torch.zeros(1, dtype=torch.int64)
-        counted = self.client.get_into([derived_key(key, _COUNT_TAG)], [count]).wait()[0]
-        return max(1, int(count[0])) if counted else 1
+        return self._count(key) if self.client.exists([key])[0] else 0
 
     def get_chunks(
         self,
