@@ -23,10 +23,11 @@ Then, for each prompt, the first token's logits come from:
   whose fresh layer-1 KV deviates most from the reused KV (`recompute_by_deviation`) go on
   through every other layer with the question, over the reused KV of the rest, and their
   fresh KV replaces the reused one (layer 1's for every token);
-- **focus r%**: shift, then the r% of chunk tokens the question attends to most recomputed
-  with it: a first pass carries the question alone over the shifted KV and sums its
-  attention weights over layers, heads and question tokens (`recompute_by_attention`), a
-  second pass recomputes the chosen tokens and the question;
+- **focus r%**: shift, then the r% of chunk tokens the question draws most from recomputed
+  with it: a first pass carries the question alone over the shifted KV and sums, over
+  layers, heads and question tokens, each token's attention weight times its value's norm
+  (`weighted_attention`, `recompute_by_attention`), a second pass recomputes the chosen
+  tokens and the question;
 - **first N**: shift, then the first N tokens of each chunk recomputed with the question
   (EPIC, `recompute_first`);
 - **focus r% + repair N/step**: focus r%'s first token (one timed pass, the same TTFT),
@@ -48,8 +49,11 @@ Then, for each prompt, the first token's logits come from:
   their KV as it looks among other documents: before the prompts, each chunk is prefilled
   `--contexts` (6) times after the prefix and 1..chunks-1 documents drawn from the rest of
   the corpus (`context_documents`: other parts of the language reference, none in any
-  prompt), and the store keeps the mean (`put_chunk(in_context=True)`). An index-time
-  cost (`--contexts` prefills per document), none per prompt.
+  prompt), and the store keeps the mean (`put_chunk(in_context=True)`) and how far the
+  contexts spread around it. ctx focus weighs the question's attention by that spread of
+  each token's V (`ChunkCache.spread`; fetched within TTFT) instead of by the value norm:
+  the tokens likeliest to make the output wrong where they land. An index-time cost
+  (`--contexts` prefills per document), none per prompt.
 
 Every reuse method runs one pass through the layers that carries only the tokens it
 computes (the question's, plus the recomputed ones), attending over the prompt's KV with
@@ -97,6 +101,7 @@ from kvstore.client.chunks import (
     recompute_by_attention,
     recompute_by_deviation,
     recompute_first,
+    weighted_attention,
 )
 from kvstore.client.hf import cache_of, kv_of
 from kvstore.kernels.rope import RopeConfig
@@ -304,12 +309,15 @@ def _layer(
     kv: torch.Tensor,
     causal_all: bool = False,
     weights: list[torch.Tensor] | None = None,
+    cost: torch.Tensor | None = None,
 ) -> None:
     """One decoder layer over `rows`: their fresh K and V replace theirs in `kv[li]`
     (`[2, kv_heads, tokens, dim]`), then their queries attend over the whole of `kv[li]`.
     `causal_all`: the rows are every token in order (a plain causal mask). `weights`: the
-    attention weights are computed explicitly and their sum over heads and rows,
-    `[tokens]`, appended to it (for few rows: the question's)."""
+    attention weights are computed explicitly and, weighted by `cost` (`[kv_heads,
+    tokens]`; None: each value's norm, what the token adds to the rows' outputs), summed
+    over heads and rows (`weighted_attention`), `[tokens]`, appended to it (for few rows:
+    the question's)."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     layer = model.model.layers[li]
@@ -328,8 +336,9 @@ def _layer(
         scores = q[0].reshape(kv.shape[2], groups * s, dim) @ kv[li, 0].transpose(1, 2)
         scores = scores * attn.scaling
         scores.masked_fill_(~rows.allowed(kv.shape[3]).repeat(groups, 1), float("-inf"))
-        p = scores.softmax(-1)
-        weights.append(p.sum((0, 1)))
+        p = scores.softmax(-1)  # [kv heads, groups x rows, tokens]: query heads kv-major
+        cost = kv[li, 1].norm(dim=-1) if cost is None else cost
+        weights.append(weighted_attention(p.reshape(-1, s, p.shape[-1]), cost))
         o = (p @ kv[li, 1]).reshape(1, -1, s, dim)
     elif causal_all:
         o = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True)
@@ -363,8 +372,8 @@ class Blend(NamedTuple):
     """What `blend_prefill` gives: the first token's `logits`; the prompt's `kv` after the
     pass (`[layers, 2, heads, T + len(question), dim]`, the question's included); the chunk
     tokens it recomputed (`picked`); and, with `focus`, the question's `attention` over
-    every position (`[T + len(question)]`, summed over layers, heads and question tokens),
-    the scores the choice was made by."""
+    every position (`[T + len(question)]`, weighted and summed over layers, heads and
+    question tokens: `weighted_attention`), the scores the choice was made by."""
 
     logits: torch.Tensor
     kv: torch.Tensor
@@ -381,6 +390,7 @@ def blend_prefill(
     picked: np.ndarray | None = None,
     select: tuple[float, Sequence[tuple[int, int]]] | None = None,
     focus: tuple[float, Sequence[tuple[int, int]]] | None = None,
+    spread: torch.Tensor | None = None,
 ) -> Blend:
     """The first token's logits over reused chunk KV, in one pass through the layers that
     carries only the tokens it recomputes (as CacheBlend runs inside an engine).
@@ -394,9 +404,12 @@ def blend_prefill(
     fresh KV, computed for every token anyway, replaces the reused one. Each carried token
     attends to the KV of every token before it: its own fresh KV where it was recomputed,
     the reused one elsewhere. `focus=(ratio, spans)` picks them by where the question looks
-    instead: a first pass carries the question alone over the reused KV and records its
-    attention weights on every layer; the `ratio` share of the chunk tokens it weighs most
-    (`recompute_by_attention`) are recomputed with it in a second pass."""
+    instead: a first pass carries the question alone over the reused KV and records on
+    every layer what each token adds to its output (`weighted_attention`: attention weight
+    times value norm, or times `spread`, `[layers, kv_heads, T]`, where given: for
+    in-context means, `ChunkCache.spread`'s V, zero where the KV is exact); the `ratio`
+    share of the chunk tokens that score most (`recompute_by_attention`) are recomputed
+    with it in a second pass."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     body = model.model
@@ -429,8 +442,11 @@ def blend_prefill(
             ratio, spans = focus
             weights: list[torch.Tensor] = []
             rows = _question_rows(model, ids, question, np.empty(0, np.int64))
+            costs: list[torch.Tensor | None] = [None] * layers
+            if spread is not None:  # the question's own KV is computed: no error to weigh
+                costs = list(torch.nn.functional.pad(spread.to(dev), (0, n - t)))
             for li in range(layers):
-                _layer(model, li, rows, kv, weights=weights)
+                _layer(model, li, rows, kv, weights=weights, cost=costs[li])
             attention = torch.stack(weights).sum(0)
             picked = recompute_by_attention(attention, ratio, spans)
         rows = _question_rows(model, ids, question, picked)
@@ -580,6 +596,10 @@ def run_prompt(
         spans.append((pos, len(d)))
         pos += len(d)
     t, chunk_tokens = len(ids), len(ids) - len(prefix)
+    # Stored after the prefix, the first chunk's KV is what a prefill of the prompt gives
+    # (a prefix hit): the recompute budget, r% of all chunk tokens, goes to the others.
+    later = spans[1:]
+    later_share = chunk_tokens / max(1, sum(n for _, n in later))
     result = PromptResult(tokens=t + len(question))
     cfg = model.config
     layers, heads = cfg.num_hidden_layers, cfg.num_key_value_heads
@@ -650,16 +670,23 @@ def run_prompt(
             raise RuntimeError("a chunk put for this run was not found")
         return out
 
+    def spread() -> torch.Tensor:
+        """For ctx focus: the spread of the means' V over their contexts (`ChunkCache.spread`),
+        `[layers, kv heads, T]`; zero for the prefix and the first chunk (exact)."""
+        out = torch.zeros((layers, heads, t), device=model.device)
+        for got, (s, n) in zip(chunks.spread(docs[1:], prefix), later, strict=True):
+            if got is None:
+                raise RuntimeError("a chunk's in-context spread was not found")
+            out[:, :, s : s + n] = got[:, 1].transpose(1, 2).to(model.device)
+        return out
+
     def timed(method: str, storage: str, **how: Any) -> None:
         t0 = time.perf_counter()
+        if how.pop("weigh_by_spread", False):
+            how["spread"] = spread()
         kv = blend_prefill(model, reused(storage), ids, question, **how).kv
         sync(model)
         score(method, time.perf_counter() - t0, kv[:, :, :, :t].transpose(2, 3))
-
-    # Stored after the prefix, the first chunk's KV is what a prefill of the prompt gives
-    # (a prefix hit): the recompute budget, r% of all chunk tokens, goes to the others.
-    later = spans[1:]
-    later_share = chunk_tokens / max(1, sum(n for _, n in later))
 
     def budget(r: float, storage: str) -> tuple[float, list[tuple[int, int]]]:
         return (min(1.0, r * later_share), later) if storage != "alone" else (r, spans)
@@ -681,7 +708,8 @@ def run_prompt(
                 timed(f"{tag}blend {r:.0%}", storage, select=budget(r, storage))
         for r in ratios:
             if f"{tag}focus".replace(" ", "-") in families:
-                timed(f"{tag}focus {r:.0%}", storage, focus=budget(r, storage))
+                timed(f"{tag}focus {r:.0%}", storage, focus=budget(r, storage),
+                      weigh_by_spread=storage == "ctx")  # fmt: skip
     if "first" in families:
         timed(f"first {first_n}", "alone", picked=recompute_first(spans, first_n))
     if "focus-repair" in families:

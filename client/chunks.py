@@ -48,7 +48,8 @@ have, and the first chunk after that start is exactly what a prefill of the prom
 
 Which tokens to recompute: `recompute_by_deviation` (CacheBlend: the r% whose KV on an early
 layer deviates most from a fresh prefill), `recompute_by_attention` (the r% the question
-attends to most over the reused KV) and `recompute_first` (EPIC: the first N tokens of each
+attends to most over the reused KV, best weighted by what an error in each token's KV
+would cost, `weighted_attention`) and `recompute_first` (EPIC: the first N tokens of each
 chunk) return their positions in the prompt.
 
 Repairing while decoding (`RepairSchedule`): what was not recomputed before the first token
@@ -77,6 +78,7 @@ from kvstore.keys import derived_key, doc_key
 
 # The running mean's count of an in-context chunk lies under this part of its key.
 _COUNT_TAG = b"in-context observations"
+_SPREAD_TAG = b"in-context spread"
 
 
 class ChunkCache:
@@ -138,10 +140,12 @@ class ChunkCache:
         `in_context`: `kv` was computed inside a prompt, after `prefix` (if given) and other
         documents, the chunk at `position` (past the prefix). It is merged into the running
         mean of every in-context KV put for these tokens after that prefix: the stored
-        value becomes old + (kv - old) / (n + 1), the count n + 1 kept beside it. Two
-        clients merging the same chunk at the same moment may lose one observation (each
-        reads the mean, then writes its own update); a mean whose count was evicted counts
-        as one observation."""
+        value becomes old + (kv - old) / (n + 1), the count n + 1 kept beside it, and so
+        does how far the observations spread around the mean (Welford's running sum of
+        squared deviations, per layer, K or V, token and head: `spread()`). Two clients
+        merging the same chunk at the same moment may lose one observation (each reads the
+        mean, then writes its own update); a mean whose count was evicted counts as one
+        observation, with no spread, and a spread lost alone starts again from zero."""
         tokens = np.asarray(token_ids)
         shape = self._check_kv(kv, "kv")
         if tokens.ndim != 1 or tokens.size != shape[2]:
@@ -176,21 +180,27 @@ class ChunkCache:
         if not in_context:
             return self._put(key, value)
         old, n = torch.empty_like(value), 0
+        squares = torch.zeros(shape[:4], dtype=torch.float32)
         if self.client.get_into([key], [old]).wait()[0]:
-            n = self._count(key)
+            n, counted = self._count(key)
             mean = old.float()
-            mean += (value.float() - mean) / (n + 1)
+            delta = value.float() - mean
+            mean += delta / (n + 1)
+            if counted:  # else the mean counts as one observation: no spread yet
+                self.client.get_into([derived_key(key, _SPREAD_TAG)], [squares]).wait()
+            squares += (delta * (value.float() - mean)).sum(-1).cpu()
             value = mean.to(kv.dtype)
         tier = self._put(key, value)
+        self.client.put(derived_key(key, _SPREAD_TAG), squares)
         self.client.put(derived_key(key, _COUNT_TAG), torch.tensor([n + 1], dtype=torch.int64))
         return tier
 
-    def _count(self, key: bytes) -> int:
+    def _count(self, key: bytes) -> tuple[int, bool]:
         """The observations in the stored in-context mean under `key`: its count, or 1 if
-        the count was lost (evicted apart from the mean)."""
+        the count was lost (evicted apart from the mean); and whether it was found."""
         count = torch.zeros(1, dtype=torch.int64)
         counted = self.client.get_into([derived_key(key, _COUNT_TAG)], [count]).wait()[0]
-        return max(1, int(count[0])) if counted else 1
+        return (max(1, int(count[0])), True) if counted else (1, False)
 
     def _put(self, key: bytes, value: torch.Tensor) -> str:
         if value.is_cuda:
@@ -205,7 +215,30 @@ class ChunkCache:
         """How many in-context KV the stored mean of these tokens (after `prefix`) holds: 0
         if none is stored."""
         key = self.key(token_ids, prefix, in_context=True)
-        return self._count(key) if self.client.exists([key])[0] else 0
+        return self._count(key)[0] if self.client.exists([key])[0] else 0
+
+    def spread(
+        self,
+        token_id_lists: Sequence[Sequence[int] | np.ndarray],
+        prefix: Sequence[int] | np.ndarray | None = None,
+    ) -> list[torch.Tensor | None]:
+        """How far the in-context KV merged into the stored mean of each chunk (after
+        `prefix`) lay from it: the standard deviation over the observations of each token's
+        K and V vectors (the root of the mean squared distance to the mean), float32 on the
+        host, `[layers, 2, tokens, heads]`; None where fewer than two observations (or their
+        spread) are stored. Two round trips for all the chunks. A token whose KV changes
+        with the documents around it has a wide spread: its mean is the least reliable in
+        a new prompt, the one to recompute (`weighted_attention`)."""
+        keys = [self.key(ids, prefix, in_context=True) for ids in token_id_lists]
+        counts = [torch.zeros(1, dtype=torch.int64) for _ in keys]
+        found = self.client.get_into([derived_key(k, _COUNT_TAG) for k in keys], counts).wait()
+        wanted = [i for i, hit in enumerate(found) if hit and int(counts[i][0]) > 1]
+        squares = self.client.batch_get([derived_key(keys[i], _SPREAD_TAG) for i in wanted])
+        spreads: list[torch.Tensor | None] = [None] * len(keys)
+        for i, got in zip(wanted, squares, strict=True):
+            if got is not None:
+                spreads[i] = (got.float() / int(counts[i][0])).sqrt()
+        return spreads
 
     def get_chunks(
         self,
@@ -318,6 +351,43 @@ def recompute_by_attention(
         raise InvalidArgument(f"ratio must be between 0 and 1, got {ratio}")
     score = attention.float().reshape(-1, attention.shape[-1]).sum(0)
     return _top_share(score, ratio, spans)
+
+
+def weighted_attention(attention: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Each token's share of the question's attention weighted by what an error in its
+    reused KV would cost, for `recompute_by_attention`: the attention weight times a
+    per-token, per-KV-head `weights`, summed over heads and question tokens.
+
+    Attention alone overrates tokens that draw weight but change the output little (an
+    attention sink's value is near zero). Two weights measured on SmolLM2
+    (`benchmarks/NOTES-rag.md`): the norm of each token's value vector (`v.norm(dim=-1)`:
+    what the token adds to the output, as VATP weighs tokens for KV pruning), for any
+    reused KV; and, for in-context means, the spread of the token's V over the contexts
+    it was seen in (`ChunkCache.spread`): how wrong the mean is likely to be where it
+    lands, so weight times spread estimates the output's error from that token.
+
+    `attention`: `[..., heads, question, tokens]`; `weights`: `[..., kv_heads, tokens]`,
+    the same leading dimensions; grouped-query attention's head h reads KV head
+    h // (heads / kv_heads). Returns `[..., tokens]`."""
+    if attention.dim() < 3 or weights.dim() != attention.dim() - 1:
+        raise InvalidArgument(
+            "attention must be [..., heads, question, tokens] and weights [..., kv_heads, "
+            f"tokens] with the same leading dimensions, got {tuple(attention.shape)} and "
+            f"{tuple(weights.shape)}"
+        )
+    heads, kv_heads = attention.shape[-3], weights.shape[-2]
+    if (
+        heads % kv_heads
+        or weights.shape[-1] != attention.shape[-1]
+        or weights.shape[:-2] != attention.shape[:-3]
+    ):
+        raise InvalidArgument(
+            f"attention {tuple(attention.shape)} and weights {tuple(weights.shape)} do not "
+            "match: need the same tokens and leading dimensions, and heads a multiple of "
+            "kv_heads"
+        )
+    per_head = attention.float().sum(-2).unflatten(-2, (kv_heads, heads // kv_heads)).sum(-2)
+    return (per_head * weights.float()).sum(-2)
 
 
 def _top_share(

@@ -1,6 +1,7 @@
 """Which tokens to recompute after reusing chunks: CacheBlend's largest KV deviation on an
-early layer, within the reused spans, the tokens the question attends to most, EPIC's
-first N tokens of each chunk, and the schedule that repairs the rest while decoding."""
+early layer, within the reused spans, the tokens the question attends to most (weighted by
+their values: what they add to its output), EPIC's first N tokens of each chunk, and the
+schedule that repairs the rest while decoding."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from kvstore.client.chunks import (
     recompute_by_attention,
     recompute_by_deviation,
     recompute_first,
+    weighted_attention,
 )
 from kvstore.errors import InvalidArgument
 
@@ -79,6 +81,42 @@ def test_attention_picks_what_the_question_looks_at_within_the_spans() -> None:
     assert recompute_by_attention(weights[0, 0, 0], 1 / 60).tolist() == [55]
     with pytest.raises(InvalidArgument, match="ratio"):
         recompute_by_attention(weights, -0.1)
+
+
+def test_weighted_attention_scores_what_an_error_in_each_token_would_cost() -> None:
+    layers, heads, kv_heads, question, tokens, dim = 2, 6, 2, 3, 40, 8
+    g = torch.Generator().manual_seed(3)
+    attention = torch.rand(layers, heads, question, tokens, generator=g).softmax(-1)
+    values = torch.randn(layers, kv_heads, tokens, dim, generator=g)
+    # token 7 draws every head's attention but has no value (a sink): it adds nothing
+    attention[..., 7] = 5.0
+    values[:, :, 7] = 0.0
+    norms = values.norm(dim=-1)
+    got = weighted_attention(attention, norms)
+    assert got.shape == (layers, tokens)
+    # the same sum written out: query head h reads KV head h // (heads / kv_heads)
+    want = torch.zeros(layers, tokens)
+    for li in range(layers):
+        for h in range(heads):
+            want[li] += attention[li, h].sum(0) * norms[li, h // (heads // kv_heads)]
+    torch.testing.assert_close(got, want)
+    assert got[:, 7].abs().max() == 0
+    assert 7 in recompute_by_attention(attention, 1 / tokens).tolist()
+    assert 7 not in recompute_by_attention(got, 0.25).tolist()
+    # one layer at a time, as a pass through the layers collects it
+    torch.testing.assert_close(weighted_attention(attention[1], norms[1]), want[1])
+
+
+def test_weighted_attention_refuses_shapes_that_do_not_match() -> None:
+    attention, weights = torch.rand(2, 6, 3, 40), torch.rand(2, 2, 40)
+    for w in (
+        weights[:, :, :39],  # fewer tokens
+        torch.rand(2, 4, 40),  # 6 heads over 4 KV heads
+        weights[:1],  # other layers
+        torch.rand(2, 2, 40, 8),  # values, not a weight per token
+    ):
+        with pytest.raises(InvalidArgument, match="attention"):
+            weighted_attention(attention, w)
 
 
 class CausalToy:

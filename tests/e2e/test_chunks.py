@@ -116,7 +116,8 @@ def test_in_context_chunks_are_kept_as_the_mean_of_every_context_they_were_seen_
     """KV of one chunk computed inside three prompts, at three positions with different
     documents before it: each put merges into a running mean under a key of its own
     (neither the chunk alone nor right after the prefix), found re-rotated to where it
-    lands; the count survives, and a mean whose count was lost counts as one."""
+    lands; so does how far the observations spread around it; the count survives, and a
+    mean whose count was lost counts as one, with no spread."""
     with server.client() as c:
         cache = ChunkCache(c, ROPE)
         system = tokens(50, 10)
@@ -126,6 +127,7 @@ def test_in_context_chunks_are_kept_as_the_mean_of_every_context_they_were_seen_
             kv, raw = chunk_kv(60 + i, 16, start)  # other documents before it: other KV
             assert cache.observations(ids, prefix=system) == i
             cache.put_chunk(ids, kv, position=start, prefix=system, in_context=True)
+            assert (cache.spread([ids], prefix=system)[0] is None) == (i == 0)  # one: none
             raws.append(raw)
             vs.append(kv[:, 1])
         assert cache.observations(ids, prefix=system) == 3
@@ -140,16 +142,31 @@ def test_in_context_chunks_are_kept_as_the_mean_of_every_context_they_were_seen_
         # K: rotation is linear, so the mean of the rotated keys is the rotated mean
         want_k = rope_at(torch.stack(raws).mean(0), 200)
         assert (got[:, 0] - want_k).abs().max() < 1e-4 * want_k.abs().max()
+        # the spread: each token's root mean squared distance to the mean, K and V
+        # (rotation keeps distances: K's is the unrotated keys')
+        spread, none = cache.spread([ids, tokens(52, 16)], prefix=system)
+        assert none is None
+        assert spread is not None and spread.shape == (LAYERS, 2, 16, HEADS)
+        for part, seen in ((0, torch.stack(raws)), (1, torch.stack(vs))):
+            seen = seen.double()
+            want = (seen - seen.mean(0)).pow(2).sum(-1).mean(0).sqrt()
+            assert (spread[:, part].double() - want).abs().max() < 1e-4 * want.max()
+        assert cache.spread([ids]) == [None] and cache.spread([ids[:-1]], prefix=system) == [None]
         # the count evicted or lost: the stored mean weighs as one observation
         key = cache.key(ids, prefix=system, in_context=True)
         assert c.delete([derived_key(key, _COUNT_TAG)]) == 1
         assert cache.observations(ids, prefix=system) == 1
+        assert cache.spread([ids], prefix=system) == [None]
         kv, raw = chunk_kv(70, 16, 20)
         cache.put_chunk(ids, kv, position=20, prefix=system, in_context=True)
         assert cache.observations(ids, prefix=system) == 2
         cache.get_chunks([ids], [0], out, prefix=system, in_context=True)
-        want_v = (want_v + kv[:, 1].double()) / 2
+        old_v, want_v = want_v, (want_v + kv[:, 1].double()) / 2
         assert (out[:, 1, :16].double() - want_v).abs().max() < 1e-5
+        spread = cache.spread([ids], prefix=system)[0]  # of two: half their distance
+        assert spread is not None
+        want = (kv[:, 1].double() - old_v).norm(dim=-1) / 2
+        assert (spread[:, 1].double() - want).abs().max() < 1e-4 * want.max()
         with pytest.raises(InvalidArgument, match="position >= 10"):
             cache.put_chunk(ids, kv, position=5, prefix=system, in_context=True)
 
