@@ -377,7 +377,8 @@ def weighted_attention(attention: torch.Tensor, weights: torch.Tensor) -> torch.
         )
     heads, kv_heads = attention.shape[-3], weights.shape[-2]
     if (
-        heads % kv_heads
+        not kv_heads
+        or heads % kv_heads
         or weights.shape[-1] != attention.shape[-1]
         or weights.shape[:-2] != attention.shape[:-3]
     ):

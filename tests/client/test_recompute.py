@@ -114,6 +114,7 @@ def test_weighted_attention_refuses_shapes_that_do_not_match() -> None:
         torch.rand(2, 4, 40),  # 6 heads over 4 KV heads
         weights[:1],  # other layers
         torch.rand(2, 2, 40, 8),  # values, not a weight per token
+        torch.rand(2, 0, 40),  # no KV heads
     ):
         with pytest.raises(InvalidArgument, match="attention"):
             weighted_attention(attention, w)
