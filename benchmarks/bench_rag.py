@@ -680,9 +680,11 @@ def run_prompt(
             out[:, :, s : s + n] = got[:, 1].transpose(1, 2).to(model.device)
         return out
 
-    def timed(method: str, storage: str, **how: Any) -> None:
+    def timed(method: str, storage: str, weigh_by_spread: bool = False, **how: Any) -> None:
+        """Time one method: fetch `storage`'s chunks (and, for `weigh_by_spread`, their
+        spreads), run `blend_prefill` with `how`, and score its KV."""
         t0 = time.perf_counter()
-        if how.pop("weigh_by_spread", False):
+        if weigh_by_spread:
             how["spread"] = spread()
         kv = blend_prefill(model, reused(storage), ids, question, **how).kv
         sync(model)

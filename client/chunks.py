@@ -182,25 +182,29 @@ class ChunkCache:
         old, n = torch.empty_like(value), 0
         squares = torch.zeros(shape[:4], dtype=torch.float32)
         if self.client.get_into([key], [old]).wait()[0]:
-            n, counted = self._count(key)
-            mean = old.float()
-            delta = value.float() - mean
+            ((n, counted),) = self._counts([key])
+            new, mean = value.float(), old.float()
+            delta = new - mean
             mean += delta / (n + 1)
             if counted:  # else the mean counts as one observation: no spread yet
                 self.client.get_into([derived_key(key, _SPREAD_TAG)], [squares]).wait()
-            squares += (delta * (value.float() - mean)).sum(-1).cpu()
+            squares += (delta * (new - mean)).sum(-1).cpu()
             value = mean.to(kv.dtype)
         tier = self._put(key, value)
         self.client.put(derived_key(key, _SPREAD_TAG), squares)
         self.client.put(derived_key(key, _COUNT_TAG), torch.tensor([n + 1], dtype=torch.int64))
         return tier
 
-    def _count(self, key: bytes) -> tuple[int, bool]:
-        """The observations in the stored in-context mean under `key`: its count, or 1 if
-        the count was lost (evicted apart from the mean); and whether it was found."""
-        count = torch.zeros(1, dtype=torch.int64)
-        counted = self.client.get_into([derived_key(key, _COUNT_TAG)], [count]).wait()[0]
-        return (max(1, int(count[0])), True) if counted else (1, False)
+    def _counts(self, keys: Sequence[bytes]) -> list[tuple[int, bool]]:
+        """The observations in the stored in-context means under `keys`, in one round trip:
+        each one's count, or 1 if the count was lost (evicted apart from the mean); and
+        whether it was found."""
+        counts = [torch.zeros(1, dtype=torch.int64) for _ in keys]
+        found = self.client.get_into([derived_key(k, _COUNT_TAG) for k in keys], counts).wait()
+        return [
+            (max(1, int(c[0])), True) if hit else (1, False)
+            for c, hit in zip(counts, found, strict=True)
+        ]
 
     def _put(self, key: bytes, value: torch.Tensor) -> str:
         if value.is_cuda:
@@ -215,7 +219,7 @@ class ChunkCache:
         """How many in-context KV the stored mean of these tokens (after `prefix`) holds: 0
         if none is stored."""
         key = self.key(token_ids, prefix, in_context=True)
-        return self._count(key)[0] if self.client.exists([key])[0] else 0
+        return self._counts([key])[0][0] if self.client.exists([key])[0] else 0
 
     def spread(
         self,
@@ -230,14 +234,13 @@ class ChunkCache:
         with the documents around it has a wide spread: its mean is the least reliable in
         a new prompt, the one to recompute (`weighted_attention`)."""
         keys = [self.key(ids, prefix, in_context=True) for ids in token_id_lists]
-        counts = [torch.zeros(1, dtype=torch.int64) for _ in keys]
-        found = self.client.get_into([derived_key(k, _COUNT_TAG) for k in keys], counts).wait()
-        wanted = [i for i, hit in enumerate(found) if hit and int(counts[i][0]) > 1]
+        counts = self._counts(keys)
+        wanted = [i for i, (n, counted) in enumerate(counts) if counted and n > 1]
         squares = self.client.batch_get([derived_key(keys[i], _SPREAD_TAG) for i in wanted])
         spreads: list[torch.Tensor | None] = [None] * len(keys)
         for i, got in zip(wanted, squares, strict=True):
             if got is not None:
-                spreads[i] = (got.float() / int(counts[i][0])).sqrt()
+                spreads[i] = (got.float() / counts[i][0]).sqrt()
         return spreads
 
     def get_chunks(
