@@ -11,6 +11,9 @@ from kvstore.config import ServerConfig
 from kvstore.preflight import PROCESS_OVERHEAD_BYTES, check_environment
 
 MiB = 1 << 20
+# Tests of other checks ask for an ssd tier any machine has room for: the default (16 GiB)
+# would add a free-disk warning on a fuller disk.
+SSD = "64MiB"
 
 
 def _messages(config: ServerConfig, cgroup: Path) -> list[str]:
@@ -18,13 +21,13 @@ def _messages(config: ServerConfig, cgroup: Path) -> list[str]:
 
 
 def test_a_fresh_data_dir_passes(tmp_path: Path) -> None:
-    config = ServerConfig(data_dir=tmp_path / "new" / "dir", cpu_bytes="16MiB")
+    config = ServerConfig(data_dir=tmp_path / "new" / "dir", cpu_bytes="16MiB", ssd_bytes=SSD)
     assert _messages(config, tmp_path / "no-cgroup") == []
 
 
 def test_memory_limit_below_the_arena_is_an_error(tmp_path: Path) -> None:
     cgroup = tmp_path / "memory.max"
-    config = ServerConfig(data_dir=tmp_path / "d", cpu_bytes="64MiB")
+    config = ServerConfig(data_dir=tmp_path / "d", cpu_bytes="64MiB", ssd_bytes=SSD)
     cgroup.write_text(f"{PROCESS_OVERHEAD_BYTES + 32 * MiB}\n")
     (got,) = _messages(config, cgroup)
     assert got.startswith("error: memory:") and "--cpu-bytes" in got
@@ -33,7 +36,7 @@ def test_memory_limit_below_the_arena_is_an_error(tmp_path: Path) -> None:
     cgroup.write_text("max\n")
     assert _messages(config, cgroup) == []
     # Without the cpu tier the arena costs nothing.
-    ssd_only = ServerConfig(data_dir=tmp_path / "d", tiers="ssd")
+    ssd_only = ServerConfig(data_dir=tmp_path / "d", tiers="ssd", ssd_bytes=SSD)
     cgroup.write_text(f"{PROCESS_OVERHEAD_BYTES}\n")
     assert _messages(ssd_only, cgroup) == []
 
@@ -50,7 +53,7 @@ def test_a_stale_socket_file_is_fine_and_a_regular_file_is_not(tmp_path: Path) -
     path = tmp_path / "s.sock"
     with socket.socket(socket.AF_UNIX) as s:
         s.bind(str(path))  # bound, never listening, then closed: a stale socket file
-    config = ServerConfig(data_dir=tmp_path, socket=path, cpu_bytes="16MiB")
+    config = ServerConfig(data_dir=tmp_path, socket=path, cpu_bytes="16MiB", ssd_bytes=SSD)
     assert _messages(config, tmp_path / "no-cgroup") == []
     path.unlink()
     path.write_text("")

@@ -399,7 +399,15 @@ def test_check_config_reads_every_flag_and_kvstore_config(tmp_path: Path) -> Non
 def test_check_config_finds_what_would_stop_the_server(
     tmp_path: Path, server: ServerProcess
 ) -> None:
-    r = server_cli("--check-config", "--data-dir", str(tmp_path / "fresh"), cwd=tmp_path)
+    # A small ssd tier: the default's 16 GiB would warn on a disk with less free.
+    r = server_cli(
+        "--check-config",
+        "--data-dir",
+        str(tmp_path / "fresh"),
+        "--ssd-bytes",
+        "64MiB",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0 and r.stderr == "", r.stderr
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
@@ -412,7 +420,7 @@ def test_check_config_finds_what_would_stop_the_server(
         r = server_cli(
             "--check-config", "--data-dir", str(tmp_path / "a-file" / "d"),
             "--socket", str(server.socket), "--metrics-listen", f"127.0.0.1:{port}",
-            "--cpu-bytes", f"{too_much}MiB", cwd=tmp_path,
+            "--cpu-bytes", f"{too_much}MiB", "--ssd-bytes", "64MiB", cwd=tmp_path,
         )  # fmt: skip
     assert r.returncode == 1, r.stderr
     errors = r.stderr.splitlines()
