@@ -179,21 +179,25 @@ class ChunkCache:
         key = self.key(tokens, prefix, in_context)
         if not in_context:
             return self._put(key, value)
-        old, n = torch.empty_like(value), 0
+        # The mean, its count and its spread: read in one call, written in one call.
+        keys = [key, derived_key(key, _COUNT_TAG), derived_key(key, _SPREAD_TAG)]
+        old, count = torch.empty_like(value), torch.zeros(1, dtype=torch.int64)
         squares = torch.zeros(shape[:4], dtype=torch.float32)
-        if self.client.get_into([key], [old]).wait()[0]:
-            ((n, counted),) = self._counts([key])
+        has_mean, counted, spread = self.client.get_into(keys, [old, count, squares]).wait()
+        n = 0
+        if has_mean:
+            n = max(1, int(count[0])) if counted else 1  # a lost count: one observation
+            if not (counted and spread):  # no spread yet, or a spread lost alone: restart
+                squares.zero_()
             new, mean = value.float(), old.float()
             delta = new - mean
             mean += delta / (n + 1)
-            if counted:  # else the mean counts as one observation: no spread yet
-                self.client.get_into([derived_key(key, _SPREAD_TAG)], [squares]).wait()
             squares += (delta * (new - mean)).sum(-1).cpu()
             value = mean.to(kv.dtype)
-        tier = self._put(key, value)
-        self.client.put(derived_key(key, _SPREAD_TAG), squares)
-        self.client.put(derived_key(key, _COUNT_TAG), torch.tensor([n + 1], dtype=torch.int64))
-        return tier
+        else:
+            squares.zero_()  # a spread left from a mean since evicted
+        count[0] = n + 1
+        return str(self.client.put_from(keys, [value, count, squares]).wait()[0])
 
     def _counts(self, keys: Sequence[bytes]) -> list[tuple[int, bool]]:
         """The observations in the stored in-context means under `keys`, in one round trip:

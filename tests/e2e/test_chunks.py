@@ -167,6 +167,14 @@ def test_in_context_chunks_are_kept_as_the_mean_of_every_context_they_were_seen_
         assert spread is not None
         want = (kv[:, 1].double() - old_v).norm(dim=-1) / 2
         assert (spread[:, 1].double() - want).abs().max() < 1e-4 * want.max()
+        # the mean evicted, its count and spread left behind: the next put starts afresh
+        assert c.delete([key]) == 1
+        kv, raw = chunk_kv(71, 16, 33)
+        cache.put_chunk(ids, kv, position=33, prefix=system, in_context=True)
+        assert cache.observations(ids, prefix=system) == 1
+        assert cache.spread([ids], prefix=system) == [None]
+        cache.get_chunks([ids], [0], out, prefix=system, in_context=True)
+        assert (out[:, 1, :16] - kv[:, 1]).abs().max() < 1e-6
         with pytest.raises(InvalidArgument, match="position >= 10"):
             cache.put_chunk(ids, kv, position=5, prefix=system, in_context=True)
 
