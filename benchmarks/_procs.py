@@ -12,6 +12,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -90,11 +91,30 @@ def running_kvstore(workdir: Path, *flags: str) -> Iterator[str]:
         stop(proc, "kvstore-server")
 
 
+def exit_on_sigterm() -> None:
+    """From now on, SIGTERM ends this process as Ctrl-C does: through its `finally` blocks,
+    so the servers it started are stopped and its temporary directories removed. By
+    default SIGTERM ends Python on the spot, leaving a server running on a deleted
+    directory and its shared-memory arena in /dev/shm. Only from the main thread, and only
+    over the default action (a handler someone installed stays)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def exit_(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, exit_)
+
+
 def start_kvstore(
     data_dir: Path, log_path: Path, *flags: str, announce: bool = True
 ) -> subprocess.Popen[bytes]:
     """Start `kvstore-server` on `data_dir` with `flags`, its output appended to `log_path`,
-    and wait until it answers on its socket."""
+    and wait until it answers on its socket. A SIGTERM to this process stops the server
+    too (`exit_on_sigterm`)."""
+    exit_on_sigterm()
     socket_path = data_dir / "kvstore.sock"
     cmd = [sys.executable, "-m", "kvstore.server_cli", "--data-dir", str(data_dir), *flags]
     with log_path.open("ab") as log:
