@@ -337,3 +337,94 @@ def test_forged_payloads_are_refused_without_crashing() -> None:
     assert refused > 0  # the rest decode to some tensor; the container's checksums catch them
     with pytest.raises(ContainerError, match="shape"):
         codec.decode_payload(memoryview(payload), torch.empty(4, 4))
+
+
+# ------------------------------------------------------------ cachegen-zstd
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("spec", ["level=1", "level=3,k=0", "level=0"])
+@pytest.mark.parametrize("tokens", [0, 1, 33, 256])
+def test_zstd_entropy_decodes_to_cachegens_values(
+    dtype: torch.dtype, spec: str, tokens: int
+) -> None:
+    """The same quantizer under another entropy coder: the same decoded bits, in about the
+    same size."""
+    t = smooth_kv(layers=3, tokens=tokens).to(dtype)
+    rans_coded = codec_from_spec(f"cachegen:{spec}").encode(t)
+    zstd_coded = codec_from_spec(f"cachegen-zstd:{spec}").encode(t)
+    got = decode(zstd_coded)
+    assert got.dtype == dtype and got.shape == t.shape
+    assert torch.equal(got, decode(rans_coded))
+    if tokens >= 33:
+        assert len(zstd_coded) < 1.15 * len(rans_coded)
+    out = torch.empty(t.numel(), dtype=dtype)  # into a caller's buffer
+    assert torch.equal(decode(zstd_coded, out).view(t.shape), got)
+
+
+def test_zstd_entropy_has_no_gpu_coder_and_its_own_versions() -> None:
+    codec = codec_from_spec("cachegen-zstd:level=3,newest=0")
+    assert codec.gpu_decoder() is None and codec.gpu_encoder() is None
+    assert codec.for_newest().params["level"] == 0
+    assert codec.for_newest().name == "cachegen-zstd"
+    with pytest.raises(InvalidArgument, match="version must be one of"):
+        codec_from_spec("cachegen-zstd:version=2")
+
+
+def _zstd_parts(payload: bytes, layers: int, heads: int, dim: int) -> tuple[int, np.ndarray]:
+    """Where a cachegen-zstd payload's offsets start, and the offsets."""
+    units = layers * 2 * heads
+    at = 2 * units * dim + 2 * units + 4 * units
+    return at, np.frombuffer(payload, "<u4", units + 1, at).astype(np.int64)
+
+
+def test_zstd_forged_payloads_are_refused() -> None:
+    import zstandard
+
+    t = smooth_kv(layers=2, tokens=40, heads=2, dim=32).to(torch.bfloat16)
+    codec = codec_from_spec("cachegen-zstd")
+    payload = codec.encode_payload(t)
+    out = torch.empty_like(t)
+    codec.decode_payload(memoryview(payload), out)
+    want = out.clone()
+    for cut in (0, 10, len(payload) // 2, len(payload) - 1):
+        with pytest.raises(ContainerError):
+            codec.decode_payload(memoryview(payload[:cut]), out)
+    at, offsets = _zstd_parts(payload, 2, 2, 32)
+    base = at + 4 * offsets.size
+
+    def with_frame(u: int, frame: bytes) -> bytes:
+        """The payload with unit u's frame replaced (offsets moved to fit)."""
+        old = offsets[u + 1] - offsets[u]
+        moved = offsets.copy()
+        moved[u + 1 :] += len(frame) - old
+        start, end = base + offsets[u], base + offsets[u + 1]
+        head = payload[:at] + moved.astype("<u4").tobytes()
+        return head + payload[base:start] + frame + payload[end:]
+
+    zc = zstandard.ZstdCompressor(level=1)
+    symbols = 40 * 32
+    forged = [  # (unit, frame, what the refusal says)
+        (0, zc.compress(bytes([127]) * (symbols - 1)), "wrong size"),
+        (0, zc.compress(bytes([255]) * symbols), "alphabet"),
+        (1, b"\x28\xb5\x2f\xfd" + bytes(20), "frame 1"),
+        # unit 2 (layer 0's V, head 0) escapes its first token: no symbol 0 left for it
+        (2, zc.compress(bytes([127]) * symbols), "escapes disagree"),
+    ]
+    for u, frame, message in forged:
+        with pytest.raises(ContainerError, match=message):
+            codec.decode_payload(memoryview(with_frame(u, frame)), out)
+    # a frame's bits flipped behind the container's checksum: refused, or decoded to some
+    # tensor that the container's value checksum then refuses; never a crash
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        bad = bytearray(payload)
+        bad[int(rng.integers(base, base + offsets[-1]))] ^= 1 << int(rng.integers(8))
+        try:
+            codec.decode_payload(memoryview(bytes(bad)), out)
+        except ContainerError:
+            continue
+    with pytest.raises(ContainerError, match="shape"):
+        codec.decode_payload(memoryview(payload), torch.empty(4, 4))
+    codec.decode_payload(memoryview(payload), out)
+    assert torch.equal(out, want)

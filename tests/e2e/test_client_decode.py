@@ -31,9 +31,10 @@ def tiers_of(client) -> dict[bytes, str]:  # type: ignore[no-untyped-def]
     return {e.header.key: e.tier for e in client.entries(client.namespace)}
 
 
-def test_ssd_values_come_as_containers_and_decode_in_the_client(start_server) -> None:  # type: ignore[no-untyped-def]
-    srv = start_server("--cpu-bytes", "8MiB", "--ssd-bytes", "64MiB", "--codec", "ssd=cachegen")
-    with srv.client() as plain, srv.client(decode_codecs=["cachegen"]) as decoding:
+@pytest.mark.parametrize("codec", ["cachegen", "cachegen-zstd"])
+def test_ssd_values_come_as_containers_and_decode_in_the_client(start_server, codec: str) -> None:  # type: ignore[no-untyped-def]
+    srv = start_server("--cpu-bytes", "8MiB", "--ssd-bytes", "64MiB", "--codec", f"ssd={codec}")
+    with srv.client() as plain, srv.client(decode_codecs=[codec]) as decoding:
         for i in range(12):
             plain.put(key(i), kv(i))
         where = tiers_of(plain)
@@ -60,6 +61,8 @@ def test_ssd_values_come_as_containers_and_decode_in_the_client(start_server) ->
             i = picks[pos]
             served = plain.get(key(i))
             assert served is not None and torch.equal(out[pos], served)
+            assert torch.equal(out[pos], decode(codec_from_spec(codec).encode(kv(i))))
+            # one quantizer: both codecs decode to the same bits
             assert torch.equal(out[pos], decode(codec_from_spec("cachegen").encode(kv(i))))
             err = (out[pos].float() - kv(i).float()).norm() / kv(i).float().norm()
             assert err < 0.05
