@@ -508,19 +508,30 @@ class CacheGenZstd(CacheGen):
         if offsets[0] != 0 or pos + offsets[-1] != end or np.any(np.diff(offsets) < 0):
             raise ContainerError(f"{self.name} frames and escapes do not fill the payload")
         symbols = lay.padded_symbols()
-        zd = zstandard.ZstdDecompressor()
-        for u in range(n):
-            frame = payload[pos + offsets[u] : pos + offsets[u + 1]]
-            try:
-                # Its recorded size first: a forged one must not make us allocate it.
-                if zstandard.frame_content_size(frame) != lay.per_unit:
-                    raise ContainerError(f"{self.name} frame {u} has the wrong size")
-                got = zd.decompress(frame) if lay.per_unit else b""
+        frames = [payload[pos + offsets[u] : pos + offsets[u + 1]] for u in range(n)]
+        for u, frame in enumerate(frames):
+            try:  # the recorded sizes first: a forged one must not make us allocate it
+                size = zstandard.frame_content_size(frame)
             except zstandard.ZstdError as exc:
                 raise ContainerError(f"{self.name} frame {u} is corrupt: {exc}") from None
-            if len(got) != lay.per_unit:
+            if size != lay.per_unit:
                 raise ContainerError(f"{self.name} frame {u} has the wrong size")
-            symbols[u, :tokens] = np.frombuffer(got, np.uint8).reshape(tokens, head_dim)
+        if lay.per_unit and n:
+            # The frames on the kernels' threads at once (zstd's C code, without the GIL).
+            threads = min(numba.get_num_threads(), n)
+            zd = zstandard.ZstdDecompressor()
+            try:
+                if threads > 1:
+                    got = zd.multi_decompress_to_buffer(frames, threads=threads)
+                    pieces = [got[u] for u in range(n)]
+                else:
+                    pieces = [zd.decompress(frame) for frame in frames]
+            except zstandard.ZstdError as exc:
+                raise ContainerError(f"{self.name} has a corrupt frame: {exc}") from None
+            for u, piece in enumerate(pieces):
+                if len(piece) != lay.per_unit:
+                    raise ContainerError(f"{self.name} frame {u} has the wrong size")
+                symbols[u, :tokens] = np.frombuffer(piece, np.uint8).reshape(tokens, head_dim)
         if symbols.size and symbols.max() >= ALPHABET:
             raise ContainerError(f"{self.name} frames hold symbols outside the alphabet")
         escaped = buf[end:].view("<f2").astype(np.float32)

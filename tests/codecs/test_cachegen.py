@@ -407,7 +407,7 @@ def test_zstd_forged_payloads_are_refused() -> None:
     forged = [  # (unit, frame, what the refusal says)
         (0, zc.compress(bytes([127]) * (symbols - 1)), "wrong size"),
         (0, zc.compress(bytes([255]) * symbols), "alphabet"),
-        (1, b"\x28\xb5\x2f\xfd" + bytes(20), "frame 1"),
+        (1, b"\x28\xb5\x2f\xfd" + bytes(20), "frame"),
         # unit 2 (layer 0's V, head 0) escapes its first token: no symbol 0 left for it
         (2, zc.compress(bytes([127]) * symbols), "escapes disagree"),
     ]
@@ -428,3 +428,19 @@ def test_zstd_forged_payloads_are_refused() -> None:
         codec.decode_payload(memoryview(payload), torch.empty(4, 4))
     codec.decode_payload(memoryview(payload), out)
     assert torch.equal(out, want)
+
+
+def test_zstd_frames_decode_the_same_on_one_thread_or_several() -> None:
+    import numba
+
+    t = smooth_kv(layers=3, tokens=64).to(torch.float16)
+    data = codec_from_spec("cachegen-zstd").encode(t)
+    many = decode(data)
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)  # one thread: the frames one after another
+    try:
+        one = decode(data)
+    finally:
+        numba.set_num_threads(before)
+    assert torch.equal(one, many)
+    assert torch.equal(many, decode(codec_from_spec("cachegen").encode(t)))
