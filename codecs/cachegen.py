@@ -508,7 +508,9 @@ class CacheGenZstd(CacheGen):
         if offsets[0] != 0 or pos + offsets[-1] != end or np.any(np.diff(offsets) < 0):
             raise ContainerError(f"{self.name} frames and escapes do not fill the payload")
         symbols = lay.padded_symbols()
-        frames = [payload[pos + offsets[u] : pos + offsets[u + 1]] for u in range(n)]
+        frames: list[bytes | bytearray | memoryview] = [
+            payload[pos + offsets[u] : pos + offsets[u + 1]] for u in range(n)
+        ]
         for u, frame in enumerate(frames):
             try:  # the recorded sizes first: a forged one must not make us allocate it
                 size = zstandard.frame_content_size(frame)
@@ -523,9 +525,9 @@ class CacheGenZstd(CacheGen):
             try:
                 if threads > 1:
                     got = zd.multi_decompress_to_buffer(frames, threads=threads)
-                    pieces = [got[u] for u in range(n)]
+                    pieces = [memoryview(got[u]) for u in range(n)]  # type: ignore[arg-type]
                 else:
-                    pieces = [zd.decompress(frame) for frame in frames]
+                    pieces = [memoryview(zd.decompress(frame)) for frame in frames]
             except zstandard.ZstdError as exc:
                 raise ContainerError(f"{self.name} has a corrupt frame: {exc}") from None
             for u, piece in enumerate(pieces):
