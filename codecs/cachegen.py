@@ -488,25 +488,10 @@ class CacheGenZstd(CacheGen):
         head = 2 * ch + 2 * n + 4 * n + 4 * (n + 1)
         if buf.size < head:
             raise ContainerError(f"{self.name} payload is truncated")
-        shape4 = (layers, 2, heads, head_dim)
-        starts = buf[: 2 * ch].view("<f2").astype(np.float32).reshape(shape4)
-        pos = 2 * ch
-        steps = buf[pos : pos + 2 * n].view("<f2").astype(np.float32).reshape(layers, 2, heads)
-        steps = np.ascontiguousarray(np.broadcast_to(steps[..., None], shape4))
-        if not (np.isfinite(starts).all() and np.isfinite(steps).all()):
-            raise ContainerError(f"{self.name} payload has non-finite starts or steps")
-        pos += 2 * n
-        escapes = buf[pos : pos + 4 * n].view("<u4").astype(np.int64)
-        pos += 4 * n
+        starts, steps, escapes, pos = _value_fields(buf, 0, lay, n, self.name)
         offsets = buf[pos : pos + 4 * (n + 1)].view("<u4").astype(np.int64)
         pos += 4 * (n + 1)
-        if escapes.size and escapes.max() > lay.per_unit:
-            raise ContainerError(f"{self.name} payload counts more escapes than values")
-        first = np.zeros(n + 1, np.int64)
-        np.cumsum(escapes, out=first[1:])
-        end = buf.size - 2 * int(first[-1])
-        if offsets[0] != 0 or pos + offsets[-1] != end or np.any(np.diff(offsets) < 0):
-            raise ContainerError(f"{self.name} frames and escapes do not fill the payload")
+        first, _, escaped = _escapes_after(buf, pos, offsets, escapes, lay, self.name, "frames")
         symbols = lay.padded_symbols()
         frames: list[bytes | bytearray | memoryview] = [
             payload[pos + offsets[u] : pos + offsets[u + 1]] for u in range(n)
@@ -536,7 +521,6 @@ class CacheGenZstd(CacheGen):
                 symbols[u, :tokens] = np.frombuffer(piece, np.uint8).reshape(tokens, head_dim)
         if symbols.size and symbols.max() >= ALPHABET:
             raise ContainerError(f"{self.name} frames hold symbols outside the alphabet")
-        escaped = buf[end:].view("<f2").astype(np.float32)
         self._reconstruct(symbols, starts, steps, escaped, first, out)
 
 
@@ -589,6 +573,48 @@ class Payload:
     escaped: np.ndarray  # float32 [escapes]
 
 
+def _value_fields(
+    buf: np.ndarray, pos: int, lay: _Layout, n_steps: int, name: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """The float16 starts and `n_steps` steps (per channel, whatever their count) and the
+    units' escape counts from buf[pos:], which the caller has checked holds them; and the
+    position after them. ContainerError (naming `name`) for a non-finite start or step."""
+    ch, n = lay.channels, lay.units
+    shape4 = (lay.layers, 2, lay.heads, lay.head_dim)
+    starts = buf[pos : pos + 2 * ch].view("<f2").astype(np.float32).reshape(shape4)
+    pos += 2 * ch
+    steps = buf[pos : pos + 2 * n_steps].view("<f2").astype(np.float32)
+    steps = np.ascontiguousarray(np.broadcast_to(steps.reshape(*shape4[:3], -1), shape4))
+    if not (np.isfinite(starts).all() and np.isfinite(steps).all()):
+        raise ContainerError(f"{name} payload has non-finite starts or steps")
+    pos += 2 * n_steps
+    escapes = buf[pos : pos + 4 * n].view("<u4").astype(np.int64)
+    return starts, steps, escapes, pos + 4 * n
+
+
+def _escapes_after(
+    buf: np.ndarray,
+    pos: int,
+    offsets: np.ndarray,
+    escapes: np.ndarray,
+    lay: _Layout,
+    name: str,
+    parts: str,
+) -> tuple[np.ndarray, int, np.ndarray]:
+    """Check that the coded data from buf[pos:] (delimited by `offsets`, from 0) and then
+    the escapes' float16 values fill the payload: the escapes' prefix sums per unit, where
+    their values start, and the values. ContainerError (naming the codec `name` and its
+    coded `parts`) if they do not."""
+    if escapes.size and escapes.max() > lay.per_unit:
+        raise ContainerError(f"{name} payload counts more escapes than values")
+    first = np.zeros(lay.units + 1, np.int64)
+    np.cumsum(escapes, out=first[1:])
+    end = buf.size - 2 * int(first[-1])
+    if offsets[0] != 0 or pos + offsets[-1] != end or np.any(np.diff(offsets) < 0):
+        raise ContainerError(f"{name} {parts} and escapes do not fill the payload")
+    return first, end, buf[end:].view("<f2").astype(np.float32)
+
+
 def parse_payload(payload: memoryview, shape: tuple[int, ...], version: int) -> Payload:
     """Split a payload of format `version` for a value of `shape` into its parts (steps
     per channel whatever the version); ContainerError if they do not fit together
@@ -609,14 +635,7 @@ def parse_payload(payload: memoryview, shape: tuple[int, ...], version: int) -> 
     head = pos + 2 * ch + 2 * n_steps + 4 * n
     if buf.size < head + 4:
         raise ContainerError("cachegen payload is truncated")
-    shape4 = (layers, 2, heads, head_dim)
-    starts = buf[pos : pos + 2 * ch].view("<f2").astype(np.float32).reshape(shape4)
-    pos += 2 * ch
-    steps = buf[pos : pos + 2 * n_steps].view("<f2").astype(np.float32)
-    steps = np.ascontiguousarray(np.broadcast_to(steps.reshape(layers, 2, heads, -1), shape4))
-    if not (np.isfinite(starts).all() and np.isfinite(steps).all()):
-        raise ContainerError("cachegen payload has non-finite starts or steps")
-    escapes = buf[pos + 2 * n_steps : head].view("<u4").astype(np.int64)
+    starts, steps, escapes, pos = _value_fields(buf, pos, lay, n_steps, "cachegen")
     (n_tables,) = struct.unpack_from("<I", payload, head)
     pos = head + 4
     n_offsets = 4 * (lay.streams + 1)
@@ -626,14 +645,7 @@ def parse_payload(payload: memoryview, shape: tuple[int, ...], version: int) -> 
     pos += n_tables
     offsets = buf[pos : pos + n_offsets].view("<u4").astype(np.int64)
     pos += n_offsets
-    if escapes.size and escapes.max() > lay.per_unit:
-        raise ContainerError("cachegen payload counts more escapes than values")
-    first = np.zeros(n + 1, np.int64)
-    np.cumsum(escapes, out=first[1:])
-    end = buf.size - 2 * int(first[-1])
-    if offsets[0] != 0 or pos + offsets[-1] != end or np.any(np.diff(offsets) < 0):
-        raise ContainerError("cachegen streams and escapes do not fill the payload")
-    escaped = buf[end:].view("<f2").astype(np.float32)
+    first, end, escaped = _escapes_after(buf, pos, offsets, escapes, lay, "cachegen", "streams")
     return Payload(lay, starts, steps, first, freqs, offsets, payload[pos:end], escaped)
 
 
