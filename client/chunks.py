@@ -81,6 +81,12 @@ _COUNT_TAG = b"in-context observations"
 _SPREAD_TAG = b"in-context spread"
 
 
+def _observed(count: torch.Tensor, counted: bool) -> int:
+    """The observations in a stored in-context mean, from its count (`count[0]`, if
+    `counted`): a mean whose count was lost (evicted apart from it) counts as one."""
+    return max(1, int(count[0])) if counted else 1
+
+
 class ChunkCache:
     """Document chunks of one model (`client`'s namespace, `rope`) in a kvstore server."""
 
@@ -184,18 +190,17 @@ class ChunkCache:
         old, count = torch.empty_like(value), torch.zeros(1, dtype=torch.int64)
         squares = torch.zeros(shape[:4], dtype=torch.float32)
         has_mean, counted, spread = self.client.get_into(keys, [old, count, squares]).wait()
+        if not (has_mean and counted and spread):
+            # no spread yet, a spread lost alone, or one left from a mean since evicted
+            squares.zero_()
         n = 0
         if has_mean:
-            n = max(1, int(count[0])) if counted else 1  # a lost count: one observation
-            if not (counted and spread):  # no spread yet, or a spread lost alone: restart
-                squares.zero_()
+            n = _observed(count, counted)
             new, mean = value.float(), old.float()
             delta = new - mean
             mean += delta / (n + 1)
             squares += (delta * (new - mean)).sum(-1).cpu()
             value = mean.to(kv.dtype)
-        else:
-            squares.zero_()  # a spread left from a mean since evicted
         count[0] = n + 1
         return str(self.client.put_from(keys, [value, count, squares]).wait()[0])
 
@@ -205,10 +210,7 @@ class ChunkCache:
         whether it was found."""
         counts = [torch.zeros(1, dtype=torch.int64) for _ in keys]
         found = self.client.get_into([derived_key(k, _COUNT_TAG) for k in keys], counts).wait()
-        return [
-            (max(1, int(c[0])), True) if hit else (1, False)
-            for c, hit in zip(counts, found, strict=True)
-        ]
+        return [(_observed(c, hit), hit) for c, hit in zip(counts, found, strict=True)]
 
     def _put(self, key: bytes, value: torch.Tensor) -> str:
         if value.is_cuda:
