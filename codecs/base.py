@@ -123,7 +123,7 @@ class Codec(ABC):
         """Fill the contiguous CPU tensor `out` (the dtype and shape the container names)
         from `payload`; raise ContainerError when the payload does not fit them."""
 
-    def encode_with_value(self, tensor: torch.Tensor) -> tuple[bytes, torch.Tensor]:
+    def encode_with_value(self, tensor: torch.Tensor) -> tuple[bytes | memoryview, torch.Tensor]:
         """The payload for `tensor` and the tensor it decodes to, whose checksum a lossy
         codec's container carries. By default by decoding the payload; a codec that
         reconstructs the values while encoding returns them instead."""

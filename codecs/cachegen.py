@@ -63,7 +63,10 @@ rounding straight into the value's words.
 
 from __future__ import annotations
 
+import ctypes
+import itertools
 import struct
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -263,9 +266,9 @@ class CacheGen(Codec):
         return np.repeat(per_third[third][:, :, None], heads, axis=2)
 
     def encode_payload(self, tensor: torch.Tensor) -> bytes:
-        return self._encode(tensor, None)
+        return bytes(self._encode(tensor, None))
 
-    def encode_with_value(self, tensor: torch.Tensor) -> tuple[bytes, torch.Tensor]:
+    def encode_with_value(self, tensor: torch.Tensor) -> tuple[bytes | memoryview, torch.Tensor]:
         """The payload and, computed on the way rather than by decoding it, the value it
         decodes to (the kernels reconstruct each token as the decoder does, to predict the
         next one)."""
@@ -274,7 +277,7 @@ class CacheGen(Codec):
         back = torch.empty(tensor.shape, dtype=tensor.dtype)
         return self._encode(tensor, back), back
 
-    def _encode(self, tensor: torch.Tensor, back: torch.Tensor | None) -> bytes:
+    def _encode(self, tensor: torch.Tensor, back: torch.Tensor | None) -> bytes | memoryview:
         qz = self._quantize(tensor, back, SEGMENT_TOKENS)
         freqs = rans.quantize_freqs(qz.counts, PRECISION)
         data, offsets = _code_streams(qz.layout, qz.symbols, freqs)
@@ -287,11 +290,16 @@ class CacheGen(Codec):
         return payload.tobytes()
 
     def _quantize(
-        self, tensor: torch.Tensor, back: torch.Tensor | None, segment: int
+        self,
+        tensor: torch.Tensor,
+        back: torch.Tensor | None,
+        segment: int,
+        histogram: bool = True,
     ) -> _Quantized:
         """Everything but the entropy coding: starts, steps, symbols (in a layout of
-        `segment`-token streams) and their counts, the escapes; `back`, if given, filled
-        with the value the payload decodes to."""
+        `segment`-token streams) and their counts (with `histogram`; else only the escapes
+        are counted), the escapes; `back`, if given, filled with the value the payload
+        decodes to."""
         kv_view(tensor, self.name)  # the layout check
         x = tensor.detach()
         if x.dtype not in _KINDS:
@@ -303,7 +311,7 @@ class CacheGen(Codec):
         starts = np.empty(shape4, np.uint16)  # float16 bits
         steps = np.empty(shape4, np.uint16)
         symbols = lay.padded_symbols()
-        counts = np.empty((lay.units, ALPHABET), np.int64)
+        counts = np.empty((lay.units, ALPHABET if histogram else 1), np.int64)
         marked = np.empty((lay.units, tokens), np.bool_)  # tokens with an escape
         ok = np.empty((layers, 2), np.bool_)
         words, kind = _words(x), _KINDS[x.dtype]
@@ -456,26 +464,49 @@ class CacheGenZstd(CacheGen):
     def gpu_encoder(cls) -> None:  # type: ignore[override]
         return None
 
-    def _encode(self, tensor: torch.Tensor, back: torch.Tensor | None) -> bytes:
+    def _encode(self, tensor: torch.Tensor, back: torch.Tensor | None) -> memoryview:
         kv_view(tensor, self.name)  # the layout check, before reading the shape
         tokens = tensor.shape[2]
-        qz = self._quantize(tensor, back, max(tokens, 1))
+        qz = self._quantize(tensor, back, max(tokens, 1), histogram=False)
         lay = qz.layout
-        params = zstandard.ZstdCompressionParameters.from_level(1, **self.ZSTD_PARAMS)
-        zc = zstandard.ZstdCompressor(compression_params=params)
-        frames = [zc.compress(qz.symbols[u, :tokens].tobytes()) for u in range(lay.units)]
-        offsets = np.zeros(lay.units + 1, "<u4")
-        np.cumsum([len(f) for f in frames], out=offsets[1:])
-        return b"".join(
-            [
-                qz.starts.astype("<u2").tobytes(),
-                np.ascontiguousarray(qz.steps[..., 0]).astype("<u2").tobytes(),
-                qz.escapes.astype("<u4").tobytes(),
-                offsets.tobytes(),
-                *frames,
-                qz.escaped.astype("<u2").tobytes(),
-            ]
-        )
+        n = lay.units
+        sizes: np.ndarray = np.zeros(n, np.int64)
+        runs: list[np.ndarray] = []
+        if n:
+            zc = self._compressor()
+            # One call for every frame, without the GIL throughout (a call per frame took
+            # and gave back the GIL 180 times a SmolLM2 chunk: 12 threads encoding at once
+            # then ran ~4x one thread's rate, NOTES-codecs.md). On the kernels' threads,
+            # one in a host pool thread.
+            if lay.per_unit:
+                units = zstandard.BufferWithSegments(qz.symbols.data, _segments(n, lay.per_unit))
+                coded = zc.multi_compress_to_buffer(units, threads=_threads(n))
+                sizes, runs = _frame_runs(coded, n)
+            else:  # no tokens: empty frames (zstd takes no empty source in one call)
+                empty = np.frombuffer(zc.compress(b""), np.uint8)
+                sizes, runs = np.full(n, empty.size, np.int64), [empty] * n
+        offsets = np.zeros(n + 1, "<u4")
+        np.cumsum(sizes, out=offsets[1:])
+        parts = [
+            qz.starts.astype("<u2"),
+            np.ascontiguousarray(qz.steps[..., 0]).astype("<u2"),
+            qz.escapes.astype("<u4"),
+            offsets,
+            *runs,
+            qz.escaped.astype("<u2"),
+        ]
+        return _concatenated(parts).data
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        """This thread's compressor (its zstd context is reused from value to value; a
+        compressor is not to be shared between threads)."""
+        key = f"compressor_{type(self).__name__}"
+        zc = getattr(_local, key, None)
+        if zc is None:
+            params = zstandard.ZstdCompressionParameters.from_level(1, **self.ZSTD_PARAMS)
+            zc = zstandard.ZstdCompressor(compression_params=params)
+            setattr(_local, key, zc)
+        return zc
 
     def decode_payload(self, payload: memoryview, out: torch.Tensor) -> None:
         shape = tuple(out.shape)
@@ -493,35 +524,83 @@ class CacheGenZstd(CacheGen):
         pos += 4 * (n + 1)
         first, _, escaped = _escapes_after(buf, pos, offsets, escapes, lay, self.name, "frames")
         symbols = lay.padded_symbols()
-        frames: list[bytes | bytearray | memoryview] = [
-            payload[pos + offsets[u] : pos + offsets[u + 1]] for u in range(n)
-        ]
-        for u, frame in enumerate(frames):
-            try:  # the recorded sizes first: a forged one must not make us allocate it
-                size = zstandard.frame_content_size(frame)
-            except zstandard.ZstdError as exc:
-                raise ContainerError(f"{self.name} frame {u} is corrupt: {exc}") from None
-            if size != lay.per_unit:
-                raise ContainerError(f"{self.name} frame {u} has the wrong size")
         if lay.per_unit and n:
-            # The frames on the kernels' threads at once (zstd's C code, without the GIL).
-            threads = min(numba.get_num_threads(), n)
+            # Every frame in one call, without the GIL, on the kernels' threads. The sizes
+            # are ours, not the frames' headers: a forged header cannot make us allocate,
+            # and a frame that decodes to any other size is refused.
+            sizes = np.full(n, lay.per_unit, np.uint64).tobytes()
             zd = zstandard.ZstdDecompressor()
             try:
-                if threads > 1:
-                    got = zd.multi_decompress_to_buffer(frames, threads=threads)
-                    pieces = [memoryview(got[u]) for u in range(n)]  # type: ignore[arg-type]
-                else:
-                    pieces = [memoryview(zd.decompress(frame)) for frame in frames]
-            except zstandard.ZstdError as exc:
-                raise ContainerError(f"{self.name} has a corrupt frame: {exc}") from None
-            for u, piece in enumerate(pieces):
-                if len(piece) != lay.per_unit:
+                frames = zstandard.BufferWithSegments(
+                    payload[pos : pos + offsets[-1]], _segments(n, offsets)
+                )
+                got = zd.multi_decompress_to_buffer(
+                    frames, decompressed_sizes=sizes, threads=_threads(n)
+                )
+            except (zstandard.ZstdError, ValueError) as exc:
+                raise ContainerError(
+                    f"{self.name} frames are corrupt or of the wrong size: {exc}"
+                ) from None
+            for u in range(n):
+                piece = np.frombuffer(got[u], np.uint8)  # type: ignore[call-overload]
+                if piece.size != lay.per_unit:
                     raise ContainerError(f"{self.name} frame {u} has the wrong size")
-                symbols[u, :tokens] = np.frombuffer(piece, np.uint8).reshape(tokens, head_dim)
+                symbols[u, :tokens] = piece.reshape(tokens, head_dim)
         if symbols.size and symbols.max() >= ALPHABET:
             raise ContainerError(f"{self.name} frames hold symbols outside the alphabet")
         self._reconstruct(symbols, starts, steps, escaped, first, out)
+
+
+def _segments(n: int, sizes: int | np.ndarray) -> bytes:
+    """zstandard's segments (offset, length: uint64 pairs) of `n` frames back to back:
+    of `sizes` bytes each, or delimited by the offsets `sizes` (`[n + 1]`, from 0)."""
+    seg = np.empty((n, 2), np.uint64)
+    if isinstance(sizes, int):
+        seg[:, 0] = np.arange(n, dtype=np.uint64) * np.uint64(sizes)
+        seg[:, 1] = sizes
+    else:
+        seg[:, 0] = sizes[:-1]
+        seg[:, 1] = np.diff(sizes)
+    return seg.tobytes()
+
+
+def _frame_runs(coded: Any, n: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The sizes of the `n` frames of `multi_compress_to_buffer`'s result `coded`, and the
+    frames as uint8 arrays of consecutive frames: zstd writes each of its threads' frames
+    back to back in one buffer of its own, so a run of frames that continue one another is
+    viewed (not copied) as one array, which lives as long as `coded`. Their copy into the
+    payload is then one large NumPy copy per run, made without the GIL, where joining 180
+    frames' bytes copied them all with it held."""
+    segs = [coded[u] for u in range(n)]
+    sizes = np.fromiter((len(s) for s in segs), np.int64, n)
+    at = np.fromiter((s.offset for s in segs), np.int64, n)
+    # A frame continues the run when it starts where the one before it ends; one that
+    # starts a new buffer starts at its offset 0, never at the end of a frame.
+    bounds = [0, *(np.flatnonzero(at[1:] != at[:-1] + sizes[:-1]) + 1).tolist(), n]
+    runs = []
+    for a, b in itertools.pairwise(bounds):
+        first = np.frombuffer(segs[a], np.uint8)
+        length = int(at[b - 1] + sizes[b - 1] - at[a])
+        run = (ctypes.c_uint8 * length).from_address(first.ctypes.data)
+        runs.append(np.ctypeslib.as_array(run))
+    return sizes, runs
+
+
+def _concatenated(parts: Sequence[np.ndarray]) -> np.ndarray:
+    """The bytes of contiguous arrays `parts`, one after another, in one new uint8 array;
+    NumPy copies large parts without the GIL (and the fresh memory's page faults with them)."""
+    flat = [p.reshape(-1).view(np.uint8) for p in parts]
+    out = np.empty(sum(f.size for f in flat), np.uint8)
+    pos = 0
+    for f in flat:
+        out[pos : pos + f.size] = f
+        pos += f.size
+    return out
+
+
+def _threads(frames: int) -> int:
+    """zstd's threads for `frames` frames: the kernels' (one in a host pool thread)."""
+    return max(1, min(numba.get_num_threads(), frames))
 
 
 @dataclass(frozen=True)
@@ -532,7 +611,7 @@ class _Quantized:
     starts: np.ndarray  # uint16 float16 bits [layers, 2, heads, head_dim]
     steps: np.ndarray  # the same, every channel of a head equal
     symbols: np.ndarray  # uint8 [units, padded tokens, head_dim]
-    counts: np.ndarray  # int64 [units, ALPHABET]
+    counts: np.ndarray  # int64 [units, ALPHABET], or [units, 1]: the escapes only
     escapes: np.ndarray  # int64 [units]
     escaped: np.ndarray  # uint16 float16 bits of the escapes' values, unit by unit
     first: np.ndarray  # int64 [units + 1]: prefix sums of `escapes`
@@ -787,6 +866,9 @@ def _store(value: np.ndarray, kind: int, words: np.ndarray, ly: int, kv: int, t:
 
 # ------------------------------------------------------------------------------ encoding
 
+# Per-thread state of the host encoders (`CacheGenZstd._compressor`).
+_local = threading.local()
+
 
 @numba.njit(cache=True, nogil=True)
 def _channel_model(x: np.ndarray, dpcm: bool, start: np.ndarray, spread: np.ndarray) -> None:
@@ -859,9 +941,10 @@ def _encode(
 ) -> None:
     """All but the escapes' values and the rANS coding: from words [layers, 2, tokens,
     words], the float16 bits of starts and steps [layers, 2, heads, dim], symbols
-    [units, tokens or more, dim], their counts [units, ALPHABET] (escapes: counts[:, 0]),
-    and marked [units, tokens]: whether the token has an escape in the unit; and unless it
-    is empty, `decoded` (words' shape and dtype): the value as the decoder will write it.
+    [units, tokens or more, dim], their counts [units, ALPHABET] (escapes: counts[:, 0];
+    if counts is [units, 1], only the escapes are counted), and marked [units, tokens]:
+    whether the token has an escape in the unit; and unless it is empty, `decoded` (words'
+    shape and dtype): the value as the decoder will write it.
     ok[layer, K/V] is False if a value is out of float16's range; the rest is then left
     unfinished. K is quantized closed-loop against the decoded previous token."""
     for i in numba.prange(words.shape[0] * 2):
@@ -954,7 +1037,16 @@ def _encode_unit(
         if closed_loop:  # the decoder's value predicts the next token
             pred[:] = value
     for h in range(heads):
-        _histogram(symbols, i * heads + h, tokens, counts)
+        u = i * heads + h
+        if counts.shape[1] > 1:
+            _histogram(symbols, u, tokens, counts)
+        else:  # a coder without frequency tables needs the escapes' count alone
+            e = 0
+            for t in range(tokens):
+                if marked[u, t]:
+                    for d in range(dim):
+                        e += symbols[u, t, d] == 0
+            counts[u, 0] = e
     return True
 
 

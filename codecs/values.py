@@ -178,7 +178,7 @@ def encode_value(codec: Codec, tensor: torch.Tensor) -> bytes:
         checksum(tensor_bytes(t)) if codec.lossless else 0,
     )
     stored, payload = _stored(codec, header, t)
-    return encode_header(stored) + bytes(payload)
+    return b"".join((encode_header(stored), payload))  # one copy of the payload
 
 
 def _open(

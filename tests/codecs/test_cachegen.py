@@ -430,17 +430,26 @@ def test_zstd_forged_payloads_are_refused() -> None:
     assert torch.equal(out, want)
 
 
-def test_zstd_frames_decode_the_same_on_one_thread_or_several() -> None:
+def test_zstd_frames_code_the_same_on_one_thread_or_several() -> None:
     import numba
 
     t = smooth_kv(layers=3, tokens=64).to(torch.float16)
-    data = codec_from_spec("cachegen-zstd").encode(t)
+    codec = codec_from_spec("cachegen-zstd")
+    payload = codec.encode_payload(t)
+    data = codec.encode(t)
     many = decode(data)
     before = numba.get_num_threads()
-    numba.set_num_threads(1)  # one thread: the frames one after another
+    numba.set_num_threads(1)  # one thread: the frames one after another, in one buffer
     try:
         one = decode(data)
+        assert codec.encode_payload(t) == payload
     finally:
         numba.set_num_threads(before)
     assert torch.equal(one, many)
     assert torch.equal(many, decode(codec_from_spec("cachegen").encode(t)))
+    if before > 1:  # frames coded on several threads come back in several buffers
+        numba.set_num_threads(2)
+        try:
+            assert codec.encode_payload(t) == payload
+        finally:
+            numba.set_num_threads(before)
