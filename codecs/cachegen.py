@@ -177,8 +177,13 @@ class _Layout:
 
     def padded_symbols(self) -> np.ndarray:
         """Room for every unit's symbols [units, segments * segment, head_dim]: its
-        streams are the rows of `.reshape(streams, segment * head_dim)`."""
-        return np.zeros((self.units, self.segments * self.segment, self.head_dim), np.uint8)
+        streams are the rows of `.reshape(streams, segment * head_dim)`. Zeros where there
+        is padding; otherwise left unset, as the coders write every symbol (zeroing megabytes
+        costs a memset with the GIL held)."""
+        shape = (self.units, self.segments * self.segment, self.head_dim)
+        if self.segments * self.segment == self.tokens:
+            return np.empty(shape, np.uint8)
+        return np.zeros(shape, np.uint8)
 
 
 @register
