@@ -54,6 +54,10 @@ Then, for each prompt, the first token's logits come from:
   each token's V (`ChunkCache.spread`; fetched within TTFT) instead of by the value norm:
   the tokens likeliest to make the output wrong where they land. An index-time cost
   (`--contexts` prefills per document), none per prompt.
+- **ctx drift r%**: ctx focus r%, and in its recompute pass, layer by layer, the chunk
+  tokens left as reused move half the way their chunk's recomputed tokens drifted from
+  their reused KV (`correct_drift`: the chunk's mean drift, K's unrotated): what the
+  documents before a chunk change in all its tokens, measured on the few recomputed.
 
 Every reuse method runs one pass through the layers that carries only the tokens it
 computes (the question's, plus the recomputed ones), attending over the prompt's KV with
@@ -98,6 +102,7 @@ from kvstore.client import KVClient
 from kvstore.client.chunks import (
     ChunkCache,
     RepairSchedule,
+    correct_drift,
     recompute_by_attention,
     recompute_by_deviation,
     recompute_first,
@@ -310,9 +315,13 @@ def _layer(
     causal_all: bool = False,
     weights: list[torch.Tensor] | None = None,
     cost: torch.Tensor | None = None,
+    drift: tuple[Sequence[tuple[int, int]], RopeConfig] | None = None,
 ) -> None:
     """One decoder layer over `rows`: their fresh K and V replace theirs in `kv[li]`
     (`[2, kv_heads, tokens, dim]`), then their queries attend over the whole of `kv[li]`.
+    `drift=(spans, rope)`: first, the tokens of each reused chunk (`spans`) that the rows
+    do not recompute move part of the way their chunk's recomputed rows drifted
+    (`correct_drift`).
     `causal_all`: the rows are every token in order (a plain causal mask). `weights`: the
     attention weights are computed explicitly and, weighted by `cost` (`[kv_heads,
     tokens]`; None: each value's norm, what the token adds to the rows' outputs), summed
@@ -328,6 +337,10 @@ def _layer(
     k = attn.k_proj(x).view(1, s, -1, dim).transpose(1, 2)
     v = attn.v_proj(x).view(1, s, -1, dim).transpose(1, 2)
     q, k = apply_rotary_pos_emb(q, k, rows.cos, rows.sin)
+    if drift is not None:
+        spans, rope = drift
+        fresh = torch.stack((k[0], v[0])).transpose(1, 2)  # [2, rows, heads, dim]
+        correct_drift(kv[li].transpose(1, 2), fresh, rows.pos.cpu().numpy(), spans, rope)
     kv[li, 0, :, rows.pos] = k[0]
     kv[li, 1, :, rows.pos] = v[0]
     keys, values = kv[li, 0][None], kv[li, 1][None]
@@ -391,6 +404,7 @@ def blend_prefill(
     select: tuple[float, Sequence[tuple[int, int]]] | None = None,
     focus: tuple[float, Sequence[tuple[int, int]]] | None = None,
     spread: torch.Tensor | None = None,
+    drift: RopeConfig | None = None,
 ) -> Blend:
     """The first token's logits over reused chunk KV, in one pass through the layers that
     carries only the tokens it recomputes (as CacheBlend runs inside an engine).
@@ -409,7 +423,9 @@ def blend_prefill(
     times value norm, or times `spread`, `[layers, kv_heads, T]`, where given: for
     in-context means, `ChunkCache.spread`'s V, zero where the KV is exact); the `ratio`
     share of the chunk tokens that score most (`recompute_by_attention`) are recomputed
-    with it in a second pass."""
+    with it in a second pass. `drift` (the model's RoPE settings), with `focus`: in that
+    second pass, the other tokens of each of `focus`'s spans move part of the way their
+    chunk's recomputed tokens drifted, layer by layer (`correct_drift`)."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     body = model.model
@@ -450,8 +466,9 @@ def blend_prefill(
             attention = torch.stack(weights).sum(0)
             picked = recompute_by_attention(attention, ratio, spans)
         rows = _question_rows(model, ids, question, picked)
+    carried = None if drift is None or focus is None else (focus[1], drift)
     for li in range(first, layers):
-        _layer(model, li, rows, kv)
+        _layer(model, li, rows, kv, drift=carried)
     logits = model.lm_head(body.norm(rows.hidden[:, -1:]))[0, -1].float()
     done = np.empty(0, np.int64) if picked is None else picked
     return Blend(logits, kv, done, attention)
@@ -538,7 +555,8 @@ def answer_logits(
 
 FAMILIES = (
     "naive", "shift", "blend", "focus", "first", "sys-naive", "sys-shift", "sys-blend",
-    "sys-focus", "ctx-naive", "ctx-shift", "ctx-blend", "ctx-focus", "focus-repair",
+    "sys-focus", "ctx-naive", "ctx-shift", "ctx-blend", "ctx-focus", "ctx-drift",
+    "focus-repair",
 )  # fmt: skip
 REPAIR_ORDERS = ("score", "position")
 
@@ -712,6 +730,10 @@ def run_prompt(
             if f"{tag}focus".replace(" ", "-") in families:
                 timed(f"{tag}focus {r:.0%}", storage, focus=budget(r, storage),
                       weigh_by_spread=storage == "ctx")  # fmt: skip
+    for r in ratios:
+        if "ctx-drift" in families:
+            timed(f"ctx drift {r:.0%}", "ctx", focus=budget(r, "ctx"), weigh_by_spread=True,
+                  drift=chunks.rope)  # fmt: skip
     if "first" in families:
         timed(f"first {first_n}", "alone", picked=recompute_first(spans, first_n))
     if "focus-repair" in families:

@@ -425,6 +425,83 @@ def recompute_first(spans: Sequence[tuple[int, int]], n: int) -> np.ndarray:
     return np.sort(np.concatenate(picked)).astype(np.int64) if picked else np.empty(0, np.int64)
 
 
+# The share of the recomputed tokens' mean drift that `correct_drift` gives the rest of
+# their chunk: chosen on bench_rag's fit set (0.5 against 1.0; NOTES-rag.md).
+DRIFT_SHARE = 0.5
+
+
+def correct_drift(
+    layer_kv: torch.Tensor,
+    fresh: torch.Tensor,
+    picked: np.ndarray,
+    spans: Sequence[tuple[int, int]],
+    rope: RopeConfig,
+    share: float = DRIFT_SHARE,
+) -> None:
+    """Move the reused KV of each chunk's tokens that are not recomputed by `share` of the
+    mean drift of those that are, on one layer, in place.
+
+    Recomputing a chunk's chosen tokens shows how far their reused KV was from what the
+    prompt gives them (its drift); much of that drift is the chunk's as a whole (what the
+    documents before it add to every token's hidden state), so the tokens left as reused
+    are moved part of the way along the mean drift of their chunk's recomputed ones. Call
+    it on each layer of the recompute pass, after computing the recomputed tokens' K and V
+    and before writing them into the layer (their reused KV is read here) and before any
+    token attends to the layer. K's drift is averaged unrotated (RoPE is a linear rotation
+    per position: R(p) a - R(p) b = R(p)(a - b)) and rotated to each token it moves.
+
+    `layer_kv`: the layer's KV `[2, tokens, heads, head_dim]` (a view will do), K rotated
+    to each token's position; `fresh`: the recomputed tokens' `[2, len(picked), heads,
+    head_dim]`, K rotated likewise; `picked`: their positions, sorted (positions outside
+    `spans`, the question's, are left out of the means); `spans`: the reused chunks (start,
+    length), each corrected from its own recomputed tokens (a chunk with none is left
+    alone); `rope`: the model's rotary settings."""
+    if layer_kv.dim() != 4 or layer_kv.shape[0] != 2:
+        raise InvalidArgument(
+            f"layer_kv must be [2, tokens, heads, head_dim], got {tuple(layer_kv.shape)}"
+        )
+    picked = np.asarray(picked, np.int64)
+    _, tokens, heads, dim = layer_kv.shape
+    if fresh.shape != (2, picked.size, heads, dim):
+        raise InvalidArgument(
+            f"fresh must be [2, {picked.size}, {heads}, {dim}] (one row per picked token), "
+            f"got {tuple(fresh.shape)}"
+        )
+    if picked.size and (np.any(np.diff(picked) <= 0) or picked[0] < 0 or picked[-1] >= tokens):
+        raise InvalidArgument(f"picked must be sorted distinct positions below {tokens}")
+    if not 0 <= share <= 1:
+        raise InvalidArgument(f"share must be between 0 and 1, got {share}")
+    _span_positions(spans, tokens)  # the spans' check
+    if not picked.size or share == 0:
+        return
+    where = torch.from_numpy(picked).to(layer_kv.device)
+    drift = fresh.float() - layer_kv[:, where].float()  # [2, picked, heads, dim]
+    drift[0] = _rotated(drift[0], picked, np.zeros_like(picked), rope)
+    for start, length in spans:
+        inside = np.flatnonzero((picked >= start) & (picked < start + length))
+        others = np.setdiff1d(np.arange(start, start + length), picked[inside])
+        if not inside.size or not others.size:
+            continue
+        mean = drift[:, torch.from_numpy(inside).to(drift.device)].mean(1) * share
+        move = mean[:, None].expand(2, others.size, heads, dim).contiguous()
+        move[0] = _rotated(move[0], np.zeros_like(others), others, rope)
+        at = torch.from_numpy(others).to(layer_kv.device)
+        layer_kv[:, at] = (layer_kv[:, at].float() + move).to(layer_kv.dtype)
+
+
+def _rotated(
+    k: torch.Tensor, from_pos: np.ndarray, to_pos: np.ndarray, rope: RopeConfig
+) -> torch.Tensor:
+    """float32 K `[tokens, heads, head_dim]` moved from `from_pos` to `to_pos` (a copy),
+    done on return."""
+    out = k.float().contiguous().clone()[None]
+    stream = torch.cuda.current_stream(out.device) if out.is_cuda else None
+    rerotate_k(out, from_pos, to_pos, rope, stream=stream)
+    if stream is not None:
+        stream.synchronize()
+    return out[0]
+
+
 def _span_positions(spans: Sequence[tuple[int, int]], tokens: int) -> np.ndarray:
     parts = []
     for start, length in spans:

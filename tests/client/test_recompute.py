@@ -1,7 +1,8 @@
 """Which tokens to recompute after reusing chunks: CacheBlend's largest KV deviation on an
 early layer, within the reused spans, the tokens the question attends to most (weighted by
-their values: what they add to its output), EPIC's first N tokens of each chunk, and the
-schedule that repairs the rest while decoding."""
+their values: what they add to its output), EPIC's first N tokens of each chunk, the
+schedule that repairs the rest while decoding, and the drift the recomputed tokens carry to
+the rest of their chunk."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ import torch
 
 from kvstore.client.chunks import (
     RepairSchedule,
+    correct_drift,
     recompute_by_attention,
     recompute_by_deviation,
     recompute_first,
     weighted_attention,
 )
 from kvstore.errors import InvalidArgument
+from kvstore.kernels.rope import RopeConfig, rerotate_k
 
 
 def layer_kv(tokens: int, seed: int = 0) -> torch.Tensor:
@@ -213,3 +216,74 @@ def test_repair_schedule_refuses_bad_arguments() -> None:
         RepairSchedule([1, 2, 9], 4, scores=np.ones(5))
     with pytest.raises(InvalidArgument, match=">= 0"):
         RepairSchedule([-1, 2], 4)
+
+
+# ------------------------------------------------------------------------------ drift
+
+
+def _at(k_pre: torch.Tensor, positions: np.ndarray, rope: RopeConfig) -> torch.Tensor:
+    """K `[tokens, heads, dim]` computed unrotated, rotated to `positions`."""
+    out = k_pre.float().contiguous().clone()[None]
+    rerotate_k(out, np.zeros(len(positions), np.int64), positions, rope)
+    return out[0]
+
+
+@pytest.mark.parametrize("pairing", ["neox", "gptj"])
+@pytest.mark.parametrize("share", [0.5, 1.0])
+def test_correct_drift_moves_the_rest_of_each_chunk_by_its_recomputed_mean(
+    pairing: str, share: float
+) -> None:
+    """A chunk whose recomputed tokens all drifted by the same unrotated K and V moves the
+    rest of its tokens by `share` of it, K rotated to each; the recomputed tokens, the
+    tokens outside the chunks and a chunk with none recomputed are left alone."""
+    rope = RopeConfig(16, base=10000.0, pairing=pairing)  # type: ignore[arg-type]
+    g = torch.Generator().manual_seed(0)
+    tokens, heads, dim = 40, 2, 16
+    pos = np.arange(tokens)
+    k_pre, v = (
+        torch.randn(tokens, heads, dim, generator=g),
+        torch.randn(tokens, heads, dim, generator=g),
+    )
+    layer = torch.stack((_at(k_pre, pos, rope), v))  # [2, tokens, heads, dim]
+    spans = [(4, 12), (16, 12), (28, 10)]  # the third has no recomputed token
+    picked = np.array([5, 9, 17, 20, 38, 39])  # 38, 39: the question, outside the chunks
+    dk = {0: torch.randn(heads, dim, generator=g), 1: torch.randn(heads, dim, generator=g)}
+    dv = {0: torch.randn(heads, dim, generator=g), 1: torch.randn(heads, dim, generator=g)}
+    chunk = {5: 0, 9: 0, 17: 1, 20: 1}
+    fresh_pre_k = torch.stack([k_pre[p] + (dk[chunk[p]] if p in chunk else 3.0) for p in picked])
+    fresh_v = torch.stack([v[p] + (dv[chunk[p]] if p in chunk else 3.0) for p in picked])
+    fresh = torch.stack((_at(fresh_pre_k, picked, rope), fresh_v))
+    before = layer.clone()
+    correct_drift(layer, fresh, picked, spans, rope, share)
+    want_pre, want_v = k_pre.clone(), v.clone()
+    for c, (start, n) in enumerate(spans[:2]):
+        for q in range(start, start + n):
+            if q not in picked:
+                want_pre[q] += share * dk[c]
+                want_v[q] += share * dv[c]
+    torch.testing.assert_close(layer[0], _at(want_pre, pos, rope), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer[1], want_v, atol=1e-6, rtol=1e-6)
+    untouched = [*picked.tolist(), *range(0, 4), *range(28, 40)]
+    assert torch.equal(layer[:, untouched], before[:, untouched])
+
+
+def test_correct_drift_takes_a_view_and_refuses_bad_input() -> None:
+    rope = RopeConfig(8)
+    kv = torch.zeros(2, 3, 10, 8, dtype=torch.bfloat16)  # [2, heads, tokens, dim] as stored
+    layer = kv.transpose(1, 2)  # [2, tokens, heads, dim]: a view
+    fresh = torch.ones(2, 1, 3, 8)
+    correct_drift(layer, fresh, np.array([2]), [(0, 5)], rope, share=1.0)
+    assert torch.equal(kv[1, :, 3], torch.ones(3, 8, dtype=torch.bfloat16))  # through the view
+    assert torch.equal(kv[1, :, 2], torch.zeros(3, 8, dtype=torch.bfloat16))  # picked: as it was
+    assert torch.equal(kv[1, :, 5:], torch.zeros(3, 5, 8, dtype=torch.bfloat16))
+    bad = [
+        (layer[0], fresh, [2], [(0, 5)], 0.5, "layer_kv"),
+        (layer, fresh[:, :, :2], [2], [(0, 5)], 0.5, "fresh"),
+        (layer, torch.ones(2, 2, 3, 8), [3, 2], [(0, 5)], 0.5, "sorted"),
+        (layer, fresh, [10], [(0, 5)], 0.5, "sorted"),
+        (layer, fresh, [2], [(8, 5)], 0.5, "outside"),
+        (layer, fresh, [2], [(0, 5)], 1.5, "share"),
+    ]
+    for lay, fr, picked, spans, share, message in bad:
+        with pytest.raises(InvalidArgument, match=message):
+            correct_drift(lay, fr, np.array(picked), spans, rope, share)

@@ -95,3 +95,20 @@ def test_chunks_kept_among_other_documents_come_closest_to_a_prefill(
     print(f"deviation {dev_after:.3f} -> {dev_among:.3f}, KL {kl_after:.2e} -> {kl_among:.2e}")
     assert dev_among < 0.85 * dev_after
     assert kl_among < 0.5 * kl_after
+
+    # Recomputing the tokens the question looks at, with the drift correction: the tokens
+    # left as reused move toward the prompt's own prefill (`correct_drift`).
+    spans = [(starts[1], len(docs[1])), (starts[2], len(docs[2]))]
+    plain = bench_rag.blend_prefill(model, among, ids, question, focus=(0.3, spans))
+    drifted = bench_rag.blend_prefill(
+        model, among, ids, question, focus=(0.3, spans), drift=RopeConfig.from_hf(model.config)
+    )
+    assert np.array_equal(plain.picked, drifted.picked) and plain.picked.size
+    rest = np.setdiff1d(np.arange(starts[1], len(ids)), plain.picked)
+
+    def off(blend: Any) -> float:
+        kv = blend.kv[1:, :, :, rest].transpose(2, 3)
+        return float((kv - want[1:, :, rest]).norm() / want[1:, :, rest].norm())
+
+    print(f"reused tokens' deviation {off(plain):.3f} -> {off(drifted):.3f} with the drift")
+    assert off(drifted) < off(plain)
