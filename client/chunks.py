@@ -64,6 +64,7 @@ that prompts keep retrieving outlives a newer one read once (`kvstore.policy.gds
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Sequence
 from typing import Any
@@ -471,35 +472,57 @@ def correct_drift(
         raise InvalidArgument(f"picked must be sorted distinct positions below {tokens}")
     if not 0 <= share <= 1:
         raise InvalidArgument(f"share must be between 0 and 1, got {share}")
-    _span_positions(spans, tokens)  # the spans' check
+    for start, length in spans:
+        if start < 0 or length < 0 or start + length > tokens:
+            raise InvalidArgument(f"span ({start}, {length}) is outside the {tokens} tokens")
     if not picked.size or share == 0:
         return
-    where = torch.from_numpy(picked).to(layer_kv.device)
-    drift = fresh.float() - layer_kv[:, where].float()  # [2, picked, heads, dim]
-    drift[0] = _rotated(drift[0], picked, np.zeros_like(picked), rope)
+    dev, dtype = layer_kv.device, layer_kv.dtype
+    where = torch.from_numpy(picked).to(dev)
+    kept = layer_kv[:, where]  # a copy: the recomputed tokens' reused KV
+    cos, sin = _angles(rope, tokens, str(dev))
+    drift = fresh.float() - kept.float()  # [2, picked, heads, dim]
+    drift[0] = _turned(drift[0], cos[where], -sin[where], rope)  # K's, unrotated
     for start, length in spans:
         inside = np.flatnonzero((picked >= start) & (picked < start + length))
-        others = np.setdiff1d(np.arange(start, start + length), picked[inside])
-        if not inside.size or not others.size:
+        if not inside.size or inside.size == length:
             continue
-        mean = drift[:, torch.from_numpy(inside).to(drift.device)].mean(1) * share
-        move = mean[:, None].expand(2, others.size, heads, dim).contiguous()
-        move[0] = _rotated(move[0], np.zeros_like(others), others, rope)
-        at = torch.from_numpy(others).to(layer_kv.device)
-        layer_kv[:, at] = (layer_kv[:, at].float() + move).to(layer_kv.dtype)
+        mean = drift[:, torch.from_numpy(inside).to(dev)].mean(1) * share  # [2, heads, dim]
+        span = slice(start, start + length)
+        k_move = _turned(mean[0].expand(length, heads, dim), cos[span], sin[span], rope)
+        layer_kv[0, span] = (layer_kv[0, span].float() + k_move).to(dtype)
+        layer_kv[1, span] = (layer_kv[1, span].float() + mean[1]).to(dtype)
+    layer_kv[:, where] = kept  # the recomputed tokens as they were: the caller writes theirs
 
 
-def _rotated(
-    k: torch.Tensor, from_pos: np.ndarray, to_pos: np.ndarray, rope: RopeConfig
+@functools.lru_cache(maxsize=8)
+def _angles(rope: RopeConfig, tokens: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (float32 `[tokens, rotary_dim / 2]`, from float64 angles) of RoPE's
+    rotation at positions 0..tokens-1: the same for every layer of a pass."""
+    angle = np.arange(tokens, dtype=np.float64)[:, None] * rope.inv_freq()[None, :]
+    cos = torch.from_numpy(np.cos(angle).astype(np.float32)).to(device)
+    return cos, torch.from_numpy(np.sin(angle).astype(np.float32)).to(device)
+
+
+def _turned(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: RopeConfig
 ) -> torch.Tensor:
-    """float32 K `[tokens, heads, head_dim]` moved from `from_pos` to `to_pos` (a copy),
-    done on return."""
-    out = k.float().contiguous().clone()[None]
-    stream = torch.cuda.current_stream(out.device) if out.is_cuda else None
-    rerotate_k(out, from_pos, to_pos, rope, stream=stream)
-    if stream is not None:
-        stream.synchronize()
-    return out[0]
+    """float32 `x` (`[tokens, heads, head_dim]`) turned by RoPE's angles `cos`, `sin`
+    (`[tokens, rotary_dim / 2]`; the negated sine turns back), pairing its channels as
+    `rope` does; the channels past rotary_dim as they are. A copy."""
+    r = rope.rotary_dim
+    assert r is not None
+    c, s = cos[:, None, :], sin[:, None, :]
+    first, second = (
+        (slice(0, r // 2), slice(r // 2, r))
+        if rope.pairing == "neox"
+        else (slice(0, r, 2), slice(1, r, 2))
+    )
+    a, b = x[..., first], x[..., second]
+    out = x.clone()
+    out[..., first] = a * c - b * s
+    out[..., second] = b * c + a * s
+    return out
 
 
 def _span_positions(spans: Sequence[tuple[int, int]], tokens: int) -> np.ndarray:

@@ -228,10 +228,23 @@ def _at(k_pre: torch.Tensor, positions: np.ndarray, rope: RopeConfig) -> torch.T
     return out[0]
 
 
+def _cuda() -> bool:
+    try:
+        import cupy
+
+        return torch.cuda.is_available() and int(cupy.cuda.runtime.getDeviceCount()) > 0
+    except Exception:  # no cupy, no driver, no device: all mean no GPU here
+        return False
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU"))],
+)
 @pytest.mark.parametrize("pairing", ["neox", "gptj"])
 @pytest.mark.parametrize("share", [0.5, 1.0])
 def test_correct_drift_moves_the_rest_of_each_chunk_by_its_recomputed_mean(
-    pairing: str, share: float
+    pairing: str, share: float, device: str
 ) -> None:
     """A chunk whose recomputed tokens all drifted by the same unrotated K and V moves the
     rest of its tokens by `share` of it, K rotated to each; the recomputed tokens, the
@@ -254,7 +267,9 @@ def test_correct_drift_moves_the_rest_of_each_chunk_by_its_recomputed_mean(
     fresh_v = torch.stack([v[p] + (dv[chunk[p]] if p in chunk else 3.0) for p in picked])
     fresh = torch.stack((_at(fresh_pre_k, picked, rope), fresh_v))
     before = layer.clone()
-    correct_drift(layer, fresh, picked, spans, rope, share)
+    on = layer.to(device)
+    correct_drift(on, fresh.to(device), picked, spans, rope, share)
+    layer = on.cpu()
     want_pre, want_v = k_pre.clone(), v.clone()
     for c, (start, n) in enumerate(spans[:2]):
         for q in range(start, start + n):
