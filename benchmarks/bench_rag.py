@@ -101,8 +101,8 @@ from _realkv import MissingModelDependency, load_smollm2
 from kvstore.client import KVClient
 from kvstore.client.chunks import (
     ChunkCache,
+    DriftCorrection,
     RepairSchedule,
-    correct_drift,
     recompute_by_attention,
     recompute_by_deviation,
     recompute_first,
@@ -315,12 +315,12 @@ def _layer(
     causal_all: bool = False,
     weights: list[torch.Tensor] | None = None,
     cost: torch.Tensor | None = None,
-    drift: tuple[Sequence[tuple[int, int]], RopeConfig] | None = None,
+    drift: DriftCorrection | None = None,
 ) -> None:
     """One decoder layer over `rows`: their fresh K and V replace theirs in `kv[li]`
     (`[2, kv_heads, tokens, dim]`), then their queries attend over the whole of `kv[li]`.
-    `drift=(spans, rope)`: first, the tokens of each reused chunk (`spans`) that the rows
-    do not recompute move part of the way their chunk's recomputed rows drifted
+    `drift` (made for these rows): first, the tokens of each reused chunk that the rows do
+    not recompute move part of the way their chunk's recomputed rows drifted
     (`correct_drift`).
     `causal_all`: the rows are every token in order (a plain causal mask). `weights`: the
     attention weights are computed explicitly and, weighted by `cost` (`[kv_heads,
@@ -338,9 +338,8 @@ def _layer(
     v = attn.v_proj(x).view(1, s, -1, dim).transpose(1, 2)
     q, k = apply_rotary_pos_emb(q, k, rows.cos, rows.sin)
     if drift is not None:
-        spans, rope = drift
         fresh = torch.stack((k[0], v[0])).transpose(1, 2)  # [2, rows, heads, dim]
-        correct_drift(kv[li].transpose(1, 2), fresh, rows.pos.cpu().numpy(), spans, rope)
+        drift.apply(kv[li].transpose(1, 2), fresh)
     kv[li, 0, :, rows.pos] = k[0]
     kv[li, 1, :, rows.pos] = v[0]
     keys, values = kv[li, 0][None], kv[li, 1][None]
@@ -466,7 +465,9 @@ def blend_prefill(
             attention = torch.stack(weights).sum(0)
             picked = recompute_by_attention(attention, ratio, spans)
         rows = _question_rows(model, ids, question, picked)
-    carried = None if drift is None or focus is None else (focus[1], drift)
+    carried = None
+    if drift is not None and focus is not None:
+        carried = DriftCorrection(rows.pos.cpu().numpy(), focus[1], n, drift, dev)
     for li in range(first, layers):
         _layer(model, li, rows, kv, drift=carried)
     logits = model.lm_head(body.norm(rows.hidden[:, -1:]))[0, -1].float()

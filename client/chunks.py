@@ -450,6 +450,7 @@ def correct_drift(
     and before writing them into the layer (their reused KV is read here) and before any
     token attends to the layer. K's drift is averaged unrotated (RoPE is a linear rotation
     per position: R(p) a - R(p) b = R(p)(a - b)) and rotated to each token it moves.
+    `DriftCorrection` does the same with the indexes made once for every layer of a pass.
 
     `layer_kv`: the layer's KV `[2, tokens, heads, head_dim]` (a view will do), K rotated
     to each token's position; `fresh`: the recomputed tokens' `[2, len(picked), heads,
@@ -461,38 +462,90 @@ def correct_drift(
         raise InvalidArgument(
             f"layer_kv must be [2, tokens, heads, head_dim], got {tuple(layer_kv.shape)}"
         )
-    picked = np.asarray(picked, np.int64)
-    _, tokens, heads, dim = layer_kv.shape
-    if fresh.shape != (2, picked.size, heads, dim):
-        raise InvalidArgument(
-            f"fresh must be [2, {picked.size}, {heads}, {dim}] (one row per picked token), "
-            f"got {tuple(fresh.shape)}"
+    plan = DriftCorrection(picked, spans, layer_kv.shape[1], rope, layer_kv.device, share)
+    plan.apply(layer_kv, fresh)
+
+
+class DriftCorrection:
+    """`correct_drift` for every layer of one recompute pass: the positions, the chunks'
+    membership and the RoPE angles are the same on each layer, so they are laid out once
+    (on `device`) and `apply` runs a few kernels a layer, with no host round trip."""
+
+    def __init__(
+        self,
+        picked: np.ndarray,
+        spans: Sequence[tuple[int, int]],
+        tokens: int,
+        rope: RopeConfig,
+        device: torch.device | str,
+        share: float = DRIFT_SHARE,
+    ) -> None:
+        picked = np.asarray(picked, np.int64)
+        if picked.ndim != 1 or (
+            picked.size and (np.any(np.diff(picked) <= 0) or picked[0] < 0 or picked[-1] >= tokens)
+        ):
+            raise InvalidArgument(f"picked must be sorted distinct positions below {tokens}")
+        if not 0 <= share <= 1:
+            raise InvalidArgument(f"share must be between 0 and 1, got {share}")
+        owner = np.full(picked.size, -1, np.int64)  # the moving chunk of each picked token
+        self.ranges: list[tuple[int, int]] = []  # the moving chunks' positions
+        targets: list[np.ndarray] = []
+        target_owner: list[np.ndarray] = []
+        for start, length in spans:
+            if start < 0 or length < 0 or start + length > tokens:
+                raise InvalidArgument(f"span ({start}, {length}) is outside the {tokens} tokens")
+            inside = (picked >= start) & (picked < start + length)
+            if 0 < inside.sum() < length:  # some recomputed, some left: the rest moves
+                owner[inside] = len(targets)
+                target_owner.append(np.full(length, len(targets), np.int64))
+                targets.append(np.arange(start, start + length))
+                self.ranges.append((start, start + length))
+        self.picked, self.rope, self.share = picked, rope, share
+        self.moving = len(targets) > 0 and share > 0
+        if not self.moving:
+            return
+        dev = torch.device(device)
+        members = np.flatnonzero(owner >= 0)
+        to = lambda a: torch.from_numpy(a).to(dev)  # noqa: E731
+        self.where, self.members, self.owner = to(picked), to(members), to(owner[members])
+        self.counts = to(np.bincount(owner[members], minlength=len(targets)).astype(np.float32))
+        self.targets = to(np.concatenate(targets))
+        self.target_owner = to(np.concatenate(target_owner))
+        cos, sin = _angles(rope, tokens, str(dev))
+        self.cos_p, self.sin_p = cos[self.where], sin[self.where]
+        self.cos_t, self.sin_t = cos[self.targets], sin[self.targets]
+
+    def apply(self, layer_kv: torch.Tensor, fresh: torch.Tensor) -> None:
+        """`correct_drift` on one layer: `layer_kv` `[2, tokens, heads, head_dim]` (a view
+        will do), `fresh` `[2, len(picked), heads, head_dim]`."""
+        if layer_kv.dim() != 4 or layer_kv.shape[0] != 2:
+            raise InvalidArgument(
+                f"layer_kv must be [2, tokens, heads, head_dim], got {tuple(layer_kv.shape)}"
+            )
+        _, _, heads, dim = layer_kv.shape
+        if fresh.shape != (2, self.picked.size, heads, dim):
+            raise InvalidArgument(
+                f"fresh must be [2, {self.picked.size}, {heads}, {dim}] (one row per picked "
+                f"token), got {tuple(fresh.shape)}"
+            )
+        if not self.moving:
+            return
+        kept = layer_kv[:, self.where]  # a copy: the recomputed tokens' reused KV
+        drift = fresh.float() - kept.float()  # [2, picked, heads, dim]
+        drift[0] = _turned(drift[0], self.cos_p, -self.sin_p, self.rope)  # K's, unrotated
+        sums = torch.zeros(
+            (2, self.counts.numel(), heads, dim), dtype=torch.float32, device=drift.device
         )
-    if picked.size and (np.any(np.diff(picked) <= 0) or picked[0] < 0 or picked[-1] >= tokens):
-        raise InvalidArgument(f"picked must be sorted distinct positions below {tokens}")
-    if not 0 <= share <= 1:
-        raise InvalidArgument(f"share must be between 0 and 1, got {share}")
-    for start, length in spans:
-        if start < 0 or length < 0 or start + length > tokens:
-            raise InvalidArgument(f"span ({start}, {length}) is outside the {tokens} tokens")
-    if not picked.size or share == 0:
-        return
-    dev, dtype = layer_kv.device, layer_kv.dtype
-    where = torch.from_numpy(picked).to(dev)
-    kept = layer_kv[:, where]  # a copy: the recomputed tokens' reused KV
-    cos, sin = _angles(rope, tokens, str(dev))
-    drift = fresh.float() - kept.float()  # [2, picked, heads, dim]
-    drift[0] = _turned(drift[0], cos[where], -sin[where], rope)  # K's, unrotated
-    for start, length in spans:
-        inside = np.flatnonzero((picked >= start) & (picked < start + length))
-        if not inside.size or inside.size == length:
-            continue
-        mean = drift[:, torch.from_numpy(inside).to(dev)].mean(1) * share  # [2, heads, dim]
-        span = slice(start, start + length)
-        k_move = _turned(mean[0].expand(length, heads, dim), cos[span], sin[span], rope)
-        layer_kv[0, span] = (layer_kv[0, span].float() + k_move).to(dtype)
-        layer_kv[1, span] = (layer_kv[1, span].float() + mean[1]).to(dtype)
-    layer_kv[:, where] = kept  # the recomputed tokens as they were: the caller writes theirs
+        sums.index_add_(1, self.owner, drift[:, self.members])
+        means = sums * (self.share / self.counts)[None, :, None, None]
+        move = means[:, self.target_owner]  # [2, targets, heads, dim]
+        move[0] = _turned(move[0], self.cos_t, self.sin_t, self.rope)
+        move = move.to(layer_kv.dtype)
+        at = 0
+        for start, stop in self.ranges:  # slices of the layer: no gather, no scatter
+            layer_kv[:, start:stop] += move[:, at : at + stop - start]
+            at += stop - start
+        layer_kv[:, self.where] = kept  # the recomputed tokens as they were: the caller's
 
 
 @functools.lru_cache(maxsize=8)
