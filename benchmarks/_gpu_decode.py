@@ -2,8 +2,9 @@
 
 The model runs on the CPU (the GPU machine has no transformers or model files), so the CPU
 run saves its containers (`bench_codecs.py --save-containers DIR`: one directory per codec
-spec that decodes on the GPU, one file per 256-token chunk of each prompt) and the GPU run
-decodes them (`bench_codecs.py --gpu-decode DIR`):
+spec, one file per 256-token chunk of each prompt) and the GPU run decodes them
+(`bench_codecs.py --gpu-decode DIR`); a codec without a GPU decoder (`cachegen-zstd`) gets
+the CPU figures alone:
 
 - every container decodes on the GPU to exactly the CPU decoder's bits (checked first);
 - **GPU decode**: batches of the chunks (repeated up to `--gpu-batch` bytes of output)
@@ -85,6 +86,14 @@ def run(directory: Path, batch_bytes: int, repeats: int) -> tuple[dict[str, Any]
         files = sorted(sub.glob(f"*{SUFFIX}"))
         blobs = [f.read_bytes() for f in files]
         wants = [decode(b) for b in blobs]
+        codec = codec_from_spec(spec)
+        if codec.gpu_decoder() is None:  # a host codec: its CPU figures on this host
+            ratio = sum(w.nbytes for w in wants) / sum(map(len, blobs))
+            row = {"spec": spec, "chunks": len(files), "ratio": ratio}
+            row["cpu"] = demotion.rates(spec, codec, wants, repeats)
+            rows.append(row)
+            progress(f"{spec}: {row}")
+            continue
         items = _batch(blobs, wants, 0)
         decode_values(items, stream).wait()
         for (_, out), want, f in zip(items, wants, files, strict=True):
@@ -129,7 +138,6 @@ def run(directory: Path, batch_bytes: int, repeats: int) -> tuple[dict[str, Any]
         row["gpu_over_d2d"] = row["gpu_GBps"] / limit["d2d_GBps"]
         # The chunks are encoded again from what they decode to (the model is not here):
         # the same shapes and statistics, the speed of the real work.
-        codec = codec_from_spec(spec)
         encoder = codec.gpu_encoder()
         device = torch.cuda.current_device() if encoder is not None else None
         row["cpu"] = demotion.rates(spec, codec, wants, repeats, device)
@@ -158,7 +166,7 @@ def run(directory: Path, batch_bytes: int, repeats: int) -> tuple[dict[str, Any]
         f"{'spec':<28} {'chunks':>6} {'out GB':>7} {'ratio':>6} {'GPU GB/s':>9} "
         f"{'/target':>8} {'/H2D':>6} {'/D2D':>6} {'wall GB/s':>10}",
     ]
-    for r in rows:
+    for r in (r for r in rows if "gpu_GBps" in r):
         verdict = "PASS" if r["gpu_GBps"] >= TARGET_GBPS else "MISS"
         lines.append(
             f"{r['spec']:<28} {r['chunks']:>6} {r['output_bytes'] / 1e9:>7.2f} {r['ratio']:>5.2f}x "

@@ -48,7 +48,8 @@ writing its output, its encode rate on the host threads and its decode rate on o
 (`_demotion.py`).
 
 The GPU decode figures (`_gpu_decode.py`) come from a GPU machine without the model, on
-the containers a CPU run saved.
+the containers a CPU run saved; so do the CPU figures of a GPU server's host, for every
+saved codec.
 """
 
 from __future__ import annotations
@@ -545,8 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--save-containers",
         type=Path,
         metavar="DIR",
-        help="also write the chunk containers of each codec that decodes on the GPU to DIR, "
-        "for --gpu-decode on a GPU machine",
+        help="also write every codec's chunk containers to DIR, for --gpu-decode on a GPU "
+        "machine (GPU decode where the codec has a GPU decoder, CPU rates on that host for all)",
     )
     p.add_argument(
         "--gpu-decode",
@@ -723,13 +724,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from _gpu_decode import save_containers
 
         for _, codec in codecs:
-            if codec.gpu_decoder() is not None:
-                for case in cases:
-                    chunks = chunked(case.kv, args.chunk_tokens)
-                    coders = chunk_codecs(codec, len(chunks))
-                    blobs = [c.encode(x) for c, x in zip(coders, chunks, strict=True)]
-                    save_containers(args.save_containers, codec.spec(), case.name, blobs)
-        progress(f"saved the containers of GPU-decodable codecs under {args.save_containers}")
+            for case in cases:
+                chunks = chunked(case.kv, args.chunk_tokens)
+                coders = chunk_codecs(codec, len(chunks))
+                blobs = [c.encode(x) for c, x in zip(coders, chunks, strict=True)]
+                save_containers(args.save_containers, codec.spec(), case.name, blobs)
+        progress(f"saved the codecs' containers under {args.save_containers}")
     speeds = []
     for label, codec in codecs:
         progress(f"{label}: demotion through a store's ssd writer, LMDB, decode on one core")
