@@ -64,7 +64,6 @@ that prompts keep retrieving outlives a newer one read once (`kvstore.policy.gds
 
 from __future__ import annotations
 
-import functools
 import itertools
 from collections.abc import Sequence
 from typing import Any
@@ -509,11 +508,9 @@ class DriftCorrection:
         to = lambda a: torch.from_numpy(a).to(dev)  # noqa: E731
         self.where, self.members, self.owner = to(picked), to(members), to(owner[members])
         self.counts = to(np.bincount(owner[members], minlength=len(targets)).astype(np.float32))
-        self.targets = to(np.concatenate(targets))
         self.target_owner = to(np.concatenate(target_owner))
-        cos, sin = _angles(rope, tokens, str(dev))
-        self.cos_p, self.sin_p = cos[self.where], sin[self.where]
-        self.cos_t, self.sin_t = cos[self.targets], sin[self.targets]
+        self.cos_p, self.sin_p = _angles(rope, picked, dev)  # once a pass, for every layer
+        self.cos_t, self.sin_t = _angles(rope, np.concatenate(targets), dev)
 
     def apply(self, layer_kv: torch.Tensor, fresh: torch.Tensor) -> None:
         """`correct_drift` on one layer: `layer_kv` `[2, tokens, heads, head_dim]` (a view
@@ -548,11 +545,12 @@ class DriftCorrection:
         layer_kv[:, self.where] = kept  # the recomputed tokens as they were: the caller's
 
 
-@functools.lru_cache(maxsize=8)
-def _angles(rope: RopeConfig, tokens: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (float32 `[tokens, rotary_dim / 2]`, from float64 angles) of RoPE's
-    rotation at positions 0..tokens-1: the same for every layer of a pass."""
-    angle = np.arange(tokens, dtype=np.float64)[:, None] * rope.inv_freq()[None, :]
+def _angles(
+    rope: RopeConfig, positions: np.ndarray, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (float32 `[len(positions), rotary_dim / 2]`, from float64 angles, as
+    `rerotate_k` makes them) of RoPE's rotation at `positions`."""
+    angle = positions.astype(np.float64)[:, None] * rope.inv_freq()[None, :]
     cos = torch.from_numpy(np.cos(angle).astype(np.float32)).to(device)
     return cos, torch.from_numpy(np.sin(angle).astype(np.float32)).to(device)
 
