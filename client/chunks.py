@@ -503,14 +503,20 @@ class DriftCorrection:
         self.moving = len(targets) > 0 and share > 0
         if not self.moving:
             return
-        dev = torch.device(device)
         members = np.flatnonzero(owner >= 0)
-        to = lambda a: torch.from_numpy(a).to(dev)  # noqa: E731
-        self.where, self.members, self.owner = to(picked), to(members), to(owner[members])
-        self.counts = to(np.bincount(owner[members], minlength=len(targets)).astype(np.float32))
-        self.target_owner = to(np.concatenate(target_owner))
-        self.cos_p, self.sin_p = _angles(rope, picked, dev)  # once a pass, for every layer
-        self.cos_t, self.sin_t = _angles(rope, np.concatenate(targets), dev)
+        counts = np.bincount(owner[members], minlength=len(targets))
+        moved = np.concatenate(targets)
+        parts = [picked, members, owner[members], counts, np.concatenate(target_owner), moved]
+        # One copy to the device for all of them (each copy of its own would wait for the
+        # device's queue), then views; the angles computed there, once a pass.
+        flat = torch.from_numpy(np.concatenate(parts)).to(torch.device(device))
+        where, members_t, owner_t, counts_t, target_owner_t, moved_t = flat.split(
+            [p.size for p in parts]
+        )
+        self.where, self.members, self.owner = where, members_t, owner_t
+        self.counts, self.target_owner = counts_t.float(), target_owner_t
+        self.cos_p, self.sin_p = _angles(rope, where)
+        self.cos_t, self.sin_t = _angles(rope, moved_t)
 
     def apply(self, layer_kv: torch.Tensor, fresh: torch.Tensor) -> None:
         """`correct_drift` on one layer: `layer_kv` `[2, tokens, heads, head_dim]` (a view
@@ -545,14 +551,12 @@ class DriftCorrection:
         layer_kv[:, self.where] = kept  # the recomputed tokens as they were: the caller's
 
 
-def _angles(
-    rope: RopeConfig, positions: np.ndarray, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _angles(rope: RopeConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin (float32 `[len(positions), rotary_dim / 2]`, from float64 angles, as
-    `rerotate_k` makes them) of RoPE's rotation at `positions`."""
-    angle = positions.astype(np.float64)[:, None] * rope.inv_freq()[None, :]
-    cos = torch.from_numpy(np.cos(angle).astype(np.float32)).to(device)
-    return cos, torch.from_numpy(np.sin(angle).astype(np.float32)).to(device)
+    `rerotate_k` makes them) of RoPE's rotation at `positions`, on their device."""
+    inv = torch.from_numpy(rope.inv_freq()).to(positions.device, torch.float64)
+    angle = positions.double()[:, None] * inv[None, :]
+    return angle.cos().float(), angle.sin().float()
 
 
 def _turned(
