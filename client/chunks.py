@@ -457,10 +457,7 @@ def correct_drift(
     `spans`, the question's, are left out of the means); `spans`: the reused chunks (start,
     length), each corrected from its own recomputed tokens (a chunk with none is left
     alone); `rope`: the model's rotary settings."""
-    if layer_kv.dim() != 4 or layer_kv.shape[0] != 2:
-        raise InvalidArgument(
-            f"layer_kv must be [2, tokens, heads, head_dim], got {tuple(layer_kv.shape)}"
-        )
+    _check_layer(layer_kv)
     plan = DriftCorrection(picked, spans, layer_kv.shape[1], rope, layer_kv.device, share)
     plan.apply(layer_kv, fresh)
 
@@ -488,25 +485,22 @@ class DriftCorrection:
             raise InvalidArgument(f"share must be between 0 and 1, got {share}")
         owner = np.full(picked.size, -1, np.int64)  # the moving chunk of each picked token
         self.ranges: list[tuple[int, int]] = []  # the moving chunks' positions
-        targets: list[np.ndarray] = []
-        target_owner: list[np.ndarray] = []
         for start, length in spans:
-            if start < 0 or length < 0 or start + length > tokens:
-                raise InvalidArgument(f"span ({start}, {length}) is outside the {tokens} tokens")
+            _check_span(start, length, tokens)
             inside = (picked >= start) & (picked < start + length)
             if 0 < inside.sum() < length:  # some recomputed, some left: the rest moves
-                owner[inside] = len(targets)
-                target_owner.append(np.full(length, len(targets), np.int64))
-                targets.append(np.arange(start, start + length))
+                owner[inside] = len(self.ranges)
                 self.ranges.append((start, start + length))
         self.picked, self.rope, self.share = picked, rope, share
-        self.moving = len(targets) > 0 and share > 0
+        self.moving = len(self.ranges) > 0 and share > 0
         if not self.moving:
             return
         members = np.flatnonzero(owner >= 0)
-        counts = np.bincount(owner[members], minlength=len(targets))
-        moved = np.concatenate(targets)
-        parts = [picked, members, owner[members], counts, np.concatenate(target_owner), moved]
+        counts = np.bincount(owner[members], minlength=len(self.ranges))
+        lengths = [stop - start for start, stop in self.ranges]
+        moved = np.concatenate([np.arange(start, stop) for start, stop in self.ranges])
+        target_owner = np.repeat(np.arange(len(self.ranges)), lengths)
+        parts = [picked, members, owner[members], counts, target_owner, moved]
         # One copy to the device for all of them (each copy of its own would wait for the
         # device's queue), then views; the angles computed there, once a pass.
         flat = torch.from_numpy(np.concatenate(parts)).to(torch.device(device))
@@ -521,10 +515,7 @@ class DriftCorrection:
     def apply(self, layer_kv: torch.Tensor, fresh: torch.Tensor) -> None:
         """`correct_drift` on one layer: `layer_kv` `[2, tokens, heads, head_dim]` (a view
         will do), `fresh` `[2, len(picked), heads, head_dim]`."""
-        if layer_kv.dim() != 4 or layer_kv.shape[0] != 2:
-            raise InvalidArgument(
-                f"layer_kv must be [2, tokens, heads, head_dim], got {tuple(layer_kv.shape)}"
-            )
+        _check_layer(layer_kv)
         _, _, heads, dim = layer_kv.shape
         if fresh.shape != (2, self.picked.size, heads, dim):
             raise InvalidArgument(
@@ -580,11 +571,22 @@ def _turned(
     return out
 
 
+def _check_layer(layer_kv: torch.Tensor) -> None:
+    if layer_kv.dim() != 4 or layer_kv.shape[0] != 2:
+        raise InvalidArgument(
+            f"layer_kv must be [2, tokens, heads, head_dim], got {tuple(layer_kv.shape)}"
+        )
+
+
+def _check_span(start: int, length: int, tokens: int) -> None:
+    if start < 0 or length < 0 or start + length > tokens:
+        raise InvalidArgument(f"span ({start}, {length}) is outside the {tokens} tokens")
+
+
 def _span_positions(spans: Sequence[tuple[int, int]], tokens: int) -> np.ndarray:
     parts = []
     for start, length in spans:
-        if start < 0 or length < 0 or start + length > tokens:
-            raise InvalidArgument(f"span ({start}, {length}) is outside the {tokens} tokens")
+        _check_span(start, length, tokens)
         parts.append(np.arange(start, start + length))
     return np.unique(np.concatenate(parts)) if parts else np.empty(0, np.int64)
 
