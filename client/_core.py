@@ -17,8 +17,9 @@ import time
 import weakref
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
+import grpc
 import numpy as np
 import torch
 
@@ -44,7 +45,7 @@ from kvstore.client._transfer import (
 from kvstore.codecs.base import codec_ids, gpu_decodable_codecs
 from kvstore.codecs.container import checksum
 from kvstore.dtypes import BY_NAME, dtype_name, expected_nbytes
-from kvstore.errors import DataLoss, InvalidArgument, Overloaded, Unavailable
+from kvstore.errors import DataLoss, InvalidArgument, KVStoreError, Overloaded, Unavailable
 from kvstore.kernels import checksum as checksum_kernels
 from kvstore.kernels.blocks import DeviceBuffer
 from kvstore.keys import chunk_keys
@@ -52,6 +53,7 @@ from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire import PIECE_BYTES, READ_METHODS, Piece
 
 T = TypeVar("T")
+DEADLINE = grpc.StatusCode.DEADLINE_EXCEEDED
 log = logging.getLogger("kvstore.client")
 BACKGROUND_TIMEOUT_S = 30.0
 _PARALLEL_HASH = 1 << 20  # values from this size are hashed beside their copy
@@ -70,6 +72,7 @@ class Call:
     request: Any
     sink: Callable[[Any], None] | None = None
     wait: bool = True
+    refused: Overloaded | None = field(default=None, repr=False)  # the last refusal retried
 
     def fresh_request(self) -> Any:
         """The request to send on this attempt: a stream of pieces is made anew each time."""
@@ -86,7 +89,17 @@ class Call:
         if deadline is not None and time.monotonic() + delay >= deadline:
             return None
         log.debug("kvstore server busy; %s again in %.0f ms", self.method, delay * 1000)
+        self.refused = exc
         return delay
+
+    def give_up(self, exc: KVStoreError) -> NoReturn:
+        """Raise the error that ends this call's attempts, `exc`; but when an attempt sent
+        again after a refusal runs out of the call's deadline (on a loaded machine its own
+        round trip can outlast what was left), the refusal that kept the write from being
+        done, not DEADLINE_EXCEEDED: `Overloaded` says why, and that nothing was stored."""
+        if self.refused is not None and getattr(exc, "code", None) == DEADLINE:
+            raise self.refused from exc
+        raise exc
 
 
 # How long an engine's best-effort save (StoreCache, the vLLM connector) keeps sending writes

@@ -112,7 +112,7 @@ class AsyncKVClient:
             except KVStoreError as exc:
                 delay = call.retry_delay(exc, earliest(deadline, retry_until))
                 if delay is None:
-                    raise
+                    call.give_up(exc)
                 await asyncio.sleep(delay)
 
     async def _invoke_once(self, call: Call, deadline: float | None) -> Any:

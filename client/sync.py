@@ -167,7 +167,7 @@ class KVClient:
             except KVStoreError as exc:
                 delay = call.retry_delay(exc, earliest(deadline, retry_until))
                 if delay is None:
-                    raise
+                    call.give_up(exc)
                 time.sleep(delay)
 
     def _invoke_once(self, call: Call, deadline: float | None) -> Any:
