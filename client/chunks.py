@@ -73,6 +73,8 @@ import torch
 
 from kvstore.client.sync import KVClient
 from kvstore.errors import InvalidArgument
+from kvstore.kernels.drift import drift_cpu
+from kvstore.kernels.floatbits import WORD_KINDS, WORDS_F32
 from kvstore.kernels.rope import RopeConfig, rerotate_k
 from kvstore.keys import derived_key, doc_key
 
@@ -116,7 +118,7 @@ class ChunkCache:
             return salt
         return salt + "|after:" + doc_key(prefix, self._salt).hex()
 
-    def _check_kv(self, kv: torch.Tensor, what: str) -> tuple[int, ...]:
+    def _check_kv(self, kv: torch.Tensor, what: str, contiguous: bool = True) -> tuple[int, ...]:
         if not isinstance(kv, torch.Tensor) or kv.dim() != 5 or kv.shape[1] != 2:
             shape = tuple(kv.shape) if isinstance(kv, torch.Tensor) else type(kv).__name__
             raise InvalidArgument(
@@ -127,7 +129,7 @@ class ChunkCache:
                 f"{what} has head_dim {kv.shape[4]}; the RoPE configuration says "
                 f"{self.rope.head_dim}"
             )
-        if not kv.is_contiguous():
+        if contiguous and not kv.is_contiguous():
             raise InvalidArgument(f"{what} must be contiguous")
         return tuple(kv.shape)
 
@@ -262,8 +264,9 @@ class ChunkCache:
         which were found. `prefix`: the chunks stored as prefilled after these tokens;
         `in_context`: the means of their KV computed among other documents (after `prefix`).
         CUDA `out`: the copies and rotations run on `stream` (default: the current one) and
-        are done when this returns."""
-        shape = self._check_kv(out, "out")
+        are done when this returns. `out` may be a view (a heads-first cache transposed, say:
+        each chunk is copied into it once)."""
+        shape = self._check_kv(out, "out", contiguous=False)
         if len(token_id_lists) != len(positions):
             raise InvalidArgument(f"{len(token_id_lists)} chunks but {len(positions)} positions")
         spans = []
@@ -465,7 +468,8 @@ def correct_drift(
 class DriftCorrection:
     """`correct_drift` for every layer of one recompute pass: the positions, the chunks'
     membership and the RoPE angles are the same on each layer, so they are laid out once
-    (on `device`) and `apply` runs a few kernels a layer, with no host round trip."""
+    (on `device`) and `apply` runs a few kernels a layer, with no host round trip; on the
+    host, one numba call a layer (`kvstore.kernels.drift`)."""
 
     def __init__(
         self,
@@ -493,81 +497,137 @@ class DriftCorrection:
                 self.ranges.append((start, start + length))
         self.picked, self.rope, self.share = picked, rope, share
         self.moving = len(self.ranges) > 0 and share > 0
+        self.host: tuple[np.ndarray, ...] | None = None  # the numba kernel's arguments
         if not self.moving:
             return
         members = np.flatnonzero(owner >= 0)
         counts = np.bincount(owner[members], minlength=len(self.ranges))
-        lengths = [stop - start for start, stop in self.ranges]
         moved = np.concatenate([np.arange(start, stop) for start, stop in self.ranges])
-        target_owner = np.repeat(np.arange(len(self.ranges)), lengths)
-        parts = [picked, members, owner[members], counts, target_owner, moved]
+        parts = [picked, members, owner[members], counts, moved]
         # One copy to the device for all of them (each copy of its own would wait for the
         # device's queue), then views; the angles computed there, once a pass.
         flat = torch.from_numpy(np.concatenate(parts)).to(torch.device(device))
-        where, members_t, owner_t, counts_t, target_owner_t, moved_t = flat.split(
-            [p.size for p in parts]
-        )
+        where, members_t, owner_t, counts_t, moved_t = flat.split([p.size for p in parts])
         self.where, self.members, self.owner = where, members_t, owner_t
-        self.counts, self.target_owner = counts_t.float(), target_owner_t
-        self.cos_p, self.sin_p = _angles(rope, where)
-        self.cos_t, self.sin_t = _angles(rope, moved_t)
+        self.counts = counts_t.float()
+        self.cos_p, self.sin_p = _tables(rope, where)
+        self.cos_t, self.sin_t = _tables(rope, moved_t)
+        if flat.device.type == "cpu":
+            first, second = _pairs(rope)
+            channels = np.arange(rope.head_dim)
+            partner, sign = channels.copy(), np.zeros(rope.head_dim, np.float32)
+            partner[first], partner[second] = channels[second], channels[first]
+            sign[first], sign[second] = -1.0, 1.0
+            is_picked = np.zeros(tokens, np.bool_)
+            is_picked[picked] = True
+            starts, stops = np.array(self.ranges, np.int64).reshape(-1, 2).T
+            self.host = (
+                picked, owner, counts.astype(np.float32), starts, stops,
+                self.cos_p.numpy(), self.sin_p.numpy(), self.cos_t.numpy(), self.sin_t.numpy(),
+                partner, sign, is_picked,
+            )  # fmt: skip
 
     def apply(self, layer_kv: torch.Tensor, fresh: torch.Tensor) -> None:
         """`correct_drift` on one layer: `layer_kv` `[2, tokens, heads, head_dim]` (a view
         will do), `fresh` `[2, len(picked), heads, head_dim]`."""
         _check_layer(layer_kv)
         _, _, heads, dim = layer_kv.shape
-        if fresh.shape != (2, self.picked.size, heads, dim):
+        if fresh.shape != (2, self.picked.size, heads, dim) or dim != self.rope.head_dim:
             raise InvalidArgument(
-                f"fresh must be [2, {self.picked.size}, {heads}, {dim}] (one row per picked "
-                f"token), got {tuple(fresh.shape)}"
+                f"fresh must be [2, {self.picked.size}, {heads}, {self.rope.head_dim}] (one "
+                f"row per picked token, the RoPE's head_dim), got {tuple(fresh.shape)}"
             )
         if not self.moving:
             return
+        if self.host is not None and not layer_kv.is_cuda:
+            self._apply_host(layer_kv, fresh)
+        else:
+            self._apply_torch(layer_kv, fresh)
+
+    def _apply_host(self, layer_kv: torch.Tensor, fresh: torch.Tensor) -> None:
+        assert self.host is not None
+        kind = WORD_KINDS.get(str(layer_kv.dtype).removeprefix("torch."))
+        if kind is None:
+            raise InvalidArgument(
+                f"layer_kv must be float32, float16 or bfloat16, not {layer_kv.dtype}"
+            )
+        signed, word = (torch.int32, np.uint32) if kind == WORDS_F32 else (torch.int16, np.uint16)
+        words = layer_kv.view(signed).numpy().view(word)  # any strides: the layer's own memory
+        values = fresh.float().contiguous().numpy()
+        (
+            where,
+            owner,
+            counts,
+            starts,
+            stops,
+            cos_p,
+            sin_p,
+            cos_t,
+            sin_t,
+            partner,
+            sign,
+            is_picked,
+        ) = self.host
+        drift_cpu(words, kind, values, where, owner, counts, starts, stops, cos_p, sin_p,
+                  cos_t, sin_t, partner, sign, self.share, is_picked)  # fmt: skip
+
+    def _apply_torch(self, layer_kv: torch.Tensor, fresh: torch.Tensor) -> None:
+        _, _, heads, dim = layer_kv.shape
         kept = layer_kv[:, self.where]  # a copy: the recomputed tokens' reused KV
         drift = fresh.float() - kept.float()  # [2, picked, heads, dim]
-        drift[0] = _turned(drift[0], self.cos_p, -self.sin_p, self.rope)  # K's, unrotated
+        k = drift[0]  # K's drift turned back to position 0: R(-p) x = x cos - swapped(x) sin
+        drift[0] = k * self.cos_p[:, None] - _swapped(k, self.rope) * self.sin_p[:, None]
         sums = torch.zeros(
             (2, self.counts.numel(), heads, dim), dtype=torch.float32, device=drift.device
         )
         sums.index_add_(1, self.owner, drift[:, self.members])
         means = sums * (self.share / self.counts)[None, :, None, None]
-        move = means[:, self.target_owner]  # [2, targets, heads, dim]
-        move[0] = _turned(move[0], self.cos_t, self.sin_t, self.rope)
-        move = move.to(layer_kv.dtype)
+        swapped = _swapped(means[0], self.rope)
         at = 0
-        for start, stop in self.ranges:  # slices of the layer: no gather, no scatter
-            layer_kv[:, start:stop] += move[:, at : at + stop - start]
-            at += stop - start
+        for i, (start, stop) in enumerate(self.ranges):  # slices of the layer, in place
+            n = stop - start
+            keys = layer_kv[0, start:stop]  # += R(p) mean: mean cos + swapped(mean) sin
+            keys.addcmul_(self.cos_t[at : at + n, None], means[0, i])
+            keys.addcmul_(self.sin_t[at : at + n, None], swapped[i])
+            layer_kv[1, start:stop] += means[1, i]
+            at += n
         layer_kv[:, self.where] = kept  # the recomputed tokens as they were: the caller's
 
 
-def _angles(rope: RopeConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (float32 `[len(positions), rotary_dim / 2]`, from float64 angles, as
-    `rerotate_k` makes them) of RoPE's rotation at `positions`, on their device."""
+def _tables(rope: RopeConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE's rotation at `positions` as two float32 `[len(positions), head_dim]` tables,
+    `cos` and `sin` (from float64 angles, as `rerotate_k` makes them), each pair's angle on
+    both its channels, and 1 and 0 on the channels past rotary_dim: a token's `x` turns to
+    `x * cos + _swapped(x) * sin` (and back with `- sin`)."""
     inv = torch.from_numpy(rope.inv_freq()).to(positions.device, torch.float64)
     angle = positions.double()[:, None] * inv[None, :]
-    return angle.cos().float(), angle.sin().float()
+    first, second = _pairs(rope)
+    tables = []
+    for part, fill in ((angle.cos().float(), 1.0), (angle.sin().float(), 0.0)):
+        table = torch.full(
+            (positions.numel(), rope.head_dim), fill, dtype=torch.float32, device=positions.device
+        )
+        table[:, first], table[:, second] = part, part
+        tables.append(table)
+    return tables[0], tables[1]
 
 
-def _turned(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: RopeConfig
-) -> torch.Tensor:
-    """float32 `x` (`[tokens, heads, head_dim]`) turned by RoPE's angles `cos`, `sin`
-    (`[tokens, rotary_dim / 2]`; the negated sine turns back), pairing its channels as
-    `rope` does; the channels past rotary_dim as they are. A copy."""
+def _pairs(rope: RopeConfig) -> tuple[slice, slice]:
+    """The channels of each rotating pair's first and second member, as `rope` pairs them."""
     r = rope.rotary_dim
     assert r is not None
-    c, s = cos[:, None, :], sin[:, None, :]
-    first, second = (
-        (slice(0, r // 2), slice(r // 2, r))
-        if rope.pairing == "neox"
-        else (slice(0, r, 2), slice(1, r, 2))
-    )
-    a, b = x[..., first], x[..., second]
-    out = x.clone()
-    out[..., first] = a * c - b * s
-    out[..., second] = b * c + a * s
+    if rope.pairing == "neox":
+        return slice(0, r // 2), slice(r // 2, r)
+    return slice(0, r, 2), slice(1, r, 2)
+
+
+def _swapped(x: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
+    """float32 `x` (`[..., head_dim]`) with each rotating pair (a, b) made (-b, a), and
+    zero past rotary_dim: what RoPE's sine multiplies. A new tensor."""
+    first, second = _pairs(rope)
+    out = torch.zeros_like(x)
+    out[..., first] = -x[..., second]
+    out[..., second] = x[..., first]
     return out
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kvstore.client.chunks import (
+    DriftCorrection,
     RepairSchedule,
     correct_drift,
     recompute_by_attention,
@@ -302,3 +303,31 @@ def test_correct_drift_takes_a_view_and_refuses_bad_input() -> None:
     for lay, fr, picked, spans, share, message in bad:
         with pytest.raises(InvalidArgument, match=message):
             correct_drift(lay, fr, np.array(picked), spans, rope, share)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rope", [RopeConfig(16), RopeConfig(16, rotary_dim=8, pairing="gptj")])
+def test_the_host_kernel_moves_tokens_as_the_torch_ops_do(
+    dtype: torch.dtype, rope: RopeConfig
+) -> None:
+    """On the host, `DriftCorrection` runs one numba call a layer (`kvstore.kernels.drift`);
+    on a GPU, torch ops. On a heads-first cache's view, in each dtype, with channels past
+    rotary_dim: the same moves, to the float32 rounding of the two ways' sums (one rounding
+    to the dtype against torch's two)."""
+    g = torch.Generator().manual_seed(3)
+    tokens, heads = 60, 3
+    cache = torch.randn(2, heads, tokens, 16, generator=g).to(dtype)  # [2, heads, tokens, dim]
+    spans = [(2, 20), (22, 20), (42, 14)]
+    picked = np.array([3, 8, 9, 25, 41, 57, 58])  # 57, 58 outside every span
+    fresh = torch.randn(2, picked.size, heads, 16, generator=g).to(dtype)
+    plan = DriftCorrection(picked, spans, tokens, rope, "cpu", share=0.7)
+    assert plan.host is not None
+    by_kernel, by_torch = cache.clone(), cache.clone()
+    plan.apply(by_kernel.transpose(1, 2), fresh)
+    plan._apply_torch(by_torch.transpose(1, 2), fresh)
+    assert not torch.equal(by_kernel, cache)  # something moved
+    assert torch.equal(by_kernel[:, :, picked], cache[:, :, picked])
+    assert torch.equal(by_kernel[:, :, 42:], cache[:, :, 42:])  # no recomputed token: stays
+    ulp = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    err = (by_kernel.float() - by_torch.float()).abs().max()
+    assert float(err) <= 2 * ulp * float(cache.float().abs().max() + 1), float(err)

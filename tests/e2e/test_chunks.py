@@ -69,6 +69,12 @@ def test_chunks_come_back_rotated_to_their_new_positions(server) -> None:  # typ
             want = rope_at(raw, pos)
             err = (got[:, 0].double() - want).abs().max()
             assert err < 1e-5 * want.abs().max() * 10, (doc, float(err))
+        # Into an engine's heads-first cache (`[layers, 2, heads, tokens, dim]`) through a
+        # transposed view: the same values where they belong, nothing else touched.
+        heads_first = torch.full((LAYERS, 2, HEADS, 5100, DIM), 7.0)
+        view = heads_first.transpose(2, 3)
+        assert cache.get_chunks(order, positions, view) == found
+        assert torch.equal(view, out)
 
 
 def test_other_rope_settings_never_match(server) -> None:  # type: ignore[no-untyped-def]
