@@ -302,9 +302,16 @@ class _Rows:
     hidden: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
+    _masks: dict[int, torch.Tensor] = field(default_factory=dict)
 
-    def allowed(self, tokens: int) -> torch.Tensor:
-        return torch.arange(tokens, device=self.pos.device)[None, :] <= self.pos[:, None]
+    def mask(self, tokens: int) -> torch.Tensor:
+        """`[rows, tokens]`, added to attention scores: 0 where a row may attend (causal),
+        -inf elsewhere. Made once a pass (the rows keep their positions on every layer)."""
+        if tokens not in self._masks:
+            allowed = torch.arange(tokens, device=self.pos.device)[None, :] <= self.pos[:, None]
+            zero = torch.zeros((), dtype=self.hidden.dtype, device=self.pos.device)
+            self._masks[tokens] = zero.masked_fill(~allowed, float("-inf"))
+        return self._masks[tokens]
 
 
 def _layer(
@@ -345,17 +352,17 @@ def _layer(
     keys, values = kv[li, 0][None], kv[li, 1][None]
     if weights is not None:
         groups = q.shape[1] // kv.shape[2]  # query heads per KV head, grouped as GQA does
-        scores = q[0].reshape(kv.shape[2], groups * s, dim) @ kv[li, 0].transpose(1, 2)
-        scores = scores * attn.scaling
-        scores.masked_fill_(~rows.allowed(kv.shape[3]).repeat(groups, 1), float("-inf"))
-        p = scores.softmax(-1)  # [kv heads, groups x rows, tokens]: query heads kv-major
+        scaled = (q[0] * attn.scaling).reshape(kv.shape[2], groups * s, dim)
+        scores = (scaled @ kv[li, 0].transpose(1, 2)).view(-1, groups, s, kv.shape[3])
+        scores += rows.mask(kv.shape[3])
+        p = scores.view(kv.shape[2], groups * s, -1).softmax(-1)  # query heads kv-major
         cost = kv[li, 1].norm(dim=-1) if cost is None else cost
         weights.append(weighted_attention(p.reshape(-1, s, p.shape[-1]), cost))
         o = (p @ kv[li, 1]).reshape(1, -1, s, dim)
     elif causal_all:
         o = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True)
     else:
-        mask = rows.allowed(kv.shape[3])
+        mask = rows.mask(kv.shape[3])
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
     h = rows.hidden + attn.o_proj(o.transpose(1, 2).reshape(1, s, -1))
     rows.hidden = h + layer.mlp(layer.post_attention_layernorm(h))
@@ -393,6 +400,36 @@ class Blend(NamedTuple):
     attention: torch.Tensor | None
 
 
+def pass_kv(
+    model: Any, tokens: int, question: int, shape: tuple[int, int, int] | None = None
+) -> torch.Tensor:
+    """Room for `tokens` tokens of reused KV, `[layers, 2, tokens, heads, head_dim]`, that
+    `blend_prefill` uses as it is: a view of the pass's own buffer (heads first, with room
+    for `question` more tokens), so the chunks fetched into it are not copied again.
+    `shape`: (layers, kv heads, head dim), if not the model's."""
+    if shape is None:
+        cfg = model.config
+        dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, dim)
+    layers, heads, dim = shape
+    room = (layers, 2, heads, tokens + question, dim)
+    buffer = torch.empty(room, dtype=model.dtype, device=model.device)
+    return buffer[:, :, :, :tokens].transpose(2, 3)
+
+
+def _laid_out(reused: torch.Tensor, tokens: int) -> torch.Tensor | None:
+    """The pass's buffer (`[layers, 2, heads, tokens, dim]`) that `reused` is the first
+    positions of, when `pass_kv` made it; None otherwise."""
+    layers, two, _, heads, dim = reused.shape
+    whole = reused.transpose(2, 3)
+    strides = (two * heads * tokens * dim, heads * tokens * dim, tokens * dim, dim, 1)
+    size = layers * two * heads * tokens * dim * reused.element_size()
+    storage = reused.untyped_storage().nbytes()
+    if whole.stride() != strides or whole.storage_offset() or storage < size:
+        return None
+    return whole.as_strided((layers, two, heads, tokens, dim), strides)
+
+
 @torch.inference_mode()
 def blend_prefill(
     model: Any,
@@ -408,30 +445,33 @@ def blend_prefill(
     """The first token's logits over reused chunk KV, in one pass through the layers that
     carries only the tokens it recomputes (as CacheBlend runs inside an engine).
 
-    `reused`: the KV of `ids` (`[layers, 2, T, heads, dim]`, chunks laid in by
-    `get_chunks`). The question is new, so its tokens are always computed; so are the
-    chunk tokens at `picked`. `select=(ratio, spans)` picks them instead, CacheBlend's way:
-    layer 0 runs over every token (its output is what layer 1's K and V need), and the
-    `ratio` share of the chunk tokens (`spans`) whose fresh layer-1 KV deviates most from
-    the reused one (`recompute_by_deviation`) go on through the other layers; layer 1's
-    fresh KV, computed for every token anyway, replaces the reused one. Each carried token
-    attends to the KV of every token before it: its own fresh KV where it was recomputed,
-    the reused one elsewhere. `focus=(ratio, spans)` picks them by where the question looks
-    instead: a first pass carries the question alone over the reused KV and records on
-    every layer what each token adds to its output (`weighted_attention`: attention weight
-    times value norm, or times `spread`, `[layers, kv_heads, T]`, where given: for
-    in-context means, `ChunkCache.spread`'s V, zero where the KV is exact); the `ratio`
-    share of the chunk tokens that score most (`recompute_by_attention`) are recomputed
-    with it in a second pass. `drift` (the model's RoPE settings), with `focus`: in that
-    second pass, the other tokens of each of `focus`'s spans move part of the way their
-    chunk's recomputed tokens drifted, layer by layer (`correct_drift`)."""
+    `reused`: the KV of `ids` (`[layers, 2, T, heads, dim]`, chunks laid in by `get_chunks`;
+    made by `pass_kv`, the pass runs in it, else in a copy). The question is new, so its
+    tokens are always computed; so are the chunk tokens at `picked`. `select=(ratio, spans)`
+    picks them instead, CacheBlend's way: layer 0 runs over every token (its output is what
+    layer 1's K and V need), and the `ratio` share of the chunk tokens (`spans`) whose fresh
+    layer-1 KV deviates most from the reused one (`recompute_by_deviation`) go on through
+    the other layers; layer 1's fresh KV, computed for every token anyway, replaces the
+    reused one. Each carried token attends to the KV of every token before it: its own fresh
+    KV where it was recomputed, the reused one elsewhere. `focus=(ratio, spans)` picks them
+    by where the question looks instead: a first pass carries the question alone over the
+    reused KV and records on every layer what each token adds to its output
+    (`weighted_attention`: attention weight times value norm, or times `spread`, `[layers,
+    kv_heads, T]`, where given: for in-context means, `ChunkCache.spread`'s V, zero where
+    the KV is exact); the `ratio` share of the chunk tokens that score most
+    (`recompute_by_attention`) are recomputed with it in a second pass. `drift` (the model's
+    RoPE settings), with `focus`: in that second pass, the other tokens of each of `focus`'s
+    spans move part of the way their chunk's recomputed tokens drifted, layer by layer
+    (`correct_drift`)."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     body = model.model
     layers, _, t, heads, dim = reused.shape
     n, dev = t + len(question), model.device
-    kv = torch.empty((layers, 2, heads, n, dim), dtype=reused.dtype, device=dev)
-    kv[:, :, :, :t] = reused.transpose(2, 3)
+    kv = _laid_out(reused, n)
+    if kv is None:
+        kv = torch.empty((layers, 2, heads, n, dim), dtype=reused.dtype, device=dev)
+        kv[:, :, :, :t] = reused.transpose(2, 3)
     first, attention = 0, None
     if select is not None:
         ratio, spans = select
@@ -623,7 +663,6 @@ def run_prompt(
     cfg = model.config
     layers, heads = cfg.num_hidden_layers, cfg.num_key_value_heads
     dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv_shape = (layers, 2, t, heads, dim)
 
     # full: the reference, and its greedy answer
     t0 = time.perf_counter()
@@ -665,7 +704,7 @@ def run_prompt(
         chunks, stored alone (`naive`: laid in as stored, at 0..n; `alone`: re-rotated),
         after the prefix (`sys`) or, but for the first (after the prefix, exact), as their
         mean among other documents (`ctx`)."""
-        out = torch.empty(kv_shape, dtype=model.dtype, device=model.device)
+        out = pass_kv(model, t, len(question), (layers, heads, dim))
         found = chunks.get_chunks([prefix], [0], out) if prefix else []
         starts = [s for s, _ in spans]
         if storage.endswith("naive"):

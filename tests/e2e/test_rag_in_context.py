@@ -112,3 +112,14 @@ def test_chunks_kept_among_other_documents_come_closest_to_a_prefill(
 
     print(f"reused tokens' deviation {off(plain):.3f} -> {off(drifted):.3f} with the drift")
     assert off(drifted) < off(plain)
+
+    # The same pass run in the buffer `pass_kv` makes (the chunks fetched straight into it,
+    # no copy): the same first token and KV, bit for bit, and the buffer is the pass's.
+    room = bench_rag.pass_kv(model, len(ids), len(question))
+    room.copy_(among)
+    in_place = bench_rag.blend_prefill(
+        model, room, ids, question, focus=(0.3, spans), drift=RopeConfig.from_hf(model.config)
+    )
+    assert torch.equal(in_place.logits, drifted.logits)
+    assert torch.equal(in_place.kv, drifted.kv)
+    assert in_place.kv.data_ptr() == room.data_ptr()
