@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -79,6 +78,7 @@ from kvstore.kernels.drift import drift_cpu
 from kvstore.kernels.floatbits import WORD_KINDS, WORDS_F32
 from kvstore.kernels.rope import RopeConfig, rerotate_k
 from kvstore.keys import derived_key, doc_key
+from kvstore.scratch import HostScratch
 
 # The running mean's count of an in-context chunk lies under this part of its key.
 _COUNT_TAG = b"in-context observations"
@@ -102,7 +102,7 @@ class ChunkCache:
             "none" if sc is None else f"{sc!r}"
         )
         self._salt = client.namespace + settings
-        self._scratch = threading.local()  # get_chunks' landing buffer in host memory
+        self._scratch = HostScratch()  # where get_chunks' host chunks land
 
     def key(
         self,
@@ -257,17 +257,13 @@ class ChunkCache:
     def _landing(self, out: torch.Tensor, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
         """Where the chunks land before they are rotated into `out`: in GPU memory fresh
         tensors (torch's allocator keeps its memory); in host memory views of this thread's
-        buffer, kept at the largest size asked for, since a fresh 100 MB buffer page-faults
-        its way in (~18 ms of a ~60 ms get_chunks of 2k SmolLM2 tokens on a 2-core VM)."""
+        scratch (`HostScratch`: a fresh 100 MB buffer page-faults its way in, ~18 ms of a
+        ~60 ms get_chunks of 2k SmolLM2 tokens on a 2-core VM)."""
         if out.is_cuda:
             return [torch.empty(s, dtype=out.dtype, device=out.device) for s in shapes]
         sizes = [math.prod(s) for s in shapes]
-        buffer = getattr(self._scratch, "buffer", None)
-        if buffer is None or buffer.dtype != out.dtype or buffer.numel() < sum(sizes):
-            self._scratch.buffer = buffer = None  # the old one freed before the new is made
-            self._scratch.buffer = buffer = torch.empty(sum(sizes), dtype=out.dtype)
-        parts = buffer[: sum(sizes)].split(sizes)
-        return [part.view(s) for part, s in zip(parts, shapes, strict=True)]
+        flat = self._scratch.take(sum(sizes) * out.element_size(), out.dtype)
+        return [part.view(s) for part, s in zip(flat.split(sizes), shapes, strict=True)]
 
     def get_chunks(
         self,

@@ -123,12 +123,15 @@ class Codec(ABC):
         """Fill the contiguous CPU tensor `out` (the dtype and shape the container names)
         from `payload`; raise ContainerError when the payload does not fit them."""
 
-    def encode_with_value(self, tensor: torch.Tensor) -> tuple[bytes | memoryview, torch.Tensor]:
+    def encode_with_value(
+        self, tensor: torch.Tensor, out: torch.Tensor | None = None
+    ) -> tuple[bytes | memoryview, torch.Tensor]:
         """The payload for `tensor` and the tensor it decodes to, whose checksum a lossy
-        codec's container carries. By default by decoding the payload; a codec that
-        reconstructs the values while encoding returns them instead."""
+        codec's container carries: `out` (contiguous, on the host, `tensor`'s shape and
+        dtype) if given, else a new tensor. By default by decoding the payload; a codec
+        that reconstructs the values while encoding writes them instead."""
         payload = self.encode_payload(tensor)
-        back = torch.empty_like(tensor)
+        back = torch.empty_like(tensor) if out is None else out
         self.decode_payload(memoryview(payload), back)
         return payload, back
 

@@ -273,13 +273,15 @@ class CacheGen(Codec):
     def encode_payload(self, tensor: torch.Tensor) -> bytes:
         return bytes(self._encode(tensor, None))
 
-    def encode_with_value(self, tensor: torch.Tensor) -> tuple[bytes | memoryview, torch.Tensor]:
+    def encode_with_value(
+        self, tensor: torch.Tensor, out: torch.Tensor | None = None
+    ) -> tuple[bytes | memoryview, torch.Tensor]:
         """The payload and, computed on the way rather than by decoding it, the value it
         decodes to (the kernels reconstruct each token as the decoder does, to predict the
-        next one)."""
+        next one), in `out` if given."""
         if tensor.dtype not in _KINDS:
-            return super().encode_with_value(tensor)
-        back = torch.empty(tensor.shape, dtype=tensor.dtype)
+            return super().encode_with_value(tensor, out)
+        back = torch.empty(tensor.shape, dtype=tensor.dtype) if out is None else out
         return self._encode(tensor, back), back
 
     def _encode(self, tensor: torch.Tensor, back: torch.Tensor | None) -> bytes | memoryview:

@@ -37,6 +37,7 @@ from kvstore.codecs.container import (
 )
 from kvstore.dtypes import dtype_name
 from kvstore.errors import InvalidArgument
+from kvstore.scratch import HostScratch
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -110,6 +111,9 @@ def _gpu_encoder(
     return gpu_encoder_of(codec) if t.is_cuda else None
 
 
+_DECODED = HostScratch()  # the values lossy codecs decode to while they encode
+
+
 def _stored(
     codec: Codec, header: ValueHeader, t: torch.Tensor
 ) -> tuple[ValueHeader, bytes | memoryview]:
@@ -123,7 +127,10 @@ def _stored(
     elif encoder is not None:
         ((payload, value_sum),) = encoder(codec, [t])
     else:
-        payload, back = codec.encode_with_value(t)
+        decoded = None  # only its checksum is kept: this thread's scratch, on the host
+        if not t.is_cuda:
+            decoded = _DECODED.take(t.numel() * t.element_size(), t.dtype).view(t.shape)
+        payload, back = codec.encode_with_value(t, decoded)
         value_sum = checksum(tensor_bytes(back))
     return _coded_header(codec, header, payload, value_sum), payload
 
