@@ -506,7 +506,7 @@ class DriftCorrection:
             if 0 < inside.sum() < length:  # some recomputed, some left: the rest moves
                 owner[inside] = len(self.ranges)
                 self.ranges.append((start, start + length))
-        self.picked, self.rope, self.share = picked, rope, share
+        self.picked, self.rope, self.share, self.tokens = picked, rope, share, tokens
         self.moving = len(self.ranges) > 0 and share > 0
         self.host: tuple[np.ndarray, ...] | None = None  # the numba kernel's arguments
         if not self.moving:
@@ -542,7 +542,11 @@ class DriftCorrection:
         """`correct_drift` on one layer: `layer_kv` `[2, tokens, heads, head_dim]` (a view
         will do), `fresh` `[2, len(picked), heads, head_dim]`."""
         _check_layer(layer_kv)
-        _, _, heads, dim = layer_kv.shape
+        _, tokens, heads, dim = layer_kv.shape
+        if tokens != self.tokens:  # the positions were checked against the plan's tokens
+            raise InvalidArgument(
+                f"layer_kv has {tokens} tokens; the correction was laid out for {self.tokens}"
+            )
         if fresh.shape != (2, self.picked.size, heads, dim) or dim != self.rope.head_dim:
             raise InvalidArgument(
                 f"fresh must be [2, {self.picked.size}, {heads}, {self.rope.head_dim}] (one "

@@ -303,6 +303,9 @@ def test_correct_drift_takes_a_view_and_refuses_bad_input() -> None:
     for lay, fr, picked, spans, share, message in bad:
         with pytest.raises(InvalidArgument, match=message):
             correct_drift(lay, fr, np.array(picked), spans, rope, share)
+    plan = DriftCorrection(np.array([2]), [(0, 5)], 10, rope, "cpu")
+    with pytest.raises(InvalidArgument, match="laid out for 10"):
+        plan.apply(layer[:, :8], fresh)  # fewer tokens than the plan's positions assume
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
