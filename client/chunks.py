@@ -75,7 +75,7 @@ import torch
 from kvstore.client.sync import KVClient
 from kvstore.errors import InvalidArgument
 from kvstore.kernels.drift import drift_cpu
-from kvstore.kernels.floatbits import WORD_KINDS, WORDS_F32
+from kvstore.kernels.floatbits import WORD_KINDS, host_words
 from kvstore.kernels.rope import RopeConfig, rerotate_k
 from kvstore.keys import derived_key, doc_key
 from kvstore.scratch import HostScratch
@@ -566,8 +566,7 @@ class DriftCorrection:
             raise InvalidArgument(
                 f"layer_kv must be float32, float16 or bfloat16, not {layer_kv.dtype}"
             )
-        signed, word = (torch.int32, np.uint32) if kind == WORDS_F32 else (torch.int16, np.uint16)
-        words = layer_kv.view(signed).numpy().view(word)  # any strides: the layer's own memory
+        words = host_words(layer_kv)  # any strides: the layer's own memory
         values = fresh.float().contiguous().numpy()
         (
             where,

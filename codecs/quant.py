@@ -44,7 +44,7 @@ import torch
 
 from kvstore.codecs.base import Codec, ContainerError, kv_view, register
 from kvstore.errors import InvalidArgument
-from kvstore.kernels.floatbits import bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16
+from kvstore.kernels.floatbits import bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, host_words
 
 # How the kernels read and write a value's bits (uint32 words for float32, else uint16).
 F32, F16, BF16 = 0, 1, 2
@@ -232,13 +232,6 @@ class PayloadLayout:
         )
 
 
-def _bits(t: torch.Tensor) -> np.ndarray:
-    """The elements of a contiguous CPU tensor as unsigned words of their size, no copy."""
-    if t.element_size() == 4:
-        return t.view(torch.int32).numpy().view(np.uint32)
-    return t.view(torch.int16).numpy().view(np.uint16)
-
-
 class AbsmaxCodec(Codec):
     """What `int8` and `fp8` share: all but the code format."""
 
@@ -259,7 +252,7 @@ class AbsmaxCodec(Codec):
         # aligned arrays (so that one compiled variant serves), copied in after.
         k_scales = np.empty(k_scales_at.shape, np.float32)
         v_scales = np.empty(v_scales_at.shape, np.float32)
-        _encode_kv(_bits(tensor), kind, self.fp8, k_codes, v_codes, k_scales, v_scales)
+        _encode_kv(host_words(tensor), kind, self.fp8, k_codes, v_codes, k_scales, v_scales)
         if not (np.isfinite(k_scales).all() and np.isfinite(v_scales).all()):
             raise InvalidArgument(
                 f"codec {self.name!r} cannot quantize inf or NaN values; "
@@ -293,7 +286,7 @@ class AbsmaxCodec(Codec):
             v_scales.copy(),
             self.values,
             kind,
-            _bits(out),
+            host_words(out),
         )
 
 

@@ -54,6 +54,16 @@ WORDS_F32, WORDS_F16, WORDS_BF16 = 0, 1, 2
 WORD_KINDS = {"float32": WORDS_F32, "float16": WORDS_F16, "bfloat16": WORDS_BF16}
 
 
+def host_words(t: Any) -> np.ndarray:
+    """The elements of a host torch tensor of 4- or 2-byte floats as unsigned words of their
+    size (uint32, uint16), the same shape and strides, sharing its memory, no copy: what
+    the numba kernels read and write (numba has no 16-bit floats)."""
+    import torch
+
+    signed, word = (torch.int32, np.uint32) if t.element_size() == 4 else (torch.int16, np.uint16)
+    return t.detach().view(signed).numpy().view(word)
+
+
 @numba.njit(cache=True, nogil=True)
 def f16_to_f32(h: int | np.integer) -> np.float32:
     """The float32 value of float16 bits `h`."""

@@ -69,6 +69,7 @@ from kvstore.kernels.floatbits import (
     f16_to_f32,
     f32_to_bf16,
     f32_to_f16,
+    host_words,
 )
 
 Pairing = Literal["neox", "gptj"]
@@ -448,10 +449,7 @@ def _host_words(op: _Operand) -> np.ndarray:
     word = np.uint32 if op.kind == 0 else np.uint16
     if isinstance(t, np.ndarray):
         return t.reshape(-1).view(word)
-    import torch
-
-    signed = torch.int32 if op.kind == 0 else torch.int16
-    return t.detach().view(signed).reshape(-1).numpy().view(word)
+    return host_words(t).reshape(-1)  # contiguous (checked): a view
 
 
 def _run_cpu(src: _Operand, dst: _Operand, table: tuple[np.ndarray, ...], cfg: RopeConfig) -> None:
