@@ -110,6 +110,7 @@ from kvstore.client.chunks import (
 )
 from kvstore.client.hf import cache_of, kv_of
 from kvstore.kernels.rope import RopeConfig
+from kvstore.scratch import HostScratch
 
 ANSWER_TOKENS = 32
 NAMESPACE = "bench/rag/"
@@ -406,24 +407,24 @@ def pass_kv(
     """Room for `tokens` tokens of reused KV, `[layers, 2, tokens, heads, head_dim]`, that
     `blend_prefill` uses as it is: a view of the pass's own buffer (heads first, with room
     for `question` more tokens), so the chunks fetched into it are not copied again.
-    `shape`: (layers, kv heads, head dim), if not the model's. The buffer is kept from one
-    call to the next, as an engine keeps its KV memory (a fresh 100 MB in host memory
-    page-faults its way in, ~18 ms on the VM): valid until the next call."""
+    `shape`: (layers, kv heads, head dim), if not the model's. In host memory the buffer is
+    kept from one call to the next (`HostScratch`), as an engine keeps its KV memory (a
+    fresh 100 MB page-faults its way in, ~18 ms on the VM): valid until the next call."""
     if shape is None:
         cfg = model.config
         dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, dim)
     layers, heads, dim = shape
     room = (layers, 2, heads, tokens + question, dim)
-    key, size = (model.dtype, str(model.device)), math.prod(room)
-    buffer = _KV_MEMORY.get(key)
-    if buffer is None or buffer.numel() < size:
-        _KV_MEMORY.pop(key, None)  # the old one freed before the new is made
-        buffer = _KV_MEMORY[key] = torch.empty(size, dtype=model.dtype, device=model.device)
-    return buffer[:size].view(room)[:, :, :, :tokens].transpose(2, 3)
+    if model.device.type == "cuda":  # torch's allocator keeps its memory
+        buffer = torch.empty(room, dtype=model.dtype, device=model.device)
+    else:
+        size = math.prod(room) * model.dtype.itemsize
+        buffer = _KV_MEMORY.take(size, model.dtype).view(room)
+    return buffer[:, :, :, :tokens].transpose(2, 3)
 
 
-_KV_MEMORY: dict[tuple[torch.dtype, str], torch.Tensor] = {}  # pass_kv's, by dtype and device
+_KV_MEMORY = HostScratch()  # pass_kv's on the host
 
 
 def _laid_out(reused: torch.Tensor, tokens: int) -> torch.Tensor | None:
