@@ -81,6 +81,7 @@ judged for every method at 15%.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import statistics
@@ -296,23 +297,65 @@ def prefill(
 
 @dataclass
 class _Rows:
-    """Tokens a pass carries through a layer: their positions, hidden states, RoPE tables
-    and which KV positions each may attend to (causal)."""
+    """Tokens a pass carries through a layer: their positions (ascending), hidden states,
+    RoPE tables and which KV positions each may attend to (causal)."""
 
     pos: torch.Tensor
     hidden: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
     _masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    _groups: dict[tuple[int, int], list[tuple[int, int, int, torch.Tensor]]] = field(
+        default_factory=dict
+    )
 
     def mask(self, tokens: int) -> torch.Tensor:
         """`[rows, tokens]`, added to attention scores: 0 where a row may attend (causal),
         -inf elsewhere. Made once a pass (the rows keep their positions on every layer)."""
         if tokens not in self._masks:
-            allowed = torch.arange(tokens, device=self.pos.device)[None, :] <= self.pos[:, None]
-            zero = torch.zeros((), dtype=self.hidden.dtype, device=self.pos.device)
-            self._masks[tokens] = zero.masked_fill(~allowed, float("-inf"))
+            self._masks[tokens] = _causal_mask(self.pos, tokens, self.hidden.dtype)
         return self._masks[tokens]
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """The rows' attention output, `[1, heads, rows, dim]`: `q` (`[1, heads, rows, dim]`,
+        RoPE applied) over `keys` and `values` (`[1, kv_heads, tokens, dim]`), each row up to
+        its own position.
+
+        A masked attention kernel computes every block of the scores, the masked ones too,
+        so the rows go in a few groups by position, each over the keys up to its last row's
+        only (the rows of a reused prompt lie spread over it: ~0.6 of the work). The query
+        heads that share a KV head go in as one head of 3x the rows (grouped-query attention
+        folded as its queries share keys): larger query blocks, each KV block read once per
+        KV head. SmolLM2's 340-row pass on 2 cores: 8.3 ms a layer as one call, 6.1 so."""
+        _, heads, s, dim = q.shape
+        kv_heads, tokens = keys.shape[1], keys.shape[2]
+        share = heads // kv_heads
+        key = (tokens, share)
+        if key not in self._groups:
+            count = max(1, min(4, s // 64))  # a group of fewer rows runs slower than its share
+            bounds = np.linspace(0, s, count + 1).astype(int).tolist()
+            top = self.pos.cpu().numpy()
+            groups = []
+            for a, b in itertools.pairwise(bounds):
+                reach = int(top[a:b].max()) + 1
+                mask = _causal_mask(self.pos[a:b], reach, q.dtype).repeat(share, 1)
+                groups.append((a, b, reach, mask))
+            self._groups[key] = groups
+        outs = []
+        for a, b, reach, mask in self._groups[key]:
+            part = q[:, :, a:b].reshape(1, kv_heads, share * (b - a), dim)
+            o = F.scaled_dot_product_attention(
+                part, keys[:, :, :reach], values[:, :, :reach], attn_mask=mask
+            )
+            outs.append(o.view(1, heads, b - a, dim))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+
+
+def _causal_mask(pos: torch.Tensor, tokens: int, dtype: torch.dtype) -> torch.Tensor:
+    """`[len(pos), tokens]`: 0 up to each row's position, -inf past it."""
+    allowed = torch.arange(tokens, device=pos.device)[None, :] <= pos[:, None]
+    zero = torch.zeros((), dtype=dtype, device=pos.device)
+    return zero.masked_fill(~allowed, float("-inf"))
 
 
 def _layer(
@@ -363,8 +406,7 @@ def _layer(
     elif causal_all:
         o = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True)
     else:
-        mask = rows.mask(kv.shape[3])
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        o = rows.attend(q, keys, values)
     h = rows.hidden + attn.o_proj(o.transpose(1, 2).reshape(1, s, -1))
     rows.hidden = h + layer.mlp(layer.post_attention_layernorm(h))
 

@@ -123,3 +123,26 @@ def test_chunks_kept_among_other_documents_come_closest_to_a_prefill(
     assert torch.equal(in_place.logits, drifted.logits)
     assert torch.equal(in_place.kv, drifted.kv)
     assert in_place.kv.data_ptr() == room.data_ptr()
+
+
+@pytest.mark.parametrize("rows", [1, 40, 340])
+def test_grouped_attention_matches_one_masked_call(bench_rag: Any, rows: int) -> None:
+    """The pass's attention, its rows grouped by position and its query heads folded onto
+    their KV head, gives what one masked grouped-query call gives (and each row sees no key
+    past its own position: a future key changed changes nothing)."""
+    gen = torch.Generator().manual_seed(rows)
+    tokens = 700
+    pos = torch.from_numpy(np.sort(np.random.default_rng(rows).choice(tokens, rows, False)))
+    q = torch.randn(1, 9, rows, 64, generator=gen)
+    keys, values = torch.randn(2, 1, 3, tokens, 64, generator=gen)
+    hidden = torch.zeros(1, rows, 576)
+    got = bench_rag._Rows(pos, hidden, hidden, hidden).attend(q, keys, values)
+    mask = bench_rag._causal_mask(pos, tokens, q.dtype)
+    want = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    later = int(pos.max()) + 1
+    if later < tokens:
+        keys[:, :, later:] += 5.0
+        values[:, :, later:] -= 5.0
+        again = bench_rag._Rows(pos, hidden, hidden, hidden).attend(q, keys, values)
+        torch.testing.assert_close(again, got, rtol=0, atol=0)
