@@ -73,9 +73,15 @@ token of one prompt moves the mean by 1/(32 x prompts)). Target (issue 6): recom
 closes >= 90% of the gap with TTFT >= 3x lower than full, at prompts of >= 2k tokens;
 judged for every method at 15%.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_rag.py [--prompts 20] [--set eval]
-        [--ratios 5,15,30] [--methods naive,shift,...] [--contexts 6] [--repair 64,128,256]
+    python benchmarks/bench_rag.py [--prompts 20] [--set eval] [--ratios 5,15,30]
+        [--methods naive,shift,...] [--contexts 6] [--repair 64,128,256]
         [--repair-order score|position] [--json f] [--plot f]
+
+This process is the engine: its OpenMP threads wait as OpenMP's default has them (they spin
+a moment between ops), for full prefill and every method alike. `OMP_WAIT_POLICY=PASSIVE`,
+which the server sets for itself (its threads share the cores with an engine's), would make
+each small op of a recompute pass wake the second thread: full prefill ran as fast, the
+15% passes ~20% slower on the 2-core VM. The header prints the policy the run had.
 """
 
 from __future__ import annotations
@@ -931,7 +937,8 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"RAG chunk reuse on {meta['model']}, {meta['prompts']} prompts ({meta['set']} set) of "
         f"{meta['tokens_min']}-{meta['tokens_max']} tokens ({meta['chunks']} chunks of "
         f"~{meta['chunk_tokens']} tokens between a system prefix and a question), torch "
-        f"{meta['torch']}, {meta['threads']} threads, load average {meta['load']}",
+        f"{meta['torch']}, {meta['threads']} threads (OMP_WAIT_POLICY {meta['omp_wait_policy']}), "
+        f"load average {meta['load']}",
         "TTFT: mean, from the prompt's token ids to the first token's logits (chunks fetched "
         "from a kvstore-server and re-rotated, recompute and question prefill included); "
         f"top-1: agreement with full's {ANSWER_TOKENS} greedy tokens (teacher-forced), mean and "
@@ -1200,6 +1207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "threads": torch.get_num_threads(), "self_check_rel_err": check,
         "random_weights": bool(args.random_llama), "contexts": args.contexts,
         "load": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
     }  # fmt: skip
     print(render(rows, meta))
     figures = {
