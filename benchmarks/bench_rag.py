@@ -332,7 +332,13 @@ class _Rows:
         only (the rows of a reused prompt lie spread over it: ~0.6 of the work). The query
         heads that share a KV head go in as one head of 3x the rows (grouped-query attention
         folded as its queries share keys): larger query blocks, each KV block read once per
-        KV head. SmolLM2's 340-row pass on 2 cores: 8.3 ms a layer as one call, 6.1 so."""
+        KV head. SmolLM2's 340-row pass on 2 cores: 8.3 ms a layer as one call, 6.1 so.
+        On a GPU one call: its kernels are chosen per shape, and the groups' shapes change
+        with every prompt (the 8B shape's 15% pass on the H200 took 250 ms so, ~100 as one
+        call)."""
+        if q.is_cuda:
+            mask = self.mask(keys.shape[2])
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
         _, heads, s, dim = q.shape
         kv_heads, tokens = keys.shape[1], keys.shape[2]
         share = heads // kv_heads
