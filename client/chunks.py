@@ -64,6 +64,7 @@ that prompts keep retrieving outlives a newer one read once (`kvstore.policy.gds
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
 from collections.abc import Sequence
@@ -74,7 +75,7 @@ import torch
 
 from kvstore.client.sync import KVClient
 from kvstore.errors import InvalidArgument
-from kvstore.kernels.drift import drift_cpu
+from kvstore.kernels.drift import drift_cpu, drift_gpu
 from kvstore.kernels.floatbits import WORD_KINDS, host_words
 from kvstore.kernels.rope import RopeConfig, rerotate_k
 from kvstore.keys import derived_key, doc_key
@@ -479,8 +480,9 @@ def correct_drift(
 class DriftCorrection:
     """`correct_drift` for every layer of one recompute pass: the positions, the chunks'
     membership and the RoPE angles are the same on each layer, so they are laid out once
-    (on `device`) and `apply` runs a few kernels a layer, with no host round trip; on the
-    host, one numba call a layer (`kvstore.kernels.drift`)."""
+    (on `device`) and `apply` runs one numba call a layer on the host, two CuPy kernels on
+    a GPU (`kvstore.kernels.drift`; torch ops where CuPy is missing), with no host round
+    trip."""
 
     def __init__(
         self,
@@ -509,6 +511,7 @@ class DriftCorrection:
         self.picked, self.rope, self.share, self.tokens = picked, rope, share, tokens
         self.moving = len(self.ranges) > 0 and share > 0
         self.host: tuple[np.ndarray, ...] | None = None  # the numba kernel's arguments
+        self.gpu: tuple[torch.Tensor, ...] | None = None  # the CuPy kernels'
         if not self.moving:
             return
         members = np.flatnonzero(owner >= 0)
@@ -523,20 +526,38 @@ class DriftCorrection:
         self.counts = counts_t.float()
         self.cos_p, self.sin_p = _tables(rope, where)
         self.cos_t, self.sin_t = _tables(rope, moved_t)
+        first, second = _pairs(rope)
+        channels = np.arange(rope.head_dim)
+        partner, sign = channels.copy(), np.zeros(rope.head_dim, np.float32)
+        partner[first], partner[second] = channels[second], channels[first]
+        sign[first], sign[second] = -1.0, 1.0
+        is_picked = np.zeros(tokens, np.bool_)
+        is_picked[picked] = True
         if flat.device.type == "cpu":
-            first, second = _pairs(rope)
-            channels = np.arange(rope.head_dim)
-            partner, sign = channels.copy(), np.zeros(rope.head_dim, np.float32)
-            partner[first], partner[second] = channels[second], channels[first]
-            sign[first], sign[second] = -1.0, 1.0
-            is_picked = np.zeros(tokens, np.bool_)
-            is_picked[picked] = True
             starts, stops = np.array(self.ranges, np.int64).reshape(-1, 2).T
             self.host = (
                 picked, owner, counts.astype(np.float32), starts, stops,
                 self.cos_p.numpy(), self.sin_p.numpy(), self.cos_t.numpy(), self.sin_t.numpy(),
                 partner, sign, is_picked,
             )  # fmt: skip
+        elif flat.device.type == "cuda" and _has_cupy():
+            # drift_gpu's arguments; a moving chunk's recomputed rows are consecutive (the
+            # rows sorted by position, the chunks apart)
+            lo = np.searchsorted(picked, [start for start, _ in self.ranges])
+            bounds = np.stack([lo, lo + counts], 1).reshape(-1)
+            chunk_of = np.concatenate(
+                [np.full(stop - start, i) for i, (start, stop) in enumerate(self.ranges)]
+            )
+            small = [bounds, chunk_of, partner]
+            ints = torch.from_numpy(np.concatenate(small).astype(np.int32)).to(flat.device)
+            bounds_t, chunk_t, partner_t = ints.split([a.size for a in small])
+            floats = np.concatenate([share / counts, sign]).astype(np.float32)
+            scale_t, sign_t = (
+                torch.from_numpy(floats).to(flat.device).split([counts.size, sign.size])
+            )
+            picked_t = torch.from_numpy(is_picked.view(np.uint8)).to(flat.device)
+            self.gpu = (where, bounds_t, scale_t, moved_t, chunk_t, picked_t, self.cos_p,
+                        self.sin_p, self.cos_t, self.sin_t, partner_t, sign_t)  # fmt: skip
 
     def apply(self, layer_kv: torch.Tensor, fresh: torch.Tensor) -> None:
         """`correct_drift` on one layer: `layer_kv` `[2, tokens, heads, head_dim]` (a view
@@ -556,16 +577,39 @@ class DriftCorrection:
             return
         if self.host is not None and not layer_kv.is_cuda:
             self._apply_host(layer_kv, fresh)
+        elif self.gpu is not None and layer_kv.is_cuda and layer_kv.stride(3) == 1:
+            self._apply_gpu(layer_kv, fresh)
         else:
             self._apply_torch(layer_kv, fresh)
 
-    def _apply_host(self, layer_kv: torch.Tensor, fresh: torch.Tensor) -> None:
-        assert self.host is not None
+    def _kind(self, layer_kv: torch.Tensor) -> int:
         kind = WORD_KINDS.get(str(layer_kv.dtype).removeprefix("torch."))
         if kind is None:
             raise InvalidArgument(
                 f"layer_kv must be float32, float16 or bfloat16, not {layer_kv.dtype}"
             )
+        return kind
+
+    def _apply_gpu(self, layer_kv: torch.Tensor, fresh: torch.Tensor) -> None:
+        assert self.gpu is not None
+        kind = self._kind(layer_kv)
+        if layer_kv.device != self.where.device:
+            raise InvalidArgument(
+                f"layer_kv is on {layer_kv.device}; the correction was laid out on "
+                f"{self.where.device}"
+            )
+        _, _, heads, dim = layer_kv.shape
+        values = fresh.to(layer_kv.device, torch.float32).contiguous()
+        means = torch.empty((2, len(self.ranges), heads, dim), dtype=torch.float32,
+                            device=layer_kv.device)  # fmt: skip
+        (where, bounds, scale, moved, owner, picked, cos_p, sin_p, cos_t, sin_t, partner,
+         sign) = self.gpu  # fmt: skip
+        drift_gpu(layer_kv, kind, values, where, bounds, scale, moved, owner, picked, cos_p, sin_p,
+                  cos_t, sin_t, partner, sign, means)  # fmt: skip
+
+    def _apply_host(self, layer_kv: torch.Tensor, fresh: torch.Tensor) -> None:
+        assert self.host is not None
+        kind = self._kind(layer_kv)
         words = host_words(layer_kv)  # any strides: the layer's own memory
         values = fresh.float().contiguous().numpy()
         (
@@ -606,6 +650,11 @@ class DriftCorrection:
             layer_kv[1, start:stop] += means[1, i]
             at += n
         layer_kv[:, self.where] = kept  # the recomputed tokens as they were: the caller's
+
+
+def _has_cupy() -> bool:
+    """Whether CuPy, which runs the GPU kernels, is installed (the torch ops stand in)."""
+    return importlib.util.find_spec("cupy") is not None
 
 
 def _tables(rope: RopeConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -173,4 +173,23 @@ __device__ __forceinline__ u32 f32_to_bf16(float x) {  // to nearest even, no Na
     u32 u = __float_as_uint(x);
     return (u + 0x7FFF + ((u >> 16) & 1)) >> 16;
 }
+
+// A word of each kind (WORD_KINDS: 0 float32, 1 float16, 2 bfloat16) and its float value.
+typedef unsigned short u16;
+template <int KIND> struct Word;
+template <> struct Word<0> {
+    typedef u32 T;
+    static __device__ __forceinline__ float load(u32 w) { return __uint_as_float(w); }
+    static __device__ __forceinline__ u32 store(float v) { return __float_as_uint(v); }
+};
+template <> struct Word<1> {
+    typedef u16 T;
+    static __device__ __forceinline__ float load(u16 w) { return f16_to_f32(w); }
+    static __device__ __forceinline__ u16 store(float v) { return (u16)f32_to_f16(v); }
+};
+template <> struct Word<2> {
+    typedef u16 T;
+    static __device__ __forceinline__ float load(u16 w) { return bf16_to_f32(w); }
+    static __device__ __forceinline__ u16 store(float v) { return (u16)f32_to_bf16(v); }
+};
 """

@@ -472,24 +472,6 @@ _CUDA_SOURCE = r"""
 // place, its channels past rotary_dim), blockDim.y rows (a token's head) at a time;
 // grid-stride over the rows of a layer (x) and over layers (y). The bits are those of the
 // numba twin: the same float32 operations in the same order, none fused, subnormals kept.
-typedef unsigned short u16;
-
-template <int KIND> struct Word;
-template <> struct Word<0> {
-    typedef u32 T;
-    static __device__ __forceinline__ float load(u32 w) { return __uint_as_float(w); }
-    static __device__ __forceinline__ u32 store(float v) { return __float_as_uint(v); }
-};
-template <> struct Word<1> {
-    typedef u16 T;
-    static __device__ __forceinline__ float load(u16 w) { return f16_to_f32(w); }
-    static __device__ __forceinline__ u16 store(float v) { return (u16)f32_to_f16(v); }
-};
-template <> struct Word<2> {
-    typedef u16 T;
-    static __device__ __forceinline__ float load(u16 w) { return bf16_to_f32(w); }
-    static __device__ __forceinline__ u16 store(float v) { return (u16)f32_to_bf16(v); }
-};
 
 // A thread moves a unit of N words at a time: with WIDE, one 16-byte vector (the row, the
 // rotary half and the tail all 16-byte aligned), else one word (NeoX) or one pair (GPT-J).

@@ -334,3 +334,37 @@ def test_the_host_kernel_moves_tokens_as_the_torch_ops_do(
     ulp = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
     err = (by_kernel.float() - by_torch.float()).abs().max()
     assert float(err) <= 2 * ulp * float(cache.float().abs().max() + 1), float(err)
+
+
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rope", [RopeConfig(16), RopeConfig(16, rotary_dim=8, pairing="gptj")])
+def test_the_gpu_kernels_move_tokens_as_the_host_kernel_does(
+    dtype: torch.dtype, rope: RopeConfig
+) -> None:
+    """On a GPU, `DriftCorrection` runs two CuPy kernels a layer (`drift_gpu`): on a
+    heads-first cache's view, in each dtype, the same moves as the numba twin and the torch
+    ops, to float32 rounding; the chunks listed out of position order."""
+    g = torch.Generator().manual_seed(4)
+    tokens, heads = 60, 3
+    cache = torch.randn(2, heads, tokens, 16, generator=g).to(dtype)
+    spans = [(22, 20), (2, 20), (42, 14)]
+    picked = np.array([3, 8, 9, 25, 41, 57, 58])
+    fresh = torch.randn(2, picked.size, heads, 16, generator=g).to(dtype)
+    on_host = cache.clone()
+    DriftCorrection(picked, spans, tokens, rope, "cpu", share=0.7).apply(
+        on_host.transpose(1, 2), fresh
+    )
+    plan = DriftCorrection(picked, spans, tokens, rope, "cuda", share=0.7)
+    assert plan.gpu is not None
+    by_kernel, by_torch = cache.cuda(), cache.cuda()
+    plan.apply(by_kernel.transpose(1, 2), fresh.cuda())
+    plan._apply_torch(by_torch.transpose(1, 2), fresh.cuda())
+    assert torch.equal(by_kernel[:, :, picked].cpu(), cache[:, :, picked])
+    assert torch.equal(by_kernel[:, :, 42:].cpu(), cache[:, :, 42:])
+    ulp = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    bound = 2 * ulp * float(cache.float().abs().max() + 1)
+    for other in (on_host, by_torch.cpu()):
+        err = (by_kernel.cpu().float() - other.float()).abs().max()
+        assert float(err) <= bound, float(err)
+    assert not torch.equal(by_kernel.cpu(), cache)
