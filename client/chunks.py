@@ -506,6 +506,11 @@ class DriftCorrection:
         self.ranges: list[tuple[int, int]] = []  # the moving chunks' positions
         for start, length in spans:
             _check_span(start, length, tokens)
+        ordered = sorted((start, length) for start, length in spans if length)
+        for (a, n), (b, _) in itertools.pairwise(ordered):
+            if a + n > b:  # a token in two chunks would move twice
+                raise InvalidArgument(f"span ({a}, {n}) overlaps the span starting at {b}")
+        for start, length in spans:
             inside = (picked >= start) & (picked < start + length)
             if 0 < inside.sum() < length:  # some recomputed, some left: the rest moves
                 owner[inside] = len(self.ranges)

@@ -299,6 +299,7 @@ def test_correct_drift_takes_a_view_and_refuses_bad_input() -> None:
         (layer, fresh, [10], [(0, 5)], 0.5, "sorted"),
         (layer, fresh, [2], [(8, 5)], 0.5, "outside"),
         (layer, fresh, [2], [(0, 5)], 1.5, "share"),
+        (layer, fresh, [2], [(4, 3), (0, 5)], 0.5, "overlaps"),
     ]
     for lay, fr, picked, spans, share, message in bad:
         with pytest.raises(InvalidArgument, match=message):
