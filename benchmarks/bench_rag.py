@@ -473,8 +473,7 @@ def pass_kv(
     if model.device.type == "cuda":  # torch's allocator keeps its memory
         buffer = torch.empty(room, dtype=model.dtype, device=model.device)
     else:
-        size = math.prod(room) * model.dtype.itemsize
-        buffer = _KV_MEMORY.take(size, model.dtype).view(room)
+        buffer = _KV_MEMORY.tensor(room, model.dtype)
     return buffer[:, :, :, :tokens].transpose(2, 3)
 
 

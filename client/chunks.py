@@ -265,7 +265,7 @@ class ChunkCache:
         if out.is_cuda:
             return [torch.empty(s, dtype=out.dtype, device=out.device) for s in shapes]
         sizes = [math.prod(s) for s in shapes]
-        flat = self._scratch.take(sum(sizes) * out.element_size(), out.dtype)
+        flat = self._scratch.tensor((sum(sizes),), out.dtype)
         return [part.view(s) for part, s in zip(flat.split(sizes), shapes, strict=True)]
 
     def get_chunks(

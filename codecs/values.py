@@ -129,7 +129,7 @@ def _stored(
     else:
         decoded = None  # only its checksum is kept: this thread's scratch, on the host
         if not t.is_cuda:
-            decoded = _DECODED.take(t.numel() * t.element_size(), t.dtype).view(t.shape)
+            decoded = _DECODED.tensor(t.shape, t.dtype)
         payload, back = codec.encode_with_value(t, decoded)
         value_sum = checksum(tensor_bytes(back))
     return _coded_header(codec, header, payload, value_sum), payload

@@ -10,7 +10,9 @@ Memory whose contents are needed only until the same thread's next call can come
 
 from __future__ import annotations
 
+import math
 import threading
+from collections.abc import Sequence
 
 import torch
 
@@ -30,3 +32,7 @@ class HostScratch:
             self._local.buffer = buffer = None  # the old one freed before the new is made
             self._local.buffer = buffer = torch.empty(nbytes, dtype=torch.uint8)
         return buffer[:nbytes].view(dtype)
+
+    def tensor(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """A contiguous `dtype` tensor of `shape` over this thread's buffer (`take`)."""
+        return self.take(math.prod(shape) * dtype.itemsize, dtype).view(tuple(shape))

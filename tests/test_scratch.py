@@ -18,6 +18,9 @@ def test_a_thread_gets_its_buffer_back_and_a_larger_one_when_it_asks() -> None:
     larger = scratch.take(4096, torch.float16)
     assert larger.numel() == 2048
     assert scratch.take(4096).data_ptr() == larger.data_ptr()
+    shaped = scratch.tensor((2, 3, 4), torch.bfloat16)  # 48 bytes of the same buffer
+    assert shaped.shape == (2, 3, 4) and shaped.is_contiguous()
+    assert shaped.data_ptr() == larger.data_ptr()
 
 
 def test_threads_do_not_share_a_buffer() -> None:
