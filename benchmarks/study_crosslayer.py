@@ -67,28 +67,33 @@ class Rope:
     def apply(self, k: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         return k * cos[:, None] + self._turned(k) * sin[:, None]
 
+    def join(self, k: np.ndarray, v: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """`[tokens, heads, 2 dim]`: K with RoPE undone, then V: what the maps read and predict."""
+        return np.concatenate([self.undo(k, cos, sin), v], -1)
+
+    def joined(self, kv: np.ndarray) -> np.ndarray:
+        """`join` of every layer of a prefix's KV (positions from 0): `[layers, tokens, heads,
+        2 dim]`."""
+        cos, sin = self.angles(kv.shape[2])
+        return np.stack(
+            [self.join(kv[layer, 0], kv[layer, 1], cos, sin) for layer in range(len(kv))]
+        )
+
 
 def entropy_bits(q: np.ndarray) -> float:
     _, n = np.unique(q, return_counts=True)
     return float(-(n * np.log2(n / n.sum())).sum())
 
 
-def fit_maps(
-    kvs: Sequence[np.ndarray], rope: Rope, lam: float, rank: int
-) -> list[np.ndarray | None]:
-    """Per layer l >= 1 the ridge map from [K before RoPE, V] of layer l-1 to layer l,
-    `[2 heads dim, 2 heads dim]`; lambda is `lam` x the sample count (the noise the decoded
-    inputs carry); `rank` > 0 keeps that many principal directions of its predictions."""
-    layers = kvs[0].shape[0]
+def fit_maps(joined: Sequence[np.ndarray], lam: float, rank: int) -> list[np.ndarray | None]:
+    """Per layer l >= 1 the ridge map from [K before RoPE, V] of layer l-1 to layer l
+    (`joined`: `Rope.joined` of each fitting prefix), `[2 heads dim, 2 heads dim]`; lambda
+    is `lam` x the sample count (the noise the decoded inputs carry); `rank` > 0 keeps that
+    many principal directions of its predictions."""
     maps: list[np.ndarray | None] = [None]
-    for layer in range(1, layers):
-        xs, ys = [], []
-        for kv in kvs:
-            cos, sin = rope.angles(kv.shape[2])
-            for lay, out in ((layer - 1, xs), (layer, ys)):
-                x = np.concatenate([rope.undo(kv[lay, 0], cos, sin), kv[lay, 1]], -1)
-                out.append(x.reshape(len(x), -1))
-        x, y = np.concatenate(xs), np.concatenate(ys)
+    for layer in range(1, len(joined[0])):
+        x = np.concatenate([j[layer - 1].reshape(j.shape[1], -1) for j in joined])
+        y = np.concatenate([j[layer].reshape(j.shape[1], -1) for j in joined])
         m = np.linalg.solve(x.T @ x + lam * len(x) * np.eye(x.shape[1]), x.T @ y)
         if rank:
             _, _, vt = np.linalg.svd(x @ m, full_matrices=False)
@@ -98,20 +103,19 @@ def fit_maps(
 
 
 def spread_ratios(
-    kvs: Sequence[np.ndarray], rope: Rope, maps: list[np.ndarray | None]
+    kvs: Sequence[np.ndarray], joined: Sequence[np.ndarray], maps: list[np.ndarray | None]
 ) -> np.ndarray:
     """`[layers, 2, heads]`: the RMS of the cross-layer residual (open loop, chunk mean
-    removed) over today's (K: previous token after RoPE; V: channel mean)."""
+    removed) over today's (K: previous token after RoPE; V: channel mean), over the
+    fitting prefixes' KV `kvs` and their `joined`."""
     layers, _, _, heads, dim = kvs[0].shape
     ratio = np.ones((layers, 2, heads))
     for layer in range(1, layers):
         num, den = np.zeros((2, heads)), np.zeros((2, heads))
         m = maps[layer]
         assert m is not None
-        for kv in kvs:
-            cos, sin = rope.angles(kv.shape[2])
-            x = np.concatenate([rope.undo(kv[layer, 0], cos, sin), kv[layer, 1]], -1)
-            below = np.concatenate([rope.undo(kv[layer - 1, 0], cos, sin), kv[layer - 1, 1]], -1)
+        for kv, j in zip(kvs, joined, strict=True):
+            x, below = j[layer], j[layer - 1]
             r = x - (below.reshape(len(x), -1) @ m).reshape(x.shape)
             for a in range(0, len(x), CHUNK):
                 rr = r[a + 1 : a + CHUNK] - r[a + 1 : a + CHUNK].mean(0)
@@ -176,12 +180,12 @@ def code_prompt(
             if m is None or below is None:
                 kh, vh, extra = code_today(k, v, res)
                 bits += extra
-                below = np.concatenate([rope.undo(kh, cos[a:b], sin[a:b]), vh], -1)
+                below = rope.join(kh, vh, cos[a:b], sin[a:b])
                 out[layer, 0, a:b], out[layer, 1, a:b] = kh, vh
                 continue
             if ratio is not None:
                 res = res * ratio[layer]
-            x = np.concatenate([rope.undo(k, cos[a:b], sin[a:b]), v], -1)
+            x = rope.join(k, v, cos[a:b], sin[a:b])
             pred = (below.reshape(b - a, -1) @ m).reshape(x.shape)
             r = x - pred
             mean = r[1:].mean(0)
@@ -222,8 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             prompt_kv(model, ids[:1024]).double().numpy()
             for _, ids in fit_prompts(tokenizer, 1024 + CONTINUATION)
         ]
-        maps = fit_maps(fitting, rope, args.lam, args.rank)
-        ratio = spread_ratios(fitting, rope, maps) if args.same_steps else None
+        joined = [rope.joined(kv) for kv in fitting]
+        maps = fit_maps(joined, args.lam, args.rank)
+        ratio = spread_ratios(fitting, joined, maps) if args.same_steps else None
     cases = []
     for name, ids in prompts(tokenizer, 1000 + CONTINUATION):
         prefix = len(ids) - CONTINUATION
