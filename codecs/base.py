@@ -75,6 +75,13 @@ class Codec(ABC):
         codec with a finer setting for it (`cachegen:newest=0`) returns that."""
         return self
 
+    def for_position(self, position: int) -> Codec:
+        """The codec for a value whose first token is at absolute position `position` of its
+        sequence (a chunk of a prefix: its index times the chunk size): by default this one;
+        a codec that codes K with RoPE taken out (`cachegen` with a cross-layer profile)
+        returns one that records the position."""
+        return self
+
     def spec(self) -> str:
         """The spec that selects this codec with these parameters: 'kivi:bits=2,group=32'
         (an encoder-only parameter left at its default is left out)."""
@@ -169,7 +176,7 @@ def register(cls: type[Codec]) -> type[Codec]:
 
 
 # Every codec module, imported (and so registered) the first time the registry is asked.
-CODEC_MODULES = ("raw", "zstd", "quant", "kivi", "cachegen")
+CODEC_MODULES = ("raw", "zstd", "quant", "kivi", "cachegen", "cachegen_cross")
 
 
 def _load_codecs() -> None:

@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import os
 import struct
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -206,36 +207,37 @@ class CacheGen(Codec):
     }
     ENCODER_ONLY = frozenset({"profile", "newest"})
     LEGACY_PARAMS: ClassVar[Mapping[str, ParamValue]] = {"version": 1}
+    # A subclass without GPU kernels (its values decode and encode on the host) says so.
+    HOST_ONLY: ClassVar[bool] = False
     VERSIONS: ClassVar[tuple[int, ...]] = VERSIONS
 
     def check_params(self) -> None:
-        if self.params["level"] not in LEVELS:
-            raise InvalidArgument(
-                f"cachegen level must be one of {sorted(LEVELS)}, got {self.params['level']}"
-            )
+        self.check_levels(LEVELS)
         if self.params["k"] not in (0, 1):
             raise InvalidArgument(f"cachegen k must be 0 or 1, got {self.params['k']}")
-        if self.params["newest"] != -1 and self.params["newest"] not in LEVELS:
+        # Read now: a bad file fails the spec (the server's start), not a demotion. Containers
+        # do not name the profile (`ENCODER_ONLY`), so a codec built to decode one never
+        # reads a file.
+        self._profile: CacheGenProfile | None = load_profile(str(self.params["profile"]))
+        self._newest: Codec | None = None
+        self._cross: Codec | None = None
+
+    def check_levels(self, levels: Mapping[int, Any]) -> None:
+        """InvalidArgument unless `level` and `newest` are among `levels` (newest: or -1)
+        and `version` among the formats this build writes."""
+        if self.params["level"] not in levels:
             raise InvalidArgument(
-                f"cachegen newest must be -1 (the level) or one of {sorted(LEVELS)}, got "
+                f"{self.name} level must be one of {sorted(levels)}, got {self.params['level']}"
+            )
+        if self.params["newest"] != -1 and self.params["newest"] not in levels:
+            raise InvalidArgument(
+                f"{self.name} newest must be -1 (the level) or one of {sorted(levels)}, got "
                 f"{self.params['newest']}"
             )
         if self.params["version"] not in self.VERSIONS:
             raise InvalidArgument(
                 f"{self.name} version must be one of {self.VERSIONS}, got {self.params['version']}"
             )
-        bad = set(str(self.params["profile"])) & set(",;= ")
-        if bad or not str(self.params["profile"]).isascii():
-            raise InvalidArgument(
-                f"cachegen profile path {self.params['profile']!r} must be ASCII without "
-                f"spaces, commas, semicolons or '=' (a spec separates parameters with them)"
-            )
-        # Read now: a bad file fails the spec (the server's start), not a demotion. Containers
-        # do not name the profile (`ENCODER_ONLY`), so a codec built to decode one never
-        # reads a file.
-        path = str(self.params["profile"])
-        self._profile: CacheGenProfile | None = CacheGenProfile.load(path) if path else None
-        self._newest: Codec | None = None
 
     def for_newest(self) -> Codec:
         newest = int(self.params["newest"])
@@ -245,14 +247,34 @@ class CacheGen(Codec):
             self._newest = type(self)(**{**self.params, "level": newest, "newest": -1})
         return self._newest
 
+    def for_position(self, position: int) -> Codec:
+        """With a profile that has cross-layer maps, `cachegen-x` at this level for a value
+        at `position` (`kvstore.codecs.cachegen_cross`; ask it, not this codec, for its
+        choice for the newest chunk); else this codec."""
+        if self._profile is None or self._profile.cross is None:
+            return self
+        if self._cross is None:
+            from kvstore.codecs.cachegen_cross import CacheGenX
+
+            self._cross = CacheGenX(
+                level=self.params["level"],
+                profile=self.params["profile"],
+                newest=self.params["newest"],
+            )
+        return self._cross.for_position(position)
+
     @classmethod
-    def gpu_decoder(cls) -> Callable[[Sequence[Any], Any], Any]:
+    def gpu_decoder(cls) -> Callable[[Sequence[Any], Any], Any] | None:
+        if cls.HOST_ONLY:
+            return None
         from kvstore.kernels.cachegen import decode_on_gpu
 
         return decode_on_gpu
 
     @classmethod
-    def gpu_encoder(cls) -> Callable[..., list[tuple[memoryview, int]]]:
+    def gpu_encoder(cls) -> Callable[..., list[tuple[memoryview, int]]] | None:
+        if cls.HOST_ONLY:
+            return None
         from kvstore.kernels.cachegen_encode import encode_many_on_gpu
 
         return encode_many_on_gpu
@@ -337,6 +359,11 @@ class CacheGen(Codec):
         _gather_escapes(words, kind, heads, symbols, marked, first, escaped)
         return _Quantized(lay, starts, steps, symbols, counts, escapes, escaped, first)
 
+    @property
+    def head_steps(self) -> bool:
+        """Whether payloads store one step per head (version 2), not one per channel."""
+        return self.params["version"] == 2
+
     def frame_payloads(
         self,
         lay: _Layout,
@@ -363,7 +390,7 @@ class CacheGen(Codec):
             first = np.zeros(values * nu + 1, np.int64)
             np.cumsum(escapes, out=first[1:])
         offsets = np.ascontiguousarray(offsets, np.int64)
-        n_steps = nu if self.params["version"] == 2 else nu * dim  # v2: one step a head
+        n_steps = nu if self.head_steps else nu * dim
         fixed = 4 + 2 * nu * dim + 2 * n_steps + 4 * nu + 4 + rans.packed_bound(nu, ALPHABET)
         fixed += 4 * (ns + 1)
         each = np.arange(values + 1)
@@ -385,20 +412,7 @@ class CacheGen(Codec):
 
     def decode_payload(self, payload: memoryview, out: torch.Tensor) -> None:
         p = parse_payload(payload, tuple(out.shape), int(self.params["version"]))
-        lay = p.layout
-        symbols = lay.padded_symbols()
-        rans.decode_streams(
-            p.data,
-            p.offsets,
-            lay.stream_models(),
-            p.freqs,
-            PRECISION,
-            lay.segment * lay.head_dim,
-            LANES,
-            out=symbols.reshape(lay.streams, lay.segment * lay.head_dim),
-            lengths=lay.stream_lengths(),
-        )
-        self._reconstruct(symbols, p.starts, p.steps, p.escaped, p.first, out)
+        self._reconstruct(decode_symbols(p), p.starts, p.steps, p.escaped, p.first, out)
 
     def _reconstruct(
         self,
@@ -463,13 +477,7 @@ class CacheGenZstd(CacheGen):
         "write_content_size": 1,
     }
 
-    @classmethod
-    def gpu_decoder(cls) -> None:  # type: ignore[override]
-        return None
-
-    @classmethod
-    def gpu_encoder(cls) -> None:  # type: ignore[override]
-        return None
+    HOST_ONLY = True  # no GPU kernels
 
     def _encode(self, tensor: torch.Tensor, back: torch.Tensor | None) -> memoryview:
         kv_view(tensor, self.name)  # the layout check, before reading the shape
@@ -733,6 +741,53 @@ def parse_payload(payload: memoryview, shape: tuple[int, ...], version: int) -> 
     pos += n_offsets
     first, end, escaped = _escapes_after(buf, pos, offsets, escapes, lay, "cachegen", "streams")
     return Payload(lay, starts, steps, first, freqs, offsets, payload[pos:end], escaped)
+
+
+def decode_symbols(p: Payload) -> np.ndarray:
+    """The symbols `[units, padded tokens, head_dim]` of a parsed payload's rANS streams."""
+    lay = p.layout
+    symbols = lay.padded_symbols()
+    rans.decode_streams(
+        p.data,
+        p.offsets,
+        lay.stream_models(),
+        p.freqs,
+        PRECISION,
+        lay.segment * lay.head_dim,
+        LANES,
+        out=symbols.reshape(lay.streams, lay.segment * lay.head_dim),
+        lengths=lay.stream_lengths(),
+    )
+    return symbols
+
+
+_profiles: dict[tuple[str, int, int], CacheGenProfile] = {}
+_profiles_lock = threading.Lock()
+
+
+def load_profile(path: str) -> CacheGenProfile | None:
+    """The profile in file `path` ("" for none), read once per version of the file (a
+    profile with cross-layer maps is megabytes of JSON, and every codec built from a spec
+    naming it reads it); InvalidArgument for a path a spec cannot carry or a bad file."""
+    if not path:
+        return None
+    if set(path) & set(",;= ") or not path.isascii():
+        raise InvalidArgument(
+            f"cachegen profile path {path!r} must be ASCII without spaces, commas, "
+            f"semicolons or '=' (a spec separates parameters with them)"
+        )
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read cachegen profile {path}: {exc}") from None
+    key = (os.path.abspath(path), st.st_mtime_ns, st.st_size)
+    with _profiles_lock:
+        profile = _profiles.get(key)
+    if profile is None:
+        profile = CacheGenProfile.load(path)
+        with _profiles_lock:
+            _profiles[key] = profile
+    return profile
 
 
 @numba.njit(cache=True, nogil=True)

@@ -24,11 +24,18 @@ never needs the profile and the format does not change.
     kvstore-server ... --codec ssd=cachegen:profile=smollm2.cgprofile.json
 
 Fit on text like what the store will hold, and never on the text a benchmark then scores.
+
+A profile fitted from a model (version 2) also carries `CrossLayer`: per layer, an integer
+map that predicts the layer's KV (K with RoPE undone, and V) from the layer below it as
+decoded, the model's RoPE frequencies, and resolution weights for what that map leaves.
+`cachegen-x` (`kvstore.codecs.cachegen_cross`) codes with it; its containers name the
+map by its content hash (`CrossLayer.digest`), and their decoders need the profile.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import math
 import sys
@@ -38,11 +45,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import xxhash
+import zstandard
 
 from kvstore.errors import InvalidArgument
 
 FORMAT = "kvstore-cachegen-profile"
-VERSION = 1
+VERSION = 2
+VERSIONS = (1, 2)  # 1: weights only
 # Weights are clipped to this factor either side of their geometric mean: a head measured
 # as insensitive still gets a step within reach of its values, and one measured as very
 # sensitive does not take the whole budget on the strength of a few fitting prompts.
@@ -53,8 +63,287 @@ CONTINUATION = 128  # scored tokens after each fitting prefix
 SAMPLES = 4
 
 
+# Cross-layer maps (`CrossLayer`). Ridge regularization per sample: the map reads the layer
+# below as *decoded*, and without an allowance for its quantization noise the fitted map
+# amplifies it (on SmolLM2, lambda ~0 made the model's KL 5x worse; 0.02-0.2 x N was flat).
+RIDGE = 0.1
+# A layer's decoded values enter the map as integers: each channel scaled by a power of two
+# that puts the fitting texts' largest magnitude in [2^12, 2^13) (headroom to 2^15, where
+# larger values clip), and each map column by one that puts its largest entry in [2^14,
+# 2^15). The products' sums then stay below 2^15 * 2^15 * 2^13 = 2^43 for up to 8192
+# input channels: exact in float64 whatever the order or fusing of a GEMM's additions, so
+# every decoder (BLAS on any CPU, a GPU) predicts the same bits.
+INPUT_TOP = 1 << 12
+MAP_TOP = 1 << 14
+INT16_MAX = 32767
+MAX_CHANNELS = 8192
+CROSS_CHUNK = 256  # tokens per chunk when fitting the residual spreads (the store's chunk)
+
+
+class _PerHead:
+    """`layers` and `heads` of a class whose `weights` are `[layers, 2, heads]`."""
+
+    weights: np.ndarray
+
+    @property
+    def layers(self) -> int:
+        return int(self.weights.shape[0])
+
+    @property
+    def heads(self) -> int:
+        return int(self.weights.shape[2])
+
+
 @dataclass(frozen=True)
-class CacheGenProfile:
+class CrossLayer(_PerHead):
+    """What `cachegen-x` needs besides the steps in its payloads: per layer l >= 1 an
+    integer map predicting layer l's channels from layer l-1's, the RoPE that K's channels
+    are taken out of, and the resolution weights of what the maps leave.
+
+    Channels of a layer, `2 * heads * head_dim` of them: K with RoPE undone, then V, each
+    `[heads, head_dim]`. Layer l's prediction from layer l-1's decoded channels x (float32):
+    `xi = clip(rint(x * 2^in_exp[l-1]), +-32767)`, `acc = xi @ maps[l-1]` (integers, exact
+    in float64), `pred = float32(acc * 2^-out_exp[l-1])` (`predict`)."""
+
+    inv_freq: np.ndarray
+    """float64 `[head_dim // 2]`: RoPE's angle per position of each rotated pair (the model's
+    `rotary_emb.inv_freq`; pairs are (d, d + head_dim / 2), the rotate-half layout)."""
+    rope_scale: float
+    """RoPE's cos and sin are multiplied by this (transformers' `attention_scaling`; 1.0 for
+    plain RoPE)."""
+    in_exp: np.ndarray
+    """int16 `[layers - 1, channels]`: the input scale exponents of each map."""
+    maps: np.ndarray
+    """int16 `[layers - 1, channels, channels]`: (input channel, output channel)."""
+    out_exp: np.ndarray
+    """int16 `[layers - 1, channels]`: the output scale exponents."""
+    weights: np.ndarray
+    """float32 `[layers, 2, heads]`: resolution weights for the cross-layer residuals (layer
+    0: its chunk's channel mean), as `CacheGenProfile.weights` are for cachegen's."""
+    _maps64: np.ndarray = field(init=False, repr=False, compare=False)
+    _in_scale: np.ndarray = field(init=False, repr=False, compare=False)
+    _out_scale: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        w = np.asarray(self.weights, np.float32)
+        if w.ndim != 3 or w.shape[1] != 2 or w.shape[0] < 2 or 0 in w.shape:
+            raise InvalidArgument(
+                f"cross-layer weights must be [layers >= 2, 2, heads], got {w.shape}"
+            )
+        if not (np.isfinite(w).all() and (w > 0).all()):
+            raise InvalidArgument("cross-layer weights must be finite and positive")
+        layers, _, heads = w.shape
+        inv = np.asarray(self.inv_freq, np.float64).reshape(-1)
+        dim = 2 * inv.size
+        if inv.size == 0 or not np.isfinite(inv).all():
+            raise InvalidArgument("cross-layer inv_freq must be finite and not empty")
+        if not (math.isfinite(self.rope_scale) and self.rope_scale > 0):
+            raise InvalidArgument(f"cross-layer rope_scale must be positive, got {self.rope_scale}")
+        ch = 2 * heads * dim
+        if ch > MAX_CHANNELS:
+            raise InvalidArgument(
+                f"cross-layer maps take at most {MAX_CHANNELS} channels, not {ch}"
+            )
+        for name, shape in (
+            ("in_exp", (layers - 1, ch)),
+            ("maps", (layers - 1, ch, ch)),
+            ("out_exp", (layers - 1, ch)),
+        ):
+            a = np.asarray(getattr(self, name))
+            if a.shape != shape:
+                raise InvalidArgument(
+                    f"cross-layer {name} must be {list(shape)}, got {list(a.shape)}"
+                )
+            if name == "maps" and (np.abs(a.astype(np.int64)) > INT16_MAX).any():
+                raise InvalidArgument("cross-layer maps must be int16 within +-32767")
+            if name != "maps" and (np.abs(a.astype(np.int64)) > 60).any():
+                raise InvalidArgument(f"cross-layer {name} must be within +-60")
+            object.__setattr__(self, name, np.ascontiguousarray(a, np.int16))
+        object.__setattr__(self, "weights", w)
+        object.__setattr__(self, "inv_freq", inv)
+        object.__setattr__(self, "rope_scale", float(self.rope_scale))
+        # The map as float64 and the scales as factors, once: what `predict` multiplies.
+        object.__setattr__(self, "_maps64", self.maps.astype(np.float64))
+        object.__setattr__(self, "_in_scale", np.ldexp(np.float32(1), self.in_exp.astype(np.int32)))
+        object.__setattr__(self, "_out_scale", np.ldexp(1.0, -self.out_exp.astype(np.int32)))
+
+    @property
+    def head_dim(self) -> int:
+        return 2 * int(self.inv_freq.size)
+
+    @property
+    def channels(self) -> int:
+        return 2 * self.heads * self.head_dim
+
+    @property
+    def digest(self) -> str:
+        """16 hex digits of xxh3-64 over everything a decoder uses (not the weights): what
+        a container names its map by."""
+        h = xxhash.xxh3_64()
+        h.update(np.array([self.layers, self.heads, self.head_dim], "<i8").tobytes())
+        h.update(self.inv_freq.astype("<f8").tobytes())
+        h.update(np.array([self.rope_scale], "<f8").tobytes())
+        for a in (self.in_exp, self.maps, self.out_exp):
+            h.update(a.astype("<i2").tobytes())
+        return h.hexdigest()
+
+    def predict(self, below: np.ndarray, layer: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Layer `layer`'s (>= 1) prediction, float32 `[tokens, channels]`, from layer - 1's
+        decoded channels `below` (float32 `[tokens, channels]`), the same bits on any
+        machine (see the class)."""
+        m = layer - 1
+        xi = np.rint(below * self._in_scale[m])  # a power of two: exact
+        np.clip(xi, -INT16_MAX, INT16_MAX, out=xi)
+        acc = xi.astype(np.float64) @ self._maps64[m]  # integers below 2^53: exact
+        acc *= self._out_scale[m]
+        if out is None:
+            return acc.astype(np.float32)
+        out[...] = acc
+        return out
+
+    def float_map(self, layer: int) -> np.ndarray:
+        """float32 `[channels, channels]`: layer `layer`'s map (>= 1) with its scales folded
+        in, for estimates that need not be exact (`predict` is)."""
+        cache = self.__dict__.setdefault("_float_maps", {})
+        if layer not in cache:
+            m = layer - 1
+            scaled = self._maps64[m] * self._in_scale[m].astype(np.float64)[:, None]
+            cache[layer] = (scaled * self._out_scale[m][None, :]).astype(np.float32)
+        return cache[layer]
+
+    def to_doc(self) -> dict[str, Any]:
+        packed = zstandard.ZstdCompressor(level=10).compress(self.maps.astype("<i2").tobytes())
+        return {
+            "inv_freq": [float(f) for f in self.inv_freq],  # repr round-trips float64
+            "rope_scale": self.rope_scale,
+            "in_exp": self.in_exp.tolist(),
+            "out_exp": self.out_exp.tolist(),
+            "maps_zstd_base64": base64.b64encode(packed).decode("ascii"),
+            "weights": np.round(self.weights.astype(np.float64), 5).tolist(),
+            "digest": self.digest,
+        }
+
+    @classmethod
+    def from_doc(cls, doc: Any, layers: int, heads: int) -> CrossLayer:
+        if not isinstance(doc, dict):
+            raise InvalidArgument("cross must be an object")
+        try:
+            inv = np.array(doc["inv_freq"], np.float64)
+            ch = 2 * heads * 2 * inv.size
+            raw = zstandard.ZstdDecompressor().decompress(
+                base64.b64decode(doc["maps_zstd_base64"], validate=True),
+                max_output_size=2 * (layers - 1) * ch * ch,
+            )
+            maps = np.frombuffer(raw, "<i2").reshape(layers - 1, ch, ch)
+            cross = cls(
+                inv,
+                float(doc["rope_scale"]),
+                np.array(doc["in_exp"], np.int64),
+                maps,
+                np.array(doc["out_exp"], np.int64),
+                np.array(doc["weights"], np.float64),
+            )
+        except (KeyError, TypeError, ValueError, zstandard.ZstdError) as exc:
+            raise InvalidArgument(f"cross-layer part malformed: {exc}") from None
+        if cross.weights.shape != (layers, 2, heads):
+            raise InvalidArgument(f"cross-layer weights of shape {cross.weights.shape}")
+        if doc.get("digest") != cross.digest:
+            raise InvalidArgument("cross-layer maps do not match their digest (damaged file)")
+        return cross
+
+
+def rope_angles(inv_freq: np.ndarray, position: int, tokens: int) -> np.ndarray:
+    """float64 `[tokens, head_dim // 2]`: the angles of positions position.. at each pair."""
+    pos = np.arange(position, position + tokens, dtype=np.float64)
+    return pos[:, None] * inv_freq[None, :]
+
+
+def undo_rope(k: np.ndarray, inv_freq: np.ndarray, scale: float, position: int) -> np.ndarray:
+    """K `[tokens, heads, head_dim]` after RoPE at positions position.. -> before (float64)."""
+    ang = rope_angles(inv_freq, position, k.shape[0])[:, None, :]
+    c, s = np.cos(ang), np.sin(ang)
+    half = k.shape[-1] // 2
+    x1, x2 = k[..., :half].astype(np.float64), k[..., half:].astype(np.float64)
+    return np.concatenate([x1 * c + x2 * s, x2 * c - x1 * s], -1) / scale
+
+
+def channels_of(kv: np.ndarray, inv_freq: np.ndarray, scale: float, position: int) -> np.ndarray:
+    """float64 `[layers, tokens, 2 * heads * head_dim]`: each layer's channels as the maps
+    read them (K with RoPE undone, then V) from KV `[layers, 2, tokens, heads, head_dim]`
+    whose first token is at `position`."""
+    layers, _, tokens = kv.shape[:3]
+    out = np.empty((layers, tokens, 2, *kv.shape[3:]), np.float64)
+    for layer in range(layers):
+        out[layer, :, 0] = undo_rope(kv[layer, 0], inv_freq, scale, position)
+        out[layer, :, 1] = kv[layer, 1]
+    return out.reshape(layers, tokens, 2 * kv.shape[3] * kv.shape[4])
+
+
+def _exponents(top: np.ndarray, target: int) -> np.ndarray:
+    """Per entry, the power-of-two exponent that puts `top` (> 0; else 0) in
+    [target / 2, target): floor(log2(target / top)), clipped to +-40."""
+    with np.errstate(divide="ignore"):
+        e = np.floor(np.log2(target / np.maximum(top, 1e-30)))
+    e[top <= 0] = 0
+    return np.clip(e, -40, 40).astype(np.int16)
+
+
+def fit_cross(
+    kvs: Sequence[np.ndarray],
+    inv_freq: np.ndarray,
+    rope_scale: float,
+    fisher: np.ndarray,
+    values: np.ndarray,
+    ridge: float = RIDGE,
+    chunk: int = CROSS_CHUNK,
+) -> CrossLayer:
+    """A `CrossLayer` from fitting KV `kvs` (each `[layers, 2, tokens, heads, head_dim]`,
+    positions from 0) and the heads' Fisher information and value counts (`measure`):
+    ridge maps with lambda = `ridge` x the sample count, quantized to integers, and weights
+    from the spreads of what they leave on `chunk`-token chunks (open loop, each chunk's
+    mean removed, its first token left out: the codec stores it exactly)."""
+    xs = [channels_of(np.asarray(kv, np.float64), inv_freq, rope_scale, 0) for kv in kvs]
+    layers, _, ch = xs[0].shape
+    heads, dim = kvs[0].shape[3], kvs[0].shape[4]
+    if layers < 2:
+        raise InvalidArgument("cross-layer maps need a model of two layers or more")
+    in_exp = np.empty((layers - 1, ch), np.int16)
+    out_exp = np.empty((layers - 1, ch), np.int16)
+    maps = np.empty((layers - 1, ch, ch), np.int16)
+    for layer in range(1, layers):
+        x = np.concatenate([c[layer - 1] for c in xs])
+        y = np.concatenate([c[layer] for c in xs])
+        m = np.linalg.solve(x.T @ x + ridge * len(x) * np.eye(ch), x.T @ y)
+        ie = _exponents(np.abs(x).max(axis=0), INPUT_TOP)
+        scaled = m * np.ldexp(1.0, -ie.astype(np.int32))[:, None]
+        oe = _exponents(np.abs(scaled).max(axis=0), MAP_TOP)
+        q = np.rint(scaled * np.ldexp(1.0, oe.astype(np.int32))[None, :])
+        in_exp[layer - 1], out_exp[layer - 1] = ie, oe
+        maps[layer - 1] = np.clip(q, -INT16_MAX, INT16_MAX)
+    provisional = CrossLayer(
+        inv_freq, rope_scale, in_exp, maps, out_exp, np.ones((layers, 2, heads), np.float32)
+    )
+    sq = np.zeros((layers, 2, heads))
+    n = 0
+    for c in xs:
+        tokens = c.shape[1]
+        for layer in range(layers):
+            below = c[layer - 1].astype(np.float32) if layer else None
+            pred = provisional.predict(below, layer) if below is not None else 0.0
+            r = (c[layer] - pred).reshape(tokens, 2, heads, dim)
+            for a in range(0, tokens, chunk):
+                part = r[a + 1 : a + chunk]
+                if len(part):
+                    part = part - part.mean(axis=0)
+                    sq[layer] += (part**2).sum(axis=(0, 3))
+        n += sum(max(min(chunk, c.shape[1] - a) - 1, 0) for a in range(0, c.shape[1], chunk))
+    spread = np.sqrt(sq / max(n * dim, 1))
+    weights = weights_from(fisher, spread, values)
+    return CrossLayer(inv_freq, rope_scale, in_exp, maps, out_exp, weights)
+
+
+@dataclass(frozen=True)
+class CacheGenProfile(_PerHead):
     """Resolution weights per (layer, K/V, head) for one model."""
 
     weights: np.ndarray
@@ -63,6 +352,8 @@ class CacheGenProfile:
     """The model measured (a name or path; informational)."""
     fitted_on: tuple[str, ...] = field(default_factory=tuple)
     """The texts the weights were fitted on (names; informational)."""
+    cross: CrossLayer | None = None
+    """The cross-layer maps `cachegen-x` codes with (version 2 profiles fitted from a model)."""
 
     def __post_init__(self) -> None:
         w = np.asarray(self.weights)
@@ -73,28 +364,25 @@ class CacheGenProfile:
         if not (np.isfinite(w).all() and (w > 0).all()):
             raise InvalidArgument("cachegen profile weights must be finite and positive")
         object.__setattr__(self, "weights", w.astype(np.float32))
-
-    @property
-    def layers(self) -> int:
-        return int(self.weights.shape[0])
-
-    @property
-    def heads(self) -> int:
-        return int(self.weights.shape[2])
+        if self.cross is not None and (self.cross.layers, self.cross.heads) != w.shape[::2]:
+            raise InvalidArgument(
+                f"cross-layer part for {self.cross.layers} layers x {self.cross.heads} heads "
+                f"in a profile of {w.shape[0]} x {w.shape[2]}"
+            )
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "format": FORMAT,
-                "version": VERSION,
-                "model": self.model,
-                "fitted_on": list(self.fitted_on),
-                "layers": self.layers,
-                "heads": self.heads,
-                "weights": np.round(self.weights.astype(np.float64), 5).tolist(),
-            },
-            indent=1,
-        )
+        doc = {
+            "format": FORMAT,
+            "version": VERSION if self.cross is not None else 1,
+            "model": self.model,
+            "fitted_on": list(self.fitted_on),
+            "layers": self.layers,
+            "heads": self.heads,
+            "weights": np.round(self.weights.astype(np.float64), 5).tolist(),
+        }
+        if self.cross is not None:
+            doc["cross"] = self.cross.to_doc()
+        return json.dumps(doc, indent=1)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json() + "\n", encoding="utf-8")
@@ -116,8 +404,10 @@ class CacheGenProfile:
     def _from_doc(cls, doc: Any) -> CacheGenProfile:
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise InvalidArgument(f"not a {FORMAT} file")
-        if doc.get("version") != VERSION:
-            raise InvalidArgument(f"version {doc.get('version')!r}; this build reads {VERSION}")
+        if doc.get("version") not in VERSIONS:
+            raise InvalidArgument(
+                f"version {doc.get('version')!r}; this build reads {', '.join(map(str, VERSIONS))}"
+            )
         try:
             weights = np.array(doc["weights"], dtype=np.float64)
         except (KeyError, TypeError, ValueError):
@@ -132,7 +422,11 @@ class CacheGenProfile:
         fitted = doc.get("fitted_on", [])
         if not isinstance(fitted, list) or not all(isinstance(s, str) for s in fitted):
             raise InvalidArgument("fitted_on must be a list of names")
-        return cls(weights, str(doc.get("model", "")), tuple(fitted))
+        cross = None
+        if doc.get("version") == 2 and doc.get("cross") is not None:
+            layers, _, heads = np.shape(weights)
+            cross = CrossLayer.from_doc(doc["cross"], layers, heads)
+        return cls(weights, str(doc.get("model", "")), tuple(fitted), cross)
 
     def check_shape(self, layers: int, heads: int) -> None:
         """InvalidArgument unless the profile is for KV of `layers` layers, `heads` heads."""
@@ -170,6 +464,7 @@ def measure(
     continuation: int = CONTINUATION,
     samples: int = SAMPLES,
     seed: int = 0,
+    kvs: list[np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(fisher, spread, values), each `[layers, 2, heads]`, summed (spread: RMS-averaged)
     over `sequences` of token ids: each is split into a prefix and its last `continuation`
@@ -177,7 +472,8 @@ def measure(
     distributions with respect to the prefix KV (K after RoPE) is estimated from the
     gradients of labels drawn from the model itself (`samples` per position; their cross
     terms vanish in expectation, so the squared gradient of the summed log-likelihood is
-    unbiased)."""
+    unbiased). Each prefix's KV (float16 values as float32 `[layers, 2, tokens, heads,
+    dim]`) is appended to `kvs` if given."""
     import torch
     from transformers import DynamicCache
 
@@ -210,6 +506,8 @@ def measure(
         # gradients, the largest, would otherwise decide the weights.
         f = (grads[:, :, :, 1:] / samples).sum(dim=(3, 4)).numpy()  # [layers, 2, heads]
         x = kv.detach().transpose(2, 3).numpy()  # [layers, 2, tokens, heads, dim]
+        if kvs is not None:
+            kvs.append(np.ascontiguousarray(x))
         s = residual_spread(x)
         n = np.full(f.shape, x.shape[2] * x.shape[4], np.float64)
         fisher = f if fisher is None else fisher + f
@@ -226,12 +524,33 @@ def fit(
     name: str = "",
     fitted_on: Sequence[str] = (),
     samples: int = SAMPLES,
+    cross: bool = True,
 ) -> CacheGenProfile:
-    """A profile for `model` fitted on `sequences` of token ids (see `measure`)."""
+    """A profile for `model` fitted on `sequences` of token ids (see `measure`); with
+    `cross`, its `CrossLayer` maps too (`fit_cross`; the model's RoPE read from its
+    `model.rotary_emb`)."""
     if samples < 1:
         raise InvalidArgument(f"samples must be >= 1, got {samples}")
-    fisher, spread, values = measure(model, sequences, samples=samples)
-    return CacheGenProfile(weights_from(fisher, spread, values), name, tuple(fitted_on))
+    kvs: list[np.ndarray] = []
+    fisher, spread, values = measure(model, sequences, samples=samples, kvs=kvs)
+    part = None
+    if cross:
+        inv_freq, scale = model_rope(model)
+        part = fit_cross(kvs, inv_freq, scale, fisher, values)
+    return CacheGenProfile(weights_from(fisher, spread, values), name, tuple(fitted_on), part)
+
+
+def model_rope(model: Any) -> tuple[np.ndarray, float]:
+    """A transformers causal LM's RoPE: (inv_freq float64, attention scaling); InvalidArgument
+    for a model without the rotary embedding cachegen-x knows (rotate-half, as Llama's)."""
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    inv = getattr(rotary, "inv_freq", None)
+    if inv is None:
+        raise InvalidArgument(
+            f"{type(model).__name__} has no model.rotary_emb.inv_freq: cachegen-x's maps need "
+            "a Llama-style RoPE (fit with cross=False for weights only)"
+        )
+    return inv.detach().double().cpu().numpy(), float(getattr(rotary, "attention_scaling", 1.0))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -265,7 +584,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cachegen_profile: {exc}", file=sys.stderr)
         return 2
     profile.save(args.out)
-    print(f"wrote {args.out}: {profile.layers} layers x 2 x {profile.heads} heads")
+    maps = f", cross-layer maps {profile.cross.digest}" if profile.cross is not None else ""
+    print(f"wrote {args.out}: {profile.layers} layers x 2 x {profile.heads} heads{maps}")
     return 0
 
 

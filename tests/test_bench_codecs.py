@@ -21,11 +21,11 @@ def test_the_last_chunk_is_coded_as_a_store_codes_the_newest() -> None:
     main = codec_from_spec("cachegen:level=3,newest=0")
     finer = main.for_newest()
     assert finer.params["level"] == 0
-    assert bench_codecs.chunk_codecs(main, 4) == [main, main, main, finer]
-    assert bench_codecs.chunk_codecs(main, 1) == [finer]
-    assert bench_codecs.chunk_codecs(main, 0) == []
+    assert bench_codecs.chunk_codecs(main, 4, 256) == [main, main, main, finer]
+    assert bench_codecs.chunk_codecs(main, 1, 256) == [finer]
+    assert bench_codecs.chunk_codecs(main, 0, 256) == []
     plain = codec_from_spec("cachegen:level=3")
-    assert bench_codecs.chunk_codecs(plain, 3) == [plain, plain, plain]
+    assert bench_codecs.chunk_codecs(plain, 3, 256) == [plain, plain, plain]
 
 
 def test_prompt_set_option_parses() -> None:

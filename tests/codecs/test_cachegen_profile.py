@@ -187,8 +187,24 @@ def test_tool_measures_a_model_and_writes_a_profile_the_codec_uses(tmp_path: Pat
     assert profile.weights.shape == (2, 2, 2) and profile.fitted_on == ("fit.txt",)
     assert len(np.unique(profile.weights)) > 1  # heads measured apart
     t = smooth_kv(layers=2, heads=2, dim=8, tokens=40).to(torch.float16)
-    got = decode(codec_from_spec(f"cachegen:profile={out}").encode(t))
+    codec = codec_from_spec(f"cachegen:profile={out}")
+    got = decode(codec.encode(t))
     assert rel_err(got, t) < 0.2
+    # Fitted from a model: cross-layer maps of its shape, for the model's RoPE.
+    assert profile.cross is not None and profile.cross.maps.shape == (1, 32, 32)
+    transformers = pytest.importorskip("transformers")
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "model")
+    assert np.array_equal(profile.cross.inv_freq, model.model.rotary_emb.inv_freq.double().numpy())
+    ids = torch.tensor([rng.integers(1, 60, 80).tolist()])
+    with torch.no_grad():
+        cache = model(input_ids=ids, use_cache=True).past_key_values
+    kv = torch.stack([torch.stack((c.keys[0], c.values[0])) for c in cache.layers])
+    chunk = kv.transpose(2, 3)[:, :, 40:].contiguous().half()  # tokens 40-79 of its own KV
+    at = codec.for_position(40)
+    assert at.name == "cachegen-x"
+    # A random model's KV is noise-like and codes badly at level 1 either way; its maps still
+    # predict it better than cachegen's predictors do.
+    assert rel_err(decode(at.encode(chunk)), chunk) < rel_err(decode(codec.encode(chunk)), chunk)
 
 
 def test_tool_refuses_a_text_too_short(tmp_path: Path) -> None:

@@ -8,10 +8,15 @@ byte-exact, a lossy one returns the same tensor every time, and nothing damaged 
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from cross_fixture import LayeredKV
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -28,12 +33,23 @@ def kv(seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
 
 
 CODECS = codec_names()
+# A codec that needs a file to exist gets one: cachegen-x a profile with maps for KV_SHAPE.
+_FILES = Path(tempfile.mkdtemp(prefix="kvstore-codec-tests-"))
+atexit.register(shutil.rmtree, _FILES, True)
+_X_PROFILE = LayeredKV(KV_SHAPE[0], KV_SHAPE[3], KV_SHAPE[4]).profile_file(_FILES / "x.json")
+DEFAULT_SPECS = {name: name for name in CODECS} | {"cachegen-x": f"cachegen-x:profile={_X_PROFILE}"}
+
+
+def spec_of(name: str) -> str:
+    """The spec of codec `name` at its defaults, with the files it needs (other specs as
+    they are)."""
+    return DEFAULT_SPECS.get(name, name)
 
 
 @pytest.mark.parametrize("name", CODECS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_round_trip_keeps_shape_and_dtype(name: str, dtype: torch.dtype) -> None:
-    codec = codec_from_spec(name)
+    codec = codec_from_spec(spec_of(name))
     t = kv(1, dtype)
     data = codec.encode(t)
     got = decode(data)
@@ -49,7 +65,7 @@ def test_round_trip_keeps_shape_and_dtype(name: str, dtype: torch.dtype) -> None
 
 @pytest.mark.parametrize("name", CODECS)
 def test_decode_into_out_and_refusals(name: str) -> None:
-    codec = codec_from_spec(name)
+    codec = codec_from_spec(spec_of(name))
     t = kv(2)
     data = codec.encode(t)
     out = torch.empty_like(t)
@@ -68,7 +84,7 @@ def test_codec_decodes_only_its_own_containers(name: str) -> None:
     other = "raw" if name != "raw" else "zstd"
     data = codec_from_spec(other).encode(kv(3))
     with pytest.raises(ContainerError, match=f"made by codec {other}"):
-        codec_from_spec(name).decode(data)
+        codec_from_spec(spec_of(name)).decode(data)
 
 
 def test_specs_are_parsed_strictly() -> None:
@@ -121,7 +137,7 @@ def test_every_codec_is_exported() -> None:
 
 # Every codec at its defaults, and the older payload formats a codec still reads.
 FUZZED = [*CODECS, "cachegen:version=1"]
-_CONTAINERS = {spec: codec_from_spec(spec).encode(kv(4)) for spec in FUZZED}
+_CONTAINERS = {name: codec_from_spec(spec_of(name)).encode(kv(4)) for name in FUZZED}
 _FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 

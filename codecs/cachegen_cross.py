@@ -1,0 +1,496 @@
+"""`cachegen-x`: cachegen with each layer's KV predicted from the layer below it.
+
+A layer's K and V are two projections of the residual stream, and the layer below's K and
+V pin much of that stream down: on SmolLM2 a linear map from layer l-1's channels (K with
+RoPE undone, and V) leaves residuals of a third to a half of what cachegen's predictors
+(the previous token, the channel mean) leave (`benchmarks/NOTES-codecs.md`, "Predicting
+each layer from the one below"). So, for a chunk whose first token is at `position`:
+
+- each layer's channels are K with RoPE undone at the chunk's true positions (a map that
+  mixes heads and channels does not commute with RoPE), then V: `[tokens, 2, heads,
+  head_dim]`;
+- layer 0 is predicted by nothing; layer l >= 1 by `CrossLayer.predict` of layer l-1 *as
+  decoded* (closed loop), an integer product exact on any machine; then the chunk's mean of
+  what is left, per channel, is the float16 start value;
+- the rest is cachegen's quantizer: one float16 step per (layer, K/V, head) from the
+  residuals' spread over a resolution (`CROSS_LEVELS` times the profile's cross-layer
+  weight), a value further than `OUTLIER_SPREADS` of its channel's spread and every value of
+  the chunk's first token escaped to float16, symbols rANS-coded per unit in streams;
+- decoding runs the layers in order: value = (prediction + start) + (symbol - 127) * step in
+  float32, or the escape's value; K is then rotated back with float32 cos / sin tables of
+  the positions (float64 angles, rounded once) as x cos - x' sin, each product and the
+  difference rounded (no fused multiply-add), and every value rounded to the dtype.
+
+The decoder needs the profile's `CrossLayer`: containers record its digest (`maps`), and a
+process decodes them once it has loaded that profile (a codec spec naming it, or
+`register_cross`); otherwise the container is refused, with the digest in the message.
+
+Payload, little-endian (format version 1): `position u64`, then a cachegen version 2
+payload (`kvstore.codecs.cachegen`: segment, starts, steps per head, escapes, tables,
+offsets, streams, escaped values), its starts and escapes those of the channels above.
+
+The encoder takes the position from `for_position` (clients that put a prefix's chunks
+know it); without one it searches for the position whose maps predict the chunk's first
+tokens best (`find_position`), which finds a chunk's true start on SmolLM2's KV but costs
+~0.1-0.5 s of a CPU core.
+"""
+
+from __future__ import annotations
+
+import copy
+import struct
+import threading
+from collections.abc import Mapping
+from typing import ClassVar
+
+import numba
+import numpy as np
+import torch
+
+from kvstore.codecs import rans
+from kvstore.codecs.base import Codec, ContainerError, ParamValue, kv_view, register
+from kvstore.codecs.cachegen import (
+    _F32,
+    _KINDS,
+    ALPHABET,
+    CENTER,
+    OUTLIER_SPREADS,
+    PRECISION,
+    REACH,
+    SEGMENT_TOKENS,
+    CacheGen,
+    _code_streams,
+    _gather_escapes,
+    _histogram,
+    _Layout,
+    _store,
+    _words,
+    decode_symbols,
+    load_profile,
+    parse_payload,
+)
+from kvstore.codecs.cachegen_profile import CrossLayer, channels_of, rope_angles
+from kvstore.errors import InvalidArgument
+from kvstore.kernels.floatbits import F16_MAX, f16_to_f32, f32_to_f16
+
+# The resolution (residual spread over step) of a head of cross-layer weight 1, by level;
+# a sequence's newest chunk is coded one level finer unless `newest` says otherwise. On
+# SmolLM2's held-out prompts level 1 is 5.16x smaller than fp16 at 98.3% top-1 agreement
+# (benchmarks/NOTES-codecs.md).
+CROSS_LEVELS: Mapping[int, float] = {0: 2.3, 1: 1.65, 2: 1.4, 3: 1.2}
+MAX_POSITION = 1 << 40  # positions a payload may record (a check on damaged payloads)
+# The position search without a given position: candidates every SEARCH_STEP tokens below
+# SEARCH_LIMIT, scored on the first SEARCH_TOKENS tokens through layer 1, then every token
+# within SEARCH_STEP of the SEARCH_KEEP best, scored on more tokens and layers.
+SEARCH_LIMIT = 1 << 15
+SEARCH_STEP = 16
+SEARCH_KEEP = 32
+SEARCH_TOKENS = 16
+REFINE_TOKENS = 32
+REFINE_LAYERS = 3
+
+_registry: dict[str, CrossLayer] = {}
+_registry_lock = threading.Lock()
+
+
+def register_cross(cross: CrossLayer) -> str:
+    """Make containers naming `cross`'s digest decodable in this process; the digest."""
+    with _registry_lock:
+        _registry[cross.digest] = cross
+    return cross.digest
+
+
+def registered_cross(digest: str) -> CrossLayer | None:
+    with _registry_lock:
+        return _registry.get(digest)
+
+
+@register
+class CacheGenX(CacheGen):
+    name = "cachegen-x"
+    codec_id = 7
+    # maps: the digest of the profile's cross-layer maps (recorded in containers; set from
+    # the profile when a spec names one). position: the absolute position of the value's
+    # first token (`for_position`), -1 to search for it. newest: the level of a sequence's
+    # newest chunk, -1 for one finer than `level`. profile: as cachegen's.
+    PARAMS: ClassVar[Mapping[str, ParamValue]] = {
+        "level": 1,
+        "maps": "",
+        "profile": "",
+        "position": -1,
+        "newest": -1,
+        "version": 1,
+    }
+    ENCODER_ONLY = frozenset({"profile", "newest", "position"})
+    LEGACY_PARAMS: ClassVar[Mapping[str, ParamValue]] = {}
+    VERSIONS: ClassVar[tuple[int, ...]] = (1,)
+
+    def check_params(self) -> None:
+        self.check_levels(CROSS_LEVELS)
+        if not -1 <= int(self.params["position"]) < MAX_POSITION:
+            raise InvalidArgument(f"cachegen-x position {self.params['position']} out of range")
+        self._newest: Codec | None = None
+        self._profile = load_profile(str(self.params["profile"]))
+        digest = str(self.params["maps"])
+        if self._profile is not None:
+            if self._profile.cross is None:
+                raise InvalidArgument(
+                    f"cachegen profile {self.params['profile']} has no cross-layer maps (fit "
+                    "it again with this build's cachegen_profile tool)"
+                )
+            if digest and digest != self._profile.cross.digest:
+                raise InvalidArgument(
+                    f"cachegen-x maps={digest} but profile {self.params['profile']} has maps "
+                    f"{self._profile.cross.digest}"
+                )
+            self.cross = self._profile.cross
+            self.params["maps"] = register_cross(self.cross)
+            return
+        if not digest:
+            raise InvalidArgument("cachegen-x needs a profile with cross-layer maps (profile=FILE)")
+        cross = registered_cross(digest)
+        if cross is None:
+            raise InvalidArgument(
+                f"cachegen-x maps {digest} are not loaded in this process: give it the "
+                "cachegen profile they come from (a codec spec with profile=FILE)"
+            )
+        self.cross = cross
+
+    def for_newest(self) -> Codec:
+        """This codec one level finer (or at `newest`), at the same position."""
+        level, newest = int(self.params["level"]), int(self.params["newest"])
+        if newest == -1:
+            newest = max(level - 1, 0)
+        if newest == level:
+            return self
+        if self._newest is None:  # one instance per position (twins share the cache)
+            self._newest = type(self)(**{**self.params, "level": newest, "newest": newest})
+        finer = self._newest
+        position = int(self.params["position"])
+        return finer.for_position(position) if position >= 0 else finer
+
+    def for_position(self, position: int) -> Codec:
+        if position < 0 or position >= MAX_POSITION:
+            raise InvalidArgument(f"cachegen-x position {position} out of range")
+        if position == self.params["position"]:
+            return self
+        twin = copy.copy(self)
+        twin.params = {**self.params, "position": int(position)}
+        return twin
+
+    HOST_ONLY = True  # no GPU kernels
+
+    @property
+    def head_steps(self) -> bool:
+        return True
+
+    def resolution(self, layers: int, heads: int) -> np.ndarray:
+        self._check_shape(layers, heads, self.cross.head_dim)
+        return np.float32(CROSS_LEVELS[int(self.params["level"])]) * self.cross.weights
+
+    def _check_shape(self, layers: int, heads: int, head_dim: int) -> None:
+        c = self.cross
+        if (layers, heads, head_dim) != (c.layers, c.heads, c.head_dim):
+            raise InvalidArgument(
+                f"cachegen-x maps {self.params['maps']} are for {c.layers} layers x {c.heads} "
+                f"KV heads x {c.head_dim}, not KV of {layers} x {heads} x {head_dim}"
+            )
+
+    # -------------------------------------------------------------------------- encoding
+
+    def _encode(self, tensor: torch.Tensor, back: torch.Tensor | None) -> bytes:
+        kv_view(tensor, self.name)
+        x = tensor.detach().float().numpy()
+        layers, _, tokens, heads, dim = x.shape
+        self._check_shape(layers, heads, dim)
+        if not np.isfinite(x).all() or (np.abs(x) > F16_MAX).any():
+            raise InvalidArgument(
+                "cachegen-x needs finite values within float16's range; store this value with "
+                "a lossless codec (raw or zstd)"
+            )
+        position = int(self.params["position"])
+        if position < 0:
+            position = find_position(self.cross, x)
+        c = self.cross
+        ch = channels_of(x, c.inv_freq, c.rope_scale, position).astype(np.float32)
+        if (np.abs(ch) > F16_MAX).any():
+            raise InvalidArgument(
+                "cachegen-x: K with RoPE undone leaves float16's range; store this value "
+                "with another codec"
+            )
+        ch = ch.reshape(layers, tokens, 2, heads, dim)
+        lay = _Layout(layers, tokens, heads, dim, SEGMENT_TOKENS)
+        res = self.resolution(layers, heads)
+        starts = np.empty((layers, 2, heads, dim), np.uint16)
+        steps = np.empty((layers, 2, heads, dim), np.uint16)
+        symbols = lay.padded_symbols()
+        counts = np.empty((lay.units, ALPHABET), np.int64)
+        marked = np.empty((lay.units, tokens), np.bool_)
+        xhat = np.empty((layers, tokens, 2, heads, dim), np.float32)
+        pred = np.zeros((tokens, 2, heads, dim), np.float32)
+        for layer in range(layers):
+            if layer:
+                n = c.channels
+                c.predict(xhat[layer - 1].reshape(tokens, n), layer, pred.reshape(tokens, n))
+            _code_layer(
+                ch[layer], pred, res[layer], layer, starts, steps, symbols, counts, marked,
+                xhat[layer],
+            )  # fmt: skip
+        escapes = counts[:, 0]
+        first = np.zeros(lay.units + 1, np.int64)
+        np.cumsum(escapes, out=first[1:])
+        escaped = np.empty(first[-1], np.uint16)
+        # The escapes' values from the channels laid out as a float32 value's words.
+        words = _words(torch.from_numpy(np.ascontiguousarray(ch.transpose(0, 2, 1, 3, 4))))
+        _gather_escapes(words, _F32, heads, symbols, marked, first, escaped)
+        if back is not None:
+            _rotate_out(self.cross, xhat, position, back)
+        freqs = rans.quantize_freqs(counts, PRECISION)
+        data, offsets = _code_streams(lay, symbols, freqs)
+        frames = self.frame_payloads(lay, 1, starts, steps, escapes, freqs, offsets, escaped, first)
+        at, (o0, o1) = int(frames.data_at[0]), frames.streams(0)
+        frames.out[at : at + o1 - o0] = np.frombuffer(data, np.uint8)
+        (payload,) = frames.payloads()
+        return struct.pack("<Q", position) + payload.tobytes()
+
+    # -------------------------------------------------------------------------- decoding
+
+    def decode_payload(self, payload: memoryview, out: torch.Tensor) -> None:
+        shape = tuple(out.shape)
+        if len(payload) < 8:
+            raise ContainerError("cachegen-x payload is truncated")
+        (position,) = struct.unpack_from("<Q", payload, 0)
+        if position >= MAX_POSITION:
+            raise ContainerError(f"cachegen-x payload records position {position}")
+        p = parse_payload(payload[8:], shape, 2)
+        layers, _, tokens, heads, dim = shape
+        try:
+            self._check_shape(layers, heads, dim)
+        except InvalidArgument as exc:
+            raise ContainerError(str(exc)) from None
+        symbols = decode_symbols(p)
+        xhat = np.empty((layers, tokens, 2, heads, dim), np.float32)
+        pred = np.zeros((tokens, 2, heads, dim), np.float32)
+        starts = np.ascontiguousarray(p.starts)
+        steps = np.ascontiguousarray(p.steps[..., 0])
+        for layer in range(layers):
+            if layer:
+                n = self.cross.channels
+                self.cross.predict(
+                    xhat[layer - 1].reshape(tokens, n), layer, pred.reshape(tokens, n)
+                )
+            if not _decode_layer(
+                symbols, starts, steps, p.escaped, p.first, pred, layer, xhat[layer]
+            ):
+                raise ContainerError("cachegen-x escapes disagree with the streams")
+        _rotate_out(self.cross, xhat, int(position), out)
+
+
+def _rotate_out(cross: CrossLayer, xhat: np.ndarray, position: int, out: torch.Tensor) -> None:
+    """`out` (the value's dtype and shape) = the decoded channels `xhat` `[layers, tokens, 2,
+    heads, dim]` with RoPE applied back to K at positions position.., rounded to its dtype."""
+    tokens = xhat.shape[1]
+    ang = rope_angles(cross.inv_freq, position, tokens)
+    cos = (np.cos(ang) * cross.rope_scale).astype(np.float32)
+    sin = (np.sin(ang) * cross.rope_scale).astype(np.float32)
+    direct = out.dtype in _KINDS and out.is_contiguous()
+    target = out if direct else torch.empty(out.shape, dtype=torch.float32)
+    _output(xhat, cos, sin, _KINDS[target.dtype], _words(target))
+    if not direct:
+        out.copy_(target)
+
+
+def find_position(cross: CrossLayer, x: np.ndarray) -> int:
+    """The position of KV `x`'s first token (`[layers, 2, tokens, heads, dim]`) whose maps
+    predict it best (open loop, each candidate's residual mean removed): every
+    `SEARCH_STEP` tokens below `SEARCH_LIMIT` on its first `SEARCH_TOKENS` tokens through
+    layer 1, then every token near the `SEARCH_KEEP` best on `REFINE_TOKENS` tokens through layer
+    `REFINE_LAYERS` - 1. The encoder's guess, in float32; not part of the format."""
+    layers, tokens = x.shape[0], x.shape[2]
+    if layers < 2 or tokens == 0:
+        return 0
+    coarse = np.arange(0, SEARCH_LIMIT, SEARCH_STEP)
+    misfit = _misfit(cross, x, coarse, SEARCH_TOKENS, 2)
+    best = coarse[np.argsort(misfit)[:SEARCH_KEEP]]
+    near = np.unique((best[:, None] + np.arange(1 - SEARCH_STEP, SEARCH_STEP)).clip(0))
+    return int(near[np.argmin(_misfit(cross, x, near, REFINE_TOKENS, REFINE_LAYERS))])
+
+
+def _misfit(
+    cross: CrossLayer, x: np.ndarray, candidates: np.ndarray, n: int, depth: int
+) -> np.ndarray:
+    """Per candidate position, the squared residual of the maps' predictions of layers
+    1..depth-1 on x's first n tokens with RoPE undone at that position (batches of them
+    in one product)."""
+    depth = min(depth, x.shape[0])
+    base = channels_of(x[:depth, :, :n], cross.inv_freq, cross.rope_scale, 0)
+    depth, n, _ = base.shape
+    heads, dim = cross.heads, cross.head_dim
+    half = dim // 2
+    base = base.reshape(depth, n, 2, heads, dim)
+    total = np.zeros(candidates.size)
+    batch = max(1, 4096 // n)
+    for a in range(0, candidates.size, batch):
+        p = candidates[a : a + batch].astype(np.float64)
+        ang = p[:, None] * cross.inv_freq[None, :]  # RoPE undone by a further p positions
+        c, s = np.cos(ang)[:, None, None, :], np.sin(ang)[:, None, None, :]
+        ch = np.empty((depth, p.size, n, 2, heads, dim), np.float32)
+        for layer in range(depth):
+            k = base[layer, :, 0][None]  # [1, n, heads, dim]
+            x1, x2 = k[..., :half], k[..., half:]
+            ch[layer, :, :, 0, :, :half] = x1 * c + x2 * s
+            ch[layer, :, :, 0, :, half:] = x2 * c - x1 * s
+            ch[layer, :, :, 1] = base[layer, :, 1][None]
+        flat = ch.reshape(depth, p.size, n, -1)
+        for layer in range(1, depth):
+            below = flat[layer - 1].reshape(p.size * n, -1)
+            r = flat[layer] - (below @ cross.float_map(layer)).reshape(flat[layer].shape)
+            r -= r.mean(axis=1, keepdims=True)
+            total[a : a + p.size] += np.square(r).sum(axis=(1, 2))
+    return total
+
+
+# ------------------------------------------------------------------------------ kernels
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _code_layer(
+    x: np.ndarray,
+    pred: np.ndarray,
+    res: np.ndarray,
+    layer: int,
+    starts: np.ndarray,
+    steps: np.ndarray,
+    symbols: np.ndarray,
+    counts: np.ndarray,
+    marked: np.ndarray,
+    xhat: np.ndarray,
+) -> None:
+    """One layer's channels x `[tokens, 2, heads, dim]` (float32) against their prediction
+    `pred` (the same shape): per (K/V, head) unit in parallel, the float16 bits of its
+    starts and step (into starts / steps `[layers, 2, heads, dim]` at `layer`), its symbols,
+    their counts and the tokens with an escape (at the unit's rows), and `xhat`: the
+    channels as decoded."""
+    tokens, _, heads, dim = x.shape
+    for j in numba.prange(2 * heads):
+        kv, h = j // heads, j % heads
+        u = (layer * 2 + kv) * heads + h
+        lo = 1 if tokens > 1 else 0  # the first token is stored exactly
+        mean = np.zeros(dim, np.float64)
+        for t in range(lo, tokens):
+            for d in range(dim):
+                mean[d] += x[t, kv, h, d] - pred[t, kv, h, d]
+        n = max(tokens - lo, 1)
+        for d in range(dim):
+            mean[d] /= n
+        acc = np.zeros(dim, np.float64)
+        for t in range(lo, tokens):
+            for d in range(dim):
+                e = np.float64(x[t, kv, h, d] - pred[t, kv, h, d]) - mean[d]
+                acc[d] += e * e
+        start = np.empty(dim, np.float32)
+        spread = np.empty(dim, np.float32)
+        rms = np.float32(0.0)
+        for d in range(dim):
+            spread[d] = np.sqrt(acc[d] / n)
+            rms += spread[d] * spread[d]
+            bits = f32_to_f16(np.float32(mean[d]), True)
+            starts[layer, kv, h, d] = bits
+            start[d] = f16_to_f32(bits)
+        rms = np.float32(np.sqrt(rms / dim))
+        bits = f32_to_f16(rms / res[kv, h], True)
+        step = f16_to_f32(bits)
+        inv = np.float32(1.0) / step if step > 0 else np.float32(0.0)
+        limit = np.empty(dim, np.float32)
+        for d in range(dim):
+            steps[layer, kv, h, d] = bits
+            far = np.ceil(OUTLIER_SPREADS * spread[d] * inv)
+            limit[d] = min(max(far, np.float32(1.0)), np.float32(REACH))
+        for t in range(tokens):
+            escapes = False
+            for d in range(dim):
+                base = pred[t, kv, h, d] + start[d]
+                residual = x[t, kv, h, d] - base
+                q = np.rint(residual * inv)
+                escape = (abs(q) > limit[d]) | ((step == 0) & (residual != 0)) | (t == 0)
+                q = min(max(q, -limit[d]), limit[d])
+                symbols[u, t, d] = 0 if escape else np.uint8(np.int32(q) + CENTER)
+                xhat[t, kv, h, d] = base + q * step  # q * step is exact
+                escapes |= escape
+            marked[u, t] = escapes
+            if escapes:
+                for d in range(dim):
+                    if symbols[u, t, d] == 0:
+                        xhat[t, kv, h, d] = f16_to_f32(f32_to_f16(x[t, kv, h, d], True))
+        _histogram(symbols, u, tokens, counts)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _decode_layer(
+    symbols: np.ndarray,
+    starts: np.ndarray,
+    steps: np.ndarray,
+    escaped: np.ndarray,
+    first: np.ndarray,
+    pred: np.ndarray,
+    layer: int,
+    xhat: np.ndarray,
+) -> bool:
+    """Layer `layer`'s channels `xhat` `[tokens, 2, heads, dim]` from its units' symbols,
+    starts `[layers, 2, heads, dim]`, steps `[layers, 2, heads]`, escapes and prediction
+    `pred`, as `_code_layer` made them; False if a unit's escapes do not add up."""
+    tokens, _, heads, dim = xhat.shape
+    ok = np.ones(2 * heads, np.bool_)
+    for j in numba.prange(2 * heads):
+        kv, h = j // heads, j % heads
+        u = (layer * 2 + kv) * heads + h
+        step = steps[layer, kv, h]
+        e = first[u]
+        for t in range(tokens):
+            escapes = False
+            for d in range(dim):
+                s = symbols[u, t, d]
+                base = pred[t, kv, h, d] + starts[layer, kv, h, d]
+                xhat[t, kv, h, d] = base + (np.float32(s) - np.float32(CENTER)) * step
+                escapes |= s == 0
+            if escapes:
+                for d in range(dim):
+                    if symbols[u, t, d] == 0:
+                        if e == first[u + 1]:
+                            ok[j] = False
+                        else:
+                            xhat[t, kv, h, d] = escaped[e]
+                            e += 1
+        if e != first[u + 1]:
+            ok[j] = False
+    return bool(ok.all())
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _output(
+    xhat: np.ndarray, cos: np.ndarray, sin: np.ndarray, kind: int, words: np.ndarray
+) -> None:
+    """words `[layers, 2, tokens, words]` = xhat `[layers, tokens, 2, heads, dim]` with K
+    rotated by cos / sin `[tokens, dim / 2]` (rotate-half pairs (d, d + dim / 2)), each
+    product and sum rounded to float32, then to the dtype."""
+    layers, tokens, _, heads, dim = xhat.shape
+    half = dim // 2
+    for i in numba.prange(layers * tokens):
+        layer, t = i // tokens, i % tokens
+        k = np.empty(heads * dim, np.float32)
+        for h in range(heads):
+            for d in range(half):
+                a = xhat[layer, t, 0, h, d]
+                b = xhat[layer, t, 0, h, d + half]
+                c, s = cos[t, d], sin[t, d]
+                ac = a * c
+                bs = b * s
+                bc = b * c
+                as_ = a * s
+                k[h * dim + d] = ac - bs
+                k[h * dim + d + half] = bc + as_
+        _store(k, kind, words, layer, 0, t)
+        for h in range(heads):
+            for d in range(dim):
+                k[h * dim + d] = xhat[layer, t, 1, h, d]
+        _store(k, kind, words, layer, 1, t)

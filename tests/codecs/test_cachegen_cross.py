@@ -1,0 +1,189 @@
+"""cachegen-x: cross-layer maps in profiles, the exact integer prediction, the codec's round
+trips and bounds, positions (given, recorded, searched), and the refusals of containers
+whose maps this process does not have."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cross_fixture import LayeredKV
+
+from kvstore.codecs import ContainerError, codec_from_spec, decode, decode_header
+from kvstore.codecs import cachegen_cross as cx
+from kvstore.codecs.cachegen_profile import CacheGenProfile, channels_of
+from kvstore.errors import InvalidArgument
+
+L, H, D = 4, 2, 16
+WORLD = LayeredKV(L, H, D)
+
+
+@pytest.fixture(scope="module")
+def profile_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return WORLD.profile_file(tmp_path_factory.mktemp("x") / "p.json")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_profile_with_maps_round_trips_and_refuses_damage(tmp_path: Path) -> None:
+    profile = WORLD.profile()
+    path = tmp_path / "p.json"
+    profile.save(path)
+    again = CacheGenProfile.load(path)
+    assert again.cross is not None and profile.cross is not None
+    assert again.cross.digest == profile.cross.digest
+    assert np.array_equal(again.cross.maps, profile.cross.maps)
+    doc = json.loads(path.read_text())
+    assert doc["version"] == 2
+    doc["cross"]["out_exp"][0][0] += 1  # what a decoder uses, changed: the digest says so
+    path.write_text(json.dumps(doc))
+    with pytest.raises(InvalidArgument, match="digest"):
+        CacheGenProfile.load(path)
+    doc["cross"]["maps_zstd_base64"] = "not base64!"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(InvalidArgument, match="malformed"):
+        CacheGenProfile.load(path)
+
+
+def test_prediction_is_the_exact_integer_product() -> None:
+    """float64 BLAS on integer inputs below 2^53 gives the integer product to the bit: the
+    same prediction on any machine (the decoders' agreement rests on it)."""
+    cross = WORLD.profile().cross
+    assert cross is not None
+    rng = np.random.default_rng(1)
+    below = rng.normal(0, 3, (37, cross.channels)) * 10.0 ** rng.integers(-3, 3, cross.channels)
+    below = below.astype(np.float32)
+    below[0, :4] = [1e30, -1e30, 0.0, -0.0]  # clipped, and zeros
+    for layer in range(1, cross.layers):
+        got = cross.predict(below, layer)
+        scale = np.ldexp(np.float32(1), cross.in_exp[layer - 1].astype(np.int32))
+        xi = np.clip(np.rint(below * scale), -32767, 32767).astype(np.int64)
+        acc = xi @ cross.maps[layer - 1].astype(np.int64)  # exact integers
+        want = acc.astype(np.float64) * np.ldexp(1.0, -cross.out_exp[layer - 1].astype(np.int32))
+        assert np.array_equal(got, want.astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_round_trip_is_bounded_and_matches_the_encoders_value(
+    profile_path: Path, dtype: torch.dtype
+) -> None:
+    t = WORLD.tensor(200, 700, seed=5, dtype=dtype)
+    codec = codec_from_spec(f"cachegen-x:level=1,profile={profile_path}").for_position(700)
+    payload, back = codec.encode_with_value(t)
+    data = codec.encode(t)
+    got = decode(data)
+    assert got.dtype == dtype and got.shape == t.shape
+    assert torch.equal(got, back)  # the decoder's value, computed by the encoder
+    assert torch.equal(decode(data), got)
+    # Every channel (K before RoPE) within half its head's step of the original, or exact
+    # to float16 where escaped; RoPE and the dtype's rounding add a little.
+    x = channels_of(t.double().numpy(), WORLD.inv_freq, 1.0, 700)
+    y = channels_of(got.double().numpy(), WORLD.inv_freq, 1.0, 700)
+    err = np.abs(x - y).reshape(L, 200, 2, H, D).max(axis=(1, 4))  # [layers, 2, heads]
+    steps = np.frombuffer(bytes(payload), np.uint8, offset=8 + 4 + 2 * L * 2 * H * D)
+    steps = steps[: 2 * L * 2 * H].view("<f2").astype(np.float64).reshape(L, 2, H)
+    slack = 1e-2 * np.abs(x).reshape(L, 200, 2, H, D).max(axis=(1, 4))
+    assert (err <= steps / 2 + slack).all()
+    assert rel_err(got, t) < 0.05
+
+
+@pytest.fixture(scope="module")
+def cross_points(profile_path: Path) -> list[tuple[int, float]]:
+    """(size, error) of cachegen-x at each level on KV of the structure its maps capture."""
+    t = WORLD.tensor(256, 512, seed=6)
+    points = []
+    for level in cx.CROSS_LEVELS:
+        data = codec_from_spec(f"cachegen-x:level={level},profile={profile_path}")
+        data = data.for_position(512).encode(t)
+        points.append((len(data), rel_err(decode(data), t)))
+    return points
+
+
+@pytest.mark.parametrize("level", [1, 2, 3])
+def test_cross_layer_beats_cachegen_where_layers_predict_each_other(
+    cross_points: list[tuple[int, float]], level: int
+) -> None:
+    """On KV with the structure the maps capture, some level of cachegen-x is both smaller
+    than cachegen at `level` and decodes closer to the original."""
+    t = WORLD.tensor(256, 512, seed=6)
+    plain = codec_from_spec(f"cachegen:level={level}").encode(t)
+    size, err = len(plain), rel_err(decode(plain), t)
+    assert any(s < 0.95 * size and e < err for s, e in cross_points), (size, err, cross_points)
+
+
+def test_the_position_is_recorded_and_searched(profile_path: Path) -> None:
+    t = WORLD.tensor(64, 1000, seed=7)
+    codec = codec_from_spec(f"cachegen-x:profile={profile_path}")
+    assert cx.find_position(codec.cross, t.float().numpy()) == 1000
+    searched = codec.encode(t)  # no position given: the encoder finds it
+    assert codec.encode_payload(t) == codec.for_position(1000).encode_payload(t)
+    wrong = codec.for_position(3).encode(t)  # a wrong one still decodes right, larger
+    assert len(wrong) > len(searched)
+    assert rel_err(decode(wrong), t) < 0.1
+    _, at = decode_header(searched)
+    assert int.from_bytes(searched[at : at + 8], "little") == 1000
+
+
+def test_cachegen_hands_positioned_values_to_cachegen_x(profile_path: Path, tmp_path: Path) -> None:
+    codec = codec_from_spec(f"cachegen:level=2,newest=0,profile={profile_path}")
+    at = codec.for_position(256)
+    assert at.name == "cachegen-x" and at.params["level"] == 2 and at.params["position"] == 256
+    assert codec.for_newest().for_position(0).params["level"] == 0
+    assert at.for_newest().params["level"] == 0 and at.for_newest().params["position"] == 256
+    default = codec_from_spec(f"cachegen-x:profile={profile_path}").for_position(9)
+    finer = default.for_newest()  # by default the newest chunk one level finer
+    assert (default.params["level"], finer.params["level"], finer.params["position"]) == (1, 0, 9)
+    assert finer.for_newest() is finer
+    assert default.for_position(10).for_newest().params["position"] == 10
+    header, _ = decode_header(at.encode(WORLD.tensor(32, 256)))
+    assert header.codec == cx.CacheGenX.codec_id
+    assert f"maps={at.params['maps']}" in header.params and "position" not in header.params
+    plain = CacheGenProfile(np.ones((L, 2, H)))  # no maps: cachegen codes it itself
+    plain.save(tmp_path / "w.json")
+    weights_only = codec_from_spec(f"cachegen:profile={tmp_path / 'w.json'}")
+    assert weights_only.for_position(256) is weights_only
+
+
+def test_containers_need_their_maps(profile_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = (
+        codec_from_spec(f"cachegen-x:profile={profile_path}")
+        .for_position(0)
+        .encode(WORLD.tensor(16))
+    )
+    monkeypatch.setattr(cx, "_registry", {})  # a process that has not loaded the profile
+    with pytest.raises(ContainerError, match="not loaded in this process"):
+        decode(data)
+    with pytest.raises(InvalidArgument, match="needs a profile"):
+        codec_from_spec("cachegen-x")
+
+
+def test_shapes_and_values_it_cannot_take_are_refused(profile_path: Path, tmp_path: Path) -> None:
+    codec = codec_from_spec(f"cachegen-x:profile={profile_path}").for_position(0)
+    with pytest.raises(InvalidArgument, match=r"maps \w+ are for 4 layers x 2 KV heads x 16"):
+        codec.encode(torch.zeros(4, 2, 8, 3, 16, dtype=torch.float16))
+    bad = WORLD.tensor(8)
+    bad[1, 1, 3, 0, 0] = float("inf")
+    with pytest.raises(InvalidArgument, match="finite"):
+        codec.encode(bad)
+    with pytest.raises(InvalidArgument, match="position"):
+        codec.for_position(-1)
+    plain = CacheGenProfile(np.ones((L, 2, H)))
+    plain.save(tmp_path / "w.json")
+    with pytest.raises(InvalidArgument, match="no cross-layer maps"):
+        codec_from_spec(f"cachegen-x:profile={tmp_path / 'w.json'}")
+
+
+@pytest.mark.parametrize("tokens", [0, 1, 2, 33])
+def test_short_chunks_round_trip(profile_path: Path, tokens: int) -> None:
+    t = WORLD.tensor(tokens, 5)
+    codec = codec_from_spec(f"cachegen-x:profile={profile_path}").for_position(5)
+    _, back = codec.encode_with_value(t)
+    got = decode(codec.encode(t))
+    assert torch.equal(got, back) and got.shape == t.shape
+    if tokens:
+        assert rel_err(got, t) < 0.05
