@@ -324,12 +324,14 @@ def rel_err(decoded: torch.Tensor, original: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(d - o) / torch.linalg.vector_norm(o))
 
 
-def chunk_codecs(codec: Codec, chunks: int, chunk_tokens: int) -> list[Codec]:
+def chunk_codecs(
+    codec: Codec, chunks: int, chunk_tokens: int, shape: Sequence[int] | None = None
+) -> list[Codec]:
     """The codec of each of a prefix's `chunks` chunks of `chunk_tokens`: `codec`, but its
     choice for the newest chunk of a sequence for the last one, the tokens the continuation
     follows (as a client's `put_prefix` marks it), and for each chunk's position in the
-    prefix (`Codec.for_position`)."""
-    coders = [codec.for_position(i * chunk_tokens) for i in range(chunks)]
+    prefix (`Codec.for_position`; `shape`: a whole chunk's)."""
+    coders = [codec.for_position(i * chunk_tokens, shape) for i in range(chunks)]
     return [*coders[:-1], coders[-1].for_newest()] if chunks else []
 
 
@@ -342,7 +344,7 @@ def measure(
     repeats: int,
 ) -> Cell:
     chunks = chunked(case.kv, chunk_tokens)
-    coders = chunk_codecs(codec, len(chunks), chunk_tokens)
+    coders = chunk_codecs(codec, len(chunks), chunk_tokens, chunks[0].shape)
     for c in {id(c): c for c in coders}.values():  # untimed: compiles kernels on first use
         decode(c.encode(chunks[0]))
     encode_s, blobs = best_time(
@@ -728,7 +730,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for _, codec in codecs:
             for case in cases:
                 chunks = chunked(case.kv, args.chunk_tokens)
-                coders = chunk_codecs(codec, len(chunks), args.chunk_tokens)
+                coders = chunk_codecs(codec, len(chunks), args.chunk_tokens, chunks[0].shape)
                 blobs = [c.encode(x) for c, x in zip(coders, chunks, strict=True)]
                 save_containers(args.save_containers, codec.spec(), case.name, blobs)
         progress(f"saved the codecs' containers under {args.save_containers}")

@@ -15,7 +15,7 @@ import secrets
 import threading
 import time
 import weakref
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
 
@@ -48,7 +48,7 @@ from kvstore.dtypes import BY_NAME, dtype_name, expected_nbytes
 from kvstore.errors import DataLoss, InvalidArgument, KVStoreError, Overloaded, Unavailable
 from kvstore.kernels import checksum as checksum_kernels
 from kvstore.kernels.blocks import DeviceBuffer
-from kvstore.keys import chunk_keys
+from kvstore.keys import MAX_POSITION, chunk_keys
 from kvstore.v1 import kvstore_pb2 as pb
 from kvstore.wire import PIECE_BYTES, READ_METHODS, Piece
 
@@ -250,7 +250,12 @@ def _check_outgoing(key: bytes, tensor: torch.Tensor) -> str:
 
 
 def _host_value(
-    key: bytes, tensor: torch.Tensor, name: str, cost: float = 0.0, newest: bool = False
+    key: bytes,
+    tensor: torch.Tensor,
+    name: str,
+    cost: float = 0.0,
+    newest: bool = False,
+    position: int | None = None,
 ) -> tuple[pb.ValueHeader, memoryview]:
     """A checked value's header and its bytes, contiguous in host memory (the memoryview
     keeps the host copy alive)."""
@@ -265,6 +270,7 @@ def _host_value(
         checksum=checksum(data),
         cost=cost,
         newest=newest,
+        position=position,
     )
     return header, data
 
@@ -277,6 +283,19 @@ def _newest_keys(newest: Sequence[bytes], keys: Sequence[bytes]) -> frozenset[by
     if stray:
         raise InvalidArgument(f"newest names a key this put does not store: {min(stray).hex()}")
     return marked
+
+
+def _positions(positions: Mapping[bytes, int] | None, keys: Sequence[bytes]) -> dict[bytes, int]:
+    """`positions` (a put's values' first-token positions in their sequences, by key), each
+    checked to name one of the put's `keys` and to be a position."""
+    out = {bytes(k): p for k, p in (positions or {}).items()}
+    stray = set(out) - {bytes(k) for k in keys} if out else set()
+    if stray:
+        raise InvalidArgument(f"positions names a key this put does not store: {min(stray).hex()}")
+    for k, p in out.items():
+        if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < MAX_POSITION:
+            raise InvalidArgument(f"position of {k.hex()} must be an int in [0, 2^40), got {p!r}")
+    return out
 
 
 def first_newest_chunk(n_tokens: int, chunk_tokens: int) -> int:
@@ -301,10 +320,14 @@ class PutPieces:
     values: Sequence[tuple[bytes, torch.Tensor, str]]
     cost: float = 0.0
     newest: frozenset[bytes] = frozenset()  # keys of the newest chunks of their sequences
+    positions: Mapping[bytes, int] = field(default_factory=dict)  # first tokens' positions
 
     def __iter__(self) -> Iterator[Piece]:
         for i, (key, tensor, name) in enumerate(self.values):
-            header, data = _host_value(key, tensor, name, self.cost, bytes(key) in self.newest)
+            k = bytes(key)
+            header, data = _host_value(
+                key, tensor, name, self.cost, k in self.newest, self.positions.get(k)
+            )
             n = len(data)
             # A large value's header goes alone: a server at its bytes bound refuses the
             # value before any of its data is in flight (gRPC has buffered none of it).
@@ -649,27 +672,40 @@ class ClientCore:
     def _req(self, keys: Sequence[bytes]) -> pb.KeysRequest:
         return pb.KeysRequest(namespace=self.namespace, keys=_keys(keys))
 
-    def put(self, key: bytes, tensor: torch.Tensor, newest: bool = False) -> Op[str]:
+    def put(
+        self, key: bytes, tensor: torch.Tensor, newest: bool = False, position: int | None = None
+    ) -> Op[str]:
+        value = (key, tensor, _check_outgoing(key, tensor))
         newest_keys = frozenset([bytes(key)] if newest else [])
-        tiers = yield from self._write([(key, tensor, _check_outgoing(key, tensor))], newest_keys)
+        where = _positions({bytes(key): position} if position is not None else None, [key])
+        tiers = yield from self._write([value], newest_keys, where)
         return tiers[0]
 
     def batch_put(
-        self, keys: Sequence[bytes], tensors: Sequence[torch.Tensor], newest: Sequence[bytes] = ()
+        self,
+        keys: Sequence[bytes],
+        tensors: Sequence[torch.Tensor],
+        newest: Sequence[bytes] = (),
+        positions: Mapping[bytes, int] | None = None,
     ) -> Op[list[str]]:
         if len(keys) != len(tensors):
             raise ValueError(f"{len(keys)} keys but {len(tensors)} tensors")
         if not keys:
             return []
         values = [(k, t, _check_outgoing(k, t)) for k, t in zip(keys, tensors, strict=True)]
-        return (yield from self._write(values, _newest_keys(newest, keys)))
+        marked = _newest_keys(newest, keys)
+        return (yield from self._write(values, marked, _positions(positions, keys)))
 
     def _write(
-        self, values: list[tuple[bytes, torch.Tensor, str]], newest: frozenset[bytes] = frozenset()
+        self,
+        values: list[tuple[bytes, torch.Tensor, str]],
+        newest: frozenset[bytes] = frozenset(),
+        positions: Mapping[bytes, int] | None = None,
     ) -> Op[list[str]]:
         """Put values: written in place into reserved arena slots when this client maps
         the arena, streamed (Put/BatchPut) otherwise and for those that get no slot.
-        `newest`: keys of values that are the newest chunks of their sequences.
+        `newest`: keys of values that are the newest chunks of their sequences; `positions`:
+        values' first-token positions in their sequences, by key.
 
         A batch naming a key twice is streamed whole, so the later value wins as in BatchPut.
         """
@@ -678,11 +714,11 @@ class ClientCore:
         rest = list(range(len(values)))
         distinct = len({bytes(k) for k, _, _ in values}) == len(values)
         if arena is not None and arena.writable and distinct:
-            rest = yield from self._write_in_place(arena, values, tiers, newest)
+            rest = yield from self._write_in_place(arena, values, tiers, newest, positions or {})
         if rest:
             method = "Put" if len(values) == 1 else "BatchPut"
             chosen = [values[i] for i in rest]
-            pieces = PutPieces(self.namespace, chosen, self.recompute_cost, newest)
+            pieces = PutPieces(self.namespace, chosen, self.recompute_cost, newest, positions or {})
             streamed = yield Call(method, pieces)
             for i, tier in zip(rest, streamed.tiers, strict=True):
                 tiers[i] = tier
@@ -694,10 +730,14 @@ class ClientCore:
         values: list[tuple[bytes, torch.Tensor, str]],
         tiers: list[str],
         newest: frozenset[bytes],
+        positions: Mapping[bytes, int],
     ) -> Op[list[int]]:
         """Reserve, write and commit; fills `tiers` and returns the positions left to stream."""
         cost = self.recompute_cost
-        prepared = [_host_value(k, t, name, cost, bytes(k) in newest) for k, t, name in values]
+        prepared = [
+            _host_value(k, t, name, cost, bytes(k) in newest, positions.get(bytes(k)))
+            for k, t, name in values
+        ]
         call = secrets.randbits(63) or 1
         started = time.monotonic()
         try:
@@ -992,15 +1032,19 @@ class ClientCore:
         values: torch.Tensor | Sequence[torch.Tensor],
         stream: Any,
         newest: Sequence[bytes] = (),
+        positions: Mapping[bytes, int] | None = None,
     ) -> Op[PutLanding]:
         """Start copying `values` (GPU or CPU tensors) into reserved arena slots; the copies
         run on `stream` and `settle_put` commits them. Values that get no slot, or a client
         that cannot write the arena, stream their bytes when the put settles. `newest`:
-        keys of values that are the newest chunks of their sequences."""
+        keys of values that are the newest chunks of their sequences; `positions`: values'
+        first-token positions in their sequences, by key."""
         keys = _keys(keys)
         srcs = tensors_of(values, len(keys), "values")
         checked = [(k, t, _check_outgoing(k, t)) for k, t in zip(keys, srcs, strict=True)]
-        landing = PutLanding(checked, newest=_newest_keys(newest, keys))
+        landing = PutLanding(
+            checked, newest=_newest_keys(newest, keys), positions=_positions(positions, keys)
+        )
         arena = yield from self._mapped_arena()
         if arena is None or not arena.writable or len(set(keys)) != len(keys):
             landing.rest = list(range(len(keys)))
@@ -1015,6 +1059,7 @@ class ClientCore:
                 nbytes=t.numel() * t.element_size(),
                 cost=self.recompute_cost,
                 newest=k in landing.newest,
+                position=landing.positions.get(k),
             )
             for k, t, name in checked
         ]
@@ -1083,7 +1128,9 @@ class ClientCore:
             rest.sort()
             method = "Put" if len(landing.values) == 1 else "BatchPut"
             chosen = [landing.values[i] for i in rest]
-            pieces = PutPieces(self.namespace, chosen, self.recompute_cost, landing.newest)
+            pieces = PutPieces(
+                self.namespace, chosen, self.recompute_cost, landing.newest, landing.positions
+            )
             streamed = yield Call(method, pieces)
             for i, tier in zip(rest, streamed.tiers, strict=True):
                 tiers[i] = tier
@@ -1238,7 +1285,8 @@ class ClientCore:
         held = yield from self.lookup(keys)
         chunks = [kv[:, :, i * ct : (i + 1) * ct] for i in range(held, len(keys))]
         newest = keys[max(first_newest_chunk(n_tokens, ct), held) :]
-        yield from self.batch_put(keys[held:], chunks, newest)
+        positions = {keys[i]: i * ct for i in range(held, len(keys))}
+        yield from self.batch_put(keys[held:], chunks, newest, positions)
         return len(keys)
 
     @_miss_when_down(lambda token_ids: None)

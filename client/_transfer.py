@@ -803,6 +803,7 @@ class PutLanding:
 
     values: list[tuple[bytes, torch.Tensor, str]]
     newest: frozenset[bytes] = frozenset()  # keys of the newest chunks of their sequences
+    positions: dict[bytes, int] = field(default_factory=dict)  # first tokens' positions, by key
     call: int = 0
     started: float = 0.0
     stream: Any = None

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, TypeVar, Unpack
 
 import grpc
@@ -146,9 +146,16 @@ class AsyncKVClient:
         except grpc.RpcError as exc:
             raise self._conn.explain(error_for_status(exc.code(), exc.details() or "")) from None
 
-    async def put(self, key: bytes, tensor: torch.Tensor, *, newest: bool = False) -> str:
+    async def put(
+        self,
+        key: bytes,
+        tensor: torch.Tensor,
+        *,
+        newest: bool = False,
+        position: int | None = None,
+    ) -> str:
         """As `KVClient.put`."""
-        return await self._run(self._core.put(key, tensor, newest))
+        return await self._run(self._core.put(key, tensor, newest, position))
 
     async def get(self, key: bytes) -> torch.Tensor | None:
         return await self._run(self._core.get(key))
@@ -159,9 +166,10 @@ class AsyncKVClient:
         tensors: Sequence[torch.Tensor],
         *,
         newest: Sequence[bytes] = (),
+        positions: Mapping[bytes, int] | None = None,
     ) -> list[str]:
         """As `KVClient.batch_put`."""
-        return await self._run(self._core.batch_put(keys, tensors, newest))
+        return await self._run(self._core.batch_put(keys, tensors, newest, positions))
 
     async def batch_get(self, keys: Sequence[bytes]) -> list[torch.Tensor | None]:
         return await self._run(self._core.batch_get(keys))
@@ -260,9 +268,12 @@ class AsyncKVClient:
         *,
         retry_for: float | None = None,
         newest: Sequence[bytes] = (),
+        positions: Mapping[bytes, int] | None = None,
     ) -> AsyncTransfer:
         until = retry_deadline(retry_for)
-        landing = await self._run(self._core.put_from(keys, values, stream, newest), until)
+        landing = await self._run(
+            self._core.put_from(keys, values, stream, newest, positions), until
+        )
         return self._settle(self._core.settle_put(landing), retry_until=until)
 
     def _settle(

@@ -416,7 +416,11 @@ class StoreCache:
         # tokens follow it, and a lossy codec on the server may code it finer.
         newest = [keys[g][whole - 1] for g in range(self.groups)]
         transfer = self.client.put_from(
-            [keys[g][c] for g, c in todo], values, retry_for=self.save_retry_s, newest=newest
+            [keys[g][c] for g, c in todo],
+            values,
+            retry_for=self.save_retry_s,
+            newest=newest,
+            positions={keys[g][c]: c * ct for g, c in todo},
         )
         with self._lock:
             self._pending.append(transfer)

@@ -8,7 +8,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar, Unpack
 
 import grpc
@@ -194,11 +194,20 @@ class KVClient:
                 error_for_status(exc.code(), exc.details(), trailing)
             ) from None
 
-    def put(self, key: bytes, tensor: torch.Tensor, *, newest: bool = False) -> str:
+    def put(
+        self,
+        key: bytes,
+        tensor: torch.Tensor,
+        *,
+        newest: bool = False,
+        position: int | None = None,
+    ) -> str:
         """Store `tensor` under `key`; returns the tier it landed in. `newest`: it is the
         newest chunk of its sequence (the one the next request's new tokens follow), which a
-        server's lossy codec below memory may code finer (`put_prefix` marks its own)."""
-        return self._run(self._core.put(key, tensor, newest))
+        server's lossy codec below memory may code finer; `position`: the position of its
+        first token in that sequence, which a codec taking RoPE out of K needs (cachegen
+        with a cross-layer profile; `put_prefix` gives both for its own chunks)."""
+        return self._run(self._core.put(key, tensor, newest, position))
 
     def get(self, key: bytes) -> torch.Tensor | None:
         """The tensor stored under `key`, or None."""
@@ -210,10 +219,12 @@ class KVClient:
         tensors: Sequence[torch.Tensor],
         *,
         newest: Sequence[bytes] = (),
+        positions: Mapping[bytes, int] | None = None,
     ) -> list[str]:
         """Store each tensor under its key; the tiers. `newest`: those of `keys` that are the
-        newest chunks of their sequences (as for `put`)."""
-        return self._run(self._core.batch_put(keys, tensors, newest))
+        newest chunks of their sequences; `positions`: first-token positions by key (both as
+        for `put`)."""
+        return self._run(self._core.batch_put(keys, tensors, newest, positions))
 
     def batch_get(self, keys: Sequence[bytes]) -> list[torch.Tensor | None]:
         return self._run(self._core.batch_get(keys))
@@ -332,6 +343,7 @@ class KVClient:
         *,
         retry_for: float | None = None,
         newest: Sequence[bytes] = (),
+        positions: Mapping[bytes, int] | None = None,
     ) -> Transfer:
         """Store `values` (GPU or CPU tensors, as for `get_into`) under `keys`: copied into
         the arena on `stream` and committed as the copies land. `wait()` returns the tiers.
@@ -340,11 +352,11 @@ class KVClient:
         `retry_for` bounds, in seconds from now, how long writes the server refuses by
         back-pressure are sent again (default: each call's deadline, the client's
         `timeout`); past it the transfer fails with `Overloaded`. A best-effort save (an
-        engine's, whose memory waits on it) passes a short one. `newest`: as for
-        `batch_put`."""
+        engine's, whose memory waits on it) passes a short one. `newest` and `positions`: as
+        for `batch_put`."""
         self._check_open()
         until = retry_deadline(retry_for)
-        landing = self._run(self._core.put_from(keys, values, stream, newest), until)
+        landing = self._run(self._core.put_from(keys, values, stream, newest, positions), until)
         return Transfer(self._settler.submit(self._run, self._core.settle_put(landing), until))
 
     def _check_open(self) -> None:

@@ -75,11 +75,12 @@ class Codec(ABC):
         codec with a finer setting for it (`cachegen:newest=0`) returns that."""
         return self
 
-    def for_position(self, position: int) -> Codec:
-        """The codec for a value whose first token is at absolute position `position` of its
-        sequence (a chunk of a prefix: its index times the chunk size): by default this one;
-        a codec that codes K with RoPE taken out (`cachegen` with a cross-layer profile)
-        returns one that records the position."""
+    def for_position(self, position: int, shape: Sequence[int] | None = None) -> Codec:
+        """The codec for a value (of `shape`, when known) whose first token is at absolute
+        position `position` of its sequence (a chunk of a prefix: its index times the chunk
+        size): by default this one; a codec that codes K with RoPE taken out (`cachegen`
+        with a cross-layer profile, for values of the shape its maps are for) returns one
+        that records the position."""
         return self
 
     def spec(self) -> str:

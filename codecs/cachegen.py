@@ -86,7 +86,7 @@ from kvstore.codecs.base import (
     kv_view,
     register,
 )
-from kvstore.codecs.cachegen_profile import CacheGenProfile
+from kvstore.codecs.cachegen_profile import CacheGenProfile, register_cross
 from kvstore.errors import InvalidArgument
 from kvstore.kernels.floatbits import (
     F16_MAX,
@@ -247,11 +247,19 @@ class CacheGen(Codec):
             self._newest = type(self)(**{**self.params, "level": newest, "newest": -1})
         return self._newest
 
-    def for_position(self, position: int) -> Codec:
-        """With a profile that has cross-layer maps, `cachegen-x` at this level for a value
-        at `position` (`kvstore.codecs.cachegen_cross`; ask it, not this codec, for its
-        choice for the newest chunk); else this codec."""
-        if self._profile is None or self._profile.cross is None:
+    def for_position(self, position: int, shape: Sequence[int] | None = None) -> Codec:
+        """With a profile that has cross-layer maps and a value of the shape they are for
+        (when given), `cachegen-x` at this level for a value at `position`
+        (`kvstore.codecs.cachegen_cross`; ask it, not this codec, for its choice for the
+        newest chunk); else this codec."""
+        cross = self._profile.cross if self._profile is not None else None
+        if cross is None:
+            return self
+        if shape is not None and not (
+            len(shape) == 5
+            and shape[1] == 2
+            and (shape[0], shape[3], shape[4]) == (cross.layers, cross.heads, cross.head_dim)
+        ):
             return self
         if self._cross is None:
             from kvstore.codecs.cachegen_cross import CacheGenX
@@ -787,6 +795,8 @@ def load_profile(path: str) -> CacheGenProfile | None:
         profile = CacheGenProfile.load(path)
         with _profiles_lock:
             _profiles[key] = profile
+        if profile.cross is not None:  # what this process stored through it, it can read
+            register_cross(profile.cross)
     return profile
 
 

@@ -39,8 +39,7 @@ from __future__ import annotations
 
 import copy
 import struct
-import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
 import numba
@@ -69,16 +68,22 @@ from kvstore.codecs.cachegen import (
     load_profile,
     parse_payload,
 )
-from kvstore.codecs.cachegen_profile import CrossLayer, channels_of, rope_angles
+from kvstore.codecs.cachegen_profile import (
+    CrossLayer,
+    channels_of,
+    register_cross,
+    registered_cross,
+    rope_angles,
+)
 from kvstore.errors import InvalidArgument
 from kvstore.kernels.floatbits import F16_MAX, f16_to_f32, f32_to_f16
+from kvstore.keys import MAX_POSITION
 
 # The resolution (residual spread over step) of a head of cross-layer weight 1, by level;
 # a sequence's newest chunk is coded one level finer unless `newest` says otherwise. On
 # SmolLM2's held-out prompts level 1 is 5.16x smaller than fp16 at 98.3% top-1 agreement
 # (benchmarks/NOTES-codecs.md).
 CROSS_LEVELS: Mapping[int, float] = {0: 2.3, 1: 1.65, 2: 1.4, 3: 1.2}
-MAX_POSITION = 1 << 40  # positions a payload may record (a check on damaged payloads)
 # The position search without a given position: candidates every SEARCH_STEP tokens below
 # SEARCH_LIMIT, scored on the first SEARCH_TOKENS tokens through layer 1, then every token
 # within SEARCH_STEP of the SEARCH_KEEP best, scored on more tokens and layers.
@@ -88,21 +93,6 @@ SEARCH_KEEP = 32
 SEARCH_TOKENS = 16
 REFINE_TOKENS = 32
 REFINE_LAYERS = 3
-
-_registry: dict[str, CrossLayer] = {}
-_registry_lock = threading.Lock()
-
-
-def register_cross(cross: CrossLayer) -> str:
-    """Make containers naming `cross`'s digest decodable in this process; the digest."""
-    with _registry_lock:
-        _registry[cross.digest] = cross
-    return cross.digest
-
-
-def registered_cross(digest: str) -> CrossLayer | None:
-    with _registry_lock:
-        return _registry.get(digest)
 
 
 @register
@@ -169,7 +159,7 @@ class CacheGenX(CacheGen):
         position = int(self.params["position"])
         return finer.for_position(position) if position >= 0 else finer
 
-    def for_position(self, position: int) -> Codec:
+    def for_position(self, position: int, shape: Sequence[int] | None = None) -> Codec:
         if position < 0 or position >= MAX_POSITION:
             raise InvalidArgument(f"cachegen-x position {position} out of range")
         if position == self.params["position"]:

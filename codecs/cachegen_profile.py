@@ -39,6 +39,7 @@ import base64
 import json
 import math
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,6 +251,24 @@ class CrossLayer(_PerHead):
         if doc.get("digest") != cross.digest:
             raise InvalidArgument("cross-layer maps do not match their digest (damaged file)")
         return cross
+
+
+_registry: dict[str, CrossLayer] = {}
+_registry_lock = threading.Lock()
+
+
+def register_cross(cross: CrossLayer) -> str:
+    """Make `cachegen-x` containers naming `cross`'s digest decodable in this process (a
+    codec spec naming its profile does this); the digest."""
+    with _registry_lock:
+        _registry[cross.digest] = cross
+    return cross.digest
+
+
+def registered_cross(digest: str) -> CrossLayer | None:
+    """The maps of that digest loaded in this process, if any."""
+    with _registry_lock:
+        return _registry.get(digest)
 
 
 def rope_angles(inv_freq: np.ndarray, position: int, tokens: int) -> np.ndarray:

@@ -25,6 +25,8 @@ from collections.abc import Sequence
 import numpy as np
 
 KEY_BYTES = 32
+# Token positions a value may be put at (`ValueHeader.position`): far past any context.
+MAX_POSITION = 1 << 40
 _BLAKE2B_MAX_KEY = 64
 
 

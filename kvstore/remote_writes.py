@@ -30,6 +30,7 @@ class PendingWrite:
     payload: Buffer | None = None  # ... and payload
     encoded: bool = False  # `payload` is as a tier stored it (not to be encoded again)
     newest: bool = False  # the newest chunk of its sequence (`Codec.for_newest` encodes it)
+    position: int = -1  # its first token's position in its sequence (`Codec.for_position`)
 
 
 class WriteQueue:

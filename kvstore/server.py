@@ -263,6 +263,11 @@ def _cost(h: pb.ValueHeader) -> float:
     return h.cost if h.cost != 0 else 1.0
 
 
+def _position(h: pb.ValueHeader) -> int:
+    """A header's first-token position, -1 when unset."""
+    return h.position if h.HasField("position") else -1
+
+
 def _abort_all(reservations: Sequence[PutReservation | None]) -> None:
     for res in reservations:
         if res is not None:
@@ -373,6 +378,7 @@ class KVStoreServicer:
                         *_value_args(piece.header),
                         _cost(piece.header),
                         piece.header.newest,
+                        _position(piece.header),
                         release=PutReservation.abort,
                     )
                 elif res is None:
@@ -799,7 +805,11 @@ class KVStoreServicer:
         try:
             for h in headers:
                 args = _value_args(h)
-                out.append(self.store.reserve_in_arena(namespace, *args, pool, _cost(h), h.newest))
+                out.append(
+                    self.store.reserve_in_arena(
+                        namespace, *args, pool, _cost(h), h.newest, _position(h)
+                    )
+                )
         except BaseException:
             _abort_all(out)
             raise

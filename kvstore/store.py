@@ -67,7 +67,7 @@ from kvstore.dtypes import expected_nbytes
 from kvstore.errors import DataLoss, InvalidArgument, Overloaded, ResourceExhausted
 from kvstore.events import EventHub, EventKind, Watcher
 from kvstore.gpu import cuda_device_count
-from kvstore.keys import KEY_BYTES
+from kvstore.keys import KEY_BYTES, MAX_POSITION
 from kvstore.policy import POLICIES, EvictionPolicy
 from kvstore.threads import host_pool, one_core_kernels
 from kvstore.tiers.base import Buffer, MemoryTier, Tier, TierError, TierFull
@@ -139,8 +139,10 @@ class Entry:
     ssd_codec: int = 0  # the codec the ssd copy was stored through
     cost: float = 1.0  # recompute cost per byte, for cost-aware eviction (not persisted)
     # The newest chunk of its sequence when put (`Codec.for_newest` codes it for ssd and
-    # remote; not persisted: it only matters until it is encoded).
+    # remote), and its first token's position in that sequence, -1 if not given
+    # (`Codec.for_position`); not persisted: they only matter until it is encoded.
     newest: bool = False
+    position: int = -1
     # The remote tier holds it (fetched from there, or written there by this node): never
     # written to remote again.
     on_remote: bool = False
@@ -740,14 +742,17 @@ class Store:
         value_checksum: int,
         cost: float = 1.0,
         newest: bool = False,
+        position: int = -1,
     ) -> PutReservation:
         """Room for a value: a cpu slot, else a staging buffer bound for ssd. `cost`: what
         recomputing it costs per byte, for `--eviction gdsf`; `newest`: the value is the
         newest chunk of its sequence, which the codecs below memory may code finer
-        (`Codec.for_newest`)."""
+        (`Codec.for_newest`); `position`: its first token's position in that sequence, -1
+        if unknown (`Codec.for_position`)."""
         res = self._begin(
-            namespace, key, dtype, shape, nbytes, value_checksum, False, cost=cost, newest=newest
-        )
+            namespace, key, dtype, shape, nbytes, value_checksum, False,
+            cost=cost, newest=newest, position=position,
+        )  # fmt: skip
         assert res is not None
         return res
 
@@ -762,14 +767,16 @@ class Store:
         pool: int = 0,
         cost: float = 1.0,
         newest: bool = False,
+        position: int = -1,
     ) -> PutReservation | None:
         """A slot for a value a same-host client writes itself: in gpu pool `pool` (when
         given) if it has room now, else in the cpu arena; None when there is none to be
         had (the client then streams it). Never stages, never waits for a demotion.
-        `cost` and `newest` as for `begin_put`."""
+        `cost`, `newest` and `position` as for `begin_put`."""
         return self._begin(
-            namespace, key, dtype, shape, nbytes, value_checksum, True, pool, cost, newest
-        )
+            namespace, key, dtype, shape, nbytes, value_checksum, True, pool, cost, newest,
+            position,
+        )  # fmt: skip
 
     def _begin(
         self,
@@ -783,18 +790,22 @@ class Store:
         pool: int = 0,
         cost: float = 1.0,
         newest: bool = False,
+        position: int = -1,
     ) -> PutReservation | None:
         check_namespace(namespace)
         check_key(key)
         self.validate_value(dtype, shape, nbytes)
         if not (math.isfinite(cost) and cost > 0):
             raise InvalidArgument(f"a value's recompute cost must be finite and positive: {cost}")
+        if not -1 <= position < MAX_POSITION:
+            raise InvalidArgument(f"a value's position must be below 2^40, got {position}")
         gpu = self.pool(pool) if pool else None
         entry = Entry(
             namespace, bytes(key), dtype, tuple(shape), nbytes, value_checksum, time.time_ns()
         )
         entry.cost = float(cost)
         entry.newest = bool(newest)
+        entry.position = int(position)
         with self._lock:
             if gpu is not None and self._gpu_quota_admits(namespace, nbytes):
                 slot = gpu.alloc(nbytes)
@@ -1282,11 +1293,13 @@ class Store:
             # A writable copy: a codec's encoder reads it as a tensor, which torch warns
             # about over read-only memory.
             copy = memoryview(bytearray(self._cpu_view(e)))
+            header = e.header()
             queue.push(
                 PendingWrite(
-                    e.namespace, e.key, e.nbytes, header=e.header(), payload=copy, newest=e.newest
+                    e.namespace, e.key, e.nbytes, header=header, payload=copy, newest=e.newest,
+                    position=e.position,
                 )
-            )
+            )  # fmt: skip
         elif e.slot is None and e.on_ssd and self.ssd is not None:
             try:
                 with self.ssd.read(e.namespace, e.key) as (header, stored):
@@ -1344,7 +1357,7 @@ class Store:
             if item.encoded:
                 return item.header, item.payload, None
             header, payload = self._encode_for(
-                "remote", item.namespace, item.header, item.payload, item.newest
+                "remote", item.namespace, item.header, item.payload, item.newest, item.position
             )
             return header, payload, None
         e: Entry = item.entry
@@ -1768,13 +1781,23 @@ class Store:
             return None
         from kvstore.codecs.values import gpu_encoder_of
 
-        codec = self._codec_for(e.namespace, newest=e.newest)
+        codec = self._codec_for(e.namespace, "ssd", e.newest, e.position, e.shape)
         return codec if codec is not None and gpu_encoder_of(codec) is not None else None
 
-    def _codec_for(self, namespace: str, tier: str = "ssd", newest: bool = False) -> Codec | None:
-        """The codec a value of `namespace` is stored on `tier` (ssd or remote) through: the
-        namespace's, or for the newest chunk of a sequence that codec's choice for it."""
+    def _codec_for(
+        self,
+        namespace: str,
+        tier: str = "ssd",
+        newest: bool = False,
+        position: int = -1,
+        shape: Sequence[int] | None = None,
+    ) -> Codec | None:
+        """The codec a value of `namespace` (and `shape`) is stored on `tier` (ssd or remote)
+        through: the namespace's, its choice for a value at `position` (when known), and
+        for the newest chunk of a sequence that codec's choice for it."""
         codec = self._codec(namespace, tier)
+        if codec is not None and position >= 0:
+            codec = codec.for_position(position, shape)
         return codec.for_newest() if codec is not None and newest else codec
 
     def _write_job(
@@ -1997,12 +2020,18 @@ class Store:
         """`e`'s value as `tier` (ssd or remote) stores it: through its namespace's codec,
         or raw when there is none or the codec does not take this value (its shape or
         dtype)."""
-        return self._encode_for(tier, e.namespace, e.header(), value, e.newest)
+        return self._encode_for(tier, e.namespace, e.header(), value, e.newest, e.position)
 
     def _encode_for(
-        self, tier: str, namespace: str, header: ValueHeader, value: Buffer, newest: bool = False
+        self,
+        tier: str,
+        namespace: str,
+        header: ValueHeader,
+        value: Buffer,
+        newest: bool = False,
+        position: int = -1,
     ) -> tuple[ValueHeader, Buffer]:
-        codec = self._codec_for(namespace, tier, newest)
+        codec = self._codec_for(namespace, tier, newest, position, header.shape)
         if codec is not None:
             from kvstore.codecs.values import encode_stored
 

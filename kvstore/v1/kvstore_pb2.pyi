@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ValueHeader(_message.Message):
-    __slots__ = ("key", "dtype", "shape", "nbytes", "checksum", "cost", "newest")
+    __slots__ = ("key", "dtype", "shape", "nbytes", "checksum", "cost", "newest", "position")
     KEY_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class ValueHeader(_message.Message):
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     COST_FIELD_NUMBER: _ClassVar[int]
     NEWEST_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
     key: bytes
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
@@ -23,7 +24,8 @@ class ValueHeader(_message.Message):
     checksum: int
     cost: float
     newest: bool
-    def __init__(self, key: _Optional[bytes] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ..., checksum: _Optional[int] = ..., cost: _Optional[float] = ..., newest: _Optional[bool] = ...) -> None: ...
+    position: int
+    def __init__(self, key: _Optional[bytes] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ..., checksum: _Optional[int] = ..., cost: _Optional[float] = ..., newest: _Optional[bool] = ..., position: _Optional[int] = ...) -> None: ...
 
 class PutPiece(_message.Message):
     __slots__ = ("namespace", "header", "data")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from cross_fixture import LayeredKV
 
-from kvstore.codecs import ContainerError, codec_from_spec, decode, decode_header
+from kvstore.codecs import ContainerError, cachegen_profile, codec_from_spec, decode, decode_header
 from kvstore.codecs import cachegen_cross as cx
 from kvstore.codecs.cachegen_profile import CacheGenProfile, channels_of
 from kvstore.errors import InvalidArgument
@@ -155,7 +155,7 @@ def test_containers_need_their_maps(profile_path: Path, monkeypatch: pytest.Monk
         .for_position(0)
         .encode(WORLD.tensor(16))
     )
-    monkeypatch.setattr(cx, "_registry", {})  # a process that has not loaded the profile
+    monkeypatch.setattr(cachegen_profile, "_registry", {})  # a process without the profile
     with pytest.raises(ContainerError, match="not loaded in this process"):
         decode(data)
     with pytest.raises(InvalidArgument, match="needs a profile"):

@@ -1,0 +1,79 @@
+"""A value's position in its sequence travels with its put (`put_prefix` gives each chunk's;
+`put(position=)`, `batch_put(positions=)` any value's), and a server storing through
+`cachegen` with a cross-layer profile codes the chunks at their positions with cachegen-x,
+the newest one level finer; values without a position through cachegen itself."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "codecs"))
+from cross_fixture import LayeredKV
+
+from kvstore.codecs import codec_from_spec, decode
+from kvstore.errors import InvalidArgument
+
+CHUNK = 256  # the server's default --chunk-tokens
+WORLD = LayeredKV(4, 2, 64)  # 2 KiB of float16 a token
+
+
+def coded(spec: str, value: torch.Tensor, position: int | None = None) -> torch.Tensor:
+    """What `spec` (at `position`) decodes `value` to: the bits a server serves."""
+    codec = codec_from_spec(spec)
+    if position is not None:
+        codec = codec.for_position(position, value.shape)
+    return decode(codec.encode(value))
+
+
+def filler(c, n: int) -> None:  # type: ignore[no-untyped-def]
+    """n MiB of other values: what came before goes down to ssd."""
+    for i in range(n):
+        c.put(bytes([0xF0, i]) + bytes(30), torch.zeros(512 * 1024, dtype=torch.float16))
+
+
+def test_prefix_chunks_are_coded_at_their_positions(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    profile = WORLD.profile_file(tmp_path / "p.json")
+    spec = f"cachegen:level=1,profile={profile}"
+    srv = start_server("--cpu-bytes", "4MiB", "--ssd-bytes", "64MiB", "--codec", f"ssd={spec}")
+    with srv.client() as c:
+        tokens = list(range(1000, 1000 + 3 * CHUNK + 100))  # 3 whole chunks and a partial
+        prefix = WORLD.tensor(len(tokens), 0, seed=3)
+        assert c.put_prefix(tokens, prefix) == 4
+        keys = c.prefix_keys(tokens)
+        filler(c, 8)
+        where = {e.header.key: e.tier for e in c.entries(c.namespace)}
+        assert all(where[k] == "ssd" for k in keys)
+        for i, k in enumerate(keys):
+            chunk = prefix[:, :, i * CHUNK : (i + 1) * CHUNK].contiguous()
+            # The last whole chunk and the partial one are the newest: one level finer.
+            level = 0 if i >= 2 else 1
+            want = coded(f"cachegen-x:level={level},profile={profile}", chunk, i * CHUNK)
+            got = c.get(k)
+            assert got is not None and torch.equal(got, want), i
+
+
+def test_positions_a_client_gives(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    profile = WORLD.profile_file(tmp_path / "p.json")
+    spec = f"cachegen:level=1,profile={profile}"
+    srv = start_server("--cpu-bytes", "4MiB", "--ssd-bytes", "64MiB", "--codec", f"ssd={spec}")
+    keys = [bytes([0xA0, i]) + bytes(30) for i in range(4)]
+    values = [WORLD.tensor(CHUNK, 512 * i, seed=10 + i) for i in range(4)]
+    other = torch.randn(2, 2, CHUNK, 2, 64).half()  # 2 layers: not what the maps are for
+    with srv.client() as c:
+        c.put(keys[0], values[0], position=0)
+        c.batch_put(keys[1:3], values[1:3], positions={keys[2]: 1024})
+        c.put(keys[3], other, position=256)
+        with pytest.raises(InvalidArgument, match="positions names a key this put does not"):
+            c.batch_put(keys[:1], values[:1], positions={keys[3]: 0})
+        with pytest.raises(InvalidArgument, match="must be an int"):
+            c.put(keys[0], values[0], position=-1)
+        filler(c, 8)
+        assert torch.equal(c.get(keys[0]), coded(f"cachegen-x:profile={profile}", values[0], 0))
+        assert torch.equal(c.get(keys[1]), coded(spec, values[1]))  # no position given
+        assert torch.equal(c.get(keys[2]), coded(f"cachegen-x:profile={profile}", values[2], 1024))
+        # A profile is for one model's shape: cachegen stores other values raw, position or not.
+        assert torch.equal(c.get(keys[3]), other)
