@@ -86,9 +86,15 @@ def _on_one_core(fn: Callable[[], Any]) -> Any:
         torch.set_num_threads(torch_threads)
 
 
-def _demote_once(spec: str, chunks: Sequence[torch.Tensor], encode_gpu: str = "off") -> float:
-    """Seconds for a store's ssd writer to copy `chunks` (held in its cpu tier) to ssd
-    through `spec`, flushed; encoding where `encode_gpu` (the server's --encode-gpu) says."""
+def _demote_once(
+    spec: str,
+    chunks: Sequence[torch.Tensor],
+    encode_gpu: str = "off",
+    positions: Sequence[int] | None = None,
+) -> float:
+    """Seconds for a store's ssd writer to copy `chunks` (held in its cpu tier, put at
+    `positions` if given) to ssd through `spec`, flushed; encoding where `encode_gpu` (the
+    server's --encode-gpu) says."""
     total = sum(c.nbytes for c in chunks)
     with tempfile.TemporaryDirectory(prefix="kvbench-demote-") as tmp:
         config = ServerConfig(
@@ -106,7 +112,7 @@ def _demote_once(spec: str, chunks: Sequence[torch.Tensor], encode_gpu: str = "o
                 data = tensor_bytes(c.contiguous())
                 res = store.begin_put(
                     "bench", i.to_bytes(32, "big"), dtype_name(c), list(c.shape), len(data),
-                    checksum(data),
+                    checksum(data), position=positions[i] if positions is not None else -1,
                 )  # fmt: skip
                 res.write(data)
                 res.commit()
@@ -134,21 +140,26 @@ def rates(
     chunks: Sequence[torch.Tensor],
     repeats: int,
     gpu: int | None = None,
+    positions: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """Every rate above for `codec` (`spec`) on `chunks`, in fp16 GB/s (decoding the
-    containers its timed encodes made); `demotion_over_lmdb` says whether encoding keeps
-    up. With `gpu`, also the demotion with the ssd writer encoding on that CUDA GPU
-    (`--encode-gpu`): `gpu_demotion_GBps` and `gpu_demotion_over_lmdb`."""
+    """Every rate above for `codec` (`spec`) on `chunks` (each at its position in
+    `positions`, as a prefix put gives them, if given: `Codec.for_position`), in fp16 GB/s
+    (decoding the containers its timed encodes made); `demotion_over_lmdb` says whether
+    encoding keeps up. With `gpu`, also the demotion with the ssd writer encoding on that
+    CUDA GPU (`--encode-gpu`): `gpu_demotion_GBps` and `gpu_demotion_over_lmdb`."""
     keep_freed_buffers()  # as the server does at start
     fp16 = sum(2 * c.numel() for c in chunks)
     pool = host_pool()
 
-    def encode_one(c: torch.Tensor) -> bytes:
-        one_core_kernels()
-        return codec.encode(c)
+    where = list(positions) if positions is not None else [-1] * len(chunks)
 
-    list(pool.map(encode_one, chunks[:HOST_THREADS]))  # compiles, and starts the threads
-    enc_s, encoded = best_time(lambda: list(pool.map(encode_one, chunks)), repeats)
+    def encode_one(i: int) -> bytes:
+        one_core_kernels()
+        c = chunks[i]
+        return (codec.for_position(where[i], c.shape) if where[i] >= 0 else codec).encode(c)
+
+    list(pool.map(encode_one, range(min(HOST_THREADS, len(chunks)))))  # compiles, starts them
+    enc_s, encoded = best_time(lambda: list(pool.map(encode_one, range(len(chunks)))), repeats)
     outs = [torch.empty_like(c) for c in chunks]
     pairs = list(zip(encoded, outs, strict=True))
     dec_s = _on_one_core(
@@ -158,9 +169,10 @@ def rates(
     # repeated over a few of the writer's rounds) and flush once: the same fixed costs.
     copies = max(1, min(math.ceil(DEMOTED_FP16_BYTES / max(fp16, 1)), 8))
     demoted = list(chunks) * copies
+    at = where * copies if positions is not None else None
     moved = fp16 * copies
     runs = max(1, (repeats + 1) // 2)  # each a fresh store: the first pays its warm-up
-    demote_s = min(_demote_once(spec, demoted) for _ in range(runs))
+    demote_s = min(_demote_once(spec, demoted, "off", at) for _ in range(runs))
     stored = sum(map(len, encoded))
     lmdb = lmdb_write_bps(max(1, stored // len(encoded)), len(demoted))
     out = {
@@ -173,7 +185,7 @@ def rates(
     }
     out["demotion_over_lmdb"] = out["demotion_GBps"] / out["lmdb_write_fp16_GBps"]
     if gpu is not None:
-        gpu_s = min(_demote_once(spec, demoted, str(gpu)) for _ in range(runs))
+        gpu_s = min(_demote_once(spec, demoted, str(gpu), at) for _ in range(runs))
         out["gpu_demotion_GBps"] = moved / gpu_s / 1e9
         out["gpu_demotion_over_lmdb"] = out["gpu_demotion_GBps"] / out["lmdb_write_fp16_GBps"]
     return out

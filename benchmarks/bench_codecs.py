@@ -737,8 +737,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     speeds = []
     for label, codec in codecs:
         progress(f"{label}: demotion through a store's ssd writer, LMDB, decode on one core")
-        chunks = [x for case in cases for x in chunked(case.kv, args.chunk_tokens)]
-        speeds.append((label, demotion.rates(codec.spec(), codec, chunks, args.repeats)))
+        parts = [chunked(case.kv, args.chunk_tokens) for case in cases]
+        chunks = [x for p in parts for x in p]
+        at = [i * args.chunk_tokens for p in parts for i in range(len(p))]
+        rates = demotion.rates(codec.spec(), codec, chunks, args.repeats, positions=at)
+        speeds.append((label, rates))
     report.meta["cpu_rates"] = dict(speeds)
     report.notes_after = demotion.lines(speeds)
     lossless = [r.label for r in report.rows if r.lossless]

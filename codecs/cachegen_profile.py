@@ -3,9 +3,9 @@
 How much quantizing one (layer, K/V, head) moves a model's next-token distribution spans a
 factor of ~1000 across SmolLM2's 180 heads (`benchmarks/NOTES-codecs.md`), and the effects
 add up. A profile gives each head a resolution weight (residual spread over step, relative
-to the level's), so that the bits go where the model is sensitive. It is read by the
-encoder only: the steps it leads to are stored per channel in every container, so a decoder
-never needs the profile and the format does not change.
+to the level's), so that the bits go where the model is sensitive. The weights are read by
+the encoder only: the steps they lead to are stored in every container, so a cachegen
+decoder never needs the profile (a cachegen-x decoder needs its maps: below).
 
 - `CacheGenProfile`: the weights `[layers, 2, heads]` (K then V), the model they were
   measured on and the texts they were fitted on; `load(path)` / `save(path)` as JSON (no
@@ -20,7 +20,7 @@ never needs the profile and the format does not change.
   over their geometric mean.
 
     python -m kvstore.codecs.cachegen_profile --model DIR --text a.txt --text b.txt \\
-        --out smollm2.cgprofile.json
+        --out smollm2.cgprofile.json [--weights-only]
     kvstore-server ... --codec ssd=cachegen:profile=smollm2.cgprofile.json
 
 Fit on text like what the store will hold, and never on the text a benchmark then scores.
@@ -567,7 +567,7 @@ def model_rope(model: Any) -> tuple[np.ndarray, float]:
     if inv is None:
         raise InvalidArgument(
             f"{type(model).__name__} has no model.rotary_emb.inv_freq: cachegen-x's maps need "
-            "a Llama-style RoPE (fit with cross=False for weights only)"
+            "a Llama-style RoPE (--weights-only fits the per-head weights alone)"
         )
     return inv.detach().double().cpu().numpy(), float(getattr(rotary, "attention_scaling", 1.0))
 
@@ -582,6 +582,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path, help="the profile file to write (JSON)")
     p.add_argument("--max-tokens", type=int, default=1152, help="tokens used of each text")
     p.add_argument("--samples", type=int, default=SAMPLES, help="labels drawn per position")
+    p.add_argument(
+        "--weights-only",
+        action="store_true",
+        help="no cross-layer maps (a version 1 profile: cachegen's per-head weights alone)",
+    )
     args = p.parse_args(argv)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -598,7 +603,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ids = tokenizer(text.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
         sequences.append(list(ids)[: args.max_tokens])
     try:
-        profile = fit(model, sequences, path.name, [t.name for t in args.text], args.samples)
+        profile = fit(
+            model, sequences, path.name, [t.name for t in args.text], args.samples,
+            cross=not args.weights_only,
+        )  # fmt: skip
     except InvalidArgument as exc:
         print(f"cachegen_profile: {exc}", file=sys.stderr)
         return 2

@@ -137,7 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
         "ssd=zstd (lossless), ssd[llama-3-8b/*]=kivi:bits=4 (lossy, opt in per namespace), "
         "remote=zstd; default raw. Codecs: raw, zstd:level=N,shuffle=0|1, int8, fp8, "
         "kivi:bits=2|4, cachegen:level=0-3,profile=FILE,newest=0-3 (the level of a "
-        "sequence's newest chunk, which clients mark at put)",
+        "sequence's newest chunk, which clients mark at put; a profile fitted by "
+        "python -m kvstore.codecs.cachegen_profile carries cross-layer maps, and values "
+        "put with their position are then coded by cachegen-x), cachegen-zstd (the same, "
+        "zstd frames), cachegen-x:level=0-3,profile=FILE (positions searched when not given)",
     )
     p.add_argument(
         "--remote",

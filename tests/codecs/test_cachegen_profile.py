@@ -207,6 +207,19 @@ def test_tool_measures_a_model_and_writes_a_profile_the_codec_uses(tmp_path: Pat
     assert rel_err(decode(at.encode(chunk)), chunk) < rel_err(decode(codec.encode(chunk)), chunk)
 
 
+def test_tool_fits_weights_only_when_asked(tmp_path: Path) -> None:
+    from kvstore.codecs.cachegen_profile import main
+
+    tiny_llama(tmp_path / "model")
+    text = tmp_path / "fit.txt"
+    text.write_text(" ".join(f"w{i % 60}" for i in range(200)))
+    out = tmp_path / "p.json"
+    args = ["--model", str(tmp_path / "model"), "--text", str(text), "--out", str(out)]
+    assert main([*args, "--weights-only"]) == 0
+    assert CacheGenProfile.load(out).cross is None
+    assert json.loads(out.read_text())["version"] == 1  # what builds before maps read
+
+
 def test_tool_refuses_a_text_too_short(tmp_path: Path) -> None:
     from kvstore.codecs.cachegen_profile import main
 
