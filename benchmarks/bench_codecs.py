@@ -101,6 +101,9 @@ DEFAULT_LEVELS: dict[str, tuple[str, ...]] = {
     "fp8": ("fp8",),
     "kivi": ("kivi:bits=4", "kivi:bits=2"),
     "cachegen": tuple(f"cachegen:level={n}" for n in range(4)),
+    # Needs a profile of the model with its maps: --fit-profile p.json --codecs
+    # cachegen:profile=p.json (chunks with a position go through cachegen-x).
+    "cachegen-x": (),
 }
 
 
@@ -294,6 +297,12 @@ def select_codecs(texts: Sequence[str] | None) -> tuple[list[tuple[str, Codec]],
         order = list(DEFAULT_LEVELS)
         known = sorted(registered, key=lambda n: (order.index(n) if n in order else len(order), n))
         specs = [s for name in known for s in DEFAULT_LEVELS.get(name, (name,))]
+        notes += [
+            f"{name} needs a profile of the model: --fit-profile p.json --codecs "
+            "cachegen:profile=p.json runs it"
+            for name in known
+            if DEFAULT_LEVELS.get(name) == ()
+        ]
     codecs: list[tuple[str, Codec]] = []
     seen: set[str] = set()
     for spec in specs:

@@ -65,3 +65,13 @@ def test_demotion_rates_run_the_store_and_the_codec(spec: str) -> None:
         assert r[name] > 0, name
     assert r["demotion_over_lmdb"] == r["demotion_GBps"] / r["lmdb_write_fp16_GBps"]
     assert spec in "\n".join(_demotion.lines([(spec, r)]))
+
+
+def test_default_codecs_run_without_files() -> None:
+    """With no --codecs every registered codec runs at its levels, except one that needs a
+    profile of the model (cachegen-x), which a note names instead."""
+    codecs, notes = bench_codecs.select_codecs(None)
+    names = {c.name for _, c in codecs}
+    assert {"zstd", "kivi", "cachegen", "cachegen-zstd"} <= names
+    assert "cachegen-x" not in names
+    assert any(n.startswith("cachegen-x needs a profile") for n in notes)
