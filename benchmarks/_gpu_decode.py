@@ -27,6 +27,7 @@ the CPU figures alone:
 from __future__ import annotations
 
 import math
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -36,20 +37,42 @@ import _demotion as demotion
 import torch
 from _procs import progress
 
-from kvstore.codecs import codec_from_spec, decode, decode_values
+from kvstore.codecs import Codec, codec_from_spec, decode, decode_values
 from kvstore.store import WRITE_AHEAD_GPU_BYTES
 
 SUFFIX = ".kvc"
+PROFILE = "profile.json"
+HERE = "@DIR@"  # in a saved spec: the directory it was saved in, wherever that is now
 TARGET_GBPS = 50.0
 
 
-def save_containers(directory: Path, spec: str, name: str, blobs: list[bytes]) -> None:
-    """Write a prompt's chunk containers for `spec` under `directory`."""
-    sub = directory / spec.replace(":", "_").replace(",", "_").replace("=", "-")
+def save_containers(
+    directory: Path, codec: Codec, name: str, blobs: list[bytes], chunk_tokens: int
+) -> None:
+    """Write a prompt's chunk containers for `codec` under `directory`, with the codec's
+    spec, its profile (cachegen-x's containers decode only where their maps are loaded) and
+    the chunk size (chunk i of a prompt is at position i * chunk_tokens)."""
+    spec = codec.spec()
+    sub = directory / spec.replace(":", "_").replace(",", "_").replace("=", "-").replace("/", "_")
     sub.mkdir(parents=True, exist_ok=True)
+    profile = str(codec.params.get("profile", ""))
+    if profile:
+        shutil.copyfile(profile, sub / PROFILE)
+        spec = spec.replace(f"profile={profile}", f"profile={HERE}/{PROFILE}")
     (sub / "spec.txt").write_text(spec + "\n")
+    (sub / "chunk_tokens.txt").write_text(f"{chunk_tokens}\n")
     for i, blob in enumerate(blobs):
         (sub / f"{name}-{i:03d}{SUFFIX}").write_bytes(blob)
+
+
+def _saved(sub: Path) -> tuple[str, list[int]]:
+    """A saved directory's spec (its profile where it lies now) and each of its chunk
+    files' position."""
+    spec = (sub / "spec.txt").read_text().strip().replace(HERE, str(sub))
+    at = sub / "chunk_tokens.txt"
+    tokens = int(at.read_text()) if at.exists() else 256
+    files = sorted(sub.glob(f"*{SUFFIX}"))
+    return spec, [int(f.stem.rsplit("-", 1)[1]) * tokens for f in files]
 
 
 def _batch(blobs: list[bytes], wants: list[torch.Tensor], target: int) -> list[Any]:
@@ -82,15 +105,15 @@ def run(directory: Path, batch_bytes: int, repeats: int) -> tuple[dict[str, Any]
     progress(f"limits: {limit}")
     rows = []
     for sub in sorted(p for p in directory.iterdir() if (p / "spec.txt").exists()):
-        spec = (sub / "spec.txt").read_text().strip()
+        spec, positions = _saved(sub)
         files = sorted(sub.glob(f"*{SUFFIX}"))
         blobs = [f.read_bytes() for f in files]
+        codec = codec_from_spec(spec)  # first: it loads a profile's maps, if it names one
         wants = [decode(b) for b in blobs]
-        codec = codec_from_spec(spec)
         if codec.gpu_decoder() is None:  # a host codec: its CPU figures on this host
             ratio = sum(w.nbytes for w in wants) / sum(map(len, blobs))
             row = {"spec": spec, "chunks": len(files), "ratio": ratio}
-            row["cpu"] = demotion.rates(spec, codec, wants, repeats)
+            row["cpu"] = demotion.rates(spec, codec, wants, repeats, positions=positions)
             rows.append(row)
             progress(f"{spec}: {row}")
             continue
@@ -138,9 +161,10 @@ def run(directory: Path, batch_bytes: int, repeats: int) -> tuple[dict[str, Any]
         row["gpu_over_d2d"] = row["gpu_GBps"] / limit["d2d_GBps"]
         # The chunks are encoded again from what they decode to (the model is not here):
         # the same shapes and statistics, the speed of the real work.
-        encoder = codec.gpu_encoder()
+        # What encodes these chunks in a store (cachegen-x for a profile with maps).
+        encoder = codec.for_position(positions[0], wants[0].shape).gpu_encoder()
         device = torch.cuda.current_device() if encoder is not None else None
-        row["cpu"] = demotion.rates(spec, codec, wants, repeats, device)
+        row["cpu"] = demotion.rates(spec, codec, wants, repeats, device, positions)
         if encoder is not None:
             coded = encoder(codec, [w.cuda() for w in wants])  # one batch
             for (payload, _), want, f in zip(coded, wants, files, strict=True):

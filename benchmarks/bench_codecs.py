@@ -58,6 +58,7 @@ import argparse
 import importlib
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -488,6 +489,11 @@ def render(report: Report, detail: bool) -> str:
     return "\n".join(lines)
 
 
+def plot_label(spec: str) -> str:
+    """A spec as a plot names it: a file parameter by the file's name alone."""
+    return re.sub(r"(profile=)([^,]*/)", r"\1", spec)
+
+
 def write_plot(report: Report, path: Path) -> bool:
     """Quality against size: the perplexity increase (left) and the KL divergence from the
     exact predictions (right) against the ratio, one large point per codec spec (prompt
@@ -501,7 +507,8 @@ def write_plot(report: Report, path: Path) -> bool:
         )
         for ax, value, ylabel in panels:
             for r in report.rows:
-                (point,) = ax.plot(r.ratio, value(r), "o", markersize=8, label=r.label)
+                label = plot_label(r.label)
+                (point,) = ax.plot(r.ratio, value(r), "o", markersize=8, label=label)
                 ax.plot(
                     [c.ratio for c in r.cells],
                     [value(c) for c in r.cells],
@@ -509,7 +516,7 @@ def write_plot(report: Report, path: Path) -> bool:
                     color=point.get_color(),
                     alpha=0.35,
                 )
-                ax.annotate(r.label, (r.ratio, value(r)), textcoords="offset points",
+                ax.annotate(label, (r.ratio, value(r)), textcoords="offset points",
                             xytext=(6, 4), fontsize=8)  # fmt: skip
             ax.set_xlabel("compression ratio vs fp16 (higher is smaller)")
             ax.set_ylabel(ylabel)
@@ -741,7 +748,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 chunks = chunked(case.kv, args.chunk_tokens)
                 coders = chunk_codecs(codec, len(chunks), args.chunk_tokens, chunks[0].shape)
                 blobs = [c.encode(x) for c, x in zip(coders, chunks, strict=True)]
-                save_containers(args.save_containers, codec.spec(), case.name, blobs)
+                save_containers(args.save_containers, codec, case.name, blobs, args.chunk_tokens)
         progress(f"saved the codecs' containers under {args.save_containers}")
     speeds = []
     for label, codec in codecs:

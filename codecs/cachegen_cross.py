@@ -39,8 +39,8 @@ from __future__ import annotations
 
 import copy
 import struct
-from collections.abc import Mapping, Sequence
-from typing import ClassVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import numba
 import numpy as np
@@ -168,7 +168,19 @@ class CacheGenX(CacheGen):
         twin.params = {**self.params, "position": int(position)}
         return twin
 
-    HOST_ONLY = True  # no GPU kernels
+    # A container decodes only where its maps are loaded: not on a client that has not
+    # loaded the profile, so clients do not ask for these values encoded.
+    DECODES_ALONE = False
+
+    @classmethod
+    def gpu_decoder(cls) -> Callable[[Sequence[Any], Any], Any]:
+        from kvstore.kernels.cachegen_cross import decode_x_on_gpu
+
+        return decode_x_on_gpu
+
+    @classmethod
+    def gpu_encoder(cls) -> None:  # type: ignore[override]
+        return None
 
     @property
     def head_steps(self) -> bool:
@@ -177,6 +189,15 @@ class CacheGenX(CacheGen):
     def resolution(self, layers: int, heads: int) -> np.ndarray:
         self._check_shape(layers, heads, self.cross.head_dim)
         return np.float32(CROSS_LEVELS[int(self.params["level"])]) * self.cross.weights
+
+    def check_value_shape(self, shape: Sequence[int]) -> None:
+        """ContainerError unless a value of `shape` is KV its maps are for."""
+        if len(shape) != 5 or shape[1] != 2:
+            raise ContainerError(f"cachegen-x cannot decode into shape {tuple(shape)}")
+        try:
+            self._check_shape(shape[0], shape[3], shape[4])
+        except InvalidArgument as exc:
+            raise ContainerError(str(exc)) from None
 
     def _check_shape(self, layers: int, heads: int, head_dim: int) -> None:
         c = self.cross
@@ -252,12 +273,9 @@ class CacheGenX(CacheGen):
         (position,) = struct.unpack_from("<Q", payload, 0)
         if position >= MAX_POSITION:
             raise ContainerError(f"cachegen-x payload records position {position}")
+        self.check_value_shape(shape)
         p = parse_payload(payload[8:], shape, 2)
         layers, _, tokens, heads, dim = shape
-        try:
-            self._check_shape(layers, heads, dim)
-        except InvalidArgument as exc:
-            raise ContainerError(str(exc)) from None
         symbols = decode_symbols(p)
         xhat = np.empty((layers, tokens, 2, heads, dim), np.float32)
         pred = np.zeros((tokens, 2, heads, dim), np.float32)

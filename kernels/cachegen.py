@@ -76,6 +76,23 @@ __device__ __forceinline__ void rank_escapes(bool esc, int* warp_escapes, long l
     __syncthreads();  // warp_escapes is reused by the next token
 }
 
+// v, or for an escape (every thread calls it, `esc` its own) its unit's next stored value:
+// escaped[*e + this escape's rank]; *e moves past this token's escapes, and *bad is set
+// when the unit has fewer stored than its symbols say (*e reaching e_end).
+__device__ __forceinline__ float take_escape(bool esc, float v, const float* escaped,
+                                             long long* e, long long e_end, bool* bad,
+                                             int* warp_escapes) {
+    if (__syncthreads_or(esc)) {
+        long long before, total;
+        rank_escapes(esc, warp_escapes, &before, &total);
+        if (esc) {
+            if (*e + before < e_end) v = escaped[*e + before]; else *bad = true;
+        }
+        *e += total;
+    }
+    return v;
+}
+
 // v rounded to the value's dtype (float32, float16 or bfloat16, as the CPU's `_store`),
 // at element `at` of `out`.
 __device__ __forceinline__ void store_value(char* out, int kind, long long at, float v) {
@@ -239,15 +256,7 @@ extern "C" __global__ void reconstruct(const long long* __restrict__ units,
         int s = next;  // the next token's symbol loads while this one is finished
         if (mine && t + 1 < tokens) next = sym[(t + 1) * dim];
         float v = pred + (float)(s - CENTER) * step;  // the product is exact
-        bool esc = mine && s == 0;
-        if (__syncthreads_or(esc)) {
-            long long before, total;
-            rank_escapes(esc, warp_escapes, &before, &total);
-            if (esc) {
-                if (e + before < e_end) v = escaped[e + before]; else bad = true;
-            }
-            e += total;
-        }
+        v = take_escape(mine && s == 0, v, escaped, &e, e_end, &bad, warp_escapes);
         if (mine) store_value(out, kind, t * stride + d, v);
         if (closed) pred = v;
     }
@@ -338,11 +347,41 @@ def decode_on_gpu(jobs: Sequence[Job | tuple[Any, ...]], stream: Any = None) -> 
     """Launch the decoding of `jobs` (all on one GPU) on `stream` (CuPy or torch stream,
     None: the current one) and return its handle. Payloads are parsed and checked on the
     host first: a malformed header raises ContainerError before anything launches."""
-    import cupy
+    from kvstore.codecs.cachegen import parse_payload
 
+    todo = checked_jobs(jobs, "cachegen")
+    # Parsed on the host threads (NumPy and the table unpacking release the GIL).
+    parsed = list(
+        host_pool().map(
+            lambda j: parse_payload(j.payload, tuple(j.out.shape), int(j.codec.params["version"])),
+            todo,
+        )
+    )
+    staged = Staged(todo, parsed)
+    for i, job in enumerate(todo):
+        lay = staged.lays[i]
+        idx = np.arange(lay.units, dtype=np.int64)
+        closed = (idx // lay.heads % 2 == 0) & bool(job.codec.params["k"])
+        staged.units[staged.u_at[i] : staged.u_at[i] + lay.units, 8] |= closed.astype(np.int64) << 4
+
+    def values(launch: Launch) -> None:
+        if staged.n_units:
+            _module.get(launch.device, "reconstruct")(
+                (staged.n_units,),
+                (align(staged.dims, _RECON_THREADS),),
+                (launch.ptr("units"), launch.symbols, launch.ptr("starts"), launch.ptr("steps"),
+                 launch.ptr("escaped"), launch.unit_status),
+                stream=launch.stream,
+            )  # fmt: skip
+
+    return staged.launch(stream, values)
+
+
+def checked_jobs(jobs: Sequence[Job | tuple[Any, ...]], name: str) -> list[Job]:
+    """`jobs` as `Job`s, each checked: its `out` a contiguous float16, bfloat16 or float32
+    tensor on the first one's GPU; ContainerError (naming codec `name`) otherwise."""
     from kvstore.codecs.base import DTYPE_WORDS as kinds
     from kvstore.codecs.base import ContainerError
-    from kvstore.codecs.cachegen import ALPHABET, parse_payload
 
     todo = [j if isinstance(j, Job) else Job(*j) for j in jobs]
     if not todo:
@@ -354,161 +393,196 @@ def decode_on_gpu(jobs: Sequence[Job | tuple[Any, ...]], stream: Any = None) -> 
             raise ContainerError(f"job {i}: out must be a contiguous tensor on GPU {device}")
         if out.dtype not in kinds:
             raise ContainerError(
-                f"job {i}: cachegen decodes on the GPU into float16, "
-                f"bfloat16 or float32, not {out.dtype}"
+                f"job {i}: {name} decodes on the GPU into float16, bfloat16 or float32, "
+                f"not {out.dtype}"
             )
-    # Parsed on the host threads (NumPy and the table unpacking release the GIL).
-    parsed = list(
-        host_pool().map(
-            lambda j: parse_payload(j.payload, tuple(j.out.shape), int(j.codec.params["version"])),
-            todo,
-        )
-    )
+    return todo
 
-    dims = max(p.layout.head_dim for p in parsed)
-    if dims > 1024:
-        raise ContainerError(f"cachegen decodes heads of up to 1024 channels, not {dims}")
-    # Sizes of every section, then one pinned buffer holding them all.
-    n_units = sum(p.layout.units for p in parsed)
-    n_streams = sum(p.layout.streams for p in parsed)
-    n_channels = sum(p.layout.channels for p in parsed)
-    n_escaped = sum(p.escaped.size for p in parsed)
-    data_bytes = sum(len(p.data) for p in parsed)
-    sym_bytes = sum(
-        align(p.layout.units * p.layout.segments * p.layout.segment * p.layout.head_dim)
-        for p in parsed
-    )
-    n_groups = sum(-(-p.layout.units // GROUP_UNITS) for p in parsed)
-    sections = {
-        "groups": 8 * 4 * n_groups,
-        "streams": 8 * _STREAM_FIELDS * n_streams,
-        "units": 8 * _UNIT_FIELDS * n_units,
-        "starts": 4 * n_channels,
-        "steps": 4 * n_channels,
-        "escaped": 4 * max(n_escaped, 1),
-        "freqs": 2 * ALPHABET * n_units,
-        "data": max(data_bytes, 1),
-    }
-    at, total = {}, 0
-    for name, size in sections.items():
-        at[name] = total
-        total += align(size, 256)
-    pinned = cupy.cuda.alloc_pinned_memory(total)
-    buf = np.frombuffer(pinned, np.uint8, total)
-    groups = buf[at["groups"] : at["groups"] + sections["groups"]].view(np.int64)
-    groups = groups.reshape(n_groups, 4)
-    streams = buf[at["streams"] : at["streams"] + sections["streams"]].view(np.int64)
-    streams = streams.reshape(n_streams, _STREAM_FIELDS)
-    units = buf[at["units"] : at["units"] + sections["units"]].view(np.int64)
-    units = units.reshape(n_units, _UNIT_FIELDS)
-    starts = buf[at["starts"] : at["starts"] + sections["starts"]].view(np.float32)
-    steps = buf[at["steps"] : at["steps"] + sections["steps"]].view(np.float32)
-    escaped = buf[at["escaped"] : at["escaped"] + 4 * n_escaped].view(np.float32)
-    freqs = buf[at["freqs"] : at["freqs"] + sections["freqs"]].view(np.uint16)
-    freqs = freqs.reshape(n_units, ALPHABET)
-    data = buf[at["data"] : at["data"] + data_bytes]
 
-    # Where each job's parts go: running sums over the jobs before it.
-    def starts_of(sizes: list[int]) -> list[int]:
-        return [0, *np.cumsum(sizes[:-1], dtype=np.int64).tolist()]
+@dataclass
+class Launch:
+    """What a second stage of a batch's decoding launches with (`Staged.launch`)."""
 
-    lays = [p.layout for p in parsed]
-    u_at = starts_of([lay.units for lay in lays])
-    s_at = starts_of([lay.streams for lay in lays])
-    c_at = starts_of([lay.channels for lay in lays])
-    e_at = starts_of([p.escaped.size for p in parsed])
-    d_at = starts_of([len(p.data) for p in parsed])
-    g_at = starts_of([-(-lay.units // GROUP_UNITS) for lay in lays])
-    sym_at = starts_of([align(lay.units * lay.segments * lay.segment * lay.head_dim)
-                        for lay in lays])  # fmt: skip
-    widest = max(GROUP_UNITS * lay.segments for lay in lays)  # streams of the largest group
+    device: int
+    stream: Any  # CuPy stream
+    base: int  # device address of the staged sections
+    at: dict[str, int]
+    symbols: Any  # CuPy array: the decoded rANS symbols
+    unit_status: np.uint64  # address of the units' status words (pinned)
+    keep: list[Any]  # device scratch the stage allocates, kept until the batch is done
 
-    def fill(i: int) -> None:
-        job, p, lay = todo[i], parsed[i], lays[i]
-        u0, s0, c0, e0, d0 = u_at[i], s_at[i], c_at[i], e_at[i], d_at[i]
-        nu, ns, nc, ne, nd = lay.units, lay.streams, lay.channels, p.escaped.size, len(p.data)
-        # Groups: GROUP_UNITS units (the last fewer) and their streams, a CTA each.
-        ng = -(-nu // GROUP_UNITS)
-        first = np.arange(ng, dtype=np.int64) * GROUP_UNITS
-        gr = groups[g_at[i] : g_at[i] + ng]
-        gr[:, 0] = u0 + first
-        gr[:, 1] = np.minimum(GROUP_UNITS, nu - first)
-        gr[:, 2] = s0 + first * lay.segments
-        gr[:, 3] = gr[:, 1] * lay.segments
-        # Streams: where their bytes and symbols are, and their table.
-        st = streams[s0 : s0 + ns]
-        st[:, 0] = d0 + p.offsets[:-1]
-        st[:, 1] = d0 + p.offsets[1:]
-        st[:, 2] = u0 + lay.stream_models()
-        seg_bytes = lay.segment * lay.head_dim
-        padded = lay.segments * seg_bytes  # a unit's symbols
-        st[:, 3] = sym_at[i] + np.arange(ns, dtype=np.int64) * seg_bytes
-        st[:, 4] = lay.stream_lengths()
-        # Units: (layer, K/V, head) in that order.
-        un = units[u0 : u0 + nu]
-        idx = np.arange(nu, dtype=np.int64)
-        lk, h = idx // lay.heads, idx % lay.heads  # lk = layer * 2 + K/V
-        esize = job.out.element_size()
-        width = lay.heads * lay.head_dim
-        un[:, 0] = job.out.data_ptr() + esize * (lk * lay.tokens * width + h * lay.head_dim)
-        un[:, 1] = width
-        un[:, 2] = sym_at[i] + idx * padded
-        un[:, 3] = lay.tokens
-        un[:, 4] = lay.head_dim
-        un[:, 5] = c0 + idx * lay.head_dim
-        un[:, 6] = e0 + p.first[:-1]
-        un[:, 7] = e0 + p.first[1:]
-        closed = (lk % 2 == 0) & bool(job.codec.params["k"])
-        un[:, 8] = kinds[job.out.dtype] | closed.astype(np.int64) << 4
-        starts[c0 : c0 + nc] = p.starts.reshape(-1)
-        steps[c0 : c0 + nc] = p.steps.reshape(-1)
-        escaped[e0 : e0 + ne] = p.escaped
-        freqs[u0 : u0 + nu] = p.freqs
-        data[d0 : d0 + nd] = np.frombuffer(p.data, np.uint8)
+    def ptr(self, name: str) -> np.uint64:
+        return np.uint64(self.base + self.at[name])
 
-    list(host_pool().map(fill, range(len(todo))))  # list(): raises what a job raised
 
-    status_mem = cupy.cuda.alloc_pinned_memory(4 * (n_streams + n_units))
-    status = np.frombuffer(status_mem, np.int32, n_streams + n_units)
-    status[:] = 0
-    with cupy.cuda.Device(device):
-        s = as_cupy_stream(stream)
-        with s:
-            dev = cupy.empty(total, cupy.uint8)
-            symbols = cupy.empty(max(sym_bytes, 1), cupy.uint8)
-        cupy.cuda.runtime.memcpyAsync(
-            dev.data.ptr, buf.ctypes.data, total, cupy.cuda.runtime.memcpyHostToDevice, s.ptr
-        )
-        base = dev.data.ptr
+class Staged:
+    """A batch of parsed cachegen payloads laid out for the GPU in one pinned buffer: the
+    rANS streams and tables, per-channel starts and steps, escapes, and a descriptor per
+    unit (`_UNIT_FIELDS`: out address, token stride, symbol offset, tokens, dim, channel,
+    escapes first and end, flags = dtype kind). `extra` sections (name -> bytes) are laid
+    out after them for the caller to fill. `launch` copies it to the GPU, decodes the
+    streams to symbols and runs the caller's second stage."""
 
-        def ptr(name: str) -> np.uint64:
-            return np.uint64(base + at[name])
+    def __init__(
+        self, todo: Sequence[Job], parsed: Sequence[Any], extra: dict[str, int] | None = None
+    ) -> None:
+        from kvstore.codecs.base import DTYPE_WORDS as kinds
+        from kvstore.codecs.base import ContainerError
+        from kvstore.codecs.cachegen import ALPHABET
 
-        status_ptr = status.ctypes.data
-        if n_streams:
-            _module.get(device, "rans_decode")(
-                (n_groups,),
-                (min(256, align(widest, 32)),),
-                (ptr("data"), ptr("groups"), ptr("streams"), ptr("freqs"), symbols,
-                 np.uint64(status_ptr)),
-                stream=s,
+        self.todo, self.parsed = list(todo), list(parsed)
+        self.dims = max(p.layout.head_dim for p in parsed)
+        if self.dims > 1024:
+            raise ContainerError(f"cachegen decodes heads of up to 1024 channels, not {self.dims}")
+        lays = self.lays = [p.layout for p in parsed]
+        # Sizes of every section, then one pinned buffer holding them all.
+        self.n_units = n_units = sum(lay.units for lay in lays)
+        self.n_streams = n_streams = sum(lay.streams for lay in lays)
+        n_channels = sum(lay.channels for lay in lays)
+        n_escaped = sum(p.escaped.size for p in parsed)
+        data_bytes = sum(len(p.data) for p in parsed)
+        sym_sizes = [align(lay.units * lay.segments * lay.segment * lay.head_dim) for lay in lays]
+        self.sym_bytes = sum(sym_sizes)
+        self.n_groups = n_groups = sum(-(-lay.units // GROUP_UNITS) for lay in lays)
+        sections = {
+            "groups": 8 * 4 * n_groups,
+            "streams": 8 * _STREAM_FIELDS * n_streams,
+            "units": 8 * _UNIT_FIELDS * n_units,
+            "starts": 4 * n_channels,
+            "steps": 4 * n_channels,
+            "escaped": 4 * max(n_escaped, 1),
+            "freqs": 2 * ALPHABET * n_units,
+            "data": max(data_bytes, 1),
+            **(extra or {}),
+        }
+        self.at, total = {}, 0
+        for name, size in sections.items():
+            self.at[name] = total
+            total += align(size, 256)
+        self.total = total
+        self.pinned = pinned = _pinned(total)
+        self.buf = buf = np.frombuffer(pinned, np.uint8, total)
+        self.sections = sections
+        groups = self.view("groups", np.int64).reshape(n_groups, 4)
+        streams = self.view("streams", np.int64).reshape(n_streams, _STREAM_FIELDS)
+        self.units = units = self.view("units", np.int64).reshape(n_units, _UNIT_FIELDS)
+        starts, steps = self.view("starts", np.float32), self.view("steps", np.float32)
+        escaped = buf[self.at["escaped"] : self.at["escaped"] + 4 * n_escaped].view(np.float32)
+        freqs = self.view("freqs", np.uint16).reshape(n_units, ALPHABET)
+        data = buf[self.at["data"] : self.at["data"] + data_bytes]
+
+        # Where each job's parts go: running sums over the jobs before it.
+        def starts_of(sizes: list[int]) -> list[int]:
+            return [0, *np.cumsum(sizes[:-1], dtype=np.int64).tolist()]
+
+        self.u_at = u_at = starts_of([lay.units for lay in lays])
+        s_at = starts_of([lay.streams for lay in lays])
+        self.c_at = c_at = starts_of([lay.channels for lay in lays])
+        e_at = starts_of([p.escaped.size for p in parsed])
+        d_at = starts_of([len(p.data) for p in parsed])
+        g_at = starts_of([-(-lay.units // GROUP_UNITS) for lay in lays])
+        sym_at = starts_of(sym_sizes)
+        self.widest = max(GROUP_UNITS * lay.segments for lay in lays)  # the largest group's
+
+        def fill(i: int) -> None:
+            job, p, lay = todo[i], parsed[i], lays[i]
+            u0, s0, c0, e0, d0 = u_at[i], s_at[i], c_at[i], e_at[i], d_at[i]
+            nu, ns, nc = lay.units, lay.streams, lay.channels
+            ne, nd = p.escaped.size, len(p.data)
+            # Groups: GROUP_UNITS units (the last fewer) and their streams, a CTA each.
+            ng = -(-nu // GROUP_UNITS)
+            first = np.arange(ng, dtype=np.int64) * GROUP_UNITS
+            gr = groups[g_at[i] : g_at[i] + ng]
+            gr[:, 0] = u0 + first
+            gr[:, 1] = np.minimum(GROUP_UNITS, nu - first)
+            gr[:, 2] = s0 + first * lay.segments
+            gr[:, 3] = gr[:, 1] * lay.segments
+            # Streams: where their bytes and symbols are, and their table.
+            st = streams[s0 : s0 + ns]
+            st[:, 0] = d0 + p.offsets[:-1]
+            st[:, 1] = d0 + p.offsets[1:]
+            st[:, 2] = u0 + lay.stream_models()
+            seg_bytes = lay.segment * lay.head_dim
+            padded = lay.segments * seg_bytes  # a unit's symbols
+            st[:, 3] = sym_at[i] + np.arange(ns, dtype=np.int64) * seg_bytes
+            st[:, 4] = lay.stream_lengths()
+            # Units: (layer, K/V, head) in that order.
+            un = units[u0 : u0 + nu]
+            idx = np.arange(nu, dtype=np.int64)
+            lk, h = idx // lay.heads, idx % lay.heads  # lk = layer * 2 + K/V
+            esize = job.out.element_size()
+            width = lay.heads * lay.head_dim
+            un[:, 0] = job.out.data_ptr() + esize * (lk * lay.tokens * width + h * lay.head_dim)
+            un[:, 1] = width
+            un[:, 2] = sym_at[i] + idx * padded
+            un[:, 3] = lay.tokens
+            un[:, 4] = lay.head_dim
+            un[:, 5] = c0 + idx * lay.head_dim
+            un[:, 6] = e0 + p.first[:-1]
+            un[:, 7] = e0 + p.first[1:]
+            un[:, 8] = kinds[job.out.dtype]
+            starts[c0 : c0 + nc] = p.starts.reshape(-1)
+            steps[c0 : c0 + nc] = p.steps.reshape(-1)
+            escaped[e0 : e0 + ne] = p.escaped
+            freqs[u0 : u0 + nu] = p.freqs
+            data[d0 : d0 + nd] = np.frombuffer(p.data, np.uint8)
+
+        list(host_pool().map(fill, range(len(todo))))  # list(): raises what a job raised
+
+    def view(self, name: str, dtype: Any) -> np.ndarray:
+        """Section `name` of the pinned buffer as a flat array of `dtype`."""
+        at = self.at[name]
+        return self.buf[at : at + self.sections[name]].view(dtype)
+
+    def launch(self, stream: Any, values: Any) -> GpuDecode:
+        """Copy the batch to the GPU, decode its streams to symbols, then call
+        `values(Launch)` to launch what turns them into the jobs' values; and the checksums
+        of the values, all on `stream`."""
+        import cupy
+
+        todo = self.todo
+        device = todo[0].out.get_device()
+        n_streams, n_units = self.n_streams, self.n_units
+        status_mem = _pinned(4 * (n_streams + n_units))
+        status = np.frombuffer(status_mem, np.int32, n_streams + n_units)
+        status[:] = 0
+        with cupy.cuda.Device(device):
+            s = as_cupy_stream(stream)
+            with s:
+                dev = cupy.empty(self.total, cupy.uint8)
+                symbols = cupy.empty(max(self.sym_bytes, 1), cupy.uint8)
+            cupy.cuda.runtime.memcpyAsync(
+                dev.data.ptr, self.buf.ctypes.data, self.total,
+                cupy.cuda.runtime.memcpyHostToDevice, s.ptr,
             )  # fmt: skip
-        if n_units:
-            _module.get(device, "reconstruct")(
-                (n_units,),
-                (align(dims, _RECON_THREADS),),
-                (ptr("units"), symbols, ptr("starts"), ptr("steps"), ptr("escaped"),
-                 np.uint64(status_ptr + 4 * n_streams)),
-                stream=s,
+            launch = Launch(
+                device, s, dev.data.ptr, self.at, symbols,
+                np.uint64(status.ctypes.data + 4 * n_streams), [],
             )  # fmt: skip
-        checks = [(i, j.checksum, j.out) for i, j in enumerate(todo) if j.checksum is not None]
-        big = [c for c in checks if c[2].nbytes > SHORT_MAX]
-        digests = None
-        if big:
-            bufs = [DeviceBuffer(o.data_ptr(), o.nbytes, device) for _, _, o in big]
-            digests = xxh3_64_gpu(bufs, device, s)
-        event = cupy.cuda.Event(block=False, disable_timing=True)
-        event.record(s)
-    # Host buffers the GPU still reads or writes, and device scratch, live until it is done.
-    _keep_until_done(event, (pinned, status_mem, dev, symbols))
-    return GpuDecode(event, status, status_mem, n_streams, checks, digests)
+            if n_streams:
+                _module.get(device, "rans_decode")(
+                    (self.n_groups,),
+                    (min(256, align(self.widest, 32)),),
+                    (launch.ptr("data"), launch.ptr("groups"), launch.ptr("streams"),
+                     launch.ptr("freqs"), symbols, np.uint64(status.ctypes.data)),
+                    stream=s,
+                )  # fmt: skip
+            with s:
+                values(launch)
+            checks = [(i, j.checksum, j.out) for i, j in enumerate(todo) if j.checksum is not None]
+            big = [c for c in checks if c[2].nbytes > SHORT_MAX]
+            digests = None
+            if big:
+                bufs = [DeviceBuffer(o.data_ptr(), o.nbytes, device) for _, _, o in big]
+                digests = xxh3_64_gpu(bufs, device, s)
+            event = cupy.cuda.Event(block=False, disable_timing=True)
+            event.record(s)
+        # Host buffers the GPU still reads or writes, and device scratch, live until done.
+        _keep_until_done(event, (self.pinned, status_mem, dev, symbols, *launch.keep))
+        return GpuDecode(event, status, status_mem, n_streams, checks, digests)
+
+
+def _pinned(nbytes: int) -> Any:
+    import cupy
+
+    return cupy.cuda.alloc_pinned_memory(nbytes)

@@ -19,11 +19,13 @@ class LayeredKV:
     """KV whose layer l's channels (K before RoPE, then V) are a fixed linear map of layer
     l-1's plus noise, layer 0 a slow random walk; K rotated by RoPE at the given positions."""
 
-    def __init__(self, layers: int, heads: int, dim: int, seed: int = 0) -> None:
+    def __init__(self, layers: int, heads: int, dim: int, seed: int = 0, gain: float = 1.4) -> None:
+        """`gain`: how much a layer's map scales a typical vector (1 for deep models, whose
+        values would otherwise outgrow float16)."""
         rng = np.random.default_rng(seed)
         self.layers, self.heads, self.dim = layers, heads, dim
         c = 2 * heads * dim
-        self.maps = [rng.normal(0, 1.4 / np.sqrt(c), (c, c)) for _ in range(layers)]
+        self.maps = [rng.normal(0, gain / np.sqrt(c), (c, c)) for _ in range(layers)]
         self.inv_freq = inv_freq(dim)
 
     def sample(self, tokens: int, position: int = 0, seed: int = 0) -> np.ndarray:

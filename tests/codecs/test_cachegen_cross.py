@@ -187,3 +187,12 @@ def test_short_chunks_round_trip(profile_path: Path, tokens: int) -> None:
     assert torch.equal(got, back) and got.shape == t.shape
     if tokens:
         assert rel_err(got, t) < 0.05
+
+
+def test_clients_do_not_ask_for_values_that_need_maps() -> None:
+    """A client asks to receive encoded only what it can decode with the container alone:
+    cachegen-x's containers need the profile's maps, which the server has loaded."""
+    from kvstore.codecs.base import gpu_decodable_codecs
+
+    assert cx.CacheGenX.gpu_decoder() is not None
+    assert cx.CacheGenX.codec_id not in gpu_decodable_codecs()

@@ -1,0 +1,62 @@
+"""cachegen-x decodes on the GPU bit for bit as on the host (needs a CUDA GPU and CuPy)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from cross_fixture import LayeredKV
+
+from kvstore.codecs import ContainerError, codec_from_spec, decode, decode_values
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def worlds(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[LayeredKV, Path]]:
+    """Two models' shapes and their profiles: SmolLM2's (30 x 3 x 64) and a small one."""
+    out = []
+    for i, (layers, heads, dim) in enumerate([(30, 3, 64), (4, 2, 16)]):
+        world = LayeredKV(layers, heads, dim, seed=i, gain=1.0)
+        out.append((world, world.profile_file(tmp_path_factory.mktemp("x") / "p.json")))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_gpu_decode_is_the_host_decode(
+    worlds: list[tuple[LayeredKV, Path]], dtype: torch.dtype
+) -> None:
+    """A batch of values of two profiles, at several positions and token counts (a
+    partial chunk, a single token), decodes on the GPU to the host decoder's bits."""
+    items, wants = [], []
+    for n, (world, path) in enumerate(worlds):
+        for j, (tokens, position) in enumerate([(256, 0), (256, 512), (37, 1024), (1, 5)]):
+            t = world.tensor(tokens, position, seed=10 * n + j, dtype=dtype)
+            codec = codec_from_spec(f"cachegen-x:level={j % 4},profile={path}")
+            blob = codec.for_position(position).encode(t)
+            wants.append(decode(blob))
+            items.append((blob, torch.empty(t.shape, dtype=dtype, device="cuda")))
+    decode_values(items).wait()
+    for (_, out), want in zip(items, wants, strict=True):
+        assert torch.equal(out.cpu(), want)
+    blob, out = items[1]
+    assert decode(blob, out) is out and torch.equal(out.cpu(), wants[1])
+
+
+def test_a_damaged_payload_is_refused_on_the_gpu(worlds: list[tuple[LayeredKV, Path]]) -> None:
+    from kvstore.codecs import decode_header
+    from kvstore.kernels.cachegen_cross import decode_x_on_gpu
+
+    world, path = worlds[1]
+    codec = codec_from_spec(f"cachegen-x:profile={path}").for_position(64)
+    t = world.tensor(128, 64, seed=3)
+    blob = codec.encode(t)
+    header, at = decode_header(blob)
+    out = torch.empty(t.shape, dtype=t.dtype, device="cuda")
+    decode_x_on_gpu([(codec, memoryview(blob)[at:], out, header.value_checksum)]).wait()
+    assert torch.equal(out.cpu(), decode(blob))
+    payload = bytearray(memoryview(blob)[at:])
+    payload[len(payload) // 2] ^= 0x5A  # inside the streams: a wrong symbol or a bad lane
+    with pytest.raises(ContainerError):
+        decode_x_on_gpu([(codec, memoryview(payload), out, header.value_checksum)]).wait()
