@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from kvstore.codecs.container import ContainerError
+from kvstore.codecs.container import ContainerError, MissingContext
 from kvstore.errors import InvalidArgument
 from kvstore.kernels.floatbits import WORD_KINDS
 
@@ -237,6 +237,8 @@ def codec_by_id(codec_id: int, params: Mapping[str, str]) -> Codec:
         raise ContainerError(f"container uses unknown codec id {codec_id}")
     try:
         return cls(**{**cls.LEGACY_PARAMS, **params})
+    except MissingContext:
+        raise
     except InvalidArgument as exc:
         raise ContainerError(f"container has bad parameters for codec {cls.name}: {exc}") from None
 

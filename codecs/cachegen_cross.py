@@ -75,6 +75,7 @@ from kvstore.codecs.cachegen_profile import (
     registered_cross,
     rope_angles,
 )
+from kvstore.codecs.container import MissingContext
 from kvstore.errors import InvalidArgument
 from kvstore.kernels.floatbits import F16_MAX, f16_to_f32, f32_to_f16
 from kvstore.keys import MAX_POSITION
@@ -140,7 +141,7 @@ class CacheGenX(CacheGen):
             raise InvalidArgument("cachegen-x needs a profile with cross-layer maps (profile=FILE)")
         cross = registered_cross(digest)
         if cross is None:
-            raise InvalidArgument(
+            raise MissingContext(
                 f"cachegen-x maps {digest} are not loaded in this process: give it the "
                 "cachegen profile they come from (a codec spec with profile=FILE)"
             )

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import xxhash
 
 from kvstore.dtypes import BY_CODE, MAX_NDIM, dtype_by_name
+from kvstore.errors import InvalidArgument
 
 MAGIC = b"KVSC"
 VERSION = 2
@@ -48,6 +49,12 @@ _CRC = struct.Struct("<I")
 class ContainerError(ValueError):
     """Bytes a decoder refuses: truncated, corrupted, foreign, or inconsistent with what
     their header says."""
+
+
+class MissingContext(ContainerError, InvalidArgument):
+    """An intact container that needs something this process has not loaded to decode (a
+    cachegen-x container's profile maps): not damage, so a store keeps it. Also an
+    InvalidArgument: a codec spec that names what is not loaded is refused as one."""
 
 
 def checksum(data: bytes | bytearray | memoryview) -> int:

@@ -67,6 +67,12 @@ class DataLoss(KVStoreError):
     code = grpc.StatusCode.DATA_LOSS
 
 
+class Undecodable(DataLoss):
+    """A stored value is intact but this process cannot decode it (its container names a
+    cachegen profile's maps the server was not started with); it is kept, for a server
+    that has them."""
+
+
 class Unavailable(KVStoreError):
     """The server is not reachable or is shutting down."""
 

@@ -57,6 +57,7 @@ import numpy as np
 from kvstore.codecs.container import (
     CODEC_RAW,
     ContainerError,
+    MissingContext,
     ValueHeader,
     checksum,
     decode_stored,
@@ -64,7 +65,7 @@ from kvstore.codecs.container import (
 )
 from kvstore.config import QuotaRule, ServerConfig, codec_rule, quota_rule
 from kvstore.dtypes import expected_nbytes
-from kvstore.errors import DataLoss, InvalidArgument, Overloaded, ResourceExhausted
+from kvstore.errors import DataLoss, InvalidArgument, Overloaded, ResourceExhausted, Undecodable
 from kvstore.events import EventHub, EventKind, Watcher
 from kvstore.gpu import cuda_device_count
 from kvstore.keys import KEY_BYTES, MAX_POSITION
@@ -1035,6 +1036,8 @@ class Store:
         except KeyError:
             self._drop(e, "ssd")
             raise DataLoss(f"ssd tier lost {e.key.hex()[:16]}...; entry dropped") from None
+        except Undecodable:
+            raise
         except DataLoss:
             self._drop(e, "ssd")
             raise
@@ -1070,6 +1073,8 @@ class Store:
                     dst = memoryview(copy)
                 try:
                     decode_stored(header, data, dst)
+                except MissingContext as exc:  # intact: kept for a server that can read it
+                    raise Undecodable(f"ssd tier: {e.key.hex()[:16]}... kept: {exc}") from None
                 except ContainerError as exc:
                     msg = f"ssd tier: {e.key.hex()[:16]}... does not decode: {exc}"
                     raise DataLoss(msg) from None

@@ -77,3 +77,35 @@ def test_positions_a_client_gives(start_server, tmp_path: Path) -> None:  # type
         assert torch.equal(c.get(keys[2]), coded(f"cachegen-x:profile={profile}", values[2], 1024))
         # A profile is for one model's shape: cachegen stores other values raw, position or not.
         assert torch.equal(c.get(keys[3]), other)
+
+
+def test_a_server_without_the_profile_keeps_what_it_cannot_decode(
+    start_server, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """cachegen-x values on ssd decode only where their maps are loaded: a server restarted
+    without the profile refuses them (DataLoss, saying why) but keeps them, and serves
+    them again once restarted with it."""
+    from kvstore.errors import DataLoss
+
+    profile = WORLD.profile_file(tmp_path / "p.json")
+    flags = ["--cpu-bytes", "4MiB", "--ssd-bytes", "64MiB"]
+    with_maps = [*flags, "--codec", f"ssd=cachegen:level=1,profile={profile}"]
+    srv = start_server(*with_maps)
+    key = bytes([0xC0]) + bytes(31)
+    value = WORLD.tensor(CHUNK, 256, seed=4)
+    with srv.client() as c:
+        c.put(key, value, position=256)
+        filler(c, 8)
+        want = c.get(key)
+    assert want is not None
+    srv.flags = flags  # no codec: the maps are not loaded
+    srv.restart()
+    with srv.client() as c:
+        with pytest.raises(DataLoss, match=r"maps \w+ are not loaded"):
+            c.get(key)
+        assert c.exists([key]) == [True]
+    srv.flags = with_maps
+    srv.restart()
+    with srv.client() as c:
+        got = c.get(key)
+        assert got is not None and torch.equal(got, want)
