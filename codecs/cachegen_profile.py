@@ -179,7 +179,13 @@ class CrossLayer(_PerHead):
     @property
     def digest(self) -> str:
         """16 hex digits of xxh3-64 over everything a decoder uses (not the weights): what
-        a container names its map by."""
+        a container names its map by. Computed once (it hashes megabytes)."""
+        got = self.__dict__.get("_digest")
+        if got is None:
+            got = self.__dict__["_digest"] = self._hash()
+        return str(got)
+
+    def _hash(self) -> str:
         h = xxhash.xxh3_64()
         h.update(np.array([self.layers, self.heads, self.head_dim], "<i8").tobytes())
         h.update(self.inv_freq.astype("<f8").tobytes())
