@@ -288,13 +288,16 @@ def _newest_keys(newest: Sequence[bytes], keys: Sequence[bytes]) -> frozenset[by
 def _positions(positions: Mapping[bytes, int] | None, keys: Sequence[bytes]) -> dict[bytes, int]:
     """`positions` (a put's values' first-token positions in their sequences, by key), each
     checked to name one of the put's `keys` and to be a position."""
-    out = {bytes(k): p for k, p in (positions or {}).items()}
+    out: dict[bytes, int] = {}
+    for k, p in (positions or {}).items():
+        if isinstance(p, bool) or not isinstance(p, int | np.integer) or not 0 <= p < MAX_POSITION:
+            raise InvalidArgument(
+                f"position of {bytes(k).hex()} must be an int in [0, 2^40), got {p!r}"
+            )
+        out[bytes(k)] = int(p)
     stray = set(out) - {bytes(k) for k in keys} if out else set()
     if stray:
         raise InvalidArgument(f"positions names a key this put does not store: {min(stray).hex()}")
-    for k, p in out.items():
-        if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < MAX_POSITION:
-            raise InvalidArgument(f"position of {k.hex()} must be an int in [0, 2^40), got {p!r}")
     return out
 
 

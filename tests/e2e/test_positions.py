@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -65,7 +66,7 @@ def test_positions_a_client_gives(start_server, tmp_path: Path) -> None:  # type
     other = torch.randn(2, 2, CHUNK, 2, 64).half()  # 2 layers: not what the maps are for
     with srv.client() as c:
         c.put(keys[0], values[0], position=0)
-        c.batch_put(keys[1:3], values[1:3], positions={keys[2]: 1024})
+        c.batch_put(keys[1:3], values[1:3], positions={keys[2]: np.int64(1024)})
         c.put(keys[3], other, position=256)
         with pytest.raises(InvalidArgument, match="positions names a key this put does not"):
             c.batch_put(keys[:1], values[:1], positions={keys[3]: 0})
