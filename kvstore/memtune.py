@@ -47,5 +47,11 @@ def quiet_openmp() -> None:
     the cores the ssd writer's and the remote fetch's host threads code values on, and an
     engine's next to the sidecar: on a 16-core GPU host, 12 host threads encoding cachegen
     chunks ran 1.26 -> 1.55 GB/s with it, decoding 2.75 -> 3.67. Must run before the OpenMP
-    runtimes load (torch and numba's are loaded with the codecs)."""
+    runtimes load (torch and numba's are loaded with the codecs).
+
+    Also keeps NumPy's OpenBLAS to one thread per call unless OPENBLAS_NUM_THREADS is set:
+    the server codes a value per host thread, and cachegen-x's per-layer products (NumPy
+    GEMMs) otherwise each start a team of every core's threads, so that 12 host threads on
+    a 16-core GPU host encoded no faster than two cores do."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")

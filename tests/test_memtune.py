@@ -20,6 +20,29 @@ def test_quiet_openmp_sets_passive_unless_already_chosen(monkeypatch: pytest.Mon
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
+def test_numpy_blas_keeps_to_one_thread_unless_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server codes a value per host thread: NumPy's GEMMs inside must not each start
+    every core's threads; a BLAS thread count set by the operator stands."""
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    quiet_openmp()
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "4")
+    quiet_openmp()
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "4"
+    # kvstore-server sets it before NumPy loads (OpenBLAS reads it once, at load).
+    code = (
+        "import os, sys; os.environ.pop('OPENBLAS_NUM_THREADS', None)\n"
+        "from kvstore import server_cli\n"
+        "loaded = 'numpy' in sys.modules\n"
+        "try: server_cli.main(['--help'])\n"
+        "except SystemExit: pass\n"
+        "sys.stderr.write(f\"{loaded} {os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}\")\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert run.stderr.strip().endswith("False 1"), run.stderr
+
+
 def test_the_server_sets_it_before_loading_openmp() -> None:
     """kvstore-server's main sets it first thing: what the OpenMP runtimes that load later
     (with the codecs) read."""
