@@ -315,7 +315,11 @@ class CacheGen(Codec):
         return self._encode(tensor, back), back
 
     def _encode(self, tensor: torch.Tensor, back: torch.Tensor | None) -> bytes | memoryview:
-        qz = self._quantize(tensor, back, SEGMENT_TOKENS)
+        return self.coded(self._quantize(tensor, back, SEGMENT_TOKENS))
+
+    def coded(self, qz: _Quantized) -> bytes:
+        """The payload of a quantized value: its symbols rANS-coded in streams, framed with
+        its starts, steps, tables and escapes."""
         freqs = rans.quantize_freqs(qz.counts, PRECISION)
         data, offsets = _code_streams(qz.layout, qz.symbols, freqs)
         frames = self.frame_payloads(

@@ -46,7 +46,6 @@ import numba
 import numpy as np
 import torch
 
-from kvstore.codecs import rans
 from kvstore.codecs.base import Codec, ContainerError, ParamValue, kv_view, register
 from kvstore.codecs.cachegen import (
     _F32,
@@ -54,14 +53,14 @@ from kvstore.codecs.cachegen import (
     ALPHABET,
     CENTER,
     OUTLIER_SPREADS,
-    PRECISION,
     REACH,
     SEGMENT_TOKENS,
     CacheGen,
-    _code_streams,
+    Payload,
     _gather_escapes,
     _histogram,
     _Layout,
+    _Quantized,
     _store,
     _words,
     decode_symbols,
@@ -257,26 +256,25 @@ class CacheGenX(CacheGen):
         _gather_escapes(words, _F32, heads, symbols, marked, first, escaped)
         if back is not None:
             _rotate_out(self.cross, xhat, position, back)
-        freqs = rans.quantize_freqs(counts, PRECISION)
-        data, offsets = _code_streams(lay, symbols, freqs)
-        frames = self.frame_payloads(lay, 1, starts, steps, escapes, freqs, offsets, escaped, first)
-        at, (o0, o1) = int(frames.data_at[0]), frames.streams(0)
-        frames.out[at : at + o1 - o0] = np.frombuffer(data, np.uint8)
-        (payload,) = frames.payloads()
-        return struct.pack("<Q", position) + payload.tobytes()
+        qz = _Quantized(lay, starts, steps, symbols, counts, escapes, escaped, first)
+        return struct.pack("<Q", position) + self.coded(qz)
 
     # -------------------------------------------------------------------------- decoding
 
-    def decode_payload(self, payload: memoryview, out: torch.Tensor) -> None:
-        shape = tuple(out.shape)
+    def parse(self, payload: memoryview, shape: Sequence[int]) -> tuple[int, Payload]:
+        """A payload for a value of `shape` split into its first token's position and the
+        cachegen payload after it; ContainerError if they do not fit these maps or it."""
         if len(payload) < 8:
             raise ContainerError("cachegen-x payload is truncated")
         (position,) = struct.unpack_from("<Q", payload, 0)
         if position >= MAX_POSITION:
             raise ContainerError(f"cachegen-x payload records position {position}")
         self.check_value_shape(shape)
-        p = parse_payload(payload[8:], shape, 2)
-        layers, _, tokens, heads, dim = shape
+        return int(position), parse_payload(payload[8:], tuple(shape), 2)
+
+    def decode_payload(self, payload: memoryview, out: torch.Tensor) -> None:
+        position, p = self.parse(payload, out.shape)
+        layers, _, tokens, heads, dim = out.shape
         symbols = decode_symbols(p)
         xhat = np.empty((layers, tokens, 2, heads, dim), np.float32)
         pred = np.zeros((tokens, 2, heads, dim), np.float32)
@@ -292,21 +290,29 @@ class CacheGenX(CacheGen):
                 symbols, starts, steps, p.escaped, p.first, pred, layer, xhat[layer]
             ):
                 raise ContainerError("cachegen-x escapes disagree with the streams")
-        _rotate_out(self.cross, xhat, int(position), out)
+        _rotate_out(self.cross, xhat, position, out)
 
 
 def _rotate_out(cross: CrossLayer, xhat: np.ndarray, position: int, out: torch.Tensor) -> None:
     """`out` (the value's dtype and shape) = the decoded channels `xhat` `[layers, tokens, 2,
     heads, dim]` with RoPE applied back to K at positions position.., rounded to its dtype."""
-    tokens = xhat.shape[1]
-    ang = rope_angles(cross.inv_freq, position, tokens)
-    cos = (np.cos(ang) * cross.rope_scale).astype(np.float32)
-    sin = (np.sin(ang) * cross.rope_scale).astype(np.float32)
+    cos, sin = rope_tables(cross, position, xhat.shape[1])
     direct = out.dtype in _KINDS and out.is_contiguous()
     target = out if direct else torch.empty(out.shape, dtype=torch.float32)
     _output(xhat, cos, sin, _KINDS[target.dtype], _words(target))
     if not direct:
         out.copy_(target)
+
+
+def rope_tables(cross: CrossLayer, position: int, tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """float32 cos and sin `[tokens, head_dim / 2]` of positions position.. that every
+    decoder rotates K back with (the GPU's are these, copied): float64 angles and functions,
+    then the RoPE scale, rounded once."""
+    ang = rope_angles(cross.inv_freq, position, tokens)
+    return (
+        (np.cos(ang) * cross.rope_scale).astype(np.float32),
+        (np.sin(ang) * cross.rope_scale).astype(np.float32),
+    )
 
 
 def find_position(cross: CrossLayer, x: np.ndarray) -> int:

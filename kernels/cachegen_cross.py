@@ -23,7 +23,6 @@ its checksum.
 
 from __future__ import annotations
 
-import struct
 import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
@@ -187,24 +186,11 @@ def _decode_batch(todo: list[Job], stream: Any) -> GpuDecode:
     """`decode_x_on_gpu` of jobs that share one profile's maps."""
     import cupy
 
-    from kvstore.codecs.base import ContainerError
-    from kvstore.codecs.cachegen import parse_payload
-    from kvstore.codecs.cachegen_profile import rope_angles
-    from kvstore.keys import MAX_POSITION
+    from kvstore.codecs.cachegen_cross import rope_tables
 
     cross = _x(todo[0]).cross
 
-    def parse(j: Job) -> tuple[int, Any]:
-        shape = tuple(j.out.shape)
-        if len(j.payload) < 8:
-            raise ContainerError("cachegen-x payload is truncated")
-        (position,) = struct.unpack_from("<Q", j.payload, 0)
-        if position >= MAX_POSITION:
-            raise ContainerError(f"cachegen-x payload records position {position}")
-        _x(j).check_value_shape(shape)
-        return int(position), parse_payload(j.payload[8:], shape, 2)
-
-    parsed = list(host_pool().map(parse, todo))
+    parsed = list(host_pool().map(lambda j: _x(j).parse(j.payload, j.out.shape), todo))
     positions = [p for p, _ in parsed]
     lays = [p.layout for _, p in parsed]
     layers, heads, dim = cross.layers, cross.heads, cross.head_dim
@@ -234,11 +220,9 @@ def _decode_batch(todo: list[Job], stream: Any) -> GpuDecode:
         xu[:, 1] = kv * heads * dim + idx % heads * dim
         xu[:, 2] = kv
         order[:, i] = u0 + idx.reshape(layers, 2 * heads)
-        ang = rope_angles(cross.inv_freq, positions[i], lay.tokens)
-        cosines[row * half : (row + lay.tokens) * half] = (np.cos(ang) * cross.rope_scale).reshape(
-            -1
-        )
-        sines[row * half : (row + lay.tokens) * half] = (np.sin(ang) * cross.rope_scale).reshape(-1)
+        cos, sin = rope_tables(cross, positions[i], lay.tokens)
+        cosines[row * half : (row + lay.tokens) * half] = cos.reshape(-1)
+        sines[row * half : (row + lay.tokens) * half] = sin.reshape(-1)
         row += lay.tokens
 
     def values(launch: Launch) -> None:
