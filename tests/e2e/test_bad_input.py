@@ -906,3 +906,25 @@ def test_long_strings_get_short_messages(server: ServerProcess, known: Known, st
     )
     assert len(exc.details() or "") < 1024
     known.check()
+
+
+def test_position_past_the_bound_is_invalid_argument(
+    server: ServerProcess, known: Known, stub: kvstore_pb2_grpc.KVStoreStub
+) -> None:
+    """A value's position (`ValueHeader.position`) beyond 2^40 is refused by Put, BatchPut
+    and Reserve alike; nothing stored is lost and the server keeps serving."""
+    data = b"x" * 64
+    h = header(key(7), data)
+    h.position = 1 << 41
+    piece = pb.PutPiece(namespace=NAMESPACE, header=h, data=data)
+    calls = {
+        "Put": put_call(stub, [piece]),
+        "BatchPut": lambda: stub.BatchPut(iter([piece]), timeout=RPC_TIMEOUT),
+        "Reserve": lambda: stub.Reserve(
+            pb.ReserveRequest(namespace=NAMESPACE, values=[h], call=1), timeout=RPC_TIMEOUT
+        ),
+    }
+    for method, call in calls.items():
+        expect_status(call, grpc.StatusCode.INVALID_ARGUMENT, "position", "2^40", what=method)
+    assert not visible(server, key(7))
+    known.check()
