@@ -4,6 +4,8 @@ launch, and damaged payloads or wrong checksums refused. Needs a CUDA GPU."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -51,9 +53,17 @@ def test_gpu_decode_is_bit_exact(dtype: torch.dtype, level: int, k: int, version
     assert torch.equal(out.cpu(), want)
 
 
-def test_a_batch_of_shapes_in_one_launch() -> None:
+@pytest.mark.parametrize("piece_bytes", [16 << 20, 1, 50_000])
+def test_a_batch_of_shapes_in_one_launch(piece_bytes: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Values of different shapes, dtypes and levels (head dims 64 and 128, 1 to 300
-    tokens, a value with no tokens) decode together, each into its own tensor."""
+    tokens, a value with no tokens) decode together, each into its own tensor: copied and
+    decoded in one piece, and in pieces of one value or of several."""
+    import kvstore.kernels.cachegen as kc
+
+    monkeypatch.setattr(kc, "PIECE_BYTES", piece_bytes)
+    seen: list[list[tuple[int, int]]] = []
+    pieces = kc.Staged.pieces
+    monkeypatch.setattr(kc.Staged, "pieces", lambda self: seen.append(pieces(self)) or seen[-1])
     shapes = [(3, 1, 2, 64), (2, 300, 8, 128), (30, 256, 3, 64), (1, 0, 1, 64), (5, 33, 4, 32)]
     items, wants = [], []
     for i, (layers, tokens, heads, dim) in enumerate(shapes):
@@ -67,6 +77,10 @@ def test_a_batch_of_shapes_in_one_launch() -> None:
     assert handle.is_done()
     for (_, out), want in zip(items, wants, strict=True):
         assert torch.equal(out.cpu(), want)
+    runs = seen[-1]
+    assert runs[0][0] == 0 and runs[-1][1] == len(items)
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(runs))
+    assert (len(runs) == 1) == (piece_bytes == 16 << 20)
 
 
 def test_other_codecs_in_the_same_call_decode_on_the_cpu() -> None:
