@@ -15,20 +15,36 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.fixture(scope="module")
 def worlds(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[LayeredKV, Path]]:
-    """Two models' shapes and their profiles: SmolLM2's (30 x 3 x 64) and a small one."""
+    """Models' shapes and their profiles: SmolLM2's (30 x 3 x 64), a small one, heads of 128
+    (a lane's K channels pair with its own: 4 a lane) and of 80 (they pair through the
+    warp's shared row)."""
     out = []
-    for i, (layers, heads, dim) in enumerate([(30, 3, 64), (4, 2, 16)]):
+    for i, (layers, heads, dim) in enumerate([(30, 3, 64), (4, 2, 16), (3, 2, 128), (2, 1, 80)]):
         world = LayeredKV(layers, heads, dim, seed=i, gain=1.0)
         out.append((world, world.profile_file(tmp_path_factory.mktemp("x") / "p.json")))
     return out
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    ("dtype", "split"),
+    [(torch.float16, False), (torch.bfloat16, False), (torch.float32, False), (torch.half, True)],
+)
 def test_gpu_decode_is_the_host_decode(
-    worlds: list[tuple[LayeredKV, Path]], dtype: torch.dtype
+    worlds: list[tuple[LayeredKV, Path]],
+    dtype: torch.dtype,
+    split: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A batch of values of two profiles, at several positions and token counts (a
-    partial chunk, a single token), decodes on the GPU to the host decoder's bits."""
+    """A batch of values of several profiles, at several positions and token counts (a
+    partial chunk, a single token), decodes on the GPU to the host decoder's bits; `split`:
+    with the batch copied in pieces and each profile's values run as two halves (what
+    batches of more than a few MiB do)."""
+    import kvstore.kernels.cachegen as kc
+    import kvstore.kernels.cachegen_cross as kx
+
+    if split:
+        monkeypatch.setattr(kc, "PIECE_BYTES", 2000)
+        monkeypatch.setattr(kx, "SPLIT_ROWS", 1)
     items, wants = [], []
     for n, (world, path) in enumerate(worlds):
         for j, (tokens, position) in enumerate([(256, 0), (256, 512), (37, 1024), (1, 5)]):
