@@ -15,7 +15,7 @@ import secrets
 import threading
 import time
 import weakref
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
 
@@ -45,7 +45,14 @@ from kvstore.client._transfer import (
 from kvstore.codecs.base import codec_ids, gpu_decodable_codecs
 from kvstore.codecs.container import checksum
 from kvstore.dtypes import BY_NAME, dtype_name, expected_nbytes
-from kvstore.errors import DataLoss, InvalidArgument, KVStoreError, Overloaded, Unavailable
+from kvstore.errors import (
+    DataLoss,
+    InvalidArgument,
+    KVStoreError,
+    NotFound,
+    Overloaded,
+    Unavailable,
+)
 from kvstore.kernels import checksum as checksum_kernels
 from kvstore.kernels.blocks import DeviceBuffer
 from kvstore.keys import MAX_POSITION, chunk_keys
@@ -526,6 +533,23 @@ class _Assembler:
         self._finish()
         return self.values
 
+    def missing_maps(self) -> dict[str, set[int]]:
+        """The cross-layer maps that containers received name and this process has not
+        loaded (`MissingContext`): digest -> the codec ids of those containers."""
+        from kvstore.codecs.base import codec_by_id
+        from kvstore.codecs.container import ContainerError, MissingContext, decode_header
+
+        out: dict[str, set[int]] = {}
+        for _, buf in self.containers.values():
+            try:
+                header, _ = decode_header(buf.data)
+                codec_by_id(header.codec, header.param_dict())
+            except MissingContext as exc:
+                out.setdefault(exc.maps, set()).add(header.codec)
+            except ContainerError:
+                pass  # reported when it is decoded
+        return out
+
 
 def _failed_checksums(regions: dict[int, Region], slices: dict[int, Slice]) -> list[int]:
     """Leases of the slices whose bytes fail their checksum: hashed in parallel on host
@@ -890,6 +914,13 @@ class ClientCore:
                 yield Call("Release", pb.ReleaseRequest(leases=sink.leases), wait=False)
                 self._forget_arena(sink.arena)
                 return (yield from self.acquire(keys, verify, decoders=decoders))
+            missing = sink.missing_maps()
+            if missing:
+                failed = yield from self.load_maps(missing)
+                if failed:  # the server decodes those values itself
+                    yield Call("Release", pb.ReleaseRequest(leases=sink.leases), wait=False)
+                    drop = set().union(*(missing[d] for d in failed))
+                    return (yield from self.acquire(keys, verify, decoders=decoders - drop))
             return (yield from self._hold(keys, sink, values, arena, verify, call, started))
         except GeneratorExit:
             raise
@@ -897,6 +928,31 @@ class ClientCore:
             if in_place:
                 yield Call("Release", pb.ReleaseRequest(calls=[call]), wait=False)
             raise
+
+    def load_maps(self, digests: Iterable[str]) -> Op[set[str]]:
+        """Fetch the cross-layer maps of `digests` from the server (the Maps RPC) and load
+        them in this process, so that cachegen-x containers naming them decode here; the
+        digests the server does not hold, or sent damaged."""
+        from kvstore.codecs.cachegen_profile import maps_from_document, register_cross
+
+        failed = set()
+        for digest in digests:
+            pieces: list[pb.MapsPiece] = []
+            try:
+                yield Call("Maps", pb.MapsRequest(digest=digest), pieces.append)
+            except NotFound:
+                failed.add(digest)
+                continue
+            data = b"".join(m.data for m in pieces)
+            try:
+                cross = yield Block(functools.partial(maps_from_document, data, digest))
+            except InvalidArgument as exc:
+                log.warning("kvstore server sent damaged cross-layer maps %s: %s", digest, exc)
+                failed.add(digest)
+                continue
+            register_cross(cross)
+            log.info("loaded cross-layer maps %s from the server (%d bytes)", digest, len(data))
+        return failed
 
     def _hold(
         self,

@@ -46,10 +46,6 @@ class Codec(ABC):
     # before it existed (a payload format's version: 1), where it differs from the default
     # a new encoder takes.
     LEGACY_PARAMS: ClassVar[Mapping[str, ParamValue]] = {}
-    # Whether a container of this codec decodes with nothing but itself (and this build);
-    # a codec whose containers need files loaded in the process (a profile's maps) says
-    # not, and clients then get its values decoded by the server.
-    DECODES_ALONE: ClassVar[bool] = True
 
     def __init__(self, **params: Any) -> None:
         unknown = sorted(set(params) - set(self.PARAMS))
@@ -205,12 +201,11 @@ def codec_ids(names: Sequence[str]) -> frozenset[int]:
 
 
 def gpu_decodable_codecs() -> frozenset[int]:
-    """The ids of the codecs that decode on the GPU (`Codec.gpu_decoder`) with nothing but
-    their containers (`Codec.DECODES_ALONE`): those a client asks to receive encoded."""
+    """The ids of the codecs that decode on the GPU (`Codec.gpu_decoder`): those a client
+    asks to receive encoded (it fetches the maps a cachegen-x container names from its
+    server when it has not loaded them: `MissingContext`)."""
     _load_codecs()
-    return frozenset(
-        c.codec_id for c in _REGISTRY.values() if c.DECODES_ALONE and c.gpu_decoder() is not None
-    )
+    return frozenset(c.codec_id for c in _REGISTRY.values() if c.gpu_decoder() is not None)
 
 
 def codec_from_spec(spec: str) -> Codec:

@@ -142,7 +142,8 @@ class CacheGenX(CacheGen):
         if cross is None:
             raise MissingContext(
                 f"cachegen-x maps {digest} are not loaded in this process: give it the "
-                "cachegen profile they come from (a codec spec with profile=FILE)"
+                "cachegen profile they come from (a codec spec with profile=FILE)",
+                maps=digest,
             )
         self.cross = cross
 
@@ -167,10 +168,6 @@ class CacheGenX(CacheGen):
         twin = copy.copy(self)
         twin.params = {**self.params, "position": int(position)}
         return twin
-
-    # A container decodes only where its maps are loaded: not on a client that has not
-    # loaded the profile, so clients do not ask for these values encoded.
-    DECODES_ALONE = False
 
     @classmethod
     def gpu_decoder(cls) -> Callable[[Sequence[Any], Any], Any]:

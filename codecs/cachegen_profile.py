@@ -38,6 +38,7 @@ import argparse
 import base64
 import json
 import math
+import re
 import sys
 import threading
 from collections.abc import Sequence
@@ -275,6 +276,32 @@ def registered_cross(digest: str) -> CrossLayer | None:
     """The maps of that digest loaded in this process, if any."""
     with _registry_lock:
         return _registry.get(digest)
+
+
+MAPS_DIGEST = re.compile(r"[0-9a-f]{16}")
+
+
+def maps_document(cross: CrossLayer) -> bytes:
+    """`cross` as the JSON document a server's Maps RPC sends to clients that decode
+    cachegen-x containers themselves (its shape and `CrossLayer.to_doc`); made once."""
+    got = cross.__dict__.get("_document")
+    if got is None:
+        doc = {"layers": cross.layers, "heads": cross.heads, "cross": cross.to_doc()}
+        got = cross.__dict__["_document"] = json.dumps(doc).encode()
+    return bytes(got)
+
+
+def maps_from_document(data: bytes, digest: str) -> CrossLayer:
+    """The maps in a `maps_document`, which must be those named `digest` (InvalidArgument
+    otherwise: damaged, or other maps)."""
+    try:
+        doc = json.loads(data)
+        cross = CrossLayer.from_doc(doc["cross"], int(doc["layers"]), int(doc["heads"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidArgument(f"cross-layer maps document malformed: {exc}") from None
+    if cross.digest != digest:
+        raise InvalidArgument(f"cross-layer maps {cross.digest} sent for {digest}")
+    return cross
 
 
 def rope_angles(inv_freq: np.ndarray, position: int, tokens: int) -> np.ndarray:

@@ -53,8 +53,13 @@ class ContainerError(ValueError):
 
 class MissingContext(ContainerError, InvalidArgument):
     """An intact container that needs something this process has not loaded to decode (a
-    cachegen-x container's profile maps): not damage, so a store keeps it. Also an
+    cachegen-x container's profile maps, `maps` their digest): not damage, so a store keeps
+    it, and a client fetches the maps from its server (the Maps RPC). Also an
     InvalidArgument: a codec spec that names what is not loaded is refused as one."""
+
+    def __init__(self, message: str, maps: str = "") -> None:
+        super().__init__(message)
+        self.maps = maps
 
 
 def checksum(data: bytes | bytearray | memoryview) -> int:

@@ -939,6 +939,24 @@ class KVStoreServicer:
                 hits=e.hits,
             )
 
+    async def Maps(self, request: pb.MapsRequest, context: Any) -> AsyncIterator[pb.MapsPiece]:
+        """The cross-layer maps of that digest, for clients decoding cachegen-x containers:
+        model statistics from the operator's profile, no tenant's data (any caller)."""
+        from kvstore.codecs.cachegen_profile import MAPS_DIGEST, maps_document, registered_cross
+
+        try:
+            if not MAPS_DIGEST.fullmatch(request.digest):
+                raise InvalidArgument(f"maps digest must be 16 hex digits, got {request.digest!r}")
+            cross = registered_cross(request.digest)
+            if cross is None:
+                raise NotFound(f"this server holds no cross-layer maps {request.digest}")
+        except KVStoreError as exc:
+            await _fail(context, exc)
+            return
+        doc = await asyncio.to_thread(maps_document, cross)
+        for at in range(0, len(doc), PIECE_BYTES):
+            yield pb.MapsPiece(data=doc[at : at + PIECE_BYTES], total=len(doc))
+
     async def Watch(
         self, request: pb.WatchRequest, context: Any
     ) -> AsyncIterator[pb.WatchResponse]:

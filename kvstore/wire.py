@@ -171,6 +171,7 @@ METHODS: dict[str, tuple[str, type[Message], type[Message]]] = {
     "Stats": ("unary_unary", pb.StatsRequest, pb.StatsResponse),
     "List": ("unary_stream", pb.ListRequest, pb.ListResponse),
     "Watch": ("unary_stream", pb.WatchRequest, pb.WatchResponse),
+    "Maps": ("unary_stream", pb.MapsRequest, pb.MapsPiece),
 }
 
 

@@ -109,6 +109,11 @@ class KVStoreStub:
                 request_serializer=kvstore_dot_v1_dot_kvstore__pb2.ListRequest.SerializeToString,
                 response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.ListResponse.FromString,
                 _registered_method=True)
+        self.Maps = channel.unary_stream(
+                '/kvstore.v1.KVStore/Maps',
+                request_serializer=kvstore_dot_v1_dot_kvstore__pb2.MapsRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_kvstore__pb2.MapsPiece.FromString,
+                _registered_method=True)
         self.Watch = channel.unary_stream(
                 '/kvstore.v1.KVStore/Watch',
                 request_serializer=kvstore_dot_v1_dot_kvstore__pb2.WatchRequest.SerializeToString,
@@ -230,6 +235,16 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Maps(self, request, context):
+        """The cross-layer maps of a cachegen profile the server has loaded, by the digest that
+        cachegen-x containers name (their `maps` parameter): what a client needs to decode
+        such a container itself (GetRequest.codecs). NOT_FOUND for maps the server does not
+        hold. Streamed in pieces; the client checks the digest of what it assembles.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Watch(self, request, context):
         """What the tiers gain and lose, as it happens (KVEvent), for routers that track where
         each prefix is held: optionally a snapshot of what is held first, then live events.
@@ -320,6 +335,11 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.List,
                     request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.ListRequest.FromString,
                     response_serializer=kvstore_dot_v1_dot_kvstore__pb2.ListResponse.SerializeToString,
+            ),
+            'Maps': grpc.unary_stream_rpc_method_handler(
+                    servicer.Maps,
+                    request_deserializer=kvstore_dot_v1_dot_kvstore__pb2.MapsRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_kvstore__pb2.MapsPiece.SerializeToString,
             ),
             'Watch': grpc.unary_stream_rpc_method_handler(
                     servicer.Watch,
@@ -732,6 +752,33 @@ class KVStore:
             '/kvstore.v1.KVStore/List',
             kvstore_dot_v1_dot_kvstore__pb2.ListRequest.SerializeToString,
             kvstore_dot_v1_dot_kvstore__pb2.ListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Maps(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kvstore.v1.KVStore/Maps',
+            kvstore_dot_v1_dot_kvstore__pb2.MapsRequest.SerializeToString,
+            kvstore_dot_v1_dot_kvstore__pb2.MapsPiece.FromString,
             options,
             channel_credentials,
             insecure,

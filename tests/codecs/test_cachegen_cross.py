@@ -189,10 +189,21 @@ def test_short_chunks_round_trip(profile_path: Path, tokens: int) -> None:
         assert rel_err(got, t) < 0.05
 
 
-def test_clients_do_not_ask_for_values_that_need_maps() -> None:
-    """A client asks to receive encoded only what it can decode with the container alone:
-    cachegen-x's containers need the profile's maps, which the server has loaded."""
-    from kvstore.codecs.base import gpu_decodable_codecs
+def test_a_container_says_which_maps_it_lacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clients with a GPU ask for cachegen-x values encoded; a container whose maps this
+    process has not loaded is refused with their digest (`MissingContext.maps`), which a
+    client fetches from its server (tests/e2e/test_client_maps.py)."""
+    from kvstore.codecs import cachegen_profile as cp
+    from kvstore.codecs.base import codec_by_id, gpu_decodable_codecs
+    from kvstore.codecs.container import MissingContext
 
-    assert cx.CacheGenX.gpu_decoder() is not None
-    assert cx.CacheGenX.codec_id not in gpu_decodable_codecs()
+    assert cx.CacheGenX.codec_id in gpu_decodable_codecs()
+    world = LayeredKV(3, 2, 16, seed=9)
+    cross = world.profile().cross
+    assert cross is not None
+    monkeypatch.setattr(cp, "_registry", {})
+    with pytest.raises(MissingContext, match="not loaded") as info:
+        codec_by_id(cx.CacheGenX.codec_id, {"maps": cross.digest})
+    assert info.value.maps == cross.digest
+    cp.register_cross(cross)
+    assert codec_by_id(cx.CacheGenX.codec_id, {"maps": cross.digest}).cross is cross
