@@ -19,7 +19,9 @@ Every figure is printed beside its limit, measured here, and as a ratio:
   16 KiB from that pool: each vs the device copy (no target: the issue sets none);
 - **ssd through cachegen**: `get_into` of 256-token chunks held only by the ssd tier,
   stored through cachegen: decoded by the server's CPU (`decode_codecs=[]`) vs sent
-  compressed and decoded on this GPU (the default), wall time;
+  compressed and decoded on this GPU (the default), wall time; with `--cross DIR`, the same
+  for the real chunks `bench_codecs.py --save-containers DIR` wrote, through their codec
+  (with a cross-layer profile: cachegen-x, whose maps the client fetches from the server);
 - **launch to event**: wall time of `KVClient.gather` of k = 64 small blocks, from the
   call until its event has completed;
 - **overlap**: a bf16 matmul on the compute stream, alone and while a gather (kernel) and
@@ -29,7 +31,8 @@ GPU times of single operations come from CUDA events with the stream held by a s
 spin kernel while the operation is enqueued, so that Python's launch time is not counted
 as GPU time (it is measured separately, above). Each figure is a median after a warm-up.
 
-    python benchmarks/bench_gpu.py [--kv 2GiB] [--arena 4GiB] [--json out.json] [--plot out.png]
+    python benchmarks/bench_gpu.py [--kv 2GiB] [--arena 4GiB] [--cross DIR] [--json out.json]
+        [--plot out.png]
 
 Needs a CUDA GPU, CuPy, and room for the arena in /dev/shm. Prints a table last.
 """
@@ -418,62 +421,82 @@ def smooth_kv(n: int) -> torch.Tensor:
     return (base + torch.cumsum(step, dim=3)).to(torch.bfloat16)
 
 
-def ssd_codec_load(kv_bytes: int, stream: Any) -> dict[str, float]:
-    """`get_into` of KV held only by the ssd tier through cachegen: decoded by the server
-    (its CPU, then promoted to cpu and copied over PCIe) vs sent compressed and decoded on
-    this GPU into the destination (the client's default with CuPy)."""
-    chunk = int(np.prod(CHUNK_SHAPE)) * 2
-    n = max(4, kv_bytes // chunk) // 2 * 2
+def ssd_codec_load(
+    spec: str, values: list[torch.Tensor], positions: list[int], stream: Any
+) -> dict[str, float]:
+    """`get_into` of `values` (CUDA tensors, put at `positions`) held only by the ssd tier
+    of a server storing through codec `spec`: decoded by the server (its CPU, then promoted
+    to cpu and copied over PCIe) vs sent compressed and decoded on this GPU into the
+    destination (the client's default with CuPy; a client without a cachegen-x container's
+    maps fetches them first, which tests/e2e/test_client_maps.py covers: this process has
+    them loaded for the bit check)."""
+    widest, total = max(v.nbytes for v in values), sum(v.nbytes for v in values)
     with tempfile.TemporaryDirectory(prefix="kvbench-ssd-codec-") as tmp, running_kvstore(
         Path(tmp),
         "--tiers", "cpu,ssd",
-        "--cpu-bytes", str(4 * chunk),
-        "--ssd-bytes", str(2 * n * chunk + GiB),
-        "--codec", "ssd=cachegen",
-        "--max-value-bytes", str(2 * chunk),
-        "--staging-bytes", str(max(GiB, 2 * n * chunk)),
+        "--cpu-bytes", str(4 * widest),
+        "--ssd-bytes", str(2 * total + GiB),
+        "--codec", f"ssd={spec}",
+        "--max-value-bytes", str(2 * widest),
+        "--staging-bytes", str(max(GiB, 2 * total)),
     ) as address:  # fmt: skip
-        kv = smooth_kv(n)
-        keys = keys_for("ssd-codec", n)
-        progress(f"ssd codec load: {n} chunks of {chunk // MiB} MiB through cachegen to ssd")
+        keys = keys_for(f"ssd-codec/{spec}", len(values))
+        progress(f"ssd codec load: {len(values)} values ({total / GiB:.2f} GiB) through {spec}")
         with (
             KVClient(address, NAMESPACE, decode_codecs=[]) as by_server,
             KVClient(address, NAMESPACE) as on_gpu,
         ):
-            for i in range(n):
-                by_server.put_from(keys[i : i + 1], kv[i : i + 1], stream=stream).wait()
+            for k, v, at in zip(keys, values, positions, strict=True):
+                by_server.put_from([k], [v], stream=stream, positions={k: at}).wait()
             where = {e.header.key: e.tier for e in by_server.entries(NAMESPACE)}
-            cold = [k for k in keys if where.get(k) == "ssd"]
-            # One chunk through each path first, untimed: the GPU decoder's kernels compile
-            # and the numba parsers load on first use.
-            warm = torch.empty((1, *CHUNK_SHAPE), dtype=torch.bfloat16, device="cuda")
-            on_gpu.get_into(cold[:1], warm, stream=stream).wait()
-            by_server.get_into(cold[1:2], warm, stream=stream).wait()
+            cold = [i for i, k in enumerate(keys) if where.get(k) == "ssd"]
+
+            def load(client: KVClient, picks: list[int]) -> tuple[list[torch.Tensor], float]:
+                outs = [torch.empty_like(values[i]) for i in picks]
+                t0 = time.perf_counter()
+                client.get_into([keys[i] for i in picks], outs, stream=stream).wait()
+                return outs, time.perf_counter() - t0
+
+            # One value through each path first, untimed: the GPU decoder's kernels compile,
+            # the numba parsers load, and the client fetches what it needs (maps).
+            load(on_gpu, cold[:1])
+            load(by_server, cold[1:2])
             cold = cold[2:]
             half = len(cold) // 2
             if half < 2:
-                raise RuntimeError("too few chunks reached the ssd tier")
-            out = torch.empty((half, *CHUNK_SHAPE), dtype=torch.bfloat16, device="cuda")
-            t0 = time.perf_counter()
-            by_server.get_into(cold[:half], out, stream=stream).wait()
-            server_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            on_gpu.get_into(cold[half : 2 * half], out, stream=stream).wait()
-            gpu_s = time.perf_counter() - t0
+                raise RuntimeError("too few values reached the ssd tier")
+            server_picks, gpu_picks = cold[:half], cold[half : 2 * half]
+            _, server_s = load(by_server, server_picks)
+            outs, gpu_s = load(on_gpu, gpu_picks)
             # The GPU decoded what the server decodes: the same key through both paths.
-            again = torch.empty_like(out[:1])
-            by_server.get_into(cold[half : half + 1], again, stream=stream).wait()
-            if not torch.equal(again[0], out[0]):
+            again, _ = load(by_server, gpu_picks[:1])
+            if not torch.equal(again[0], outs[0]):
                 raise RuntimeError("the GPU decoded other bits than the server")
-            i = keys.index(cold[half])
-            err = float((out[0].float() - kv[i].float()).norm() / kv[i].float().norm())
-    nbytes = half * chunk
+            want = values[gpu_picks[0]].float()
+            err = float((outs[0].float() - want).norm() / want.norm())
     return {
+        "spec": spec,  # type: ignore[dict-item]
         "chunks": half,
-        "server_decode_GBps": nbytes / server_s / 1e9,
-        "gpu_decode_GBps": nbytes / gpu_s / 1e9,
+        "server_decode_GBps": sum(values[i].nbytes for i in server_picks) / server_s / 1e9,
+        "gpu_decode_GBps": sum(values[i].nbytes for i in gpu_picks) / gpu_s / 1e9,
         "rel_err": err,
     }
+
+
+def saved_chunks(directory: Path, target: int) -> tuple[str, list[torch.Tensor], list[int]]:
+    """The server codec spec, the values (on the GPU) and positions of the chunk containers
+    `bench_codecs.py --save-containers` wrote under `directory` (the first codec's: real KV
+    and its profile), repeated up to `target` bytes."""
+    from _gpu_decode import SUFFIX, _saved
+
+    from kvstore.codecs import codec_from_spec, decode
+
+    sub = next(p for p in sorted(directory.iterdir()) if (p / "spec.txt").exists())
+    spec, positions = _saved(sub)
+    codec_from_spec(spec)  # loads its profile's maps, if any: the containers need them here
+    values = [decode(f.read_bytes()).cuda() for f in sorted(sub.glob(f"*{SUFFIX}"))]
+    reps = max(1, -(-target // sum(v.nbytes for v in values)))
+    return spec, values * reps, positions * reps
 
 
 def verdict(ok: bool) -> str:
@@ -541,12 +564,16 @@ def render(fig: dict[str, Any]) -> str:
                 f"{what:<36} {g[name + '_GBps']:>7.0f} GB/s {lim['d2d_GBps']:>7.0f} GB/s "
                 f"{g[name + '_over_d2d']:>8.0%}   (no target)"
             )
-    sc = fig.get("ssd_codec")
-    if sc is not None:
+    for name in ("ssd_codec", "ssd_cross"):
+        sc = fig.get(name)
+        if sc is None:
+            continue
         r = sc["gpu_decode_GBps"] / sc["server_decode_GBps"]
+        what = "cachegen" if name == "ssd_codec" else "cachegen-x (real KV)"
         lines.append(
-            f"{'load from ssd via cachegen, GPU decode':<36} {sc['gpu_decode_GBps']:>7.1f} GB/s "
-            f"{sc['server_decode_GBps']:>7.1f} GB/s {r:>7.1f}x   (vs server decode; no target)"
+            f"{'load from ssd via ' + what + ', GPU decode':<36} "
+            f"{sc['gpu_decode_GBps']:>7.1f} GB/s {sc['server_decode_GBps']:>7.1f} GB/s "
+            f"{r:>7.1f}x   (vs server decode; no target)"
         )
     for row in fig["gather"]:
         if "launch_to_event_us" in row:
@@ -573,6 +600,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--kv", default="2GiB", help="KV moved by offload/load (default 2GiB)")
     p.add_argument("--arena", default="4GiB", help="arena the top-k blocks fill (default 4GiB)")
+    p.add_argument(
+        "--cross",
+        type=Path,
+        help="also load from ssd the chunk containers bench_codecs.py --save-containers wrote "
+        "here (real KV; with a cross-layer profile: cachegen-x, whose maps the client fetches)",
+    )
     p.add_argument("--json", type=Path, help="write every figure here")
     p.add_argument("--plot", type=Path, help="write a PNG of the gather figures (matplotlib)")
     args = p.parse_args()
@@ -595,8 +628,18 @@ def main() -> int:
     fig["gpu_tier"] = gpu_tier(kv_bytes, fig["limits"], stream)
     progress(f"gpu tier: {fig['gpu_tier']}")
     torch.cuda.empty_cache()
-    fig["ssd_codec"] = ssd_codec_load(min(kv_bytes, GiB), stream)
+    chunk = int(np.prod(CHUNK_SHAPE)) * 2
+    n = max(4, min(kv_bytes, GiB) // chunk) // 2 * 2
+    kv = list(smooth_kv(n))
+    fig["ssd_codec"] = ssd_codec_load("cachegen", kv, [0] * n, stream)
     progress(f"ssd codec load: {fig['ssd_codec']}")
+    del kv
+    if args.cross is not None:
+        spec, values, positions = saved_chunks(args.cross, min(kv_bytes, GiB) // 2)
+        fig["ssd_cross"] = ssd_codec_load(spec, values, positions, stream)
+        progress(f"ssd codec load, saved chunks: {fig['ssd_cross']}")
+        del values
+    torch.cuda.empty_cache()
     print(render(fig))
     write_outputs(fig, args.json, args.plot, lambda path: write_plot(fig, path))
     return 0
