@@ -65,7 +65,14 @@ from kvstore.codecs.container import (
 )
 from kvstore.config import QuotaRule, ServerConfig, codec_rule, quota_rule
 from kvstore.dtypes import expected_nbytes
-from kvstore.errors import DataLoss, InvalidArgument, Overloaded, ResourceExhausted, Undecodable
+from kvstore.errors import (
+    DataLoss,
+    InvalidArgument,
+    KVStoreError,
+    Overloaded,
+    ResourceExhausted,
+    Undecodable,
+)
 from kvstore.events import EventHub, EventKind, Watcher
 from kvstore.gpu import cuda_device_count
 from kvstore.keys import KEY_BYTES, MAX_POSITION
@@ -353,6 +360,14 @@ class PutReservation:
         if self._staged:
             self._store._unstage(self._staged)
             self._staged = 0
+
+
+@dataclass
+class _Promotion:
+    """An ssd read under way outside the lock (`Store._begin_ssd_read`): the cpu slot it
+    decodes into, or None for a private copy (staged)."""
+
+    slot: Slot | None
 
 
 class ReadLease:
@@ -908,24 +923,24 @@ class Store:
             self._count_misses_above(e.tier)
             if e.slot is None and e.ssd_codec in decoders:
                 return self._read_encoded(e)
-            if e.slot is None:
-                lease = self._read_from_ssd(e)
-                if lease is not None:
-                    return lease
-                tier = "ssd"  # promoted: verified on the way up, now leased from cpu
-            else:
+            promotion = self._begin_ssd_read(e) if e.slot is None else None
+            if promotion is None:
                 tier = e.tier
                 self._count_hit(e)
-            if tier == "gpu":
-                if e.place in pools:
+                if tier == "gpu":
+                    if e.place in pools:
+                        e.readers += 1
+                        return ReadLease(self, e, None, e.header(), tier)
+                    self._stage(e.nbytes)
                     e.readers += 1
-                    return ReadLease(self, e, None, e.header(), tier)
-                self._stage(e.nbytes)
-                e.readers += 1
-                pool, slot = self.pools[e.place], e.slot
-            else:
-                e.readers += 1
-                view = self._cpu_view(e)
+                    pool, slot = self.pools[e.place], e.slot
+                else:
+                    e.readers += 1
+                    view = self._cpu_view(e)
+        if promotion is not None:  # decoded outside the lock: a codec takes milliseconds
+            return self._finish_ssd_read(
+                e, promotion, lambda: self.get(namespace, key, verify, pools, decoders)
+            )
         if tier == "gpu":
             assert slot is not None
             return self._read_from_pool(e, pool, slot, pools)
@@ -1052,45 +1067,82 @@ class Store:
         self._stage(len(container))
         return ReadLease(self, None, memoryview(container), e.header(), "ssd", encoded=True)
 
-    def _read_from_ssd(self, e: Entry) -> ReadLease | None:
-        """Promote `e` to cpu (returns None: caller leases the slot) or stage a copy."""
+    def _begin_ssd_read(self, e: Entry) -> _Promotion:
+        """Under the lock: count the hit on `e` (on ssd only), hold its ssd copy as read, and
+        take a cpu slot to promote it into (or staging for a private copy when cpu has no
+        room). `_finish_ssd_read` reads and decodes it without the lock."""
         self._count_ssd_hit(e)
-        # Held as read while room is made, so demotions cannot evict its own ssd copy.
+        # Held as read while room is made and while it decodes, so demotions cannot evict
+        # its own ssd copy.
         e.readers += 1
         try:
             slot = self._alloc_cpu(e.nbytes, e.namespace) if self.cpu is not None else None
-        finally:
+            if slot is None:
+                self._stage(e.nbytes)
+        except BaseException:
             e.readers -= 1
-        if slot is None:
-            self._stage(e.nbytes)
-        try:
-            with self._ssd_record(e) as (header, data):
-                if slot is not None:
-                    assert self.cpu is not None
-                    dst = self.cpu.view(slot, e.nbytes)
-                else:
-                    copy = bytearray(e.nbytes)
-                    dst = memoryview(copy)
-                try:
-                    decode_stored(header, data, dst)
-                except MissingContext as exc:  # intact: kept for a server that can read it
-                    raise Undecodable(f"ssd tier: {e.key.hex()[:16]}... kept: {exc}") from None
-                except ContainerError as exc:
-                    msg = f"ssd tier: {e.key.hex()[:16]}... does not decode: {exc}"
-                    raise DataLoss(msg) from None
-        except DataLoss:
-            if slot is not None:
-                assert self.cpu is not None
-                self.cpu.free(slot)
-            else:
-                self._unstage(e.nbytes)
             raise
-        if slot is None:
-            return ReadLease(self, None, memoryview(copy), e.header(), "ssd")
-        self._settle(e, 0, slot)
-        self._counters["cpu"].promotions += 1
-        self._emit(EventKind.PROMOTED, e, "cpu")
-        return None
+        return _Promotion(slot)
+
+    def _finish_ssd_read(
+        self, e: Entry, p: _Promotion, again: Callable[[], ReadLease | None]
+    ) -> ReadLease | None:
+        """Read and decode `e`'s ssd record into the promotion's slot (or a private copy),
+        without the lock, then under it make that the entry's cpu copy and lease it. Should
+        the entry have changed meanwhile (deleted, replaced, or promoted by another reader),
+        the work is dropped and the read starts `again`."""
+        assert self.ssd is not None
+        if p.slot is not None:
+            assert self.cpu is not None
+            dst = self.cpu.view(p.slot, e.nbytes)
+        else:
+            copy = bytearray(e.nbytes)
+            dst = memoryview(copy)
+        failure: KVStoreError | None = None
+        damaged = False  # the record is lost or damaged: the entry goes
+        try:
+            with self.ssd.read(e.namespace, e.key) as (header, data):
+                decode_stored(header, data, dst)
+        except KeyError:
+            failure, damaged = DataLoss(f"ssd tier lost {e.key.hex()[:16]}...; entry dropped"), True
+        except MissingContext as exc:  # intact: kept for a server that can read it
+            failure = Undecodable(f"ssd tier: {e.key.hex()[:16]}... kept: {exc}")
+        except ContainerError as exc:
+            failure = DataLoss(f"ssd tier: {e.key.hex()[:16]}... does not decode: {exc}")
+            damaged = True
+        except DataLoss as exc:  # the record's header, size or checksum
+            failure, damaged = exc, True
+        except BaseException:
+            with self._lock:
+                e.readers -= 1
+                self._end_promotion(p, e.nbytes)
+            raise
+        with self._lock:
+            e.readers -= 1
+            current = self._index.get(e.eid) is e
+            if failure is not None or not current or e.slot is not None:
+                self._end_promotion(p, e.nbytes)
+                if failure is not None and damaged and current:
+                    self._drop(e, "ssd")
+            elif p.slot is not None:
+                self._settle(e, 0, p.slot)
+                self._counters["cpu"].promotions += 1
+                self._emit(EventKind.PROMOTED, e, "cpu")
+                e.readers += 1
+                return ReadLease(self, e, self._cpu_view(e), e.header(), "ssd")
+            else:
+                return ReadLease(self, None, memoryview(copy), e.header(), "ssd")
+        if failure is not None and current:
+            raise failure
+        return again()  # the entry changed while it was read: read what is there now
+
+    def _end_promotion(self, p: _Promotion, nbytes: int) -> None:
+        """Give back what `_begin_ssd_read` took for a promotion not made (under the lock)."""
+        if p.slot is not None:
+            assert self.cpu is not None
+            self.cpu.free(p.slot)
+        else:
+            self._unstage(nbytes)
 
     def _release(self, e: Entry | None, staged: int, corrupt: bool = False) -> None:
         with self._lock:

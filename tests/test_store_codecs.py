@@ -3,6 +3,8 @@ encodes, promotion decodes, the index rebuilt from encoded records, damage detec
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -149,3 +151,99 @@ def test_values_a_lossy_codec_cannot_take_are_stored_raw(make_store: MakeStore) 
     assert stored_header(store, key(0)).codec == 0
     for i, t in flat.items():
         assert torch.equal(read(store, key(i)), t)
+
+
+class SlowDecode:
+    """`kvstore.store.decode_stored` that says when it starts and waits to be let go."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import kvstore.store as st
+
+        self.started, self.go = threading.Event(), threading.Event()
+        real = st.decode_stored
+
+        def slow(*args: object) -> None:
+            self.started.set()
+            assert self.go.wait(10)
+            real(*args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(st, "decode_stored", slow)
+
+
+def cpu(store: Store):  # type: ignore[no-untyped-def]
+    return next(t for t in store.stats().tiers if t.name == "cpu")
+
+
+def tier(store: Store, k: bytes) -> str:
+    return next(e.tier for e in store.entries(NS) if e.key == k)
+
+
+def reading(store: Store, k: bytes) -> tuple[threading.Thread, list[object]]:
+    got: list[object] = []
+    t = threading.Thread(target=lambda: got.append(read(store, k)))
+    t.start()
+    return t, got
+
+
+def test_a_value_decodes_from_ssd_outside_the_store_lock(
+    make_store: MakeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A codec takes milliseconds a value (cachegen-x ~100): while one decodes, the store
+    serves everything else, and the promoted value is what the codec gives back."""
+    store = make_store(codec=("ssd=zstd",))
+    values = fill_past_cpu(store)
+    slow = SlowDecode(monkeypatch)
+    promotions = cpu(store).counters.promotions
+    t, got = reading(store, key(0))
+    assert slow.started.wait(10)
+    assert store._lock.acquire(timeout=1)  # not held across the decode
+    store._lock.release()
+    assert torch.equal(read(store, key(5)), values[5])  # other reads and writes go on
+    put(store, key(99), kv_value(99))
+    slow.go.set()
+    t.join(10)
+    assert torch.equal(got[0], values[0])  # type: ignore[arg-type]
+    assert cpu(store).counters.promotions == promotions + 1
+    assert tier(store, key(0)) == "cpu"
+
+
+def test_a_value_deleted_or_replaced_while_it_decodes(
+    make_store: MakeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read that was decoding answers what the store holds once it is done (nothing, or
+    the new value), and what it took for the promotion is given back."""
+    store = make_store(codec=("ssd=zstd",))
+    fill_past_cpu(store)
+    slow = SlowDecode(monkeypatch)
+    t, got = reading(store, key(0))
+    assert slow.started.wait(10)
+    assert store.delete(NS, [key(0)]) == 1
+    slow.go.set()
+    t.join(10)
+    assert got == [None]
+    assert cpu(store).used_bytes == cpu(store).entries * MiB  # its slot went back
+
+    slow.go.clear(), slow.started.clear()
+    t, got = reading(store, key(1))
+    assert slow.started.wait(10)
+    put(store, key(1), kv_value(77))  # replaced while the old one decodes
+    slow.go.set()
+    t.join(10)
+    assert torch.equal(got[0], kv_value(77))  # type: ignore[arg-type]
+
+
+def test_two_readers_promote_a_value_once(
+    make_store: MakeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = make_store(codec=("ssd=zstd",))
+    values = fill_past_cpu(store)
+    slow = SlowDecode(monkeypatch)
+    before = cpu(store).counters.promotions
+    readers = [reading(store, key(0)) for _ in range(2)]
+    assert slow.started.wait(10)
+    slow.go.set()
+    for t, got in readers:
+        t.join(10)
+        assert torch.equal(got[0], values[0])  # type: ignore[arg-type]
+    assert cpu(store).counters.promotions == before + 1
+    assert tier(store, key(0)) == "cpu"

@@ -74,7 +74,9 @@ def gets_with_short_deadlines(srv: ServerProcess, k: bytes, want: torch.Tensor) 
                 got = fast.get(k)
             except KVStoreError:
                 continue  # DEADLINE_EXCEEDED, or a busy server: both fine
-            assert got is not None and torch.equal(got, want)
+            # None: refused by back-pressure, which a read reports as a miss (an earlier
+            # get cut off by its deadline may still hold its staged copy while it decodes)
+            assert got is None or torch.equal(got, want)
 
 
 def puts_with_short_deadlines(srv: ServerProcess, keys: list[bytes], v: torch.Tensor) -> list[bool]:
