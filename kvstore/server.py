@@ -13,6 +13,7 @@ worker threads so the event loop keeps streaming other calls' bytes.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
 import functools
@@ -95,6 +96,49 @@ def _unary(
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
     return wrapper
+
+
+_READ_AHEAD = 4  # leases a read keeps under way past the value it sends
+
+
+class _ReadAhead:
+    """The leases of `keys`, in order, each taken by `lease_of` (a coroutine): while the
+    caller sends one value, the next `_READ_AHEAD` are under way. A lease taken ahead and
+    refused by back-pressure (Overloaded) is taken again in its turn, as it would have
+    been without reading ahead; `close()` gives back what was taken and not asked for."""
+
+    def __init__(self, lease_of: Callable[[bytes], Awaitable[ReadLease | None]],
+                 keys: Sequence[bytes]) -> None:  # fmt: skip
+        self._lease_of, self._keys = lease_of, list(keys)
+        self._next = 0
+        self._pending: collections.deque[asyncio.Future[ReadLease | None]] = collections.deque()
+
+    def _fill(self) -> None:
+        while len(self._pending) < 1 + _READ_AHEAD and self._next < len(self._keys):
+            key = self._keys[self._next]
+            self._pending.append(asyncio.ensure_future(self._lease_of(key)))
+            self._next += 1
+
+    async def next(self) -> ReadLease | None:
+        """The next key's lease (None: absent); its error, if taking it failed."""
+        self._fill()
+        key = self._keys[self._next - len(self._pending)]
+        future = self._pending.popleft()
+        self._fill()
+        try:
+            return await future
+        except Overloaded:
+            return await self._lease_of(key)
+
+    def close(self) -> None:
+        for future in self._pending:
+            if not future.done():
+                future.cancel()  # _in_thread_owned releases what its worker still returns
+            elif not future.cancelled() and future.exception() is None:
+                lease = future.result()
+                if lease is not None:
+                    lease.release()
+        self._pending.clear()
 
 
 async def _in_thread_owned(fn: Callable[..., T], *args: Any, release: Callable[[Any], object]) -> T:
@@ -619,86 +663,97 @@ class KVStoreServicer:
         batch: list[pb.GetPiece] = []
         rpc = "Get" if len(keys) == 1 else "BatchGet"
         sent = False  # whether any value's bytes went out: a refusal then wastes work
-        for index in positions:
-            key = keys[index]
-            if len(batch) >= _BATCH_PIECES:
-                yield Piece(pb.GetPiece(batch=batch), b"")
-                batch = []
-            # A same-host reader checks the bytes it copies itself (and reports failures), so
-            # a cpu-resident value is leased right here; anything else goes to a worker.
-            in_place = shared and arena is not None
-            try:
-                lease = self.store.lease_resident(namespace, key, pools) if in_place else None
-                if lease is None:
-                    lease = await _in_thread_owned(
-                        self.store.get,
-                        namespace,
-                        key,
-                        not in_place,
-                        pools,
-                        decoders,
-                        release=ReadLease.release,
-                    )
-            except Exception as exc:
-                await _fail(context, exc)
+        # A same-host reader checks the bytes it copies itself (and reports failures), so a
+        # cpu-resident value is leased right here; anything else goes to a worker. The next
+        # `_READ_AHEAD` keys' leases are under way while this one is sent, so values read
+        # from ssd decode on several host threads (a codec takes milliseconds a value).
+        in_place = shared and arena is not None
+
+        async def lease_of(key: bytes) -> ReadLease | None:
+            lease = self.store.lease_resident(namespace, key, pools) if in_place else None
             if lease is None:
-                batch.append(pb.GetPiece(index=index, found=False))
-                continue
-            handed_out = False
-            charged = 0
-            try:
-                h, view = lease.header, lease.view
-                first_piece = pb.GetPiece(
-                    index=index,
-                    found=True,
-                    header=pb.ValueHeader(
-                        key=key,
-                        dtype=h.dtype,
-                        shape=h.shape,
-                        nbytes=h.value_len,
-                        checksum=h.value_checksum,
-                    ),
-                    tier=lease.tier,
-                    encoded_nbytes=len(view) if lease.encoded and view is not None else 0,
+                lease = await _in_thread_owned(
+                    self.store.get,
+                    namespace,
+                    key,
+                    not in_place,
+                    pools,
+                    decoders,
+                    release=ReadLease.release,
                 )
-                if shared and arena is not None and lease.offset is not None:
-                    refusal = self._lease_refusal(rpc, 1)
-                    if refusal is not None:
-                        await _fail(context, refusal)
-                    # The client reads the value in place; the lease now belongs to it.
-                    lease_id = self.shared.hand_out(lease, call)
-                    handed_out = True
-                    handed.append(lease_id)
-                    dev, ino = self._identity(lease.pool)
-                    first_piece.shared.CopyFrom(
-                        pb.SharedSlice(
-                            lease=lease_id,
-                            offset=lease.offset,
-                            arena_dev=dev,
-                            arena_ino=ino,
-                            gpu_pool=lease.pool,
-                        )
-                    )
-                    batch.append(first_piece)
-                    continue
-                assert view is not None  # only leases handed out in place have no view
-                try:
-                    await self.admission.charge(len(view), rpc, sent, time_left(context))
-                except Overloaded as exc:
-                    await _fail(context, exc)
-                charged = len(view)
-                if batch:  # in order: the batch holds earlier keys
+            return lease
+
+        ahead = _ReadAhead(lease_of, [keys[i] for i in positions])
+        try:
+            for index in positions:
+                key = keys[index]
+                if len(batch) >= _BATCH_PIECES:
                     yield Piece(pb.GetPiece(batch=batch), b"")
                     batch = []
-                first = min(len(view), PIECE_BYTES)
-                yield Piece(first_piece, view[:first])
-                for off in range(first, len(view), PIECE_BYTES):
-                    yield Piece(pb.GetPiece(index=index), view[off : off + PIECE_BYTES])
-                sent = True
-            finally:
-                self.admission.release(charged)
-                if not handed_out:
-                    lease.release()
+                try:
+                    lease = await ahead.next()
+                except Exception as exc:
+                    await _fail(context, exc)
+                if lease is None:
+                    batch.append(pb.GetPiece(index=index, found=False))
+                    continue
+                handed_out = False
+                charged = 0
+                try:
+                    h, view = lease.header, lease.view
+                    first_piece = pb.GetPiece(
+                        index=index,
+                        found=True,
+                        header=pb.ValueHeader(
+                            key=key,
+                            dtype=h.dtype,
+                            shape=h.shape,
+                            nbytes=h.value_len,
+                            checksum=h.value_checksum,
+                        ),
+                        tier=lease.tier,
+                        encoded_nbytes=len(view) if lease.encoded and view is not None else 0,
+                    )
+                    if shared and arena is not None and lease.offset is not None:
+                        refusal = self._lease_refusal(rpc, 1)
+                        if refusal is not None:
+                            await _fail(context, refusal)
+                        # The client reads the value in place; the lease now belongs to it.
+                        lease_id = self.shared.hand_out(lease, call)
+                        handed_out = True
+                        handed.append(lease_id)
+                        dev, ino = self._identity(lease.pool)
+                        first_piece.shared.CopyFrom(
+                            pb.SharedSlice(
+                                lease=lease_id,
+                                offset=lease.offset,
+                                arena_dev=dev,
+                                arena_ino=ino,
+                                gpu_pool=lease.pool,
+                            )
+                        )
+                        batch.append(first_piece)
+                        continue
+                    assert view is not None  # only leases handed out in place have no view
+                    try:
+                        await self.admission.charge(len(view), rpc, sent, time_left(context))
+                    except Overloaded as exc:
+                        await _fail(context, exc)
+                    charged = len(view)
+                    if batch:  # in order: the batch holds earlier keys
+                        yield Piece(pb.GetPiece(batch=batch), b"")
+                        batch = []
+                    first = min(len(view), PIECE_BYTES)
+                    yield Piece(first_piece, view[:first])
+                    for off in range(first, len(view), PIECE_BYTES):
+                        yield Piece(pb.GetPiece(index=index), view[off : off + PIECE_BYTES])
+                    sent = True
+                finally:
+                    self.admission.release(charged)
+                    if not handed_out:
+                        lease.release()
+        finally:
+            ahead.close()
         if batch:
             yield Piece(pb.GetPiece(batch=batch), b"")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 
 import pytest
 import torch
@@ -173,3 +174,42 @@ def test_gdsf_keeps_what_clients_say_is_costly(start_server) -> None:  # type: i
         assert got is not None and torch.equal(got, value(0))
     with pytest.raises(InvalidArgument, match="recompute_cost"):
         srv.client(recompute_cost=0.0)
+
+
+def test_a_batch_read_from_ssd_past_a_damaged_value(start_server) -> None:  # type: ignore[no-untyped-def]
+    """A BatchGet takes the next values' leases while it sends one (values from ssd decode
+    side by side): answers in order, misses in place; when a value ahead is damaged, the
+    read fails at that key, and every lease taken ahead is given back."""
+    srv = start_server("--cpu-bytes", "4MiB", "--ssd-bytes", "64MiB")
+    n = 12
+    with srv.client() as c:
+        c.batch_put([key(i) for i in range(n)], [value(i) for i in range(n)])
+        on_ssd = [i for i in range(n) if tiers_of(c)[key(i)] == "ssd"]
+        assert len(on_ssd) >= 7
+        picks = [*on_ssd[:3], 99, *on_ssd[3:6], 98]  # two misses among them
+        got = c.batch_get([key(i) for i in picks])
+        for i, g in zip(picks, got, strict=True):
+            assert (g is None) if i >= 98 else torch.equal(g, value(i)), i
+        assert c.stats().leases == 0
+    srv.stop()
+    victim = on_ssd[6]
+    db = srv.data_dir / "ssd" / "data.mdb"
+    raw = bytearray(db.read_bytes())
+    at = raw.find(value(victim)[:64].numpy().tobytes())
+    assert at >= 0, "payload not found in data.mdb"
+    raw[at + 1000] ^= 0xFF
+    db.write_bytes(raw)
+    srv.start()
+    with srv.client() as c:
+        others = [i for i in range(n) if i != victim]
+        with pytest.raises(DataLoss, match="checksum"):
+            c.batch_get([key(i) for i in [others[0], victim, *others[1:6]]])
+        # The leases taken past the damaged value come back (a worker still decoding one
+        # gives it back when it is done).
+        deadline = time.monotonic() + 5
+        while c.stats().leases and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert c.stats().leases == 0
+        got = c.batch_get([key(i) for i in others])
+        assert all(torch.equal(g, value(i)) for i, g in zip(others, got, strict=True))
+        assert c.exists([key(victim)]) == [False]
