@@ -37,8 +37,10 @@ tokens best (`find_position`), which finds a chunk's true start on SmolLM2's KV 
 
 from __future__ import annotations
 
+import collections
 import copy
 import struct
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -301,15 +303,37 @@ def _rotate_out(cross: CrossLayer, xhat: np.ndarray, position: int, out: torch.T
         out.copy_(target)
 
 
+# The last tables made, by (maps, position, tokens): prefix chunks sit at the same few
+# positions request after request, and a GPU batch's host time went ~15% to these.
+_TABLES_KEPT = 256  # 64 KiB each for SmolLM2's 256-token chunks
+_tables: collections.OrderedDict[tuple[str, int, int], tuple[np.ndarray, np.ndarray]] = (
+    collections.OrderedDict()
+)
+_tables_lock = threading.Lock()
+
+
 def rope_tables(cross: CrossLayer, position: int, tokens: int) -> tuple[np.ndarray, np.ndarray]:
     """float32 cos and sin `[tokens, head_dim / 2]` of positions position.. that every
     decoder rotates K back with (the GPU's are these, copied): float64 angles and functions,
-    then the RoPE scale, rounded once."""
+    then the RoPE scale, rounded once. Read-only (shared by every caller)."""
+    key = (cross.digest, int(position), int(tokens))
+    with _tables_lock:
+        got = _tables.get(key)
+        if got is not None:
+            _tables.move_to_end(key)
+            return got
     ang = rope_angles(cross.inv_freq, position, tokens)
-    return (
+    got = (
         (np.cos(ang) * cross.rope_scale).astype(np.float32),
         (np.sin(ang) * cross.rope_scale).astype(np.float32),
     )
+    for a in got:
+        a.flags.writeable = False
+    with _tables_lock:
+        _tables[key] = got
+        while len(_tables) > _TABLES_KEPT:
+            _tables.popitem(last=False)
+    return got
 
 
 def find_position(cross: CrossLayer, x: np.ndarray) -> int:

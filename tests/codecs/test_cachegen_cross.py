@@ -207,3 +207,30 @@ def test_a_container_says_which_maps_it_lacks(monkeypatch: pytest.MonkeyPatch) -
     assert info.value.maps == cross.digest
     cp.register_cross(cross)
     assert codec_by_id(cx.CacheGenX.codec_id, {"maps": cross.digest}).cross is cross
+
+
+def test_rope_tables_are_kept_read_only_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoders share the cos / sin tables of a position (prefix chunks sit at the same few):
+    the same arrays again, read-only, equal to fresh ones; the oldest dropped past the bound."""
+    import collections
+
+    cross = LayeredKV(2, 1, 16, seed=3).profile().cross
+    assert cross is not None
+    monkeypatch.setattr(cx, "_tables", collections.OrderedDict())
+    monkeypatch.setattr(cx, "_TABLES_KEPT", 4)
+    cos, sin = cx.rope_tables(cross, 256, 7)
+    again = cx.rope_tables(cross, 256, 7)
+    assert again[0] is cos and again[1] is sin
+    assert not cos.flags.writeable and not sin.flags.writeable
+    ang = cp_angles(cross, 256, 7)
+    assert np.array_equal(cos, (np.cos(ang) * cross.rope_scale).astype(np.float32))
+    assert np.array_equal(sin, (np.sin(ang) * cross.rope_scale).astype(np.float32))
+    for p in range(10):
+        cx.rope_tables(cross, p, 7)
+    assert len(cx._tables) == 4 and (cross.digest, 256, 7) not in cx._tables
+
+
+def cp_angles(cross, position: int, tokens: int) -> np.ndarray:  # type: ignore[no-untyped-def]
+    from kvstore.codecs.cachegen_profile import rope_angles
+
+    return rope_angles(cross.inv_freq, position, tokens)
