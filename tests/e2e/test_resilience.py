@@ -141,6 +141,35 @@ def test_get_cancelled_by_deadline_releases_cpu_lease(start_server) -> None:  # 
         assert c.stats().leases == 0
 
 
+def test_batch_get_cancelled_by_deadline_gives_back_what_it_read_ahead(start_server) -> None:  # type: ignore[no-untyped-def]
+    """A BatchGet of values on ssd takes the next keys' leases while it sends one: cut off
+    by its deadline, it leaves no lease, cpu slot or staged byte behind."""
+    srv = start_server(
+        "--cpu-bytes", "64MiB", "--ssd-bytes", "512MiB", "--max-value-bytes", "64MiB",
+        "--staging-bytes", "64MiB",
+    )  # fmt: skip
+    keys = [key(10 + i) for i in range(8)]
+    values = [value(10 + i, 8 * MiB) for i in range(8)]
+    with srv.client(timeout=30) as c:
+        c.batch_put(keys, values)
+        for i in range(8):  # push them down to ssd
+            c.put(key(40 + i), value(40 + i, 8 * MiB))
+        where = {e.header.key: e.tier for e in c.entries(NAMESPACE)}
+        assert sum(where[k] == "ssd" for k in keys) >= 4
+    for t in (*SHORT_TIMEOUTS, 0.08, 0.16):
+        with KVClient(srv.address, NAMESPACE, timeout=t) as fast:
+            try:
+                got = fast.batch_get(keys)
+            except KVStoreError:
+                continue
+            assert all(g is None or torch.equal(g, v) for g, v in zip(got, values, strict=True))
+    with srv.client(timeout=30) as c:
+        wait_for("leases back to 0", lambda: c.stats().leases == 0)
+        got = wait_for("a whole batch read", lambda: c.batch_get(keys))
+        assert all(torch.equal(g, v) for g, v in zip(got, values, strict=True))
+        assert c.stats().leases == 0
+
+
 def test_put_cancelled_by_deadline_leaves_nothing_behind(start_server) -> None:  # type: ignore[no-untyped-def]
     srv = start_server("--cpu-bytes", "256MiB", "--ssd-bytes", "1GiB", "--max-value-bytes", "64MiB")
     v = value(3)
