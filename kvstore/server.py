@@ -126,19 +126,26 @@ class _ReadAhead:
         future = self._pending.popleft()
         self._fill()
         try:
-            return await future
+            # Shielded: a call cancelled just as the lease came would otherwise drop it.
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(_release_lease)
+            raise
         except Overloaded:
             return await self._lease_of(key)
 
     def close(self) -> None:
+        """Give back every lease taken ahead, now or when its worker is done."""
         for future in self._pending:
-            if not future.done():
-                future.cancel()  # _in_thread_owned releases what its worker still returns
-            elif not future.cancelled() and future.exception() is None:
-                lease = future.result()
-                if lease is not None:
-                    lease.release()
+            future.add_done_callback(_release_lease)
         self._pending.clear()
+
+
+def _release_lease(future: asyncio.Future[ReadLease | None]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        lease = future.result()
+        if lease is not None:
+            lease.release()
 
 
 async def _in_thread_owned(fn: Callable[..., T], *args: Any, release: Callable[[Any], object]) -> T:
