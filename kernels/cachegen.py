@@ -455,7 +455,7 @@ class Staged:
         self.n_streams = n_streams = sum(lay.streams for lay in lays)
         n_channels = sum(lay.channels for lay in lays)
         n_escaped = sum(p.escaped.size for p in parsed)
-        self.data_bytes = data_bytes = sum(len(p.data) for p in parsed)
+        data_bytes = sum(len(p.data) for p in parsed)
         sym_sizes = [align(lay.units * lay.segments * lay.segment * lay.head_dim) for lay in lays]
         self.sym_bytes = sum(sym_sizes)
         self.n_groups = n_groups = sum(-(-lay.units // GROUP_UNITS) for lay in lays)
@@ -488,9 +488,10 @@ class Staged:
         freqs = self.view("freqs", np.uint16).reshape(n_units, ALPHABET)
         data = buf[self.at["data"] : self.at["data"] + data_bytes]
 
-        # Where each job's parts go: running sums over the jobs before it.
+        # Where each job's parts go: running sums over the jobs before it (and, last, the
+        # total: job i's parts end where job i + 1's start).
         def starts_of(sizes: list[int]) -> list[int]:
-            return [0, *np.cumsum(sizes[:-1], dtype=np.int64).tolist()]
+            return [0, *np.cumsum(sizes, dtype=np.int64).tolist()]
 
         self.u_at = u_at = starts_of([lay.units for lay in lays])
         self.s_at = s_at = starts_of([lay.streams for lay in lays])
@@ -624,20 +625,18 @@ class Staged:
         copier.wait_event(s.record())  # what the caller queued before the batch
         # What the rANS kernel reads of jobs [first, end): rows of four sections.
         rows = {
-            "groups": (self.g_at, self.n_groups, 32),
-            "streams": (self.s_at, self.n_streams, 8 * _STREAM_FIELDS),
-            "freqs": (self.u_at, self.n_units, 2 * ALPHABET),
-            "data": (self.d_at, self.data_bytes, 1),
+            "groups": (self.g_at, 32),
+            "streams": (self.s_at, 8 * _STREAM_FIELDS),
+            "freqs": (self.u_at, 2 * ALPHABET),
+            "data": (self.d_at, 1),
         }
         for n, (first, end) in enumerate(pieces):
-            for name, (at, total, size) in rows.items():
-                lo = self.at[name] + size * at[first]
-                hi = self.at[name] + size * (at[end] if end < len(at) else total)
+            for name, (at, size) in rows.items():
+                lo, hi = self.at[name] + size * at[first], self.at[name] + size * at[end]
                 rt.memcpyAsync(base + lo, host + lo, hi - lo, rt.memcpyHostToDevice, copier.ptr)
             on = (s, other)[n % 2]
             on.wait_event(copier.record())
-            g0 = self.g_at[first]
-            g1 = self.g_at[end] if end < len(self.g_at) else self.n_groups
+            g0, g1 = self.g_at[first], self.g_at[end]
             if g1 > g0:
                 self._rans(launch, stream_status, g0, g1, on)
         rest = self.at["units"]  # what the second stage reads

@@ -335,7 +335,8 @@ def _decode_batch(todo: list[Job], stream: Any) -> GpuDecode:
     lays = [p.layout for _, p in parsed]
     layers, heads, dim = cross.layers, cross.heads, cross.head_dim
     half, ch = dim // 2, cross.channels
-    rows = sum(lay.tokens for lay in lays)
+    row_at = [0, *np.cumsum([lay.tokens for lay in lays]).tolist()]  # each value's first row
+    rows = row_at[-1]
     per_layer = len(todo) * 2 * heads
     segments = max(1, *(lay.segments for lay in lays))  # a warp per (unit, segment)
     staged = Staged(
@@ -351,9 +352,8 @@ def _decode_batch(todo: list[Job], stream: Any) -> GpuDecode:
     xunits = staged.view("xunits", np.int64).reshape(-1, _XUNIT_FIELDS)
     order = staged.view("order", np.int64).reshape(layers, len(todo), 2 * heads)
     cosines, sines = staged.view("cos", np.float32), staged.view("sin", np.float32)
-    row = 0
     for i, lay in enumerate(lays):
-        u0 = staged.u_at[i]
+        u0, row = staged.u_at[i], row_at[i]
         idx = np.arange(lay.units, dtype=np.int64)
         kv = idx // heads % 2
         xu = xunits[u0 : u0 + lay.units]
@@ -366,11 +366,9 @@ def _decode_batch(todo: list[Job], stream: Any) -> GpuDecode:
         cos, sin = rope_tables(cross, positions[i], lay.tokens)
         cosines[row * half : (row + lay.tokens) * half] = cos.reshape(-1)
         sines[row * half : (row + lay.tokens) * half] = sin.reshape(-1)
-        row += lay.tokens
 
     # Two halves of the batch (by rows, at a value's edge) on two streams, so one half's
     # GEMM (tensor cores) runs beside the other's reconstruction (memory).
-    row_at = [0, *np.cumsum([lay.tokens for lay in lays]).tolist()]
     mid = int(np.searchsorted(row_at, rows / 2)) if rows >= SPLIT_ROWS and len(todo) > 1 else 0
     halves = [(0, mid), (mid, len(todo))] if 0 < mid < len(todo) else [(0, len(todo))]
 
