@@ -16,6 +16,13 @@ def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> 
     return raw.to(torch.uint8).view(dtype).reshape(shape)
 
 
+def filler(c, n: int) -> None:  # type: ignore[no-untyped-def]
+    """n MiB of other values through client `c`: what came before goes down to ssd (a
+    server with a few MiB of cpu tier)."""
+    for i in range(n):
+        c.put(bytes([0xF0, i]) + bytes(30), torch.zeros(512 * 1024, dtype=torch.float16))
+
+
 def gpu_ready() -> bool:
     """Whether this machine runs the GPU paths: a CUDA device, and CuPy for the kernels."""
     try:

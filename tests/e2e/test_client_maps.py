@@ -22,6 +22,7 @@ from kvstore.codecs import cachegen_profile as cp
 from kvstore.codecs import codec_from_spec, decode
 from kvstore.errors import DataLoss
 from tests.e2e.conftest import NAMESPACE
+from tests.e2e.helpers import filler
 
 CHUNK = 256
 
@@ -30,12 +31,6 @@ WORLD = LayeredKV(4, 2, 64, seed=7)
 
 def keys_of(n: int) -> list[bytes]:
     return [bytes([0xB0, i]) + bytes(30) for i in range(n)]
-
-
-def filler(c, n: int) -> None:  # type: ignore[no-untyped-def]
-    """n MiB of other values: what came before goes down to ssd."""
-    for i in range(n):
-        c.put(bytes([0xF1, i]) + bytes(30), torch.zeros(512 * 1024, dtype=torch.float16))
 
 
 @pytest.fixture

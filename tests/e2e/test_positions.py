@@ -17,6 +17,7 @@ from cross_fixture import LayeredKV
 
 from kvstore.codecs import codec_from_spec, decode
 from kvstore.errors import InvalidArgument
+from tests.e2e.helpers import filler
 
 CHUNK = 256  # the server's default --chunk-tokens
 WORLD = LayeredKV(4, 2, 64)  # 2 KiB of float16 a token
@@ -28,12 +29,6 @@ def coded(spec: str, value: torch.Tensor, position: int | None = None) -> torch.
     if position is not None:
         codec = codec.for_position(position, value.shape)
     return decode(codec.encode(value))
-
-
-def filler(c, n: int) -> None:  # type: ignore[no-untyped-def]
-    """n MiB of other values: what came before goes down to ssd."""
-    for i in range(n):
-        c.put(bytes([0xF0, i]) + bytes(30), torch.zeros(512 * 1024, dtype=torch.float16))
 
 
 def test_prefix_chunks_are_coded_at_their_positions(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
