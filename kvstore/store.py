@@ -914,19 +914,35 @@ class Store:
         """
         check_namespace(namespace)
         check_key(key)
+        return self._get(namespace, bytes(key), verify, pools, decoders, count=True)
+
+    def _get(
+        self,
+        namespace: str,
+        key: bytes,
+        verify: bool,
+        pools: Collection[int],
+        decoders: Collection[int],
+        count: bool,
+    ) -> ReadLease | None:
+        """`get`; `count=False` for a read started again (the entry changed under it, or a
+        damaged copy was dropped), whose hit or miss the first try counted."""
         with self._lock:
-            e = self._index.get((namespace, bytes(key)))
+            e = self._index.get((namespace, key))
             if e is None:
-                for c in self._counters.values():
-                    c.misses += 1
+                if count:
+                    for c in self._counters.values():
+                        c.misses += 1
                 return None
-            self._count_misses_above(e.tier)
+            if count:
+                self._count_misses_above(e.tier)
             if e.slot is None and e.ssd_codec in decoders:
-                return self._read_encoded(e)
-            promotion = self._begin_ssd_read(e) if e.slot is None else None
+                return self._read_encoded(e, count)
+            promotion = self._begin_ssd_read(e, count) if e.slot is None else None
             if promotion is None:
                 tier = e.tier
-                self._count_hit(e)
+                if count:
+                    self._count_hit(e)
                 if tier == "gpu":
                     if e.place in pools:
                         e.readers += 1
@@ -939,25 +955,28 @@ class Store:
                     view = self._cpu_view(e)
         if promotion is not None:  # decoded outside the lock: a codec takes milliseconds
             return self._finish_ssd_read(
-                e, promotion, lambda: self.get(namespace, key, verify, pools, decoders)
+                e, promotion, lambda: self._get(namespace, key, verify, pools, decoders, False)
             )
         if tier == "gpu":
             assert slot is not None
-            return self._read_from_pool(e, pool, slot, pools)
+            return self._read_from_pool(
+                e, pool, slot, lambda: self._get(namespace, key, verify, pools, decoders, False)
+            )
         if verify and tier == "cpu" and checksum(view) != e.checksum:
             with self._lock:
                 retry = self._unlease_corrupt(e)
             if retry:
-                return self.get(namespace, key)
+                return self._get(namespace, key, verify, pools, decoders, False)
             raise DataLoss(
                 f"cpu tier: checksum mismatch for {e.key.hex()[:16]}...; the value was dropped"
             )
         return ReadLease(self, e, view, e.header(), tier)
 
     def _read_from_pool(
-        self, e: Entry, pool: GpuPool, slot: Slot, pools: Collection[int]
+        self, e: Entry, pool: GpuPool, slot: Slot, again: Callable[[], ReadLease | None]
     ) -> ReadLease | None:
-        """A checked host copy of `e`'s slot in `pool` (leased and staged by the caller)."""
+        """A checked host copy of `e`'s slot in `pool` (leased and staged by the caller); if
+        the copy is damaged and another copy remains below, the read starts `again`."""
         try:
             data = pool.read(slot, e.nbytes)
             good = checksum(data) == e.checksum
@@ -974,7 +993,7 @@ class Store:
             return ReadLease(self, None, memoryview(data), e.header(), "gpu")
         self._unstage(e.nbytes)
         if retry:
-            return self.get(e.namespace, e.key, pools=pools)
+            return again()
         raise DataLoss(
             f"gpu tier: checksum mismatch for {e.key.hex()[:16]}...; the value was dropped"
         )
@@ -1057,21 +1076,25 @@ class Store:
             self._drop(e, "ssd")
             raise
 
-    def _read_encoded(self, e: Entry) -> ReadLease:
+    def _read_encoded(self, e: Entry, count: bool) -> ReadLease:
         """The ssd copy of `e` as a whole container, staged for a reader that decodes it
         itself (on its GPU): what promotion would have spent decoding on this host's CPU is
-        not spent, and the bytes that cross the wire and PCIe are the compressed ones."""
-        self._count_ssd_hit(e)
+        not spent, and the bytes that cross the wire and PCIe are the compressed ones.
+        `count`: count the hit (not for a read started again)."""
+        if count:
+            self._count_ssd_hit(e)
         with self._ssd_record(e) as (header, data):
             container = b"".join((encode_header(header), data))  # one copy of the payload
         self._stage(len(container))
         return ReadLease(self, None, memoryview(container), e.header(), "ssd", encoded=True)
 
-    def _begin_ssd_read(self, e: Entry) -> _Promotion:
-        """Under the lock: count the hit on `e` (on ssd only), hold its ssd copy as read, and
-        take a cpu slot to promote it into (or staging for a private copy when cpu has no
-        room). `_finish_ssd_read` reads and decodes it without the lock."""
-        self._count_ssd_hit(e)
+    def _begin_ssd_read(self, e: Entry, count: bool) -> _Promotion:
+        """Under the lock: count the hit on `e` (on ssd only; unless not `count`), hold its
+        ssd copy as read, and take a cpu slot to promote it into (or staging for a private
+        copy when cpu has no room). `_finish_ssd_read` reads and decodes it without the
+        lock."""
+        if count:
+            self._count_ssd_hit(e)
         # Held as read while room is made and while it decodes, so demotions cannot evict
         # its own ssd copy.
         e.readers += 1

@@ -4,6 +4,7 @@ encodes, promotion decodes, the index rebuilt from encoded records, damage detec
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -160,9 +161,11 @@ class SlowDecode:
         import kvstore.store as st
 
         self.started, self.go = threading.Event(), threading.Event()
+        self.decoding = 0  # how many have started
         real = st.decode_stored
 
         def slow(*args: object) -> None:
+            self.decoding += 1
             self.started.set()
             assert self.go.wait(10)
             real(*args)  # type: ignore[arg-type]
@@ -176,6 +179,10 @@ def cpu(store: Store):  # type: ignore[no-untyped-def]
 
 def tier(store: Store, k: bytes) -> str:
     return next(e.tier for e in store.entries(NS) if e.key == k)
+
+
+def hits(store: Store) -> dict[str, int]:
+    return {t.name: t.counters.hits for t in store.stats().tiers}
 
 
 def reading(store: Store, k: bytes) -> tuple[threading.Thread, list[object]]:
@@ -224,12 +231,16 @@ def test_a_value_deleted_or_replaced_while_it_decodes(
     assert cpu(store).used_bytes == cpu(store).entries * MiB  # its slot went back
 
     slow.go.clear(), slow.started.clear()
+    before = hits(store)
     t, got = reading(store, key(1))
     assert slow.started.wait(10)
     put(store, key(1), kv_value(77))  # replaced while the old one decodes
     slow.go.set()
     t.join(10)
     assert torch.equal(got[0], kv_value(77))  # type: ignore[arg-type]
+    # One get, one hit: the read started again (it finds the new value in cpu) is not
+    # counted a second time.
+    assert hits(store) == {**before, "ssd": before["ssd"] + 1}
 
 
 def test_two_readers_promote_a_value_once(
@@ -239,11 +250,18 @@ def test_two_readers_promote_a_value_once(
     values = fill_past_cpu(store)
     slow = SlowDecode(monkeypatch)
     before = cpu(store).counters.promotions
+    found = hits(store)
     readers = [reading(store, key(0)) for _ in range(2)]
-    assert slow.started.wait(10)
+    deadline = time.monotonic() + 10
+    while slow.decoding < 2 and time.monotonic() < deadline:  # both read it from ssd
+        time.sleep(0.01)
+    assert slow.decoding == 2
     slow.go.set()
     for t, got in readers:
         t.join(10)
         assert torch.equal(got[0], values[0])  # type: ignore[arg-type]
     assert cpu(store).counters.promotions == before + 1
+    # Both found it on ssd; the one whose promotion came second reads the cpu copy the
+    # other made without counting that get again.
+    assert hits(store) == {**found, "ssd": found["ssd"] + 2}
     assert tier(store, key(0)) == "cpu"
