@@ -1336,6 +1336,12 @@ class Store:
         decode (`bad`: then dropped from remote too)."""
         res, h = sink.reservations.pop(i), value.header
         assert res.buffer is not None
+        if isinstance(bad, MissingContext):  # intact, for a server that can decode it
+            res.abort()
+            log.warning(
+                "remote value %s/%s kept: %s", res.entry.namespace, res.entry.key.hex(), bad
+            )
+            return False
         if bad is not None:
             res.abort()
             namespace, key = res.entry.namespace, res.entry.key

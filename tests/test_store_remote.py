@@ -202,6 +202,45 @@ def test_a_batch_of_encoded_values_decodes_and_drops_the_one_that_does_not(
     assert b.corrupt["remote"] == 1
 
 
+def test_a_value_this_server_cannot_decode_stays_on_the_cluster(
+    make_node: MakeNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cachegen-x value fetched by a server that has not loaded its cross-layer maps is
+    intact, not corrupt: it is not stored here, and it stays on the cluster for the
+    servers that can decode it (it used to be deleted from the cluster)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "codecs"))
+    from cross_fixture import LayeredKV
+
+    from kvstore.codecs import cachegen_profile as cp
+
+    world = LayeredKV(4, 2, 64, seed=7)
+    profile = world.profile_file(tmp_path / "p.json")
+    a = make_node("a", codec=(f"remote=cachegen:level=1,profile={profile}",), cpu_bytes="16MiB")
+    b = make_node("b", cpu_bytes="16MiB")
+    assert a.remote is not None and b.remote is not None
+    t = world.tensor(256, 0, seed=3)
+    raw = t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    res = a.begin_put(NS, key(70), "float16", list(t.shape), len(raw), checksum(raw), position=0)
+    res.write(raw)
+    res.commit()
+    wait_for(lambda: a.remote.exists_many(NS, [key(70)]) == [True])  # type: ignore[union-attr]
+    stored = a.remote.get_many(NS, [key(70)])[0].header
+    assert stored.codec != CODEC_RAW
+
+    monkeypatch.setattr(cp, "_registry", {})  # b's process has not loaded the maps
+    assert b.fetch_remote(NS, [key(70)]) == 0
+    assert b.exists(NS, [key(70)], remote=False) == [False]
+    assert b.remote.exists_many(NS, [key(70)]) == [True]  # kept on the cluster
+    assert b.corrupt["remote"] == 0
+
+    monkeypatch.undo()  # with the maps loaded it decodes (to what the codec gives back)
+    assert b.fetch_remote(NS, [key(70)]) == 1
+    got = read(b, key(70))
+    assert got is not None and checksum(got) == stored.value_checksum
+
+
 def test_remote_write_off_only_reads(make_node: MakeNode) -> None:
     a, b = make_node("a"), make_node("b", remote_write="off")
     put(b, key(3), data(KiB))
