@@ -46,6 +46,10 @@ class Codec(ABC):
     # before it existed (a payload format's version: 1), where it differs from the default
     # a new encoder takes.
     LEGACY_PARAMS: ClassVar[Mapping[str, ParamValue]] = {}
+    # Its kernels run numba parallel regions (a team of threads each call). Where several
+    # threads code at once (a server's host pool), numba then needs a thread-safe threading
+    # layer (`kvstore.threads.threadsafe_layer`): its fallback aborts the process.
+    thread_teams: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         unknown = sorted(set(params) - set(self.PARAMS))

@@ -190,6 +190,7 @@ class _Layout:
 @register
 class CacheGen(Codec):
     name = "cachegen"
+    thread_teams = True
     codec_id = 5
     lossless = False
     # k=1: K predicted by the previous token; k=0: by its channel's mean, like V.

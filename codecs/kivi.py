@@ -151,6 +151,7 @@ class _Layout:
 @register
 class Kivi(Codec):
     name = "kivi"
+    thread_teams = True
     codec_id = 4
     lossless = False
     PARAMS: ClassVar[Mapping[str, ParamValue]] = {"bits": 2, "group": 32, "residual": 32}

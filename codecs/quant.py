@@ -237,6 +237,7 @@ class AbsmaxCodec(Codec):
 
     fp8: ClassVar[bool]
     values: ClassVar[np.ndarray]  # code byte -> float32
+    thread_teams = True
 
     def encode_payload(self, tensor: torch.Tensor) -> bytes:
         kv_view(tensor, self.name)

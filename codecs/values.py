@@ -24,11 +24,13 @@ from typing import Any
 
 import torch
 
+from kvstore import threads
 from kvstore.codecs.base import Codec, codec_by_id
 from kvstore.codecs.container import (
     CODEC_RAW,
     MAX_VALUE_BYTES,
     ContainerError,
+    MissingContext,
     ValueHeader,
     checksum,
     decode_header,
@@ -163,6 +165,13 @@ def decode_coded(header: ValueHeader, payload: memoryview, dst: memoryview) -> N
     except (ValueError, IndexError) as exc:
         if isinstance(exc, ContainerError):
             raise
+        if codec.thread_teams and threads.threadsafe_layer() is None:
+            # numba refused to run the kernels here (`forbid_unsafe_layer`): this machine's
+            # failing, not the value's, which is kept for one that can decode it.
+            raise MissingContext(
+                f"codec {codec.name} cannot decode on this machine: numba has no thread-safe "
+                f"threading layer (install the libgomp1 package): {exc}"
+            ) from None
         raise ContainerError(f"codec {codec.name} could not decode the payload: {exc}") from None
     if checksum(dst) != header.value_checksum:
         raise ContainerError(f"codec {codec.name} decoded a value that fails its checksum")

@@ -18,6 +18,8 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from kvstore import threads
+
 KNOWN_TIERS = ("gpu", "cpu", "ssd", "remote")
 DURABILITY_MODES = ("none", "async", "sync")
 REMOTE_WRITE_MODES = ("through", "evict", "off")
@@ -541,9 +543,16 @@ def codec_rule(rule: str) -> tuple[str, str | None, str]:
     from kvstore.errors import InvalidArgument
 
     try:
-        codec_from_spec(spec)
+        codec = codec_from_spec(spec)
     except InvalidArgument as exc:
         raise ConfigError(f"codec: {exc}") from None
+    if codec.thread_teams and threads.threadsafe_layer() is None:
+        raise ConfigError(
+            f"codec: {codec.name} codes on several threads at once, which needs numba's "
+            "OpenMP threading layer (install the libgomp1 package: apt-get install "
+            "libgomp1) or its TBB one; this machine has neither, and numba's fallback "
+            "aborts the server when two threads code at once"
+        )
     return tier, glob, spec
 
 

@@ -57,6 +57,7 @@ from kvstore.errors import (
 from kvstore.events import EventKind, KVEvent, Watcher
 from kvstore.metrics import ServerMetrics
 from kvstore.store import PutReservation, ReadLease, RemoteStats, Store, check_namespace
+from kvstore.threads import forbid_unsafe_layer
 from kvstore.tiers.gpu import PoolExport
 from kvstore.tiers.host import HostArena
 from kvstore.v1 import kvstore_pb2 as pb
@@ -1160,6 +1161,7 @@ def _prepare_socket(path: Path) -> None:
 
 async def serve(config: ServerConfig, ready: Callable[[str], None] | None = None) -> None:
     """Run the daemon until SIGTERM or SIGINT."""
+    forbid_unsafe_layer()  # a value coded on a machine without one fails, the server stays
     lock = DataDirLock(config.data_dir)
     try:
         await _serve_locked(config, ready)

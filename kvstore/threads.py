@@ -6,6 +6,8 @@ GPU decode (NumPy copies, numba kernels without the GIL), and values coded one p
 from __future__ import annotations
 
 import concurrent.futures
+import functools
+import importlib
 import os
 import sys
 import threading
@@ -35,3 +37,27 @@ def one_core_kernels() -> None:
     numba = sys.modules.get("numba")  # imported with the codecs; without them, no kernels
     if numba is not None and numba.get_num_threads() != 1:
         numba.set_num_threads(1)
+
+
+@functools.cache
+def threadsafe_layer() -> str | None:
+    """The first of numba's thread-safe threading layers this machine can load ("tbb", or
+    "omp": GNU OpenMP, the libgomp1 package), or None. Without one numba falls back to its
+    workqueue layer, which aborts the whole process when two threads run parallel kernels
+    at once, as a server's host pool and concurrent reads do."""
+    for name, module in (("tbb", "tbbpool"), ("omp", "omppool")):
+        try:
+            importlib.import_module(f"numba.np.ufunc.{module}")
+        except (ImportError, OSError):
+            continue
+        return name
+    return None
+
+
+def forbid_unsafe_layer() -> None:
+    """Make numba raise (ValueError: no threading layer) rather than fall back to the
+    workqueue layer: a coded value then fails its own request instead of aborting the
+    server (`threadsafe_layer`). Set before the first parallel kernel runs."""
+    import numba
+
+    numba.config.THREADING_LAYER = "threadsafe"  # type: ignore[attr-defined]

@@ -29,3 +29,14 @@ if ! python -c 'import torch' >/dev/null 2>&1; then
 fi
 echo "==> installing kvstore${extras:+[$extras]} and its dependencies"
 python -m pip install --quiet -e ".${extras:+[$extras]}"
+# The lossy codecs' numba kernels run on several threads at once in a server, which needs
+# a thread-safe threading layer: GNU OpenMP (Debian's libgomp1). Without it the server
+# refuses rules naming those codecs (raw and zstd need none).
+if ! python -c 'import sys; from kvstore.threads import threadsafe_layer; sys.exit(threadsafe_layer() is None)'; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "==> installing libgomp1 (Debian package): OpenMP for the codecs' numba kernels"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgomp1 >/dev/null
+    else
+        echo "note: numba finds no OpenMP (libgomp1) here: the cachegen, kivi, int8 and fp8 codecs will be refused; install libgomp1" >&2
+    fi
+fi
