@@ -185,9 +185,16 @@ def test_trailing_bytes_are_refused(name: str, extra: bytes) -> None:
         decode(_CONTAINERS[name] + extra)
 
 
-def test_decode_values_into_cpu_tensors_and_refusing_a_damaged_one() -> None:
+@pytest.mark.parametrize("alone", [4 << 20, 0])  # payloads hashed here / on host threads
+def test_decode_values_into_cpu_tensors_and_refusing_a_damaged_one(
+    alone: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The batch entry point on the CPU: every value into its tensor; one damaged container
-    in the batch raises ContainerError (its payload checksum is checked on the host first)."""
+    in the batch raises ContainerError (its payload checksum is checked on the host first,
+    before any value is decoded)."""
+    import kvstore.codecs.values as values_module
+
+    monkeypatch.setattr(values_module, "_HASH_ALONE_BYTES", alone)
     g = torch.Generator().manual_seed(5)
     ts = [torch.randn((2, 2, 24, 2, 16), generator=g).to(torch.float16) for _ in range(3)]
     specs = ("zstd", "cachegen", "int8")
@@ -198,8 +205,10 @@ def test_decode_values_into_cpu_tensors_and_refusing_a_damaged_one() -> None:
         assert torch.equal(out, decode(blob))
     damaged = bytearray(blobs[1])
     damaged[-5] ^= 0x10
-    with pytest.raises(ContainerError):
-        decode_values([(blobs[0], outs[0]), (bytes(damaged), outs[1])])
+    fresh = [torch.full_like(t, float("nan")) for t in ts]
+    with pytest.raises(ContainerError, match="checksum mismatch"):
+        decode_values([(blobs[0], fresh[0]), (bytes(damaged), fresh[1]), (blobs[2], fresh[2])])
+    assert all(t.isnan().all() for t in fresh)  # refused before anything was decoded
 
 
 def stored_items(values: list[torch.Tensor]) -> list[tuple[Any, memoryview]]:
