@@ -57,7 +57,10 @@ def threadsafe_layer() -> str | None:
 def forbid_unsafe_layer() -> None:
     """Make numba raise (ValueError: no threading layer) rather than fall back to the
     workqueue layer: a coded value then fails its own request instead of aborting the
-    server (`threadsafe_layer`). Set before the first parallel kernel runs."""
-    import numba
-
-    numba.config.THREADING_LAYER = "threadsafe"  # type: ignore[attr-defined]
+    server (`threadsafe_layer`). Set before the first parallel kernel runs; a layer chosen
+    through NUMBA_THREADING_LAYER is left alone. Does not import numba: a server that codes
+    nothing never starts its threads."""
+    os.environ.setdefault("NUMBA_THREADING_LAYER", "threadsafe")  # read when numba loads
+    numba = sys.modules.get("numba")
+    if numba is not None and numba.config.THREADING_LAYER == "default":
+        numba.config.THREADING_LAYER = os.environ["NUMBA_THREADING_LAYER"]
