@@ -674,7 +674,8 @@ class Payload:
     starts: np.ndarray  # float32 [layers, 2, heads, head_dim]
     steps: np.ndarray  # float32 [layers, 2, heads, head_dim]
     first: np.ndarray  # int64 [units + 1]: unit u's escapes are escaped[first[u]:first[u+1]]
-    freqs: np.ndarray  # int64 [units, ALPHABET]
+    freqs: np.ndarray | None  # uint16 [units, ALPHABET]; None: not unpacked (`tables`)
+    tables: np.ndarray  # uint8: the packed tables (`rans.unpack_tables`)
     offsets: np.ndarray  # int64 [streams + 1], from 0
     data: memoryview  # the streams' bytes
     escaped: np.ndarray  # float32 [escapes]
@@ -722,10 +723,14 @@ def _escapes_after(
     return first, end, buf[end:].view("<f2").astype(np.float32)
 
 
-def parse_payload(payload: memoryview, shape: tuple[int, ...], version: int) -> Payload:
+def parse_payload(
+    payload: memoryview, shape: tuple[int, ...], version: int, tables: bool = True
+) -> Payload:
     """Split a payload of format `version` for a value of `shape` into its parts (steps
     per channel whatever the version); ContainerError if they do not fit together
-    (truncated, or a field out of range)."""
+    (truncated, or a field out of range). With `tables=False` the rANS tables are left
+    packed (`freqs` None), for a batch that unpacks them all at once
+    (`rans.unpack_tables_into`)."""
     if len(shape) != 5 or shape[1] != 2:
         raise ContainerError(f"cachegen cannot decode into shape {shape}")
     layers, _, tokens, heads, head_dim = shape
@@ -748,18 +753,20 @@ def parse_payload(payload: memoryview, shape: tuple[int, ...], version: int) -> 
     n_offsets = 4 * (lay.streams + 1)
     if buf.size < pos + n_tables + n_offsets:
         raise ContainerError("cachegen payload is truncated (tables or offsets)")
-    freqs = rans.unpack_tables(bytes(buf[pos : pos + n_tables]), n, ALPHABET, PRECISION)
+    packed = buf[pos : pos + n_tables]
+    freqs = rans.unpack_tables(bytes(packed), n, ALPHABET, PRECISION) if tables else None
     pos += n_tables
     offsets = buf[pos : pos + n_offsets].view("<u4").astype(np.int64)
     pos += n_offsets
     first, end, escaped = _escapes_after(buf, pos, offsets, escapes, lay, "cachegen", "streams")
-    return Payload(lay, starts, steps, first, freqs, offsets, payload[pos:end], escaped)
+    return Payload(lay, starts, steps, first, freqs, packed, offsets, payload[pos:end], escaped)
 
 
 def decode_symbols(p: Payload) -> np.ndarray:
     """The symbols `[units, padded tokens, head_dim]` of a parsed payload's rANS streams."""
     lay = p.layout
     symbols = lay.padded_symbols()
+    assert p.freqs is not None, "parsed with its tables"
     rans.decode_streams(
         p.data,
         p.offsets,

@@ -260,16 +260,19 @@ class CacheGenX(CacheGen):
 
     # -------------------------------------------------------------------------- decoding
 
-    def parse(self, payload: memoryview, shape: Sequence[int]) -> tuple[int, Payload]:
+    def parse(
+        self, payload: memoryview, shape: Sequence[int], tables: bool = True
+    ) -> tuple[int, Payload]:
         """A payload for a value of `shape` split into its first token's position and the
-        cachegen payload after it; ContainerError if they do not fit these maps or it."""
+        cachegen payload after it (`parse_payload`, `tables` as there); ContainerError if
+        they do not fit these maps or it."""
         if len(payload) < 8:
             raise ContainerError("cachegen-x payload is truncated")
         (position,) = struct.unpack_from("<Q", payload, 0)
         if position >= MAX_POSITION:
             raise ContainerError(f"cachegen-x payload records position {position}")
         self.check_value_shape(shape)
-        return int(position), parse_payload(payload[8:], tuple(shape), 2)
+        return int(position), parse_payload(payload[8:], tuple(shape), 2, tables)
 
     def decode_payload(self, payload: memoryview, out: torch.Tensor) -> None:
         position, p = self.parse(payload, out.shape)

@@ -50,6 +50,8 @@ three bits each: a 32-symbol Laplace-like model takes 20-45 bytes, where a 16-bi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numba
 import numpy as np
 
@@ -439,15 +441,62 @@ def unpack_tables(
     buf = np.frombuffer(memoryview(data).cast("B"), np.uint8)
     buf.flags.writeable = False  # one compiled signature for bytes and bytearray alike
     freqs = np.zeros((n_models, alphabet), np.int64)
-    bad = _unpack(buf, precision, freqs)
+    _check_unpacked(_unpack(buf, precision, freqs), n_models, buf.size, alphabet, precision)
+    return freqs.astype(np.uint16)
+
+
+def _check_unpacked(bad: int, n_models: int, nbytes: int, alphabet: int, precision: int) -> None:
+    """ContainerError for `_unpack`'s answer `bad` (-1: all is well)."""
     if bad == n_models:
-        raise ContainerError(f"rANS tables: {buf.size} bytes hold more than {n_models} tables")
+        raise ContainerError(f"rANS tables: {nbytes} bytes hold more than {n_models} tables")
     if bad >= 0:
         raise ContainerError(
             f"rANS tables: table {bad} of {n_models} is truncated or corrupted "
-            f"({buf.size} bytes for {n_models} x {alphabet} symbols at {precision} bits)"
+            f"({nbytes} bytes for {n_models} x {alphabet} symbols at {precision} bits)"
         )
-    return freqs.astype(np.uint16)
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _unpack_many(
+    data: np.ndarray, data_at: np.ndarray, spans: np.ndarray, precision: int, out: np.ndarray
+) -> np.ndarray:
+    """`_unpack` of part i, data[data_at[i]:data_at[i + 1]], into its rows of `out`,
+    out[spans[i, 0]:spans[i, 1]], the parts in parallel; each part's answer."""
+    n = spans.shape[0]
+    bad = np.empty(n, np.int64)
+    for i in numba.prange(n):
+        rows = out[spans[i, 0] : spans[i, 1]]
+        rows[:] = 0
+        bad[i] = _unpack(data[data_at[i] : data_at[i + 1]], precision, rows)
+    return bad
+
+
+def unpack_tables_into(
+    parts: Sequence[np.ndarray],
+    spans: Sequence[tuple[int, int]],
+    out: np.ndarray,
+    precision: int,
+) -> None:
+    """`unpack_tables` of many packed parts at once, without the GIL and in parallel, into
+    rows of the uint16 `out` ([rows, alphabet]): part i's tables (a uint8 array) fill rows
+    spans[i][0]:spans[i][1], one row a model. ContainerError (naming the part) for a bad
+    part, as `unpack_tables` words it; `out` is then partly written."""
+    precision = _check_precision(precision)
+    rows = np.asarray(spans, np.int64).reshape(len(parts), 2)
+    if out.dtype != np.uint16 or out.ndim != 2 or not 1 <= out.shape[1] <= MAX_ALPHABET:
+        raise ValueError("unpack_tables_into writes uint16 rows [rows, alphabet]")
+    if np.any(rows[:, 0] > rows[:, 1]) or np.any(rows < 0) or np.any(rows > out.shape[0]):
+        raise ValueError(f"unpack_tables_into: spans outside the {out.shape[0]} rows")
+    data_at = np.zeros(len(parts) + 1, np.int64)
+    np.cumsum([p.size for p in parts], out=data_at[1:])
+    data = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+    bad = _unpack_many(data, data_at, rows, precision, out)
+    for i in np.flatnonzero(bad >= 0).tolist():
+        n_models = int(rows[i, 1] - rows[i, 0])
+        try:
+            _check_unpacked(int(bad[i]), n_models, parts[i].size, out.shape[1], precision)
+        except ContainerError as exc:
+            raise ContainerError(f"payload {i} of {len(parts)}: {exc}") from None
 
 
 # ------------------------------------------------------------------------------ encoding

@@ -330,7 +330,8 @@ def _decode_batch(todo: list[Job], stream: Any) -> GpuDecode:
 
     cross = _x(todo[0]).cross
 
-    parsed = list(host_pool().map(lambda j: _x(j).parse(j.payload, j.out.shape), todo))
+    # The tables stay packed: Staged unpacks the batch's at once.
+    parsed = list(host_pool().map(lambda j: _x(j).parse(j.payload, j.out.shape, False), todo))
     positions = [p for p, _ in parsed]
     lays = [p.layout for _, p in parsed]
     layers, heads, dim = cross.layers, cross.heads, cross.head_dim

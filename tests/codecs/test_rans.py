@@ -238,6 +238,37 @@ def test_unpack_rejects_damage() -> None:
     assert damaged > 250
 
 
+def test_many_parts_unpack_at_once_into_their_rows() -> None:
+    """A GPU batch's tables, unpacked in one call into the rows its units take, the same as
+    one by one; a damaged part is refused in `unpack_tables`' words, naming the part."""
+    rng = np.random.default_rng(4)
+    tables = []
+    for n_models in (3, 1, 5, 2):
+        counts = rng.integers(1, 300, size=(n_models, 20)).astype(np.int64)
+        counts[:, rng.integers(0, 20)] = 0  # a symbol a model never codes
+        tables.append((rans.pack_tables(rans.quantize_freqs(counts, 14), 14), n_models))
+    parts = [np.frombuffer(t, np.uint8) for t, _ in tables]
+    spans = [(0, 3), (10, 11), (3, 8), (12, 14)]  # in any order, with rows between left alone
+    out = np.full((15, 20), 7, np.uint16)
+    rans.unpack_tables_into(parts, spans, out, 14)
+    for (packed, n_models), (a, b) in zip(tables, spans, strict=True):
+        assert np.array_equal(out[a:b], rans.unpack_tables(packed, n_models, 20, 14))
+    assert (out[8:10] == 7).all() and (out[11] == 7).all() and (out[14] == 7).all()
+
+    damaged = bytearray(tables[2][0])
+    damaged[len(damaged) // 2] ^= 0xFF
+    with pytest.raises(ContainerError) as one:
+        rans.unpack_tables(bytes(damaged), 5, 20, 14)
+    parts[2] = np.frombuffer(bytes(damaged), np.uint8)
+    with pytest.raises(ContainerError) as batch:
+        rans.unpack_tables_into(parts, spans, out, 14)
+    assert str(batch.value) == f"payload 2 of 4: {one.value}"
+    with pytest.raises(ValueError, match="spans outside"):
+        rans.unpack_tables_into(parts[:1], [(14, 16)], out, 14)
+    with pytest.raises(ValueError, match="uint16"):
+        rans.unpack_tables_into(parts[:1], [(0, 3)], out.astype(np.int64), 14)
+
+
 # ------------------------------------------------------------------------------ size
 
 
