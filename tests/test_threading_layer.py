@@ -96,3 +96,27 @@ def test_a_value_that_cannot_decode_here_is_kept(
     assert store.exists(NS, [key(0)]) == [True]
     monkeypatch.undo()
     assert read(store, key(0)) is not None
+
+
+def test_the_server_forbids_the_unsafe_layer_without_loading_numba() -> None:
+    """A server that codes nothing never loads numba (whose threads and process lock would
+    then start for nothing: the soak test saw its lock in /dev/shm); numba, once loaded,
+    takes the thread-safe choice, and one already loaded is switched too."""
+    script = textwrap.dedent(
+        """
+        import os, sys
+        os.environ.pop("NUMBA_THREADING_LAYER", None)
+        from kvstore.threads import forbid_unsafe_layer
+        forbid_unsafe_layer()
+        assert "numba" not in sys.modules
+        import numba
+        assert numba.config.THREADING_LAYER == "threadsafe", numba.config.THREADING_LAYER
+        del os.environ["NUMBA_THREADING_LAYER"]
+        numba.config.THREADING_LAYER = "default"
+        forbid_unsafe_layer()
+        assert numba.config.THREADING_LAYER == "threadsafe"
+        print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.stdout.strip() == "ok", result.stderr[-2000:]
