@@ -432,6 +432,12 @@ class Launch:
         return np.uint64(self.base + self.at[name])
 
 
+def _runs(items: Sequence[Any]) -> list[tuple[int, int]]:
+    """[first, end) of each run of equal consecutive `items`."""
+    edges = [0, *(i for i in range(1, len(items)) if items[i] != items[i - 1]), len(items)]
+    return list(itertools.pairwise(edges))
+
+
 class Staged:
     """A batch of parsed cachegen payloads laid out for the GPU in one pinned buffer: the
     rANS streams and tables, per-channel starts and steps, escapes, and a descriptor per
@@ -505,48 +511,58 @@ class Staged:
         sym_at = starts_of(sym_sizes)
         self.widest = max(GROUP_UNITS * lay.segments for lay in lays)  # the largest group's
 
-        def fill(i: int) -> None:
-            job, p, lay = todo[i], parsed[i], lays[i]
-            u0, s0, c0, e0, d0 = u_at[i], s_at[i], c_at[i], e_at[i], d_at[i]
-            nu, ns, nc = lay.units, lay.streams, lay.channels
-            ne, nd = p.escaped.size, len(p.data)
-            # Groups: GROUP_UNITS units (the last fewer) and their streams, a CTA each.
-            ng = -(-nu // GROUP_UNITS)
+        # The descriptors (groups, streams, units) of each run of jobs with one layout at
+        # once: a template per layout plus each job's offsets (per job they were ~30 NumPy
+        # calls a chunk, under the GIL).
+        at = {"u": u_at, "s": s_at, "c": c_at, "e": e_at, "d": d_at, "g": g_at, "y": sym_at}
+        for i0, i1 in _runs(lays):
+            lay, k = lays[i0], i1 - i0
+            nu, ns, ng = lay.units, lay.streams, -(-lay.units // GROUP_UNITS)
+            base = {n: np.asarray(a[i0:i1], np.int64)[:, None] for n, a in at.items()}
             first = np.arange(ng, dtype=np.int64) * GROUP_UNITS
-            gr = groups[g_at[i] : g_at[i] + ng]
-            gr[:, 0] = u0 + first
-            gr[:, 1] = np.minimum(GROUP_UNITS, nu - first)
-            gr[:, 2] = s0 + first * lay.segments
-            gr[:, 3] = gr[:, 1] * lay.segments
+            gr = groups[g_at[i0] : g_at[i1]].reshape(k, ng, 4)
+            gr[:, :, 0] = base["u"] + first
+            gr[:, :, 1] = np.minimum(GROUP_UNITS, nu - first)
+            gr[:, :, 2] = base["s"] + first * lay.segments
+            gr[:, :, 3] = gr[:, :, 1] * lay.segments
             # Streams: where their bytes and symbols are, and their table.
-            st = streams[s0 : s0 + ns]
-            st[:, 0] = d0 + p.offsets[:-1]
-            st[:, 1] = d0 + p.offsets[1:]
-            st[:, 2] = u0 + lay.stream_models()
+            offsets = np.stack([parsed[i].offsets for i in range(i0, i1)])
+            st = streams[s_at[i0] : s_at[i1]].reshape(k, ns, _STREAM_FIELDS)
+            st[:, :, 0] = base["d"] + offsets[:, :-1]
+            st[:, :, 1] = base["d"] + offsets[:, 1:]
+            st[:, :, 2] = base["u"] + lay.stream_models()
             seg_bytes = lay.segment * lay.head_dim
             padded = lay.segments * seg_bytes  # a unit's symbols
-            st[:, 3] = sym_at[i] + np.arange(ns, dtype=np.int64) * seg_bytes
-            st[:, 4] = lay.stream_lengths()
+            st[:, :, 3] = base["y"] + np.arange(ns, dtype=np.int64) * seg_bytes
+            st[:, :, 4] = lay.stream_lengths()
             # Units: (layer, K/V, head) in that order.
-            un = units[u0 : u0 + nu]
+            un = units[u_at[i0] : u_at[i1]].reshape(k, nu, _UNIT_FIELDS)
             idx = np.arange(nu, dtype=np.int64)
             lk, h = idx // lay.heads, idx % lay.heads  # lk = layer * 2 + K/V
-            esize = job.out.element_size()
             width = lay.heads * lay.head_dim
-            un[:, 0] = job.out.data_ptr() + esize * (lk * lay.tokens * width + h * lay.head_dim)
-            un[:, 1] = width
-            un[:, 2] = sym_at[i] + idx * padded
-            un[:, 3] = lay.tokens
-            un[:, 4] = lay.head_dim
-            un[:, 5] = c0 + idx * lay.head_dim
-            un[:, 6] = e0 + p.first[:-1]
-            un[:, 7] = e0 + p.first[1:]
-            un[:, 8] = kinds[job.out.dtype]
+            outs = [todo[i].out for i in range(i0, i1)]
+            ptr = np.array([o.data_ptr() for o in outs], np.int64)[:, None]
+            esize = np.array([o.element_size() for o in outs], np.int64)[:, None]
+            un[:, :, 0] = ptr + esize * (lk * lay.tokens * width + h * lay.head_dim)
+            un[:, :, 1] = width
+            un[:, :, 2] = base["y"] + idx * padded
+            un[:, :, 3] = lay.tokens
+            un[:, :, 4] = lay.head_dim
+            un[:, :, 5] = base["c"] + idx * lay.head_dim
+            firsts = np.stack([parsed[i].first for i in range(i0, i1)])
+            un[:, :, 6] = base["e"] + firsts[:, :-1]
+            un[:, :, 7] = base["e"] + firsts[:, 1:]
+            un[:, :, 8] = np.array([kinds[o.dtype] for o in outs], np.int64)[:, None]
+
+        def fill(i: int) -> None:
+            """Job i's data-dependent sections: its values' parts and its streams' bytes."""
+            p = parsed[i]
+            c0, e0, d0, nc, nd = c_at[i], e_at[i], d_at[i], lays[i].channels, len(p.data)
             starts[c0 : c0 + nc] = p.starts.reshape(-1)
             steps[c0 : c0 + nc] = p.steps.reshape(-1)
-            escaped[e0 : e0 + ne] = p.escaped
+            escaped[e0 : e0 + p.escaped.size] = p.escaped
             if p.freqs is not None:
-                freqs[u0 : u0 + nu] = p.freqs
+                freqs[u_at[i] : u_at[i + 1]] = p.freqs
             data[d0 : d0 + nd] = np.frombuffer(p.data, np.uint8)
 
         # The tables left packed (`parse_payload(tables=False)`): one call for all, in

@@ -43,6 +43,7 @@ from kvstore.kernels.cachegen import (
     Job,
     Launch,
     Staged,
+    _runs,
     checked_jobs,
 )
 from kvstore.kernels.floatbits import CUDA_FLOATBITS
@@ -353,17 +354,20 @@ def _decode_batch(todo: list[Job], stream: Any) -> GpuDecode:
     xunits = staged.view("xunits", np.int64).reshape(-1, _XUNIT_FIELDS)
     order = staged.view("order", np.int64).reshape(layers, len(todo), 2 * heads)
     cosines, sines = staged.view("cos", np.float32), staged.view("sin", np.float32)
-    for i, lay in enumerate(lays):
-        u0, row = staged.u_at[i], row_at[i]
+    for i0, i1 in _runs(lays):  # each run of values with one layout at once
+        lay, k, u_at = lays[i0], i1 - i0, staged.u_at
         idx = np.arange(lay.units, dtype=np.int64)
         kv = idx // heads % 2
-        xu = xunits[u0 : u0 + lay.units]
-        xu[:, 0] = row
-        xu[:, 1] = kv * heads * dim + idx % heads * dim
-        xu[:, 2] = kv
-        xu[:, 3] = staged.s_at[i] + idx * lay.segments
-        xu[:, 4] = lay.segment
-        order[:, i] = u0 + idx.reshape(layers, 2 * heads)
+        xu = xunits[u_at[i0] : u_at[i1]].reshape(k, lay.units, _XUNIT_FIELDS)
+        xu[:, :, 0] = np.asarray(row_at[i0:i1], np.int64)[:, None]
+        xu[:, :, 1] = kv * heads * dim + idx % heads * dim
+        xu[:, :, 2] = kv
+        xu[:, :, 3] = np.asarray(staged.s_at[i0:i1], np.int64)[:, None] + idx * lay.segments
+        xu[:, :, 4] = lay.segment
+        u0 = np.asarray(u_at[i0:i1], np.int64)[None, :, None]
+        order[:, i0:i1] = u0 + idx.reshape(layers, 1, 2 * heads)
+    for i, lay in enumerate(lays):
+        row = row_at[i]
         cos, sin = rope_tables(cross, positions[i], lay.tokens)
         cosines[row * half : (row + lay.tokens) * half] = cos.reshape(-1)
         sines[row * half : (row + lay.tokens) * half] = sin.reshape(-1)
