@@ -514,7 +514,7 @@ class Staged:
         # The descriptors (groups, streams, units) of each run of jobs with one layout at
         # once: a template per layout plus each job's offsets (per job they were ~30 NumPy
         # calls a chunk, under the GIL).
-        at = {"u": u_at, "s": s_at, "c": c_at, "e": e_at, "d": d_at, "g": g_at, "y": sym_at}
+        at = {"u": u_at, "s": s_at, "c": c_at, "e": e_at, "d": d_at, "y": sym_at}
         for i0, i1 in _runs(lays):
             lay, k = lays[i0], i1 - i0
             nu, ns, ng = lay.units, lay.streams, -(-lay.units // GROUP_UNITS)

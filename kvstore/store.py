@@ -1333,18 +1333,15 @@ class Store:
         self, sink: _FetchSink, i: int, value: RemoteValue, bad: ContainerError | None
     ) -> bool:
         """Commit the reservation `value` was read (and decoded) into; False if it did not
-        decode (`bad`: then dropped from remote too)."""
+        decode (`bad`: then dropped from remote too, unless intact: MissingContext)."""
         res, h = sink.reservations.pop(i), value.header
         assert res.buffer is not None
-        if isinstance(bad, MissingContext):  # intact, for a server that can decode it
-            res.abort()
-            log.warning(
-                "remote value %s/%s kept: %s", res.entry.namespace, res.entry.key.hex(), bad
-            )
-            return False
         if bad is not None:
             res.abort()
             namespace, key = res.entry.namespace, res.entry.key
+            if isinstance(bad, MissingContext):  # intact, for a server that can decode it
+                log.warning("remote value %s/%s kept: %s", namespace, key.hex(), bad)
+                return False
             log.error("remote value %s/%s does not decode: %s", namespace, key.hex(), bad)
             assert self.remote is not None
             self.remote.delete_many(namespace, [key])
