@@ -10,8 +10,12 @@ each layer from the one below"). So, for a chunk whose first token is at `positi
   mixes heads and channels does not commute with RoPE), then V: `[tokens, 2, heads,
   head_dim]`;
 - layer 0 is predicted by nothing; layer l >= 1 by `CrossLayer.predict` of layer l-1 *as
-  decoded* (closed loop), an integer product exact on any machine; then the chunk's mean of
-  what is left, per channel, is the float16 start value;
+  decoded* (closed loop), an integer product exact on any machine (with the default 8-bit
+  maps, int8 by int8 summed in int32: torch's `_int_mm` on the host, ~10x a float64 GEMM
+  on a core with AMX); then the chunk's mean of what is left, per channel, is the float16
+  start value. The kernels below write each layer's channels as the next map's integer
+  inputs as they reconstruct them, and read the product's integers, so a layer costs one
+  GEMM call and one kernel;
 - the rest is cachegen's quantizer: one float16 step per (layer, K/V, head) from the
   residuals' spread over a resolution (`CROSS_LEVELS` times the profile's cross-layer
   weight), a value further than `OUTLIER_SPREADS` of its channel's spread and every value of
@@ -213,7 +217,7 @@ class CacheGenX(CacheGen):
         x = tensor.detach().float().numpy()
         layers, _, tokens, heads, dim = x.shape
         self._check_shape(layers, heads, dim)
-        if not np.isfinite(x).all() or (np.abs(x) > F16_MAX).any():
+        if not _within_f16(x):
             raise InvalidArgument(
                 "cachegen-x needs finite values within float16's range; store this value with "
                 "a lossless codec (raw or zstd)"
@@ -222,13 +226,13 @@ class CacheGenX(CacheGen):
         if position < 0:
             position = find_position(self.cross, x)
         c = self.cross
-        ch = channels_of(x, c.inv_freq, c.rope_scale, position).astype(np.float32)
-        if (np.abs(ch) > F16_MAX).any():
+        ch = np.empty((layers, tokens, 2, heads, dim), np.float32)
+        cos, sin = rope_tables(c, position, tokens)
+        if not _channels(x, cos, sin, np.float32(1 / c.rope_scale**2), ch):
             raise InvalidArgument(
                 "cachegen-x: K with RoPE undone leaves float16's range; store this value "
                 "with another codec"
             )
-        ch = ch.reshape(layers, tokens, 2, heads, dim)
         lay = _Layout(layers, tokens, heads, dim, SEGMENT_TOKENS)
         res = self.resolution(layers, heads)
         starts = np.empty((layers, 2, heads, dim), np.uint16)
@@ -237,22 +241,22 @@ class CacheGenX(CacheGen):
         counts = np.empty((lay.units, ALPHABET), np.int64)
         marked = np.empty((lay.units, tokens), np.bool_)
         xhat = np.empty((layers, tokens, 2, heads, dim), np.float32)
-        pred = np.zeros((tokens, 2, heads, dim), np.float32)
+        below, acc = np.empty((tokens, c.channels), c.input_dtype), _NO_PRODUCT
         for layer in range(layers):
             if layer:
-                n = c.channels
-                c.predict(xhat[layer - 1].reshape(tokens, n), layer, pred.reshape(tokens, n))
+                acc = c.product(below, layer)
             _code_layer(
-                ch[layer], pred, res[layer], layer, starts, steps, symbols, counts, marked,
-                xhat[layer],
+                ch[layer], acc, c.out_scale[max(layer - 1, 0)], c.in_scale[min(layer, layers - 2)],
+                float(c.input_limit), res[layer], layer, starts, steps, symbols, counts, marked,
+                xhat[layer], below,
             )  # fmt: skip
         escapes = counts[:, 0]
         first = np.zeros(lay.units + 1, np.int64)
         np.cumsum(escapes, out=first[1:])
         escaped = np.empty(first[-1], np.uint16)
-        # The escapes' values from the channels laid out as a float32 value's words.
-        words = _words(torch.from_numpy(np.ascontiguousarray(ch.transpose(0, 2, 1, 3, 4))))
-        _gather_escapes(words, _F32, heads, symbols, marked, first, escaped)
+        if escaped.size:  # their values from the channels laid out as a float32 value's words
+            words = _words(torch.from_numpy(np.ascontiguousarray(ch.transpose(0, 2, 1, 3, 4))))
+            _gather_escapes(words, _F32, heads, symbols, marked, first, escaped)
         if back is not None:
             _rotate_out(self.cross, xhat, position, back)
         qz = _Quantized(lay, starts, steps, symbols, counts, escapes, escaped, first)
@@ -278,21 +282,29 @@ class CacheGenX(CacheGen):
         position, p = self.parse(payload, out.shape)
         layers, _, tokens, heads, dim = out.shape
         symbols = decode_symbols(p)
+        c = self.cross
         xhat = np.empty((layers, tokens, 2, heads, dim), np.float32)
-        pred = np.zeros((tokens, 2, heads, dim), np.float32)
+        # Each layer's decoded channels as the next layer's map reads them (integers), and
+        # the map's product: the prediction, scaled inside the kernel. (The last layer's
+        # channels feed no map: they are scaled as the one before's, and not read.)
+        below, acc = np.empty((tokens, c.channels), c.input_dtype), _NO_PRODUCT
         starts = np.ascontiguousarray(p.starts)
         steps = np.ascontiguousarray(p.steps[..., 0])
         for layer in range(layers):
             if layer:
-                n = self.cross.channels
-                self.cross.predict(
-                    xhat[layer - 1].reshape(tokens, n), layer, pred.reshape(tokens, n)
-                )
+                acc = c.product(below, layer)
             if not _decode_layer(
-                symbols, starts, steps, p.escaped, p.first, pred, layer, xhat[layer]
-            ):
+                symbols, starts, steps, p.escaped, p.first, acc, c.out_scale[max(layer - 1, 0)],
+                c.in_scale[min(layer, layers - 2)], float(c.input_limit), layer, xhat[layer],
+                below,
+            ):  # fmt: skip
                 raise ContainerError("cachegen-x escapes disagree with the streams")
-        _rotate_out(self.cross, xhat, position, out)
+        _rotate_out(c, xhat, position, out)
+
+
+# Layer 0's "product": no rows, so its kernels predict nothing.
+_NO_PRODUCT = np.empty((0, 0), np.float64)
+_NO_PRODUCT.flags.writeable = False
 
 
 def _rotate_out(cross: CrossLayer, xhat: np.ndarray, position: int, out: torch.Tensor) -> None:
@@ -393,9 +405,57 @@ def _misfit(
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
+def _within_f16(x: np.ndarray) -> bool:
+    """Whether every value of `x` (float32, any shape) is finite and within float16's range."""
+    flat = x.reshape(-1)
+    rows = max(1, flat.size // 65536)
+    ok = np.ones(rows, np.bool_)
+    for r in numba.prange(rows):
+        bad = False
+        for i in range(r * flat.size // rows, (r + 1) * flat.size // rows):
+            bad |= not abs(flat[i]) <= F16_MAX
+        ok[r] = not bad
+    return bool(ok.all())
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _channels(
+    x: np.ndarray, cos: np.ndarray, sin: np.ndarray, unscale: np.float32, ch: np.ndarray
+) -> bool:
+    """ch `[layers, tokens, 2, heads, dim]` = the channels the maps read from KV x (float32
+    `[layers, 2, tokens, heads, dim]`): K with RoPE undone by the decoders' tables cos / sin
+    `[tokens, dim / 2]` (`rope_tables`: the RoPE scale in them, so `unscale` = 1 / scale^2),
+    in float32 (the encoder's side: not part of the format), and V; whether every channel
+    is within float16's range."""
+    layers, tokens, _, heads, dim = ch.shape
+    half = dim // 2
+    ok = np.ones(layers * tokens, np.bool_)
+    for i in numba.prange(layers * tokens):
+        ly, t = i // tokens, i % tokens
+        co, si = cos[t], sin[t]
+        bad = False
+        for h in range(heads):
+            k, out = x[ly, 0, t, h], ch[ly, t, 0, h]
+            a, b = k[:half], k[half:]
+            lo, hi = out[:half], out[half:]
+            for d in range(half):
+                lo[d] = (a[d] * co[d] + b[d] * si[d]) * unscale
+                hi[d] = (b[d] * co[d] - a[d] * si[d]) * unscale
+            v, vout = x[ly, 1, t, h], ch[ly, t, 1, h]
+            for d in range(dim):
+                vout[d] = v[d]
+                bad |= not abs(out[d]) <= F16_MAX
+        ok[i] = not bad
+    return bool(ok.all())
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
 def _code_layer(
     x: np.ndarray,
-    pred: np.ndarray,
+    acc: np.ndarray,
+    out_scale: np.ndarray,
+    in_scale: np.ndarray,
+    limit: float,
     res: np.ndarray,
     layer: int,
     starts: np.ndarray,
@@ -404,34 +464,48 @@ def _code_layer(
     counts: np.ndarray,
     marked: np.ndarray,
     xhat: np.ndarray,
+    below: np.ndarray,
 ) -> None:
     """One layer's channels x `[tokens, 2, heads, dim]` (float32) against their prediction
-    `pred` (the same shape): per (K/V, head) unit in parallel, the float16 bits of its
-    starts and step (into starts / steps `[layers, 2, heads, dim]` at `layer`), its symbols,
-    their counts and the tokens with an escape (at the unit's rows), and `xhat`: the
-    channels as decoded."""
+    from the map's product `acc` (as `_decode_layer` reads it): per (K/V, head) unit in
+    parallel, the float16 bits of its starts and step (into starts / steps `[layers, 2,
+    heads, dim]` at `layer`), its symbols, their counts and the tokens with an escape (at
+    the unit's rows), `xhat`: the channels as decoded, and `below`: them as the next
+    layer's map reads them. (Rows taken as slices, as in `_decode_layer`.)"""
     tokens, _, heads, dim = x.shape
     for j in numba.prange(2 * heads):
         kv, h = j // heads, j % heads
         u = (layer * 2 + kv) * heads + h
+        at = (kv * heads + h) * dim  # the unit's first channel
+        outs = out_scale[at : at + dim]
+        ins = in_scale[at : at + dim]
+        pred = np.zeros(dim, np.float32)
+        # The residuals from the prediction, kept in xhat until they are reconstructed.
+        for t in range(tokens):
+            _predict_row(acc, outs, at, t, pred)
+            r, xt = xhat[t, kv, h], x[t, kv, h]
+            for d in range(dim):
+                r[d] = xt[d] - pred[d]
         lo = 1 if tokens > 1 else 0  # the first token is stored exactly
         mean = np.zeros(dim, np.float64)
         for t in range(lo, tokens):
+            r = xhat[t, kv, h]
             for d in range(dim):
-                mean[d] += x[t, kv, h, d] - pred[t, kv, h, d]
+                mean[d] += r[d]
         n = max(tokens - lo, 1)
         for d in range(dim):
             mean[d] /= n
-        acc = np.zeros(dim, np.float64)
+        sq = np.zeros(dim, np.float64)
         for t in range(lo, tokens):
+            r = xhat[t, kv, h]
             for d in range(dim):
-                e = np.float64(x[t, kv, h, d] - pred[t, kv, h, d]) - mean[d]
-                acc[d] += e * e
+                e = np.float64(r[d]) - mean[d]
+                sq[d] += e * e
         start = np.empty(dim, np.float32)
         spread = np.empty(dim, np.float32)
         rms = np.float32(0.0)
         for d in range(dim):
-            spread[d] = np.sqrt(acc[d] / n)
+            spread[d] = np.sqrt(sq[d] / n)
             rms += spread[d] * spread[d]
             bits = f32_to_f16(np.float32(mean[d]), True)
             starts[layer, kv, h, d] = bits
@@ -440,27 +514,32 @@ def _code_layer(
         bits = f32_to_f16(rms / res[kv, h], True)
         step = f16_to_f32(bits)
         inv = np.float32(1.0) / step if step > 0 else np.float32(0.0)
-        limit = np.empty(dim, np.float32)
+        far = np.empty(dim, np.float32)
         for d in range(dim):
             steps[layer, kv, h, d] = bits
-            far = np.ceil(OUTLIER_SPREADS * spread[d] * inv)
-            limit[d] = min(max(far, np.float32(1.0)), np.float32(REACH))
+            f = np.ceil(OUTLIER_SPREADS * spread[d] * inv)
+            far[d] = min(max(f, np.float32(1.0)), np.float32(REACH))
         for t in range(tokens):
+            _predict_row(acc, outs, at, t, pred)
+            xr, xt, sym = xhat[t, kv, h], x[t, kv, h], symbols[u, t]
             escapes = False
             for d in range(dim):
-                base = pred[t, kv, h, d] + start[d]
-                residual = x[t, kv, h, d] - base
+                base = pred[d] + start[d]
+                residual = xt[d] - base
                 q = np.rint(residual * inv)
-                escape = (abs(q) > limit[d]) | ((step == 0) & (residual != 0)) | (t == 0)
-                q = min(max(q, -limit[d]), limit[d])
-                symbols[u, t, d] = 0 if escape else np.uint8(np.int32(q) + CENTER)
-                xhat[t, kv, h, d] = base + q * step  # q * step is exact
+                escape = (abs(q) > far[d]) | ((step == 0) & (residual != 0)) | (t == 0)
+                q = min(max(q, -far[d]), far[d])
+                sym[d] = 0 if escape else np.uint8(np.int32(q) + CENTER)
+                xr[d] = base + q * step  # q * step is exact
                 escapes |= escape
             marked[u, t] = escapes
             if escapes:
                 for d in range(dim):
-                    if symbols[u, t, d] == 0:
-                        xhat[t, kv, h, d] = f16_to_f32(f32_to_f16(x[t, kv, h, d], True))
+                    if sym[d] == 0:
+                        xr[d] = f16_to_f32(f32_to_f16(xt[d], True))
+            nxt = below[t, at : at + dim]
+            for d in range(dim):
+                nxt[d] = min(max(np.rint(xr[d] * ins[d]), -limit), limit)
         _histogram(symbols, u, tokens, counts)
 
 
@@ -471,38 +550,68 @@ def _decode_layer(
     steps: np.ndarray,
     escaped: np.ndarray,
     first: np.ndarray,
-    pred: np.ndarray,
+    acc: np.ndarray,
+    out_scale: np.ndarray,
+    in_scale: np.ndarray,
+    limit: float,
     layer: int,
     xhat: np.ndarray,
+    below: np.ndarray,
 ) -> bool:
     """Layer `layer`'s channels `xhat` `[tokens, 2, heads, dim]` from its units' symbols,
-    starts `[layers, 2, heads, dim]`, steps `[layers, 2, heads]`, escapes and prediction
-    `pred`, as `_code_layer` made them; False if a unit's escapes do not add up."""
+    starts `[layers, 2, heads, dim]`, steps `[layers, 2, heads]`, escapes and its map's
+    integer product `acc` `[tokens, channels]` (empty for layer 0: no prediction), as
+    `_code_layer` made them, the prediction float32(acc * out_scale) as
+    `CrossLayer.predict` makes it; `below` `[tokens, channels]` = the channels as the next
+    layer's map reads them, clip(rint(xhat * in_scale), +-limit). False if a unit's
+    escapes do not add up. (Rows are taken as slices and indexed by loop counters: numba
+    checks `array[t, at + d]` for a negative index, and such a loop does not vectorize.)"""
     tokens, _, heads, dim = xhat.shape
     ok = np.ones(2 * heads, np.bool_)
     for j in numba.prange(2 * heads):
         kv, h = j // heads, j % heads
         u = (layer * 2 + kv) * heads + h
+        at = (kv * heads + h) * dim  # the unit's first channel
         step = steps[layer, kv, h]
         e = first[u]
+        start = starts[layer, kv, h]
+        outs = out_scale[at : at + dim]
+        ins = in_scale[at : at + dim]
+        pred = np.zeros(dim, np.float32)
         for t in range(tokens):
+            _predict_row(acc, outs, at, t, pred)
+            sym = symbols[u, t]
+            x = xhat[t, kv, h]
             escapes = False
             for d in range(dim):
-                s = symbols[u, t, d]
-                base = pred[t, kv, h, d] + starts[layer, kv, h, d]
-                xhat[t, kv, h, d] = base + (np.float32(s) - np.float32(CENTER)) * step
+                s = sym[d]
+                x[d] = (pred[d] + start[d]) + (np.float32(s) - np.float32(CENTER)) * step
                 escapes |= s == 0
             if escapes:
                 for d in range(dim):
-                    if symbols[u, t, d] == 0:
+                    if sym[d] == 0:
                         if e == first[u + 1]:
                             ok[j] = False
                         else:
-                            xhat[t, kv, h, d] = escaped[e]
+                            x[d] = escaped[e]
                             e += 1
+            nxt = below[t, at : at + dim]
+            for d in range(dim):
+                nxt[d] = min(max(np.rint(x[d] * ins[d]), -limit), limit)
         if e != first[u + 1]:
             ok[j] = False
     return bool(ok.all())
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _predict_row(acc: np.ndarray, outs: np.ndarray, at: int, t: int, pred: np.ndarray) -> None:
+    """pred `[dim]` = token t's prediction of the unit whose channels start at `at`:
+    float32(acc * out_scale) (`CrossLayer.predict`), or left as it is (zeros) for layer 0,
+    which has no product."""
+    if acc.shape[0]:
+        row = acc[t, at : at + pred.size]
+        for d in range(pred.size):
+            pred[d] = np.float64(row[d]) * outs[d]
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import xxhash
 import zstandard
 
@@ -69,15 +70,21 @@ SAMPLES = 4
 # below as *decoded*, and without an allowance for its quantization noise the fitted map
 # amplifies it (on SmolLM2, lambda ~0 made the model's KL 5x worse; 0.02-0.2 x N was flat).
 RIDGE = 0.1
-# A layer's decoded values enter the map as integers: each channel scaled by a power of two
-# that puts the fitting texts' largest magnitude in [2^12, 2^13) (headroom to 2^15, where
-# larger values clip), and each map column by one that puts its largest entry in [2^14,
-# 2^15). The products' sums then stay below 2^15 * 2^15 * 2^13 = 2^43 for up to 8192
-# input channels: exact in float64 whatever the order or fusing of a GEMM's additions, so
-# every decoder (BLAS on any CPU, a GPU) predicts the same bits.
-INPUT_TOP = 1 << 12
-MAP_TOP = 1 << 14
-INT16_MAX = 32767
+# A layer's decoded values enter the map as integers, each channel scaled by a power of two,
+# and each map column is an integer scaled by another. Maps are 8-bit (the default) or
+# 16-bit (profiles fitted before 2026-11-30); `MAP_FORMATS[bits]` = (the fitting texts'
+# largest input magnitude is put in (top / 2, top], larger values clip at +-limit; each map
+# column's largest entry is put in (top / 2, top]; entries and inputs within +-limit):
+# - 8-bit: inputs and map entries within +-127, so a product's sum over up to 8192 input
+#   channels stays below 2^31: exact in int32, which CPUs multiply fastest (torch's
+#   `_int_mm`: AMX or VNNI, ~10x a float64 GEMM on one core), and exact in float64 (the GPU).
+#   On SmolLM2 the K and V errors are within 0.2% of the 16-bit maps' at the same size.
+# - 16-bit: sums below 2^15 * 2^15 * 2^13 = 2^43, exact in float64.
+# Either way every decoder (any CPU, a GPU) predicts the same bits whatever the order or
+# fusing of a GEMM's additions.
+MAP_FORMATS: dict[int, tuple[int, int, int]] = {8: (64, 127, 127), 16: (1 << 12, 1 << 14, 32767)}
+MAP_BITS = 8
+_MAP_DTYPES: dict[int, np.dtype[Any]] = {8: np.dtype(np.int8), 16: np.dtype(np.int16)}
 MAX_CHANNELS = 8192
 CROSS_CHUNK = 256  # tokens per chunk when fitting the residual spreads (the store's chunk)
 
@@ -104,8 +111,9 @@ class CrossLayer(_PerHead):
 
     Channels of a layer, `2 * heads * head_dim` of them: K with RoPE undone, then V, each
     `[heads, head_dim]`. Layer l's prediction from layer l-1's decoded channels x (float32):
-    `xi = clip(rint(x * 2^in_exp[l-1]), +-32767)`, `acc = xi @ maps[l-1]` (integers, exact
-    in float64), `pred = float32(acc * 2^-out_exp[l-1])` (`predict`)."""
+    `xi = clip(rint(x * 2^in_exp[l-1]), +-limit)`, `acc = xi @ maps[l-1]` (integers, exact),
+    `pred = float32(acc * 2^-out_exp[l-1])` (`predict`); limit = `input_limit`, 127 for
+    8-bit maps and 32767 for 16-bit ones (`MAP_FORMATS`)."""
 
     inv_freq: np.ndarray
     """float64 `[head_dim // 2]`: RoPE's angle per position of each rotated pair (the model's
@@ -122,7 +130,10 @@ class CrossLayer(_PerHead):
     weights: np.ndarray
     """float32 `[layers, 2, heads]`: resolution weights for the cross-layer residuals (layer
     0: its chunk's channel mean), as `CacheGenProfile.weights` are for cachegen's."""
-    _maps64: np.ndarray = field(init=False, repr=False, compare=False)
+    map_bits: int = 16
+    """8 or 16: the maps' and inputs' integer width (`MAP_FORMATS`)."""
+    _maps64: np.ndarray = field(init=False, repr=False, compare=False)  # 16-bit maps
+    _maps8: torch.Tensor = field(init=False, repr=False, compare=False)  # 8-bit maps
     _in_scale: np.ndarray = field(init=False, repr=False, compare=False)
     _out_scale: np.ndarray = field(init=False, repr=False, compare=False)
 
@@ -142,6 +153,9 @@ class CrossLayer(_PerHead):
         if not (math.isfinite(self.rope_scale) and self.rope_scale > 0):
             raise InvalidArgument(f"cross-layer rope_scale must be positive, got {self.rope_scale}")
         ch = 2 * heads * dim
+        if self.map_bits not in MAP_FORMATS:
+            raise InvalidArgument(f"cross-layer maps are 8- or 16-bit, not {self.map_bits}")
+        limit = MAP_FORMATS[self.map_bits][2]
         if ch > MAX_CHANNELS:
             raise InvalidArgument(
                 f"cross-layer maps take at most {MAX_CHANNELS} channels, not {ch}"
@@ -156,18 +170,32 @@ class CrossLayer(_PerHead):
                 raise InvalidArgument(
                     f"cross-layer {name} must be {list(shape)}, got {list(a.shape)}"
                 )
-            if name == "maps" and (np.abs(a.astype(np.int64)) > INT16_MAX).any():
-                raise InvalidArgument("cross-layer maps must be int16 within +-32767")
+            if name == "maps" and (np.abs(a.astype(np.int64)) > limit).any():
+                raise InvalidArgument(
+                    f"cross-layer {self.map_bits}-bit maps must be within +-{limit}"
+                )
             if name != "maps" and (np.abs(a.astype(np.int64)) > 60).any():
                 raise InvalidArgument(f"cross-layer {name} must be within +-60")
-            object.__setattr__(self, name, np.ascontiguousarray(a, np.int16))
+            a = np.ascontiguousarray(a, _MAP_DTYPES[self.map_bits] if name == "maps" else np.int16)
+            if not a.flags.writeable:  # torch shares the map's memory (and never writes it)
+                a = a.copy()
+            object.__setattr__(self, name, a)
         object.__setattr__(self, "weights", w)
         object.__setattr__(self, "inv_freq", inv)
         object.__setattr__(self, "rope_scale", float(self.rope_scale))
-        # The map as float64 and the scales as factors, once: what `predict` multiplies.
-        object.__setattr__(self, "_maps64", self.maps.astype(np.float64))
+        # The map as float64 (16-bit; an 8-bit one as a torch int8 tensor) and the scales as
+        # factors, once: what `predict` multiplies.
+        if self.map_bits == 8:
+            object.__setattr__(self, "_maps8", torch.from_numpy(self.maps))
+        else:
+            object.__setattr__(self, "_maps64", self.maps.astype(np.float64))
         object.__setattr__(self, "_in_scale", np.ldexp(np.float32(1), self.in_exp.astype(np.int32)))
         object.__setattr__(self, "_out_scale", np.ldexp(1.0, -self.out_exp.astype(np.int32)))
+
+    @property
+    def input_limit(self) -> int:
+        """The largest magnitude of a map's integer input (larger ones clip)."""
+        return MAP_FORMATS[self.map_bits][2]
 
     @property
     def head_dim(self) -> int:
@@ -191,9 +219,37 @@ class CrossLayer(_PerHead):
         h.update(np.array([self.layers, self.heads, self.head_dim], "<i8").tobytes())
         h.update(self.inv_freq.astype("<f8").tobytes())
         h.update(np.array([self.rope_scale], "<f8").tobytes())
+        if self.map_bits != 16:  # 16-bit maps hash as they did before 8-bit ones came
+            h.update(np.array([self.map_bits], "<i8").tobytes())
         for a in (self.in_exp, self.maps, self.out_exp):
             h.update(a.astype("<i2").tobytes())
         return h.hexdigest()
+
+    @property
+    def in_scale(self) -> np.ndarray:
+        """float32 `[layers - 1, channels]`: 2^in_exp, what layer l's decoded channels are
+        multiplied by (then rounded and clipped) to enter layer l + 1's map."""
+        return self._in_scale
+
+    @property
+    def out_scale(self) -> np.ndarray:
+        """float64 `[layers - 1, channels]`: 2^-out_exp, what map l - 1's integer product
+        is multiplied by (then rounded to float32) to predict layer l."""
+        return self._out_scale
+
+    @property
+    def input_dtype(self) -> np.dtype:
+        """What `product` takes its integer inputs as: int8 (8-bit maps) or float64."""
+        return np.dtype(np.int8) if self.map_bits == 8 else np.dtype(np.float64)
+
+    def product(self, xi: np.ndarray, layer: int) -> np.ndarray:
+        """The exact integer product `[tokens, channels]` of inputs `xi` (integers within
+        +-`input_limit`, `[tokens, channels]`) and layer `layer`'s (>= 1) map: int32 for
+        8-bit maps, float64 for 16-bit ones."""
+        m = layer - 1
+        if self.map_bits == 8:
+            return _int8_product(xi, self._maps8[m])
+        return np.asarray(xi, np.float64) @ self._maps64[m]  # integers below 2^53: exact
 
     def predict(self, below: np.ndarray, layer: int, out: np.ndarray | None = None) -> np.ndarray:
         """Layer `layer`'s (>= 1) prediction, float32 `[tokens, channels]`, from layer - 1's
@@ -201,8 +257,8 @@ class CrossLayer(_PerHead):
         machine (see the class)."""
         m = layer - 1
         xi = np.rint(below * self._in_scale[m])  # a power of two: exact
-        np.clip(xi, -INT16_MAX, INT16_MAX, out=xi)
-        acc = xi.astype(np.float64) @ self._maps64[m]  # integers below 2^53: exact
+        np.clip(xi, -self.input_limit, self.input_limit, out=xi)
+        acc = self.product(xi, layer).astype(np.float64)
         acc *= self._out_scale[m]
         if out is None:
             return acc.astype(np.float32)
@@ -215,13 +271,16 @@ class CrossLayer(_PerHead):
         cache = self.__dict__.setdefault("_float_maps", {})
         if layer not in cache:
             m = layer - 1
-            scaled = self._maps64[m] * self._in_scale[m].astype(np.float64)[:, None]
+            scaled = self.maps[m].astype(np.float64) * self._in_scale[m].astype(np.float64)[:, None]
             cache[layer] = (scaled * self._out_scale[m][None, :]).astype(np.float32)
         return cache[layer]
 
     def to_doc(self) -> dict[str, Any]:
-        packed = zstandard.ZstdCompressor(level=10).compress(self.maps.astype("<i2").tobytes())
+        packed = zstandard.ZstdCompressor(level=10).compress(
+            self.maps.astype(_MAP_DTYPES[self.map_bits].newbyteorder("<")).tobytes()
+        )
         return {
+            "map_bits": self.map_bits,
             "inv_freq": [float(f) for f in self.inv_freq],  # repr round-trips float64
             "rope_scale": self.rope_scale,
             "in_exp": self.in_exp.tolist(),
@@ -238,11 +297,15 @@ class CrossLayer(_PerHead):
         try:
             inv = np.array(doc["inv_freq"], np.float64)
             ch = 2 * heads * 2 * inv.size
+            bits = doc.get("map_bits", 16)  # absent in profiles fitted before 8-bit maps
+            if bits not in _MAP_DTYPES:
+                raise ValueError(f"map_bits must be 8 or 16, not {bits!r}")
+            dtype = _MAP_DTYPES[bits].newbyteorder("<")
             raw = zstandard.ZstdDecompressor().decompress(
                 base64.b64decode(doc["maps_zstd_base64"], validate=True),
-                max_output_size=2 * (layers - 1) * ch * ch,
+                max_output_size=dtype.itemsize * (layers - 1) * ch * ch,
             )
-            maps = np.frombuffer(raw, "<i2").reshape(layers - 1, ch, ch)
+            maps = np.frombuffer(raw, dtype).reshape(layers - 1, ch, ch)
             cross = cls(
                 inv,
                 float(doc["rope_scale"]),
@@ -250,6 +313,7 @@ class CrossLayer(_PerHead):
                 maps,
                 np.array(doc["out_exp"], np.int64),
                 np.array(doc["weights"], np.float64),
+                bits,
             )
         except (KeyError, TypeError, ValueError, zstandard.ZstdError) as exc:
             raise InvalidArgument(f"cross-layer part malformed: {exc}") from None
@@ -258,6 +322,20 @@ class CrossLayer(_PerHead):
         if doc.get("digest") != cross.digest:
             raise InvalidArgument("cross-layer maps do not match their digest (damaged file)")
         return cross
+
+
+def _int8_product(xi: np.ndarray, maps: torch.Tensor) -> np.ndarray:
+    """int32 `[tokens, out]`: the exact product of `xi` (`[tokens, in]`, integers within
+    +-127 in a float array) and an int8 map `[in, out]`. torch's `_int_mm` (oneDNN: AMX or
+    VNNI where the CPU has them) where this torch has it; a float64 GEMM otherwise, exact
+    too (the sums stay below 2^31)."""
+    x8 = np.ascontiguousarray(xi, np.int8)
+    if _INT_MM is not None:
+        return _INT_MM(torch.from_numpy(x8), maps).numpy()
+    return (x8.astype(np.float64) @ maps.numpy().astype(np.float64)).astype(np.int32)
+
+
+_INT_MM = getattr(torch, "_int_mm", None)
 
 
 _registry: dict[str, CrossLayer] = {}
@@ -333,7 +411,7 @@ def channels_of(kv: np.ndarray, inv_freq: np.ndarray, scale: float, position: in
 
 def _exponents(top: np.ndarray, target: int) -> np.ndarray:
     """Per entry, the power-of-two exponent that puts `top` (> 0; else 0) in
-    [target / 2, target): floor(log2(target / top)), clipped to +-40."""
+    (target / 2, target]: floor(log2(target / top)), clipped to +-40."""
     with np.errstate(divide="ignore"):
         e = np.floor(np.log2(target / np.maximum(top, 1e-30)))
     e[top <= 0] = 0
@@ -348,12 +426,15 @@ def fit_cross(
     values: np.ndarray,
     ridge: float = RIDGE,
     chunk: int = CROSS_CHUNK,
+    bits: int = MAP_BITS,
 ) -> CrossLayer:
     """A `CrossLayer` from fitting KV `kvs` (each `[layers, 2, tokens, heads, head_dim]`,
     positions from 0) and the heads' Fisher information and value counts (`measure`):
     ridge maps with lambda = `ridge` x the sample count, quantized to integers, and weights
     from the spreads of what they leave on `chunk`-token chunks (open loop, each chunk's
-    mean removed, its first token left out: the codec stores it exactly)."""
+    mean removed, its first token left out: the codec stores it exactly); `bits`-bit maps
+    (`MAP_FORMATS`)."""
+    input_top, map_top, limit = MAP_FORMATS[bits]
     xs = [channels_of(np.asarray(kv, np.float64), inv_freq, rope_scale, 0) for kv in kvs]
     layers, _, ch = xs[0].shape
     heads, dim = kvs[0].shape[3], kvs[0].shape[4]
@@ -361,20 +442,19 @@ def fit_cross(
         raise InvalidArgument("cross-layer maps need a model of two layers or more")
     in_exp = np.empty((layers - 1, ch), np.int16)
     out_exp = np.empty((layers - 1, ch), np.int16)
-    maps = np.empty((layers - 1, ch, ch), np.int16)
+    maps = np.empty((layers - 1, ch, ch), _MAP_DTYPES[bits])
     for layer in range(1, layers):
         x = np.concatenate([c[layer - 1] for c in xs])
         y = np.concatenate([c[layer] for c in xs])
         m = np.linalg.solve(x.T @ x + ridge * len(x) * np.eye(ch), x.T @ y)
-        ie = _exponents(np.abs(x).max(axis=0), INPUT_TOP)
+        ie = _exponents(np.abs(x).max(axis=0), input_top)
         scaled = m * np.ldexp(1.0, -ie.astype(np.int32))[:, None]
-        oe = _exponents(np.abs(scaled).max(axis=0), MAP_TOP)
+        oe = _exponents(np.abs(scaled).max(axis=0), map_top)
         q = np.rint(scaled * np.ldexp(1.0, oe.astype(np.int32))[None, :])
         in_exp[layer - 1], out_exp[layer - 1] = ie, oe
-        maps[layer - 1] = np.clip(q, -INT16_MAX, INT16_MAX)
-    provisional = CrossLayer(
-        inv_freq, rope_scale, in_exp, maps, out_exp, np.ones((layers, 2, heads), np.float32)
-    )
+        maps[layer - 1] = np.clip(q, -limit, limit)
+    ones = np.ones((layers, 2, heads), np.float32)
+    provisional = CrossLayer(inv_freq, rope_scale, in_exp, maps, out_exp, ones, bits)
     sq = np.zeros((layers, 2, heads))
     n = 0
     for c in xs:
@@ -391,7 +471,7 @@ def fit_cross(
         n += sum(max(min(chunk, c.shape[1] - a) - 1, 0) for a in range(0, c.shape[1], chunk))
     spread = np.sqrt(sq / max(n * dim, 1))
     weights = weights_from(fisher, spread, values)
-    return CrossLayer(inv_freq, rope_scale, in_exp, maps, out_exp, weights)
+    return CrossLayer(inv_freq, rope_scale, in_exp, maps, out_exp, weights, bits)
 
 
 @dataclass(frozen=True)

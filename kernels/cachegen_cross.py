@@ -8,7 +8,8 @@ value of the batch (in two halves on two streams once the batch has `SPLIT_ROWS`
 so one half's GEMM runs beside the other's reconstruction):
 
 1. layer l >= 1's prediction: cuBLAS's float64 GEMM of the batch's rows of layer l-1 (as
-   integers: its decoded channels times a power of two, rounded, clipped to +-32767) by
+   integers: its decoded channels times a power of two, rounded, clipped to the maps'
+   input limit: +-127 for 8-bit maps, +-32767 for 16-bit ones) by
    the layer's integer map: exact, whatever order cuBLAS sums in, since every partial sum
    is an integer below 2^53 (`kvstore.codecs.cachegen_profile.CrossLayer.predict`);
 2. `reconstruct_x_J`: a warp per (value, K/V, head, 32-token segment), each lane J of the
@@ -111,7 +112,8 @@ __device__ __forceinline__ void recon_x(const long long* __restrict__ units,
                                         double* __restrict__ next,
                                         const float* __restrict__ cosines,
                                         const float* __restrict__ sines,
-                                        long long channels, int* __restrict__ status) {
+                                        long long channels, float limit,
+                                        int* __restrict__ status) {
     __shared__ float pair[WARPS][32 * J];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const long long w = (long long)blockIdx.x * WARPS + warp;
@@ -193,8 +195,8 @@ __device__ __forceinline__ void recon_x(const long long* __restrict__ units,
             for (int j = 0; j < J; ++j) {
                 const long long at = (row0 + t) * channels + chan + c[j];
                 if (ok[j] && next)
-                    next[at] = (double)fminf(fmaxf(rintf(__fmul_rn(v[j], iscale[j])), -32767.f),
-                                             32767.f);
+                    next[at] = (double)fminf(fmaxf(rintf(__fmul_rn(v[j], iscale[j])), -limit),
+                                             limit);
             }
             if (is_k) {
                 float partner[J];
@@ -237,10 +239,10 @@ __device__ __forceinline__ void recon_x(const long long* __restrict__ units,
         const unsigned char* symbols, const float* starts,                                   \
         const float* steps, const float* escaped, const double* acc, const double* out_scale, \
         const float* in_scale, double* next, const float* cosines, const float* sines,       \
-        long long channels, int* status) {                                                   \
+        long long channels, float limit, int* status) {                                      \
         recon_x<J, P>(units, xunits, order, n_order, segments, zeros, symbols, starts, steps, \
-                      escaped, acc,                                                          \
-                      out_scale, in_scale, next, cosines, sines, channels, status);          \
+                      escaped, acc, out_scale, in_scale, next, cosines, sines, channels,     \
+                      limit, status);                                                        \
     }
 @INSTANCES@
 """
@@ -379,6 +381,7 @@ def _decode_batch(todo: list[Job], stream: Any) -> GpuDecode:
 
     def values(launch: Launch) -> None:
         maps, ins, outs = _device_maps(cross, launch.device)
+        limit = np.float32(cross.input_limit)
         acc = cupy.empty((rows, ch), cupy.float64)
         inputs = [cupy.empty((rows, ch), cupy.float64) for _ in range(2)]
         launch.keep += [acc, *inputs]
@@ -411,7 +414,8 @@ def _decode_batch(todo: list[Job], stream: Any) -> GpuDecode:
                      np.uint64(outs[layer - 1].data.ptr) if layer else null,
                      null if last else np.uint64(ins[layer].data.ptr),
                      null if last else np.uint64(here.data.ptr),
-                     launch.ptr("cos"), launch.ptr("sin"), np.int64(ch), launch.unit_status),
+                     launch.ptr("cos"), launch.ptr("sin"), np.int64(ch), limit,
+                     launch.unit_status),
                     stream=st,
                 )  # fmt: skip
         if len(streams) == 2:

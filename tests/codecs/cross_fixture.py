@@ -49,12 +49,15 @@ class LayeredKV:
     def tensor(self, tokens: int, position: int = 0, seed: int = 0, dtype=torch.float16):
         return torch.from_numpy(self.sample(tokens, position, seed)).to(dtype)
 
-    def profile(self, fits: int = 3, tokens: int = 300) -> CacheGenProfile:
+    def profile(self, fits: int = 3, tokens: int = 300, bits: int = 8) -> CacheGenProfile:
+        """A profile with `bits`-bit maps (8, the default; 16: the earlier kind)."""
         kvs = [self.sample(tokens, 0, 100 + s) for s in range(fits)]
         shape = (self.layers, 2, self.heads)
-        cross = fit_cross(kvs, self.inv_freq, 1.0, np.ones(shape), np.full(shape, 1000.0))
+        cross = fit_cross(
+            kvs, self.inv_freq, 1.0, np.ones(shape), np.full(shape, 1000.0), bits=bits
+        )
         return CacheGenProfile(np.ones(shape), "layered", ("synthetic",), cross)
 
-    def profile_file(self, path: Path) -> Path:
-        self.profile().save(path)
+    def profile_file(self, path: Path, bits: int = 8) -> Path:
+        self.profile(bits=bits).save(path)
         return path

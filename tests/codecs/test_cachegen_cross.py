@@ -50,11 +50,21 @@ def test_profile_with_maps_round_trips_and_refuses_damage(tmp_path: Path) -> Non
         CacheGenProfile.load(path)
 
 
-def test_prediction_is_the_exact_integer_product() -> None:
-    """float64 BLAS on integer inputs below 2^53 gives the integer product to the bit: the
-    same prediction on any machine (the decoders' agreement rests on it)."""
-    cross = WORLD.profile().cross
-    assert cross is not None
+@pytest.mark.parametrize(("bits", "int_mm"), [(8, True), (8, False), (16, True)])
+def test_prediction_is_the_exact_integer_product(
+    bits: int, int_mm: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The prediction is the integer product to the bit, whatever computes it: torch's int8
+    GEMM or, without it, float64 BLAS for 8-bit maps; float64 BLAS (integers below 2^53)
+    for 16-bit ones. The same prediction on any machine: the decoders' agreement rests
+    on it."""
+    if not int_mm:
+        monkeypatch.setattr(cachegen_profile, "_INT_MM", None)
+    cross = WORLD.profile(bits=bits).cross
+    assert cross is not None and cross.map_bits == bits
+    limit = {8: 127, 16: 32767}[bits]
+    assert cross.input_limit == limit
+    assert np.abs(cross.maps.astype(np.int64)).max() <= limit
     rng = np.random.default_rng(1)
     below = rng.normal(0, 3, (37, cross.channels)) * 10.0 ** rng.integers(-3, 3, cross.channels)
     below = below.astype(np.float32)
@@ -62,10 +72,41 @@ def test_prediction_is_the_exact_integer_product() -> None:
     for layer in range(1, cross.layers):
         got = cross.predict(below, layer)
         scale = np.ldexp(np.float32(1), cross.in_exp[layer - 1].astype(np.int32))
-        xi = np.clip(np.rint(below * scale), -32767, 32767).astype(np.int64)
+        xi = np.clip(np.rint(below * scale), -limit, limit).astype(np.int64)
+        assert (np.abs(xi) == limit).sum() >= 2  # the clip is exercised
         acc = xi @ cross.maps[layer - 1].astype(np.int64)  # exact integers
         want = acc.astype(np.float64) * np.ldexp(1.0, -cross.out_exp[layer - 1].astype(np.int32))
         assert np.array_equal(got, want.astype(np.float32))
+
+
+def test_sixteen_bit_maps_still_load_and_decode(tmp_path: Path) -> None:
+    """A profile written before 8-bit maps (no `map_bits` in its document) loads as 16-bit
+    maps with the digest its containers name, and codes and decodes as it did: a container
+    the build before them wrote (kept as a file) decodes to the value its checksum names."""
+    path = WORLD.profile_file(tmp_path / "p16.json", bits=16)
+    kept = (Path(__file__).parent / "data" / "cachegen-x-maps16.kvc").read_bytes()
+    before = CacheGenProfile.load(path).cross
+    assert before is not None
+    cachegen_profile.register_cross(before)
+    t = WORLD.tensor(40, 300, seed=7)
+    got = decode(kept)  # checks the decoded value's checksum
+    assert got.shape == t.shape and rel_err(got, t) < 0.05
+    doc = json.loads(path.read_text())
+    assert doc["cross"].pop("map_bits") == 16
+    path.write_text(json.dumps(doc))
+    profile = CacheGenProfile.load(path)
+    assert profile.cross is not None and profile.cross.map_bits == 16
+    assert profile.cross.maps.dtype == np.int16
+    assert profile.cross.digest == doc["cross"]["digest"]
+    eight = WORLD.profile()
+    assert eight.cross is not None and eight.cross.digest != profile.cross.digest
+    t = WORLD.tensor(64, 300, seed=3)
+    blob = codec_from_spec(f"cachegen-x:profile={path}").for_position(300).encode(t)
+    assert rel_err(decode(blob), t) < 0.05
+    doc["cross"]["map_bits"] = 12
+    path.write_text(json.dumps(doc))
+    with pytest.raises(InvalidArgument, match="map_bits"):
+        CacheGenProfile.load(path)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])

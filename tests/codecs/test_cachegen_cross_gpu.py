@@ -17,11 +17,13 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def worlds(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[LayeredKV, Path]]:
     """Models' shapes and their profiles: SmolLM2's (30 x 3 x 64), a small one, heads of 128
     (a lane's K channels pair with its own: 4 a lane) and of 80 (they pair through the
-    warp's shared row)."""
+    warp's shared row), with 8-bit maps; and the small one with 16-bit maps."""
     out = []
-    for i, (layers, heads, dim) in enumerate([(30, 3, 64), (4, 2, 16), (3, 2, 128), (2, 1, 80)]):
+    shapes = [(30, 3, 64, 8), (4, 2, 16, 8), (3, 2, 128, 8), (2, 1, 80, 8), (4, 2, 16, 16)]
+    for i, (layers, heads, dim, bits) in enumerate(shapes):
         world = LayeredKV(layers, heads, dim, seed=i, gain=1.0)
-        out.append((world, world.profile_file(tmp_path_factory.mktemp("x") / "p.json")))
+        path = tmp_path_factory.mktemp("x") / "p.json"
+        out.append((world, world.profile_file(path, bits=bits)))
     return out
 
 
