@@ -120,3 +120,28 @@ def test_the_server_forbids_the_unsafe_layer_without_loading_numba() -> None:
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_a_pool_thread_codes_on_its_own_core() -> None:
+    """`one_core_kernels` gives the calling thread one numba thread and one torch thread
+    (each of a pool's threads codes its own value); a thread that used torch before keeps
+    its own count (a benchmark's or engine's main thread)."""
+    code = textwrap.dedent(
+        """
+        import threading
+        import numba, torch
+        from kvstore.threads import one_core_kernels
+        torch.ones(4).sum()
+        main = torch.get_num_threads()
+        seen = []
+        def work():
+            one_core_kernels()
+            seen.append((numba.get_num_threads(), torch.get_num_threads()))
+        t = threading.Thread(target=work)
+        t.start()
+        t.join()
+        print(seen[0], main == torch.get_num_threads())
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.stdout.strip() == "(1, 1) True", run.stderr
