@@ -7,22 +7,27 @@ to symbols, each stream's escapes counted), then the layers run in order, each o
 value of the batch (in two halves on two streams once the batch has `SPLIT_ROWS` tokens,
 so one half's GEMM runs beside the other's reconstruction):
 
-1. layer l >= 1's prediction: cuBLAS's float64 GEMM of the batch's rows of layer l-1 (as
-   integers: its decoded channels times a power of two, rounded, clipped to the maps'
-   input limit: +-127 for 8-bit maps, +-32767 for 16-bit ones) by
-   the layer's integer map: exact, whatever order cuBLAS sums in, since every partial sum
-   is an integer below 2^53 (`kvstore.codecs.cachegen_profile.CrossLayer.predict`);
-2. `reconstruct_x_J`: a warp per (value, K/V, head, 32-token segment), each lane J of the
-   head's channels: value = (prediction + start) + (symbol - 127) * step in float32, or
-   the unit's next escaped value (a segment starts past the escapes its unit's earlier
-   segments' streams counted; within a token they rank by ballot); writes the integer
-   input of the next layer's GEMM, and the output: V as it is, K rotated back by the
-   float32 cos / sin of its positions (computed on the host as the host decoder computes
-   them) with each product and sum rounded (`__fmul_rn`, `__fadd_rn`: NVRTC would
-   otherwise fuse them), then rounded to the output dtype.
+1. layer l >= 1's prediction: a GEMM of the batch's rows of layer l-1 (as integers: its
+   decoded channels times a power of two, rounded, clipped to the maps' input limit) by
+   the layer's integer map, exact whatever order cuBLAS sums in
+   (`kvstore.codecs.cachegen_profile.CrossLayer.predict`): for 8-bit maps cuBLAS's int8
+   GemmEx (int8 inputs, int32 sums: the tensor cores' integer kernels, through CuPy's
+   handle on the launch's stream); for 16-bit maps (or channels not a multiple of 8) its
+   float64 GEMM, every partial sum an integer below 2^53;
+2. `reconstruct_x_J` (`reconstruct_x8_J` reading int32 products and writing int8 inputs,
+   where the float64 one moves 8 bytes for each): a warp per (value, K/V, head, 32-token
+   segment), each lane J of the head's channels: value = (prediction + start) + (symbol -
+   127) * step in float32, or the unit's next escaped value (a segment starts past the
+   escapes its unit's earlier segments' streams counted; within a token they rank by
+   ballot); writes the integer input of the next layer's GEMM, and the output: V as it is, K
+   rotated back by the float32 cos / sin of its positions (computed on the host as the host
+   decoder computes them) with each product and sum rounded (`__fmul_rn`, `__fadd_rn`: NVRTC
+   would otherwise fuse them), then rounded to the output dtype.
 
-On an H200, 220 real SmolLM2 chunks (1.19 GB out): 54.5 GB/s of GPU time (a CTA per unit
-walking all its tokens, one copy then one rANS kernel, and one stream: 37.4).
+On an H200, 220 real SmolLM2 chunks (1.19 GB out): 71.3 GB/s of GPU time with 8-bit maps
+(54.5 with float64 GEMMs; 37.4 with a CTA per unit walking all its tokens, one copy then
+one rANS kernel, and one stream). torch's `_int_mm` on the same buffers (its stream set to
+the launch's) was as fast but decoded wrong now and then across calls: not used.
 
 `decode_x_on_gpu(jobs, stream)` has `decode_on_gpu`'s contract (`kvstore.kernels.cachegen`):
 a handle whose `wait()` raises ContainerError for a damaged stream or a value that fails
@@ -70,11 +75,11 @@ template <int J, int P> struct Ahead {
     float co[P][J], si[P][J];
 };
 
-template <int J, int P>
+template <int J, int P, typename A>
 __device__ __forceinline__ void read_ahead(Ahead<J, P>& b, long long t0, long long tokens,
                                            const bool* ok, const int* c, const long long* hc,
                                            const unsigned char* sym, long long dim,
-                                           const double* acc, long long row0, long long chan,
+                                           const A* acc, long long row0, long long chan,
                                            long long channels, bool is_k, long long half,
                                            const float* cosines, const float* sines) {
 #pragma unroll
@@ -84,7 +89,7 @@ __device__ __forceinline__ void read_ahead(Ahead<J, P>& b, long long t0, long lo
         for (int j = 0; j < J; ++j) {
             const bool m = t < tokens && ok[j];
             b.s[p][j] = m ? (int)sym[t * dim + c[j]] : CENTER;
-            b.a[p][j] = (m && acc) ? acc[(row0 + t) * channels + chan + c[j]] : 0.0;
+            b.a[p][j] = (m && acc) ? (double)acc[(row0 + t) * channels + chan + c[j]] : 0.0;
             const long long r = (row0 + t) * half + hc[j];
             b.co[p][j] = (m && is_k) ? cosines[r] : 0.f;
             b.si[p][j] = (m && is_k) ? sines[r] : 0.f;
@@ -96,8 +101,9 @@ __device__ __forceinline__ void read_ahead(Ahead<J, P>& b, long long t0, long lo
 // lane l holds channels l, l + 32, ... (J of them), so a token's escapes rank with ballots
 // alone and a K channel's RoPE partner (channel +- dim / 2) is in the same lane when
 // dim = 32 J, in the warp's shared row otherwise. Each lane reads P tokens ahead of the
-// ones it reconstructs.
-template <int J, int P>
+// ones it reconstructs. A: the product's type (double from cuBLAS's float64 GEMM, int from
+// an int8 one); N: the next layer's inputs' (double, or signed char for an int8 GEMM).
+template <int J, int P, typename A, typename N>
 __device__ __forceinline__ void recon_x(const long long* __restrict__ units,
                                         const long long* __restrict__ xunits,
                                         const long long* __restrict__ order, long long n_order,
@@ -106,10 +112,10 @@ __device__ __forceinline__ void recon_x(const long long* __restrict__ units,
                                         const float* __restrict__ starts,
                                         const float* __restrict__ steps,
                                         const float* __restrict__ escaped,
-                                        const double* __restrict__ acc,
+                                        const A* __restrict__ acc,
                                         const double* __restrict__ out_scale,
                                         const float* __restrict__ in_scale,
-                                        double* __restrict__ next,
+                                        N* __restrict__ next,
                                         const float* __restrict__ cosines,
                                         const float* __restrict__ sines,
                                         long long channels, float limit,
@@ -159,11 +165,11 @@ __device__ __forceinline__ void recon_x(const long long* __restrict__ units,
     bool bad = false;
     char* out = (char*)u[0];
     Ahead<J, P> cur, ahead;
-    read_ahead<J, P>(cur, t_begin, t_end, ok, c, hc, sym, dim, acc, row0, chan, channels, is_k,
+    read_ahead<J, P, A>(cur, t_begin, t_end, ok, c, hc, sym, dim, acc, row0, chan, channels, is_k,
                      half, cosines, sines);
     for (long long t0 = t_begin; t0 < t_end; t0 += P) {
         if (t0 + P < t_end)
-            read_ahead<J, P>(ahead, t0 + P, t_end, ok, c, hc, sym, dim, acc, row0, chan,
+            read_ahead<J, P, A>(ahead, t0 + P, t_end, ok, c, hc, sym, dim, acc, row0, chan,
                              channels, is_k, half, cosines, sines);
 #pragma unroll
         for (int p = 0; p < P; ++p) {
@@ -195,8 +201,7 @@ __device__ __forceinline__ void recon_x(const long long* __restrict__ units,
             for (int j = 0; j < J; ++j) {
                 const long long at = (row0 + t) * channels + chan + c[j];
                 if (ok[j] && next)
-                    next[at] = (double)fminf(fmaxf(rintf(__fmul_rn(v[j], iscale[j])), -limit),
-                                             limit);
+                    next[at] = (N)fminf(fmaxf(rintf(__fmul_rn(v[j], iscale[j])), -limit), limit);
             }
             if (is_k) {
                 float partner[J];
@@ -232,17 +237,17 @@ __device__ __forceinline__ void recon_x(const long long* __restrict__ units,
     if (bad || (lane == 0 && last_seg && e != e_end)) status[unit] = BAD_ESCAPES;
 }
 
-#define RECONSTRUCT_X(J, P)                                                                   \
-    extern "C" __global__ void __launch_bounds__(32 * WARPS) reconstruct_x_##J(               \
+#define RECONSTRUCT_X(NAME, J, P, A, N)                                                       \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS) NAME(                            \
         const long long* units, const long long* xunits, const long long* order,             \
         long long n_order, long long segments, const int* zeros,                             \
         const unsigned char* symbols, const float* starts,                                   \
-        const float* steps, const float* escaped, const double* acc, const double* out_scale, \
-        const float* in_scale, double* next, const float* cosines, const float* sines,       \
+        const float* steps, const float* escaped, const A* acc, const double* out_scale,     \
+        const float* in_scale, N* next, const float* cosines, const float* sines,            \
         long long channels, float limit, int* status) {                                      \
-        recon_x<J, P>(units, xunits, order, n_order, segments, zeros, symbols, starts, steps, \
-                      escaped, acc, out_scale, in_scale, next, cosines, sines, channels,     \
-                      limit, status);                                                        \
+        recon_x<J, P, A, N>(units, xunits, order, n_order, segments, zeros, symbols, starts, \
+                            steps, escaped, acc, out_scale, in_scale, next, cosines, sines,  \
+                            channels, limit, status);                                        \
     }
 @INSTANCES@
 """
@@ -258,29 +263,47 @@ SPLIT_ROWS = 8192  # a batch of at least this many tokens runs as two halves (`_
 def _source() -> str:
     from kvstore.codecs import cachegen
 
-    instances = "\n".join(f"RECONSTRUCT_X({j}, {max(1, 4 // j)})" for j in _LANE_CHANNELS)
+    instances = "\n".join(
+        f"RECONSTRUCT_X({_kernel_for(32 * j, int8)}, {j}, {max(1, 4 // j)}, "
+        + ("int, signed char)" if int8 else "double, double)")
+        for j in _LANE_CHANNELS
+        for int8 in (False, True)
+    )
     return with_values(
         CUDA_FLOATBITS + CUDA_ESCAPES + _CUDA_SOURCE,
         {"@CENTER@": cachegen.CENTER, "@WARPS@": _WARPS, "@INSTANCES@": instances},
     )
 
 
-_module = KernelModule(_source, tuple(f"reconstruct_x_{j}" for j in _LANE_CHANNELS))
+def _kernel_for(dim: int, int8: bool) -> str:
+    """The reconstruct_x instance for heads of `dim` channels (at most 1024), reading an
+    int8 GEMM's product and writing int8 inputs (`int8`) or float64's."""
+    j = next(j for j in _LANE_CHANNELS if 32 * j >= dim)
+    return f"reconstruct_x{'8' if int8 else ''}_{j}"
 
 
-def _kernel_for(dim: int) -> str:
-    """The reconstruct_x instance for heads of `dim` channels (at most 1024)."""
-    return f"reconstruct_x_{next(j for j in _LANE_CHANNELS if 32 * j >= dim)}"
+_module = KernelModule(
+    _source, tuple(_kernel_for(32 * j, i8) for j in _LANE_CHANNELS for i8 in (False, True))
+)
 
 
-# Each GPU's copy of a profile's maps (float64) and scales, by digest.
+# Each GPU's copy of a profile's maps and scales, by digest.
 _maps: dict[tuple[int, str], tuple[Any, Any, Any]] = {}
 _maps_lock = threading.Lock()
+# cuBLAS's GemmEx with int8 inputs and int32 sums (the tensor cores' integer kernels).
+_OP_N, _OP_T, _R_8I, _R_32I, _COMPUTE_32I, _GEMM_DEFAULT = 0, 1, 3, 10, 72, -1
+
+
+def _int8_gemm(cross: Any) -> bool:
+    """Whether `cross`'s products run as int8 GEMMs on the GPU: 8-bit maps whose channels
+    are a multiple of 8 (cuBLAS's leading dimensions); float64 GEMMs otherwise (exact too)."""
+    return bool(cross.map_bits == 8 and cross.channels % 8 == 0)
 
 
 def _device_maps(cross: Any, device: int) -> tuple[Any, Any, Any]:
-    """(maps float64 [layers - 1, C, C], input scales float32, output scales float64) of
-    `cross` on GPU `device`, uploaded once."""
+    """(maps [layers - 1, C, C]: int8 and each layer's transposed where `_int8_gemm`, else
+    float64; input scales float32, output scales float64) of `cross` on GPU `device`,
+    uploaded once."""
     import cupy
 
     key = (device, cross.digest)
@@ -288,7 +311,10 @@ def _device_maps(cross: Any, device: int) -> tuple[Any, Any, Any]:
         got = _maps.get(key)
         if got is None:
             with cupy.cuda.Device(device):
-                maps = cupy.asarray(cross.maps.astype(np.float64))
+                if _int8_gemm(cross):  # the "TN" layout cuBLAS's int8 kernels take
+                    maps = cupy.asarray(np.ascontiguousarray(cross.maps.transpose(0, 2, 1)))
+                else:
+                    maps = cupy.asarray(cross.maps.astype(np.float64))
                 ins = cupy.asarray(np.ldexp(np.float32(1), cross.in_exp.astype(np.int32)))
                 outs = cupy.asarray(np.ldexp(1.0, -cross.out_exp.astype(np.int32)))
             got = _maps[key] = (maps, ins, outs)
@@ -378,14 +404,16 @@ def _decode_batch(todo: list[Job], stream: Any) -> GpuDecode:
     # GEMM (tensor cores) runs beside the other's reconstruction (memory).
     mid = int(np.searchsorted(row_at, rows / 2)) if rows >= SPLIT_ROWS and len(todo) > 1 else 0
     halves = [(0, mid), (mid, len(todo))] if 0 < mid < len(todo) else [(0, len(todo))]
+    int8 = _int8_gemm(cross)
 
     def values(launch: Launch) -> None:
         maps, ins, outs = _device_maps(cross, launch.device)
         limit = np.float32(cross.input_limit)
-        acc = cupy.empty((rows, ch), cupy.float64)
-        inputs = [cupy.empty((rows, ch), cupy.float64) for _ in range(2)]
+        # int8 GEMMs: int8 inputs, int32 products; else float64 for both.
+        acc = cupy.empty((rows, ch), cupy.int32 if int8 else cupy.float64)
+        inputs = [cupy.empty((rows, ch), cupy.int8 if int8 else cupy.float64) for _ in range(2)]
         launch.keep += [acc, *inputs]
-        fn = _module.get(launch.device, _kernel_for(dim))
+        fn = _module.get(launch.device, _kernel_for(dim, int8))
         streams = [launch.stream]
         if len(halves) == 2:
             streams.append(cupy.cuda.Stream(non_blocking=True))
@@ -399,7 +427,10 @@ def _decode_batch(todo: list[Job], stream: Any) -> GpuDecode:
                 r0, r1 = row_at[v0], row_at[v1]
                 if layer and r1 > r0:
                     with st:
-                        cupy.matmul(below[r0:r1], maps[layer - 1], out=acc[r0:r1])
+                        if int8:
+                            _int8_product(below[r0:r1], maps[layer - 1], acc[r0:r1])
+                        else:
+                            cupy.matmul(below[r0:r1], maps[layer - 1], out=acc[r0:r1])
                 n_order = (v1 - v0) * 2 * heads
                 fn(
                     (-(-n_order * segments // _WARPS),),
@@ -422,3 +453,24 @@ def _decode_batch(todo: list[Job], stream: Any) -> GpuDecode:
             launch.stream.wait_event(streams[1].record())
 
     return staged.launch(stream, values)
+
+
+def _int8_product(x: Any, maps_t: Any, out: Any) -> None:
+    """out (int32 [rows, C]) = x (int8 [rows, C]) @ the map whose transpose is `maps_t`
+    (int8 [C, C]), exact, on the current CuPy stream: cuBLAS's GemmEx, column-major, as
+    out^T = maps^T x^T with the transposed map read transposed ("TN")."""
+    import cupy
+    from cupy.cuda import cublas
+
+    rows, ch = x.shape
+    handle = cupy.cuda.device.get_cublas_handle()
+    cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)
+    one, zero = _SCALARS
+    cublas.gemmEx(
+        handle, _OP_T, _OP_N, ch, rows, ch, one.ctypes.data, maps_t.data.ptr, _R_8I, ch,
+        x.data.ptr, _R_8I, ch, zero.ctypes.data, out.data.ptr, _R_32I, ch, _COMPUTE_32I,
+        _GEMM_DEFAULT,
+    )  # fmt: skip
+
+
+_SCALARS = (np.ones(1, np.int32), np.zeros(1, np.int32))  # alpha, beta: read at the call

@@ -78,3 +78,22 @@ def test_a_damaged_payload_is_refused_on_the_gpu(worlds: list[tuple[LayeredKV, P
     payload[len(payload) // 2] ^= 0x5A  # inside the streams: a wrong symbol or a bad lane
     with pytest.raises(ContainerError):
         decode_x_on_gpu([(codec, memoryview(payload), out, header.value_checksum)]).wait()
+
+
+@pytest.mark.parametrize("tokens", [[1], [5, 3], [16], [17]])
+def test_small_batches_decode_as_on_the_host(
+    worlds: list[tuple[LayeredKV, Path]], tokens: list[int]
+) -> None:
+    """Batches of a few rows (the int8 GEMM's shortest cases, one token and rows that are
+    not a multiple of its tiles) decode to the host's bits."""
+    world, path = worlds[0]
+    codec = codec_from_spec(f"cachegen-x:level=1,profile={path}")
+    items, wants = [], []
+    for i, n in enumerate(tokens):
+        t = world.tensor(n, 40 * i, seed=90 + i)
+        blob = codec.for_position(40 * i).encode(t)
+        wants.append(decode(blob))
+        items.append((blob, torch.empty(t.shape, dtype=t.dtype, device="cuda")))
+    decode_values(items).wait()
+    for (_, out), want in zip(items, wants, strict=True):
+        assert torch.equal(out.cpu(), want)
