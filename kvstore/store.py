@@ -538,6 +538,10 @@ class Store:
         # Copies found corrupt (checksum, unreadable header, lost record) and dropped, by
         # the tier they were in; what a restart after a crash found counts under ssd.
         self.corrupt: dict[str, int] = {t: 0 for t in config.tiers}
+        # Why remote values were kept undecoded (a maps digest this process lacks): each
+        # reason is logged as a warning once, then at debug level (a server without the
+        # maps would otherwise log one warning per value it fetches).
+        self._kept_reasons: set[str] = set()
         self._mem: dict[int, _Slots] = {}  # by place: 0 the cpu arena, n gpu pool n
         self._staging_used = 0
         self._leases = 0
@@ -1340,7 +1344,17 @@ class Store:
             res.abort()
             namespace, key = res.entry.namespace, res.entry.key
             if isinstance(bad, MissingContext):  # intact, for a server that can decode it
-                log.warning("remote value %s/%s kept: %s", namespace, key.hex(), bad)
+                reason = str(bad)
+                with self._lock:
+                    first = reason not in self._kept_reasons
+                    if first and len(self._kept_reasons) < 1024:
+                        self._kept_reasons.add(reason)
+                log.log(
+                    logging.WARNING if first else logging.DEBUG,
+                    "remote value %s/%s kept: %s%s", namespace, key.hex(), bad,
+                    " (values kept for this reason are logged at debug level from now)"
+                    if first else "",
+                )  # fmt: skip
                 return False
             log.error("remote value %s/%s does not decode: %s", namespace, key.hex(), bad)
             assert self.remote is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -203,11 +204,15 @@ def test_a_batch_of_encoded_values_decodes_and_drops_the_one_that_does_not(
 
 
 def test_a_value_this_server_cannot_decode_stays_on_the_cluster(
-    make_node: MakeNode, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    make_node: MakeNode,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A cachegen-x value fetched by a server that has not loaded its cross-layer maps is
     intact, not corrupt: it is not stored here, and it stays on the cluster for the
-    servers that can decode it (it used to be deleted from the cluster)."""
+    servers that can decode it (it used to be deleted from the cluster); the server warns
+    about that once per reason, not once per value."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent / "codecs"))
@@ -230,7 +235,11 @@ def test_a_value_this_server_cannot_decode_stays_on_the_cluster(
     assert stored.codec != CODEC_RAW
 
     monkeypatch.setattr(cp, "_registry", {})  # b's process has not loaded the maps
-    assert b.fetch_remote(NS, [key(70)]) == 0
+    with caplog.at_level(logging.DEBUG, logger="kvstore.store"):
+        assert b.fetch_remote(NS, [key(70)]) == 0
+        assert b.fetch_remote(NS, [key(70)]) == 0  # again: not warned about again
+    kept = [r for r in caplog.records if "kept" in r.getMessage()]
+    assert [r.levelno for r in kept] == [logging.WARNING, logging.DEBUG]
     assert b.exists(NS, [key(70)], remote=False) == [False]
     assert b.remote.exists_many(NS, [key(70)]) == [True]  # kept on the cluster
     assert b.corrupt["remote"] == 0
