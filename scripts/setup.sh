@@ -5,6 +5,8 @@
 # torch is installed first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/debian.sh
+. scripts/debian.sh
 extras=${1:-}
 python=${PYTHON:-}
 if [ -z "$python" ]; then
@@ -33,10 +35,6 @@ python -m pip install --quiet -e ".${extras:+[$extras]}"
 # a thread-safe threading layer: GNU OpenMP (Debian's libgomp1). Without it the server
 # refuses rules naming those codecs (raw and zstd need none).
 if ! python -c 'import sys; from kvstore.threads import threadsafe_layer; sys.exit(threadsafe_layer() is None)'; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "==> installing libgomp1 (Debian package): OpenMP for the codecs' numba kernels"
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgomp1 >/dev/null
-    else
-        echo "note: numba finds no OpenMP (libgomp1) here: the cachegen, kivi, int8 and fp8 codecs will be refused; install libgomp1" >&2
-    fi
+    debian_install libgomp1 "OpenMP for the codecs' numba kernels" \
+        "numba finds no OpenMP (libgomp1) here: the cachegen, kivi, int8 and fp8 codecs will be refused; install libgomp1"
 fi

