@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,13 @@ def smollm2() -> tuple[Any, Any]:
         pytest.skip(f"SmolLM2 not available: {exc}")
 
 
+_LIMITED = (
+    "import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+    "n = int(sys.argv[1]); resource.setrlimit(resource.RLIMIT_FSIZE, (n, n)); "
+    "os.execv(sys.argv[2], sys.argv[2:])"
+)
+
+
 class ServerProcess:
     """One `kvstore-server` on a data directory; can be stopped and started again."""
 
@@ -48,27 +55,29 @@ class ServerProcess:
         self.address = f"unix://{self.socket}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
-        # Run in the child before it execs the server (limits for fault tests); None: none.
-        self.preexec: Callable[[], None] | None = None
+        # The largest file the server may write (RLIMIT_FSIZE, SIGXFSZ ignored: a write past
+        # it fails as on a full disk), for fault tests; None: no limit.
+        self.file_size_limit: int | None = None
 
     def launch(self) -> subprocess.Popen[bytes]:
         """Start the process without waiting for it to serve (see `start`)."""
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "kvstore.server_cli",
-                "--data-dir",
-                str(self.data_dir),
-                "--grace-seconds",
-                "5",
-                *self.flags,
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=self.preexec,
-        )
+        command = [
+            sys.executable,
+            "-m",
+            "kvstore.server_cli",
+            "--data-dir",
+            str(self.data_dir),
+            "--grace-seconds",
+            "5",
+            *self.flags,
+        ]
+        if self.file_size_limit is not None:
+            # Set by a Python that then execs the server, not by a preexec_fn: with one,
+            # Popen forks this process, whose gRPC threads then restart their poller in the
+            # child after close_fds and abort it on EBADF now and then (grpc/grpc#43055).
+            command = [sys.executable, "-c", _LIMITED, str(self.file_size_limit), *command]
+        self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         log.close()  # the child holds its own copy
         return self.proc
 

@@ -3,15 +3,12 @@ arena full of pinned values. The caller gets a clear status, values already stor
 back byte for byte, and the server keeps serving.
 
 A disk that refuses writes is made with RLIMIT_FSIZE on the server process (SIGXFSZ
-ignored): once its LMDB file would grow past the limit, every write fails as on a full
-disk, without needing root to mount a small filesystem.
+ignored, `ServerProcess.file_size_limit`): once its LMDB file would grow past the limit,
+every write fails as on a full disk, without needing root to mount a small filesystem.
 """
 
 from __future__ import annotations
 
-import resource
-import signal
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,14 +24,6 @@ pytestmark = pytest.mark.timeout(300)
 MiB = 1 << 20
 
 
-def file_size_limit(nbytes: int) -> Callable[[], None]:
-    def limit() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write fails with EFBIG instead
-        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
-
-    return limit
-
-
 def value(i: int) -> torch.Tensor:
     return random_tensor((4 * MiB,), torch.uint8, seed=i)
 
@@ -45,7 +34,7 @@ def key(i: int) -> bytes:
 
 def limited_server(tmp_path: Path, limit: int, *flags: str) -> ServerProcess:
     srv = ServerProcess(tmp_path / "srv", *flags)
-    srv.preexec = file_size_limit(limit)
+    srv.file_size_limit = limit
     return srv.start()
 
 
@@ -69,7 +58,7 @@ def test_a_disk_that_refuses_writes_refuses_puts_and_keeps_what_it_has(tmp_path:
         assert srv.alive()
     finally:
         srv.stop()
-    srv.preexec = None  # the disk has room again: everything stored survives a restart
+    srv.file_size_limit = None  # the disk has room again: everything stored survives a restart
     srv.start()
     try:
         with srv.client(timeout=30) as c:
