@@ -72,9 +72,10 @@ SAMPLES = 4
 RIDGE = 0.1
 # A layer's decoded values enter the map as integers, each channel scaled by a power of two,
 # and each map column is an integer scaled by another. Maps are 8-bit (the default) or
-# 16-bit (profiles fitted before 2026-11-30); `MAP_FORMATS[bits]` = (the fitting texts'
-# largest input magnitude is put in (top / 2, top], larger values clip at +-limit; each map
-# column's largest entry is put in (top / 2, top]; entries and inputs within +-limit):
+# 16-bit (profiles fitted before 8-bit maps came, 2026-11-29); `MAP_FORMATS[bits]` = (the
+# fitting texts' largest input magnitude is put in (top / 2, top], larger values clip at
+# +-limit; each map column's largest entry is put in (top / 2, top]; entries and inputs
+# within +-limit):
 # - 8-bit: inputs and map entries within +-127, so a product's sum over up to 8192 input
 #   channels stays below 2^31: exact in int32, which CPUs multiply fastest (torch's
 #   `_int_mm`: AMX or VNNI, ~10x a float64 GEMM on one core), and exact in float64 (the GPU).
@@ -329,9 +330,13 @@ def _int8_product(xi: np.ndarray, maps: torch.Tensor) -> np.ndarray:
     +-127 in a float array) and an int8 map `[in, out]`. torch's `_int_mm` (oneDNN: AMX or
     VNNI where the CPU has them) where this torch has it; a float64 GEMM otherwise, exact
     too (the sums stay below 2^31)."""
+    global _INT_MM
     x8 = np.ascontiguousarray(xi, np.int8)
     if _INT_MM is not None:
-        return _INT_MM(torch.from_numpy(x8), maps).numpy()
+        try:
+            return _INT_MM(torch.from_numpy(x8), maps).numpy()
+        except (RuntimeError, NotImplementedError):  # a torch without it for this CPU
+            _INT_MM = None
     return (x8.astype(np.float64) @ maps.numpy().astype(np.float64)).astype(np.int32)
 
 

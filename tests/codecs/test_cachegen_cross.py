@@ -50,16 +50,21 @@ def test_profile_with_maps_round_trips_and_refuses_damage(tmp_path: Path) -> Non
         CacheGenProfile.load(path)
 
 
-@pytest.mark.parametrize(("bits", "int_mm"), [(8, True), (8, False), (16, True)])
+def _refusing_int_mm(*_: object) -> None:
+    raise RuntimeError("_int_mm: not implemented for this CPU")
+
+
+@pytest.mark.parametrize(("bits", "int_mm"), [(8, "yes"), (8, "no"), (8, "refuses"), (16, "yes")])
 def test_prediction_is_the_exact_integer_product(
-    bits: int, int_mm: bool, monkeypatch: pytest.MonkeyPatch
+    bits: int, int_mm: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The prediction is the integer product to the bit, whatever computes it: torch's int8
-    GEMM or, without it, float64 BLAS for 8-bit maps; float64 BLAS (integers below 2^53)
-    for 16-bit ones. The same prediction on any machine: the decoders' agreement rests
-    on it."""
-    if not int_mm:
-        monkeypatch.setattr(cachegen_profile, "_INT_MM", None)
+    GEMM or, without it (or where it refuses this CPU), float64 BLAS for 8-bit maps;
+    float64 BLAS (integers below 2^53) for 16-bit ones. The same prediction on any
+    machine: the decoders' agreement rests on it."""
+    if int_mm != "yes":
+        refuse = _refusing_int_mm if int_mm == "refuses" else None
+        monkeypatch.setattr(cachegen_profile, "_INT_MM", refuse)
     cross = WORLD.profile(bits=bits).cross
     assert cross is not None and cross.map_bits == bits
     limit = {8: 127, 16: 32767}[bits]
