@@ -116,10 +116,22 @@ class LocalCluster:
             node.proc = None
 
     def pause(self, index: int) -> None:
-        """SIGSTOP master `index`: a master that hangs (connections open, no answers)."""
+        """SIGSTOP master `index`: a master that hangs (connections open, no answers).
+        Returns once the kernel shows it stopped: the signal lands asynchronously, and a
+        request sent right after it was sometimes still answered."""
         proc = self.nodes[index].proc
         assert proc is not None
         proc.send_signal(signal.SIGSTOP)
+        stat = Path(f"/proc/{proc.pid}/stat")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                state = stat.read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                return
+            if state in ("T", "t"):
+                return
+            time.sleep(0.001)
 
     def resume(self, index: int) -> None:
         proc = self.nodes[index].proc
