@@ -315,8 +315,7 @@ def _device_maps(cross: Any, device: int) -> tuple[Any, Any, Any]:
                     maps = cupy.asarray(np.ascontiguousarray(cross.maps.transpose(0, 2, 1)))
                 else:
                     maps = cupy.asarray(cross.maps.astype(np.float64))
-                ins = cupy.asarray(np.ldexp(np.float32(1), cross.in_exp.astype(np.int32)))
-                outs = cupy.asarray(np.ldexp(1.0, -cross.out_exp.astype(np.int32)))
+                ins, outs = cupy.asarray(cross.in_scale), cupy.asarray(cross.out_scale)
             got = _maps[key] = (maps, ins, outs)
     return got
 
