@@ -11,8 +11,9 @@ each layer from the one below"). So, for a chunk whose first token is at `positi
   head_dim]`;
 - layer 0 is predicted by nothing; layer l >= 1 by `CrossLayer.predict` of layer l-1 *as
   decoded* (closed loop), an integer product exact on any machine (with the default 8-bit
-  maps, int8 by int8 summed in int32: torch's `_int_mm` on the host, ~10x a float64 GEMM
-  on a core with AMX); then the chunk's mean of what is left, per channel, is the float16
+  maps, int8 by int8 summed in int32 by torch's `_int_mm` on a host core with AMX or VNNI,
+  by a float32 GEMM, exact for these sums, on one without); then the chunk's mean of what
+  is left, per channel, is the float16
   start value. The kernels below write each layer's channels as the next map's integer
   inputs as they reconstruct them, and read the product's integers, so a layer costs one
   GEMM call and one kernel;
@@ -87,8 +88,8 @@ from kvstore.keys import MAX_POSITION
 
 # The resolution (residual spread over step) of a head of cross-layer weight 1, by level;
 # a sequence's newest chunk is coded one level finer unless `newest` says otherwise. On
-# SmolLM2's held-out prompts level 1 is 5.16x smaller than fp16 at 98.3% top-1 agreement
-# (benchmarks/NOTES-codecs.md).
+# SmolLM2's held-out prompts level 1 is 5.16x smaller than fp16 at 97.0-97.3% top-1
+# agreement with 8-bit maps (benchmarks/NOTES-codecs.md).
 CROSS_LEVELS: Mapping[int, float] = {0: 2.3, 1: 1.65, 2: 1.4, 3: 1.2}
 # The position search without a given position: candidates every SEARCH_STEP tokens below
 # SEARCH_LIMIT, scored on the first SEARCH_TOKENS tokens through layer 1, then every token

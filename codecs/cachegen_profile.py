@@ -41,7 +41,8 @@ import math
 import re
 import sys
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,8 +78,10 @@ RIDGE = 0.1
 # +-limit; each map column's largest entry is put in (top / 2, top]; entries and inputs
 # within +-limit):
 # - 8-bit: inputs and map entries within +-127, so a product's sum over up to 8192 input
-#   channels stays below 2^31: exact in int32, which CPUs multiply fastest (torch's
-#   `_int_mm`: AMX or VNNI, ~10x a float64 GEMM on one core), and exact in float64 (the GPU).
+#   channels stays below 2^31: exact in int32 (torch's `_int_mm`: with AMX or VNNI ~10x a
+#   float64 GEMM on one core), in float64 (the GPU), and in float32 while no column's
+#   absolute sum times 127 passes 2^24 (SmolLM2's: a tenth of that), which is the fastest
+#   way on CPUs without those instructions (`_int8_way`).
 #   On SmolLM2 the K and V errors are within 0.2% of the 16-bit maps' at the same size.
 # - 16-bit: sums below 2^15 * 2^15 * 2^13 = 2^43, exact in float64.
 # Either way every decoder (any CPU, a GPU) predicts the same bits whatever the order or
@@ -135,6 +138,8 @@ class CrossLayer(_PerHead):
     """8 or 16: the maps' and inputs' integer width (`MAP_FORMATS`)."""
     _maps64: np.ndarray = field(init=False, repr=False, compare=False)  # 16-bit maps
     _maps8: torch.Tensor = field(init=False, repr=False, compare=False)  # 8-bit maps
+    _f32_exact: np.ndarray = field(init=False, repr=False, compare=False)  # 8-bit: per map
+    _maps32: dict[int, torch.Tensor] = field(init=False, repr=False, compare=False)
     _in_scale: np.ndarray = field(init=False, repr=False, compare=False)
     _out_scale: np.ndarray = field(init=False, repr=False, compare=False)
 
@@ -188,6 +193,11 @@ class CrossLayer(_PerHead):
         # factors, once: what `predict` multiplies.
         if self.map_bits == 8:
             object.__setattr__(self, "_maps8", torch.from_numpy(self.maps))
+            # Per map: whether float32 sums its products exactly (every partial sum of a
+            # column within 2^24, whatever the order), and its float32 copy once used.
+            bound = np.abs(self.maps.astype(np.int32)).sum(axis=1).max(axis=1) * limit
+            object.__setattr__(self, "_f32_exact", bound <= 1 << 24)
+            object.__setattr__(self, "_maps32", {})
         else:
             object.__setattr__(self, "_maps64", self.maps.astype(np.float64))
         object.__setattr__(self, "_in_scale", np.ldexp(np.float32(1), self.in_exp.astype(np.int32)))
@@ -249,7 +259,16 @@ class CrossLayer(_PerHead):
         8-bit maps, float64 for 16-bit ones."""
         m = layer - 1
         if self.map_bits == 8:
-            return _int8_product(xi, self._maps8[m])
+            x8 = torch.from_numpy(np.ascontiguousarray(xi, np.int8))
+            way = _int8_way()
+            if way == "int_mm":
+                return _INT_MM(x8, self._maps8[m]).numpy()  # type: ignore[misc]
+            if way == "float32" and self._f32_exact[m]:
+                w32 = self._maps32.get(m)
+                if w32 is None:  # a race makes it twice: the same values
+                    w32 = self._maps32[m] = self._maps8[m].float()
+                return torch.mm(x8.float(), w32).to(torch.int32).numpy()
+            return torch.mm(x8.double(), self._maps8[m].double()).to(torch.int32).numpy()
         return np.asarray(xi, np.float64) @ self._maps64[m]  # integers below 2^53: exact
 
     def predict(self, below: np.ndarray, layer: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -325,22 +344,62 @@ class CrossLayer(_PerHead):
         return cross
 
 
-def _int8_product(xi: np.ndarray, maps: torch.Tensor) -> np.ndarray:
-    """int32 `[tokens, out]`: the exact product of `xi` (`[tokens, in]`, integers within
-    +-127 in a float array) and an int8 map `[in, out]`. torch's `_int_mm` (oneDNN: AMX or
-    VNNI where the CPU has them) where this torch has it; a float64 GEMM otherwise, exact
-    too (the sums stay below 2^31)."""
-    global _INT_MM
-    x8 = np.ascontiguousarray(xi, np.int8)
-    if _INT_MM is not None:
-        try:
-            return _INT_MM(torch.from_numpy(x8), maps).numpy()
-        except (RuntimeError, NotImplementedError):  # a torch without it for this CPU
-            _INT_MM = None
-    return (x8.astype(np.float64) @ maps.numpy().astype(np.float64)).astype(np.int32)
-
-
 _INT_MM = getattr(torch, "_int_mm", None)
+# How this process sums 8-bit maps' products on the host: "int_mm" (torch's `_int_mm`),
+# "float32" (a GEMM, for maps where it is exact; float64 for others) or "float64".
+# `_int_mm` is ~5x a float32 GEMM on a core with AMX or VNNI, and 30-60x slower than one
+# on a core without (oneDNN's reference loop: on an AVX2 EPYC VM a chunk layer's 256x384x384
+# product took 29 ms, float32 0.8), so the first product times them (`_int8_way`). None:
+# not chosen yet.
+_WAY: str | None = None
+_WAY_SHAPE = (64, 256, 256)  # a few ms for the slowest way
+
+
+def _int8_way() -> str:
+    """This process's way of summing 8-bit products, chosen on first use (two threads
+    that both choose choose alike)."""
+    global _WAY
+    if _WAY is None:
+        _WAY = _fastest_int8_way()
+    return _WAY
+
+
+def _fastest_int8_way() -> str:
+    """The fastest of the ways that are exact here, each timed on one product of
+    `_WAY_SHAPE` (best of three, after a first call that is checked): `_int_mm` can be
+    missing or refuse this CPU, and a torch set to reduced-precision float32 matmuls
+    (`torch.backends.*.fp32_precision`) is not exact in float32."""
+    m, k, n = _WAY_SHAPE
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.integers(-127, 128, (m, k), dtype=np.int8))
+    w = torch.from_numpy(rng.integers(-127, 128, (k, n), dtype=np.int8))
+    want = x.long() @ w.long()
+    w32, w64 = w.float(), w.double()
+    ways: dict[str, Callable[[], torch.Tensor]] = {
+        "float32": lambda: torch.mm(x.float(), w32).to(torch.int32),
+        "float64": lambda: torch.mm(x.double(), w64).to(torch.int32),
+    }
+    if _INT_MM is not None:
+        ways["int_mm"] = lambda: _INT_MM(x, w)  # type: ignore[misc]
+    exact = {}
+    for way, fn in ways.items():
+        try:
+            if torch.equal(fn().long(), want):
+                exact[way] = fn
+        except (RuntimeError, NotImplementedError):  # a torch without it for this CPU
+            pass
+    if not exact:  # float64 sums integers below 2^53 exactly: this is not a CPU torch runs on
+        raise RuntimeError("no exact integer GEMM on this host (float64 GEMM inexact)")
+    return min(exact, key=lambda way: _best_of(exact[way]))
+
+
+def _best_of(fn: Callable[[], object], runs: int = 3) -> float:
+    best = math.inf
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 _registry: dict[str, CrossLayer] = {}

@@ -5,6 +5,8 @@ whose maps this process does not have."""
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -54,19 +56,68 @@ def _refusing_int_mm(*_: object) -> None:
     raise RuntimeError("_int_mm: not implemented for this CPU")
 
 
-@pytest.mark.parametrize(("bits", "int_mm"), [(8, "yes"), (8, "no"), (8, "refuses"), (16, "yes")])
-def test_prediction_is_the_exact_integer_product(
-    bits: int, int_mm: str, monkeypatch: pytest.MonkeyPatch
+def _wrong_int_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(x.shape[0], w.shape[1], dtype=torch.int32)
+
+
+def _slow_int_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    time.sleep(0.01)  # a reference loop on a CPU without VNNI or AMX
+    return (x.long() @ w.long()).int()
+
+
+def _float64_only(mm: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def checked(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        assert a.dtype == b.dtype == torch.float64, "a float32 GEMM where it is not exact"
+        return mm(a, b)
+
+    return checked
+
+
+@pytest.mark.parametrize(
+    ("int_mm", "ways"),
+    [
+        ("torch's", {"int_mm", "float32", "float64"}),
+        ("missing", {"float32", "float64"}),
+        ("refusing", {"float32", "float64"}),
+        ("wrong", {"float32", "float64"}),
+        ("slow", {"float32", "float64"}),
+    ],
+)
+def test_the_int8_way_is_an_exact_one_and_the_fastest(
+    int_mm: str, ways: set[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The prediction is the integer product to the bit, whatever computes it: torch's int8
-    GEMM or, without it (or where it refuses this CPU), float64 BLAS for 8-bit maps;
-    float64 BLAS (integers below 2^53) for 16-bit ones. The same prediction on any
-    machine: the decoders' agreement rests on it."""
-    if int_mm != "yes":
-        refuse = _refusing_int_mm if int_mm == "refuses" else None
-        monkeypatch.setattr(cachegen_profile, "_INT_MM", refuse)
+    """The host's way of summing 8-bit products is chosen among the exact ones by timing:
+    an `_int_mm` that is missing, refuses the CPU or answers wrong is never taken, nor one
+    slower than a float32 GEMM (oneDNN's reference loop on a CPU without VNNI or AMX)."""
+    fake = {"missing": None, "refusing": _refusing_int_mm, "wrong": _wrong_int_mm}
+    fake["slow"] = _slow_int_mm
+    if int_mm in fake:
+        monkeypatch.setattr(cachegen_profile, "_INT_MM", fake[int_mm])
+    monkeypatch.setattr(cachegen_profile, "_WAY", None)
+    way = cachegen_profile._int8_way()
+    assert way in ways
+    assert cachegen_profile._int8_way() == way  # chosen once
+
+
+@pytest.mark.parametrize(
+    ("bits", "way"),
+    [(8, "int_mm"), (8, "float32"), (8, "float32 inexact"), (8, "float64"), (16, "")],
+)
+def test_prediction_is_the_exact_integer_product(
+    bits: int, way: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The prediction is the integer product to the bit, whatever computes it: for 8-bit
+    maps torch's int8 GEMM, a float32 GEMM (where no partial sum can pass 2^24; float64
+    for maps where one could) or a float64 one; float64 (integers below 2^53) for 16-bit
+    ones. The same prediction on any machine: the decoders' agreement rests on it."""
+    if way == "int_mm" and cachegen_profile._INT_MM is None:
+        pytest.skip("this torch has no _int_mm")
+    monkeypatch.setattr(cachegen_profile, "_WAY", way.split(" ")[0] or None)
     cross = WORLD.profile(bits=bits).cross
     assert cross is not None and cross.map_bits == bits
+    if way == "float32 inexact":  # maps whose columns could pass 2^24 in float32
+        monkeypatch.setitem(cross.__dict__, "_f32_exact", np.zeros_like(cross._f32_exact))
+        monkeypatch.setattr(torch, "mm", _float64_only(torch.mm))
     limit = {8: 127, 16: 32767}[bits]
     assert cross.input_limit == limit
     assert np.abs(cross.maps.astype(np.int64)).max() <= limit
@@ -85,21 +136,22 @@ def test_prediction_is_the_exact_integer_product(
 
 
 def test_sixteen_bit_maps_still_load_and_decode(tmp_path: Path) -> None:
-    """A profile written before 8-bit maps (no `map_bits` in its document) loads as 16-bit
+    """A profile document as written before 8-bit maps (no `map_bits`) loads as 16-bit
     maps with the digest its containers name, and codes and decodes as it did: a container
-    the build before them wrote (kept as a file) decodes to the value its checksum names."""
-    path = WORLD.profile_file(tmp_path / "p16.json", bits=16)
-    kept = (Path(__file__).parent / "data" / "cachegen-x-maps16.kvc").read_bytes()
-    before = CacheGenProfile.load(path).cross
-    assert before is not None
-    cachegen_profile.register_cross(before)
-    t = WORLD.tensor(40, 300, seed=7)
-    got = decode(kept)  # checks the decoded value's checksum
-    assert got.shape == t.shape and rel_err(got, t) < 0.05
+    coded with it decodes to the value its checksum names. Both are kept files, the profile
+    too: a fit's maps differ in a few entries from CPU to CPU (BLAS's summation order), so
+    a profile fitted here would not be the one the container names."""
+    data = Path(__file__).parent / "data"
+    path = tmp_path / "p16.json"
+    path.write_bytes((data / "cachegen-x-maps16.json").read_bytes())
     doc = json.loads(path.read_text())
-    assert doc["cross"].pop("map_bits") == 16
-    path.write_text(json.dumps(doc))
+    assert "map_bits" not in doc["cross"]
     profile = CacheGenProfile.load(path)
+    assert profile.cross is not None
+    cachegen_profile.register_cross(profile.cross)
+    t = WORLD.tensor(40, 300, seed=7)
+    got = decode((data / "cachegen-x-maps16.kvc").read_bytes())  # checks its checksum
+    assert got.shape == t.shape and rel_err(got, t) < 0.05
     assert profile.cross is not None and profile.cross.map_bits == 16
     assert profile.cross.maps.dtype == np.int16
     assert profile.cross.digest == doc["cross"]["digest"]
