@@ -934,18 +934,29 @@ def _value(words: np.ndarray, kind: int, ly: int, kv: int, t: int, c: int) -> np
 def _store(value: np.ndarray, kind: int, words: np.ndarray, ly: int, kv: int, t: int) -> None:
     """words[ly, kv, t] = float32 `value` rounded to the dtype to nearest even, as torch
     rounds (float16 past its range to inf)."""
+    _store_at(value, kind, words, ly, kv, t, 0)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _store_at(
+    value: np.ndarray, kind: int, words: np.ndarray, ly: int, kv: int, t: int, at: int
+) -> None:
+    """`_store` of the `value.size` values from channel `at` of (ly, kv, t) on."""
     n = value.size
     if kind == _F32:
+        row = words[ly, kv, t, 2 * at : 2 * (at + n)]
         for c in range(n):
             bits = np.float32(value[c]).view(np.uint32)
-            words[ly, kv, t, 2 * c] = bits & 0xFFFF
-            words[ly, kv, t, 2 * c + 1] = bits >> 16
+            row[2 * c] = bits & 0xFFFF
+            row[2 * c + 1] = bits >> 16
     elif kind == _BF16:
+        row = words[ly, kv, t, at : at + n]
         for c in range(n):
-            words[ly, kv, t, c] = f32_to_bf16(value[c])
+            row[c] = f32_to_bf16(value[c])
     else:
+        row = words[ly, kv, t, at : at + n]
         for c in range(n):
-            words[ly, kv, t, c] = f32_to_f16(value[c], False)
+            row[c] = f32_to_f16(value[c], False)
 
 
 # ------------------------------------------------------------------------------ encoding

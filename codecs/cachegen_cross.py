@@ -68,7 +68,7 @@ from kvstore.codecs.cachegen import (
     _histogram,
     _Layout,
     _Quantized,
-    _store,
+    _store_at,
     _words,
     decode_symbols,
     load_profile,
@@ -281,13 +281,16 @@ class CacheGenX(CacheGen):
 
     def decode_payload(self, payload: memoryview, out: torch.Tensor) -> None:
         position, p = self.parse(payload, out.shape)
-        layers, _, tokens, heads, dim = out.shape
+        layers, _, tokens = out.shape[:3]
         symbols = decode_symbols(p)
         c = self.cross
-        xhat = np.empty((layers, tokens, 2, heads, dim), np.float32)
+        cos, sin = rope_tables(c, position, tokens)
+        target = _target(out)
+        kind, words = _KINDS[target.dtype], _words(target)
         # Each layer's decoded channels as the next layer's map reads them (integers), and
         # the map's product: the prediction, scaled inside the kernel. (The last layer's
-        # channels feed no map: they are scaled as the one before's, and not read.)
+        # channels feed no map: they are scaled as the one before's, and not read.) The
+        # kernel writes the layer's output too, K rotated back.
         below, acc = np.empty((tokens, c.channels), c.input_dtype), _NO_PRODUCT
         starts = np.ascontiguousarray(p.starts)
         steps = np.ascontiguousarray(p.steps[..., 0])
@@ -296,11 +299,12 @@ class CacheGenX(CacheGen):
                 acc = c.product(below, layer)
             if not _decode_layer(
                 symbols, starts, steps, p.escaped, p.first, acc, c.out_scale[max(layer - 1, 0)],
-                c.in_scale[min(layer, layers - 2)], float(c.input_limit), layer, xhat[layer],
-                below,
+                c.in_scale[min(layer, layers - 2)], float(c.input_limit), layer, cos, sin,
+                kind, words, below,
             ):  # fmt: skip
                 raise ContainerError("cachegen-x escapes disagree with the streams")
-        _rotate_out(c, xhat, position, out)
+        if target is not out:
+            out.copy_(target)
 
 
 # Layer 0's "product": no rows, so its kernels predict nothing.
@@ -312,11 +316,18 @@ def _rotate_out(cross: CrossLayer, xhat: np.ndarray, position: int, out: torch.T
     """`out` (the value's dtype and shape) = the decoded channels `xhat` `[layers, tokens, 2,
     heads, dim]` with RoPE applied back to K at positions position.., rounded to its dtype."""
     cos, sin = rope_tables(cross, position, xhat.shape[1])
-    direct = out.dtype in _KINDS and out.is_contiguous()
-    target = out if direct else torch.empty(out.shape, dtype=torch.float32)
+    target = _target(out)
     _output(xhat, cos, sin, _KINDS[target.dtype], _words(target))
-    if not direct:
+    if target is not out:
         out.copy_(target)
+
+
+def _target(out: torch.Tensor) -> torch.Tensor:
+    """What the kernels write for `out`: itself, or float32 to be copied into it (a dtype
+    they do not write, or not contiguous)."""
+    if out.dtype in _KINDS and out.is_contiguous():
+        return out
+    return torch.empty(out.shape, dtype=torch.float32)
 
 
 # The last tables made, by (maps, position, tokens): prefix chunks sit at the same few
@@ -556,18 +567,23 @@ def _decode_layer(
     in_scale: np.ndarray,
     limit: float,
     layer: int,
-    xhat: np.ndarray,
+    cos: np.ndarray,
+    sin: np.ndarray,
+    kind: int,
+    words: np.ndarray,
     below: np.ndarray,
 ) -> bool:
-    """Layer `layer`'s channels `xhat` `[tokens, 2, heads, dim]` from its units' symbols,
-    starts `[layers, 2, heads, dim]`, steps `[layers, 2, heads]`, escapes and its map's
-    integer product `acc` `[tokens, channels]` (empty for layer 0: no prediction), as
-    `_code_layer` made them, the prediction float32(acc * out_scale) as
-    `CrossLayer.predict` makes it; `below` `[tokens, channels]` = the channels as the next
-    layer's map reads them, clip(rint(xhat * in_scale), +-limit). False if a unit's
-    escapes do not add up. (Rows are taken as slices and indexed by loop counters: numba
-    checks `array[t, at + d]` for a negative index, and such a loop does not vectorize.)"""
-    tokens, _, heads, dim = xhat.shape
+    """Layer `layer` of the value whose 16-bit words are `words` `[layers, 2, tokens, words]`
+    (a `kind` of dtype), from its units' symbols, starts `[layers, 2, heads, dim]`, steps
+    `[layers, 2, heads]`, escapes and its map's integer product `acc` `[tokens, channels]`
+    (empty for layer 0: no prediction), as `_code_layer` made them: the prediction
+    float32(acc * out_scale) as `CrossLayer.predict` makes it, K rotated back by cos / sin
+    as `_output` does; `below` `[tokens, channels]` = the channels as the next layer's map
+    reads them, clip(rint(x * in_scale), +-limit). False if a unit's escapes do not add up.
+    (Rows are taken as slices and indexed by loop counters: numba checks `array[t, at + d]`
+    for a negative index, and such a loop does not vectorize.)"""
+    tokens = below.shape[0]
+    heads, dim = steps.shape[2], starts.shape[3]
     ok = np.ones(2 * heads, np.bool_)
     for j in numba.prange(2 * heads):
         kv, h = j // heads, j % heads
@@ -579,10 +595,11 @@ def _decode_layer(
         outs = out_scale[at : at + dim]
         ins = in_scale[at : at + dim]
         pred = np.zeros(dim, np.float32)
+        x = np.empty(dim, np.float32)
+        turned = np.empty(dim, np.float32)
         for t in range(tokens):
             _predict_row(acc, outs, at, t, pred)
             sym = symbols[u, t]
-            x = xhat[t, kv, h]
             escapes = False
             for d in range(dim):
                 s = sym[d]
@@ -599,9 +616,31 @@ def _decode_layer(
             nxt = below[t, at : at + dim]
             for d in range(dim):
                 nxt[d] = min(max(np.rint(x[d] * ins[d]), -limit), limit)
+            if kv == 0:
+                _rotate_row(x, cos[t], sin[t], turned)
+                _store_at(turned, kind, words, layer, 0, t, h * dim)
+            else:
+                _store_at(x, kind, words, layer, 1, t, h * dim)
         if e != first[u + 1]:
             ok[j] = False
     return bool(ok.all())
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _rotate_row(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, out: np.ndarray) -> None:
+    """out = one head's K channels `x` `[dim]` rotated by a token's cos / sin `[dim / 2]`
+    (rotate-half pairs (d, d + dim / 2)), each product and the sum rounded to float32 (no
+    fused multiply-add): the same bits wherever it runs."""
+    half = cos.size
+    for d in range(half):
+        a, b = x[d], x[d + half]
+        c, s = cos[d], sin[d]
+        ac = a * c
+        bs = b * s
+        bc = b * c
+        as_ = a * s
+        out[d] = ac - bs
+        out[d + half] = bc + as_
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -620,26 +659,13 @@ def _output(
     xhat: np.ndarray, cos: np.ndarray, sin: np.ndarray, kind: int, words: np.ndarray
 ) -> None:
     """words `[layers, 2, tokens, words]` = xhat `[layers, tokens, 2, heads, dim]` with K
-    rotated by cos / sin `[tokens, dim / 2]` (rotate-half pairs (d, d + dim / 2)), each
-    product and sum rounded to float32, then to the dtype."""
+    rotated by cos / sin `[tokens, dim / 2]` (`_rotate_row`), then rounded to the dtype:
+    the encoder's value, as `_decode_layer` writes the decoder's."""
     layers, tokens, _, heads, dim = xhat.shape
-    half = dim // 2
     for i in numba.prange(layers * tokens):
         layer, t = i // tokens, i % tokens
-        k = np.empty(heads * dim, np.float32)
+        turned = np.empty(dim, np.float32)
         for h in range(heads):
-            for d in range(half):
-                a = xhat[layer, t, 0, h, d]
-                b = xhat[layer, t, 0, h, d + half]
-                c, s = cos[t, d], sin[t, d]
-                ac = a * c
-                bs = b * s
-                bc = b * c
-                as_ = a * s
-                k[h * dim + d] = ac - bs
-                k[h * dim + d + half] = bc + as_
-        _store(k, kind, words, layer, 0, t)
-        for h in range(heads):
-            for d in range(dim):
-                k[h * dim + d] = xhat[layer, t, 1, h, d]
-        _store(k, kind, words, layer, 1, t)
+            _rotate_row(xhat[layer, t, 0, h], cos[t], sin[t], turned)
+            _store_at(turned, kind, words, layer, 0, t, h * dim)
+            _store_at(xhat[layer, t, 1, h], kind, words, layer, 1, t, h * dim)
