@@ -102,9 +102,11 @@ DEFAULT_LEVELS: dict[str, tuple[str, ...]] = {
     "fp8": ("fp8",),
     "kivi": ("kivi:bits=4", "kivi:bits=2"),
     "cachegen": tuple(f"cachegen:level={n}" for n in range(4)),
-    # Needs a profile of the model with its maps: --fit-profile p.json --codecs
-    # cachegen:profile=p.json (chunks with a position go through cachegen-x).
+    # Need a profile of the model with its maps: --fit-profile p.json --codecs
+    # cachegen:profile=p.json (chunks with a position go through cachegen-x; with
+    # cachegen-zstd:profile=p.json through cachegen-x-zstd).
     "cachegen-x": (),
+    "cachegen-x-zstd": (),
 }
 
 

@@ -212,13 +212,19 @@ def gpu_decodable_codecs() -> frozenset[int]:
     return frozenset(c.codec_id for c in _REGISTRY.values() if c.gpu_decoder() is not None)
 
 
-def codec_from_spec(spec: str) -> Codec:
-    """A codec from 'name' or 'name:key=value,key=value' (as on the command line)."""
+def codec_class(name: str) -> type[Codec]:
+    """The codec registered as `name` (InvalidArgument if none is)."""
     _load_codecs()
-    name, _, rest = spec.strip().partition(":")
-    cls = _REGISTRY.get(name.strip())
+    cls = _REGISTRY.get(name)
     if cls is None:
         raise InvalidArgument(f"unknown codec {name!r}; known: {', '.join(codec_names())}")
+    return cls
+
+
+def codec_from_spec(spec: str) -> Codec:
+    """A codec from 'name' or 'name:key=value,key=value' (as on the command line)."""
+    name, _, rest = spec.strip().partition(":")
+    cls = codec_class(name.strip())
     params: dict[str, str] = {}
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, eq, value = item.partition("=")

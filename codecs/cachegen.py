@@ -83,6 +83,7 @@ from kvstore.codecs.base import (
     Codec,
     ContainerError,
     ParamValue,
+    codec_class,
     kv_view,
     register,
 )
@@ -210,6 +211,8 @@ class CacheGen(Codec):
     LEGACY_PARAMS: ClassVar[Mapping[str, ParamValue]] = {"version": 1}
     # A subclass without GPU kernels (its values decode and encode on the host) says so.
     HOST_ONLY: ClassVar[bool] = False
+    # The codec of a value at a known position, with a profile that has cross-layer maps.
+    CROSS: ClassVar[str] = "cachegen-x"
     VERSIONS: ClassVar[tuple[int, ...]] = VERSIONS
 
     def check_params(self) -> None:
@@ -250,9 +253,9 @@ class CacheGen(Codec):
 
     def for_position(self, position: int, shape: Sequence[int] | None = None) -> Codec:
         """With a profile that has cross-layer maps and a value of the shape they are for
-        (when given), `cachegen-x` at this level for a value at `position`
-        (`kvstore.codecs.cachegen_cross`; ask it, not this codec, for its choice for the
-        newest chunk); else this codec."""
+        (when given), `cachegen-x` (`cachegen-x-zstd` for `cachegen-zstd`: `CROSS`) at
+        this level for a value at `position` (`kvstore.codecs.cachegen_cross`; ask it, not
+        this codec, for its choice for the newest chunk); else this codec."""
         cross = self._profile.cross if self._profile is not None else None
         if cross is None:
             return self
@@ -263,9 +266,7 @@ class CacheGen(Codec):
         ):
             return self
         if self._cross is None:
-            from kvstore.codecs.cachegen_cross import CacheGenX
-
-            self._cross = CacheGenX(
+            self._cross = codec_class(self.CROSS)(
                 level=self.params["level"],
                 profile=self.params["profile"],
                 newest=self.params["newest"],
@@ -452,34 +453,14 @@ class CacheGen(Codec):
             out.copy_(target)
 
 
-@register
-class CacheGenZstd(CacheGen):
-    """`cachegen` with zstd's entropy coder in place of rANS: the same quantizer, so the
-    same symbols and the same decoded value to the bit, coded as one zstd frame per unit
-    (Huffman-coded literals with the frame's own table, and whatever repeats LZ finds).
-
-    On SmolLM2's KV (NOTES-codecs.md) the payloads are 2-4% smaller than cachegen's at its
-    plain levels (no frequency tables to store) and ~1% larger with a profile's coarsest
-    heads (Huffman codes spend at least a bit a symbol); the frames decode ~3x faster than
-    the rANS streams (the whole decode 1.6-1.8x on a CPU core) and encode ~2x faster.
+class ZstdFrames:
+    """The entropy stage of `cachegen-zstd` and `cachegen-x-zstd`: a value quantized in one
+    segment a unit (`_Quantized`) coded as one zstd frame per unit (Huffman-coded literals
+    with the frame's own table, and whatever repeats LZ finds) in place of rANS streams.
     There is no GPU decoder, so a CUDA `out` is filled by a host decode and a copy: for
-    tiers whose reads land in host memory.
+    tiers whose reads land in host memory."""
 
-    Payload, little-endian (version 1):
-
-        starts   f16  [layers, 2, heads, head_dim]
-        steps    f16  [layers, 2, heads]
-        escapes  u32  [units]
-        offsets  u32  [units + 1], from 0; then the frames, back to back
-        escaped  f16  the escapes' values, unit by unit, in token order
-
-    Frame u holds unit u's tokens * head_dim symbols, token-major, and records that size."""
-
-    name = "cachegen-zstd"
-    codec_id = 6
-    PARAMS: ClassVar[Mapping[str, ParamValue]] = {**CacheGen.PARAMS, "version": 1}
-    LEGACY_PARAMS: ClassVar[Mapping[str, ParamValue]] = {}
-    VERSIONS: ClassVar[tuple[int, ...]] = (1,)
+    name: ClassVar[str]
     # zstd's level 1, with matches of 7 symbols or more only and small tables: shorter
     # matches cost more time than they save bytes on these symbols; both sizes and times
     # measured on SmolLM2's KV (NOTES-codecs.md). Decoders need none of it.
@@ -492,10 +473,9 @@ class CacheGenZstd(CacheGen):
 
     HOST_ONLY = True  # no GPU kernels
 
-    def _encode(self, tensor: torch.Tensor, back: torch.Tensor | None) -> memoryview:
-        kv_view(tensor, self.name)  # the layout check, before reading the shape
-        tokens = tensor.shape[2]
-        qz = self._quantize(tensor, back, max(tokens, 1), histogram=False)
+    def framed(self, qz: _Quantized) -> np.ndarray:
+        """The payload of a value quantized in one segment a unit: its starts, steps and
+        escape counts, the frames' offsets, the frames, the escapes' values (uint8)."""
         lay = qz.layout
         n = lay.units
         sizes: np.ndarray = np.zeros(n, np.int64)
@@ -523,7 +503,7 @@ class CacheGenZstd(CacheGen):
             *runs,
             qz.escaped.astype("<u2"),
         ]
-        return _concatenated(parts).data
+        return _concatenated(parts)
 
     def _compressor(self) -> zstandard.ZstdCompressor:
         """This thread's compressor (its zstd context is reused from value to value; a
@@ -536,10 +516,12 @@ class CacheGenZstd(CacheGen):
             setattr(_local, key, zc)
         return zc
 
-    def decode_payload(self, payload: memoryview, out: torch.Tensor) -> None:
-        shape = tuple(out.shape)
-        if len(shape) != 5 or shape[1] != 2:
-            raise ContainerError(f"{self.name} cannot decode into shape {shape}")
+    def unframed(
+        self, payload: memoryview, shape: tuple[int, ...]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """What `framed` made, for a value of `shape`: its symbols `[units, tokens,
+        head_dim]`, starts, steps, escapes' values and their first index a unit (as
+        `_reconstruct` takes them); ContainerError for a payload that does not fit them."""
         layers, _, tokens, heads, head_dim = shape
         lay = _Layout(layers, tokens, heads, head_dim, max(tokens, 1))
         n, ch = lay.units, lay.channels
@@ -576,7 +558,47 @@ class CacheGenZstd(CacheGen):
                 symbols[u, :tokens] = piece.reshape(tokens, head_dim)
         if symbols.size and symbols.max() >= ALPHABET:
             raise ContainerError(f"{self.name} frames hold symbols outside the alphabet")
-        self._reconstruct(symbols, starts, steps, escaped, first, out)
+        return symbols, starts, steps, escaped, first
+
+
+@register
+class CacheGenZstd(ZstdFrames, CacheGen):
+    """`cachegen` with zstd's entropy coder in place of rANS (`ZstdFrames`): the same
+    quantizer, so the same symbols and the same decoded value to the bit.
+
+    On SmolLM2's KV (NOTES-codecs.md) the payloads are 2-4% smaller than cachegen's at its
+    plain levels (no frequency tables to store) and ~1% larger with a profile's coarsest
+    heads (Huffman codes spend at least a bit a symbol); the frames decode ~3x faster than
+    the rANS streams (the whole decode 1.6-1.8x on a CPU core) and encode ~2x faster.
+
+    Payload, little-endian (version 1):
+
+        starts   f16  [layers, 2, heads, head_dim]
+        steps    f16  [layers, 2, heads]
+        escapes  u32  [units]
+        offsets  u32  [units + 1], from 0; then the frames, back to back
+        escaped  f16  the escapes' values, unit by unit, in token order
+
+    Frame u holds unit u's tokens * head_dim symbols, token-major, and records that size."""
+
+    name = "cachegen-zstd"
+    codec_id = 6
+    PARAMS: ClassVar[Mapping[str, ParamValue]] = {**CacheGen.PARAMS, "version": 1}
+    LEGACY_PARAMS: ClassVar[Mapping[str, ParamValue]] = {}
+    VERSIONS: ClassVar[tuple[int, ...]] = (1,)
+    CROSS = "cachegen-x-zstd"
+
+    def _encode(self, tensor: torch.Tensor, back: torch.Tensor | None) -> memoryview:
+        kv_view(tensor, self.name)  # the layout check, before reading the shape
+        tokens = tensor.shape[2]
+        qz = self._quantize(tensor, back, max(tokens, 1), histogram=False)
+        return self.framed(qz).data
+
+    def decode_payload(self, payload: memoryview, out: torch.Tensor) -> None:
+        shape = tuple(out.shape)
+        if len(shape) != 5 or shape[1] != 2:
+            raise ContainerError(f"{self.name} cannot decode into shape {shape}")
+        self._reconstruct(*self.unframed(payload, shape), out)
 
 
 def _segments(n: int, sizes: int | np.ndarray) -> bytes:

@@ -140,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
         "sequence's newest chunk, which clients mark at put; a profile fitted by "
         "python -m kvstore.codecs.cachegen_profile carries cross-layer maps, and values "
         "put with their position are then coded by cachegen-x), cachegen-zstd (the same, "
-        "zstd frames), cachegen-x:level=0-3,profile=FILE (positions searched when not given)",
+        "zstd frames: decodes faster on the host, no GPU decoder; with a profile's maps, "
+        "cachegen-x-zstd), cachegen-x:level=0-3,profile=FILE (positions searched when not "
+        "given)",
     )
     p.add_argument(
         "--remote",

@@ -247,6 +247,38 @@ def test_cachegen_hands_positioned_values_to_cachegen_x(profile_path: Path, tmp_
     assert weights_only.for_position(256) is weights_only
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tokens", [0, 1, 33, 200])
+def test_zstd_frames_decode_to_the_bits_of_the_rans_streams(
+    profile_path: Path, dtype: torch.dtype, tokens: int
+) -> None:
+    """cachegen-x-zstd is cachegen-x's quantizer with zstd frames: the same decoded value
+    to the bit, in its own containers, decoded on the host only."""
+    t = WORLD.tensor(tokens, 700, seed=5, dtype=dtype)
+    streams = codec_from_spec(f"cachegen-x:level=1,profile={profile_path}").for_position(700)
+    frames = codec_from_spec(f"cachegen-x-zstd:level=1,profile={profile_path}").for_position(700)
+    data = frames.encode(t)
+    header, _ = decode_header(data)
+    assert header.codec == cx.CacheGenXZstd.codec_id
+    got = decode(data)
+    assert got.dtype == dtype and got.shape == t.shape
+    assert torch.equal(got, decode(streams.encode(t)))
+    _, back = frames.encode_with_value(t)
+    assert torch.equal(got, back)
+    assert frames.gpu_decoder() is None and streams.gpu_decoder() is not None
+
+
+def test_cachegen_zstd_hands_positioned_values_to_cachegen_x_zstd(profile_path: Path) -> None:
+    codec = codec_from_spec(f"cachegen-zstd:level=2,newest=0,profile={profile_path}")
+    at = codec.for_position(256)
+    assert at.name == "cachegen-x-zstd" and at.params["level"] == 2
+    assert at.for_newest().name == "cachegen-x-zstd" and at.for_newest().params["level"] == 0
+    assert at.for_newest().params["position"] == 256
+    t = WORLD.tensor(32, 256)
+    assert torch.equal(decode(at.encode(t)), decode(codec_from_spec(
+        f"cachegen:level=2,profile={profile_path}").for_position(256).encode(t)))  # fmt: skip
+
+
 def test_containers_need_their_maps(profile_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = (
         codec_from_spec(f"cachegen-x:profile={profile_path}")

@@ -33,11 +33,14 @@ def kv(seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
 
 
 CODECS = codec_names()
-# A codec that needs a file to exist gets one: cachegen-x a profile with maps for KV_SHAPE.
+# A codec that needs a file to exist gets one: cachegen-x (and -zstd) a profile with maps
+# for KV_SHAPE.
 _FILES = Path(tempfile.mkdtemp(prefix="kvstore-codec-tests-"))
 atexit.register(shutil.rmtree, _FILES, True)
 _X_PROFILE = LayeredKV(KV_SHAPE[0], KV_SHAPE[3], KV_SHAPE[4]).profile_file(_FILES / "x.json")
-DEFAULT_SPECS = {name: name for name in CODECS} | {"cachegen-x": f"cachegen-x:profile={_X_PROFILE}"}
+DEFAULT_SPECS = {name: name for name in CODECS} | {
+    name: f"{name}:profile={_X_PROFILE}" for name in ("cachegen-x", "cachegen-x-zstd")
+}
 
 
 def spec_of(name: str) -> str:
