@@ -223,18 +223,18 @@ class CacheGenX(CacheGen):
         x = tensor.detach().float().numpy()
         layers, _, tokens, heads, dim = x.shape
         self._check_shape(layers, heads, dim)
-        if not _within_f16(x):
-            raise InvalidArgument(
-                "cachegen-x needs finite values within float16's range; store this value with "
-                "a lossless codec (raw or zstd)"
-            )
         position = int(self.params["position"])
-        if position < 0:
+        if position < 0:  # the search reads the values: checked first
+            if not _within_f16(x):
+                raise InvalidArgument(_NOT_F16)
             position = find_position(self.cross, x)
         c = self.cross
         ch = np.empty((layers, tokens, 2, heads, dim), np.float32)
         cos, sin = rope_tables(c, position, tokens)
-        if not _channels(x, cos, sin, np.float32(1 / c.rope_scale**2), ch):
+        bad = _channels(x, cos, sin, np.float32(1 / c.rope_scale**2), ch)
+        if bad == _BAD_VALUE:
+            raise InvalidArgument(_NOT_F16)
+        if bad:
             raise InvalidArgument(
                 "cachegen-x: K with RoPE undone leaves float16's range; store this value "
                 "with another codec"
@@ -475,22 +475,31 @@ def _within_f16(x: np.ndarray) -> bool:
     return bool(ok.all())
 
 
+_NOT_F16 = (
+    "cachegen-x needs finite values within float16's range; store this value with a "
+    "lossless codec (raw or zstd)"
+)
+# What `_channels` finds: a channel (K with RoPE undone) past float16's range, or a value.
+_BAD_CHANNEL, _BAD_VALUE = 1, 2
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _channels(
     x: np.ndarray, cos: np.ndarray, sin: np.ndarray, unscale: np.float32, ch: np.ndarray
-) -> bool:
+) -> int:
     """ch `[layers, tokens, 2, heads, dim]` = the channels the maps read from KV x (float32
     `[layers, 2, tokens, heads, dim]`): K with RoPE undone by the decoders' tables cos / sin
     `[tokens, dim / 2]` (`rope_tables`: the RoPE scale in them, so `unscale` = 1 / scale^2),
-    in float32 (the encoder's side: not part of the format), and V; whether every channel
-    is within float16's range."""
+    in float32 (the encoder's side: not part of the format), and V. 0, or `_BAD_VALUE` if a
+    value of x is not finite within float16's range, else `_BAD_CHANNEL` if a channel is
+    not: both checked in the one pass over x."""
     layers, tokens, _, heads, dim = ch.shape
     half = dim // 2
-    ok = np.ones(layers * tokens, np.bool_)
+    found = np.zeros(layers * tokens, np.int8)
     for i in numba.prange(layers * tokens):
         ly, t = i // tokens, i % tokens
         co, si = cos[t], sin[t]
-        bad = False
+        value, channel = False, False
         for h in range(heads):
             k, out = x[ly, 0, t, h], ch[ly, t, 0, h]
             a, b = k[:half], k[half:]
@@ -501,9 +510,10 @@ def _channels(
             v, vout = x[ly, 1, t, h], ch[ly, t, 1, h]
             for d in range(dim):
                 vout[d] = v[d]
-                bad |= not abs(out[d]) <= F16_MAX
-        ok[i] = not bad
-    return bool(ok.all())
+                value |= not (abs(k[d]) <= F16_MAX and abs(v[d]) <= F16_MAX)
+                channel |= not abs(out[d]) <= F16_MAX
+        found[i] = _BAD_VALUE if value else (_BAD_CHANNEL if channel else 0)
+    return int(found.max()) if found.size else 0
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)

@@ -300,6 +300,17 @@ def test_shapes_and_values_it_cannot_take_are_refused(profile_path: Path, tmp_pa
     bad[1, 1, 3, 0, 0] = float("inf")
     with pytest.raises(InvalidArgument, match="finite"):
         codec.encode(bad)
+    searched = codec_from_spec(f"cachegen-x:profile={profile_path}")  # no position given
+    with pytest.raises(InvalidArgument, match="finite"):
+        searched.encode(bad)
+    bad = WORLD.tensor(8)
+    bad[0, 0, 5, 1, 2] = float("nan")  # in K
+    with pytest.raises(InvalidArgument, match="finite"):
+        codec.encode(bad)
+    big = WORLD.tensor(8)
+    big[2, 0, 3] = 60000.0  # within float16, but some of K's pairs rotated back are not
+    with pytest.raises(InvalidArgument, match="RoPE undone"):
+        codec.encode(big)
     with pytest.raises(InvalidArgument, match="position"):
         codec.for_position(-1)
     plain = CacheGenProfile(np.ones((L, 2, H)))
