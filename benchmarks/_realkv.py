@@ -6,7 +6,9 @@ what a continuation looks like when attention reads KV that went through a codec
   embedding Q8_0; dequantized to `dtype` on load). Nothing is fetched from a hub.
 - `prompts(tokenizer, min_tokens)`: five deterministic prompts of different kinds (English
   reference prose, Python source, a licence, a JSON document, a multi-turn chat) from text
-  every Python 3.11 installation carries or that is generated here.
+  every Python 3.11 installation carries or that is generated here; `fit_prompts` four
+  more from other text, for fitting; `extra_prompts` five more again, held out from both,
+  for measures that need more scored positions.
 - `prompt_kv(model, ids)`: the KV cache of a prompt as the store holds it,
   `[layers, 2, tokens, kv_heads, head_dim]` float16 (dim 1: K then V; K after RoPE).
 - `continuation_metrics(model, ids, prefix_len, kv)`: the continuation `ids[prefix_len:]`
@@ -299,19 +301,27 @@ def _fit_chat(tokenizer: Tokenizer, min_tokens: int) -> list[int]:
     """A chat about other functions than `_chat_turns`' (the math module's)."""
     import math as m
 
+    fns = (m.comb, m.gcd, m.isclose, m.fsum, m.prod, m.dist, m.hypot, m.log, m.perm,
+           m.isqrt, m.ldexp, m.frexp, m.copysign, m.remainder, m.nextafter, m.ulp)  # fmt: skip
+    return _docs_chat(tokenizer, min_tokens, fns, "Explain `math.{}` with an example.")
+
+
+def _docs_chat(
+    tokenizer: Tokenizer, min_tokens: int, fns: Sequence[Callable[..., Any]], question: str
+) -> list[int]:
+    """The first `min_tokens` tokens of a chat in the model's template: for each of `fns`,
+    `question` with its name asked and its docstring answered."""
     messages: list[dict[str, str]] = []
-    for fn in (m.comb, m.gcd, m.isclose, m.fsum, m.prod, m.dist, m.hypot, m.log, m.perm,
-               m.isqrt, m.ldexp, m.frexp, m.copysign, m.remainder, m.nextafter, m.ulp):  # fmt: skip
-        doc = inspect.getdoc(fn) or ""
+    for fn in fns:
         messages += [
-            {"role": "user", "content": f"Explain `math.{fn.__name__}` with an example."},
-            {"role": "assistant", "content": doc},
+            {"role": "user", "content": question.format(fn.__name__)},
+            {"role": "assistant", "content": inspect.getdoc(fn) or ""},
         ]
         text = tokenizer.apply_chat_template(messages, tokenize=False)
         ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
         if len(ids) >= min_tokens:
             return ids[:min_tokens]
-    raise ValueError(f"the fitting chat makes fewer than {min_tokens} tokens")
+    raise ValueError(f"the chat about {question!r} makes fewer than {min_tokens} tokens")
 
 
 def fit_prompts(tokenizer: Tokenizer, min_tokens: int = 1000) -> list[tuple[str, list[int]]]:
@@ -327,6 +337,86 @@ def fit_prompts(tokenizer: Tokenizer, min_tokens: int = 1000) -> list[tuple[str,
         )
     ]
     out.append(("fit-chat", _fit_chat(tokenizer, min_tokens)))
+    return out
+
+
+def _more_prose() -> str:
+    """Sections of the language reference that neither `_reference_prose` nor `_fit_prose`
+    takes (the expressions chapter)."""
+    from pydoc_data.topics import topics
+
+    sections = ("comparisons", "booleans", "lambda", "calls", "slicings", "subscriptions",
+                "binary", "power")  # fmt: skip
+    return "\n\n".join(topics[s].strip() for s in sections if s in topics)
+
+
+def _more_code() -> str:
+    """A third standard library module, as source."""
+    import difflib
+
+    return inspect.getsource(difflib)
+
+
+def _more_json() -> str:
+    """A generated JSON event log: timestamps, levels, services, messages, latencies."""
+    rng = random.Random(99)
+    services = ["auth", "billing", "search", "upload", "gateway", "scheduler"]
+    levels = ["debug", "info", "info", "info", "warn", "error"]
+    verbs = ["started", "finished", "retried", "timed out", "was throttled", "cached"]
+    events = [
+        {
+            "ts": f"2026-03-{rng.randint(1, 28):02d}T{rng.randint(0, 23):02d}:"
+            f"{rng.randint(0, 59):02d}:{rng.randint(0, 59):02d}Z",
+            "level": rng.choice(levels),
+            "service": rng.choice(services),
+            "msg": f"request {rng.randint(1000, 99999)} {rng.choice(verbs)}",
+            "latency_ms": round(rng.lognormvariate(3, 1), 1),
+        }
+        for _ in range(140)
+    ]
+    return json.dumps({"events": events}, indent=2)
+
+
+def _more_csv() -> str:
+    """A generated CSV table of weather readings: numbers in columns."""
+    rng = random.Random(11)
+    rows = ["station,date,t_min_c,t_max_c,rain_mm,wind_kmh,humidity_pct"]
+    for i in range(160):
+        t = rng.uniform(-5, 25)
+        rows.append(
+            f"ST{rng.randint(100, 140)},2026-{1 + i % 12:02d}-{1 + i % 28:02d},{t:.1f},"
+            f"{t + rng.uniform(2, 12):.1f},{max(0.0, rng.gauss(2, 4)):.1f},"
+            f"{rng.uniform(0, 60):.0f},{rng.randint(20, 100)}"
+        )
+    return "\n".join(rows)
+
+
+def _more_chat(tokenizer: Tokenizer, min_tokens: int) -> list[int]:
+    """A chat about other functions than the scored and fitting chats' (itertools')."""
+    import itertools as it
+
+    fns = (it.chain, it.combinations, it.permutations, it.product, it.groupby, it.islice,
+           it.accumulate, it.compress, it.count, it.cycle, it.dropwhile, it.takewhile,
+           it.starmap, it.tee, it.zip_longest, it.repeat, it.filterfalse,
+           it.combinations_with_replacement)  # fmt: skip
+    return _docs_chat(tokenizer, min_tokens, fns, "How would I use `itertools.{}`?")
+
+
+def extra_prompts(tokenizer: Tokenizer, min_tokens: int = 1000) -> list[tuple[str, list[int]]]:
+    """(name, token ids) of five more held-out prompts, from text that neither `prompts`
+    nor `fit_prompts` uses (prose, code, JSON, CSV, chat): with `prompts`, twice the scored
+    positions, where a measure such as top-1 agreement needs them (each of `prompts`' 640
+    positions moves it 0.16%)."""
+    out = [
+        (name, _cut_at_line(tokenizer, source(), min_tokens))
+        for name, source in (
+            ("more-prose", _more_prose),
+            ("more-code", _more_code),
+            ("more-json", _more_json),
+            ("more-csv", _more_csv),
+        )
+    ]
+    out.append(("more-chat", _more_chat(tokenizer, min_tokens)))
     return out
 
 

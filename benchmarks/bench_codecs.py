@@ -75,6 +75,7 @@ from _realkv import (
     Continuation,
     MissingModelDependency,
     continuation_metrics,
+    extra_prompts,
     fit_prompts,
     load_smollm2,
     prompt_kv,
@@ -406,6 +407,15 @@ def measure(
     return cell
 
 
+# --prompt-set: which prompts are scored (`_realkv`).
+PROMPT_SETS: dict[str, Callable[[Any, int], list[tuple[str, list[int]]]]] = {
+    "scored": prompts,
+    "fit": fit_prompts,
+    "extra": extra_prompts,
+    "all": lambda tokenizer, n: prompts(tokenizer, n) + extra_prompts(tokenizer, n),
+}
+
+
 def prepare(
     model: Any,
     tokenizer: Any,
@@ -414,9 +424,8 @@ def prepare(
     names: Sequence[str] | None,
     prompt_set: str = "scored",
 ) -> list[PromptCase]:
-    source = fit_prompts if prompt_set == "fit" else prompts
     cases = []
-    for name, ids in source(tokenizer, min_prefix + continuation):
+    for name, ids in PROMPT_SETS[prompt_set](tokenizer, min_prefix + continuation):
         if names and name not in names:
             continue
         start = time.perf_counter()
@@ -550,11 +559,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", help="comma-separated prompt names (default: all)")
     p.add_argument(
         "--prompt-set",
-        choices=("scored", "fit"),
+        choices=tuple(PROMPT_SETS),
         default="scored",
-        help="score the usual prompts (`_realkv.prompts`, default) or the fitting ones "
-        "(`_realkv.fit_prompts`): to try encoder variants without looking at the scored "
-        "prompts; a profile fitted on them is then scored in sample",
+        help="score the usual prompts (`_realkv.prompts`, default), the fitting ones "
+        "(`_realkv.fit_prompts`: to try encoder variants without looking at the scored "
+        "prompts; a profile fitted on them is then scored in sample), five more held out "
+        "from both (`extra`: `_realkv.extra_prompts`), or the usual and those (`all`: twice "
+        "the scored positions, for top-1 agreement)",
     )
     p.add_argument("--min-prefix", type=int, default=MIN_PREFIX, help="prefix tokens, at least")
     p.add_argument("--continuation", type=int, default=CONTINUATION, help="scored tokens")
