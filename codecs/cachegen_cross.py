@@ -226,17 +226,17 @@ class CacheGenX(CacheGen):
         position = int(self.params["position"])
         if position < 0:  # the search reads the values: checked first
             if not _within_f16(x):
-                raise InvalidArgument(_NOT_F16)
+                raise InvalidArgument(_NOT_F16.format(self.name))
             position = find_position(self.cross, x)
         c = self.cross
         ch = np.empty((layers, tokens, 2, heads, dim), np.float32)
         cos, sin = rope_tables(c, position, tokens)
         bad = _channels(x, cos, sin, np.float32(1 / c.rope_scale**2), ch)
         if bad == _BAD_VALUE:
-            raise InvalidArgument(_NOT_F16)
+            raise InvalidArgument(_NOT_F16.format(self.name))
         if bad:
             raise InvalidArgument(
-                "cachegen-x: K with RoPE undone leaves float16's range; store this value "
+                f"{self.name}: K with RoPE undone leaves float16's range; store this value "
                 "with another codec"
             )
         lay = _Layout(layers, tokens, heads, dim, self.SEGMENT or max(tokens, 1))
@@ -476,8 +476,8 @@ def _within_f16(x: np.ndarray) -> bool:
 
 
 _NOT_F16 = (
-    "cachegen-x needs finite values within float16's range; store this value with a "
-    "lossless codec (raw or zstd)"
+    "{} needs finite values within float16's range; store this value with a lossless codec "
+    "(raw or zstd)"
 )
 # What `_channels` finds: a channel (K with RoPE undone) past float16's range, or a value.
 _BAD_CHANNEL, _BAD_VALUE = 1, 2

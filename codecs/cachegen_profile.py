@@ -357,7 +357,7 @@ _WAY_SHAPE = (64, 256, 256)  # a few ms for the slowest way
 
 def _int8_way() -> str:
     """This process's way of summing 8-bit products, chosen on first use (two threads
-    that both choose choose alike)."""
+    that find it unchosen both time the ways, and keep the same or an equally exact one)."""
     global _WAY
     if _WAY is None:
         _WAY = _fastest_int8_way()

@@ -51,7 +51,8 @@ def quiet_openmp() -> None:
 
     Also keeps NumPy's OpenBLAS to one thread per call unless OPENBLAS_NUM_THREADS is set:
     the server codes a value per host thread, and cachegen-x's per-layer products (NumPy
-    GEMMs) otherwise each start a team of every core's threads, so that 12 host threads on
-    a 16-core GPU host encoded no faster than two cores do."""
+    GEMMs then; torch's now, which `threads.one_core_kernels` keeps to one thread) otherwise
+    each start a team of every core's threads, so that 12 host threads on a 16-core GPU
+    host encoded no faster than two cores do."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
