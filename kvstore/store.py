@@ -928,18 +928,23 @@ class Store:
         pools: Collection[int],
         decoders: Collection[int],
         count: bool,
+        counted: str = "",
     ) -> ReadLease | None:
         """`get`; `count=False` for a read started again (the entry changed under it, or a
-        damaged copy was dropped), whose hit or miss the first try counted."""
+        damaged copy was dropped), whose hit the first try counted on tier `counted`: one
+        that finds the entry gone makes that hit a miss."""
         with self._lock:
             e = self._index.get((namespace, key))
             if e is None:
                 if count:
                     for c in self._counters.values():
                         c.misses += 1
+                elif counted:
+                    self._hit_was_a_miss(counted)
                 return None
             if count:
                 self._count_misses_above(e.tier)
+                counted = e.tier
             if e.slot is None and e.ssd_codec in decoders:
                 return self._read_encoded(e, count)
             promotion = self._begin_ssd_read(e, count) if e.slot is None else None
@@ -959,18 +964,23 @@ class Store:
                     view = self._cpu_view(e)
         if promotion is not None:  # decoded outside the lock: a codec takes milliseconds
             return self._finish_ssd_read(
-                e, promotion, lambda: self._get(namespace, key, verify, pools, decoders, False)
+                e,
+                promotion,
+                lambda: self._get(namespace, key, verify, pools, decoders, False, counted),
             )
         if tier == "gpu":
             assert slot is not None
             return self._read_from_pool(
-                e, pool, slot, lambda: self._get(namespace, key, verify, pools, decoders, False)
+                e,
+                pool,
+                slot,
+                lambda: self._get(namespace, key, verify, pools, decoders, False, counted),
             )
         if verify and tier == "cpu" and checksum(view) != e.checksum:
             with self._lock:
                 retry = self._unlease_corrupt(e)
             if retry:
-                return self._get(namespace, key, verify, pools, decoders, False)
+                return self._get(namespace, key, verify, pools, decoders, False, counted)
             raise DataLoss(
                 f"cpu tier: checksum mismatch for {e.key.hex()[:16]}...; the value was dropped"
             )
@@ -1051,6 +1061,16 @@ class Store:
         e.hits += 1
         self._counters[e.tier].hits += 1
         self._mem[e.place].policy.access(e.eid)
+
+    def _hit_was_a_miss(self, tier: str) -> None:
+        """A read whose hit on `tier` was counted found the entry gone when it started
+        again (deleted while it was promoted, say): a miss there and below, as a read that
+        finds nothing counts one on every tier (the first try counted those above)."""
+        self._counters[tier].hits -= 1
+        order = ("gpu", "cpu", "ssd")
+        for name in order[order.index(tier) :] if tier in order else (tier,):
+            if name in self._counters:
+                self._counters[name].misses += 1
 
     def _count_misses_above(self, tier: str) -> None:
         for name in ("gpu", "cpu"):

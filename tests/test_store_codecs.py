@@ -218,10 +218,12 @@ def test_a_value_deleted_or_replaced_while_it_decodes(
     make_store: MakeStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The read that was decoding answers what the store holds once it is done (nothing, or
-    the new value), and what it took for the promotion is given back."""
+    the new value), and what it took for the promotion is given back; a read that ends a
+    miss counts one, not the ssd hit it started as."""
     store = make_store(codec=("ssd=zstd",))
     fill_past_cpu(store)
     slow = SlowDecode(monkeypatch)
+    before = {t.name: (t.counters.hits, t.counters.misses) for t in store.stats().tiers}
     t, got = reading(store, key(0))
     assert slow.started.wait(10)
     assert store.delete(NS, [key(0)]) == 1
@@ -229,6 +231,8 @@ def test_a_value_deleted_or_replaced_while_it_decodes(
     t.join(10)
     assert got == [None]
     assert cpu(store).used_bytes == cpu(store).entries * MiB  # its slot went back
+    after = {t.name: (t.counters.hits, t.counters.misses) for t in store.stats().tiers}
+    assert after == {name: (h, m + 1) for name, (h, m) in before.items()}  # a miss everywhere
 
     slow.go.clear(), slow.started.clear()
     before = hits(store)
