@@ -49,6 +49,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
+import mpmath
 import numba
 import numpy as np
 import torch
@@ -386,8 +387,9 @@ _tables_lock = threading.Lock()
 
 def rope_tables(cross: CrossLayer, position: int, tokens: int) -> tuple[np.ndarray, np.ndarray]:
     """float32 cos and sin `[tokens, head_dim / 2]` of positions position.. that every
-    decoder rotates K back with (the GPU's are these, copied): float64 angles and functions,
-    then the RoPE scale, rounded once. Read-only (shared by every caller)."""
+    decoder rotates K back with (the GPU's are these, copied): float64 angles, then each
+    entry the float32 nearest its true value times the RoPE scale (`rounded_f32`: the same
+    on every machine). Read-only (shared by every caller)."""
     key = (cross.digest, int(position), int(tokens))
     with _tables_lock:
         got = _tables.get(key)
@@ -396,8 +398,8 @@ def rope_tables(cross: CrossLayer, position: int, tokens: int) -> tuple[np.ndarr
             return got
     ang = rope_angles(cross.inv_freq, position, tokens)
     got = (
-        (np.cos(ang) * cross.rope_scale).astype(np.float32),
-        (np.sin(ang) * cross.rope_scale).astype(np.float32),
+        rounded_f32(np.cos, mpmath.cos, ang, cross.rope_scale),
+        rounded_f32(np.sin, mpmath.sin, ang, cross.rope_scale),
     )
     for a in got:
         a.flags.writeable = False
@@ -406,6 +408,41 @@ def rope_tables(cross: CrossLayer, position: int, tokens: int) -> tuple[np.ndarr
         while len(_tables) > _TABLES_KEPT:
             _tables.popitem(last=False)
     return got
+
+
+# How near (in float64 ulps of the value) a float32 rounding tie a table entry's float64
+# value may lie before it is computed again exactly: past numpy's error on any CPU (its
+# float64 cos / sin are within an ulp or two, SVML's on AVX-512 as glibc's).
+_TIE_ULPS = 8
+
+
+def rounded_f32(
+    fn: Callable[[np.ndarray], np.ndarray],
+    exact: Callable[[Any], Any],
+    ang: np.ndarray,
+    scale: float,
+) -> np.ndarray:
+    """float32 `fn(ang) * scale`, each entry the float32 nearest the true value: the same
+    bits on every machine. numpy's float64 `fn` can differ by an ulp from CPU to CPU, which
+    rounds an entry to the other float32 where its value lies next to a tie between two,
+    and a decoder whose table differs from the encoder's decodes other bits (the checksum
+    then refuses the value). Entries within `_TIE_ULPS` of a tie are computed again with
+    mpmath's `exact` at 160 bits; on SmolLM2's frequencies none of the first 32K positions'
+    2M entries is that near one."""
+    v = fn(ang) * scale
+    f = v.astype(np.float32)
+    f64 = f.astype(np.float64)
+    side = np.where(v > f64, np.float32(np.inf), np.float32(-np.inf))
+    other = np.nextafter(f, side)  # the float32 on v's far side of f
+    mid = (f64 + other.astype(np.float64)) / 2
+    near = np.abs(v - mid) <= _TIE_ULPS * np.spacing(np.abs(v))
+    if near.any():
+        with mpmath.workprec(160):
+            for i in zip(*np.nonzero(near), strict=True):
+                true = exact(mpmath.mpf(float(ang[i]))) * mpmath.mpf(float(scale))
+                a, b = float(f[i]), float(other[i])
+                f[i] = a if abs(true - a) <= abs(true - b) else b
+    return f
 
 
 def find_position(cross: CrossLayer, x: np.ndarray) -> int:

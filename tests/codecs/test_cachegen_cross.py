@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import mpmath
 import numpy as np
 import pytest
 import torch
@@ -364,11 +365,44 @@ def test_rope_tables_are_kept_read_only_and_bounded(monkeypatch: pytest.MonkeyPa
     assert again[0] is cos and again[1] is sin
     assert not cos.flags.writeable and not sin.flags.writeable
     ang = cp_angles(cross, 256, 7)
-    assert np.array_equal(cos, (np.cos(ang) * cross.rope_scale).astype(np.float32))
-    assert np.array_equal(sin, (np.sin(ang) * cross.rope_scale).astype(np.float32))
+    assert np.array_equal(cos, cx.rounded_f32(np.cos, mpmath.cos, ang, cross.rope_scale))
+    assert np.array_equal(sin, cx.rounded_f32(np.sin, mpmath.sin, ang, cross.rope_scale))
     for p in range(10):
         cx.rope_tables(cross, p, 7)
     assert len(cx._tables) == 4 and (cross.digest, 256, 7) not in cx._tables
+
+
+def _past_the_tie(fn):  # type: ignore[no-untyped-def]
+    """`fn` as a CPU might have it an ulp or two off: each value just past the float32 tie
+    next to it, on the side of the other float32."""
+
+    def skewed(a: np.ndarray) -> np.ndarray:
+        v = fn(a)
+        f = v.astype(np.float32)
+        other = np.nextafter(f, np.where(v > f, np.float32(np.inf), np.float32(-np.inf)))
+        mid = (f.astype(np.float64) + other.astype(np.float64)) / 2
+        return np.nextafter(mid, other.astype(np.float64))
+
+    return skewed
+
+
+@pytest.mark.parametrize(("fn", "exact"), [(np.cos, mpmath.cos), (np.sin, mpmath.sin)])
+def test_rope_table_entries_are_the_nearest_float32_on_any_cpu(fn, exact) -> None:  # type: ignore[no-untyped-def]
+    """Each table entry is the float32 nearest the true value: a CPU whose float64 cos or
+    sin lands on the other side of a float32 tie (an ulp off) still makes the encoder's
+    table, so its decodes give the encoder's bits."""
+    rng = np.random.default_rng(3)
+    ang = rng.uniform(0, 3e4, (32, 8))
+    want = cx.rounded_f32(fn, exact, ang, 1.0)
+    with mpmath.workprec(160):
+        for i, j in zip(range(32), rng.integers(0, 8, 32), strict=True):
+            true = exact(mpmath.mpf(float(ang[i, j])))
+            w = want[i, j]
+            for neighbour in (np.nextafter(w, np.float32(-2)), np.nextafter(w, np.float32(2))):
+                assert abs(true - float(w)) <= abs(true - float(neighbour))
+    skewed = _past_the_tie(fn)
+    assert (skewed(ang).astype(np.float32) != want).all()  # rounded as it comes, every entry is off
+    assert np.array_equal(cx.rounded_f32(skewed, exact, ang, 1.0), want)
 
 
 def cp_angles(cross, position: int, tokens: int) -> np.ndarray:  # type: ignore[no-untyped-def]
