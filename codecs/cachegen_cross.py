@@ -23,7 +23,8 @@ each layer from the one below"). So, for a chunk whose first token is at `positi
   the chunk's first token escaped to float16, symbols rANS-coded per unit in streams;
 - decoding runs the layers in order: value = (prediction + start) + (symbol - 127) * step in
   float32, or the escape's value; K is then rotated back with float32 cos / sin tables of
-  the positions (float64 angles, rounded once) as x cos - x' sin, each product and the
+  the positions (float64 angles; each entry the float32 nearest its true value, the same
+  on every machine: `rounded_f32`) as x cos - x' sin, each product and the
   difference rounded (no fused multiply-add), and every value rounded to the dtype.
 
 The decoder needs the profile's `CrossLayer`: containers record its digest (`maps`), and a
