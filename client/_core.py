@@ -944,6 +944,14 @@ class ClientCore:
                 failed.add(digest)
                 continue
             data = b"".join(m.data for m in pieces)
+            if not pieces or len(data) != pieces[0].total:
+                total = pieces[0].total if pieces else "?"
+                log.warning(
+                    "kvstore server sent %d of %s bytes of cross-layer maps %s",
+                    len(data), total, digest,
+                )  # fmt: skip
+                failed.add(digest)
+                continue
             try:
                 cross = yield Block(functools.partial(maps_from_document, data, digest))
             except InvalidArgument as exc:

@@ -145,3 +145,41 @@ def test_a_client_that_cannot_get_the_maps_leaves_decoding_to_the_server(
         assert c.get_into([key], out.unsqueeze(0)).wait() == [True]
         codec = codec_from_spec(f"cachegen-x:level=1,profile={profile}").for_position(512)
         assert torch.equal(out, decode(codec.encode(value)))
+
+
+def _drive(op, pieces):  # type: ignore[no-untyped-def]
+    """Run a client operation whose one call (Maps) answers `pieces`; what it returns."""
+    from kvstore.client._core import Block, Call
+
+    step = next(op)
+    assert isinstance(step, Call) and step.method == "Maps" and step.sink is not None
+    for piece in pieces:
+        step.sink(piece)
+    try:
+        step = op.send(None)
+        while True:
+            assert isinstance(step, Block)
+            step = op.send(step.fn())
+    except StopIteration as stop:
+        return stop.value
+
+
+def test_a_client_refuses_maps_that_arrive_short(
+    no_maps_here: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Maps stream cut short (fewer bytes than its pieces' `total`) is refused by its
+    length, with a message that says so, and nothing is loaded; the whole stream loads."""
+    from kvstore.client._core import ClientCore
+    from kvstore.v1 import kvstore_pb2 as pb
+
+    cross = WORLD.profile().cross
+    assert cross is not None
+    doc = cp.maps_document(cross)
+    pieces = [pb.MapsPiece(data=doc[at : at + 1000], total=len(doc)) for at in (0, 1000)]
+    pieces.append(pb.MapsPiece(data=doc[2000:], total=len(doc)))
+    core = ClientCore.__new__(ClientCore)  # load_maps keeps no state of its own
+    assert _drive(core.load_maps([cross.digest]), pieces[:2]) == {cross.digest}
+    assert f"sent 2000 of {len(doc)} bytes" in caplog.text
+    assert cp.registered_cross(cross.digest) is None
+    assert _drive(core.load_maps([cross.digest]), pieces) == set()
+    assert cp.registered_cross(cross.digest) is not None
