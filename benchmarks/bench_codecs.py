@@ -597,6 +597,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="first fit a cachegen profile on the fitting prompts (`_realkv.fit_prompts`, "
         "none of them scored) and write it to FILE, for specs with profile=FILE",
     )
+    p.add_argument(
+        "--fit-kv-maps",
+        action="store_true",
+        help="with --fit-profile: also predict each layer's V from its own K (`--kv-maps` of "
+        "kvstore.codecs.cachegen_profile)",
+    )
     return p
 
 
@@ -695,7 +701,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         t = time.perf_counter()
         fitting = fit_prompts(tokenizer, args.min_prefix + args.continuation)
         profile = fit(
-            model, [ids for _, ids in fitting], smollm2_gguf().name, [n for n, _ in fitting]
+            model,
+            [ids for _, ids in fitting],
+            smollm2_gguf().name,
+            [n for n, _ in fitting],
+            kv=args.fit_kv_maps,
         )
         profile.save(args.fit_profile)
         progress(f"fitted {args.fit_profile} in {time.perf_counter() - t:.1f}s")

@@ -17,6 +17,11 @@ each layer from the one below"). So, for a chunk whose first token is at `positi
   start value. The kernels below write each layer's channels as the next map's integer
   inputs as they reconstruct them, and read the product's integers, so a layer costs one
   GEMM call and one kernel;
+- with a version 3 profile's `kv_maps`, a layer's V is predicted from its own K as decoded
+  too (the two are projections of one hidden state): the layer's K units are reconstructed
+  first, then V's against the map's product plus K's (layer 0's V: K's alone). Two kernel
+  calls and one more, smaller GEMM a layer, on the host only for now (such values reach a
+  CUDA out through the host decoder: `value_gpu_decoder`);
 - the rest is cachegen's quantizer: one float16 step per (layer, K/V, head) from the
   residuals' spread over a resolution (`CROSS_LEVELS` times the profile's cross-layer
   weight), a value further than `OUTLIER_SPREADS` of its channel's spread and every value of
@@ -47,7 +52,7 @@ import collections
 import copy
 import struct
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import mpmath
@@ -189,6 +194,11 @@ class CacheGenX(CacheGen):
 
         return decode_x_on_gpu
 
+    def value_gpu_decoder(self) -> Callable[[Sequence[Any], Any], Any] | None:
+        # The GPU kernels predict V from the layer below only: maps with `kv_maps` decode on
+        # the host (and are copied to a CUDA out).
+        return None if self.cross.has_kv else self.gpu_decoder()
+
     @classmethod
     def gpu_encoder(cls) -> None:  # type: ignore[override]
         return None
@@ -249,15 +259,14 @@ class CacheGenX(CacheGen):
         counts = np.empty((lay.units, ALPHABET), np.int64)
         marked = np.empty((lay.units, tokens), np.bool_)
         xhat = np.empty((layers, tokens, 2, heads, dim), np.float32)
-        below, acc = np.empty((tokens, c.channels), c.input_dtype), _NO_PRODUCT
+        below = np.empty((tokens, c.channels), c.input_dtype)
         for layer in range(layers):
-            if layer:
-                acc = c.product(below, layer)
-            _code_layer(
-                ch[layer], acc, c.out_scale[max(layer - 1, 0)], c.in_scale[min(layer, layers - 2)],
-                float(c.input_limit), res[layer], layer, starts, steps, symbols, counts, marked,
-                xhat[layer], below,
-            )  # fmt: skip
+            for acc, scale, units in _passes(c, below, layer):
+                _code_layer(
+                    ch[layer], acc, scale, c.in_scale[min(layer, layers - 2)],
+                    float(c.input_limit), res[layer], layer, starts, steps, symbols, counts,
+                    marked, xhat[layer], below, *units,
+                )  # fmt: skip
         escapes = counts[:, 0]
         first = np.zeros(lay.units + 1, np.int64)
         np.cumsum(escapes, out=first[1:])
@@ -313,16 +322,15 @@ class CacheGenX(CacheGen):
         # the map's product: the prediction, scaled inside the kernel. (The last layer's
         # channels feed no map: they are scaled as the one before's, and not read.) The
         # kernel writes the layer's output too, K rotated back.
-        below, acc = np.empty((tokens, c.channels), c.input_dtype), _NO_PRODUCT
+        below = np.empty((tokens, c.channels), c.input_dtype)
         for layer in range(layers):
-            if layer:
-                acc = c.product(below, layer)
-            if not _decode_layer(
-                symbols, starts, steps, escaped, first, acc, c.out_scale[max(layer - 1, 0)],
-                c.in_scale[min(layer, layers - 2)], float(c.input_limit), layer, cos, sin,
-                kind, words, below,
-            ):  # fmt: skip
-                raise ContainerError("cachegen-x escapes disagree with the streams")
+            for acc, scale, units in _passes(c, below, layer):
+                if not _decode_layer(
+                    symbols, starts, steps, escaped, first, acc, scale,
+                    c.in_scale[min(layer, layers - 2)], float(c.input_limit), layer, cos, sin,
+                    kind, words, below, *units,
+                ):  # fmt: skip
+                    raise ContainerError("cachegen-x escapes disagree with the streams")
         if target is not out:
             out.copy_(target)
 
@@ -357,6 +365,30 @@ class CacheGenXZstd(ZstdFrames, CacheGenX):
 # Layer 0's "product": no rows, so its kernels predict nothing.
 _NO_PRODUCT = np.empty((0, 0), np.float64)
 _NO_PRODUCT.flags.writeable = False
+
+
+def _passes(
+    c: CrossLayer, below: np.ndarray, layer: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, tuple[int, int]]]:
+    """Layer `layer`'s kernel calls in order, as (product, its columns' scale, (first unit,
+    end)), `below` holding layer - 1's channels as its map reads them: every unit against
+    the map's product (layer 0: none); with `kv_maps`, K's units, then V's against that
+    product plus this layer's K (in `below` once K's call has run) times its kv map."""
+    units = 2 * c.heads
+    acc = c.product(below, layer) if layer else _NO_PRODUCT
+    scale = c.out_scale[max(layer - 1, 0)]
+    if not c.has_kv:
+        yield acc, scale, (0, units)
+        return
+    yield acc, scale, (0, c.heads)
+    half = c.channels // 2
+    kvp = c.kv_product(below[:, :half], layer)
+    if layer:
+        acc[:, half:] += kvp  # integers: exact (sums below 2^31)
+    else:
+        acc = np.zeros((len(below), c.channels), np.int32)
+        acc[:, half:] = kvp
+    yield acc, c.v_out_scale(layer), (c.heads, units)
 
 
 def _rotate_out(cross: CrossLayer, xhat: np.ndarray, position: int, out: torch.Tensor) -> None:
@@ -570,15 +602,19 @@ def _code_layer(
     marked: np.ndarray,
     xhat: np.ndarray,
     below: np.ndarray,
+    unit_lo: int,
+    unit_hi: int,
 ) -> None:
     """One layer's channels x `[tokens, 2, heads, dim]` (float32) against their prediction
     from the map's product `acc` (as `_decode_layer` reads it): per (K/V, head) unit in
     parallel, the float16 bits of its starts and step (into starts / steps `[layers, 2,
     heads, dim]` at `layer`), its symbols, their counts and the tokens with an escape (at
     the unit's rows), `xhat`: the channels as decoded, and `below`: them as the next
-    layer's map reads them. (Rows taken as slices, as in `_decode_layer`.)"""
+    layer's map reads them; units unit_lo..unit_hi - 1 (K's heads, then V's). (Rows taken as slices,
+    as in `_decode_layer`.)"""
     tokens, _, heads, dim = x.shape
-    for j in numba.prange(2 * heads):
+    for n_th in numba.prange(unit_hi - unit_lo):
+        j = unit_lo + n_th
         kv, h = j // heads, j % heads
         u = (layer * 2 + kv) * heads + h
         at = (kv * heads + h) * dim  # the unit's first channel
@@ -665,6 +701,8 @@ def _decode_layer(
     kind: int,
     words: np.ndarray,
     below: np.ndarray,
+    unit_lo: int,
+    unit_hi: int,
 ) -> bool:
     """Layer `layer` of the value whose 16-bit words are `words` `[layers, 2, tokens, words]`
     (a `kind` of dtype), from its units' symbols, starts `[layers, 2, heads, dim]`, steps
@@ -672,13 +710,15 @@ def _decode_layer(
     (empty for layer 0: no prediction), as `_code_layer` made them: the prediction
     float32(acc * out_scale) as `CrossLayer.predict` makes it, K rotated back by cos / sin
     as `_output` does; `below` `[tokens, channels]` = the channels as the next layer's map
-    reads them, clip(rint(x * in_scale), +-limit). False if a unit's escapes do not add up.
+    reads them, clip(rint(x * in_scale), +-limit); units unit_lo..unit_hi - 1 (K's heads, then V's).
+    False if a unit's escapes do not add up.
     (Rows are taken as slices and indexed by loop counters: numba checks `array[t, at + d]`
     for a negative index, and such a loop does not vectorize.)"""
     tokens = below.shape[0]
     heads, dim = steps.shape[2], starts.shape[3]
     ok = np.ones(2 * heads, np.bool_)
-    for j in numba.prange(2 * heads):
+    for n_th in numba.prange(unit_hi - unit_lo):
+        j = unit_lo + n_th
         kv, h = j // heads, j % heads
         u = (layer * 2 + kv) * heads + h
         at = (kv * heads + h) * dim  # the unit's first channel

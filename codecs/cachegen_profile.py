@@ -56,7 +56,7 @@ from kvstore.errors import InvalidArgument
 
 FORMAT = "kvstore-cachegen-profile"
 VERSION = 2
-VERSIONS = (1, 2)  # 1: weights only
+VERSIONS = (1, 2, 3)  # 1: weights only; 3: maps with V from its layer's K (`kv_maps`)
 # Weights are clipped to this factor either side of their geometric mean: a head measured
 # as insensitive still gets a step within reach of its values, and one measured as very
 # sensitive does not take the whole budget on the strength of a few fitting prompts.
@@ -136,6 +136,16 @@ class CrossLayer(_PerHead):
     0: its chunk's channel mean), as `CacheGenProfile.weights` are for cachegen's."""
     map_bits: int = 16
     """8 or 16: the maps' and inputs' integer width (`MAP_FORMATS`)."""
+    kv_maps: np.ndarray | None = None
+    """8-bit maps only, optional: int8 `[layers, heads * head_dim, heads * head_dim]`, (K
+    channel, V channel): layer l's V is also predicted from its own K as decoded (K and V are
+    projections of the same hidden state: on SmolLM2 this leaves ~0.3 bits less to code a V
+    value), entering as `below` holds it for the next layer (scaled by in_exp[min(l, layers
+    - 2)]'s K part, clipped); its products add to the map's (layer 0: to nothing, V's
+    prediction is then this alone), scaled by out_exp[l - 1]'s V part (layer 0: `kv_out_exp`).
+    Decoders then reconstruct a layer's K units before its V units."""
+    kv_out_exp: np.ndarray | None = None
+    """int16 `[heads * head_dim]` with `kv_maps`: layer 0's V output scale exponents."""
     _maps64: np.ndarray = field(init=False, repr=False, compare=False)  # 16-bit maps
     _maps8: torch.Tensor = field(init=False, repr=False, compare=False)  # 8-bit maps
     _f32_exact: np.ndarray = field(init=False, repr=False, compare=False)  # 8-bit: per map
@@ -186,6 +196,7 @@ class CrossLayer(_PerHead):
             if not a.flags.writeable:  # torch shares the map's memory (and never writes it)
                 a = a.copy()
             object.__setattr__(self, name, a)
+        self._check_kv(layers, ch // 2)
         object.__setattr__(self, "weights", w)
         object.__setattr__(self, "inv_freq", inv)
         object.__setattr__(self, "rope_scale", float(self.rope_scale))
@@ -202,6 +213,37 @@ class CrossLayer(_PerHead):
             object.__setattr__(self, "_maps64", self.maps.astype(np.float64))
         object.__setattr__(self, "_in_scale", np.ldexp(np.float32(1), self.in_exp.astype(np.int32)))
         object.__setattr__(self, "_out_scale", np.ldexp(1.0, -self.out_exp.astype(np.int32)))
+        if self.kv_maps is not None:
+            object.__setattr__(self, "_kv8", torch.from_numpy(self.kv_maps))
+            kv_bound = np.abs(self.kv_maps.astype(np.int32)).sum(axis=1).max(axis=1) * limit
+            object.__setattr__(self, "_kv_f32_exact", kv_bound <= 1 << 24)
+            object.__setattr__(self, "_kv32", {})
+            assert self.kv_out_exp is not None
+            row = np.zeros(ch, np.float64)  # layer 0: K has no product (its chunk's mean)
+            row[ch // 2 :] = np.ldexp(1.0, -self.kv_out_exp.astype(np.int32))
+            object.__setattr__(self, "_v_out0", row)
+
+    def _check_kv(self, layers: int, half: int) -> None:
+        """Validate and normalize `kv_maps` / `kv_out_exp` (both or neither; 8-bit maps)."""
+        if (self.kv_maps is None) != (self.kv_out_exp is None):
+            raise InvalidArgument("cross-layer kv_maps and kv_out_exp come together")
+        if self.kv_maps is None:
+            return
+        if self.map_bits != 8:
+            raise InvalidArgument("cross-layer kv_maps need 8-bit maps")
+        m = np.asarray(self.kv_maps)
+        if m.shape != (layers, half, half):
+            raise InvalidArgument(
+                f"cross-layer kv_maps must be {[layers, half, half]}, got {list(m.shape)}"
+            )
+        if (np.abs(m.astype(np.int64)) > 127).any():
+            raise InvalidArgument("cross-layer kv_maps must be within +-127")
+        e = np.asarray(self.kv_out_exp)
+        if e.shape != (half,) or (np.abs(e.astype(np.int64)) > 60).any():
+            raise InvalidArgument(f"cross-layer kv_out_exp must be [{half}] within +-60")
+        m = np.ascontiguousarray(m, np.int8)
+        object.__setattr__(self, "kv_maps", m if m.flags.writeable else m.copy())
+        object.__setattr__(self, "kv_out_exp", np.ascontiguousarray(e, np.int16))
 
     @property
     def input_limit(self) -> int:
@@ -234,6 +276,10 @@ class CrossLayer(_PerHead):
             h.update(np.array([self.map_bits], "<i8").tobytes())
         for a in (self.in_exp, self.maps, self.out_exp):
             h.update(a.astype("<i2").tobytes())
+        if self.kv_maps is not None and self.kv_out_exp is not None:
+            h.update(b"kv_maps")
+            h.update(self.kv_maps.tobytes())
+            h.update(self.kv_out_exp.astype("<i2").tobytes())
         return h.hexdigest()
 
     @property
@@ -259,31 +305,57 @@ class CrossLayer(_PerHead):
         8-bit maps, float64 for 16-bit ones."""
         m = layer - 1
         if self.map_bits == 8:
-            x8 = torch.from_numpy(np.ascontiguousarray(xi, np.int8))
-            way = _int8_way()
-            if way == "int_mm":
-                return _INT_MM(x8, self._maps8[m]).numpy()  # type: ignore[misc]
-            if way == "float32" and self._f32_exact[m]:
-                w32 = self._maps32.get(m)
-                if w32 is None:  # a race makes it twice: the same values
-                    w32 = self._maps32[m] = self._maps8[m].float()
-                return torch.mm(x8.float(), w32).to(torch.int32).numpy()
-            return torch.mm(x8.double(), self._maps8[m].double()).to(torch.int32).numpy()
+            return _product8(xi, self._maps8[m], bool(self._f32_exact[m]), self._maps32, m)
         return np.asarray(xi, np.float64) @ self._maps64[m]  # integers below 2^53: exact
+
+    @property
+    def has_kv(self) -> bool:
+        """Whether V is also predicted from its layer's K (`kv_maps`)."""
+        return self.kv_maps is not None
+
+    def kv_product(self, ki: np.ndarray, layer: int) -> np.ndarray:
+        """int32 `[tokens, heads * head_dim]`: layer `layer`'s K as `below` holds it (its K
+        part, integers within +-127) times `kv_maps[layer]`, exact (as `product`)."""
+        if self.kv_maps is None:
+            raise InvalidArgument("these cross-layer maps have no kv_maps")
+        exact = bool(self.__dict__["_kv_f32_exact"][layer])
+        return _product8(ki, self.__dict__["_kv8"][layer], exact, self.__dict__["_kv32"], layer)
+
+    def v_out_scale(self, layer: int) -> np.ndarray:
+        """float64 `[channels]`: what a product's columns are scaled by to predict layer
+        `layer`'s V with `kv_maps` (its K part: as `out_scale`'s; layer 0: unused)."""
+        return self._out_scale[layer - 1] if layer else self.__dict__["_v_out0"]
+
+    def inputs(self, x: np.ndarray, layer: int) -> np.ndarray:
+        """Layer `layer`'s decoded channels `x` (float32 `[tokens, channels]`, or its K part)
+        as the next map (and `kv_maps`) read them: clip(rint(x * 2^in_exp), +-limit), the
+        last layer scaled as the one before it."""
+        m = min(layer, self.layers - 2)
+        xi = np.rint(x * self._in_scale[m][: x.shape[-1]])  # a power of two: exact
+        return np.clip(xi, -self.input_limit, self.input_limit, out=xi)
 
     def predict(self, below: np.ndarray, layer: int, out: np.ndarray | None = None) -> np.ndarray:
         """Layer `layer`'s (>= 1) prediction, float32 `[tokens, channels]`, from layer - 1's
         decoded channels `below` (float32 `[tokens, channels]`), the same bits on any
         machine (see the class)."""
-        m = layer - 1
-        xi = np.rint(below * self._in_scale[m])  # a power of two: exact
-        np.clip(xi, -self.input_limit, self.input_limit, out=xi)
-        acc = self.product(xi, layer).astype(np.float64)
-        acc *= self._out_scale[m]
+        acc = self.product(self.inputs(below, layer - 1), layer).astype(np.float64)
+        acc *= self._out_scale[layer - 1]
         if out is None:
             return acc.astype(np.float32)
         out[...] = acc
         return out
+
+    def predict_v(self, below: np.ndarray | None, k: np.ndarray, layer: int) -> np.ndarray:
+        """With `kv_maps`: layer `layer`'s V prediction, float32 `[tokens, heads *
+        head_dim]`, from layer - 1's decoded channels `below` (None for layer 0) and this
+        layer's decoded K channels `k` (float32 `[tokens, heads * head_dim]`)."""
+        half = self.channels // 2
+        acc = self.kv_product(self.inputs(k, layer), layer).astype(np.int64)
+        if layer:
+            if below is None:
+                raise InvalidArgument(f"layer {layer}'s V prediction needs the layer below")
+            acc += self.product(self.inputs(below, layer - 1), layer)[:, half:]
+        return (acc * self.v_out_scale(layer)[half:]).astype(np.float32)
 
     def float_map(self, layer: int) -> np.ndarray:
         """float32 `[channels, channels]`: layer `layer`'s map (>= 1) with its scales folded
@@ -299,7 +371,7 @@ class CrossLayer(_PerHead):
         packed = zstandard.ZstdCompressor(level=10).compress(
             self.maps.astype(_MAP_DTYPES[self.map_bits].newbyteorder("<")).tobytes()
         )
-        return {
+        doc: dict[str, Any] = {
             "map_bits": self.map_bits,
             "inv_freq": [float(f) for f in self.inv_freq],  # repr round-trips float64
             "rope_scale": self.rope_scale,
@@ -309,6 +381,11 @@ class CrossLayer(_PerHead):
             "weights": np.round(self.weights.astype(np.float64), 5).tolist(),
             "digest": self.digest,
         }
+        if self.kv_maps is not None and self.kv_out_exp is not None:
+            kv = zstandard.ZstdCompressor(level=10).compress(self.kv_maps.tobytes())
+            doc["kv_maps_zstd_base64"] = base64.b64encode(kv).decode("ascii")
+            doc["kv_out_exp"] = self.kv_out_exp.tolist()
+        return doc
 
     @classmethod
     def from_doc(cls, doc: Any, layers: int, heads: int) -> CrossLayer:
@@ -326,6 +403,14 @@ class CrossLayer(_PerHead):
                 max_output_size=dtype.itemsize * (layers - 1) * ch * ch,
             )
             maps = np.frombuffer(raw, dtype).reshape(layers - 1, ch, ch)
+            kv_maps = kv_out_exp = None
+            if "kv_maps_zstd_base64" in doc:  # version 3
+                kv_raw = zstandard.ZstdDecompressor().decompress(
+                    base64.b64decode(doc["kv_maps_zstd_base64"], validate=True),
+                    max_output_size=layers * (ch // 2) ** 2,
+                )
+                kv_maps = np.frombuffer(kv_raw, np.int8).reshape(layers, ch // 2, ch // 2)
+                kv_out_exp = np.array(doc["kv_out_exp"], np.int64)
             cross = cls(
                 inv,
                 float(doc["rope_scale"]),
@@ -334,6 +419,8 @@ class CrossLayer(_PerHead):
                 np.array(doc["out_exp"], np.int64),
                 np.array(doc["weights"], np.float64),
                 bits,
+                kv_maps,
+                kv_out_exp,
             )
         except (KeyError, TypeError, ValueError, zstandard.ZstdError) as exc:
             raise InvalidArgument(f"cross-layer part malformed: {exc}") from None
@@ -353,6 +440,24 @@ _INT_MM = getattr(torch, "_int_mm", None)
 # not chosen yet.
 _WAY: str | None = None
 _WAY_SHAPE = (64, 256, 256)  # a few ms for the slowest way
+
+
+def _product8(
+    xi: np.ndarray, w8: torch.Tensor, f32_exact: bool, cache: dict[int, torch.Tensor], key: int
+) -> np.ndarray:
+    """int32 `xi @ w8`, exact, this process's fastest way (`_int8_way`): `xi` integers
+    within +-127, `w8` an 8-bit map (int8 tensor); float32 only where `f32_exact` (every
+    partial sum of a column within 2^24), with the map's float32 copy kept in `cache[key]`."""
+    x8 = torch.from_numpy(np.ascontiguousarray(xi, np.int8))
+    way = _int8_way()
+    if way == "int_mm":
+        return _INT_MM(x8, w8).numpy()  # type: ignore[misc]
+    if way == "float32" and f32_exact:
+        w32 = cache.get(key)
+        if w32 is None:  # a race makes it twice: the same values
+            w32 = cache[key] = w8.float()
+        return torch.mm(x8.float(), w32).to(torch.int32).numpy()
+    return torch.mm(x8.double(), w8.double()).to(torch.int32).numpy()
 
 
 def _int8_way() -> str:
@@ -491,41 +596,87 @@ def fit_cross(
     ridge: float = RIDGE,
     chunk: int = CROSS_CHUNK,
     bits: int = MAP_BITS,
+    kv: bool = False,
 ) -> CrossLayer:
     """A `CrossLayer` from fitting KV `kvs` (each `[layers, 2, tokens, heads, head_dim]`,
     positions from 0) and the heads' Fisher information and value counts (`measure`):
     ridge maps with lambda = `ridge` x the sample count, quantized to integers, and weights
     from the spreads of what they leave on `chunk`-token chunks (open loop, each chunk's
     mean removed, its first token left out: the codec stores it exactly); `bits`-bit maps
-    (`MAP_FORMATS`)."""
+    (`MAP_FORMATS`). With `kv` (8-bit maps), V is fitted from the layer below and its own
+    layer's K together (`CrossLayer.kv_maps`; layer 0's V from its K alone, each chunk's
+    mean removed, as the codec removes it)."""
+    if kv and bits != 8:
+        raise InvalidArgument("kv maps need 8-bit maps")
     input_top, map_top, limit = MAP_FORMATS[bits]
     xs = [channels_of(np.asarray(kv, np.float64), inv_freq, rope_scale, 0) for kv in kvs]
     layers, _, ch = xs[0].shape
     heads, dim = kvs[0].shape[3], kvs[0].shape[4]
     if layers < 2:
         raise InvalidArgument("cross-layer maps need a model of two layers or more")
+    half = ch // 2
     in_exp = np.empty((layers - 1, ch), np.int16)
     out_exp = np.empty((layers - 1, ch), np.int16)
     maps = np.empty((layers - 1, ch, ch), _MAP_DTYPES[bits])
     for layer in range(1, layers):
-        x = np.concatenate([c[layer - 1] for c in xs])
-        y = np.concatenate([c[layer] for c in xs])
-        m = np.linalg.solve(x.T @ x + ridge * len(x) * np.eye(ch), x.T @ y)
-        ie = _exponents(np.abs(x).max(axis=0), input_top)
+        in_exp[layer - 1] = _exponents(
+            np.abs(np.concatenate([c[layer - 1] for c in xs])).max(0), input_top
+        )
+
+    def quantized(m: np.ndarray, ie: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # A map for inputs scaled by 2^ie: its integer entries and output exponents.
         scaled = m * np.ldexp(1.0, -ie.astype(np.int32))[:, None]
         oe = _exponents(np.abs(scaled).max(axis=0), map_top)
         q = np.rint(scaled * np.ldexp(1.0, oe.astype(np.int32))[None, :])
-        in_exp[layer - 1], out_exp[layer - 1] = ie, oe
-        maps[layer - 1] = np.clip(q, -limit, limit)
+        return np.clip(q, -limit, limit), oe
+
+    def k_in(layer: int, c: np.ndarray) -> np.ndarray:
+        # Layer `layer`'s K as kv_maps read it (as decoders hold it: scaled, clipped).
+        scale = np.ldexp(1.0, in_exp[min(layer, layers - 2), :half].astype(np.int32))
+        return np.clip(np.rint(c[layer][:, :half] * scale), -limit, limit) / scale
+
+    def centered(a: np.ndarray) -> np.ndarray:
+        # Each `chunk`-token chunk of a sequence's rows around its mean.
+        return np.concatenate(
+            [a[s : s + chunk] - a[s : s + chunk].mean(0) for s in range(0, len(a), chunk)]
+        )
+
+    def ridge_fit(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return np.linalg.solve(x.T @ x + ridge * len(x) * np.eye(x.shape[1]), x.T @ y)
+
+    kv_maps = np.zeros((layers, half, half), np.int8) if kv else None
+    kv_out_exp = None
+    for layer in range(1, layers):
+        x = np.concatenate([c[layer - 1] for c in xs])
+        y = np.concatenate([c[layer] for c in xs])
+        q, oe = quantized(ridge_fit(x, y), in_exp[layer - 1])
+        maps[layer - 1], out_exp[layer - 1] = q, oe
+        if kv_maps is not None:  # V's columns again, from the layer below and this K
+            k = np.concatenate([k_in(layer, c) for c in xs])
+            ie = np.concatenate([in_exp[layer - 1], in_exp[min(layer, layers - 2), :half]])
+            q, oe = quantized(ridge_fit(np.concatenate([x, k], 1), y[:, half:]), ie)
+            maps[layer - 1][:, half:], out_exp[layer - 1][half:] = q[:ch], oe
+            kv_maps[layer] = q[ch:]
+    if kv_maps is not None:  # layer 0's V from its K, around each chunk's mean
+        k = np.concatenate([centered(k_in(0, c)) for c in xs])
+        v = np.concatenate([centered(c[0][:, half:]) for c in xs])
+        kv_maps[0], kv_out_exp = quantized(ridge_fit(k, v), in_exp[0, :half])
     ones = np.ones((layers, 2, heads), np.float32)
-    provisional = CrossLayer(inv_freq, rope_scale, in_exp, maps, out_exp, ones, bits)
+    provisional = CrossLayer(
+        inv_freq, rope_scale, in_exp, maps, out_exp, ones, bits, kv_maps, kv_out_exp
+    )
     sq = np.zeros((layers, 2, heads))
     n = 0
     for c in xs:
         tokens = c.shape[1]
         for layer in range(layers):
             below = c[layer - 1].astype(np.float32) if layer else None
-            pred = provisional.predict(below, layer) if below is not None else 0.0
+            pred = np.zeros((tokens, ch), np.float32)
+            if below is not None:
+                pred = provisional.predict(below, layer)
+            if provisional.has_kv:
+                k = c[layer][:, :half].astype(np.float32)
+                pred[:, half:] = provisional.predict_v(below, k, layer)
             r = (c[layer] - pred).reshape(tokens, 2, heads, dim)
             for a in range(0, tokens, chunk):
                 part = r[a + 1 : a + chunk]
@@ -535,7 +686,9 @@ def fit_cross(
         n += sum(max(min(chunk, c.shape[1] - a) - 1, 0) for a in range(0, c.shape[1], chunk))
     spread = np.sqrt(sq / max(n * dim, 1))
     weights = weights_from(fisher, spread, values)
-    return CrossLayer(inv_freq, rope_scale, in_exp, maps, out_exp, weights, bits)
+    return CrossLayer(
+        inv_freq, rope_scale, in_exp, maps, out_exp, weights, bits, kv_maps, kv_out_exp
+    )
 
 
 @dataclass(frozen=True)
@@ -569,7 +722,7 @@ class CacheGenProfile(_PerHead):
     def to_json(self) -> str:
         doc = {
             "format": FORMAT,
-            "version": VERSION if self.cross is not None else 1,
+            "version": 1 if self.cross is None else 3 if self.cross.has_kv else VERSION,
             "model": self.model,
             "fitted_on": list(self.fitted_on),
             "layers": self.layers,
@@ -619,7 +772,7 @@ class CacheGenProfile(_PerHead):
         if not isinstance(fitted, list) or not all(isinstance(s, str) for s in fitted):
             raise InvalidArgument("fitted_on must be a list of names")
         cross = None
-        if doc.get("version") == 2 and doc.get("cross") is not None:
+        if doc.get("version") in (2, 3) and doc.get("cross") is not None:
             layers, _, heads = np.shape(weights)
             cross = CrossLayer.from_doc(doc["cross"], layers, heads)
         return cls(weights, str(doc.get("model", "")), tuple(fitted), cross)
@@ -721,10 +874,11 @@ def fit(
     fitted_on: Sequence[str] = (),
     samples: int = SAMPLES,
     cross: bool = True,
+    kv: bool = False,
 ) -> CacheGenProfile:
     """A profile for `model` fitted on `sequences` of token ids (see `measure`); with
-    `cross`, its `CrossLayer` maps too (`fit_cross`; the model's RoPE read from its
-    `model.rotary_emb`)."""
+    `cross`, its `CrossLayer` maps too (`fit_cross`, `kv` as there; the model's RoPE read
+    from its `model.rotary_emb`)."""
     if samples < 1:
         raise InvalidArgument(f"samples must be >= 1, got {samples}")
     kvs: list[np.ndarray] = []
@@ -732,7 +886,7 @@ def fit(
     part = None
     if cross:
         inv_freq, scale = model_rope(model)
-        part = fit_cross(kvs, inv_freq, scale, fisher, values)
+        part = fit_cross(kvs, inv_freq, scale, fisher, values, kv=kv)
     return CacheGenProfile(weights_from(fisher, spread, values), name, tuple(fitted_on), part)
 
 
@@ -764,7 +918,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="no cross-layer maps (a version 1 profile: cachegen's per-head weights alone)",
     )
+    p.add_argument(
+        "--kv-maps",
+        action="store_true",
+        help="also predict each layer's V from its own K (a version 3 profile: smaller "
+        "cachegen-x values; decoded on the host only, for now)",
+    )
     args = p.parse_args(argv)
+    if args.kv_maps and args.weights_only:
+        p.error("--kv-maps needs the cross-layer maps (not --weights-only)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(args.model)
@@ -782,7 +944,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         profile = fit(
             model, sequences, path.name, [t.name for t in args.text], args.samples,
-            cross=not args.weights_only,
+            cross=not args.weights_only, kv=args.kv_maps,
         )  # fmt: skip
     except InvalidArgument as exc:
         print(f"cachegen_profile: {exc}", file=sys.stderr)

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
+from kvstore.errors import InvalidArgument
 from kvstore.kernels._cuda import KernelModule, with_values
 from kvstore.kernels.cachegen import (
     CUDA_ESCAPES,
@@ -357,6 +358,8 @@ def _decode_batch(todo: list[Job], stream: Any) -> GpuDecode:
     from kvstore.codecs.cachegen_cross import rope_tables
 
     cross = _x(todo[0]).cross
+    if cross.has_kv:  # `value_gpu_decoder` sends these to the host
+        raise InvalidArgument(f"maps {cross.digest} predict V from K: no GPU decoder for them")
 
     # The tables stay packed: Staged unpacks the batch's at once.
     parsed = list(host_pool().map(lambda j: _x(j).parse(j.payload, j.out.shape, False), todo))

@@ -19,13 +19,25 @@ class LayeredKV:
     """KV whose layer l's channels (K before RoPE, then V) are a fixed linear map of layer
     l-1's plus noise, layer 0 a slow random walk; K rotated by RoPE at the given positions."""
 
-    def __init__(self, layers: int, heads: int, dim: int, seed: int = 0, gain: float = 1.4) -> None:
+    def __init__(
+        self,
+        layers: int,
+        heads: int,
+        dim: int,
+        seed: int = 0,
+        gain: float = 1.4,
+        v_from_k: float = 0.0,
+    ) -> None:
         """`gain`: how much a layer's map scales a typical vector (1 for deep models, whose
-        values would otherwise outgrow float16)."""
+        values would otherwise outgrow float16); `v_from_k`: the share of a layer's V that
+        is a fixed linear map of its own K (before RoPE), as in a model where both project
+        one hidden state (0: V as independent of K as the noise makes it)."""
         rng = np.random.default_rng(seed)
         self.layers, self.heads, self.dim = layers, heads, dim
         c = 2 * heads * dim
         self.maps = [rng.normal(0, gain / np.sqrt(c), (c, c)) for _ in range(layers)]
+        self.k_to_v = rng.normal(0, 1 / np.sqrt(c // 2), (c // 2, c // 2))
+        self.v_from_k = v_from_k
         self.inv_freq = inv_freq(dim)
 
     def sample(self, tokens: int, position: int = 0, seed: int = 0) -> np.ndarray:
@@ -40,6 +52,10 @@ class LayeredKV:
         for layer in range(self.layers):
             if layer:
                 x = x @ self.maps[layer] + 0.1 * rng.normal(0, 1, (tokens, c))
+            if self.v_from_k:
+                x = x.copy()
+                x[:, c // 2 :] *= 1 - self.v_from_k
+                x[:, c // 2 :] += self.v_from_k * (x[:, : c // 2] @ self.k_to_v)
             ch = x.reshape(tokens, 2, self.heads, self.dim)
             x1, x2 = ch[:, 0, :, :half], ch[:, 0, :, half:]
             kv[layer, 0] = np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
@@ -49,15 +65,18 @@ class LayeredKV:
     def tensor(self, tokens: int, position: int = 0, seed: int = 0, dtype=torch.float16):
         return torch.from_numpy(self.sample(tokens, position, seed)).to(dtype)
 
-    def profile(self, fits: int = 3, tokens: int = 300, bits: int = 8) -> CacheGenProfile:
-        """A profile with `bits`-bit maps (8, the default; 16: the earlier kind)."""
+    def profile(
+        self, fits: int = 3, tokens: int = 300, bits: int = 8, kv: bool = False
+    ) -> CacheGenProfile:
+        """A profile with `bits`-bit maps (8, the default; 16: the earlier kind), and with
+        `kv`, V predicted from its layer's K too (`CrossLayer.kv_maps`)."""
         kvs = [self.sample(tokens, 0, 100 + s) for s in range(fits)]
         shape = (self.layers, 2, self.heads)
         cross = fit_cross(
-            kvs, self.inv_freq, 1.0, np.ones(shape), np.full(shape, 1000.0), bits=bits
+            kvs, self.inv_freq, 1.0, np.ones(shape), np.full(shape, 1000.0), bits=bits, kv=kv
         )
         return CacheGenProfile(np.ones(shape), "layered", ("synthetic",), cross)
 
-    def profile_file(self, path: Path, bits: int = 8) -> Path:
-        self.profile(bits=bits).save(path)
+    def profile_file(self, path: Path, bits: int = 8, kv: bool = False) -> Path:
+        self.profile(bits=bits, kv=kv).save(path)
         return path

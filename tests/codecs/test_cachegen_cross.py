@@ -17,7 +17,7 @@ from cross_fixture import LayeredKV
 
 from kvstore.codecs import ContainerError, cachegen_profile, codec_from_spec, decode, decode_header
 from kvstore.codecs import cachegen_cross as cx
-from kvstore.codecs.cachegen_profile import CacheGenProfile, channels_of
+from kvstore.codecs.cachegen_profile import CacheGenProfile, CrossLayer, channels_of
 from kvstore.errors import InvalidArgument
 
 L, H, D = 4, 2, 16
@@ -409,3 +409,115 @@ def cp_angles(cross, position: int, tokens: int) -> np.ndarray:  # type: ignore[
     from kvstore.codecs.cachegen_profile import rope_angles
 
     return rope_angles(cross.inv_freq, position, tokens)
+
+
+# ------------------------------------------------------------------ V from its layer's K
+
+KV_WORLD = LayeredKV(L, H, D, seed=4, v_from_k=0.8)  # V mostly a map of its layer's K
+
+
+@pytest.fixture(scope="module")
+def kv_profiles(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Profiles of KV_WORLD without and with `kv_maps`, fitted on the same samples."""
+    d = tmp_path_factory.mktemp("kv")
+    return KV_WORLD.profile_file(d / "plain.json"), KV_WORLD.profile_file(d / "kv.json", kv=True)
+
+
+def test_kv_maps_travel_in_version_3_profiles_and_maps_documents(
+    kv_profiles: tuple[Path, Path], tmp_path: Path
+) -> None:
+    plain_path, kv_path = kv_profiles
+    plain, kv = CacheGenProfile.load(plain_path).cross, CacheGenProfile.load(kv_path).cross
+    assert plain is not None and kv is not None
+    assert not plain.has_kv and kv.has_kv and kv.kv_maps is not None
+    assert json.loads(plain_path.read_text())["version"] == 2  # unchanged for plain maps
+    doc = json.loads(kv_path.read_text())
+    assert doc["version"] == 3 and kv.digest != plain.digest
+    # The document a server's Maps RPC sends clients carries them.
+    sent = cachegen_profile.maps_from_document(cachegen_profile.maps_document(kv), kv.digest)
+    assert sent.kv_maps is not None and np.array_equal(sent.kv_maps, kv.kv_maps)
+    assert np.array_equal(sent.kv_out_exp, kv.kv_out_exp)  # type: ignore[arg-type]
+    path = tmp_path / "damaged.json"
+    doc["cross"]["kv_out_exp"][0] += 1  # what a decoder uses, changed: the digest says so
+    path.write_text(json.dumps(doc))
+    with pytest.raises(InvalidArgument, match="digest"):
+        CacheGenProfile.load(path)
+    doc["cross"]["kv_out_exp"].pop()
+    path.write_text(json.dumps(doc))
+    with pytest.raises(InvalidArgument, match="kv_out_exp must be"):
+        CacheGenProfile.load(path)
+
+
+def test_kv_maps_are_checked() -> None:
+    c = KV_WORLD.profile(kv=True).cross
+    assert c is not None and c.kv_maps is not None
+    base = (c.inv_freq, c.rope_scale, c.in_exp, c.maps, c.out_exp, c.weights)
+    with pytest.raises(InvalidArgument, match="together"):
+        CrossLayer(*base, 8, c.kv_maps, None)
+    with pytest.raises(InvalidArgument, match=r"within \+-127"):
+        CrossLayer(*base, 8, c.kv_maps.astype(np.int16) * 3, c.kv_out_exp)
+    with pytest.raises(InvalidArgument, match="kv_maps must be"):
+        CrossLayer(*base, 8, c.kv_maps[1:], c.kv_out_exp)
+    sixteen = (*base[:3], c.maps.astype(np.int16), *base[4:])
+    with pytest.raises(InvalidArgument, match="8-bit"):
+        CrossLayer(*sixteen, 16, c.kv_maps, c.kv_out_exp)
+
+
+@pytest.mark.parametrize("way", ["int_mm", "float32", "float64"])
+def test_v_from_k_is_the_exact_integer_product(way: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """V's prediction with kv maps: the map's integer product of the layer below plus the
+    kv map's of this layer's K (layer 0: that alone, on its own scales), to the bit."""
+    if way == "int_mm" and cachegen_profile._INT_MM is None:
+        pytest.skip("this torch has no _int_mm")
+    monkeypatch.setattr(cachegen_profile, "_WAY", way)
+    c = KV_WORLD.profile(kv=True).cross
+    assert c is not None and c.kv_maps is not None and c.kv_out_exp is not None
+    half = c.channels // 2
+    rng = np.random.default_rng(2)
+    below = (rng.normal(0, 3, (37, c.channels)) * 10.0 ** rng.integers(-2, 3, c.channels)).astype(
+        np.float32
+    )
+    k = (rng.normal(0, 3, (37, half)) * 10.0 ** rng.integers(-2, 3, half)).astype(np.float32)
+    k[0, :2] = [1e30, -1e30]  # clipped
+    for layer in range(c.layers):
+        got = c.predict_v(below if layer else None, k, layer)
+        ke = c.in_exp[min(layer, c.layers - 2), :half].astype(np.int32)
+        ki = np.clip(np.rint(k * np.ldexp(np.float32(1), ke)), -127, 127).astype(np.int64)
+        acc = ki @ c.kv_maps[layer].astype(np.int64)
+        out_exp = c.kv_out_exp
+        if layer:
+            scale = np.ldexp(np.float32(1), c.in_exp[layer - 1].astype(np.int32))
+            xi = np.clip(np.rint(below * scale), -127, 127).astype(np.int64)
+            acc += xi @ c.maps[layer - 1][:, half:].astype(np.int64)
+            out_exp = c.out_exp[layer - 1, half:]
+        want = acc.astype(np.float64) * np.ldexp(1.0, -out_exp.astype(np.int32))
+        assert np.array_equal(got, want.astype(np.float32))
+
+
+def test_kv_maps_code_values_smaller_where_v_follows_k(kv_profiles: tuple[Path, Path]) -> None:
+    """On KV whose V is mostly a map of its layer's K, the kv maps' containers decode to
+    the encoder's value, and some level of them is both smaller than the plain maps' at
+    the default level and at least as close."""
+    t = KV_WORLD.tensor(256, 512, seed=6)
+    points = {}
+    for name, path in zip(("plain", "kv"), kv_profiles, strict=True):
+        for level in cx.CROSS_LEVELS:
+            codec = codec_from_spec(f"cachegen-x:level={level},profile={path}").for_position(512)
+            _, back = codec.encode_with_value(t)
+            data = codec.encode(t)
+            got = decode(data)
+            assert torch.equal(got, back)
+            points[name, level] = (len(data), rel_err(got, t))
+    size, err = points["plain", 1]
+    kv = [points["kv", level] for level in cx.CROSS_LEVELS]
+    assert any(s < 0.95 * size and e <= err for s, e in kv), (points["plain", 1], kv)
+
+
+def test_values_with_kv_maps_decode_on_the_host(kv_profiles: tuple[Path, Path]) -> None:
+    """The GPU kernels predict V from the layer below only: a value coded with kv maps is
+    not handed to them (a CUDA out gets the host's decode, copied)."""
+    plain_path, kv_path = kv_profiles
+    plain = codec_from_spec(f"cachegen-x:profile={plain_path}")
+    with_kv = codec_from_spec(f"cachegen-x:profile={kv_path}")
+    assert plain.value_gpu_decoder() is plain.gpu_decoder() is not None
+    assert with_kv.gpu_decoder() is not None and with_kv.value_gpu_decoder() is None

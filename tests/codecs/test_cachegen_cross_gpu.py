@@ -97,3 +97,30 @@ def test_small_batches_decode_as_on_the_host(
     decode_values(items).wait()
     for (_, out), want in zip(items, wants, strict=True):
         assert torch.equal(out.cpu(), want)
+
+
+def test_values_with_kv_maps_reach_cuda_outs_through_the_host(tmp_path: Path) -> None:
+    """Maps that predict V from K too have no GPU kernels yet: in a batch beside plain
+    maps' values, their values decode on the host into their CUDA outs, to the host's bits,
+    and the GPU decoder refuses them if handed one."""
+    from kvstore.codecs import decode_header
+    from kvstore.errors import InvalidArgument
+    from kvstore.kernels.cachegen_cross import decode_x_on_gpu
+
+    world = LayeredKV(4, 2, 16, seed=5, gain=1.0, v_from_k=0.8)
+    plain = world.profile_file(tmp_path / "plain.json")
+    kv = world.profile_file(tmp_path / "kv.json", kv=True)
+    items, wants = [], []
+    for i, path in enumerate([plain, kv, kv]):
+        t = world.tensor(100 + i, 256 * i, seed=i)
+        blob = codec_from_spec(f"cachegen-x:profile={path}").for_position(256 * i).encode(t)
+        wants.append(decode(blob))
+        items.append((blob, torch.empty(t.shape, dtype=t.dtype, device="cuda")))
+    decode_values(items).wait()
+    for (_, out), want in zip(items, wants, strict=True):
+        assert torch.equal(out.cpu(), want)
+    blob, out = items[1]
+    header, at = decode_header(blob)
+    codec = codec_from_spec(f"cachegen-x:profile={kv}")
+    with pytest.raises(InvalidArgument, match="predict V from K"):
+        decode_x_on_gpu([(codec, memoryview(blob)[at:], out, header.value_checksum)]).wait()

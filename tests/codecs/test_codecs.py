@@ -38,9 +38,14 @@ CODECS = codec_names()
 _FILES = Path(tempfile.mkdtemp(prefix="kvstore-codec-tests-"))
 atexit.register(shutil.rmtree, _FILES, True)
 _X_PROFILE = LayeredKV(KV_SHAPE[0], KV_SHAPE[3], KV_SHAPE[4]).profile_file(_FILES / "x.json")
+_XKV_PROFILE = LayeredKV(KV_SHAPE[0], KV_SHAPE[3], KV_SHAPE[4]).profile_file(
+    _FILES / "xkv.json", kv=True
+)
 DEFAULT_SPECS = {name: name for name in CODECS} | {
     name: f"{name}:profile={_X_PROFILE}" for name in ("cachegen-x", "cachegen-x-zstd")
 }
+# Specs under names of their own (the same on every test worker).
+DEFAULT_SPECS["cachegen-x kv-maps"] = f"cachegen-x:profile={_XKV_PROFILE}"
 
 
 def spec_of(name: str) -> str:
@@ -138,8 +143,9 @@ def test_every_codec_is_exported() -> None:
 
 # ------------------------------------------------------------ damaged containers
 
-# Every codec at its defaults, and the older payload formats a codec still reads.
-FUZZED = [*CODECS, "cachegen:version=1"]
+# Every codec at its defaults, the older payload formats a codec still reads, and cachegen-x
+# with V predicted from K too.
+FUZZED = [*CODECS, "cachegen:version=1", "cachegen-x kv-maps"]
 _CONTAINERS = {name: codec_from_spec(spec_of(name)).encode(kv(4)) for name in FUZZED}
 _FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
