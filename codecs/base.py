@@ -155,11 +155,6 @@ class Codec(ABC):
         when the codec decodes on the CPU only."""
         return None
 
-    def value_gpu_decoder(self) -> Callable[[Sequence[Any], Any], Any] | None:
-        """This codec's `gpu_decoder` for the values it names, or None where its parameters
-        need the host (the codec's class decodes on the GPU, but not with these)."""
-        return self.gpu_decoder()
-
     @classmethod
     def gpu_encoder(cls) -> Callable[..., list[tuple[memoryview, int]]] | None:
         """The function that encodes a batch of values on a GPU (`kvstore.kernels.

@@ -19,9 +19,8 @@ each layer from the one below"). So, for a chunk whose first token is at `positi
   GEMM call and one kernel;
 - with a version 3 profile's `kv_maps`, a layer's V is predicted from its own K as decoded
   too (the two are projections of one hidden state): the layer's K units are reconstructed
-  first, then V's against the map's product plus K's (layer 0's V: K's alone). Two kernel
-  calls and one more, smaller GEMM a layer, on the host only for now (such values reach a
-  CUDA out through the host decoder: `value_gpu_decoder`);
+  first, then V's against the map's product plus K's (layer 0's V: K's alone): two kernel
+  calls and one more, smaller GEMM a layer, on the host and on the GPU;
 - the rest is cachegen's quantizer: one float16 step per (layer, K/V, head) from the
   residuals' spread over a resolution (`CROSS_LEVELS` times the profile's cross-layer
   weight), a value further than `OUTLIER_SPREADS` of its channel's spread and every value of
@@ -193,11 +192,6 @@ class CacheGenX(CacheGen):
         from kvstore.kernels.cachegen_cross import decode_x_on_gpu
 
         return decode_x_on_gpu
-
-    def value_gpu_decoder(self) -> Callable[[Sequence[Any], Any], Any] | None:
-        # The GPU kernels predict V from the layer below only: maps with `kv_maps` decode on
-        # the host (and are copied to a CUDA out).
-        return None if self.cross.has_kv else self.gpu_decoder()
 
     @classmethod
     def gpu_encoder(cls) -> None:  # type: ignore[override]

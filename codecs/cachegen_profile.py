@@ -921,8 +921,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--kv-maps",
         action="store_true",
-        help="also predict each layer's V from its own K (a version 3 profile: smaller "
-        "cachegen-x values; decoded on the host only, for now)",
+        help="also predict each layer's V from its own K (a version 3 profile: better "
+        "cachegen-x quality at the same size)",
     )
     args = p.parse_args(argv)
     if args.kv_maps and args.weights_only:

@@ -261,7 +261,7 @@ def _decode_opened(
     out: torch.Tensor | None,
 ) -> torch.Tensor:
     """`decode_value` of a container `_open` checked."""
-    decoder = codec.value_gpu_decoder() if out is not None and out.is_cuda else None
+    decoder = codec.gpu_decoder() if out is not None and out.is_cuda else None
     if out is not None and decoder is not None:
         decoder([(codec, payload, out.view(header.shape), header.value_checksum)], None).wait()
         return out
@@ -307,7 +307,7 @@ def decode_values(
     _check_payloads([(header, payload) for header, payload, _, _ in opened])
     for (_, out), parts in zip(items, opened, strict=True):
         header, payload, codec, _ = parts
-        decoder = codec.value_gpu_decoder() if out.is_cuda else None
+        decoder = codec.gpu_decoder() if out.is_cuda else None
         if decoder is None:
             cpu.append((parts, out))
         else:

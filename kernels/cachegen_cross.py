@@ -38,11 +38,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from kvstore.errors import InvalidArgument
 from kvstore.kernels._cuda import KernelModule, with_values
 from kvstore.kernels.cachegen import (
     CUDA_ESCAPES,
@@ -288,8 +288,19 @@ _module = KernelModule(
 )
 
 
+@dataclass(frozen=True)
+class _DeviceMaps:
+    """A profile's maps and scales on one GPU (`_device_maps`)."""
+
+    maps: Any  # [layers - 1, C, C]: int8, each layer's transposed where `_int8_gemm`; else float64
+    ins: Any  # float32 [layers - 1, C]: input scales
+    outs: Any  # float64 [layers - 1, C]: output scales
+    kv: Any = None  # kv maps [layers, C / 2, C / 2], laid out as `maps`; None without
+    v_out0: Any = None  # float64 [C]: layer 0's V output scales (`CrossLayer.v_out_scale`)
+
+
 # Each GPU's copy of a profile's maps and scales, by digest.
-_maps: dict[tuple[int, str], tuple[Any, Any, Any]] = {}
+_maps: dict[tuple[int, str], _DeviceMaps] = {}
 _maps_lock = threading.Lock()
 # cuBLAS's GemmEx with int8 inputs and int32 sums (the tensor cores' integer kernels).
 _OP_N, _OP_T, _R_8I, _R_32I, _COMPUTE_32I, _GEMM_DEFAULT = 0, 1, 3, 10, 72, -1
@@ -301,23 +312,27 @@ def _int8_gemm(cross: Any) -> bool:
     return bool(cross.map_bits == 8 and cross.channels % 8 == 0)
 
 
-def _device_maps(cross: Any, device: int) -> tuple[Any, Any, Any]:
-    """(maps [layers - 1, C, C]: int8 and each layer's transposed where `_int8_gemm`, else
-    float64; input scales float32, output scales float64) of `cross` on GPU `device`,
-    uploaded once."""
+def _device_maps(cross: Any, device: int) -> _DeviceMaps:
+    """`cross`'s maps and scales on GPU `device`, uploaded once."""
     import cupy
+
+    def laid_out(m: np.ndarray) -> Any:
+        if _int8_gemm(cross):  # the "TN" layout cuBLAS's int8 kernels take
+            return cupy.asarray(np.ascontiguousarray(m.transpose(0, 2, 1)))
+        return cupy.asarray(m.astype(np.float64))
 
     key = (device, cross.digest)
     with _maps_lock:
         got = _maps.get(key)
         if got is None:
             with cupy.cuda.Device(device):
-                if _int8_gemm(cross):  # the "TN" layout cuBLAS's int8 kernels take
-                    maps = cupy.asarray(np.ascontiguousarray(cross.maps.transpose(0, 2, 1)))
-                else:
-                    maps = cupy.asarray(cross.maps.astype(np.float64))
                 ins, outs = cupy.asarray(cross.in_scale), cupy.asarray(cross.out_scale)
-            got = _maps[key] = (maps, ins, outs)
+                got = _DeviceMaps(laid_out(cross.maps), ins, outs)
+                if cross.has_kv:
+                    got = replace(
+                        got, kv=laid_out(cross.kv_maps), v_out0=cupy.asarray(cross.v_out_scale(0))
+                    )
+            _maps[key] = got
     return got
 
 
@@ -358,8 +373,6 @@ def _decode_batch(todo: list[Job], stream: Any) -> GpuDecode:
     from kvstore.codecs.cachegen_cross import rope_tables
 
     cross = _x(todo[0]).cross
-    if cross.has_kv:  # `value_gpu_decoder` sends these to the host
-        raise InvalidArgument(f"maps {cross.digest} predict V from K: no GPU decoder for them")
 
     # The tables stay packed: Staged unpacks the batch's at once.
     parsed = list(host_pool().map(lambda j: _x(j).parse(j.payload, j.out.shape, False), todo))
@@ -382,7 +395,11 @@ def _decode_batch(todo: list[Job], stream: Any) -> GpuDecode:
         },
     )
     xunits = staged.view("xunits", np.int64).reshape(-1, _XUNIT_FIELDS)
-    order = staged.view("order", np.int64).reshape(layers, len(todo), 2 * heads)
+    # Each layer's units in launch order: a value's K and V heads together, or with kv maps
+    # (V predicted from K too) every value's K heads, then every value's V heads.
+    kv_maps = cross.has_kv
+    order = staged.view("order", np.int64)
+    order = order.reshape((layers, 2, len(todo), heads) if kv_maps else (layers, len(todo), -1))
     cosines, sines = staged.view("cos", np.float32), staged.view("sin", np.float32)
     for i0, i1 in _runs(lays):  # each run of values with one layout at once
         lay, k, u_at = lays[i0], i1 - i0, staged.u_at
@@ -394,8 +411,11 @@ def _decode_batch(todo: list[Job], stream: Any) -> GpuDecode:
         xu[:, :, 2] = kv
         xu[:, :, 3] = np.asarray(staged.s_at[i0:i1], np.int64)[:, None] + idx * lay.segments
         xu[:, :, 4] = lay.segment
-        u0 = np.asarray(u_at[i0:i1], np.int64)[None, :, None]
-        order[:, i0:i1] = u0 + idx.reshape(layers, 1, 2 * heads)
+        u0 = np.asarray(u_at[i0:i1], np.int64)[:, None]
+        if kv_maps:
+            order[:, :, i0:i1] = u0 + idx.reshape(layers, 2, 1, heads)
+        else:
+            order[:, i0:i1] = u0 + idx.reshape(layers, 1, 2 * heads)
     for i, lay in enumerate(lays):
         row = row_at[i]
         cos, sin = rope_tables(cross, positions[i], lay.tokens)
@@ -409,7 +429,8 @@ def _decode_batch(todo: list[Job], stream: Any) -> GpuDecode:
     int8 = _int8_gemm(cross)
 
     def values(launch: Launch) -> None:
-        maps, ins, outs = _device_maps(cross, launch.device)
+        dm = _device_maps(cross, launch.device)
+        maps, ins, outs = dm.maps, dm.ins, dm.outs
         limit = np.float32(cross.input_limit)
         # int8 GEMMs: int8 inputs, int32 products; else float64 for both.
         acc = cupy.empty((rows, ch), cupy.int32 if int8 else cupy.float64)
@@ -422,9 +443,34 @@ def _decode_batch(todo: list[Job], stream: Any) -> GpuDecode:
             streams[1].wait_event(launch.stream.record())
             launch.keep.append(streams[1])
         null = np.uint64(0)
+
+        def reconstruct(
+            st: Any, first: int, n_order: int, product: bool, out_scale: Any, ins: Any, here: Any
+        ) -> None:
+            # Units order[first:first + n_order] of one layer against `acc` (if `product`)
+            # scaled by `out_scale`, writing the next map's inputs into `here` (if not None).
+            fn(
+                (-(-n_order * segments // _WARPS),),
+                (32 * _WARPS,),
+                (launch.ptr("units"), launch.ptr("xunits"),
+                 np.uint64(launch.base + launch.at["order"] + 8 * first),
+                 np.int64(n_order), np.int64(segments), np.uint64(launch.zeros),
+                 launch.symbols, launch.ptr("starts"), launch.ptr("steps"),
+                 launch.ptr("escaped"),
+                 np.uint64(acc.data.ptr) if product else null,
+                 np.uint64(out_scale.data.ptr) if product else null,
+                 null if here is None else np.uint64(ins.data.ptr),
+                 null if here is None else np.uint64(here.data.ptr),
+                 launch.ptr("cos"), launch.ptr("sin"), np.int64(ch), limit,
+                 launch.unit_status),
+                stream=st,
+            )  # fmt: skip
+
+        n_values, hc = len(todo), ch // 2
         for layer in range(layers):
             below, here = inputs[(layer + 1) % 2], inputs[layer % 2]
             last = layer == layers - 1
+            at = layer * per_layer
             for (v0, v1), st in zip(halves, streams, strict=True):
                 r0, r1 = row_at[v0], row_at[v1]
                 if layer and r1 > r0:
@@ -433,24 +479,23 @@ def _decode_batch(todo: list[Job], stream: Any) -> GpuDecode:
                             _int8_product(below[r0:r1], maps[layer - 1], acc[r0:r1])
                         else:
                             cupy.matmul(below[r0:r1], maps[layer - 1], out=acc[r0:r1])
-                n_order = (v1 - v0) * 2 * heads
-                fn(
-                    (-(-n_order * segments // _WARPS),),
-                    (32 * _WARPS,),
-                    (launch.ptr("units"), launch.ptr("xunits"),
-                     np.uint64(launch.base + launch.at["order"]
-                               + 8 * (layer * per_layer + v0 * 2 * heads)),
-                     np.int64(n_order), np.int64(segments), np.uint64(launch.zeros),
-                     launch.symbols, launch.ptr("starts"), launch.ptr("steps"),
-                     launch.ptr("escaped"),
-                     np.uint64(acc.data.ptr) if layer else null,
-                     np.uint64(outs[layer - 1].data.ptr) if layer else null,
-                     null if last else np.uint64(ins[layer].data.ptr),
-                     null if last else np.uint64(here.data.ptr),
-                     launch.ptr("cos"), launch.ptr("sin"), np.int64(ch), limit,
-                     launch.unit_status),
-                    stream=st,
-                )  # fmt: skip
+                scale = outs[layer - 1] if layer else None
+                nxt = None if last else here
+                scale_in = ins[min(layer, layers - 2)]  # the last layer's: the one before's
+                if not kv_maps:
+                    n = (v1 - v0) * 2 * heads
+                    reconstruct(st, at + v0 * 2 * heads, n, layer > 0, scale, scale_in, nxt)
+                    continue
+                # K's units (their inputs always written: V's kv map reads them), then
+                # V's against the product plus K's times the kv map.
+                n = (v1 - v0) * heads
+                reconstruct(st, at + v0 * heads, n, layer > 0, scale, scale_in, here)
+                if r1 > r0:
+                    with st:
+                        _kv_product(here[r0:r1], dm.kv[layer], acc[r0:r1], hc, layer > 0, int8)
+                v_scale = scale if layer else dm.v_out0
+                first = at + n_values * heads + v0 * heads
+                reconstruct(st, first, n, True, v_scale, scale_in, nxt)
         if len(streams) == 2:
             launch.stream.wait_event(streams[1].record())
 
@@ -459,18 +504,41 @@ def _decode_batch(todo: list[Job], stream: Any) -> GpuDecode:
 
 def _int8_product(x: Any, maps_t: Any, out: Any) -> None:
     """out (int32 [rows, C]) = x (int8 [rows, C]) @ the map whose transpose is `maps_t`
-    (int8 [C, C]), exact, on the current CuPy stream: cuBLAS's GemmEx, column-major, as
-    out^T = maps^T x^T with the transposed map read transposed ("TN")."""
+    (int8 [C, C]), exact, on the current CuPy stream."""
+    rows, ch = x.shape
+    _gemm_i8(x.data.ptr, ch, maps_t.data.ptr, ch, out.data.ptr, ch, rows, False)
+
+
+def _kv_product(x: Any, kv: Any, acc: Any, half: int, add: bool, int8: bool) -> None:
+    """acc[:, half:] (+)= x[:, :half] @ the kv map `kv` (laid out as `_device_maps` has
+    it), exact, on the current CuPy stream: V's part of a layer's product with kv maps
+    (`add`: onto the map's product; layer 0: in its place)."""
+    rows, ch = x.shape
+    if int8:
+        itemsize = acc.dtype.itemsize
+        _gemm_i8(x.data.ptr, ch, kv.data.ptr, half, acc.data.ptr + half * itemsize, ch, rows, add)
+    elif add:
+        acc[:, half:] += x[:, :half] @ kv
+    else:
+        acc[:, half:] = x[:, :half] @ kv
+
+
+def _gemm_i8(
+    x: int, ldx: int, maps_t: int, k: int, out: int, ldo: int, rows: int, add: bool
+) -> None:
+    """out (int32 [rows, k], row stride `ldo`) (+)= x (int8 [rows, k], row stride `ldx`) @
+    the square map whose transpose lies at `maps_t` (int8 [k, k]), exact (addresses as
+    ints): cuBLAS's GemmEx on the current CuPy stream, column-major, as out^T = maps^T x^T
+    with the transposed map read transposed ("TN")."""
     import cupy
     from cupy.cuda import cublas
 
-    rows, ch = x.shape
     handle = cupy.cuda.device.get_cublas_handle()
     cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)
     one, zero = _SCALARS
     cublas.gemmEx(
-        handle, _OP_T, _OP_N, ch, rows, ch, one.ctypes.data, maps_t.data.ptr, _R_8I, ch,
-        x.data.ptr, _R_8I, ch, zero.ctypes.data, out.data.ptr, _R_32I, ch, _COMPUTE_32I,
+        handle, _OP_T, _OP_N, k, rows, k, one.ctypes.data, maps_t, _R_8I, k,
+        x, _R_8I, ldx, (one if add else zero).ctypes.data, out, _R_32I, ldo, _COMPUTE_32I,
         _GEMM_DEFAULT,
     )  # fmt: skip
 

@@ -511,13 +511,3 @@ def test_kv_maps_code_values_smaller_where_v_follows_k(kv_profiles: tuple[Path, 
     size, err = points["plain", 1]
     kv = [points["kv", level] for level in cx.CROSS_LEVELS]
     assert any(s < 0.95 * size and e <= err for s, e in kv), (points["plain", 1], kv)
-
-
-def test_values_with_kv_maps_decode_on_the_host(kv_profiles: tuple[Path, Path]) -> None:
-    """The GPU kernels predict V from the layer below only: a value coded with kv maps is
-    not handed to them (a CUDA out gets the host's decode, copied)."""
-    plain_path, kv_path = kv_profiles
-    plain = codec_from_spec(f"cachegen-x:profile={plain_path}")
-    with_kv = codec_from_spec(f"cachegen-x:profile={kv_path}")
-    assert plain.value_gpu_decoder() is plain.gpu_decoder() is not None
-    assert with_kv.gpu_decoder() is not None and with_kv.value_gpu_decoder() is None
