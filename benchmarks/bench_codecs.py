@@ -599,9 +599,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--fit-kv-maps",
-        action="store_true",
-        help="with --fit-profile: also predict each layer's V from its own K (`--kv-maps` of "
-        "kvstore.codecs.cachegen_profile)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --fit-profile: maps that also predict each layer's V from its own K (the "
+        "default; `--kv-maps` of kvstore.codecs.cachegen_profile)",
     )
     return p
 

@@ -596,7 +596,7 @@ def fit_cross(
     ridge: float = RIDGE,
     chunk: int = CROSS_CHUNK,
     bits: int = MAP_BITS,
-    kv: bool = False,
+    kv: bool = True,
 ) -> CrossLayer:
     """A `CrossLayer` from fitting KV `kvs` (each `[layers, 2, tokens, heads, head_dim]`,
     positions from 0) and the heads' Fisher information and value counts (`measure`):
@@ -874,7 +874,7 @@ def fit(
     fitted_on: Sequence[str] = (),
     samples: int = SAMPLES,
     cross: bool = True,
-    kv: bool = False,
+    kv: bool = True,
 ) -> CacheGenProfile:
     """A profile for `model` fitted on `sequences` of token ids (see `measure`); with
     `cross`, its `CrossLayer` maps too (`fit_cross`, `kv` as there; the model's RoPE read
@@ -920,13 +920,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument(
         "--kv-maps",
-        action="store_true",
-        help="also predict each layer's V from its own K (a version 3 profile: better "
-        "cachegen-x quality at the same size)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also predict each layer's V from its own K (the default: a version 3 profile, "
+        "better cachegen-x quality at the same size; --no-kv-maps: a version 2 profile, "
+        "for servers of an earlier kvstore)",
     )
     args = p.parse_args(argv)
-    if args.kv_maps and args.weights_only:
-        p.error("--kv-maps needs the cross-layer maps (not --weights-only)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(args.model)

@@ -190,8 +190,10 @@ def test_tool_measures_a_model_and_writes_a_profile_the_codec_uses(tmp_path: Pat
     codec = codec_from_spec(f"cachegen:profile={out}")
     got = decode(codec.encode(t))
     assert rel_err(got, t) < 0.2
-    # Fitted from a model: cross-layer maps of its shape, for the model's RoPE.
+    # Fitted from a model: cross-layer maps of its shape, for the model's RoPE, V from K too.
     assert profile.cross is not None and profile.cross.maps.shape == (1, 32, 32)
+    assert profile.cross.kv_maps is not None and profile.cross.kv_maps.shape == (2, 16, 16)
+    assert json.loads(out.read_text())["version"] == 3
     transformers = pytest.importorskip("transformers")
     model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "model")
     assert np.array_equal(profile.cross.inv_freq, model.model.rotary_emb.inv_freq.double().numpy())
@@ -218,6 +220,10 @@ def test_tool_fits_weights_only_when_asked(tmp_path: Path) -> None:
     assert main([*args, "--weights-only"]) == 0
     assert CacheGenProfile.load(out).cross is None
     assert json.loads(out.read_text())["version"] == 1  # what builds before maps read
+    assert main([*args, "--no-kv-maps"]) == 0  # maps builds before kv maps read
+    cross = CacheGenProfile.load(out).cross
+    assert cross is not None and not cross.has_kv
+    assert json.loads(out.read_text())["version"] == 2
 
 
 def test_tool_refuses_a_text_too_short(tmp_path: Path) -> None:
