@@ -27,7 +27,9 @@ Fit on text like what the store will hold, and never on the text a benchmark the
 
 A profile fitted from a model (version 2) also carries `CrossLayer`: per layer, an integer
 map that predicts the layer's KV (K with RoPE undone, and V) from the layer below it as
-decoded, the model's RoPE frequencies, and resolution weights for what that map leaves.
+decoded, the model's RoPE frequencies, and resolution weights for what that map leaves;
+version 3 (the default fit; `--no-kv-maps` for version 2) adds per layer a map that
+predicts its V from its own K as decoded too (`CrossLayer.kv_maps`).
 `cachegen-x` (`kvstore.codecs.cachegen_cross`) codes with it; its containers name the
 map by its content hash (`CrossLayer.digest`), and their decoders need the profile.
 """
