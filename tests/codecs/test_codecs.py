@@ -45,7 +45,8 @@ DEFAULT_SPECS = {name: name for name in CODECS} | {
     name: f"{name}:profile={_X_PROFILE}" for name in ("cachegen-x", "cachegen-x-zstd")
 }
 # Specs under names of their own (the same on every test worker).
-DEFAULT_SPECS["cachegen-x kv-maps"] = f"cachegen-x:profile={_XKV_PROFILE}"
+for _name in ("cachegen-x", "cachegen-x-zstd"):
+    DEFAULT_SPECS[f"{_name} kv-maps"] = f"{_name}:profile={_XKV_PROFILE}"
 
 
 def spec_of(name: str) -> str:
@@ -144,8 +145,8 @@ def test_every_codec_is_exported() -> None:
 # ------------------------------------------------------------ damaged containers
 
 # Every codec at its defaults, the older payload formats a codec still reads, and cachegen-x
-# with V predicted from K too.
-FUZZED = [*CODECS, "cachegen:version=1", "cachegen-x kv-maps"]
+# (and -zstd) with V predicted from K too.
+FUZZED = [*CODECS, "cachegen:version=1", "cachegen-x kv-maps", "cachegen-x-zstd kv-maps"]
 _CONTAINERS = {name: codec_from_spec(spec_of(name)).encode(kv(4)) for name in FUZZED}
 _FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -39,10 +39,12 @@ def no_maps_here(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cp, "_registry", {})
 
 
+@pytest.mark.parametrize("kv", [False, True], ids=["maps", "kv-maps"])
 def test_a_client_fetches_the_maps_and_decodes_itself(
-    start_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_maps_here: None
+    start_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_maps_here: None, kv: bool
 ) -> None:  # type: ignore[no-untyped-def]
-    profile = WORLD.profile_file(tmp_path / "p.json")
+    """`kv`: with maps that predict each layer's V from its K too (a version 3 profile)."""
+    profile = WORLD.profile_file(tmp_path / "p.json", kv=kv)
     digest = cp.CacheGenProfile.load(profile).cross.digest  # not registered: load() alone
     spec = f"cachegen:level=1,profile={profile}"
     srv = start_server("--cpu-bytes", "4MiB", "--ssd-bytes", "64MiB", "--codec", f"ssd={spec}")
