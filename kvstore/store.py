@@ -443,6 +443,8 @@ class _Slots:
 # A cpu allocation evicts an entry of its own size class only from among this many least
 # recently used entries; past them it frees the page of the oldest one.
 EXACT_FIT_WINDOW = 64
+# The tiers an index entry lives on, fastest first (hits and misses are counted down them).
+_INDEX_TIERS = ("gpu", "cpu", "ssd")
 # The remote writer sends pending writes in batches of about this many bytes.
 REMOTE_WRITE_BATCH_BYTES = 64 << 20
 # The demoter keeps each gpu pool at most this full, so puts from GPU clients find room
@@ -918,7 +920,7 @@ class Store:
         """
         check_namespace(namespace)
         check_key(key)
-        return self._get(namespace, bytes(key), verify, pools, decoders, count=True)
+        return self._get(namespace, bytes(key), verify, pools, decoders)
 
     def _get(
         self,
@@ -927,12 +929,12 @@ class Store:
         verify: bool,
         pools: Collection[int],
         decoders: Collection[int],
-        count: bool,
         counted: str = "",
     ) -> ReadLease | None:
-        """`get`; `count=False` for a read started again (the entry changed under it, or a
-        damaged copy was dropped), whose hit the first try counted on tier `counted`: one
-        that finds the entry gone makes that hit a miss."""
+        """`get`; `counted`: for a read started again (the entry changed under it, or a
+        damaged copy was dropped), the tier whose hit the first try counted (it counts no
+        other; one that finds the entry gone makes that hit a miss)."""
+        count = not counted
         with self._lock:
             e = self._index.get((namespace, key))
             if e is None:
@@ -966,7 +968,7 @@ class Store:
             return self._finish_ssd_read(
                 e,
                 promotion,
-                lambda: self._get(namespace, key, verify, pools, decoders, False, counted),
+                lambda: self._get(namespace, key, verify, pools, decoders, counted),
             )
         if tier == "gpu":
             assert slot is not None
@@ -974,13 +976,13 @@ class Store:
                 e,
                 pool,
                 slot,
-                lambda: self._get(namespace, key, verify, pools, decoders, False, counted),
+                lambda: self._get(namespace, key, verify, pools, decoders, counted),
             )
         if verify and tier == "cpu" and checksum(view) != e.checksum:
             with self._lock:
                 retry = self._unlease_corrupt(e)
             if retry:
-                return self._get(namespace, key, verify, pools, decoders, False, counted)
+                return self._get(namespace, key, verify, pools, decoders, counted)
             raise DataLoss(
                 f"cpu tier: checksum mismatch for {e.key.hex()[:16]}...; the value was dropped"
             )
@@ -1067,13 +1069,13 @@ class Store:
         again (deleted while it was promoted, say): a miss there and below, as a read that
         finds nothing counts one on every tier (the first try counted those above)."""
         self._counters[tier].hits -= 1
-        order = ("gpu", "cpu", "ssd")
-        for name in order[order.index(tier) :] if tier in order else (tier,):
+        for name in _INDEX_TIERS[_INDEX_TIERS.index(tier) :]:
             if name in self._counters:
                 self._counters[name].misses += 1
 
     def _count_misses_above(self, tier: str) -> None:
-        for name in ("gpu", "cpu"):
+        """A hit on `tier`: a miss on each tier above it."""
+        for name in _INDEX_TIERS:
             if name == tier:
                 return
             if name in self._counters:
