@@ -36,7 +36,7 @@ import os
 import random
 import sysconfig
 import textwrap
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,12 +140,32 @@ def _stdlib_file(name: str) -> Path:
     return Path(sysconfig.get_paths()["stdlib"]) / name
 
 
-def _reference_prose() -> str:
-    """Sections of the Python language reference, as `help()` shows them (pydoc's data)."""
+def _topics(*sections: str) -> str:
+    """Those sections of the Python language reference, as `help()` shows them (pydoc's
+    data), one after another."""
     from pydoc_data.topics import topics
 
-    sections = ("execmodel", "naming", "exceptions", "import", "assignment", "compound")
     return "\n\n".join(topics[s].strip() for s in sections if s in topics)
+
+
+def _cut_each(
+    tokenizer: Tokenizer, sources: Iterable[tuple[str, Callable[[], str]]], min_tokens: int
+) -> list[tuple[str, list[int]]]:
+    """(name, token ids) of each source's text cut at a line end past `min_tokens`; a
+    source whose file this installation lacks is left out."""
+    out = []
+    for name, source in sources:
+        try:
+            text = source()
+        except FileNotFoundError:
+            continue
+        out.append((name, _cut_at_line(tokenizer, text, min_tokens)))
+    return out
+
+
+def _reference_prose() -> str:
+    """Sections of the Python language reference."""
+    return _topics("execmodel", "naming", "exceptions", "import", "assignment", "compound")
 
 
 def _python_source() -> str:
@@ -252,23 +272,14 @@ def prompts(tokenizer: Tokenizer, min_tokens: int = 1000) -> list[tuple[str, lis
     - `json`: a JSON document of 120 records generated from a fixed seed.
     - `chat`: questions about builtins answered by their docstrings, in the chat template.
     """
-    out: list[tuple[str, list[int]]] = []
-    for name, source in PROMPT_SOURCES.items():
-        try:
-            text = source()
-        except FileNotFoundError:
-            continue
-        out.append((name, _cut_at_line(tokenizer, text, min_tokens)))
+    out = _cut_each(tokenizer, PROMPT_SOURCES.items(), min_tokens)
     out.append(("chat", _chat_ids(tokenizer, min_tokens)))
     return out
 
 
 def _fit_prose() -> str:
     """Other sections of the language reference than `_reference_prose`'s."""
-    from pydoc_data.topics import topics
-
-    sections = ("types", "formatstrings", "string-methods", "specialnames")
-    return "\n\n".join(topics[s].strip() for s in sections if s in topics)
+    return _topics("types", "formatstrings", "string-methods", "specialnames")
 
 
 def _fit_code() -> str:
@@ -328,14 +339,8 @@ def fit_prompts(tokenizer: Tokenizer, min_tokens: int = 1000) -> list[tuple[str,
     """(name, token ids) of prompts for fitting anything to the model (a cachegen profile):
     of the same kinds as `prompts` (prose, code, JSON, chat) but from other text, so that
     what is fitted on these is scored on `prompts` held out."""
-    out = [
-        (name, _cut_at_line(tokenizer, source(), min_tokens))
-        for name, source in (
-            ("fit-prose", _fit_prose),
-            ("fit-code", _fit_code),
-            ("fit-json", _fit_json),
-        )
-    ]
+    sources = (("fit-prose", _fit_prose), ("fit-code", _fit_code), ("fit-json", _fit_json))
+    out = _cut_each(tokenizer, sources, min_tokens)
     out.append(("fit-chat", _fit_chat(tokenizer, min_tokens)))
     return out
 
@@ -343,11 +348,8 @@ def fit_prompts(tokenizer: Tokenizer, min_tokens: int = 1000) -> list[tuple[str,
 def _more_prose() -> str:
     """Sections of the language reference that neither `_reference_prose` nor `_fit_prose`
     takes (the expressions chapter)."""
-    from pydoc_data.topics import topics
-
-    sections = ("comparisons", "booleans", "lambda", "calls", "slicings", "subscriptions",
-                "binary", "power")  # fmt: skip
-    return "\n\n".join(topics[s].strip() for s in sections if s in topics)
+    return _topics("comparisons", "booleans", "lambda", "calls", "slicings", "subscriptions",
+                   "binary", "power")  # fmt: skip
 
 
 def _more_code() -> str:
@@ -407,15 +409,13 @@ def extra_prompts(tokenizer: Tokenizer, min_tokens: int = 1000) -> list[tuple[st
     nor `fit_prompts` uses (prose, code, JSON, CSV, chat): with `prompts`, twice the scored
     positions, where a measure such as top-1 agreement needs them (each of `prompts`' 640
     positions moves it 0.16%)."""
-    out = [
-        (name, _cut_at_line(tokenizer, source(), min_tokens))
-        for name, source in (
-            ("more-prose", _more_prose),
-            ("more-code", _more_code),
-            ("more-json", _more_json),
-            ("more-csv", _more_csv),
-        )
-    ]
+    sources = (
+        ("more-prose", _more_prose),
+        ("more-code", _more_code),
+        ("more-json", _more_json),
+        ("more-csv", _more_csv),
+    )
+    out = _cut_each(tokenizer, sources, min_tokens)
     out.append(("more-chat", _more_chat(tokenizer, min_tokens)))
     return out
 
