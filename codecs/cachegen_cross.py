@@ -254,12 +254,15 @@ class CacheGenX(CacheGen):
         marked = np.empty((lay.units, tokens), np.bool_)
         xhat = np.empty((layers, tokens, 2, heads, dim), np.float32)
         below = np.empty((tokens, c.channels), c.input_dtype)
+        # One thread (a server's host thread coding a value): kernels that never start
+        # numba's pool, which costs its threads a launch each per layer and kernel.
+        code = _code_layer if numba.get_num_threads() > 1 else _code_layer_1
         for layer in range(layers):
             for acc, scale, units in _passes(c, below, layer):
-                _code_layer(
-                    ch[layer], acc, scale, c.in_scale[min(layer, layers - 2)],
+                code(
+                    *units, ch[layer], acc, scale, c.in_scale[min(layer, layers - 2)],
                     float(c.input_limit), res[layer], layer, starts, steps, symbols, counts,
-                    marked, xhat[layer], below, *units,
+                    marked, xhat[layer], below,
                 )  # fmt: skip
         escapes = counts[:, 0]
         first = np.zeros(lay.units + 1, np.int64)
@@ -317,12 +320,13 @@ class CacheGenX(CacheGen):
         # channels feed no map: they are scaled as the one before's, and not read.) The
         # kernel writes the layer's output too, K rotated back.
         below = np.empty((tokens, c.channels), c.input_dtype)
+        decode_layer = _decode_layer if numba.get_num_threads() > 1 else _decode_layer_1
         for layer in range(layers):
             for acc, scale, units in _passes(c, below, layer):
-                if not _decode_layer(
-                    symbols, starts, steps, escaped, first, acc, scale,
+                if not decode_layer(
+                    *units, symbols, starts, steps, escaped, first, acc, scale,
                     c.in_scale[min(layer, layers - 2)], float(c.input_limit), layer, cos, sin,
-                    kind, words, below, *units,
+                    kind, words, below,
                 ):  # fmt: skip
                     raise ContainerError("cachegen-x escapes disagree with the streams")
         if target is not out:
@@ -580,8 +584,8 @@ def _channels(
     return int(found.max()) if found.size else 0
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _code_layer(
+@numba.njit(cache=True, nogil=True)
+def _code_unit(
     x: np.ndarray,
     acc: np.ndarray,
     out_scale: np.ndarray,
@@ -596,90 +600,101 @@ def _code_layer(
     marked: np.ndarray,
     xhat: np.ndarray,
     below: np.ndarray,
-    unit_lo: int,
-    unit_hi: int,
+    j: int,
 ) -> None:
-    """One layer's channels x `[tokens, 2, heads, dim]` (float32) against their prediction
-    from the map's product `acc` (as `_decode_layer` reads it): per (K/V, head) unit in
-    parallel, the float16 bits of its starts and step (into starts / steps `[layers, 2,
+    """Unit j (K's heads, then V's) of one layer's channels x `[tokens, 2, heads, dim]`
+    (float32) against their prediction from the map's product `acc` (as `_decode_unit`
+    reads it): the float16 bits of its starts and step (into starts / steps `[layers, 2,
     heads, dim]` at `layer`), its symbols, their counts and the tokens with an escape (at
-    the unit's rows), `xhat`: the channels as decoded, and `below`: them as the next
-    layer's map reads them; units unit_lo..unit_hi - 1 (K's heads, then V's). (Rows taken as slices,
-    as in `_decode_layer`.)"""
+    the unit's rows), `xhat`: its channels as decoded, and `below`: them as the next
+    layer's map reads them. (Rows taken as slices, as in `_decode_unit`.)"""
     tokens, _, heads, dim = x.shape
-    for n_th in numba.prange(unit_hi - unit_lo):
-        j = unit_lo + n_th
-        kv, h = j // heads, j % heads
-        u = (layer * 2 + kv) * heads + h
-        at = (kv * heads + h) * dim  # the unit's first channel
-        outs = out_scale[at : at + dim]
-        ins = in_scale[at : at + dim]
-        pred = np.zeros(dim, np.float32)
-        # The residuals from the prediction, kept in xhat until they are reconstructed.
-        for t in range(tokens):
-            _predict_row(acc, outs, at, t, pred)
-            r, xt = xhat[t, kv, h], x[t, kv, h]
-            for d in range(dim):
-                r[d] = xt[d] - pred[d]
-        lo = 1 if tokens > 1 else 0  # the first token is stored exactly
-        mean = np.zeros(dim, np.float64)
-        for t in range(lo, tokens):
-            r = xhat[t, kv, h]
-            for d in range(dim):
-                mean[d] += r[d]
-        n = max(tokens - lo, 1)
+    kv, h = j // heads, j % heads
+    u = (layer * 2 + kv) * heads + h
+    at = (kv * heads + h) * dim  # the unit's first channel
+    outs = out_scale[at : at + dim]
+    ins = in_scale[at : at + dim]
+    pred = np.zeros(dim, np.float32)
+    # The residuals from the prediction, kept in xhat until they are reconstructed.
+    for t in range(tokens):
+        _predict_row(acc, outs, at, t, pred)
+        r, xt = xhat[t, kv, h], x[t, kv, h]
         for d in range(dim):
-            mean[d] /= n
-        sq = np.zeros(dim, np.float64)
-        for t in range(lo, tokens):
-            r = xhat[t, kv, h]
-            for d in range(dim):
-                e = np.float64(r[d]) - mean[d]
-                sq[d] += e * e
-        start = np.empty(dim, np.float32)
-        spread = np.empty(dim, np.float32)
-        rms = np.float32(0.0)
+            r[d] = xt[d] - pred[d]
+    lo = 1 if tokens > 1 else 0  # the first token is stored exactly
+    mean = np.zeros(dim, np.float64)
+    for t in range(lo, tokens):
+        r = xhat[t, kv, h]
         for d in range(dim):
-            spread[d] = np.sqrt(sq[d] / n)
-            rms += spread[d] * spread[d]
-            bits = f32_to_f16(np.float32(mean[d]), True)
-            starts[layer, kv, h, d] = bits
-            start[d] = f16_to_f32(bits)
-        rms = np.float32(np.sqrt(rms / dim))
-        bits = f32_to_f16(rms / res[kv, h], True)
-        step = f16_to_f32(bits)
-        inv = np.float32(1.0) / step if step > 0 else np.float32(0.0)
-        far = np.empty(dim, np.float32)
+            mean[d] += r[d]
+    n = max(tokens - lo, 1)
+    for d in range(dim):
+        mean[d] /= n
+    sq = np.zeros(dim, np.float64)
+    for t in range(lo, tokens):
+        r = xhat[t, kv, h]
         for d in range(dim):
-            steps[layer, kv, h, d] = bits
-            f = np.ceil(OUTLIER_SPREADS * spread[d] * inv)
-            far[d] = min(max(f, np.float32(1.0)), np.float32(REACH))
-        for t in range(tokens):
-            _predict_row(acc, outs, at, t, pred)
-            xr, xt, sym = xhat[t, kv, h], x[t, kv, h], symbols[u, t]
-            escapes = False
+            e = np.float64(r[d]) - mean[d]
+            sq[d] += e * e
+    start = np.empty(dim, np.float32)
+    spread = np.empty(dim, np.float32)
+    rms = np.float32(0.0)
+    for d in range(dim):
+        spread[d] = np.sqrt(sq[d] / n)
+        rms += spread[d] * spread[d]
+        bits = f32_to_f16(np.float32(mean[d]), True)
+        starts[layer, kv, h, d] = bits
+        start[d] = f16_to_f32(bits)
+    rms = np.float32(np.sqrt(rms / dim))
+    bits = f32_to_f16(rms / res[kv, h], True)
+    step = f16_to_f32(bits)
+    inv = np.float32(1.0) / step if step > 0 else np.float32(0.0)
+    far = np.empty(dim, np.float32)
+    for d in range(dim):
+        steps[layer, kv, h, d] = bits
+        f = np.ceil(OUTLIER_SPREADS * spread[d] * inv)
+        far[d] = min(max(f, np.float32(1.0)), np.float32(REACH))
+    for t in range(tokens):
+        _predict_row(acc, outs, at, t, pred)
+        xr, xt, sym = xhat[t, kv, h], x[t, kv, h], symbols[u, t]
+        escapes = False
+        for d in range(dim):
+            base = pred[d] + start[d]
+            residual = xt[d] - base
+            q = np.rint(residual * inv)
+            escape = (abs(q) > far[d]) | ((step == 0) & (residual != 0)) | (t == 0)
+            q = min(max(q, -far[d]), far[d])
+            sym[d] = 0 if escape else np.uint8(np.int32(q) + CENTER)
+            xr[d] = base + q * step  # q * step is exact
+            escapes |= escape
+        marked[u, t] = escapes
+        if escapes:
             for d in range(dim):
-                base = pred[d] + start[d]
-                residual = xt[d] - base
-                q = np.rint(residual * inv)
-                escape = (abs(q) > far[d]) | ((step == 0) & (residual != 0)) | (t == 0)
-                q = min(max(q, -far[d]), far[d])
-                sym[d] = 0 if escape else np.uint8(np.int32(q) + CENTER)
-                xr[d] = base + q * step  # q * step is exact
-                escapes |= escape
-            marked[u, t] = escapes
-            if escapes:
-                for d in range(dim):
-                    if sym[d] == 0:
-                        xr[d] = f16_to_f32(f32_to_f16(xt[d], True))
-            nxt = below[t, at : at + dim]
-            for d in range(dim):
-                nxt[d] = min(max(np.rint(xr[d] * ins[d]), -limit), limit)
-        _histogram(symbols, u, tokens, counts)
+                if sym[d] == 0:
+                    xr[d] = f16_to_f32(f32_to_f16(xt[d], True))
+        nxt = below[t, at : at + dim]
+        for d in range(dim):
+            nxt[d] = min(max(np.rint(xr[d] * ins[d]), -limit), limit)
+    _histogram(symbols, u, tokens, counts)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _decode_layer(
+def _code_layer(unit_lo: int, unit_hi: int, *args: Any) -> None:
+    """`_code_unit(*args, j)` for units j = unit_lo..unit_hi - 1 (K's heads, then V's), in
+    parallel."""
+    for n_th in numba.prange(unit_hi - unit_lo):
+        _code_unit(*args, unit_lo + n_th)  # type: ignore[call-arg]
+
+
+@numba.njit(cache=True, nogil=True)
+def _code_layer_1(unit_lo: int, unit_hi: int, *args: Any) -> None:
+    """`_code_layer` on the calling thread alone (numba's thread pool never started)."""
+    for j in range(unit_lo, unit_hi):
+        _code_unit(*args, j)  # type: ignore[call-arg]
+
+
+@numba.njit(cache=True, nogil=True)
+def _decode_unit(
     symbols: np.ndarray,
     starts: np.ndarray,
     steps: np.ndarray,
@@ -695,62 +710,78 @@ def _decode_layer(
     kind: int,
     words: np.ndarray,
     below: np.ndarray,
-    unit_lo: int,
-    unit_hi: int,
+    j: int,
 ) -> bool:
-    """Layer `layer` of the value whose 16-bit words are `words` `[layers, 2, tokens, words]`
-    (a `kind` of dtype), from its units' symbols, starts `[layers, 2, heads, dim]`, steps
-    `[layers, 2, heads]`, escapes and its map's integer product `acc` `[tokens, channels]`
-    (empty for layer 0: no prediction), as `_code_layer` made them: the prediction
+    """Unit j (K's heads, then V's) of layer `layer` of the value whose 16-bit words are
+    `words` `[layers, 2, tokens, words]` (a `kind` of dtype), from its units' symbols,
+    starts `[layers, 2, heads, dim]`, steps `[layers, 2, heads]`, escapes and its map's
+    integer product `acc` `[tokens, channels]` (empty for layer 0: no prediction), as
+    `_code_unit` made them: the prediction
     float32(acc * out_scale) as `CrossLayer.predict` makes it, K rotated back by cos / sin
     as `_output` does; `below` `[tokens, channels]` = the channels as the next layer's map
-    reads them, clip(rint(x * in_scale), +-limit); units unit_lo..unit_hi - 1 (K's heads, then V's).
-    False if a unit's escapes do not add up.
+    reads them, clip(rint(x * in_scale), +-limit). False if its escapes do not add up.
     (Rows are taken as slices and indexed by loop counters: numba checks `array[t, at + d]`
     for a negative index, and such a loop does not vectorize.)"""
     tokens = below.shape[0]
     heads, dim = steps.shape[2], starts.shape[3]
-    ok = np.ones(2 * heads, np.bool_)
+    ok = True
+    kv, h = j // heads, j % heads
+    u = (layer * 2 + kv) * heads + h
+    at = (kv * heads + h) * dim  # the unit's first channel
+    step = steps[layer, kv, h]
+    e = first[u]
+    start = starts[layer, kv, h]
+    outs = out_scale[at : at + dim]
+    ins = in_scale[at : at + dim]
+    pred = np.zeros(dim, np.float32)
+    x = np.empty(dim, np.float32)
+    turned = np.empty(dim, np.float32)
+    for t in range(tokens):
+        _predict_row(acc, outs, at, t, pred)
+        sym = symbols[u, t]
+        escapes = False
+        for d in range(dim):
+            s = sym[d]
+            x[d] = (pred[d] + start[d]) + (np.float32(s) - np.float32(CENTER)) * step
+            escapes |= s == 0
+        if escapes:
+            for d in range(dim):
+                if sym[d] == 0:
+                    if e == first[u + 1]:
+                        ok = False
+                    else:
+                        x[d] = escaped[e]
+                        e += 1
+        nxt = below[t, at : at + dim]
+        for d in range(dim):
+            nxt[d] = min(max(np.rint(x[d] * ins[d]), -limit), limit)
+        if kv == 0:
+            _rotate_row(x, cos[t], sin[t], turned)
+            _store_at(turned, kind, words, layer, 0, t, h * dim)
+        else:
+            _store_at(x, kind, words, layer, 1, t, h * dim)
+    if e != first[u + 1]:
+        ok = False
+    return ok
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _decode_layer(unit_lo: int, unit_hi: int, *args: Any) -> bool:
+    """`_decode_unit(*args, j)` for units j = unit_lo..unit_hi - 1 (K's heads, then V's),
+    in parallel; False if one's escapes do not add up."""
+    ok = np.ones(unit_hi - unit_lo, np.bool_)
     for n_th in numba.prange(unit_hi - unit_lo):
-        j = unit_lo + n_th
-        kv, h = j // heads, j % heads
-        u = (layer * 2 + kv) * heads + h
-        at = (kv * heads + h) * dim  # the unit's first channel
-        step = steps[layer, kv, h]
-        e = first[u]
-        start = starts[layer, kv, h]
-        outs = out_scale[at : at + dim]
-        ins = in_scale[at : at + dim]
-        pred = np.zeros(dim, np.float32)
-        x = np.empty(dim, np.float32)
-        turned = np.empty(dim, np.float32)
-        for t in range(tokens):
-            _predict_row(acc, outs, at, t, pred)
-            sym = symbols[u, t]
-            escapes = False
-            for d in range(dim):
-                s = sym[d]
-                x[d] = (pred[d] + start[d]) + (np.float32(s) - np.float32(CENTER)) * step
-                escapes |= s == 0
-            if escapes:
-                for d in range(dim):
-                    if sym[d] == 0:
-                        if e == first[u + 1]:
-                            ok[j] = False
-                        else:
-                            x[d] = escaped[e]
-                            e += 1
-            nxt = below[t, at : at + dim]
-            for d in range(dim):
-                nxt[d] = min(max(np.rint(x[d] * ins[d]), -limit), limit)
-            if kv == 0:
-                _rotate_row(x, cos[t], sin[t], turned)
-                _store_at(turned, kind, words, layer, 0, t, h * dim)
-            else:
-                _store_at(x, kind, words, layer, 1, t, h * dim)
-        if e != first[u + 1]:
-            ok[j] = False
+        ok[n_th] = _decode_unit(*args, unit_lo + n_th)  # type: ignore[call-arg]
     return bool(ok.all())
+
+
+@numba.njit(cache=True, nogil=True)
+def _decode_layer_1(unit_lo: int, unit_hi: int, *args: Any) -> bool:
+    """`_decode_layer` on the calling thread alone (numba's thread pool never started)."""
+    ok = True
+    for j in range(unit_lo, unit_hi):
+        ok &= _decode_unit(*args, j)  # type: ignore[call-arg]
+    return ok
 
 
 @numba.njit(cache=True, nogil=True, inline="always")

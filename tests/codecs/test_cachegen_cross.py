@@ -511,3 +511,27 @@ def test_kv_maps_code_values_smaller_where_v_follows_k(kv_profiles: tuple[Path, 
     size, err = points["plain", 1]
     kv = [points["kv", level] for level in cx.CROSS_LEVELS]
     assert any(s < 0.95 * size and e <= err for s, e in kv), (points["plain", 1], kv)
+
+
+@pytest.mark.parametrize("kv", [False, True], ids=["maps", "kv-maps"])
+def test_one_thread_codes_the_same_bits_without_numbas_pool(
+    kv_profiles: tuple[Path, Path], kv: bool
+) -> None:
+    """A thread that runs numba on one thread (a server's host thread) takes the layer
+    kernels that never start numba's pool: the same payload and value as the parallel ones,
+    K's units and V's alike."""
+    import numba
+
+    t = KV_WORLD.tensor(100, 256, seed=11)
+    codec = codec_from_spec(f"cachegen-x:profile={kv_profiles[kv]}").for_position(256)
+    runs = []
+    before = numba.get_num_threads()
+    try:
+        for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(threads)
+            payload, back = codec.encode_with_value(t)
+            runs.append((bytes(payload), back, decode(codec.encode(t))))
+    finally:
+        numba.set_num_threads(before)
+    (p1, b1, d1), (p2, b2, d2) = runs
+    assert p1 == p2 and torch.equal(b1, b2) and torch.equal(d1, d2) and torch.equal(d1, b1)
