@@ -154,6 +154,12 @@ class CrossLayer(_PerHead):
     _maps32: dict[int, torch.Tensor] = field(init=False, repr=False, compare=False)
     _in_scale: np.ndarray = field(init=False, repr=False, compare=False)
     _out_scale: np.ndarray = field(init=False, repr=False, compare=False)
+    # With kv maps: as torch int8, whether float32 sums each exactly, their float32 copies
+    # once used, and layer 0's V output scales as a row of channels (`v_out_scale`).
+    _kv8: torch.Tensor = field(init=False, repr=False, compare=False)
+    _kv_f32_exact: np.ndarray = field(init=False, repr=False, compare=False)
+    _kv32: dict[int, torch.Tensor] = field(init=False, repr=False, compare=False)
+    _v_out0: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         w = np.asarray(self.weights, np.float32)
@@ -320,13 +326,13 @@ class CrossLayer(_PerHead):
         part, integers within +-127) times `kv_maps[layer]`, exact (as `product`)."""
         if self.kv_maps is None:
             raise InvalidArgument("these cross-layer maps have no kv_maps")
-        exact = bool(self.__dict__["_kv_f32_exact"][layer])
-        return _product8(ki, self.__dict__["_kv8"][layer], exact, self.__dict__["_kv32"], layer)
+        exact = bool(self._kv_f32_exact[layer])
+        return _product8(ki, self._kv8[layer], exact, self._kv32, layer)
 
     def v_out_scale(self, layer: int) -> np.ndarray:
         """float64 `[channels]`: what a product's columns are scaled by to predict layer
         `layer`'s V with `kv_maps` (its K part: as `out_scale`'s; layer 0: unused)."""
-        return self._out_scale[layer - 1] if layer else self.__dict__["_v_out0"]
+        return self._out_scale[layer - 1] if layer else self._v_out0
 
     def inputs(self, x: np.ndarray, layer: int) -> np.ndarray:
         """Layer `layer`'s decoded channels `x` (float32 `[tokens, channels]`, or its K part)
