@@ -38,6 +38,7 @@ import torch
 from _procs import progress
 
 from kvstore.codecs import Codec, codec_from_spec, decode, decode_values
+from kvstore.codecs.values import one_or_each
 from kvstore.store import WRITE_AHEAD_GPU_BYTES
 
 SUFFIX = ".kvc"
@@ -85,14 +86,14 @@ def _batch(blobs: list[bytes], wants: list[torch.Tensor], target: int) -> list[A
     ]
 
 
-def _batches(values: list[torch.Tensor], limit: int) -> list[list[torch.Tensor]]:
-    """`values` in runs of at most `limit` bytes (at least one each), as the ssd writer
-    hands them to a GPU."""
-    out: list[list[torch.Tensor]] = [[]]
-    for v in values:
-        if out[-1] and sum(x.nbytes for x in out[-1]) + v.nbytes > limit:
+def _batches(sizes: list[int]) -> list[list[int]]:
+    """The indexes of values of `sizes` bytes in runs of at most WRITE_AHEAD_GPU_BYTES (at
+    least one each), as the ssd writer hands them to a GPU."""
+    out: list[list[int]] = [[]]
+    for i in range(len(sizes)):
+        if out[-1] and sum(sizes[j] for j in out[-1]) + sizes[i] > WRITE_AHEAD_GPU_BYTES:
             out.append([])
-        out[-1].append(v)
+        out[-1].append(i)
     return out
 
 
@@ -162,23 +163,32 @@ def run(directory: Path, batch_bytes: int, repeats: int) -> tuple[dict[str, Any]
         # The chunks are encoded again from what they decode to (the model is not here):
         # the same shapes and statistics, the speed of the real work.
         # What encodes these chunks in a store (cachegen-x for a profile with maps).
-        encoder = codec.for_position(positions[0], wants[0].shape).gpu_encoder()
+        # Each chunk's codec as a store has it: at its position (cachegen-x's encoders
+        # take a codec per value, the others one for all).
+        codecs = [codec.for_position(p, w.shape) for p, w in zip(positions, wants, strict=True)]
+        encoder = codecs[0].gpu_encoder()
         device = torch.cuda.current_device() if encoder is not None else None
         row["cpu"] = demotion.rates(spec, codec, wants, repeats, device, positions)
         if encoder is not None:
-            coded = encoder(codec, [w.cuda() for w in wants])  # one batch
-            for (payload, _), want, f in zip(coded, wants, files, strict=True):
-                if payload != codec.encode_payload(want):
+            coded = encoder(one_or_each(codecs), [w.cuda() for w in wants])  # one batch
+            for (payload, _), c, want, f in zip(coded, codecs, wants, files, strict=True):
+                if payload != c.encode_payload(want):
                     raise RuntimeError(f"{f.name}: the GPU encoded another payload than the CPU")
             progress(f"{spec}: {len(files)} chunks encode on the GPU byte for byte as on the CPU")
             pinned = [w.pin_memory() for w in wants]
             fp16 = sum(w.nbytes for w in wants)
             one_s, _ = demotion.best_time(
-                lambda f=encoder, c=codec, ps=pinned, d=device: [f(c, [p], d) for p in ps], repeats
+                lambda f=encoder, cs=codecs, ps=pinned, d=device: [
+                    f(c, [p], d) for c, p in zip(cs, ps, strict=True)
+                ],
+                repeats,
             )
-            batches = _batches(pinned, WRITE_AHEAD_GPU_BYTES)
+            batches = _batches([p.nbytes for p in pinned])
             batch_s, _ = demotion.best_time(
-                lambda f=encoder, c=codec, bs=batches, d=device: [f(c, b, d) for b in bs], repeats
+                lambda f=encoder, cs=codecs, ps=pinned, bs=batches, d=device: [
+                    f(one_or_each([cs[i] for i in b]), [ps[i] for i in b], d) for b in bs
+                ],
+                repeats,
             )
             row["cpu"]["gpu_encode_one_GBps"] = fp16 / one_s / 1e9
             row["cpu"]["gpu_encode_GBps"] = fp16 / batch_s / 1e9

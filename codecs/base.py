@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -163,6 +163,13 @@ class Codec(ABC):
         makes and the checksum of the value it decodes to, out), or None when the codec
         encodes on the CPU only."""
         return None
+
+    def gpu_batch(self) -> Hashable:
+        """Values whose codecs give equal keys are encoded in one batch on a GPU, the
+        encoder given a codec per value where they are not all this one (cachegen-x: one
+        profile's maps, at each value's position and level); by default, this codec's own
+        values only."""
+        return id(self)
 
 
 _REGISTRY: dict[str, type[Codec]] = {}

@@ -319,13 +319,14 @@ class CacheGen(Codec):
     def _encode(self, tensor: torch.Tensor, back: torch.Tensor | None) -> bytes | memoryview:
         return self.coded(self._quantize(tensor, back, SEGMENT_TOKENS))
 
-    def coded(self, qz: _Quantized) -> bytes:
-        """The payload of a quantized value: its symbols rANS-coded in streams, framed with
-        its starts, steps, tables and escapes."""
+    def coded(self, qz: _Quantized, prefix: bytes = b"") -> bytes:
+        """The payload of a quantized value: `prefix`, then its symbols rANS-coded in
+        streams, framed with its starts, steps, tables and escapes."""
         freqs = rans.quantize_freqs(qz.counts, PRECISION)
         data, offsets = _code_streams(qz.layout, qz.symbols, freqs)
         frames = self.frame_payloads(
-            qz.layout, 1, qz.starts, qz.steps, qz.escapes, freqs, offsets, qz.escaped, qz.first
+            qz.layout, 1, qz.starts, qz.steps, qz.escapes, freqs, offsets, qz.escaped,
+            qz.first, prefix=np.frombuffer(prefix, np.uint8)[None] if prefix else None,
         )  # fmt: skip
         at, (o0, o1) = int(frames.data_at[0]), frames.streams(0)
         frames.out[at : at + o1 - o0] = np.frombuffer(data, np.uint8)
@@ -390,6 +391,7 @@ class CacheGen(Codec):
         escaped: np.ndarray,
         first: np.ndarray | None = None,
         alloc: Callable[[int], np.ndarray] = lambda n: np.empty(n, np.uint8),
+        prefix: np.ndarray | None = None,
     ) -> PayloadFrames:
         """The payloads of `values` values of layout `lay`, all but their streams' bytes,
         written by one parallel kernel into one buffer from `alloc(n)` (uint8; the GPU
@@ -397,7 +399,8 @@ class CacheGen(Codec):
         float16 bits of starts and steps (`[layers, 2, heads, dim]` a value), escape counts
         and frequency tables per unit, stream offsets (`[values * streams + 1]`, from 0),
         and the escapes' float16 bits, unit after unit, whose prefix sums `first` (`[values
-        * units + 1]`) the caller may already have."""
+        * units + 1]`) the caller may already have; each after its row of `prefix` (uint8
+        `[values, n]`: what a codec's payload has before cachegen's), if given."""
         nu, ns, dim = lay.units, lay.streams, lay.head_dim
         escapes = np.ascontiguousarray(escapes, np.int64)
         if first is None:
@@ -408,10 +411,14 @@ class CacheGen(Codec):
         fixed = 4 + 2 * nu * dim + 2 * n_steps + 4 * nu + 4 + rans.packed_bound(nu, ALPHABET)
         fixed += 4 * (ns + 1)
         each = np.arange(values + 1)
-        sizes = fixed + np.diff(offsets[each * ns]) + 2 * np.diff(first[each * nu])
+        head = 0 if prefix is None else prefix.shape[1]
+        sizes = head + fixed + np.diff(offsets[each * ns]) + 2 * np.diff(first[each * nu])
         bounds = np.zeros(values + 1, np.int64)
         np.cumsum(sizes, out=bounds[1:])
         out = alloc(int(bounds[-1]))
+        if prefix is not None:
+            for v in range(values):
+                out[bounds[v] : bounds[v] + head] = prefix[v]
         ends = np.empty(values, np.int64)
         data_at = np.empty(values, np.int64)
         _join(
@@ -420,7 +427,7 @@ class CacheGen(Codec):
             np.ascontiguousarray(steps, np.uint16).reshape(-1),
             escapes, np.ascontiguousarray(freqs, np.uint16), offsets,
             np.ascontiguousarray(escaped, np.uint16).reshape(-1),
-            first, out, bounds, data_at, ends,
+            first, out, bounds[:-1] + head, data_at, ends,
         )  # fmt: skip
         return PayloadFrames(out, bounds, data_at, ends, offsets, ns)
 

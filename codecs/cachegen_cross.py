@@ -194,8 +194,16 @@ class CacheGenX(CacheGen):
         return decode_x_on_gpu
 
     @classmethod
-    def gpu_encoder(cls) -> None:  # type: ignore[override]
-        return None
+    def gpu_encoder(cls) -> Callable[..., list[tuple[memoryview, int]]] | None:
+        if cls.HOST_ONLY:
+            return None
+        from kvstore.kernels.cachegen_cross_encode import encode_x_many_on_gpu
+
+        return encode_x_many_on_gpu
+
+    def gpu_batch(self) -> tuple[str, str, int]:
+        # The GPU encoder takes a codec per value: positions and levels may differ.
+        return (self.name, self.cross.digest, int(self.params["version"]))
 
     @property
     def head_steps(self) -> bool:
@@ -274,7 +282,7 @@ class CacheGenX(CacheGen):
         if back is not None:
             _rotate_out(self.cross, xhat, position, back)
         qz = _Quantized(lay, starts, steps, symbols, counts, escapes, escaped, first)
-        return struct.pack("<Q", position) + self.coded(qz)
+        return self.coded(qz, struct.pack("<Q", position))
 
     # -------------------------------------------------------------------------- decoding
 
@@ -349,8 +357,8 @@ class CacheGenXZstd(ZstdFrames, CacheGenX):
     codec_id = 8
     SEGMENT = None
 
-    def coded(self, qz: _Quantized) -> bytes:
-        return self.framed(qz).tobytes()
+    def coded(self, qz: _Quantized, prefix: bytes = b"") -> bytes:
+        return b"".join((prefix, self.framed(qz).data))
 
     def symbols(
         self, payload: memoryview, shape: Sequence[int]

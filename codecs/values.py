@@ -74,21 +74,35 @@ def encode_stored(
 
 
 def encode_stored_many(
-    codec: Codec, items: Sequence[tuple[ValueHeader, memoryview]], device: int | None
+    codec: Codec | Sequence[Codec],
+    items: Sequence[tuple[ValueHeader, memoryview]],
+    device: int | None,
 ) -> list[tuple[ValueHeader, memoryview | bytes]]:
-    """`encode_stored` of each (header, bytes): on CUDA GPU `device` as one batch when the
-    codec encodes there (`Codec.gpu_encoder`), the bytes copied to it (fastest from pinned
-    memory); else, or with `device` None, one by one on the host. The same headers and
-    payloads either way. Raises InvalidArgument when the codec cannot take one of the
-    values, before any is returned."""
-    encoder = gpu_encoder_of(codec) if device is not None else None
+    """`encode_stored` of each (header, bytes) through `codec`, or a codec each of one
+    `Codec.gpu_batch`: on CUDA GPU `device` as one batch when the codec encodes there
+    (`Codec.gpu_encoder`), the bytes copied to it (fastest from pinned memory); else, or
+    with `device` None, one by one on the host. The same headers and payloads either way.
+    Raises InvalidArgument when the codec cannot take one of the values, before any is
+    returned."""
+    codecs = [codec] * len(items) if isinstance(codec, Codec) else list(codec)
+    if len(codecs) != len(items):
+        raise InvalidArgument(f"{len(codecs)} codecs for {len(items)} values")
+    if not codecs:
+        return []
+    encoder = gpu_encoder_of(codecs[0]) if device is not None else None
     if encoder is None:
-        return [encode_stored(codec, header, value) for header, value in items]
-    coded = encoder(codec, [_as_tensor(header, value) for header, value in items], device)
+        return [encode_stored(c, h, value) for c, (h, value) in zip(codecs, items, strict=True)]
+    values = [_as_tensor(header, value) for header, value in items]
+    coded = encoder(one_or_each(codecs), values, device)
     return [
-        (_coded_header(codec, header, payload, value_sum), payload)
-        for (header, _), (payload, value_sum) in zip(items, coded, strict=True)
+        (_coded_header(c, header, payload, value_sum), payload)
+        for c, (header, _), (payload, value_sum) in zip(codecs, items, coded, strict=True)
     ]
+
+
+def one_or_each(codecs: Sequence[Codec]) -> Codec | list[Codec]:
+    """The codec of all of `codecs` when they are one, else the list (one per value)."""
+    return codecs[0] if codecs and all(c is codecs[0] for c in codecs) else list(codecs)
 
 
 def _as_tensor(header: ValueHeader, value: memoryview) -> torch.Tensor:

@@ -37,7 +37,7 @@ CPU does not, and the payload must not depend on where it was encoded.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numba
@@ -55,13 +55,12 @@ if TYPE_CHECKING:
 
     from kvstore.codecs.cachegen import CacheGen
 
-_CUDA_SOURCE = r"""
-#define PRECISION @PRECISION@
-#define RANS_L (1u << 23)
+# What both GPU encoders (this and `kernels.cachegen_cross_encode`) read values and write
+# float16 bits with, as the CPU's `f32_to_f16(x, True)`.
+CUDA_ENCODE_HELPERS = r"""
 #define CENTER @CENTER@
 #define REACH @REACH@
 #define ALPHABET @ALPHABET@
-#define LANES @LANES@
 #define OUTLIER_SPREADS @OUTLIER_SPREADS@
 #define F16_MAX 65504.0f
 
@@ -80,6 +79,12 @@ __device__ __forceinline__ u32 f32_to_f16_sat(float x) {
     if (a >= 0x477FF000) return 0x7BFF | sign;
     return f32_to_f16(x);
 }
+"""
+
+_CUDA_SOURCE = r"""
+#define PRECISION @PRECISION@
+#define RANS_L (1u << 23)
+#define LANES @LANES@
 
 // ---------------------------------------------------------------- symbols
 // units: per unit, its first element in `words` (tokens apart by `width` elements), its
@@ -257,7 +262,9 @@ extern "C" __global__ void gather_streams(const unsigned char* __restrict__ slot
 """
 
 
-def _source() -> str:
+def encode_source(source: str) -> str:
+    """CUDA `source` after the float bits, escapes and encoding helpers, with the codec's
+    constants (@CENTER@, @REACH@, ...) put in."""
     from kvstore.codecs import cachegen
 
     subs = {
@@ -268,7 +275,11 @@ def _source() -> str:
         "@LANES@": cachegen.LANES,
         "@OUTLIER_SPREADS@": repr(float(cachegen.OUTLIER_SPREADS)),
     }
-    return with_values(CUDA_FLOATBITS + CUDA_ESCAPES + _CUDA_SOURCE, subs)
+    return with_values(CUDA_FLOATBITS + CUDA_ESCAPES + CUDA_ENCODE_HELPERS + source, subs)
+
+
+def _source() -> str:
+    return encode_source(_CUDA_SOURCE)
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
@@ -393,6 +404,24 @@ def encode_many_on_gpu(
     Raises ValuesRefused (an InvalidArgument) naming the values the codec cannot take (not
     the KV layout or a dtype it encodes, out of float16's range), before any payload is
     returned: the others can be sent again without them."""
+    return in_groups(
+        codec.name,
+        values,
+        device,
+        lambda which, on: _encode_group(codec, [values[i] for i in which], on, stream, which),
+    )
+
+
+def in_groups(
+    name: str,
+    values: Sequence[torch.Tensor],
+    device: int | None,
+    encode: Callable[[list[int], int], list[tuple[memoryview, int]]],
+) -> list[tuple[memoryview, int]]:
+    """`encode(which, gpu)` of each group of `values` (their indexes) of one shape, dtype
+    and GPU, the results in the values' order; ValuesRefused first, naming every value a
+    GPU encoder of codec `name` cannot take (not the KV layout, a dtype it does not read,
+    a host value without `device`, heads of more than 1024 channels)."""
     from kvstore.codecs.base import DTYPE_WORDS, ValuesRefused, kv_view
     from kvstore.errors import InvalidArgument
 
@@ -400,16 +429,16 @@ def encode_many_on_gpu(
     refused: dict[int, str] = {}
     for i, value in enumerate(values):
         try:
-            kv_view(value, codec.name)  # the layout check
+            kv_view(value, name)  # the layout check
             if value.dtype not in DTYPE_WORDS or not (value.is_cuda or device is not None):
                 raise InvalidArgument(
-                    "cachegen encodes on the GPU a CUDA tensor of float16, bfloat16 or "
+                    f"{name} encodes on the GPU a CUDA tensor of float16, bfloat16 or "
                     "float32, or one on the host with the GPU to copy it to, not "
                     f"{value.dtype} on {value.device}"
                 )
             if value.shape[-1] > 1024:
                 raise InvalidArgument(
-                    f"cachegen encodes heads of up to 1024 channels, not {value.shape[-1]}"
+                    f"{name} encodes heads of up to 1024 channels, not {value.shape[-1]}"
                 )
         except InvalidArgument as exc:
             refused[i] = str(exc)
@@ -420,8 +449,7 @@ def encode_many_on_gpu(
         raise ValuesRefused(_refusal(refused), list(refused))
     out: list[tuple[memoryview, int]] = [(memoryview(b""), 0)] * len(values)
     for (_, _, on), which in groups.items():
-        coded = _encode_group(codec, [values[i] for i in which], on, stream, which)
-        for i, c in zip(which, coded, strict=True):
+        for i, c in zip(which, encode(which, on), strict=True):
             out[i] = c
     return out
 
@@ -443,8 +471,7 @@ def _encode_group(
     import cupy
 
     from kvstore.codecs.base import DTYPE_WORDS, ValuesRefused
-    from kvstore.codecs.cachegen import ALPHABET, LANES, PRECISION, _Layout
-    from kvstore.codecs.container import checksum
+    from kvstore.codecs.cachegen import ALPHABET, _Layout
 
     first_value = values[0]
     b_n = len(values)
@@ -472,25 +499,7 @@ def _encode_group(
         s = as_cupy_stream(stream) if stream is not None else _own_stream(device)
         keep: list[Any] = []  # pinned staging and host values, alive until copied
         with s:
-            contiguous = [value.contiguous() for value in values]
-            if stream is None and any(v.is_cuda for v in values):
-                # After what torch has queued for the values (the work that wrote them, the
-                # copies `contiguous()` made) on its stream, not racing it on our own.
-                import torch
-
-                after = torch.cuda.Event()
-                after.record(torch.cuda.current_stream(device))
-                cupy.cuda.runtime.streamWaitEvent(s.ptr, after.cuda_event, 0)
-                keep.append(after)
-            if b_n == 1 and first_value.is_cuda and first_value.is_contiguous():
-                src_ptr = first_value.data_ptr()
-            else:
-                src = cupy.empty(b_n * stride, cupy.uint8)
-                src_ptr = src.data.ptr
-                for b, v in enumerate(contiguous):
-                    keep.append(v)
-                    kind = cupy.cuda.runtime.memcpyDefault
-                    _copy(src_ptr + b * stride, v.data_ptr(), nbytes, kind, s)
+            src_ptr = stage_values(values, stride, device, s, stream is None, keep)
             back = cupy.empty(max(b_n * stride, 1), cupy.uint8)
             d_units, d_res = _upload([units, res], s, keep)
             d_starts = cupy.empty(n_units * dim, cupy.uint16)
@@ -514,75 +523,144 @@ def _encode_group(
                 )
                 which = {index[int(u) // nu] for u in np.flatnonzero(bad)}
                 raise ValuesRefused(_refusal(dict.fromkeys(which, reason)), list(which))
-            counts = counts32.reshape(n_units, ALPHABET)
-            escapes = counts[:, 0].astype(np.int64)
-            first = np.zeros(n_units + 1, np.int64)
-            np.cumsum(escapes, out=first[1:])
-            # Each unit's escapes lie at the start of its region of tokens * dim.
-            where = np.repeat(np.arange(n_units) * tokens * dim - first[:-1], escapes)
-            where += np.arange(first[-1])
-            ns = lay.streams
-            n_streams = b_n * ns
-            lengths_in = np.tile(lay.stream_lengths(), b_n)
-            streams = np.empty((n_streams, 4), np.int64)
-            # A unit's streams are consecutive segments of its rows of symbols.
-            streams[:, 0] = np.arange(n_streams, dtype=np.int64) * (lay.segment * dim)
-            streams[:, 1] = lengths_in
-            streams[:, 2] = np.tile(lay.stream_models(), b_n)
-            streams[:, 2] += np.repeat(np.arange(b_n, dtype=np.int64) * nu, ns)
-            streams[:, 3] = np.cumsum(2 * lengths_in + 4 * LANES)
-            slot_bytes = int(streams[-1, 3]) if n_streams else 0
-            freqs = np.empty((n_units, ALPHABET), np.uint16)
-            # The kernel's tables are made in the pinned buffer they are uploaded from.
-            fc = np.empty((n_units, 256), np.uint32)
-            mem, (h_streams, h_fc, h_where) = _pinned_like([streams, fc, where])
-            keep.append(mem)
-            _tables(counts, 1 << PRECISION, freqs, h_fc)
-            h_streams[...] = streams
-            h_where[...] = where
-            d_streams, d_fc, d_where = _to_device([h_streams, h_fc, h_where], s)
-            d_slots = cupy.empty(max(slot_bytes, 1), cupy.uint8)
-            d_lengths = cupy.empty(max(n_streams, 1), cupy.int64)
-            if n_streams:
-                _module.get(device, "rans_encode")(
-                    (-(-n_streams // 128),), (128,),
-                    (d_symbols, d_streams, np.int64(n_streams), d_fc, d_slots, d_lengths),
-                )  # fmt: skip
-            big = nbytes > SHORT_MAX
-            digests = None
-            if big:
-                at = np.arange(b_n, dtype=np.uint64) * np.uint64(stride)
-                ptrs = np.uint64(back.data.ptr) + at
-                digests = xxh3_64_gpu_spans(ptrs, np.full(b_n, nbytes, np.int64), device, s)
-            sizes, starts, steps, escaped = _download(
-                [d_lengths[:n_streams], d_starts, d_steps, d_escapes[d_where]], s
-            )
-            if sizes.size and sizes.min() < 0:  # the tables come from the same counts
-                raise RuntimeError("cachegen GPU encode: a symbol has no frequency in its table")
-            offsets = np.zeros(n_streams + 1, np.int64)
-            np.cumsum(sizes, out=offsets[1:])
-            d_data = cupy.empty(max(int(offsets[-1]), 1), cupy.uint8)
-            if n_streams:
-                (d_offsets,) = _upload([offsets], s, keep)
-                _module.get(device, "gather_streams")(
-                    (n_streams,), (128,), (d_slots, d_streams, d_offsets, d_data)
-                )
-            # Everything but the streams, while the GPU gathers them; then the streams
-            # straight into their places (the buffer is pinned), with no copy here.
-            frames = codec.frame_payloads(
-                lay, b_n, starts, steps, escapes, freqs, offsets, escaped, first, _pinned_bytes
+            return code_batch(
+                codec, lay, b_n, device, s, keep, d_symbols, counts32, d_starts, d_steps,
+                d_escapes, back, stride, nbytes,
             )  # fmt: skip
-            to_host = cupy.cuda.runtime.memcpyDeviceToHost
-            for b in range(b_n):
-                o0, o1 = frames.streams(b)
-                at_b = frames.out.ctypes.data + int(frames.data_at[b])
-                _copy(at_b, d_data.data.ptr + o0, o1 - o0, to_host, s)
-            s.synchronize()
-            if not big:  # too short for the GPU's checksum: hashed here
-                (small,) = _download([back], s)
-                sums = [checksum(small[b * stride : b * stride + nbytes].data) for b in range(b_n)]
-            else:
-                assert digests is not None
-                sums = [int(d) for d in digests.result()]
+
+
+def stage_values(
+    values: Sequence[torch.Tensor], stride: int, device: int, s: Any, wait: bool, keep: list[Any]
+) -> int:
+    """The address of `values` (of one shape and dtype) on GPU `device`, a slot of `stride`
+    bytes each, copied there on stream `s` (a CUDA value alone and contiguous: its own);
+    after what torch has queued on the device's current stream if `wait` (the work that
+    wrote CUDA values). `keep` gets what must live until the copies are done."""
+    import cupy
+
+    contiguous = [value.contiguous() for value in values]
+    if wait and any(v.is_cuda for v in values):
+        # After what torch has queued for the values (the work that wrote them, the copies
+        # `contiguous()` made) on its stream, not racing it on our own.
+        import torch
+
+        after = torch.cuda.Event()
+        after.record(torch.cuda.current_stream(device))
+        cupy.cuda.runtime.streamWaitEvent(s.ptr, after.cuda_event, 0)
+        keep.append(after)
+    first = values[0]
+    if len(values) == 1 and first.is_cuda and first.is_contiguous():
+        return int(first.data_ptr())
+    nbytes = first.numel() * first.element_size()
+    src = cupy.empty(len(values) * stride, cupy.uint8)
+    keep.append(src)
+    for b, v in enumerate(contiguous):
+        keep.append(v)
+        _copy(src.data.ptr + b * stride, v.data_ptr(), nbytes, cupy.cuda.runtime.memcpyDefault, s)
+    return int(src.data.ptr)
+
+
+def code_batch(
+    codec: CacheGen,
+    lay: Any,
+    b_n: int,
+    device: int,
+    s: Any,
+    keep: list[Any],
+    d_symbols: Any,
+    counts32: np.ndarray,
+    d_starts: Any,
+    d_steps: Any,
+    d_escapes: Any,
+    back: Any,
+    stride: int,
+    nbytes: int,
+    prefix: np.ndarray | None = None,
+) -> list[tuple[memoryview, int]]:
+    """The payloads and value checksums of `b_n` values of layout `lay` quantized on GPU
+    `device` (on stream `s`, current; `keep` holds what must outlive the copies): their
+    units' symbols `[units, padded tokens, dim]`, counts (on the host, int32 `[units,
+    ALPHABET]`), starts and steps (float16 bits, a channel each), escapes (each unit's at
+    the start of its region of tokens * dim) on the device, and the values they decode to
+    (`back`, a slot of `stride` bytes each, `nbytes` of value), each payload after its row of
+    `prefix` (`CacheGen.frame_payloads`). The rANS tables, streams and framing, as
+    cachegen's CPU encoder makes them."""
+    import cupy
+
+    from kvstore.codecs.cachegen import ALPHABET, LANES, PRECISION
+    from kvstore.codecs.container import checksum
+
+    nu, tokens, dim = lay.units, lay.tokens, lay.head_dim
+    n_units = b_n * nu
+    counts = counts32.reshape(n_units, ALPHABET)
+    escapes = counts[:, 0].astype(np.int64)
+    first = np.zeros(n_units + 1, np.int64)
+    np.cumsum(escapes, out=first[1:])
+    # Each unit's escapes lie at the start of its region of tokens * dim.
+    where = np.repeat(np.arange(n_units) * tokens * dim - first[:-1], escapes)
+    where += np.arange(first[-1])
+    ns = lay.streams
+    n_streams = b_n * ns
+    lengths_in = np.tile(lay.stream_lengths(), b_n)
+    streams = np.empty((n_streams, 4), np.int64)
+    # A unit's streams are consecutive segments of its rows of symbols.
+    streams[:, 0] = np.arange(n_streams, dtype=np.int64) * (lay.segment * dim)
+    streams[:, 1] = lengths_in
+    streams[:, 2] = np.tile(lay.stream_models(), b_n)
+    streams[:, 2] += np.repeat(np.arange(b_n, dtype=np.int64) * nu, ns)
+    streams[:, 3] = np.cumsum(2 * lengths_in + 4 * LANES)
+    slot_bytes = int(streams[-1, 3]) if n_streams else 0
+    freqs = np.empty((n_units, ALPHABET), np.uint16)
+    # The kernel's tables are made in the pinned buffer they are uploaded from.
+    fc = np.empty((n_units, 256), np.uint32)
+    mem, (h_streams, h_fc, h_where) = _pinned_like([streams, fc, where])
+    keep.append(mem)
+    _tables(counts, 1 << PRECISION, freqs, h_fc)
+    h_streams[...] = streams
+    h_where[...] = where
+    d_streams, d_fc, d_where = _to_device([h_streams, h_fc, h_where], s)
+    d_slots = cupy.empty(max(slot_bytes, 1), cupy.uint8)
+    d_lengths = cupy.empty(max(n_streams, 1), cupy.int64)
+    if n_streams:
+        _module.get(device, "rans_encode")(
+            (-(-n_streams // 128),), (128,),
+            (d_symbols, d_streams, np.int64(n_streams), d_fc, d_slots, d_lengths),
+        )  # fmt: skip
+    big = nbytes > SHORT_MAX
+    digests = None
+    if big:
+        at = np.arange(b_n, dtype=np.uint64) * np.uint64(stride)
+        ptrs = np.uint64(back.data.ptr) + at
+        digests = xxh3_64_gpu_spans(ptrs, np.full(b_n, nbytes, np.int64), device, s)
+    sizes, starts, steps, escaped = _download(
+        [d_lengths[:n_streams], d_starts, d_steps, d_escapes[d_where]], s
+    )
+    if sizes.size and sizes.min() < 0:  # the tables come from the same counts
+        raise RuntimeError("cachegen GPU encode: a symbol has no frequency in its table")
+    offsets = np.zeros(n_streams + 1, np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    d_data = cupy.empty(max(int(offsets[-1]), 1), cupy.uint8)
+    if n_streams:
+        (d_offsets,) = _upload([offsets], s, keep)
+        _module.get(device, "gather_streams")(
+            (n_streams,), (128,), (d_slots, d_streams, d_offsets, d_data)
+        )
+    # Everything but the streams, while the GPU gathers them; then the streams
+    # straight into their places (the buffer is pinned), with no copy here.
+    frames = codec.frame_payloads(
+        lay, b_n, starts, steps, escapes, freqs, offsets, escaped, first, _pinned_bytes, prefix
+    )  # fmt: skip
+    to_host = cupy.cuda.runtime.memcpyDeviceToHost
+    for b in range(b_n):
+        o0, o1 = frames.streams(b)
+        at_b = frames.out.ctypes.data + int(frames.data_at[b])
+        _copy(at_b, d_data.data.ptr + o0, o1 - o0, to_host, s)
+    s.synchronize()
+    if not big:  # too short for the GPU's checksum: hashed here
+        (small,) = _download([back], s)
+        sums = [checksum(small[b * stride : b * stride + nbytes].data) for b in range(b_n)]
+    else:
+        assert digests is not None
+        sums = [int(d) for d in digests.result()]
     payloads = frames.payloads()
     return list(zip(payloads, sums, strict=True))

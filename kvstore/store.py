@@ -47,7 +47,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -1874,24 +1874,25 @@ class Store:
 
     def _ahead_jobs(
         self, batch: list[tuple[Entry, Slot]]
-    ) -> list[tuple[list[tuple[Entry, Slot]], Codec | None]]:
-        """`write_ahead`'s values split into encoding jobs, each with the codec that encodes
-        it on the `--encode-gpu` GPU (None: on a host thread): one value each on host
-        threads; on the GPU, the values of one codec that encodes there in batches of about
-        WRITE_AHEAD_GPU_BYTES (a batch fills the GPU; several let the host's share of one
-        overlap the GPU's of the next)."""
-        jobs: list[tuple[list[tuple[Entry, Slot]], Codec | None]] = []
-        gpu: dict[int, tuple[Codec, list[list[tuple[Entry, Slot]]]]] = {}
+    ) -> list[tuple[list[tuple[Entry, Slot]], list[Codec] | None]]:
+        """`write_ahead`'s values split into encoding jobs, each with the codecs that encode
+        its values on the `--encode-gpu` GPU (None: on a host thread): one value each on
+        host threads; on the GPU, the values whose codecs encode there in one batch
+        (`Codec.gpu_batch`) in batches of about WRITE_AHEAD_GPU_BYTES (a batch fills the
+        GPU; several let the host's share of one overlap the GPU's of the next)."""
+        jobs: list[tuple[list[tuple[Entry, Slot]], list[Codec] | None]] = []
+        gpu: dict[Hashable, list[tuple[list[tuple[Entry, Slot]], list[Codec]]]] = {}
         for e, slot in batch:
             codec = self._gpu_codec(e)
             if codec is None:
                 jobs.append(([(e, slot)], None))
                 continue
-            parts = gpu.setdefault(id(codec), (codec, [[]]))[1]
-            if sum(x.nbytes for x, _ in parts[-1]) + e.nbytes > WRITE_AHEAD_GPU_BYTES:
-                parts.append([])
-            parts[-1].append((e, slot))
-        return [(part, codec) for codec, parts in gpu.values() for part in parts if part] + jobs
+            parts = gpu.setdefault(codec.gpu_batch(), [([], [])])
+            if sum(x.nbytes for x, _ in parts[-1][0]) + e.nbytes > WRITE_AHEAD_GPU_BYTES:
+                parts.append(([], []))
+            parts[-1][0].append((e, slot))
+            parts[-1][1].append(codec)
+        return [job for parts in gpu.values() for job in parts if job[0]] + jobs
 
     def _gpu_codec(self, e: Entry) -> Codec | None:
         """The codec `e` is stored on ssd through (`_codec_for`) if the ssd writer encodes
@@ -1946,21 +1947,21 @@ class Store:
         return written, False
 
     def _encode_ahead(
-        self, part: list[tuple[Entry, Slot]], codec: Codec | None
+        self, part: list[tuple[Entry, Slot]], codecs: list[Codec] | None
     ) -> list[tuple[ValueHeader, Buffer] | None]:
         """Each of `part`'s values as the ssd tier stores it, from its cpu slot (a host
-        thread): as one batch on the `--encode-gpu` GPU through `codec` (`_ahead_jobs`'
-        choice), else (None) one by one here. None for a value that could not be encoded
-        (the eviction writes it)."""
+        thread): as one batch on the `--encode-gpu` GPU through `codecs` (a value's each,
+        `_ahead_jobs`' choice), else (None) one by one here. None for a value that could
+        not be encoded (the eviction writes it)."""
         cpu = self.cpu
         assert cpu is not None
         # Raw: a view of the slot, still the value's if the slot is still its own below.
         views = [cpu.view(slot, e.nbytes) for e, slot in part]
         coded: list[tuple[ValueHeader, Buffer] | None] = [None] * len(part)
         host = list(range(len(part)))  # the values left to encode here
-        if codec is not None:
+        if codecs is not None:
             from kvstore.codecs.base import ValuesRefused
-            from kvstore.codecs.values import encode_stored_many
+            from kvstore.codecs.values import encode_stored_many, one_or_each
 
             gpu, host = host, []
             self._gpu_scratch_held = True
@@ -1968,7 +1969,9 @@ class Store:
                 items = [(part[i][0].header(), memoryview(views[i])) for i in gpu]
                 try:
                     with self._gpu_encodes:
-                        done = encode_stored_many(codec, items, self._encode_device)
+                        done = encode_stored_many(
+                            one_or_each([codecs[i] for i in gpu]), items, self._encode_device
+                        )
                 except Exception as exc:
                     refused = exc.indexes if isinstance(exc, ValuesRefused) else []
                     drop = set(refused) & set(range(len(gpu)))

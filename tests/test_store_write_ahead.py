@@ -5,8 +5,10 @@ deleted, replaced or evicted while it was being encoded is not written from stal
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -470,3 +472,49 @@ def test_reads_stay_right_while_the_background_writer_races_puts_and_deletes(
     again = make_store(ssd_write_ahead=0, cpu_bytes="8MiB", ssd_bytes="64MiB", codec=("ssd=zstd",))
     for k, want in expected.items():
         assert read(again, k) in (None, want)
+
+
+@pytest.mark.parametrize("on_gpu", [False, True])
+def test_cachegen_x_chunks_at_their_positions_share_a_gpu_batch(
+    make_quiet: MakeStore, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, on_gpu: bool
+) -> None:
+    """A profile's chunks put at several positions (the newest one a level finer) go to the
+    GPU in one batch, with a codec each at its position and level (`Codec.gpu_batch`), and
+    are stored as the host encodes each of them: encoded on the host in the batch's place
+    (`on_gpu` False), or on a real GPU."""
+    if on_gpu and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    sys.path.insert(0, str(Path(__file__).parent / "codecs"))
+    from cross_fixture import LayeredKV
+
+    world = LayeredKV(4, 2, 64, seed=7)
+    spec = f"cachegen:level=2,profile={world.profile_file(tmp_path / 'p.json')}"
+    store = make_quiet(ssd_write_ahead=1.0, codec=(f"ssd={spec}",))
+    chunks = [world.tensor(64, 64 * i, seed=i) for i in range(4)]
+    for i, t in enumerate(chunks):
+        raw = bytes(tensor_bytes(t))
+        res = store.begin_put(
+            NS, key(i), "float16", list(t.shape), len(raw), checksum(raw), newest=i == 3,
+            position=64 * i,
+        )  # fmt: skip
+        res.write(raw)
+        res.commit()
+    store._encode_device = 0  # as --encode-gpu 0 would set it, on a machine with a GPU
+    batches: list[list[tuple[int, int]]] = []  # per batch, (position, level) a value
+
+    def gpu(codecs: Any, items: Any, device: int) -> Any:
+        batches.append([(int(c.params["position"]), int(c.params["level"])) for c in codecs])
+        return encode_stored_many(codecs, items, device if on_gpu else None)
+
+    monkeypatch.setattr("kvstore.codecs.values.encode_stored_many", gpu)
+    assert write_ahead(store) == 4
+    assert len(batches) == 1
+    assert sorted(batches[0]) == [(0, 2), (64, 2), (128, 2), (192, 1)]
+    base = codec_from_spec(spec)
+    for i, t in enumerate(chunks):
+        codec = base.for_position(64 * i, t.shape)
+        codec = codec.for_newest() if i == 3 else codec
+        header, payload = encode_stored(codec, entry(store, key(i)).header(), tensor_bytes(t))
+        got_header, got = stored_record(store, key(i))
+        assert got == bytes(payload) and got_header.params == header.params
+        assert got_header.codec == codec.codec_id == 7  # cachegen-x
