@@ -86,12 +86,13 @@ def _batch(blobs: list[bytes], wants: list[torch.Tensor], target: int) -> list[A
     ]
 
 
-def _batches(sizes: list[int]) -> list[list[int]]:
-    """The indexes of values of `sizes` bytes in runs of at most WRITE_AHEAD_GPU_BYTES (at
-    least one each), as the ssd writer hands them to a GPU."""
+def _batches(sizes: list[int], limit: int | None) -> list[list[int]]:
+    """The indexes of values of `sizes` bytes in runs of at most `limit` bytes (None:
+    WRITE_AHEAD_GPU_BYTES; at least one each), as the ssd writer hands them to a GPU."""
     out: list[list[int]] = [[]]
+    limit = limit or WRITE_AHEAD_GPU_BYTES
     for i in range(len(sizes)):
-        if out[-1] and sum(sizes[j] for j in out[-1]) + sizes[i] > WRITE_AHEAD_GPU_BYTES:
+        if out[-1] and sum(sizes[j] for j in out[-1]) + sizes[i] > limit:
             out.append([])
         out[-1].append(i)
     return out
@@ -183,7 +184,7 @@ def run(directory: Path, batch_bytes: int, repeats: int) -> tuple[dict[str, Any]
                 ],
                 repeats,
             )
-            batches = _batches([p.nbytes for p in pinned])
+            batches = _batches([p.nbytes for p in pinned], codec.GPU_BATCH_BYTES)
             batch_s, _ = demotion.best_time(
                 lambda f=encoder, cs=codecs, ps=pinned, bs=batches, d=device: [
                     f(one_or_each([cs[i] for i in b]), [ps[i] for i in b], d) for b in bs

@@ -46,6 +46,9 @@ class Codec(ABC):
     # before it existed (a payload format's version: 1), where it differs from the default
     # a new encoder takes.
     LEGACY_PARAMS: ClassVar[Mapping[str, ParamValue]] = {}
+    # The bytes of values a GPU encoder's batch of this codec holds at most (the ssd
+    # writer's batches); None: the store's default (WRITE_AHEAD_GPU_BYTES).
+    GPU_BATCH_BYTES: ClassVar[int | None] = None
     # Its kernels run numba parallel regions (a team of threads each call). Where several
     # threads code at once (a server's host pool), numba then needs a thread-safe threading
     # layer (`kvstore.threads.threadsafe_layer`): its fallback aborts the process.

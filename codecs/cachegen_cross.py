@@ -130,6 +130,9 @@ class CacheGenX(CacheGen):
     VERSIONS: ClassVar[tuple[int, ...]] = (1,)
     # Tokens per rANS stream; None: one segment a unit (zstd frames).
     SEGMENT: ClassVar[int | None] = SEGMENT_TOKENS
+    # The GPU encoder runs the layers one after another, a few launches each however many
+    # values the batch holds: on an H200, 22 SmolLM2 chunks (118 MB) took 29 ms, 5 took 17.
+    GPU_BATCH_BYTES: ClassVar[int | None] = 64 << 20
 
     def check_params(self) -> None:
         self.check_levels(CROSS_LEVELS)

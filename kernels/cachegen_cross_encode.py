@@ -170,16 +170,18 @@ __device__ __forceinline__ void quantize_x_body(
         for (long long t0 = lo; t0 < tokens; t0 += per_tile) {
             const long long n_t = min(per_tile, tokens - t0);
             if (mine) {
-#pragma unroll 4
+#pragma unroll 8
                 for (long long k = g; k < n_t; k += groups)
                     tile[k * lanes + d] = residual_at(xd, ad, oscale, t0 + k, C);
             }
             __syncthreads();
             if (g == 0 && mine) {
                 if (pass == 0) {
+#pragma unroll 8
                     for (long long k = 0; k < n_t; ++k)
                         mean = __dadd_rn(mean, (double)tile[k * lanes + d]);
                 } else {
+#pragma unroll 8
                     for (long long k = 0; k < n_t; ++k) {
                         const double e = __dsub_rn((double)tile[k * lanes + d], mean);
                         sq = __dadd_rn(sq, __dmul_rn(e, e));
@@ -217,7 +219,7 @@ __device__ __forceinline__ void quantize_x_body(
     unsigned char* sym = symbols + u * padded * dim + d;
     unsigned short* esc_out = escapes + u * tokens * dim + d;
     N* nx = next ? next + row0 * C + at + d : nullptr;
-#pragma unroll 4
+#pragma unroll 8
     for (long long t = g; t < tokens; t += groups) {
         const float xt = xd[t * C];
         const float pred = ad ? (float)__dmul_rn((double)ad[t * C], oscale) : 0.f;

@@ -1877,9 +1877,11 @@ class Store:
     ) -> list[tuple[list[tuple[Entry, Slot]], list[Codec] | None]]:
         """`write_ahead`'s values split into encoding jobs, each with the codecs that encode
         its values on the `--encode-gpu` GPU (None: on a host thread): one value each on
-        host threads; on the GPU, the values whose codecs encode there in one batch
-        (`Codec.gpu_batch`) in batches of about WRITE_AHEAD_GPU_BYTES (a batch fills the
-        GPU; several let the host's share of one overlap the GPU's of the next)."""
+        host threads; on the GPU, the values of one shape and dtype whose codecs encode
+        there in one batch (`Codec.gpu_batch`) in batches of about WRITE_AHEAD_GPU_BYTES
+        or the codec's `GPU_BATCH_BYTES` (a batch fills the GPU; several let the host's
+        share of one overlap the GPU's of the next; values of another shape would be a
+        group of their own, coded after the others, in a batch)."""
         jobs: list[tuple[list[tuple[Entry, Slot]], list[Codec] | None]] = []
         gpu: dict[Hashable, list[tuple[list[tuple[Entry, Slot]], list[Codec]]]] = {}
         for e, slot in batch:
@@ -1887,8 +1889,9 @@ class Store:
             if codec is None:
                 jobs.append(([(e, slot)], None))
                 continue
-            parts = gpu.setdefault(codec.gpu_batch(), [([], [])])
-            if sum(x.nbytes for x, _ in parts[-1][0]) + e.nbytes > WRITE_AHEAD_GPU_BYTES:
+            parts = gpu.setdefault((codec.gpu_batch(), e.shape, e.dtype), [([], [])])
+            limit = codec.GPU_BATCH_BYTES or WRITE_AHEAD_GPU_BYTES
+            if sum(x.nbytes for x, _ in parts[-1][0]) + e.nbytes > limit:
                 parts.append(([], []))
             parts[-1][0].append((e, slot))
             parts[-1][1].append(codec)

@@ -479,9 +479,9 @@ def test_cachegen_x_chunks_at_their_positions_share_a_gpu_batch(
     make_quiet: MakeStore, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, on_gpu: bool
 ) -> None:
     """A profile's chunks put at several positions (the newest one a level finer) go to the
-    GPU in one batch, with a codec each at its position and level (`Codec.gpu_batch`), and
-    are stored as the host encodes each of them: encoded on the host in the batch's place
-    (`on_gpu` False), or on a real GPU."""
+    GPU in one batch, with a codec each at its position and level (`Codec.gpu_batch`), a
+    shorter chunk in a batch of its own, and are stored as the host encodes each of them:
+    encoded on the host in the batch's place (`on_gpu` False), or on a real GPU."""
     if on_gpu and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     sys.path.insert(0, str(Path(__file__).parent / "codecs"))
@@ -490,11 +490,13 @@ def test_cachegen_x_chunks_at_their_positions_share_a_gpu_batch(
     world = LayeredKV(4, 2, 64, seed=7)
     spec = f"cachegen:level=2,profile={world.profile_file(tmp_path / 'p.json')}"
     store = make_quiet(ssd_write_ahead=1.0, codec=(f"ssd={spec}",))
-    chunks = [world.tensor(64, 64 * i, seed=i) for i in range(4)]
+    # The shorter chunk in the others' slab class (the arena is one page: another class's
+    # slot would evict them).
+    chunks = [world.tensor(64 if i < 3 else 56, 64 * i, seed=i) for i in range(4)]
     for i, t in enumerate(chunks):
         raw = bytes(tensor_bytes(t))
         res = store.begin_put(
-            NS, key(i), "float16", list(t.shape), len(raw), checksum(raw), newest=i == 3,
+            NS, key(i), "float16", list(t.shape), len(raw), checksum(raw), newest=i == 2,
             position=64 * i,
         )  # fmt: skip
         res.write(raw)
@@ -502,18 +504,18 @@ def test_cachegen_x_chunks_at_their_positions_share_a_gpu_batch(
     store._encode_device = 0  # as --encode-gpu 0 would set it, on a machine with a GPU
     batches: list[list[tuple[int, int]]] = []  # per batch, (position, level) a value
 
-    def gpu(codecs: Any, items: Any, device: int) -> Any:
+    def gpu(codec: Any, items: Any, device: int) -> Any:
+        codecs = codec if isinstance(codec, list) else [codec] * len(items)
         batches.append([(int(c.params["position"]), int(c.params["level"])) for c in codecs])
         return encode_stored_many(codecs, items, device if on_gpu else None)
 
     monkeypatch.setattr("kvstore.codecs.values.encode_stored_many", gpu)
     assert write_ahead(store) == 4
-    assert len(batches) == 1
-    assert sorted(batches[0]) == [(0, 2), (64, 2), (128, 2), (192, 1)]
+    assert sorted(sorted(b) for b in batches) == [[(0, 2), (64, 2), (128, 1)], [(192, 2)]]
     base = codec_from_spec(spec)
     for i, t in enumerate(chunks):
         codec = base.for_position(64 * i, t.shape)
-        codec = codec.for_newest() if i == 3 else codec
+        codec = codec.for_newest() if i == 2 else codec
         header, payload = encode_stored(codec, entry(store, key(i)).header(), tensor_bytes(t))
         got_header, got = stored_record(store, key(i))
         assert got == bytes(payload) and got_header.params == header.params
