@@ -271,7 +271,7 @@ class CacheGenX(CacheGen):
         for layer in range(layers):
             for acc, scale, units in _passes(c, below, layer):
                 code(
-                    *units, ch[layer], acc, scale, c.in_scale[min(layer, layers - 2)],
+                    *units, ch[layer], acc, scale, c.input_scale(layer),
                     float(c.input_limit), res[layer], layer, starts, steps, symbols, counts,
                     marked, xhat[layer], below,
                 )  # fmt: skip
@@ -336,7 +336,7 @@ class CacheGenX(CacheGen):
             for acc, scale, units in _passes(c, below, layer):
                 if not decode_layer(
                     *units, symbols, starts, steps, escaped, first, acc, scale,
-                    c.in_scale[min(layer, layers - 2)], float(c.input_limit), layer, cos, sin,
+                    c.input_scale(layer), float(c.input_limit), layer, cos, sin,
                     kind, words, below,
                 ):  # fmt: skip
                     raise ContainerError("cachegen-x escapes disagree with the streams")

@@ -334,12 +334,16 @@ class CrossLayer(_PerHead):
         `layer`'s V with `kv_maps` (its K part: as `out_scale`'s; layer 0: unused)."""
         return self._out_scale[layer - 1] if layer else self._v_out0
 
+    def input_scale(self, layer: int) -> np.ndarray:
+        """float32 `[channels]`: what layer `layer`'s decoded channels are scaled by as the
+        next map's inputs (`input_row`)."""
+        return self._in_scale[input_row(layer, self.layers)]
+
     def inputs(self, x: np.ndarray, layer: int) -> np.ndarray:
         """Layer `layer`'s decoded channels `x` (float32 `[tokens, channels]`, or its K part)
         as the next map (and `kv_maps`) read them: clip(rint(x * 2^in_exp), +-limit), the
         last layer scaled as the one before it."""
-        m = min(layer, self.layers - 2)
-        xi = np.rint(x * self._in_scale[m][: x.shape[-1]])  # a power of two: exact
+        xi = np.rint(x * self.input_scale(layer)[: x.shape[-1]])  # a power of two: exact
         return np.clip(xi, -self.input_limit, self.input_limit, out=xi)
 
     def predict(self, below: np.ndarray, layer: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -448,6 +452,13 @@ _INT_MM = getattr(torch, "_int_mm", None)
 # not chosen yet.
 _WAY: str | None = None
 _WAY_SHAPE = (64, 256, 256)  # a few ms for the slowest way
+
+
+def input_row(layer: int, layers: int) -> int:
+    """The row of a model of `layers` layers' input scales (`in_exp`) that scales layer
+    `layer`'s decoded channels as the next map's inputs: its own; the last layer's (which
+    no map reads, but kv maps read its K) the one before's."""
+    return min(layer, layers - 2)
 
 
 def _product8(
@@ -640,7 +651,7 @@ def fit_cross(
 
     def k_in(layer: int, c: np.ndarray) -> np.ndarray:
         # Layer `layer`'s K as kv_maps read it (as decoders hold it: scaled, clipped).
-        scale = np.ldexp(1.0, in_exp[min(layer, layers - 2), :half].astype(np.int32))
+        scale = np.ldexp(1.0, in_exp[input_row(layer, layers), :half].astype(np.int32))
         return np.clip(np.rint(c[layer][:, :half] * scale), -limit, limit) / scale
 
     def centered(a: np.ndarray) -> np.ndarray:
@@ -661,7 +672,7 @@ def fit_cross(
         maps[layer - 1], out_exp[layer - 1] = q, oe
         if kv_maps is not None:  # V's columns again, from the layer below and this K
             k = np.concatenate([k_in(layer, c) for c in xs])
-            ie = np.concatenate([in_exp[layer - 1], in_exp[min(layer, layers - 2), :half]])
+            ie = np.concatenate([in_exp[layer - 1], in_exp[input_row(layer, layers), :half]])
             q, oe = quantized(ridge_fit(np.concatenate([x, k], 1), y[:, half:]), ie)
             maps[layer - 1][:, half:], out_exp[layer - 1][half:] = q[:ch], oe
             kv_maps[layer] = q[ch:]

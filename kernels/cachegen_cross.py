@@ -371,6 +371,7 @@ def _decode_batch(todo: list[Job], stream: Any) -> GpuDecode:
     import cupy
 
     from kvstore.codecs.cachegen_cross import rope_tables
+    from kvstore.codecs.cachegen_profile import input_row
 
     cross = _x(todo[0]).cross
 
@@ -481,7 +482,7 @@ def _decode_batch(todo: list[Job], stream: Any) -> GpuDecode:
                             cupy.matmul(below[r0:r1], maps[layer - 1], out=acc[r0:r1])
                 scale = outs[layer - 1] if layer else None
                 nxt = None if last else here
-                scale_in = ins[min(layer, layers - 2)]  # the last layer's: the one before's
+                scale_in = ins[input_row(layer, layers)]
                 if not kv_maps:
                     n = (v1 - v0) * 2 * heads
                     reconstruct(st, at + v0 * 2 * heads, n, layer > 0, scale, scale_in, nxt)

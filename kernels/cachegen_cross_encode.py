@@ -374,6 +374,7 @@ def _encode_group(
     from kvstore.codecs.base import DTYPE_WORDS, ValuesRefused
     from kvstore.codecs.cachegen import ALPHABET, _Layout
     from kvstore.codecs.cachegen_cross import _NOT_F16, find_position, rope_tables
+    from kvstore.codecs.cachegen_profile import input_row
 
     codec = codecs[0]
     cross = codec.cross
@@ -444,7 +445,7 @@ def _encode_group(
                 quantize(
                     (b_n * (hi - lo),), (threads,),
                     (ch[layer], acc if product else null, scale if product else null,
-                     null if nxt is None else nxt, dm.ins[min(layer, layers - 2)], limit,
+                     null if nxt is None else nxt, dm.ins[input_row(layer, layers)], limit,
                      d_res, np.int64(layer), np.int64(layers), np.int64(lo),
                      np.int64(hi - lo), np.int64(tokens), np.int64(heads), np.int64(dim),
                      np.int64(padded), d_starts, d_steps, d_symbols, d_escapes),
