@@ -339,6 +339,9 @@ def encode_x_many_on_gpu(
         raise InvalidArgument(f"{len(codecs)} codecs for {len(values)} values")
     if not codecs:
         return []
+    for c in codecs:  # cachegen-x-zstd frames its symbols otherwise: not this encoder's
+        if c.gpu_encoder() is not encode_x_many_on_gpu:
+            raise InvalidArgument(f"{c.name} does not encode on the GPU")
     digests = {c.cross.digest for c in codecs}
     if len(digests) > 1:
         raise InvalidArgument(f"cachegen-x encodes one profile's maps at a time, not {digests}")

@@ -280,6 +280,34 @@ def test_cachegen_zstd_hands_positioned_values_to_cachegen_x_zstd(profile_path: 
         f"cachegen:level=2,profile={profile_path}").for_position(256).encode(t)))  # fmt: skip
 
 
+def test_the_gpu_encoder_refuses_what_it_cannot_code_before_any_gpu_work(
+    profile_path: Path, kv_profiles: tuple[Path, Path]
+) -> None:
+    """The refusals `encode_x_many_on_gpu` makes before it needs a GPU (so they hold on
+    any machine): a codec that does not encode there (cachegen-x-zstd's frames), codecs of
+    two profiles' maps in one batch, a codec count unlike the values', KV its maps are not
+    for (named by index); no values, nothing done."""
+    from kvstore.codecs.base import ValuesRefused
+    from kvstore.kernels.cachegen_cross_encode import encode_x_many_on_gpu
+
+    x = codec_from_spec(f"cachegen-x:profile={profile_path}").for_position(0)
+    assert x.gpu_encoder() is encode_x_many_on_gpu
+    t = WORLD.tensor(16)
+    framed = codec_from_spec(f"cachegen-x-zstd:profile={profile_path}").for_position(0)
+    assert framed.gpu_encoder() is None
+    with pytest.raises(InvalidArgument, match="cachegen-x-zstd does not encode on the GPU"):
+        encode_x_many_on_gpu(framed, [t])
+    other = codec_from_spec(f"cachegen-x:profile={kv_profiles[0]}").for_position(0)
+    with pytest.raises(InvalidArgument, match="one profile's maps at a time"):
+        encode_x_many_on_gpu([x, other], [t, KV_WORLD.tensor(16)])
+    with pytest.raises(InvalidArgument, match="1 codecs for 2 values"):
+        encode_x_many_on_gpu([x], [t, t])
+    with pytest.raises(ValuesRefused, match=r"value 1: .*KV heads") as got:
+        encode_x_many_on_gpu(x, [t, t[:, :, :, :1].contiguous()])
+    assert got.value.indexes == [1]
+    assert encode_x_many_on_gpu(x, []) == []
+
+
 def test_containers_need_their_maps(profile_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = (
         codec_from_spec(f"cachegen-x:profile={profile_path}")
