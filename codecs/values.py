@@ -84,9 +84,7 @@ def encode_stored_many(
     with `device` None, one by one on the host. The same headers and payloads either way.
     Raises InvalidArgument when the codec cannot take one of the values, before any is
     returned."""
-    codecs = [codec] * len(items) if isinstance(codec, Codec) else list(codec)
-    if len(codecs) != len(items):
-        raise InvalidArgument(f"{len(codecs)} codecs for {len(items)} values")
+    codecs = each_codec(codec, len(items))
     if not codecs:
         return []
     encoder = gpu_encoder_of(codecs[0]) if device is not None else None
@@ -98,6 +96,15 @@ def encode_stored_many(
         (_coded_header(c, header, payload, value_sum), payload)
         for c, (header, _), (payload, value_sum) in zip(codecs, items, coded, strict=True)
     ]
+
+
+def each_codec(codec: Codec | Sequence[Codec], n: int) -> list[Codec]:
+    """A codec for each of `n` values: `codec` n times, or the `n` codecs given (one per
+    value); InvalidArgument for a count that is not n."""
+    codecs = [codec] * n if isinstance(codec, Codec) else list(codec)
+    if len(codecs) != n:
+        raise InvalidArgument(f"{len(codecs)} codecs for {n} values")
+    return codecs
 
 
 def one_or_each(codecs: Sequence[Codec]) -> Codec | list[Codec]:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -332,11 +332,10 @@ def encode_x_many_on_gpu(
     read, past float16's range, K with RoPE undone past it)."""
     from kvstore.codecs.base import ValuesRefused
     from kvstore.codecs.container import ContainerError
+    from kvstore.codecs.values import each_codec
     from kvstore.errors import InvalidArgument
 
-    codecs = [codec] * len(values) if not isinstance(codec, Sequence) else list(codec)
-    if len(codecs) != len(values):
-        raise InvalidArgument(f"{len(codecs)} codecs for {len(values)} values")
+    codecs = cast("list[CacheGenX]", each_codec(codec, len(values)))
     if not codecs:
         return []
     for c in codecs:  # cachegen-x-zstd frames its symbols otherwise: not this encoder's
