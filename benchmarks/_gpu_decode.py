@@ -39,7 +39,7 @@ from _procs import progress
 
 from kvstore.codecs import Codec, codec_from_spec, decode, decode_values
 from kvstore.codecs.values import one_or_each
-from kvstore.store import WRITE_AHEAD_GPU_BYTES
+from kvstore.store import gpu_batch_bytes
 
 SUFFIX = ".kvc"
 PROFILE = "profile.json"
@@ -86,11 +86,10 @@ def _batch(blobs: list[bytes], wants: list[torch.Tensor], target: int) -> list[A
     ]
 
 
-def _batches(sizes: list[int], limit: int | None) -> list[list[int]]:
-    """The indexes of values of `sizes` bytes in runs of at most `limit` bytes (None:
-    WRITE_AHEAD_GPU_BYTES; at least one each), as the ssd writer hands them to a GPU."""
+def _batches(sizes: list[int], limit: int) -> list[list[int]]:
+    """The indexes of values of `sizes` bytes in runs of at most `limit` bytes (at least
+    one each), as the ssd writer hands them to a GPU."""
     out: list[list[int]] = [[]]
-    limit = limit or WRITE_AHEAD_GPU_BYTES
     for i in range(len(sizes)):
         if out[-1] and sum(sizes[j] for j in out[-1]) + sizes[i] > limit:
             out.append([])
@@ -184,7 +183,7 @@ def run(directory: Path, batch_bytes: int, repeats: int) -> tuple[dict[str, Any]
                 ],
                 repeats,
             )
-            batches = _batches([p.nbytes for p in pinned], codec.GPU_BATCH_BYTES)
+            batches = _batches([p.nbytes for p in pinned], gpu_batch_bytes(codec))
             batch_s, _ = demotion.best_time(
                 lambda f=encoder, cs=codecs, ps=pinned, bs=batches, d=device: [
                     f(one_or_each([cs[i] for i in b]), [ps[i] for i in b], d) for b in bs

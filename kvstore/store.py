@@ -477,6 +477,12 @@ GPU_SCRATCH_IDLE_S = 2.0
 STAGING_RETRY_S = 0.05
 
 
+def gpu_batch_bytes(codec: Codec) -> int:
+    """The bytes of values the ssd writer hands `codec`'s GPU encoder at most in a batch:
+    the codec's `GPU_BATCH_BYTES`, else WRITE_AHEAD_GPU_BYTES."""
+    return codec.GPU_BATCH_BYTES or WRITE_AHEAD_GPU_BYTES
+
+
 @dataclass
 class _AheadQueue:
     """One `write_ahead` call's values to encode: those found in the window and not taken
@@ -1878,10 +1884,10 @@ class Store:
         """`write_ahead`'s values split into encoding jobs, each with the codecs that encode
         its values on the `--encode-gpu` GPU (None: on a host thread): one value each on
         host threads; on the GPU, the values of one shape and dtype whose codecs encode
-        there in one batch (`Codec.gpu_batch`) in batches of about WRITE_AHEAD_GPU_BYTES
-        or the codec's `GPU_BATCH_BYTES` (a batch fills the GPU; several let the host's
-        share of one overlap the GPU's of the next; values of another shape would be a
-        group of their own, coded after the others, in a batch)."""
+        there in one batch (`Codec.gpu_batch`) in batches of about `gpu_batch_bytes` (a
+        batch fills the GPU; several let the host's share of one overlap the GPU's of the
+        next; values of another shape would be a group of their own, coded after the
+        others, in a batch)."""
         jobs: list[tuple[list[tuple[Entry, Slot]], list[Codec] | None]] = []
         gpu: dict[Hashable, list[tuple[list[tuple[Entry, Slot]], list[Codec]]]] = {}
         for e, slot in batch:
@@ -1890,8 +1896,7 @@ class Store:
                 jobs.append(([(e, slot)], None))
                 continue
             parts = gpu.setdefault((codec.gpu_batch(), e.shape, e.dtype), [([], [])])
-            limit = codec.GPU_BATCH_BYTES or WRITE_AHEAD_GPU_BYTES
-            if sum(x.nbytes for x, _ in parts[-1][0]) + e.nbytes > limit:
+            if sum(x.nbytes for x, _ in parts[-1][0]) + e.nbytes > gpu_batch_bytes(codec):
                 parts.append(([], []))
             parts[-1][0].append((e, slot))
             parts[-1][1].append(codec)
