@@ -20,13 +20,27 @@ def with_values(source: str, values: Mapping[str, object]) -> str:
     return source
 
 
+# What drops a module's device buffers kept between calls on a device (`keeps_scratch`).
+_scratch_keepers: list[Callable[[int], None]] = []
+
+
+def keeps_scratch(drop: Callable[[int], None]) -> Callable[[int], None]:
+    """Register `drop(device)`, which lets go of the device buffers a module keeps between
+    calls (they go back to CuPy's pool): `release_memory` calls it first."""
+    _scratch_keepers.append(drop)
+    return drop
+
+
 def release_memory(device: int) -> None:
     """Give back to the driver what CuPy's pools keep cached once freed: device memory on
     `device` and pinned host memory (a cachegen GPU encode batch holds about six times its
-    input on the device while it runs). The ssd writer calls this when a burst of encoding
-    ends, so a serving engine on the same GPU gets the memory back between bursts."""
+    input on the device while it runs), with the buffers modules keep between calls
+    (`keeps_scratch`). The ssd writer calls this when a burst of encoding ends, so a
+    serving engine on the same GPU gets the memory back between bursts."""
     import cupy
 
+    for drop in _scratch_keepers:
+        drop(device)
     with cupy.cuda.Device(device):
         cupy.get_default_memory_pool().free_all_blocks()
     cupy.get_default_pinned_memory_pool().free_all_blocks()

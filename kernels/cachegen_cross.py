@@ -11,9 +11,9 @@ so one half's GEMM runs beside the other's reconstruction):
    decoded channels times a power of two, rounded, clipped to the maps' input limit) by
    the layer's integer map, exact whatever order cuBLAS sums in
    (`kvstore.codecs.cachegen_profile.CrossLayer.predict`): for 8-bit maps cuBLAS's int8
-   GemmEx (int8 inputs, int32 sums: the tensor cores' integer kernels, through CuPy's
-   handle on the launch's stream); for 16-bit maps (or channels not a multiple of 8) its
-   float64 GEMM, every partial sum an integer below 2^53;
+   GemmEx (int8 inputs, int32 sums: the tensor cores' integer kernels, on the launch's
+   stream through `kvstore.kernels._cublas`); for 16-bit maps (or channels not a multiple
+   of 8) its float64 GemmEx, every partial sum an integer below 2^53;
 2. `reconstruct_x_J` (`reconstruct_x8_J` reading int32 products and writing int8 inputs,
    where the float64 one moves 8 bytes for each): a warp per (value, K/V, head, 32-token
    segment), each lane J of the head's channels: value = (prediction + start) + (symbol -
@@ -302,8 +302,6 @@ class _DeviceMaps:
 # Each GPU's copy of a profile's maps and scales, by digest.
 _maps: dict[tuple[int, str], _DeviceMaps] = {}
 _maps_lock = threading.Lock()
-# cuBLAS's GemmEx with int8 inputs and int32 sums (the tensor cores' integer kernels).
-_OP_N, _OP_T, _R_8I, _R_32I, _COMPUTE_32I, _GEMM_DEFAULT = 0, 1, 3, 10, 72, -1
 
 
 def _int8_gemm(cross: Any) -> bool:
@@ -476,10 +474,7 @@ def _decode_batch(todo: list[Job], stream: Any) -> GpuDecode:
                 r0, r1 = row_at[v0], row_at[v1]
                 if layer and r1 > r0:
                     with st:
-                        if int8:
-                            _int8_product(below[r0:r1], maps[layer - 1], acc[r0:r1])
-                        else:
-                            cupy.matmul(below[r0:r1], maps[layer - 1], out=acc[r0:r1])
+                        _product(below[r0:r1], maps[layer - 1], acc[r0:r1], int8)
                 scale = outs[layer - 1] if layer else None
                 nxt = None if last else here
                 scale_in = ins[input_row(layer, layers)]
@@ -503,11 +498,11 @@ def _decode_batch(todo: list[Job], stream: Any) -> GpuDecode:
     return staged.launch(stream, values)
 
 
-def _int8_product(x: Any, maps_t: Any, out: Any) -> None:
-    """out (int32 [rows, C]) = x (int8 [rows, C]) @ the map whose transpose is `maps_t`
-    (int8 [C, C]), exact, on the current CuPy stream."""
+def _product(x: Any, m: Any, out: Any, int8: bool) -> None:
+    """out ([rows, C]) = x ([rows, C]) @ a layer's map `m` (laid out as `_device_maps` has
+    it), exact, on the current CuPy stream: int8 inputs and int32 sums, or float64."""
     rows, ch = x.shape
-    _gemm_i8(x.data.ptr, ch, maps_t.data.ptr, ch, out.data.ptr, ch, rows, False)
+    _gemm(x.data.ptr, ch, m.data.ptr, ch, out.data.ptr, ch, rows, False, int8)
 
 
 def _kv_product(x: Any, kv: Any, acc: Any, half: int, add: bool, int8: bool) -> None:
@@ -515,33 +510,33 @@ def _kv_product(x: Any, kv: Any, acc: Any, half: int, add: bool, int8: bool) -> 
     it), exact, on the current CuPy stream: V's part of a layer's product with kv maps
     (`add`: onto the map's product; layer 0: in its place)."""
     rows, ch = x.shape
-    if int8:
-        itemsize = acc.dtype.itemsize
-        _gemm_i8(x.data.ptr, ch, kv.data.ptr, half, acc.data.ptr + half * itemsize, ch, rows, add)
-    elif add:
-        acc[:, half:] += x[:, :half] @ kv
-    else:
-        acc[:, half:] = x[:, :half] @ kv
+    at = acc.data.ptr + half * acc.dtype.itemsize
+    _gemm(x.data.ptr, ch, kv.data.ptr, half, at, ch, rows, add, int8)
 
 
-def _gemm_i8(
-    x: int, ldx: int, maps_t: int, k: int, out: int, ldo: int, rows: int, add: bool
+def _gemm(
+    x: int, ldx: int, m: int, k: int, out: int, ldo: int, rows: int, add: bool, int8: bool
 ) -> None:
-    """out (int32 [rows, k], row stride `ldo`) (+)= x (int8 [rows, k], row stride `ldx`) @
-    the square map whose transpose lies at `maps_t` (int8 [k, k]), exact (addresses as
-    ints): cuBLAS's GemmEx on the current CuPy stream, column-major, as out^T = maps^T x^T
-    with the transposed map read transposed ("TN")."""
-    import cupy
-    from cupy.cuda import cublas
+    """out ([rows, k], row stride `ldo`) (+)= x ([rows, k], row stride `ldx`) @ the square
+    map at `m` ([k, k] as `_device_maps` lays it out), exact (addresses as ints): cuBLAS's
+    GemmEx on the current CuPy stream (`kvstore.kernels._cublas`: it may be capturing a
+    CUDA graph), column-major, as out^T = map^T x^T. int8: int8 inputs and int32 sums, the
+    map stored transposed and read transposed ("TN", what the integer kernels take); else
+    float64 throughout (integers: exact in any order)."""
+    from kvstore.kernels import _cublas as cb
 
-    handle = cupy.cuda.device.get_cublas_handle()
-    cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)
-    one, zero = _SCALARS
-    cublas.gemmEx(
-        handle, _OP_T, _OP_N, k, rows, k, one.ctypes.data, maps_t, _R_8I, k,
-        x, _R_8I, ldx, (one if add else zero).ctypes.data, out, _R_32I, ldo, _COMPUTE_32I,
-        _GEMM_DEFAULT,
+    one, zero = _SCALARS[int8]
+    if int8:
+        a, c, compute = cb.R_8I, cb.R_32I, cb.COMPUTE_32I
+    else:
+        a, c, compute = cb.R_64F, cb.R_64F, cb.COMPUTE_64F
+    cb.gemm_ex(
+        cb.OP_T if int8 else cb.OP_N, k, rows, k, one, m, a, k, x, ldx, one if add else zero,
+        out, c, ldo, compute,
     )  # fmt: skip
 
 
-_SCALARS = (np.ones(1, np.int32), np.zeros(1, np.int32))  # alpha, beta: read at the call
+_SCALARS: dict[bool, tuple[np.ndarray, np.ndarray]] = {
+    False: (np.ones(1, np.float64), np.zeros(1, np.float64)),
+    True: (np.ones(1, np.int32), np.zeros(1, np.int32)),
+}

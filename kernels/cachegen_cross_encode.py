@@ -27,21 +27,32 @@ The host encoder's structure, run on the GPU for a batch of values of one shape 
 Then the rANS tables, streams and framing are cachegen's GPU encoder's
 (`kvstore.kernels.cachegen_encode.code_batch`), each payload after its position (u64).
 
+Steps 1 to 3 (~120 launches for SmolLM2's 30 layers, with the finishing `finish`) are one
+CUDA graph, captured for the first batch of a shape, count, dtype and maps and launched for
+the next ones in the same buffers (`_Plan`; the GEMMs through `kvstore.kernels._cublas`,
+which CuPy's own cuBLAS calls are not while a stream is captured). Launched one by one
+from Python, their host time was most of a batch's, and two threads encoding side by side
+waited on each other's GIL for each (H200, ten 256-token chunks: 8.25 -> 7.4 ms a batch
+alone; two threads 3.0 -> 5.8 GB/s, 12.2 with `kvstore.threads.short_gil_turns`).
+
 Float arithmetic is written with explicit round-to-nearest intrinsics, as in
 `kernels/cachegen_encode.py`: NVRTC would otherwise fuse a multiply and an add.
 """
 
 from __future__ import annotations
 
+import collections
 import struct
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
-from kvstore.kernels._cuda import KernelModule, align
+from kvstore.kernels import _cublas
+from kvstore.kernels._cuda import KernelModule, align, keeps_scratch
 from kvstore.kernels.blocks import as_cupy_stream
-from kvstore.kernels.cachegen_cross import _device_maps, _int8_gemm, _int8_product, _kv_product
+from kvstore.kernels.cachegen_cross import _device_maps, _int8_gemm, _kv_product, _product
 from kvstore.kernels.cachegen_encode import (
     _download,
     _own_stream,
@@ -362,6 +373,98 @@ def encode_x_many_on_gpu(
     )
 
 
+class _Plan:
+    """A batch's device buffers, kept between calls for batches of the same shape, count,
+    dtype and maps, with the CUDA graph of its kernels (`channels`, the layer loop,
+    `output`, `finish`): captured once, then each batch is one launch rather than ~120
+    through CuPy and cuBLAS from Python, which two threads encoding side by side made
+    wait on each other's hold of the GIL. A call copies its values, rotation tables and
+    resolutions into `src`, `cos`, `sin` and `res` and launches the graph."""
+
+    def __init__(
+        self, key: tuple[Any, ...], b_n: int, lay: Any, cross: Any, stride: int, int8: bool
+    ) -> None:
+        import cupy
+
+        from kvstore.codecs.cachegen import ALPHABET
+
+        self.key = key
+        layers, tokens, dim = lay.layers, lay.tokens, lay.head_dim
+        rows, n_units, ch_n = b_n * tokens, b_n * lay.units, cross.channels
+        half = max(dim // 2, 1)
+        self.src = cupy.empty(max(b_n * stride, 1), cupy.uint8)
+        self.back = cupy.empty(max(b_n * stride, 1), cupy.uint8)
+        self.cos = cupy.empty((rows, half), cupy.float32)
+        self.sin = cupy.empty((rows, half), cupy.float32)
+        self.res = cupy.empty((b_n, layers, 2, lay.heads), cupy.float32)
+        self.ch = cupy.empty((layers, rows, ch_n), cupy.float32)
+        self.bad = cupy.empty(b_n, cupy.int32)
+        self.starts = cupy.empty(n_units * dim, cupy.uint16)
+        self.steps = cupy.empty(n_units * dim, cupy.uint16)
+        # Rows past a unit's tokens stay zero: the kernels write its tokens' only.
+        self.symbols = cupy.zeros(n_units * lay.segments * lay.segment * dim, cupy.uint8)
+        self.counts = cupy.empty(n_units * ALPHABET, cupy.int32)
+        self.escapes = cupy.empty(max(n_units * tokens * dim, 1), cupy.uint16)
+        self.acc = cupy.empty((rows, ch_n), cupy.int32 if int8 else cupy.float64)
+        self.inputs = [cupy.empty((rows, ch_n), cupy.int8 if int8 else cupy.float64) for _ in "ab"]
+        self.graph: Any = None
+
+
+# Plans not in use, by key (`_take_plan`): at most _IDLE_PLANS, the oldest dropped first.
+_IDLE_PLANS = 4
+_idle: collections.OrderedDict[tuple[Any, ...], list[_Plan]] = collections.OrderedDict()
+_idle_lock = threading.Lock()
+
+
+def _take_plan(key: tuple[Any, ...], make: Callable[[], _Plan]) -> _Plan:
+    """An idle plan for `key` (the caller's alone until `_give_plan`), else `make()`."""
+    with _idle_lock:
+        found = _idle.get(key)
+        if found:
+            plan = found.pop()
+            if not found:
+                del _idle[key]
+            return plan
+    return make()
+
+
+def _give_plan(plan: _Plan) -> None:
+    """`plan` idle again, for the next batch of its key; the oldest idle ones past
+    _IDLE_PLANS are dropped (their buffers go back to CuPy's pool)."""
+    with _idle_lock:
+        _idle.setdefault(plan.key, []).append(plan)
+        _idle.move_to_end(plan.key)
+        while sum(len(p) for p in _idle.values()) > _IDLE_PLANS:
+            oldest = next(iter(_idle))
+            _idle[oldest].pop(0)
+            if not _idle[oldest]:
+                del _idle[oldest]
+
+
+@keeps_scratch
+def _drop_plans(device: int) -> None:
+    """Let go of the idle plans of GPU `device` (`kvstore.kernels._cuda.release_memory`)."""
+    with _idle_lock:
+        for key in [k for k in _idle if k[0] == device]:
+            del _idle[key]
+
+
+def _captured(issue: Callable[[], None]) -> Any:
+    """The CUDA graph of the work `issue()` queues on the current CuPy stream (run on a
+    stream of its own, captured there; relaxed, so that other threads' allocations go on)."""
+    import cupy
+
+    stream = cupy.cuda.Stream(non_blocking=True)
+    relaxed = getattr(cupy.cuda.runtime, "streamCaptureModeRelaxed", 2)
+    with stream:
+        stream.begin_capture(relaxed)
+        try:
+            issue()
+        finally:
+            graph = stream.end_capture()
+    return graph
+
+
 def _encode_group(
     codecs: list[CacheGenX],
     values: list[torch.Tensor],
@@ -374,9 +477,8 @@ def _encode_group(
     import cupy
 
     from kvstore.codecs.base import DTYPE_WORDS, ValuesRefused
-    from kvstore.codecs.cachegen import ALPHABET, _Layout
+    from kvstore.codecs.cachegen import _Layout
     from kvstore.codecs.cachegen_cross import _NOT_F16, find_position, rope_tables
-    from kvstore.codecs.cachegen_profile import input_row
 
     codec = codecs[0]
     cross = codec.cross
@@ -384,9 +486,8 @@ def _encode_group(
     b_n = len(values)
     layers, _, tokens, heads, dim = first_value.shape
     lay = _Layout(layers, tokens, heads, dim, codec.SEGMENT or max(tokens, 1))
-    nu, half, ch_n = lay.units, dim // 2, cross.channels
+    half = dim // 2
     rows = b_n * tokens
-    padded = lay.segments * lay.segment
     item = first_value.element_size()
     nbytes = first_value.numel() * item
     stride = align(max(nbytes, 1), 256)
@@ -406,101 +507,120 @@ def _encode_group(
     prefix = np.frombuffer(struct.pack(f"<{b_n}Q", *positions), np.uint8).reshape(b_n, 8)
     int8 = _int8_gemm(cross)
     kind = DTYPE_WORDS[first_value.dtype]
-    per = b_n * layers * tokens * heads * half  # threads of `channels` and `output`
+    key = (device, cross.digest, kind, tuple(first_value.shape), lay.segment, b_n)
 
     with cupy.cuda.Device(device):
         s = as_cupy_stream(stream) if stream is not None else _own_stream(device)
         keep: list[Any] = []
-        with s:
-            src = stage_values(values, stride, device, s, stream is None, keep)
-            d_cos, d_sin, d_res = _upload([cos, sin, res], s, keep)
-            dm = _device_maps(cross, device)
-            ch = cupy.empty((layers, rows, ch_n), cupy.float32)
-            bad = cupy.zeros(b_n, cupy.int32)
-            unscale = np.float32(1 / cross.rope_scale**2)
-            if per:
-                _module.get(device, "channels")(
-                    (-(-per // _THREADS),), (_THREADS,),
-                    (np.uint64(src), np.int64(stride // item), np.int32(kind), np.int64(b_n),
-                     np.int64(layers), np.int64(tokens), np.int64(heads), np.int64(dim),
-                     d_cos, d_sin, unscale, ch, bad),
+        plan = _take_plan(key, lambda: _Plan(key, b_n, lay, cross, stride, int8))
+        try:
+            with s:
+                stage_values(values, stride, device, s, stream is None, keep, plan.src.data.ptr)
+                _upload([cos, sin, res], s, keep, [plan.cos, plan.sin, plan.res])
+                cupy.cuda.runtime.memsetAsync(plan.bad.data.ptr, 0, plan.bad.nbytes, s.ptr)
+                if plan.graph is None:  # what the capture must not do: compile, upload
+                    for name in _KERNELS:
+                        _module.get(device, name)
+                    _device_maps(cross, device)
+                    _cublas.handle(device)
+                    plan.graph = _captured(
+                        lambda: _kernels(plan, cross, lay, b_n, device, stride // item, kind)
+                    )
+                plan.graph.launch(s)
+                counts32, found = _download([plan.counts, plan.bad], s)
+                if found.any():
+                    channel = (
+                        f"{codec.name}: K with RoPE undone leaves float16's range; store this "
+                        "value with another codec"
+                    )
+                    reasons = {
+                        index[b]: _NOT_F16.format(codec.name) if f == 2 else channel
+                        for b, f in enumerate(found.tolist())
+                        if f
+                    }
+                    raise ValuesRefused(_refusal(reasons), sorted(reasons))
+                return code_batch(
+                    codec, lay, b_n, device, s, keep, plan.symbols, counts32, plan.starts,
+                    plan.steps, plan.escapes, plan.back, stride, nbytes, prefix,
                 )  # fmt: skip
-            n_units = b_n * nu
-            d_starts = cupy.empty(n_units * dim, cupy.uint16)
-            d_steps = cupy.empty(n_units * dim, cupy.uint16)
-            d_symbols = cupy.zeros(n_units * padded * dim, cupy.uint8)
-            d_counts = cupy.empty(n_units * ALPHABET, cupy.int32)
-            d_escapes = cupy.empty(max(n_units * tokens * dim, 1), cupy.uint16)
-            acc = cupy.empty((rows, ch_n), cupy.int32 if int8 else cupy.float64)
-            inputs = [cupy.empty((rows, ch_n), cupy.int8 if int8 else cupy.float64) for _ in "ab"]
-            quantize = _module.get(device, "quantize_x8" if int8 else "quantize_x64")
-            limit = np.float32(cross.input_limit)
-            null = np.uint64(0)
-            # Groups of a thread a channel (rounded up to warps), up to 1024 threads: a
-            # launch has a CTA per unit of each value, fewer than the SMs in a batch of
-            # 64 MiB of values, whose loads are then shared by more warps (H200, ten
-            # 256-token chunks: 4.6 ms of quantize launches at 256 threads, 2.3 at 1024).
-            threads = align(dim, 32) * max(1, 1024 // align(dim, 32))
+        finally:  # code_batch has synchronized `s`, or the error left the plan unread
+            s.synchronize()
+            _give_plan(plan)
 
-            def units(layer: int, lo: int, hi: int, product: bool, scale: Any, nxt: Any) -> None:
-                # Units lo..hi - 1 of layer `layer` of every value, against `acc` (if
-                # `product`) scaled by `scale`, writing the next map's inputs to `nxt`.
-                if hi <= lo:
-                    return
-                quantize(
-                    (b_n * (hi - lo),), (threads,),
-                    (ch[layer], acc if product else null, scale if product else null,
-                     null if nxt is None else nxt, dm.ins[input_row(layer, layers)], limit,
-                     d_res, np.int64(layer), np.int64(layers), np.int64(lo),
-                     np.int64(hi - lo), np.int64(tokens), np.int64(heads), np.int64(dim),
-                     np.int64(padded), d_starts, d_steps, d_symbols, d_escapes),
-                )  # fmt: skip
 
-            for layer in range(layers):
-                below, here = inputs[(layer + 1) % 2], inputs[layer % 2]
-                nxt = None if layer == layers - 1 else here
-                scale = dm.outs[layer - 1] if layer else None
-                if layer and rows:
-                    if int8:
-                        _int8_product(below, dm.maps[layer - 1], acc)
-                    else:
-                        cupy.matmul(below, dm.maps[layer - 1], out=acc)
-                if not cross.has_kv:
-                    units(layer, 0, 2 * heads, layer > 0, scale, nxt)
-                    continue
-                # K's units (their inputs always written: V's kv map reads them), then V's
-                # against the product plus K's times the kv map.
-                units(layer, 0, heads, layer > 0, scale, here)
-                if rows:
-                    _kv_product(here, dm.kv[layer], acc, ch_n // 2, layer > 0, int8)
-                units(layer, heads, 2 * heads, True, scale if layer else dm.v_out0, nxt)
-            back = cupy.empty(max(b_n * stride, 1), cupy.uint8)
-            if per:
-                _module.get(device, "output")(
-                    (-(-per // _THREADS),), (_THREADS,),
-                    (ch, np.int64(b_n), np.int64(layers), np.int64(tokens), np.int64(heads),
-                     np.int64(dim), d_cos, d_sin, back, np.int64(stride // item),
-                     np.int32(kind)),
-                )  # fmt: skip
-            if n_units:
-                _module.get(device, "finish")(
-                    (n_units,), (align(dim, 32),),
-                    (d_symbols, d_escapes, d_counts, np.int64(tokens), np.int64(dim),
-                     np.int64(padded)),
-                )  # fmt: skip
-            counts32, found = _download([d_counts, bad], s)
-            if found.any():
-                channel = (
-                    f"{codec.name}: K with RoPE undone leaves float16's range; store this "
-                    "value with another codec"
-                )
-                reasons = {
-                    index[b]: _NOT_F16.format(codec.name) if f == 2 else channel
-                    for b, f in enumerate(found.tolist())
-                    if f
-                }
-                raise ValuesRefused(_refusal(reasons), sorted(reasons))
-            return code_batch(
-                codec, lay, b_n, device, s, keep, d_symbols, counts32, d_starts,
-                d_steps, d_escapes, back, stride, nbytes, prefix,
-            )  # fmt: skip
+def _kernels(
+    plan: _Plan, cross: Any, lay: Any, b_n: int, device: int, stride: int, kind: int
+) -> None:
+    """Queue on the current stream the kernels of a batch of `b_n` values in `plan`'s
+    buffers (a slot of `stride` elements of dtype `kind` each): channels, each layer's
+    products and units, the decoded values and the units' counts and escapes. Allocates
+    nothing and compiles nothing (`_encode_group` has): a CUDA graph holds it."""
+    from kvstore.codecs.cachegen_profile import input_row
+
+    layers, tokens, heads, dim = lay.layers, lay.tokens, lay.heads, lay.head_dim
+    nu, half, ch_n = lay.units, dim // 2, cross.channels
+    padded = lay.segments * lay.segment
+    rows, n_units = b_n * tokens, b_n * nu
+    per = b_n * layers * tokens * heads * half  # threads of `channels` and `output`
+    int8 = _int8_gemm(cross)
+    dm = _device_maps(cross, device)
+    unscale = np.float32(1 / cross.rope_scale**2)
+    if per:
+        _module.get(device, "channels")(
+            (-(-per // _THREADS),), (_THREADS,),
+            (plan.src, np.int64(stride), np.int32(kind), np.int64(b_n),
+             np.int64(layers), np.int64(tokens), np.int64(heads), np.int64(dim),
+             plan.cos, plan.sin, unscale, plan.ch, plan.bad),
+        )  # fmt: skip
+    quantize = _module.get(device, "quantize_x8" if int8 else "quantize_x64")
+    limit = np.float32(cross.input_limit)
+    null = np.uint64(0)
+    acc, inputs = plan.acc, plan.inputs
+    # Groups of a thread a channel (rounded up to warps), up to 1024 threads: a launch
+    # has a CTA per unit of each value, fewer than the SMs in a batch of 64 MiB of values,
+    # whose loads are then shared by more warps (H200, ten 256-token chunks: 4.6 ms of
+    # quantize launches at 256 threads, 2.3 at 1024).
+    threads = align(dim, 32) * max(1, 1024 // align(dim, 32))
+
+    def units(layer: int, lo: int, hi: int, product: bool, scale: Any, nxt: Any) -> None:
+        # Units lo..hi - 1 of layer `layer` of every value, against `acc` (if `product`)
+        # scaled by `scale`, writing the next map's inputs to `nxt`.
+        if hi <= lo:
+            return
+        quantize(
+            (b_n * (hi - lo),), (threads,),
+            (plan.ch[layer], acc if product else null, scale if product else null,
+             null if nxt is None else nxt, dm.ins[input_row(layer, layers)], limit,
+             plan.res, np.int64(layer), np.int64(layers), np.int64(lo),
+             np.int64(hi - lo), np.int64(tokens), np.int64(heads), np.int64(dim),
+             np.int64(padded), plan.starts, plan.steps, plan.symbols, plan.escapes),
+        )  # fmt: skip
+
+    for layer in range(layers):
+        below, here = inputs[(layer + 1) % 2], inputs[layer % 2]
+        nxt = None if layer == layers - 1 else here
+        scale = dm.outs[layer - 1] if layer else None
+        if layer and rows:
+            _product(below, dm.maps[layer - 1], acc, int8)
+        if not cross.has_kv:
+            units(layer, 0, 2 * heads, layer > 0, scale, nxt)
+            continue
+        # K's units (their inputs always written: V's kv map reads them), then V's
+        # against the product plus K's times the kv map.
+        units(layer, 0, heads, layer > 0, scale, here)
+        if rows:
+            _kv_product(here, dm.kv[layer], acc, ch_n // 2, layer > 0, int8)
+        units(layer, heads, 2 * heads, True, scale if layer else dm.v_out0, nxt)
+    if per:
+        _module.get(device, "output")(
+            (-(-per // _THREADS),), (_THREADS,),
+            (plan.ch, np.int64(b_n), np.int64(layers), np.int64(tokens), np.int64(heads),
+             np.int64(dim), plan.cos, plan.sin, plan.back, np.int64(stride),
+             np.int32(kind)),
+        )  # fmt: skip
+    if n_units:
+        _module.get(device, "finish")(
+            (n_units,), (align(dim, 32),),
+            (plan.symbols, plan.escapes, plan.counts, np.int64(tokens), np.int64(dim),
+             np.int64(padded)),
+        )  # fmt: skip

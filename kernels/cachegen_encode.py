@@ -324,26 +324,29 @@ def _copy(dst: int, src: int, nbytes: int, kind: int, stream: Any) -> None:
         cupy.cuda.runtime.memcpyAsync(dst, src, nbytes, kind, stream.ptr)
 
 
-def _upload(arrays: list[np.ndarray], stream: Any, keep: list[Any]) -> list[Any]:
-    """Device copies of host `arrays`, staged through one pinned buffer (kept in `keep`
-    until the copies are done): copies from pageable memory are synchronous and take a
-    driver lock that serializes the host threads encoding side by side."""
+def _upload(
+    arrays: list[np.ndarray], stream: Any, keep: list[Any], into: list[Any] | None = None
+) -> list[Any]:
+    """Device copies of host `arrays` (into the device arrays `into`, else new ones), staged
+    through one pinned buffer (kept in `keep` until the copies are done): copies from
+    pageable memory are synchronous and take a driver lock that serializes the host threads
+    encoding side by side."""
     mem, views = _pinned_like(arrays)
     keep.append(mem)
     for a, h in zip(arrays, views, strict=True):
         h[...] = a
-    return _to_device(views, stream)
+    return _to_device(views, stream, into)
 
 
-def _to_device(pinned: list[np.ndarray], stream: Any) -> list[Any]:
-    """Device copies of `pinned` arrays (host memory the caller keeps until they are done)."""
+def _to_device(pinned: list[np.ndarray], stream: Any, into: list[Any] | None = None) -> list[Any]:
+    """Device copies of `pinned` arrays (host memory the caller keeps until they are done),
+    into the device arrays `into` (as large) or new ones."""
     import cupy
 
-    out = []
-    for h in pinned:
-        d = cupy.empty(h.shape, h.dtype)
+    out = into if into is not None else [cupy.empty(h.shape, h.dtype) for h in pinned]
+    for h, d in zip(pinned, out, strict=True):
+        assert d.nbytes == h.nbytes
         _copy(d.data.ptr, h.ctypes.data, h.nbytes, cupy.cuda.runtime.memcpyHostToDevice, stream)
-        out.append(d)
     return out
 
 
@@ -530,12 +533,19 @@ def _encode_group(
 
 
 def stage_values(
-    values: Sequence[torch.Tensor], stride: int, device: int, s: Any, wait: bool, keep: list[Any]
+    values: Sequence[torch.Tensor],
+    stride: int,
+    device: int,
+    s: Any,
+    wait: bool,
+    keep: list[Any],
+    into: int | None = None,
 ) -> int:
     """The address of `values` (of one shape and dtype) on GPU `device`, a slot of `stride`
-    bytes each, copied there on stream `s` (a CUDA value alone and contiguous: its own);
-    after what torch has queued on the device's current stream if `wait` (the work that
-    wrote CUDA values). `keep` gets what must live until the copies are done."""
+    bytes each, copied there on stream `s` (to the device buffer at `into`, else a new one,
+    or a CUDA value alone and contiguous: its own); after what torch has queued on the
+    device's current stream if `wait` (the work that wrote CUDA values). `keep` gets what
+    must live until the copies are done."""
     import cupy
 
     contiguous = [value.contiguous() for value in values]
@@ -549,15 +559,17 @@ def stage_values(
         cupy.cuda.runtime.streamWaitEvent(s.ptr, after.cuda_event, 0)
         keep.append(after)
     first = values[0]
-    if len(values) == 1 and first.is_cuda and first.is_contiguous():
+    if into is None and len(values) == 1 and first.is_cuda and first.is_contiguous():
         return int(first.data_ptr())
     nbytes = first.numel() * first.element_size()
-    src = cupy.empty(len(values) * stride, cupy.uint8)
-    keep.append(src)
+    if into is None:
+        src = cupy.empty(len(values) * stride, cupy.uint8)
+        keep.append(src)
+        into = int(src.data.ptr)
     for b, v in enumerate(contiguous):
         keep.append(v)
-        _copy(src.data.ptr + b * stride, v.data_ptr(), nbytes, cupy.cuda.runtime.memcpyDefault, s)
-    return int(src.data.ptr)
+        _copy(into + b * stride, v.data_ptr(), nbytes, cupy.cuda.runtime.memcpyDefault, s)
+    return into
 
 
 def code_batch(

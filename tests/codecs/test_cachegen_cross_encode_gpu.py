@@ -89,3 +89,42 @@ def test_values_it_cannot_take_are_refused_by_name(worlds: list[tuple[LayeredKV,
     assert got.value.indexes == [0]
     ((payload, _),) = encode_x_many_on_gpu(codec, [good])  # nothing lost: it still encodes
     assert bytes(payload) == codec.encode_payload(good.cpu())
+
+
+def test_batches_of_one_shape_share_a_plan_each_encoded_as_the_host(
+    worlds: list[tuple[LayeredKV, Path]],
+) -> None:
+    """A batch of the shape, count and dtype of one before it runs that batch's CUDA graph
+    in its buffers (the values, positions, levels and refusals each batch's own); the
+    buffers go when the GPU's memory is given back."""
+    import kvstore.kernels.cachegen_cross_encode as xe
+    from kvstore.kernels._cuda import release_memory
+
+    def plans() -> list[object]:
+        return [p for ps in xe._idle.values() for p in ps if p.key[0] == 0 and p.key[-1] == 3]
+
+    world, path = worlds[5]  # SmolLM2's shape with kv maps
+    release_memory(0)
+    assert plans() == []
+    first = None
+    for n in range(4):
+        positions = [64 * n, 1000 + n, 5]
+        codecs = [
+            codec_from_spec(f"cachegen-x:level={(n + j) % 3},profile={path}").for_position(p)
+            for j, p in enumerate(positions)
+        ]
+        values = [world.tensor(48, p, seed=10 * n + j) for j, p in enumerate(positions)]
+        if n == 2:  # a value past float16's range: refused, and the next batch unharmed
+            values[1][0, 0, 2, 1, 3] = 1e6
+            with pytest.raises(ValuesRefused, match="float16's range") as refused:
+                xe.encode_x_many_on_gpu(codecs, values, 0)
+            assert refused.value.indexes == [1]
+        else:
+            got = xe.encode_x_many_on_gpu(codecs, values, 0)
+            for c, v, (payload, value_sum) in zip(codecs, values, got, strict=True):
+                assert (bytes(payload), value_sum) == host(c, v), (n, c.params)
+        (plan,) = plans()
+        first = first or plan
+        assert plan is first and plan.graph is not None  # type: ignore[attr-defined]
+    release_memory(0)
+    assert plans() == []
