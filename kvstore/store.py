@@ -77,7 +77,7 @@ from kvstore.events import EventHub, EventKind, Watcher
 from kvstore.gpu import cuda_device_count
 from kvstore.keys import KEY_BYTES, MAX_POSITION
 from kvstore.policy import POLICIES, EvictionPolicy
-from kvstore.threads import host_pool, one_core_kernels
+from kvstore.threads import host_pool, one_core_kernels, short_gil_turns
 from kvstore.tiers.base import Buffer, MemoryTier, Tier, TierError, TierFull
 from kvstore.tiers.gpu import (
     CudaPool,
@@ -605,6 +605,8 @@ class Store:
             if "remote" in config.tiers:
                 self._open_remote()
             self._encode_device = self._pick_encode_device()
+            if self._encode_device is not None:
+                short_gil_turns()  # its batches encode side by side (GPU_ENCODES_AT_ONCE)
             if self.cpu is not None and self.ssd is not None and config.ssd_write_ahead > 0:
                 self._ssd_writer = threading.Thread(
                     target=self._write_ahead_forever, name="kvstore-ssd-writer", daemon=True

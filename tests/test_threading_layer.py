@@ -145,3 +145,16 @@ def test_a_pool_thread_codes_on_its_own_core() -> None:
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.stdout.strip() == "(1, 1) True", run.stderr
+
+
+def test_short_gil_turns_shortens_the_switch_interval_and_never_lengthens_it() -> None:
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)  # Python's default
+        threads.short_gil_turns()
+        assert sys.getswitchinterval() == pytest.approx(threads.GIL_TURN_S)
+        sys.setswitchinterval(threads.GIL_TURN_S / 5)  # a shorter one set by the caller
+        threads.short_gil_turns()
+        assert sys.getswitchinterval() == pytest.approx(threads.GIL_TURN_S / 5)
+    finally:
+        sys.setswitchinterval(before)
