@@ -459,6 +459,15 @@ DEMOTE_BATCH_BYTES = 256 << 20
 # choosing more, against this): host threads 1.2 -> 1.4 GB/s, --encode-gpu 2.2 -> 2.35.
 WRITE_AHEAD_VALUES = 64
 WRITE_AHEAD_BYTES = 128 << 20
+# Encoding on a GPU (`--encode-gpu`), it has up to this many values, this many bytes, in
+# flight: several of its batches (`gpu_batch_bytes`), so that as one is written the
+# values chosen next fill whole batches of one shape; at 128 MiB, after the first ones,
+# a batch was what one job's writing had freed, split by shape: mostly single values.
+# H200, 88 SmolLM2 chunks of four shapes (cachegen-x, 64 MiB batches): 1.9 -> 4.5-5.2 GB/s
+# (two machines); 256-token chunks only, 6.0 and 5.6-6.8: no loss where batches were full.
+# Only GPU_ENCODES_AT_ONCE batches hold GPU memory; three at a time wrote 4.8 against 5.6.
+WRITE_AHEAD_GPU_VALUES = 256
+WRITE_AHEAD_GPU_AHEAD_BYTES = 512 << 20
 # On a GPU (`--encode-gpu`) it encodes them in batches of about this many bytes, this
 # many batches at a time: the batches after them wait, so that the first ones finish, and
 # their LMDB writes run, while the rest encode. Measured on an H200 host (SmolLM2 chunks
@@ -1791,10 +1800,10 @@ class Store:
         (or in batches on the `--encode-gpu` GPU), and only the LMDB writes take it, so a
         put that needs room finds values it can drop at once instead of encoding and
         writing them itself, under the lock. Encoding and writing overlap: about
-        WRITE_AHEAD_BYTES (at most WRITE_AHEAD_VALUES values) are being encoded or wait to
-        be written, and each job's values are written as soon as it has encoded them, while
-        the values after them are chosen and start encoding. The ssd-writer thread calls
-        this."""
+        WRITE_AHEAD_BYTES (at most WRITE_AHEAD_VALUES values; on a GPU, the _GPU_ limits)
+        are being encoded or wait to be written, and each job's values are written as soon
+        as it has encoded them, while the values after them are chosen and start encoding.
+        The ssd-writer thread calls this."""
         assert self.cpu is not None and self.ssd is not None
         pool = host_pool()
         # Unleased: a value evicted meanwhile (its slot then reused) is written by the
@@ -1802,13 +1811,17 @@ class Store:
         jobs: dict[concurrent.futures.Future[Any], list[tuple[Entry, Slot]]] = {}
         ahead = _AheadQueue()
         written = 0
+        if self._encode_device is None:
+            most, most_bytes = WRITE_AHEAD_VALUES, WRITE_AHEAD_BYTES
+        else:
+            most, most_bytes = WRITE_AHEAD_GPU_VALUES, WRITE_AHEAD_GPU_AHEAD_BYTES
         try:
             while True:
                 held = [x for part in jobs.values() for x in part]
                 more = self._ahead_batch(
                     ahead,
-                    WRITE_AHEAD_VALUES - len(held),
-                    WRITE_AHEAD_BYTES - sum(e.nbytes for e, _ in held),
+                    most - len(held),
+                    most_bytes - sum(e.nbytes for e, _ in held),
                     walk=not jobs,
                 )
                 for part, codec in self._ahead_jobs(more):

@@ -317,6 +317,33 @@ def test_the_newest_chunks_go_to_the_gpu_in_batches_of_their_own_codec(
         assert stored_record(store, key(i)) == host_encoded(f"cachegen:level={level}", i, store)
 
 
+def test_on_a_gpu_the_writer_chooses_several_full_batches_at_a_time(
+    make_quiet: MakeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Encoding on a GPU, the writer has up to WRITE_AHEAD_GPU_VALUES (and _AHEAD_BYTES)
+    in flight, not the host threads' limits, so that what one job's writing frees is
+    chosen again as whole batches."""
+    spec = "cachegen:level=1"
+    store = make_quiet(ssd_write_ahead=1.0, codec=(f"ssd={spec}",))
+    for i in range(4):  # the arena's four slots
+        put_kv(store, key(i), kv_value(i))
+    store._encode_device = 0  # as --encode-gpu 0 would set it, on a machine with a GPU
+    monkeypatch.setattr("kvstore.store.WRITE_AHEAD_VALUES", 1)  # the host's: batches of 1
+    monkeypatch.setattr("kvstore.store.WRITE_AHEAD_GPU_VALUES", 4)
+    monkeypatch.setattr("kvstore.store.WRITE_AHEAD_GPU_BYTES", 2 * kv_value(0).nbytes)
+    batches: list[int] = []
+
+    def gpu(codec: Any, items: Any, device: int) -> Any:
+        batches.append(len(items))
+        return encode_stored_many(codec, items, None)  # the host's bytes, as the GPU's are
+
+    monkeypatch.setattr("kvstore.codecs.values.encode_stored_many", gpu)
+    assert write_ahead(store) == 4
+    assert batches == [2, 2]
+    for i in range(4):
+        assert stored_record(store, key(i)) == host_encoded(spec, i, store)
+
+
 def test_the_gpu_scratch_is_given_back_when_the_store_closes(
     make_quiet: MakeStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
