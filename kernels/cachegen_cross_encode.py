@@ -410,9 +410,13 @@ class _Plan:
         self.graph: Any = None
 
 
-# Plans not in use, by key (`_take_plan`): at most _IDLE_PLANS, the oldest dropped first.
+# Plans not in use, by key (`_take_plan`): at most _IDLE_PLANS, those of the key with the
+# fewest batches dropped first (a prefix's last chunk is mostly a shape of its own: its
+# plan must not push out those that full batches of 256-token chunks use), with how many
+# batches each key's plans have encoded.
 _IDLE_PLANS = 4
 _idle: collections.OrderedDict[tuple[Any, ...], list[_Plan]] = collections.OrderedDict()
+_batches: collections.Counter[tuple[Any, ...]] = collections.Counter()
 _idle_lock = threading.Lock()
 
 
@@ -429,16 +433,18 @@ def _take_plan(key: tuple[Any, ...], make: Callable[[], _Plan]) -> _Plan:
 
 
 def _give_plan(plan: _Plan) -> None:
-    """`plan` idle again, for the next batch of its key; the oldest idle ones past
-    _IDLE_PLANS are dropped (their buffers go back to CuPy's pool)."""
+    """`plan` idle again, for the next batch of its key; past _IDLE_PLANS idle ones, one of
+    the key that has encoded the fewest batches is dropped (of those keys, the one idle
+    longest; its buffers go back to CuPy's pool)."""
     with _idle_lock:
+        _batches[plan.key] += 1
         _idle.setdefault(plan.key, []).append(plan)
         _idle.move_to_end(plan.key)
         while sum(len(p) for p in _idle.values()) > _IDLE_PLANS:
-            oldest = next(iter(_idle))
-            _idle[oldest].pop(0)
-            if not _idle[oldest]:
-                del _idle[oldest]
+            key = min(_idle, key=_batches.__getitem__)
+            _idle[key].pop(0)
+            if not _idle[key]:
+                del _idle[key], _batches[key]
 
 
 @keeps_scratch
@@ -446,7 +452,7 @@ def _drop_plans(device: int) -> None:
     """Let go of the idle plans of GPU `device` (`kvstore.kernels._cuda.release_memory`)."""
     with _idle_lock:
         for key in [k for k in _idle if k[0] == device]:
-            del _idle[key]
+            del _idle[key], _batches[key]
 
 
 def _captured(issue: Callable[[], None]) -> Any:

@@ -308,6 +308,50 @@ def test_the_gpu_encoder_refuses_what_it_cannot_code_before_any_gpu_work(
     assert encode_x_many_on_gpu(x, []) == []
 
 
+def test_the_gpu_encoders_idle_plans_keep_the_most_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU encoder keeps a batch shape's buffers and graph (a plan) for the next batch
+    of that shape; past _IDLE_PLANS idle ones, one of the key with the fewest batches goes
+    (the longest idle of those), so the shapes of prefixes' last chunks, a batch each, do
+    not push out those full batches use; a plan taken is the caller's alone, and release
+    drops them."""
+    import collections
+    import types
+
+    import kvstore.kernels.cachegen_cross_encode as xe
+
+    monkeypatch.setattr(xe, "_idle", collections.OrderedDict())
+    monkeypatch.setattr(xe, "_batches", collections.Counter())
+    made: list[object] = []
+
+    def plan(key: tuple[object, ...]) -> object:
+        def make() -> object:
+            made.append(types.SimpleNamespace(key=key))
+            return made[-1]
+
+        return xe._take_plan(key, make)  # type: ignore[arg-type]
+
+    full = (0, "maps", 1, (30, 2, 256, 3, 64), 32, 11)
+    a, b = plan(full), plan(full)  # two batches side by side: two plans
+    assert a is not b
+    xe._give_plan(a)  # type: ignore[arg-type]
+    xe._give_plan(b)  # type: ignore[arg-type]
+    for _ in range(3):
+        got = plan(full)
+        assert got in (a, b)
+        xe._give_plan(got)  # type: ignore[arg-type]
+    tails = [(0, "maps", 1, (30, 2, tokens, 3, 64), 32, 1) for tokens in (79, 234, 238, 101)]
+    for key in tails:
+        xe._give_plan(plan(key))  # type: ignore[arg-type]
+    idle = [p for plans in xe._idle.values() for p in plans]
+    assert len(idle) == xe._IDLE_PLANS and a in idle and b in idle
+    assert [p.key[3][2] for p in idle if p not in (a, b)] == [238, 101]  # type: ignore[attr-defined]
+    assert len(made) == 6
+    xe._drop_plans(1)  # another GPU's: none of these
+    assert len([p for plans in xe._idle.values() for p in plans]) == xe._IDLE_PLANS
+    xe._drop_plans(0)
+    assert not xe._idle and not xe._batches
+
+
 def test_containers_need_their_maps(profile_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = (
         codec_from_spec(f"cachegen-x:profile={profile_path}")
