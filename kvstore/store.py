@@ -1809,6 +1809,11 @@ class Store:
         # Unleased: a value evicted meanwhile (its slot then reused) is written by the
         # eviction itself, and what was encoded from its slot is dropped (_write_job).
         jobs: dict[concurrent.futures.Future[Any], list[tuple[Entry, Slot]]] = {}
+        # Values to encode on host threads wait here while WRITE_AHEAD_VALUES of them are
+        # in the pool (the GPU's limits let more be chosen): the pool's other work (reads
+        # decoding fetched values) queues behind no more of them than without a GPU.
+        waiting: collections.deque[list[tuple[Entry, Slot]]] = collections.deque()
+        on_host: set[concurrent.futures.Future[Any]] = set()
         ahead = _AheadQueue()
         written = 0
         if self._encode_device is None:
@@ -1817,7 +1822,7 @@ class Store:
             most, most_bytes = WRITE_AHEAD_GPU_VALUES, WRITE_AHEAD_GPU_AHEAD_BYTES
         try:
             while True:
-                held = [x for part in jobs.values() for x in part]
+                held = [x for part in [*jobs.values(), *waiting] for x in part]
                 more = self._ahead_batch(
                     ahead,
                     most - len(held),
@@ -1825,13 +1830,22 @@ class Store:
                     walk=not jobs,
                 )
                 for part, codec in self._ahead_jobs(more):
-                    jobs[pool.submit(self._encode_ahead, part, codec)] = part
+                    if codec is None:
+                        waiting.append(part)
+                    else:
+                        jobs[pool.submit(self._encode_ahead, part, codec)] = part
+                while waiting and len(on_host) < WRITE_AHEAD_VALUES:
+                    part = waiting.popleft()
+                    job = pool.submit(self._encode_ahead, part, None)
+                    jobs[job] = part
+                    on_host.add(job)
                 if not jobs:
                     return written
                 done, _ = concurrent.futures.wait(
                     jobs, return_when=concurrent.futures.FIRST_COMPLETED
                 )
                 for job in done:
+                    on_host.discard(job)
                     n, refused = self._write_job(jobs.pop(job), job.result())
                     written += n
                     if refused:

@@ -344,6 +344,41 @@ def test_on_a_gpu_the_writer_chooses_several_full_batches_at_a_time(
         assert stored_record(store, key(i)) == host_encoded(spec, i, store)
 
 
+def test_with_a_gpu_values_encoded_on_the_host_keep_the_host_limit(
+    make_quiet: MakeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The GPU's larger limits choose more values at a time, but those whose codec does not
+    encode on the GPU (zstd here) go to the host pool WRITE_AHEAD_VALUES at a time, as
+    without a GPU: the pool's other work does not queue behind more of them."""
+    store = make_quiet(ssd_write_ahead=1.0, codec=("ssd=zstd",))
+    for i in range(4):
+        put_kv(store, key(i), kv_value(i))
+    store._encode_device = 0  # as --encode-gpu 0 would set it, on a machine with a GPU
+    monkeypatch.setattr("kvstore.store.WRITE_AHEAD_VALUES", 1)
+    monkeypatch.setattr("kvstore.store.WRITE_AHEAD_GPU_VALUES", 4)
+    running, most = [0], [0]
+    lock = threading.Lock()
+    real = store._encode_ahead
+
+    def encode_ahead(part: Any, codecs: Any) -> Any:
+        assert codecs is None  # zstd: on the host
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)  # long enough for a second job to start beside it, if submitted
+        try:
+            return real(part, codecs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    store._encode_ahead = encode_ahead  # type: ignore[method-assign]
+    assert write_ahead(store) == 4
+    assert most[0] == 1
+    for i in range(4):
+        assert stored_record(store, key(i)) == host_encoded("zstd", i, store)
+
+
 def test_the_gpu_scratch_is_given_back_when_the_store_closes(
     make_quiet: MakeStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
