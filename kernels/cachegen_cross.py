@@ -299,7 +299,8 @@ class _DeviceMaps:
     v_out0: Any = None  # float64 [C]: layer 0's V output scales (`CrossLayer.v_out_scale`)
 
 
-# Each GPU's copy of a profile's maps and scales, by digest.
+# Each GPU's copy of a profile's maps and scales, by digest; never dropped: the cachegen-x
+# encoder's CUDA graphs (`cachegen_cross_encode._Plan`) hold their addresses.
 _maps: dict[tuple[int, str], _DeviceMaps] = {}
 _maps_lock = threading.Lock()
 
