@@ -77,7 +77,13 @@ from kvstore.events import EventHub, EventKind, Watcher
 from kvstore.gpu import cuda_device_count
 from kvstore.keys import KEY_BYTES, MAX_POSITION
 from kvstore.policy import POLICIES, EvictionPolicy
-from kvstore.threads import host_pool, one_core_kernels, short_gil_turns
+from kvstore.threads import (
+    GPU_ENCODE_THREADS,
+    gpu_encode_pool,
+    host_pool,
+    one_core_kernels,
+    short_gil_turns,
+)
 from kvstore.tiers.base import Buffer, MemoryTier, Tier, TierError, TierFull
 from kvstore.tiers.gpu import (
     CudaPool,
@@ -465,16 +471,15 @@ WRITE_AHEAD_BYTES = 128 << 20
 # a batch was what one job's writing had freed, split by shape: mostly single values.
 # H200, 88 SmolLM2 chunks of four shapes (cachegen-x, 64 MiB batches): 1.9 -> 4.5-5.2 GB/s
 # (two machines); 256-token chunks only, 6.0 and 5.6-6.8: no loss where batches were full.
-# Only GPU_ENCODES_AT_ONCE batches hold GPU memory; three at a time wrote 4.8 against 5.6.
+# Only GPU_ENCODE_THREADS batches hold GPU memory at a time.
 WRITE_AHEAD_GPU_VALUES = 256
 WRITE_AHEAD_GPU_AHEAD_BYTES = 512 << 20
-# On a GPU (`--encode-gpu`) it encodes them in batches of about this many bytes, this
-# many batches at a time: the batches after them wait, so that the first ones finish, and
-# their LMDB writes run, while the rest encode. Measured on an H200 host (SmolLM2 chunks
-# of 5.4 MB): 32 MiB two at a time 2.1 GB/s; 16 MiB two / four at a time 1.75 / 1.7;
-# one at a time 1.5.
+# On a GPU (`--encode-gpu`) it encodes them in batches of about this many bytes (unless the
+# codec says, `gpu_batch_bytes`), `kvstore.threads.GPU_ENCODE_THREADS` batches at a time:
+# the batches after them wait, so that the first ones finish, and their LMDB writes run,
+# while the rest encode. Measured on an H200 host (SmolLM2 chunks of 5.4 MB): 32 MiB two
+# at a time 2.1 GB/s; 16 MiB two / four at a time 1.75 / 1.7; one at a time 1.5.
 WRITE_AHEAD_GPU_BYTES = 32 << 20
-GPU_ENCODES_AT_ONCE = 2
 # CuPy keeps the batches' device and pinned scratch cached between them (a 32 MiB batch
 # takes about six times its input on the GPU); the writer gives it back once it has not
 # encoded on the GPU for this long, not after every call: allocating it all again for each
@@ -499,6 +504,44 @@ class _AheadQueue:
 
     queue: collections.deque[EntryId] = field(default_factory=collections.deque)
     tried: set[EntryId] = field(default_factory=set)
+
+
+_Part = list[tuple[Entry, Slot]]  # values the ssd writer encodes in one job
+
+
+@dataclass
+class _GpuBatches:
+    """The ssd writer's values for the `--encode-gpu` GPU, gathered into batches the GPU
+    encoder takes in one call: values whose codecs encode there together
+    (`Codec.gpu_batch`) of one shape and dtype, up to `gpu_batch_bytes`. A batch that is
+    full goes at once; one that is not waits for more values of its shape while the GPU
+    has work, and goes when it has less (`write_ahead`): otherwise what one job's writing
+    frees, chosen again and split by shape, went as batches of a value or two (on an H200
+    host, 1 GiB of SmolLM2 chunks of four shapes: after the first 512 MiB, single values
+    of 7 ms each, 1.5 GB/s in all)."""
+
+    batches: dict[Hashable, tuple[_Part, list[Codec]]] = field(default_factory=dict)
+
+    def add(
+        self, key: Hashable, e: Entry, slot: Slot, codec: Codec
+    ) -> tuple[_Part, list[Codec]] | None:
+        """Add `e` to its batch (`key`); the batch, taken out, once it holds as many
+        values as fit (of one shape: all of one size, at least one)."""
+        part, codecs = self.batches.setdefault(key, ([], []))
+        part.append((e, slot))
+        codecs.append(codec)
+        if len(part) < max(1, gpu_batch_bytes(codec) // e.nbytes):
+            return None
+        return self.batches.pop(key)
+
+    def take_largest(self) -> tuple[_Part, list[Codec]]:
+        """The batch holding the most bytes, taken out (there is one)."""
+        key = max(self.batches, key=lambda k: sum(e.nbytes for e, _ in self.batches[k][0]))
+        return self.batches.pop(key)
+
+    def parts(self) -> list[_Part]:
+        """The values of every batch still gathering."""
+        return [part for part, _ in self.batches.values()]
 
 
 class _FetchSink:
@@ -565,7 +608,6 @@ class Store:
         self._dirty = False
         self._registered: list[int] = []  # host memory pinned for copies from gpu pools
         self._encode_device: int | None = None  # where the ssd writer encodes (--encode-gpu)
-        self._gpu_encodes = threading.BoundedSemaphore(GPU_ENCODES_AT_ONCE)
         self._gpu_scratch_held = False  # the ssd writer encoded on the GPU since its last release
         self._gpu_used_at = 0.0  # when it last did (time.monotonic())
         self._writer = WriterCounters()
@@ -615,7 +657,7 @@ class Store:
                 self._open_remote()
             self._encode_device = self._pick_encode_device()
             if self._encode_device is not None:
-                short_gil_turns()  # its batches encode side by side (GPU_ENCODES_AT_ONCE)
+                short_gil_turns()  # its batches encode side by side (GPU_ENCODE_THREADS)
             if self.cpu is not None and self.ssd is not None and config.ssd_write_ahead > 0:
                 self._ssd_writer = threading.Thread(
                     target=self._write_ahead_forever, name="kvstore-ssd-writer", daemon=True
@@ -1797,7 +1839,8 @@ class Store:
         among the values that eviction takes first, as many as make up that share (pinned
         ones skipped), each tried once per call. Returns how many were written. The values
         are encoded (through the namespace's ssd codec) outside the lock, on the host pool
-        (or in batches on the `--encode-gpu` GPU), and only the LMDB writes take it, so a
+        (or in batches on the `--encode-gpu` GPU, from threads of their own,
+        `kvstore.threads.gpu_encode_pool`), and only the LMDB writes take it, so a
         put that needs room finds values it can drop at once instead of encoding and
         writing them itself, under the lock. Encoding and writing overlap: about
         WRITE_AHEAD_BYTES (at most WRITE_AHEAD_VALUES values; on a GPU, the _GPU_ limits)
@@ -1814,6 +1857,10 @@ class Store:
         # decoding fetched values) queues behind no more of them than without a GPU.
         waiting: collections.deque[list[tuple[Entry, Slot]]] = collections.deque()
         on_host: set[concurrent.futures.Future[Any]] = set()
+        # Values for the GPU gather into batches of one shape; a batch goes when full, or
+        # when the GPU would otherwise run out of work (see _GpuBatches).
+        gathering = _GpuBatches()
+        on_gpu: set[concurrent.futures.Future[Any]] = set()
         ahead = _AheadQueue()
         written = 0
         if self._encode_device is None:
@@ -1822,37 +1869,40 @@ class Store:
             most, most_bytes = WRITE_AHEAD_GPU_VALUES, WRITE_AHEAD_GPU_AHEAD_BYTES
         try:
             while True:
-                held = [x for part in [*jobs.values(), *waiting] for x in part]
+                held = [x for part in [*jobs.values(), *waiting, *gathering.parts()] for x in part]
                 more = self._ahead_batch(
                     ahead,
                     most - len(held),
                     most_bytes - sum(e.nbytes for e, _ in held),
                     walk=not jobs,
                 )
-                for part, codec in self._ahead_jobs(more):
-                    if codec is None:
-                        waiting.append(part)
-                    else:
-                        jobs[pool.submit(self._encode_ahead, part, codec)] = part
+                full = [self._ahead_job(e, slot, gathering, waiting) for e, slot in more]
+                for job in full:
+                    if job is not None:
+                        on_gpu.add(self._submit_gpu(job, jobs))
+                # A partial batch goes while fewer than one batch waits behind those encoding.
+                while gathering.batches and len(on_gpu) <= GPU_ENCODE_THREADS:
+                    on_gpu.add(self._submit_gpu(gathering.take_largest(), jobs))
                 while waiting and len(on_host) < WRITE_AHEAD_VALUES:
                     part = waiting.popleft()
-                    job = pool.submit(self._encode_ahead, part, None)
-                    jobs[job] = part
-                    on_host.add(job)
+                    future = pool.submit(self._encode_ahead, part, None)
+                    jobs[future] = part
+                    on_host.add(future)
                 if not jobs:
                     return written
                 done, _ = concurrent.futures.wait(
                     jobs, return_when=concurrent.futures.FIRST_COMPLETED
                 )
-                for job in done:
-                    on_host.discard(job)
-                    n, refused = self._write_job(jobs.pop(job), job.result())
+                for future in done:
+                    on_host.discard(future)
+                    on_gpu.discard(future)
+                    n, refused = self._write_job(jobs.pop(future), future.result())
                     written += n
                     if refused:
                         return written
         finally:  # none still reads the arena once this returns (close unmaps it next)
-            for job in jobs:
-                job.cancel()
+            for future in jobs:
+                future.cancel()
             concurrent.futures.wait(jobs)
 
     def _release_idle_gpu_scratch(self) -> None:
@@ -1907,29 +1957,25 @@ class Store:
                 taken += found.nbytes
         return batch
 
-    def _ahead_jobs(
-        self, batch: list[tuple[Entry, Slot]]
-    ) -> list[tuple[list[tuple[Entry, Slot]], list[Codec] | None]]:
-        """`write_ahead`'s values split into encoding jobs, each with the codecs that encode
-        its values on the `--encode-gpu` GPU (None: on a host thread): one value each on
-        host threads; on the GPU, the values of one shape and dtype whose codecs encode
-        there in one batch (`Codec.gpu_batch`) in batches of about `gpu_batch_bytes` (a
-        batch fills the GPU; several let the host's share of one overlap the GPU's of the
-        next; values of another shape would be a group of their own, coded after the
-        others, in a batch)."""
-        jobs: list[tuple[list[tuple[Entry, Slot]], list[Codec] | None]] = []
-        gpu: dict[Hashable, list[tuple[list[tuple[Entry, Slot]], list[Codec]]]] = {}
-        for e, slot in batch:
-            codec = self._gpu_codec(e)
-            if codec is None:
-                jobs.append(([(e, slot)], None))
-                continue
-            parts = gpu.setdefault((codec.gpu_batch(), e.shape, e.dtype), [([], [])])
-            if sum(x.nbytes for x, _ in parts[-1][0]) + e.nbytes > gpu_batch_bytes(codec):
-                parts.append(([], []))
-            parts[-1][0].append((e, slot))
-            parts[-1][1].append(codec)
-        return [job for parts in gpu.values() for job in parts if job[0]] + jobs
+    def _submit_gpu(
+        self, job: tuple[_Part, list[Codec]], jobs: dict[concurrent.futures.Future[Any], _Part]
+    ) -> concurrent.futures.Future[Any]:
+        """Start encoding `write_ahead`'s GPU batch `job` (on `gpu_encode_pool`), in `jobs`."""
+        future = gpu_encode_pool().submit(self._encode_ahead, *job)
+        jobs[future] = job[0]
+        return future
+
+    def _ahead_job(
+        self, e: Entry, slot: Slot, gathering: _GpuBatches, waiting: collections.deque[_Part]
+    ) -> tuple[_Part, list[Codec]] | None:
+        """Put one of `write_ahead`'s values where it waits to be encoded: on the host (a
+        job of its own in `waiting`) or in its GPU batch in `gathering`; the batch it
+        fills, if it does."""
+        codec = self._gpu_codec(e)
+        if codec is None:
+            waiting.append([(e, slot)])
+            return None
+        return gathering.add((codec.gpu_batch(), e.shape, e.dtype), e, slot, codec)
 
     def _gpu_codec(self, e: Entry) -> Codec | None:
         """The codec `e` is stored on ssd through (`_codec_for`) if the ssd writer encodes
@@ -1986,10 +2032,10 @@ class Store:
     def _encode_ahead(
         self, part: list[tuple[Entry, Slot]], codecs: list[Codec] | None
     ) -> list[tuple[ValueHeader, Buffer] | None]:
-        """Each of `part`'s values as the ssd tier stores it, from its cpu slot (a host
-        thread): as one batch on the `--encode-gpu` GPU through `codecs` (a value's each,
-        `_ahead_jobs`' choice), else (None) one by one here. None for a value that could
-        not be encoded (the eviction writes it)."""
+        """Each of `part`'s values as the ssd tier stores it, from its cpu slot (a host or
+        GPU-encode thread): as one batch on the `--encode-gpu` GPU through `codecs` (a
+        value's each, `_ahead_job`'s choice), else (None) one by one here. None for a value
+        that could not be encoded (the eviction writes it)."""
         cpu = self.cpu
         assert cpu is not None
         # Raw: a view of the slot, still the value's if the slot is still its own below.
@@ -2005,10 +2051,9 @@ class Store:
             while gpu:
                 items = [(part[i][0].header(), memoryview(views[i])) for i in gpu]
                 try:
-                    with self._gpu_encodes:
-                        done = encode_stored_many(
-                            one_or_each([codecs[i] for i in gpu]), items, self._encode_device
-                        )
+                    done = encode_stored_many(
+                        one_or_each([codecs[i] for i in gpu]), items, self._encode_device
+                    )
                 except Exception as exc:
                     refused = exc.indexes if isinstance(exc, ValuesRefused) else []
                     drop = set(refused) & set(range(len(gpu)))

@@ -31,6 +31,7 @@ from kvstore.codecs import checksum, codec_from_spec
 from kvstore.codecs.base import ValuesRefused
 from kvstore.codecs.values import encode_stored, encode_stored_many, tensor_bytes
 from kvstore.store import GPU_SCRATCH_IDLE_S, Store
+from kvstore.threads import GPU_ENCODE_THREADS
 from tests.test_store_codecs import kv_value
 from tests.test_store_codecs import put as put_kv
 
@@ -340,6 +341,94 @@ def test_on_a_gpu_the_writer_chooses_several_full_batches_at_a_time(
     monkeypatch.setattr("kvstore.codecs.values.encode_stored_many", gpu)
     assert write_ahead(store) == 4
     assert batches == [2, 2]
+    for i in range(4):
+        assert stored_record(store, key(i)) == host_encoded(spec, i, store)
+
+
+def test_gpu_batches_gather_values_of_their_shape_while_the_gpu_is_busy(
+    make_quiet: MakeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Values for the GPU wait in a batch of their shape until it is full, or until the GPU
+    would run out of work, rather than going as what each job's writing frees (here one
+    value of each shape at a time). The GPU is kept "busy" by a threshold of 0: a partial
+    batch goes only once nothing else is encoding there."""
+    spec = "cachegen:level=1"
+    store = make_quiet(ssd_write_ahead=1.0, codec=(f"ssd={spec}",))
+    # Two shapes (64 and 56 tokens), in eviction order a0 b0 a1 b1 a2 b2.
+    names = [f"{s}{i}" for i in range(3) for s in "ab"]
+    chunks = [
+        kv_value(n)[:, :, : 64 if name[0] == "a" else 56].contiguous()
+        for n, name in enumerate(names)
+    ]
+    for n, t in enumerate(chunks):
+        put_kv(store, key(n), t)
+    store._encode_device = 0  # as --encode-gpu 0 would set it, on a machine with a GPU
+    monkeypatch.setattr("kvstore.store.WRITE_AHEAD_GPU_VALUES", 3)
+    monkeypatch.setattr("kvstore.store.WRITE_AHEAD_GPU_BYTES", 2 * chunks[0].nbytes)  # 2 each
+    monkeypatch.setattr("kvstore.store.GPU_ENCODE_THREADS", 0)
+    batches: list[list[str]] = []
+    real = store._encode_ahead
+
+    def seen(part: Any, codecs: Any) -> Any:
+        batches.append([names[int.from_bytes(e.key, "big")] for e, _ in part])
+        return real(part, codecs)
+
+    def gpu(codec: Any, items: Any, device: int) -> Any:
+        return encode_stored_many(codec, items, None)  # the host's bytes, as the GPU's are
+
+    store._encode_ahead = seen  # type: ignore[method-assign]
+    monkeypatch.setattr("kvstore.codecs.values.encode_stored_many", gpu)
+    assert write_ahead(store) == 6
+    # Chosen three, then two, then one at a time: a0 b0 a1 | b1 a2 | b2.
+    assert batches == [["a0", "a1"], ["b0", "b1"], ["a2"], ["b2"]]
+    for n, t in enumerate(chunks):
+        header = entry(store, key(n)).header()
+        payload = encode_stored(codec_from_spec(spec), header, tensor_bytes(t))[1]
+        assert stored_record(store, key(n))[1] == bytes(payload)
+
+
+def test_gpu_batches_encode_in_the_order_chosen_a_few_at_a_time(
+    make_quiet: MakeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GPU batches go to threads of their own (`kvstore.threads.gpu_encode_pool`), taken in
+    the order the writer chose them, GPU_ENCODE_THREADS at a time; none waits in the host
+    pool (whose threads decode reads' values)."""
+    spec = "cachegen:level=1"
+    store = make_quiet(ssd_write_ahead=1.0, codec=(f"ssd={spec}",))
+    for i in range(4):
+        put_kv(store, key(i), kv_value(i))
+    store._encode_device = 0  # as --encode-gpu 0 would set it, on a machine with a GPU
+    monkeypatch.setattr("kvstore.store.WRITE_AHEAD_GPU_BYTES", kv_value(0).nbytes)  # one each
+    started: list[bytes] = []
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def gpu(codec: Any, items: Any, device: int) -> Any:
+        assert threading.current_thread().name.startswith("kvstore-gpu-encode")
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)  # long enough for the batches after it to start, if they could
+        try:
+            return encode_stored_many(codec, items, None)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    real = store._encode_ahead
+
+    def seen(part: Any, codecs: Any) -> Any:
+        with lock:
+            started.append(part[0][0].key)
+        return real(part, codecs)
+
+    store._encode_ahead = seen  # type: ignore[method-assign]
+    monkeypatch.setattr("kvstore.codecs.values.encode_stored_many", gpu)
+    assert write_ahead(store) == 4
+    assert most[0] == GPU_ENCODE_THREADS
+    assert started[:GPU_ENCODE_THREADS] in (
+        [key(0), key(1)], [key(1), key(0)]
+    ) and started[GPU_ENCODE_THREADS:] == [key(2), key(3)]  # fmt: skip
     for i in range(4):
         assert stored_record(store, key(i)) == host_encoded(spec, i, store)
 
