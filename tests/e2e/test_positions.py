@@ -6,6 +6,7 @@ the newest one level finer; values without a position through cachegen itself.""
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ from cross_fixture import LayeredKV
 
 from kvstore.codecs import codec_from_spec, decode
 from kvstore.errors import InvalidArgument
-from tests.e2e.helpers import filler
+from tests.e2e.helpers import filler, gpu_ready
+from tests.e2e.test_metrics import free_port, scrape, value
 
 CHUNK = 256  # the server's default --chunk-tokens
 WORLD = LayeredKV(4, 2, 64)  # 2 KiB of float16 a token
@@ -41,15 +43,60 @@ def test_prefix_chunks_are_coded_at_their_positions(start_server, tmp_path: Path
         assert c.put_prefix(tokens, prefix) == 4
         keys = c.prefix_keys(tokens)
         filler(c, 8)
-        where = {e.header.key: e.tier for e in c.entries(c.namespace)}
-        assert all(where[k] == "ssd" for k in keys)
-        for i, k in enumerate(keys):
-            chunk = prefix[:, :, i * CHUNK : (i + 1) * CHUNK].contiguous()
-            # The last whole chunk and the partial one are the newest: one level finer.
-            level = 0 if i >= 2 else 1
-            want = coded(f"cachegen-x:level={level},profile={profile}", chunk, i * CHUNK)
-            got = c.get(k)
-            assert got is not None and torch.equal(got, want), i
+        read_back_from_ssd(c, keys, prefix, profile)
+
+
+def read_back_from_ssd(c, keys: list[bytes], prefix: torch.Tensor, profile: Path) -> None:  # type: ignore[no-untyped-def]
+    """Each of a prefix's chunks (`keys`) is on ssd, and reads back as cachegen-x coded it
+    at its position, level 1, the last whole chunk and the partial one (the newest) at 0."""
+    where = {e.header.key: e.tier for e in c.entries(c.namespace)}
+    assert all(where[k] == "ssd" for k in keys)
+    for i, k in enumerate(keys):
+        chunk = prefix[:, :, i * CHUNK : (i + 1) * CHUNK].contiguous()
+        level = 0 if i >= 2 else 1
+        want = coded(f"cachegen-x:level={level},profile={profile}", chunk, i * CHUNK)
+        got = c.get(k)
+        assert got is not None and torch.equal(got, want), i
+
+
+@pytest.mark.parametrize(
+    "on",
+    [
+        "host",
+        pytest.param("gpu", marks=pytest.mark.skipif(not gpu_ready(), reason="needs a CUDA GPU")),
+    ],
+)
+def test_the_ssd_writer_codes_chunks_at_their_positions(  # type: ignore[no-untyped-def]
+    start_server, tmp_path: Path, on: str
+) -> None:
+    """A server's ssd writer (`--ssd-write-ahead`) stores prefixes' chunks as a put's
+    eviction would: cachegen-x at their positions, the newest a level finer. On a GPU
+    (`--encode-gpu 0`) whole chunks go in batches across levels and prefixes, and every
+    value is still the host's bytes; on the host, a value per thread."""
+    profile = WORLD.profile_file(tmp_path / "p.json")
+    spec = f"cachegen:level=1,profile={profile}"
+    metrics = free_port()
+    srv = start_server(
+        "--cpu-bytes", "16MiB", "--ssd-bytes", "64MiB", "--codec", f"ssd={spec}",
+        "--encode-gpu", "0" if on == "gpu" else "off", "--ssd-write-ahead", "1.0",
+        "--metrics-listen", f"127.0.0.1:{metrics}",
+    )  # fmt: skip
+    with srv.client() as c:
+        prefixes = []
+        for p in range(2):
+            tokens = list(range(1000 * (p + 1), 1000 * (p + 1) + 3 * CHUNK + 240))
+            prefix = WORLD.tensor(len(tokens), 0, seed=3 + p)
+            assert c.put_prefix(tokens, prefix) == 4
+            prefixes.append((c.prefix_keys(tokens), prefix))
+        deadline = time.monotonic() + 90
+        other = "host" if on == "gpu" else "gpu"
+        while value(scrape(metrics), "kvstore_ssd_writer_encoded_total", on=on) < 8:
+            assert time.monotonic() < deadline, srv.log()
+            time.sleep(0.1)
+        assert value(scrape(metrics), "kvstore_ssd_writer_encoded_total", on=other) == 0
+        filler(c, 24)
+        for keys, prefix in prefixes:
+            read_back_from_ssd(c, keys, prefix, profile)
 
 
 def test_positions_a_client_gives(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
