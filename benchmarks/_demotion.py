@@ -7,7 +7,8 @@ Used by bench_codecs on the model's chunks (`--codecs`) and on a GPU machine's h
   directory) holding every chunk in its cpu tier; its ssd writer (`Store.write_ahead`,
   what `--ssd-write-ahead` runs in the background) then encodes them on the host pool, a
   value per thread, and writes each to LMDB as it is encoded, flushed at the end. GB/s of
-  fp16 taken in; the chunks repeated to ~256 MB of fp16 (at most 8 times).
+  fp16 taken in; the chunks repeated to ~256 MB of fp16 (at most 8 times), or, encoding on
+  a GPU, to twice what the writer has in flight there (~1 GiB, at most 32 times).
 - **encode on the host pool**: the encoding alone, the same values at once, a value per
   thread (`kvstore.threads.HOST_THREADS` of them).
 - **LMDB write**: the ssd tier writing as many records as demotion does, of the codec's
@@ -36,13 +37,19 @@ from kvstore.codecs.values import tensor_bytes
 from kvstore.config import ServerConfig
 from kvstore.dtypes import dtype_name
 from kvstore.memtune import keep_freed_buffers
-from kvstore.store import Store
+from kvstore.store import WRITE_AHEAD_GPU_AHEAD_BYTES, Store
 from kvstore.threads import HOST_THREADS, host_pool, one_core_kernels
 from kvstore.tiers.ssd import LmdbTier
 
 # Demotion is measured over about this many fp16 bytes (the chunks repeated, at most 8
 # times): several of the ssd writer's rounds, as a server runs them.
 DEMOTED_FP16_BYTES = 256 << 20
+# Encoding on a GPU, the writer has WRITE_AHEAD_GPU_AHEAD_BYTES in flight: demotion is
+# measured over twice that, so that it includes the writer's steady state (values chosen
+# again as each job's are written), not only its first choice. On an H200 host the steady
+# state was what had gone wrong: batches of a value or two once the first 512 MiB were
+# chosen, 1.5 GB/s over 1 GiB against 5.6 over 256 MB.
+DEMOTED_GPU_FP16_BYTES = 2 * WRITE_AHEAD_GPU_AHEAD_BYTES
 
 
 def best_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
@@ -167,7 +174,8 @@ def rates(
     )
     # Demotion and the LMDB write it is held against move the same records (the chunks
     # repeated over a few of the writer's rounds) and flush once: the same fixed costs.
-    copies = max(1, min(math.ceil(DEMOTED_FP16_BYTES / max(fp16, 1)), 8))
+    volume, most = (DEMOTED_FP16_BYTES, 8) if gpu is None else (DEMOTED_GPU_FP16_BYTES, 32)
+    copies = max(1, min(math.ceil(volume / max(fp16, 1)), most))
     demoted = list(chunks) * copies
     at = where * copies if positions is not None else None
     moved = fp16 * copies
