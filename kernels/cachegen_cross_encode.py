@@ -61,6 +61,7 @@ from kvstore.kernels.cachegen_encode import (
     code_batch,
     encode_source,
     in_groups,
+    quantized_buffers,
     stage_values,
 )
 
@@ -386,8 +387,6 @@ class _Plan:
     ) -> None:
         import cupy
 
-        from kvstore.codecs.cachegen import ALPHABET
-
         self.key = key
         layers, tokens, dim = lay.layers, lay.tokens, lay.head_dim
         rows, n_units, ch_n = b_n * tokens, b_n * lay.units, cross.channels
@@ -399,12 +398,8 @@ class _Plan:
         self.res = cupy.empty((b_n, layers, 2, lay.heads), cupy.float32)
         self.ch = cupy.empty((layers, rows, ch_n), cupy.float32)
         self.bad = cupy.empty(b_n, cupy.int32)
-        self.starts = cupy.empty(n_units * dim, cupy.uint16)
-        self.steps = cupy.empty(n_units * dim, cupy.uint16)
-        # Rows past a unit's tokens stay zero: the kernels write its tokens' only.
-        self.symbols = cupy.zeros(n_units * lay.segments * lay.segment * dim, cupy.uint8)
-        self.counts = cupy.empty(n_units * ALPHABET, cupy.int32)
-        self.escapes = cupy.empty(max(n_units * tokens * dim, 1), cupy.uint16)
+        bufs = quantized_buffers(n_units, lay)
+        self.starts, self.steps, self.symbols, self.counts, self.escapes = bufs
         self.acc = cupy.empty((rows, ch_n), cupy.int32 if int8 else cupy.float64)
         self.inputs = [cupy.empty((rows, ch_n), cupy.int8 if int8 else cupy.float64) for _ in "ab"]
         self.graph: Any = None

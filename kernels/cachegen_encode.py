@@ -474,7 +474,7 @@ def _encode_group(
     import cupy
 
     from kvstore.codecs.base import DTYPE_WORDS, ValuesRefused
-    from kvstore.codecs.cachegen import ALPHABET, _Layout
+    from kvstore.codecs.cachegen import _Layout
 
     first_value = values[0]
     b_n = len(values)
@@ -505,11 +505,7 @@ def _encode_group(
             src_ptr = stage_values(values, stride, device, s, stream is None, keep)
             back = cupy.empty(max(b_n * stride, 1), cupy.uint8)
             d_units, d_res = _upload([units, res], s, keep)
-            d_starts = cupy.empty(n_units * dim, cupy.uint16)
-            d_steps = cupy.empty(n_units * dim, cupy.uint16)
-            d_symbols = cupy.zeros(n_units * padded * dim, cupy.uint8)
-            d_counts = cupy.empty(n_units * ALPHABET, cupy.int32)
-            d_escapes = cupy.empty(max(n_units * tokens * dim, 1), cupy.uint16)
+            d_starts, d_steps, d_symbols, d_counts, d_escapes = quantized_buffers(n_units, lay)
             d_bad = cupy.zeros(n_units, cupy.int32)
             if nu:
                 _module.get(device, "quantize")(
@@ -530,6 +526,25 @@ def _encode_group(
                 codec, lay, b_n, device, s, keep, d_symbols, counts32, d_starts, d_steps,
                 d_escapes, back, stride, nbytes,
             )  # fmt: skip
+
+
+def quantized_buffers(n_units: int, lay: Any) -> tuple[Any, Any, Any, Any, Any]:
+    """The device buffers a batch's quantizer writes and `code_batch` reads, for `n_units`
+    units of layout `lay`: each unit's starts and steps (float16 bits, a channel each),
+    its symbols over its padded tokens (zeros: the kernels write its tokens' rows only),
+    its symbol counts and its escapes (at the start of its region of tokens * dim)."""
+    import cupy
+
+    from kvstore.codecs.cachegen import ALPHABET
+
+    dim, padded = lay.head_dim, lay.segments * lay.segment
+    return (
+        cupy.empty(n_units * dim, cupy.uint16),
+        cupy.empty(n_units * dim, cupy.uint16),
+        cupy.zeros(n_units * padded * dim, cupy.uint8),
+        cupy.empty(n_units * ALPHABET, cupy.int32),
+        cupy.empty(max(n_units * lay.tokens * dim, 1), cupy.uint16),
+    )
 
 
 def stage_values(
