@@ -21,8 +21,8 @@ _lock = threading.Lock()
 # payloads framed) runs, the other's kernels do. In the host pool behind a semaphore they
 # had no order: a thread that gave the semaphore back took it again before the waiters
 # woke, and on an H200 host batches chosen first waited over a second behind later ones.
-# Demotion of 1 GiB of SmolLM2 chunks (cachegen-x) on an H200 host: one thread 6.4 GB/s,
-# two 7.8, three 7.9 (128 MiB batches: one 6.4, two 8.9).
+# Demotion of 1.9 GB of SmolLM2 chunks (cachegen-x) on an H200 host: two threads 7.8 GB/s,
+# three 7.9 (64 MiB batches); one 6.4 against two's 8.9 in 128 MiB batches.
 GPU_ENCODE_THREADS = 2
 
 
