@@ -530,7 +530,7 @@ class _GpuBatches:
         part, codecs = self.batches.setdefault(key, ([], []))
         part.append((e, slot))
         codecs.append(codec)
-        if len(part) < max(1, gpu_batch_bytes(codec) // e.nbytes):
+        if len(part) < max(1, gpu_batch_bytes(codec) // max(e.nbytes, 1)):
             return None
         return self.batches.pop(key)
 
