@@ -517,7 +517,7 @@ class _GpuBatches:
     full goes at once; one that is not waits for more values of its shape while the GPU
     has work, and goes when it has less (`write_ahead`): otherwise what one job's writing
     frees, chosen again and split by shape, went as batches of a value or two (on an H200
-    host, 1 GiB of SmolLM2 chunks of four shapes: after the first 512 MiB, single values
+    host, 1.9 GB of SmolLM2 chunks of four shapes: after the first 512 MiB, single values
     of 7 ms each, 1.5 GB/s in all)."""
 
     batches: dict[Hashable, tuple[_Part, list[Codec]]] = field(default_factory=dict)
