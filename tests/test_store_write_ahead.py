@@ -52,6 +52,26 @@ def write_ahead(store: Store) -> int:
     return n
 
 
+def at_once(fn: Any) -> tuple[Any, list[int]]:
+    """`fn` wrapped to hold each call 50 ms (long enough for the calls after it to start
+    beside it, if they could), and a list whose one item is the most calls seen at once."""
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def wrapped(*args: Any) -> Any:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        try:
+            return fn(*args)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    return wrapped, most
+
+
 def test_copies_what_eviction_takes_next_once_the_tier_fills(make_quiet: MakeStore) -> None:
     store = make_quiet(ssd_write_ahead=0.5)  # 2 of the arena's four 1 MiB slots
     vals = fill(store, 2)
@@ -400,21 +420,13 @@ def test_gpu_batches_encode_in_the_order_chosen_a_few_at_a_time(
     store._encode_device = 0  # as --encode-gpu 0 would set it, on a machine with a GPU
     monkeypatch.setattr("kvstore.store.WRITE_AHEAD_GPU_BYTES", kv_value(0).nbytes)  # one each
     started: list[bytes] = []
-    running, most = [0], [0]
     lock = threading.Lock()
 
-    def gpu(codec: Any, items: Any, device: int) -> Any:
+    def on_gpu(codec: Any, items: Any, device: int) -> Any:
         assert threading.current_thread().name.startswith("kvstore-gpu-encode")
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-        time.sleep(0.05)  # long enough for the batches after it to start, if they could
-        try:
-            return encode_stored_many(codec, items, None)
-        finally:
-            with lock:
-                running[0] -= 1
+        return encode_stored_many(codec, items, None)  # the host's bytes, as the GPU's are
 
+    gpu, most = at_once(on_gpu)
     real = store._encode_ahead
 
     def seen(part: Any, codecs: Any) -> Any:
@@ -445,23 +457,13 @@ def test_with_a_gpu_values_encoded_on_the_host_keep_the_host_limit(
     store._encode_device = 0  # as --encode-gpu 0 would set it, on a machine with a GPU
     monkeypatch.setattr("kvstore.store.WRITE_AHEAD_VALUES", 1)
     monkeypatch.setattr("kvstore.store.WRITE_AHEAD_GPU_VALUES", 4)
-    running, most = [0], [0]
-    lock = threading.Lock()
     real = store._encode_ahead
 
-    def encode_ahead(part: Any, codecs: Any) -> Any:
+    def on_host(part: Any, codecs: Any) -> Any:
         assert codecs is None  # zstd: on the host
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-        time.sleep(0.05)  # long enough for a second job to start beside it, if submitted
-        try:
-            return real(part, codecs)
-        finally:
-            with lock:
-                running[0] -= 1
+        return real(part, codecs)
 
-    store._encode_ahead = encode_ahead  # type: ignore[method-assign]
+    store._encode_ahead, most = at_once(on_host)  # type: ignore[method-assign]
     assert write_ahead(store) == 4
     assert most[0] == 1
     for i in range(4):
