@@ -48,7 +48,7 @@ DEMOTED_FP16_BYTES = 256 << 20
 # measured over twice that, so that it includes the writer's steady state (values chosen
 # again as each job's are written), not only its first choice. On an H200 host the steady
 # state was what had gone wrong: batches of a value or two once the first 512 MiB were
-# chosen, 1.5 GB/s over 1 GiB against 5.6 over 256 MB.
+# chosen, 1.5 GB/s over 1.9 GB against 5.6 over 293 MB.
 DEMOTED_GPU_FP16_BYTES = 2 * WRITE_AHEAD_GPU_AHEAD_BYTES
 
 

@@ -1851,11 +1851,11 @@ class Store:
         pool = host_pool()
         # Unleased: a value evicted meanwhile (its slot then reused) is written by the
         # eviction itself, and what was encoded from its slot is dropped (_write_job).
-        jobs: dict[concurrent.futures.Future[Any], list[tuple[Entry, Slot]]] = {}
+        jobs: dict[concurrent.futures.Future[Any], _Part] = {}
         # Values to encode on host threads wait here while WRITE_AHEAD_VALUES of them are
         # in the pool (the GPU's limits let more be chosen): the pool's other work (reads
         # decoding fetched values) queues behind no more of them than without a GPU.
-        waiting: collections.deque[list[tuple[Entry, Slot]]] = collections.deque()
+        waiting: collections.deque[_Part] = collections.deque()
         on_host: set[concurrent.futures.Future[Any]] = set()
         # Values for the GPU gather into batches of one shape; a batch goes when full, or
         # when the GPU would otherwise run out of work (see _GpuBatches).
