@@ -480,6 +480,11 @@ WRITE_AHEAD_GPU_AHEAD_BYTES = 512 << 20
 # while the rest encode. Measured on an H200 host (SmolLM2 chunks of 5.4 MB): 32 MiB two
 # at a time 2.1 GB/s; 16 MiB two / four at a time 1.75 / 1.7; one at a time 1.5.
 WRITE_AHEAD_GPU_BYTES = 32 << 20
+# A GPU batch that is not full goes anyway once this many bytes of values for the GPU
+# were chosen after its first (`_GpuBatches.overdue`): a shape of its own (a prefix's last
+# chunk, a rare token count) would otherwise wait for the writer's whole window, at the
+# front of the eviction order, where a put's eviction would encode it under the lock.
+WRITE_AHEAD_GPU_GATHER_BYTES = 512 << 20
 # CuPy keeps the batches' device and pinned scratch cached between them (a 32 MiB batch
 # takes about six times its input on the GPU); the writer gives it back once it has not
 # encoded on the GPU for this long, not after every call: allocating it all again for each
@@ -515,28 +520,44 @@ class _GpuBatches:
     encoder takes in one call: values whose codecs encode there together
     (`Codec.gpu_batch`) of one shape and dtype, up to `gpu_batch_bytes`. A batch that is
     full goes at once; one that is not waits for more values of its shape while the GPU
-    has work, and goes when it has less (`write_ahead`): otherwise what one job's writing
-    frees, chosen again and split by shape, went as batches of a value or two (on an H200
-    host, 1.9 GB of SmolLM2 chunks of four shapes: after the first 512 MiB, single values
-    of 7 ms each, 1.5 GB/s in all)."""
+    has work, and goes when it has less (`write_ahead`) or once it is `overdue`: otherwise
+    what one job's writing frees, chosen again and split by shape, went as batches of a
+    value or two (on an H200 host, 1.9 GB of SmolLM2 chunks of four shapes: after the
+    first 512 MiB, single values of 7 ms each, 1.5 GB/s in all)."""
 
     batches: dict[Hashable, tuple[_Part, list[Codec]]] = field(default_factory=dict)
+    chosen: int = 0  # bytes of every value added
+    since: dict[Hashable, int] = field(default_factory=dict)  # `chosen` at a batch's first
 
     def add(
         self, key: Hashable, e: Entry, slot: Slot, codec: Codec
     ) -> tuple[_Part, list[Codec]] | None:
         """Add `e` to its batch (`key`); the batch, taken out, once it holds as many
         values as fit (of one shape: all of one size, at least one)."""
+        self.since.setdefault(key, self.chosen)
+        self.chosen += e.nbytes
         part, codecs = self.batches.setdefault(key, ([], []))
         part.append((e, slot))
         codecs.append(codec)
         if len(part) < max(1, gpu_batch_bytes(codec) // max(e.nbytes, 1)):
             return None
-        return self.batches.pop(key)
+        return self._take(key)
+
+    def overdue(self) -> list[tuple[_Part, list[Codec]]]:
+        """The batches, taken out oldest first, whose first value has had
+        WRITE_AHEAD_GPU_GATHER_BYTES of values added after it."""
+        late = [
+            k for k, at in self.since.items() if self.chosen - at >= WRITE_AHEAD_GPU_GATHER_BYTES
+        ]
+        return [self._take(k) for k in late]
 
     def take_largest(self) -> tuple[_Part, list[Codec]]:
         """The batch holding the most bytes, taken out (there is one)."""
         key = max(self.batches, key=lambda k: sum(e.nbytes for e, _ in self.batches[k][0]))
+        return self._take(key)
+
+    def _take(self, key: Hashable) -> tuple[_Part, list[Codec]]:
+        del self.since[key]
         return self.batches.pop(key)
 
     def parts(self) -> list[_Part]:
@@ -1876,9 +1897,9 @@ class Store:
                     most_bytes - sum(e.nbytes for e, _ in held),
                     walk=not jobs,
                 )
-                full = [self._ahead_job(e, slot, gathering, waiting) for e, slot in more]
-                for job in full:
-                    if job is not None:
+                for e, slot in more:
+                    full = self._ahead_job(e, slot, gathering, waiting)
+                    for job in [*gathering.overdue(), *([full] if full else [])]:
                         on_gpu.add(self._submit_gpu(job, jobs))
                 # A partial batch goes while fewer than one batch waits behind those encoding.
                 while gathering.batches and len(on_gpu) <= GPU_ENCODE_THREADS:

@@ -365,6 +365,33 @@ def test_on_a_gpu_the_writer_chooses_several_full_batches_at_a_time(
         assert stored_record(store, key(i)) == host_encoded(spec, i, store)
 
 
+def two_shapes(
+    store: Store, monkeypatch: pytest.MonkeyPatch, names: list[str]
+) -> list[torch.Tensor]:
+    """Put values named a* (64 tokens) and b* (56 tokens) in the order named (eviction
+    order), and make `store` encode on a "GPU" that gives the host encoder's bytes."""
+    chunks = [
+        kv_value(n)[:, :, : 64 if name[0] == "a" else 56].contiguous()
+        for n, name in enumerate(names)
+    ]
+    for n, t in enumerate(chunks):
+        put_kv(store, key(n), t)
+    store._encode_device = 0  # as --encode-gpu 0 would set it, on a machine with a GPU
+
+    def gpu(codec: Any, items: Any, device: int) -> Any:
+        return encode_stored_many(codec, items, None)  # the host's bytes, as the GPU's are
+
+    monkeypatch.setattr("kvstore.codecs.values.encode_stored_many", gpu)
+    return chunks
+
+
+def assert_stored_as_encoded(store: Store, spec: str, chunks: list[torch.Tensor]) -> None:
+    for n, t in enumerate(chunks):
+        header = entry(store, key(n)).header()
+        payload = encode_stored(codec_from_spec(spec), header, tensor_bytes(t))[1]
+        assert stored_record(store, key(n))[1] == bytes(payload)
+
+
 def test_gpu_batches_gather_values_of_their_shape_while_the_gpu_is_busy(
     make_quiet: MakeStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -374,15 +401,8 @@ def test_gpu_batches_gather_values_of_their_shape_while_the_gpu_is_busy(
     batch goes only once nothing else is encoding there."""
     spec = "cachegen:level=1"
     store = make_quiet(ssd_write_ahead=1.0, codec=(f"ssd={spec}",))
-    # Two shapes (64 and 56 tokens), in eviction order a0 b0 a1 b1 a2 b2.
-    names = [f"{s}{i}" for i in range(3) for s in "ab"]
-    chunks = [
-        kv_value(n)[:, :, : 64 if name[0] == "a" else 56].contiguous()
-        for n, name in enumerate(names)
-    ]
-    for n, t in enumerate(chunks):
-        put_kv(store, key(n), t)
-    store._encode_device = 0  # as --encode-gpu 0 would set it, on a machine with a GPU
+    names = [f"{s}{i}" for i in range(3) for s in "ab"]  # a0 b0 a1 b1 a2 b2
+    chunks = two_shapes(store, monkeypatch, names)
     monkeypatch.setattr("kvstore.store.WRITE_AHEAD_GPU_VALUES", 3)
     monkeypatch.setattr("kvstore.store.WRITE_AHEAD_GPU_BYTES", 2 * chunks[0].nbytes)  # 2 each
     monkeypatch.setattr("kvstore.store.GPU_ENCODE_THREADS", 0)
@@ -393,18 +413,40 @@ def test_gpu_batches_gather_values_of_their_shape_while_the_gpu_is_busy(
         batches.append([names[int.from_bytes(e.key, "big")] for e, _ in part])
         return real(part, codecs)
 
-    def gpu(codec: Any, items: Any, device: int) -> Any:
-        return encode_stored_many(codec, items, None)  # the host's bytes, as the GPU's are
-
     store._encode_ahead = seen  # type: ignore[method-assign]
-    monkeypatch.setattr("kvstore.codecs.values.encode_stored_many", gpu)
     assert write_ahead(store) == 6
     # Chosen three, then two, then one at a time: a0 b0 a1 | b1 a2 | b2.
     assert batches == [["a0", "a1"], ["b0", "b1"], ["a2"], ["b2"]]
-    for n, t in enumerate(chunks):
-        header = entry(store, key(n)).header()
-        payload = encode_stored(codec_from_spec(spec), header, tensor_bytes(t))[1]
-        assert stored_record(store, key(n))[1] == bytes(payload)
+    assert_stored_as_encoded(store, spec, chunks)
+
+
+def test_a_gpu_batch_that_does_not_fill_goes_once_enough_values_came_after_it(
+    make_quiet: MakeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shape of its own (here one 56-token value, first in eviction order) does not wait
+    in its batch behind the whole window while the GPU is busy with full batches of
+    another shape: it goes once WRITE_AHEAD_GPU_GATHER_BYTES of values were chosen after
+    it, before the full batches chosen later."""
+    spec = "cachegen:level=1"
+    store = make_quiet(ssd_write_ahead=1.0, codec=(f"ssd={spec}",))
+    names = ["b0", *(f"a{i}" for i in range(6))]
+    chunks = two_shapes(store, monkeypatch, names)
+    a = chunks[1].nbytes
+    monkeypatch.setattr("kvstore.store.WRITE_AHEAD_GPU_BYTES", 2 * a)  # two of a shape
+    monkeypatch.setattr("kvstore.store.GPU_ENCODE_THREADS", 0)  # "busy": see above
+    monkeypatch.setattr("kvstore.store.WRITE_AHEAD_GPU_GATHER_BYTES", 3 * a)
+    submitted: list[list[str]] = []
+    submit = store._submit_gpu
+
+    def seen(job: Any, jobs: Any) -> Any:
+        submitted.append([names[int.from_bytes(e.key, "big")] for e, _ in job[0]])
+        return submit(job, jobs)
+
+    store._submit_gpu = seen  # type: ignore[method-assign]
+    assert write_ahead(store) == 7
+    # b0's batch is overdue once a2 is chosen (b0 + three a's after its start).
+    assert submitted == [["a0", "a1"], ["b0"], ["a2", "a3"], ["a4", "a5"]]
+    assert_stored_as_encoded(store, spec, chunks)
 
 
 def test_gpu_batches_encode_in_the_order_chosen_a_few_at_a_time(
