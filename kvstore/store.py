@@ -483,7 +483,10 @@ WRITE_AHEAD_GPU_BYTES = 32 << 20
 # A GPU batch that is not full goes anyway once this many bytes of values for the GPU
 # were chosen after its first (`_GpuBatches.overdue`): a shape of its own (a prefix's last
 # chunk, a rare token count) would otherwise wait for the writer's whole window, at the
-# front of the eviction order, where a put's eviction would encode it under the lock.
+# front of the eviction order, where a put's eviction would encode it under the lock. (A
+# window smaller than this bounds the wait already: its last partial batches go once the
+# writer has chosen all of it. A quarter of the window as the bound instead split even
+# full batches of the common shape in small arenas.)
 WRITE_AHEAD_GPU_GATHER_BYTES = 512 << 20
 # CuPy keeps the batches' device and pinned scratch cached between them (a 32 MiB batch
 # takes about six times its input on the GPU); the writer gives it back once it has not
