@@ -8,8 +8,10 @@ in one process, as in tests, do not mix) with:
 - per codec the ssd tier wrote with: `kvstore_codec_{raw,encoded}_bytes_total`;
 - per tier, copies found corrupt and dropped: `kvstore_corrupt_dropped_total{tier}`;
 - the ssd writer: `kvstore_ssd_writes_total{how=ahead|at_eviction}` (values copied to ssd
-  ahead of eviction, or written by the eviction itself because the writer was behind) and
-  `kvstore_ssd_writer_encoded_total{on=gpu|host}`;
+  ahead of eviction, or written by the eviction itself because the writer was behind),
+  `kvstore_ssd_writer_encoded_total{on=gpu|host}` and
+  `kvstore_ssd_writer_seconds_total{doing=writing|waiting}` (writing to ssd, or waiting
+  for values being encoded: which of the two bounds demotion);
 - KV events: `kvstore_watchers` (Watch streams open), `kvstore_watchers_limit`, and
   `kvstore_watch_events_dropped_total` (lost to full watcher queues; each loss is a GAP);
 - per RPC: `kvstore_requests_total{rpc,code}` and the `kvstore_request_duration_seconds`
@@ -165,24 +167,29 @@ class _StoreCollector(Collector):
                 n += s.remote.counters.corrupt  # pieces the remote tier found damaged
             corrupt.add_metric([tier], n)
         yield corrupt
-        writes = CounterMetricFamily(
+        w = s.writer
+        yield _by(
             "kvstore_ssd_writes",
             "Values written from the cpu tier to ssd: copied ahead of eviction by the ssd "
             "writer, or at eviction (the writer had not reached them, and the put that "
             "needed their room waited for the write)",
-            labels=["how"],
+            "how",
+            {"ahead": w.ahead, "at_eviction": w.at_eviction},
         )
-        writes.add_metric(["ahead"], s.writer.ahead)
-        writes.add_metric(["at_eviction"], s.writer.at_eviction)
-        yield writes
-        encoded = CounterMetricFamily(
+        yield _by(
             "kvstore_ssd_writer_encoded",
             "Values the ssd writer encoded for ssd, by where (--encode-gpu)",
-            labels=["on"],
+            "on",
+            {"gpu": w.encoded_gpu, "host": w.encoded_host},
         )
-        encoded.add_metric(["gpu"], s.writer.encoded_gpu)
-        encoded.add_metric(["host"], s.writer.encoded_host)
-        yield encoded
+        yield _by(
+            "kvstore_ssd_writer_seconds",
+            "Seconds the ssd writer spent writing encoded values to ssd, and waiting for "
+            "values being encoded (waiting much while the cpu tier evicts: the encoders, not "
+            "ssd, bound demotion; --encode-gpu)",
+            "doing",
+            {"writing": w.write_seconds, "waiting": w.wait_seconds},
+        )
         if s.remote is not None:
             yield from _remote_metrics(s.remote)
         events = self.store.events
@@ -349,6 +356,14 @@ _REMOTE_COUNTERS = (
     ("batches", "batches", "Remote batches run (one per master and call)"),
     ("batch_seconds", "batch_seconds", "Seconds remote batches took, summed"),
 )
+
+
+def _by(name: str, doc: str, label: str, values: dict[str, float]) -> CounterMetricFamily:
+    """Counter `name` with a sample per item of `values`, its key as `label`."""
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for which, n in values.items():
+        family.add_metric([which], n)
+    return family
 
 
 def _remote_metrics(r: RemoteStats) -> Iterator[Metric]:

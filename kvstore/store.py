@@ -196,12 +196,16 @@ class WriterCounters:
     """How values went from the cpu tier to ssd: copied ahead of eviction by the ssd writer
     (`--ssd-write-ahead`), or written by the eviction that needed their room because the
     writer had not reached them (under the lock, while the put that needed it waited); and
-    where the writer encoded the values it copied (`--encode-gpu`)."""
+    where the writer encoded the values it copied (`--encode-gpu`); and the seconds it
+    spent writing encoded values to ssd, and waiting for values being encoded (much
+    waiting while it has values to copy: the encoders, not ssd, bound demotion)."""
 
     ahead: int = 0
     at_eviction: int = 0
     encoded_gpu: int = 0
     encoded_host: int = 0
+    write_seconds: float = 0.0
+    wait_seconds: float = 0.0
 
 
 @dataclass
@@ -1914,13 +1918,17 @@ class Store:
                     on_host.add(future)
                 if not jobs:
                     return written
+                began = time.perf_counter()
                 done, _ = concurrent.futures.wait(
                     jobs, return_when=concurrent.futures.FIRST_COMPLETED
                 )
+                self._writer.wait_seconds += time.perf_counter() - began
                 for future in done:
                     on_host.discard(future)
                     on_gpu.discard(future)
+                    began = time.perf_counter()
                     n, refused = self._write_job(jobs.pop(future), future.result())
+                    self._writer.write_seconds += time.perf_counter() - began
                     written += n
                     if refused:
                         return written

@@ -105,6 +105,31 @@ def test_copies_what_eviction_takes_next_once_the_tier_fills(make_quiet: MakeSto
     assert read(store, key(0)) == vals[key(0)]
 
 
+def test_the_writer_counts_its_seconds_writing_and_waiting_for_encodes(
+    make_quiet: MakeStore,
+) -> None:
+    """`WriterCounters.write_seconds` / `wait_seconds` (the metric
+    `kvstore_ssd_writer_seconds_total{doing}`): here each value takes 100 ms to encode, on
+    threads of the host pool side by side, and a write much less: the writer spends
+    ~100 ms waiting, and its writes are counted apart."""
+    store = make_quiet(ssd_write_ahead=1.0, codec=("ssd=zstd",))
+    fill(store, 4)
+    real = store._encode_ahead
+
+    def slow(part: Any, codecs: Any) -> Any:
+        time.sleep(0.1)
+        return real(part, codecs)
+
+    store._encode_ahead = slow  # type: ignore[method-assign]
+    began = time.perf_counter()
+    assert write_ahead(store) == 4
+    elapsed = time.perf_counter() - began
+    writer = store.stats().writer
+    assert writer.wait_seconds >= 0.09
+    assert writer.write_seconds > 0
+    assert writer.wait_seconds + writer.write_seconds <= elapsed
+
+
 def test_values_read_back_from_the_ssd_copy(make_quiet: MakeStore) -> None:
     store = make_quiet(ssd_write_ahead=1.0, codec=("ssd=zstd",))
     vals = fill(store, 4)

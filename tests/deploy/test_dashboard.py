@@ -35,6 +35,7 @@ SERVER_METRICS = {
     "kvstore_codec_encoded_bytes_total",
     "kvstore_ssd_writes_total",
     "kvstore_ssd_writer_encoded_total",
+    "kvstore_ssd_writer_seconds_total",
     "kvstore_build_info",
     "kvstore_uptime_seconds",
 }
@@ -138,3 +139,4 @@ def test_panel_queries(dashboard: dict[str, Any]) -> None:
     assert "by (kind)" in exprs(r"^leases")
     assert "sum by (how) (rate(kvstore_ssd_writes_total" in exprs(r"ssd writes")
     assert "sum by (on) (rate(kvstore_ssd_writer_encoded_total" in exprs(r"ssd writer encodes")
+    assert "sum by (doing) (rate(kvstore_ssd_writer_seconds_total" in exprs(r"ssd writer time")

@@ -97,6 +97,10 @@ def test_the_ssd_writer_codes_chunks_at_their_positions(  # type: ignore[no-unty
         filler(c, 24)
         for keys, prefix in prefixes:
             read_back_from_ssd(c, keys, prefix, profile)
+        # The writer's time: writing to ssd, and waiting for the encodes before each write.
+        samples = scrape(metrics)
+        for doing in ("writing", "waiting"):
+            assert value(samples, "kvstore_ssd_writer_seconds_total", doing=doing) > 0
 
 
 def test_positions_a_client_gives(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
