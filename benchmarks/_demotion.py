@@ -98,10 +98,12 @@ def _demote_once(
     chunks: Sequence[torch.Tensor],
     encode_gpu: str = "off",
     positions: Sequence[int] | None = None,
-) -> float:
+) -> tuple[float, float]:
     """Seconds for a store's ssd writer to copy `chunks` (held in its cpu tier, put at
     `positions` if given) to ssd through `spec`, flushed; encoding where `encode_gpu` (the
-    server's --encode-gpu) says."""
+    server's --encode-gpu) says. And the share of the writer's time it waited for values
+    being encoded rather than writing them (`WriterCounters`): what keeps demotion from
+    the LMDB write's rate is encoding when it is large, the first batch when it is small."""
     total = sum(c.nbytes for c in chunks)
     with tempfile.TemporaryDirectory(prefix="kvbench-demote-") as tmp:
         config = ServerConfig(
@@ -132,13 +134,15 @@ def _demote_once(
             stats = store.stats()
             if sum(t.counters.demotions for t in stats.tiers if t.name == "cpu") != len(chunks):
                 raise RuntimeError(f"{spec}: the ssd writer did not copy every chunk")
+            busy = stats.writer.wait_seconds + stats.writer.write_seconds
+            waiting = stats.writer.wait_seconds / busy if busy > 0 else 0.0
             # A server that keeps demoting keeps its GPU scratch between the writer's calls
             # (kvstore.store.GPU_SCRATCH_IDLE_S): the next store here starts with it cached,
             # as such a server's next call does, not with what closing gives back.
             store._gpu_scratch_held = False
         finally:
             store.close()
-    return seconds
+    return seconds, waiting
 
 
 def rates(
@@ -180,7 +184,7 @@ def rates(
     at = where * copies if positions is not None else None
     moved = fp16 * copies
     runs = max(1, (repeats + 1) // 2)  # each a fresh store: the first pays its warm-up
-    demote_s = min(_demote_once(spec, demoted, "off", at) for _ in range(runs))
+    demote_s, waiting = min(_demote_once(spec, demoted, "off", at) for _ in range(runs))
     stored = sum(map(len, encoded))
     lmdb = lmdb_write_bps(max(1, stored // len(encoded)), len(demoted))
     out = {
@@ -188,12 +192,15 @@ def rates(
         "encode_pool_GBps": fp16 / enc_s / 1e9,
         "decode_one_core_GBps": fp16 / dec_s / 1e9,
         "demotion_GBps": moved / demote_s / 1e9,
+        "demotion_waiting": waiting,
         "lmdb_write_stored_GBps": lmdb / 1e9,
         "lmdb_write_fp16_GBps": lmdb * fp16 / stored / 1e9,
     }
     out["demotion_over_lmdb"] = out["demotion_GBps"] / out["lmdb_write_fp16_GBps"]
     if gpu is not None:
-        gpu_s = min(_demote_once(spec, demoted, str(gpu), at) for _ in range(runs))
+        gpu_s, out["gpu_demotion_waiting"] = min(
+            _demote_once(spec, demoted, str(gpu), at) for _ in range(runs)
+        )
         out["gpu_demotion_GBps"] = moved / gpu_s / 1e9
         out["gpu_demotion_over_lmdb"] = out["gpu_demotion_GBps"] / out["lmdb_write_fp16_GBps"]
     return out
@@ -217,7 +224,8 @@ def lines(rows: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
         out.append(
             f"  {label:<26} demotion {r['demotion_GBps']:6.2f}  encode {r['encode_pool_GBps']:6.2f}"
             f"  LMDB {r['lmdb_write_fp16_GBps']:6.2f}  decode/core {r['decode_one_core_GBps']:5.2f}"
-            f"  (demotion {verdict} the LMDB write: {r['demotion_over_lmdb']:.2f}x)"
+            f"  (demotion {verdict} the LMDB write: {r['demotion_over_lmdb']:.2f}x;"
+            f" the writer waited for encodes {r['demotion_waiting']:.0%} of its time)"
         )
         if "gpu_demotion_GBps" in r:
             verdict = "keeps up with" if r["gpu_demotion_over_lmdb"] >= 1 else "is slower than"
@@ -226,6 +234,7 @@ def lines(rows: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
                 f"  encode {r['gpu_encode_GBps']:6.2f} in batches from pinned memory"
                 f" ({r['gpu_encode_GBps'] / r['encode_pool_GBps']:.2f}x the host threads'),"
                 f" {r['gpu_encode_one_GBps']:5.2f} a value at a time"
-                f"  (demotion {verdict} the LMDB write: {r['gpu_demotion_over_lmdb']:.2f}x)"
+                f"  (demotion {verdict} the LMDB write: {r['gpu_demotion_over_lmdb']:.2f}x;"
+                f" the writer waited for encodes {r['gpu_demotion_waiting']:.0%} of its time)"
             )
     return out

@@ -86,6 +86,7 @@ def test_demotion_rates_run_the_store_and_the_codec(spec: str) -> None:
     ):
         assert r[name] > 0, name
     assert r["demotion_over_lmdb"] == r["demotion_GBps"] / r["lmdb_write_fp16_GBps"]
+    assert 0 < r["demotion_waiting"] < 1  # it waited for the first encode, and wrote
     assert spec in "\n".join(_demotion.lines([(spec, r)]))
 
 
