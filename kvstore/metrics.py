@@ -37,8 +37,8 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
@@ -114,14 +114,13 @@ class _StoreCollector(Collector):
         yield GaugeMetricFamily(
             "kvstore_pinned_entries", "Values pinned against eviction", value=s.pinned
         )
-        leases = GaugeMetricFamily(
+        yield _by(
+            GaugeMetricFamily,
             "kvstore_leases",
             "Values same-host clients hold in place: read leases and put reservations",
-            labels=["kind"],
+            "kind",
+            self.leases(),
         )
-        for kind, n in self.leases().items():
-            leases.add_metric([kind], n)
-        yield leases
         yield GaugeMetricFamily(
             "kvstore_leases_limit",
             "Most read leases, and put reservations, held at once (max-leases)",
@@ -156,19 +155,20 @@ class _StoreCollector(Collector):
             encoded.add_metric([codec], c.encoded_bytes)
         yield raw
         yield encoded
-        corrupt = CounterMetricFamily(
+        corrupt = dict(self.store.corrupt)
+        if "remote" in corrupt and s.remote is not None:
+            corrupt["remote"] += s.remote.counters.corrupt  # pieces it found damaged
+        yield _by(
+            CounterMetricFamily,
             "kvstore_corrupt_dropped",
             "Stored copies found corrupt (checksum mismatch, unreadable or lost record) and "
             "dropped, by the tier they were in; a restart's scan counts under ssd",
-            labels=["tier"],
+            "tier",
+            corrupt,
         )
-        for tier, n in dict(self.store.corrupt).items():
-            if tier == "remote" and s.remote is not None:
-                n += s.remote.counters.corrupt  # pieces the remote tier found damaged
-            corrupt.add_metric([tier], n)
-        yield corrupt
         w = s.writer
         yield _by(
+            CounterMetricFamily,
             "kvstore_ssd_writes",
             "Values written from the cpu tier to ssd: copied ahead of eviction by the ssd "
             "writer, or at eviction (the writer had not reached them, and the put that "
@@ -177,12 +177,14 @@ class _StoreCollector(Collector):
             {"ahead": w.ahead, "at_eviction": w.at_eviction},
         )
         yield _by(
+            CounterMetricFamily,
             "kvstore_ssd_writer_encoded",
             "Values the ssd writer encoded for ssd, by where (--encode-gpu)",
             "on",
             {"gpu": w.encoded_gpu, "host": w.encoded_host},
         )
         yield _by(
+            CounterMetricFamily,
             "kvstore_ssd_writer_seconds",
             "Seconds the ssd writer spent writing encoded values to ssd, and waiting for "
             "values being encoded (waiting much while the cpu tier evicts: the encoders, not "
@@ -358,9 +360,15 @@ _REMOTE_COUNTERS = (
 )
 
 
-def _by(name: str, doc: str, label: str, values: dict[str, float]) -> CounterMetricFamily:
-    """Counter `name` with a sample per item of `values`, its key as `label`."""
-    family = CounterMetricFamily(name, doc, labels=[label])
+_Family = TypeVar("_Family", CounterMetricFamily, GaugeMetricFamily)
+
+
+def _by(
+    kind: type[_Family], name: str, doc: str, label: str, values: Mapping[str, float]
+) -> _Family:
+    """Metric `name` (a counter or gauge family: `kind`) with a sample per item of
+    `values`, its key as `label`."""
+    family = kind(name, doc, labels=[label])
     for which, n in values.items():
         family.add_metric([which], n)
     return family
