@@ -403,13 +403,20 @@ class _Plan:
         self.acc = cupy.empty((rows, ch_n), cupy.int32 if int8 else cupy.float64)
         self.inputs = [cupy.empty((rows, ch_n), cupy.int8 if int8 else cupy.float64) for _ in "ab"]
         self.graph: Any = None
+        held = [self.src, self.back, self.cos, self.sin, self.res, self.ch, self.bad, *bufs]
+        self.nbytes = sum(a.nbytes for a in [*held, self.acc, *self.inputs])
 
 
-# Plans not in use, by key (`_take_plan`): at most _IDLE_PLANS, those of the key with the
-# fewest batches dropped first (a prefix's last chunk is mostly a shape of its own: its
-# plan must not push out those that full batches of 256-token chunks use), with how many
-# batches each key's plans have encoded.
-_IDLE_PLANS = 4
+# Plans not in use, by key (`_take_plan`): at most _IDLE_PLANS of them holding at most
+# _IDLE_PLAN_BYTES, those of the key with the fewest batches dropped first (a prefix's last
+# chunk is mostly a shape of its own: its plan must not push out those that full batches of
+# 256-token chunks use), with how many batches each key's plans have encoded. A plan
+# dropped is captured again when its key comes back (~3.5 ms of host time): at four, the
+# store's demotion of four token counts recaptured 13 graphs per 1.9 GB and ran at
+# 5.4-6.5 GB/s, 6.9-7.7 with none recaptured (H200; `benchmarks/NOTES-codecs.md`). A
+# 64 MiB cachegen-x batch's plan holds ~360 MB.
+_IDLE_PLANS = 16
+_IDLE_PLAN_BYTES = 2 << 30
 _idle: collections.OrderedDict[tuple[Any, ...], list[_Plan]] = collections.OrderedDict()
 _batches: collections.Counter[tuple[Any, ...]] = collections.Counter()
 _idle_lock = threading.Lock()
@@ -428,14 +435,16 @@ def _take_plan(key: tuple[Any, ...], make: Callable[[], _Plan]) -> _Plan:
 
 
 def _give_plan(plan: _Plan) -> None:
-    """`plan` idle again, for the next batch of its key; past _IDLE_PLANS idle ones, one of
-    the key that has encoded the fewest batches is dropped (of those keys, the one idle
-    longest; its buffers go back to CuPy's pool)."""
+    """`plan` idle again, for the next batch of its key; past _IDLE_PLANS idle ones or
+    _IDLE_PLAN_BYTES, one of the key that has encoded the fewest batches is dropped (of
+    those keys, the one idle longest; its buffers go back to CuPy's pool)."""
     with _idle_lock:
         _batches[plan.key] += 1
         _idle.setdefault(plan.key, []).append(plan)
         _idle.move_to_end(plan.key)
-        while sum(len(p) for p in _idle.values()) > _IDLE_PLANS:
+        while len(idle := [p for ps in _idle.values() for p in ps]) > _IDLE_PLANS or (
+            len(idle) > 1 and sum(p.nbytes for p in idle) > _IDLE_PLAN_BYTES
+        ):
             key = min(_idle, key=_batches.__getitem__)
             _idle[key].pop(0)
             if not _idle[key]:

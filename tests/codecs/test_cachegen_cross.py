@@ -310,10 +310,10 @@ def test_the_gpu_encoder_refuses_what_it_cannot_code_before_any_gpu_work(
 
 def test_the_gpu_encoders_idle_plans_keep_the_most_used(monkeypatch: pytest.MonkeyPatch) -> None:
     """The GPU encoder keeps a batch shape's buffers and graph (a plan) for the next batch
-    of that shape; past _IDLE_PLANS idle ones, one of the key with the fewest batches goes
-    (the longest idle of those), so the shapes of prefixes' last chunks, a batch each, do
-    not push out those full batches use; a plan taken is the caller's alone, and release
-    drops them."""
+    of that shape; past _IDLE_PLANS idle ones or _IDLE_PLAN_BYTES, one of the key with the
+    fewest batches goes (the longest idle of those), so the shapes of prefixes' last
+    chunks, a batch each, do not push out those full batches use; a plan taken is the
+    caller's alone, and release drops them."""
     import collections
     import types
 
@@ -321,11 +321,14 @@ def test_the_gpu_encoders_idle_plans_keep_the_most_used(monkeypatch: pytest.Monk
 
     monkeypatch.setattr(xe, "_idle", collections.OrderedDict())
     monkeypatch.setattr(xe, "_batches", collections.Counter())
+    monkeypatch.setattr(xe, "_IDLE_PLANS", 4)
+    size = 100 << 20
+    monkeypatch.setattr(xe, "_IDLE_PLAN_BYTES", 4 * size)
     made: list[object] = []
 
     def plan(key: tuple[object, ...]) -> object:
         def make() -> object:
-            made.append(types.SimpleNamespace(key=key))
+            made.append(types.SimpleNamespace(key=key, nbytes=size))
             return made[-1]
 
         return xe._take_plan(key, make)  # type: ignore[arg-type]
@@ -346,8 +349,13 @@ def test_the_gpu_encoders_idle_plans_keep_the_most_used(monkeypatch: pytest.Monk
     assert len(idle) == xe._IDLE_PLANS and a in idle and b in idle
     assert [p.key[3][2] for p in idle if p not in (a, b)] == [238, 101]  # type: ignore[attr-defined]
     assert len(made) == 6
+    # Past the bytes, too: the least used go until the rest fit.
+    monkeypatch.setattr(xe, "_IDLE_PLAN_BYTES", 3 * size)
+    xe._give_plan(plan((0, "maps", 1, (30, 2, 55, 3, 64), 32, 1)))  # type: ignore[arg-type]
+    idle = [p for plans in xe._idle.values() for p in plans]
+    assert len(idle) == 3 and a in idle and b in idle and made[-1] in idle
     xe._drop_plans(1)  # another GPU's: none of these
-    assert len([p for plans in xe._idle.values() for p in plans]) == xe._IDLE_PLANS
+    assert len([p for plans in xe._idle.values() for p in plans]) == 3
     xe._drop_plans(0)
     assert not xe._idle and not xe._batches
 
