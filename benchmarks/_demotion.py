@@ -8,7 +8,10 @@ Used by bench_codecs on the model's chunks (`--codecs`) and on a GPU machine's h
   what `--ssd-write-ahead` runs in the background) then encodes them on the host pool, a
   value per thread, and writes each to LMDB as it is encoded, flushed at the end. GB/s of
   fp16 taken in; the chunks repeated to ~256 MB of fp16 (at most 8 times), or, encoding on
-  a GPU, to twice what the writer has in flight there (~1 GiB, at most 32 times).
+  a GPU, to twice what the writer has in flight there (~1 GiB, at most 32 times). On a
+  GPU also with each copy's chunks shorter than the longest cut to a token count of their
+  own (`own_token_counts`), as a serving engine's prefixes end: a GPU batch holds values
+  of one shape, so each such chunk is a batch (and a CUDA graph) of its own there.
 - **encode on the host pool**: the encoding alone, the same values at once, a value per
   thread (`kvstore.threads.HOST_THREADS` of them).
 - **LMDB write**: the ssd tier writing as many records as demotion does, of the codec's
@@ -146,6 +149,19 @@ def _demote_once(
     return seconds, waiting
 
 
+def own_token_counts(chunks: Sequence[torch.Tensor], copies: int) -> list[torch.Tensor]:
+    """`chunks` (KV, `[layers, 2, tokens, heads, head_dim]`) repeated `copies` times, with
+    each chunk shorter than the longest cut by one token more in each copy (at least one
+    left): the prefixes of a serving engine end in chunks of any length, which the
+    repeated set would give a few shapes only."""
+    whole = max(c.shape[2] for c in chunks)
+    return [
+        c if c.shape[2] == whole else c[:, :, : max(1, c.shape[2] - k)].contiguous()
+        for k in range(copies)
+        for c in chunks
+    ]
+
+
 def rates(
     spec: str,
     codec: Codec,
@@ -206,6 +222,14 @@ def rates(
         )
         out["gpu_demotion_GBps"] = moved / gpu_s / 1e9
         out["gpu_demotion_over_lmdb"] = out["gpu_demotion_GBps"] / out["lmdb_write_fp16_GBps"]
+        cut = own_token_counts(chunks, copies)
+        cut_s, out["gpu_demotion_own_counts_waiting"] = min(
+            _demote_once(spec, cut, str(gpu), at) for _ in range(runs)
+        )
+        out["gpu_demotion_own_counts_GBps"] = sum(2 * c.numel() for c in cut) / cut_s / 1e9
+        out["gpu_demotion_own_counts_over_lmdb"] = (
+            out["gpu_demotion_own_counts_GBps"] / out["lmdb_write_fp16_GBps"]
+        )
     return out
 
 
@@ -239,5 +263,11 @@ def lines(rows: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
                 f" {r['gpu_encode_one_GBps']:5.2f} a value at a time"
                 f"  (demotion {verdict} the LMDB write: {r['gpu_demotion_over_lmdb']:.2f}x;"
                 f" the writer waited for encodes {r['gpu_demotion_waiting']:.0%} of its time)"
+            )
+            out.append(
+                f"  {'':<26} on the GPU, the shorter chunks cut to a token count of their own in"
+                f" each copy (as prefixes end): demotion {r['gpu_demotion_own_counts_GBps']:6.2f}"
+                f" ({r['gpu_demotion_own_counts_over_lmdb']:.2f}x the LMDB write; the writer"
+                f" waited {r['gpu_demotion_own_counts_waiting']:.0%} of its time)"
             )
     return out

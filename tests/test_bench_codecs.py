@@ -90,6 +90,43 @@ def test_demotion_rates_run_the_store_and_the_codec(spec: str) -> None:
     assert spec in "\n".join(_demotion.lines([(spec, r)]))
 
 
+def test_own_token_counts_cut_each_copys_shorter_chunks_to_counts_of_their_own() -> None:
+    """The GPU demotion's second workload: whole chunks repeated as they are, each shorter
+    chunk cut to a prefix of itself one token shorter in each copy (never empty), so that
+    its copies are shapes of their own, as prefixes' last chunks are."""
+    import _demotion
+    import torch
+
+    g = torch.Generator().manual_seed(5)
+    chunks = [torch.randn(2, 2, t, 2, 16, generator=g).half() for t in (8, 3, 8, 5)]
+    cut = _demotion.own_token_counts(chunks, 4)
+    assert len(cut) == 16
+    for k in range(4):
+        got = cut[4 * k : 4 * k + 4]
+        assert got[0] is chunks[0] and got[2] is chunks[2]
+        assert [c.shape[2] for c in (got[1], got[3])] == [max(1, 3 - k), 5 - k]
+        for c, whole in ((got[1], chunks[1]), (got[3], chunks[3])):
+            assert c.is_contiguous() and torch.equal(c, whole[:, :, : c.shape[2]])
+    short = [c.shape[2] for c in cut[3::4]]
+    assert len(set(short)) == 4  # the 5-token chunk: 5, 4, 3, 2 tokens
+
+
+def test_the_gpu_demotion_lines_name_both_workloads() -> None:
+    import _demotion
+
+    row = {
+        "threads": 2, "encode_pool_GBps": 0.5, "decode_one_core_GBps": 0.2,
+        "demotion_GBps": 0.4, "demotion_waiting": 0.8, "lmdb_write_fp16_GBps": 8.0,
+        "demotion_over_lmdb": 0.05, "gpu_demotion_GBps": 6.0, "gpu_demotion_waiting": 0.2,
+        "gpu_demotion_over_lmdb": 0.75, "gpu_encode_GBps": 3.0, "gpu_encode_one_GBps": 1.0,
+        "gpu_demotion_own_counts_GBps": 3.2, "gpu_demotion_own_counts_over_lmdb": 0.4,
+        "gpu_demotion_own_counts_waiting": 0.66,
+    }  # fmt: skip
+    text = "\n".join(_demotion.lines([("cachegen-x", row)]))
+    assert "demotion   6.00" in text and "0.75x" in text
+    assert "a token count of their own" in text and "demotion   3.20 (0.40x" in text
+
+
 def test_default_codecs_run_without_files() -> None:
     """With no --codecs every registered codec runs at its levels, except one that needs a
     profile of the model (cachegen-x and cachegen-x-zstd), which a note names instead."""
