@@ -140,21 +140,21 @@ class _StoreCollector(Collector):
             quota.add_metric([q.tier, q.namespaces], q.quota_bytes)
         yield used
         yield quota
-        raw = CounterMetricFamily(
+        codecs = sorted(s.codecs.items())
+        yield _by(
+            CounterMetricFamily,
             "kvstore_codec_raw_bytes",
             "Bytes of values the ssd tier encoded, before encoding",
-            labels=["codec"],
+            "codec",
+            {codec: c.raw_bytes for codec, c in codecs},
         )
-        encoded = CounterMetricFamily(
+        yield _by(
+            CounterMetricFamily,
             "kvstore_codec_encoded_bytes",
             "Bytes the ssd tier wrote for those values, after encoding",
-            labels=["codec"],
+            "codec",
+            {codec: c.encoded_bytes for codec, c in codecs},
         )
-        for codec, c in sorted(s.codecs.items()):
-            raw.add_metric([codec], c.raw_bytes)
-            encoded.add_metric([codec], c.encoded_bytes)
-        yield raw
-        yield encoded
         corrupt = dict(self.store.corrupt)
         if "remote" in corrupt and s.remote is not None:
             corrupt["remote"] += s.remote.counters.corrupt  # pieces it found damaged
@@ -218,21 +218,21 @@ class _StoreCollector(Collector):
     def _admission(self) -> Iterator[Metric]:
         if self.admission is None:
             return
-        inflight = GaugeMetricFamily(
+        gauges = self.admission.gauges()
+        yield _by(
+            GaugeMetricFamily,
             "kvstore_inflight",
             "Calls being served, and bytes of values in flight through gRPC",
-            labels=["what"],
+            "what",
+            {what: n for what, (n, _) in gauges.items()},
         )
-        limit = GaugeMetricFamily(
+        yield _by(
+            GaugeMetricFamily,
             "kvstore_inflight_limit",
             "Bounds of kvstore_inflight (max-inflight-requests, max-inflight-bytes)",
-            labels=["what"],
+            "what",
+            {what: most for what, (_, most) in gauges.items()},
         )
-        for what, (n, most) in self.admission.gauges().items():
-            inflight.add_metric([what], n)
-            limit.add_metric([what], most)
-        yield inflight
-        yield limit
         refused = CounterMetricFamily(
             "kvstore_rejected",
             "Calls refused with RESOURCE_EXHAUSTED and a retry hint by an in-flight bound",
