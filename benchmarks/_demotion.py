@@ -199,37 +199,35 @@ def rates(
     copies = max(1, min(math.ceil(volume / max(fp16, 1)), most))
     demoted = list(chunks) * copies
     at = where * copies if positions is not None else None
-    moved = fp16 * copies
     runs = max(1, (repeats + 1) // 2)  # each a fresh store: the first pays its warm-up
-    demote_s, waiting = min(_demote_once(spec, demoted, "off", at) for _ in range(runs))
+
+    def demote(values: list[torch.Tensor], where: str) -> tuple[float, float]:
+        """The best of `runs` demotions of `values`, encoding where `where` says: GB/s of
+        fp16, and the share of its time the writer waited for encodes."""
+        seconds, waiting = min(_demote_once(spec, values, where, at) for _ in range(runs))
+        return sum(2 * c.numel() for c in values) / seconds / 1e9, waiting
+
+    host = demote(demoted, "off")
     stored = sum(map(len, encoded))
     # The best of as many runs as demotion gets: one run of the same write varied by a
     # third between runs on an H200 host (6.5-8.7 GB/s of fp16), which alone moved the ratio.
     lmdb = max(lmdb_write_bps(max(1, stored // len(encoded)), len(demoted)) for _ in range(runs))
-    out = {
+    out: dict[str, Any] = {
         "threads": HOST_THREADS,
         "encode_pool_GBps": fp16 / enc_s / 1e9,
         "decode_one_core_GBps": fp16 / dec_s / 1e9,
-        "demotion_GBps": moved / demote_s / 1e9,
-        "demotion_waiting": waiting,
         "lmdb_write_stored_GBps": lmdb / 1e9,
         "lmdb_write_fp16_GBps": lmdb * fp16 / stored / 1e9,
     }
-    out["demotion_over_lmdb"] = out["demotion_GBps"] / out["lmdb_write_fp16_GBps"]
+
+    def record(name: str, rate: tuple[float, float]) -> None:
+        out[f"{name}_GBps"], out[f"{name}_waiting"] = rate
+        out[f"{name}_over_lmdb"] = out[f"{name}_GBps"] / out["lmdb_write_fp16_GBps"]
+
+    record("demotion", host)
     if gpu is not None:
-        gpu_s, out["gpu_demotion_waiting"] = min(
-            _demote_once(spec, demoted, str(gpu), at) for _ in range(runs)
-        )
-        out["gpu_demotion_GBps"] = moved / gpu_s / 1e9
-        out["gpu_demotion_over_lmdb"] = out["gpu_demotion_GBps"] / out["lmdb_write_fp16_GBps"]
-        cut = own_token_counts(chunks, copies)
-        cut_s, out["gpu_demotion_own_counts_waiting"] = min(
-            _demote_once(spec, cut, str(gpu), at) for _ in range(runs)
-        )
-        out["gpu_demotion_own_counts_GBps"] = sum(2 * c.numel() for c in cut) / cut_s / 1e9
-        out["gpu_demotion_own_counts_over_lmdb"] = (
-            out["gpu_demotion_own_counts_GBps"] / out["lmdb_write_fp16_GBps"]
-        )
+        record("gpu_demotion", demote(demoted, str(gpu)))
+        record("gpu_demotion_own_counts", demote(own_token_counts(chunks, copies), str(gpu)))
     return out
 
 
